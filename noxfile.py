@@ -1,0 +1,46 @@
+"""Sessions: `nox -s tests lint` (CPU, what CI runs), `nox -s gpu` (the suite on CuPy),
+`nox -s bench` (the training-step benchmark)."""
+
+import shutil
+import subprocess
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session):
+    """The whole suite on the CPU backends: numpy, array_api_strict and its device1."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session):
+    """ruff: lint rules and formatting."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+def _gpu_present() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@nox.session(venv_backend="none")
+def gpu(session):
+    """The suite on CuPy (and NumPy beside it), in the current environment, which must
+    have CuPy for the installed CUDA (pip install -e ".[test,cuda12]" or ".[test,cuda13]")."""
+    if not _gpu_present():
+        session.skip("no NVIDIA GPU visible")
+    session.run("pytest", "-m", "not slow", *session.posargs, env={"XPNET_TEST_BACKENDS": "cupy,numpy"})
+
+
+@nox.session(venv_backend="none")
+def bench(session):
+    """Training-step benchmark on the backend given after --, e.g. `nox -s bench -- --backend cupy`."""
+    session.run("python", "scripts/bench.py", *session.posargs)

@@ -1,0 +1,63 @@
+"""Shared fixtures: the test suite runs the same test functions on every backend.
+
+Backends come from $XPNET_TEST_BACKENDS (comma-separated specs) when set;
+otherwise numpy, array_api_strict and array_api_strict:device1 always, plus
+cupy and torch when they are installed and usable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import xpnet
+
+
+def _optional_backends():
+    specs = []
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            xpnet.get_backend("cupy")
+            specs.append("cupy")
+        except (ImportError, RuntimeError):
+            pass
+    if importlib.util.find_spec("torch") is not None:
+        specs.append("torch:cpu")
+        try:
+            xpnet.get_backend("torch:cuda")
+            specs.append("torch:cuda")
+        except RuntimeError:
+            pass
+    return specs
+
+
+def backend_specs():
+    chosen = os.environ.get("XPNET_TEST_BACKENDS")
+    if chosen:
+        return [s.strip() for s in chosen.split(",") if s.strip()]
+    return ["numpy", "array_api_strict", "array_api_strict:device1", *_optional_backends()]
+
+
+BACKENDS = backend_specs()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each backend the suite runs on, as an xpnet Backend."""
+    return xpnet.get_backend(request.param)
+
+
+@pytest.fixture
+def np_rng():
+    """A NumPy generator for test data, fixed so failures reproduce."""
+    return np.random.default_rng(12345)
+
+
+def to_np(x):
+    """Any backend's array (or a scalar) as NumPy float64/int, for independent reference checks."""
+    from xpnet.backend import to_numpy
+
+    return to_numpy(x)

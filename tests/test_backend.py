@@ -1,0 +1,184 @@
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet import backend as backend_module
+from xpnet.backend import backend_of, current_backend, get_backend, set_backend, using_backend
+
+
+def test_numpy_backend_has_namespace_device_and_name():
+    b = get_backend("numpy")
+    assert b.name == "numpy"
+    assert b.device == "cpu"
+    assert b.xp.__name__.endswith("numpy")
+    assert get_backend(b) is b
+
+
+def test_strict_device1_arrays_live_on_device1():
+    import array_api_strict as strict
+
+    b = get_backend("array_api_strict:device1")
+    x = b.asarray([1.0, 2.0])
+    assert x.device == strict.Device("device1")
+    assert backend_of(x) is b
+
+
+def test_spec_aliases_share_one_backend():
+    assert get_backend("array-api-strict") is get_backend("array_api_strict")
+    assert get_backend("NumPy") is get_backend("numpy")
+
+
+def test_unknown_spec_names_it_and_lists_valid_ones():
+    with pytest.raises(ValueError) as info:
+        get_backend("tensorflow")
+    message = str(info.value)
+    assert "tensorflow" in message
+    for valid in ("numpy", "cupy", "torch", "array_api_strict"):
+        assert valid in message
+
+
+def test_bad_strict_device_is_rejected():
+    with pytest.raises(ValueError, match="device7"):
+        get_backend("array_api_strict:device7")
+
+
+def test_spec_must_be_string_or_backend():
+    with pytest.raises(TypeError, match="spec string or a Backend"):
+        get_backend(3)
+
+
+def test_missing_cupy_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    with pytest.raises(ImportError) as info:
+        get_backend("cupy")
+    assert 'pip install "xpnet[cuda12]"' in str(info.value)
+    assert "CuPy is not installed" in str(info.value)
+
+
+def test_missing_torch_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    with pytest.raises(ImportError, match="pip install torch"):
+        get_backend("torch")
+
+
+def test_cupy_without_gpu_says_so(monkeypatch):
+    class FakeRuntime:
+        @staticmethod
+        def getDeviceCount():
+            return 0
+
+    class FakeCuda:
+        runtime = FakeRuntime
+
+    class FakeCupy:
+        cuda = FakeCuda
+
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy)
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    with pytest.raises(RuntimeError, match="no CUDA GPU is visible"):
+        get_backend("cupy")
+
+
+def test_import_xpnet_without_cupy(tmp_path):
+    import subprocess
+
+    code = "import sys; sys.modules['cupy'] = None; import xpnet; print(xpnet.get_backend().name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "numpy"
+
+
+def test_default_comes_from_environment(monkeypatch):
+    monkeypatch.setattr(backend_module, "_PROCESS_DEFAULT", [None])
+    monkeypatch.setenv("XPNET_BACKEND", "array_api_strict")
+    assert current_backend().name == "array_api_strict"
+    monkeypatch.delenv("XPNET_BACKEND")
+    assert current_backend().name == "numpy"
+
+
+def test_set_backend_changes_process_default(monkeypatch):
+    monkeypatch.setattr(backend_module, "_PROCESS_DEFAULT", [None])
+    set_backend("array_api_strict")
+    assert current_backend().name == "array_api_strict"
+    assert xpnet.FullyConnectedNet([3], input_dim=2, num_classes=2).backend.name == "array_api_strict"
+
+
+def test_using_backend_is_scoped_to_block_and_thread(monkeypatch):
+    monkeypatch.setattr(backend_module, "_PROCESS_DEFAULT", [None])
+    monkeypatch.delenv("XPNET_BACKEND", raising=False)
+    seen_in_thread = []
+    with using_backend("array_api_strict:device1") as b:
+        assert b.name == "array_api_strict:device1"
+        assert current_backend() is b
+        thread = threading.Thread(target=lambda: seen_in_thread.append(current_backend().name))
+        thread.start()
+        thread.join()
+    assert seen_in_thread == ["numpy"]
+    assert current_backend().name == "numpy"
+
+
+def test_asarray_and_to_numpy_round_trip(backend):
+    host = np.arange(6, dtype=np.float64).reshape(2, 3)
+    x = backend.asarray(host, dtype="float32")
+    assert backend_of(x) == backend
+    assert x.dtype == backend.xp.float32
+    back = backend.to_numpy(x)
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, host.astype(np.float32))
+
+
+def test_dtype_accepts_strings_numpy_dtypes_and_namespace_dtypes(backend):
+    xp = backend.xp
+    for spec in ("float32", np.float32, np.dtype("float32"), xp.float32):
+        assert backend.dtype(spec) == xp.float32
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        backend.dtype("floaty")
+
+
+def test_rng_draws_on_device_with_requested_shapes_and_dtypes(backend):
+    rng = backend.rng(0)
+    xp = backend.xp
+    ints = rng.integers(3, 9, 1000)
+    assert backend_of(ints) == backend
+    assert tuple(ints.shape) == (1000,)
+    ints_np = backend.to_numpy(ints)
+    assert ints_np.min() >= 3 and ints_np.max() < 9
+    assert set(np.unique(ints_np)) == set(range(3, 9))
+    normal = rng.normal((200, 50), std=2.0, dtype=xp.float32)
+    assert normal.dtype == xp.float32 and tuple(normal.shape) == (200, 50)
+    normal_np = backend.to_numpy(normal)
+    assert abs(normal_np.mean()) < 0.05
+    assert abs(normal_np.std() - 2.0) < 0.05
+    uniform = backend.to_numpy(rng.uniform((10000,), dtype=xp.float64))
+    assert uniform.min() >= 0.0 and uniform.max() < 1.0
+    assert abs(uniform.mean() - 0.5) < 0.02
+    perm = backend.to_numpy(rng.permutation(50))
+    assert sorted(perm.tolist()) == list(range(50))
+
+
+def test_rng_seeds_reproduce_and_differ(backend):
+    a = backend.to_numpy(backend.rng(7).uniform((20,)))
+    b = backend.to_numpy(backend.rng(7).uniform((20,)))
+    c = backend.to_numpy(backend.rng((7, 1)).uniform((20,)))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_backend_seed_resets_default_generator(backend):
+    backend.seed(3)
+    a = backend.to_numpy(backend.default_rng().uniform((5,)))
+    backend.seed(3)
+    b = backend.to_numpy(backend.default_rng().uniform((5,)))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_to_floats_transfers_scalars(backend):
+    xp = backend.xp
+    values = [xp.sum(backend.asarray([1.0, 2.0])), xp.mean(backend.asarray([3.0, 5.0]))]
+    assert backend.to_floats(values) == [3.0, 4.0]
+    assert backend.to_floats([]) == []

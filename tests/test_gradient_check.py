@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from conftest import to_np
+
+from xpnet.gradient_check import (
+    eval_numerical_gradient,
+    eval_numerical_gradient_array,
+    grad_check_sparse,
+    rel_error,
+    rounding_floor,
+)
+
+
+def test_rel_error_on_scalars_and_arrays(backend):
+    assert rel_error(1.0, 1.0) == 0.0
+    assert rel_error(1.0, 3.0) == pytest.approx(0.5)
+    x = backend.asarray([1.0, 2.0, 0.0], dtype="float64")
+    y = backend.asarray([1.0, 2.2, 0.0], dtype="float64")
+    assert rel_error(x, y) == pytest.approx(0.2 / 4.2)
+    with pytest.raises(ValueError, match="shapes differ"):
+        rel_error(x, backend.asarray([1.0], dtype="float64"))
+
+
+def test_rel_error_floor_ignores_rounding_sized_elements():
+    x, y = np.array([1.0, 1e-9]), np.array([1.0, 2e-9])
+    assert rel_error(x, y) > 0.05
+    assert rel_error(x, y, floor=1e-4) < 1e-4
+
+
+def test_rounding_floor_scales_with_loss_and_step():
+    assert rounding_floor(2.3, h=1e-5) == pytest.approx(4 * 2.220446049250313e-16 * 2.3 / 1e-5 / 1e-6)
+    assert rounding_floor(0.1, h=1e-5) == rounding_floor(1.0, h=1e-5)
+
+
+def test_numerical_gradient_of_known_function(backend):
+    x_np = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    x = backend.asarray(x_np, dtype="float64")
+    xp = backend.xp
+    grad = eval_numerical_gradient(lambda v: xp.sum(v**3), x, verbose=False)
+    np.testing.assert_allclose(to_np(grad), 3 * x_np**2, rtol=1e-8, atol=1e-9)
+    np.testing.assert_array_equal(to_np(x), x_np)  # restored after perturbation
+
+
+def test_numerical_gradient_array_of_known_function(backend):
+    x_np = np.array([0.5, -1.5, 2.0])
+    df_np = np.array([1.0, 2.0, -3.0])
+    x, df = backend.asarray(x_np, dtype="float64"), backend.asarray(df_np, dtype="float64")
+    grad = eval_numerical_gradient_array(lambda v: backend.xp.sin(v), x, df)
+    np.testing.assert_allclose(to_np(grad), np.cos(x_np) * df_np, rtol=1e-8)
+
+
+def test_grad_check_sparse_finds_right_and_wrong_gradients(backend, capsys):
+    x_np = np.linspace(-1, 1, 12).reshape(3, 4)
+    x = backend.asarray(x_np, dtype="float64")
+    f = lambda v: backend.xp.sum(v * v)  # noqa: E731
+    good = grad_check_sparse(f, x, backend.asarray(2 * x_np, dtype="float64"), num_checks=5, seed=0)
+    assert len(good) == 5 and max(good) < 1e-8
+    assert "relative error" in capsys.readouterr().out
+    bad = grad_check_sparse(
+        f, x, backend.asarray(3 * x_np + 1, dtype="float64"), num_checks=5, seed=0, verbose=False
+    )
+    assert min(bad) > 0.1
+
+
+def test_numerical_gradient_needs_floats(backend):
+    with pytest.raises(TypeError, match="floating-point"):
+        eval_numerical_gradient(lambda v: v, backend.asarray(np.array([1, 2], dtype=np.int64)), verbose=False)

@@ -1,0 +1,298 @@
+"""Every layer: forward against an independent NumPy computation, backward
+against numerical gradients in float64, on every backend."""
+
+import numpy as np
+import pytest
+from conftest import to_np
+
+from xpnet import layers
+from xpnet.backend import backend_of
+from xpnet.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
+from xpnet.layer_utils import (
+    affine_norm_relu_dropout_backward,
+    affine_norm_relu_dropout_forward,
+    affine_relu_backward,
+    affine_relu_forward,
+)
+
+
+def arr(backend, a):
+    return backend.asarray(np.asarray(a), dtype="float64")
+
+
+def labels(backend, a):
+    return backend.asarray(np.asarray(a, dtype=np.int64))
+
+
+def check_backward(backend, forward, inputs, grads, dout, tol=1e-7):
+    """Compare each analytic gradient with a numerical one (float64)."""
+    for i, (x, analytic) in enumerate(zip(inputs, grads)):
+        numeric = eval_numerical_gradient_array(lambda _: forward(*inputs), x, dout)
+        assert backend_of(analytic) == backend
+        assert rel_error(numeric, analytic) < tol, f"gradient {i}"
+
+
+# ---------------------------------------------------------------- affine / relu
+def test_affine_forward_matches_numpy(backend, np_rng):
+    x = np_rng.standard_normal((4, 2, 3))
+    w = np_rng.standard_normal((6, 5))
+    b = np_rng.standard_normal(5)
+    out, _ = layers.affine_forward(arr(backend, x), arr(backend, w), arr(backend, b))
+    assert backend_of(out) == backend
+    np.testing.assert_allclose(to_np(out), x.reshape(4, 6) @ w + b, rtol=1e-12)
+
+
+def test_affine_backward(backend, np_rng):
+    x = arr(backend, np_rng.standard_normal((5, 2, 3)))
+    w = arr(backend, np_rng.standard_normal((6, 4)))
+    b = arr(backend, np_rng.standard_normal(4))
+    dout = arr(backend, np_rng.standard_normal((5, 4)))
+    _, cache = layers.affine_forward(x, w, b)
+    dx, dw, db = layers.affine_backward(dout, cache)
+    assert tuple(dx.shape) == (5, 2, 3) and tuple(dw.shape) == (6, 4) and tuple(db.shape) == (4,)
+    check_backward(backend, lambda x, w, b: layers.affine_forward(x, w, b)[0], (x, w, b), (dx, dw, db), dout)
+
+
+def test_affine_rejects_mismatched_shapes(backend):
+    x = arr(backend, np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"flattens to 5 features but w \(4, 3\) expects 4"):
+        layers.affine_forward(x, arr(backend, np.ones((4, 3))), arr(backend, np.ones(3)))
+    with pytest.raises(ValueError, match="b"):
+        layers.affine_forward(x, arr(backend, np.ones((5, 3))), arr(backend, np.ones(2)))
+
+
+def test_relu_forward_and_backward(backend, np_rng):
+    x_np = np_rng.standard_normal((6, 7))
+    x = arr(backend, x_np)
+    out, cache = layers.relu_forward(x)
+    np.testing.assert_array_equal(to_np(out), np.where(x_np > 0, x_np, 0.0))
+    dout = arr(backend, np_rng.standard_normal((6, 7)))
+    dx = layers.relu_backward(dout, cache)
+    check_backward(backend, lambda x: layers.relu_forward(x)[0], (x,), (dx,), dout)
+
+
+def test_affine_relu_sandwich(backend, np_rng):
+    x = arr(backend, np_rng.standard_normal((3, 4)))
+    w = arr(backend, np_rng.standard_normal((4, 5)))
+    b = arr(backend, np_rng.standard_normal(5))
+    dout = arr(backend, np_rng.standard_normal((3, 5)))
+    _, cache = affine_relu_forward(x, w, b)
+    grads = affine_relu_backward(dout, cache)
+    check_backward(backend, lambda x, w, b: affine_relu_forward(x, w, b)[0], (x, w, b), grads, dout)
+
+
+# ---------------------------------------------------------------- losses
+def reference_softmax_loss(x, y):
+    n = x.shape[0]
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return -np.log(p[np.arange(n), y]).mean()
+
+
+def reference_svm_loss(x, y):
+    total = 0.0
+    for scores, label in zip(x, y):
+        for j, s in enumerate(scores):
+            if j != label:
+                total += max(0.0, s - scores[label] + 1.0)
+    return total / x.shape[0]
+
+
+@pytest.mark.parametrize(
+    "loss_fn, reference",
+    [(layers.softmax_loss, reference_softmax_loss), (layers.svm_loss, reference_svm_loss)],
+)
+def test_losses_match_reference_and_gradients(backend, np_rng, loss_fn, reference):
+    x_np = np_rng.standard_normal((8, 5))
+    y_np = np_rng.integers(0, 5, 8)
+    x, y = arr(backend, x_np), labels(backend, y_np)
+    loss, dx = loss_fn(x, y)
+    assert tuple(loss.shape) == () and backend_of(loss) == backend
+    assert abs(float(loss) - reference(x_np, y_np)) < 1e-12
+    numeric = eval_numerical_gradient(lambda _: loss_fn(x, y)[0], x, verbose=False)
+    assert rel_error(numeric, dx) < 1e-8
+
+
+def test_softmax_loss_is_stable_for_huge_scores(backend):
+    x = arr(backend, [[1000.0, 0.0, -1000.0], [0.0, 2000.0, 0.0]])
+    loss, dx = layers.softmax_loss(x, labels(backend, [0, 1]))
+    assert float(loss) == pytest.approx(0.0, abs=1e-12)
+    assert np.all(np.isfinite(to_np(dx)))
+
+
+def test_softmax_loss_of_uniform_scores_is_log_c(backend):
+    loss, _ = layers.softmax_loss(arr(backend, np.zeros((4, 10))), labels(backend, [0, 3, 9, 2]))
+    assert float(loss) == pytest.approx(np.log(10), rel=1e-14)
+
+
+@pytest.mark.parametrize("loss_fn", [layers.softmax_loss, layers.svm_loss])
+def test_losses_reject_bad_labels(backend, loss_fn):
+    x = arr(backend, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"labels must be \(3,\)"):
+        loss_fn(x, labels(backend, [0, 1]))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        loss_fn(x, arr(backend, [0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"scores must be \(N, C\)"):
+        loss_fn(arr(backend, np.zeros(3)), labels(backend, [0, 1, 2]))
+
+
+# ---------------------------------------------------------------- batchnorm
+def test_batchnorm_train_forward_normalises_and_updates_running_stats(backend, np_rng):
+    x_np = 5 + 3 * np_rng.standard_normal((200, 4))
+    gamma_np, beta_np = np.array([1.0, 2.0, 0.5, 3.0]), np.array([0.0, -1.0, 4.0, 0.5])
+    bn_param = {"mode": "train", "momentum": 0.8}
+    out, _ = layers.batchnorm_forward(
+        arr(backend, x_np), arr(backend, gamma_np), arr(backend, beta_np), bn_param
+    )
+    expected = gamma_np * (x_np - x_np.mean(0)) / np.sqrt(x_np.var(0) + 1e-5) + beta_np
+    np.testing.assert_allclose(to_np(out), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_np(bn_param["running_mean"]), 0.2 * x_np.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(to_np(bn_param["running_var"]), 0.2 * x_np.var(0), rtol=1e-12)
+
+
+def test_batchnorm_running_averages_converge_and_drive_test_mode(backend, np_rng):
+    bn_param = {"mode": "train"}
+    gamma, beta = arr(backend, np.ones(3)), arr(backend, np.zeros(3))
+    for _ in range(100):
+        x = arr(backend, 2.0 + 4.0 * np_rng.standard_normal((100, 3)))
+        layers.batchnorm_forward(x, gamma, beta, bn_param)
+    np.testing.assert_allclose(to_np(bn_param["running_mean"]), 2.0, atol=0.3)
+    np.testing.assert_allclose(to_np(bn_param["running_var"]), 16.0, rtol=0.15)
+    bn_param["mode"] = "test"
+    x_np = 2.0 + 4.0 * np_rng.standard_normal((500, 3))
+    out, _ = layers.batchnorm_forward(arr(backend, x_np), gamma, beta, bn_param)
+    expected = (x_np - to_np(bn_param["running_mean"])) / np.sqrt(to_np(bn_param["running_var"]) + 1e-5)
+    np.testing.assert_allclose(to_np(out), expected, rtol=1e-12)
+    assert abs(to_np(out).mean()) < 0.15 and abs(to_np(out).std() - 1.0) < 0.15
+
+
+@pytest.mark.parametrize("backward", [layers.batchnorm_backward, layers.batchnorm_backward_alt])
+def test_batchnorm_backward(backend, np_rng, backward):
+    x = arr(backend, 3 + 2 * np_rng.standard_normal((6, 4)))
+    gamma = arr(backend, np_rng.standard_normal(4))
+    beta = arr(backend, np_rng.standard_normal(4))
+    dout = arr(backend, np_rng.standard_normal((6, 4)))
+    _, cache = layers.batchnorm_forward(x, gamma, beta, {"mode": "train"})
+    grads = backward(dout, cache)
+
+    def forward(x, gamma, beta):
+        return layers.batchnorm_forward(x, gamma, beta, {"mode": "train"})[0]
+
+    check_backward(backend, forward, (x, gamma, beta), grads, dout, tol=1e-6)
+
+
+def test_batchnorm_backward_forms_agree(backend, np_rng):
+    x = arr(backend, np_rng.standard_normal((50, 30)))
+    gamma, beta = arr(backend, np_rng.standard_normal(30)), arr(backend, np_rng.standard_normal(30))
+    dout = arr(backend, np_rng.standard_normal((50, 30)))
+    _, cache = layers.batchnorm_forward(x, gamma, beta, {"mode": "train"})
+    for a, b in zip(layers.batchnorm_backward(dout, cache), layers.batchnorm_backward_alt(dout, cache)):
+        assert rel_error(a, b) < 1e-9
+
+
+def test_batchnorm_rejects_bad_mode_and_shapes(backend):
+    x, g = arr(backend, np.ones((2, 3))), arr(backend, np.ones(3))
+    with pytest.raises(ValueError, match="invalid batchnorm mode 'eval'"):
+        layers.batchnorm_forward(x, g, g, {"mode": "eval"})
+    with pytest.raises(ValueError, match=r"gamma and beta must be \(3,\)"):
+        layers.batchnorm_forward(x, arr(backend, np.ones(2)), g, {"mode": "train"})
+
+
+# ---------------------------------------------------------------- layernorm
+def test_layernorm_forward_normalises_each_sample(backend, np_rng):
+    x_np = 3 + 2 * np_rng.standard_normal((4, 6))
+    gamma_np, beta_np = np_rng.standard_normal(6), np_rng.standard_normal(6)
+    out, _ = layers.layernorm_forward(arr(backend, x_np), arr(backend, gamma_np), arr(backend, beta_np), {})
+    mean, var = x_np.mean(1, keepdims=True), x_np.var(1, keepdims=True)
+    np.testing.assert_allclose(
+        to_np(out), gamma_np * (x_np - mean) / np.sqrt(var + 1e-5) + beta_np, rtol=1e-10
+    )
+
+
+def test_layernorm_backward(backend, np_rng):
+    x = arr(backend, 3 + 2 * np_rng.standard_normal((4, 5)))
+    gamma, beta = arr(backend, np_rng.standard_normal(5)), arr(backend, np_rng.standard_normal(5))
+    dout = arr(backend, np_rng.standard_normal((4, 5)))
+    _, cache = layers.layernorm_forward(x, gamma, beta, {})
+    grads = layers.layernorm_backward(dout, cache)
+    forward = lambda x, gamma, beta: layers.layernorm_forward(x, gamma, beta, {})[0]  # noqa: E731
+    check_backward(backend, forward, (x, gamma, beta), grads, dout, tol=1e-6)
+
+
+# ---------------------------------------------------------------- dropout
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.75])
+def test_dropout_statistics(backend, p):
+    x = arr(backend, 10 + np.zeros((500, 400)))
+    out, _ = layers.dropout_forward(x, {"mode": "train", "p": p, "seed": 1})
+    out_np = to_np(out)
+    dropped = np.mean(out_np == 0)
+    assert abs(dropped - p) < 0.01
+    np.testing.assert_allclose(out_np[out_np != 0], 10 / (1 - p), rtol=1e-12)  # inverted dropout scaling
+    assert abs(out_np.mean() - 10) < 0.1
+    test_out, _ = layers.dropout_forward(x, {"mode": "test", "p": p})
+    np.testing.assert_array_equal(to_np(test_out), to_np(x))
+
+
+def test_dropout_seed_fixes_mask_and_no_seed_varies(backend):
+    x = arr(backend, np.ones((50, 40)))
+    a, _ = layers.dropout_forward(x, {"mode": "train", "p": 0.5, "seed": 4})
+    b, _ = layers.dropout_forward(x, {"mode": "train", "p": 0.5, "seed": 4})
+    c, _ = layers.dropout_forward(x, {"mode": "train", "p": 0.5})
+    d, _ = layers.dropout_forward(x, {"mode": "train", "p": 0.5})
+    np.testing.assert_array_equal(to_np(a), to_np(b))
+    assert not np.array_equal(to_np(c), to_np(d))
+
+
+def test_dropout_p_zero_is_identity(backend):
+    x = arr(backend, np.arange(6.0))
+    out, cache = layers.dropout_forward(x, {"mode": "train", "p": 0.0})
+    np.testing.assert_array_equal(to_np(out), np.arange(6.0))
+    np.testing.assert_array_equal(to_np(layers.dropout_backward(x, cache)), np.arange(6.0))
+
+
+def test_dropout_backward(backend, np_rng):
+    x = arr(backend, np_rng.standard_normal((10, 8)))
+    param = {"mode": "train", "p": 0.3, "seed": 123}
+    dout = arr(backend, np_rng.standard_normal((10, 8)))
+    _, cache = layers.dropout_forward(x, param)
+    dx = layers.dropout_backward(dout, cache)
+    check_backward(backend, lambda x: layers.dropout_forward(x, param)[0], (x,), (dx,), dout)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_rejects_p_outside_unit_interval(backend, p):
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        layers.dropout_forward(arr(backend, np.ones(3)), {"mode": "train", "p": p})
+
+
+# ---------------------------------------------------------------- hidden block
+@pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
+def test_affine_norm_relu_dropout_block(backend, np_rng, normalization):
+    x = arr(backend, np_rng.standard_normal((5, 4)))
+    w = arr(backend, np_rng.standard_normal((4, 3)))
+    b = arr(backend, np_rng.standard_normal(3))
+    gamma, beta = arr(backend, np_rng.standard_normal(3)), arr(backend, np_rng.standard_normal(3))
+    dout = arr(backend, np_rng.standard_normal((5, 3)))
+    drop = {"mode": "train", "p": 0.2, "seed": 5}
+
+    def forward(x, w, b, gamma, beta):
+        return affine_norm_relu_dropout_forward(x, w, b, gamma, beta, {"mode": "train"}, normalization, drop)[
+            0
+        ]
+
+    _, cache = affine_norm_relu_dropout_forward(x, w, b, gamma, beta, {"mode": "train"}, normalization, drop)
+    dx, dw, db, dgamma, dbeta = affine_norm_relu_dropout_backward(dout, cache)
+    inputs, grads = [x, w, b], [dx, dw, db]
+    if normalization is None:
+        assert dgamma is None and dbeta is None
+    else:
+        inputs += [gamma, beta]
+        grads += [dgamma, dbeta]
+    if normalization == "batchnorm":  # b is cancelled by the batch mean: its gradient is 0
+        assert float(backend.xp.max(backend.xp.abs(db))) < 1e-12
+        inputs.pop(2)
+        grads.pop(2)
+        check = lambda x, w, gamma, beta: forward(x, w, b, gamma, beta)  # noqa: E731
+    else:
+        check = forward if normalization else (lambda x, w, b: forward(x, w, b, gamma, beta))
+    check_backward(backend, check, inputs, grads, dout, tol=1e-6)

@@ -1,0 +1,294 @@
+"""Networks: initialisation, forward against independent NumPy code,
+gradients against numerical gradients in float64, construction errors."""
+
+import numpy as np
+import pytest
+from conftest import to_np
+
+import xpnet
+from xpnet import fc_net, neural_net
+from xpnet.backend import backend_of
+from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
+
+
+def np_params(model):
+    return {k: to_np(v) for k, v in model.params.items()}
+
+
+def assert_gradients_match(model, X, y, loss_fn=None, exclude=()):
+    """Every parameter's analytic gradient against centred differences, relative error < 1e-6.
+
+    Elements below the centred difference's rounding floor (about 1e-4 for a
+    loss near 2 and h = 1e-5) cannot be resolved to 1e-6 and are compared
+    against that floor instead.
+    """
+    loss_fn = loss_fn or (lambda: model.loss(X, y))
+    loss, grads = loss_fn()
+    assert set(grads) == set(model.params)
+    floor = rounding_floor(loss, h=1e-5)
+    for name, param in model.params.items():
+        assert backend_of(grads[name]) == model.backend
+        assert tuple(grads[name].shape) == tuple(param.shape), name
+        if name in exclude:
+            continue
+        numeric = eval_numerical_gradient(lambda _: loss_fn()[0], param, verbose=False, h=1e-5)
+        error = rel_error(numeric, grads[name], floor=floor)
+        assert error < 1e-6, f"{name}: relative error {error:.2e}"
+
+
+def data(backend, np_rng, n, d, c):
+    X = backend.asarray(np_rng.standard_normal((n, d)), dtype="float64")
+    y = backend.asarray(np_rng.integers(0, c, n))
+    return X, y
+
+
+# ---------------------------------------------------------------- modular TwoLayerNet
+def test_two_layer_net_initialisation(backend):
+    model = xpnet.TwoLayerNet(
+        input_dim=300, hidden_dims=200, num_classes=10, weight_scale=1e-2, seed=0, backend=backend
+    )
+    p = np_params(model)
+    assert p["W1"].shape == (300, 200) and p["b1"].shape == (200,)
+    assert p["W2"].shape == (200, 10) and p["b2"].shape == (10,)
+    assert abs(p["W1"].std() - 1e-2) < 5e-4 and abs(p["W1"].mean()) < 5e-4
+    assert abs(p["W2"].std() - 1e-2) < 2e-3
+    assert not p["b1"].any() and not p["b2"].any()
+    assert model.backend is backend
+
+
+def test_two_layer_net_scores_match_numpy(backend, np_rng):
+    model = xpnet.TwoLayerNet(
+        input_dim=6, hidden_dims=5, num_classes=3, weight_scale=0.5, seed=1, backend=backend
+    )
+    X, y = data(backend, np_rng, 4, 6, 3)
+    p = np_params(model)
+    X_np = to_np(X)
+    expected = np.maximum(X_np @ p["W1"] + p["b1"], 0) @ p["W2"] + p["b2"]
+    np.testing.assert_allclose(to_np(model.loss(X)), expected, rtol=1e-12)
+    model.reg = 0.7
+    loss, _ = model.loss(X, y)
+    shifted = expected - expected.max(1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    data_loss = -log_probs[np.arange(4), to_np(y)].mean()
+    reg_loss = 0.5 * 0.7 * ((p["W1"] ** 2).sum() + (p["W2"] ** 2).sum())
+    assert float(loss) == pytest.approx(data_loss + reg_loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.7])
+def test_two_layer_net_gradients(backend, np_rng, reg):
+    model = xpnet.TwoLayerNet(
+        input_dim=5, hidden_dims=6, num_classes=4, weight_scale=0.3, reg=reg, seed=2, backend=backend
+    )
+    X, y = data(backend, np_rng, 3, 5, 4)
+    assert_gradients_match(model, X, y)
+
+
+# ---------------------------------------------------------------- FullyConnectedNet
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(reg=3.14),
+        dict(normalization="batchnorm", reg=0.1),
+        dict(use_batchnorm=True),
+        dict(normalization="layernorm", reg=0.1),
+        dict(dropout=0.25, seed=123),
+        dict(normalization="batchnorm", dropout=0.5, seed=7),
+    ],
+    ids=["plain", "reg", "batchnorm", "use_batchnorm", "layernorm", "dropout", "batchnorm+dropout"],
+)
+def test_fully_connected_net_gradients(backend, np_rng, options):
+    options = {"seed": 0, **options}
+    model = xpnet.FullyConnectedNet(
+        [6, 7], input_dim=5, num_classes=4, weight_scale=0.3, dtype="float64", backend=backend, **options
+    )
+    # Non-zero biases, so that a sample whose units are all dropped or dead
+    # does not sit exactly on the next ReLU's kink at 0.
+    for k in ("b1", "b2", "b3"):
+        model.params[k] = backend.asarray(
+            0.1 * np_rng.standard_normal(model.params[k].shape), dtype="float64"
+        )
+    X, y = data(backend, np_rng, 4, 5, 4)
+    # b1 and b2 feed batchnorm, which subtracts the batch mean: their gradient is exactly 0.
+    exclude = ("b1", "b2") if model.normalization == "batchnorm" else ()
+    assert_gradients_match(model, X, y, exclude=exclude)
+    if exclude:
+        _, grads = model.loss(X, y)
+        assert max(float(backend.xp.max(backend.xp.abs(grads[k]))) for k in exclude) < 1e-12
+
+
+def reference_fc_scores(p, X, hidden_layers, normalization=None, eps=1e-5):
+    out = X
+    for i in range(1, hidden_layers + 1):
+        out = out @ p[f"W{i}"] + p[f"b{i}"]
+        if normalization == "batchnorm":
+            out = (out - out.mean(0)) / np.sqrt(out.var(0) + eps) * p[f"gamma{i}"] + p[f"beta{i}"]
+        elif normalization == "layernorm":
+            mean, var = out.mean(1, keepdims=True), out.var(1, keepdims=True)
+            out = (out - mean) / np.sqrt(var + eps) * p[f"gamma{i}"] + p[f"beta{i}"]
+        out = np.maximum(out, 0)
+    last = hidden_layers + 1
+    return out @ p[f"W{last}"] + p[f"b{last}"]
+
+
+@pytest.mark.parametrize("normalization", [None, "layernorm"])
+def test_fully_connected_net_scores_match_numpy(backend, np_rng, normalization):
+    model = xpnet.FullyConnectedNet(
+        [8, 6, 5],
+        input_dim=7,
+        num_classes=3,
+        normalization=normalization,
+        weight_scale=0.4,
+        dtype="float64",
+        seed=3,
+        backend=backend,
+    )
+    for k in list(model.params):
+        if k.startswith(("gamma", "beta", "b")):  # non-trivial values so they are exercised
+            model.params[k] = backend.asarray(np_rng.standard_normal(model.params[k].shape), dtype="float64")
+    X = np_rng.standard_normal((4, 7))
+    expected = reference_fc_scores(np_params(model), X, 3, normalization)
+    np.testing.assert_allclose(to_np(model.loss(backend.asarray(X, dtype="float64"))), expected, rtol=1e-10)
+
+
+def test_batchnorm_net_uses_running_averages_at_test_time(backend, np_rng):
+    model = xpnet.FullyConnectedNet(
+        [5], input_dim=4, num_classes=3, normalization="batchnorm", dtype="float64", seed=0, backend=backend
+    )
+    X, y = data(backend, np_rng, 20, 4, 3)
+    model.loss(X, y)  # train mode: updates the running averages
+    bn = model.bn_params[0]
+    p = np_params(model)
+    hidden = to_np(X) @ p["W1"] + p["b1"]
+    np.testing.assert_allclose(to_np(bn["running_mean"]), 0.1 * hidden.mean(0), rtol=1e-10)
+    scores = to_np(model.loss(X[:1, ...]))  # test mode: one sample is fine
+    normed = (hidden[:1] - to_np(bn["running_mean"])) / np.sqrt(to_np(bn["running_var"]) + 1e-5)
+    expected = np.maximum(normed, 0) @ p["W2"] + p["b2"]
+    np.testing.assert_allclose(scores, expected, rtol=1e-10)
+
+
+def test_fully_connected_net_initialisation(backend):
+    model = xpnet.FullyConnectedNet(
+        [300, 200],
+        input_dim=400,
+        num_classes=10,
+        normalization="layernorm",
+        weight_scale=2e-2,
+        seed=0,
+        backend=backend,
+    )
+    p = np_params(model)
+    assert sorted(p) == sorted(["W1", "b1", "W2", "b2", "W3", "b3", "gamma1", "beta1", "gamma2", "beta2"])
+    assert p["W1"].shape == (400, 300) and p["W2"].shape == (300, 200) and p["W3"].shape == (200, 10)
+    assert p["W1"].dtype == np.float32
+    assert abs(p["W1"].std() - 2e-2) < 5e-4 and abs(p["W2"].std() - 2e-2) < 5e-4
+    assert (p["gamma1"] == 1).all() and (p["beta2"] == 0).all() and (p["b3"] == 0).all()
+
+
+def test_seed_makes_initialisation_and_dropout_reproducible(backend, np_rng):
+    X, y = data(backend, np_rng, 6, 5, 3)
+    losses = []
+    for _ in range(2):
+        model = xpnet.FullyConnectedNet(
+            [9],
+            input_dim=5,
+            num_classes=3,
+            dropout=0.5,
+            seed=11,
+            dtype="float64",
+            weight_scale=0.5,
+            backend=backend,
+        )
+        losses.append(float(model.loss(X, y)[0]))
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.float64])
+def test_dtype_options(backend, dtype):
+    model = xpnet.FullyConnectedNet([3], input_dim=2, num_classes=2, dtype=dtype, backend=backend)
+    assert model.params["W1"].dtype == backend.dtype(dtype)
+    scores = model.loss(np.ones((1, 2)))  # host input is moved to the model's device
+    assert backend_of(scores) == backend and scores.dtype == backend.dtype(dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_dims=[]), "at least one hidden layer"),
+        (dict(hidden_dims=[10, 0]), "positive integer"),
+        (dict(hidden_dims=[10, -3]), "positive integer"),
+        (dict(hidden_dims=[10], dropout=1.0), r"must be in \[0, 1\)"),
+        (dict(hidden_dims=[10], dropout=-0.2), r"must be in \[0, 1\)"),
+        (dict(hidden_dims=[10], normalization="groupnorm"), "unknown normalization 'groupnorm'"),
+        (dict(hidden_dims=[10], dtype="int32"), "float32 or float64"),
+        (dict(hidden_dims=[10], input_dim=0), "input_dim"),
+        (dict(hidden_dims=[10], backend="jax"), "unknown backend 'jax'"),
+    ],
+)
+def test_construction_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        xpnet.FullyConnectedNet(**kwargs)
+
+
+def test_two_layer_net_construction_errors():
+    with pytest.raises(ValueError, match="one hidden layer"):
+        fc_net.TwoLayerNet(hidden_dims=[10, 10])
+    with pytest.raises(ValueError, match="positive integer"):
+        fc_net.TwoLayerNet(hidden_dims=0)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        fc_net.TwoLayerNet(dropout=2)
+    with pytest.raises(ValueError, match="hidden_size"):
+        neural_net.TwoLayerNet(4, 0, 3)
+
+
+def test_top_level_reexports():
+    assert xpnet.TwoLayerNet is fc_net.TwoLayerNet
+    assert xpnet.FullyConnectedNet is fc_net.FullyConnectedNet
+
+
+# ---------------------------------------------------------------- monolithic TwoLayerNet
+def test_monolithic_net_layout_and_scores(backend, np_rng):
+    model = neural_net.TwoLayerNet(4, 10, 3, std=1e-1, seed=0, backend=backend)
+    p = np_params(model)
+    assert p["W1"].shape == (10, 4) and p["W2"].shape == (3, 10)
+    X = np_rng.standard_normal((5, 4))
+    expected = np.maximum(X @ p["W1"].T + p["b1"], 0) @ p["W2"].T + p["b2"]
+    np.testing.assert_allclose(to_np(model.loss(X)), expected, rtol=1e-12)
+
+
+def test_monolithic_net_loss_and_gradients(backend, np_rng):
+    model = neural_net.TwoLayerNet(4, 6, 3, std=3e-1, seed=1, backend=backend)
+    X, y = data(backend, np_rng, 5, 4, 3)
+    p = np_params(model)
+    scores = np.maximum(to_np(X) @ p["W1"].T, 0) @ p["W2"].T
+    shifted = scores - scores.max(1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
+    expected = -np.log(probs[np.arange(5), to_np(y)]).mean() + 0.05 * 0.5 * (
+        (p["W1"] ** 2).sum() + (p["W2"] ** 2).sum()
+    )
+    assert float(model.loss(X, y, reg=0.05)[0]) == pytest.approx(expected, rel=1e-12)
+    assert_gradients_match(model, X, y, loss_fn=lambda: model.loss(X, y, reg=0.05))
+
+
+def test_monolithic_net_trains_on_separable_data(backend, np_rng):
+    centres = np_rng.standard_normal((3, 8)) * 3
+    y_np = np_rng.integers(0, 3, 300)
+    X_np = centres[y_np] + 0.3 * np_rng.standard_normal((300, 8))
+    model = neural_net.TwoLayerNet(8, 20, 3, std=1e-1, seed=0, backend=backend)
+    stats = model.train(
+        X_np[:250],
+        y_np[:250],
+        X_np[250:],
+        y_np[250:],
+        learning_rate=0.5,
+        num_iters=100,
+        batch_size=50,
+        seed=0,
+    )
+    assert len(stats["loss_history"]) == 100 and all(isinstance(v, float) for v in stats["loss_history"])
+    assert len(stats["train_acc_history"]) == 20 and len(stats["val_acc_history"]) == 20
+    assert stats["loss_history"][-1] < 0.5 * stats["loss_history"][0]
+    assert stats["val_acc_history"][-1] > 0.95
+    predictions = model.predict(backend.asarray(X_np[250:]))
+    assert backend_of(predictions) == backend
+    assert np.mean(to_np(predictions) == y_np[250:]) > 0.95

@@ -1,0 +1,131 @@
+"""Numerical gradients by centred differences, for arrays of any backend.
+
+Use float64 inputs: in float32 the rounding error of ``f`` swamps the
+difference quotient. Each function perturbs ``x`` in place, one element at a
+time, so ``f`` may ignore its argument and read ``x`` through a closure (as in
+``lambda _: model.loss(X, y)[0]``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+__all__ = [
+    "rel_error",
+    "eval_numerical_gradient",
+    "eval_numerical_gradient_array",
+    "grad_check_sparse",
+    "rounding_floor",
+]
+
+
+def rel_error(x, y, floor=1e-8) -> float:
+    """Largest elementwise relative error ``|x - y| / max(floor, |x| + |y|)`` as a Python float.
+
+    ``floor`` keeps elements that are zero up to rounding from dominating;
+    see :func:`rounding_floor` for the right one when ``x`` is a numerical gradient.
+    """
+    if not (is_array_api_obj(x) or is_array_api_obj(y)):
+        return abs(x - y) / max(floor, abs(x) + abs(y))
+    xp = array_namespace(*(a for a in (x, y) if is_array_api_obj(a)))
+    if is_array_api_obj(x) and is_array_api_obj(y) and tuple(x.shape) != tuple(y.shape):
+        raise ValueError(f"rel_error: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    diff = xp.abs(x - y) / xp.maximum(xp.abs(x) + xp.abs(y), floor)
+    return float(xp.max(diff))
+
+
+def rounding_floor(f_value, h=1e-5, rtol=1e-6, eps=2.220446049250313e-16) -> float:
+    """The smallest gradient magnitude whose centred difference can be trusted to ``rtol``.
+
+    Each of the two evaluations of ``f`` is rounded to about ``eps * |f|``, so
+    the difference quotient carries an absolute error of up to about
+    ``2 * eps * |f| / h`` (twice that for safety); an element smaller than
+    that error divided by ``rtol`` cannot be checked to a relative ``rtol``.
+    Pass the result as ``floor`` to :func:`rel_error`.
+    """
+    return 4.0 * eps * max(abs(float(f_value)), 1.0) / h / rtol
+
+
+def _indices(shape):
+    return itertools.product(*(range(n) for n in shape))
+
+
+def _evaluate_both_sides(f, x, index, h):
+    """``(f(x + h·e_i), f(x - h·e_i))``, restoring ``x[index]`` afterwards."""
+    old = x[index]
+    x[index] = old + h
+    plus = f(x)
+    x[index] = old - h
+    minus = f(x)
+    x[index] = old
+    return plus, minus
+
+
+def _check_float(name, x):
+    xp = array_namespace(x)
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
+    return xp
+
+
+def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
+    """Gradient of a scalar function ``f(x)`` by centred differences.
+
+    Args:
+        f: function of one argument returning a scalar (a 0-d array or a float).
+        x: array at which to evaluate the gradient; modified in place and restored.
+        verbose: print each index and its gradient.
+        h: step size.
+    Returns:
+        grad, an array like ``x``.
+    """
+    xp = _check_float("eval_numerical_gradient", x)
+    grad = xp.zeros_like(x)
+    for index in _indices(x.shape):
+        plus, minus = _evaluate_both_sides(f, x, index, h)
+        grad[index] = (float(plus) - float(minus)) / (2 * h)
+        if verbose:
+            print(index, float(grad[index]))
+    return grad
+
+
+def eval_numerical_gradient_array(f, x, df, h=1e-5):
+    """Gradient of ``sum(f(x) * df)`` with respect to ``x``, for array-valued ``f``.
+
+    Args:
+        f: function of one argument returning an array of the shape of ``df``.
+        x: input array, modified in place and restored.
+        df: upstream gradient.
+    Returns:
+        grad, an array like ``x``.
+    """
+    xp = _check_float("eval_numerical_gradient_array", x)
+    grad = xp.zeros_like(x)
+    for index in _indices(x.shape):
+        plus, minus = _evaluate_both_sides(f, x, index, h)
+        grad[index] = xp.sum((plus - minus) * df) / (2 * h)
+    return grad
+
+
+def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, verbose=True):
+    """Compare ``analytic_grad`` with centred differences at ``num_checks`` random elements.
+
+    Returns:
+        the list of relative errors, one per element checked.
+    """
+    _check_float("grad_check_sparse", x)
+    picker = random.Random(seed)
+    errors = []
+    for _ in range(num_checks):
+        index = tuple(picker.randrange(n) for n in x.shape)
+        plus, minus = _evaluate_both_sides(f, x, index, h)
+        numeric = (float(plus) - float(minus)) / (2 * h)
+        analytic = float(analytic_grad[index])
+        error = rel_error(numeric, analytic)
+        errors.append(error)
+        if verbose:
+            print(f"numerical: {numeric:f} analytic: {analytic:f}, relative error: {error:e}")
+    return errors

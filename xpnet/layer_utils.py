@@ -1,0 +1,87 @@
+"""Composite layers ("sandwiches") built from :mod:`xpnet.layers`."""
+
+from __future__ import annotations
+
+from .layers import (
+    affine_backward,
+    affine_forward,
+    batchnorm_backward_alt,
+    batchnorm_forward,
+    dropout_backward,
+    dropout_forward,
+    layernorm_backward,
+    layernorm_forward,
+    relu_backward,
+    relu_forward,
+)
+
+__all__ = [
+    "affine_relu_forward",
+    "affine_relu_backward",
+    "affine_norm_relu_dropout_forward",
+    "affine_norm_relu_dropout_backward",
+    "NORMALIZATIONS",
+]
+
+NORMALIZATIONS = (None, "batchnorm", "layernorm")
+
+
+def affine_relu_forward(x, w, b):
+    """Affine transform followed by ReLU: x (N, ...), w (D, M), b (M,) -> out (N, M)."""
+    a, fc_cache = affine_forward(x, w, b)
+    out, relu_cache = relu_forward(a)
+    return out, (fc_cache, relu_cache)
+
+
+def affine_relu_backward(dout, cache):
+    """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db)."""
+    fc_cache, relu_cache = cache
+    return affine_backward(relu_backward(dout, relu_cache), fc_cache)
+
+
+def affine_norm_relu_dropout_forward(
+    x, w, b, gamma=None, beta=None, norm_param=None, normalization=None, dropout_param=None
+):
+    """affine - [batchnorm | layernorm] - relu - [dropout], the hidden block of FullyConnectedNet.
+
+    Args:
+        x: (N, ...) input; w (D, M), b (M,).
+        gamma, beta: (M,) scale and shift, used when ``normalization`` is set.
+        norm_param: the bn_param / ln_param dict of that layer.
+        normalization: None, "batchnorm" or "layernorm".
+        dropout_param: dict for :func:`dropout_forward`, or None for no dropout.
+    Returns:
+        out (N, M) and the cache.
+    """
+    out, fc_cache = affine_forward(x, w, b)
+    norm_cache = None
+    if normalization == "batchnorm":
+        out, norm_cache = batchnorm_forward(out, gamma, beta, norm_param)
+    elif normalization == "layernorm":
+        out, norm_cache = layernorm_forward(out, gamma, beta, norm_param)
+    elif normalization is not None:
+        raise ValueError(f"unknown normalization {normalization!r}; use one of {NORMALIZATIONS}")
+    out, relu_cache = relu_forward(out)
+    drop_cache = None
+    if dropout_param is not None:
+        out, drop_cache = dropout_forward(out, dropout_param)
+    return out, (fc_cache, normalization, norm_cache, relu_cache, drop_cache)
+
+
+def affine_norm_relu_dropout_backward(dout, cache):
+    """Backward pass of :func:`affine_norm_relu_dropout_forward`.
+
+    Returns:
+        (dx, dw, db, dgamma, dbeta); dgamma and dbeta are None without normalisation.
+    """
+    fc_cache, normalization, norm_cache, relu_cache, drop_cache = cache
+    if drop_cache is not None:
+        dout = dropout_backward(dout, drop_cache)
+    dout = relu_backward(dout, relu_cache)
+    dgamma = dbeta = None
+    if normalization == "batchnorm":
+        dout, dgamma, dbeta = batchnorm_backward_alt(dout, norm_cache)
+    elif normalization == "layernorm":
+        dout, dgamma, dbeta = layernorm_backward(dout, norm_cache)
+    dx, dw, db = affine_backward(dout, fc_cache)
+    return dx, dw, db, dgamma, dbeta

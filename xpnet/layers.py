@@ -1,0 +1,326 @@
+"""Layer functions: each ``*_forward`` returns ``(out, cache)`` and each
+``*_backward`` takes ``(dout, cache)`` and returns the gradients.
+
+Written against the Python array API standard only (``xp = array_namespace(x)``),
+so the same code runs on NumPy, CuPy, PyTorch and array-api-strict.
+Losses return the loss as a 0-d array on the arrays' device: nothing here
+forces a device-to-host synchronisation.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace, device
+
+from .backend import backend_of
+
+__all__ = [
+    "affine_forward",
+    "affine_backward",
+    "relu_forward",
+    "relu_backward",
+    "softmax_loss",
+    "svm_loss",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "batchnorm_backward_alt",
+    "layernorm_forward",
+    "layernorm_backward",
+    "dropout_forward",
+    "dropout_backward",
+]
+
+
+# --------------------------------------------------------------------------
+# Affine and ReLU
+# --------------------------------------------------------------------------
+def affine_forward(x, w, b):
+    """Fully connected layer: ``out = x.reshape(N, D) @ w + b``.
+
+    Args:
+        x: (N, d_1, ..., d_k) input, flattened to (N, D) with D = d_1 * ... * d_k.
+        w: (D, M) weights.
+        b: (M,) biases.
+    Returns:
+        out (N, M) and cache ``(x, w, b)``.
+    """
+    xp = array_namespace(x, w, b)
+    if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[1]:
+        raise ValueError(
+            f"affine_forward: w must be (D, M) and b (M,), got w {tuple(w.shape)} and b {tuple(b.shape)}"
+        )
+    if x.ndim < 1:
+        raise ValueError("affine_forward: x must have a leading batch dimension")
+    x2 = xp.reshape(x, (x.shape[0], -1))
+    if x2.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"affine_forward: x {tuple(x.shape)} flattens to {x2.shape[1]} features "
+            f"but w {tuple(w.shape)} expects {w.shape[0]}"
+        )
+    out = x2 @ w + b
+    return out, (x, w, b)
+
+
+def affine_backward(dout, cache):
+    """Backward pass of :func:`affine_forward`.
+
+    Args:
+        dout: (N, M) upstream gradient.
+        cache: ``(x, w, b)`` from the forward pass.
+    Returns:
+        dx with the shape of x, dw (D, M), db (M,).
+    """
+    x, w, _ = cache
+    xp = array_namespace(dout, x)
+    x2 = xp.reshape(x, (x.shape[0], -1))
+    dx = xp.reshape(dout @ w.T, x.shape)
+    dw = x2.T @ dout
+    db = xp.sum(dout, axis=0)
+    return dx, dw, db
+
+
+def relu_forward(x):
+    """Rectified linear unit, elementwise ``max(x, 0)``; cache is ``x``."""
+    xp = array_namespace(x)
+    return xp.maximum(x, 0), x
+
+
+def relu_backward(dout, cache):
+    """Backward pass of :func:`relu_forward`: ``dout`` where the input was positive."""
+    x = cache
+    xp = array_namespace(dout, x)
+    return dout * xp.astype(x > 0, dout.dtype)
+
+
+# --------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------
+def _check_scores_and_labels(name, x, y):
+    """Shape and dtype checks that need no device synchronisation."""
+    xp = array_namespace(x, y)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: scores must be (N, C), got shape {tuple(x.shape)}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{name}: labels must be ({x.shape[0]},) to match scores {tuple(x.shape)}, "
+            f"got shape {tuple(y.shape)}"
+        )
+    if not xp.isdtype(y.dtype, "integral"):
+        raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    return xp
+
+
+def _one_hot(xp, y, num_classes, dtype):
+    """(N, C) array with 1 at ``[i, y[i]]``: the array API has no fancy-index assignment."""
+    classes = xp.arange(num_classes, device=device(y), dtype=y.dtype)
+    return xp.astype(y[:, None] == classes, dtype)
+
+
+def softmax_loss(x, y):
+    """Softmax cross-entropy, averaged over the batch (numerically stable).
+
+    Args:
+        x: (N, C) class scores.
+        y: (N,) integer labels in [0, C). Their range is not checked here
+            (that would force a device synchronisation); the Solver checks data once.
+    Returns:
+        loss as a 0-d array, and dx (N, C).
+    """
+    xp = _check_scores_and_labels("softmax_loss", x, y)
+    n, c = x.shape
+    shifted = x - xp.max(x, axis=1, keepdims=True)
+    exp_shifted = xp.exp(shifted)
+    sum_exp = xp.sum(exp_shifted, axis=1, keepdims=True)
+    log_probs = shifted - xp.log(sum_exp)
+    one_hot = _one_hot(xp, y, c, x.dtype)
+    loss = -xp.sum(log_probs * one_hot) / n
+    dx = (exp_shifted / sum_exp - one_hot) / n
+    return loss, dx
+
+
+def svm_loss(x, y):
+    """Multiclass SVM (hinge) loss with margin 1, averaged over the batch.
+
+    Args:
+        x: (N, C) class scores; y: (N,) integer labels in [0, C).
+    Returns:
+        loss as a 0-d array, and dx (N, C).
+    """
+    xp = _check_scores_and_labels("svm_loss", x, y)
+    n, c = x.shape
+    one_hot = _one_hot(xp, y, c, x.dtype)
+    correct = xp.sum(x * one_hot, axis=1, keepdims=True)
+    margins = xp.maximum(x - correct + 1.0, 0) * (1 - one_hot)
+    loss = xp.sum(margins) / n
+    positive = xp.astype(margins > 0, x.dtype)
+    dx = (positive - one_hot * xp.sum(positive, axis=1, keepdims=True)) / n
+    return loss, dx
+
+
+# --------------------------------------------------------------------------
+# Normalisation: batchnorm normalises each feature over the batch (axis 0),
+# layernorm each sample over its features (axis 1); the algebra is shared.
+# --------------------------------------------------------------------------
+def _normalize_forward(x, gamma, beta, eps, axis):
+    xp = array_namespace(x, gamma, beta)
+    mean = xp.mean(x, axis=axis, keepdims=True)
+    centered = x - mean
+    var = xp.mean(centered * centered, axis=axis, keepdims=True)
+    std = xp.sqrt(var + eps)
+    x_hat = centered / std
+    out = gamma * x_hat + beta
+    return out, (x_hat, centered, std, gamma, axis), mean, var
+
+
+def _normalize_backward_compact(dout, cache):
+    """Closed form: dx = (dx̂ - mean(dx̂) - x̂·mean(dx̂·x̂)) / std along the normalised axis."""
+    x_hat, _, std, gamma, axis = cache
+    xp = array_namespace(dout, x_hat)
+    dx_hat = dout * gamma
+    dx = (
+        dx_hat
+        - xp.mean(dx_hat, axis=axis, keepdims=True)
+        - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)
+    ) / std
+    dgamma = xp.sum(dout * x_hat, axis=0)
+    dbeta = xp.sum(dout, axis=0)
+    return dx, dgamma, dbeta
+
+
+def _check_norm_input(name, x, gamma, beta):
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
+    d = x.shape[1]
+    if tuple(gamma.shape) != (d,) or tuple(beta.shape) != (d,):
+        raise ValueError(
+            f"{name}: gamma and beta must be ({d},), got {tuple(gamma.shape)} and {tuple(beta.shape)}"
+        )
+
+
+def batchnorm_forward(x, gamma, beta, bn_param):
+    """Batch normalisation.
+
+    In 'train' mode each feature is normalised with the batch mean and the
+    biased batch variance, and the running averages are updated in ``bn_param``:
+    ``running = momentum * running + (1 - momentum) * batch``. In 'test' mode
+    the running averages are used.
+
+    Args:
+        x: (N, D); gamma, beta: (D,).
+        bn_param: dict with 'mode' ('train' or 'test'), optional 'eps' (1e-5),
+            'momentum' (0.9), 'running_mean' and 'running_var' (D,) (created as
+            zeros on first use).
+    Returns:
+        out (N, D) and the cache for the backward pass.
+    """
+    _check_norm_input("batchnorm_forward", x, gamma, beta)
+    xp = array_namespace(x)
+    mode = bn_param.get("mode", "train")
+    eps = bn_param.get("eps", 1e-5)
+    momentum = bn_param.get("momentum", 0.9)
+    d = x.shape[1]
+    for key in ("running_mean", "running_var"):
+        if bn_param.get(key) is None:
+            bn_param[key] = xp.zeros((d,), dtype=x.dtype, device=device(x))
+    if mode == "train":
+        out, cache, mean, var = _normalize_forward(x, gamma, beta, eps, axis=0)
+        bn_param["running_mean"] = momentum * bn_param["running_mean"] + (1 - momentum) * mean[0, :]
+        bn_param["running_var"] = momentum * bn_param["running_var"] + (1 - momentum) * var[0, :]
+        return out, cache
+    if mode == "test":
+        x_hat = (x - bn_param["running_mean"]) / xp.sqrt(bn_param["running_var"] + eps)
+        return gamma * x_hat + beta, None
+    raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
+
+
+def batchnorm_backward(dout, cache):
+    """Backward pass of batchnorm, step by step through the computational graph.
+
+    Args:
+        dout: (N, D) upstream gradient; cache from :func:`batchnorm_forward` in train mode.
+    Returns:
+        dx (N, D), dgamma (D,), dbeta (D,).
+    """
+    x_hat, centered, std, gamma, _ = cache
+    xp = array_namespace(dout, x_hat)
+    n = dout.shape[0]
+    dbeta = xp.sum(dout, axis=0)
+    dgamma = xp.sum(dout * x_hat, axis=0)
+    dx_hat = dout * gamma
+    # x_hat = centered * inv_std
+    inv_std = 1.0 / std
+    d_inv_std = xp.sum(dx_hat * centered, axis=0, keepdims=True)
+    d_centered = dx_hat * inv_std
+    # inv_std = 1 / sqrt(var + eps)
+    d_var = d_inv_std * (-0.5) * inv_std * inv_std * inv_std
+    # var = mean(centered²)
+    d_centered = d_centered + 2.0 * centered * d_var / n
+    # centered = x - mean(x)
+    dx = d_centered - xp.sum(d_centered, axis=0, keepdims=True) / n
+    return dx, dgamma, dbeta
+
+
+def batchnorm_backward_alt(dout, cache):
+    """Backward pass of batchnorm in simplified closed form (same result, fewer passes)."""
+    return _normalize_backward_compact(dout, cache)
+
+
+def layernorm_forward(x, gamma, beta, ln_param):
+    """Layer normalisation: each sample normalised over its D features.
+
+    Args:
+        x: (N, D); gamma, beta: (D,); ln_param: dict with optional 'eps' (1e-5).
+    Returns:
+        out (N, D) and the cache. Behaves the same at train and test time.
+    """
+    _check_norm_input("layernorm_forward", x, gamma, beta)
+    out, cache, _, _ = _normalize_forward(x, gamma, beta, ln_param.get("eps", 1e-5), axis=1)
+    return out, cache
+
+
+def layernorm_backward(dout, cache):
+    """Backward pass of layernorm: dx (N, D), dgamma (D,), dbeta (D,)."""
+    return _normalize_backward_compact(dout, cache)
+
+
+# --------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------
+def dropout_forward(x, dropout_param):
+    """Inverted dropout.
+
+    Args:
+        x: input of any shape.
+        dropout_param: dict with
+            'p': probability of DROPPING each unit, in [0, 1); 0 disables dropout.
+            'mode': 'train' or 'test'; at test time dropout is the identity.
+            'seed' (optional): the mask is then drawn from a generator seeded
+                with it, so every call with the same seed uses the same mask
+                (for gradient checks).
+            'rng' (optional): a :class:`xpnet.backend.DeviceRNG` to draw from
+                when no seed is given (default: the backend's shared generator).
+    Returns:
+        out (same shape as x) and cache ``(dropout_param, mask)``; kept units
+        are scaled by 1 / (1 - p) at train time.
+    """
+    p = dropout_param.get("p", 0.0)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+    mode = dropout_param.get("mode", "train")
+    if mode not in ("train", "test"):
+        raise ValueError(f"invalid dropout mode {mode!r}: use 'train' or 'test'")
+    if mode == "test" or p == 0.0:
+        return x, (dropout_param, None)
+    xp = array_namespace(x)
+    if dropout_param.get("seed") is not None:
+        rng = backend_of(x).rng(dropout_param["seed"])
+    else:
+        rng = dropout_param.get("rng") or backend_of(x).default_rng()
+    keep = rng.uniform(tuple(x.shape), dtype=x.dtype) >= p
+    mask = xp.astype(keep, x.dtype) / (1.0 - p)
+    return x * mask, (dropout_param, mask)
+
+
+def dropout_backward(dout, cache):
+    """Backward pass of :func:`dropout_forward`."""
+    _, mask = cache
+    return dout if mask is None else dout * mask

@@ -1,0 +1,80 @@
+"""What every xpnet network shares: its backend, its dtype, its parameters and
+how it takes input."""
+
+from __future__ import annotations
+
+from .backend import Backend, get_backend
+
+__all__ = ["Model"]
+
+
+class Model:
+    """Base class of the networks.
+
+    Attributes:
+        backend: the :class:`~xpnet.backend.Backend` the parameters live on.
+        dtype: the floating dtype of the parameters (an ``backend.xp`` dtype).
+        params: dict mapping names ('W1', 'b1', ...) to arrays on ``backend``.
+    """
+
+    def __init__(self, backend: "str | Backend | None" = None, dtype="float32"):
+        self.backend = get_backend(backend)
+        self.dtype = self.backend.dtype(dtype)
+        if self.dtype not in (self.backend.xp.float32, self.backend.xp.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.params: dict = {}
+
+    @property
+    def xp(self):
+        return self.backend.xp
+
+    def _inputs(self, X):
+        """``X`` as an array of the model's backend and dtype (moved there if needed)."""
+        if not self.backend.owns(X):
+            return self.backend.asarray(X, dtype=self.dtype)
+        return X if X.dtype == self.dtype else self.xp.astype(X, self.dtype)
+
+    def _labels(self, y):
+        """``y`` as an integer array on the model's backend."""
+        return y if self.backend.owns(y) else self.backend.asarray(y)
+
+    def loss(self, X, y=None):
+        """Scores (N, C) when ``y`` is None, else ``(loss, grads)``."""
+        raise NotImplementedError
+
+    def predict(self, X):
+        """Predicted class indices (N,) as an array on the model's device."""
+        return self.xp.argmax(self.loss(X), axis=1)
+
+    def _weight(self, rng, shape, std):
+        return rng.normal(shape, std=std, dtype=self.dtype)
+
+    def _zeros(self, n):
+        return self.xp.zeros((n,), dtype=self.dtype, device=self.backend.device)
+
+    def _ones(self, n):
+        return self.xp.ones((n,), dtype=self.dtype, device=self.backend.device)
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int, or ValueError naming ``name`` when it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_hidden_dims(hidden_dims) -> list:
+    """A non-empty list of positive ints (an int is taken as a list of one)."""
+    dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
+    if not dims:
+        raise ValueError("hidden_dims must name at least one hidden layer, got an empty list")
+    return [check_positive_int("each hidden layer size", d) for d in dims]
+
+
+def check_dropout(dropout) -> float:
+    """The dropout probability, or ValueError when it is outside [0, 1)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(
+            f"dropout is the probability of dropping a unit and must be in [0, 1), got {dropout!r}"
+        )
+    return float(dropout)
