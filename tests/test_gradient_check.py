@@ -56,9 +56,7 @@ def test_grad_check_sparse_finds_right_and_wrong_gradients(backend, capsys):
     good = grad_check_sparse(f, x, backend.asarray(2 * x_np, dtype="float64"), num_checks=5, seed=0)
     assert len(good) == 5 and max(good) < 1e-8
     assert "relative error" in capsys.readouterr().out
-    bad = grad_check_sparse(
-        f, x, backend.asarray(3 * x_np + 1, dtype="float64"), num_checks=5, seed=0, verbose=False
-    )
+    bad = grad_check_sparse(f, x, backend.asarray(3 * x_np + 1, dtype="float64"), num_checks=5, seed=0, verbose=False)
     assert min(bad) > 0.1
 
 

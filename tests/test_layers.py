@@ -141,9 +141,7 @@ def test_batchnorm_train_forward_normalises_and_updates_running_stats(backend, n
     x_np = 5 + 3 * np_rng.standard_normal((200, 4))
     gamma_np, beta_np = np.array([1.0, 2.0, 0.5, 3.0]), np.array([0.0, -1.0, 4.0, 0.5])
     bn_param = {"mode": "train", "momentum": 0.8}
-    out, _ = layers.batchnorm_forward(
-        arr(backend, x_np), arr(backend, gamma_np), arr(backend, beta_np), bn_param
-    )
+    out, _ = layers.batchnorm_forward(arr(backend, x_np), arr(backend, gamma_np), arr(backend, beta_np), bn_param)
     expected = gamma_np * (x_np - x_np.mean(0)) / np.sqrt(x_np.var(0) + 1e-5) + beta_np
     np.testing.assert_allclose(to_np(out), expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(to_np(bn_param["running_mean"]), 0.2 * x_np.mean(0), rtol=1e-12)
@@ -204,9 +202,7 @@ def test_layernorm_forward_normalises_each_sample(backend, np_rng):
     gamma_np, beta_np = np_rng.standard_normal(6), np_rng.standard_normal(6)
     out, _ = layers.layernorm_forward(arr(backend, x_np), arr(backend, gamma_np), arr(backend, beta_np), {})
     mean, var = x_np.mean(1, keepdims=True), x_np.var(1, keepdims=True)
-    np.testing.assert_allclose(
-        to_np(out), gamma_np * (x_np - mean) / np.sqrt(var + 1e-5) + beta_np, rtol=1e-10
-    )
+    np.testing.assert_allclose(to_np(out), gamma_np * (x_np - mean) / np.sqrt(var + 1e-5) + beta_np, rtol=1e-10)
 
 
 def test_layernorm_backward(backend, np_rng):
@@ -276,9 +272,7 @@ def test_affine_norm_relu_dropout_block(backend, np_rng, normalization):
     drop = {"mode": "train", "p": 0.2, "seed": 5}
 
     def forward(x, w, b, gamma, beta):
-        return affine_norm_relu_dropout_forward(x, w, b, gamma, beta, {"mode": "train"}, normalization, drop)[
-            0
-        ]
+        return affine_norm_relu_dropout_forward(x, w, b, gamma, beta, {"mode": "train"}, normalization, drop)[0]
 
     _, cache = affine_norm_relu_dropout_forward(x, w, b, gamma, beta, {"mode": "train"}, normalization, drop)
     dx, dw, db, dgamma, dbeta = affine_norm_relu_dropout_backward(dout, cache)

@@ -57,9 +57,7 @@ def test_two_layer_net_initialisation(backend):
 
 
 def test_two_layer_net_scores_match_numpy(backend, np_rng):
-    model = xpnet.TwoLayerNet(
-        input_dim=6, hidden_dims=5, num_classes=3, weight_scale=0.5, seed=1, backend=backend
-    )
+    model = xpnet.TwoLayerNet(input_dim=6, hidden_dims=5, num_classes=3, weight_scale=0.5, seed=1, backend=backend)
     X, y = data(backend, np_rng, 4, 6, 3)
     p = np_params(model)
     X_np = to_np(X)
@@ -105,9 +103,7 @@ def test_fully_connected_net_gradients(backend, np_rng, options):
     # Non-zero biases, so that a sample whose units are all dropped or dead
     # does not sit exactly on the next ReLU's kink at 0.
     for k in ("b1", "b2", "b3"):
-        model.params[k] = backend.asarray(
-            0.1 * np_rng.standard_normal(model.params[k].shape), dtype="float64"
-        )
+        model.params[k] = backend.asarray(0.1 * np_rng.standard_normal(model.params[k].shape), dtype="float64")
     X, y = data(backend, np_rng, 4, 5, 4)
     # b1 and b2 feed batchnorm, which subtracts the batch mean: their gradient is exactly 0.
     exclude = ("b1", "b2") if model.normalization == "batchnorm" else ()

@@ -194,9 +194,7 @@ class _TorchRNG(DeviceRNG):
     def integers(self, low, high, size):
         torch = self.backend.lib
         size = (size,) if isinstance(size, int) else tuple(size)
-        return torch.randint(
-            low, high, size, generator=self._gen, device=self.backend.device, dtype=torch.int64
-        )
+        return torch.randint(low, high, size, generator=self._gen, device=self.backend.device, dtype=torch.int64)
 
     def normal(self, shape, std=1.0, dtype=None):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -258,9 +256,7 @@ class Backend:
         except TypeError:
             name = None
         if name is None or not hasattr(self.xp, name):
-            raise ValueError(
-                f"unsupported dtype {spec!r}: use 'float32' or 'float64' (or the matching numpy dtype)"
-            )
+            raise ValueError(f"unsupported dtype {spec!r}: use 'float32' or 'float64' (or the matching numpy dtype)")
         return getattr(self.xp, name)
 
     def numpy_dtype(self, dtype) -> np.dtype:
@@ -272,10 +268,14 @@ class Backend:
         raise ValueError(f"no NumPy dtype for {dtype!r}")
 
     # -- moving data ---------------------------------------------------------
-    def asarray(self, obj, dtype=None):
-        """Host data (or an array of this backend) as an array on this backend's device."""
+    def asarray(self, obj, dtype=None, copy=None):
+        """Host data (or an array of this backend) as an array on this backend's device.
+
+        As with ``xp.asarray``, the result may share memory with ``obj`` (NumPy
+        on the CPU) unless ``copy=True``.
+        """
         dt = None if dtype is None else self.dtype(dtype)
-        return self.xp.asarray(obj, dtype=dt, device=self.device)
+        return self.xp.asarray(obj, dtype=dt, device=self.device, copy=copy)
 
     def to_numpy(self, x) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host.
@@ -340,10 +340,12 @@ class _CupyBackend(Backend):
     def device_index(self) -> int:
         return self.device.id
 
-    def asarray(self, obj, dtype=None):
+    def asarray(self, obj, dtype=None, copy=None):
         dt = None if dtype is None else self.dtype(dtype)
         with self.device:
-            return self.lib.asarray(obj, dtype=dt)
+            out = self.lib.asarray(obj, dtype=dt)
+            # cupy.asarray copies host data anyway; copy device arrays when asked.
+            return out.copy() if copy and out is obj else out
 
     def to_numpy(self, x):
         return self.lib.asnumpy(x)

@@ -64,8 +64,10 @@ class FullyConnectedNet(Model):
         self.use_dropout = check_dropout(dropout) > 0
         self.reg = reg
         self.num_layers = len(hidden_dims) + 1
+        self.num_classes = num_classes
+        self.input_dim = input_dim
 
-        rng = self.backend.rng(seed)
+        rng = self._init_rng(seed)
         dims = [input_dim, *hidden_dims, num_classes]
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
             self.params[f"W{i}"] = self._weight(rng, (d_in, d_out), weight_scale)
@@ -81,6 +83,9 @@ class FullyConnectedNet(Model):
         if self.use_dropout and seed is not None:
             self.dropout_param["seed"] = seed
 
+    def buffers(self):
+        return self.norm_params
+
     def loss(self, X, y=None):
         """Class scores, or the loss and its gradients.
 
@@ -90,7 +95,7 @@ class FullyConnectedNet(Model):
             scores (N, C) when y is None (test mode); otherwise (loss, grads)
             with loss a 0-d array and grads a dict shaped like ``self.params``.
         """
-        X = self._inputs(X)
+        X = self.prepare_inputs(X)
         mode = "test" if y is None else "train"
         for norm_param in self.norm_params:
             norm_param["mode"] = mode
@@ -118,7 +123,7 @@ class FullyConnectedNet(Model):
         if y is None:
             return scores
 
-        loss, dscores = softmax_loss(scores, self._labels(y))
+        loss, dscores = softmax_loss(scores, self.prepare_labels(y))
         grads = {}
         dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache)
         for i in range(L - 1, 0, -1):

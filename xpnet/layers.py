@@ -45,9 +45,7 @@ def affine_forward(x, w, b):
     """
     xp = array_namespace(x, w, b)
     if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[1]:
-        raise ValueError(
-            f"affine_forward: w must be (D, M) and b (M,), got w {tuple(w.shape)} and b {tuple(b.shape)}"
-        )
+        raise ValueError(f"affine_forward: w must be (D, M) and b (M,), got w {tuple(w.shape)} and b {tuple(b.shape)}")
     if x.ndim < 1:
         raise ValueError("affine_forward: x must have a leading batch dimension")
     x2 = xp.reshape(x, (x.shape[0], -1))
@@ -101,8 +99,7 @@ def _check_scores_and_labels(name, x, y):
         raise ValueError(f"{name}: scores must be (N, C), got shape {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
-            f"{name}: labels must be ({x.shape[0]},) to match scores {tuple(x.shape)}, "
-            f"got shape {tuple(y.shape)}"
+            f"{name}: labels must be ({x.shape[0]},) to match scores {tuple(x.shape)}, got shape {tuple(y.shape)}"
         )
     if not xp.isdtype(y.dtype, "integral"):
         raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
@@ -177,9 +174,7 @@ def _normalize_backward_compact(dout, cache):
     xp = array_namespace(dout, x_hat)
     dx_hat = dout * gamma
     dx = (
-        dx_hat
-        - xp.mean(dx_hat, axis=axis, keepdims=True)
-        - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)
+        dx_hat - xp.mean(dx_hat, axis=axis, keepdims=True) - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)
     ) / std
     dgamma = xp.sum(dout * x_hat, axis=0)
     dbeta = xp.sum(dout, axis=0)
@@ -191,9 +186,7 @@ def _check_norm_input(name, x, gamma, beta):
         raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
     d = x.shape[1]
     if tuple(gamma.shape) != (d,) or tuple(beta.shape) != (d,):
-        raise ValueError(
-            f"{name}: gamma and beta must be ({d},), got {tuple(gamma.shape)} and {tuple(beta.shape)}"
-        )
+        raise ValueError(f"{name}: gamma and beta must be ({d},), got {tuple(gamma.shape)} and {tuple(beta.shape)}")
 
 
 def batchnorm_forward(x, gamma, beta, bn_param):

@@ -4,6 +4,7 @@ how it takes input."""
 from __future__ import annotations
 
 from .backend import Backend, get_backend
+from .checkpoint import tree_to_device, tree_to_host
 
 __all__ = ["Model"]
 
@@ -28,13 +29,13 @@ class Model:
     def xp(self):
         return self.backend.xp
 
-    def _inputs(self, X):
+    def prepare_inputs(self, X):
         """``X`` as an array of the model's backend and dtype (moved there if needed)."""
         if not self.backend.owns(X):
             return self.backend.asarray(X, dtype=self.dtype)
         return X if X.dtype == self.dtype else self.xp.astype(X, self.dtype)
 
-    def _labels(self, y):
+    def prepare_labels(self, y):
         """``y`` as an integer array on the model's backend."""
         return y if self.backend.owns(y) else self.backend.asarray(y)
 
@@ -45,6 +46,39 @@ class Model:
     def predict(self, X):
         """Predicted class indices (N,) as an array on the model's device."""
         return self.xp.argmax(self.loss(X), axis=1)
+
+    # -- state that checkpoints carry ------------------------------------------
+    def buffers(self) -> list:
+        """Per-layer dicts of non-trained state (batchnorm running averages); none by default."""
+        return []
+
+    def state_dict(self) -> dict:
+        """Parameters and buffers as NumPy arrays on the host, independent of the backend."""
+        return {
+            "params": tree_to_host(self.params, self.backend),
+            "buffers": tree_to_host(self.buffers(), self.backend),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load what :meth:`state_dict` returned (on any backend) onto this model's device."""
+        if set(self.params) != set(state["params"]):
+            raise ValueError(
+                f"checkpoint parameters {sorted(state['params'])} do not match the model's {sorted(self.params)}"
+            )
+        for name, value in state["params"].items():
+            if tuple(value.shape) != tuple(self.params[name].shape):
+                raise ValueError(
+                    f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(self.params[name].shape)}"
+                )
+        self.params = tree_to_device(state["params"], self.backend, self.dtype)
+        for layer, saved in zip(self.buffers(), state["buffers"]):
+            layer.update(tree_to_device(saved, self.backend, self.dtype))
+
+    def _init_rng(self, seed):
+        """The generator for initialisation: seeded, else the backend's shared one
+        (so ``backend.seed(s)`` before construction makes it reproducible)."""
+        return self.backend.default_rng() if seed is None else self.backend.rng(seed)
 
     def _weight(self, rng, shape, std):
         return rng.normal(shape, std=std, dtype=self.dtype)
@@ -74,7 +108,5 @@ def check_hidden_dims(hidden_dims) -> list:
 def check_dropout(dropout) -> float:
     """The dropout probability, or ValueError when it is outside [0, 1)."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(
-            f"dropout is the probability of dropping a unit and must be in [0, 1), got {dropout!r}"
-        )
+        raise ValueError(f"dropout is the probability of dropping a unit and must be in [0, 1), got {dropout!r}")
     return float(dropout)

@@ -22,9 +22,7 @@ class TwoLayerNet(Model):
         seed: seeds the initialisation; backend: spec or Backend.
     """
 
-    def __init__(
-        self, input_size, hidden_size, output_size, std=1e-4, dtype="float64", seed=None, backend=None
-    ):
+    def __init__(self, input_size, hidden_size, output_size, std=1e-4, dtype="float64", seed=None, backend=None):
         super().__init__(backend, dtype)
         for name, value in (
             ("input_size", input_size),
@@ -32,7 +30,9 @@ class TwoLayerNet(Model):
             ("output_size", output_size),
         ):
             check_positive_int(name, value)
-        rng = self.backend.rng(seed)
+        self.num_classes = output_size
+        self.input_dim = input_size
+        rng = self._init_rng(seed)
         self.params["W1"] = self._weight(rng, (hidden_size, input_size), std)
         self.params["b1"] = self._zeros(hidden_size)
         self.params["W2"] = self._weight(rng, (output_size, hidden_size), std)
@@ -45,7 +45,7 @@ class TwoLayerNet(Model):
         Args:
             X: (N, D) inputs; y: (N,) integer labels or None; reg: L2 strength.
         """
-        X = self._inputs(X)
+        X = self.prepare_inputs(X)
         W1, b1, W2, b2 = (self.params[k] for k in ("W1", "b1", "W2", "b2"))
         # The layers take weights as (D_in, D_out): pass the transposes.
         hidden_pre, fc1_cache = affine_forward(X, W1.T, b1)
@@ -55,7 +55,7 @@ class TwoLayerNet(Model):
             return scores
 
         xp = self.xp
-        loss, dscores = softmax_loss(scores, self._labels(y))
+        loss, dscores = softmax_loss(scores, self.prepare_labels(y))
         dhidden, dW2t, db2 = affine_backward(dscores, fc2_cache)
         _, dW1t, db1 = affine_backward(relu_backward(dhidden, relu_cache), fc1_cache)
         grads = {"W1": dW1t.T, "b1": db1, "W2": dW2t.T, "b2": db2}
@@ -90,8 +90,8 @@ class TwoLayerNet(Model):
             dict with 'loss_history', 'train_acc_history', 'val_acc_history',
             each a list of Python floats.
         """
-        X, X_val = self._inputs(X), self._inputs(X_val)
-        y, y_val = self._labels(y), self._labels(y_val)
+        X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
+        y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
         rng = self.backend.rng(seed)
         iterations_per_epoch = max(X.shape[0] // batch_size, 1)
         losses, train_accs, val_accs = [], [], []
