@@ -1,0 +1,360 @@
+"""Solver: training on the device, transfers only at logging points,
+checkpoints, resume, divergence and data validation."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+from conftest import to_np
+
+import xpnet
+from xpnet.checkpoint import load_checkpoint
+from xpnet.solver import Solver
+
+SOLVER_BACKENDS = ["numpy", "array_api_strict", "array_api_strict:device1"]
+
+
+def blobs(n, d=6, c=3, seed=0, noise=0.6):
+    rng = np.random.default_rng(seed)
+    centres = 2.0 * rng.standard_normal((c, d))
+    y = rng.integers(0, c, n)
+    return (centres[y] + noise * rng.standard_normal((n, d))).astype(np.float32), y
+
+
+def small_data(n_train=200, n_val=60):
+    X, y = blobs(n_train + n_val)
+    return {"X_train": X[:n_train], "y_train": y[:n_train], "X_val": X[n_train:], "y_val": y[n_train:]}
+
+
+def small_model(backend, **kwargs):
+    options = dict(input_dim=6, num_classes=3, weight_scale=0.1, seed=0, backend=backend)
+    options.update(kwargs)
+    return xpnet.FullyConnectedNet([16, 16], **options)
+
+
+@pytest.mark.parametrize("spec", SOLVER_BACKENDS)
+def test_tiny_net_overfits_50_samples(spec):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((50, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 50)
+    model = xpnet.FullyConnectedNet([64, 64], input_dim=12, num_classes=5, weight_scale=0.1, seed=0, backend=spec)
+    solver = Solver(
+        model,
+        {"X_train": X, "y_train": y, "X_val": X, "y_val": y},
+        update_rule="adam",
+        optim_config={"learning_rate": 5e-3},
+        batch_size=25,
+        num_epochs=60,
+        verbose=False,
+        seed=0,
+    )
+    solver.train()
+    assert solver.train_acc_history[-1] == 1.0
+    assert solver.best_val_acc == 1.0
+    assert all(isinstance(v, float) for v in solver.loss_history + solver.train_acc_history + solver.val_acc_history)
+    assert len(solver.loss_history) == 60 * 2
+    assert solver.loss_history[-1] < 0.05
+
+
+class TransferCounter:
+    """Counts every conversion of an array-api-strict array to a Python number or to NumPy."""
+
+    METHODS = (
+        "__float__",
+        "__int__",
+        "__bool__",
+        "__index__",
+        "__complex__",
+        "__array__",
+        "__dlpack__",
+        "__iter__",
+    )
+
+    def __init__(self, monkeypatch):
+        import array_api_strict
+
+        self.count = 0
+        self.by_method = {}
+        array_class = type(array_api_strict.asarray(0.0))
+        for name in self.METHODS:
+            original = getattr(array_class, name)
+            monkeypatch.setattr(array_class, name, self._wrap(name, original))
+        original_to_device = array_class.to_device
+
+        def to_device(this, device, *args, **kwargs):
+            if device == array_api_strict.Device("CPU_DEVICE") and this.device != device:
+                self._hit("to_device(CPU)")
+            return original_to_device(this, device, *args, **kwargs)
+
+        monkeypatch.setattr(array_class, "to_device", to_device)
+
+    def _hit(self, name):
+        self.count += 1
+        self.by_method[name] = self.by_method.get(name, 0) + 1
+
+    def _wrap(self, name, original):
+        def counted(this, *args, **kwargs):
+            self._hit(name)
+            return original(this, *args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("spec", ["array_api_strict", "array_api_strict:device1"])
+@pytest.mark.parametrize("print_every", [5, 1000])
+def test_values_cross_to_host_only_at_logging_points(monkeypatch, spec, print_every):
+    data = small_data(n_train=400)
+    model = small_model(spec, normalization="batchnorm", dropout=0.1)
+    solver = Solver(
+        model,
+        data,
+        update_rule="adam",
+        batch_size=20,
+        num_epochs=3,
+        print_every=print_every,
+        num_train_samples=100,
+        verbose=False,
+        seed=0,
+    )
+    counter = TransferCounter(monkeypatch)
+    solver.train()
+    iterations = 3 * (400 // 20)
+    assert solver.iteration == iterations == 60
+    loss_logs = len(range(0, iterations, print_every))
+    accuracy_checks = len(solver.train_acc_history)  # first iteration and each epoch end
+    assert accuracy_checks == 4
+    logging_points = loss_logs + 2 * accuracy_checks  # each check reads a train and a val accuracy
+    # + 2 for turning the loss history into floats at the end (one stacked transfer)
+    assert logging_points <= counter.count <= logging_points + 2, counter.by_method
+    assert counter.count < iterations
+
+
+def test_training_data_lives_on_the_model_device():
+    import array_api_strict
+
+    model = small_model("array_api_strict:device1")
+    solver = Solver(model, small_data(), verbose=False)
+    for key in ("X_train", "y_train", "X_val", "y_val"):
+        assert getattr(solver, key).device == array_api_strict.Device("device1")
+
+
+@pytest.mark.parametrize("spec", ["numpy", "array_api_strict:device1"])
+def test_resume_equals_uninterrupted_run(tmp_path, spec):
+    data = small_data()
+    options = dict(
+        update_rule="adam",
+        optim_config={"learning_rate": 1e-2},
+        lr_decay=0.9,
+        batch_size=20,
+        num_epochs=4,
+        num_train_samples=50,
+        verbose=False,
+        seed=3,
+    )
+
+    def fresh_model():
+        return small_model(spec, normalization="batchnorm", dropout=0.2)
+
+    full = Solver(fresh_model(), data, checkpoint_name=str(tmp_path / "run"), **options)
+    full.train()
+    assert sorted(os.listdir(tmp_path)) == [f"run_epoch_{e}.pkl" for e in range(1, 5)]
+
+    resumed = Solver(fresh_model(), data, **options)
+    resumed.resume(tmp_path / "run_epoch_2.pkl")
+    assert resumed.epoch == 2 and resumed.iteration == 20
+    resumed.train()
+    for name, value in full.model.params.items():
+        np.testing.assert_array_equal(to_np(resumed.model.params[name]), to_np(value), err_msg=name)
+    assert resumed.loss_history == full.loss_history
+    assert resumed.val_acc_history == full.val_acc_history
+    assert resumed.best_val_acc == full.best_val_acc
+    for layer_full, layer_resumed in zip(full.model.bn_params, resumed.model.bn_params):
+        np.testing.assert_array_equal(to_np(layer_full["running_mean"]), to_np(layer_resumed["running_mean"]))
+
+
+def test_checkpoint_moves_between_backends(tmp_path):
+    data = small_data()
+    options = dict(update_rule="sgd_momentum", batch_size=20, num_epochs=2, verbose=False, seed=0)
+    first = Solver(small_model("numpy"), data, checkpoint_name=str(tmp_path / "np"), **options)
+    first.train()
+    state = load_checkpoint(tmp_path / "np_epoch_2.pkl")
+    assert isinstance(state["model"]["params"]["W1"], np.ndarray)
+    assert state["epoch"] == 2 and state["rng"] == {"seed": 0, "epoch": 2}
+    assert state["settings"]["update_rule"] == "sgd_momentum"
+    assert "velocity" in state["optim_configs"]["W1"]
+
+    other = Solver(small_model("array_api_strict:device1"), data, **{**options, "num_epochs": 3})
+    other.resume(tmp_path / "np_epoch_2.pkl")
+    np.testing.assert_array_equal(to_np(other.model.params["W2"]), state["model"]["params"]["W2"])
+    other.train()
+    assert other.epoch == 3
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    data = small_data()
+    solver = Solver(
+        small_model("numpy"),
+        data,
+        batch_size=50,
+        num_epochs=1,
+        verbose=False,
+        checkpoint_name=str(tmp_path / "ck"),
+        seed=0,
+    )
+    solver.train()
+    path = tmp_path / "ck_epoch_1.pkl"
+    good = path.read_bytes()
+
+    def crash(obj, f, protocol=None):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(pickle, "dump", crash)
+    solver.epoch = 1
+    with pytest.raises(KeyboardInterrupt):
+        solver._save_checkpoint()
+    assert path.read_bytes() == good  # the old file is untouched
+    assert os.listdir(tmp_path) == ["ck_epoch_1.pkl"]  # and no temporary file is left
+
+
+def test_resume_rejects_missing_and_corrupt_files(tmp_path):
+    solver = Solver(small_model("numpy"), small_data(), verbose=False)
+    with pytest.raises(FileNotFoundError, match="nope.pkl"):
+        solver.resume(tmp_path / "nope.pkl")
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ValueError, match="bad.pkl.*corrupt"):
+        solver.resume(bad)
+
+
+def test_divergence_stops_training_with_a_clear_message():
+    model = small_model("numpy", weight_scale=1.0)
+    solver = Solver(
+        model,
+        small_data(),
+        update_rule="sgd",
+        optim_config={"learning_rate": 1e6},
+        batch_size=10,
+        num_epochs=50,
+        print_every=5,
+        verbose=False,
+    )
+    with pytest.warns(RuntimeWarning, match=r"diverged at iteration \d+ .*learning rate 1000000\.0"):
+        solver.train()
+    assert solver.diverged is not None
+    assert solver.iteration < 50 * 20
+    assert all(isinstance(v, float) for v in solver.loss_history)
+
+
+def test_learning_rate_decays_each_epoch():
+    solver = Solver(
+        small_model("numpy"),
+        small_data(),
+        optim_config={"learning_rate": 0.1},
+        lr_decay=0.5,
+        batch_size=100,
+        num_epochs=3,
+        verbose=False,
+    )
+    solver.train()
+    for config in solver.optim_configs.values():
+        assert config["learning_rate"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_verbose_output_and_logging_callback(capsys):
+    records = []
+    solver = Solver(
+        small_model("numpy"),
+        small_data(),
+        batch_size=50,
+        num_epochs=2,
+        print_every=3,
+        on_log=records.append,
+        seed=0,
+    )
+    solver.train()
+    out = capsys.readouterr().out
+    assert "(Iteration 1 / 8) loss:" in out
+    assert "(Epoch 2 / 2) train acc:" in out
+    losses = [r for r in records if "loss" in r]
+    accs = [r for r in records if "val_acc" in r]
+    assert [r["iteration"] for r in losses] == [1, 4, 7]
+    assert len(accs) == 3 and all(isinstance(r["val_acc"], float) for r in accs)
+
+
+def test_progress_bar_when_asked(capsys):
+    solver = Solver(small_model("numpy"), small_data(), batch_size=50, num_epochs=1, progress=True, verbose=False)
+    solver.train()
+    err = capsys.readouterr().err
+    assert "/4 [" in err and "it/s" in err  # the bar is drawn (and cleared when done)
+
+
+def test_best_params_are_swapped_in():
+    solver = Solver(
+        small_model("numpy"),
+        small_data(),
+        update_rule="adam",
+        batch_size=20,
+        num_epochs=3,
+        verbose=False,
+        seed=0,
+    )
+    solver.train()
+    assert solver.best_val_acc == max(solver.val_acc_history)
+    accuracy = solver.check_accuracy(solver.X_val, solver.y_val)
+    assert accuracy == solver.best_val_acc
+
+
+def test_check_accuracy_subsamples(backend):
+    model = small_model(backend)
+    solver = Solver(model, small_data(), verbose=False)
+    full = solver.check_accuracy(solver.X_val, solver.y_val)
+    sub = solver.check_accuracy(solver.X_val, solver.y_val, num_samples=7, batch_size=3)
+    assert 0.0 <= full <= 1.0
+    assert sub * 7 == pytest.approx(round(sub * 7))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("y_val"), "missing 'y_val'"),
+        (
+            lambda d: d.update(y_train=d["y_train"][:-1]),
+            "has 200 rows but data\\['y_train'\\] has 199 labels",
+        ),
+        (lambda d: d.update(y_train=d["y_train"] + 1), "label 3 outside \\[0, 3\\)"),
+        (lambda d: d.update(y_val=d["y_val"] - 1), "label -1 outside"),
+        (lambda d: d.update(y_train=d["y_train"].astype(np.float32)), "integer class labels"),
+        (lambda d: d["X_train"].__setitem__((3, 2), np.nan), "NaN or infinite"),
+        (lambda d: d.update(X_val=d["X_val"][:, :4]), "the model expects 6 inputs"),
+        (lambda d: d.update(y_train=list(d["y_train"])), "must be an array"),
+    ],
+)
+def test_bad_data_is_rejected(change, message):
+    data = small_data()
+    change(data)
+    with pytest.raises(ValueError, match=message):
+        Solver(small_model("numpy"), data)
+
+
+def test_bad_settings_are_rejected():
+    model, data = small_model("numpy"), small_data()
+    with pytest.raises(ValueError, match="Unrecognized arguments learning_rate"):
+        Solver(model, data, learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown update_rule 'adamw'"):
+        Solver(model, data, update_rule="adamw")
+    with pytest.raises(ValueError, match="batch_size"):
+        Solver(model, data, batch_size=0)
+
+
+def test_callable_update_rule():
+    calls = []
+
+    def halve(w, dw, config=None):
+        calls.append(1)
+        return w * 0.5, config or {}
+
+    solver = Solver(small_model("numpy"), small_data(), update_rule=halve, batch_size=100, num_epochs=1, verbose=False)
+    solver.train()
+    assert len(calls) == 2 * len(solver.model.params)

@@ -1,0 +1,55 @@
+"""Validation of training data, done once before it is moved to the device."""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace
+
+__all__ = ["validate_split", "REQUIRED_KEYS"]
+
+REQUIRED_KEYS = ("X_train", "y_train", "X_val", "y_val")
+
+
+def validate_split(data: dict, split: str, num_classes: int | None, input_shape=None) -> None:
+    """Check ``data['X_<split>']`` and ``data['y_<split>']``; raise ValueError naming the problem.
+
+    Checks: both present; X has a leading dimension matching y's length; y is a
+    1-D integer array with labels in [0, num_classes); X is finite; X's sample
+    shape flattens to ``input_shape``'s size when given.
+    """
+    x_key, y_key = f"X_{split}", f"y_{split}"
+    for key in (x_key, y_key):
+        if key not in data:
+            raise ValueError(f"data is missing {key!r}; it needs {', '.join(REQUIRED_KEYS)}")
+    X, y = data[x_key], data[y_key]
+    for key, value in ((x_key, X), (y_key, y)):
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise ValueError(f"data[{key!r}] must be an array, got {type(value).__name__}")
+    if y.ndim != 1:
+        raise ValueError(f"data[{y_key!r}] must be 1-D, got shape {tuple(y.shape)}")
+    if X.ndim < 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"data[{x_key!r}] has {X.shape[0] if X.ndim else 0} rows but data[{y_key!r}] has {y.shape[0]} labels"
+        )
+    if y.shape[0] == 0:
+        raise ValueError(f"data[{x_key!r}] is empty")
+    y_ns = array_namespace(y)
+    if not y_ns.isdtype(y.dtype, "integral"):
+        raise ValueError(f"data[{y_key!r}] must hold integer class labels, got dtype {y.dtype}")
+    low, high = int(y_ns.min(y)), int(y_ns.max(y))
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"data[{y_key!r}] has label {bad} outside [0, {num_classes}) for a model with {num_classes} classes"
+        )
+    x_ns = array_namespace(X)
+    if x_ns.isdtype(X.dtype, "real floating") and not bool(x_ns.all(x_ns.isfinite(X))):
+        raise ValueError(f"data[{x_key!r}] contains NaN or infinite values")
+    if input_shape is not None:
+        features = 1
+        for d in X.shape[1:]:
+            features *= d
+        if features != input_shape:
+            raise ValueError(
+                f"data[{x_key!r}] samples have shape {tuple(X.shape[1:])} ({features} values) "
+                f"but the model expects {input_shape} inputs"
+            )

@@ -1,0 +1,118 @@
+"""First-order update rules: ``next_w, config = rule(w, dw, config)``.
+
+Each rule takes the weights ``w``, their gradient ``dw`` (same shape) and a
+config dict of hyperparameters and state, which it fills with defaults on first
+use. The weights and the state arrays are updated in place (the array API's
+in-place operators) and ``w`` is returned as ``next_w``, so steady-state
+training allocates no new parameter arrays. Scalar bookkeeping (Adam's step
+count and bias corrections) stays in Python floats: no update forces a device
+synchronisation.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace
+
+__all__ = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam", "UPDATE_RULES"]
+
+
+def _state(config, key, like):
+    """The state array ``config[key]``, created as zeros shaped like ``like`` on first use."""
+    if config.get(key) is None:
+        config[key] = array_namespace(like).zeros_like(like)
+    return config[key]
+
+
+def sgd(w, dw, config=None):
+    """Vanilla SGD: ``w -= learning_rate * dw``. Config: learning_rate (1e-2)."""
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    w -= config["learning_rate"] * dw
+    return w, config
+
+
+def sgd_momentum(w, dw, config=None):
+    """SGD with momentum: ``v = momentum * v - learning_rate * dw; w += v``.
+
+    Config: learning_rate (1e-2), momentum (0.9), velocity (state, zeros like w).
+    """
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("momentum", 0.9)
+    v = _state(config, "velocity", w)
+    v *= config["momentum"]
+    v -= config["learning_rate"] * dw
+    w += v
+    return w, config
+
+
+def sgd_nesterov_momentum(w, dw, config=None):
+    """Nesterov momentum: ``v_new = mu * v - lr * dw; w += v_new + mu * (v_new - v)``.
+
+    Config: learning_rate (1e-2), momentum (0.9), velocity (state).
+    """
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("momentum", 0.9)
+    mu = config["momentum"]
+    v = _state(config, "velocity", w)
+    # w + v_new + mu (v_new - v) = w + (1 + mu) v_new - mu v, with v_new = mu v - lr dw
+    w -= mu * v
+    v *= mu
+    v -= config["learning_rate"] * dw
+    w += (1 + mu) * v
+    return w, config
+
+
+def rmsprop(w, dw, config=None):
+    """RMSProp: ``cache = decay * cache + (1 - decay) * dw²; w -= lr * dw / (sqrt(cache) + eps)``.
+
+    Config: learning_rate (1e-2), decay_rate (0.99), epsilon (1e-8), cache (state).
+    """
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("decay_rate", 0.99)
+    config.setdefault("epsilon", 1e-8)
+    xp = array_namespace(w, dw)
+    decay = config["decay_rate"]
+    cache = _state(config, "cache", w)
+    cache *= decay
+    cache += (1 - decay) * (dw * dw)
+    w -= config["learning_rate"] * dw / (xp.sqrt(cache) + config["epsilon"])
+    return w, config
+
+
+def adam(w, dw, config=None):
+    """Adam with bias correction; ``t`` is incremented before the correction.
+
+    Config: learning_rate (1e-3), beta1 (0.9), beta2 (0.999), epsilon (1e-8),
+    m and v (state arrays), t (step count, a Python int).
+    """
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-3)
+    config.setdefault("beta1", 0.9)
+    config.setdefault("beta2", 0.999)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("t", 0)
+    xp = array_namespace(w, dw)
+    beta1, beta2 = config["beta1"], config["beta2"]
+    m = _state(config, "m", w)
+    v = _state(config, "v", w)
+    config["t"] = t = int(config["t"]) + 1
+    m *= beta1
+    m += (1 - beta1) * dw
+    v *= beta2
+    v += (1 - beta2) * (dw * dw)
+    m_correction = 1.0 - beta1**t
+    v_correction = 1.0 - beta2**t
+    w -= config["learning_rate"] * (m / m_correction) / (xp.sqrt(v / v_correction) + config["epsilon"])
+    return w, config
+
+
+UPDATE_RULES = {
+    "sgd": sgd,
+    "sgd_momentum": sgd_momentum,
+    "sgd_nesterov_momentum": sgd_nesterov_momentum,
+    "rmsprop": rmsprop,
+    "adam": adam,
+}
