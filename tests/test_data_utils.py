@@ -1,0 +1,186 @@
+"""Data loading: CIFAR-10 in the official layout (a small fake set written
+here, and the real one when present), the lookup order, downloads, digits."""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpnet import data_utils
+from xpnet.data_utils import DataError, find_CIFAR10, get_CIFAR10_data, load_CIFAR10, load_CIFAR_batch
+
+
+def write_fake_cifar(folder: Path, per_batch=20, seed=0):
+    """Six batch files in the official format; returns the images and labels written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in data_utils.CIFAR10_FILES:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f, protocol=2)
+        written[name] = (data, labels)
+    return written
+
+
+def test_load_batch_layout(tmp_path):
+    written = write_fake_cifar(tmp_path)
+    X, y = load_CIFAR_batch(tmp_path / "data_batch_1")
+    data, labels = written["data_batch_1"]
+    assert X.shape == (20, 32, 32, 3) and X.dtype == np.float64
+    # row layout: the R, G and B planes of a 32x32 image, one after the other
+    assert X[3, 5, 7, 0] == data[3, 0 * 1024 + 5 * 32 + 7]
+    assert X[3, 5, 7, 2] == data[3, 2 * 1024 + 5 * 32 + 7]
+    assert y.tolist() == labels
+
+
+def test_load_cifar10_concatenates_batches(tmp_path):
+    written = write_fake_cifar(tmp_path)
+    X_train, y_train, X_test, y_test = load_CIFAR10(tmp_path)
+    assert X_train.shape == (100, 32, 32, 3) and y_train.shape == (100,)
+    assert X_test.shape == (20, 32, 32, 3)
+    assert y_train[20:40].tolist() == written["data_batch_2"][1]
+    assert y_test.tolist() == written["test_batch"][1]
+
+
+def test_get_cifar10_data_splits_and_subtracts_mean(tmp_path):
+    write_fake_cifar(tmp_path / data_utils.CIFAR10_FOLDER)
+    data = get_CIFAR10_data(tmp_path, num_training=80, num_validation=15, num_test=10)
+    assert data["X_train"].shape == (80, 3, 32, 32) and data["X_train"].dtype == np.float32
+    assert data["X_val"].shape == (15, 3, 32, 32) and data["X_test"].shape == (10, 3, 32, 32)
+    X_train, y_train, _, _ = load_CIFAR10(tmp_path / data_utils.CIFAR10_FOLDER)
+    mean = X_train[:80].mean(0)
+    np.testing.assert_allclose(data["X_val"], (X_train[80:95] - mean).transpose(0, 3, 1, 2), atol=1e-4)
+    assert data["y_val"].tolist() == y_train[80:95].tolist()  # validation rows: the end of the training set
+    np.testing.assert_allclose(data["X_train"].mean(0), 0, atol=1e-3)
+    raw = get_CIFAR10_data(
+        tmp_path,
+        num_training=80,
+        num_validation=15,
+        num_test=10,
+        subtract_mean=False,
+        channels_first=False,
+        dtype="float64",
+    )
+    assert raw["X_train"].shape == (80, 32, 32, 3) and raw["X_train"].dtype == np.float64
+
+
+def test_too_many_rows_requested(tmp_path):
+    write_fake_cifar(tmp_path)
+    with pytest.raises(ValueError, match="exceeds the 100 training rows"):
+        get_CIFAR10_data(tmp_path, num_training=90, num_validation=20)
+
+
+def test_lookup_order(tmp_path, monkeypatch):
+    explicit, env, home = tmp_path / "explicit", tmp_path / "env", tmp_path / "home"
+    write_fake_cifar(env / data_utils.CIFAR10_FOLDER)
+    write_fake_cifar(home / ".cache" / "xpnet" / data_utils.CIFAR10_FOLDER)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XPNET_DATA_DIR", str(env))
+    assert find_CIFAR10() == env / data_utils.CIFAR10_FOLDER
+    write_fake_cifar(explicit)
+    assert find_CIFAR10(explicit) == explicit
+    monkeypatch.delenv("XPNET_DATA_DIR")
+    assert find_CIFAR10() == home / ".cache" / "xpnet" / data_utils.CIFAR10_FOLDER
+
+
+def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError) as info:
+        get_CIFAR10_data(tmp_path / "nowhere")
+    message = str(info.value)
+    assert str(tmp_path / "nowhere") in message and "--download" in message and "XPNET_DATA_DIR" in message
+
+
+def test_missing_and_corrupt_batches_are_named(tmp_path):
+    write_fake_cifar(tmp_path)
+    os.remove(tmp_path / "data_batch_3")
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_CIFAR10(tmp_path)
+    (tmp_path / "data_batch_3").write_bytes(b"not a pickle at all")
+    with pytest.raises(DataError, match="data_batch_3.*corrupt"):
+        load_CIFAR10(tmp_path)
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
+    with pytest.raises(DataError, match=r"data_batch_3.*expected \(N, 3072\)"):
+        load_CIFAR10(tmp_path)
+
+
+def make_archive(tmp_path):
+    source = tmp_path / "src"
+    write_fake_cifar(source / data_utils.CIFAR10_FOLDER, per_batch=4)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(source / data_utils.CIFAR10_FOLDER, arcname=data_utils.CIFAR10_FOLDER)
+    archive = tmp_path / "cifar.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    return archive, hashlib.md5(buffer.getvalue()).hexdigest()
+
+
+def test_download_checks_md5_and_unpacks(tmp_path):
+    archive, md5 = make_archive(tmp_path)
+    folder = data_utils.download_CIFAR10(tmp_path / "dest", url=archive.as_uri(), md5=md5, progress=False)
+    assert folder == tmp_path / "dest" / data_utils.CIFAR10_FOLDER
+    X, y, _, _ = load_CIFAR10(folder)
+    assert X.shape == (20, 32, 32, 3)
+    assert not list((tmp_path / "dest").glob("*.tar.gz")) and not list((tmp_path / "dest").glob("*.part"))
+
+
+def test_download_rejects_bad_md5_and_reports_failures(tmp_path):
+    archive, _ = make_archive(tmp_path)
+    with pytest.raises(DataError, match="md5"):
+        data_utils.download_CIFAR10(tmp_path / "dest", url=archive.as_uri(), md5="0" * 32, progress=False)
+    assert not any((tmp_path / "dest").iterdir())
+    with pytest.raises(OSError, match="downloading CIFAR-10 from .* failed"):
+        data_utils.download_CIFAR10(tmp_path / "dest", url=(tmp_path / "missing.tar.gz").as_uri(), progress=False)
+
+
+def test_get_cifar10_data_downloads_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
+    archive, md5 = make_archive(tmp_path)
+    monkeypatch.setattr(data_utils, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data_utils, "CIFAR10_MD5", md5)
+    with pytest.raises(FileNotFoundError):
+        get_CIFAR10_data(tmp_path / "data", num_training=15, num_validation=5, num_test=4)
+    data = get_CIFAR10_data(tmp_path / "data", num_training=15, num_validation=5, num_test=4, download=True)
+    assert data["X_train"].shape == (15, 3, 32, 32)
+
+
+def test_digits_data_layout():
+    data = data_utils.load_digits_data()
+    assert data["X_train"].shape == (1297, 64) and data["X_val"].shape == (200, 64)
+    assert data["X_test"].shape == (300, 64)
+    assert set(np.unique(data["y_train"])) == set(range(10))
+    np.testing.assert_allclose(data["X_train"].mean(0), 0, atol=1e-5)
+    raw = data_utils.load_digits_data(subtract_mean=False)
+    assert raw["X_train"].min() >= 0 and raw["X_train"].max() <= 1
+
+
+def shared_cifar():
+    candidates = [
+        os.environ.get("XPNET_DATA_DIR"),
+        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar-10-batches-py",
+    ]
+    for candidate in candidates:
+        if candidate:
+            try:
+                return find_CIFAR10(candidate)
+            except FileNotFoundError:
+                pass
+    return None
+
+
+@pytest.mark.skipif(shared_cifar() is None, reason="CIFAR-10 not present (set XPNET_DATA_DIR)")
+def test_real_cifar10_test_batch():
+    X, y = load_CIFAR_batch(shared_cifar() / "test_batch", dtype="float32")
+    assert X.shape == (10000, 32, 32, 3)
+    assert X.min() >= 0 and X.max() <= 255
+    assert np.bincount(y, minlength=10).tolist() == [1000] * 10

@@ -1,0 +1,241 @@
+"""Data sets: CIFAR-10 in the official python-pickle layout, and scikit-learn's
+handwritten digits (shipped inside scikit-learn, so it needs no network).
+
+Loaders return NumPy arrays on the host; the Solver moves them to the device once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "load_CIFAR_batch",
+    "load_CIFAR10",
+    "get_CIFAR10_data",
+    "find_CIFAR10",
+    "download_CIFAR10",
+    "load_digits_data",
+    "default_data_dirs",
+]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or malformed."""
+
+
+def load_CIFAR_batch(filename, dtype="float64"):
+    """Load one CIFAR-10 batch file.
+
+    Returns:
+        X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255) and y (N,) int64.
+    """
+    filename = os.fspath(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(
+            f"CIFAR-10 batch {filename!r} is missing; point --data-dir (or $XPNET_DATA_DIR) "
+            "at a complete cifar-10-batches-py folder, or download it with --download"
+        )
+    try:
+        with open(filename, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except Exception as exc:  # any unpickling failure means the same thing to the user
+        raise DataError(
+            f"CIFAR-10 batch {filename!r} is corrupt or not a CIFAR-10 python batch ({exc!r}); "
+            "delete it and download the data set again (--download)"
+        ) from exc
+    data = np.asarray(data)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"CIFAR-10 batch {filename!r} has data of shape {data.shape} and {labels.shape[0]} labels; "
+            "expected (N, 3072) and N labels"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"CIFAR-10 batch {filename!r} has labels outside 0..9")
+    X = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(dtype)
+    return X, labels
+
+
+def load_CIFAR10(root, dtype="float64"):
+    """Load all of CIFAR-10 from ``root`` (data_batch_1..5 and test_batch).
+
+    Returns:
+        X_train (50000, 32, 32, 3), y_train (50000,), X_test (10000, 32, 32, 3), y_test (10000,).
+    """
+    batches = [load_CIFAR_batch(os.path.join(root, f"data_batch_{i}"), dtype) for i in range(1, 6)]
+    X_train = np.concatenate([b[0] for b in batches])
+    y_train = np.concatenate([b[1] for b in batches])
+    X_test, y_test = load_CIFAR_batch(os.path.join(root, "test_batch"), dtype)
+    return X_train, y_train, X_test, y_test
+
+
+def default_data_dirs(data_dir=None) -> list:
+    """Where CIFAR-10 is looked for, in order: ``data_dir``, $XPNET_DATA_DIR, ~/.cache/xpnet."""
+    dirs = [data_dir, os.environ.get("XPNET_DATA_DIR"), str(Path.home() / ".cache" / "xpnet")]
+    return [Path(d).expanduser() for d in dirs if d]
+
+
+def find_CIFAR10(data_dir=None) -> Path:
+    """The first folder holding CIFAR-10 batches (or a cifar-10-batches-py folder inside it).
+
+    Raises FileNotFoundError listing where it looked and what to do.
+    """
+    searched = []
+    for base in default_data_dirs(data_dir):
+        for folder in (base, base / CIFAR10_FOLDER):
+            searched.append(str(folder))
+            if (folder / "data_batch_1").is_file():
+                return folder
+    raise FileNotFoundError(
+        "CIFAR-10 not found; looked in: " + ", ".join(searched) + ". Pass --data-dir DIR "
+        "(or set XPNET_DATA_DIR) to a folder holding cifar-10-batches-py, or download it "
+        "with --download (download=True)."
+    )
+
+
+def _md5(path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
+    """Download and unpack the official CIFAR-10 python archive into ``dest``
+    (default ~/.cache/xpnet), checking its md5 (default: the official archive's).
+    Returns the batches folder."""
+    from tqdm.auto import tqdm
+
+    url = url or CIFAR10_URL
+    md5 = md5 or CIFAR10_MD5
+    dest = Path(dest or default_data_dirs()[-1]).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / "cifar-10-python.tar.gz"
+    partial = archive.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with (
+                open(partial, "wb") as out,
+                tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=not progress) as bar,
+            ):
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"downloading CIFAR-10 from {url} failed: {exc}") from exc
+    actual = _md5(partial)
+    if actual != md5:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"downloaded archive from {url} has md5 {actual}, expected {md5}; try again")
+    os.replace(partial, archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(CIFAR10_FOLDER + "/") and m.isfile()]
+        tar.extractall(dest, members=members, filter="data")
+    archive.unlink()
+    return dest / CIFAR10_FOLDER
+
+
+def _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_validation, num_test, subtract_mean):
+    """The course's split: validation rows from the end of the training set; the mean
+    image of the training rows subtracted from every split."""
+    if num_training + num_validation > X_train.shape[0]:
+        raise ValueError(
+            f"num_training + num_validation = {num_training + num_validation} exceeds "
+            f"the {X_train.shape[0]} training rows"
+        )
+    data = {
+        "X_train": X_train[:num_training],
+        "y_train": y_train[:num_training],
+        "X_val": X_train[num_training : num_training + num_validation],
+        "y_val": y_train[num_training : num_training + num_validation],
+        "X_test": X_test[:num_test],
+        "y_test": y_test[:num_test],
+    }
+    if subtract_mean:
+        mean = data["X_train"].mean(axis=0)
+        for key in ("X_train", "X_val", "X_test"):
+            data[key] = data[key] - mean
+    return data
+
+
+def get_CIFAR10_data(
+    data_dir=None,
+    num_training=49000,
+    num_validation=1000,
+    num_test=1000,
+    subtract_mean=True,
+    channels_first=True,
+    dtype="float32",
+    download=False,
+):
+    """CIFAR-10 as the dict the Solver takes (NumPy arrays on the host).
+
+    Args:
+        data_dir: folder holding cifar-10-batches-py (None: $XPNET_DATA_DIR, then ~/.cache/xpnet).
+        num_training, num_validation, num_test: rows per split; validation rows
+            come from the end of the training set, as in the course.
+        subtract_mean: subtract the mean training image.
+        channels_first: (N, 3, 32, 32) if True, else (N, 32, 32, 3).
+        dtype: dtype of the images.
+        download: download the official archive into ~/.cache/xpnet (or data_dir) if not found.
+    Returns:
+        dict with X_train, y_train, X_val, y_val, X_test, y_test.
+    """
+    try:
+        root = find_CIFAR10(data_dir)
+    except FileNotFoundError:
+        if not download:
+            raise
+        root = download_CIFAR10(data_dir)
+    X_train, y_train, X_test, y_test = load_CIFAR10(root, dtype=dtype)
+    data = _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_validation, num_test, subtract_mean)
+    if channels_first:
+        for key in ("X_train", "X_val", "X_test"):
+            data[key] = np.ascontiguousarray(data[key].transpose(0, 3, 1, 2))
+    return data
+
+
+def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype="float32", seed=0):
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) as the Solver's dict.
+
+    Pixels (0..16) are scaled to [0, 1]; the rows are shuffled with ``seed``
+    before the split. X arrays are (N, 64).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from exc
+    digits = load_digits()
+    X = (digits.data / 16.0).astype(dtype)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(X.shape[0])
+    X, y = X[order], y[order]
+    num_training = X.shape[0] - num_validation - num_test
+    if num_training <= 0:
+        raise ValueError(f"num_validation + num_test must leave training rows out of {X.shape[0]}")
+    return _split_and_normalize(
+        X[: num_training + num_validation],
+        y[: num_training + num_validation],
+        X[num_training + num_validation :],
+        y[num_training + num_validation :],
+        num_training,
+        num_validation,
+        num_test,
+        subtract_mean,
+    )

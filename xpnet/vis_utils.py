@@ -1,0 +1,68 @@
+"""Pictures: a grid of images, and training curves saved to a PNG (matplotlib, optional)."""
+
+from __future__ import annotations
+
+from math import ceil, sqrt
+
+import numpy as np
+
+__all__ = ["visualize_grid", "plot_history"]
+
+
+def visualize_grid(Xs, ubound=255.0, padding=1):
+    """Tile a batch of images into one image.
+
+    Args:
+        Xs: (N, H, W, C) NumPy array of images.
+        ubound: output values are scaled to [0, ubound].
+        padding: pixels between tiles.
+    Returns:
+        (G·(H+padding)-padding, G·(W+padding)-padding, C) array with G = ceil(sqrt(N)).
+    """
+    Xs = np.asarray(Xs)
+    if Xs.ndim != 4:
+        raise ValueError(f"visualize_grid expects (N, H, W, C) images, got shape {Xs.shape}")
+    N, H, W, C = Xs.shape
+    grid_size = int(ceil(sqrt(N)))
+    grid = np.zeros((grid_size * (H + padding) - padding, grid_size * (W + padding) - padding, C))
+    for index in range(N):
+        row, col = divmod(index, grid_size)
+        img = Xs[index]
+        low, high = np.min(img), np.max(img)
+        scaled = ubound * (img - low) / (high - low) if high > low else np.zeros_like(img, dtype=float)
+        y0, x0 = row * (H + padding), col * (W + padding)
+        grid[y0 : y0 + H, x0 : x0 + W] = scaled
+    return grid
+
+
+def plot_history(history, path, title=None):
+    """Plot the loss and the train/val accuracy to a PNG.
+
+    Args:
+        history: a Solver after ``train()``, or a dict with 'loss_history',
+            'train_acc_history' and 'val_acc_history' (lists of floats).
+        path: where to write the PNG.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError('plotting needs matplotlib: pip install "xpnet[plot]"') from exc
+    get = history.get if isinstance(history, dict) else lambda key: getattr(history, key)
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(8, 7))
+    ax_loss.plot(get("loss_history"), ".", markersize=2)
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("training loss")
+    ax_acc.plot(get("train_acc_history"), "-o", label="train")
+    ax_acc.plot(get("val_acc_history"), "-o", label="val")
+    ax_acc.set_xlabel("accuracy check (epoch)")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
