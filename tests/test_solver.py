@@ -228,6 +228,7 @@ def test_resume_rejects_missing_and_corrupt_files(tmp_path):
         solver.resume(bad)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 def test_divergence_stops_training_with_a_clear_message():
     model = small_model("numpy", weight_scale=1.0)
     solver = Solver(
@@ -346,6 +347,11 @@ def test_bad_settings_are_rejected():
         Solver(model, data, update_rule="adamw")
     with pytest.raises(ValueError, match="batch_size"):
         Solver(model, data, batch_size=0)
+
+
+def test_cuda_graph_needs_a_backend_that_can_capture():
+    with pytest.raises(ValueError, match="cuda_graph=True needs the cupy backend; backend 'numpy' cannot capture"):
+        Solver(small_model("numpy"), small_data(), cuda_graph=True)
 
 
 def test_callable_update_rule():

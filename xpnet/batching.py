@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace
+from .backend import namespace
 
 __all__ = ["sample_minibatch", "accuracy"]
 
@@ -15,12 +15,12 @@ def sample_minibatch(X, y, rng, batch_size: int):
     Returns:
         (X_batch (batch_size, ...), y_batch (batch_size,)).
     """
-    xp = array_namespace(X, y)
+    xp = namespace(X, y)
     indices = rng.integers(0, X.shape[0], batch_size)
     return xp.take(X, indices, axis=0), xp.take(y, indices, axis=0)
 
 
 def accuracy(predictions, y):
     """Fraction of ``predictions == y`` as a 0-d float array (no host transfer)."""
-    xp = array_namespace(predictions, y)
+    xp = namespace(predictions, y)
     return xp.mean(xp.astype(predictions == y, xp.float64))

@@ -33,10 +33,11 @@ def affine_relu_forward(x, w, b):
     return out, (fc_cache, relu_cache)
 
 
-def affine_relu_backward(dout, cache):
-    """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db)."""
+def affine_relu_backward(dout, cache, input_grad=True):
+    """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db); dx is None
+    when ``input_grad`` is False."""
     fc_cache, relu_cache = cache
-    return affine_backward(relu_backward(dout, relu_cache), fc_cache)
+    return affine_backward(relu_backward(dout, relu_cache), fc_cache, input_grad)
 
 
 def affine_norm_relu_dropout_forward(
@@ -68,11 +69,12 @@ def affine_norm_relu_dropout_forward(
     return out, (fc_cache, normalization, norm_cache, relu_cache, drop_cache)
 
 
-def affine_norm_relu_dropout_backward(dout, cache):
+def affine_norm_relu_dropout_backward(dout, cache, input_grad=True):
     """Backward pass of :func:`affine_norm_relu_dropout_forward`.
 
     Returns:
-        (dx, dw, db, dgamma, dbeta); dgamma and dbeta are None without normalisation.
+        (dx, dw, db, dgamma, dbeta); dgamma and dbeta are None without
+        normalisation, dx is None when ``input_grad`` is False.
     """
     fc_cache, normalization, norm_cache, relu_cache, drop_cache = cache
     if drop_cache is not None:
@@ -83,5 +85,5 @@ def affine_norm_relu_dropout_backward(dout, cache):
         dout, dgamma, dbeta = batchnorm_backward_alt(dout, norm_cache)
     elif normalization == "layernorm":
         dout, dgamma, dbeta = layernorm_backward(dout, norm_cache)
-    dx, dw, db = affine_backward(dout, fc_cache)
+    dx, dw, db = affine_backward(dout, fc_cache, input_grad)
     return dx, dw, db, dgamma, dbeta

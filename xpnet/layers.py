@@ -1,17 +1,21 @@
 """Layer functions: each ``*_forward`` returns ``(out, cache)`` and each
 ``*_backward`` takes ``(dout, cache)`` and returns the gradients.
 
-Written against the Python array API standard only (``xp = array_namespace(x)``),
+Written against the Python array API standard only (``xp = namespace(x)``),
 so the same code runs on NumPy, CuPy, PyTorch and array-api-strict.
 Losses return the loss as a 0-d array on the arrays' device: nothing here
 forces a device-to-host synchronisation.
+
+On CuPy arrays the hot chains (softmax loss, ReLU backward) and the matrix
+products run as fused kernels from the backend (``accelerated(x)``); the
+array-API code below is the reference they are tested against.
 """
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
-from .backend import backend_of
+from .backend import accelerated, backend_of, namespace
 
 __all__ = [
     "affine_forward",
@@ -43,7 +47,7 @@ def affine_forward(x, w, b):
     Returns:
         out (N, M) and cache ``(x, w, b)``.
     """
-    xp = array_namespace(x, w, b)
+    xp = namespace(x, w, b)
     if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[1]:
         raise ValueError(f"affine_forward: w must be (D, M) and b (M,), got w {tuple(w.shape)} and b {tuple(b.shape)}")
     if x.ndim < 1:
@@ -54,38 +58,49 @@ def affine_forward(x, w, b):
             f"affine_forward: x {tuple(x.shape)} flattens to {x2.shape[1]} features "
             f"but w {tuple(w.shape)} expects {w.shape[0]}"
         )
-    out = x2 @ w + b
+    out = _matmul(x2, w) + b
     return out, (x, w, b)
 
 
-def affine_backward(dout, cache):
+def _matmul(a, b):
+    fast = accelerated(a)
+    return fast.matmul(a, b) if fast is not None else a @ b
+
+
+def affine_backward(dout, cache, input_grad=True):
     """Backward pass of :func:`affine_forward`.
 
     Args:
         dout: (N, M) upstream gradient.
         cache: ``(x, w, b)`` from the forward pass.
+        input_grad: compute dx; a network's first layer passes False, since
+            nothing needs the gradient of the data (it saves a third of that
+            layer's backward work).
     Returns:
-        dx with the shape of x, dw (D, M), db (M,).
+        dx with the shape of x (None when input_grad is False), dw (D, M), db (M,).
     """
     x, w, _ = cache
-    xp = array_namespace(dout, x)
+    xp = namespace(dout, x)
     x2 = xp.reshape(x, (x.shape[0], -1))
-    dx = xp.reshape(dout @ w.T, x.shape)
-    dw = x2.T @ dout
+    dx = xp.reshape(_matmul(dout, w.T), x.shape) if input_grad else None
+    dw = _matmul(x2.T, dout)
     db = xp.sum(dout, axis=0)
     return dx, dw, db
 
 
 def relu_forward(x):
     """Rectified linear unit, elementwise ``max(x, 0)``; cache is ``x``."""
-    xp = array_namespace(x)
+    xp = namespace(x)
     return xp.maximum(x, 0), x
 
 
 def relu_backward(dout, cache):
     """Backward pass of :func:`relu_forward`: ``dout`` where the input was positive."""
     x = cache
-    xp = array_namespace(dout, x)
+    fast = accelerated(dout)
+    if fast is not None:
+        return fast.relu_backward(dout, x)
+    xp = namespace(dout, x)
     return dout * xp.astype(x > 0, dout.dtype)
 
 
@@ -94,7 +109,7 @@ def relu_backward(dout, cache):
 # --------------------------------------------------------------------------
 def _check_scores_and_labels(name, x, y):
     """Shape and dtype checks that need no device synchronisation."""
-    xp = array_namespace(x, y)
+    xp = namespace(x, y)
     if x.ndim != 2:
         raise ValueError(f"{name}: scores must be (N, C), got shape {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
@@ -123,6 +138,9 @@ def softmax_loss(x, y):
         loss as a 0-d array, and dx (N, C).
     """
     xp = _check_scores_and_labels("softmax_loss", x, y)
+    fast = accelerated(x)
+    if fast is not None:
+        return fast.softmax_loss(x, y)
     n, c = x.shape
     shifted = x - xp.max(x, axis=1, keepdims=True)
     exp_shifted = xp.exp(shifted)
@@ -158,7 +176,7 @@ def svm_loss(x, y):
 # layernorm each sample over its features (axis 1); the algebra is shared.
 # --------------------------------------------------------------------------
 def _normalize_forward(x, gamma, beta, eps, axis):
-    xp = array_namespace(x, gamma, beta)
+    xp = namespace(x, gamma, beta)
     mean = xp.mean(x, axis=axis, keepdims=True)
     centered = x - mean
     var = xp.mean(centered * centered, axis=axis, keepdims=True)
@@ -171,7 +189,7 @@ def _normalize_forward(x, gamma, beta, eps, axis):
 def _normalize_backward_compact(dout, cache):
     """Closed form: dx = (dx̂ - mean(dx̂) - x̂·mean(dx̂·x̂)) / std along the normalised axis."""
     x_hat, _, std, gamma, axis = cache
-    xp = array_namespace(dout, x_hat)
+    xp = namespace(dout, x_hat)
     dx_hat = dout * gamma
     dx = (
         dx_hat - xp.mean(dx_hat, axis=axis, keepdims=True) - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)
@@ -206,7 +224,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
         out (N, D) and the cache for the backward pass.
     """
     _check_norm_input("batchnorm_forward", x, gamma, beta)
-    xp = array_namespace(x)
+    xp = namespace(x)
     mode = bn_param.get("mode", "train")
     eps = bn_param.get("eps", 1e-5)
     momentum = bn_param.get("momentum", 0.9)
@@ -216,8 +234,11 @@ def batchnorm_forward(x, gamma, beta, bn_param):
             bn_param[key] = xp.zeros((d,), dtype=x.dtype, device=device(x))
     if mode == "train":
         out, cache, mean, var = _normalize_forward(x, gamma, beta, eps, axis=0)
-        bn_param["running_mean"] = momentum * bn_param["running_mean"] + (1 - momentum) * mean[0, :]
-        bn_param["running_var"] = momentum * bn_param["running_var"] + (1 - momentum) * var[0, :]
+        # In place, so the buffers keep their identity (a CUDA graph writes into them).
+        for key, batch_value in (("running_mean", mean[0, :]), ("running_var", var[0, :])):
+            running = bn_param[key]
+            running *= momentum
+            running += (1 - momentum) * batch_value
         return out, cache
     if mode == "test":
         x_hat = (x - bn_param["running_mean"]) / xp.sqrt(bn_param["running_var"] + eps)
@@ -234,7 +255,7 @@ def batchnorm_backward(dout, cache):
         dx (N, D), dgamma (D,), dbeta (D,).
     """
     x_hat, centered, std, gamma, _ = cache
-    xp = array_namespace(dout, x_hat)
+    xp = namespace(dout, x_hat)
     n = dout.shape[0]
     dbeta = xp.sum(dout, axis=0)
     dgamma = xp.sum(dout * x_hat, axis=0)
@@ -303,7 +324,7 @@ def dropout_forward(x, dropout_param):
         raise ValueError(f"invalid dropout mode {mode!r}: use 'train' or 'test'")
     if mode == "test" or p == 0.0:
         return x, (dropout_param, None)
-    xp = array_namespace(x)
+    xp = namespace(x)
     if dropout_param.get("seed") is not None:
         rng = backend_of(x).rng(dropout_param["seed"])
     else:

@@ -34,6 +34,7 @@ _DEFAULTS = {
     "seed": None,
     "progress": None,
     "on_log": None,
+    "cuda_graph": False,
 }
 
 
@@ -63,6 +64,11 @@ class Solver:
         on_log (None): called with a dict at each logging point: {'iteration',
             'epoch', 'loss'} every print_every iterations and {'iteration', 'epoch',
             'train_acc', 'val_acc'} at each accuracy check (all Python numbers).
+        cuda_graph (False): capture one whole training step (sampling, forward,
+            backward, update) as a CUDA graph and replay it, removing the launch
+            overhead (cupy backend only). The graph is recaptured at each epoch
+            start, when the learning rate and generators change; the first step
+            runs eagerly to create the optimizer state.
     """
 
     def __init__(self, model, data, **kwargs):
@@ -83,6 +89,17 @@ class Solver:
         if not isinstance(self.print_every, int) or self.print_every <= 0:
             raise ValueError(f"print_every must be a positive integer, got {self.print_every!r}")
 
+        if self.cuda_graph:
+            if not self.backend.can_capture:
+                raise ValueError(
+                    f"cuda_graph=True needs the cupy backend; backend {self.backend.name!r} cannot capture CUDA graphs"
+                )
+            if self.update_rule is optim.adam:
+                raise ValueError(
+                    "cuda_graph=True does not support update_rule='adam': its bias correction changes "
+                    "every step and a graph replays fixed arguments; use sgd, sgd_momentum, "
+                    "sgd_nesterov_momentum or rmsprop"
+                )
         num_classes = getattr(model, "num_classes", None)
         input_dim = getattr(model, "input_dim", None)
         for split in ("train", "val"):
@@ -105,6 +122,8 @@ class Solver:
         self.val_acc_history = []
         self.diverged = None
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
+        self._graph = None
+        self._warmed_up = False
 
     @property
     def iterations_per_epoch(self) -> int:
@@ -119,6 +138,19 @@ class Solver:
         return self.backend.rng((self.seed, epoch, 0)), self.backend.rng((self.seed, epoch, 2))
 
     # ------------------------------------------------------------------ training
+    def step(self, rng):
+        """One training step: a minibatch drawn by ``rng`` on the device, forward,
+        backward, update. Returns the loss as a 0-d device array."""
+        if not self.cuda_graph:
+            return self._step(rng)
+        if not self._warmed_up:  # creates the optimizer state and compiles the kernels
+            self._warmed_up = True
+            return self._step(rng)
+        if self._graph is None:
+            self._graph = self.backend.capture(lambda: self._step(rng))
+        loss = self._graph.replay()
+        return self.backend.xp.asarray(loss, copy=True)  # the graph overwrites its output
+
     def _step(self, rng):
         """One update on a minibatch drawn on the device; returns the loss (0-d, on the device)."""
         X_batch, y_batch = sample_minibatch(self.X_train, self.y_train, rng, self.batch_size)
@@ -162,7 +194,8 @@ class Solver:
         for t in range(self.iteration, num_iterations):
             if rng is None or t % per_epoch == 0:
                 rng, sample_rng = self._epoch_rngs(t // per_epoch)
-            loss = self._step(rng)
+                self._graph = None  # new generators and learning rate: capture again
+            loss = self.step(rng)
             self.loss_history.append(loss)
             self.iteration = t + 1
             if bar is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ import numpy as np
 from array_api_compat import array_namespace
 
 __all__ = [
+    "accelerated",
+    "namespace",
+    "fused_kernels",
     "Backend",
     "DeviceRNG",
     "backend_of",
@@ -168,7 +172,8 @@ class _CupyRNG(DeviceRNG):
         return self._gen.random(size=shape, dtype=self._dt(dtype))
 
     def permutation(self, n):
-        return self._gen.permutation(n).astype(self.backend.lib.int64)
+        # cupy.random.Generator has no permutation: sort uniform keys instead.
+        return self.backend.lib.argsort(self._gen.random(size=n)).astype(self.backend.lib.int64)
 
 
 class _TorchRNG(DeviceRNG):
@@ -295,6 +300,20 @@ class Backend:
     def sync(self) -> None:
         """Wait until all queued work on the device has finished."""
 
+    @property
+    def device_name(self) -> str:
+        """A human-readable name of the device (CPU model or GPU name)."""
+        import platform
+
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+
     # -- random numbers --------------------------------------------------------
     def rng(self, seed=None) -> DeviceRNG:
         """A new generator on this device; ``seed`` is None, an int or a sequence of ints."""
@@ -319,12 +338,46 @@ class Backend:
         except TypeError:
             return False
 
+    # -- CUDA graphs -------------------------------------------------------------
+    can_capture = False
+
+    def capture(self, fn):
+        """Record ``fn()`` (device work only) as a CUDA graph; see :class:`CapturedGraph`."""
+        raise NotImplementedError(
+            f"backend {self.name!r} cannot capture CUDA graphs; cuda_graph=True needs the cupy backend"
+        )
+
+
+class CapturedGraph:
+    """A recorded CUDA graph, the memory its intermediates live in, and ``fn``'s outputs.
+
+    ``replay()`` runs the recorded work again on the current stream: the outputs
+    (and any array updated in place) then hold the new results.
+    """
+
+    def __init__(self, graph, pool, outputs):
+        self._graph = graph
+        self._pool = pool  # private to this graph: nothing else may reuse its memory
+        self.outputs = outputs
+
+    def replay(self):
+        self._graph.launch()
+        return self.outputs
+
 
 class _NumpyBackend(Backend):
-    pass
+    def owns(self, x) -> bool:
+        return type(x) is np.ndarray
 
 
 class _StrictBackend(Backend):
+    def owns(self, x) -> bool:
+        return isinstance(x, self._array_type) and x.device == self.device
+
+    @functools.cached_property
+    def _array_type(self):
+        return type(self.lib.asarray(0))
+
     def to_numpy(self, x):
         cpu = self.lib.Device("CPU_DEVICE")
         if x.device != cpu:
@@ -340,6 +393,9 @@ class _CupyBackend(Backend):
     def device_index(self) -> int:
         return self.device.id
 
+    def owns(self, x) -> bool:
+        return isinstance(x, self.lib.ndarray) and x.device.id == self.device.id
+
     def asarray(self, obj, dtype=None, copy=None):
         dt = None if dtype is None else self.dtype(dtype)
         with self.device:
@@ -353,6 +409,32 @@ class _CupyBackend(Backend):
     def sync(self):
         self.device.synchronize()
 
+    @property
+    def device_name(self) -> str:
+        props = self.lib.cuda.runtime.getDeviceProperties(self.device.id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    can_capture = True
+
+    def capture(self, fn):
+        cp = self.lib
+        accelerated(cp.empty(0))  # make sure the cuBLAS handle exists before capturing
+        pool = cp.cuda.MemoryPool()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with self.device, cp.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                outputs = fn()
+            except BaseException as exc:
+                try:
+                    stream.end_capture()
+                except Exception:
+                    pass
+                raise RuntimeError(f"capturing a CUDA graph failed: {exc}") from exc
+            graph = stream.end_capture()
+        return CapturedGraph(graph, pool, outputs)
+
 
 class _TorchBackend(Backend):
     _rng_class = _TorchRNG
@@ -363,6 +445,12 @@ class _TorchBackend(Backend):
 
     def to_numpy(self, x):
         return x.detach().cpu().numpy()
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return self.lib.cuda.get_device_name(self.device)
+        return super().device_name
 
     def sync(self):
         if self.device.type == "cuda":
@@ -508,6 +596,57 @@ def using_backend(spec: "str | Backend") -> Iterator[Backend]:
         yield _SCOPED.get()
     finally:
         _SCOPED.reset(token)
+
+
+# --------------------------------------------------------------------------
+# Fused kernels: CuPy arrays get them, everything else the array-API reference
+# --------------------------------------------------------------------------
+_ACCELERATORS: dict = {}
+_FUSED = contextvars.ContextVar("xpnet_fused_kernels", default=True)
+
+
+def accelerated(x):
+    """Fused kernels for arrays like ``x`` (CuPy's), or None: then use the array-API code.
+
+    A dict lookup on the array's type, so the reference path pays next to nothing.
+    """
+    if not _FUSED.get():
+        return None
+    kind = type(x)
+    try:
+        return _ACCELERATORS[kind]
+    except KeyError:
+        kernels = None
+        if kind.__module__.startswith("cupy"):
+            from .cupy_kernels import CupyKernels
+
+            kernels = CupyKernels()
+        return _ACCELERATORS.setdefault(kind, kernels)
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """``with fused_kernels(False):`` runs the array-API reference code on every backend."""
+    token = _FUSED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+_NAMESPACES: dict = {}
+
+
+def namespace(*arrays):
+    """``array_namespace(*arrays)``, cached by array type (the layers call it on every step)."""
+    kind = type(arrays[0])
+    xp = _NAMESPACES.get(kind)
+    if xp is not None and all(type(a) is kind for a in arrays):
+        return xp
+    xp = array_namespace(*arrays)
+    if all(type(a) is kind for a in arrays):
+        _NAMESPACES[kind] = xp
+    return xp
 
 
 def backend_of(x) -> Backend:

@@ -1,0 +1,201 @@
+"""CuPy only: fused kernels against the array-API reference, CuPy against
+NumPy on the same parameters and batch, CUDA-graph training against eager
+training, and no host synchronisation inside training steps.
+
+Run with `nox -s gpu`; skipped cleanly where CuPy or a GPU is missing.
+"""
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet import layers, optim
+from xpnet.backend import fused_kernels, to_numpy
+from xpnet.solver import Solver
+
+cp = pytest.importorskip("cupy")
+try:
+    CUPY = xpnet.get_backend("cupy")
+except (ImportError, RuntimeError) as exc:  # CuPy installed, no GPU
+    pytest.skip(f"no usable GPU: {exc}", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+
+def both(fn):
+    """fn() with CuPy's fused kernels and with the array-API reference code."""
+    fast = fn()
+    with fused_kernels(False):
+        reference = fn()
+    return fast, reference
+
+
+def assert_close(a, b, dtype):
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(257, 10), (3, 1000), (1, 1)])
+def test_fused_softmax_loss_matches_reference(dtype, shape):
+    rng = np.random.default_rng(0)
+    x = CUPY.asarray(3 * rng.standard_normal(shape), dtype=dtype)
+    y = CUPY.asarray(rng.integers(0, shape[1], shape[0]))
+    (loss, dx), (ref_loss, ref_dx) = both(lambda: layers.softmax_loss(x, y))
+    assert loss.shape == () and loss.dtype == x.dtype
+    assert_close(loss, ref_loss, dtype)
+    assert_close(dx, ref_dx, dtype)
+
+
+def test_fused_softmax_loss_gives_nan_for_out_of_range_labels():
+    x = CUPY.asarray(np.zeros((2, 3)), dtype="float32")
+    loss, _ = layers.softmax_loss(x, CUPY.asarray(np.array([0, 7])))
+    assert np.isnan(float(loss))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_relu_backward_matches_reference(dtype):
+    rng = np.random.default_rng(1)
+    x = CUPY.asarray(rng.standard_normal((64, 33)), dtype=dtype)
+    dout = CUPY.asarray(rng.standard_normal((64, 33)), dtype=dtype)
+    fast, reference = both(lambda: layers.relu_backward(dout, x))
+    np.testing.assert_array_equal(to_numpy(fast), to_numpy(reference))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_cublas_matmul_matches_cupy(dtype, a_t, b_t):
+    rng = np.random.default_rng(2)
+    a_np = rng.standard_normal((37, 19) if a_t else (19, 37))
+    b_np = rng.standard_normal((23, 37) if b_t else (37, 23))
+    a, b = CUPY.asarray(a_np, dtype=dtype), CUPY.asarray(b_np, dtype=dtype)
+    a, b = (a.T if a_t else a), (b.T if b_t else b)
+    fast = xpnet.backend.accelerated(a).matmul(a, b)
+    assert fast.shape == (19, 23)
+    assert_close(fast, a @ b, dtype)
+    sliced = a[:, ::2]  # neither C- nor F-contiguous: copied first
+    assert_close(xpnet.backend.accelerated(a).matmul(sliced, b[::2, :]), sliced @ b[::2, :], dtype)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_update_rules_match_reference(rule, dtype):
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((30, 20))
+    grads = [CUPY.asarray(rng.standard_normal((30, 20)), dtype=dtype) for _ in range(3)]
+
+    def run():
+        w, config = CUPY.asarray(w0, dtype=dtype, copy=True), {"learning_rate": 0.05}
+        for dw in grads:
+            w, config = getattr(optim, rule)(w, dw, config)
+        return w
+
+    fast, reference = both(run)
+    assert_close(fast, reference, dtype)
+
+
+@pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
+def test_nets_give_the_same_results_on_cupy_and_numpy(normalization):
+    numpy_model = xpnet.FullyConnectedNet(
+        [64, 32],
+        input_dim=48,
+        num_classes=10,
+        normalization=normalization,
+        reg=0.01,
+        weight_scale=0.1,
+        seed=0,
+        backend="numpy",
+    )
+    cupy_model = xpnet.FullyConnectedNet(
+        [64, 32],
+        input_dim=48,
+        num_classes=10,
+        normalization=normalization,
+        reg=0.01,
+        weight_scale=0.1,
+        seed=0,
+        backend=CUPY,
+    )
+    cupy_model.load_state_dict(numpy_model.state_dict())  # same parameters
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((50, 48)).astype(np.float32)
+    y = rng.integers(0, 10, 50)
+    loss_np, grads_np = numpy_model.loss(X, y)
+    loss_cp, grads_cp = cupy_model.loss(X, y)
+    assert float(loss_cp) == pytest.approx(float(loss_np), rel=1e-5)
+    for name, grad in grads_np.items():
+        np.testing.assert_allclose(to_numpy(grads_cp[name]), grad, rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(to_numpy(cupy_model.loss(X)), numpy_model.loss(X), rtol=1e-4, atol=1e-5)
+
+
+def blobs(n=600, d=32, c=5):
+    rng = np.random.default_rng(5)
+    centres = 2 * rng.standard_normal((c, d))
+    y = rng.integers(0, c, n)
+    X = (centres[y] + rng.standard_normal((n, d))).astype(np.float32)
+    return {"X_train": X[:500], "y_train": y[:500], "X_val": X[500:], "y_val": y[500:]}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(update_rule="sgd_momentum"),
+        dict(update_rule="rmsprop", optim_config={"learning_rate": 1e-3}),
+        dict(update_rule="sgd", normalization="batchnorm", dropout=0.2),
+    ],
+    ids=["momentum", "rmsprop", "batchnorm+dropout"],
+)
+def test_cuda_graph_training_equals_eager_training(options):
+    options = dict(options)
+    net_options = {k: options.pop(k) for k in ("normalization", "dropout") if k in options}
+    results = []
+    for cuda_graph in (False, True):
+        model = xpnet.FullyConnectedNet(
+            [64, 64], input_dim=32, num_classes=5, weight_scale=0.1, seed=0, backend=CUPY, **net_options
+        )
+        solver = Solver(
+            model,
+            blobs(),
+            batch_size=50,
+            num_epochs=3,
+            lr_decay=0.9,
+            seed=7,
+            verbose=False,
+            cuda_graph=cuda_graph,
+            **options,
+        )
+        solver.train()
+        results.append(solver)
+    eager, graph = results
+    assert graph.iteration == eager.iteration == 30
+    np.testing.assert_allclose(graph.loss_history, eager.loss_history, rtol=1e-5)
+    for name, value in eager.model.params.items():
+        np.testing.assert_allclose(to_numpy(graph.model.params[name]), to_numpy(value), rtol=1e-5, atol=1e-6)
+    assert graph.best_val_acc > 0.9
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_training_steps_never_synchronise(cuda_graph):
+    import cupyx
+
+    model = xpnet.FullyConnectedNet(
+        [64], input_dim=32, num_classes=5, normalization="batchnorm", dropout=0.1, backend=CUPY
+    )
+    solver = Solver(
+        model, blobs(), update_rule="sgd_momentum", batch_size=50, cuda_graph=cuda_graph, verbose=False, seed=0
+    )
+    rng = CUPY.rng(0)
+    solver.step(rng)  # warm-up: compiles kernels (and, with graphs, creates optimizer state)
+    with cupyx.allow_synchronize(False):
+        losses = [solver.step(rng) for _ in range(20)]
+    assert np.isfinite(CUPY.to_floats(losses)).all()
+
+
+def test_cuda_graph_rejects_adam():
+    with pytest.raises(ValueError, match="does not support update_rule='adam'"):
+        Solver(
+            xpnet.FullyConnectedNet([8], input_dim=32, num_classes=5, backend=CUPY),
+            blobs(),
+            update_rule="adam",
+            cuda_graph=True,
+        )

@@ -1,0 +1,107 @@
+"""scripts/train.py end to end on the bundled digits, and its argument errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_default_run_trains_digits_above_90_percent(train, capsys):
+    assert train([]) == 0
+    out = capsys.readouterr().out
+    assert "backend: numpy (device cpu)" in out
+    assert "(Epoch 20 / 20)" in out
+    test_acc = float(out.split("test acc: ")[1].split()[0])
+    assert test_acc > 0.90
+    assert "wall time:" in out
+
+
+def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
+    log, plot, ckpt = tmp_path / "m.jsonl", tmp_path / "curves.png", tmp_path / "ckpt"
+    args = [
+        "--epochs",
+        "2",
+        "--quiet",
+        "--normalization",
+        "layernorm",
+        "--dropout",
+        "0.1",
+        "--print-every",
+        "5",
+        "--log",
+        str(log),
+        "--plot",
+        str(plot),
+        "--checkpoint-dir",
+        str(ckpt),
+    ]
+    assert train(args) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 6, 11, 16, 21]  # 2 epochs of 12
+    assert sum("val_acc" in r for r in records) == 3
+    assert "test_acc" in records[-1] and records[-1]["wall_s"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["digits_fc_epoch_1.pkl", "digits_fc_epoch_2.pkl"]
+    capsys.readouterr()
+    resume = [
+        "--epochs",
+        "3",
+        "--quiet",
+        "--normalization",
+        "layernorm",
+        "--dropout",
+        "0.1",
+        "--resume",
+        str(ckpt / "digits_fc_epoch_2.pkl"),
+    ]
+    assert train(resume) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "for 3 epochs" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "tensorflow"], "unknown backend 'tensorflow'"),
+        (["--dropout", "1.5"], "probability of dropping a unit"),
+        (["--lr", "-1"], "must be > 0"),
+        (["--hidden-dims", "0"], "positive integer"),
+        (["--model", "resnet"], "invalid choice"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
+        (["--resume", "/nonexistent.pkl", "--epochs", "1"], "does not exist"),
+        (["--model", "twolayer", "--hidden-dims", "10", "10"], "one hidden size"),
+    ],
+)
+def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, args, message):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as info:
+        train(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_visualize_grid_tiles_images():
+    from xpnet.vis_utils import visualize_grid
+
+    images = np.arange(5 * 2 * 3 * 1, dtype=float).reshape(5, 2, 3, 1)
+    grid = visualize_grid(images, ubound=1.0, padding=1)
+    assert grid.shape == (3 * 3 - 1, 3 * 4 - 1, 1)
+    np.testing.assert_allclose(grid[0:2, 0:3, 0], (images[0, :, :, 0] - images[0].min()) / 5.0)
+    assert (grid[2, :, :] == 0).all()  # padding row
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        visualize_grid(np.zeros((2, 3)))

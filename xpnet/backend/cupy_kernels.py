@@ -1,0 +1,256 @@
+"""Fused CuPy kernels behind xpnet's layer functions and update rules.
+
+The array-API code in xpnet.layers and xpnet.optim is the reference; on CuPy
+arrays the same functions call these kernels instead, which do each hot chain
+in one launch (softmax + cross-entropy + its gradient, ReLU backward, each
+update rule). Matrix products go to cuBLAS through its C API on a handle of our
+own, which, unlike CuPy's matmul, may be recorded inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import cupy
+
+__all__ = ["CupyKernels"]
+
+_SOFTMAX_SOURCE = r"""
+extern "C" __global__ void softmax_loss_{name}(
+        const {T}* __restrict__ x, const long long* __restrict__ y, const int n, const int c,
+        {T}* __restrict__ dx, {T}* __restrict__ loss) {
+    // One block: each thread takes whole rows; the loss is reduced in double.
+    __shared__ double partial[256];
+    double total = 0.0;
+    const {T} inv_n = ({T})1 / ({T})n;
+    for (int row = threadIdx.x; row < n; row += blockDim.x) {
+        const {T}* xr = x + (long long)row * c;
+        {T}* dr = dx + (long long)row * c;
+        const long long label = y[row];
+        if (label < 0 || label >= c) {  // out-of-range label: NaN, never an out-of-bounds read
+            total += nan("");
+            for (int j = 0; j < c; ++j) dr[j] = ({T})nan("");
+            continue;
+        }
+        {T} m = xr[0];
+        for (int j = 1; j < c; ++j) m = max(m, xr[j]);
+        {T} s = 0;
+        for (int j = 0; j < c; ++j) s += exp(xr[j] - m);
+        total += (double)(log(s) - (xr[label] - m));
+        const {T} inv_s = ({T})1 / s;
+        for (int j = 0; j < c; ++j) {
+            const {T} p = exp(xr[j] - m) * inv_s;
+            dr[j] = (p - (j == label ? ({T})1 : ({T})0)) * inv_n;
+        }
+    }
+    partial[threadIdx.x] = total;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) loss[0] = ({T})(partial[0] / n);
+}
+"""
+
+_relu_backward = cupy.ElementwiseKernel("T dout, T x", "T dx", "dx = x > (T)0 ? dout : (T)0", "xpnet_relu_backward")
+_sgd = cupy.ElementwiseKernel("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
+_sgd_momentum = cupy.ElementwiseKernel(
+    "T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum"
+)
+_sgd_nesterov = cupy.ElementwiseKernel(
+    "T dw, T lr, T mu",
+    "T w, T v",
+    "T v_old = v; v = mu * v - lr * dw; w = w + v + mu * (v - v_old)",
+    "xpnet_sgd_nesterov",
+)
+_rmsprop = cupy.ElementwiseKernel(
+    "T dw, T lr, T decay, T eps",
+    "T w, T cache",
+    "cache = decay * cache + ((T)1 - decay) * dw * dw; w = w - lr * dw / (sqrt(cache) + eps)",
+    "xpnet_rmsprop",
+)
+_adam = cupy.ElementwiseKernel(
+    "T dw, T lr, T beta1, T beta2, T eps, T m_correction, T v_correction",
+    "T w, T m, T v",
+    """m = beta1 * m + ((T)1 - beta1) * dw;
+       v = beta2 * v + ((T)1 - beta2) * dw * dw;
+       w = w - lr * (m / m_correction) / (sqrt(v / v_correction) + eps)""",
+    "xpnet_adam",
+)
+
+# cuBLAS enums and sizes
+_OP_N, _OP_T = 0, 1
+_WORKSPACE_BYTES = 32 * 1024 * 1024
+
+
+def _find_cublas() -> ctypes.CDLL:
+    """The libcublas that CuPy itself loaded (so both use one library)."""
+    cupy.cuda.device.get_cublas_handle()  # makes CuPy load it
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcublas.so" in line and "Lt" not in line.split("/")[-1]}
+    for path in sorted(paths):
+        return ctypes.CDLL(path)
+    for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            pass
+    raise RuntimeError("xpnet could not find the cuBLAS library that CuPy uses")
+
+
+class _Cublas:
+    """A cuBLAS handle of our own on one device, with a fixed workspace so that
+    GEMMs can be captured into CUDA graphs."""
+
+    def __init__(self, device_id: int):
+        lib = _find_cublas()
+        handle = ctypes.c_void_p()
+        with cupy.cuda.Device(device_id):
+            status = lib.cublasCreate_v2(ctypes.byref(handle))
+            if status != 0:
+                raise RuntimeError(f"cublasCreate failed with status {status}")
+            self.workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
+        self.lib, self.handle = lib, handle
+        self._check(
+            lib.cublasSetWorkspace_v2(
+                handle, ctypes.c_void_p(self.workspace.data.ptr), ctypes.c_size_t(_WORKSPACE_BYTES)
+            ),
+            "cublasSetWorkspace",
+        )
+        ptr, i = ctypes.c_void_p, ctypes.c_int
+        for fn, scalar in ((lib.cublasSgemm_v2, ctypes.c_float), (lib.cublasDgemm_v2, ctypes.c_double)):
+            fn.argtypes = [ptr, i, i, i, i, i, ctypes.POINTER(scalar), ptr, i, ptr, i, ctypes.POINTER(scalar), ptr, i]
+            fn.restype = i
+        lib.cublasSetStream_v2.argtypes = [ptr, ptr]
+        self._gemm = {
+            cupy.dtype(cupy.float32): (lib.cublasSgemm_v2, ctypes.c_float(1.0), ctypes.c_float(0.0)),
+            cupy.dtype(cupy.float64): (lib.cublasDgemm_v2, ctypes.c_double(1.0), ctypes.c_double(0.0)),
+        }
+        self._stream = None
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def gemm(self, a, b):
+        """Row-major ``a (m, k) @ b (k, n)`` into a new (m, n) array.
+
+        cuBLAS is column-major: a row-major C-contiguous matrix is its own
+        transpose there, so we compute Cᵀ = Bᵀ Aᵀ, choosing for each operand
+        'N' (C-contiguous) or 'T' (F-contiguous, e.g. ``w.T``).
+        """
+        m, k = a.shape
+        n = b.shape[1]
+        op_b, ld_b, b = _operand(b, n, b.shape[0])
+        op_a, ld_a, a = _operand(a, k, m)
+        out = cupy.empty((m, n), dtype=a.dtype)
+        if m == 0 or n == 0:
+            return out
+        if k == 0:
+            out.fill(0)
+            return out
+        stream = cupy.cuda.get_current_stream().ptr
+        if stream != self._stream:
+            self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream)), "cublasSetStream")
+            self._stream = stream
+        fn, one, zero = self._gemm[a.dtype]
+        status = fn(
+            self.handle,
+            op_b,
+            op_a,
+            n,
+            m,
+            k,
+            ctypes.byref(one),
+            b.data.ptr,
+            ld_b,
+            a.data.ptr,
+            ld_a,
+            ctypes.byref(zero),
+            out.data.ptr,
+            max(n, 1),
+        )
+        if status != 0:
+            raise RuntimeError(f"cuBLAS gemm failed with status {status}")
+        return out
+
+
+def _operand(x, ld_if_c, ld_if_f):
+    """(op, leading dimension, array) for a row-major operand, copying if it is neither C- nor F-contiguous."""
+    if x.flags.c_contiguous:
+        return _OP_N, max(ld_if_c, 1), x
+    if x.flags.f_contiguous:
+        return _OP_T, max(ld_if_f, 1), x
+    x = cupy.ascontiguousarray(x)
+    return _OP_N, max(ld_if_c, 1), x
+
+
+class CupyKernels:
+    """The fused implementations that xpnet's layers and update rules use on CuPy arrays."""
+
+    def __init__(self):
+        self._cublas: dict[int, _Cublas] = {}
+        self._softmax: dict = {}
+        self._lock = threading.Lock()
+
+    # -- matrix product ----------------------------------------------------------
+    def matmul(self, a, b):
+        """``a @ b`` for 2-D float32/float64 arrays through our cuBLAS handle."""
+        if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype.char not in "fd":
+            return a @ b
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align")
+        device = a.device.id
+        blas = self._cublas.get(device)
+        if blas is None:
+            with self._lock:
+                blas = self._cublas.setdefault(device, _Cublas(device))
+        return blas.gemm(a, b)
+
+    # -- layers ------------------------------------------------------------------
+    def softmax_loss(self, x, y):
+        """Loss (0-d) and dx (N, C) in one launch; x (N, C) float, y (N,) integer labels."""
+        n, c = x.shape
+        kernel = self._softmax_kernel(x.dtype)
+        x = cupy.ascontiguousarray(x)
+        y = cupy.ascontiguousarray(y.astype(cupy.int64, copy=False))
+        dx = cupy.empty_like(x)
+        loss = cupy.empty((), dtype=x.dtype)
+        kernel((1,), (256,), (x, y, cupy.int32(n), cupy.int32(c), dx, loss))
+        return loss, dx
+
+    def _softmax_kernel(self, dtype):
+        dtype = cupy.dtype(dtype)
+        if dtype not in self._softmax:
+            t = {"f": "float", "d": "double"}[dtype.char]
+            source = _SOFTMAX_SOURCE.replace("{T}", t).replace("{name}", t)
+            self._softmax[dtype] = cupy.RawKernel(source, f"softmax_loss_{t}")
+        return self._softmax[dtype]
+
+    @staticmethod
+    def relu_backward(dout, x):
+        return _relu_backward(dout, x)
+
+    # -- update rules (in place) -------------------------------------------------------
+    @staticmethod
+    def sgd(w, dw, lr):
+        _sgd(dw, lr, w)
+
+    @staticmethod
+    def sgd_momentum(w, dw, v, lr, mu):
+        _sgd_momentum(dw, lr, mu, w, v)
+
+    @staticmethod
+    def sgd_nesterov_momentum(w, dw, v, lr, mu):
+        _sgd_nesterov(dw, lr, mu, w, v)
+
+    @staticmethod
+    def rmsprop(w, dw, cache, lr, decay, eps):
+        _rmsprop(dw, lr, decay, eps, w, cache)
+
+    @staticmethod
+    def adam(w, dw, m, v, lr, beta1, beta2, eps, m_correction, v_correction):
+        _adam(dw, lr, beta1, beta2, eps, m_correction, v_correction, w, m, v)
