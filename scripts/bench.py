@@ -210,9 +210,14 @@ def run_config(backend, X, y, torch_data, hidden, batch, args):
         if backend.is_gpu and not args.no_graph:
             variants.append(("torch-graph", lambda: torch_step(backend, *torch_data, hidden, batch, True)))
     for name, build in variants:
-        step = build()
         sync_fn = torch_sync if name.startswith("torch") else sync
-        seconds, steps = time_step(step, sync_fn, args.repeats, args.budget)
+        try:
+            step = build()
+            seconds, steps = time_step(step, sync_fn, args.repeats, args.budget)
+        except Exception as exc:  # report it and measure the rest
+            print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
         results[name] = {
             "us_per_step": seconds * 1e6,
             "steps_per_repeat": steps,
@@ -337,11 +342,13 @@ def versions(backend):
 
 
 def _cell(results, name, key="us_per_step", fmt="{:.0f}"):
-    return fmt.format(results[name][key]) if name in results else "–"
+    if name not in results:
+        return "–"
+    return fmt.format(results[name][key]) if key in results[name] else "failed"
 
 
 def _ratio(results, a, b):
-    if a in results and b in results:
+    if "us_per_step" in results.get(a, {}) and "us_per_step" in results.get(b, {}):
         return f"{results[a]['us_per_step'] / results[b]['us_per_step']:.2f}"
     return "–"
 
@@ -416,10 +423,13 @@ def main(argv=None):
         results = run_config(backend, X, y, torch_data, hidden, batch, args)
         row = {"hidden": hidden, "batch": batch, "flops_per_step": flops_per_step(hidden, batch), "results": results}
         report["configs"].append(row)
-        summary = ", ".join(f"{k} {v['us_per_step']:.0f} µs" for k, v in results.items())
+        summary = ", ".join(f"{k} {v['us_per_step']:.0f} µs" for k, v in results.items() if "us_per_step" in v)
         print(f"{hidden}, {batch}: {summary}", flush=True)
     if args.time_to_accuracy:
-        report["time_to_accuracy"] = time_to_accuracy(backend, args)
+        try:
+            report["time_to_accuracy"] = time_to_accuracy(backend, args)
+        except Exception as exc:
+            report["time_to_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
     print()
     print(format_table(report["configs"]))

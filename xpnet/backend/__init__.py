@@ -419,7 +419,8 @@ class _CupyBackend(Backend):
 
     def capture(self, fn):
         cp = self.lib
-        accelerated(cp.empty(0))  # make sure the cuBLAS handle exists before capturing
+        with self.device:
+            accelerated(cp.empty(0)).prepare(self.device.id)  # cuBLAS handle and workspace, before capturing
         pool = cp.cuda.MemoryPool()
         stream = cp.cuda.Stream(non_blocking=True)
         with self.device, cp.cuda.using_allocator(pool.malloc), stream:

@@ -196,6 +196,12 @@ class CupyKernels:
         self._softmax: dict = {}
         self._lock = threading.Lock()
 
+    def prepare(self, device_id: int) -> None:
+        """Create the cuBLAS handle and workspace now (never inside a graph capture)."""
+        if device_id not in self._cublas:
+            with self._lock:
+                self._cublas.setdefault(device_id, _Cublas(device_id))
+
     # -- matrix product ----------------------------------------------------------
     def matmul(self, a, b):
         """``a @ b`` for 2-D float32/float64 arrays through our cuBLAS handle."""
@@ -204,11 +210,9 @@ class CupyKernels:
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align")
         device = a.device.id
-        blas = self._cublas.get(device)
-        if blas is None:
-            with self._lock:
-                blas = self._cublas.setdefault(device, _Cublas(device))
-        return blas.gemm(a, b)
+        if device not in self._cublas:
+            self.prepare(device)
+        return self._cublas[device].gemm(a, b)
 
     # -- layers ------------------------------------------------------------------
     def softmax_loss(self, x, y):
