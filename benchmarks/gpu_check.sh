@@ -23,5 +23,5 @@ npz=()
 timeout 300 python3 scripts/bench.py --backend cupy --json "$OUT/bench_gpu.json" "${npz[@]}" 2>&1 | tee "$OUT/bench.log"
 
 echo "== the whole suite on CuPy"
-XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests \
+XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests \
     2>&1 | tee "$OUT/suite_cupy.log" | tail -15

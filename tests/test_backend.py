@@ -1,3 +1,4 @@
+import os
 import sys
 import threading
 
@@ -88,7 +89,8 @@ def test_import_xpnet_without_cupy(tmp_path):
     import subprocess
 
     code = "import sys; sys.modules['cupy'] = None; import xpnet; print(xpnet.get_backend().name)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""})
+    env = {"PATH": "", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "numpy"
 

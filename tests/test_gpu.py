@@ -63,6 +63,25 @@ def test_fused_relu_backward_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_affine_relu_and_bias_gradient_match_reference(dtype):
+    from xpnet.layer_utils import affine_relu_backward, affine_relu_forward
+
+    rng = np.random.default_rng(6)
+    x = CUPY.asarray(rng.standard_normal((40, 3, 5)), dtype=dtype)
+    w = CUPY.asarray(rng.standard_normal((15, 24)), dtype=dtype)
+    b = CUPY.asarray(rng.standard_normal(24), dtype=dtype)
+    dout = CUPY.asarray(rng.standard_normal((40, 24)), dtype=dtype)
+
+    def run():
+        out, cache = affine_relu_forward(x, w, b)
+        return (out, *affine_relu_backward(dout, cache))
+
+    for fast, reference in zip(*both(run)):
+        assert fast.shape == reference.shape
+        assert_close(fast, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
 def test_cublas_matmul_matches_cupy(dtype, a_t, b_t):
     rng = np.random.default_rng(2)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from .backend import accelerated
 from .layers import (
     affine_backward,
     affine_forward,
+    affine_input,
     batchnorm_backward_alt,
     batchnorm_forward,
     dropout_backward,
@@ -28,6 +30,12 @@ NORMALIZATIONS = (None, "batchnorm", "layernorm")
 
 def affine_relu_forward(x, w, b):
     """Affine transform followed by ReLU: x (N, ...), w (D, M), b (M,) -> out (N, M)."""
+    fast = accelerated(x)
+    if fast is not None:
+        # One pass for bias and ReLU after the GEMM. ReLU's backward only needs to
+        # know where its input was positive, which the output tells as well.
+        out = fast.affine_relu(affine_input(x, w, b), w, b)
+        return out, ((x, w, b), out)
     a, fc_cache = affine_forward(x, w, b)
     out, relu_cache = relu_forward(a)
     return out, (fc_cache, relu_cache)
@@ -54,6 +62,9 @@ def affine_norm_relu_dropout_forward(
     Returns:
         out (N, M) and the cache.
     """
+    if normalization is None:
+        out, (fc_cache, relu_cache) = affine_relu_forward(x, w, b)
+        return _dropout_tail(out, dropout_param, fc_cache, None, None, relu_cache)
     out, fc_cache = affine_forward(x, w, b)
     norm_cache = None
     if normalization == "batchnorm":
@@ -63,6 +74,10 @@ def affine_norm_relu_dropout_forward(
     elif normalization is not None:
         raise ValueError(f"unknown normalization {normalization!r}; use one of {NORMALIZATIONS}")
     out, relu_cache = relu_forward(out)
+    return _dropout_tail(out, dropout_param, fc_cache, normalization, norm_cache, relu_cache)
+
+
+def _dropout_tail(out, dropout_param, fc_cache, normalization, norm_cache, relu_cache):
     drop_cache = None
     if dropout_param is not None:
         out, drop_cache = dropout_forward(out, dropout_param)

@@ -47,6 +47,13 @@ def affine_forward(x, w, b):
     Returns:
         out (N, M) and cache ``(x, w, b)``.
     """
+    x2 = affine_input(x, w, b)
+    out = _matmul(x2, w) + b
+    return out, (x, w, b)
+
+
+def affine_input(x, w, b):
+    """``x`` flattened to (N, D) after checking that x, w (D, M) and b (M,) fit together."""
     xp = namespace(x, w, b)
     if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[1]:
         raise ValueError(f"affine_forward: w must be (D, M) and b (M,), got w {tuple(w.shape)} and b {tuple(b.shape)}")
@@ -58,8 +65,7 @@ def affine_forward(x, w, b):
             f"affine_forward: x {tuple(x.shape)} flattens to {x2.shape[1]} features "
             f"but w {tuple(w.shape)} expects {w.shape[0]}"
         )
-    out = _matmul(x2, w) + b
-    return out, (x, w, b)
+    return x2
 
 
 def _matmul(a, b):
@@ -84,7 +90,8 @@ def affine_backward(dout, cache, input_grad=True):
     x2 = xp.reshape(x, (x.shape[0], -1))
     dx = xp.reshape(_matmul(dout, w.T), x.shape) if input_grad else None
     dw = _matmul(x2.T, dout)
-    db = xp.sum(dout, axis=0)
+    fast = accelerated(dout)
+    db = fast.column_sums(dout) if fast is not None else xp.sum(dout, axis=0)
     return dx, dw, db
 
 

@@ -55,6 +55,7 @@ extern "C" __global__ void softmax_loss_{name}(
 """
 
 _relu_backward = cupy.ElementwiseKernel("T dout, T x", "T dx", "dx = x > (T)0 ? dout : (T)0", "xpnet_relu_backward")
+_bias_relu = cupy.ElementwiseKernel("T a, T b", "T out", "out = max(a + b, (T)0)", "xpnet_bias_relu")
 _sgd = cupy.ElementwiseKernel("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 _sgd_momentum = cupy.ElementwiseKernel(
     "T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum"
@@ -194,6 +195,7 @@ class CupyKernels:
     def __init__(self):
         self._cublas: dict[int, _Cublas] = {}
         self._softmax: dict = {}
+        self._ones_cache: dict = {}
         self._lock = threading.Lock()
 
     def prepare(self, device_id: int) -> None:
@@ -214,7 +216,30 @@ class CupyKernels:
             self.prepare(device)
         return self._cublas[device].gemm(a, b)
 
+    def column_sums(self, a):
+        """``sum(a, axis=0)`` of a 2-D float array as ``ones(N) @ a`` through cuBLAS,
+        which reads ``a`` once at full bandwidth (CuPy's axis-0 reduction does not)."""
+        if a.ndim != 2 or a.dtype.char not in "fd":
+            return a.sum(axis=0)
+        ones = self._ones(a.shape[0], a.dtype)
+        return self.matmul(ones, a).reshape(a.shape[1])
+
+    def _ones(self, n, dtype):
+        """A (1, n) row of ones; cached, except while a graph is being captured (its
+        memory then belongs to the graph and must not outlive it)."""
+        key = (cupy.cuda.Device().id, n, cupy.dtype(dtype))
+        ones = self._ones_cache.get(key)
+        if ones is None:
+            ones = cupy.ones((1, n), dtype=dtype)
+            if not cupy.cuda.get_current_stream().is_capturing():
+                self._ones_cache[key] = ones
+        return ones
+
     # -- layers ------------------------------------------------------------------
+    def affine_relu(self, x2, w, b):
+        """``max(x2 @ w + b, 0)``: the bias add and the ReLU in one pass after the GEMM."""
+        return _bias_relu(self.matmul(x2, w), b)
+
     def softmax_loss(self, x, y):
         """Loss (0-d) and dx (N, C) in one launch; x (N, C) float, y (N,) integer labels."""
         n, c = x.shape
