@@ -13,6 +13,8 @@ import random
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from .backend import namespace
+
 __all__ = [
     "rel_error",
     "eval_numerical_gradient",
@@ -55,7 +57,8 @@ def _indices(shape):
 
 def _evaluate_both_sides(f, x, index, h):
     """``(f(x + h·e_i), f(x - h·e_i))``, restoring ``x[index]`` afterwards."""
-    old = x[index]
+    # A copy: in CuPy (unlike NumPy) x[index] is a 0-d view that the writes below would change.
+    old = namespace(x).asarray(x[index], copy=True)
     x[index] = old + h
     plus = f(x)
     x[index] = old - h
