@@ -86,6 +86,11 @@ def build_parser():
     p.add_argument("--epochs", type=positive_int, help="(default: 20 digits, 10 CIFAR-10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-every", type=positive_int, default=100)
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each training step as a CUDA graph (cupy backend; not with adam)",
+    )
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
     p.add_argument("--plot", metavar="PNG", help="save loss and accuracy curves")
@@ -125,6 +130,24 @@ def build_model(args, data, backend):
     return xpnet.FullyConnectedNet(hidden, normalization=args.normalization, **common)
 
 
+def make_solver(args, model, data, checkpoint_name, on_log):
+    return Solver(
+        model,
+        data,
+        update_rule=args.update_rule,
+        optim_config={"learning_rate": args.lr},
+        lr_decay=args.lr_decay,
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        print_every=args.print_every,
+        seed=args.seed,
+        checkpoint_name=checkpoint_name,
+        verbose=not args.quiet,
+        on_log=on_log,
+        cuda_graph=args.cuda_graph,
+    )
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -159,20 +182,10 @@ def main(argv=None):
     if args.checkpoint_dir:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         checkpoint_name = os.path.join(args.checkpoint_dir, f"{args.dataset}_{args.model}")
-    solver = Solver(
-        model,
-        data,
-        update_rule=args.update_rule,
-        optim_config={"learning_rate": args.lr},
-        lr_decay=args.lr_decay,
-        batch_size=args.batch_size,
-        num_epochs=args.epochs,
-        print_every=args.print_every,
-        seed=args.seed,
-        checkpoint_name=checkpoint_name,
-        verbose=not args.quiet,
-        on_log=on_log,
-    )
+    try:
+        solver = make_solver(args, model, data, checkpoint_name, on_log)
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if args.resume:
         try:
             solver.resume(args.resume)

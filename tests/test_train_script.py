@@ -82,6 +82,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
         (["--resume", "/nonexistent.pkl", "--epochs", "1"], "does not exist"),
         (["--model", "twolayer", "--hidden-dims", "10", "10"], "one hidden size"),
+        (["--cuda-graph"], "needs the cupy backend"),
     ],
 )
 def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, args, message):
