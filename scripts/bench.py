@@ -174,8 +174,8 @@ def torch_step(backend, X_t, y_t, hidden, batch, graph):
 
 
 # ----------------------------------------------------------------------------- timing
-def time_step(step, sync, repeats, budget_s):
-    """Median seconds per step over ``repeats`` runs of about ``budget_s`` each, after a warm-up."""
+def calibrate(step, sync, budget_s):
+    """Warm up, then the number of steps that takes about ``budget_s`` (3 to 300)."""
     for _ in range(3):
         step()
     sync()
@@ -183,48 +183,52 @@ def time_step(step, sync, repeats, budget_s):
     step()
     sync()
     single = time.perf_counter() - start
-    steps = max(3, min(300, int(budget_s / max(single, 1e-6))))
-    samples = []
+    return max(3, min(300, int(budget_s / max(single, 1e-6))))
+
+
+def time_variants(variants, repeats, budget_s):
+    """Median seconds per step of each variant. The repeats are interleaved
+    (a, b, c, a, b, c, ...) so that drift in the machine's speed does not
+    favour whichever variant happens to run first."""
+    steps = {name: calibrate(step, sync, budget_s) for name, (step, sync) in variants.items()}
+    samples = {name: [] for name in variants}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        samples.append((time.perf_counter() - start) / steps)
-    return statistics.median(samples), steps
+        for name, (step, sync) in variants.items():
+            start = time.perf_counter()
+            for _ in range(steps[name]):
+                step()
+            sync()
+            samples[name].append((time.perf_counter() - start) / steps[name])
+    return {name: (statistics.median(samples[name]), steps[name]) for name in variants}
 
 
 def run_config(backend, X, y, torch_data, hidden, batch, args):
-    results = {}
-    sync = backend.sync
-    variants = [
-        ("xpnet", lambda: xpnet_step(backend, X, y, hidden, batch, False)),
-        ("plain", lambda: plain_step(backend, X, y, hidden, batch)),
-    ]
+    builders = {"xpnet": lambda: (xpnet_step(backend, X, y, hidden, batch, False), backend.sync)}
     if backend.can_capture and not args.no_graph:
-        variants.insert(1, ("xpnet-graph", lambda: xpnet_step(backend, X, y, hidden, batch, True)))
+        builders["xpnet-graph"] = lambda: (xpnet_step(backend, X, y, hidden, batch, True), backend.sync)
+    builders["plain"] = lambda: (plain_step(backend, X, y, hidden, batch), backend.sync)
     if torch_data is not None:
         torch, _ = torch_setup(backend)
         torch_sync = torch.cuda.synchronize if backend.is_gpu else (lambda: None)
-        variants.append(("torch", lambda: torch_step(backend, *torch_data, hidden, batch, False)))
+        builders["torch"] = lambda: (torch_step(backend, *torch_data, hidden, batch, False), torch_sync)
         if backend.is_gpu and not args.no_graph:
-            variants.append(("torch-graph", lambda: torch_step(backend, *torch_data, hidden, batch, True)))
-    for name, build in variants:
-        sync_fn = torch_sync if name.startswith("torch") else sync
+            builders["torch-graph"] = lambda: (torch_step(backend, *torch_data, hidden, batch, True), torch_sync)
+    results, variants = {}, {}
+    for name, build in builders.items():
         try:
-            step = build()
-            seconds, steps = time_step(step, sync_fn, args.repeats, args.budget)
-        except Exception as exc:  # report it and measure the rest
+            step, sync = build()
+            step()  # a variant that cannot run is reported, and the others still measured
+            variants[name] = (step, sync)
+        except Exception as exc:
             print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            continue
+    for name, (seconds, steps) in time_variants(variants, args.repeats, args.budget).items():
         results[name] = {
             "us_per_step": seconds * 1e6,
             "steps_per_repeat": steps,
             "samples_per_s": batch / seconds,
             "tflops": flops_per_step(hidden, batch) / seconds / 1e12,
         }
-        del step
     return results
 
 

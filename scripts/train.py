@@ -20,7 +20,7 @@ from xpnet.solver import Solver
 # Defaults that work well for each data set (a flag on the command line wins).
 DATASET_DEFAULTS = {
     "digits": {"hidden_dims": [100], "lr": 3e-3, "batch_size": 100, "epochs": 20, "weight_scale": 1e-2},
-    "cifar10": {"hidden_dims": [200], "lr": 1e-3, "batch_size": 200, "epochs": 10, "weight_scale": 1e-3},
+    "cifar10": {"hidden_dims": [200], "lr": 1e-4, "batch_size": 200, "epochs": 10, "weight_scale": 1e-3},
 }
 UPDATE_RULES = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"]
 
@@ -79,7 +79,7 @@ def build_parser():
         help="std of the initial weights (default: 1e-2 for digits, 1e-3 for CIFAR-10)",
     )
     p.add_argument("--update-rule", choices=UPDATE_RULES, default="adam")
-    p.add_argument("--lr", type=positive_float, help="learning rate (default: 3e-3 digits, 1e-3 CIFAR-10)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: 3e-3 digits, 1e-4 CIFAR-10)")
     p.add_argument("--lr-decay", type=positive_float, default=0.95)
     p.add_argument("--reg", type=non_negative_float, default=0.0, help="L2 regularisation strength")
     p.add_argument("--batch-size", type=positive_int, help="(default: 100 digits, 200 CIFAR-10)")
@@ -158,7 +158,7 @@ def main(argv=None):
         backend = xpnet.get_backend(args.backend)
     except (ValueError, ImportError, RuntimeError) as exc:
         parser.error(str(exc))
-    print(f"backend: {backend.name} (device {backend.device})", flush=True)
+    print(f"backend: {backend.name} ({backend.device_name})", flush=True)
 
     try:
         data = load_data(args)
