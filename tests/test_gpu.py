@@ -115,25 +115,18 @@ def test_fused_update_rules_match_reference(rule, dtype):
 
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_nets_give_the_same_results_on_cupy_and_numpy(normalization):
-    numpy_model = xpnet.FullyConnectedNet(
-        [64, 32],
-        input_dim=48,
-        num_classes=10,
-        normalization=normalization,
-        reg=0.01,
-        weight_scale=0.1,
-        seed=0,
-        backend="numpy",
-    )
-    cupy_model = xpnet.FullyConnectedNet(
-        [64, 32],
-        input_dim=48,
-        num_classes=10,
-        normalization=normalization,
-        reg=0.01,
-        weight_scale=0.1,
-        seed=0,
-        backend=CUPY,
+    numpy_model, cupy_model = (
+        xpnet.FullyConnectedNet(
+            [64, 32],
+            input_dim=48,
+            num_classes=10,
+            normalization=normalization,
+            reg=0.01,
+            weight_scale=0.1,
+            seed=0,
+            backend=backend,
+        )
+        for backend in ("numpy", CUPY)
     )
     cupy_model.load_state_dict(numpy_model.state_dict())  # same parameters
     rng = np.random.default_rng(4)
