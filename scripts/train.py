@@ -89,7 +89,7 @@ def build_parser():
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="replay each training step as a CUDA graph (cupy backend; not with adam)",
+        help="replay each training step as a CUDA graph (cupy backend)",
     )
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")

@@ -153,6 +153,7 @@ def blobs(n=600, d=32, c=5):
     [
         dict(update_rule="sgd_momentum"),
         dict(update_rule="rmsprop", optim_config={"learning_rate": 1e-3}),
+        dict(update_rule="adam", optim_config={"learning_rate": 1e-3}),
         dict(update_rule="sgd", normalization="batchnorm", dropout=0.2),
     ],
     ids=["momentum", "rmsprop", "batchnorm+dropout"],
@@ -203,11 +204,15 @@ def test_training_steps_never_synchronise(cuda_graph):
     assert np.isfinite(CUPY.to_floats(losses)).all()
 
 
-def test_cuda_graph_rejects_adam():
-    with pytest.raises(ValueError, match="does not support update_rule='adam'"):
-        Solver(
-            xpnet.FullyConnectedNet([8], input_dim=32, num_classes=5, backend=CUPY),
-            blobs(),
-            update_rule="adam",
-            cuda_graph=True,
-        )
+def test_adam_step_count_lives_on_the_device_and_survives_checkpoints():
+    w = CUPY.asarray(np.zeros(3), dtype="float32", copy=True)
+    config = {}
+    for _ in range(3):
+        w, config = optim.adam(w, CUPY.asarray(np.ones(3), dtype="float32"), config)
+    assert isinstance(config["t"], cp.ndarray) and int(config["t"]) == 3
+    from xpnet.checkpoint import tree_to_device, tree_to_host
+
+    on_host = tree_to_host(config, CUPY)
+    numpy_config = tree_to_device(on_host, xpnet.get_backend("numpy"))
+    w_np, numpy_config = optim.adam(np.zeros(3, dtype=np.float32), np.ones(3, dtype=np.float32), numpy_config)
+    assert numpy_config["t"] == 4

@@ -103,7 +103,8 @@ def adam(w, dw, config=None):
     """Adam with bias correction; ``t`` is incremented before the correction.
 
     Config: learning_rate (1e-3), beta1 (0.9), beta2 (0.999), epsilon (1e-8),
-    m and v (state arrays), t (step count, a Python int).
+    m and v (state arrays), t (step count: a Python int; on CuPy a 0-d device
+    array, so that a CUDA graph replaying the update counts its steps too).
     """
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-3)
@@ -115,14 +116,14 @@ def adam(w, dw, config=None):
     beta1, beta2 = config["beta1"], config["beta2"]
     m = _state(config, "m", w)
     v = _state(config, "v", w)
+    fast = accelerated(w)
+    if fast is not None:  # keeps t on the device, so the step can be replayed from a CUDA graph
+        fast.adam(w, dw, m, v, config)
+        return w, config
     config["t"] = t = int(config["t"]) + 1
     m_correction = 1.0 - beta1**t
     v_correction = 1.0 - beta2**t
     lr, eps = config["learning_rate"], config["epsilon"]
-    fast = accelerated(w)
-    if fast is not None:
-        fast.adam(w, dw, m, v, lr, beta1, beta2, eps, m_correction, v_correction)
-        return w, config
     m *= beta1
     m += (1 - beta1) * dw
     v *= beta2

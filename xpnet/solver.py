@@ -94,12 +94,6 @@ class Solver:
                 raise ValueError(
                     f"cuda_graph=True needs the cupy backend; backend {self.backend.name!r} cannot capture CUDA graphs"
                 )
-            if self.update_rule is optim.adam:
-                raise ValueError(
-                    "cuda_graph=True does not support update_rule='adam': its bias correction changes "
-                    "every step and a graph replays fixed arguments; use sgd, sgd_momentum, "
-                    "sgd_nesterov_momentum or rmsprop"
-                )
         num_classes = getattr(model, "num_classes", None)
         input_dim = getattr(model, "input_dim", None)
         for split in ("train", "val"):

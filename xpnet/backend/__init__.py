@@ -673,9 +673,3 @@ def to_numpy(x) -> np.ndarray:
     if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
         return np.asarray(x)
     return backend_of(x).to_numpy(x)
-
-
-def is_array(x) -> bool:
-    from array_api_compat import is_array_api_obj
-
-    return is_array_api_obj(x)

@@ -72,10 +72,15 @@ _rmsprop = cupy.ElementwiseKernel(
     "cache = decay * cache + ((T)1 - decay) * dw * dw; w = w - lr * dw / (sqrt(cache) + eps)",
     "xpnet_rmsprop",
 )
+# Adam reads its step count from the device, so a CUDA graph replaying the update
+# sees each new count (a count passed as an argument would be frozen at capture).
 _adam = cupy.ElementwiseKernel(
-    "T dw, T lr, T beta1, T beta2, T eps, T m_correction, T v_correction",
+    "T dw, raw int64 t, T lr, T beta1, T beta2, T eps",
     "T w, T m, T v",
-    """m = beta1 * m + ((T)1 - beta1) * dw;
+    """const T step = (T)t[0];
+       const T m_correction = (T)1 - pow(beta1, step);
+       const T v_correction = (T)1 - pow(beta2, step);
+       m = beta1 * m + ((T)1 - beta1) * dw;
        v = beta2 * v + ((T)1 - beta2) * dw * dw;
        w = w - lr * (m / m_correction) / (sqrt(v / v_correction) + eps)""",
     "xpnet_adam",
@@ -281,5 +286,11 @@ class CupyKernels:
         _rmsprop(dw, lr, decay, eps, w, cache)
 
     @staticmethod
-    def adam(w, dw, m, v, lr, beta1, beta2, eps, m_correction, v_correction):
-        _adam(dw, lr, beta1, beta2, eps, m_correction, v_correction, w, m, v)
+    def adam(w, dw, m, v, config):
+        """Adam in place; ``config['t']`` becomes a 0-d int64 device array, incremented on the device."""
+        t = config["t"]
+        if not isinstance(t, cupy.ndarray):
+            t = cupy.asarray(int(t), dtype=cupy.int64)
+        t += 1
+        config["t"] = t
+        _adam(dw, t, config["learning_rate"], config["beta1"], config["beta2"], config["epsilon"], w, m, v)
