@@ -156,7 +156,7 @@ def blobs(n=600, d=32, c=5):
         dict(update_rule="adam", optim_config={"learning_rate": 1e-3}),
         dict(update_rule="sgd", normalization="batchnorm", dropout=0.2),
     ],
-    ids=["momentum", "rmsprop", "batchnorm+dropout"],
+    ids=["momentum", "rmsprop", "adam", "batchnorm+dropout"],
 )
 def test_cuda_graph_training_equals_eager_training(options):
     options = dict(options)
