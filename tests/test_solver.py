@@ -240,6 +240,7 @@ def test_divergence_stops_training_with_a_clear_message():
         num_epochs=50,
         print_every=5,
         verbose=False,
+        seed=0,
     )
     with pytest.warns(RuntimeWarning, match=r"diverged at iteration \d+ .*learning rate 1000000\.0"):
         solver.train()

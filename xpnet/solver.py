@@ -244,7 +244,8 @@ class Solver:
             f"training diverged at iteration {t + 1} / {num_iterations} (epoch {self.epoch + 1}): "
             f"loss is {value}; learning rate {lr}. Try a smaller learning rate."
         )
-        say(self.diverged)
+        if self.verbose:
+            say(self.diverged)
         warnings.warn(self.diverged, RuntimeWarning, stacklevel=3)
 
     def _losses_to_floats(self):
