@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -33,7 +34,11 @@ import time
 
 import numpy as np
 
-import xpnet
+try:
+    import xpnet
+except ImportError:  # run from a checkout without `pip install -e .`: use the package beside this script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import xpnet
 from xpnet import data_utils
 from xpnet.solver import Solver
 

@@ -13,7 +13,11 @@ import os
 import sys
 import time
 
-import xpnet
+try:
+    import xpnet
+except ImportError:  # run from a checkout without `pip install -e .`: use the package beside this script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import xpnet
 from xpnet import data_utils
 from xpnet.solver import Solver
 
@@ -205,7 +209,7 @@ def main(argv=None):
         print(solver.diverged, file=sys.stderr)
     print(f"best val acc: {solver.best_val_acc:.4f}")
     print(f"test acc: {test_acc:.4f}")
-    print(f"wall time: {wall:.1f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
+    print(f"wall time: {wall:.2f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
     if args.plot:
         from xpnet.vis_utils import plot_history
 
