@@ -191,10 +191,12 @@ def calibrate(step, sync, budget_s):
     return max(3, min(300, int(budget_s / max(single, 1e-6))))
 
 
-def time_variants(variants, repeats, budget_s):
+def time_variants(variants, repeats, budget_s, settle_s=0.0):
     """Median seconds per step of each variant. The repeats are interleaved
     (a, b, c, a, b, c, ...) so that drift in the machine's speed does not
-    favour whichever variant happens to run first."""
+    favour whichever variant happens to run first; ``settle_s`` of idle time
+    after each lets worker threads that spin after their work (PyTorch's on
+    the CPU) park before the next variant runs."""
     steps = {name: calibrate(step, sync, budget_s) for name, (step, sync) in variants.items()}
     samples = {name: [] for name in variants}
     for _ in range(repeats):
@@ -204,6 +206,7 @@ def time_variants(variants, repeats, budget_s):
                 step()
             sync()
             samples[name].append((time.perf_counter() - start) / steps[name])
+            time.sleep(settle_s)
     return {name: (statistics.median(samples[name]), steps[name]) for name in variants}
 
 
@@ -227,7 +230,8 @@ def run_config(backend, X, y, torch_data, hidden, batch, args):
         except Exception as exc:
             print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    for name, (seconds, steps) in time_variants(variants, args.repeats, args.budget).items():
+    settle = 0.0 if backend.is_gpu else 0.3
+    for name, (seconds, steps) in time_variants(variants, args.repeats, args.budget, settle).items():
         results[name] = {
             "us_per_step": seconds * 1e6,
             "steps_per_repeat": steps,

@@ -116,7 +116,7 @@ class Solver:
         self.val_acc_history = []
         self.diverged = None
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
-        self._graph = None
+        self._graph = self._graph_rng = None
         self._warmed_up = False
 
     @property
@@ -140,8 +140,9 @@ class Solver:
         if not self._warmed_up:  # creates the optimizer state and compiles the kernels
             self._warmed_up = True
             return self._step(rng)
-        if self._graph is None:
+        if self._graph is None or rng is not self._graph_rng:  # the graph draws from the rng it captured
             self._graph = self.backend.capture(lambda: self._step(rng))
+            self._graph_rng = rng
         loss = self._graph.replay()
         return self.backend.xp.asarray(loss, copy=True)  # the graph overwrites its output
 
@@ -326,6 +327,7 @@ class Solver:
             setattr(self, key, list(state[key]))
         self.seed = state["rng"]["seed"]
         self.diverged = None
+        self._graph, self._warmed_up = None, False  # a captured graph would update the old arrays
         return self
 
 
