@@ -1,58 +1,258 @@
-"""Checkpoint files: written atomically, readable on any backend.
+"""Checkpoint files: safe to read, written atomically, readable on any backend.
 
-A checkpoint is a pickled dict whose arrays are NumPy arrays on the host, so a
-file written during a CuPy run loads in a NumPy run and back.
+A checkpoint is one ``.npz`` file. Its arrays are members of their own; everything
+else (settings, histories, optimizer scalars, the format version) is one JSON
+document in the member ``__xpnet__.json``, where each array appears as
+``{"__array__": "<member name>"}``. It is read with ``allow_pickle=False``, so
+loading a checkpoint can never run code, whoever wrote the file.
+
+Writes are atomic: the file is written under a temporary name that carries the
+writer's process id, flushed to disk, then renamed over the target. A later write
+into the same folder removes the temporaries of processes that no longer exist
+(a writer killed mid-write), never those of a writer that is still running.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
-import tempfile
+import secrets
+import zipfile
 
 import numpy as np
 
-__all__ = ["save_checkpoint", "load_checkpoint", "tree_to_host", "tree_to_device"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "remove_stale_temporaries",
+    "is_finite_tree",
+    "tree_to_host",
+    "tree_to_device",
+    "CheckpointError",
+    "CheckpointWriteError",
+]
 
-FORMAT = "xpnet-checkpoint-1"
+FORMAT = "xpnet-checkpoint"
+VERSION = 2
+META = "__xpnet__.json"
+_ARRAY = "__array__"
+_TMP_MARK = ".tmp-"
+_LEGACY_FORMAT = "xpnet-checkpoint-1"  # the pickle files of version 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not one xpnet wrote, is damaged, or needs an explicit opt-in."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, folder removed, no permission); names the path."""
+
+
+# --------------------------------------------------------------------------- writing
+def _encode(tree, arrays: dict):
+    """``tree`` as JSON-ready data, its NumPy arrays moved into ``arrays`` (member name -> array)."""
+    if isinstance(tree, dict):
+        for key in tree:
+            if not isinstance(key, str):
+                raise TypeError(f"checkpoint keys must be strings, got {key!r}")
+        return {key: _encode(value, arrays) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_encode(value, arrays) for value in tree]
+    if isinstance(tree, np.ndarray):
+        if tree.dtype.hasobject:
+            raise TypeError("checkpoint arrays must hold numbers, not Python objects")
+        name = f"a{len(arrays)}"
+        arrays[name] = tree
+        return {_ARRAY: name}
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"a checkpoint cannot hold a {type(tree).__name__}: only arrays, numbers, strings and None")
+
+
+def _temporary_name(path: str) -> str:
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the temporary files in ``folder`` left by writers that no longer run; returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".") or _TMP_MARK not in name:
+            continue
+        pid_text = name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except FileNotFoundError:  # another writer cleaned it first
+            pass
+    return removed
 
 
 def save_checkpoint(path, payload: dict) -> str:
-    """Pickle ``payload`` to ``path`` atomically: a temporary file in the same
-    folder, flushed to disk, then renamed over ``path``. A crash at any moment
-    leaves either the old file or the complete new one, never half of one."""
+    """Write ``payload`` (nested dicts and lists of NumPy arrays, numbers, strings,
+    None) to ``path`` as an xpnet ``.npz`` checkpoint, atomically.
+
+    A crash at any moment leaves either the old file or the complete new one.
+    The file gets the usual permissions (those the umask allows). Raises
+    :class:`CheckpointWriteError` naming ``path`` when the disk refuses.
+    """
     path = os.fspath(path)
+    arrays: dict = {}
+    document = json.dumps({"format": FORMAT, "version": VERSION, "payload": _encode(payload, arrays)})
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
+    tmp = _temporary_name(os.path.abspath(path))
     try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump({"format": FORMAT, **payload}, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        # os.open with 0o666 lets the umask decide the permissions (mkstemp would force 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{META: np.frombuffer(document.encode(), dtype=np.uint8)}, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_folder(folder)
+    except OSError as exc:
+        raise CheckpointWriteError(exc.errno, f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
     return path
 
 
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`, with errors that name the file."""
+def _fsync_folder(folder):
+    """Make the rename itself durable (a power cut after it keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading
+def _decode(tree, members, path):
+    if isinstance(tree, dict):
+        if set(tree) == {_ARRAY}:
+            name = tree[_ARRAY]
+            if name not in members:
+                raise CheckpointError(f"checkpoint {path!r} is damaged: array {name!r} is missing")
+            return members[name]
+        return {key: _decode(value, members, path) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_decode(value, members, path) for value in tree]
+    return tree
+
+
+def load_checkpoint(path, trust_pickle: bool = False) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    The file is read without unpickling anything. A checkpoint of the earlier
+    pickle format (``.pkl``) is refused unless ``trust_pickle=True``: unpickling
+    a file can run any code it carries, so only do that for files you made.
+
+    Raises FileNotFoundError for a missing file and :class:`CheckpointError`
+    (a ValueError) naming the file for anything that is not a sound checkpoint.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"\x80") or head[:1] in (b"(", b"}", b"]"):
+        return _load_pickle(path, trust_pickle)
+    if not head.startswith(b"PK"):
+        raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint (not an .npz file)")
     try:
-        with open(path, "rb") as f:
-            payload = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path!r} is corrupt or not an xpnet checkpoint ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not an xpnet checkpoint")
+        with np.load(path, allow_pickle=False) as archive:
+            if META not in archive.files:
+                raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint (no {META} member)")
+            members = {name: archive[name] for name in archive.files}
+    except CheckpointError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        # allow_pickle=False refuses object arrays with a ValueError: the file tried to carry pickled data.
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not an xpnet checkpoint ({exc})") from exc
+    meta = members.pop(META)
+    try:
+        if meta.dtype != np.uint8 or meta.ndim != 1:
+            raise ValueError("metadata is not a byte string")
+        document = json.loads(meta.tobytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} has unreadable metadata ({exc})") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint")
+    if document.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path!r} has format version {document.get('version')!r}; this xpnet reads version {VERSION}"
+        )
+    payload = _decode(document.get("payload"), members, path)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint")
     return payload
 
 
+def _load_pickle(path, trust_pickle):
+    if not trust_pickle:
+        raise CheckpointError(
+            f"checkpoint {path!r} is in the old pickle format, and reading a pickle can run any code "
+            "the file carries. Load it only if you trust where it came from: "
+            "load_checkpoint(path, trust_pickle=True), Solver.resume(path, trust_pickle=True) "
+            "or train.py --trust-pickle; the next checkpoint is then written in the safe .npz format."
+        )
+    try:
+        with open(path, "rb") as f:
+            payload = pickle.load(f)  # noqa: S301 (explicit opt-in above)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not an xpnet checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != _LEGACY_FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint")
+    payload = dict(payload)
+    payload.pop("format")
+    return payload
+
+
+def is_finite_tree(tree) -> bool:
+    """Whether every float in a host tree (arrays and Python floats) is finite."""
+    if isinstance(tree, dict):
+        return all(is_finite_tree(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(is_finite_tree(v) for v in tree)
+    if isinstance(tree, np.ndarray) and tree.dtype.kind == "f":
+        return bool(np.isfinite(tree).all())
+    if isinstance(tree, float):
+        return math.isfinite(tree)
+    return True
+
+
+# --------------------------------------------------------------------------- moving trees
 def tree_to_host(tree, backend):
     """Nested dicts/lists with the backend's arrays replaced by NumPy arrays."""
     if isinstance(tree, dict):
