@@ -35,8 +35,64 @@ class DataError(ValueError):
     """A data file is missing, unreadable or malformed."""
 
 
+# The globals a CIFAR-10 batch pickle may name: NumPy's array and dtype rebuilders (under
+# the NumPy 1 and NumPy 2 module names) and _codecs.encode, which protocol-2 pickles
+# written by Python 3 use for bytes. Dicts, lists, tuples, strings, bytes and numbers
+# need no global at all. Anything else is refused before it is even looked up.
+_ALLOWED_GLOBALS = frozenset(
+    [
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    ]
+)
+# The official batches are about 31 MB; a file far larger than that is not one.
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain containers, numbers, strings and NumPy arrays."""
+
+    def __init__(self, file, filename):
+        super().__init__(file, encoding="bytes")
+        self._filename = filename
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise DataError(
+                f"CIFAR-10 batch {self._filename!r} asks to load {module}.{name}, which a data file has "
+                "no business loading; refused (the file may be malicious). Download the data set again."
+            )
+        return super().find_class(module, name)
+
+
+def _read_batch_pickle(filename):
+    size = os.path.getsize(filename)
+    if size > MAX_BATCH_BYTES:
+        raise DataError(
+            f"CIFAR-10 batch {filename!r} is {size / 2**20:.0f} MiB, far larger than a batch file "
+            f"(about 30 MiB); refused"
+        )
+    try:
+        with open(filename, "rb") as f:
+            return _BatchUnpickler(f, filename).load()
+    except DataError:
+        raise
+    except Exception as exc:  # any unpickling failure means the same thing to the user
+        raise DataError(
+            f"CIFAR-10 batch {filename!r} is corrupt or not a CIFAR-10 python batch ({exc!r}); "
+            "delete it and download the data set again (--download)"
+        ) from exc
+
+
 def load_CIFAR_batch(filename, dtype="float64"):
-    """Load one CIFAR-10 batch file.
+    """Load one CIFAR-10 batch file (read with an allow-list unpickler: it cannot run code).
 
     Returns:
         X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255) and y (N,) int64.
@@ -47,21 +103,19 @@ def load_CIFAR_batch(filename, dtype="float64"):
             f"CIFAR-10 batch {filename!r} is missing; point --data-dir (or $XPNET_DATA_DIR) "
             "at a complete cifar-10-batches-py folder, or download it with --download"
         )
+    batch = _read_batch_pickle(filename)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"CIFAR-10 batch {filename!r} is not a CIFAR-10 python batch (no data and labels)")
+    data, labels = batch[b"data"], batch[b"labels"]
     try:
-        with open(filename, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data, labels = batch[b"data"], batch[b"labels"]
-    except Exception as exc:  # any unpickling failure means the same thing to the user
+        data = np.asarray(data)
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"CIFAR-10 batch {filename!r} has malformed data or labels ({exc})") from exc
+    if data.dtype.kind not in "ui" or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise DataError(
-            f"CIFAR-10 batch {filename!r} is corrupt or not a CIFAR-10 python batch ({exc!r}); "
-            "delete it and download the data set again (--download)"
-        ) from exc
-    data = np.asarray(data)
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"CIFAR-10 batch {filename!r} has data of shape {data.shape} and {labels.shape[0]} labels; "
-            "expected (N, 3072) and N labels"
+            f"CIFAR-10 batch {filename!r} has data of shape {data.shape} ({data.dtype}) and "
+            f"{labels.shape[0]} labels; expected (N, 3072) integer pixels and N labels"
         )
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"CIFAR-10 batch {filename!r} has labels outside 0..9")
