@@ -8,7 +8,7 @@ from .layer_utils import (
     affine_norm_relu_dropout_forward,
 )
 from .layers import affine_backward, affine_forward, softmax_loss
-from .model import Model, check_dropout, check_hidden_dims, check_positive_int
+from .model import Model, check_dropout, check_finite, check_hidden_dims, check_num_classes, check_positive_int
 
 __all__ = ["FullyConnectedNet", "TwoLayerNet"]
 
@@ -52,7 +52,9 @@ class FullyConnectedNet(Model):
         super().__init__(backend, dtype)
         hidden_dims = check_hidden_dims(hidden_dims)
         check_positive_int("input_dim", input_dim)
-        check_positive_int("num_classes", num_classes)
+        check_num_classes(num_classes)
+        check_finite("weight_scale", weight_scale, minimum=0)
+        check_finite("reg", reg, minimum=0)
         if use_batchnorm:
             if normalization not in (None, "batchnorm"):
                 raise ValueError(f"use_batchnorm=True conflicts with normalization={normalization!r}")
@@ -63,6 +65,7 @@ class FullyConnectedNet(Model):
         self.use_batchnorm = normalization == "batchnorm"
         self.use_dropout = check_dropout(dropout) > 0
         self.reg = reg
+        self.weight_scale = weight_scale
         self.num_layers = len(hidden_dims) + 1
         self.num_classes = num_classes
         self.input_dim = input_dim

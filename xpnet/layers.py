@@ -16,6 +16,7 @@ from __future__ import annotations
 from array_api_compat import device
 
 from .backend import accelerated, backend_of, namespace
+from .input_checks import check_same_shape, layer_namespace
 
 __all__ = [
     "affine_forward",
@@ -54,11 +55,13 @@ def affine_forward(x, w, b):
 
 def affine_input(x, w, b):
     """``x`` flattened to (N, D) after checking that x, w (D, M) and b (M,) fit together."""
-    xp = namespace(x, w, b)
+    xp = layer_namespace("affine_forward", {"x": x, "w": w, "b": b})
     if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[1]:
         raise ValueError(f"affine_forward: w must be (D, M) and b (M,), got w {tuple(w.shape)} and b {tuple(b.shape)}")
     if x.ndim < 1:
         raise ValueError("affine_forward: x must have a leading batch dimension")
+    if x.shape[0] == 0:
+        raise ValueError(f"affine_forward: empty batch, x has shape {tuple(x.shape)}")
     x2 = xp.reshape(x, (x.shape[0], -1))
     if x2.shape[1] != w.shape[0]:
         raise ValueError(
@@ -86,7 +89,12 @@ def affine_backward(dout, cache, input_grad=True):
         dx with the shape of x (None when input_grad is False), dw (D, M), db (M,).
     """
     x, w, _ = cache
-    xp = namespace(dout, x)
+    xp = layer_namespace("affine_backward", {"dout": dout, "x": x})
+    if tuple(dout.shape) != (x.shape[0], w.shape[1]):
+        raise ValueError(
+            f"affine_backward: dout has shape {tuple(dout.shape)}, expected {(x.shape[0], w.shape[1])} "
+            f"for x {tuple(x.shape)} and w {tuple(w.shape)}"
+        )
     x2 = xp.reshape(x, (x.shape[0], -1))
     dx = xp.reshape(_matmul(dout, w.T), x.shape) if input_grad else None
     dw = _matmul(x2.T, dout)
@@ -97,17 +105,18 @@ def affine_backward(dout, cache, input_grad=True):
 
 def relu_forward(x):
     """Rectified linear unit, elementwise ``max(x, 0)``; cache is ``x``."""
-    xp = namespace(x)
+    xp = layer_namespace("relu_forward", {"x": x})
     return xp.maximum(x, 0), x
 
 
 def relu_backward(dout, cache):
     """Backward pass of :func:`relu_forward`: ``dout`` where the input was positive."""
     x = cache
+    xp = layer_namespace("relu_backward", {"dout": dout, "x": x})
+    check_same_shape("relu_backward", "dout", dout, "x", x)
     fast = accelerated(dout)
     if fast is not None:
         return fast.relu_backward(dout, x)
-    xp = namespace(dout, x)
     return dout * xp.astype(x > 0, dout.dtype)
 
 
@@ -116,16 +125,31 @@ def relu_backward(dout, cache):
 # --------------------------------------------------------------------------
 def _check_scores_and_labels(name, x, y):
     """Shape and dtype checks that need no device synchronisation."""
-    xp = namespace(x, y)
+    if not _is_integer_array(y):
+        raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    xp = layer_namespace(name, {"x": x}, {"y": y})
     if x.ndim != 2:
         raise ValueError(f"{name}: scores must be (N, C), got shape {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"{name}: labels must be ({x.shape[0]},) to match scores {tuple(x.shape)}, got shape {tuple(y.shape)}"
         )
-    if not xp.isdtype(y.dtype, "integral"):
-        raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch, scores have shape {tuple(x.shape)}")
     return xp
+
+
+def _is_integer_array(y) -> bool:
+    return namespace(y).isdtype(y.dtype, "integral")
+
+
+def _nan_for_bad_labels(xp, loss, dx, y, c):
+    """NaN loss (and NaN gradient rows) when a label lies outside [0, C), computed on the
+    device: a wrong label must never produce a plausible number, nor cost a synchronisation."""
+    valid = (y >= 0) & (y < c)
+    nan = xp.asarray(float("nan"), dtype=dx.dtype, device=device(dx))
+    loss = xp.where(xp.all(valid), loss, nan)
+    return loss, xp.where(valid[:, None], dx, nan)
 
 
 def _one_hot(xp, y, num_classes, dtype):
@@ -139,8 +163,10 @@ def softmax_loss(x, y):
 
     Args:
         x: (N, C) class scores.
-        y: (N,) integer labels in [0, C). Their range is not checked here
-            (that would force a device synchronisation); the Solver checks data once.
+        y: (N,) integer labels in [0, C). A label outside that range makes the
+            loss (and its row of dx) NaN, computed on the device: checking the
+            range on the host would cost a synchronisation. The Solver checks
+            the data set's labels once, up front.
     Returns:
         loss as a 0-d array, and dx (N, C).
     """
@@ -156,14 +182,15 @@ def softmax_loss(x, y):
     one_hot = _one_hot(xp, y, c, x.dtype)
     loss = -xp.sum(log_probs * one_hot) / n
     dx = (exp_shifted / sum_exp - one_hot) / n
-    return loss, dx
+    return _nan_for_bad_labels(xp, loss, dx, y, c)
 
 
 def svm_loss(x, y):
     """Multiclass SVM (hinge) loss with margin 1, averaged over the batch.
 
     Args:
-        x: (N, C) class scores; y: (N,) integer labels in [0, C).
+        x: (N, C) class scores; y: (N,) integer labels in [0, C) (outside it: NaN, as in
+            :func:`softmax_loss`).
     Returns:
         loss as a 0-d array, and dx (N, C).
     """
@@ -175,7 +202,7 @@ def svm_loss(x, y):
     loss = xp.sum(margins) / n
     positive = xp.astype(margins > 0, x.dtype)
     dx = (positive - one_hot * xp.sum(positive, axis=1, keepdims=True)) / n
-    return loss, dx
+    return _nan_for_bad_labels(xp, loss, dx, y, c)
 
 
 # --------------------------------------------------------------------------
@@ -207,6 +234,7 @@ def _normalize_backward_compact(dout, cache):
 
 
 def _check_norm_input(name, x, gamma, beta):
+    layer_namespace(name, {"x": x, "gamma": gamma, "beta": beta})
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
     d = x.shape[1]
@@ -240,6 +268,10 @@ def batchnorm_forward(x, gamma, beta, bn_param):
         if bn_param.get(key) is None:
             bn_param[key] = xp.zeros((d,), dtype=x.dtype, device=device(x))
     if mode == "train":
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"batchnorm_forward: train mode needs at least 2 rows to normalise over, got x {tuple(x.shape)}"
+            )
         out, cache, mean, var = _normalize_forward(x, gamma, beta, eps, axis=0)
         # In place, so the buffers keep their identity (a CUDA graph writes into them).
         for key, batch_value in (("running_mean", mean[0, :]), ("running_var", var[0, :])):
@@ -329,9 +361,9 @@ def dropout_forward(x, dropout_param):
     mode = dropout_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"invalid dropout mode {mode!r}: use 'train' or 'test'")
+    xp = layer_namespace("dropout_forward", {"x": x})
     if mode == "test" or p == 0.0:
         return x, (dropout_param, None)
-    xp = namespace(x)
     if dropout_param.get("seed") is not None:
         rng = backend_of(x).rng(dropout_param["seed"])
     else:

@@ -3,6 +3,9 @@ how it takes input."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .backend import Backend, get_backend
 from .checkpoint import tree_to_device, tree_to_host
 
@@ -95,6 +98,23 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_num_classes(value) -> int:
+    """At least two classes: a classifier of one class has nothing to learn."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {value!r}")
+    return value
+
+
+def check_finite(name: str, value, minimum=None) -> float:
+    """``value`` as a float, or ValueError naming ``name`` when it is not a finite number
+    (or is below ``minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)
 
 
 def check_hidden_dims(hidden_dims) -> list:

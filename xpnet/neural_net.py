@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .batching import accuracy, sample_minibatch
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward, softmax_loss
-from .model import Model, check_positive_int
+from .model import Model, check_finite, check_num_classes, check_positive_int
 
 __all__ = ["TwoLayerNet"]
 
@@ -30,6 +30,8 @@ class TwoLayerNet(Model):
             ("output_size", output_size),
         ):
             check_positive_int(name, value)
+        check_num_classes(output_size)
+        self.std = check_finite("std", std, minimum=0)
         self.num_classes = output_size
         self.input_dim = input_size
         rng = self._init_rng(seed)
@@ -90,6 +92,10 @@ class TwoLayerNet(Model):
             dict with 'loss_history', 'train_acc_history', 'val_acc_history',
             each a list of Python floats.
         """
+        check_finite("learning_rate", learning_rate, minimum=0)
+        check_finite("learning_rate_decay", learning_rate_decay, minimum=0)
+        check_finite("reg", reg, minimum=0)
+        check_positive_int("batch_size", batch_size)
         X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
         y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
         rng = self.backend.rng(seed)

@@ -12,9 +12,12 @@ code is the reference it is tested against.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .backend import accelerated, namespace
 
-__all__ = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam", "UPDATE_RULES"]
+__all__ = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam", "UPDATE_RULES", "check_config"]
 
 
 def _state(config, key, like):
@@ -139,3 +142,29 @@ UPDATE_RULES = {
     "rmsprop": rmsprop,
     "adam": adam,
 }
+
+# The keys each rule reads from its config: hyper-parameters, then its state.
+CONFIG_KEYS = {
+    "sgd": (("learning_rate",), ()),
+    "sgd_momentum": (("learning_rate", "momentum"), ("velocity",)),
+    "sgd_nesterov_momentum": (("learning_rate", "momentum"), ("velocity",)),
+    "rmsprop": (("learning_rate", "decay_rate", "epsilon"), ("cache",)),
+    "adam": (("learning_rate", "beta1", "beta2", "epsilon"), ("m", "v", "t")),
+}
+
+
+def check_config(rule_name: str, config: dict) -> None:
+    """ValueError naming the problem when ``config`` has a key ``rule_name`` does not
+    read, or a learning rate that is not a finite number > 0."""
+    if rule_name in CONFIG_KEYS:
+        hyper, state = CONFIG_KEYS[rule_name]
+        unknown = sorted(set(config) - set(hyper) - set(state))
+        if unknown:
+            raise ValueError(
+                f"unknown optim_config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"for update rule {rule_name!r}; it takes {', '.join(hyper)}"
+            )
+    lr = config.get("learning_rate")
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {lr!r}")

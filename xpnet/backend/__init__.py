@@ -483,6 +483,10 @@ def _parse_index(spec: str, text: str) -> int:
 def _make_numpy(spec: str) -> Backend:
     import array_api_compat.numpy as xp
 
+    device = spec.partition(":")[2]
+    if device not in ("", "cpu"):
+        raise ValueError(f"backend {spec!r}: NumPy runs on the CPU only and has no device {device!r}; use 'numpy'")
+
     return _NumpyBackend("numpy", xp, "cpu", np)
 
 
@@ -591,7 +595,13 @@ def set_backend(spec: "str | Backend") -> Backend:
 
 @contextlib.contextmanager
 def using_backend(spec: "str | Backend") -> Iterator[Backend]:
-    """``with using_backend("cupy"):`` makes it the default inside the block only."""
+    """``with using_backend("cupy"):`` makes it the default inside the block only.
+
+    The choice lives in a context variable, and context variables are per thread:
+    a thread started inside the block does not inherit it (it sees the process
+    default). Pass ``backend=`` explicitly to work done in other threads, or
+    enter ``using_backend`` in the thread itself.
+    """
     token = _SCOPED.set(get_backend(spec))
     try:
         yield _SCOPED.get()

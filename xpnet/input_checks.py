@@ -1,0 +1,64 @@
+"""Checks at the entry of the layer functions, in xpnet's words: which function,
+which argument, which shapes or libraries. They read only shapes, dtypes and
+types, never values, so they cost no device synchronisation."""
+
+from __future__ import annotations
+
+from .backend import namespace
+
+__all__ = ["layer_namespace", "check_same_shape"]
+
+_FLOAT_DTYPES: dict = {}
+
+
+def _library(array) -> str:
+    return type(array).__module__.split(".")[0]
+
+
+def _float_dtypes(xp):
+    dtypes = _FLOAT_DTYPES.get(xp)
+    if dtypes is None:
+        dtypes = _FLOAT_DTYPES[xp] = tuple(getattr(xp, n) for n in ("float16", "float32", "float64") if hasattr(xp, n))
+    return dtypes
+
+
+def layer_namespace(function: str, floats: dict, others: dict | None = None):
+    """The array namespace of a layer function's arrays, after checking them.
+
+    Args:
+        function: the layer function's name, for the messages.
+        floats: argument name -> array that must hold floating-point values.
+        others: argument name -> further arrays of the same library (labels).
+    Raises:
+        TypeError naming the function and the arguments when the arrays come from
+        different libraries, or when one of ``floats`` holds integers or booleans.
+    """
+    arrays = {**floats, **(others or {})}
+    values = list(arrays.values())
+    kind = type(values[0])
+    if any(type(a) is not kind for a in values[1:]):
+        libraries = {name: _library(a) for name, a in arrays.items()}
+        if len(set(libraries.values())) > 1:
+            listed = ", ".join(f"{name} from {lib}" for name, lib in libraries.items())
+            raise TypeError(
+                f"{function}: arrays from different libraries ({listed}); "
+                "move them to one backend first (backend.asarray)"
+            )
+    try:
+        xp = namespace(*values)
+    except TypeError as exc:
+        raise TypeError(f"{function}: unsupported array types ({exc})") from exc
+    allowed = _float_dtypes(xp)
+    for name, a in floats.items():
+        if a.dtype not in allowed:
+            dtype = str(a.dtype).rsplit(".", 1)[-1]  # int64, not array_api_strict.int64 or torch.int64
+            raise TypeError(f"{function}: {name} must be a floating-point array, got dtype {dtype}")
+    return xp
+
+
+def check_same_shape(function: str, name: str, a, reference_name: str, reference) -> None:
+    """ValueError when ``a`` (e.g. dout) does not have the shape of ``reference``."""
+    if tuple(a.shape) != tuple(reference.shape):
+        raise ValueError(
+            f"{function}: {name} has shape {tuple(a.shape)} but {reference_name} has shape {tuple(reference.shape)}"
+        )
