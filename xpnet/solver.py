@@ -10,6 +10,7 @@ check) and when ``train`` returns its histories as Python floats.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 
@@ -55,7 +56,9 @@ class Solver:
         batch_size (100), num_epochs (10).
         num_train_samples (1000): training rows used for each accuracy check.
         num_val_samples (None): validation rows used (None: all).
-        checkpoint_name (None): write ``<name>_epoch_<n>.pkl`` after each epoch.
+        checkpoint_name (None): write ``<name>_epoch_<n>.npz`` after each epoch
+            (atomically; never with non-finite parameters). ``last_checkpoint``
+            holds the path of the newest one.
         print_every (10): iterations between loss log lines (logging points).
         verbose (True): print progress.
         seed (None): makes minibatches, accuracy subsamples and dropout
@@ -80,14 +83,10 @@ class Solver:
         self.backend = model.backend
         self.update_rule = _resolve_update_rule(settings.pop("update_rule"))
         self.optim_config = dict(settings.pop("optim_config") or {})
+        optim.check_config(_rule_name(self.update_rule), self.optim_config)
         for name, value in settings.items():
             setattr(self, name, value)
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.num_epochs, int) or self.num_epochs < 0:
-            raise ValueError(f"num_epochs must be a non-negative integer, got {self.num_epochs!r}")
-        if not isinstance(self.print_every, int) or self.print_every <= 0:
-            raise ValueError(f"print_every must be a positive integer, got {self.print_every!r}")
+        _check_settings(self)
 
         if self.cuda_graph:
             if not self.backend.can_capture:
@@ -98,6 +97,10 @@ class Solver:
         input_dim = getattr(model, "input_dim", None)
         for split in ("train", "val"):
             validate_split(data, split, num_classes, input_dim)
+        if self.batch_size > data["X_train"].shape[0]:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training set ({data['X_train'].shape[0]} rows)"
+            )
         # The one move of the data set to the device.
         self.X_train = model.prepare_inputs(data["X_train"])
         self.y_train = model.prepare_labels(data["y_train"])
@@ -115,9 +118,19 @@ class Solver:
         self.train_acc_history = []
         self.val_acc_history = []
         self.diverged = None
+        self.last_checkpoint = None
+        self.resume_changes = []
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
+        self._reset_finite_flag()
         self._graph = self._graph_rng = None
         self._warmed_up = False
+
+    def _reset_finite_flag(self):
+        """A device-side flag, ANDed with isfinite(loss) at every step and read only at
+        logging points, so a loss that turns NaN or infinite between them is still caught."""
+        xp = self.backend.xp
+        self._all_finite = xp.ones((), dtype=xp.bool, device=self.backend.device)
+        self._known_finite_until = self.iteration  # the last iteration the flag was seen true
 
     @property
     def iterations_per_epoch(self) -> int:
@@ -150,6 +163,7 @@ class Solver:
         """One update on a minibatch drawn on the device; returns the loss (0-d, on the device)."""
         X_batch, y_batch = sample_minibatch(self.X_train, self.y_train, rng, self.batch_size)
         loss, grads = self.model.loss(X_batch, y_batch)
+        self._all_finite &= self.backend.xp.isfinite(loss)  # in place: a captured graph updates it too
         params = self.model.params
         for name, w in params.items():
             params[name], self.optim_configs[name] = self.update_rule(w, grads[name], self.optim_configs[name])
@@ -161,6 +175,10 @@ class Solver:
         Predictions are made in batches of ``batch_size`` on the device; the
         returned Python float is the one value that crosses to the host.
         """
+        return float(self._accuracy(X, y, num_samples, batch_size, rng))
+
+    def _accuracy(self, X, y, num_samples=None, batch_size=100, rng=None):
+        """:meth:`check_accuracy` as a 0-d array on the device."""
         model, xp = self.model, self.backend.xp
         X, y = model.prepare_inputs(X), model.prepare_labels(y)
         n = X.shape[0]
@@ -172,7 +190,7 @@ class Solver:
             xp.argmax(model.loss(X[start : min(start + batch_size, n), ...]), axis=1)
             for start in range(0, n, batch_size)
         ]
-        return float(accuracy(xp.concat(predictions), y))
+        return accuracy(xp.concat(predictions), y)
 
     def train(self):
         """Run the optimisation for ``num_epochs`` (continuing after :meth:`resume`).
@@ -196,11 +214,12 @@ class Solver:
             if bar is not None:
                 bar.update(1)
 
-            if t % self.print_every == 0:  # logging point: the loss crosses to the host
-                value = float(loss)
-                if not math.isfinite(value):
-                    self._stop_diverged(t, value, num_iterations, say)
+            if t % self.print_every == 0:  # logging point: the loss and the finite flag cross to the host
+                value, finite = self.backend.to_floats([loss, self._all_finite])
+                if not (finite and math.isfinite(value)):
+                    self._stop_diverged(num_iterations, say)
                     break
+                self._known_finite_until = self.iteration
                 if self.verbose:
                     say(f"(Iteration {t + 1} / {num_iterations}) loss: {value:f}")
                 self._log(loss=value)
@@ -208,13 +227,15 @@ class Solver:
             epoch_end = (t + 1) % per_epoch == 0
             if epoch_end:
                 self.epoch += 1
+            if t == 0 or t == num_iterations - 1 or epoch_end:
+                if not self._record_accuracies(sample_rng, say):
+                    self._stop_diverged(num_iterations, say)
+                    break
+            if epoch_end:
                 for config in self.optim_configs.values():
                     if "learning_rate" in config:  # set by every rule on its first call
                         config["learning_rate"] *= self.lr_decay
-            if t == 0 or t == num_iterations - 1 or epoch_end:
-                self._record_accuracies(sample_rng, say)
-                if epoch_end:
-                    self._save_checkpoint()
+                self._save_checkpoint()
         if bar is not None:
             bar.close()
         self._losses_to_floats()
@@ -222,9 +243,21 @@ class Solver:
             self.model.params = self.best_params
         return self
 
-    def _record_accuracies(self, rng, say):
-        train_acc = self.check_accuracy(self.X_train, self.y_train, num_samples=self.num_train_samples, rng=rng)
-        val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples, rng=rng)
+    def _record_accuracies(self, rng, say) -> bool:
+        """Check accuracies and that the losses and parameters are finite, in one transfer.
+
+        Returns False (recording nothing) when something is no longer finite.
+        """
+        xp = self.backend.xp
+        train_acc = self._accuracy(self.X_train, self.y_train, num_samples=self.num_train_samples, rng=rng)
+        val_acc = self._accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples, rng=rng)
+        finite = self._all_finite
+        for w in self.model.params.values():
+            finite = finite & xp.all(xp.isfinite(w))
+        train_acc, val_acc, finite = self.backend.to_floats([train_acc, val_acc, finite])
+        if not finite:
+            return False
+        self._known_finite_until = self.iteration
         self.train_acc_history.append(train_acc)
         self.val_acc_history.append(val_acc)
         if self.verbose:
@@ -232,22 +265,39 @@ class Solver:
         self._log(train_acc=train_acc, val_acc=val_acc)
         if val_acc > self.best_val_acc:
             self.best_val_acc = val_acc
-            xp = self.backend.xp
             self.best_params = {k: xp.asarray(v, copy=True) for k, v in self.model.params.items()}
+        return True
 
     def _log(self, **values):
         if self.on_log is not None:
             self.on_log({"iteration": self.iteration, "epoch": self.epoch, **values})
 
-    def _stop_diverged(self, t, value, num_iterations, say):
+    def _stop_diverged(self, num_iterations, say):
+        """Stop training: set ``diverged`` to what happened, where, and the likely cause; warn."""
         lr = next(iter(self.optim_configs.values()), {}).get("learning_rate")
+        first, last = self._known_finite_until + 1, self.iteration
+        where = f"at iteration {last}" if first >= last else f"between iterations {first} and {last}"
+        epoch = (last - 1) // self.iterations_per_epoch + 1
         self.diverged = (
-            f"training diverged at iteration {t + 1} / {num_iterations} (epoch {self.epoch + 1}): "
-            f"loss is {value}; learning rate {lr}. Try a smaller learning rate."
+            f"training diverged {where} of {num_iterations} (epoch {epoch}): the loss or the "
+            f"parameters became NaN or infinite; learning rate {lr}. Likely cause: {self._likely_cause(lr)}"
         )
         if self.verbose:
             say(self.diverged)
         warnings.warn(self.diverged, RuntimeWarning, stacklevel=3)
+
+    def _likely_cause(self, lr) -> str:
+        hyper = {f"model.{k}": getattr(self.model, k, None) for k in ("reg", "weight_scale", "std")}
+        hyper.update({f"optim_config[{k!r}]": v for k, v in self.optim_config.items()})
+        for name, value in hyper.items():
+            if isinstance(value, numbers.Real) and not math.isfinite(value):
+                return f"a non-finite hyper-parameter, {name} = {value}."
+        if self._known_finite_until == 0:
+            return (
+                "the very first steps are non-finite: check the hyper-parameters (weight scale, reg) "
+                f"and the input scale, then try a smaller learning rate than {lr}."
+            )
+        return f"the learning rate {lr} is too large; try a smaller one."
 
     def _losses_to_floats(self):
         """Turn the losses still on the device into Python floats, in one transfer."""
@@ -267,7 +317,7 @@ class Solver:
     # ------------------------------------------------------------------ checkpoints
     def _settings(self) -> dict:
         return {
-            "update_rule": getattr(self.update_rule, "__name__", repr(self.update_rule)),
+            "update_rule": _rule_name(self.update_rule),
             "optim_config": self.optim_config,
             "lr_decay": self.lr_decay,
             "batch_size": self.batch_size,
@@ -299,24 +349,34 @@ class Solver:
     def _save_checkpoint(self):
         if self.checkpoint_name is None:
             return None
-        path = f"{self.checkpoint_name}_epoch_{self.epoch}.pkl"
+        path = f"{self.checkpoint_name}_epoch_{self.epoch}.npz"
         save_checkpoint(path, self.checkpoint())
+        self.last_checkpoint = path
         return path
 
-    def resume(self, path):
+    def resume(self, path, trust_pickle: bool = False):
         """Load a checkpoint written by this Solver (on any backend) and continue from it.
 
-        The model's parameters and buffers, the optimizer state, histories,
-        epoch and seed are restored; ``train()`` then runs the remaining epochs
-        up to ``num_epochs``.
+        The model's parameters and buffers, the optimizer state, histories and
+        epoch are restored; ``train()`` then runs the remaining epochs up to
+        ``num_epochs``. A checkpoint of another update rule or batch size is
+        refused. This Solver's own settings (learning rate and the other
+        optim_config values it was given, lr_decay, seed, num_epochs, ...) win
+        over the checkpoint's: each difference is listed in ``resume_changes``
+        (and printed when verbose). With the same settings the run continues
+        exactly as an uninterrupted one would. ``trust_pickle`` allows reading a
+        checkpoint of the old pickle format (which can run code: see
+        :func:`xpnet.checkpoint.load_checkpoint`).
         """
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, trust_pickle=trust_pickle)
         saved = state["settings"]
-        if saved["batch_size"] != self.batch_size:
-            raise ValueError(
-                f"checkpoint {path!r} was trained with batch_size={saved['batch_size']}, "
-                f"this Solver has batch_size={self.batch_size}"
-            )
+        mine = self._settings()
+        for key in ("update_rule", "batch_size"):
+            if saved[key] != mine[key]:
+                raise ValueError(
+                    f"checkpoint {str(path)!r} was trained with {key}={saved[key]!r}; "
+                    f"this Solver has {key}={mine[key]!r}: resume with the same {key}"
+                )
         self.model.load_state_dict(state["model"])
         dtype = self.model.dtype
         self.optim_configs = tree_to_device(state["optim_configs"], self.backend, dtype)
@@ -325,10 +385,59 @@ class Solver:
             setattr(self, key, state[key])
         for key in ("loss_history", "train_acc_history", "val_acc_history"):
             setattr(self, key, list(state[key]))
-        self.seed = state["rng"]["seed"]
+        self.resume_changes = self._apply_resume_settings(saved)
+        if self.verbose:
+            for change in self.resume_changes:
+                print(f"resume: {change}")
         self.diverged = None
+        self.last_checkpoint = str(path)
+        self._reset_finite_flag()
         self._graph, self._warmed_up = None, False  # a captured graph would update the old arrays
         return self
+
+    def _apply_resume_settings(self, saved) -> list:
+        """Make this Solver's settings override the checkpoint's; describe each difference."""
+        changes = []
+        mine = self._settings()
+        for key in ("lr_decay", "num_epochs", "seed", "num_train_samples", "num_val_samples", "print_every"):
+            if saved.get(key) != mine[key]:
+                changes.append(f"{key} = {mine[key]!r} (the checkpoint has {saved.get(key)!r})")
+        saved_config = saved.get("optim_config") or {}
+        passed = {k: v for k, v in self.optim_config.items() if saved_config.get(k) != v}
+        for key, value in passed.items():
+            changes.append(f"optim_config[{key!r}] = {value!r} (the checkpoint has {saved_config.get(key)!r})")
+            if key != "learning_rate":
+                for config in self.optim_configs.values():
+                    config[key] = value
+        if "learning_rate" in passed or saved.get("lr_decay") != self.lr_decay:
+            # The learning rate this Solver's settings give at this epoch.
+            for config in self.optim_configs.values():
+                if "learning_rate" not in config:
+                    continue
+                base = self.optim_config.get("learning_rate")
+                if base is None:  # the rule's default: undo the checkpoint's decay
+                    base = config["learning_rate"] / saved["lr_decay"] ** self.epoch
+                config["learning_rate"] = base * self.lr_decay**self.epoch
+            current = next((c["learning_rate"] for c in self.optim_configs.values() if "learning_rate" in c), None)
+            if current is not None:
+                changes.append(f"learning rate at epoch {self.epoch}: {current:g}")
+        return changes
+
+
+def _rule_name(rule) -> str:
+    return getattr(rule, "__name__", repr(rule))
+
+
+def _check_settings(solver) -> None:
+    """ValueError naming the setting for values that cannot be right."""
+    for name, minimum in (("batch_size", 1), ("num_epochs", 0), ("print_every", 1)):
+        value = getattr(solver, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum else "a non-negative integer"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+    decay = solver.lr_decay
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) or decay <= 0:
+        raise ValueError(f"lr_decay must be a finite number > 0, got {decay!r}")
 
 
 def _resolve_update_rule(rule):
