@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 import time
 
 try:
@@ -57,39 +59,58 @@ def dropout_probability(text):
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each flag's default in --help (unless its help names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: {action.default})".strip()
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--backend",
         default=None,
         help="numpy | cupy | cupy:N | torch | torch:cuda | ... (default: $XPNET_BACKEND, else numpy)",
     )
-    p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits")
+    p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits", help="data set to train on")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not found")
     p.add_argument("--num-train", type=positive_int, default=None, help="training rows (CIFAR-10 default 49000)")
-    p.add_argument("--model", choices=["twolayer", "fc"], default="fc")
+    p.add_argument(
+        "--model", choices=["twolayer", "fc"], default="fc", help="network: TwoLayerNet or FullyConnectedNet"
+    )
     p.add_argument(
         "--hidden-dims",
         type=positive_int,
         nargs="+",
         help="hidden layer sizes (default: 100 for digits, 200 for CIFAR-10)",
     )
-    p.add_argument("--normalization", choices=["batchnorm", "layernorm"], default=None)
+    p.add_argument(
+        "--normalization", choices=["batchnorm", "layernorm"], help="normalisation of the hidden layers (default: none)"
+    )
     p.add_argument("--dropout", type=dropout_probability, default=0.0, help="probability of dropping a unit")
     p.add_argument(
         "--weight-scale",
         type=positive_float,
         help="std of the initial weights (default: 1e-2 for digits, 1e-3 for CIFAR-10)",
     )
-    p.add_argument("--update-rule", choices=UPDATE_RULES, default="adam")
+    p.add_argument("--update-rule", choices=UPDATE_RULES, default="adam", help="update rule from xpnet.optim")
     p.add_argument("--lr", type=positive_float, help="learning rate (default: 3e-3 digits, 1e-4 CIFAR-10)")
-    p.add_argument("--lr-decay", type=positive_float, default=0.95)
+    p.add_argument("--lr-decay", type=positive_float, default=0.95, help="learning-rate factor after each epoch")
     p.add_argument("--reg", type=non_negative_float, default=0.0, help="L2 regularisation strength")
-    p.add_argument("--batch-size", type=positive_int, help="(default: 100 digits, 200 CIFAR-10)")
-    p.add_argument("--epochs", type=positive_int, help="(default: 20 digits, 10 CIFAR-10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-every", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, help="minibatch size (default: 100 digits, 200 CIFAR-10)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training set (default: 20 digits, 10 CIFAR-10)")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, minibatches and dropout")
+    p.add_argument("--print-every", type=positive_int, default=100, help="iterations between loss log lines")
     p.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -97,10 +118,52 @@ def build_parser():
     )
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --resume to read a checkpoint of the old pickle format: reading a pickle can run any "
+        "code the file carries, so only for files you made",
+    )
     p.add_argument("--plot", metavar="PNG", help="save loss and accuracy curves")
     p.add_argument("--log", metavar="JSONL", help="write one JSON line per logging point")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
+
+
+# Flags that only mean something for CIFAR-10 (the digits ship with scikit-learn).
+CIFAR10_ONLY_FLAGS = {"num_train": "--num-train", "data_dir": "--data-dir", "download": "--download"}
+
+
+class UsageError(Exception):
+    """A mistake in the command line found after parsing; ends with exit code 2."""
+
+
+def check_flags_apply(args):
+    if args.dataset != "cifar10":
+        for key, flag in CIFAR10_ONLY_FLAGS.items():
+            if getattr(args, key):
+                raise UsageError(f"{flag} applies to --dataset cifar10 only, not to {args.dataset}")
+
+
+def check_output_file(flag, path):
+    """UsageError unless ``path`` can be created or overwritten."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def check_checkpoint_dir(path):
+    """Create the folder and write a probe file into it, so that a bad folder fails now, not after an epoch."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--checkpoint-dir {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def load_data(args):
@@ -158,64 +221,105 @@ def main(argv=None):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    run = Run()
     try:
-        backend = xpnet.get_backend(args.backend)
-    except (ValueError, ImportError, RuntimeError) as exc:
-        parser.error(str(exc))
-    print(f"backend: {backend.name} ({backend.device_name})", flush=True)
-
-    try:
-        data = load_data(args)
-        model = build_model(args, data, backend)
-    except (OSError, ValueError, ImportError) as exc:
+        return run.main(parser, args)
+    except UsageError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    print(
-        f"data: {args.dataset}, {data['X_train'].shape[0]} train / {data['X_val'].shape[0]} val / "
-        f"{data['X_test'].shape[0]} test; model: {args.model} {args.hidden_dims}",
-        flush=True,
-    )
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically: the last one on disk is whole.
+        sys.stderr.write(f"{parser.prog}: {run.where()}; {run.last_checkpoint()}\n")
+        return 128 + signal.SIGINT
+    except OSError as exc:  # disk full, folder removed during training
+        sys.stderr.write(f"{parser.prog}: error: {exc}; {run.last_checkpoint()}\n")
+        return 1
+    finally:
+        run.close()
 
-    log_file = open(args.log, "w") if args.log else None  # noqa: SIM115 (closed below)
 
-    def on_log(record):
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+class Run:
+    """One training run of the command, with what an interruption needs to report."""
 
-    checkpoint_name = None
-    if args.checkpoint_dir:
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
-        checkpoint_name = os.path.join(args.checkpoint_dir, f"{args.dataset}_{args.model}")
-    try:
-        solver = make_solver(args, model, data, checkpoint_name, on_log)
-    except ValueError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    if args.resume:
+    def __init__(self):
+        self.solver = None
+        self.log_file = None
+
+    def where(self) -> str:
+        if self.solver is None:
+            return "interrupted before training started"
+        return f"interrupted at epoch {self.solver.epoch}, iteration {self.solver.iteration}"
+
+    def last_checkpoint(self) -> str:
+        path = self.solver.last_checkpoint if self.solver is not None else None
+        return f"last good checkpoint: {path}" if path else "no checkpoint was written"
+
+    def close(self):
+        if self.log_file is not None:
+            self.log_file.close()
+
+    def on_log(self, record):
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def main(self, parser, args):
+        check_flags_apply(args)
         try:
-            solver.resume(args.resume)
+            backend = xpnet.get_backend(args.backend)
+        except (ValueError, ImportError, RuntimeError) as exc:
+            raise UsageError(str(exc)) from exc
+        # Everything the run will write is checked before minutes go into loading and training.
+        for flag, path in (("--plot", args.plot), ("--log", args.log)):
+            if path:
+                check_output_file(flag, path)
+        if args.checkpoint_dir:
+            check_checkpoint_dir(args.checkpoint_dir)
+        if args.log:
+            self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
+        print(f"backend: {backend.name} ({backend.device_name})", flush=True)
+
+        try:
+            data = load_data(args)
+            model = build_model(args, data, backend)
+        except (OSError, ValueError, ImportError) as exc:
+            raise UsageError(str(exc)) from exc
+        print(
+            f"data: {args.dataset}, {data['X_train'].shape[0]} train / {data['X_val'].shape[0]} val / "
+            f"{data['X_test'].shape[0]} test; model: {args.model} {args.hidden_dims}",
+            flush=True,
+        )
+        checkpoint_name = None
+        if args.checkpoint_dir:
+            checkpoint_name = os.path.join(args.checkpoint_dir, f"{args.dataset}_{args.model}")
+        try:
+            self.solver = solver = make_solver(args, model, data, checkpoint_name, self.on_log)
+            if args.resume:
+                solver.resume(args.resume, trust_pickle=args.trust_pickle)
         except (OSError, ValueError) as exc:
-            parser.exit(2, f"{parser.prog}: error: {exc}\n")
-        print(f"resumed from {args.resume} at epoch {solver.epoch}")
+            raise UsageError(str(exc)) from exc
+        if args.resume:
+            print(f"resumed from {args.resume} at epoch {solver.epoch}")
+            if args.quiet:  # the Solver prints them itself when verbose
+                for change in solver.resume_changes:
+                    print(f"resume: {change}")
 
-    start = time.perf_counter()
-    solver.train()
-    backend.sync()
-    wall = time.perf_counter() - start
-    test_acc = solver.check_accuracy(data["X_test"], data["y_test"])
-    if log_file is not None:
-        on_log({"iteration": solver.iteration, "epoch": solver.epoch, "test_acc": test_acc, "wall_s": wall})
-        log_file.close()
-    if solver.diverged:
-        print(solver.diverged, file=sys.stderr)
-    print(f"best val acc: {solver.best_val_acc:.4f}")
-    print(f"test acc: {test_acc:.4f}")
-    print(f"wall time: {wall:.2f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
-    if args.plot:
-        from xpnet.vis_utils import plot_history
+        start = time.perf_counter()
+        solver.train()
+        backend.sync()
+        wall = time.perf_counter() - start
+        test_acc = solver.check_accuracy(data["X_test"], data["y_test"])
+        self.on_log({"iteration": solver.iteration, "epoch": solver.epoch, "test_acc": test_acc, "wall_s": wall})
+        if solver.diverged:
+            print(solver.diverged, file=sys.stderr)
+        print(f"best val acc: {solver.best_val_acc:.4f}")
+        print(f"test acc: {test_acc:.4f}")
+        print(f"wall time: {wall:.2f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
+        if args.plot:
+            from xpnet.vis_utils import plot_history
 
-        plot_history(solver, args.plot, title=f"{args.dataset} {args.model} on {backend.name}")
-        print(f"plot: {args.plot}")
-    return 0 if not solver.diverged else 1
+            plot_history(solver, args.plot, title=f"{args.dataset} {args.model} on {backend.name}")
+            print(f"plot: {args.plot}")
+        return 0 if not solver.diverged else 1
 
 
 if __name__ == "__main__":
