@@ -10,7 +10,7 @@ import pytest
 
 import xpnet
 from xpnet import layers, optim
-from xpnet.backend import fused_kernels, to_numpy
+from xpnet.backend import accelerated, fused_kernels, to_numpy
 from xpnet.solver import Solver
 
 cp = pytest.importorskip("cupy")
@@ -22,11 +22,37 @@ except (ImportError, RuntimeError) as exc:  # CuPy installed, no GPU
 pytestmark = pytest.mark.gpu
 
 
-def both(fn):
-    """fn() with CuPy's fused kernels and with the array-API reference code."""
-    fast = fn()
-    with fused_kernels(False):
-        reference = fn()
+def both(fn, fused=()):
+    """fn() with CuPy's fused kernels and with the array-API reference code.
+
+    ``fused`` names the CupyKernels methods the fast run must call (at least once
+    each) and the reference run must not: agreement alone would also pass if the
+    fused path were silently skipped.
+    """
+    kernels = accelerated(CUPY.asarray([0.0]))
+    calls = {name: 0 for name in fused}
+    originals = {name: getattr(kernels, name) for name in fused}
+
+    def counting(name):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    for name in fused:
+        setattr(kernels, name, counting(name))
+    try:
+        fast = fn()
+        ran_fast = dict(calls)
+        with fused_kernels(False):
+            reference = fn()
+    finally:
+        for name in fused:
+            delattr(kernels, name)  # the class's method shows through again
+    for name in fused:
+        assert ran_fast[name] > 0, f"the fused {name} did not run"
+        assert calls[name] == ran_fast[name], f"the reference run called the fused {name}"
     return fast, reference
 
 
@@ -41,7 +67,7 @@ def test_fused_softmax_loss_matches_reference(dtype, shape):
     rng = np.random.default_rng(0)
     x = CUPY.asarray(3 * rng.standard_normal(shape), dtype=dtype)
     y = CUPY.asarray(rng.integers(0, shape[1], shape[0]))
-    (loss, dx), (ref_loss, ref_dx) = both(lambda: layers.softmax_loss(x, y))
+    (loss, dx), (ref_loss, ref_dx) = both(lambda: layers.softmax_loss(x, y), fused=["softmax_loss"])
     assert loss.shape == () and loss.dtype == x.dtype
     assert_close(loss, ref_loss, dtype)
     assert_close(dx, ref_dx, dtype)
@@ -58,7 +84,7 @@ def test_fused_relu_backward_matches_reference(dtype):
     rng = np.random.default_rng(1)
     x = CUPY.asarray(rng.standard_normal((64, 33)), dtype=dtype)
     dout = CUPY.asarray(rng.standard_normal((64, 33)), dtype=dtype)
-    fast, reference = both(lambda: layers.relu_backward(dout, x))
+    fast, reference = both(lambda: layers.relu_backward(dout, x), fused=["relu_backward"])
     np.testing.assert_array_equal(to_numpy(fast), to_numpy(reference))
 
 
@@ -76,7 +102,7 @@ def test_fused_affine_relu_and_bias_gradient_match_reference(dtype):
         out, cache = affine_relu_forward(x, w, b)
         return (out, *affine_relu_backward(dout, cache))
 
-    for fast, reference in zip(*both(run)):
+    for fast, reference in zip(*both(run, fused=["affine_relu", "relu_backward", "column_sums", "matmul"])):
         assert fast.shape == reference.shape
         assert_close(fast, reference, dtype)
 
@@ -109,7 +135,7 @@ def test_fused_update_rules_match_reference(rule, dtype):
             w, config = getattr(optim, rule)(w, dw, config)
         return w
 
-    fast, reference = both(run)
+    fast, reference = both(run, fused=[rule])
     assert_close(fast, reference, dtype)
 
 
@@ -216,3 +242,21 @@ def test_adam_step_count_lives_on_the_device_and_survives_checkpoints():
     numpy_config = tree_to_device(on_host, xpnet.get_backend("numpy"))
     w_np, numpy_config = optim.adam(np.zeros(3, dtype=np.float32), np.ones(3, dtype=np.float32), numpy_config)
     assert numpy_config["t"] == 4
+
+
+def test_large_gemms_capture_on_a_fresh_stream():
+    """cublasSetStream resets the workspace to cuBLAS's pool; large GEMMs (which use a
+    workspace) captured on a new stream must still find the fixed one."""
+    rng = CUPY.rng(0)
+    a = rng.normal((4096, 4096), dtype=cp.float32)
+    b = rng.normal((4096, 4096), dtype=cp.float32)
+    kernels = accelerated(a)
+    first = kernels.matmul(a, b)  # on the default stream: the handle is bound to it
+    graph = CUPY.capture(lambda: kernels.matmul(a.T, b) + kernels.matmul(a, b.T))
+    with cp.cuda.Stream(non_blocking=True):  # replayed from yet another stream
+        out = graph.replay()
+    CUPY.sync()
+    with fused_kernels(False):
+        expected = a.T @ b + a @ b.T
+    np.testing.assert_allclose(to_numpy(first), to_numpy(a @ b), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(to_numpy(out), to_numpy(expected), rtol=1e-4, atol=1e-2)

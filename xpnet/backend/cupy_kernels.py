@@ -119,12 +119,7 @@ class _Cublas:
                 raise RuntimeError(f"cublasCreate failed with status {status}")
             self.workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
         self.lib, self.handle = lib, handle
-        self._check(
-            lib.cublasSetWorkspace_v2(
-                handle, ctypes.c_void_p(self.workspace.data.ptr), ctypes.c_size_t(_WORKSPACE_BYTES)
-            ),
-            "cublasSetWorkspace",
-        )
+        self._set_workspace()
         ptr, i = ctypes.c_void_p, ctypes.c_int
         for fn, scalar in ((lib.cublasSgemm_v2, ctypes.c_float), (lib.cublasDgemm_v2, ctypes.c_double)):
             fn.argtypes = [ptr, i, i, i, i, i, ctypes.POINTER(scalar), ptr, i, ptr, i, ctypes.POINTER(scalar), ptr, i]
@@ -135,6 +130,23 @@ class _Cublas:
             cupy.dtype(cupy.float64): (lib.cublasDgemm_v2, ctypes.c_double(1.0), ctypes.c_double(0.0)),
         }
         self._stream = None
+
+    def _set_workspace(self):
+        """Point cuBLAS at our fixed workspace: allocating its own inside a graph capture would fail."""
+        self._check(
+            self.lib.cublasSetWorkspace_v2(
+                self.handle, ctypes.c_void_p(self.workspace.data.ptr), ctypes.c_size_t(_WORKSPACE_BYTES)
+            ),
+            "cublasSetWorkspace",
+        )
+
+    def use_stream(self, stream: int) -> None:
+        """Run the handle's work on ``stream`` (a pointer). cublasSetStream resets the
+        workspace to cuBLAS's default pool, so the fixed one is set again after it."""
+        if stream != self._stream:
+            self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream)), "cublasSetStream")
+            self._set_workspace()
+            self._stream = stream
 
     @staticmethod
     def _check(status, what):
@@ -158,10 +170,7 @@ class _Cublas:
         if k == 0:
             out.fill(0)
             return out
-        stream = cupy.cuda.get_current_stream().ptr
-        if stream != self._stream:
-            self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream)), "cublasSetStream")
-            self._stream = stream
+        self.use_stream(cupy.cuda.get_current_stream().ptr)
         fn, one, zero = self._gemm[a.dtype]
         status = fn(
             self.handle,
