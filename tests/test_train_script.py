@@ -53,7 +53,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
     assert sum("val_acc" in r for r in records) == 3
     assert "test_acc" in records[-1] and records[-1]["wall_s"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["digits_fc_epoch_1.pkl", "digits_fc_epoch_2.pkl"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["digits_fc_epoch_1.npz", "digits_fc_epoch_2.npz"]
     capsys.readouterr()
     resume = [
         "--epochs",
@@ -64,7 +64,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         "--dropout",
         "0.1",
         "--resume",
-        str(ckpt / "digits_fc_epoch_2.pkl"),
+        str(ckpt / "digits_fc_epoch_2.npz"),
     ]
     assert train(resume) == 0
     out = capsys.readouterr().out

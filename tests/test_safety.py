@@ -1,0 +1,570 @@
+"""Safe files and honest failures: no file runs code when read, non-finite training
+stops, mistakes get errors in xpnet's words, and no work is lost."""
+
+import importlib.util
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import to_np
+from helpers import small_data, small_model, write_pickle_payload
+
+import xpnet
+from xpnet import checkpoint, data_utils, layers
+from xpnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from xpnet.data_utils import DataError, get_CIFAR10_data, load_CIFAR_batch
+from xpnet.solver import Solver
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_script_safety", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_cli(train, capsys, args):
+    """(exit code, stdout, stderr) of train.py's main, whether it returns or exits."""
+    try:
+        code = train(args)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def trained_checkpoint(tmp_path, **options):
+    settings = dict(update_rule="adam", batch_size=50, num_epochs=1, verbose=False, seed=0)
+    settings.update(options)
+    solver = Solver(small_model("numpy"), small_data(), checkpoint_name=str(tmp_path / "run"), **settings)
+    solver.train()
+    return solver, tmp_path / "run_epoch_1.npz"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_format_is_npz_with_a_json_member(tmp_path):
+    solver, path = trained_checkpoint(tmp_path)
+    with np.load(path, allow_pickle=False) as archive:
+        members = set(archive.files)
+        document = json.loads(archive["__xpnet__.json"].tobytes())
+    assert document["format"] == "xpnet-checkpoint" and document["version"] == 2
+    assert document["payload"]["settings"]["update_rule"] == "adam"
+    assert document["payload"]["epoch"] == 1
+    array_refs = document["payload"]["model"]["params"]["W1"]
+    assert set(array_refs) == {"__array__"} and array_refs["__array__"] in members
+    state = load_checkpoint(path)
+    np.testing.assert_array_equal(state["best_params"]["W1"], solver.best_params["W1"])
+    assert state["optim_configs"]["W1"]["t"] == 4 and isinstance(state["optim_configs"]["W1"]["m"], np.ndarray)
+
+
+def test_checkpoint_round_trips_values():
+    payload = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "nested": [{"x": 1, "y": None, "z": "text"}, (1.5, np.float64(2.5))],
+        "nan": float("nan"),
+        "t": np.asarray(7, dtype=np.int64),
+    }
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_checkpoint(os.path.join(folder, "c.npz"), payload)
+        back = load_checkpoint(path)
+    np.testing.assert_array_equal(back["a"], payload["a"])
+    assert back["a"].dtype == np.float32
+    assert back["nested"] == [{"x": 1, "y": None, "z": "text"}, [1.5, 2.5]]
+    assert math.isnan(back["nan"]) and int(back["t"]) == 7
+
+
+def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match="cannot hold a object"):
+        save_checkpoint(tmp_path / "c.npz", {"thing": object()})
+    with pytest.raises(TypeError, match="numbers, not Python objects"):
+        save_checkpoint(tmp_path / "c.npz", {"thing": np.array([object()])})
+    assert not list(tmp_path.iterdir())
+
+
+def test_pickle_checkpoint_cannot_run_code_through_any_entry_point(tmp_path, train, capsys):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "shared_epoch_3.npz"
+    write_pickle_payload(bad, marker, protocol=4)
+    with pytest.raises(CheckpointError, match="shared_epoch_3.npz.*old pickle format"):
+        load_checkpoint(bad)
+    solver = Solver(small_model("numpy"), small_data(), verbose=False)
+    with pytest.raises(ValueError, match="shared_epoch_3.npz.*can run any code"):
+        solver.resume(bad)
+    code, _, err = run_cli(train, capsys, ["--epochs", "1", "--resume", str(bad)])
+    assert code == 2 and "shared_epoch_3.npz" in err and "--trust-pickle" in err
+    assert not marker.exists()
+
+
+def test_pickled_object_array_inside_an_npz_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.npz"
+    payload = np.empty(1, dtype=object)
+    payload[0] = __import__("helpers").MakeFolderWhenUnpickled(marker)
+    meta = json.dumps({"format": "xpnet-checkpoint", "version": 2, "payload": {"w": {"__array__": "a0"}}})
+    np.savez(bad, **{"__xpnet__.json": np.frombuffer(meta.encode(), np.uint8), "a0": payload}, allow_pickle=True)
+    with pytest.raises(CheckpointError, match="evil.npz.*corrupt"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not an .npz file"),
+        (b"hello world", "not an .npz file"),
+        (b"PK\x03\x04 truncated", "corrupt"),
+    ],
+)
+def test_damaged_checkpoints_name_the_file(tmp_path, content, message):
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"damaged.npz.*{message}"):
+        load_checkpoint(path)
+
+
+def test_npz_that_is_not_a_checkpoint_is_refused(tmp_path):
+    np.savez(tmp_path / "plain.npz", x=np.ones(3))
+    with pytest.raises(CheckpointError, match="plain.npz.*no __xpnet__.json"):
+        load_checkpoint(tmp_path / "plain.npz")
+    meta = json.dumps({"format": "xpnet-checkpoint", "version": 99, "payload": {}})
+    np.savez(tmp_path / "future.npz", **{"__xpnet__.json": np.frombuffer(meta.encode(), np.uint8)})
+    with pytest.raises(CheckpointError, match="future.npz.*version 99"):
+        load_checkpoint(tmp_path / "future.npz")
+
+
+def test_old_pickle_checkpoints_load_only_with_explicit_trust(tmp_path, train, capsys):
+    solver, path = trained_checkpoint(tmp_path)
+    legacy = tmp_path / "old_epoch_1.pkl"
+    with open(legacy, "wb") as f:
+        pickle.dump({"format": "xpnet-checkpoint-1", **solver.checkpoint()}, f)
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        load_checkpoint(legacy)
+    state = load_checkpoint(legacy, trust_pickle=True)
+    assert state["epoch"] == 1
+    resumed = Solver(small_model("numpy"), small_data(), update_rule="adam", batch_size=50, verbose=False, seed=0)
+    resumed.resume(legacy, trust_pickle=True)
+    np.testing.assert_array_equal(resumed.model.params["W1"], solver.model.params["W1"])
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "c.npz", {"x": np.ones(2)})
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+KILL_LOOP_WRITER = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from xpnet.checkpoint import save_checkpoint
+big = np.random.default_rng(0).standard_normal((1000, 1000))
+i = 0
+while True:
+    i += 1
+    save_checkpoint(f"{sys.argv[1]}/run_epoch_{i % 3}.npz", {"w": big, "i": i})
+"""
+
+
+def test_kill_9_loop_leaves_only_loadable_checkpoints_and_no_stale_temporaries(tmp_path):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", KILL_LOOP_WRITER, str(folder), str(ROOT)])
+        time.sleep(0.6 + rng.uniform(0, 0.5))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        for path in folder.glob("*.npz"):
+            state = load_checkpoint(path)
+            assert state["w"].shape == (1000, 1000) and state["i"] >= 1
+    assert list(folder.glob("*.npz"))
+    # A temporary of a writer that is still running must survive a cleanup.
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_tmp = folder / f".other.npz.tmp-{alive.pid}-abcd"
+        live_tmp.write_bytes(b"being written")
+        dead_tmp = folder / ".other.npz.tmp-999999999-abcd"
+        dead_tmp.write_bytes(b"left by a killed writer")
+        save_checkpoint(folder / "next.npz", {"x": np.ones(1)})
+        leftovers = sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+        assert leftovers == [live_tmp.name]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 files
+def fake_cifar_folder(folder):
+    from test_data_utils import write_fake_cifar
+
+    write_fake_cifar(folder)
+    return folder
+
+
+def test_pickle_payload_in_a_cifar_batch_cannot_run_through_any_entry_point(tmp_path, train, capsys, monkeypatch):
+    folder = fake_cifar_folder(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "pwned"
+    write_pickle_payload(folder / "data_batch_2", marker)
+    with pytest.raises(DataError, match="data_batch_2.*posix.mkdir|data_batch_2.*os.mkdir"):
+        load_CIFAR_batch(folder / "data_batch_2")
+    with pytest.raises(DataError, match="data_batch_2.*refused"):
+        get_CIFAR10_data(folder, num_training=50, num_validation=10, num_test=10)
+    code, _, err = run_cli(train, capsys, ["--dataset", "cifar10", "--data-dir", str(folder), "--epochs", "1"])
+    assert code == 2 and "data_batch_2" in err and "refused" in err
+    assert not marker.exists()
+
+
+def test_cifar_batches_of_numpy_1_and_2_and_protocol_2_load(tmp_path):
+    folder = fake_cifar_folder(tmp_path)  # protocol 2: bytes through _codecs.encode
+    X, y = load_CIFAR_batch(folder / "data_batch_1")
+    assert X.shape == (20, 32, 32, 3)
+    raw = (folder / "data_batch_1").read_bytes()
+    assert b"_codecs" in raw and b"numpy._core.multiarray" in raw
+    numpy1 = tmp_path / "numpy1_batch"
+    numpy1.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 2 on NumPy 1's module name
+        X1, y1 = load_CIFAR_batch(numpy1)
+    np.testing.assert_array_equal(X1, X)
+    np.testing.assert_array_equal(y1, y)
+
+
+def test_absurdly_large_cifar_file_is_refused_before_reading(tmp_path, monkeypatch):
+    folder = fake_cifar_folder(tmp_path)
+    monkeypatch.setattr(data_utils, "MAX_BATCH_BYTES", 1000)
+    with pytest.raises(DataError, match="data_batch_1.*far larger than a batch file"):
+        load_CIFAR_batch(folder / "data_batch_1")
+
+
+def test_cifar_batch_with_wrong_contents_is_named(tmp_path):
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    with pytest.raises(DataError, match="data_batch_1.*no data and labels"):
+        load_CIFAR_batch(path)
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, f)
+    with pytest.raises(DataError, match="data_batch_1.*integer pixels"):
+        load_CIFAR_batch(path)
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_non_finite_loss_between_logging_points_stops_without_a_nan_checkpoint(tmp_path):
+    solver = Solver(
+        small_model("numpy", weight_scale=1.0),
+        small_data(),
+        update_rule="sgd",
+        optim_config={"learning_rate": 1e6},
+        batch_size=10,
+        num_epochs=5,
+        print_every=1000,  # no loss is logged after the first iteration: only the flag can tell
+        verbose=False,
+        seed=0,
+        checkpoint_name=str(tmp_path / "run"),
+    )
+    with pytest.warns(RuntimeWarning, match=r"diverged between iterations 2 and 20 of 100 \(epoch 1\)"):
+        solver.train()
+    assert solver.iteration == 20  # stopped at the first epoch end, not after 5 epochs
+    assert "learning rate 1000000.0" in solver.diverged and "too large" in solver.diverged
+    assert solver.last_checkpoint is None and not list(tmp_path.iterdir())
+    assert all(math.isfinite(v) for v in solver.val_acc_history)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_divergence_names_a_non_finite_hyper_parameter():
+    model = small_model("numpy")
+    model.reg = float("inf")  # read at every call: set after construction
+    solver = Solver(model, small_data(), batch_size=20, num_epochs=1, verbose=False, seed=0)
+    with pytest.warns(RuntimeWarning, match=r"at iteration 1 of 10 .*model.reg = inf"):
+        solver.train()
+    assert solver.iteration == 1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_checkpoints_before_divergence_stay_finite(tmp_path):
+    def blow_up_after_epoch_3(record):
+        if record.get("val_acc") is not None and record["epoch"] == 3:
+            for config in solver.optim_configs.values():
+                config["learning_rate"] = 1e30
+
+    solver = Solver(
+        small_model("numpy", weight_scale=1.0),
+        small_data(),
+        update_rule="sgd",
+        batch_size=20,
+        num_epochs=30,
+        print_every=1000,
+        verbose=False,
+        seed=0,
+        on_log=blow_up_after_epoch_3,
+        checkpoint_name=str(tmp_path / "run"),
+    )
+    with pytest.warns(RuntimeWarning, match=r"diverged between iterations 31 and 40 of 300 \(epoch 4\)"):
+        solver.train()
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["run_epoch_1.npz", "run_epoch_2.npz", "run_epoch_3.npz"]
+    assert solver.last_checkpoint == str(tmp_path / "run_epoch_3.npz")
+    for name in written:
+        assert checkpoint.is_finite_tree(load_checkpoint(tmp_path / name)["model"]["params"])
+
+
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered", "ignore:invalid value encountered", "ignore:training diverged"
+)
+def test_train_script_exits_non_zero_on_divergence(train, capsys):
+    code, out, err = run_cli(train, capsys, ["--update-rule", "sgd", "--lr", "1e8", "--epochs", "3", "--quiet"])
+    assert code == 1
+    assert "training diverged" in err and "learning rate" in err
+
+
+# ----------------------------------------------------------------------------- the command line fails early
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--plot", "/nonexistent-folder/curves.png"], "--plot /nonexistent-folder/curves.png: folder"),
+        (["--log", "{tmp}"], "is a folder, not a file"),
+        (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
+        (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
+        (["--data-dir", "/tmp"], "--data-dir applies to --dataset cifar10 only"),
+        (["--backend", "numpy:gpu"], "NumPy runs on the CPU only"),
+    ],
+)
+def test_bad_outputs_and_flags_fail_before_loading_data(train, capsys, monkeypatch, tmp_path, args, message):
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+
+    def no_loading(*a, **k):
+        raise AssertionError("data was loaded before the outputs were checked")
+
+    monkeypatch.setattr(data_utils, "load_digits_data", no_loading)
+    code, _, err = run_cli(train, capsys, args)
+    assert code == 2
+    assert message in err
+
+
+def test_disk_error_during_training_names_path_and_last_checkpoint(train, capsys, tmp_path, monkeypatch):
+    original = np.savez
+    calls = []
+
+    def disk_full_on_second_write(f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", disk_full_on_second_write)
+    ckpt = tmp_path / "ck"
+    code, _, err = run_cli(train, capsys, ["--epochs", "3", "--quiet", "--checkpoint-dir", str(ckpt)])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert "No space left on device" in lines[0]
+    assert str(ckpt / "digits_fc_epoch_2.npz") in lines[0]
+    assert f"last good checkpoint: {ckpt / 'digits_fc_epoch_1.npz'}" in lines[0]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["digits_fc_epoch_1.npz"]
+
+
+def test_ctrl_c_ends_cleanly_with_exit_130_and_a_loadable_checkpoint(tmp_path):
+    ckpt = tmp_path / "ck"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--epochs", "100000", "--checkpoint-dir", str(ckpt), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(ckpt.glob("*.npz"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted at epoch" in err and "iteration" in err
+    last = err.split("last good checkpoint: ")[1].strip()
+    state = load_checkpoint(last)
+    assert state["epoch"] >= 2
+    assert not [p for p in ckpt.iterdir() if ".tmp-" in p.name]
+    for path in ckpt.iterdir():
+        load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_refuses_another_update_rule(tmp_path):
+    _, path = trained_checkpoint(tmp_path)
+    other = Solver(small_model("numpy"), small_data(), update_rule="sgd_momentum", batch_size=50, verbose=False)
+    with pytest.raises(ValueError, match="update_rule='adam'.*update_rule='sgd_momentum'"):
+        other.resume(path)
+
+
+def test_resume_with_the_same_settings_changes_nothing(tmp_path):
+    _, path = trained_checkpoint(tmp_path, optim_config={"learning_rate": 1e-2}, lr_decay=0.5)
+    same = Solver(
+        small_model("numpy"),
+        small_data(),
+        update_rule="adam",
+        optim_config={"learning_rate": 1e-2},
+        lr_decay=0.5,
+        batch_size=50,
+        num_epochs=1,
+        verbose=False,
+        seed=0,
+    )
+    same.resume(path)
+    assert same.resume_changes == []
+    assert same.optim_configs["W1"]["learning_rate"] == pytest.approx(1e-2 * 0.5)
+
+
+def test_resume_settings_passed_win_and_every_difference_is_printed(tmp_path, capsys):
+    _, path = trained_checkpoint(tmp_path, optim_config={"learning_rate": 1e-2}, lr_decay=0.5)
+    changed = Solver(
+        small_model("numpy"),
+        small_data(),
+        update_rule="adam",
+        optim_config={"learning_rate": 4e-3, "beta1": 0.8},
+        lr_decay=0.9,
+        batch_size=50,
+        num_epochs=3,
+        seed=5,
+    )
+    changed.resume(path)
+    out = capsys.readouterr().out
+    for text in (
+        "lr_decay = 0.9 (the checkpoint has 0.5)",
+        "num_epochs = 3 (the checkpoint has 1)",
+        "seed = 5 (the checkpoint has 0)",
+        "optim_config['learning_rate'] = 0.004 (the checkpoint has 0.01)",
+        "optim_config['beta1'] = 0.8 (the checkpoint has None)",
+        "learning rate at epoch 1: 0.0036",
+    ):
+        assert f"resume: {text}" in out
+    assert len(changed.resume_changes) == 6
+    for config in changed.optim_configs.values():
+        assert config["learning_rate"] == pytest.approx(4e-3 * 0.9) and config["beta1"] == 0.8
+    assert changed.seed == 5
+    changed.train()
+    assert changed.epoch == 3
+
+
+# ----------------------------------------------------------------------------- refusals by name
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(optim_config={"learning_rat": 0.1}), "unknown optim_config key 'learning_rat' for update rule 'sgd'"),
+        (dict(update_rule="adam", optim_config={"momentum": 0.9}), "'momentum' for update rule 'adam'"),
+        (dict(optim_config={"learning_rate": 0.0}), "learning_rate must be a finite number > 0, got 0.0"),
+        (dict(optim_config={"learning_rate": -1}), "learning_rate must be a finite number > 0, got -1"),
+        (dict(optim_config={"learning_rate": float("nan")}), "learning_rate must be a finite number > 0, got nan"),
+        (dict(optim_config={"learning_rate": float("inf")}), "got inf"),
+        (dict(lr_decay=0), "lr_decay must be a finite number > 0, got 0"),
+        (dict(lr_decay=-0.5), "lr_decay must be a finite number > 0, got -0.5"),
+        (dict(batch_size=201), r"batch_size=201 is larger than the training set \(200 rows\)"),
+        (dict(num_epochs=-1), "num_epochs must be a non-negative integer, got -1"),
+    ],
+)
+def test_solver_refuses_settings_that_cannot_be_right(options, message):
+    with pytest.raises(ValueError, match=message):
+        Solver(small_model("numpy"), small_data(), **options)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(num_classes=1), "num_classes must be an integer >= 2, got 1"),
+        (dict(weight_scale=float("inf")), "weight_scale must be a finite number, got inf"),
+        (dict(weight_scale=float("nan")), "weight_scale must be a finite number, got nan"),
+        (dict(reg=-0.1), "reg must be >= 0, got -0.1"),
+        (dict(reg=float("inf")), "reg must be a finite number, got inf"),
+    ],
+)
+def test_models_refuse_hyper_parameters_that_cannot_be_right(options, message):
+    with pytest.raises(ValueError, match=message):
+        small_model("numpy", **options)
+
+
+def test_monolithic_net_refuses_bad_hyper_parameters():
+    from xpnet.neural_net import TwoLayerNet
+
+    with pytest.raises(ValueError, match="std must be a finite number, got inf"):
+        TwoLayerNet(4, 5, 3, std=float("inf"))
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        TwoLayerNet(4, 5, 1)
+    net = TwoLayerNet(4, 5, 3)
+    X, y = np.ones((6, 4)), np.zeros(6, dtype=np.int64)
+    with pytest.raises(ValueError, match="reg must be >= 0"):
+        net.train(X, y, X, y, reg=-1.0)
+
+
+def test_backend_spec_with_a_device_for_numpy_is_refused():
+    with pytest.raises(ValueError, match="'numpy:gpu': NumPy runs on the CPU only"):
+        xpnet.get_backend("numpy:gpu")
+    assert xpnet.get_backend("numpy:cpu").name == "numpy"
+
+
+def test_batchnorm_needs_two_rows_in_train_mode(backend):
+    x = backend.asarray(np.ones((1, 3)), dtype="float64")
+    g = backend.asarray(np.ones(3), dtype="float64")
+    with pytest.raises(ValueError, match=r"batchnorm_forward: train mode needs at least 2 rows.*\(1, 3\)"):
+        layers.batchnorm_forward(x, g, g, {"mode": "train"})
+    out, _ = layers.batchnorm_forward(x, g, g, {"mode": "test", "running_mean": g * 0, "running_var": g})
+    assert tuple(out.shape) == (1, 3)
+
+
+def test_empty_batches_are_refused(backend):
+    empty = backend.asarray(np.zeros((0, 4)), dtype="float64")
+    with pytest.raises(ValueError, match=r"affine_forward: empty batch, x has shape \(0, 4\)"):
+        layers.affine_forward(empty, backend.asarray(np.ones((4, 2))), backend.asarray(np.ones(2)))
+    labels = backend.asarray(np.zeros(0, dtype=np.int64))
+    for loss in (layers.softmax_loss, layers.svm_loss):
+        with pytest.raises(ValueError, match="empty batch"):
+            loss(empty, labels)
+
+
+def test_layers_speak_of_shapes_dtypes_and_libraries(backend):
+    x = backend.asarray(np.ones((2, 4)), dtype="float64")
+    w = backend.asarray(np.ones((4, 3)), dtype="float64")
+    b = backend.asarray(np.ones(3), dtype="float64")
+    _, cache = layers.affine_forward(x, w, b)
+    with pytest.raises(ValueError, match=r"affine_backward: dout has shape \(2, 5\), expected \(2, 3\)"):
+        layers.affine_backward(backend.asarray(np.ones((2, 5)), dtype="float64"), cache)
+    ints = backend.asarray(np.ones((2, 4), dtype=np.int64))
+    with pytest.raises(TypeError, match="affine_forward: x must be a floating-point array, got dtype int64"):
+        layers.affine_forward(ints, w, b)
+    with pytest.raises(TypeError, match="relu_forward: x must be a floating-point array"):
+        layers.relu_forward(ints)
+    with pytest.raises(ValueError, match=r"relu_backward: dout has shape \(2, 3\) but x has shape \(2, 4\)"):
+        layers.relu_backward(b[None, :] * w[:2, :], x)
+    if backend.name != "numpy":
+        with pytest.raises(TypeError, match=r"affine_forward: arrays from different libraries \(x from numpy"):
+            layers.affine_forward(np.ones((2, 4)), w, b)
+
+
+# ----------------------------------------------------------------------------- labels out of range
+@pytest.mark.parametrize("loss_fn", [layers.softmax_loss, layers.svm_loss])
+@pytest.mark.parametrize("bad_label", [5, -1])
+def test_out_of_range_labels_give_nan_not_a_plausible_loss(backend, loss_fn, bad_label):
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 5)), dtype="float64")
+    y = backend.asarray(np.array([0, bad_label, 2, 4], dtype=np.int64))
+    loss, dx = loss_fn(x, y)
+    assert math.isnan(float(loss))
+    dx = to_np(dx)
+    assert np.isnan(dx[1]).all() and np.isfinite(dx[[0, 2, 3]]).all()
