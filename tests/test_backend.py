@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet import backend as backend_module
 from xpnet.backend import backend_of, current_backend, get_backend, set_backend, using_backend
+from xpnet.backend import registry as backend_module
 
 
 def test_numpy_backend_has_namespace_device_and_name():
@@ -184,3 +184,31 @@ def test_to_floats_transfers_scalars(backend):
     values = [xp.sum(backend.asarray([1.0, 2.0])), xp.mean(backend.asarray([3.0, 5.0]))]
     assert backend.to_floats(values) == [3.0, 4.0]
     assert backend.to_floats([]) == []
+
+
+def test_a_new_backend_is_one_module_and_one_registration(monkeypatch):
+    import importlib
+
+    from helpers import small_data, small_model
+
+    from xpnet.solver import Solver
+
+    monkeypatch.setattr(backend_module, "_REGISTRY", dict(backend_module._REGISTRY))
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    import toy_backend
+
+    importlib.reload(toy_backend)  # registers "toy" in this test's copy of the table
+    toy = get_backend("toy")
+    assert toy.name == "toy" and "toy" in str(backend_module.valid_specs())
+    model = small_model(toy)
+    assert backend_of(model.params["W1"]) is toy
+    options = dict(update_rule="adam", optim_config={"learning_rate": 1e-2}, batch_size=50, num_epochs=10)
+    solver = Solver(model, small_data(), verbose=False, seed=0, **options)
+    solver.train()
+    assert solver.best_val_acc > 0.8
+    assert backend_of(model.params["W1"]) is toy
+
+    monkeypatch.setitem(sys.modules, "array_api_strict", None)
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    with pytest.raises(ImportError, match="pip install toy"):
+        get_backend("toy")

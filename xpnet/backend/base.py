@@ -1,0 +1,225 @@
+"""What every backend has: the :class:`Backend` (an array library on one device),
+its :class:`DeviceRNG`, and :class:`CapturedGraph` for CUDA-graph replay.
+
+A library's own module (``numpy_backend.py``, ``cupy_backend.py``, ...) subclasses
+these where the library differs and registers itself with
+:func:`xpnet.backend.registry.register_backend`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Backend", "DeviceRNG", "CapturedGraph", "seed_to_int"]
+
+
+def seed_to_int(seed) -> int | None:
+    """Fold an int or a sequence of ints into one 63-bit seed (None stays None).
+
+    Libraries whose generators take a single integer seed (CuPy, PyTorch) get
+    the same well-mixed value NumPy's SeedSequence would start from, so
+    ``rng((seed, epoch))`` gives independent streams everywhere.
+    """
+    if seed is None:
+        return None
+    state = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def _same_dtype(a, b) -> bool:
+    """dtype equality that tolerates objects of unrelated libraries (False, not an error)."""
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except TypeError:
+        return False
+
+
+class DeviceRNG:
+    """A random generator whose draws are arrays on the backend's device.
+
+    ``seed`` is None (fresh entropy), an int, or a sequence of ints
+    (e.g. ``(seed, epoch)``), which gives an independent, reproducible stream.
+    This base class draws with NumPy on the host and moves the result to the
+    device; libraries with generators of their own override the four methods.
+    """
+
+    def __init__(self, backend: Backend, seed=None):
+        self.backend = backend
+        self.seed = seed
+        self._gen = np.random.default_rng(seed)
+
+    def _np_dtype(self, dtype):
+        return np.float64 if dtype is None else self.backend.numpy_dtype(dtype)
+
+    def integers(self, low: int, high: int, size) -> Any:
+        """Integers uniform in [low, high), shape ``size``, dtype int64."""
+        return self.backend.asarray(self._gen.integers(low, high, size=size, dtype=np.int64))
+
+    def normal(self, shape, std: float = 1.0, dtype=None) -> Any:
+        """Normal(0, std²) samples of ``shape`` (dtype default float64)."""
+        dt = self._np_dtype(dtype)
+        out = self._gen.standard_normal(shape, dtype=dt)
+        if std != 1.0:
+            out *= dt.type(std)
+        return self.backend.asarray(out)
+
+    def uniform(self, shape, dtype=None) -> Any:
+        """Uniform samples in [0, 1) of ``shape`` (dtype default float64)."""
+        return self.backend.asarray(self._gen.random(shape, dtype=self._np_dtype(dtype)))
+
+    def permutation(self, n: int) -> Any:
+        """A random permutation of ``range(n)`` as an int64 array of shape (n,)."""
+        return self.backend.asarray(self._gen.permutation(n).astype(np.int64))
+
+
+class Backend:
+    """An array library on one device.
+
+    Attributes:
+        name: the canonical spec, e.g. ``"numpy"``, ``"cupy:0"``.
+        xp: the array API namespace (array-api-compat's wrapper where needed).
+        device: the device object that ``xp`` functions take as ``device=``.
+        lib: the underlying library module (numpy, cupy, torch, array_api_strict).
+    """
+
+    rng_class: type[DeviceRNG] = DeviceRNG
+    is_gpu = False
+    can_capture = False
+
+    def __init__(self, name: str, xp, device, lib):
+        self.name = name
+        self.xp = xp
+        self.device = device
+        self.lib = lib
+        self._default_rng: DeviceRNG | None = None
+        self._rng_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, device={self.device!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Backend) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    # -- dtypes --------------------------------------------------------------
+    def dtype(self, spec):
+        """The namespace's dtype for ``spec``: "float32", np.float32, np.dtype(...) or an xp dtype."""
+        if spec is None:
+            return self.xp.float64
+        for name in ("float32", "float64", "int32", "int64", "bool", "uint8"):
+            if (spec == name) if isinstance(spec, str) else _same_dtype(spec, getattr(self.xp, name)):
+                return getattr(self.xp, name)
+        try:
+            name = np.dtype(spec).name
+        except TypeError:
+            name = None
+        if name is None or not hasattr(self.xp, name):
+            raise ValueError(f"unsupported dtype {spec!r}: use 'float32' or 'float64' (or the matching numpy dtype)")
+        return getattr(self.xp, name)
+
+    def numpy_dtype(self, dtype) -> np.dtype:
+        """The NumPy dtype matching an xp dtype (or any spec :meth:`dtype` accepts)."""
+        xp_dtype = self.dtype(dtype)
+        for name in ("float32", "float64", "int32", "int64", "bool", "uint8"):
+            if _same_dtype(xp_dtype, getattr(self.xp, name)):
+                return np.dtype(name)
+        raise ValueError(f"no NumPy dtype for {dtype!r}")
+
+    # -- moving data ---------------------------------------------------------
+    def asarray(self, obj, dtype=None, copy=None):
+        """Host data (or an array of this backend) as an array on this backend's device.
+
+        As with ``xp.asarray``, the result may share memory with ``obj`` (NumPy
+        on the CPU) unless ``copy=True``.
+        """
+        dt = None if dtype is None else self.dtype(dtype)
+        return self.xp.asarray(obj, dtype=dt, device=self.device, copy=copy)
+
+    def to_numpy(self, x) -> np.ndarray:
+        """Copy an array of this backend to a NumPy array on the host.
+
+        This (with :meth:`to_floats`) is how array data reaches the host in xpnet.
+        """
+        return np.asarray(x)
+
+    def to_floats(self, scalars) -> list:
+        """A list of 0-d arrays of this backend as Python floats, in one transfer."""
+        if not scalars:
+            return []
+        xp = self.xp
+        stacked = xp.stack([xp.astype(xp.reshape(s, ()), xp.float64) for s in scalars])
+        return [float(v) for v in self.to_numpy(stacked)]
+
+    def sync(self) -> None:
+        """Wait until all queued work on the device has finished."""
+
+    @property
+    def device_name(self) -> str:
+        """A human-readable name of the device (CPU model or GPU name)."""
+        import platform
+
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+
+    # -- random numbers --------------------------------------------------------
+    def rng(self, seed=None) -> DeviceRNG:
+        """A new generator on this device; ``seed`` is None, an int or a sequence of ints."""
+        return self.rng_class(self, seed)
+
+    def default_rng(self) -> DeviceRNG:
+        """The backend's shared generator, for code that is given none (course-style calls)."""
+        with self._rng_lock:
+            if self._default_rng is None:
+                self._default_rng = self.rng()
+            return self._default_rng
+
+    def seed(self, seed) -> None:
+        """Re-seed the backend's shared generator (like ``np.random.seed``)."""
+        with self._rng_lock:
+            self._default_rng = self.rng(seed)
+
+    def owns(self, x) -> bool:
+        """Whether ``x`` is an array of this backend's library on this device."""
+        from .registry import backend_of
+
+        try:
+            return backend_of(x) == self
+        except TypeError:
+            return False
+
+    # -- CUDA graphs -------------------------------------------------------------
+    def capture(self, fn):
+        """Record ``fn()`` (device work only) as a CUDA graph; see :class:`CapturedGraph`."""
+        raise NotImplementedError(
+            f"backend {self.name!r} cannot capture CUDA graphs; cuda_graph=True needs the cupy backend"
+        )
+
+
+class CapturedGraph:
+    """A recorded CUDA graph, the memory its intermediates live in, and ``fn``'s outputs.
+
+    ``replay()`` runs the recorded work again on the current stream: the outputs
+    (and any array updated in place) then hold the new results.
+    """
+
+    def __init__(self, graph, pool, outputs):
+        self._graph = graph
+        self._pool = pool  # private to this graph: nothing else may reuse its memory
+        self.outputs = outputs
+
+    def replay(self):
+        self._graph.launch()
+        return self.outputs

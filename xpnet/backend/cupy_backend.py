@@ -1,0 +1,128 @@
+"""CuPy on a CUDA GPU: specs "cupy" and "cupy:N". Its arrays get the fused
+kernels of :mod:`xpnet.backend.cupy_kernels`, and a training step can be
+captured as a CUDA graph."""
+
+from __future__ import annotations
+
+from array_api_compat import is_cupy_array
+
+from .base import Backend, CapturedGraph, DeviceRNG, seed_to_int
+from .dispatch import accelerated
+from .registry import import_library, register_backend
+
+
+class CupyRNG(DeviceRNG):
+    """``cupy.random.Generator``: draws happen on the GPU (and can be graph-captured)."""
+
+    def __init__(self, backend, seed=None):
+        self.backend, self.seed = backend, seed
+        with backend.lib.cuda.Device(backend.device_index):
+            self._gen = backend.lib.random.default_rng(seed_to_int(seed))
+
+    def _dt(self, dtype):
+        return self.backend.lib.float64 if dtype is None else dtype
+
+    def integers(self, low, high, size):
+        return self._gen.integers(low, high, size=size, dtype=self.backend.lib.int64)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        out = self._gen.standard_normal(size=shape, dtype=self._dt(dtype))
+        return out * std if std != 1.0 else out
+
+    def uniform(self, shape, dtype=None):
+        return self._gen.random(size=shape, dtype=self._dt(dtype))
+
+    def permutation(self, n):
+        # cupy.random.Generator has no permutation: sort uniform keys instead.
+        return self.backend.lib.argsort(self._gen.random(size=n)).astype(self.backend.lib.int64)
+
+
+class CupyBackend(Backend):
+    rng_class = CupyRNG
+    is_gpu = True
+    can_capture = True
+
+    @property
+    def device_index(self) -> int:
+        return self.device.id
+
+    def owns(self, x) -> bool:
+        return isinstance(x, self.lib.ndarray) and x.device.id == self.device.id
+
+    def asarray(self, obj, dtype=None, copy=None):
+        dt = None if dtype is None else self.dtype(dtype)
+        with self.device:
+            out = self.lib.asarray(obj, dtype=dt)
+            # cupy.asarray copies host data anyway; copy device arrays when asked.
+            return out.copy() if copy and out is obj else out
+
+    def to_numpy(self, x):
+        return self.lib.asnumpy(x)
+
+    def sync(self):
+        self.device.synchronize()
+
+    @property
+    def device_name(self) -> str:
+        props = self.lib.cuda.runtime.getDeviceProperties(self.device.id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def capture(self, fn):
+        cp = self.lib
+        with self.device:
+            accelerated(cp.empty(0)).prepare(self.device.id)  # cuBLAS handle and workspace, before capturing
+        pool = cp.cuda.MemoryPool()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with self.device, cp.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                outputs = fn()
+            except BaseException as exc:
+                try:
+                    stream.end_capture()
+                except Exception:
+                    pass
+                raise RuntimeError(f"capturing a CUDA graph failed: {exc}") from exc
+            graph = stream.end_capture()
+        return CapturedGraph(graph, pool, outputs)
+
+
+def _parse_index(spec: str, text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"invalid device index {text!r} in backend spec {spec!r}")
+    return int(text)
+
+
+def make_cupy(spec: str) -> Backend:
+    lib = import_library("cupy", "cupy")
+    index = _parse_index(spec, spec.partition(":")[2] or "0")
+    try:
+        count = lib.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or no device at all
+        raise RuntimeError(f"backend {spec!r}: CuPy is installed but no CUDA GPU is visible ({exc})") from exc
+    if count == 0:
+        raise RuntimeError(f"backend {spec!r}: CuPy is installed but no CUDA GPU is visible")
+    if index >= count:
+        raise ValueError(f"backend {spec!r}: GPU {index} requested but only {count} visible")
+    import array_api_compat.cupy as xp
+
+    return CupyBackend(f"cupy:{index}", xp, lib.cuda.Device(index), lib)
+
+
+def _kernels():
+    from .cupy_kernels import CupyKernels
+
+    return CupyKernels()
+
+
+register_backend(
+    "cupy",
+    make_cupy,
+    is_cupy_array,
+    install_hint='CuPy is not installed. Install it with: pip install "xpnet[cuda12]" '
+    '(CUDA 12) or pip install "xpnet[cuda13]" (CUDA 13).',
+    spec_of=lambda x: f"cupy:{x.device.id}",
+    specs=("cupy", "cupy:N"),
+    kernels=_kernels,
+)

@@ -1,0 +1,66 @@
+"""Per-call dispatch on the array type: the array namespace, and the fused kernels
+a library registered (CuPy's), or None where the array-API code runs."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+from array_api_compat import array_namespace
+
+__all__ = ["accelerated", "fused_kernels", "namespace", "forget_kernels"]
+
+_ACCELERATORS: dict = {}
+_FUSED = contextvars.ContextVar("xpnet_fused_kernels", default=True)
+
+
+def accelerated(x):
+    """Fused kernels for arrays like ``x``, or None: then use the array-API code.
+
+    A dict lookup on the array's type, so the reference path pays next to nothing.
+    """
+    if not _FUSED.get():
+        return None
+    kind = type(x)
+    try:
+        return _ACCELERATORS[kind]
+    except KeyError:
+        from .registry import registered_backends
+
+        kernels = None
+        for registration in registered_backends().values():
+            if registration.kernels is not None and registration.is_array(x):
+                kernels = registration.kernels()
+                break
+        return _ACCELERATORS.setdefault(kind, kernels)
+
+
+def forget_kernels() -> None:
+    """Drop the per-type cache (after a registration changes)."""
+    _ACCELERATORS.clear()
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """``with fused_kernels(False):`` runs the array-API reference code on every backend."""
+    token = _FUSED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+_NAMESPACES: dict = {}
+
+
+def namespace(*arrays):
+    """``array_namespace(*arrays)``, cached by array type (the layers call it on every step)."""
+    kind = type(arrays[0])
+    xp = _NAMESPACES.get(kind)
+    if xp is not None and all(type(a) is kind for a in arrays):
+        return xp
+    xp = array_namespace(*arrays)
+    if all(type(a) is kind for a in arrays):
+        _NAMESPACES[kind] = xp
+    return xp

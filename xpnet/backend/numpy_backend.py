@@ -1,0 +1,26 @@
+"""NumPy on the CPU: spec "numpy" (or "numpy:cpu")."""
+
+from __future__ import annotations
+
+import numpy as np
+from array_api_compat import is_numpy_array
+
+from .base import Backend
+from .registry import register_backend
+
+
+class NumpyBackend(Backend):
+    def owns(self, x) -> bool:
+        return type(x) is np.ndarray
+
+
+def make_numpy(spec: str) -> Backend:
+    import array_api_compat.numpy as xp
+
+    device = spec.partition(":")[2]
+    if device not in ("", "cpu"):
+        raise ValueError(f"backend {spec!r}: NumPy runs on the CPU only and has no device {device!r}; use 'numpy'")
+    return NumpyBackend("numpy", xp, "cpu", np)
+
+
+register_backend("numpy", make_numpy, is_numpy_array, install_hint="NumPy is not installed: pip install numpy")

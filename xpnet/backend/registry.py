@@ -1,0 +1,195 @@
+"""The table of backends: which spec prefixes exist, how each is built, which
+arrays belong to it, and the default backend of the process or of a block.
+
+A library joins with one call to :func:`register_backend` in its own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import Backend
+
+__all__ = [
+    "register_backend",
+    "registered_backends",
+    "get_backend",
+    "set_backend",
+    "using_backend",
+    "current_backend",
+    "backend_of",
+    "to_numpy",
+    "import_library",
+    "valid_specs",
+]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How one library becomes a backend.
+
+    Attributes:
+        prefix: the spec's library part, e.g. "cupy" in "cupy:1".
+        factory: builds the Backend from a normalised spec (lower case, "-" as "_").
+        is_array: whether an object is an array of this library (cheap: no import).
+        spec_of: the spec of the backend an array of this library lives on.
+        install_hint: what to tell a user who lacks the library.
+        specs: the spec forms to list in messages.
+        kernels: builds the fused kernels for this library's arrays (None: the array-API code).
+    """
+
+    prefix: str
+    factory: Callable[[str], Backend]
+    is_array: Callable[[object], bool]
+    spec_of: Callable[[object], str]
+    install_hint: str
+    specs: tuple
+    kernels: Callable[[], object] | None = None
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register_backend(
+    prefix: str,
+    factory: Callable[[str], Backend],
+    is_array: Callable[[object], bool],
+    install_hint: str,
+    spec_of: Callable[[object], str] | None = None,
+    specs: tuple = (),
+    kernels: Callable[[], object] | None = None,
+) -> Registration:
+    """Make ``prefix`` (and ``prefix:...``) a backend spec; returns the registration.
+
+    ``factory(spec)`` builds the backend (raising ImportError when the library is
+    missing: :func:`import_library` adds ``install_hint``); ``is_array(x)`` tells
+    its arrays apart; ``spec_of(x)`` names the backend of such an array (default:
+    ``prefix``). Registering a prefix again replaces it.
+    """
+    registration = Registration(
+        prefix=prefix,
+        factory=factory,
+        is_array=is_array,
+        spec_of=spec_of or (lambda x: prefix),
+        install_hint=install_hint,
+        specs=tuple(specs) or (prefix,),
+        kernels=kernels,
+    )
+    _REGISTRY[prefix] = registration
+    with _CACHE_LOCK:
+        for key in [k for k in _CACHE if k.partition(":")[0] == prefix]:
+            del _CACHE[key]
+    from . import dispatch
+
+    dispatch.forget_kernels()
+    return registration
+
+
+def registered_backends() -> dict:
+    """Prefix -> :class:`Registration`, in registration order."""
+    return dict(_REGISTRY)
+
+
+def valid_specs() -> tuple:
+    return tuple(spec for registration in _REGISTRY.values() for spec in registration.specs)
+
+
+def import_library(prefix: str, module: str):
+    """``import module``, or ImportError carrying the install hint of backend ``prefix``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(_REGISTRY[prefix].install_hint) from exc
+
+
+# --------------------------------------------------------------------------- construction
+_CACHE: dict[str, Backend] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_backend(spec: str | Backend | None = None) -> Backend:
+    """Return the :class:`Backend` for ``spec`` (None: the current default).
+
+    A ``Backend`` passed in is returned as is. Raises ``ValueError`` for an
+    unknown spec, ``ImportError`` (with an install command) for a library that
+    is not installed and ``RuntimeError`` when CuPy finds no GPU.
+    """
+    if spec is None:
+        return current_backend()
+    if isinstance(spec, Backend):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"backend must be a spec string or a Backend, not {type(spec).__name__}")
+    key = spec.strip().lower().replace("-", "_")
+    library = key.partition(":")[0]
+    if library not in _REGISTRY:
+        raise ValueError(f"unknown backend {spec!r}; valid backends: {', '.join(valid_specs())}")
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            backend = _REGISTRY[library].factory(key)
+            # "cupy" and "cupy:0" are the same backend: share one object.
+            _CACHE.setdefault(backend.name, backend)
+            _CACHE[key] = _CACHE[backend.name]
+        return _CACHE[key]
+
+
+def backend_of(x) -> Backend:
+    """The backend that array ``x`` belongs to (library and device)."""
+    for registration in _REGISTRY.values():
+        if registration.is_array(x):
+            return get_backend(registration.spec_of(x))
+    raise TypeError(f"arrays of type {type(x).__module__}.{type(x).__name__} are not supported by xpnet")
+
+
+def to_numpy(x) -> np.ndarray:
+    """Copy any supported array (or a Python/NumPy value) to NumPy on the host."""
+    if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
+        return np.asarray(x)
+    return backend_of(x).to_numpy(x)
+
+
+# --------------------------------------------------------------------------- the default backend
+_PROCESS_DEFAULT: list[str | Backend | None] = [None]
+_SCOPED: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("xpnet_backend", default=None)
+
+
+def current_backend() -> Backend:
+    """The backend in force: a ``using_backend`` block, else set_backend, else $XPNET_BACKEND."""
+    scoped = _SCOPED.get()
+    if scoped is not None:
+        return scoped
+    spec = _PROCESS_DEFAULT[0]
+    if spec is None:
+        spec = os.environ.get("XPNET_BACKEND") or "numpy"
+    return get_backend(spec)
+
+
+def set_backend(spec: str | Backend) -> Backend:
+    """Make ``spec`` the default backend for the whole process; returns it."""
+    backend = get_backend(spec)
+    _PROCESS_DEFAULT[0] = backend
+    return backend
+
+
+@contextlib.contextmanager
+def using_backend(spec: str | Backend) -> Iterator[Backend]:
+    """``with using_backend("cupy"):`` makes it the default inside the block only.
+
+    The choice lives in a context variable, and context variables are per thread:
+    a thread started inside the block does not inherit it (it sees the process
+    default). Pass ``backend=`` explicitly to work done in other threads, or
+    enter ``using_backend`` in the thread itself.
+    """
+    token = _SCOPED.set(get_backend(spec))
+    try:
+        yield _SCOPED.get()
+    finally:
+        _SCOPED.reset(token)
