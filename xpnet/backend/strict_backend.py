@@ -67,7 +67,8 @@ register_backend(
     "array_api_strict",
     make_strict,
     is_strict_array,
-    install_hint='array-api-strict is not installed. Install it with: pip install array-api-strict (or pip install "xpnet[test]").',
+    install_hint="array-api-strict is not installed. Install it with: pip install array-api-strict "
+    '(or pip install "xpnet[test]").',
     spec_of=spec_of,
     specs=("array_api_strict", "array_api_strict:device1"),
 )
