@@ -11,6 +11,7 @@ from helpers import small_data, small_model
 import xpnet
 from xpnet.checkpoint import load_checkpoint
 from xpnet.solver import Solver
+from xpnet.training import Checkpointer
 
 SOLVER_BACKENDS = ["numpy", "array_api_strict", "array_api_strict:device1"]
 
@@ -199,7 +200,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", crash)
     solver.epoch = 1
     with pytest.raises(KeyboardInterrupt):
-        solver._save_checkpoint()
+        Checkpointer(str(tmp_path / "ck")).on_epoch_end(solver)
     assert path.read_bytes() == good  # the old file is untouched
     assert os.listdir(tmp_path) == ["ck_epoch_1.npz"]  # and no temporary file is left
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .backend import namespace
 
-__all__ = ["sample_minibatch", "accuracy"]
+__all__ = ["sample_minibatch", "accuracy", "model_accuracy"]
 
 
 def sample_minibatch(X, y, rng, batch_size: int):
@@ -24,3 +24,17 @@ def accuracy(predictions, y):
     """Fraction of ``predictions == y`` as a 0-d float array (no host transfer)."""
     xp = namespace(predictions, y)
     return xp.mean(xp.astype(predictions == y, xp.float64))
+
+
+def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
+    """Accuracy of ``scores_of(X_batch) -> (B, C) scores`` on (X, y), as a 0-d device array.
+
+    At most ``num_samples`` rows are used, drawn by ``rng`` (with replacement);
+    predictions are made ``batch_size`` rows at a time on the device.
+    """
+    xp = namespace(X, y)
+    if num_samples is not None and X.shape[0] > num_samples:
+        X, y = sample_minibatch(X, y, rng, num_samples)
+    n = X.shape[0]
+    predictions = [xp.argmax(scores_of(X[i : min(i + batch_size, n), ...]), axis=1) for i in range(0, n, batch_size)]
+    return accuracy(xp.concat(predictions), y)

@@ -33,6 +33,9 @@ class FullyConnectedNet(Model):
         seed: seeds the weight initialisation and fixes the dropout mask
             (every forward pass then drops the same units, as needed for gradient checks).
         backend: a backend spec or Backend (None: the current default).
+        rng: a generator of the backend (``backend.rng(s)``) to draw the initial
+            weights from, instead of ``seed``; dropout masks then stay random
+            (drawn from ``self.rng``, which the Solver sets for each epoch).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class FullyConnectedNet(Model):
         dtype="float32",
         seed=None,
         backend=None,
+        rng=None,
     ):
         super().__init__(backend, dtype)
         hidden_dims = check_hidden_dims(hidden_dims)
@@ -70,7 +74,7 @@ class FullyConnectedNet(Model):
         self.num_classes = num_classes
         self.input_dim = input_dim
 
-        rng = self._init_rng(seed)
+        rng = self._init_rng(seed, rng)
         dims = [input_dim, *hidden_dims, num_classes]
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
             self.params[f"W{i}"] = self._weight(rng, (d_in, d_out), weight_scale)
@@ -104,6 +108,7 @@ class FullyConnectedNet(Model):
             norm_param["mode"] = mode
         if self.use_dropout:
             self.dropout_param["mode"] = mode
+            self.dropout_param["rng"] = self.rng
         p = self.params
         L = self.num_layers
 
@@ -170,6 +175,7 @@ class TwoLayerNet(FullyConnectedNet):
         dtype="float64",
         seed=None,
         backend=None,
+        rng=None,
     ):
         if not isinstance(hidden_dims, int):
             dims = list(hidden_dims)
@@ -186,4 +192,5 @@ class TwoLayerNet(FullyConnectedNet):
             dtype=dtype,
             seed=seed,
             backend=backend,
+            rng=rng,
         )

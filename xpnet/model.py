@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 import numbers
 
-from .backend import Backend, get_backend
+from .backend import Backend, backend_of, get_backend
 from .checkpoint import tree_to_device, tree_to_host
 
-__all__ = ["Model"]
+__all__ = ["Model", "backend_for", "input_preparers", "model_state", "load_model_state"]
 
 
 class Model:
@@ -27,6 +27,9 @@ class Model:
         if self.dtype not in (self.backend.xp.float32, self.backend.xp.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
         self.params: dict = {}
+        # The generator for draws during training (dropout masks); the Solver gives
+        # each epoch its own. None: the backend's shared generator.
+        self.rng = None
 
     @property
     def xp(self):
@@ -57,30 +60,17 @@ class Model:
 
     def state_dict(self) -> dict:
         """Parameters and buffers as NumPy arrays on the host, independent of the backend."""
-        return {
-            "params": tree_to_host(self.params, self.backend),
-            "buffers": tree_to_host(self.buffers(), self.backend),
-        }
+        return model_state(self, self.backend)
 
     def load_state_dict(self, state: dict) -> None:
         """Load what :meth:`state_dict` returned (on any backend) onto this model's device."""
-        if set(self.params) != set(state["params"]):
-            raise ValueError(
-                f"checkpoint parameters {sorted(state['params'])} do not match the model's {sorted(self.params)}"
-            )
-        for name, value in state["params"].items():
-            if tuple(value.shape) != tuple(self.params[name].shape):
-                raise ValueError(
-                    f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
-                    f"the model expects {tuple(self.params[name].shape)}"
-                )
-        self.params = tree_to_device(state["params"], self.backend, self.dtype)
-        for layer, saved in zip(self.buffers(), state["buffers"]):
-            layer.update(tree_to_device(saved, self.backend, self.dtype))
+        load_model_state(self, state, self.backend)
 
-    def _init_rng(self, seed):
-        """The generator for initialisation: seeded, else the backend's shared one
-        (so ``backend.seed(s)`` before construction makes it reproducible)."""
+    def _init_rng(self, seed, rng=None):
+        """The generator for initialisation: ``rng`` if given, else one seeded with
+        ``seed``, else the backend's shared one."""
+        if rng is not None:
+            return rng
         return self.backend.default_rng() if seed is None else self.backend.rng(seed)
 
     def _weight(self, rng, shape, std):
@@ -91,6 +81,64 @@ class Model:
 
     def _ones(self, n):
         return self.xp.ones((n,), dtype=self.dtype, device=self.backend.device)
+
+
+# --------------------------------------------------------------------------- any model
+# The Solver trains any object with ``params`` (a dict of arrays) and ``loss(X, y=None)``,
+# as in the course. What xpnet's Model adds (backend, input preparation, buffers) is
+# inferred for a model that lacks it.
+def backend_for(model) -> Backend:
+    """The model's backend: ``model.backend``, else that of its first parameter."""
+    backend = getattr(model, "backend", None)
+    if backend is not None:
+        return get_backend(backend)
+    if not getattr(model, "params", None):
+        raise ValueError(f"{type(model).__name__} has no params: a model needs a dict of parameter arrays")
+    return backend_of(next(iter(model.params.values())))
+
+
+def input_preparers(model, backend):
+    """(prepare_inputs, prepare_labels) for ``model``: its own, else conversions onto
+    ``backend`` in the dtype of its first parameter."""
+    if hasattr(model, "prepare_inputs") and hasattr(model, "prepare_labels"):
+        return model.prepare_inputs, model.prepare_labels
+    dtype = next(iter(model.params.values())).dtype
+    xp = backend.xp
+
+    def prepare_inputs(X):
+        if not backend.owns(X):
+            return backend.asarray(X, dtype=dtype)
+        return X if X.dtype == dtype else xp.astype(X, dtype)
+
+    def prepare_labels(y):
+        return y if backend.owns(y) else backend.asarray(y)
+
+    return prepare_inputs, prepare_labels
+
+
+def model_state(model, backend) -> dict:
+    """A model's parameters and buffers (batchnorm running averages) as host arrays."""
+    buffers = model.buffers() if hasattr(model, "buffers") else []
+    return {"params": tree_to_host(model.params, backend), "buffers": tree_to_host(buffers, backend)}
+
+
+def load_model_state(model, state: dict, backend) -> None:
+    """Load what :func:`model_state` returned (from any backend) onto ``backend``."""
+    if set(model.params) != set(state["params"]):
+        raise ValueError(
+            f"checkpoint parameters {sorted(state['params'])} do not match the model's {sorted(model.params)}"
+        )
+    for name, value in state["params"].items():
+        if tuple(value.shape) != tuple(model.params[name].shape):
+            raise ValueError(
+                f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(model.params[name].shape)}"
+            )
+    dtype = getattr(model, "dtype", None) or next(iter(model.params.values())).dtype
+    model.params = tree_to_device(state["params"], backend, dtype)
+    buffers = model.buffers() if hasattr(model, "buffers") else []
+    for layer, saved in zip(buffers, state["buffers"]):
+        layer.update(tree_to_device(saved, backend, dtype))
 
 
 def check_positive_int(name: str, value) -> int:

@@ -1,0 +1,126 @@
+"""Callbacks: what happens at the Solver's logging points and epoch ends.
+
+A callback gets the Solver and, at a logging point, a record of Python numbers:
+``{'iteration', 'epoch', 'loss'}`` every ``print_every`` iterations and
+``{'iteration', 'epoch', 'train_acc', 'val_acc'}`` at each accuracy check.
+``on_log`` returning ``False`` ends training at that point (the best parameters
+are restored, as at any end). Callbacks must not read device arrays: a value
+that crosses to the host between logging points costs a synchronisation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..checkpoint import save_checkpoint
+
+__all__ = ["Callback", "ConsoleReport", "LogFunction", "Checkpointer", "EarlyStopping"]
+
+
+class Callback:
+    """Base class: override the hooks you need."""
+
+    def on_train_begin(self, solver) -> None:
+        pass
+
+    def on_step(self, solver) -> None:
+        """After every step (host only; keep it cheap). Only overridden hooks are called."""
+
+    def on_log(self, solver, record: dict) -> bool | None:
+        """At a logging point; return False to stop training."""
+
+    def on_epoch_end(self, solver) -> None:
+        pass
+
+    def on_train_end(self, solver) -> None:
+        pass
+
+
+class ConsoleReport(Callback):
+    """The course's printed lines, a progress bar (tqdm) and the divergence message.
+
+    Args:
+        verbose: print the loss and accuracy lines.
+        progress: draw a progress bar; None means when verbose and on a terminal.
+    """
+
+    def __init__(self, verbose=True, progress=None):
+        self.verbose = verbose
+        self.progress = progress
+        self._bar = None
+
+    def say(self, text: str) -> None:
+        (self._bar.write if self._bar is not None else print)(text)
+
+    def on_train_begin(self, solver):
+        total = solver.num_iterations
+        show = self.progress if self.progress is not None else (self.verbose and sys.stderr.isatty())
+        if show and solver.iteration < total:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=solver.iteration, unit="it", leave=False, dynamic_ncols=True)
+
+    def on_step(self, solver):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def on_log(self, solver, record):
+        if not self.verbose:
+            return
+        if "loss" in record:
+            self.say(f"(Iteration {record['iteration']} / {solver.num_iterations}) loss: {record['loss']:f}")
+        if "val_acc" in record:
+            self.say(
+                f"(Epoch {record['epoch']} / {solver.num_epochs}) "
+                f"train acc: {record['train_acc']:f}; val_acc: {record['val_acc']:f}"
+            )
+
+    def on_train_end(self, solver):
+        if self.verbose and solver.diverged:
+            self.say(solver.diverged)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class LogFunction(Callback):
+    """The Solver's ``on_log`` argument: a function of the record (False stops training)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def on_log(self, solver, record):
+        return self.function(record)
+
+
+class Checkpointer(Callback):
+    """Writes ``<name>_epoch_<n>.npz`` after each epoch, atomically (the Solver stops
+    before an epoch end whose parameters are not finite, so none is ever written)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_epoch_end(self, solver):
+        path = f"{self.name}_epoch_{solver.epoch}.npz"
+        save_checkpoint(path, solver.checkpoint())
+        solver.last_checkpoint = path
+
+
+class EarlyStopping(Callback):
+    """Stops when the validation accuracy has not improved by more than ``min_delta``
+    for ``patience`` accuracy checks in a row (the best parameters are then restored)."""
+
+    def __init__(self, patience: int = 3, min_delta: float = 0.0):
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1, got {patience!r}")
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.waited = None, 0
+
+    def on_log(self, solver, record):
+        if "val_acc" not in record:
+            return None
+        if self.best is None or record["val_acc"] > self.best + self.min_delta:
+            self.best, self.waited = record["val_acc"], 0
+            return None
+        self.waited += 1
+        return self.waited < self.patience

@@ -1,0 +1,116 @@
+"""The Solver's settings: the course's keyword arguments and xpnet's, validated once."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .. import optim
+
+__all__ = ["SolverSettings", "rule_name", "resolve_update_rule"]
+
+
+def rule_name(rule) -> str:
+    return rule if isinstance(rule, str) else getattr(rule, "__name__", repr(rule))
+
+
+def resolve_update_rule(rule) -> Callable:
+    if callable(rule):
+        return rule
+    if isinstance(rule, str) and rule in optim.UPDATE_RULES:
+        return optim.UPDATE_RULES[rule]
+    raise ValueError(f"unknown update_rule {rule!r}; use one of {', '.join(optim.UPDATE_RULES)} or a callable")
+
+
+@dataclass
+class SolverSettings:
+    """Everything a :class:`~xpnet.solver.Solver` is told, with the course's defaults.
+
+    Attributes:
+        update_rule: a name in xpnet.optim ('sgd', 'sgd_momentum',
+            'sgd_nesterov_momentum', 'rmsprop', 'adam') or a callable
+            ``rule(w, dw, config) -> (w, config)``.
+        optim_config: hyper-parameters of the rule (copied per parameter); unknown
+            keys and a learning rate that is not a finite number > 0 are refused.
+        lr_decay: factor on the learning rate after each epoch.
+        lr_schedule: ``iteration -> factor`` on the learning rate, on top of
+            lr_decay, evaluated on the device at every step (a captured CUDA graph
+            follows it without being captured again).
+        param_groups: list of ``{"params": names or callable(name), **hyper-parameters}``
+            overriding optim_config for those parameters (e.g. a larger learning rate).
+        batch_size, num_epochs: minibatch size and passes over the training set.
+        num_train_samples, num_val_samples: rows used per accuracy check (None: all).
+        sampler: 'replacement' (the course's: rows drawn with replacement), 'epoch'
+            (a permutation per epoch, last partial batch dropped) or a Sampler.
+        checkpoint_name: write ``<name>_epoch_<n>.npz`` after each epoch (atomically;
+            never with non-finite parameters).
+        print_every: iterations between loss logging points.
+        verbose: print the course's progress lines; progress: a progress bar (None:
+            when verbose and on a terminal).
+        seed: makes minibatches, accuracy subsamples and dropout masks reproducible
+            (and a resumed run equal to an uninterrupted one).
+        on_log: called with a dict of Python numbers at each logging point; returning
+            False ends training there (the best parameters are restored).
+        callbacks: more :class:`~xpnet.training.Callback` objects.
+        cuda_graph: capture a whole training step as a CUDA graph and replay it (cupy).
+    """
+
+    update_rule: Any = "sgd"
+    optim_config: dict | None = None
+    lr_decay: float = 1.0
+    lr_schedule: Callable[[int], float] | None = None
+    param_groups: list | None = None
+    batch_size: int = 100
+    num_epochs: int = 10
+    num_train_samples: int | None = 1000
+    num_val_samples: int | None = None
+    sampler: Any = "replacement"
+    checkpoint_name: str | None = None
+    print_every: int = 10
+    verbose: bool = True
+    seed: Any = None
+    progress: bool | None = None
+    on_log: Callable | None = None
+    callbacks: list = field(default_factory=list)
+    cuda_graph: bool = False
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> SolverSettings:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"Unrecognized arguments {', '.join(unknown)}; valid ones: {', '.join(names)}")
+        return cls(**kwargs)
+
+    def __post_init__(self):
+        self.optim_config = dict(self.optim_config or {})
+        resolve_update_rule(self.update_rule)
+        optim.check_config(rule_name(self.update_rule), self.optim_config)
+        for name, minimum in (("batch_size", 1), ("num_epochs", 0), ("print_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                kind = "a positive integer" if minimum else "a non-negative integer"
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
+        decay = self.lr_decay
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) or decay <= 0:
+            raise ValueError(f"lr_decay must be a finite number > 0, got {decay!r}")
+        if self.lr_schedule is not None and not callable(self.lr_schedule):
+            raise ValueError(f"lr_schedule must be a callable of the iteration, got {self.lr_schedule!r}")
+        self.callbacks = list(self.callbacks)
+
+    def describe(self) -> dict:
+        """The settings a checkpoint records (JSON-ready)."""
+        return {
+            "update_rule": rule_name(self.update_rule),
+            "optim_config": self.optim_config,
+            "lr_decay": self.lr_decay,
+            "batch_size": self.batch_size,
+            "num_epochs": self.num_epochs,
+            "num_train_samples": self.num_train_samples,
+            "num_val_samples": self.num_val_samples,
+            "print_every": self.print_every,
+            "seed": self.seed,
+        }

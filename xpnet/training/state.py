@@ -1,0 +1,85 @@
+"""What a checkpoint holds, and how a Solver resumes from one."""
+
+from __future__ import annotations
+
+from .. import optim
+from ..checkpoint import load_checkpoint, tree_to_device, tree_to_host
+from ..model import load_model_state, model_state
+
+__all__ = ["solver_state", "restore_solver", "settings_changes"]
+
+# Settings a resuming Solver may change; each change is reported.
+CHANGEABLE = ("lr_decay", "num_epochs", "seed", "num_train_samples", "num_val_samples", "print_every")
+# Settings that must match: the optimizer state and the step count depend on them.
+FIXED = ("update_rule", "batch_size")
+
+
+def solver_state(solver) -> dict:
+    """Everything needed to continue training, as host data (NumPy arrays, numbers, strings)."""
+    return {
+        "model": model_state(solver.model, solver.backend),
+        "optim_configs": tree_to_host(solver.optim_configs, solver.backend),
+        "epoch": solver.epoch,
+        "iteration": solver.iteration,
+        "loss_history": list(solver.loss_history),
+        "train_acc_history": list(solver.train_acc_history),
+        "val_acc_history": list(solver.val_acc_history),
+        "best_val_acc": solver.best_val_acc,
+        "best_params": tree_to_host(solver.best_params, solver.backend),
+        # The generators are re-derived from (seed, epoch): this is their whole state.
+        "rng": {"seed": solver.seed, "epoch": solver.epoch},
+        "settings": solver.settings.describe(),
+    }
+
+
+def settings_changes(saved: dict, mine: dict) -> list:
+    """Each way this Solver's settings differ from the checkpoint's, as text.
+
+    Raises ValueError for a difference in a setting that must match.
+    """
+    for key in FIXED:
+        if saved[key] != mine[key]:
+            raise ValueError(
+                f"was trained with {key}={saved[key]!r}; this Solver has {key}={mine[key]!r}: "
+                f"resume with the same {key}"
+            )
+    changes = [
+        f"{key} = {mine[key]!r} (the checkpoint has {saved.get(key)!r})"
+        for key in CHANGEABLE
+        if saved.get(key) != mine[key]
+    ]
+    saved_config, my_config = saved.get("optim_config") or {}, mine["optim_config"]
+    for key in [*my_config, *(k for k in saved_config if k not in my_config)]:
+        if saved_config.get(key) != my_config.get(key):
+            value = repr(my_config[key]) if key in my_config else "the rule's default"
+            changes.append(f"optim_config[{key!r}] = {value} (the checkpoint has {saved_config.get(key)!r})")
+    return changes
+
+
+def restore_solver(solver, path, trust_pickle=False) -> list:
+    """Load ``path`` into ``solver``; returns the list of setting changes (this Solver's win)."""
+    state = load_checkpoint(path, trust_pickle=trust_pickle)
+    mine = solver.settings.describe()
+    try:
+        changes = settings_changes(state["settings"], mine)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {str(path)!r} {exc}") from None
+    load_model_state(solver.model, state["model"], solver.backend)
+    dtype = getattr(solver.model, "dtype", None)
+    configs = tree_to_device(state["optim_configs"], solver.backend, dtype)
+    state_keys = optim.CONFIG_KEYS.get(mine["update_rule"], (None, None))[1]
+    for name, config in configs.items():
+        # The optimizer state (moments, step count) is restored; the hyper-parameters are this Solver's.
+        mine_now = solver.optim_configs[name]
+        keep = state_keys if state_keys is not None else [k for k in config if k not in mine_now]
+        mine_now.update({k: config[k] for k in keep if k in config})
+    solver.best_params = tree_to_device(state["best_params"], solver.backend, dtype)
+    for key in ("epoch", "iteration", "best_val_acc"):
+        setattr(solver, key, state[key])
+    for key in ("loss_history", "train_acc_history", "val_acc_history"):
+        setattr(solver, key, list(state[key]))
+    solver.update.set_host_learning_rates(solver.iteration)
+    if any(c.startswith(("lr_decay", "optim_config['learning_rate']")) for c in changes):
+        lr = next((c["learning_rate"] for c in solver.optim_configs.values() if "learning_rate" in c), None)
+        changes.append(f"learning rate at epoch {solver.epoch}: {lr:g}")
+    return changes

@@ -1,0 +1,138 @@
+"""The update: an update rule applied to every parameter, with hyper-parameters per
+parameter group and a learning rate that can follow a schedule held on the device.
+
+Without a schedule (and without CUDA graphs) each parameter's config holds its
+learning rate as a Python float, decayed by ``lr_decay`` after each epoch, as in
+the course. With ``lr_schedule`` (or ``cuda_graph=True``) the learning rate of
+every step comes from a table of per-iteration factors on the device, indexed by
+a step counter that is also on the device: a captured graph then follows the
+schedule, and the per-epoch decay, on replay without being captured again.
+"""
+
+from __future__ import annotations
+
+from .. import optim
+from ..backend import namespace
+from .settings import resolve_update_rule, rule_name
+
+__all__ = ["Update", "learning_rate_factor"]
+
+DEFAULT_LEARNING_RATES = {
+    "sgd": 1e-2,
+    "sgd_momentum": 1e-2,
+    "sgd_nesterov_momentum": 1e-2,
+    "rmsprop": 1e-2,
+    "adam": 1e-3,
+}
+
+
+def learning_rate_factor(iteration: int, per_epoch: int, lr_decay: float, schedule=None) -> float:
+    """The factor on a group's learning rate at ``iteration``: ``lr_decay`` to the
+    number of finished epochs, times ``schedule(iteration)`` when given."""
+    factor = lr_decay ** (iteration // per_epoch)
+    return factor * float(schedule(iteration)) if schedule is not None else factor
+
+
+def _group_of(name: str, groups: list) -> int | None:
+    for index, group in enumerate(groups):
+        members = group["params"]
+        if callable(members) and members(name) or not callable(members) and name in members:
+            return index
+    return None
+
+
+class Update:
+    """Applies ``rule`` to each parameter in place.
+
+    Args:
+        rule: an update rule (name or callable) of :mod:`xpnet.optim`'s form.
+        optim_config: hyper-parameters for every parameter.
+        param_names: the model's parameter names.
+        per_epoch: iterations per epoch (for ``lr_decay``).
+        param_groups: optional list of dicts, each with "params" (a list of names,
+            or a callable of the name) and hyper-parameters that override
+            ``optim_config`` for those parameters (e.g. a larger "learning_rate").
+            A parameter belongs to the first group that names it.
+        lr_decay: factor on the learning rate after each epoch.
+        lr_schedule: optional callable ``iteration -> factor``, applied on the device.
+        on_device: hold the learning rate on the device even without a schedule
+            (for CUDA graphs).
+    """
+
+    def __init__(self, rule, optim_config, param_names, per_epoch=1, param_groups=None, lr_decay=1.0,
+                 lr_schedule=None, on_device=False):  # fmt: skip
+        self.rule = resolve_update_rule(rule)
+        self.rule_name = rule_name(rule)
+        self.per_epoch, self.lr_decay, self.lr_schedule = per_epoch, lr_decay, lr_schedule
+        self.on_device = on_device or lr_schedule is not None
+        groups = list(param_groups or [])
+        for group in groups:
+            if "params" not in group:
+                raise ValueError(f"each param_group needs a 'params' entry, got {sorted(group)}")
+            overrides = {k: v for k, v in group.items() if k != "params"}
+            optim.check_config(self.rule_name, overrides)
+            if not callable(group["params"]):
+                unknown = sorted(set(group["params"]) - set(param_names))
+                if unknown:
+                    raise ValueError(
+                        f"param_groups name unknown parameters {unknown}; the model has {sorted(param_names)}"
+                    )
+        self.configs, self.base_lr = {}, {}
+        for name in param_names:
+            index = _group_of(name, groups)
+            overrides = {} if index is None else {k: v for k, v in groups[index].items() if k != "params"}
+            self.configs[name] = config = {**optim_config, **overrides}
+            self.base_lr[name] = config.get("learning_rate", DEFAULT_LEARNING_RATES.get(self.rule_name))
+        self._table = self._step = None
+
+    # -- the learning rate ------------------------------------------------------------
+    def start(self, backend, dtype, iteration: int, num_iterations: int) -> None:
+        """Set the host learning rates for ``iteration`` and, when on the device, build
+        the table of per-iteration factors (``num_iterations`` of them) and the step counter."""
+        self.set_host_learning_rates(iteration)
+        if not self.on_device:
+            return
+        xp = backend.xp
+        factors = [
+            learning_rate_factor(i, self.per_epoch, self.lr_decay, self.lr_schedule) for i in range(num_iterations)
+        ]
+        self._table = backend.asarray(factors or [1.0], dtype=dtype)
+        self._last = len(factors) - 1 if factors else 0
+        self._step = xp.asarray(iteration, dtype=xp.int64, device=backend.device)
+
+    def set_host_learning_rates(self, iteration: int) -> None:
+        """Each config's "learning_rate" as the Python float in force at ``iteration``."""
+        factor = learning_rate_factor(iteration, self.per_epoch, self.lr_decay, self.lr_schedule)
+        for name, config in self.configs.items():
+            if self.base_lr[name] is not None:
+                config["learning_rate"] = self.base_lr[name] * factor
+
+    @property
+    def arrays(self) -> tuple:
+        """The device arrays a captured step reads (a new set means: capture again)."""
+        return (self._table, self._step)
+
+    # -- the step ----------------------------------------------------------------------
+    def apply(self, params: dict, grads: dict) -> None:
+        """Update every parameter in place (device work only when on the device)."""
+        if self._table is None:
+            for name, w in params.items():
+                params[name], self.configs[name] = self.rule(w, grads[name], self.configs[name])
+            return
+        xp = namespace(self._step)
+        position = xp.reshape(xp.clip(self._step, 0, self._last), (1,))
+        factor = xp.reshape(xp.take(self._table, position), ())
+        self._step += 1  # in place: a replayed graph counts too
+        rates = {}
+        for name, w in params.items():
+            config, base = self.configs[name], self.base_lr[name]
+            if base is None:
+                params[name], self.configs[name] = self.rule(w, grads[name], config)
+                continue
+            if base not in rates:
+                rates[base] = factor * base
+            host_rate, config["learning_rate"] = config["learning_rate"], rates[base]
+            try:
+                params[name], self.configs[name] = self.rule(w, grads[name], config)
+            finally:
+                config["learning_rate"] = host_rate
