@@ -50,6 +50,12 @@ def backend(request):
     return xpnet.get_backend(request.param)
 
 
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    """Both floating dtypes the nets support."""
+    return request.param
+
+
 @pytest.fixture
 def np_rng():
     """A NumPy generator for test data, fixed so failures reproduce."""

@@ -260,3 +260,43 @@ def test_large_gemms_capture_on_a_fresh_stream():
         expected = a.T @ b + a @ b.T
     np.testing.assert_allclose(to_numpy(first), to_numpy(a @ b), rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(to_numpy(out), to_numpy(expected), rtol=1e-4, atol=1e-2)
+
+
+def test_schedule_and_parameter_groups_follow_the_same_path_under_cuda_graphs(monkeypatch):
+    """A per-iteration schedule, the epoch decay and per-group learning rates, held on the
+    device: replayed graphs give the eager parameters, with one capture per epoch at most."""
+    captures = []
+    original_capture = type(CUPY).capture
+
+    def counting_capture(self, fn):
+        captures.append(1)
+        return original_capture(self, fn)
+
+    monkeypatch.setattr(type(CUPY), "capture", counting_capture)
+    results = []
+    for cuda_graph in (False, True):
+        model = xpnet.FullyConnectedNet(
+            [64, 64], input_dim=32, num_classes=5, normalization="batchnorm", weight_scale=0.1, seed=0, backend=CUPY
+        )
+        solver = Solver(
+            model,
+            blobs(),
+            update_rule="sgd_nesterov_momentum",
+            optim_config={"learning_rate": 0.05},
+            param_groups=[{"params": lambda name: name.startswith("beta"), "learning_rate": 0.5}],
+            lr_schedule=lambda t: min(1.0, (t + 1) / 10) * (1 - t / 45),
+            lr_decay=0.9,
+            sampler="epoch",
+            batch_size=50,
+            num_epochs=4,
+            seed=7,
+            verbose=False,
+            cuda_graph=cuda_graph,
+        )
+        solver.train()
+        results.append(solver)
+    eager, graph = results
+    assert 1 <= len(captures) <= 4
+    np.testing.assert_allclose(graph.loss_history, eager.loss_history, rtol=1e-5)
+    for name, value in eager.model.params.items():
+        np.testing.assert_allclose(to_numpy(graph.model.params[name]), to_numpy(value), rtol=1e-5, atol=1e-6)

@@ -106,3 +106,18 @@ def test_visualize_grid_tiles_images():
     assert (grid[2, :, :] == 0).all()  # padding row
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         visualize_grid(np.zeros((2, 3)))
+
+
+def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from xpnet.vis_utils import plot_history
+
+    before = matplotlib.get_backend()
+    history = {"loss_history": [2.3, 1.5, 0.9], "train_acc_history": [0.1, 0.6], "val_acc_history": [0.1, 0.5]}
+    fig = plot_history(history, tmp_path / "c.png", title="t")
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert list(fig.axes[1].lines[1].get_ydata()) == [0.1, 0.5]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert matplotlib.get_backend() == before

@@ -5,10 +5,12 @@ course code, written once against the Python array API standard so that the
 same code runs on NumPy (CPU), CuPy (CUDA GPU), PyTorch and array-api-strict.
 """
 
+from ._version import __version__
 from .backend import Backend, get_backend, set_backend, using_backend
 from .fc_net import FullyConnectedNet, TwoLayerNet
 
 __all__ = [
+    "__version__",
     "Backend",
     "FullyConnectedNet",
     "TwoLayerNet",
@@ -16,5 +18,3 @@ __all__ = [
     "set_backend",
     "using_backend",
 ]
-
-__version__ = "0.1.0"

@@ -1,12 +1,14 @@
-"""Pictures: a grid of images, and training curves saved to a PNG (matplotlib, optional)."""
+"""Pictures: a grid of images, and training curves on a matplotlib Figure (matplotlib is optional)."""
 
 from __future__ import annotations
 
+import functools
+import io
 from math import ceil, sqrt
 
 import numpy as np
 
-__all__ = ["visualize_grid", "plot_history"]
+__all__ = ["visualize_grid", "plot_history", "new_figure"]
 
 
 def visualize_grid(Xs, ubound=255.0, padding=1):
@@ -35,23 +37,47 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
     return grid
 
 
-def plot_history(history, path, title=None):
-    """Plot the loss and the train/val accuracy to a PNG.
+@functools.lru_cache(maxsize=None)
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError('plotting needs matplotlib: pip install "xpnet[plot]"') from exc
+
+    class InlineFigure(Figure):
+        """A Figure that a notebook shows as a PNG, with no pyplot and no global backend."""
+
+        def _repr_png_(self):
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+            return buffer.getvalue()
+
+    return InlineFigure
+
+
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` (``figsize=...`` and the rest as for Figure) that displays
+    inline in a notebook as the value of a cell, without pyplot or a change of backend."""
+    return _figure_class()(**kwargs)
+
+
+def plot_history(history, path=None, title=None):
+    """Training curves: the loss per iteration and the train/val accuracy per check.
+
+    Drawn on a matplotlib ``Figure`` of its own (:func:`new_figure`: no pyplot state,
+    no change of the global backend), so it shows inline in a notebook and saves anywhere.
 
     Args:
         history: a Solver after ``train()``, or a dict with 'loss_history',
             'train_acc_history' and 'val_acc_history' (lists of floats).
-        path: where to write the PNG.
+        path: if given, the figure is also written there (PNG, PDF, ... by extension).
+        title: a title above both panels.
+    Returns:
+        the ``matplotlib.figure.Figure``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError('plotting needs matplotlib: pip install "xpnet[plot]"') from exc
     get = history.get if isinstance(history, dict) else lambda key: getattr(history, key)
-    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(8, 7))
+    fig = new_figure(figsize=(8, 7))
+    ax_loss, ax_acc = fig.subplots(2, 1)
     ax_loss.plot(get("loss_history"), ".", markersize=2)
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("training loss")
@@ -63,6 +89,6 @@ def plot_history(history, path, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

@@ -1,0 +1,266 @@
+"""The Solver's parts: learning-rate schedules and parameter groups on the device,
+samplers, early stopping, explicit generators, and models that are not xpnet's."""
+
+import numpy as np
+import pytest
+from array_api_compat import device
+from conftest import to_np
+from helpers import small_data, small_model
+
+import xpnet
+from xpnet.solver import Solver
+from xpnet.training import Callback, EarlyStopping, EpochPermutation
+from xpnet.training.update import learning_rate_factor
+
+
+def spy_rule(seen):
+    """An update rule that records the learning rate it is given (and updates nothing)."""
+
+    def spy(w, dw, config=None):
+        seen.append(float(to_np(config["learning_rate"])))
+        return w, config
+
+    return spy
+
+
+# ----------------------------------------------------------------------------- schedules and groups
+def test_per_iteration_schedule_and_epoch_decay_reach_every_step(backend):
+    seen = []
+    schedule = lambda t: 0.2 + 0.1 * t  # noqa: E731
+    solver = Solver(
+        small_model(backend, dtype="float64"),
+        small_data(),
+        update_rule=spy_rule(seen),
+        optim_config={"learning_rate": 0.5},
+        lr_decay=0.5,
+        lr_schedule=schedule,
+        batch_size=50,  # 4 steps per epoch
+        num_epochs=3,
+        verbose=False,
+        seed=0,
+    )
+    solver.train()
+    per_param = len(solver.model.params)
+    rates = seen[::per_param]  # every parameter shares one group here
+    expected = [0.5 * 0.5 ** (t // 4) * schedule(t) for t in range(12)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-15)
+    assert solver.optim_configs["W1"]["learning_rate"] == pytest.approx(0.5 * 0.5**3 * schedule(12))
+
+
+def test_parameter_groups_get_their_own_hyper_parameters(backend):
+    seen = []
+    model = small_model(backend, dtype="float64")
+    solver = Solver(
+        model,
+        small_data(),
+        update_rule=spy_rule(seen),
+        optim_config={"learning_rate": 0.1},
+        param_groups=[{"params": lambda name: name.startswith("b"), "learning_rate": 6.4}],
+        lr_schedule=lambda t: 1.0 / (t + 1),
+        batch_size=100,
+        num_epochs=1,
+        verbose=False,
+    )
+    solver.train()
+    names = list(model.params)
+    for step in range(2):
+        for name, rate in zip(names, seen[step * len(names) : (step + 1) * len(names)]):
+            base = 6.4 if name.startswith("b") else 0.1
+            assert rate == pytest.approx(base / (step + 1), rel=1e-15), (name, step)
+
+
+def test_groups_and_schedules_train_with_every_rule_like_the_plain_rule(backend):
+    """A schedule of ones gives exactly the parameters of training without one."""
+    results = []
+    for schedule in (None, lambda t: 1.0):
+        solver = Solver(
+            small_model(backend, dtype="float64"),
+            small_data(),
+            update_rule="adam",
+            optim_config={"learning_rate": 1e-2},
+            lr_schedule=schedule,
+            batch_size=50,
+            num_epochs=2,
+            verbose=False,
+            seed=1,
+        )
+        solver.train()
+        results.append({k: to_np(v) for k, v in solver.model.params.items()})
+    for name in results[0]:
+        np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ([{"learning_rate": 1.0}], "needs a 'params' entry"),
+        ([{"params": ["W9"], "learning_rate": 1.0}], r"unknown parameters \['W9'\]"),
+        ([{"params": ["W1"], "learning_rat": 1.0}], "unknown optim_config key 'learning_rat'"),
+        ([{"params": ["W1"], "learning_rate": -1.0}], "learning_rate must be a finite number > 0"),
+    ],
+)
+def test_bad_parameter_groups_are_refused(groups, message):
+    with pytest.raises(ValueError, match=message):
+        Solver(small_model("numpy"), small_data(), param_groups=groups)
+
+
+def test_learning_rate_factor():
+    assert learning_rate_factor(7, 4, 0.5) == 0.5
+    assert learning_rate_factor(7, 4, 0.5, lambda t: t) == 3.5
+
+
+# ----------------------------------------------------------------------------- samplers
+class RowRecorder:
+    """A model of a student's own: params and loss(X, y=None), nothing else. Its inputs are row
+    numbers, so it records which rows each minibatch held."""
+
+    def __init__(self, backend):
+        self.params = {"w": backend.asarray(np.zeros(1), dtype="float64")}
+        self.batches = []
+
+    def loss(self, X, y=None):
+        xp = xpnet.backend.namespace(X)
+        if y is None:
+            return xp.zeros((X.shape[0], 2), dtype=X.dtype, device=device(X))
+        self.batches.append(sorted(int(v) for v in to_np(X[:, 0])))
+        return xp.sum(self.params["w"]), {"w": xp.zeros_like(self.params["w"])}
+
+
+def test_epoch_permutation_uses_each_row_once_and_drops_the_partial_batch(backend):
+    rows = np.arange(10, dtype=np.float64)[:, None]
+    data = {"X_train": rows, "y_train": np.zeros(10, dtype=np.int64), "X_val": rows, "y_val": np.zeros(10, np.int64)}
+    model = RowRecorder(backend)
+    solver = Solver(model, data, sampler="epoch", batch_size=3, num_epochs=2, verbose=False, seed=0)
+    assert solver.iterations_per_epoch == 3
+    solver.train()
+    assert len(model.batches) == 6
+    for epoch in (model.batches[:3], model.batches[3:]):
+        used = [r for batch in epoch for r in batch]
+        assert len(used) == len(set(used)) == 9  # no row twice; one left over
+    assert model.batches[:3] != model.batches[3:]  # a new permutation each epoch
+    again = RowRecorder(backend)
+    Solver(again, data, sampler=EpochPermutation, batch_size=3, num_epochs=2, verbose=False, seed=0).train()
+    assert again.batches == model.batches
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(ValueError, match="unknown sampler 'shuffle'"):
+        Solver(small_model("numpy"), small_data(), sampler="shuffle")
+
+
+# ----------------------------------------------------------------------------- early stopping
+def test_on_log_returning_false_stops_at_that_point_and_restores_the_best(backend):
+    records = []
+
+    def stop_after_first_epoch(record):
+        records.append(record)
+        return record.get("epoch") != 1
+
+    solver = Solver(
+        small_model(backend),
+        small_data(),
+        update_rule="adam",
+        batch_size=20,
+        num_epochs=10,
+        print_every=3,
+        on_log=stop_after_first_epoch,
+        verbose=False,
+        seed=0,
+    )
+    solver.train()
+    assert solver.iteration == 10 and solver.epoch == 1
+    assert records[-1]["iteration"] == 10 and "val_acc" in records[-1]
+    assert solver.check_accuracy(solver.X_val, solver.y_val) == solver.best_val_acc
+    assert all(isinstance(v, float) for v in solver.loss_history)
+
+
+def test_stop_ends_training_at_the_next_logging_point():
+    class StopAtEpoch2(Callback):
+        def on_epoch_end(self, solver):
+            if solver.epoch == 2:
+                solver.stop()
+
+    solver = Solver(
+        small_model("numpy"), small_data(), batch_size=20, num_epochs=10, callbacks=[StopAtEpoch2()], verbose=False
+    )
+    solver.train()
+    assert solver.epoch == 2 and solver.iteration == 20
+
+
+def test_early_stopping_waits_for_patience_checks():
+    stopper = EarlyStopping(patience=2)
+    solver = Solver(
+        small_model("numpy"),
+        small_data(),
+        optim_config={"learning_rate": 1e-12},  # nothing improves
+        batch_size=20,
+        num_epochs=10,
+        callbacks=[stopper],
+        verbose=False,
+        seed=0,
+    )
+    solver.train()
+    # checks at iteration 1 and after epochs 1, 2: the best is the first; two without improvement stop it
+    assert len(solver.val_acc_history) == 3 and solver.epoch == 2
+    with pytest.raises(ValueError, match="patience must be at least 1"):
+        EarlyStopping(patience=0)
+
+
+# ----------------------------------------------------------------------------- generators and any model
+def test_seeded_training_leaves_the_shared_generator_alone_and_repeats_exactly(backend):
+    backend.seed(5)
+    expected = to_np(backend.default_rng().uniform((4,)))
+    backend.seed(5)
+    runs = []
+    for _ in range(2):
+        model = small_model(backend, dropout=0.3, seed=None, rng=backend.rng(0))
+        Solver(model, small_data(), update_rule="adam", batch_size=20, num_epochs=2, verbose=False, seed=3).train()
+        runs.append(to_np(model.params["W1"]))
+    np.testing.assert_array_equal(to_np(backend.default_rng().uniform((4,))), expected)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_dropout_masks_differ_between_epochs_but_not_between_runs():
+    model = small_model("numpy", dropout=0.5, seed=None, rng=xpnet.get_backend("numpy").rng(0))
+    solver = Solver(model, small_data(), batch_size=200, num_epochs=1, verbose=False, seed=0)
+    solver._start_epoch(0)
+    first = model.rng.uniform((3,))
+    solver._start_epoch(1)
+    second = model.rng.uniform((3,))
+    solver._start_epoch(0)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(model.rng.uniform((3,)), first)
+
+
+class SoftmaxRegression:
+    """A student's own model: just params and loss, as the course asks."""
+
+    def __init__(self, backend, dim=6, classes=3):
+        self.params = {"W": backend.asarray(np.zeros((dim, classes)), dtype="float32")}
+
+    def loss(self, X, y=None):
+        from xpnet.layers import softmax_loss
+
+        scores = X @ self.params["W"]
+        if y is None:
+            return scores
+        loss, dscores = softmax_loss(scores, y)
+        return loss, {"W": X.T @ dscores}
+
+
+@pytest.mark.parametrize("spec", ["numpy", "array_api_strict:device1"])
+def test_a_model_of_ones_own_trains_checkpoints_and_resumes(tmp_path, spec):
+    backend = xpnet.get_backend(spec)
+    options = dict(
+        update_rule="sgd_momentum", optim_config={"learning_rate": 0.1}, batch_size=20, verbose=False, seed=0
+    )
+    full = Solver(
+        SoftmaxRegression(backend), small_data(), num_epochs=4, checkpoint_name=str(tmp_path / "m"), **options
+    )
+    full.train()
+    assert full.best_val_acc > 0.9
+    assert full.X_train.dtype == backend.xp.float32  # inputs took the parameters' dtype and device
+    resumed = Solver(SoftmaxRegression(backend), small_data(), num_epochs=4, **options)
+    resumed.resume(tmp_path / "m_epoch_2.npz")
+    resumed.train()
+    np.testing.assert_array_equal(to_np(resumed.model.params["W"]), to_np(full.model.params["W"]))

@@ -1,0 +1,1 @@
+"""The installed commands: ``xpnet-train`` (:mod:`.train`) and ``xpnet-bench`` (:mod:`.bench`)."""

@@ -1,0 +1,446 @@
+"""Benchmark one SGD training step: xpnet's Solver against a plain loop and PyTorch.
+
+For each configuration (hidden dims, batch) on 3072 inputs and 10 classes, fp32,
+with 49,000 training rows resident on the device and minibatch indices drawn
+there, it times in one process:
+
+  xpnet        Solver.step: device sampling, forward, backward, update
+  xpnet-graph  the same step replayed as a CUDA graph (cuda_graph=True; cupy only)
+  plain        the smallest correct loop written directly in the backend's namespace
+  torch        torch.nn.Linear/ReLU/CrossEntropyLoss/SGD, TF32 off (when torch is installed)
+  torch-graph  that PyTorch step replayed from a captured CUDA graph (GPU only)
+
+and prints µs/step, samples/s, TFLOP/s and the ratios xpnet/plain and
+xpnet/torch, medians of several repeats after a warm-up, synchronising before
+each clock read. Optionally (--time-to-accuracy) it measures the seconds the
+modular TwoLayerNet (200 hidden) needs to pass a validation accuracy on
+CIFAR-10, against the same recipe in PyTorch.
+
+    xpnet-bench                                  # numpy on the CPU (or: python scripts/bench.py)
+    xpnet-bench --backend cupy --json benchmarks/h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import xpnet
+from xpnet import data_utils
+from xpnet.cli.common import HelpFormatter
+from xpnet.solver import Solver
+
+DEFAULT_CONFIGS = ["200:200", "100,100:200", "100,100:1024", "1024,1024,1024:1024", "4096,4096:4096"]
+INPUT_DIM, NUM_CLASSES, LEARNING_RATE = 3072, 10, 1e-3
+
+
+def parse_config(text):
+    """'100,100:1024' -> ([100, 100], 1024)."""
+    try:
+        dims, batch = text.split(":")
+        return [int(d) for d in dims.split(",")], int(batch)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"config must look like 100,100:1024 (hidden dims:batch), got {text!r}"
+        ) from exc
+
+
+def flops_per_step(hidden, batch):
+    """Multiply-adds x 2 of forward and backward; the first layer computes no input gradient."""
+    dims = [INPUT_DIM, *hidden, NUM_CLASSES]
+    layer = [2 * batch * a * b for a, b in zip(dims[:-1], dims[1:])]
+    return 3 * sum(layer) - layer[0]
+
+
+# ----------------------------------------------------------------------------- steps
+def xpnet_step(backend, X, y, hidden, batch, cuda_graph):
+    model = xpnet.FullyConnectedNet(
+        hidden,
+        input_dim=INPUT_DIM,
+        num_classes=NUM_CLASSES,
+        weight_scale=1e-2,
+        dtype="float32",
+        seed=0,
+        backend=backend,
+    )
+    data = {"X_train": X, "y_train": y, "X_val": X[:1000, ...], "y_val": y[:1000]}
+    solver = Solver(
+        model,
+        data,
+        update_rule="sgd",
+        optim_config={"learning_rate": LEARNING_RATE},
+        batch_size=batch,
+        verbose=False,
+        cuda_graph=cuda_graph,
+    )
+    rng = backend.rng(1)
+    return lambda: solver.step(rng)
+
+
+def plain_step(backend, X, y, hidden, batch):
+    """The smallest correct training step in the backend's namespace: no xpnet code."""
+    xp = backend.xp
+    rng = backend.rng(2)
+    dims = [INPUT_DIM, *hidden, NUM_CLASSES]
+    Ws = [rng.normal((a, b), std=1e-2, dtype=xp.float32) for a, b in zip(dims[:-1], dims[1:])]
+    bs = [xp.zeros((b,), dtype=xp.float32, device=backend.device) for b in dims[1:]]
+    classes = xp.arange(NUM_CLASSES, device=backend.device)
+    n = X.shape[0]
+
+    def step():
+        idx = rng.integers(0, n, batch)
+        h = xp.take(X, idx, axis=0)
+        labels = xp.take(y, idx, axis=0)
+        acts = [h]
+        for W, b in zip(Ws[:-1], bs[:-1]):
+            h = xp.maximum(h @ W + b, 0)
+            acts.append(h)
+        scores = h @ Ws[-1] + bs[-1]
+        shifted = scores - xp.max(scores, axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        s = xp.sum(e, axis=1, keepdims=True)
+        one_hot = xp.astype(labels[:, None] == classes, xp.float32)
+        loss = -xp.sum((shifted - xp.log(s)) * one_hot) / batch
+        d = (e / s - one_hot) / batch
+        for i in range(len(Ws) - 1, -1, -1):
+            dW = acts[i].T @ d
+            db = xp.sum(d, axis=0)
+            if i > 0:
+                d = (d @ Ws[i].T) * xp.astype(acts[i] > 0, xp.float32)
+            Ws[i] -= LEARNING_RATE * dW
+            bs[i] -= LEARNING_RATE * db
+        return loss
+
+    return step
+
+
+def torch_setup(backend):
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda", backend.device.id) if backend.is_gpu else torch.device("cpu")
+    return torch, device
+
+
+def torch_model(torch, device, hidden, init_std=None):
+    dims = [INPUT_DIM, *hidden, NUM_CLASSES]
+    modules = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        linear = torch.nn.Linear(a, b)
+        if init_std is not None:
+            torch.nn.init.normal_(linear.weight, std=init_std)
+            torch.nn.init.zeros_(linear.bias)
+        modules.append(linear)
+        if i < len(dims) - 2:
+            modules.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*modules).to(device)
+
+
+def torch_step(backend, X_t, y_t, hidden, batch, graph):
+    torch, device = torch_setup(backend)
+    model = torch_model(torch, device, hidden)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    n = X_t.shape[0]
+
+    def step():
+        idx = torch.randint(0, n, (batch,), device=device)
+        loss = loss_fn(model(X_t[idx]), y_t[idx])
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    if not graph:
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        static_loss = step()
+    return lambda: (cuda_graph.replay(), static_loss)[1]
+
+
+# ----------------------------------------------------------------------------- timing
+def calibrate(step, sync, budget_s):
+    """Warm up, then the number of steps that takes about ``budget_s`` (3 to 300)."""
+    for _ in range(3):
+        step()
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    single = time.perf_counter() - start
+    return max(3, min(300, int(budget_s / max(single, 1e-6))))
+
+
+def time_variants(variants, repeats, budget_s, settle_s=0.0):
+    """Median seconds per step of each variant. The repeats are interleaved
+    (a, b, c, a, b, c, ...) so that drift in the machine's speed does not
+    favour whichever variant happens to run first; ``settle_s`` of idle time
+    after each lets worker threads that spin after their work (PyTorch's on
+    the CPU) park before the next variant runs."""
+    steps = {name: calibrate(step, sync, budget_s) for name, (step, sync) in variants.items()}
+    samples = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (step, sync) in variants.items():
+            start = time.perf_counter()
+            for _ in range(steps[name]):
+                step()
+            sync()
+            samples[name].append((time.perf_counter() - start) / steps[name])
+            time.sleep(settle_s)
+    return {name: (statistics.median(samples[name]), steps[name]) for name in variants}
+
+
+def run_config(backend, X, y, torch_data, hidden, batch, args):
+    builders = {"xpnet": lambda: (xpnet_step(backend, X, y, hidden, batch, False), backend.sync)}
+    if backend.can_capture and not args.no_graph:
+        builders["xpnet-graph"] = lambda: (xpnet_step(backend, X, y, hidden, batch, True), backend.sync)
+    builders["plain"] = lambda: (plain_step(backend, X, y, hidden, batch), backend.sync)
+    if torch_data is not None:
+        torch, _ = torch_setup(backend)
+        torch_sync = torch.cuda.synchronize if backend.is_gpu else (lambda: None)
+        builders["torch"] = lambda: (torch_step(backend, *torch_data, hidden, batch, False), torch_sync)
+        if backend.is_gpu and not args.no_graph:
+            builders["torch-graph"] = lambda: (torch_step(backend, *torch_data, hidden, batch, True), torch_sync)
+    results, variants = {}, {}
+    for name, build in builders.items():
+        try:
+            step, sync = build()
+            step()  # a variant that cannot run is reported, and the others still measured
+            variants[name] = (step, sync)
+        except Exception as exc:
+            print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    settle = 0.0 if backend.is_gpu else 0.3
+    for name, (seconds, steps) in time_variants(variants, args.repeats, args.budget, settle).items():
+        results[name] = {
+            "us_per_step": seconds * 1e6,
+            "steps_per_repeat": steps,
+            "samples_per_s": batch / seconds,
+            "tflops": flops_per_step(hidden, batch) / seconds / 1e12,
+        }
+    return results
+
+
+# ----------------------------------------------------------------------------- time to accuracy
+def load_cifar(args):
+    if args.cifar_npz:
+        arrays = np.load(args.cifar_npz)
+        X_train, y_train = arrays["X_train"].astype(np.float32), arrays["y_train"].astype(np.int64)
+        X_val, y_val = arrays["X_val"].astype(np.float32), arrays["y_val"].astype(np.int64)
+        mean = X_train.mean(axis=0)
+        return {"X_train": X_train - mean, "y_train": y_train, "X_val": X_val - mean, "y_val": y_val}
+    return data_utils.get_CIFAR10_data(args.data_dir)
+
+
+def time_to_accuracy(backend, args):
+    """Seconds until the modular TwoLayerNet (200 hidden) passes --target validation accuracy."""
+    data = load_cifar(args)
+    recipe = dict(batch_size=200, lr=1e-4, max_epochs=args.max_epochs)
+    out = {
+        "target": args.target,
+        "train_rows": int(data["X_train"].shape[0]),
+        "recipe": "adam lr 1e-4, batch 200, weight_scale 1e-3, accuracy on the validation set after each epoch",
+    }
+
+    model = xpnet.TwoLayerNet(hidden_dims=200, weight_scale=1e-3, dtype="float32", backend=backend, seed=0)
+    reached = {}
+
+    def stop_when_reached(record):
+        if record.get("val_acc", 0.0) >= args.target:
+            reached.update(epoch=record["epoch"], val_acc=record["val_acc"])
+            return False  # stops training here
+        return None
+
+    backend.sync()
+    start = time.perf_counter()
+    solver = Solver(
+        model,
+        data,
+        update_rule="adam",
+        optim_config={"learning_rate": recipe["lr"]},
+        batch_size=recipe["batch_size"],
+        num_epochs=recipe["max_epochs"],
+        num_val_samples=None,
+        verbose=False,
+        seed=0,
+        on_log=stop_when_reached,
+    )
+    solver.train()
+    backend.sync()
+    out["xpnet"] = {"seconds": time.perf_counter() - start, **(reached or {"val_acc": solver.best_val_acc})}
+
+    if not args.no_torch and _torch_available():
+        torch, device = torch_setup(backend)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        X = torch.as_tensor(data["X_train"], device=device).reshape(data["X_train"].shape[0], -1)
+        y = torch.as_tensor(data["y_train"], device=device)
+        X_val = torch.as_tensor(data["X_val"], device=device).reshape(data["X_val"].shape[0], -1)
+        y_val = torch.as_tensor(data["y_val"], device=device)
+        net = torch_model(torch, device, [200], init_std=1e-3)
+        optimizer = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
+        loss_fn = torch.nn.CrossEntropyLoss()
+        n, per_epoch = X.shape[0], max(X.shape[0] // recipe["batch_size"], 1)
+        result = {}
+        for epoch in range(1, recipe["max_epochs"] + 1):
+            for _ in range(per_epoch):
+                idx = torch.randint(0, n, (recipe["batch_size"],), device=device)
+                loss = loss_fn(net(X[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                val_acc = (net(X_val).argmax(1) == y_val).float().mean().item()
+            result = {"epoch": epoch, "val_acc": val_acc}
+            if val_acc >= args.target:
+                break
+        out["torch"] = {"seconds": time.perf_counter() - start, **result}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _torch_available():
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def versions(backend):
+    import array_api_compat
+
+    found = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "array_api_compat": array_api_compat.__version__,
+        "xpnet": xpnet.__version__,
+    }
+    if backend.name.startswith("cupy"):
+        found["cupy"] = backend.lib.__version__
+        found["cuda_runtime"] = backend.lib.cuda.runtime.runtimeGetVersion()
+    if _torch_available():
+        import torch
+
+        found["torch"] = torch.__version__
+    return found
+
+
+def _cell(results, name, key="us_per_step", fmt="{:.0f}"):
+    if name not in results:
+        return "–"
+    return fmt.format(results[name][key]) if key in results[name] else "failed"
+
+
+def _ratio(results, a, b):
+    if "us_per_step" in results.get(a, {}) and "us_per_step" in results.get(b, {}):
+        return f"{results[a]['us_per_step'] / results[b]['us_per_step']:.2f}"
+    return "–"
+
+
+def format_table(rows):
+    names = ["xpnet", "xpnet-graph", "plain", "torch", "torch-graph"]
+    header = (
+        "| hidden, batch | "
+        + " | ".join(f"{n} µs" for n in names)
+        + " | xpnet/plain | xpnet/torch | graph/torch-graph | xpnet TFLOP/s | torch TFLOP/s |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        r = row["results"]
+        cells = [f"{row['hidden']}, {row['batch']}", *(_cell(r, n) for n in names)]
+        cells += [_ratio(r, "xpnet", "plain"), _ratio(r, "xpnet", "torch"), _ratio(r, "xpnet-graph", "torch-graph")]
+        cells += [_cell(r, "xpnet", "tflops", "{:.2f}"), _cell(r, "torch", "tflops", "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--backend", default="numpy", help="backend spec: numpy, cupy, cupy:N, torch, ...")
+    p.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        type=parse_config,
+        help="hidden dims and batch, e.g. 100,100:1024 (repeatable; default: the five standard ones)",
+    )
+    p.add_argument("--rows", type=int, default=49000, help="training rows resident on the device")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (the median is reported)")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds per timed repeat (sets the step count)")
+    p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch variants")
+    p.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph variants")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--time-to-accuracy", action="store_true", help="also time the TwoLayerNet recipe to --target on CIFAR-10"
+    )
+    p.add_argument("--data-dir", help="CIFAR-10 folder for --time-to-accuracy")
+    p.add_argument("--cifar-npz", help="a CIFAR-10 subset (.npz with X_train, y_train, X_val, y_val) instead")
+    p.add_argument("--target", type=float, default=0.5, help="validation accuracy for --time-to-accuracy")
+    p.add_argument("--max-epochs", type=int, default=20, help="give up on --time-to-accuracy after this")
+    args = p.parse_args(argv)
+    try:
+        backend = xpnet.get_backend(args.backend)
+    except (ValueError, ImportError, RuntimeError) as exc:
+        p.error(str(exc))
+    configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]
+    use_torch = not args.no_torch and _torch_available()
+
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "backend": backend.name,
+        "device": backend.device_name,
+        "versions": versions(backend),
+        "rows": args.rows,
+        "configs": [],
+    }
+    print(f"# {backend.name} on {backend.device_name}; {report['versions']}", flush=True)
+
+    rng = backend.rng(0)
+    X = rng.normal((args.rows, INPUT_DIM), dtype=backend.xp.float32)
+    y = rng.integers(0, NUM_CLASSES, args.rows)
+    torch_data = None
+    if use_torch:
+        torch, device = torch_setup(backend)
+        torch_data = (
+            torch.as_tensor(backend.to_numpy(X), device=device),
+            torch.as_tensor(backend.to_numpy(y), device=device),
+        )
+    for hidden, batch in configs:
+        results = run_config(backend, X, y, torch_data, hidden, batch, args)
+        row = {"hidden": hidden, "batch": batch, "flops_per_step": flops_per_step(hidden, batch), "results": results}
+        report["configs"].append(row)
+        summary = ", ".join(f"{k} {v['us_per_step']:.0f} µs" for k, v in results.items() if "us_per_step" in v)
+        print(f"{hidden}, {batch}: {summary}", flush=True)
+    if args.time_to_accuracy:
+        try:
+            report["time_to_accuracy"] = time_to_accuracy(backend, args)
+        except Exception as exc:
+            report["time_to_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
+    print()
+    print(format_table(report["configs"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

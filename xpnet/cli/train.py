@@ -1,0 +1,307 @@
+"""Train a network with xpnet's Solver (the ``xpnet-train`` command, or ``python scripts/train.py``).
+
+xpnet-train                                              # bundled digits, numpy, < 10 s
+xpnet-train --backend cupy --dataset cifar10 --data-dir ~/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import xpnet
+from xpnet import data_utils
+from xpnet.cli.common import HelpFormatter
+from xpnet.solver import Solver
+
+# Defaults that work well for each data set (a flag on the command line wins).
+DATASET_DEFAULTS = {
+    "digits": {"hidden_dims": [100], "lr": 3e-3, "batch_size": 100, "epochs": 20, "weight_scale": 1e-2},
+    "cifar10": {"hidden_dims": [200], "lr": 1e-4, "batch_size": 200, "epochs": 10, "weight_scale": 1e-3},
+}
+UPDATE_RULES = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"]
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def dropout_probability(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"is the probability of dropping a unit, in [0, 1); got {text}")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="numpy | cupy | cupy:N | torch | torch:cuda | ... (default: $XPNET_BACKEND, else numpy)",
+    )
+    p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits", help="data set to train on")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not found")
+    p.add_argument("--num-train", type=positive_int, default=None, help="training rows (CIFAR-10 default 49000)")
+    p.add_argument(
+        "--model", choices=["twolayer", "fc"], default="fc", help="network: TwoLayerNet or FullyConnectedNet"
+    )
+    p.add_argument(
+        "--hidden-dims",
+        type=positive_int,
+        nargs="+",
+        help="hidden layer sizes (default: 100 for digits, 200 for CIFAR-10)",
+    )
+    p.add_argument(
+        "--normalization", choices=["batchnorm", "layernorm"], help="normalisation of the hidden layers (default: none)"
+    )
+    p.add_argument("--dropout", type=dropout_probability, default=0.0, help="probability of dropping a unit")
+    p.add_argument(
+        "--weight-scale",
+        type=positive_float,
+        help="std of the initial weights (default: 1e-2 for digits, 1e-3 for CIFAR-10)",
+    )
+    p.add_argument("--update-rule", choices=UPDATE_RULES, default="adam", help="update rule from xpnet.optim")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: 3e-3 digits, 1e-4 CIFAR-10)")
+    p.add_argument("--lr-decay", type=positive_float, default=0.95, help="learning-rate factor after each epoch")
+    p.add_argument("--reg", type=non_negative_float, default=0.0, help="L2 regularisation strength")
+    p.add_argument("--batch-size", type=positive_int, help="minibatch size (default: 100 digits, 200 CIFAR-10)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training set (default: 20 digits, 10 CIFAR-10)")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, minibatches and dropout")
+    p.add_argument("--print-every", type=positive_int, default=100, help="iterations between loss log lines")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each training step as a CUDA graph (cupy backend)",
+    )
+    p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --resume to read a checkpoint of the old pickle format: reading a pickle can run any "
+        "code the file carries, so only for files you made",
+    )
+    p.add_argument("--plot", metavar="PNG", help="save loss and accuracy curves")
+    p.add_argument("--log", metavar="JSONL", help="write one JSON line per logging point")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+# Flags that only mean something for CIFAR-10 (the digits ship with scikit-learn).
+CIFAR10_ONLY_FLAGS = {"num_train": "--num-train", "data_dir": "--data-dir", "download": "--download"}
+
+
+class UsageError(Exception):
+    """A mistake in the command line found after parsing; ends with exit code 2."""
+
+
+def check_flags_apply(args):
+    if args.dataset != "cifar10":
+        for key, flag in CIFAR10_ONLY_FLAGS.items():
+            if getattr(args, key):
+                raise UsageError(f"{flag} applies to --dataset cifar10 only, not to {args.dataset}")
+
+
+def check_output_file(flag, path):
+    """UsageError unless ``path`` can be created or overwritten."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def check_checkpoint_dir(path):
+    """Create the folder and write a probe file into it, so that a bad folder fails now, not after an epoch."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--checkpoint-dir {path}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def load_data(args):
+    if args.dataset == "digits":
+        return data_utils.load_digits_data(seed=args.seed)
+    kwargs = {} if args.num_train is None else {"num_training": args.num_train}
+    return data_utils.get_CIFAR10_data(args.data_dir, download=args.download, **kwargs)
+
+
+def build_model(args, data, backend):
+    input_dim = 1
+    for d in data["X_train"].shape[1:]:
+        input_dim *= d
+    num_classes = 10
+    hidden = args.hidden_dims
+    weight_scale = args.weight_scale
+    common = dict(
+        input_dim=input_dim,
+        num_classes=num_classes,
+        dropout=args.dropout,
+        reg=args.reg,
+        weight_scale=weight_scale,
+        dtype="float32",
+        backend=backend,
+        rng=backend.rng(args.seed),  # the initial weights; the Solver seeds its own generators
+    )
+    if args.model == "twolayer":
+        if len(hidden) != 1 or args.normalization:
+            raise ValueError("--model twolayer takes one hidden size and no --normalization; use --model fc")
+        return xpnet.TwoLayerNet(hidden_dims=hidden[0], **common)
+    return xpnet.FullyConnectedNet(hidden, normalization=args.normalization, **common)
+
+
+def make_solver(args, model, data, checkpoint_name, on_log):
+    return Solver(
+        model,
+        data,
+        update_rule=args.update_rule,
+        optim_config={"learning_rate": args.lr},
+        lr_decay=args.lr_decay,
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        print_every=args.print_every,
+        seed=args.seed,
+        checkpoint_name=checkpoint_name,
+        verbose=not args.quiet,
+        on_log=on_log,
+        cuda_graph=args.cuda_graph,
+    )
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    run = Run()
+    try:
+        return run.main(parser, args)
+    except UsageError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically: the last one on disk is whole.
+        sys.stderr.write(f"{parser.prog}: {run.where()}; {run.last_checkpoint()}\n")
+        return 128 + signal.SIGINT
+    except OSError as exc:  # disk full, folder removed during training
+        sys.stderr.write(f"{parser.prog}: error: {exc}; {run.last_checkpoint()}\n")
+        return 1
+    finally:
+        run.close()
+
+
+class Run:
+    """One training run of the command, with what an interruption needs to report."""
+
+    def __init__(self):
+        self.solver = None
+        self.log_file = None
+
+    def where(self) -> str:
+        if self.solver is None:
+            return "interrupted before training started"
+        return f"interrupted at epoch {self.solver.epoch}, iteration {self.solver.iteration}"
+
+    def last_checkpoint(self) -> str:
+        path = self.solver.last_checkpoint if self.solver is not None else None
+        return f"last good checkpoint: {path}" if path else "no checkpoint was written"
+
+    def close(self):
+        if self.log_file is not None:
+            self.log_file.close()
+
+    def on_log(self, record):
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def main(self, parser, args):
+        check_flags_apply(args)
+        try:
+            backend = xpnet.get_backend(args.backend)
+        except (ValueError, ImportError, RuntimeError) as exc:
+            raise UsageError(str(exc)) from exc
+        # Everything the run will write is checked before minutes go into loading and training.
+        for flag, path in (("--plot", args.plot), ("--log", args.log)):
+            if path:
+                check_output_file(flag, path)
+        if args.checkpoint_dir:
+            check_checkpoint_dir(args.checkpoint_dir)
+        if args.log:
+            self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
+        print(f"backend: {backend.name} ({backend.device_name})", flush=True)
+
+        try:
+            data = load_data(args)
+            model = build_model(args, data, backend)
+        except (OSError, ValueError, ImportError) as exc:
+            raise UsageError(str(exc)) from exc
+        print(
+            f"data: {args.dataset}, {data['X_train'].shape[0]} train / {data['X_val'].shape[0]} val / "
+            f"{data['X_test'].shape[0]} test; model: {args.model} {args.hidden_dims}",
+            flush=True,
+        )
+        checkpoint_name = None
+        if args.checkpoint_dir:
+            checkpoint_name = os.path.join(args.checkpoint_dir, f"{args.dataset}_{args.model}")
+        try:
+            self.solver = solver = make_solver(args, model, data, checkpoint_name, self.on_log)
+            if args.resume:
+                solver.resume(args.resume, trust_pickle=args.trust_pickle)
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+        if args.resume:
+            print(f"resumed from {args.resume} at epoch {solver.epoch}")
+            if args.quiet:  # the Solver prints them itself when verbose
+                for change in solver.resume_changes:
+                    print(f"resume: {change}")
+
+        start = time.perf_counter()
+        solver.train()
+        backend.sync()
+        wall = time.perf_counter() - start
+        test_acc = solver.check_accuracy(data["X_test"], data["y_test"])
+        self.on_log({"iteration": solver.iteration, "epoch": solver.epoch, "test_acc": test_acc, "wall_s": wall})
+        if solver.diverged:
+            print(solver.diverged, file=sys.stderr)
+        print(f"best val acc: {solver.best_val_acc:.4f}")
+        print(f"test acc: {test_acc:.4f}")
+        print(f"wall time: {wall:.2f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
+        if args.plot:
+            from xpnet.vis_utils import plot_history
+
+            plot_history(solver, args.plot, title=f"{args.dataset} {args.model} on {backend.name}")
+            print(f"plot: {args.plot}")
+        return 0 if not solver.diverged else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
