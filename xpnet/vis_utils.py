@@ -37,7 +37,7 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
     return grid
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _figure_class():
     try:
         from matplotlib.figure import Figure
