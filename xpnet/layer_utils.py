@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .array_types import Array, Cache
 from .backend import accelerated
 from .layers import (
     affine_backward,
@@ -28,7 +29,7 @@ __all__ = [
 NORMALIZATIONS = (None, "batchnorm", "layernorm")
 
 
-def affine_relu_forward(x, w, b):
+def affine_relu_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
     """Affine transform followed by ReLU: x (N, ...), w (D, M), b (M,) -> out (N, M)."""
     fast = accelerated(x)
     if fast is not None:
@@ -41,7 +42,7 @@ def affine_relu_forward(x, w, b):
     return out, (fc_cache, relu_cache)
 
 
-def affine_relu_backward(dout, cache, input_grad=True):
+def affine_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db); dx is None
     when ``input_grad`` is False."""
     fc_cache, relu_cache = cache
@@ -84,7 +85,7 @@ def _dropout_tail(out, dropout_param, fc_cache, normalization, norm_cache, relu_
     return out, (fc_cache, normalization, norm_cache, relu_cache, drop_cache)
 
 
-def affine_norm_relu_dropout_backward(dout, cache, input_grad=True):
+def affine_norm_relu_dropout_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
     """Backward pass of :func:`affine_norm_relu_dropout_forward`.
 
     Returns:

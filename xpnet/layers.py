@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from array_api_compat import device
 
+from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
 from .input_checks import check_same_shape, layer_namespace
 
@@ -38,7 +39,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Affine and ReLU
 # --------------------------------------------------------------------------
-def affine_forward(x, w, b):
+def affine_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
     """Fully connected layer: ``out = x.reshape(N, D) @ w + b``.
 
     Args:
@@ -53,7 +54,7 @@ def affine_forward(x, w, b):
     return out, (x, w, b)
 
 
-def affine_input(x, w, b):
+def affine_input(x: Array, w: Array, b: Array) -> Array:
     """``x`` flattened to (N, D) after checking that x, w (D, M) and b (M,) fit together."""
     xp = layer_namespace("affine_forward", {"x": x, "w": w, "b": b})
     if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[1]:
@@ -76,7 +77,7 @@ def _matmul(a, b):
     return fast.matmul(a, b) if fast is not None else a @ b
 
 
-def affine_backward(dout, cache, input_grad=True):
+def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`affine_forward`.
 
     Args:
@@ -103,13 +104,13 @@ def affine_backward(dout, cache, input_grad=True):
     return dx, dw, db
 
 
-def relu_forward(x):
+def relu_forward(x: Array) -> tuple[Array, Cache]:
     """Rectified linear unit, elementwise ``max(x, 0)``; cache is ``x``."""
     xp = layer_namespace("relu_forward", {"x": x})
     return xp.maximum(x, 0), x
 
 
-def relu_backward(dout, cache):
+def relu_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`relu_forward`: ``dout`` where the input was positive."""
     x = cache
     xp = layer_namespace("relu_backward", {"dout": dout, "x": x})
@@ -158,7 +159,7 @@ def _one_hot(xp, y, num_classes, dtype):
     return xp.astype(y[:, None] == classes, dtype)
 
 
-def softmax_loss(x, y):
+def softmax_loss(x: Array, y: Array) -> tuple[Array, Array]:
     """Softmax cross-entropy, averaged over the batch (numerically stable).
 
     Args:
@@ -185,7 +186,7 @@ def softmax_loss(x, y):
     return _nan_for_bad_labels(xp, loss, dx, y, c)
 
 
-def svm_loss(x, y):
+def svm_loss(x: Array, y: Array) -> tuple[Array, Array]:
     """Multiclass SVM (hinge) loss with margin 1, averaged over the batch.
 
     Args:
@@ -242,7 +243,7 @@ def _check_norm_input(name, x, gamma, beta):
         raise ValueError(f"{name}: gamma and beta must be ({d},), got {tuple(gamma.shape)} and {tuple(beta.shape)}")
 
 
-def batchnorm_forward(x, gamma, beta, bn_param):
+def batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
     """Batch normalisation.
 
     In 'train' mode each feature is normalised with the batch mean and the
@@ -285,7 +286,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
 
 
-def batchnorm_backward(dout, cache):
+def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of batchnorm, step by step through the computational graph.
 
     Args:
@@ -312,12 +313,12 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
-def batchnorm_backward_alt(dout, cache):
+def batchnorm_backward_alt(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of batchnorm in simplified closed form (same result, fewer passes)."""
     return _normalize_backward_compact(dout, cache)
 
 
-def layernorm_forward(x, gamma, beta, ln_param):
+def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tuple[Array, Cache]:
     """Layer normalisation: each sample normalised over its D features.
 
     Args:
@@ -330,7 +331,7 @@ def layernorm_forward(x, gamma, beta, ln_param):
     return out, cache
 
 
-def layernorm_backward(dout, cache):
+def layernorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of layernorm: dx (N, D), dgamma (D,), dbeta (D,)."""
     return _normalize_backward_compact(dout, cache)
 
@@ -338,7 +339,7 @@ def layernorm_backward(dout, cache):
 # --------------------------------------------------------------------------
 # Dropout
 # --------------------------------------------------------------------------
-def dropout_forward(x, dropout_param):
+def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
     """Inverted dropout.
 
     Args:
@@ -373,7 +374,7 @@ def dropout_forward(x, dropout_param):
     return x * mask, (dropout_param, mask)
 
 
-def dropout_backward(dout, cache):
+def dropout_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`dropout_forward`."""
     _, mask = cache
     return dout if mask is None else dout * mask

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from .array_types import Array, Config
 from .backend import accelerated, namespace
 
 __all__ = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam", "UPDATE_RULES", "check_config"]
@@ -27,7 +28,7 @@ def _state(config, key, like):
     return config[key]
 
 
-def sgd(w, dw, config=None):
+def sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """Vanilla SGD: ``w -= learning_rate * dw``. Config: learning_rate (1e-2)."""
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-2)
@@ -39,7 +40,7 @@ def sgd(w, dw, config=None):
     return w, config
 
 
-def sgd_momentum(w, dw, config=None):
+def sgd_momentum(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """SGD with momentum: ``v = momentum * v - learning_rate * dw; w += v``.
 
     Config: learning_rate (1e-2), momentum (0.9), velocity (state, zeros like w).
@@ -58,7 +59,7 @@ def sgd_momentum(w, dw, config=None):
     return w, config
 
 
-def sgd_nesterov_momentum(w, dw, config=None):
+def sgd_nesterov_momentum(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """Nesterov momentum: ``v_new = mu * v - lr * dw; w += v_new + mu * (v_new - v)``.
 
     Config: learning_rate (1e-2), momentum (0.9), velocity (state).
@@ -80,7 +81,7 @@ def sgd_nesterov_momentum(w, dw, config=None):
     return w, config
 
 
-def rmsprop(w, dw, config=None):
+def rmsprop(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """RMSProp: ``cache = decay * cache + (1 - decay) * dw²; w -= lr * dw / (sqrt(cache) + eps)``.
 
     Config: learning_rate (1e-2), decay_rate (0.99), epsilon (1e-8), cache (state).
@@ -102,7 +103,7 @@ def rmsprop(w, dw, config=None):
     return w, config
 
 
-def adam(w, dw, config=None):
+def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """Adam with bias correction; ``t`` is incremented before the correction.
 
     Config: learning_rate (1e-3), beta1 (0.9), beta2 (0.999), epsilon (1e-8),
