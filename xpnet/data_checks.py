@@ -14,7 +14,8 @@ def validate_split(data: dict, split: str, num_classes: int | None, input_shape=
 
     Checks: both present; X has a leading dimension matching y's length; y is a
     1-D integer array with labels in [0, num_classes); X is finite; X's sample
-    shape flattens to ``input_shape``'s size when given.
+    shape flattens to ``input_shape``'s size when given (an int), or equals it
+    (a tuple, for image models).
     """
     x_key, y_key = f"X_{split}", f"y_{split}"
     for key in (x_key, y_key):
@@ -44,7 +45,12 @@ def validate_split(data: dict, split: str, num_classes: int | None, input_shape=
     x_ns = array_namespace(X)
     if x_ns.isdtype(X.dtype, "real floating") and not bool(x_ns.all(x_ns.isfinite(X))):
         raise ValueError(f"data[{x_key!r}] contains NaN or infinite values")
-    if input_shape is not None:
+    if isinstance(input_shape, tuple):  # an image model: the sample shape itself must match
+        if tuple(X.shape[1:]) != input_shape:
+            raise ValueError(
+                f"data[{x_key!r}] samples have shape {tuple(X.shape[1:])} but the model expects {input_shape}"
+            )
+    elif input_shape is not None:
         features = 1
         for d in X.shape[1:]:
             features *= d

@@ -1,9 +1,10 @@
-"""Composite layers ("sandwiches") built from :mod:`xpnet.layers`."""
+"""Composite layers ("sandwiches") built from :mod:`xpnet.layers` and :mod:`xpnet.fast_layers`."""
 
 from __future__ import annotations
 
 from .array_types import Array, Cache
 from .backend import accelerated
+from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
 from .layers import (
     affine_backward,
     affine_forward,
@@ -16,6 +17,8 @@ from .layers import (
     layernorm_forward,
     relu_backward,
     relu_forward,
+    spatial_batchnorm_backward,
+    spatial_batchnorm_forward,
 )
 
 __all__ = [
@@ -24,6 +27,12 @@ __all__ = [
     "affine_norm_relu_dropout_forward",
     "affine_norm_relu_dropout_backward",
     "NORMALIZATIONS",
+    "conv_relu_forward",
+    "conv_relu_backward",
+    "conv_relu_pool_forward",
+    "conv_relu_pool_backward",
+    "conv_bn_relu_forward",
+    "conv_bn_relu_backward",
 ]
 
 NORMALIZATIONS = (None, "batchnorm", "layernorm")
@@ -102,4 +111,50 @@ def affine_norm_relu_dropout_backward(dout: Array, cache: Cache, input_grad: boo
     elif normalization == "layernorm":
         dout, dgamma, dbeta = layernorm_backward(dout, norm_cache)
     dx, dw, db = affine_backward(dout, fc_cache, input_grad)
+    return dx, dw, db, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------- convolutional sandwiches
+# They use the fast layers, as the course's do.
+def conv_relu_forward(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
+    """Convolution followed by ReLU: x (N, C, H, W), w (F, C, HH, WW), b (F,) -> (N, F, H', W')."""
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    out, relu_cache = relu_forward(a)
+    return out, (conv_cache, relu_cache)
+
+
+def conv_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
+    """Backward pass of :func:`conv_relu_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
+    conv_cache, relu_cache = cache
+    return conv_backward_fast(relu_backward(dout, relu_cache), conv_cache, input_grad)
+
+
+def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_param: dict) -> tuple[Array, Cache]:
+    """Convolution, ReLU, then max pooling: x (N, C, H, W) -> (N, F, H'', W'')."""
+    a, conv_relu_cache = conv_relu_forward(x, w, b, conv_param)
+    out, pool_cache = max_pool_forward_fast(a, pool_param)
+    return out, (conv_relu_cache, pool_cache)
+
+
+def conv_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
+    """Backward pass of :func:`conv_relu_pool_forward`: (dx, dw, db)."""
+    conv_relu_cache, pool_cache = cache
+    return conv_relu_backward(max_pool_backward_fast(dout, pool_cache), conv_relu_cache, input_grad)
+
+
+def conv_bn_relu_forward(
+    x: Array, w: Array, b: Array, gamma: Array, beta: Array, conv_param: dict, bn_param: dict
+) -> tuple[Array, Cache]:
+    """Convolution, spatial batchnorm (gamma, beta (F,)), then ReLU."""
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    normed, bn_cache = spatial_batchnorm_forward(a, gamma, beta, bn_param)
+    out, relu_cache = relu_forward(normed)
+    return out, (conv_cache, bn_cache, relu_cache)
+
+
+def conv_bn_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
+    """Backward pass of :func:`conv_bn_relu_forward`: (dx, dw, db, dgamma, dbeta)."""
+    conv_cache, bn_cache, relu_cache = cache
+    dnormed, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
+    dx, dw, db = conv_backward_fast(dnormed, conv_cache, input_grad)
     return dx, dw, db, dgamma, dbeta

@@ -33,6 +33,14 @@ __all__ = [
     "layernorm_backward",
     "dropout_forward",
     "dropout_backward",
+    "conv_forward_naive",
+    "conv_backward_naive",
+    "max_pool_forward_naive",
+    "max_pool_backward_naive",
+    "spatial_batchnorm_forward",
+    "spatial_batchnorm_backward",
+    "spatial_groupnorm_forward",
+    "spatial_groupnorm_backward",
 ]
 
 
@@ -50,7 +58,7 @@ def affine_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
         out (N, M) and cache ``(x, w, b)``.
     """
     x2 = affine_input(x, w, b)
-    out = _matmul(x2, w) + b
+    out = matmul(x2, w) + b
     return out, (x, w, b)
 
 
@@ -72,7 +80,8 @@ def affine_input(x: Array, w: Array, b: Array) -> Array:
     return x2
 
 
-def _matmul(a, b):
+def matmul(a: Array, b: Array) -> Array:
+    """``a @ b`` for 2-D arrays; on CuPy through xpnet's cuBLAS handle, which a CUDA graph can capture."""
     fast = accelerated(a)
     return fast.matmul(a, b) if fast is not None else a @ b
 
@@ -97,8 +106,8 @@ def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple
             f"for x {tuple(x.shape)} and w {tuple(w.shape)}"
         )
     x2 = xp.reshape(x, (x.shape[0], -1))
-    dx = xp.reshape(_matmul(dout, w.T), x.shape) if input_grad else None
-    dw = _matmul(x2.T, dout)
+    dx = xp.reshape(matmul(dout, w.T), x.shape) if input_grad else None
+    dw = matmul(x2.T, dout)
     fast = accelerated(dout)
     db = fast.column_sums(dout) if fast is not None else xp.sum(dout, axis=0)
     return dx, dw, db
@@ -221,14 +230,17 @@ def _normalize_forward(x, gamma, beta, eps, axis):
     return out, (x_hat, centered, std, gamma, axis), mean, var
 
 
+def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
+    """The gradient through x̂ = (x - mean) / std along ``axis``, in closed form:
+    dx = (dx̂ - mean(dx̂) - x̂·mean(dx̂·x̂)) / std (batchnorm, layernorm and groupnorm share it)."""
+    mean_dx_hat = xp.mean(dx_hat, axis=axis, keepdims=True)
+    return (dx_hat - mean_dx_hat - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)) / std
+
+
 def _normalize_backward_compact(dout, cache):
-    """Closed form: dx = (dx̂ - mean(dx̂) - x̂·mean(dx̂·x̂)) / std along the normalised axis."""
     x_hat, _, std, gamma, axis = cache
     xp = namespace(dout, x_hat)
-    dx_hat = dout * gamma
-    dx = (
-        dx_hat - xp.mean(dx_hat, axis=axis, keepdims=True) - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)
-    ) / std
+    dx = normalized_input_grad(xp, dout * gamma, x_hat, std, axis)
     dgamma = xp.sum(dout * x_hat, axis=0)
     dbeta = xp.sum(dout, axis=0)
     return dx, dgamma, dbeta
@@ -378,3 +390,19 @@ def dropout_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`dropout_forward`."""
     _, mask = cache
     return dout if mask is None else dout * mask
+
+
+# The course's layers.py also holds the convolutional layers: their reference (naive)
+# versions and the spatial normalisations live in modules of their own.
+from .conv_naive import (  # noqa: E402
+    conv_backward_naive,
+    conv_forward_naive,
+    max_pool_backward_naive,
+    max_pool_forward_naive,
+)
+from .spatial_norm import (  # noqa: E402
+    spatial_batchnorm_backward,
+    spatial_batchnorm_forward,
+    spatial_groupnorm_backward,
+    spatial_groupnorm_forward,
+)

@@ -1,0 +1,390 @@
+"""Convolutional layers, pooling, spatial normalisation and ThreeLayerConvNet: the
+course's printed values, independent NumPy references, numerical gradients in
+float64 on every backend, and the fast layers against the naive ones."""
+
+import numpy as np
+import pytest
+from conftest import to_np
+from test_data_utils import shared_cifar
+
+from xpnet import fast_layers, layer_utils, layers
+from xpnet.backend import backend_of
+from xpnet.cnn import ThreeLayerConvNet
+from xpnet.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
+from xpnet.solver import Solver
+
+
+def arr(backend, a):
+    return backend.asarray(np.asarray(a), dtype="float64")
+
+
+def check_backward(backend, forward, inputs, grads, dout, tol=1e-7):
+    for i, (x, analytic) in enumerate(zip(inputs, grads)):
+        numeric = eval_numerical_gradient_array(lambda _: forward(*inputs), x, dout)
+        assert backend_of(analytic) == backend
+        assert rel_error(numeric, analytic) < tol, f"gradient {i}: {rel_error(numeric, analytic):.2e}"
+
+
+def reference_conv(x, w, b, stride, pad):
+    """Four nested loops over NumPy arrays: what a convolution means."""
+    n, c, h, wd = x.shape
+    f, _, hh, ww = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    h_out, w_out = 1 + (h + 2 * pad - hh) // stride, 1 + (wd + 2 * pad - ww) // stride
+    out = np.zeros((n, f, h_out, w_out))
+    for i in range(n):
+        for k in range(f):
+            for r in range(h_out):
+                for s in range(w_out):
+                    window = xp[i, :, r * stride : r * stride + hh, s * stride : s * stride + ww]
+                    out[i, k, r, s] = np.sum(window * w[k]) + b[k]
+    return out
+
+
+def reference_pool(x, ph, pw, stride):
+    n, c, h, w = x.shape
+    h_out, w_out = 1 + (h - ph) // stride, 1 + (w - pw) // stride
+    out = np.zeros((n, c, h_out, w_out))
+    for r in range(h_out):
+        for s in range(w_out):
+            out[:, :, r, s] = x[:, :, r * stride : r * stride + ph, s * stride : s * stride + pw].max(axis=(2, 3))
+    return out
+
+
+# ----------------------------------------------------------------------------- the course's printed values
+def test_conv_forward_naive_reproduces_the_course_values(backend):
+    x_shape, w_shape = (2, 3, 4, 4), (3, 3, 4, 4)
+    x = np.linspace(-0.1, 0.5, num=np.prod(x_shape)).reshape(x_shape)
+    w = np.linspace(-0.2, 0.3, num=np.prod(w_shape)).reshape(w_shape)
+    b = np.linspace(-0.1, 0.2, num=3)
+    out, _ = layers.conv_forward_naive(arr(backend, x), arr(backend, w), arr(backend, b), {"stride": 2, "pad": 1})
+    correct_out = np.array(
+        [
+            [[[-0.08759809, -0.10987781], [-0.18387192, -0.2109216]],
+             [[0.21027089, 0.21661097], [0.22847626, 0.23004637]],
+             [[0.50813986, 0.54309974], [0.64082444, 0.67101435]]],
+            [[[-0.98053589, -1.03143541], [-1.19128892, -1.24695841]],
+             [[0.69108355, 0.66880383], [0.59480972, 0.56776003]],
+             [[2.36270298, 2.36904306], [2.38090835, 2.38247847]]],
+        ]
+    )  # fmt: skip
+    assert rel_error(to_np(out), correct_out) < 1e-7
+
+
+def test_max_pool_forward_naive_reproduces_the_course_values(backend):
+    x_shape = (2, 3, 4, 4)
+    x = np.linspace(-0.3, 0.4, num=np.prod(x_shape)).reshape(x_shape)
+    out, _ = layers.max_pool_forward_naive(arr(backend, x), {"pool_width": 2, "pool_height": 2, "stride": 2})
+    correct_out = np.array(
+        [
+            [[[-0.26315789, -0.24842105], [-0.20421053, -0.18947368]],
+             [[-0.14526316, -0.13052632], [-0.08631579, -0.07157895]],
+             [[-0.02736842, -0.01263158], [0.03157895, 0.04631579]]],
+            [[[0.09052632, 0.10526316], [0.14947368, 0.16421053]],
+             [[0.20842105, 0.22315789], [0.26736842, 0.28210526]],
+             [[0.32631579, 0.34105263], [0.38526316, 0.4]]],
+        ]
+    )  # fmt: skip
+    assert rel_error(to_np(out), correct_out) < 1e-7
+
+
+# ----------------------------------------------------------------------------- convolution
+GEOMETRIES = [
+    # x shape, w shape, stride, pad
+    ((2, 3, 5, 5), (4, 3, 3, 3), 1, 1),
+    ((2, 3, 7, 7), (3, 3, 3, 3), 2, 1),
+    ((1, 2, 6, 7), (3, 2, 2, 3), 2, 0),  # a batch of one, a non-square kernel and input
+    ((2, 1, 4, 4), (2, 1, 5, 5), 1, 2),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad", GEOMETRIES)
+def test_conv_forward_matches_loops_and_fast_matches_naive(backend, np_rng, x_shape, w_shape, stride, pad):
+    x, w, b = np_rng.standard_normal(x_shape), np_rng.standard_normal(w_shape), np_rng.standard_normal(w_shape[0])
+    param = {"stride": stride, "pad": pad}
+    naive, _ = layers.conv_forward_naive(arr(backend, x), arr(backend, w), arr(backend, b), param)
+    fast, _ = fast_layers.conv_forward_fast(arr(backend, x), arr(backend, w), arr(backend, b), param)
+    expected = reference_conv(x, w, b, stride, pad)
+    assert backend_of(naive) == backend and backend_of(fast) == backend
+    np.testing.assert_allclose(to_np(naive), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_np(fast), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad", GEOMETRIES[:3])
+@pytest.mark.parametrize("kind", ["naive", "fast"])
+def test_conv_backward_matches_numerical_gradients(backend, np_rng, x_shape, w_shape, stride, pad, kind):
+    forward = layers.conv_forward_naive if kind == "naive" else fast_layers.conv_forward_fast
+    backward = layers.conv_backward_naive if kind == "naive" else fast_layers.conv_backward_fast
+    x, w = arr(backend, np_rng.standard_normal(x_shape)), arr(backend, np_rng.standard_normal(w_shape))
+    b = arr(backend, np_rng.standard_normal(w_shape[0]))
+    param = {"stride": stride, "pad": pad}
+    out, cache = forward(x, w, b, param)
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    grads = backward(dout, cache)
+    check_backward(backend, lambda x, w, b: forward(x, w, b, param)[0], (x, w, b), grads, dout)
+
+
+def test_fast_conv_backward_equals_naive_and_skips_the_input_gradient(backend, np_rng):
+    x, w = arr(backend, np_rng.standard_normal((3, 4, 9, 9))), arr(backend, np_rng.standard_normal((5, 4, 3, 3)))
+    b = arr(backend, np_rng.standard_normal(5))
+    param = {"stride": 2, "pad": 1}
+    out, naive_cache = layers.conv_forward_naive(x, w, b, param)
+    _, fast_cache = fast_layers.conv_forward_fast(x, w, b, param)
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    for naive, fast in zip(
+        layers.conv_backward_naive(dout, naive_cache), fast_layers.conv_backward_fast(dout, fast_cache)
+    ):
+        assert rel_error(naive, fast) < 1e-12
+    dx, dw, _ = fast_layers.conv_backward_fast(dout, fast_cache, input_grad=False)
+    assert dx is None and tuple(dw.shape) == (5, 4, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, param, message",
+    [
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            {"stride": 2, "pad": 0},
+            r"kernel height 3 with stride 2 does not tile a size of 6",
+        ),
+        (
+            (2, 3, 5, 5),
+            (4, 2, 3, 3),
+            {"stride": 1, "pad": 1},
+            r"x \(2, 3, 5, 5\) has 3 channels but w \(4, 2, 3, 3\) expects 2",
+        ),
+        ((2, 3, 2, 2), (4, 3, 3, 3), {"stride": 1, "pad": 0}, r"kernel height 3 is larger than the input's 2"),
+        ((2, 3, 5, 5), (4, 3, 3, 3), {"stride": 0, "pad": 1}, r"conv_param\['stride'\] must be a positive integer"),
+        ((3, 5, 5), (4, 3, 3, 3), {"stride": 1, "pad": 1}, r"x must be \(N, C, H, W\)"),
+    ],
+)
+@pytest.mark.parametrize("forward", [layers.conv_forward_naive, fast_layers.conv_forward_fast])
+def test_conv_refuses_what_cannot_be_right(forward, x_shape, w_shape, param, message):
+    x, w, b = np.ones(x_shape), np.ones(w_shape), np.ones(w_shape[0])
+    with pytest.raises(ValueError, match=message):
+        forward(x, w, b, param)
+
+
+# ----------------------------------------------------------------------------- max pooling
+POOLS = [
+    ((2, 3, 4, 4), 2, 2, 2),
+    ((2, 2, 7, 7), 3, 3, 2),  # overlapping windows
+    ((1, 2, 6, 4), 3, 2, 1),  # non-square, a batch of one
+]
+
+
+@pytest.mark.parametrize("x_shape, ph, pw, stride", POOLS)
+def test_max_pool_forward_matches_loops_and_backward_matches_numerical(backend, np_rng, x_shape, ph, pw, stride):
+    x_np = np_rng.standard_normal(x_shape)
+    param = {"pool_height": ph, "pool_width": pw, "stride": stride}
+    x = arr(backend, x_np)
+    expected = reference_pool(x_np, ph, pw, stride)
+    for forward, backward in (
+        (layers.max_pool_forward_naive, layers.max_pool_backward_naive),
+        (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast),
+    ):
+        out, cache = forward(x, param)
+        np.testing.assert_array_equal(to_np(out), expected)
+        dout = arr(backend, np_rng.standard_normal(expected.shape))
+        dx = backward(dout, cache)
+        check_backward(backend, lambda x: forward(x, param)[0], (x,), (dx,), dout)
+
+
+def test_max_pool_ties_send_the_gradient_to_the_first_maximum(backend):
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = 5.0  # two maxima in the first 2x2 window; the top-right one comes first
+    param = {"pool_height": 2, "pool_width": 2, "stride": 1}  # overlapping: ties in every window
+    dout = np.arange(1.0, 5.0).reshape(1, 1, 2, 2)
+    expected = np.zeros((1, 1, 3, 3))
+    expected[0, 0, 0, 1] = 1.0 + 2.0  # windows (0, 0) and (0, 1)
+    expected[0, 0, 1, 0] = 3.0  # window (1, 0)
+    expected[0, 0, 1, 1] = 4.0  # window (1, 1): all zeros, its first element
+    for forward, backward in (
+        (layers.max_pool_forward_naive, layers.max_pool_backward_naive),
+        (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast),
+    ):
+        _, cache = forward(arr(backend, x), param)
+        np.testing.assert_array_equal(to_np(backward(arr(backend, dout), cache)), expected)
+
+
+@pytest.mark.parametrize("forward", [layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast])
+def test_pool_that_does_not_tile_is_refused(forward):
+    with pytest.raises(ValueError, match=r"pool height 2 with stride 2 does not tile a size of 5 \(x \(1, 1, 5, 4\)"):
+        forward(np.ones((1, 1, 5, 4)), {"pool_height": 2, "pool_width": 2, "stride": 2})
+
+
+# ----------------------------------------------------------------------------- spatial normalisation
+def test_spatial_batchnorm_normalises_each_channel_and_keeps_running_averages(backend):
+    rng = np.random.RandomState(231)  # the course's data for this check
+    N, C, H, W = 2, 3, 4, 5
+    x_np = 4 * rng.randn(N, C, H, W) + 10
+    gamma, beta = np.array([3.0, 4.0, 5.0]), np.array([6.0, 7.0, 8.0])
+    bn_param = {"mode": "train"}
+    out, _ = layers.spatial_batchnorm_forward(arr(backend, x_np), arr(backend, gamma), arr(backend, beta), bn_param)
+    out = to_np(out)
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), beta, atol=1e-12)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3)), gamma, rtol=1e-5)  # eps 1e-5 against var ~16
+    np.testing.assert_allclose(to_np(bn_param["running_mean"]), 0.1 * x_np.mean(axis=(0, 2, 3)), rtol=1e-12)
+    bn_param["mode"] = "test"
+    test_out, _ = layers.spatial_batchnorm_forward(
+        arr(backend, x_np), arr(backend, gamma), arr(backend, beta), bn_param
+    )
+    expected = (x_np - to_np(bn_param["running_mean"])[:, None, None]) / np.sqrt(
+        to_np(bn_param["running_var"])[:, None, None] + 1e-5
+    ) * gamma[:, None, None] + beta[:, None, None]
+    np.testing.assert_allclose(to_np(test_out), expected, rtol=1e-12)
+
+
+def test_spatial_batchnorm_backward(backend, np_rng):
+    x = arr(backend, 3 + 2 * np_rng.standard_normal((2, 3, 4, 5)))
+    gamma, beta = arr(backend, np_rng.standard_normal(3)), arr(backend, np_rng.standard_normal(3))
+    dout = arr(backend, np_rng.standard_normal((2, 3, 4, 5)))
+    _, cache = layers.spatial_batchnorm_forward(x, gamma, beta, {"mode": "train"})
+    grads = layers.spatial_batchnorm_backward(dout, cache)
+    forward = lambda x, g, b: layers.spatial_batchnorm_forward(x, g, b, {"mode": "train"})[0]  # noqa: E731
+    check_backward(backend, forward, (x, gamma, beta), grads, dout, tol=1e-6)
+
+
+def test_spatial_groupnorm_normalises_each_group(backend):
+    rng = np.random.RandomState(231)
+    N, C, H, W, G = 2, 6, 4, 5, 2
+    x_np = 4 * rng.randn(N, C, H, W) + 10
+    gamma, beta = np.ones((1, C, 1, 1)), np.zeros((1, C, 1, 1))
+    out, _ = layers.spatial_groupnorm_forward(arr(backend, x_np), arr(backend, gamma), arr(backend, beta), G, {})
+    groups = to_np(out).reshape(N, G, -1)
+    np.testing.assert_allclose(groups.mean(axis=2), 0.0, atol=1e-12)
+    np.testing.assert_allclose(groups.std(axis=2), 1.0, rtol=1e-5)
+    scaled, _ = layers.spatial_groupnorm_forward(
+        arr(backend, x_np), arr(backend, 2 * gamma), arr(backend, beta + 3), G, {}
+    )
+    np.testing.assert_allclose(to_np(scaled), 2 * to_np(out) + 3, rtol=1e-12)
+
+
+def test_spatial_groupnorm_backward(backend, np_rng):
+    x = arr(backend, 3 + 2 * np_rng.standard_normal((2, 6, 3, 4)))
+    gamma, beta = arr(backend, np_rng.standard_normal((1, 6, 1, 1))), arr(backend, np_rng.standard_normal((1, 6, 1, 1)))
+    dout = arr(backend, np_rng.standard_normal((2, 6, 3, 4)))
+    _, cache = layers.spatial_groupnorm_forward(x, gamma, beta, 3, {})
+    grads = layers.spatial_groupnorm_backward(dout, cache)
+    forward = lambda x, g, b: layers.spatial_groupnorm_forward(x, g, b, 3, {})[0]  # noqa: E731
+    check_backward(backend, forward, (x, gamma, beta), grads, dout, tol=1e-6)
+
+
+def test_spatial_norms_refuse_bad_arguments():
+    x = np.ones((2, 6, 3, 3))
+    with pytest.raises(ValueError, match=r"G = 4 groups must divide the 6 channels of x \(2, 6, 3, 3\)"):
+        layers.spatial_groupnorm_forward(x, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 4, {})
+    with pytest.raises(ValueError, match=r"gamma must be \(1, 6, 1, 1\)"):
+        layers.spatial_groupnorm_forward(x, np.ones(6), np.zeros((1, 6, 1, 1)), 2, {})
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        layers.spatial_batchnorm_forward(np.ones((1, 6, 1, 1)), np.ones(6), np.zeros(6), {"mode": "train"})
+
+
+# ----------------------------------------------------------------------------- sandwiches
+def test_conv_sandwiches(backend, np_rng):
+    x = arr(backend, np_rng.standard_normal((2, 3, 6, 6)))
+    w, b = arr(backend, np_rng.standard_normal((3, 3, 3, 3))), arr(backend, np_rng.standard_normal(3))
+    gamma, beta = arr(backend, np_rng.standard_normal(3)), arr(backend, np_rng.standard_normal(3))
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+    out, cache = layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    grads = layer_utils.conv_relu_pool_backward(dout, cache)
+    check_backward(
+        backend, lambda x, w, b: layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)[0], (x, w, b), grads, dout
+    )
+
+    out, cache = layer_utils.conv_relu_forward(x, w, b, conv)
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    grads = layer_utils.conv_relu_backward(dout, cache)
+    check_backward(backend, lambda x, w, b: layer_utils.conv_relu_forward(x, w, b, conv)[0], (x, w, b), grads, dout)
+
+    def bn_forward(x, w, gamma, beta):
+        return layer_utils.conv_bn_relu_forward(x, w, b, gamma, beta, conv, {"mode": "train"})[0]
+
+    out, cache = layer_utils.conv_bn_relu_forward(x, w, b, gamma, beta, conv, {"mode": "train"})
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    dx, dw, db, dgamma, dbeta = layer_utils.conv_bn_relu_backward(dout, cache)
+    assert float(backend.xp.max(backend.xp.abs(db))) < 1e-12  # the batch mean cancels the bias
+    check_backward(backend, bn_forward, (x, w, gamma, beta), (dx, dw, dgamma, dbeta), dout, tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ThreeLayerConvNet
+def test_three_layer_convnet_shapes_and_initial_loss(backend):
+    model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=6, seed=0, backend=backend)
+    shapes = {k: tuple(v.shape) for k, v in model.params.items()}
+    assert shapes == {"W1": (4, 3, 3, 3), "b1": (4,), "W2": (64, 6), "b2": (6,), "W3": (6, 10), "b3": (10,)}
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((5, 3, 8, 8)), rng.integers(0, 10, 5)
+    loss, _ = model.loss(X, y)
+    assert float(loss) == pytest.approx(np.log(10), rel=1e-3)  # tiny weights: uniform scores
+    model.reg = 1e3
+    reg_loss, _ = model.loss(X, y)
+    weights = sum((to_np(model.params[k]) ** 2).sum() for k in ("W1", "W2", "W3"))
+    assert float(reg_loss) == pytest.approx(float(loss) + 0.5 * 1e3 * weights, rel=1e-5)
+    assert tuple(model.loss(X).shape) == (5, 10)
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.5])
+def test_three_layer_convnet_gradients(backend, reg):
+    model = ThreeLayerConvNet(
+        input_dim=(2, 6, 6), num_filters=3, filter_size=3, hidden_dim=5, num_classes=4, weight_scale=0.3,
+        reg=reg, dtype="float64", seed=0, backend=backend,
+    )  # fmt: skip
+    rng = np.random.default_rng(1)
+    X = backend.asarray(rng.standard_normal((3, 2, 6, 6)), dtype="float64")
+    y = backend.asarray(rng.integers(0, 4, 3))
+    loss, grads = model.loss(X, y)
+    for name in sorted(grads):
+        numeric = eval_numerical_gradient(lambda _: model.loss(X, y)[0], model.params[name], verbose=False, h=1e-6)
+        assert rel_error(numeric, grads[name], floor=1e-7) < 1e-6, name
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(input_dim=(3, 7, 8)), "even height and width"),
+        (dict(filter_size=4), "filter_size must be odd"),
+        (dict(num_classes=1), "num_classes must be an integer >= 2"),
+        (dict(weight_scale=float("nan")), "weight_scale must be a finite number"),
+        (dict(input_dim=(32, 32)), r"input_dim must be \(C, H, W\)"),
+    ],
+)
+def test_three_layer_convnet_refuses_bad_arguments(options, message):
+    with pytest.raises(ValueError, match=message):
+        ThreeLayerConvNet(**options)
+
+
+def cifar_images(n_train, n_val):
+    from xpnet.data_utils import get_CIFAR10_data
+
+    data = get_CIFAR10_data(shared_cifar(), num_training=n_train, num_validation=n_val, num_test=10)
+    return data
+
+
+@pytest.mark.skipif(shared_cifar() is None, reason="CIFAR-10 not present (set XPNET_DATA_DIR)")
+def test_three_layer_convnet_overfits_50_cifar_images():
+    data = cifar_images(1000, 100)
+    small = {
+        "X_train": data["X_train"][:50],
+        "y_train": data["y_train"][:50],
+        "X_val": data["X_val"],
+        "y_val": data["y_val"],
+    }
+    model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend="numpy")
+    solver = Solver(model, small, update_rule="adam", optim_config={"learning_rate": 1e-3}, batch_size=25,
+                    num_epochs=15, verbose=False, seed=0)  # fmt: skip
+    solver.train()
+    assert solver.train_acc_history[-1] >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shared_cifar() is None, reason="CIFAR-10 not present (set XPNET_DATA_DIR)")
+def test_three_layer_convnet_one_epoch_of_cifar10_beats_40_percent():
+    data = cifar_images(49000, 1000)
+    model = ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3, seed=0, backend="numpy")
+    solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 1e-3}, batch_size=50,
+                    num_epochs=1, print_every=100, verbose=True, seed=0)  # fmt: skip
+    solver.train()
+    assert solver.best_val_acc > 0.40

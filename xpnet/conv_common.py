@@ -1,0 +1,95 @@
+"""What the convolution and pooling layers share: argument checks in xpnet's words,
+zero padding, and the strided slice that one kernel offset sees.
+
+Shapes: x (N, C, H, W); w (F, C, HH, WW); out (N, F, H', W') with
+H' = 1 + (H + 2·pad − HH) / stride (and the same for W').
+"""
+
+from __future__ import annotations
+
+from array_api_compat import device
+
+from .array_types import Array
+from .input_checks import layer_namespace
+
+__all__ = ["conv_geometry", "pool_geometry", "pad2d", "offset_slice"]
+
+
+def _positive_int(function, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{function}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _tiles(function, what, size, kernel, stride, shape_text):
+    """H' for one axis, or ValueError when the windows do not tile ``size``."""
+    if kernel > size:
+        raise ValueError(f"{function}: the {what} {kernel} is larger than the input's {size} ({shape_text})")
+    if (size - kernel) % stride:
+        raise ValueError(
+            f"{function}: {what} {kernel} with stride {stride} does not tile a size of {size} "
+            f"({shape_text}): (size - {what}) must be a multiple of the stride"
+        )
+    return 1 + (size - kernel) // stride
+
+
+def conv_geometry(function: str, x: Array, w: Array, b: Array, conv_param: dict):
+    """Check a convolution's arguments; returns (xp, stride, pad, H_out, W_out)."""
+    xp = layer_namespace(function, {"x": x, "w": w, "b": b})
+    if x.ndim != 4 or w.ndim != 4 or b.ndim != 1:
+        raise ValueError(
+            f"{function}: x must be (N, C, H, W), w (F, C, HH, WW) and b (F,); "
+            f"got x {tuple(x.shape)}, w {tuple(w.shape)}, b {tuple(b.shape)}"
+        )
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"{function}: x {tuple(x.shape)} has {x.shape[1]} channels but w {tuple(w.shape)} expects {w.shape[1]}"
+        )
+    if b.shape[0] != w.shape[0]:
+        raise ValueError(f"{function}: b {tuple(b.shape)} must have one bias per filter of w {tuple(w.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{function}: empty batch, x has shape {tuple(x.shape)}")
+    stride = _positive_int(function, "conv_param['stride']", conv_param.get("stride", 1))
+    pad = conv_param.get("pad", 0)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"{function}: conv_param['pad'] must be a non-negative integer, got {pad!r}")
+    text = f"x {tuple(x.shape)}, w {tuple(w.shape)}, stride {stride}, pad {pad}"
+    h_out = _tiles(function, "kernel height", x.shape[2] + 2 * pad, w.shape[2], stride, text)
+    w_out = _tiles(function, "kernel width", x.shape[3] + 2 * pad, w.shape[3], stride, text)
+    return xp, stride, pad, h_out, w_out
+
+
+def pool_geometry(function: str, x: Array, pool_param: dict):
+    """Check a max pool's arguments; returns (xp, pool_height, pool_width, stride, H_out, W_out)."""
+    xp = layer_namespace(function, {"x": x})
+    if x.ndim != 4:
+        raise ValueError(f"{function}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    ph = _positive_int(function, "pool_param['pool_height']", pool_param.get("pool_height", 2))
+    pw = _positive_int(function, "pool_param['pool_width']", pool_param.get("pool_width", 2))
+    stride = _positive_int(function, "pool_param['stride']", pool_param.get("stride", 2))
+    text = f"x {tuple(x.shape)}, pool {ph}x{pw}, stride {stride}"
+    h_out = _tiles(function, "pool height", x.shape[2], ph, stride, text)
+    w_out = _tiles(function, "pool width", x.shape[3], pw, stride, text)
+    return xp, ph, pw, stride, h_out, w_out
+
+
+def pad2d(xp, x: Array, pad: int) -> Array:
+    """``x`` (..., H, W) with ``pad`` zeros on every side of the last two axes."""
+    if pad == 0:
+        return x
+    *lead, h, w = x.shape
+    dev = device(x)
+    side = xp.zeros((*lead, h, pad), dtype=x.dtype, device=dev)
+    x = xp.concat([side, x, side], axis=-1)
+    rows = xp.zeros((*lead, pad, w + 2 * pad), dtype=x.dtype, device=dev)
+    return xp.concat([rows, x, rows], axis=-2)
+
+
+def offset_slice(ki: int, kj: int, stride: int, h_out: int, w_out: int) -> tuple:
+    """The index of what kernel offset (ki, kj) sees at every output position:
+    rows ki, ki + stride, ..., and the same for columns (an (..., H', W') view)."""
+    return (
+        Ellipsis,
+        slice(ki, ki + stride * (h_out - 1) + 1, stride),
+        slice(kj, kj + stride * (w_out - 1) + 1, stride),
+    )

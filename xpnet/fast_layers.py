@@ -1,0 +1,106 @@
+"""Fast convolution and max pooling: im2col built from strided slices, one GEMM.
+
+The array API has neither scatter nor strided views, so the column matrix is
+stacked from HH·WW strided slices of the padded input (one per kernel offset),
+and col2im adds the column gradients back one offset at a time, each a strided
+slice. Max-pool backward routes the gradient through a one-hot mask of each
+window's first maximum. Everything is array API, so it runs unchanged on NumPy,
+CuPy, PyTorch and array-api-strict; the matrix products go through
+:func:`xpnet.layers.matmul`, which on CuPy uses xpnet's capturable cuBLAS handle.
+
+Same signatures and results as the naive layers in :mod:`xpnet.layers`.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import device
+
+from .array_types import Array, Cache
+from .conv_common import conv_geometry, offset_slice, pad2d, pool_geometry
+from .layers import matmul
+
+__all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
+
+
+def _im2col(xp, x_cn, hh, ww, stride, h_out, w_out):
+    """(C·HH·WW, N·H'·W') columns of ``x_cn`` (C, N, Hp, Wp): row c·HH·WW + ki·WW + kj holds
+    what kernel offset (ki, kj) of channel c sees at each output position."""
+    slices = [x_cn[offset_slice(ki, kj, stride, h_out, w_out)] for ki in range(hh) for kj in range(ww)]
+    stacked = xp.stack(slices, axis=1)  # (C, HH·WW, N, H', W')
+    return xp.reshape(stacked, (x_cn.shape[0] * hh * ww, -1))
+
+
+def _col2im(xp, cols, shape_cn, hh, ww, stride, h_out, w_out):
+    """The adjoint of :func:`_im2col`: (C·HH·WW, N·H'·W') back to (C, N, Hp, Wp), overlaps added."""
+    c, n = shape_cn[0], shape_cn[1]
+    cols = xp.reshape(cols, (c, hh, ww, n, h_out, w_out))
+    out = xp.zeros(shape_cn, dtype=cols.dtype, device=device(cols))
+    for ki in range(hh):
+        for kj in range(ww):
+            out[offset_slice(ki, kj, stride, h_out, w_out)] += cols[:, ki, kj, ...]
+    return out
+
+
+def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
+    """Convolution as im2col + one GEMM; the same contract as :func:`xpnet.layers.conv_forward_naive`.
+
+    Args:
+        x: (N, C, H, W); w: (F, C, HH, WW); b: (F,); conv_param: {'stride', 'pad'}.
+    Returns:
+        out (N, F, H', W') and the cache (x, w, b, conv_param, columns).
+    """
+    xp, stride, pad, h_out, w_out = conv_geometry("conv_forward_fast", x, w, b, conv_param)
+    n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
+    x_cn = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), pad)  # channels first: the columns need no transpose
+    cols = _im2col(xp, x_cn, hh, ww, stride, h_out, w_out)
+    out = matmul(xp.reshape(w, (f, -1)), cols) + b[:, None]  # (F, N·H'·W')
+    out = xp.permute_dims(xp.reshape(out, (f, n, h_out, w_out)), (1, 0, 2, 3))
+    return out, (x, w, b, conv_param, cols)
+
+
+def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
+    """Backward pass of :func:`conv_forward_fast`: dx (N, C, H, W) (None when
+    ``input_grad`` is False, as for a network's first layer), dw (F, C, HH, WW), db (F,)."""
+    x, w, b, conv_param, cols = cache
+    xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_fast", x, w, b, conv_param)
+    n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
+    if tuple(dout.shape) != (n, f, h_out, w_out):
+        raise ValueError(f"conv_backward_fast: dout has shape {tuple(dout.shape)}, expected {(n, f, h_out, w_out)}")
+    dout_rows = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (f, -1))  # (F, N·H'·W')
+    dw = xp.reshape(matmul(dout_rows, cols.T), w.shape)
+    db = xp.sum(dout_rows, axis=1)
+    if not input_grad:
+        return None, dw, db
+    dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)
+    padded = (c, n, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad)
+    dx_cn = _col2im(xp, dcols, padded, hh, ww, stride, h_out, w_out)
+    dx_cn = dx_cn[:, :, pad : pad + x.shape[2], pad : pad + x.shape[3]]
+    return xp.permute_dims(dx_cn, (1, 0, 2, 3)), dw, db
+
+
+def _pool_windows(xp, x, ph, pw, stride, h_out, w_out):
+    """(N, C, ph·pw, H', W'): each window's values along axis 2, in row-major order."""
+    return xp.stack([x[offset_slice(i, j, stride, h_out, w_out)] for i in range(ph) for j in range(pw)], axis=2)
+
+
+def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
+    """Max pooling over strided slices; the same contract as :func:`xpnet.layers.max_pool_forward_naive`."""
+    xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_forward_fast", x, pool_param)
+    windows = _pool_windows(xp, x, ph, pw, stride, h_out, w_out)
+    return xp.max(windows, axis=2), (x, pool_param, windows)
+
+
+def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
+    """Backward pass of :func:`max_pool_forward_fast`: each window's gradient goes to its
+    first maximum (row-major order); overlapping windows add up. Returns dx (N, C, H, W)."""
+    x, pool_param, windows = cache
+    xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_fast", x, pool_param)
+    expected = (x.shape[0], x.shape[1], h_out, w_out)
+    if tuple(dout.shape) != expected:
+        raise ValueError(f"max_pool_backward_fast: dout has shape {tuple(dout.shape)}, expected {expected}")
+    first = xp.argmax(windows, axis=2)  # (N, C, H', W'): the first maximum wins ties
+    dx = xp.zeros(x.shape, dtype=x.dtype, device=device(x))
+    for k in range(ph * pw):
+        routed = xp.where(first == k, dout, xp.zeros_like(dout))
+        dx[offset_slice(k // pw, k % pw, stride, h_out, w_out)] += routed
+    return dx

@@ -1,0 +1,110 @@
+"""Normalisation of (N, C, H, W) activations: spatial batchnorm (statistics per
+channel over N, H and W) and spatial groupnorm (statistics per sample over each
+group of C / G channels and H, W)."""
+
+from __future__ import annotations
+
+from .array_types import Array, Cache
+from .input_checks import layer_namespace
+from .layers import batchnorm_backward_alt, batchnorm_forward, normalized_input_grad
+
+__all__ = [
+    "spatial_batchnorm_forward",
+    "spatial_batchnorm_backward",
+    "spatial_groupnorm_forward",
+    "spatial_groupnorm_backward",
+]
+
+
+def _check_nchw(function, x):
+    if x.ndim != 4:
+        raise ValueError(f"{function}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _to_rows(xp, x):
+    """(N, C, H, W) -> (N·H·W, C): one row per pixel, one column per channel."""
+    return xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (-1, x.shape[1]))
+
+
+def _from_rows(xp, rows, shape):
+    n, c, h, w = shape
+    return xp.permute_dims(xp.reshape(rows, (n, h, w, c)), (0, 3, 1, 2))
+
+
+def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
+    """Batch normalisation of each channel over N, H and W.
+
+    Args:
+        x: (N, C, H, W); gamma, beta: (C,).
+        bn_param: as for :func:`xpnet.layers.batchnorm_forward` ('mode', 'eps',
+            'momentum', 'running_mean' and 'running_var' of shape (C,)).
+    Returns:
+        out (N, C, H, W) and the cache.
+    """
+    layer_namespace("spatial_batchnorm_forward", {"x": x, "gamma": gamma, "beta": beta})
+    _check_nchw("spatial_batchnorm_forward", x)
+    n, c, h, w = x.shape
+    if bn_param.get("mode", "train") == "train" and n * h * w < 2:
+        raise ValueError(
+            f"spatial_batchnorm_forward: train mode needs at least 2 values per channel, got x {tuple(x.shape)}"
+        )
+    if tuple(gamma.shape) != (c,) or tuple(beta.shape) != (c,):
+        raise ValueError(
+            f"spatial_batchnorm_forward: gamma and beta must be ({c},) for x {tuple(x.shape)}, "
+            f"got {tuple(gamma.shape)} and {tuple(beta.shape)}"
+        )
+    xp = layer_namespace("spatial_batchnorm_forward", {"x": x})
+    out, cache = batchnorm_forward(_to_rows(xp, x), gamma, beta, bn_param)
+    return _from_rows(xp, out, x.shape), (cache, tuple(x.shape))
+
+
+def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
+    """Backward pass of spatial batchnorm: dx (N, C, H, W), dgamma (C,), dbeta (C,)."""
+    rows_cache, shape = cache
+    xp = layer_namespace("spatial_batchnorm_backward", {"dout": dout})
+    if tuple(dout.shape) != shape:
+        raise ValueError(f"spatial_batchnorm_backward: dout has shape {tuple(dout.shape)}, expected {shape}")
+    dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, dout), rows_cache)
+    return _from_rows(xp, dx, shape), dgamma, dbeta
+
+
+def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_param: dict) -> tuple[Array, Cache]:
+    """Group normalisation: each sample's channels split into ``G`` groups, each group
+    normalised over its channels and all positions.
+
+    Args:
+        x: (N, C, H, W); gamma, beta: (1, C, 1, 1) as in the course; G: groups, dividing C.
+        gn_param: optional 'eps' (1e-5).
+    Returns:
+        out (N, C, H, W) and the cache.
+    """
+    xp = layer_namespace("spatial_groupnorm_forward", {"x": x, "gamma": gamma, "beta": beta})
+    _check_nchw("spatial_groupnorm_forward", x)
+    n, c, h, w = x.shape
+    if isinstance(G, bool) or not isinstance(G, int) or G <= 0 or c % G:
+        raise ValueError(
+            f"spatial_groupnorm_forward: G = {G!r} groups must divide the {c} channels of x {tuple(x.shape)}"
+        )
+    for name, value in (("gamma", gamma), ("beta", beta)):
+        if tuple(value.shape) != (1, c, 1, 1):
+            raise ValueError(f"spatial_groupnorm_forward: {name} must be (1, {c}, 1, 1), got {tuple(value.shape)}")
+    eps = gn_param.get("eps", 1e-5)
+    groups = xp.reshape(x, (n, G, -1))
+    centered = groups - xp.mean(groups, axis=2, keepdims=True)
+    std = xp.sqrt(xp.mean(centered * centered, axis=2, keepdims=True) + eps)
+    x_hat_groups = centered / std
+    x_hat = xp.reshape(x_hat_groups, x.shape)
+    return gamma * x_hat + beta, (x_hat_groups, std, gamma, G)
+
+
+def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
+    """Backward pass of groupnorm: dx (N, C, H, W), dgamma and dbeta (1, C, 1, 1)."""
+    x_hat_groups, std, gamma, G = cache
+    xp = layer_namespace("spatial_groupnorm_backward", {"dout": dout})
+    n = dout.shape[0]
+    x_hat = xp.reshape(x_hat_groups, dout.shape)
+    dgamma = xp.sum(dout * x_hat, axis=(0, 2, 3), keepdims=True)
+    dbeta = xp.sum(dout, axis=(0, 2, 3), keepdims=True)
+    dx_hat = xp.reshape(dout * gamma, (n, G, -1))
+    dx = normalized_input_grad(xp, dx_hat, x_hat_groups, std, axis=2)
+    return xp.reshape(dx, dout.shape), dgamma, dbeta
