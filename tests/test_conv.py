@@ -188,7 +188,7 @@ def test_max_pool_forward_matches_loops_and_backward_matches_numerical(backend, 
         np.testing.assert_array_equal(to_np(out), expected)
         dout = arr(backend, np_rng.standard_normal(expected.shape))
         dx = backward(dout, cache)
-        check_backward(backend, lambda x: forward(x, param)[0], (x,), (dx,), dout)
+        check_backward(backend, lambda x, f=forward: f(x, param)[0], (x,), (dx,), dout)
 
 
 def test_max_pool_ties_send_the_gradient_to_the_first_maximum(backend):
