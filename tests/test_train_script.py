@@ -83,6 +83,11 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--resume", "/nonexistent.pkl", "--epochs", "1"], "does not exist"),
         (["--model", "twolayer", "--hidden-dims", "10", "10"], "one hidden size"),
         (["--cuda-graph"], "needs the cupy backend"),
+        (["--model", "cnn", "--dropout", "0.2"], "--dropout does not apply to --model cnn"),
+        (["--model", "cnn", "--normalization", "batchnorm"], "--normalization does not apply to --model cnn"),
+        (["--model", "fc", "--num-filters", "8"], "--num-filters does not apply to --model fc"),
+        (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
+        (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
     ],
 )
 def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, args, message):
@@ -121,3 +126,14 @@ def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp
     assert list(fig.axes[1].lines[1].get_ydata()) == [0.1, 0.5]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert matplotlib.get_backend() == before
+
+
+def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    args = ["--model", "cnn", "--epochs", "4", "--num-filters", "8", "--filter-size", "3", "--quiet"]
+    assert train([*args, "--checkpoint-dir", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "model: cnn [100]" in out
+    assert float(out.split("test acc: ")[1].split()[0]) > 0.8
+    assert train([*args[:2], "--epochs", "5", *args[4:], "--resume", str(ckpt / "digits_cnn_epoch_4.npz")]) == 0
+    assert "for 5 epochs" in capsys.readouterr().out

@@ -265,11 +265,12 @@ def get_CIFAR10_data(
     return data
 
 
-def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype="float32", seed=0):
+def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype="float32", seed=0, images=False):
     """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) as the Solver's dict.
 
     Pixels (0..16) are scaled to [0, 1]; the rows are shuffled with ``seed``
-    before the split. X arrays are (N, 64).
+    before the split. X arrays are (N, 64), or (N, 1, 8, 8) with ``images=True``
+    (for convolutional nets).
     """
     try:
         from sklearn.datasets import load_digits
@@ -283,6 +284,8 @@ def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype
     num_training = X.shape[0] - num_validation - num_test
     if num_training <= 0:
         raise ValueError(f"num_validation + num_test must leave training rows out of {X.shape[0]}")
+    if images:
+        X = X.reshape(-1, 1, 8, 8)
     return _split_and_normalize(
         X[: num_training + num_validation],
         y[: num_training + num_validation],
