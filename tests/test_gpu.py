@@ -300,3 +300,42 @@ def test_schedule_and_parameter_groups_follow_the_same_path_under_cuda_graphs(mo
     np.testing.assert_allclose(graph.loss_history, eager.loss_history, rtol=1e-5)
     for name, value in eager.model.params.items():
         np.testing.assert_allclose(to_numpy(graph.model.params[name]), to_numpy(value), rtol=1e-5, atol=1e-6)
+
+
+def test_tf32_is_off_by_default_and_can_be_switched_on():
+    rng = np.random.default_rng(8)
+    a = CUPY.asarray(rng.standard_normal((512, 512)), dtype="float32")
+    b = CUPY.asarray(rng.standard_normal((512, 512)), dtype="float32")
+    exact = a.astype(cp.float64) @ b.astype(cp.float64)
+    kernels = accelerated(a)
+    fp32 = kernels.matmul(a, b)
+    try:
+        CUPY.set_tf32(True)
+        tf32 = kernels.matmul(a, b)
+    finally:
+        CUPY.set_tf32(False)
+    again = kernels.matmul(a, b)
+    scale = float(cp.abs(exact).max())
+    fp32_error = float(cp.abs(fp32 - exact).max()) / scale
+    tf32_error = float(cp.abs(tf32 - exact).max()) / scale
+    assert fp32_error < 1e-5 and float(cp.abs(again - fp32).max()) == 0.0
+    assert 1e-5 < tf32_error < 1e-2  # TF32 rounds the inputs to a 10-bit mantissa
+
+
+def test_fast_conv_on_cupy_matches_numpy_and_runs_its_gemms_through_cublas():
+    from xpnet import fast_layers
+
+    rng = np.random.default_rng(9)
+    x, w, b = rng.standard_normal((4, 3, 9, 9)), rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
+    dout = rng.standard_normal((4, 5, 5, 5))
+    param = {"stride": 2, "pad": 1}
+
+    def run(backend):
+        arrays = [backend.asarray(a, dtype="float64") for a in (x, w, b, dout)]
+        out, cache = fast_layers.conv_forward_fast(*arrays[:3], param)
+        return (out, *fast_layers.conv_backward_fast(arrays[3], cache))
+
+    reference = run(xpnet.get_backend("numpy"))
+    (fast, _) = both(lambda: run(CUPY), fused=["matmul"])
+    for got, expected in zip(fast, reference):
+        np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-10, atol=1e-12)

@@ -88,6 +88,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "fc", "--num-filters", "8"], "--num-filters does not apply to --model fc"),
         (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
         (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
+        (["--tf32"], "TF32 applies to CUDA GPUs"),
     ],
 )
 def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, args, message):

@@ -200,6 +200,12 @@ class Backend:
         except TypeError:
             return False
 
+    # -- precision -----------------------------------------------------------------
+    def set_tf32(self, enabled: bool) -> None:
+        """Let float32 matrix products use TF32 tensor cores (CUDA backends); off by default."""
+        if enabled:
+            raise ValueError(f"TF32 applies to CUDA GPUs; backend {self.name!r} computes float32 exactly")
+
     # -- CUDA graphs -------------------------------------------------------------
     def capture(self, fn):
         """Record ``fn()`` (device work only) as a CUDA graph; see :class:`CapturedGraph`."""

@@ -68,6 +68,15 @@ class CupyBackend(Backend):
         name = props["name"]
         return name.decode() if isinstance(name, bytes) else str(name)
 
+    def set_tf32(self, enabled: bool) -> None:
+        """TF32 tensor cores for xpnet's float32 GEMMs (and so its convolutions) on this GPU.
+
+        Off by default, so float32 results are exact; TF32 rounds the GEMM inputs to
+        a 10-bit mantissa and is several times faster on Ampere and later GPUs."""
+        kernels = accelerated(self.lib.empty(0))
+        kernels.set_tf32(enabled)
+        kernels.prepare(self.device.id)
+
     def capture(self, fn):
         cp = self.lib
         with self.device:

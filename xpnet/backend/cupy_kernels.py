@@ -88,6 +88,7 @@ _adam = cupy.ElementwiseKernel(
 
 # cuBLAS enums and sizes
 _OP_N, _OP_T = 0, 1
+_DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3
 _WORKSPACE_BYTES = 32 * 1024 * 1024
 
 
@@ -125,11 +126,17 @@ class _Cublas:
             fn.argtypes = [ptr, i, i, i, i, i, ctypes.POINTER(scalar), ptr, i, ptr, i, ctypes.POINTER(scalar), ptr, i]
             fn.restype = i
         lib.cublasSetStream_v2.argtypes = [ptr, ptr]
+        lib.cublasSetMathMode.argtypes = [ptr, i]
         self._gemm = {
             cupy.dtype(cupy.float32): (lib.cublasSgemm_v2, ctypes.c_float(1.0), ctypes.c_float(0.0)),
             cupy.dtype(cupy.float64): (lib.cublasDgemm_v2, ctypes.c_double(1.0), ctypes.c_double(0.0)),
         }
         self._stream = None
+
+    def set_tf32(self, enabled: bool) -> None:
+        """Let float32 GEMMs use TF32 tensor cores (10-bit mantissa inputs, float32 sums)."""
+        mode = _TF32_TENSOR_OP_MATH if enabled else _DEFAULT_MATH
+        self._check(self.lib.cublasSetMathMode(self.handle, mode), "cublasSetMathMode")
 
     def _set_workspace(self):
         """Point cuBLAS at our fixed workspace: allocating its own inside a graph capture would fail."""
@@ -211,12 +218,22 @@ class CupyKernels:
         self._softmax: dict = {}
         self._ones_cache: dict = {}
         self._lock = threading.Lock()
+        self.tf32 = False
 
     def prepare(self, device_id: int) -> None:
         """Create the cuBLAS handle and workspace now (never inside a graph capture)."""
         if device_id not in self._cublas:
             with self._lock:
-                self._cublas.setdefault(device_id, _Cublas(device_id))
+                if device_id not in self._cublas:
+                    handle = _Cublas(device_id)
+                    handle.set_tf32(self.tf32)
+                    self._cublas[device_id] = handle
+
+    def set_tf32(self, enabled: bool) -> None:
+        """TF32 tensor cores for every float32 GEMM of xpnet's handles (off by default: exact fp32)."""
+        self.tf32 = bool(enabled)
+        for handle in self._cublas.values():
+            handle.set_tf32(self.tf32)
 
     # -- matrix product ----------------------------------------------------------
     def matmul(self, a, b):

@@ -62,6 +62,13 @@ class TorchBackend(Backend):
             return self.lib.cuda.get_device_name(self.device)
         return super().device_name
 
+    def set_tf32(self, enabled: bool) -> None:
+        if self.device.type != "cuda":
+            super().set_tf32(enabled)
+            return
+        self.lib.backends.cuda.matmul.allow_tf32 = bool(enabled)
+        self.lib.backends.cudnn.allow_tf32 = bool(enabled)
+
     def sync(self):
         if self.device.type == "cuda":
             self.lib.cuda.synchronize(self.device)

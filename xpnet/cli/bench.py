@@ -34,6 +34,7 @@ import numpy as np
 
 import xpnet
 from xpnet import data_utils
+from xpnet.cli import bench_conv
 from xpnet.cli.common import HelpFormatter
 from xpnet.solver import Solver
 
@@ -121,11 +122,13 @@ def plain_step(backend, X, y, hidden, batch):
     return step
 
 
-def torch_setup(backend):
+def torch_setup(backend, tf32=None):
+    """PyTorch and the device matching ``backend``; ``tf32`` (when given) sets PyTorch's TF32 switches."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     device = torch.device("cuda", backend.device.id) if backend.is_gpu else torch.device("cpu")
     return torch, device
 
@@ -285,7 +288,7 @@ def time_to_accuracy(backend, args):
     out["xpnet"] = {"seconds": time.perf_counter() - start, **(reached or {"val_acc": solver.best_val_acc})}
 
     if not args.no_torch and _torch_available():
-        torch, device = torch_setup(backend)
+        torch, device = torch_setup(backend, args.tf32)
         torch.manual_seed(0)
         start = time.perf_counter()
         X = torch.as_tensor(data["X_train"], device=device).reshape(data["X_train"].shape[0], -1)
@@ -371,6 +374,48 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def run_fc_suite(backend, configs, use_torch, args, report):
+    """The fully connected training-step rows."""
+    rng = backend.rng(0)
+    X = rng.normal((args.rows, INPUT_DIM), dtype=backend.xp.float32)
+    y = rng.integers(0, NUM_CLASSES, args.rows)
+    torch_data = None
+    if use_torch:
+        torch, device = torch_setup(backend, args.tf32)
+        torch_data = (
+            torch.as_tensor(backend.to_numpy(X), device=device),
+            torch.as_tensor(backend.to_numpy(y), device=device),
+        )
+    for hidden, batch in configs:
+        results = run_config(backend, X, y, torch_data, hidden, batch, args)
+        row = {"hidden": hidden, "batch": batch, "flops_per_step": flops_per_step(hidden, batch), "results": results}
+        report["configs"].append(row)
+        summary = ", ".join(f"{k} {v['us_per_step']:.0f} µs" for k, v in results.items() if "us_per_step" in v)
+        print(f"{hidden}, {batch}: {summary}", flush=True)
+
+
+def run_conv_suite(backend, args) -> dict:
+    """The convolution rows: title -> (rows, variant names, ratios), for the report and the tables."""
+    settle = 0.0 if backend.is_gpu else 0.3
+
+    def timer(variants, repeats, budget):
+        return time_variants(variants, repeats, budget, settle)
+
+    tables = {}
+    if backend.is_gpu:
+        for tf32 in (False, True):
+            rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32)
+            tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, ["xpnet", "torch"], [("xpnet", "torch")])
+    else:
+        rows = bench_conv.cpu_rows(backend, timer, args.repeats, args.budget)
+        tables["course shapes (CPU)"] = (rows, ["naive", "fast", "torch"], [("naive", "fast"), ("fast", "torch")])
+    if not args.no_convnet:
+        rows = bench_conv.convnet_step_rows(backend, timer, args.repeats, args.budget)
+        names = ["xpnet", "xpnet-graph", "torch", "torch-graph"]
+        tables["ThreeLayerConvNet"] = (rows, names, [("xpnet", "torch"), ("xpnet-graph", "torch-graph")])
+    return tables
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--backend", default="numpy", help="backend spec: numpy, cupy, cupy:N, torch, ...")
@@ -393,6 +438,16 @@ def main(argv=None):
     p.add_argument("--data-dir", help="CIFAR-10 folder for --time-to-accuracy")
     p.add_argument("--cifar-npz", help="a CIFAR-10 subset (.npz with X_train, y_train, X_val, y_val) instead")
     p.add_argument("--target", type=float, default=0.5, help="validation accuracy for --time-to-accuracy")
+    p.add_argument(
+        "--suite",
+        choices=["fc", "conv", "all"],
+        default="fc",
+        help="fc: training steps of fully connected nets; conv: convolutions and a ThreeLayerConvNet step",
+    )
+    p.add_argument(
+        "--tf32", action="store_true", help="TF32 tensor cores for float32 GEMMs on both sides (CUDA backends)"
+    )
+    p.add_argument("--no-convnet", action="store_true", help="leave out the ThreeLayerConvNet step of --suite conv")
     p.add_argument("--max-epochs", type=int, default=20, help="give up on --time-to-accuracy after this")
     args = p.parse_args(argv)
     try:
@@ -412,22 +467,15 @@ def main(argv=None):
     }
     print(f"# {backend.name} on {backend.device_name}; {report['versions']}", flush=True)
 
-    rng = backend.rng(0)
-    X = rng.normal((args.rows, INPUT_DIM), dtype=backend.xp.float32)
-    y = rng.integers(0, NUM_CLASSES, args.rows)
-    torch_data = None
-    if use_torch:
-        torch, device = torch_setup(backend)
-        torch_data = (
-            torch.as_tensor(backend.to_numpy(X), device=device),
-            torch.as_tensor(backend.to_numpy(y), device=device),
-        )
-    for hidden, batch in configs:
-        results = run_config(backend, X, y, torch_data, hidden, batch, args)
-        row = {"hidden": hidden, "batch": batch, "flops_per_step": flops_per_step(hidden, batch), "results": results}
-        report["configs"].append(row)
-        summary = ", ".join(f"{k} {v['us_per_step']:.0f} µs" for k, v in results.items() if "us_per_step" in v)
-        print(f"{hidden}, {batch}: {summary}", flush=True)
+    if args.tf32:
+        try:
+            backend.set_tf32(True)
+        except ValueError as exc:
+            p.error(f"--tf32: {exc}")
+    if args.suite in ("fc", "all"):
+        run_fc_suite(backend, configs, use_torch, args, report)
+    if args.suite in ("conv", "all"):
+        report["conv"] = run_conv_suite(backend, args)
     if args.time_to_accuracy:
         try:
             report["time_to_accuracy"] = time_to_accuracy(backend, args)
@@ -435,7 +483,11 @@ def main(argv=None):
             report["time_to_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
     print()
-    print(format_table(report["configs"]))
+    if report["configs"]:
+        print(format_table(report["configs"]))
+    for title, (rows, names, ratios) in report.get("conv", {}).items():
+        print()
+        print(bench_conv.format_conv_table(title, rows, names, ratios))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -114,6 +114,11 @@ def build_parser():
         action="store_true",
         help="replay each training step as a CUDA graph (cupy backend)",
     )
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let float32 matrix products and convolutions use TF32 tensor cores (CUDA; off: exact float32)",
+    )
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
     p.add_argument(
@@ -290,6 +295,8 @@ class Run:
         apply_defaults(args)
         try:
             backend = xpnet.get_backend(args.backend)
+            if args.tf32:
+                backend.set_tf32(True)
         except (ValueError, ImportError, RuntimeError) as exc:
             raise UsageError(str(exc)) from exc
         # Everything the run will write is checked before minutes go into loading and training.

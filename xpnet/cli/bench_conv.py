@@ -1,0 +1,240 @@
+"""The benchmark's convolution rows (``xpnet-bench --suite conv``).
+
+On a GPU: conv2d forward + backward (dx, dw; no dx for the first shape, whose
+input is the data) at batch 1024 on six shapes, xpnet's fast conv against
+PyTorch's cuDNN (``cudnn.benchmark=True``), in fp32 (TF32 off on both sides) and in
+TF32 (on on both sides); and a ThreeLayerConvNet training step (batch 128), eager
+and replayed from CUDA graphs on both sides.
+
+On the CPU: the course's timing shapes, ``conv_forward_fast`` and
+``conv_backward_fast`` against the naive layers (and PyTorch's CPU conv2d when
+installed), and the same for max pooling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xpnet import fast_layers, layers
+from xpnet.cnn import ThreeLayerConvNet
+from xpnet.solver import Solver
+
+__all__ = ["GPU_SHAPES", "cpu_rows", "gpu_rows", "convnet_step_rows", "format_conv_table"]
+
+# (C_in, C_out, H = W, kernel, pad): the shapes of the fast CIFAR-10 recipe's convolutions.
+GPU_SHAPES = [(3, 24, 32, 2, 0), (24, 64, 31, 3, 1), (64, 64, 15, 3, 1), (64, 256, 15, 3, 1),
+              (256, 256, 7, 3, 1), (256, 256, 3, 3, 1)]  # fmt: skip
+
+
+def _torch_or_none():
+    try:
+        import torch
+
+        return torch
+    except ImportError:
+        return None
+
+
+def _conv_flops(batch, c_in, c_out, size, kernel, pad, input_grad=True):
+    out = size + 2 * pad - kernel + 1
+    one_pass = 2 * batch * c_out * out * out * c_in * kernel * kernel
+    return one_pass * (3 if input_grad else 2)
+
+
+def _xpnet_conv_step(backend, batch, c_in, c_out, size, kernel, pad, input_grad):
+    rng = backend.rng(0)
+    x = rng.normal((batch, c_in, size, size), dtype=backend.xp.float32)
+    w = rng.normal((c_out, c_in, kernel, kernel), std=0.05, dtype=backend.xp.float32)
+    b = backend.xp.zeros((c_out,), dtype=backend.xp.float32, device=backend.device)
+    param = {"stride": 1, "pad": pad}
+
+    def step():
+        out, cache = fast_layers.conv_forward_fast(x, w, b, param)
+        return fast_layers.conv_backward_fast(out, cache, input_grad)
+
+    return step
+
+
+def _torch_conv_step(torch, device, batch, c_in, c_out, size, kernel, pad, input_grad):
+    x = torch.randn(batch, c_in, size, size, device=device, requires_grad=input_grad)
+    w = torch.randn(c_out, c_in, kernel, kernel, device=device, requires_grad=True) * 0.05
+    w = w.detach().requires_grad_(True)
+
+    def step():
+        out = torch.nn.functional.conv2d(x, w, padding=pad)
+        out.backward(out)
+        return w.grad
+
+    return step
+
+
+def gpu_rows(backend, time_variants, repeats, budget, tf32: bool) -> list:
+    """One row per GPU shape: µs per forward+backward of xpnet and PyTorch, in one precision."""
+    torch = _torch_or_none()
+    rows = []
+    backend.set_tf32(tf32)
+    if torch is not None:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        device = torch.device("cuda", backend.device.id)
+    try:
+        for index, shape in enumerate(GPU_SHAPES):
+            input_grad = index > 0
+            variants = {"xpnet": (_xpnet_conv_step(backend, 1024, *shape, input_grad), backend.sync)}
+            if torch is not None:
+                step = _torch_conv_step(torch, device, 1024, *shape, input_grad)
+                variants["torch"] = (step, torch.cuda.synchronize)
+            rows.append(_measure(f"{shape} batch 1024", variants, time_variants, repeats, budget,
+                                 _conv_flops(1024, *shape, input_grad)))  # fmt: skip
+    finally:
+        backend.set_tf32(False)
+    return rows
+
+
+def cpu_rows(backend, time_variants, repeats, budget) -> list:
+    """The course's timing shapes: naive against fast (and PyTorch's CPU layers when installed)."""
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.standard_normal((100, 3, 31, 31)), dtype="float32")
+    w = backend.asarray(rng.standard_normal((25, 3, 3, 3)), dtype="float32")
+    b = backend.asarray(rng.standard_normal(25), dtype="float32")
+    conv = {"stride": 2, "pad": 1}
+    pool_x = backend.asarray(rng.standard_normal((100, 3, 32, 32)), dtype="float32")
+    pool = {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, naive_cache = layers.conv_forward_naive(x, w, b, conv)
+    _, fast_cache = fast_layers.conv_forward_fast(x, w, b, conv)
+    pooled, naive_pool_cache = layers.max_pool_forward_naive(pool_x, pool)
+    _, fast_pool_cache = fast_layers.max_pool_forward_fast(pool_x, pool)
+    cases = {
+        "conv forward": {
+            "naive": lambda: layers.conv_forward_naive(x, w, b, conv),
+            "fast": lambda: fast_layers.conv_forward_fast(x, w, b, conv),
+        },
+        "conv backward": {
+            "naive": lambda: layers.conv_backward_naive(out, naive_cache),
+            "fast": lambda: fast_layers.conv_backward_fast(out, fast_cache),
+        },
+        "max pool forward": {
+            "naive": lambda: layers.max_pool_forward_naive(pool_x, pool),
+            "fast": lambda: fast_layers.max_pool_forward_fast(pool_x, pool),
+        },
+        "max pool backward": {
+            "naive": lambda: layers.max_pool_backward_naive(pooled, naive_pool_cache),
+            "fast": lambda: fast_layers.max_pool_backward_fast(pooled, fast_pool_cache),
+        },
+    }
+    torch = _torch_or_none()
+    if torch is not None and backend.name == "numpy":
+        tx, tw, tb = (torch.from_numpy(np.asarray(a)) for a in (x, w, b))
+        tx.requires_grad_(True)
+        tw.requires_grad_(True)
+        tout = torch.nn.functional.conv2d(tx, tw, tb, stride=2, padding=1)
+        tpx = torch.from_numpy(np.asarray(pool_x)).requires_grad_(True)
+        tpool = torch.nn.functional.max_pool2d(tpx, 2, 2)
+        cases["conv forward"]["torch"] = lambda: torch.nn.functional.conv2d(tx, tw, tb, stride=2, padding=1)
+        cases["conv backward"]["torch"] = lambda: torch.autograd.grad(tout, (tx, tw), tout, retain_graph=True)
+        cases["max pool forward"]["torch"] = lambda: torch.nn.functional.max_pool2d(tpx, 2, 2)
+        cases["max pool backward"]["torch"] = lambda: torch.autograd.grad(tpool, tpx, tpool, retain_graph=True)
+    return [
+        _measure(name, {k: (fn, backend.sync) for k, fn in fns.items()}, time_variants, repeats, budget, None)
+        for name, fns in cases.items()
+    ]
+
+
+def convnet_step_rows(backend, time_variants, repeats, budget) -> list:
+    """A ThreeLayerConvNet SGD step at batch 128 on CIFAR-sized inputs, xpnet against PyTorch."""
+    rng = backend.rng(0)
+    X = rng.normal((4096, 3, 32, 32), dtype=backend.xp.float32)
+    y = rng.integers(0, 10, 4096)
+    variants = {}
+    for name, graph in (("xpnet", False), ("xpnet-graph", True)):
+        if graph and not backend.can_capture:
+            continue
+        model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend=backend)
+        data = {"X_train": X, "y_train": y, "X_val": X[:256, ...], "y_val": y[:256]}
+        solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 1e-3}, batch_size=128,
+                        verbose=False, cuda_graph=graph)  # fmt: skip
+        step_rng = backend.rng(1)
+        variants[name] = ((lambda s=solver, r=step_rng: s.step(r)), backend.sync)
+    torch = _torch_or_none()
+    if torch is not None and backend.is_gpu:
+        variants.update(_torch_convnet_steps(torch, backend, X, y))
+    return [_measure("ThreeLayerConvNet step, batch 128", variants, time_variants, repeats, budget, None)]
+
+
+def _torch_convnet_steps(torch, backend, X, y):
+    device = torch.device("cuda", backend.device.id)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    X_t = torch.as_tensor(backend.to_numpy(X), device=device)
+    y_t = torch.as_tensor(backend.to_numpy(y), device=device)
+    steps = {}
+    for name in ("torch", "torch-graph"):
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 7, padding=3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(32 * 16 * 16, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
+        ).to(device)  # fmt: skip
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step(net=net, optimizer=optimizer, loss_fn=loss_fn):
+            idx = torch.randint(0, X_t.shape[0], (128,), device=device)
+            loss = loss_fn(net(X_t[idx]), y_t[idx])
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        if name == "torch-graph":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_loss = step()
+            step = lambda g=graph, s=static_loss: (g.replay(), s)[1]  # noqa: E731
+        steps[name] = (step, torch.cuda.synchronize)
+    return steps
+
+
+def _measure(label, variants, time_variants, repeats, budget, flops):
+    results, ready = {}, {}
+    for name, (step, sync) in variants.items():
+        try:
+            step()
+            sync()
+            ready[name] = (step, sync)
+        except Exception as exc:  # a variant that cannot run is reported; the others are still measured
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for name, (seconds, steps) in time_variants(ready, repeats, budget).items():
+        results[name] = {"us": seconds * 1e6, "steps_per_repeat": steps}
+        if flops:
+            results[name]["tflops"] = flops / seconds / 1e12
+    print(f"{label}: " + ", ".join(f"{k} {v['us']:.0f} µs" for k, v in results.items() if "us" in v), flush=True)
+    return {"case": label, "results": results}
+
+
+def format_conv_table(title, rows, names, ratios):
+    """A markdown table of µs per variant and the requested ratios (a/b)."""
+    header = (
+        f"| {title} | "
+        + " | ".join(f"{n} µs" for n in names)
+        + " | "
+        + " | ".join(f"{a}/{b}" for a, b in ratios)
+        + " |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        r = row["results"]
+        cells = [row["case"]]
+        cells += [f"{r[n]['us']:.0f}" if "us" in r.get(n, {}) else ("failed" if n in r else "–") for n in names]
+        cells += [
+            f"{r[a]['us'] / r[b]['us']:.2f}" if "us" in r.get(a, {}) and "us" in r.get(b, {}) else "–"
+            for a, b in ratios
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
