@@ -15,24 +15,12 @@ import tempfile
 import time
 
 import xpnet
-from xpnet import data_utils
 from xpnet.cli.common import HelpFormatter
-from xpnet.cnn import ThreeLayerConvNet
-from xpnet.solver import Solver
+from xpnet.experiment import MODELS, UPDATE_RULES, apply_defaults, build_model, load_data, make_solver
 
 # Defaults that work well for each data set (a flag on the command line wins).
-DATASET_DEFAULTS = {
-    "digits": {"hidden_dims": [100], "lr": 3e-3, "batch_size": 100, "epochs": 20, "weight_scale": 1e-2},
-    "cifar10": {"hidden_dims": [200], "lr": 1e-4, "batch_size": 200, "epochs": 10, "weight_scale": 1e-3},
-}
-# ThreeLayerConvNet: on CIFAR-10 the course's settings (one epoch reaches about 40% or more).
-CNN_DEFAULTS = {
-    "digits": {"num_filters": 16, "filter_size": 5, "weight_scale": 1e-1},
-    "cifar10": {"num_filters": 32, "filter_size": 7, "hidden_dims": [500], "lr": 1e-3, "batch_size": 50, "epochs": 1},
-}
 CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"}
 FC_ONLY_FLAGS = {"normalization": "--normalization", "dropout": "--dropout"}
-UPDATE_RULES = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"]
 
 
 def positive_float(text):
@@ -76,7 +64,7 @@ def build_parser():
     p.add_argument("--num-train", type=positive_int, default=None, help="training rows (CIFAR-10 default 49000)")
     p.add_argument(
         "--model",
-        choices=["twolayer", "fc", "cnn"],
+        choices=MODELS,
         default="fc",
         help="network: TwoLayerNet, FullyConnectedNet or ThreeLayerConvNet",
     )
@@ -154,16 +142,6 @@ def check_flags_apply(args):
         raise UsageError(f"--model {args.model} takes one hidden size, got --hidden-dims {args.hidden_dims}")
 
 
-def apply_defaults(args):
-    """Fill the flags not given with the defaults of the data set and the model."""
-    defaults = dict(DATASET_DEFAULTS[args.dataset])
-    if args.model == "cnn":
-        defaults.update(CNN_DEFAULTS[args.dataset])
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-
 def check_output_file(flag, path):
     """UsageError unless ``path`` can be created or overwritten."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -183,67 +161,6 @@ def check_checkpoint_dir(path):
             pass
     except OSError as exc:
         raise UsageError(f"--checkpoint-dir {path}: cannot write there ({exc.strerror or exc})") from exc
-
-
-def load_data(args):
-    """The data set as the Solver takes it: images (N, C, H, W) for the conv net."""
-    if args.dataset == "digits":
-        return data_utils.load_digits_data(seed=args.seed, images=args.model == "cnn")
-    kwargs = {} if args.num_train is None else {"num_training": args.num_train}
-    return data_utils.get_CIFAR10_data(args.data_dir, download=args.download, **kwargs)
-
-
-def build_model(args, data, backend):
-    if args.model == "cnn":
-        return ThreeLayerConvNet(
-            input_dim=tuple(data["X_train"].shape[1:]),
-            num_filters=args.num_filters,
-            filter_size=args.filter_size,
-            hidden_dim=args.hidden_dims[0],
-            weight_scale=args.weight_scale,
-            reg=args.reg,
-            backend=backend,
-            rng=backend.rng(args.seed),
-        )
-    input_dim = 1
-    for d in data["X_train"].shape[1:]:
-        input_dim *= d
-    num_classes = 10
-    hidden = args.hidden_dims
-    weight_scale = args.weight_scale
-    common = dict(
-        input_dim=input_dim,
-        num_classes=num_classes,
-        dropout=args.dropout or 0.0,
-        reg=args.reg,
-        weight_scale=weight_scale,
-        dtype="float32",
-        backend=backend,
-        rng=backend.rng(args.seed),  # the initial weights; the Solver seeds its own generators
-    )
-    if args.model == "twolayer":
-        if args.normalization:
-            raise ValueError("--model twolayer takes no --normalization; use --model fc")
-        return xpnet.TwoLayerNet(hidden_dims=hidden[0], **common)
-    return xpnet.FullyConnectedNet(hidden, normalization=args.normalization, **common)
-
-
-def make_solver(args, model, data, checkpoint_name, on_log):
-    return Solver(
-        model,
-        data,
-        update_rule=args.update_rule,
-        optim_config={"learning_rate": args.lr},
-        lr_decay=args.lr_decay,
-        batch_size=args.batch_size,
-        num_epochs=args.epochs,
-        print_every=args.print_every,
-        seed=args.seed,
-        checkpoint_name=checkpoint_name,
-        verbose=not args.quiet,
-        on_log=on_log,
-        cuda_graph=args.cuda_graph,
-    )
 
 
 def main(argv=None):
