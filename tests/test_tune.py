@@ -1,0 +1,232 @@
+"""Hyperparameter sweeps: the search-space grammar and its errors, sweeps in this
+process and on a 2-worker Dask cluster, and a sweep killed with SIGKILL that
+completes when the same command runs again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpnet.checkpoint import load_checkpoint
+from xpnet.tune.space import SpaceError, load_space_file, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "scripts" / "sweep.py"
+SPACE = ["--space", "lr=loguniform(1e-3,1e-2)", "--space", "hidden_dims=choice(20,50)", "--space", "epochs=3"]
+
+
+# ----------------------------------------------------------------------------- the grammar
+def test_space_grammar():
+    space = parse_space(
+        [
+            "lr=loguniform(1e-4,1e-2)",
+            "reg=uniform(0, 0.5)",
+            "batch_size=int(50,400)",
+            "hidden_dims=choice(100,512x256)",
+            "normalization=choice(none,batchnorm)",
+            "update_rule=adam",
+        ]
+    )
+    d = space.dimensions
+    assert (d["lr"].kind, d["lr"].values) == ("loguniform", (1e-4, 1e-2))
+    assert (d["batch_size"].kind, d["batch_size"].values) == ("int", (50, 400))
+    assert d["hidden_dims"].values == (100, "512x256") and d["update_rule"].kind == "fixed"
+    assert space.describe()["lr"] == {"loguniform": [1e-4, 1e-2]}
+    assert type(space).from_description(space.describe()).describe() == space.describe()
+
+
+def test_space_suggestions_become_run_settings():
+    class FakeTrial:
+        def suggest_float(self, name, low, high, log):
+            return low
+
+        def suggest_int(self, name, low, high, log):
+            return high
+
+        def suggest_categorical(self, name, choices):
+            return choices[-1]
+
+    space = parse_space(["lr=loguniform(1e-4,1e-2)", "epochs=int(2,5)", "hidden_dims=choice(100,512x256)",
+                         "normalization=choice(batchnorm,none)"])  # fmt: skip
+    assert space.suggest(FakeTrial()) == {"lr": 1e-4, "epochs": 5, "hidden_dims": [512, 256], "normalization": None}
+
+
+@pytest.mark.parametrize(
+    "expression, message",
+    [
+        ("learning_rate=loguniform(1e-4,1e-2)", "unknown setting 'learning_rate'"),
+        ("lr=loguniform(1e-2,1e-4)", r"the range loguniform\(0.01, 0.0001\) is empty"),
+        ("lr=uniform(0,1e-2)", "lr: 0 is not a finite number > 0"),
+        ("reg=loguniform(0,1)", "loguniform needs bounds > 0"),
+        ("dropout=uniform(0,1)", "dropout: 1 is not a probability in"),
+        ("hidden_dims=choice(100,abc)", "'abc' is not a layer size"),
+        ("hidden_dims=uniform(10,100)", r"uniform\(...\) does not fit this setting"),
+        ("epochs=int(1.5,4)", "bounds must be integers"),
+        ("update_rule=choice(adam,adamw)", "'adamw' is not one of"),
+        ("batch_size=choice()", r"choice\(\) needs at least one value"),
+        ("lr=1e-3=4", "is not a finite number"),
+        ("lr", "cannot read --space 'lr'"),
+    ],
+)
+def test_bad_spaces_are_refused_by_name(expression, message):
+    with pytest.raises(SpaceError, match=message):
+        parse_space([expression])
+
+
+def test_duplicate_names_and_grid_over_ranges_are_refused():
+    with pytest.raises(SpaceError, match="lr is given twice"):
+        parse_space(["lr=1e-3", "lr=1e-2"])
+    with pytest.raises(SpaceError, match=r"--sampler grid needs choice\(...\).*\['lr'\]"):
+        parse_space(["lr=loguniform(1e-4,1e-2)"]).grid()
+
+
+def test_space_files_in_json_and_yaml(tmp_path):
+    text = '{"lr": {"loguniform": [1e-4, 1e-2]}, "hidden_dims": {"choice": [100, 500]}, "epochs": 10}'
+    (tmp_path / "s.json").write_text(text)
+    space = load_space_file(tmp_path / "s.json")
+    assert space.describe() == json.loads(text)
+    (tmp_path / "s.yaml").write_text("lr:\n  loguniform: [1.0e-4, 1.0e-2]\nepochs: 10\n")
+    pytest.importorskip("yaml")
+    assert load_space_file(tmp_path / "s.yaml").describe() == {"lr": {"loguniform": [1e-4, 1e-2]}, "epochs": 10}
+    (tmp_path / "bad.json").write_text('{"lr": {"loguniform": [1e-4, 1e-2], "uniform": [0, 1]}}')
+    with pytest.raises(SpaceError, match="give one distribution"):
+        load_space_file(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(SpaceError, match="broken.json is not a valid search space file"):
+        load_space_file(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--space", "momentum=0.9"], "unknown setting 'momentum'"),
+        ([], "the search space is empty"),
+        (["--space", "lr=1e-3", "--sampler", "grid", "--space", "reg=uniform(0,1)"], "--sampler grid needs"),
+        (["--space", "lr=1e-3", "--data-dir", "/x"], "--data-dir and --num-train apply to --dataset cifar10 only"),
+        (["--space", "lr=1e-3", "--workers", "2", "--trials-per-gpu", "2"], "choose one of"),
+        (["--space", "lr=1e-3", "--trials-per-gpu", "2"], "give --backend cupy"),
+        (["--space", "lr=1e-3", "--scheduler", "tcp://127.0.0.1:1"], "needs --storage to be a database"),
+    ],
+)
+def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path, capsys):
+    from xpnet.cli.sweep import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "trials.csv").exists()
+
+
+# ----------------------------------------------------------------------------- sweeps
+pytest.importorskip("optuna")
+pytest.importorskip("distributed")
+
+
+def study_of(out):
+    import optuna
+
+    from xpnet.tune.study import storage_for
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name="xpnet-sweep", storage=storage_for(str(out / "study.journal")))
+
+
+def check_outputs(out, trials, printed):
+    rows = (out / "trials.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("number,state,value,seconds,hidden_dims,lr")
+    assert len(rows) == 1 + trials
+    summary = json.loads((out / "summary.json").read_text())
+    best = load_checkpoint(out / "best_model.npz")
+    assert (
+        summary["best_val_acc"] == best["value"] == max(float(r.split(",")[2]) for r in rows[1:] if ",complete," in r)
+    )
+    assert 0.5 < summary["test_acc"] <= 1.0
+    assert printed.strip().splitlines()[-1] == f"best val acc: {best['value']:.4f}"
+    for picture in ("optimization_history.png", "first_layer_weights.png"):
+        assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_in_process_on_digits(tmp_path, capsys):
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    assert main(["--trials", "4", "--out", str(out), "--sampler", "random", *SPACE]) == 0
+    check_outputs(out, 4, capsys.readouterr().out)
+    assert main(["--trials", "4", "--out", str(out), "--sampler", "random", *SPACE]) == 0  # already done
+    assert len(study_of(out).trials) == 4
+
+
+def run_sweep_command(out, trials, workers, epochs):
+    args = [sys.executable, str(SWEEP), "--trials", str(trials), "--out", str(out), "--pruner", "none",
+            "--space", "lr=loguniform(1e-3,1e-2)", "--space", "hidden_dims=choice(20,50)", "--space", f"epochs={epochs}"]  # fmt: skip
+    if workers:
+        args += ["--workers", str(workers)]
+    return subprocess.Popen(
+        args, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def group_is_gone(pgid, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sweep_on_a_two_worker_local_cluster_leaves_no_worker_behind(tmp_path):
+    out = tmp_path / "sweep"
+    process = run_sweep_command(out, trials=4, workers=2, epochs=3)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    check_outputs(out, 4, stdout)
+    assert group_is_gone(process.pid)
+
+
+def test_a_killed_sweep_continues_without_repeating_finished_trials(tmp_path):
+    import optuna
+
+    out = tmp_path / "sweep"
+    first = run_sweep_command(out, trials=8, workers=2, epochs=15)
+    deadline = time.time() + 180
+    finished = []
+    while time.time() < deadline:
+        if (out / "study.journal").exists():
+            finished = [t for t in study_of(out).trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if len(finished) >= 2:
+                break
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert len(finished) >= 2
+    assert group_is_gone(first.pid)
+    before = {t.number: t.value for t in study_of(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
+
+    second = run_sweep_command(out, trials=8, workers=2, epochs=15)
+    stdout, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0, stderr
+    assert group_is_gone(second.pid)
+    trials = study_of(out).trials
+    kept = {t.number: t.value for t in trials if t.number in before}
+    assert kept == before  # finished trials were kept as they were, not run again
+    stale = [t for t in trials if t.user_attrs.get("stale")]
+    counted = [t for t in trials if not t.user_attrs.get("stale")]
+    assert len(counted) == 8 and all(t.state.is_finished() for t in counted)
+    assert len(trials) == 8 + len(stale)
+    retried = {json.dumps(t.params, sort_keys=True) for t in counted}
+    for t in stale:
+        if t.params:
+            assert json.dumps(t.params, sort_keys=True) in retried  # run again with the same settings
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + len(trials)
+    assert np.isfinite(json.loads((out / "summary.json").read_text())["test_acc"])

@@ -1,0 +1,114 @@
+"""Search hyper-parameters with Optuna, trials in this process or on Dask workers
+(the ``xpnet-sweep`` command, or ``python scripts/sweep.py``).
+
+xpnet-sweep --dataset digits --trials 20 --space "lr=loguniform(1e-4,1e-2)" --space "hidden_dims=choice(50,100,200)"
+xpnet-sweep --dataset cifar10 --data-dir ~/data --model twolayer --trials 24 --workers 2 \\
+    --space "lr=loguniform(1e-4,3e-3)" --space "hidden_dims=choice(200,500,1000)" --space "reg=loguniform(1e-5,1e-1)"
+
+Search space grammar (one --space each, or a JSON/YAML file with --space-file):
+  name=loguniform(a,b) | uniform(a,b) | int(a,b) | intlog(a,b) | choice(v1,v2,...) | name=value
+  names: lr, lr_decay, reg, weight_scale, dropout, batch_size, epochs, hidden_dims (100 or 512x256),
+         model, normalization (none|batchnorm|layernorm), update_rule, num_filters, filter_size
+Run the same command again to continue a sweep that was stopped: --trials is the study's total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from xpnet.cli.common import HelpFormatter
+from xpnet.experiment import DATASETS, MODELS, Experiment
+
+INSTALL_HINT = 'xpnet-sweep needs Optuna and Dask: pip install "xpnet[tune]"'
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set to train on")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
+    p.add_argument("--num-train", type=int, help="training rows of CIFAR-10 (default 49000)")
+    p.add_argument("--model", choices=MODELS, default="fc", help="network, unless the space searches it")
+    p.add_argument("--backend", help="backend of every trial (default: $XPNET_BACKEND, else numpy)")
+    p.add_argument("--space", action="append", default=[], metavar="NAME=DIST", help="one searched setting")
+    p.add_argument("--space-file", help="the search space as a JSON or YAML file")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="Optuna's search")
+    p.add_argument(
+        "--pruner", choices=["median", "halving", "none"], default="median", help="stopping poor trials at epoch ends"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial's training")
+    p.add_argument("--workers", type=int, default=0, help="run trials on a local Dask cluster of N processes")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run trials on an existing Dask cluster (tcp://host:8786)")
+    p.add_argument("--trials-per-gpu", type=int, default=0, help="K concurrent trials on each GPU (cupy)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage: a journal file path, or an RDB URL (sqlite:///..., postgresql://...) "
+        "(default: OUT/study.journal)",
+    )
+    p.add_argument("--study-name", default="xpnet-sweep", help="the study's name in the storage")
+    p.add_argument("--out", default="runs/sweep", help="run folder: trials.csv, plots, the best model")
+    p.add_argument("--no-plots", action="store_true", help="skip Optuna's plots")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def check_args(parser, args):
+    for name in ("trials", "workers", "trials_per_gpu"):
+        if getattr(args, name) < 0 or (name == "trials" and args.trials < 1):
+            parser.error(f"--{name.replace('_', '-')} must be {'at least 1' if name == 'trials' else '>= 0'}")
+    if args.dataset != "cifar10" and (args.data_dir or args.num_train):
+        parser.error("--data-dir and --num-train apply to --dataset cifar10 only")
+    if sum(bool(x) for x in (args.workers, args.scheduler, args.trials_per_gpu)) > 1:
+        parser.error("choose one of --workers, --scheduler and --trials-per-gpu")
+    if args.trials_per_gpu and not (args.backend or "").startswith("cupy"):
+        parser.error("--trials-per-gpu runs trials on GPUs: give --backend cupy")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    from xpnet.tune.space import SearchSpace, SpaceError, load_space_file, parse_space
+
+    try:
+        space = parse_space(args.space)
+        if args.space_file:
+            from_file = load_space_file(args.space_file)
+            clash = sorted(set(from_file.dimensions) & set(space.dimensions))
+            if clash:
+                raise SpaceError(f"{clash} are given both in --space-file and as --space")
+            space = SearchSpace([*from_file.dimensions.values(), *space.dimensions.values()])
+        if not space.dimensions:
+            raise SpaceError("the search space is empty: give --space NAME=DIST or --space-file")
+        if args.sampler == "grid":
+            space.grid()
+    except SpaceError as exc:
+        parser.error(str(exc))
+    try:
+        import distributed  # noqa: F401
+        import optuna  # noqa: F401
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: error: {INSTALL_HINT}\n")
+    from xpnet.tune import SweepConfig, run_sweep
+
+    experiment = Experiment(dataset=args.dataset, data_dir=args.data_dir, num_train=args.num_train, model=args.model,
+                            seed=args.seed)  # fmt: skip
+    config = SweepConfig(
+        space=space, experiment=experiment, trials=args.trials, sampler=args.sampler, pruner=args.pruner,
+        seed=args.seed, out=args.out, storage=args.storage, study_name=args.study_name, workers=args.workers,
+        scheduler=args.scheduler, trials_per_gpu=args.trials_per_gpu, backend=args.backend,
+        plots=not args.no_plots, verbose=not args.quiet,
+    )  # fmt: skip
+    try:
+        summary = run_sweep(config)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{parser.prog}: interrupted; run the same command again to continue the study\n")
+        return 128 + signal.SIGINT
+    except (ValueError, ImportError, RuntimeError, OSError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    if args.quiet and "best_val_acc" in summary:
+        print(f"test acc of the best model: {summary['test_acc']:.4f}")
+        print(f"best val acc: {summary['best_val_acc']:.4f}")
+    return 0 if summary.get("complete") else 1

@@ -1,0 +1,145 @@
+"""What a sweep leaves in its run folder: trials.csv, the ten best trials printed,
+Optuna's plots as PNGs, the best model's checkpoint and its test accuracy, and for a
+fully connected model its first-layer weights as a picture."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+
+import numpy as np
+
+from ..backend import get_backend
+from ..checkpoint import load_checkpoint
+from ..experiment import Experiment, build_model, load_data
+from ..model import load_model_state
+
+__all__ = ["write_outputs", "write_trials_csv", "top_trials"]
+
+
+def write_trials_csv(study, path) -> list:
+    """One row per finished, pruned or failed trial; returns the rows."""
+    import optuna
+
+    terminal = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in terminal]
+    names = sorted({name for t in trials for name in t.params})
+    rows = []
+    for t in trials:
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        rows.append({
+            "number": t.number,
+            "state": t.state.name.lower() + (" (stale, retried)" if t.user_attrs.get("stale") else ""),
+            "value": "" if t.value is None else t.value,
+            "seconds": "" if seconds is None else round(seconds, 2),
+            **{name: t.params.get(name, "") for name in names},
+            "error": t.user_attrs.get("error", ""),
+        })  # fmt: skip
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["number", "state", "value", "seconds", *names, "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return rows
+
+
+def top_trials(rows, count=10) -> list:
+    complete = [r for r in rows if r["state"] == "complete"]
+    return sorted(complete, key=lambda r: -r["value"])[:count]
+
+
+def _plots(study, out, say):
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a command writing files: no display is needed
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    written = []
+    for name, plot in (
+        ("optimization_history", vis.plot_optimization_history),
+        ("param_importances", vis.plot_param_importances),
+        ("parallel_coordinate", vis.plot_parallel_coordinate),
+    ):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+            figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
+            path = os.path.join(out, f"{name}.png")
+            figure.savefig(path, dpi=90, bbox_inches="tight")
+            plt.close(figure)
+            written.append(path)
+        except Exception as exc:  # e.g. importances need two completed trials with varied parameters
+            say(f"plot {name} skipped: {exc}")
+    return written
+
+
+def _first_layer_picture(model, settings, out):
+    """The first-layer weights of a fully connected model, one tile per hidden unit."""
+    from ..vis_utils import new_figure, visualize_grid
+
+    w1 = model.backend.to_numpy(model.params["W1"]).T  # (hidden, D)
+    shape = (3, 32, 32) if settings.dataset == "cifar10" else (1, 8, 8)
+    images = w1.reshape(-1, *shape).transpose(0, 2, 3, 1)
+    fig = new_figure(figsize=(6, 6))
+    ax = fig.subplots()
+    grid = visualize_grid(images, padding=1)
+    ax.imshow(grid.astype("uint8").squeeze(), cmap="gray" if shape[0] == 1 else None)
+    ax.axis("off")
+    path = os.path.join(out, "first_layer_weights.png")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    return path
+
+
+def _test_accuracy(best, backend_spec):
+    """The best model, rebuilt and loaded, on the test set: the one time the sweep touches it."""
+    settings = Experiment(**best["settings"])
+    backend = get_backend(backend_spec)
+    data = load_data(settings)
+    model = build_model(settings, data, backend)
+    load_model_state(model, best["model_state"], backend)
+    scores = model.loss(model.prepare_inputs(data["X_test"]))
+    predictions = backend.to_numpy(backend.xp.argmax(scores, axis=1))
+    return float(np.mean(predictions == data["y_test"])), model, settings
+
+
+def write_outputs(study, config, best_path, say) -> dict:
+    rows = write_trials_csv(study, os.path.join(config.out, "trials.csv"))
+    top = top_trials(rows)
+    summary = {"trials": len(rows), "complete": sum(r["state"] == "complete" for r in rows), "out": config.out}
+    if top:
+        say("\nbest trials:")
+        names = [k for k in top[0] if k not in ("state", "error")]
+        say("  " + "  ".join(f"{n:>14}" for n in names))
+        for row in top:
+            say("  " + "  ".join(f"{_cell(row[n]):>14}" for n in names))
+    if config.plots and summary["complete"]:
+        summary["plots"] = _plots(study, config.out, say)
+    if os.path.exists(best_path):
+        best = load_checkpoint(best_path)
+        test_acc, model, settings = _test_accuracy(best, config.backend)
+        summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
+        summary["best_settings"] = best["settings"]
+        if settings.model in ("fc", "twolayer"):
+            summary["weights"] = _first_layer_picture(model, settings, config.out)
+        with open(os.path.join(config.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        say(f"best trial {best['number']}: {json.dumps(best['params'])}")
+        say(f"test acc of the best model: {test_acc:.4f}")
+        say(f"best val acc: {best['value']:.4f}")
+    else:
+        say("no trial completed; see trials.csv for the errors")
+    return summary
+
+
+def _cell(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

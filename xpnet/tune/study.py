@@ -1,0 +1,118 @@
+"""The Optuna study of a sweep: its storage, sampler and pruner, made the same way
+in the command and in every worker, and the recovery of trials that a killed
+command left running."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+__all__ = ["storage_for", "make_sampler", "make_pruner", "load_study", "open_study", "recover_stale_trials", "counts"]
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "halving", "none")
+
+
+def storage_for(spec: str):
+    """An RDB URL (sqlite:///, postgresql://, ...) as it is, or a journal file at a path."""
+
+    if "://" in spec:
+        return spec
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    os.makedirs(os.path.dirname(os.path.abspath(spec)), exist_ok=True)
+    return JournalStorage(JournalFileBackend(spec))
+
+
+def make_sampler(kind: str, seed: int, n_trials_so_far: int, space_grid=None):
+    """A sampler whose seed depends on how far the study is, so parallel workers and
+    restarted commands do not repeat each other's random proposals."""
+    import optuna
+
+    seed = int(np.random.SeedSequence([seed, n_trials_so_far, os.getpid()]).generate_state(1)[0])
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "grid":
+        return optuna.samplers.GridSampler(space_grid, seed=seed)
+    raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(kind: str):
+    """Pruning of poor trials at epoch ends: the median rule, successive halving, or none."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {kind!r}; use one of {', '.join(PRUNERS)}")
+
+
+def _quiet_optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def open_study(task: dict):
+    """Create the study, or load it when the same command runs again."""
+    import optuna
+
+    _quiet_optuna()
+    return optuna.create_study(
+        study_name=task["study_name"],
+        storage=storage_for(task["storage"]),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
+def load_study(task: dict):
+    """The study as a worker sees it, with this worker's sampler and the sweep's pruner."""
+    import optuna
+
+    from .space import SearchSpace
+
+    _quiet_optuna()
+    storage = storage_for(task["storage"])
+    existing = optuna.load_study(study_name=task["study_name"], storage=storage)
+    grid = SearchSpace.from_description(task["space"]).grid() if task["sampler"] == "grid" else None
+    sampler = make_sampler(task["sampler"], task["seed"], len(existing.trials), grid)
+    return optuna.load_study(
+        study_name=task["study_name"], storage=storage, sampler=sampler, pruner=make_pruner(task["pruner"])
+    )
+
+
+def recover_stale_trials(study) -> list:
+    """Trials left RUNNING by a command that was killed: marked failed (and "stale", so they
+    do not count towards the total) and queued to run again with the same settings."""
+    import optuna
+
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:
+        study._storage.set_trial_user_attr(trial._trial_id, "stale", True)
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+    return [t.number for t in stale]
+
+
+def counts(study) -> dict:
+    """How many trials are complete, pruned, failed (stale ones aside), running and waiting."""
+    import optuna
+
+    states = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("stale"):
+            continue
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    states["finished"] = states["COMPLETE"] + states["PRUNED"] + states["FAIL"]
+    return states

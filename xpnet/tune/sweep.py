@@ -1,0 +1,165 @@
+"""A sweep: trials run until the study holds ``trials`` finished ones, in this
+process, on a local Dask cluster of worker processes, or on an existing cluster.
+
+The study lives in storage (a journal file in the run folder by default), so a
+command killed at any moment continues when it runs again: finished trials are
+kept, trials it left running are marked failed and run again. The best model's
+parameters come back to the command, which writes every output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..experiment import Experiment
+from .report import write_outputs
+from .space import SearchSpace
+from .study import counts, open_study, recover_stale_trials
+from .trial import run_trial
+
+__all__ = ["SweepConfig", "run_sweep", "InProcess", "DaskExecutor"]
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; see ``xpnet-sweep --help`` for each."""
+
+    space: SearchSpace
+    experiment: Experiment = field(default_factory=Experiment)
+    trials: int = 20
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 0
+    out: str = "runs/sweep"
+    storage: str | None = None
+    study_name: str = "xpnet-sweep"
+    workers: int = 0
+    scheduler: str | None = None
+    trials_per_gpu: int = 0
+    backend: str | None = None
+    plots: bool = True
+    verbose: bool = True
+
+    def task(self, gpus: int = 0) -> dict:
+        """What a worker needs to run one trial (plain data: it travels to other processes)."""
+        return {
+            "study_name": self.study_name,
+            "storage": self.storage or os.path.join(self.out, "study.journal"),
+            "sampler": self.sampler,
+            "pruner": self.pruner,
+            "seed": self.seed,
+            "space": self.space.describe(),
+            "experiment": asdict(self.experiment),
+            "backend": None if gpus else self.backend,
+            "gpus": gpus,
+        }
+
+
+class InProcess:
+    """Runs each trial here, one after another: the default, no services."""
+
+    capacity = 1
+
+    def submit(self, task):
+        return run_trial(task)
+
+    def wait_any(self, pending):
+        return pending[0], pending[0]
+
+    def close(self):
+        pass
+
+
+class DaskExecutor:
+    """Trials on Dask workers: a LocalCluster of ``workers`` processes (one BLAS thread
+    each, Dask's default), or the cluster at ``scheduler``."""
+
+    def __init__(self, workers: int = 0, scheduler: str | None = None):
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise ImportError('running trials on Dask needs the tune extra: pip install "xpnet[tune]"') from exc
+        self.cluster = None
+        if scheduler:
+            self.client = Client(scheduler)
+        else:
+            import logging
+
+            self.cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )  # fmt: skip
+            self.client = Client(self.cluster)
+        self.capacity = max(1, len(self.client.scheduler_info()["workers"]))
+
+    def submit(self, task):
+        return self.client.submit(run_trial, task, pure=False)
+
+    def wait_any(self, pending):
+        from distributed import wait
+
+        done = wait(pending, return_when="FIRST_COMPLETED").done
+        future = next(iter(done))
+        return future, future.result()
+
+    def close(self):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _executor(config: SweepConfig):
+    if config.scheduler or config.workers > 1 or config.trials_per_gpu:
+        workers = config.workers
+        if config.trials_per_gpu:
+            workers = config.trials_per_gpu * _gpu_count()
+        return DaskExecutor(workers=workers, scheduler=config.scheduler)
+    return InProcess()
+
+
+def _gpu_count() -> int:
+    from ..backend import get_backend
+
+    backend = get_backend("cupy")  # raises with a clear message without CuPy or a GPU
+    return backend.lib.cuda.runtime.getDeviceCount()
+
+
+def run_sweep(config: SweepConfig) -> dict:
+    """Run the sweep to ``config.trials`` finished trials and write the outputs; returns a summary."""
+    if config.scheduler and (config.storage is None or "://" not in config.storage):
+        raise ValueError(
+            "--scheduler needs --storage to be a database every worker reaches (sqlite:///path or postgresql://...)"
+        )
+    os.makedirs(config.out, exist_ok=True)
+    gpus = _gpu_count() if config.trials_per_gpu else 0
+    task = config.task(gpus)
+    study = open_study(task)
+    stale = recover_stale_trials(study)
+    say = print if config.verbose else (lambda *a, **k: None)
+    if stale:
+        say(f"trials {stale} were left running by an earlier command: marked failed, and run again")
+    best_path = os.path.join(config.out, "best_model.npz")
+    best = load_checkpoint(best_path)["value"] if os.path.exists(best_path) else None
+    executor = _executor(config)
+    pending = []
+    try:
+        while True:
+            finished = counts(study)["finished"]
+            while finished + len(pending) < config.trials and len(pending) < executor.capacity:
+                pending.append(executor.submit(task))
+            if not pending:
+                break
+            handle, result = executor.wait_any(pending)
+            pending.remove(handle)
+            value = result["value"]
+            note = f" ({result['error']})" if result["error"] else ""
+            say(f"trial {result['number']}: {result['state'].lower()} {'' if value is None else f'{value:.4f}'}{note}")
+            if result["state"] == "COMPLETE" and (best is None or value > best):
+                best = value
+                keep = ("value", "number", "settings", "params", "model_state")
+                save_checkpoint(best_path, {key: result[key] for key in keep})
+    finally:
+        executor.close()
+    return write_outputs(study, config, best_path, say)
