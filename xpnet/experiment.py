@@ -52,6 +52,7 @@ class Experiment:
     data_dir: str | None = None
     download: bool = False
     num_train: int | None = None
+    num_test: int | None = None  # CIFAR-10 test rows (None: get_CIFAR10_data's 1000)
     model: str = "fc"
     hidden_dims: list | None = None
     num_filters: int | None = None
@@ -86,6 +87,8 @@ def load_data(args) -> dict:
     if args.dataset == "digits":
         return data_utils.load_digits_data(seed=args.seed, images=args.model == "cnn")
     kwargs = {} if args.num_train is None else {"num_training": args.num_train}
+    if getattr(args, "num_test", None) is not None:
+        kwargs["num_test"] = args.num_test
     return data_utils.get_CIFAR10_data(args.data_dir, download=args.download, **kwargs)
 
 

@@ -93,8 +93,9 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {INSTALL_HINT}\n")
     from xpnet.tune import SweepConfig, run_sweep
 
-    experiment = Experiment(dataset=args.dataset, data_dir=args.data_dir, num_train=args.num_train, model=args.model,
-                            seed=args.seed)  # fmt: skip
+    # The final test accuracy is measured on all 10,000 CIFAR-10 test images.
+    experiment = Experiment(dataset=args.dataset, data_dir=args.data_dir, num_train=args.num_train, num_test=10000,
+                            model=args.model, seed=args.seed)  # fmt: skip
     config = SweepConfig(
         space=space, experiment=experiment, trials=args.trials, sampler=args.sampler, pruner=args.pruner,
         seed=args.seed, out=args.out, storage=args.storage, study_name=args.study_name, workers=args.workers,
