@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from xpnet.cli import bench
 
 
@@ -32,3 +34,21 @@ def test_tf32_is_refused_on_the_cpu(capsys):
         bench.main(["--tf32", "--config", "16:8"])
     assert info.value.code == 2
     assert "--tf32: TF32 applies to CUDA GPUs" in capsys.readouterr().err
+
+
+def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((10, 3072)).astype(np.float32)
+    y = rng.integers(0, 10, 1200)
+    X = centres[y] + 0.5 * rng.standard_normal((1200, 3072)).astype(np.float32)
+    np.savez(tmp_path / "subset.npz", X_train=X[:1000], y_train=y[:1000], X_val=X[1000:], y_val=y[1000:])
+    out = tmp_path / "tta.json"
+    args = ["--suite", "none", "--time-to-accuracy", "--breakdown", "--cifar-npz", str(tmp_path / "subset.npz"),
+            "--target", "0.5", "--max-epochs", "5", "--no-torch", "--json", str(out)]  # fmt: skip
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())["time_to_accuracy"]
+    assert result["xpnet"]["val_acc"] >= 0.5 and "epoch" in result["xpnet"]
+    phases = result["xpnet"]["breakdown"]
+    assert set(phases) == {"data checks", "transfer", "first step", "steps", "accuracy checks", "rest"}
+    assert phases["steps"] > 0 and phases["first step"] > 0 and phases["accuracy checks"] > 0
+    assert "| first step |" in capsys.readouterr().out

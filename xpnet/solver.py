@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from .batching import model_accuracy
-from .data_checks import validate_split
+from .data_checks import check_finite_values, validate_split
 from .model import backend_for, input_preparers
 from .training import callbacks as cb
 from .training.graph import GraphReplay
@@ -51,14 +51,16 @@ class Solver:
         self.model, self.backend = model, backend_for(model)
         self.graph = GraphReplay(self.backend) if self.cuda_graph else None
         self.prepare_inputs, self.prepare_labels = input_preparers(model, self.backend)
-        for split in ("train", "val"):
-            validate_split(data, split, getattr(model, "num_classes", None), getattr(model, "input_dim", None))
+        for split in ("train", "val"):  # finiteness is checked after the move, where the data will live
+            validate_split(data, split, getattr(model, "num_classes", None), getattr(model, "input_dim", None), False)
         rows = data["X_train"].shape[0]
         if self.batch_size > rows:
             raise ValueError(f"batch_size={self.batch_size} is larger than the training set ({rows} rows)")
         # The one move of the data set to the device.
         self.X_train, self.y_train = self.prepare_inputs(data["X_train"]), self.prepare_labels(data["y_train"])
         self.X_val, self.y_val = self.prepare_inputs(data["X_val"]), self.prepare_labels(data["y_val"])
+        for key in ("X_train", "X_val"):
+            check_finite_values(getattr(self, key), key)
         self.sampler = make_sampler(self.settings.sampler, rows, self.batch_size)
         # What runs at logging points and epoch ends: built from the settings, then the user's.
         self._callbacks = [cb.ConsoleReport(self.verbose, self.progress)]
@@ -185,8 +187,9 @@ class Solver:
 
     def _record_accuracies(self) -> bool:
         """Accuracies, and that losses and parameters are finite, in one transfer; False if not finite."""
-        train_acc = self._accuracy(self.X_train, self.y_train, self.num_train_samples, rng=self._rngs[2])
-        val_acc = self._accuracy(self.X_val, self.y_val, self.num_val_samples, rng=self._rngs[2])
+        # Batches of 500 rows: a check is a few launches, not one per 100 rows.
+        train_acc = self._accuracy(self.X_train, self.y_train, self.num_train_samples, 500, self._rngs[2])
+        val_acc = self._accuracy(self.X_val, self.y_val, self.num_val_samples, 500, self._rngs[2])
         finite = self.guard.flag_with(self.model.params)
         train_acc, val_acc, finite = self.backend.to_floats([train_acc, val_acc, finite])
         if not finite:

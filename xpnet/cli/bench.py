@@ -33,8 +33,7 @@ import time
 import numpy as np
 
 import xpnet
-from xpnet import data_utils
-from xpnet.cli import bench_conv
+from xpnet.cli import bench_conv, bench_tta
 from xpnet.cli.common import HelpFormatter
 from xpnet.solver import Solver
 
@@ -240,82 +239,6 @@ def run_config(backend, X, y, torch_data, hidden, batch, args):
 
 
 # ----------------------------------------------------------------------------- time to accuracy
-def load_cifar(args):
-    if args.cifar_npz:
-        arrays = np.load(args.cifar_npz)
-        X_train, y_train = arrays["X_train"].astype(np.float32), arrays["y_train"].astype(np.int64)
-        X_val, y_val = arrays["X_val"].astype(np.float32), arrays["y_val"].astype(np.int64)
-        mean = X_train.mean(axis=0)
-        return {"X_train": X_train - mean, "y_train": y_train, "X_val": X_val - mean, "y_val": y_val}
-    return data_utils.get_CIFAR10_data(args.data_dir)
-
-
-def time_to_accuracy(backend, args):
-    """Seconds until the modular TwoLayerNet (200 hidden) passes --target validation accuracy."""
-    data = load_cifar(args)
-    recipe = dict(batch_size=200, lr=1e-4, max_epochs=args.max_epochs)
-    out = {
-        "target": args.target,
-        "train_rows": int(data["X_train"].shape[0]),
-        "recipe": "adam lr 1e-4, batch 200, weight_scale 1e-3, accuracy on the validation set after each epoch",
-    }
-
-    model = xpnet.TwoLayerNet(hidden_dims=200, weight_scale=1e-3, dtype="float32", backend=backend, seed=0)
-    reached = {}
-
-    def stop_when_reached(record):
-        if record.get("val_acc", 0.0) >= args.target:
-            reached.update(epoch=record["epoch"], val_acc=record["val_acc"])
-            return False  # stops training here
-        return None
-
-    backend.sync()
-    start = time.perf_counter()
-    solver = Solver(
-        model,
-        data,
-        update_rule="adam",
-        optim_config={"learning_rate": recipe["lr"]},
-        batch_size=recipe["batch_size"],
-        num_epochs=recipe["max_epochs"],
-        num_val_samples=None,
-        verbose=False,
-        seed=0,
-        on_log=stop_when_reached,
-    )
-    solver.train()
-    backend.sync()
-    out["xpnet"] = {"seconds": time.perf_counter() - start, **(reached or {"val_acc": solver.best_val_acc})}
-
-    if not args.no_torch and _torch_available():
-        torch, device = torch_setup(backend, args.tf32)
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        X = torch.as_tensor(data["X_train"], device=device).reshape(data["X_train"].shape[0], -1)
-        y = torch.as_tensor(data["y_train"], device=device)
-        X_val = torch.as_tensor(data["X_val"], device=device).reshape(data["X_val"].shape[0], -1)
-        y_val = torch.as_tensor(data["y_val"], device=device)
-        net = torch_model(torch, device, [200], init_std=1e-3)
-        optimizer = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
-        loss_fn = torch.nn.CrossEntropyLoss()
-        n, per_epoch = X.shape[0], max(X.shape[0] // recipe["batch_size"], 1)
-        result = {}
-        for epoch in range(1, recipe["max_epochs"] + 1):
-            for _ in range(per_epoch):
-                idx = torch.randint(0, n, (recipe["batch_size"],), device=device)
-                loss = loss_fn(net(X[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=False)
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                val_acc = (net(X_val).argmax(1) == y_val).float().mean().item()
-            result = {"epoch": epoch, "val_acc": val_acc}
-            if val_acc >= args.target:
-                break
-        out["torch"] = {"seconds": time.perf_counter() - start, **result}
-    return out
-
-
 # ----------------------------------------------------------------------------- report
 def _torch_available():
     try:
@@ -440,15 +363,19 @@ def main(argv=None):
     p.add_argument("--target", type=float, default=0.5, help="validation accuracy for --time-to-accuracy")
     p.add_argument(
         "--suite",
-        choices=["fc", "conv", "all"],
+        choices=["fc", "conv", "all", "none"],
         default="fc",
-        help="fc: training steps of fully connected nets; conv: convolutions and a ThreeLayerConvNet step",
+        help="fc: training steps of fully connected nets; conv: convolutions and a ThreeLayerConvNet step; "
+        "none: only --time-to-accuracy",
     )
     p.add_argument(
         "--tf32", action="store_true", help="TF32 tensor cores for float32 GEMMs on both sides (CUDA backends)"
     )
     p.add_argument("--no-convnet", action="store_true", help="leave out the ThreeLayerConvNet step of --suite conv")
     p.add_argument("--max-epochs", type=int, default=20, help="give up on --time-to-accuracy after this")
+    p.add_argument(
+        "--breakdown", action="store_true", help="with --time-to-accuracy: where the seconds go, phase by phase"
+    )
     args = p.parse_args(argv)
     try:
         backend = xpnet.get_backend(args.backend)
@@ -478,10 +405,12 @@ def main(argv=None):
         report["conv"] = run_conv_suite(backend, args)
     if args.time_to_accuracy:
         try:
-            report["time_to_accuracy"] = time_to_accuracy(backend, args)
+            report["time_to_accuracy"] = bench_tta.time_to_accuracy(backend, args)
         except Exception as exc:
             report["time_to_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
+        if args.breakdown and "error" not in report["time_to_accuracy"]:
+            print(bench_tta.format_breakdown(report["time_to_accuracy"]), flush=True)
     print()
     if report["configs"]:
         print(format_table(report["configs"]))

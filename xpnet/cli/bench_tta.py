@@ -1,0 +1,207 @@
+"""Time to accuracy: seconds until the modular TwoLayerNet (200 hidden, Adam 1e-4, batch
+200) passes a validation accuracy on CIFAR-10, xpnet against the same recipe in PyTorch,
+in one process, and (``--breakdown``) where the seconds go on each side.
+
+The phases: data checks (validation of the data set), transfer (moving it to the
+device), first step (kernel compilation, cuBLAS and allocator warm-up, graph capture),
+steps, accuracy checks, and the rest (model construction, the loop itself, host
+bookkeeping). A breakdown run synchronises the device around each phase so that
+device work is counted where it was queued; its total is therefore a little above the
+plain run's, which is measured separately without those synchronisations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+import numpy as np
+
+import xpnet
+import xpnet.solver as solver_module
+from xpnet import data_utils
+from xpnet.solver import Solver
+
+__all__ = ["time_to_accuracy", "PhaseClock", "PHASES"]
+
+PHASES = ("data checks", "transfer", "first step", "steps", "accuracy checks", "rest")
+RECIPE = {"hidden": 200, "batch_size": 200, "lr": 1e-4, "weight_scale": 1e-3}
+
+
+class PhaseClock:
+    """Seconds per named phase; ``sync`` runs before each clock read (None: no synchronisation)."""
+
+    def __init__(self, sync=None):
+        self.sync = sync or (lambda: None)
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def wrap_steps(self, step):
+        """The first call counts as "first step", the others as "steps"."""
+        calls = [0]
+
+        def timed(*args, **kwargs):
+            calls[0] += 1
+            with self.phase("first step" if calls[0] == 1 else "steps"):
+                return step(*args, **kwargs)
+
+        return timed
+
+    def report(self, total) -> dict:
+        phases = {name: self.seconds.get(name, 0.0) for name in PHASES if name != "rest"}
+        phases["rest"] = max(total - sum(phases.values()), 0.0)
+        return {name: round(value, 4) for name, value in phases.items()}
+
+
+def load_cifar(args):
+    """The training and validation sets (NumPy, mean subtracted): an .npz subset or the full files."""
+    if args.cifar_npz:
+        arrays = np.load(args.cifar_npz)
+        X_train, y_train = arrays["X_train"].astype(np.float32), arrays["y_train"].astype(np.int64)
+        X_val, y_val = arrays["X_val"].astype(np.float32), arrays["y_val"].astype(np.int64)
+        mean = X_train.mean(axis=0)
+        return {"X_train": X_train - mean, "y_train": y_train, "X_val": X_val - mean, "y_val": y_val}
+    return data_utils.get_CIFAR10_data(args.data_dir)
+
+
+def _xpnet_run(backend, data, args, cuda_graph, clock=None):
+    """One xpnet run to the target; with ``clock``, each phase is timed."""
+    reached = {}
+
+    def stop_when_reached(record):
+        if record.get("val_acc", 0.0) >= args.target:
+            reached.update(epoch=record["epoch"], val_acc=record["val_acc"])
+            return False  # stops training here
+        return None
+
+    backend.sync()
+    start = time.perf_counter()
+    model = xpnet.TwoLayerNet(hidden_dims=RECIPE["hidden"], weight_scale=RECIPE["weight_scale"], dtype="float32",
+                              backend=backend, seed=0)  # fmt: skip
+    patched = contextlib.ExitStack()
+    if clock is not None:
+        model.prepare_inputs = clock.wrap("transfer", model.prepare_inputs)
+        model.prepare_labels = clock.wrap("transfer", model.prepare_labels)
+        original = solver_module.validate_split
+        solver_module.validate_split = clock.wrap("data checks", original)
+        patched.callback(setattr, solver_module, "validate_split", original)
+    with patched:
+        solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": RECIPE["lr"]},
+                        batch_size=RECIPE["batch_size"], num_epochs=args.max_epochs, num_val_samples=None,
+                        verbose=False, seed=0, on_log=stop_when_reached, cuda_graph=cuda_graph)  # fmt: skip
+    if clock is not None:
+        solver.step = clock.wrap_steps(solver.step)
+        solver._record_accuracies = clock.wrap("accuracy checks", solver._record_accuracies)
+    solver.train()
+    backend.sync()
+    seconds = time.perf_counter() - start
+    result = {"seconds": round(seconds, 4), **(reached or {"val_acc": solver.best_val_acc, "reached": False})}
+    if clock is not None:
+        result["breakdown"] = clock.report(seconds)
+    return result
+
+
+def _torch_run(backend, data, args, breakdown=False):
+    """The same recipe in PyTorch: nn.Linear/ReLU, CrossEntropyLoss, Adam, indices drawn on
+    the device. Returns the result and the phase clock (which synchronises only for a breakdown)."""
+    from xpnet.cli.bench import torch_model, torch_setup
+
+    torch, device = torch_setup(backend, args.tf32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    clock = PhaseClock(sync if breakdown else None)
+    torch.manual_seed(0)
+    if sync:
+        sync()
+    start = time.perf_counter()
+    with clock.phase("transfer"):
+        X = torch.as_tensor(data["X_train"], device=device).reshape(data["X_train"].shape[0], -1)
+        y = torch.as_tensor(data["y_train"], device=device)
+        X_val = torch.as_tensor(data["X_val"], device=device).reshape(data["X_val"].shape[0], -1)
+        y_val = torch.as_tensor(data["y_val"], device=device)
+    net = torch_model(torch, device, [RECIPE["hidden"]], init_std=RECIPE["weight_scale"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=RECIPE["lr"])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    n, per_epoch = X.shape[0], max(X.shape[0] // RECIPE["batch_size"], 1)
+
+    def step():
+        idx = torch.randint(0, n, (RECIPE["batch_size"],), device=device)
+        loss = loss_fn(net(X[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+
+    timed_step = clock.wrap_steps(step)
+    result = {}
+    for epoch in range(1, args.max_epochs + 1):
+        for _ in range(per_epoch):
+            timed_step()
+        with clock.phase("accuracy checks"), torch.no_grad():
+            val_acc = (net(X_val).argmax(1) == y_val).float().mean().item()
+        result = {"epoch": epoch, "val_acc": val_acc}
+        if val_acc >= args.target:
+            break
+    if sync:
+        sync()
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 4), **result}, clock
+
+
+def time_to_accuracy(backend, args) -> dict:
+    """Plain runs (no extra synchronisation) of xpnet, xpnet with CUDA graphs (when the
+    backend captures) and PyTorch; with ``args.breakdown``, a timed-phase run of each."""
+    data = load_cifar(args)
+    out = {
+        "target": args.target,
+        "train_rows": int(data["X_train"].shape[0]),
+        "recipe": "TwoLayerNet 200 hidden, adam lr 1e-4, batch 200, weight_scale 1e-3, "
+        "validation accuracy after each epoch (xpnet also checks 1000 training rows)",
+    }
+    variants = [("xpnet", False)] + ([("xpnet-graph", True)] if backend.can_capture else [])
+    use_torch = not args.no_torch and _torch_available()
+    for name, graph in variants:
+        out[name] = _xpnet_run(backend, data, args, graph)
+    if use_torch:
+        out["torch"], _ = _torch_run(backend, data, args)
+    if args.breakdown:
+        for name, graph in variants:
+            out[name]["breakdown"] = _xpnet_run(backend, data, args, graph, PhaseClock(backend.sync))["breakdown"]
+        if use_torch:
+            timed, clock = _torch_run(backend, data, args, breakdown=True)
+            out["torch"]["breakdown"] = clock.report(timed["seconds"])
+    return out
+
+
+def format_breakdown(result: dict) -> str:
+    """A markdown table: one row per phase, one column per side (seconds)."""
+    sides = [name for name in ("xpnet", "xpnet-graph", "torch") if "breakdown" in result.get(name, {})]
+    lines = ["| phase | " + " | ".join(f"{s} s" for s in sides) + " |", "|---|" + "---|" * len(sides)]
+    for phase in PHASES:
+        lines.append(f"| {phase} | " + " | ".join(f"{result[s]['breakdown'][phase]:.3f}" for s in sides) + " |")
+    lines.append("| total (plain run) | " + " | ".join(f"{result[s]['seconds']:.3f}" for s in sides) + " |")
+    return "\n".join(lines)
+
+
+def _torch_available():
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
