@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One GPU session's checks: the CuPy test suite and the benchmark, results under $OUT.
-# Expects wheels for the pure-Python packages the machine lacks in .whl/ and,
-# for the time-to-accuracy figure, a CIFAR-10 subset in .carry/cifar_subset.npz.
-#   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu-out)
+# One GPU session's checks: the fused-kernel and graph tests, the benchmark (FC steps, conv
+# rows in fp32 and TF32, the ThreeLayerConvNet step) and the time to accuracy with its
+# breakdown; results under $OUT. Expects wheels for the pure-Python packages the machine
+# lacks in .whl/ (array-api-compat, array-api-strict; optuna and dask for sweeps) and, for
+# the time to accuracy, CIFAR-10 as .carry/cifar_subset.npz or the batches under /tmp/cifar
+# (carried two files per call, see the brief).
+#   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu-out; SKIP_SUITE=1 skips the whole-suite run)
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -14,14 +17,24 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 
-echo "== fused kernels, CUDA graphs, CuPy against NumPy"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
+echo "== fused kernels, CUDA graphs (schedules, groups), TF32, conv on CuPy against NumPy"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15
 
-echo "== benchmark"
-npz=()
-[ -f .carry/cifar_subset.npz ] && npz=(--time-to-accuracy --cifar-npz .carry/cifar_subset.npz --target "${TARGET:-0.47}")
-timeout 300 python3 scripts/bench.py --backend cupy --json "$OUT/bench_gpu.json" "${npz[@]}" 2>&1 | tee "$OUT/bench.log"
+echo "== benchmark: fully connected steps, conv2d fp32 and TF32 against cuDNN, ThreeLayerConvNet"
+timeout 300 python3 scripts/bench.py --backend cupy --suite all --repeats 5 --json "$OUT/bench_gpu.json" \
+    2>&1 | tee "$OUT/bench.log" | tail -40
 
-echo "== the whole suite on CuPy"
-XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests \
-    2>&1 | tee "$OUT/suite_cupy.log" | tail -15
+echo "== time to accuracy, with the breakdown"
+data=()
+[ -f .carry/cifar_subset.npz ] && data=(--cifar-npz .carry/cifar_subset.npz --target "${TARGET:-0.47}")
+[ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ] && data=(--data-dir /tmp/cifar --target 0.5)
+if [ ${#data[@]} -gt 0 ]; then
+    timeout 240 python3 scripts/bench.py --backend cupy --suite none --time-to-accuracy --breakdown "${data[@]}" \
+        --json "$OUT/tta_gpu.json" 2>&1 | tee "$OUT/tta.log" | tail -12
+fi
+
+if [ -z "${SKIP_SUITE:-}" ]; then
+    echo "== the whole suite on CuPy"
+    XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests \
+        -m "not slow" 2>&1 | tee "$OUT/suite_cupy.log" | tail -15
+fi
