@@ -92,10 +92,4 @@ class ThreeLayerConvNet(Model):
         dhidden, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
         dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, cache2)
         _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dpooled, cache1, input_grad=False)
-        if self.reg:
-            xp = self.xp
-            for name in ("W1", "W2", "W3"):
-                w = p[name]
-                loss = loss + 0.5 * self.reg * xp.sum(w * w)
-                grads[name] = grads[name] + self.reg * w
-        return loss, grads
+        return self._add_l2(loss, grads, ("W1", "W2", "W3"), self.reg)

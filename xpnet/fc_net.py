@@ -139,18 +139,7 @@ class FullyConnectedNet(Model):
             grads[f"W{i}"], grads[f"b{i}"] = dw, db
             if dgamma is not None:
                 grads[f"gamma{i}"], grads[f"beta{i}"] = dgamma, dbeta
-        return self._add_l2(loss, grads)
-
-    def _add_l2(self, loss, grads):
-        """Add 0.5 * reg * ||W||² to the loss and reg * W to each weight gradient."""
-        if not self.reg:
-            return loss, grads
-        xp = self.xp
-        for i in range(1, self.num_layers + 1):
-            w = self.params[f"W{i}"]
-            loss = loss + 0.5 * self.reg * xp.sum(w * w)
-            grads[f"W{i}"] = grads[f"W{i}"] + self.reg * w
-        return loss, grads
+        return self._add_l2(loss, grads, [f"W{i}" for i in range(1, self.num_layers + 1)], self.reg)
 
 
 class TwoLayerNet(FullyConnectedNet):

@@ -66,6 +66,17 @@ class Model:
         """Load what :meth:`state_dict` returned (on any backend) onto this model's device."""
         load_model_state(self, state, self.backend)
 
+    def _add_l2(self, loss, grads, names, reg):
+        """The L2 term: 0.5 * reg * sum of w² over ``names`` added to the loss, reg * w to their gradients."""
+        if not reg:
+            return loss, grads
+        xp = self.xp
+        for name in names:
+            w = self.params[name]
+            loss = loss + 0.5 * reg * xp.sum(w * w)
+            grads[name] = grads[name] + reg * w
+        return loss, grads
+
     def _init_rng(self, seed, rng=None):
         """The generator for initialisation: ``rng`` if given, else one seeded with
         ``seed``, else the backend's shared one."""

@@ -56,16 +56,11 @@ class TwoLayerNet(Model):
         if y is None:
             return scores
 
-        xp = self.xp
         loss, dscores = softmax_loss(scores, self.prepare_labels(y))
         dhidden, dW2t, db2 = affine_backward(dscores, fc2_cache)
         _, dW1t, db1 = affine_backward(relu_backward(dhidden, relu_cache), fc1_cache, input_grad=False)
         grads = {"W1": dW1t.T, "b1": db1, "W2": dW2t.T, "b2": db2}
-        if reg:
-            loss = loss + 0.5 * reg * (xp.sum(W1 * W1) + xp.sum(W2 * W2))
-            grads["W1"] = grads["W1"] + reg * W1
-            grads["W2"] = grads["W2"] + reg * W2
-        return loss, grads
+        return self._add_l2(loss, grads, ("W1", "W2"), reg)
 
     def train(
         self,

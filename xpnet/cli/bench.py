@@ -161,8 +161,12 @@ def torch_step(backend, X_t, y_t, hidden, batch, graph):
         optimizer.step()
         return loss
 
-    if not graph:
-        return step
+    return torch_graph_step(torch, step) if graph else step
+
+
+def torch_graph_step(torch, step):
+    """``step`` captured as a CUDA graph the way PyTorch documents it (warm-up on a side
+    stream, then capture); returns a function that replays it and returns its output."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -171,8 +175,8 @@ def torch_step(backend, X_t, y_t, hidden, batch, graph):
     torch.cuda.current_stream().wait_stream(side)
     cuda_graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(cuda_graph):
-        static_loss = step()
-    return lambda: (cuda_graph.replay(), static_loss)[1]
+        static_output = step()
+    return lambda: (cuda_graph.replay(), static_output)[1]
 
 
 # ----------------------------------------------------------------------------- timing

@@ -187,16 +187,9 @@ def _torch_convnet_steps(torch, backend, X, y):
             return loss
 
         if name == "torch-graph":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_loss = step()
-            step = lambda g=graph, s=static_loss: (g.replay(), s)[1]  # noqa: E731
+            from xpnet.cli.bench import torch_graph_step
+
+            step = torch_graph_step(torch, step)
         steps[name] = (step, torch.cuda.synchronize)
     return steps
 
