@@ -122,7 +122,7 @@ def test_cublas_matmul_matches_cupy(dtype, a_t, b_t):
     assert_close(xpnet.backend.accelerated(a).matmul(sliced, b[::2, :]), sliced @ b[::2, :], dtype)
 
 
-@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"])
+@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_update_rules_match_reference(rule, dtype):
     rng = np.random.default_rng(3)

@@ -29,6 +29,10 @@ def reference_steps(rule, w, grads, config):
             decay, eps = config.get("decay_rate", 0.99), config.get("epsilon", 1e-8)
             cache = decay * cache + (1 - decay) * dw**2
             w = w - lr * dw / (np.sqrt(cache) + eps)
+        elif rule == "nesterov_sgd":  # PyTorch's SGD(nesterov=True, weight_decay=wd)
+            g = dw + config.get("weight_decay", 0.0) * w
+            v = mu * v + g
+            w = w - lr * (g + mu * v)
         elif rule == "adam":
             b1, b2, eps = config.get("beta1", 0.9), config.get("beta2", 0.999), config.get("epsilon", 1e-8)
             m = b1 * m + (1 - b1) * dw
@@ -37,12 +41,15 @@ def reference_steps(rule, w, grads, config):
     return w
 
 
-RULES = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"]
+RULES = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam"]
 
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("config", [{}, {"learning_rate": 0.05, "momentum": 0.5, "decay_rate": 0.9, "beta1": 0.8}])
 def test_update_rules_match_reference(backend, np_rng, rule, config):
+    config = {k: v for k, v in config.items() if k in optim.CONFIG_KEYS[rule][0]}
+    if rule == "nesterov_sgd" and config:
+        config["weight_decay"] = 0.3
     w0 = np.linspace(-0.4, 0.6, 20).reshape(4, 5)
     grads = [np_rng.standard_normal((4, 5)) for _ in range(4)]
     w = backend.asarray(w0, dtype="float64", copy=True)  # the rules update w in place
@@ -60,6 +67,7 @@ def test_update_rules_match_reference(backend, np_rng, rule, config):
         ("sgd_nesterov_momentum", {"learning_rate": 1e-2, "momentum": 0.9}),
         ("rmsprop", {"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8}),
         ("adam", {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
+        ("nesterov_sgd", {"learning_rate": 1e-2, "momentum": 0.9, "weight_decay": 0.0}),
     ],
 )
 def test_defaults_and_state_keys(backend, rule, defaults):
@@ -71,6 +79,7 @@ def test_defaults_and_state_keys(backend, rule, defaults):
         "sgd": [],
         "sgd_momentum": ["velocity"],
         "sgd_nesterov_momentum": ["velocity"],
+        "nesterov_sgd": ["velocity"],
         "rmsprop": ["cache"],
         "adam": ["m", "v"],
     }[rule]

@@ -30,7 +30,7 @@ __all__ = [
 DATASETS = ("digits", "cifar10")
 MODELS = ("twolayer", "fc", "cnn")
 NORMALIZATIONS = ("batchnorm", "layernorm")
-UPDATE_RULES = ("sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam")
+UPDATE_RULES = ("sgd", "sgd_momentum", "sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam")
 
 # Defaults that work well for each data set (a flag on the command line wins).
 DATASET_DEFAULTS = {

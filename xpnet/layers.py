@@ -18,12 +18,15 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
 from .input_checks import check_same_shape, layer_namespace
+from .special import normal_cdf, normal_pdf
 
 __all__ = [
     "affine_forward",
     "affine_backward",
     "relu_forward",
     "relu_backward",
+    "gelu_forward",
+    "gelu_backward",
     "softmax_loss",
     "svm_loss",
     "batchnorm_forward",
@@ -130,6 +133,22 @@ def relu_backward(dout: Array, cache: Cache) -> Array:
     return dout * xp.astype(x > 0, dout.dtype)
 
 
+def gelu_forward(x: Array) -> tuple[Array, Cache]:
+    """GELU in its exact form, x·Φ(x) with Φ the standard normal's cdf (PyTorch's default,
+    ``approximate='none'``). The array API has no erf: :mod:`xpnet.special` supplies one."""
+    layer_namespace("gelu_forward", {"x": x})
+    cdf = normal_cdf(x)
+    return x * cdf, (x, cdf)
+
+
+def gelu_backward(dout: Array, cache: Cache) -> Array:
+    """Backward pass of :func:`gelu_forward`: dout·(Φ(x) + x·φ(x))."""
+    x, cdf = cache
+    layer_namespace("gelu_backward", {"dout": dout, "x": x})
+    check_same_shape("gelu_backward", "dout", dout, "x", x)
+    return dout * (cdf + x * normal_pdf(x))
+
+
 # --------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------
@@ -168,8 +187,8 @@ def _one_hot(xp, y, num_classes, dtype):
     return xp.astype(y[:, None] == classes, dtype)
 
 
-def softmax_loss(x: Array, y: Array) -> tuple[Array, Array]:
-    """Softmax cross-entropy, averaged over the batch (numerically stable).
+def softmax_loss(x: Array, y: Array, label_smoothing: float = 0.0, reduction: str = "mean") -> tuple[Array, Array]:
+    """Softmax cross-entropy (numerically stable).
 
     Args:
         x: (N, C) class scores.
@@ -177,21 +196,31 @@ def softmax_loss(x: Array, y: Array) -> tuple[Array, Array]:
             loss (and its row of dx) NaN, computed on the device: checking the
             range on the host would cost a synchronisation. The Solver checks
             the data set's labels once, up front.
+        label_smoothing: ε in [0, 1): the target is (1 - ε)·one_hot + ε / C, as in
+            PyTorch's ``CrossEntropyLoss(label_smoothing=ε)``.
+        reduction: "mean" over the batch (the course's) or "sum".
     Returns:
         loss as a 0-d array, and dx (N, C).
     """
     xp = _check_scores_and_labels("softmax_loss", x, y)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"softmax_loss: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"softmax_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     fast = accelerated(x)
-    if fast is not None:
+    if fast is not None and label_smoothing == 0.0 and reduction == "mean":
         return fast.softmax_loss(x, y)
     n, c = x.shape
     shifted = x - xp.max(x, axis=1, keepdims=True)
     exp_shifted = xp.exp(shifted)
     sum_exp = xp.sum(exp_shifted, axis=1, keepdims=True)
     log_probs = shifted - xp.log(sum_exp)
-    one_hot = _one_hot(xp, y, c, x.dtype)
-    loss = -xp.sum(log_probs * one_hot) / n
-    dx = (exp_shifted / sum_exp - one_hot) / n
+    target = _one_hot(xp, y, c, x.dtype)
+    if label_smoothing:
+        target = (1.0 - label_smoothing) * target + label_smoothing / c
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    loss = -xp.sum(log_probs * target) * scale
+    dx = (exp_shifted / sum_exp - target) * scale
     return _nan_for_bad_labels(xp, loss, dx, y, c)
 
 
@@ -219,15 +248,19 @@ def svm_loss(x: Array, y: Array) -> tuple[Array, Array]:
 # Normalisation: batchnorm normalises each feature over the batch (axis 0),
 # layernorm each sample over its features (axis 1); the algebra is shared.
 # --------------------------------------------------------------------------
+def _scaled(gamma, x_hat, beta):
+    """gamma·x̂ + beta, with gamma None meaning a fixed scale of 1 (no scale parameter)."""
+    return (x_hat if gamma is None else gamma * x_hat) + beta
+
+
 def _normalize_forward(x, gamma, beta, eps, axis):
-    xp = namespace(x, gamma, beta)
+    xp = namespace(x, beta)
     mean = xp.mean(x, axis=axis, keepdims=True)
     centered = x - mean
     var = xp.mean(centered * centered, axis=axis, keepdims=True)
     std = xp.sqrt(var + eps)
     x_hat = centered / std
-    out = gamma * x_hat + beta
-    return out, (x_hat, centered, std, gamma, axis), mean, var
+    return _scaled(gamma, x_hat, beta), (x_hat, centered, std, gamma, axis), mean, var
 
 
 def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
@@ -240,22 +273,23 @@ def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
 def _normalize_backward_compact(dout, cache):
     x_hat, _, std, gamma, axis = cache
     xp = namespace(dout, x_hat)
-    dx = normalized_input_grad(xp, dout * gamma, x_hat, std, axis)
-    dgamma = xp.sum(dout * x_hat, axis=0)
+    dx = normalized_input_grad(xp, dout if gamma is None else dout * gamma, x_hat, std, axis)
+    dgamma = None if gamma is None else xp.sum(dout * x_hat, axis=0)
     dbeta = xp.sum(dout, axis=0)
     return dx, dgamma, dbeta
 
 
 def _check_norm_input(name, x, gamma, beta):
-    layer_namespace(name, {"x": x, "gamma": gamma, "beta": beta})
+    layer_namespace(name, {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
     d = x.shape[1]
-    if tuple(gamma.shape) != (d,) or tuple(beta.shape) != (d,):
-        raise ValueError(f"{name}: gamma and beta must be ({d},), got {tuple(gamma.shape)} and {tuple(beta.shape)}")
+    gamma_shape = (d,) if gamma is None else tuple(gamma.shape)
+    if gamma_shape != (d,) or tuple(beta.shape) != (d,):
+        raise ValueError(f"{name}: gamma and beta must be ({d},), got {gamma_shape} and {tuple(beta.shape)}")
 
 
-def batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
+def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
     """Batch normalisation.
 
     In 'train' mode each feature is normalised with the batch mean and the
@@ -264,7 +298,8 @@ def batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tu
     the running averages are used.
 
     Args:
-        x: (N, D); gamma, beta: (D,).
+        x: (N, D); gamma, beta: (D,). gamma None: no scale parameter (a fixed 1), and
+            the backward pass returns dgamma None.
         bn_param: dict with 'mode' ('train' or 'test'), optional 'eps' (1e-5),
             'momentum' (0.9), 'running_mean' and 'running_var' (D,) (created as
             zeros on first use).
@@ -294,7 +329,7 @@ def batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tu
         return out, cache
     if mode == "test":
         x_hat = (x - bn_param["running_mean"]) / xp.sqrt(bn_param["running_var"] + eps)
-        return gamma * x_hat + beta, None
+        return _scaled(gamma, x_hat, beta), None
     raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
 
 
@@ -310,8 +345,8 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     xp = namespace(dout, x_hat)
     n = dout.shape[0]
     dbeta = xp.sum(dout, axis=0)
-    dgamma = xp.sum(dout * x_hat, axis=0)
-    dx_hat = dout * gamma
+    dgamma = None if gamma is None else xp.sum(dout * x_hat, axis=0)
+    dx_hat = dout if gamma is None else dout * gamma
     # x_hat = centered * inv_std
     inv_std = 1.0 / std
     d_inv_std = xp.sum(dx_hat * centered, axis=0, keepdims=True)

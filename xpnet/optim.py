@@ -18,7 +18,16 @@ import numbers
 from .array_types import Array, Config
 from .backend import accelerated, namespace
 
-__all__ = ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam", "UPDATE_RULES", "check_config"]
+__all__ = [
+    "sgd",
+    "sgd_momentum",
+    "sgd_nesterov_momentum",
+    "nesterov_sgd",
+    "rmsprop",
+    "adam",
+    "UPDATE_RULES",
+    "check_config",
+]
 
 
 def _state(config, key, like):
@@ -136,12 +145,39 @@ def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Conf
     return w, config
 
 
+def nesterov_sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
+    """SGD with Nesterov momentum and weight decay as PyTorch applies them
+    (``torch.optim.SGD(nesterov=True, weight_decay=wd)``): the decay joins the gradient
+    before the momentum, so it follows the learning-rate schedule.
+
+    ``g = dw + weight_decay * w; v = momentum * v + g; w -= learning_rate * (g + momentum * v)``
+
+    Config: learning_rate (1e-2), momentum (0.9), weight_decay (0.0), velocity (state).
+    """
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("momentum", 0.9)
+    config.setdefault("weight_decay", 0.0)
+    v = _state(config, "velocity", w)
+    lr, mu, wd = config["learning_rate"], config["momentum"], config["weight_decay"]
+    fast = accelerated(w)
+    if fast is not None:
+        fast.nesterov_sgd(w, dw, v, lr, mu, wd)
+        return w, config
+    g = dw + wd * w if wd else dw
+    v *= mu
+    v += g
+    w -= lr * (g + mu * v)
+    return w, config
+
+
 UPDATE_RULES = {
     "sgd": sgd,
     "sgd_momentum": sgd_momentum,
     "sgd_nesterov_momentum": sgd_nesterov_momentum,
     "rmsprop": rmsprop,
     "adam": adam,
+    "nesterov_sgd": nesterov_sgd,
 }
 
 # The keys each rule reads from its config: hyper-parameters, then its state.
@@ -151,6 +187,7 @@ CONFIG_KEYS = {
     "sgd_nesterov_momentum": (("learning_rate", "momentum"), ("velocity",)),
     "rmsprop": (("learning_rate", "decay_rate", "epsilon"), ("cache",)),
     "adam": (("learning_rate", "beta1", "beta2", "epsilon"), ("m", "v", "t")),
+    "nesterov_sgd": (("learning_rate", "momentum", "weight_decay"), ("velocity",)),
 }
 
 

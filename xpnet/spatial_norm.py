@@ -35,23 +35,24 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
     """Batch normalisation of each channel over N, H and W.
 
     Args:
-        x: (N, C, H, W); gamma, beta: (C,).
+        x: (N, C, H, W); gamma, beta: (C,) (gamma None: no scale parameter, dgamma None).
         bn_param: as for :func:`xpnet.layers.batchnorm_forward` ('mode', 'eps',
             'momentum', 'running_mean' and 'running_var' of shape (C,)).
     Returns:
         out (N, C, H, W) and the cache.
     """
-    layer_namespace("spatial_batchnorm_forward", {"x": x, "gamma": gamma, "beta": beta})
+    layer_namespace("spatial_batchnorm_forward", {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     _check_nchw("spatial_batchnorm_forward", x)
     n, c, h, w = x.shape
     if bn_param.get("mode", "train") == "train" and n * h * w < 2:
         raise ValueError(
             f"spatial_batchnorm_forward: train mode needs at least 2 values per channel, got x {tuple(x.shape)}"
         )
-    if tuple(gamma.shape) != (c,) or tuple(beta.shape) != (c,):
+    gamma_shape = (c,) if gamma is None else tuple(gamma.shape)
+    if gamma_shape != (c,) or tuple(beta.shape) != (c,):
         raise ValueError(
             f"spatial_batchnorm_forward: gamma and beta must be ({c},) for x {tuple(x.shape)}, "
-            f"got {tuple(gamma.shape)} and {tuple(beta.shape)}"
+            f"got {gamma_shape} and {tuple(beta.shape)}"
         )
     xp = layer_namespace("spatial_batchnorm_forward", {"x": x})
     out, cache = batchnorm_forward(_to_rows(xp, x), gamma, beta, bn_param)

@@ -66,6 +66,13 @@ _sgd_nesterov = cupy.ElementwiseKernel(
     "T v_old = v; v = mu * v - lr * dw; w = w + v + mu * (v - v_old)",
     "xpnet_sgd_nesterov",
 )
+# PyTorch's SGD(nesterov=True, weight_decay=wd): the decay joins the gradient before the momentum.
+_nesterov_sgd = cupy.ElementwiseKernel(
+    "T dw, T lr, T mu, T wd",
+    "T w, T v",
+    "const T g = dw + wd * w; v = mu * v + g; w = w - lr * (g + mu * v)",
+    "xpnet_nesterov_sgd",
+)
 _rmsprop = cupy.ElementwiseKernel(
     "T dw, T lr, T decay, T eps",
     "T w, T cache",
@@ -306,6 +313,10 @@ class CupyKernels:
     @staticmethod
     def sgd_nesterov_momentum(w, dw, v, lr, mu):
         _sgd_nesterov(dw, lr, mu, w, v)
+
+    @staticmethod
+    def nesterov_sgd(w, dw, v, lr, mu, wd):
+        _nesterov_sgd(dw, lr, mu, wd, w, v)
 
     @staticmethod
     def rmsprop(w, dw, cache, lr, decay, eps):

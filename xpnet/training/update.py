@@ -21,6 +21,7 @@ DEFAULT_LEARNING_RATES = {
     "sgd": 1e-2,
     "sgd_momentum": 1e-2,
     "sgd_nesterov_momentum": 1e-2,
+    "nesterov_sgd": 1e-2,
     "rmsprop": 1e-2,
     "adam": 1e-3,
 }

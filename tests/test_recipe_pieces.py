@@ -1,0 +1,88 @@
+"""Pieces of the fast CIFAR-10 recipe: erf and the exact GELU, softmax loss with label
+smoothing and summed reduction, batchnorm without a scale parameter; against
+independent references and numerical gradients in float64 on every backend."""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import to_np
+from test_layers import arr, check_backward, labels
+
+from xpnet import layers
+from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
+from xpnet.special import erf, erfc, normal_cdf
+
+
+def test_erf_and_erfc_to_a_few_ulp(backend):
+    z = np.concatenate([np.linspace(-9, 9, 4001), [0.0, 1.4999, 1.5, 1.5001, -1.5, 26.0, -26.0]])
+    got_erf, got_erfc = to_np(erf(arr(backend, z))), to_np(erfc(arr(backend, z)))
+    np.testing.assert_allclose(got_erf, [math.erf(v) for v in z], rtol=0, atol=2e-15)
+    expected = np.array([math.erfc(v) for v in z])
+    np.testing.assert_allclose(got_erfc, expected, rtol=5e-14, atol=1e-300)
+    cdf = 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in z])
+    np.testing.assert_allclose(to_np(normal_cdf(arr(backend, z))), cdf, rtol=5e-14, atol=1e-300)
+
+
+def test_gelu_is_x_times_the_normal_cdf_and_its_gradient_checks(backend, np_rng):
+    x_np = 3 * np_rng.standard_normal((6, 7))
+    x = arr(backend, x_np)
+    out, cache = layers.gelu_forward(x)
+    expected = np.array([[v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in row] for row in x_np])
+    np.testing.assert_allclose(to_np(out), expected, rtol=1e-14, atol=1e-300)
+    dout = arr(backend, np_rng.standard_normal((6, 7)))
+    check_backward(backend, lambda x: layers.gelu_forward(x)[0], (x,), (layers.gelu_backward(dout, cache),), dout)
+
+
+def reference_smoothed_loss(x, y, eps, reduction):
+    n, c = x.shape
+    log_p = x - x.max(1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+    target = np.full((n, c), eps / c)
+    target[np.arange(n), y] += 1 - eps
+    per_row = -(target * log_p).sum(1)
+    return per_row.mean() if reduction == "mean" else per_row.sum()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softmax_loss_with_label_smoothing_and_sum(backend, np_rng, eps, reduction):
+    x_np, y_np = np_rng.standard_normal((8, 5)), np_rng.integers(0, 5, 8)
+    x, y = arr(backend, x_np), labels(backend, y_np)
+    loss, dx = layers.softmax_loss(x, y, label_smoothing=eps, reduction=reduction)
+    assert float(loss) == pytest.approx(reference_smoothed_loss(x_np, y_np, eps, reduction), rel=1e-13)
+    numeric = eval_numerical_gradient(
+        lambda _: layers.softmax_loss(x, y, label_smoothing=eps, reduction=reduction)[0], x, verbose=False
+    )
+    # Elements of dx near 0 (where p meets the smoothed target) are compared against the
+    # centred difference's rounding floor, as in the nets' gradient checks.
+    assert rel_error(numeric, dx, floor=rounding_floor(loss)) < 1e-6
+
+
+def test_softmax_loss_refuses_bad_smoothing_and_reduction():
+    x, y = np.zeros((2, 3)), np.array([0, 1])
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        layers.softmax_loss(x, y, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
+        layers.softmax_loss(x, y, reduction="max")
+
+
+def test_batchnorm_without_a_scale_parameter(backend, np_rng):
+    x = arr(backend, 3 + 2 * np_rng.standard_normal((6, 4)))
+    beta = arr(backend, np_rng.standard_normal(4))
+    dout = arr(backend, np_rng.standard_normal((6, 4)))
+    bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-12}
+    out, cache = layers.batchnorm_forward(x, None, beta, bn_param)
+    x_np = to_np(x)
+    expected = (x_np - x_np.mean(0)) / np.sqrt(x_np.var(0) + 1e-12) + to_np(beta)
+    np.testing.assert_allclose(to_np(out), expected, rtol=1e-12)
+    np.testing.assert_allclose(to_np(bn_param["running_mean"]), 0.4 * x_np.mean(0), rtol=1e-12)
+    for backward in (layers.batchnorm_backward, layers.batchnorm_backward_alt):
+        dx, dgamma, dbeta = backward(dout, cache)
+        assert dgamma is None
+        forward = lambda x, beta: layers.batchnorm_forward(x, None, beta, {"mode": "train", "eps": 1e-12})[0]  # noqa: E731
+        check_backward(backend, forward, (x, beta), (dx, dbeta), dout, tol=1e-6)
+    images = arr(backend, np_rng.standard_normal((2, 4, 3, 3)))
+    out, cache = layers.spatial_batchnorm_forward(images, None, beta, {"mode": "train"})
+    dx, dgamma, _ = layers.spatial_batchnorm_backward(arr(backend, np.ones((2, 4, 3, 3))), cache)
+    assert dgamma is None and tuple(dx.shape) == (2, 4, 3, 3)
