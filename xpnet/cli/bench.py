@@ -331,13 +331,13 @@ def run_conv_suite(backend, args) -> dict:
     tables = {}
     if backend.is_gpu:
         for tf32 in (False, True):
-            rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32)
+            rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32, not args.no_torch)
             tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, ["xpnet", "torch"], [("xpnet", "torch")])
     else:
-        rows = bench_conv.cpu_rows(backend, timer, args.repeats, args.budget)
+        rows = bench_conv.cpu_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
         tables["course shapes (CPU)"] = (rows, ["naive", "fast", "torch"], [("naive", "fast"), ("fast", "torch")])
     if not args.no_convnet:
-        rows = bench_conv.convnet_step_rows(backend, timer, args.repeats, args.budget)
+        rows = bench_conv.convnet_step_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
         names = ["xpnet", "xpnet-graph", "torch", "torch-graph"]
         tables["ThreeLayerConvNet"] = (rows, names, [("xpnet", "torch"), ("xpnet-graph", "torch-graph")])
     return tables

@@ -68,9 +68,9 @@ def _torch_conv_step(torch, device, batch, c_in, c_out, size, kernel, pad, input
     return step
 
 
-def gpu_rows(backend, time_variants, repeats, budget, tf32: bool) -> list:
+def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True) -> list:
     """One row per GPU shape: µs per forward+backward of xpnet and PyTorch, in one precision."""
-    torch = _torch_or_none()
+    torch = _torch_or_none() if use_torch else None
     rows = []
     backend.set_tf32(tf32)
     if torch is not None:
@@ -92,7 +92,7 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool) -> list:
     return rows
 
 
-def cpu_rows(backend, time_variants, repeats, budget) -> list:
+def cpu_rows(backend, time_variants, repeats, budget, use_torch=True) -> list:
     """The course's timing shapes: naive against fast (and PyTorch's CPU layers when installed)."""
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.standard_normal((100, 3, 31, 31)), dtype="float32")
@@ -123,7 +123,7 @@ def cpu_rows(backend, time_variants, repeats, budget) -> list:
             "fast": lambda: fast_layers.max_pool_backward_fast(pooled, fast_pool_cache),
         },
     }
-    torch = _torch_or_none()
+    torch = _torch_or_none() if use_torch else None
     if torch is not None and backend.name == "numpy":
         tx, tw, tb = (torch.from_numpy(np.asarray(a)) for a in (x, w, b))
         tx.requires_grad_(True)
@@ -141,7 +141,7 @@ def cpu_rows(backend, time_variants, repeats, budget) -> list:
     ]
 
 
-def convnet_step_rows(backend, time_variants, repeats, budget) -> list:
+def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -> list:
     """A ThreeLayerConvNet SGD step at batch 128 on CIFAR-sized inputs, xpnet against PyTorch."""
     rng = backend.rng(0)
     X = rng.normal((4096, 3, 32, 32), dtype=backend.xp.float32)
@@ -156,7 +156,7 @@ def convnet_step_rows(backend, time_variants, repeats, budget) -> list:
                         verbose=False, cuda_graph=graph)  # fmt: skip
         step_rng = backend.rng(1)
         variants[name] = ((lambda s=solver, r=step_rng: s.step(r)), backend.sync)
-    torch = _torch_or_none()
+    torch = _torch_or_none() if use_torch else None
     if torch is not None and backend.is_gpu:
         variants.update(_torch_convnet_steps(torch, backend, X, y))
     return [_measure("ThreeLayerConvNet step, batch 128", variants, time_variants, repeats, budget, None)]
