@@ -99,9 +99,10 @@ def _xpnet_run(backend, data, args, cuda_graph, clock=None):
     if clock is not None:
         model.prepare_inputs = clock.wrap("transfer", model.prepare_inputs)
         model.prepare_labels = clock.wrap("transfer", model.prepare_labels)
-        original = solver_module.validate_split
-        solver_module.validate_split = clock.wrap("data checks", original)
-        patched.callback(setattr, solver_module, "validate_split", original)
+        for name in ("validate_split", "check_finite_values"):  # the Solver's data checks
+            original = getattr(solver_module, name)
+            setattr(solver_module, name, clock.wrap("data checks", original))
+            patched.callback(setattr, solver_module, name, original)
     with patched:
         solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": RECIPE["lr"]},
                         batch_size=RECIPE["batch_size"], num_epochs=args.max_epochs, num_val_samples=None,
