@@ -9,7 +9,7 @@ import numbers
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import tree_to_device, tree_to_host
 
-__all__ = ["Model", "backend_for", "input_preparers", "model_state", "load_model_state"]
+__all__ = ["Model", "backend_for", "param_dtype", "input_preparers", "model_state", "load_model_state"]
 
 
 class Model:
@@ -108,12 +108,17 @@ def backend_for(model) -> Backend:
     return backend_of(next(iter(model.params.values())))
 
 
+def param_dtype(model):
+    """The model's floating dtype: ``model.dtype``, else that of its first parameter."""
+    return getattr(model, "dtype", None) or next(iter(model.params.values())).dtype
+
+
 def input_preparers(model, backend):
     """(prepare_inputs, prepare_labels) for ``model``: its own, else conversions onto
     ``backend`` in the dtype of its first parameter."""
     if hasattr(model, "prepare_inputs") and hasattr(model, "prepare_labels"):
         return model.prepare_inputs, model.prepare_labels
-    dtype = next(iter(model.params.values())).dtype
+    dtype = param_dtype(model)
     xp = backend.xp
 
     def prepare_inputs(X):
@@ -145,7 +150,7 @@ def load_model_state(model, state: dict, backend) -> None:
                 f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(model.params[name].shape)}"
             )
-    dtype = getattr(model, "dtype", None) or next(iter(model.params.values())).dtype
+    dtype = param_dtype(model)
     model.params = tree_to_device(state["params"], backend, dtype)
     buffers = model.buffers() if hasattr(model, "buffers") else []
     for layer, saved in zip(buffers, state["buffers"]):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 from .batching import model_accuracy
-from .data_checks import check_finite_values, validate_split
-from .model import backend_for, input_preparers
+from .model import backend_for, input_preparers, param_dtype
 from .training import callbacks as cb
+from .training.data import device_data
 from .training.graph import GraphReplay
 from .training.guard import FiniteGuard
 from .training.sampling import make_sampler
@@ -51,17 +51,10 @@ class Solver:
         self.model, self.backend = model, backend_for(model)
         self.graph = GraphReplay(self.backend) if self.cuda_graph else None
         self.prepare_inputs, self.prepare_labels = input_preparers(model, self.backend)
-        for split in ("train", "val"):  # finiteness is checked after the move, where the data will live
-            validate_split(data, split, getattr(model, "num_classes", None), getattr(model, "input_dim", None), False)
-        rows = data["X_train"].shape[0]
-        if self.batch_size > rows:
-            raise ValueError(f"batch_size={self.batch_size} is larger than the training set ({rows} rows)")
-        # The one move of the data set to the device.
-        self.X_train, self.y_train = self.prepare_inputs(data["X_train"]), self.prepare_labels(data["y_train"])
-        self.X_val, self.y_val = self.prepare_inputs(data["X_val"]), self.prepare_labels(data["y_val"])
-        for key in ("X_train", "X_val"):
-            check_finite_values(getattr(self, key), key)
-        self.sampler = make_sampler(self.settings.sampler, rows, self.batch_size)
+        self.X_train, self.y_train, self.X_val, self.y_val = device_data(
+            data, model, self.prepare_inputs, self.prepare_labels, self.batch_size
+        )
+        self.sampler = make_sampler(self.settings.sampler, self.X_train.shape[0], self.batch_size)
         # What runs at logging points and epoch ends: built from the settings, then the user's.
         self._callbacks = [cb.ConsoleReport(self.verbose, self.progress)]
         self._callbacks += [cb.LogFunction(self.on_log)] if self.on_log is not None else []
@@ -97,10 +90,6 @@ class Solver:
     def num_iterations(self) -> int:
         return self.num_epochs * self.iterations_per_epoch
 
-    @property
-    def _dtype(self):
-        return getattr(self.model, "dtype", None) or next(iter(self.model.params.values())).dtype
-
     # ------------------------------------------------------------------ training
     def _start_epoch(self, epoch: int):
         """Generators for one epoch from (seed, epoch): a resumed run draws what an uninterrupted one would."""
@@ -117,7 +106,7 @@ class Solver:
                 self._start_epoch(self.epoch)
             rng = self._rngs[0]
         if self.update.on_device and self.update.arrays[1] is None:
-            self.update.start(self.backend, self._dtype, self.iteration, self.num_iterations)
+            self.update.start(self.backend, param_dtype(self.model), self.iteration, self.num_iterations)
         if self.graph is None:
             return self._step(rng)
         return self.graph.run(lambda: self._step(rng), key=(rng, *self.update.arrays, self.guard.flag))
@@ -146,7 +135,7 @@ class Solver:
         the end the best parameters (by validation accuracy) are swapped into the model."""
         per_epoch, total = self.iterations_per_epoch, self.num_iterations
         self._stop_requested = False
-        self.update.start(self.backend, self._dtype, self.iteration, total)
+        self.update.start(self.backend, param_dtype(self.model), self.iteration, total)
         step_hooks = [c for c in self._callbacks if type(c).on_step is not cb.Callback.on_step]
         self._emit("on_train_begin")
         for t in range(self.iteration, total):
@@ -226,12 +215,9 @@ class Solver:
         return solver_state(self)
 
     def resume(self, path, trust_pickle: bool = False):
-        """Continue from a checkpoint of this Solver (written on any backend).
-
-        Another update rule or batch size is refused. This Solver's settings win
-        over the checkpoint's; each difference is in ``resume_changes`` (printed
-        when verbose). ``trust_pickle`` reads the old pickle format (which can run code).
-        """
+        """Continue from a checkpoint of this Solver (any backend's); another update rule or batch
+        size is refused. This Solver's settings win: each difference from the checkpoint is in
+        ``resume_changes`` (printed when verbose). ``trust_pickle``: read the old pickle format."""
         self.resume_changes = restore_solver(self, path, trust_pickle)
         for change in self.resume_changes if self.verbose else ():
             print(f"resume: {change}")

@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 import xpnet
-import xpnet.solver as solver_module
+import xpnet.training.data as data_module
 from xpnet import data_utils
 from xpnet.solver import Solver
 
@@ -100,9 +100,9 @@ def _xpnet_run(backend, data, args, cuda_graph, clock=None):
         model.prepare_inputs = clock.wrap("transfer", model.prepare_inputs)
         model.prepare_labels = clock.wrap("transfer", model.prepare_labels)
         for name in ("validate_split", "check_finite_values"):  # the Solver's data checks
-            original = getattr(solver_module, name)
-            setattr(solver_module, name, clock.wrap("data checks", original))
-            patched.callback(setattr, solver_module, name, original)
+            original = getattr(data_module, name)
+            setattr(data_module, name, clock.wrap("data checks", original))
+            patched.callback(setattr, data_module, name, original)
     with patched:
         solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": RECIPE["lr"]},
                         batch_size=RECIPE["batch_size"], num_epochs=args.max_epochs, num_val_samples=None,
