@@ -230,3 +230,19 @@ def test_a_killed_sweep_continues_without_repeating_finished_trials(tmp_path):
             assert json.dumps(t.params, sort_keys=True) in retried  # run again with the same settings
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + len(trials)
     assert np.isfinite(json.loads((out / "summary.json").read_text())["test_acc"])
+
+
+def test_sweep_on_an_existing_dask_cluster_with_a_database_storage(tmp_path, capsys):
+    from distributed import LocalCluster
+
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        args = ["--trials", "3", "--out", str(out), "--scheduler", cluster.scheduler_address, "--storage", storage]
+        assert main([*args, "--sampler", "random", *SPACE]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1].startswith("best val acc: ")
+    assert (out / "best_model.npz").exists() and not (out / "study.journal").exists()
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 4
