@@ -86,3 +86,55 @@ def test_batchnorm_without_a_scale_parameter(backend, np_rng):
     out, cache = layers.spatial_batchnorm_forward(images, None, beta, {"mode": "train"})
     dx, dgamma, _ = layers.spatial_batchnorm_backward(arr(backend, np.ones((2, 4, 3, 3))), cache)
     assert dgamma is None and tuple(dx.shape) == (2, 4, 3, 3)
+
+
+# ----------------------------------------------------------------------------- augmentation and whitening
+def test_reflect_pad_matches_numpy(backend, np_rng):
+    from xpnet.augment import reflect_pad
+
+    x = np_rng.standard_normal((2, 3, 5, 6))
+    out = reflect_pad(arr(backend, x), 2)
+    np.testing.assert_array_equal(to_np(out), np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect"))
+    with pytest.raises(ValueError, match="pad 5 must be smaller than the image's sides"):
+        reflect_pad(arr(backend, x), 5)
+
+
+def test_flips_and_translations_per_image(backend, np_rng):
+    from xpnet.augment import flip_images, random_flip_mask, random_translate, translate_images
+
+    x = np_rng.standard_normal((4, 2, 6, 6))
+    mask = np.array([True, False, True, False])
+    flipped = to_np(flip_images(arr(backend, x), backend.asarray(mask)))
+    np.testing.assert_array_equal(flipped[mask], x[mask][..., ::-1])
+    np.testing.assert_array_equal(flipped[~mask], x[~mask])
+    rows, cols = np.array([-2, 0, 1, 2]), np.array([1, -1, 0, 2])
+    moved = to_np(translate_images(arr(backend, x), backend.asarray(rows), backend.asarray(cols), 2))
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    for i in range(4):
+        np.testing.assert_array_equal(moved[i], padded[i, :, 2 + rows[i] : 8 + rows[i], 2 + cols[i] : 8 + cols[i]])
+    rng = backend.rng(0)
+    draws = to_np(random_flip_mask(rng, 10000))
+    assert 0.47 < draws.mean() < 0.53
+    once, again = random_translate(arr(backend, x), backend.rng(3)), random_translate(arr(backend, x), backend.rng(3))
+    np.testing.assert_array_equal(to_np(once), to_np(again))
+
+
+def test_whitening_filters_whiten_the_patches(backend, np_rng):
+    from xpnet.fast_layers import conv_forward_fast
+    from xpnet.whitening import image_patches, whitening_filters
+
+    colour = np_rng.standard_normal((3, 3))
+    x_np = np.einsum("ij,njhw->nihw", colour, np_rng.standard_normal((40, 3, 8, 8)))  # correlated channels
+    x = arr(backend, x_np)
+    patches = to_np(image_patches(x, 2))
+    expected = np.stack([x_np[:, :, i : i + 7, j : j + 7] for i in range(2) for j in range(2)], axis=2)
+    np.testing.assert_allclose(patches, expected.transpose(0, 3, 4, 1, 2).reshape(-1, 12), rtol=0, atol=0)
+    filters = whitening_filters(x, 2, eps=0.0)
+    assert tuple(filters.shape) == (24, 3, 2, 2)
+    np.testing.assert_array_equal(to_np(filters[12:, ...]), -to_np(filters[:12, ...]))
+    out, _ = conv_forward_fast(x, filters[:12, ...], arr(backend, np.zeros(12)), {"stride": 1, "pad": 0})
+    responses = to_np(out).transpose(1, 0, 2, 3).reshape(12, -1)
+    np.testing.assert_allclose(responses @ responses.T / responses.shape[1], np.eye(12), atol=1e-8)
+    eigenvalues = np.linalg.eigvalsh(patches.T @ patches / patches.shape[0])[::-1]
+    norms = np.linalg.norm(to_np(filters[:12, ...]).reshape(12, -1), axis=1)
+    np.testing.assert_allclose(norms, 1 / np.sqrt(eigenvalues), rtol=1e-8)  # largest eigenvalue first

@@ -1,0 +1,41 @@
+"""The whitening first layer of the fast CIFAR-10 recipe: filters from the eigenvectors
+of the covariance of small image patches, scaled to unit variance, and their negatives."""
+
+from __future__ import annotations
+
+from .array_types import Array
+from .backend import namespace
+from .conv_common import offset_slice
+
+__all__ = ["image_patches", "whitening_filters"]
+
+
+def image_patches(x: Array, size: int = 2) -> Array:
+    """Every size×size patch of every image (stride 1, no padding) as rows: (N·H'·W', C·size·size),
+    each row laid out like a conv filter (channel, row, column)."""
+    xp = namespace(x)
+    n, c, h, w = x.shape
+    h_out, w_out = h - size + 1, w - size + 1
+    slices = [x[offset_slice(i, j, 1, h_out, w_out)] for i in range(size) for j in range(size)]
+    stacked = xp.stack(slices, axis=2)  # (N, C, size², H', W')
+    stacked = xp.permute_dims(stacked, (0, 3, 4, 1, 2))  # (N, H', W', C, size²)
+    return xp.reshape(stacked, (n * h_out * w_out, c * size * size))
+
+
+def whitening_filters(x: Array, size: int = 2, eps: float = 5e-4) -> Array:
+    """Conv weights (2·C·size², C, size, size) that whiten size×size patches of ``x``.
+
+    The covariance of the patches (uncentred, as in the recipe) is decomposed with
+    ``linalg.eigh``; each eigenvector, largest eigenvalue first, is scaled by
+    1 / sqrt(eigenvalue + eps); the negatives follow, so that a GELU after the layer keeps both signs.
+    """
+    xp = namespace(x)
+    c = x.shape[1]
+    patches = image_patches(x, size)
+    covariance = patches.T @ patches / patches.shape[0]
+    eigenvalues, eigenvectors = xp.linalg.eigh(covariance)  # ascending
+    eigenvalues = xp.flip(eigenvalues, axis=0)
+    vectors = xp.flip(eigenvectors, axis=1).T  # one eigenvector per row, largest eigenvalue first
+    scaled = vectors / xp.sqrt(eigenvalues + eps)[:, None]
+    filters = xp.reshape(scaled, (c * size * size, c, size, size))
+    return xp.concat([filters, -filters], axis=0)
