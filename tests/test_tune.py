@@ -224,10 +224,9 @@ def test_a_killed_sweep_continues_without_repeating_finished_trials(tmp_path):
     counted = [t for t in trials if not t.user_attrs.get("stale")]
     assert len(counted) == 8 and all(t.state.is_finished() for t in counted)
     assert len(trials) == 8 + len(stale)
-    retried = {json.dumps(t.params, sort_keys=True) for t in counted}
-    for t in stale:
+    for t in stale:  # run again with the settings it had drawn (a kill between draws leaves some undrawn)
         if t.params:
-            assert json.dumps(t.params, sort_keys=True) in retried  # run again with the same settings
+            assert any(t.params.items() <= other.params.items() for other in counted), t.params
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + len(trials)
     assert np.isfinite(json.loads((out / "summary.json").read_text())["test_acc"])
 
