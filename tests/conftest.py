@@ -60,10 +60,3 @@ def dtype(request):
 def np_rng():
     """A NumPy generator for test data, fixed so failures reproduce."""
     return np.random.default_rng(12345)
-
-
-def to_np(x):
-    """Any backend's array (or a scalar) as NumPy float64/int, for independent reference checks."""
-    from xpnet.backend import to_numpy
-
-    return to_numpy(x)

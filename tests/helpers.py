@@ -4,10 +4,66 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 
 import xpnet
+from xpnet import data_utils
+from xpnet.backend import backend_of, to_numpy
+from xpnet.gradient_check import eval_numerical_gradient_array, rel_error
+
+
+def to_np(x):
+    """Any backend's array (or a scalar) as NumPy, for independent reference checks."""
+    return to_numpy(x)
+
+
+def arr(backend, a):
+    """Host data as a float64 array of ``backend``."""
+    return backend.asarray(np.asarray(a), dtype="float64")
+
+
+def labels(backend, a):
+    """Host integers as an int64 array of ``backend``."""
+    return backend.asarray(np.asarray(a, dtype=np.int64))
+
+
+def check_backward(backend, forward, inputs, grads, dout, tol=1e-7):
+    """Each analytic gradient against a numerical one of sum(forward(*inputs) * dout), float64."""
+    for i, (x, analytic) in enumerate(zip(inputs, grads)):
+        numeric = eval_numerical_gradient_array(lambda _: forward(*inputs), x, dout)
+        assert backend_of(analytic) == backend
+        assert rel_error(numeric, analytic) < tol, f"gradient {i}: {rel_error(numeric, analytic):.2e}"
+
+
+def write_fake_cifar(folder: Path, per_batch=20, seed=0):
+    """Six batch files in the official format; returns the images and labels written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in data_utils.CIFAR10_FILES:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        batch_labels = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": batch_labels, b"batch_label": name.encode()}, f, protocol=2)
+        written[name] = (data, batch_labels)
+    return written
+
+
+def shared_cifar():
+    """The CIFAR-10 folder of $XPNET_DATA_DIR or of ../shared beside the checkout, or None."""
+    candidates = [
+        os.environ.get("XPNET_DATA_DIR"),
+        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar-10-batches-py",
+    ]
+    for candidate in candidates:
+        if candidate:
+            try:
+                return data_utils.find_CIFAR10(candidate)
+            except FileNotFoundError:
+                pass
+    return None
 
 
 def blobs(n, d=6, c=3, seed=0, noise=0.6):

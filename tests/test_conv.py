@@ -4,25 +4,13 @@ float64 on every backend, and the fast layers against the naive ones."""
 
 import numpy as np
 import pytest
-from conftest import to_np
-from test_data_utils import shared_cifar
+from helpers import arr, check_backward, shared_cifar, to_np
 
 from xpnet import fast_layers, layer_utils, layers
 from xpnet.backend import backend_of
 from xpnet.cnn import ThreeLayerConvNet
-from xpnet.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
+from xpnet.gradient_check import eval_numerical_gradient, rel_error
 from xpnet.solver import Solver
-
-
-def arr(backend, a):
-    return backend.asarray(np.asarray(a), dtype="float64")
-
-
-def check_backward(backend, forward, inputs, grads, dout, tol=1e-7):
-    for i, (x, analytic) in enumerate(zip(inputs, grads)):
-        numeric = eval_numerical_gradient_array(lambda _: forward(*inputs), x, dout)
-        assert backend_of(analytic) == backend
-        assert rel_error(numeric, analytic) < tol, f"gradient {i}: {rel_error(numeric, analytic):.2e}"
 
 
 def reference_conv(x, w, b, stride, pad):

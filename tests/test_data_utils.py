@@ -6,27 +6,13 @@ import io
 import os
 import pickle
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import shared_cifar, write_fake_cifar
 
 from xpnet import data_utils
 from xpnet.data_utils import DataError, find_CIFAR10, get_CIFAR10_data, load_CIFAR10, load_CIFAR_batch
-
-
-def write_fake_cifar(folder: Path, per_batch=20, seed=0):
-    """Six batch files in the official format; returns the images and labels written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name in data_utils.CIFAR10_FILES:
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, per_batch).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f, protocol=2)
-        written[name] = (data, labels)
-    return written
 
 
 def test_load_batch_layout(tmp_path):
@@ -162,20 +148,6 @@ def test_digits_data_layout():
     np.testing.assert_allclose(data["X_train"].mean(0), 0, atol=1e-5)
     raw = data_utils.load_digits_data(subtract_mean=False)
     assert raw["X_train"].min() >= 0 and raw["X_train"].max() <= 1
-
-
-def shared_cifar():
-    candidates = [
-        os.environ.get("XPNET_DATA_DIR"),
-        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar-10-batches-py",
-    ]
-    for candidate in candidates:
-        if candidate:
-            try:
-                return find_CIFAR10(candidate)
-            except FileNotFoundError:
-                pass
-    return None
 
 
 @pytest.mark.skipif(shared_cifar() is None, reason="CIFAR-10 not present (set XPNET_DATA_DIR)")

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import to_np
+from helpers import to_np
 
 from xpnet.gradient_check import (
     eval_numerical_gradient,

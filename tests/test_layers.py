@@ -3,33 +3,17 @@ against numerical gradients in float64, on every backend."""
 
 import numpy as np
 import pytest
-from conftest import to_np
+from helpers import arr, check_backward, labels, to_np
 
 from xpnet import layers
 from xpnet.backend import backend_of
-from xpnet.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
+from xpnet.gradient_check import eval_numerical_gradient, rel_error
 from xpnet.layer_utils import (
     affine_norm_relu_dropout_backward,
     affine_norm_relu_dropout_forward,
     affine_relu_backward,
     affine_relu_forward,
 )
-
-
-def arr(backend, a):
-    return backend.asarray(np.asarray(a), dtype="float64")
-
-
-def labels(backend, a):
-    return backend.asarray(np.asarray(a, dtype=np.int64))
-
-
-def check_backward(backend, forward, inputs, grads, dout, tol=1e-7):
-    """Compare each analytic gradient with a numerical one (float64)."""
-    for i, (x, analytic) in enumerate(zip(inputs, grads)):
-        numeric = eval_numerical_gradient_array(lambda _: forward(*inputs), x, dout)
-        assert backend_of(analytic) == backend
-        assert rel_error(numeric, analytic) < tol, f"gradient {i}"
 
 
 # ---------------------------------------------------------------- affine / relu

@@ -3,7 +3,7 @@ gradients against numerical gradients in float64, construction errors."""
 
 import numpy as np
 import pytest
-from conftest import to_np
+from helpers import to_np
 
 import xpnet
 from xpnet import fc_net, neural_net

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_data_utils import shared_cifar
+from helpers import shared_cifar
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.ipynb"))
 

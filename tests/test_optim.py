@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import to_np
+from helpers import to_np
 
 from xpnet import optim
 

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import to_np
-from test_layers import arr, check_backward, labels
+from helpers import arr, check_backward, labels, to_np
 
 from xpnet import layers
 from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor

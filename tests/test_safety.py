@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import to_np
-from helpers import small_data, small_model, write_pickle_payload
+from helpers import small_data, small_model, to_np, write_fake_cifar, write_pickle_payload
 
 import xpnet
 from xpnet import checkpoint, data_utils, layers
@@ -213,8 +212,6 @@ def test_kill_9_loop_leaves_only_loadable_checkpoints_and_no_stale_temporaries(t
 
 # ----------------------------------------------------------------------------- CIFAR-10 files
 def fake_cifar_folder(folder):
-    from test_data_utils import write_fake_cifar
-
     write_fake_cifar(folder)
     return folder
 

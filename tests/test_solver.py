@@ -5,8 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import to_np
-from helpers import small_data, small_model
+from helpers import small_data, small_model, to_np
 
 import xpnet
 from xpnet.checkpoint import load_checkpoint

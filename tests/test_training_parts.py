@@ -4,8 +4,7 @@ samplers, early stopping, explicit generators, and models that are not xpnet's."
 import numpy as np
 import pytest
 from array_api_compat import device
-from conftest import to_np
-from helpers import small_data, small_model
+from helpers import small_data, small_model, to_np
 
 import xpnet
 from xpnet.solver import Solver
