@@ -53,7 +53,8 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     x_cn = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), pad)  # channels first: the columns need no transpose
     cols = _im2col(xp, x_cn, hh, ww, stride, h_out, w_out)
-    out = matmul(xp.reshape(w, (f, -1)), cols) + b[:, None]  # (F, N·H'·W')
+    out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, N·H'·W'), a fresh array
+    out += b[:, None]
     out = xp.permute_dims(xp.reshape(out, (f, n, h_out, w_out)), (1, 0, 2, 3))
     return out, (x, w, b, conv_param, cols)
 
