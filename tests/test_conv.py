@@ -127,6 +127,23 @@ def test_fast_conv_backward_equals_naive_and_skips_the_input_gradient(backend, n
     assert dx is None and tuple(dw.shape) == (5, 4, 3, 3)
 
 
+@pytest.mark.parametrize("kind", ["naive", "fast"])
+def test_conv_without_bias_equals_a_zero_bias_and_has_no_bias_gradient(backend, np_rng, kind):
+    forward = layers.conv_forward_naive if kind == "naive" else fast_layers.conv_forward_fast
+    backward = layers.conv_backward_naive if kind == "naive" else fast_layers.conv_backward_fast
+    x, w = arr(backend, np_rng.standard_normal((2, 3, 7, 7))), arr(backend, np_rng.standard_normal((4, 3, 3, 3)))
+    param = {"stride": 2, "pad": 1}
+    out, cache = forward(x, w, None, param)
+    with_zeros, zero_cache = forward(x, w, arr(backend, np.zeros(4)), param)
+    np.testing.assert_array_equal(to_np(out), to_np(with_zeros))
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    dx, dw, db = backward(dout, cache)
+    dx0, dw0, _ = backward(dout, zero_cache)
+    assert db is None
+    np.testing.assert_array_equal(to_np(dx), to_np(dx0))
+    np.testing.assert_array_equal(to_np(dw), to_np(dw0))
+
+
 @pytest.mark.parametrize(
     "x_shape, w_shape, param, message",
     [
@@ -222,6 +239,15 @@ def test_spatial_batchnorm_normalises_each_channel_and_keeps_running_averages(ba
         to_np(bn_param["running_var"])[:, None, None] + 1e-5
     ) * gamma[:, None, None] + beta[:, None, None]
     np.testing.assert_allclose(to_np(test_out), expected, rtol=1e-12)
+
+
+def test_spatial_batchnorm_can_average_the_unbiased_variance_as_pytorch_does(backend, np_rng):
+    x_np = 1 + 3 * np_rng.standard_normal((4, 3, 2, 5))
+    bn_param = {"mode": "train", "momentum": 0.6, "unbiased_running_var": True}
+    layers.spatial_batchnorm_forward(arr(backend, x_np), None, arr(backend, np.zeros(3)), bn_param)
+    unbiased = x_np.transpose(1, 0, 2, 3).reshape(3, -1).var(axis=1, ddof=1)
+    np.testing.assert_allclose(to_np(bn_param["running_var"]), 0.4 * unbiased, rtol=1e-12)
+    np.testing.assert_allclose(to_np(bn_param["running_mean"]), 0.4 * x_np.mean(axis=(0, 2, 3)), rtol=1e-12)
 
 
 def test_spatial_batchnorm_backward(backend, np_rng):

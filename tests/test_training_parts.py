@@ -89,6 +89,42 @@ def test_groups_and_schedules_train_with_every_rule_like_the_plain_rule(backend)
         np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-12, err_msg=name)
 
 
+class ParameterRecorder(Callback):
+    """Keeps a host copy of one parameter after every step."""
+
+    def __init__(self, name):
+        self.name, self.values = name, []
+
+    def on_step(self, solver):
+        self.values.append(to_np(solver.model.params[self.name]).copy())
+
+
+def test_a_group_with_its_own_schedule_follows_it_and_a_zero_holds_it_fixed(backend):
+    seen = []
+    settings = dict(
+        optim_config={"learning_rate": 0.1},
+        param_groups=[{"params": ["b1"], "lr_schedule": lambda t: 1.0 if t < 2 else 0.0}],
+        lr_schedule=lambda t: 0.5,
+        batch_size=50,  # 4 steps
+        num_epochs=1,
+        verbose=False,
+        seed=0,
+    )
+    model = small_model(backend, dtype="float64")
+    Solver(model, small_data(), update_rule=spy_rule(seen), **settings).train()
+    names = list(model.params)
+    for step in range(4):
+        for name, rate in zip(names, seen[step * len(names) : (step + 1) * len(names)]):
+            expected = (0.1 if step < 2 else 0.0) if name == "b1" else 0.05
+            assert rate == pytest.approx(expected, abs=1e-17), (name, step)
+    model = small_model(backend, dtype="float64")
+    start = to_np(model.params["b1"]).copy()
+    recorder = ParameterRecorder("b1")
+    Solver(model, small_data(), update_rule="nesterov_sgd", callbacks=[recorder], **settings).train()
+    assert not np.array_equal(recorder.values[1], start)
+    np.testing.assert_array_equal(recorder.values[3], recorder.values[1])  # held where step 2 left it
+
+
 @pytest.mark.parametrize(
     "groups, message",
     [
@@ -140,6 +176,19 @@ def test_epoch_permutation_uses_each_row_once_and_drops_the_partial_batch(backen
     again = RowRecorder(backend)
     Solver(again, data, sampler=EpochPermutation, batch_size=3, num_epochs=2, verbose=False, seed=0).train()
     assert again.batches == model.batches
+
+
+def test_epoch_permutation_writes_each_epoch_into_the_same_arrays(backend):
+    sampler = EpochPermutation(10, 3)
+    orders, arrays = [], []
+    for epoch in range(3):
+        sampler.start_epoch(backend.rng((0, epoch)))
+        arrays.append((sampler._order, sampler._start))
+        order = np.concatenate([to_np(sampler.indices(backend.rng(0))) for _ in range(3)])
+        assert len(set(order.tolist())) == 9 and set(order.tolist()) <= set(range(10))
+        orders.append(order)
+    assert all(a[0] is arrays[0][0] and a[1] is arrays[0][1] for a in arrays)  # a captured step keeps reading them
+    assert not np.array_equal(orders[0], orders[1])
 
 
 def test_unknown_sampler_is_refused():

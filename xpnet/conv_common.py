@@ -34,19 +34,20 @@ def _tiles(function, what, size, kernel, stride, shape_text):
 
 
 def conv_geometry(function: str, x: Array, w: Array, b: Array, conv_param: dict):
-    """Check a convolution's arguments; returns (xp, stride, pad, H_out, W_out)."""
-    xp = layer_namespace(function, {"x": x, "w": w, "b": b})
-    if x.ndim != 4 or w.ndim != 4 or b.ndim != 1:
+    """Check a convolution's arguments (``b`` may be None: no bias); returns (xp, stride, pad, H_out, W_out)."""
+    xp = layer_namespace(function, {"x": x, "w": w, **({} if b is None else {"b": b})})
+    b_shape = None if b is None else tuple(b.shape)
+    if x.ndim != 4 or w.ndim != 4 or (b is not None and b.ndim != 1):
         raise ValueError(
-            f"{function}: x must be (N, C, H, W), w (F, C, HH, WW) and b (F,); "
-            f"got x {tuple(x.shape)}, w {tuple(w.shape)}, b {tuple(b.shape)}"
+            f"{function}: x must be (N, C, H, W), w (F, C, HH, WW) and b (F,) or None; "
+            f"got x {tuple(x.shape)}, w {tuple(w.shape)}, b {b_shape}"
         )
     if x.shape[1] != w.shape[1]:
         raise ValueError(
             f"{function}: x {tuple(x.shape)} has {x.shape[1]} channels but w {tuple(w.shape)} expects {w.shape[1]}"
         )
-    if b.shape[0] != w.shape[0]:
-        raise ValueError(f"{function}: b {tuple(b.shape)} must have one bias per filter of w {tuple(w.shape)}")
+    if b is not None and b.shape[0] != w.shape[0]:
+        raise ValueError(f"{function}: b {b_shape} must have one bias per filter of w {tuple(w.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{function}: empty batch, x has shape {tuple(x.shape)}")
     stride = _positive_int(function, "conv_param['stride']", conv_param.get("stride", 1))

@@ -19,7 +19,7 @@ def conv_forward_naive(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[
     """Convolution (cross-correlation, no kernel flip) with zero padding on every side.
 
     Args:
-        x: (N, C, H, W) input; w: (F, C, HH, WW) filters; b: (F,) biases.
+        x: (N, C, H, W) input; w: (F, C, HH, WW) filters; b: (F,) biases, or None for none.
         conv_param: {'stride': s, 'pad': p}.
     Returns:
         out (N, F, H', W') with H' = 1 + (H + 2p − HH) / s, W' = 1 + (W + 2p − WW) / s;
@@ -33,7 +33,8 @@ def conv_forward_naive(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[
     for i in range(h_out):
         for j in range(w_out):
             window = xpad[:, :, i * stride : i * stride + hh, j * stride : j * stride + ww]
-            columns.append(xp.reshape(window, (n, -1)) @ w_rows.T + b)  # (N, F)
+            column = xp.reshape(window, (n, -1)) @ w_rows.T  # (N, F)
+            columns.append(column if b is None else column + b)
     out = xp.reshape(xp.stack(columns, axis=2), (n, f, h_out, w_out))
     return out, (x, w, b, conv_param)
 
@@ -44,7 +45,7 @@ def conv_backward_naive(dout: Array, cache: Cache) -> tuple[Array, Array, Array]
     Args:
         dout: (N, F, H', W') upstream gradient; cache from the forward pass.
     Returns:
-        dx (N, C, H, W), dw (F, C, HH, WW), db (F,).
+        dx (N, C, H, W), dw (F, C, HH, WW), db (F,) (None when the forward pass had no bias).
     """
     x, w, b, conv_param = cache
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_naive", x, w, b, conv_param)
@@ -62,7 +63,8 @@ def conv_backward_naive(dout: Array, cache: Cache) -> tuple[Array, Array, Array]
             dw_rows += d.T @ xp.reshape(xpad[:, :, rows, cols], (n, -1))
             dxpad[:, :, rows, cols] += xp.reshape(d @ w_rows, (n, x.shape[1], hh, ww))
     dx = dxpad[:, :, pad : pad + x.shape[2], pad : pad + x.shape[3]]
-    return dx, xp.reshape(dw_rows, w.shape), xp.sum(dout, axis=(0, 2, 3))
+    db = None if b is None else xp.sum(dout, axis=(0, 2, 3))
+    return dx, xp.reshape(dw_rows, w.shape), db
 
 
 def _first_max_mask(xp, windows):

@@ -45,7 +45,7 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     """Convolution as im2col + one GEMM; the same contract as :func:`xpnet.layers.conv_forward_naive`.
 
     Args:
-        x: (N, C, H, W); w: (F, C, HH, WW); b: (F,); conv_param: {'stride', 'pad'}.
+        x: (N, C, H, W); w: (F, C, HH, WW); b: (F,) or None (no bias); conv_param: {'stride', 'pad'}.
     Returns:
         out (N, F, H', W') and the cache (x, w, b, conv_param, columns).
     """
@@ -54,14 +54,16 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     x_cn = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), pad)  # channels first: the columns need no transpose
     cols = _im2col(xp, x_cn, hh, ww, stride, h_out, w_out)
     out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, N·H'·W'), a fresh array
-    out += b[:, None]
+    if b is not None:
+        out += b[:, None]
     out = xp.permute_dims(xp.reshape(out, (f, n, h_out, w_out)), (1, 0, 2, 3))
     return out, (x, w, b, conv_param, cols)
 
 
 def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_forward_fast`: dx (N, C, H, W) (None when
-    ``input_grad`` is False, as for a network's first layer), dw (F, C, HH, WW), db (F,)."""
+    ``input_grad`` is False, as for a network's first layer), dw (F, C, HH, WW), db (F,)
+    (None without a bias)."""
     x, w, b, conv_param, cols = cache
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_fast", x, w, b, conv_param)
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
@@ -69,7 +71,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
         raise ValueError(f"conv_backward_fast: dout has shape {tuple(dout.shape)}, expected {(n, f, h_out, w_out)}")
     dout_rows = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (f, -1))  # (F, N·H'·W')
     dw = xp.reshape(matmul(dout_rows, cols.T), w.shape)
-    db = xp.sum(dout_rows, axis=1)
+    db = None if b is None else xp.sum(dout_rows, axis=1)
     if not input_grad:
         return None, dw, db
     dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)

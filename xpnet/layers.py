@@ -302,7 +302,9 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
             the backward pass returns dgamma None.
         bn_param: dict with 'mode' ('train' or 'test'), optional 'eps' (1e-5),
             'momentum' (0.9), 'running_mean' and 'running_var' (D,) (created as
-            zeros on first use).
+            zeros on first use), and 'unbiased_running_var' (False): when True the
+            running variance averages the unbiased batch variance, N/(N-1) times the
+            biased one, as PyTorch's BatchNorm does.
     Returns:
         out (N, D) and the cache for the backward pass.
     """
@@ -322,7 +324,9 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
             )
         out, cache, mean, var = _normalize_forward(x, gamma, beta, eps, axis=0)
         # In place, so the buffers keep their identity (a CUDA graph writes into them).
-        for key, batch_value in (("running_mean", mean[0, :]), ("running_var", var[0, :])):
+        n = x.shape[0]
+        batch_var = var[0, :] * (n / (n - 1)) if bn_param.get("unbiased_running_var", False) else var[0, :]
+        for key, batch_value in (("running_mean", mean[0, :]), ("running_var", batch_var)):
             running = bn_param[key]
             running *= momentum
             running += (1 - momentum) * batch_value

@@ -105,7 +105,7 @@ class Solver:
             if self._rngs is None:
                 self._start_epoch(self.epoch)
             rng = self._rngs[0]
-        if self.update.on_device and self.update.arrays[1] is None:
+        if self.update.on_device and self.update.step_counter is None:
             self.update.start(self.backend, param_dtype(self.model), self.iteration, self.num_iterations)
         if self.graph is None:
             return self._step(rng)

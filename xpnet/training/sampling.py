@@ -50,7 +50,8 @@ class EpochPermutation(Sampler):
     replacement; the last partial batch is dropped (N // B steps per epoch).
 
     The position within the epoch is a counter on the device, so a captured step
-    walks through the permutation on replay.
+    walks through the permutation on replay; each epoch's permutation and the reset
+    counter are written into the same arrays, so one capture serves every epoch.
     """
 
     @property
@@ -59,9 +60,14 @@ class EpochPermutation(Sampler):
 
     def start_epoch(self, rng) -> None:
         xp = rng.backend.xp
-        self._order = rng.permutation(self.num_rows)
-        self._offsets = xp.arange(self.batch_size, dtype=xp.int64, device=rng.backend.device)
-        self._start = xp.zeros((), dtype=xp.int64, device=rng.backend.device)
+        order = rng.permutation(self.num_rows)
+        if getattr(self, "_order", None) is None:
+            self._order = order
+            self._offsets = xp.arange(self.batch_size, dtype=xp.int64, device=rng.backend.device)
+            self._start = xp.zeros((), dtype=xp.int64, device=rng.backend.device)
+            return
+        self._order[...] = order
+        self._start[...] = 0
 
     def indices(self, rng):
         xp = rng.backend.xp

@@ -51,8 +51,11 @@ class Update:
         param_names: the model's parameter names.
         per_epoch: iterations per epoch (for ``lr_decay``).
         param_groups: optional list of dicts, each with "params" (a list of names,
-            or a callable of the name) and hyper-parameters that override
-            ``optim_config`` for those parameters (e.g. a larger "learning_rate").
+            or a callable of the name), hyper-parameters that override
+            ``optim_config`` for those parameters (e.g. a larger "learning_rate"),
+            and optionally its own "lr_schedule", which replaces ``lr_schedule``
+            for those parameters. With the rules whose step is the learning rate
+            times a direction ('sgd', 'nesterov_sgd'), a factor of 0 holds them fixed.
             A parameter belongs to the first group that names it.
         lr_decay: factor on the learning rate after each epoch.
         lr_schedule: optional callable ``iteration -> factor``, applied on the device.
@@ -64,65 +67,77 @@ class Update:
                  lr_schedule=None, on_device=False):  # fmt: skip
         self.rule = resolve_update_rule(rule)
         self.rule_name = rule_name(rule)
-        self.per_epoch, self.lr_decay, self.lr_schedule = per_epoch, lr_decay, lr_schedule
-        self.on_device = on_device or lr_schedule is not None
+        self.per_epoch, self.lr_decay = per_epoch, lr_decay
         groups = list(param_groups or [])
         for group in groups:
             if "params" not in group:
                 raise ValueError(f"each param_group needs a 'params' entry, got {sorted(group)}")
-            overrides = {k: v for k, v in group.items() if k != "params"}
-            optim.check_config(self.rule_name, overrides)
+            schedule = group.get("lr_schedule")
+            if schedule is not None and not callable(schedule):
+                raise ValueError(f"a param_group's lr_schedule must be a callable of the iteration, got {schedule!r}")
+            optim.check_config(self.rule_name, _hyper_parameters(group))
             if not callable(group["params"]):
                 unknown = sorted(set(group["params"]) - set(param_names))
                 if unknown:
                     raise ValueError(
                         f"param_groups name unknown parameters {unknown}; the model has {sorted(param_names)}"
                     )
-        self.configs, self.base_lr = {}, {}
+        self.configs, self.base_lr, self.schedules = {}, {}, {}
         for name in param_names:
             index = _group_of(name, groups)
-            overrides = {} if index is None else {k: v for k, v in groups[index].items() if k != "params"}
-            self.configs[name] = config = {**optim_config, **overrides}
+            group = {} if index is None else groups[index]
+            self.configs[name] = config = {**optim_config, **_hyper_parameters(group)}
             self.base_lr[name] = config.get("learning_rate", DEFAULT_LEARNING_RATES.get(self.rule_name))
-        self._table = self._step = None
+            self.schedules[name] = group.get("lr_schedule", lr_schedule)
+        self.on_device = on_device or any(s is not None for s in self.schedules.values())
+        self._tables, self._step = {}, None
 
     # -- the learning rate ------------------------------------------------------------
     def start(self, backend, dtype, iteration: int, num_iterations: int) -> None:
         """Set the host learning rates for ``iteration`` and, when on the device, build
-        the table of per-iteration factors (``num_iterations`` of them) and the step counter."""
+        a table of per-iteration factors (``num_iterations`` of them) for each schedule
+        and the step counter."""
         self.set_host_learning_rates(iteration)
         if not self.on_device:
             return
         xp = backend.xp
-        factors = [
-            learning_rate_factor(i, self.per_epoch, self.lr_decay, self.lr_schedule) for i in range(num_iterations)
-        ]
-        self._table = backend.asarray(factors or [1.0], dtype=dtype)
-        self._last = len(factors) - 1 if factors else 0
+        self._tables = {}
+        for schedule in self.schedules.values():
+            if id(schedule) not in self._tables:
+                factors = [
+                    learning_rate_factor(i, self.per_epoch, self.lr_decay, schedule) for i in range(num_iterations)
+                ]
+                self._tables[id(schedule)] = backend.asarray(factors or [1.0], dtype=dtype)
+        self._last = max(num_iterations - 1, 0)
         self._step = xp.asarray(iteration, dtype=xp.int64, device=backend.device)
 
     def set_host_learning_rates(self, iteration: int) -> None:
         """Each config's "learning_rate" as the Python float in force at ``iteration``."""
-        factor = learning_rate_factor(iteration, self.per_epoch, self.lr_decay, self.lr_schedule)
         for name, config in self.configs.items():
             if self.base_lr[name] is not None:
+                factor = learning_rate_factor(iteration, self.per_epoch, self.lr_decay, self.schedules[name])
                 config["learning_rate"] = self.base_lr[name] * factor
+
+    @property
+    def step_counter(self):
+        """The device step counter (None until :meth:`start` runs on the device)."""
+        return self._step
 
     @property
     def arrays(self) -> tuple:
         """The device arrays a captured step reads (a new set means: capture again)."""
-        return (self._table, self._step)
+        return (self._step, *self._tables.values())
 
     # -- the step ----------------------------------------------------------------------
     def apply(self, params: dict, grads: dict) -> None:
         """Update every parameter in place (device work only when on the device)."""
-        if self._table is None:
+        if self._step is None:
             for name, w in params.items():
                 params[name], self.configs[name] = self.rule(w, grads[name], self.configs[name])
             return
         xp = namespace(self._step)
         position = xp.reshape(xp.clip(self._step, 0, self._last), (1,))
-        factor = xp.reshape(xp.take(self._table, position), ())
+        factors = {key: xp.reshape(xp.take(table, position), ()) for key, table in self._tables.items()}
         self._step += 1  # in place: a replayed graph counts too
         rates = {}
         for name, w in params.items():
@@ -130,10 +145,16 @@ class Update:
             if base is None:
                 params[name], self.configs[name] = self.rule(w, grads[name], config)
                 continue
-            if base not in rates:
-                rates[base] = factor * base
-            host_rate, config["learning_rate"] = config["learning_rate"], rates[base]
+            key = (base, id(self.schedules[name]))
+            if key not in rates:
+                rates[key] = factors[key[1]] * base
+            host_rate, config["learning_rate"] = config["learning_rate"], rates[key]
             try:
                 params[name], self.configs[name] = self.rule(w, grads[name], config)
             finally:
                 config["learning_rate"] = host_rate
+
+
+def _hyper_parameters(group: dict) -> dict:
+    """A param group's overrides of the update rule's config."""
+    return {k: v for k, v in group.items() if k not in ("params", "lr_schedule")}
