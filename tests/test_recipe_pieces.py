@@ -14,13 +14,17 @@ from xpnet.special import erf, erfc, normal_cdf
 
 
 def test_erf_and_erfc_to_a_few_ulp(backend):
-    z = np.concatenate([np.linspace(-9, 9, 4001), [0.0, 1.4999, 1.5, 1.5001, -1.5, 26.0, -26.0]])
+    edges = [0.0, 0.46875, -0.46875, 0.46876, 4.0, -4.0, 4.0001, 26.0, -26.0, 27.5, 40.0]  # Cody's ranges meet
+    z = np.concatenate([np.linspace(-9, 9, 4001), edges])
     got_erf, got_erfc = to_np(erf(arr(backend, z))), to_np(erfc(arr(backend, z)))
     np.testing.assert_allclose(got_erf, [math.erf(v) for v in z], rtol=0, atol=2e-15)
     expected = np.array([math.erfc(v) for v in z])
     np.testing.assert_allclose(got_erfc, expected, rtol=5e-14, atol=1e-300)
     cdf = 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in z])
     np.testing.assert_allclose(to_np(normal_cdf(arr(backend, z))), cdf, rtol=5e-14, atol=1e-300)
+    limits = arr(backend, [np.inf, -np.inf])
+    np.testing.assert_array_equal(to_np(erf(limits)), [1.0, -1.0])
+    np.testing.assert_array_equal(to_np(erfc(limits)), [0.0, 2.0])
 
 
 def test_gelu_is_x_times_the_normal_cdf_and_its_gradient_checks(backend, np_rng):
