@@ -10,7 +10,16 @@ from __future__ import annotations
 from .array_types import Array
 from .backend import namespace
 
-__all__ = ["reflect_pad", "flip_images", "random_flip_mask", "translate_images", "random_translate"]
+__all__ = [
+    "reflect_pad",
+    "flip_images",
+    "random_flip_mask",
+    "translate_images",
+    "crop_padded",
+    "random_translate",
+    "AlternatingFlipTranslate",
+    "tta_scores",
+]
 
 
 def _check_images(function, x):
@@ -49,16 +58,22 @@ def translate_images(x: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     """Each image moved by its own (rows, cols) offset in [-max_shift, max_shift], the gap
     filled by reflection: a crop of the reflect-padded image. shift_*: (N,) integers."""
     _check_images("translate_images", x)
-    xp = namespace(x, shift_rows, shift_cols)
-    h, w = x.shape[2], x.shape[3]
-    padded = reflect_pad(x, max_shift)
+    return crop_padded(reflect_pad(x, max_shift), shift_rows, shift_cols, max_shift)
+
+
+def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: int) -> Array:
+    """:func:`translate_images` of images already padded by ``max_shift`` on every side:
+    (N, C, H + 2·max_shift, W + 2·max_shift) in, (N, C, H, W) out."""
+    _check_images("crop_padded", padded)
+    xp = namespace(padded, shift_rows, shift_cols)
+    h, w = padded.shape[2] - 2 * max_shift, padded.shape[3] - 2 * max_shift
     # Rows first, then columns: 2·(2·max_shift + 1) selections instead of one per (row, col) pair.
     # A shift of +s shows the content that sits s pixels further on, as torch.roll(x, -s) would.
     rows = xp.zeros_like(padded[:, :, :h, :])
     for k in range(2 * max_shift + 1):
         chosen = (shift_rows + max_shift == k)[:, None, None, None]
         rows = xp.where(chosen, padded[:, :, k : k + h, :], rows)
-    out = xp.zeros_like(x)
+    out = xp.zeros_like(rows[..., :w])
     for k in range(2 * max_shift + 1):
         chosen = (shift_cols + max_shift == k)[:, None, None, None]
         out = xp.where(chosen, rows[..., k : k + w], out)
@@ -70,3 +85,77 @@ def random_translate(x: Array, rng, max_shift: int = 2) -> Array:
     n = x.shape[0]
     shifts = rng.integers(-max_shift, max_shift + 1, (2, n))
     return translate_images(x, shifts[0, :], shifts[1, :], max_shift)
+
+
+class AlternatingFlipTranslate:
+    """The fast CIFAR-10 recipe's training images, one epoch at a time, on the device.
+
+    In the first epoch each image is mirrored or not at random; in later epochs every
+    image is mirrored on alternate epochs relative to that first choice, so each one is
+    seen both ways equally often. Each epoch also moves every image by a random offset of
+    up to ``max_shift`` pixels in each direction (reflect padding). Each epoch's images are
+    written into the same array (:attr:`images`), which a captured training step reads.
+
+    Args:
+        images: (N, C, H, W) normalised training images on the device.
+        rng: the :class:`~xpnet.backend.DeviceRNG` for the flips and the offsets.
+        flip: mirror as described; max_shift: 0 for no translation.
+
+    Attributes:
+        flip_mask: (N,) the first epoch's choices; shifts: the last epoch's (2, N) offsets
+            (rows, columns); both on the device, for whoever wants to replay the draws.
+    """
+
+    def __init__(self, images: Array, rng, flip: bool = True, max_shift: int = 2):
+        _check_images("AlternatingFlipTranslate", images)
+        self.rng, self.flip, self.max_shift = rng, flip, max_shift
+        self.flip_mask = random_flip_mask(rng, images.shape[0]) if flip else None
+        base = flip_images(images, self.flip_mask) if flip else images
+        self._padded = reflect_pad(base, max_shift)  # padded once: every epoch crops from it
+        self.images = namespace(images).asarray(base, copy=True)
+        self.shifts = None
+
+    def epoch(self, epoch: int) -> Array:
+        """The images of ``epoch`` (0-based), in :attr:`images`."""
+        xp = namespace(self.images)
+        if self.max_shift:
+            self.shifts = self.rng.integers(-self.max_shift, self.max_shift + 1, (2, self.images.shape[0]))
+            out = crop_padded(self._padded, self.shifts[0, :], self.shifts[1, :], self.max_shift)
+        else:
+            out = self._padded
+        if self.flip and epoch % 2 == 1:
+            out = xp.flip(out, axis=3)
+        self.images[...] = out
+        return self.images
+
+
+def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int = 2000) -> Array:
+    """Class scores averaged over test-time augmentations, in batches on the device.
+
+    level 0: the images as they are; 1: the mean of the image and its mirror; 2: half
+    of that, plus half the mean over the mirror pair shifted one pixel up-left and one
+    pixel down-right (reflect padding), as in the fast CIFAR-10 recipe.
+
+    Args:
+        scores_of: ``images (B, C, H, W) -> scores (B, K)`` (e.g. ``model.loss``).
+        images: (N, C, H, W).
+    Returns:
+        (N, K) scores.
+    """
+    _check_images("tta_scores", images)
+    if level not in (0, 1, 2):
+        raise ValueError(f"tta_scores: level must be 0, 1 or 2, got {level!r}")
+    xp = namespace(images)
+
+    def mirrored(x):
+        return 0.5 * scores_of(x) + 0.5 * scores_of(xp.flip(x, axis=3))
+
+    def translated(x):
+        h, w = x.shape[2], x.shape[3]
+        padded = reflect_pad(x, 1)
+        shifted = [padded[:, :, :h, :w], padded[:, :, 2 : h + 2, 2 : w + 2]]
+        return 0.5 * mirrored(x) + 0.5 * (0.5 * mirrored(shifted[0]) + 0.5 * mirrored(shifted[1]))
+
+    score = (scores_of, mirrored, translated)[level]
+    n = images.shape[0]
+    return xp.concat([score(images[i : min(i + batch_size, n), ...]) for i in range(0, n, batch_size)], axis=0)

@@ -3,11 +3,17 @@ with an explicit forward and backward pass."""
 
 from __future__ import annotations
 
-from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
-from .layers import affine_backward, affine_forward, softmax_loss
-from .model import Model, check_finite, check_num_classes, check_positive_int
+import math
 
-__all__ = ["ThreeLayerConvNet"]
+from array_api_compat import device
+
+from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
+from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
+from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
+from .model import Model, check_finite, check_num_classes, check_positive_int
+from .spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
+
+__all__ = ["ThreeLayerConvNet", "FastConvNet"]
 
 
 class ThreeLayerConvNet(Model):
@@ -93,3 +99,190 @@ class ThreeLayerConvNet(Model):
         dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, cache2)
         _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dpooled, cache1, input_grad=False)
         return self._add_l2(loss, grads, ("W1", "W2", "W3"), self.reg)
+
+
+# --------------------------------------------------------------------------- the fast CIFAR-10 net
+_SAME = {"stride": 1, "pad": 1}  # 3x3 convolutions that keep the size
+_POOL2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+
+def _crop_even(x):
+    """x (N, C, H, W) without its last row and column where H or W is odd, so that a 2x2
+    pool tiles it (PyTorch's MaxPool2d(2) drops them the same way)."""
+    h, w = x.shape[2], x.shape[3]
+    return x[:, :, : h - h % 2, : w - w % 2]
+
+
+def _uncrop(xp, dcropped, shape):
+    """The gradient of :func:`_crop_even`: ``dcropped`` back in ``shape``, zeros where it cut."""
+    if tuple(dcropped.shape) == tuple(shape):
+        return dcropped
+    dx = xp.zeros(shape, dtype=dcropped.dtype, device=device(dcropped))
+    dx[:, :, : dcropped.shape[2], : dcropped.shape[3]] = dcropped
+    return dx
+
+
+def _conv_bn_gelu_forward(x, w, beta, bn_param, pool):
+    """conv3x3 (no bias) - [crop to even, 2x2 max pool] - batchnorm without scale - GELU."""
+    a, conv_cache = conv_forward_fast(x, w, None, _SAME)
+    pool_cache = None
+    if pool:
+        a, pool_cache = max_pool_forward_fast(_crop_even(a), _POOL2)
+    normed, bn_cache = spatial_batchnorm_forward(a, None, beta, bn_param)
+    out, gelu_cache = gelu_forward(normed)
+    return out, (conv_cache, pool_cache, bn_cache, gelu_cache)
+
+
+def _conv_bn_gelu_backward(xp, dout, cache, conv_out_shape):
+    """(dx, dw, dbeta) of :func:`_conv_bn_gelu_forward`."""
+    conv_cache, pool_cache, bn_cache, gelu_cache = cache
+    da, _, dbeta = spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
+    if pool_cache is not None:
+        da = _uncrop(xp, max_pool_backward_fast(da, pool_cache), conv_out_shape)
+    dx, dw, _ = conv_backward_fast(da, conv_cache)
+    return dx, dw, dbeta
+
+
+class FastConvNet(Model):
+    """The fast CIFAR-10 recipe's network.
+
+    whitening conv (2x2, C -> 2·C·4 filters, no padding; its weights fixed, its bias
+    trained) - GELU - three groups - global max pool - linear (no bias) - × scale.
+    Each group of width F: conv3x3 (pad 1, no bias) - crop to an even size - 2x2 max
+    pool - batchnorm (no scale) - GELU - conv3x3 - batchnorm - GELU. On 32x32 inputs the
+    sizes are 31 -> 15 -> 7 -> 3 -> 1.
+
+    Parameters: "whiten_b" (2·C·4,); "W1".."W6" (F, C_in, 3, 3), two per group;
+    "beta1".."beta6" (F,), the batchnorm biases; "W_out" (F_3, num_classes). The
+    whitening filters "whiten_W" (2·C·4, C, 2, 2) are a buffer, not a parameter: set
+    them with :func:`xpnet.whitening.whitening_filters` (they start as zeros).
+
+    Initialisation as PyTorch's layers do it: conv weights and the head uniform in
+    ±1/sqrt(fan_in), and the first min(F, C_in) filters of every 3x3 conv the identity
+    (Dirac: a 1 at the centre of its own channel); batchnorm running means 0, variances 1.
+
+    Args:
+        input_dim: (C, H, W) of one input.
+        widths: the three groups' widths (64, 256, 256 in the recipe).
+        num_classes: C_out; scale: the factor on the head's output (1/9).
+        bn_momentum: running = momentum·running + (1 − momentum)·batch (0.6); bn_eps: 1e-12.
+            The running variance averages the unbiased batch variance, as PyTorch's does.
+        label_smoothing: ε of the softmax loss (0.2); loss_reduction: "sum" (the recipe's) or "mean".
+        dtype, seed / rng, backend: as for the other nets.
+    """
+
+    def __init__(
+        self,
+        input_dim=(3, 32, 32),
+        widths=(64, 256, 256),
+        num_classes=10,
+        scale=1 / 9,
+        bn_momentum=0.6,
+        bn_eps=1e-12,
+        label_smoothing=0.2,
+        loss_reduction="sum",
+        dtype="float32",
+        seed=None,
+        backend=None,
+        rng=None,
+    ):
+        super().__init__(backend, dtype)
+        if len(tuple(input_dim)) != 3:
+            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
+        channels, height, width = (check_positive_int("each of input_dim", d) for d in input_dim)
+        if len(tuple(widths)) != 3:
+            raise ValueError(f"FastConvNet: widths must name the three groups' widths, got {widths!r}")
+        self.widths = tuple(check_positive_int("each of widths", w) for w in widths)
+        size = [height - 1, width - 1]  # after the 2x2 whitening conv
+        for _ in range(3):
+            if min(size) < 2:
+                raise ValueError(f"FastConvNet: inputs of {height}x{width} are too small for three 2x2 pools")
+            size = [s // 2 for s in size]
+        self.input_dim = (channels, height, width)
+        self.num_classes = check_num_classes(num_classes)
+        self.scale = check_finite("scale", scale)
+        self.label_smoothing, self.loss_reduction = label_smoothing, loss_reduction
+        self.final_size = tuple(size)  # (H, W) before the global max pool
+        whiten_width = 2 * channels * 4
+        self.frozen = {
+            "whiten_W": self.xp.zeros((whiten_width, channels, 2, 2), dtype=self.dtype, device=self.backend.device)
+        }
+        self.bn_params = [
+            {
+                "mode": "train",
+                "momentum": bn_momentum,
+                "eps": bn_eps,
+                "unbiased_running_var": True,
+                "running_mean": self._zeros(f),
+                "running_var": self._ones(f),
+            }
+            for f in (self.widths[0], self.widths[0], self.widths[1], self.widths[1], self.widths[2], self.widths[2])
+        ]
+
+        rng = self._init_rng(seed, rng)
+        self.params["whiten_b"] = self._uniform(rng, (whiten_width,), channels * 4)
+        c_in = whiten_width
+        for group, f in enumerate(self.widths):
+            for k, c in enumerate((c_in, f)):
+                i = 2 * group + k + 1
+                self.params[f"W{i}"] = self._dirac_conv(rng, f, c)
+                self.params[f"beta{i}"] = self._zeros(f)
+            c_in = f
+        self.params["W_out"] = self._uniform(rng, (c_in, num_classes), c_in)
+
+    def _uniform(self, rng, shape, fan_in):
+        bound = 1.0 / math.sqrt(fan_in)
+        return (2.0 * rng.uniform(shape, dtype=self.dtype) - 1.0) * bound
+
+    def _dirac_conv(self, rng, f, c):
+        """(F, C, 3, 3) uniform weights whose first min(F, C) filters are the identity."""
+        xp = self.xp
+        w = self._uniform(rng, (f, c, 3, 3), c * 9)
+        k = min(f, c)
+        dirac = xp.zeros((k, c, 3, 3), dtype=self.dtype, device=self.backend.device)
+        dirac[:, :k, 1, 1] = xp.eye(k, dtype=self.dtype, device=self.backend.device)
+        return xp.concat([dirac, w[k:, ...]], axis=0)
+
+    def buffers(self):
+        return [*self.bn_params, self.frozen]
+
+    def loss(self, X, y=None):
+        """Class scores (N, C_out) when ``y`` is None (batchnorm on its running averages),
+        else ``(loss, grads)`` in training mode.
+
+        Args:
+            X: (N, C, H, W) inputs; y: (N,) integer labels or None.
+        """
+        X = self.prepare_inputs(X)
+        if tuple(X.shape[1:]) != self.input_dim:
+            raise ValueError(f"FastConvNet: inputs must be (N, *{self.input_dim}), got {tuple(X.shape)}")
+        xp, p = self.xp, self.params
+        mode = "test" if y is None else "train"
+        for bn_param in self.bn_params:
+            bn_param["mode"] = mode
+
+        whitened = conv_forward_fast(X, self.frozen["whiten_W"], p["whiten_b"], {"stride": 1, "pad": 0})[0]
+        h, gelu_cache = gelu_forward(whitened)
+        caches, conv_shapes = [], []
+        for i in range(1, 7):
+            pool = i % 2 == 1
+            conv_shapes.append((h.shape[0], p[f"W{i}"].shape[0], h.shape[2], h.shape[3]))
+            h, cache = _conv_bn_gelu_forward(h, p[f"W{i}"], p[f"beta{i}"], self.bn_params[i - 1], pool)
+            caches.append(cache)
+        fh, fw = h.shape[2], h.shape[3]
+        pooled, pool_cache = max_pool_forward_fast(h, {"pool_height": fh, "pool_width": fw, "stride": fh})
+        features = xp.reshape(pooled, (pooled.shape[0], -1))  # (N, F_3)
+        scores = matmul(features, p["W_out"]) * self.scale
+        if y is None:
+            return scores
+
+        loss, dscores = softmax_loss(scores, self.prepare_labels(y), self.label_smoothing, self.loss_reduction)
+        grads = {}
+        dscores = dscores * self.scale
+        grads["W_out"] = matmul(features.T, dscores)
+        dh = max_pool_backward_fast(xp.reshape(matmul(dscores, p["W_out"].T), pooled.shape), pool_cache)
+        for i in range(6, 0, -1):
+            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1], conv_shapes[i - 1])
+        dwhitened = gelu_backward(dh, gelu_cache)
+        grads["whiten_b"] = xp.sum(dwhitened, axis=(0, 2, 3))  # the filters are fixed: no other gradient
+        return loss, grads

@@ -1,0 +1,296 @@
+"""The fast CIFAR-10 recipe: FastConvNet, lookahead, the per-epoch augmentation, TTA,
+the recipe's hyper-parameters, parity with the same recipe in PyTorch, and an end-to-end run."""
+
+import math
+
+import numpy as np
+import pytest
+from helpers import arr, labels, shared_cifar, to_np
+
+from xpnet import data_utils
+from xpnet.augment import AlternatingFlipTranslate, crop_padded, reflect_pad, translate_images, tta_scores
+from xpnet.backend import get_backend, to_numpy
+from xpnet.cnn import FastConvNet
+from xpnet.recipes import Fast94Settings, Fast94Trainer, fast94
+from xpnet.recipes.fast94 import normalized_images, sgd_hyper_parameters, warmup_decay
+from xpnet.training.lookahead import Lookahead, cubic_lookahead_decay
+from xpnet.whitening import whitening_filters
+
+
+# ----------------------------------------------------------------------------- the network
+def test_fast_conv_net_sizes_and_initialisation(backend):
+    model = FastConvNet(widths=(4, 6, 5), backend=backend, seed=0, dtype="float64")
+    assert model.final_size == (3, 3)  # 32 -> 31 -> 15 -> 7 -> 3, then the global pool
+    shapes = {k: tuple(v.shape) for k, v in model.params.items()}
+    assert shapes["whiten_b"] == (24,) and shapes["W1"] == (4, 24, 3, 3) and shapes["W2"] == (4, 4, 3, 3)
+    assert shapes["W3"] == (6, 4, 3, 3) and shapes["W6"] == (5, 5, 3, 3) and shapes["W_out"] == (5, 10)
+    w3 = to_np(model.params["W3"])
+    np.testing.assert_array_equal(w3[:4, :, 1, 1], np.eye(4))  # Dirac on the first C_in filters
+    assert np.count_nonzero(w3[:4]) == 4
+    assert np.all(np.abs(w3[4:]) <= 1 / math.sqrt(4 * 9)) and np.count_nonzero(w3[4:]) == w3[4:].size
+    np.testing.assert_array_equal(to_np(model.params["W2"])[:, :, 1, 1], np.eye(4))
+    assert np.all(np.abs(to_np(model.params["W_out"])) <= 1 / math.sqrt(5))
+    assert np.all(to_np(model.bn_params[0]["running_var"]) == 1.0)
+    scores = model.loss(arr(backend, np.random.default_rng(0).standard_normal((3, 3, 32, 32))))
+    assert tuple(scores.shape) == (3, 10)
+
+
+def _sampled_numerical_gradient(f, x, indices, h=1e-6):
+    """Centred differences of ``f()`` at the given elements of ``x`` (changed in place, then restored)."""
+    values = []
+    for index in indices:
+        old = float(to_np(x[index]))
+        x[index] = old + h
+        plus = float(f())
+        x[index] = old - h
+        minus = float(f())
+        x[index] = old
+        values.append((plus - minus) / (2 * h))
+    return np.array(values)
+
+
+def test_fast_conv_net_gradients(backend, np_rng):
+    """Each parameter's gradient against numerical ones at 8 random elements, float64, with
+    random weights (the Dirac start makes near-ties in the max pools, where a numerical
+    gradient means nothing)."""
+    model = FastConvNet(input_dim=(2, 12, 12), widths=(3, 4, 3), dtype="float64", backend=backend, seed=0)
+    model.frozen["whiten_W"] = arr(backend, np_rng.standard_normal((16, 2, 2, 2)))
+    for name, value in model.params.items():
+        model.params[name] = arr(backend, np_rng.standard_normal(tuple(value.shape)))
+    X, y = arr(backend, np_rng.standard_normal((3, 2, 12, 12))), labels(backend, np_rng.integers(0, 10, 3))
+    _, grads = model.loss(X, y)
+    for name, value in model.params.items():
+        indices = [tuple(int(np_rng.integers(n)) for n in value.shape) for _ in range(8)]
+        numeric = _sampled_numerical_gradient(lambda: model.loss(X, y)[0], value, indices)
+        analytic = np.array([float(to_np(grads[name][index])) for index in indices])
+        assert np.linalg.norm(numeric - analytic) < 1e-6 * np.linalg.norm(numeric), name
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"widths": (8, 8)}, "three groups' widths"),
+        ({"input_dim": (3, 8, 8)}, "too small for three 2x2 pools"),
+        ({"widths": (8, 0, 8)}, "each of widths must be a positive integer"),
+    ],
+)
+def test_fast_conv_net_refuses_bad_arguments(options, message):
+    with pytest.raises(ValueError, match=message):
+        FastConvNet(**options)
+
+
+# ----------------------------------------------------------------------------- lookahead
+def test_lookahead_moves_the_slow_copy_every_k_steps_and_ends_on_it(backend):
+    fast = [arr(backend, [1.0, 2.0]), arr(backend, [[3.0]])]
+    total, every = 7, 3
+    lookahead = Lookahead(fast, total, every)
+    host_fast = [to_np(a).copy() for a in fast]
+    host_slow = [a.copy() for a in host_fast]
+    for step in range(1, total + 1):
+        for i, a in enumerate(fast):  # a training step moves the fast weights
+            a += 0.5 * step
+            host_fast[i] += 0.5 * step
+        lookahead.step()
+        if step % every == 0:
+            decay = 0.95**5 * (step / total) ** 3
+            for i in range(2):
+                host_slow[i] = host_slow[i] + (1 - decay) * (host_fast[i] - host_slow[i])
+                host_fast[i] = host_slow[i].copy()
+        for a, expected in zip(fast, host_fast):
+            np.testing.assert_allclose(to_np(a), expected, rtol=1e-15)
+    lookahead.finish()
+    for a, expected in zip(fast, host_slow):
+        np.testing.assert_allclose(to_np(a), expected, rtol=1e-15)
+    assert cubic_lookahead_decay(7, 7) == pytest.approx(0.95**5)
+
+
+def test_lookahead_refuses_what_cannot_work(backend):
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        Lookahead([arr(backend, [1.0])], 10, every=0)
+    with pytest.raises(ValueError, match="at least one array"):
+        Lookahead([], 10)
+
+
+# ----------------------------------------------------------------------------- augmentation and TTA
+def test_alternating_flips_mirror_every_image_on_odd_epochs(backend, np_rng):
+    images = arr(backend, np_rng.standard_normal((6, 2, 4, 5)))
+    augmenter = AlternatingFlipTranslate(images, backend.rng(3), flip=True, max_shift=0)
+    mask = to_np(augmenter.flip_mask)
+    host = to_np(images)
+    first = np.where(mask[:, None, None, None], host[..., ::-1], host)
+    buffer = augmenter.images
+    for epoch in range(4):
+        out = augmenter.epoch(epoch)
+        assert out is buffer  # one array for every epoch: a captured step reads it
+        expected = first if epoch % 2 == 0 else first[..., ::-1]
+        np.testing.assert_array_equal(to_np(out), expected)
+
+
+def test_translations_crop_the_padded_images_each_epoch(backend, np_rng):
+    images = arr(backend, np_rng.standard_normal((8, 2, 6, 6)))
+    augmenter = AlternatingFlipTranslate(images, backend.rng(4), flip=False, max_shift=2)
+    previous = None
+    for epoch in range(2):
+        out = to_np(augmenter.epoch(epoch)).copy()
+        shifts = augmenter.shifts
+        assert to_np(shifts).min() >= -2 and to_np(shifts).max() <= 2
+        expected = to_np(translate_images(images, shifts[0, :], shifts[1, :], 2))
+        np.testing.assert_array_equal(out, expected)
+        assert previous is None or not np.array_equal(out, previous)
+        previous = out
+    padded = reflect_pad(images, 2)
+    zero = labels(backend, np.zeros(8, dtype=np.int64))
+    np.testing.assert_array_equal(to_np(crop_padded(padded, zero, zero, 2)), to_np(images))
+
+
+def test_tta_levels_average_the_views_as_described(backend, np_rng):
+    images = arr(backend, np_rng.standard_normal((5, 1, 4, 4)))
+    weights = np_rng.standard_normal((16, 3))
+
+    def scores_of(x):
+        return x.reshape(x.shape[0], -1) @ weights
+
+    host = to_np(images)
+    padded = np.pad(host, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    up_left, down_right = padded[:, :, :4, :4], padded[:, :, 2:, 2:]
+
+    def mirrored(x):
+        return 0.5 * scores_of(x) + 0.5 * scores_of(x[..., ::-1])
+
+    expected = 0.5 * mirrored(host) + 0.25 * mirrored(up_left) + 0.25 * mirrored(down_right)
+
+    def backend_scores(x):
+        return arr(backend, scores_of(to_np(x)))
+
+    for level, want in ((0, scores_of(host)), (1, mirrored(host)), (2, expected)):
+        got = tta_scores(backend_scores, images, level, batch_size=2)
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- hyper-parameters
+def test_sgd_hyper_parameters_and_schedule_follow_the_published_recipe():
+    settings = Fast94Settings()
+    others, biases = sgd_hyper_parameters(settings)
+    scale = 1024 * (1 + 1 / (1 - 0.85))
+    assert others["learning_rate"] == pytest.approx(11.5 / scale, rel=1e-15)
+    assert biases["learning_rate"] == pytest.approx(64 * 11.5 / scale, rel=1e-15)
+    decay = 0.0153 * 1024 / scale  # the same absolute decay for every group
+    assert others["learning_rate"] * others["weight_decay"] == pytest.approx(decay, rel=1e-15)
+    assert biases["learning_rate"] * biases["weight_decay"] == pytest.approx(decay, rel=1e-15)
+    total = 476  # ceil(48 · 9.9)
+    warm = int(0.23 * total)
+    assert warmup_decay(0, total, settings) == pytest.approx(0.2)
+    assert warmup_decay(warm, total, settings) == pytest.approx(1.0)
+    assert warmup_decay(warm // 2, total, settings) == pytest.approx(0.2 + 0.8 * (warm // 2) / warm)
+    assert warmup_decay(total, total, settings) == pytest.approx(0.07)
+    with pytest.raises(ValueError, match="unknown settings lr"):
+        settings.with_overrides({"lr": 1.0})
+
+
+# ----------------------------------------------------------------------------- parity with PyTorch
+def _snapshot(model):
+    arrays = {**model.params, **model.frozen}
+    for i, bn in enumerate(model.bn_params, 1):
+        arrays[f"running_mean{i}"], arrays[f"running_var{i}"] = bn["running_mean"], bn["running_var"]
+    return {k: np.array(to_numpy(v)) for k, v in arrays.items()}
+
+
+def test_twenty_steps_equal_the_pytorch_recipe_to_1e_9():
+    """Same initial parameters, batches and augmentation draws, float64: 20 steps (5 epochs of 4)
+    cover the warm-up and decay, four lookahead points, the whitening bias freezing after
+    3 epochs, alternating flips and the final lookahead."""
+    torch = pytest.importorskip("torch")
+    from xpnet.recipes import fast94_torch
+
+    backend = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    pixels, y = rng.integers(0, 256, (128, 32, 32, 3)).astype(np.float64), rng.integers(0, 10, 128)
+    settings = Fast94Settings().with_overrides(
+        dict(widths=(4, 8, 8), batch_size=32, epochs=5, dtype="float64", whiten_images=128, cuda_graph=False)
+    )
+    images = normalized_images(backend, pixels, "float64")
+    model = FastConvNet(widths=settings.widths, dtype="float64", backend=backend, seed=0)
+    model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+    net = fast94_torch.make_net(settings, torch.float64)
+    names = fast94_torch.xpnet_names(net)
+    with torch.no_grad():
+        for name, value in _snapshot(model).items():
+            names[name].copy_(torch.from_numpy(value.T.copy() if name == "W_out" else value))
+
+    draws = {}
+
+    def record(epoch, trainer):
+        if epoch == 0:
+            draws["flip"] = to_numpy(trainer.augmenter.flip_mask).copy()
+        draws["shifts", epoch] = to_numpy(trainer.augmenter.shifts).T.copy()  # (N, 2) as PyTorch's
+        draws["order", epoch] = to_numpy(trainer.sampler._order).copy()
+
+    ours = Fast94Trainer(model, images, backend.asarray(y), settings, seed=0).train(on_epoch=record)
+
+    class Replay:
+        def flip_mask(self, n):
+            return torch.from_numpy(draws["flip"])
+
+        def shifts(self, epoch, n, max_shift):
+            return torch.from_numpy(draws["shifts", epoch])
+
+        def order(self, epoch, n):
+            return torch.from_numpy(draws["order", epoch])
+
+    theirs = fast94_torch.train(net, torch.from_numpy(np.array(images)), torch.from_numpy(y), settings, Replay())
+    assert len(ours) == len(theirs) == 20
+    np.testing.assert_allclose([float(v) for v in ours], [float(v) for v in theirs], rtol=1e-9)
+    final = _snapshot(model)
+    for name, tensor in names.items():
+        expected = tensor.detach().numpy()
+        expected = expected.T if name == "W_out" else expected
+        np.testing.assert_allclose(final[name], expected, rtol=1e-9, atol=1e-9, err_msg=name)
+    frozen = fast94_torch.xpnet_names(fast94_torch.make_net(settings, torch.float64))["whiten_b"]
+    assert not np.allclose(final["whiten_b"], frozen.detach().numpy())  # it trained, then stopped
+
+
+def test_pytorch_whitening_filters_equal_ours_up_to_sign():
+    torch = pytest.importorskip("torch")
+    from xpnet.recipes import fast94_torch
+
+    images = np.random.default_rng(1).standard_normal((20, 3, 8, 8))
+    layer = torch.nn.Conv2d(3, 24, 2).double()
+    fast94_torch.init_whitening(layer, torch.from_numpy(images), 5e-4)
+    theirs = layer.weight.detach().numpy().reshape(24, -1)
+    ours = whitening_filters(images, 2, 5e-4).reshape(24, -1)
+    signs = np.sign(np.sum(theirs * ours, axis=1))[:, None]
+    np.testing.assert_allclose(ours * signs, theirs, rtol=1e-8, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_the_recipe_runs_end_to_end_on_512_cifar_images():
+    """The whole recipe (whitening, augmentation, lookahead, TTA) at a small scale, with every
+    setting published except the head's scale: 1/9 is tuned for 476 steps of 1024 images and
+    learns too slowly to show in 16 steps of 64, so the smoke run uses 1."""
+    root = shared_cifar()
+    if root is None:
+        pytest.skip("CIFAR-10 is not available (set XPNET_DATA_DIR)")
+    X_train, y_train, X_test, y_test = data_utils.load_CIFAR10(root, dtype="float32")
+    data = {"X_train": X_train[:512], "y_train": y_train[:512], "X_test": X_test[:200], "y_test": y_test[:200]}
+    result = fast94(data, backend="numpy", seed=0, widths=(8, 16, 16), batch_size=64, epochs=2, scale=1.0)
+    losses = np.array(result.losses)
+    assert result.steps == 16 and result.epochs == 2.0 and losses.shape == (16,)
+    assert np.all(np.isfinite(losses))
+    assert losses[-8:].mean() < 0.9 * losses[0], losses
+    assert losses[-8:].mean() < 64 * math.log(10)  # better than predicting every class equally
+    assert 0.0 <= result.test_accuracy <= 1.0
+    parts = result.whiten_seconds + result.train_seconds + result.eval_seconds
+    assert result.seconds == pytest.approx(parts)
+
+
+def test_fast94_refuses_bad_data_and_settings():
+    data = {"X_train": np.zeros((8, 32, 32, 3)), "y_train": np.zeros(8, dtype=np.int64)}
+    with pytest.raises(ValueError, match="'X_test' is missing"):
+        fast94(data, backend="numpy")
+    data.update(X_test=np.zeros((4, 32, 32, 3)), y_test=np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="batch_size 1024 is larger than the 8 training images"):
+        fast94(data, backend="numpy", warmup=False)
+    with pytest.raises(ValueError, match="images must be"):
+        fast94({**data, "X_train": np.zeros((8, 32, 32))}, backend="numpy")
+    with pytest.raises(ValueError, match="y_test must be"):
+        fast94({**data, "y_test": np.full(4, 12)}, backend="numpy")

@@ -1,0 +1,71 @@
+"""Lookahead: a slow copy of the weights that every ``every`` steps moves part of the
+way towards the fast (trained) weights, which then restart from it.
+
+Everything a step does lives on the device (a step counter, the table of factors,
+the slow copies), so the step can be captured in a CUDA graph once and replayed:
+on the steps between two lookahead points the update is a selection that keeps
+both copies as they are.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import device
+
+from ..backend import namespace
+
+__all__ = ["Lookahead", "cubic_lookahead_decay"]
+
+
+def cubic_lookahead_decay(step: int, total: int, base: float = 0.95**5) -> float:
+    """The fast CIFAR-10 recipe's decay: ``base · (step / total)³``, so the slow weights
+    follow the fast ones closely early on and average over more steps near the end."""
+    return base * (step / total) ** 3
+
+
+class Lookahead:
+    """At steps ``every``, ``2·every``, ... (counted from 1):
+    ``slow ← slow + (1 − decay(step, total)) · (fast − slow)``, then ``fast ← slow``.
+
+    Args:
+        arrays: the fast arrays, updated in place (parameters, and running averages
+            such as batchnorm's, which are averaged the same way).
+        total: the number of training steps (the decay's denominator).
+        every: steps between lookahead points (5 in the recipe).
+        decay: ``(step, total) -> factor`` in [0, 1]; :func:`cubic_lookahead_decay`
+            by default.
+    """
+
+    def __init__(self, arrays: list, total: int, every: int = 5, decay=cubic_lookahead_decay):
+        if not arrays:
+            raise ValueError("Lookahead needs at least one array to average")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Lookahead: every must be a positive integer, got {every!r}")
+        xp = namespace(*arrays)
+        self.fast = list(arrays)
+        self.slow = [xp.asarray(a, copy=True) for a in arrays]
+        self.every, self.total = every, total
+        where, dtype = device(arrays[0]), arrays[0].dtype
+        self._decay = xp.asarray([decay(k, total) for k in range(total + 1)], dtype=dtype, device=where)
+        self._count = xp.zeros((), dtype=xp.int64, device=where)
+
+    @property
+    def arrays(self) -> tuple:
+        """The device arrays a captured step reads."""
+        return (self._count, self._decay)
+
+    def step(self) -> None:
+        """Count one training step and, at a lookahead point, move both copies (device work only)."""
+        xp = namespace(self._count)
+        self._count += 1  # in place: a replayed graph counts too
+        due = self._count % self.every == 0
+        position = xp.reshape(xp.clip(self._count, 0, self.total), (1,))
+        keep = xp.reshape(xp.take(self._decay, position), ())
+        for fast, slow in zip(self.fast, self.slow):
+            moved = xp.where(due, slow + (1 - keep) * (fast - slow), slow)
+            slow[...] = moved
+            fast[...] = xp.where(due, moved, fast)
+
+    def finish(self) -> None:
+        """The end of training: the fast arrays take the slow ones."""
+        for fast, slow in zip(self.fast, self.slow):
+            fast[...] = slow
