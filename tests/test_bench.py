@@ -53,3 +53,27 @@ def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys)
     assert phases["steps"] > 0 and phases["first step"] > 0 and phases["accuracy checks"] > 0
     assert sum(phases.values()) >= 0.9 * result["xpnet"]["seconds"]
     assert "| first step |" in capsys.readouterr().out
+
+
+def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    subset = tmp_path / "cifar.npz"
+    np.savez(subset, X_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 64),
+             X_test=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 10))  # fmt: skip
+    out = tmp_path / "recipe.json"
+    settings = ["--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=32", "--recipe-set", "epochs=1"]
+    args = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "2", "--no-torch", "--json", str(out)]
+    assert bench.main(args + settings) == 0
+    report = json.loads(out.read_text())["recipe"]
+    assert report["settings"]["widths"] == [4, 8, 8] and report["train_images"] == 64
+    runs = report["runs"]["xpnet"]
+    assert len(runs) == 2 and all(run["steps"] == 2 and run["seconds"] > 0 for run in runs)
+    printed = capsys.readouterr().out
+    assert "| run | xpnet acc | xpnet s |" in printed and "| mean |" in printed
+
+
+def test_recipe_settings_are_checked_by_name(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--recipe", "fast94", "--cifar-npz", str(tmp_path / "x.npz"), "--recipe-set", "lr=1"])
+    assert info.value.code == 2
+    assert "unknown settings lr" in capsys.readouterr().err

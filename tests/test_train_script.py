@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_fake_cifar
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
@@ -89,6 +90,11 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
         (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
         (["--tf32"], "TF32 applies to CUDA GPUs"),
+        (["--recipe", "fast94"], "trains on CIFAR-10: add --dataset cifar10"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"], "--lr do not apply to --recipe fast94"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--tf32"], "TF32 applies to CUDA GPUs"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
     ],
 )
 def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, args, message):
@@ -138,3 +144,20 @@ def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):
     assert float(out.split("test acc: ")[1].split()[0]) > 0.8
     assert train([*args[:2], "--epochs", "5", *args[4:], "--resume", str(ckpt / "digits_cnn_epoch_4.npz")]) == 0
     assert "for 5 epochs" in capsys.readouterr().out
+
+
+def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys):
+    """The recipe's command on a small stand-in for CIFAR-10 (64 training images, 20 test images)."""
+    write_fake_cifar(tmp_path / "cifar", per_batch=20)
+    log = tmp_path / "recipe.jsonl"
+    args = ["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", str(tmp_path / "cifar"), "--num-train", "64",
+            "--batch-size", "32", "--epochs", "1", "--log", str(log)]  # fmt: skip
+    assert train(args) == 0
+    out = capsys.readouterr().out
+    assert "data: cifar10, 64 train / 20 test" in out
+    assert "fast94: test accuracy" in out and "(2 steps, 1.00 epochs)" in out
+    record = json.loads(log.read_text())
+    assert record["recipe"] == "fast94" and record["steps"] == 2 and 0 <= record["test_accuracy"] <= 1
+    assert record["seconds"] == pytest.approx(
+        record["whiten_seconds"] + record["train_seconds"] + record["eval_seconds"]
+    )

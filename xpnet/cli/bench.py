@@ -18,6 +18,7 @@ CIFAR-10, against the same recipe in PyTorch.
 
     xpnet-bench                                  # numpy on the CPU (or: python scripts/bench.py)
     xpnet-bench --backend cupy --json benchmarks/h100.json
+    xpnet-bench --backend cupy --recipe fast94 --runs 5   # the fast CIFAR-10 recipe against PyTorch's
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 import numpy as np
 
 import xpnet
-from xpnet.cli import bench_conv, bench_tta
+from xpnet.cli import bench_conv, bench_recipe, bench_tta
 from xpnet.cli.common import HelpFormatter
 from xpnet.solver import Solver
 
@@ -366,11 +367,24 @@ def main(argv=None):
     p.add_argument("--cifar-npz", help="a CIFAR-10 subset (.npz with X_train, y_train, X_val, y_val) instead")
     p.add_argument("--target", type=float, default=0.5, help="validation accuracy for --time-to-accuracy")
     p.add_argument(
+        "--recipe",
+        choices=["fast94"],
+        help="train a complete recipe in xpnet and in PyTorch, interleaved (CIFAR-10 from --data-dir or --cifar-npz)",
+    )
+    p.add_argument("--runs", type=int, default=5, help="timed runs per side for --recipe")
+    p.add_argument(
+        "--recipe-set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a setting of the recipe, e.g. widths=8,16,16 or epochs=2 (repeatable)",
+    )
+    p.add_argument(
         "--suite",
         choices=["fc", "conv", "all", "none"],
-        default="fc",
+        default=None,
         help="fc: training steps of fully connected nets; conv: convolutions and a ThreeLayerConvNet step; "
-        "none: only --time-to-accuracy",
+        "none: only --time-to-accuracy or --recipe (default: fc, or none with --recipe)",
     )
     p.add_argument(
         "--tf32", action="store_true", help="TF32 tensor cores for float32 GEMMs on both sides (CUDA backends)"
@@ -381,10 +395,15 @@ def main(argv=None):
         "--breakdown", action="store_true", help="with --time-to-accuracy: where the seconds go, phase by phase"
     )
     args = p.parse_args(argv)
+    if args.suite is None:
+        args.suite = "none" if args.recipe else "fc"
     try:
+        args.recipe_set = [bench_recipe.parse_setting(text) for text in args.recipe_set]
         backend = xpnet.get_backend(args.backend)
     except (ValueError, ImportError, RuntimeError) as exc:
         p.error(str(exc))
+    if args.runs < 1:
+        p.error(f"--runs must be at least 1, got {args.runs}")
     configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]
     use_torch = not args.no_torch and _torch_available()
 
@@ -415,7 +434,19 @@ def main(argv=None):
         print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
         if args.breakdown and "error" not in report["time_to_accuracy"]:
             print(bench_tta.format_breakdown(report["time_to_accuracy"]), flush=True)
+    if args.recipe:
+        if not use_torch:
+            args.no_torch = True
+        try:
+            report["recipe"] = bench_recipe.recipe_runs(backend, args)
+        except (OSError, ValueError) as exc:
+            p.error(f"--recipe {args.recipe}: {exc}")
     print()
+    if "recipe" in report:
+        print(f"{args.recipe}: {report['recipe']['train_images']} training images, "
+              f"{report['recipe']['test_images']} test images, TTA")  # fmt: skip
+        print(bench_recipe.format_recipe_table(report["recipe"]))
+        print()
     if report["configs"]:
         print(format_table(report["configs"]))
     for title, (rows, names, ratios) in report.get("conv", {}).items():

@@ -37,6 +37,8 @@ __all__ = [
     "Fast94Result",
     "Fast94Trainer",
     "fast94",
+    "device_data",
+    "timed_run",
     "normalized_images",
     "sgd_hyper_parameters",
     "warmup_decay",
@@ -270,19 +272,26 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
     """
     settings = Fast94Settings().with_overrides(overrides)
     backend = get_backend(backend)
-    for key in ("X_train", "y_train", "X_test", "y_test"):
-        if key not in data:
-            raise ValueError(f"fast94: data needs 'X_train', 'y_train', 'X_test' and 'y_test'; {key!r} is missing")
-    train_images = normalized_images(backend, data["X_train"], settings.dtype)
-    test_images = normalized_images(backend, data["X_test"], settings.dtype)
-    train_labels, test_labels = (_labels(backend, data[k], k) for k in ("y_train", "y_test"))
+    arrays = device_data(backend, data, settings.dtype)
     if (warmup is None and backend.is_gpu) or warmup:
-        _run(backend, settings, seed, train_images, train_labels, test_images, test_labels)
-    result = _run(backend, settings, seed, train_images, train_labels, test_images, test_labels)
+        timed_run(backend, settings, seed, *arrays)
+    result = timed_run(backend, settings, seed, *arrays)
     if verbose:
         print(f"fast94: test accuracy {result.test_accuracy:.4f} in {result.seconds:.2f} s "
               f"({result.steps} steps, {result.epochs:.2f} epochs on {backend.device_name})")  # fmt: skip
     return result
+
+
+def device_data(backend: Backend, data: dict, dtype="float32") -> tuple:
+    """(train images, train labels, test images, test labels) on the device, the images
+    normalised, from ``data`` as :func:`fast94` takes it (moved once)."""
+    for key in ("X_train", "y_train", "X_test", "y_test"):
+        if key not in data:
+            raise ValueError(f"fast94: data needs 'X_train', 'y_train', 'X_test' and 'y_test'; {key!r} is missing")
+    train_images = normalized_images(backend, data["X_train"], dtype)
+    test_images = normalized_images(backend, data["X_test"], dtype)
+    train_labels, test_labels = (_labels(backend, data[k], k) for k in ("y_train", "y_test"))
+    return train_images, train_labels, test_images, test_labels
 
 
 def _labels(backend, y, name):
@@ -292,8 +301,9 @@ def _labels(backend, y, name):
     return backend.asarray(y, dtype="int64") if not backend.owns(y) else y
 
 
-def _run(backend, settings, seed, train_images, train_labels, test_images, test_labels) -> Fast94Result:
-    """One timed run: whitening, training, evaluation with TTA."""
+def timed_run(backend, settings: Fast94Settings, seed, train_images, train_labels, test_images, test_labels):
+    """One timed run on :func:`device_data`'s arrays: whitening, training, evaluation with TTA.
+    Returns a :class:`Fast94Result`."""
     model = _model(backend, settings, seed, tuple(train_images.shape[1:]))
     if settings.tf32:
         backend.set_tf32(True)

@@ -1,0 +1,123 @@
+"""``xpnet-bench --recipe fast94``: the fast CIFAR-10 recipe in xpnet and in PyTorch, in
+one process, interleaved run by run on the same data, in the same precision (TF32 on
+both sides or off on both), with PyTorch's published setting (fp16, channels-last) beside
+them on a GPU. Each run counts what the published recipe counts (whitening, training,
+evaluation with TTA) after one untimed warm-up run per side on the same shapes.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+from xpnet import data_utils
+from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
+
+__all__ = ["parse_setting", "recipe_runs", "format_recipe_table"]
+
+
+def parse_setting(text: str) -> tuple:
+    """'widths=8,16,16' -> ('widths', (8, 16, 16)); numbers become int or float."""
+    if "=" not in text:
+        raise ValueError(f"--recipe-set takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+
+    def number(v):
+        try:
+            return int(v)
+        except ValueError:
+            return float(v)
+
+    try:
+        parsed = tuple(number(v) for v in value.split(",")) if "," in value else number(value)
+    except ValueError:
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+    return key, parsed
+
+
+def _load(args) -> dict:
+    if args.cifar_npz:
+        with np.load(args.cifar_npz, allow_pickle=False) as f:
+            return {k: f[k] for k in ("X_train", "y_train", "X_test", "y_test")}
+    X_train, y_train, X_test, y_test = data_utils.load_CIFAR10(data_utils.find_CIFAR10(args.data_dir), "float32")
+    return {"X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test}
+
+
+def _torch_side(backend, data, tf32):
+    import torch
+
+    from xpnet.recipes import fast94_torch
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    device = torch.device("cuda", backend.device.id) if backend.is_gpu else torch.device("cpu")
+
+    def moved(images):
+        return fast94_torch.normalize(torch.as_tensor(np.asarray(images, dtype=np.float32), device=device))
+
+    arrays = (
+        moved(data["X_train"]),
+        torch.as_tensor(np.asarray(data["y_train"], dtype=np.int64), device=device),
+        moved(data["X_test"]),
+        torch.as_tensor(np.asarray(data["y_test"], dtype=np.int64), device=device),
+    )
+    return torch, fast94_torch, arrays
+
+
+def recipe_runs(backend, args) -> dict:
+    """Warm up each side once, then ``args.runs`` interleaved runs; returns the report."""
+    settings = Fast94Settings().with_overrides(dict([*args.recipe_set, ("tf32", bool(args.tf32))]))
+    data = _load(args)
+    ours = device_data(backend, data, settings.dtype)
+    sides = {"xpnet": lambda seed: timed_run(backend, settings, seed, *ours)}
+    if not args.no_torch:
+        torch, fast94_torch, theirs = _torch_side(backend, data, bool(args.tf32))
+        sides["torch"] = lambda seed: fast94_torch.fast94_torch(*theirs, settings, seed)
+        if backend.is_gpu:
+            sides["torch-fp16"] = lambda seed: fast94_torch.fast94_torch(
+                *theirs, settings, seed, dtype=torch.float16, channels_last=True
+            )
+    for name, run in sides.items():
+        print(f"warm-up: {name}", flush=True)
+        run(10_000)
+    runs = {name: [] for name in sides}
+    for r in range(args.runs):
+        for name, run in sides.items():
+            result = run(r)
+            runs[name].append({"test_accuracy": result.test_accuracy, "seconds": result.seconds,
+                               "whiten_seconds": result.whiten_seconds, "train_seconds": result.train_seconds,
+                               "eval_seconds": result.eval_seconds, "steps": result.steps})  # fmt: skip
+            print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s", flush=True)
+    summary = {
+        name: {
+            "mean_accuracy": statistics.fmean(x["test_accuracy"] for x in rows),
+            "mean_seconds": statistics.fmean(x["seconds"] for x in rows),
+        }
+        for name, rows in runs.items()
+    }
+    return {"settings": {k: v for k, v in vars(settings).items()}, "runs": runs, "summary": summary,
+            "train_images": int(ours[0].shape[0]), "test_images": int(ours[2].shape[0])}  # fmt: skip
+
+
+def format_recipe_table(report: dict) -> str:
+    """Per run and on average: accuracy and seconds of each side, and xpnet's time over PyTorch's."""
+    names = list(report["runs"])
+    head = "| run | " + " | ".join(f"{n} acc | {n} s" for n in names)
+    has_torch = "torch" in names
+    head += " | xpnet/torch s |" if has_torch else " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names) + has_torch)]
+    count = len(report["runs"]["xpnet"])
+
+    def row(label, accuracies, seconds):
+        cells = [f"{a:.2%} | {s:.3f}" for a, s in zip(accuracies, seconds)]
+        ratio = f" | {seconds[0] / seconds[names.index('torch')]:.2f} |" if has_torch else " |"
+        return f"| {label} | " + " | ".join(cells) + ratio
+
+    for r in range(count):
+        rows = [report["runs"][n][r] for n in names]
+        lines.append(row(str(r), [x["test_accuracy"] for x in rows], [x["seconds"] for x in rows]))
+    summary = report["summary"]
+    lines.append(row("mean", [summary[n]["mean_accuracy"] for n in names], [summary[n]["mean_seconds"] for n in names]))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""``xpnet-train --recipe fast94``: the fast CIFAR-10 recipe from the command line."""
+
+from __future__ import annotations
+
+from xpnet import data_utils
+from xpnet.recipes import fast94
+
+RECIPES = ("fast94",)
+
+# The recipe fixes its own network, optimiser and schedule: these flags have no meaning with it.
+NOT_FOR_RECIPES = {
+    "model": "--model",
+    "hidden_dims": "--hidden-dims",
+    "normalization": "--normalization",
+    "dropout": "--dropout",
+    "weight_scale": "--weight-scale",
+    "update_rule": "--update-rule",
+    "lr": "--lr",
+    "lr_decay": "--lr-decay",
+    "reg": "--reg",
+    "num_filters": "--num-filters",
+    "filter_size": "--filter-size",
+    "checkpoint_dir": "--checkpoint-dir",
+    "resume": "--resume",
+    "plot": "--plot",
+}
+
+
+def refused_flags(parser, args) -> list:
+    """The flags given that a recipe does not take."""
+    return [flag for key, flag in NOT_FOR_RECIPES.items() if getattr(args, key) != parser.get_default(key)]
+
+
+def load_cifar10(args) -> dict:
+    """All 50,000 training images (or the first --num-train) and the 10,000 test images, pixels 0..255."""
+    try:
+        root = data_utils.find_CIFAR10(args.data_dir)
+    except FileNotFoundError:
+        if not args.download:
+            raise
+        root = data_utils.download_CIFAR10(args.data_dir)
+    X_train, y_train, X_test, y_test = data_utils.load_CIFAR10(root, dtype="float32")
+    if args.num_train is not None:
+        X_train, y_train = X_train[: args.num_train], y_train[: args.num_train]
+    return {"X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test}
+
+
+def run_recipe(args, backend, data, log=None) -> int:
+    """Run ``args.recipe`` on ``data`` and print (and log) its result."""
+    overrides = {"tf32": bool(args.tf32)}
+    if args.cuda_graph:
+        overrides["cuda_graph"] = True
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    result = fast94(data, backend=backend, seed=args.seed, **overrides)
+    print(f"{args.recipe}: test accuracy {result.test_accuracy:.4f} (TTA, {data['X_test'].shape[0]} images)")
+    print(
+        f"timed: {result.seconds:.2f} s = whitening {result.whiten_seconds:.2f} + training "
+        f"{result.train_seconds:.2f} ({result.steps} steps, {result.epochs:.2f} epochs) + evaluation "
+        f"{result.eval_seconds:.2f}"
+    )
+    if log is not None:
+        record = {k: v for k, v in vars(result).items() if k != "losses"}
+        log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, **record))
+    return 0
