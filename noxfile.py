@@ -10,10 +10,16 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 
+# PyTorch's CPU build, for the torch backend's tests and the parity tests against the same
+# recipes written in PyTorch. Pinned: pip takes a local CPU wheel of this release where a
+# wheelhouse provides one (a newer release would pull a CUDA build of several GB).
+TORCH_CPU = "torch==2.13.0"
+
+
 @nox.session
 def tests(session):
-    """The whole suite on the CPU backends: numpy, array_api_strict and its device1."""
-    session.install("-e", ".[test]")
+    """The whole suite on the CPU backends: numpy, array_api_strict and its device1, and PyTorch's CPU."""
+    session.install("-e", ".[test]", TORCH_CPU)
     session.run("pytest", *session.posargs)
 
 

@@ -339,3 +339,43 @@ def test_fast_conv_on_cupy_matches_numpy_and_runs_its_gemms_through_cublas():
     (fast, _) = both(lambda: run(CUPY), fused=["matmul"])
     for got, expected in zip(fast, reference):
         np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-10, atol=1e-12)
+
+
+def _fast94_run(cuda_graph, seed=0):
+    from xpnet.cnn import FastConvNet
+    from xpnet.recipes import Fast94Settings, Fast94Trainer
+    from xpnet.recipes.fast94 import normalized_images
+    from xpnet.whitening import whitening_filters
+
+    rng = np.random.default_rng(seed)
+    pixels, y = rng.integers(0, 256, (256, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 256)
+    settings = Fast94Settings().with_overrides(
+        dict(widths=(16, 32, 32), batch_size=64, epochs=5, dtype="float64", whiten_images=256, cuda_graph=cuda_graph)
+    )
+    images = normalized_images(CUPY, pixels, "float64")
+    model = FastConvNet(widths=settings.widths, dtype="float64", backend=CUPY, seed=seed)
+    model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+    trainer = Fast94Trainer(model, images, CUPY.asarray(y), settings, seed=seed)
+    return trainer, CUPY.to_floats(trainer.train()), model
+
+
+def test_fast94_under_one_cuda_graph_equals_eager_training():
+    """20 steps over 5 epochs (augmentation per epoch, lookahead, the whitening bias freezing):
+    captured once and replayed, they give what eager steps give."""
+    eager_trainer, eager_losses, eager = _fast94_run(False)
+    graph_trainer, graph_losses, graph = _fast94_run(True)
+    assert graph_trainer.graph._graph is not None
+    np.testing.assert_allclose(graph_losses, eager_losses, rtol=1e-10)
+    for name, value in eager.params.items():
+        np.testing.assert_allclose(to_numpy(graph.params[name]), to_numpy(value), rtol=1e-9, atol=1e-12)
+
+
+def test_fast94_steps_never_synchronise():
+    import cupyx
+
+    trainer, _, _ = _fast94_run(True)
+    trainer.augmenter.epoch(0)
+    trainer.sampler.start_epoch(CUPY.rng(1))
+    with cupyx.allow_synchronize(False):
+        for _ in range(3):
+            trainer.graph.run(trainer._step, trainer.capture_key)

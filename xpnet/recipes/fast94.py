@@ -216,6 +216,13 @@ class Fast94Trainer:
         self.graph = GraphReplay(self.backend) if capture else None
         self._sampler_rng = self.backend.rng((seed, 2))
 
+    @property
+    def capture_key(self) -> tuple:
+        """The device arrays a captured step reads; they stay the same for the whole run,
+        so the step is captured once."""
+        key = (self.augmenter.images, self.labels, *self.update.arrays, self.guard.flag)
+        return key + (self.lookahead.arrays if self.lookahead is not None else ())
+
     def _step(self):
         xp = self.backend.xp
         rows = self.sampler.indices(self._sampler_rng)
@@ -233,9 +240,7 @@ class Fast94Trainer:
         ``on_epoch(epoch, trainer)`` runs before each epoch's first step, after its
         images and batch order are drawn (``trainer.augmenter``, ``trainer.sampler``).
         """
-        losses = []
-        key = (self.augmenter.images, self.labels, *self.update.arrays, self.guard.flag)
-        key += self.lookahead.arrays if self.lookahead is not None else ()
+        losses, key = [], self.capture_key
         for epoch in range(math.ceil(self.total / self.per_epoch)):
             self.augmenter.epoch(epoch)
             self.sampler.start_epoch(self.backend.rng((self.seed, 3, epoch)))
