@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks: the fused-kernel and graph tests, the benchmark (FC steps, conv
-# rows in fp32 and TF32, the ThreeLayerConvNet step) and the time to accuracy with its
-# breakdown; results under $OUT. Expects wheels for the pure-Python packages the machine
+# rows in fp32 and TF32, the ThreeLayerConvNet step), the time to accuracy with its
+# breakdown, and the fast CIFAR-10 recipe against PyTorch's (full data set only); results under $OUT. Expects wheels for the pure-Python packages the machine
 # lacks in .whl/ (array-api-compat, array-api-strict; optuna and dask for sweeps) and, for
 # the time to accuracy, CIFAR-10 as .carry/cifar_subset.npz or the batches under /tmp/cifar
 # (carried two files per call, see the brief).
@@ -31,6 +31,12 @@ data=()
 if [ ${#data[@]} -gt 0 ]; then
     timeout 240 python3 scripts/bench.py --backend cupy --suite none --time-to-accuracy --breakdown "${data[@]}" \
         --json "$OUT/tta_gpu.json" 2>&1 | tee "$OUT/tta.log" | tail -12
+fi
+
+if [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; then
+    echo "== fast94: xpnet against PyTorch (fp32, then PyTorch fp16 channels-last beside), ${RUNS:-5} runs"
+    timeout "${RECIPE_TIMEOUT:-300}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
+        --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -14
 fi
 
 if [ -z "${SKIP_SUITE:-}" ]; then
