@@ -89,6 +89,18 @@ def test_fused_relu_backward_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_gelu_matches_the_array_api_reference(dtype):
+    rng = np.random.default_rng(2)
+    x = CUPY.asarray(np.concatenate([rng.standard_normal(4000) * 4, [0.0, -40.0, 40.0]]), dtype=dtype)
+    dout = CUPY.asarray(rng.standard_normal(x.shape[0]), dtype=dtype)
+    forward = both(lambda: layers.gelu_forward(x)[0], fused=["gelu_forward"])
+    backward = both(lambda: layers.gelu_backward(dout, layers.gelu_forward(x)[1]), fused=["gelu_backward"])
+    tol = 1e-6 if dtype == "float32" else 1e-14
+    for fast, reference in (forward, backward):
+        np.testing.assert_allclose(to_numpy(fast), to_numpy(reference), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_affine_relu_and_bias_gradient_match_reference(dtype):
     from xpnet.layer_utils import affine_relu_backward, affine_relu_forward
 

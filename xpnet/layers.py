@@ -137,6 +137,10 @@ def gelu_forward(x: Array) -> tuple[Array, Cache]:
     """GELU in its exact form, x·Φ(x) with Φ the standard normal's cdf (PyTorch's default,
     ``approximate='none'``). The array API has no erf: :mod:`xpnet.special` supplies one."""
     layer_namespace("gelu_forward", {"x": x})
+    fast = accelerated(x)
+    if fast is not None:
+        out, cdf = fast.gelu_forward(x)
+        return out, (x, cdf)
     cdf = normal_cdf(x)
     return x * cdf, (x, cdf)
 
@@ -146,6 +150,9 @@ def gelu_backward(dout: Array, cache: Cache) -> Array:
     x, cdf = cache
     layer_namespace("gelu_backward", {"dout": dout, "x": x})
     check_same_shape("gelu_backward", "dout", dout, "x", x)
+    fast = accelerated(dout)
+    if fast is not None:
+        return fast.gelu_backward(dout, x, cdf)
     return dout * (cdf + x * normal_pdf(x))
 
 

@@ -56,6 +56,17 @@ extern "C" __global__ void softmax_loss_{name}(
 
 _relu_backward = cupy.ElementwiseKernel("T dout, T x", "T dx", "dx = x > (T)0 ? dout : (T)0", "xpnet_relu_backward")
 _bias_relu = cupy.ElementwiseKernel("T a, T b", "T out", "out = max(a + b, (T)0)", "xpnet_bias_relu")
+# The exact GELU in one pass each way, with CUDA's erfc (the array-API reference spends
+# about 80 elementwise operations on it, each a launch and a trip through memory).
+_gelu_forward = cupy.ElementwiseKernel(
+    "T x", "T out, T cdf", "cdf = (T)0.5 * erfc(-x * (T)0.70710678118654752440); out = x * cdf", "xpnet_gelu_forward"
+)
+_gelu_backward = cupy.ElementwiseKernel(
+    "T dout, T x, T cdf",
+    "T dx",
+    "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794)",
+    "xpnet_gelu_backward",
+)
 _sgd = cupy.ElementwiseKernel("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 _sgd_momentum = cupy.ElementwiseKernel(
     "T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum"
@@ -300,6 +311,15 @@ class CupyKernels:
     @staticmethod
     def relu_backward(dout, x):
         return _relu_backward(dout, x)
+
+    @staticmethod
+    def gelu_forward(x):
+        """(x·Φ(x), Φ(x)) in one kernel."""
+        return _gelu_forward(x)
+
+    @staticmethod
+    def gelu_backward(dout, x, cdf):
+        return _gelu_backward(dout, x, cdf)
 
     # -- update rules (in place) -------------------------------------------------------
     @staticmethod
