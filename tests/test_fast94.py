@@ -294,3 +294,24 @@ def test_fast94_refuses_bad_data_and_settings():
         fast94({**data, "X_train": np.zeros((8, 32, 32))}, backend="numpy")
     with pytest.raises(ValueError, match="y_test must be"):
         fast94({**data, "y_test": np.full(4, 12)}, backend="numpy")
+
+
+def test_fast_conv_net_trains_with_the_solver_and_its_state_round_trips(tmp_path):
+    from xpnet.solver import Solver
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 3, 16, 16)), rng.integers(0, 10, 64)
+    data = {"X_train": X[:48], "y_train": y[:48], "X_val": X[48:], "y_val": y[48:]}
+    model = FastConvNet(input_dim=(3, 16, 16), widths=(4, 4, 4), dtype="float64", backend="numpy", seed=0)
+    model.frozen["whiten_W"][...] = whitening_filters(X, 2)
+    solver = Solver(model, data, update_rule="nesterov_sgd", optim_config={"learning_rate": 1e-3}, batch_size=16,
+                    num_epochs=1, sampler="epoch", verbose=False, seed=0, checkpoint_name=str(tmp_path / "fast"))  # fmt: skip
+    solver.train()
+    assert len(solver.loss_history) == 3 and np.all(np.isfinite(solver.loss_history))
+    state = model.state_dict()
+    again = FastConvNet(input_dim=(3, 16, 16), widths=(4, 4, 4), dtype="float64", backend="numpy", seed=1)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(to_np(again.frozen["whiten_W"]), to_np(model.frozen["whiten_W"]))
+    np.testing.assert_array_equal(to_np(again.bn_params[3]["running_var"]), to_np(model.bn_params[3]["running_var"]))
+    np.testing.assert_array_equal(to_np(again.loss(X[:5])), to_np(model.loss(X[:5])))
+    assert (tmp_path / "fast_epoch_1.npz").is_file()
