@@ -12,7 +12,7 @@ from array_api_compat import device
 from .array_types import Array
 from .input_checks import layer_namespace
 
-__all__ = ["conv_geometry", "pool_geometry", "pad2d", "offset_slice"]
+__all__ = ["conv_geometry", "pool_geometry", "pad2d", "offset_slice", "padded_offset"]
 
 
 def _positive_int(function, name, value):
@@ -94,3 +94,25 @@ def offset_slice(ki: int, kj: int, stride: int, h_out: int, w_out: int) -> tuple
         slice(ki, ki + stride * (h_out - 1) + 1, stride),
         slice(kj, kj + stride * (w_out - 1) + 1, stride),
     )
+
+
+def _inside(k: int, pad: int, stride: int, size: int, out: int) -> tuple[int, int, slice]:
+    """Along one axis, for kernel offset ``k``: the output positions [lo, hi) whose input
+    position i·stride + k − pad falls inside the unpadded input, and those inputs' slice."""
+    lo = max(0, -(-(pad - k) // stride))
+    hi = min(out, (size - 1 + pad - k) // stride + 1)
+    if hi <= lo:
+        return 0, 0, slice(0, 0)
+    start = lo * stride + k - pad
+    return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1, stride)
+
+
+def padded_offset(ki: int, kj: int, stride: int, pad: int, size: tuple, out: tuple):
+    """What kernel offset (ki, kj) sees of an input of ``size`` (H, W) zero-padded by
+    ``pad``, without building the padded input: ``(rows, cols, source)`` where
+    ``rows`` = (lo, hi) and ``cols`` = (lo, hi) are the output positions (of ``out`` =
+    (H', W')) that see the input itself, through the index ``source`` (an (..., h, w) view
+    of the unpadded input); every other output position sees padding."""
+    r_lo, r_hi, r_slice = _inside(ki, pad, stride, size[0], out[0])
+    c_lo, c_hi, c_slice = _inside(kj, pad, stride, size[1], out[1])
+    return (r_lo, r_hi), (c_lo, c_hi), (Ellipsis, r_slice, c_slice)

@@ -1,12 +1,14 @@
 """Fast convolution and max pooling: im2col built from strided slices, one GEMM.
 
 The array API has neither scatter nor strided views, so the column matrix is
-stacked from HH·WW strided slices of the padded input (one per kernel offset),
-and col2im adds the column gradients back one offset at a time, each a strided
-slice. Max-pool backward routes the gradient through a one-hot mask of each
-window's first maximum. Everything is array API, so it runs unchanged on NumPy,
-CuPy, PyTorch and array-api-strict; the matrix products go through
-:func:`xpnet.layers.matmul`, which on CuPy uses xpnet's capturable cuBLAS handle.
+filled from HH·WW strided slices of the input (one per kernel offset), each
+written where that offset sees the input and zeros where it sees padding (no
+padded copy of the input is made), and col2im adds the column gradients back one
+offset at a time, each a strided slice. Max-pool backward routes the gradient
+through a one-hot mask of each window's first maximum. Everything is array API,
+so it runs unchanged on NumPy, CuPy, PyTorch and array-api-strict; the matrix
+products go through :func:`xpnet.layers.matmul`, which on CuPy uses xpnet's
+capturable cuBLAS handle.
 
 Same signatures and results as the naive layers in :mod:`xpnet.layers`.
 """
@@ -16,28 +18,47 @@ from __future__ import annotations
 from array_api_compat import device
 
 from .array_types import Array, Cache
-from .conv_common import conv_geometry, offset_slice, pad2d, pool_geometry
+from .conv_common import conv_geometry, offset_slice, padded_offset, pool_geometry
 from .layers import matmul
 
 __all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
 
 
-def _im2col(xp, x_cn, hh, ww, stride, h_out, w_out):
-    """(C·HH·WW, N·H'·W') columns of ``x_cn`` (C, N, Hp, Wp): row c·HH·WW + ki·WW + kj holds
-    what kernel offset (ki, kj) of channel c sees at each output position."""
-    slices = [x_cn[offset_slice(ki, kj, stride, h_out, w_out)] for ki in range(hh) for kj in range(ww)]
-    stacked = xp.stack(slices, axis=1)  # (C, HH·WW, N, H', W')
-    return xp.reshape(stacked, (x_cn.shape[0] * hh * ww, -1))
+def _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out):
+    """(C·HH·WW, N·H'·W') columns of ``x_cn`` (C, N, H, W) zero-padded by ``pad``: row
+    c·HH·WW + ki·WW + kj holds what kernel offset (ki, kj) of channel c sees at each output position."""
+    c, n = x_cn.shape[0], x_cn.shape[1]
+    size, out = (x_cn.shape[2], x_cn.shape[3]), (h_out, w_out)
+    cols = xp.empty((c, hh * ww, n, h_out, w_out), dtype=x_cn.dtype, device=device(x_cn))
+    for ki in range(hh):
+        for kj in range(ww):
+            k = ki * ww + kj
+            (r_lo, r_hi), (c_lo, c_hi), source = padded_offset(ki, kj, stride, pad, size, out)
+            cols[:, k, :, r_lo:r_hi, c_lo:c_hi] = x_cn[source]
+            # Only the borders that see padding are zeroed: filling all of cols first would cost a pass.
+            if r_lo > 0:
+                cols[:, k, :, :r_lo, :] = 0
+            if r_hi < h_out:  # all of them when the offset sees no input row (r_hi = 0)
+                cols[:, k, :, r_hi:, :] = 0
+            if c_lo > 0:
+                cols[:, k, :, :, :c_lo] = 0
+            if c_hi < w_out:
+                cols[:, k, :, :, c_hi:] = 0
+    return xp.reshape(cols, (c * hh * ww, -1))
 
 
-def _col2im(xp, cols, shape_cn, hh, ww, stride, h_out, w_out):
-    """The adjoint of :func:`_im2col`: (C·HH·WW, N·H'·W') back to (C, N, Hp, Wp), overlaps added."""
+def _col2im(xp, cols, shape_cn, hh, ww, stride, pad, h_out, w_out):
+    """The adjoint of :func:`_im2col`: (C·HH·WW, N·H'·W') back to (C, N, H, W), overlaps
+    added, what fell on the padding dropped."""
     c, n = shape_cn[0], shape_cn[1]
+    size, out_size = (shape_cn[2], shape_cn[3]), (h_out, w_out)
     cols = xp.reshape(cols, (c, hh, ww, n, h_out, w_out))
     out = xp.zeros(shape_cn, dtype=cols.dtype, device=device(cols))
     for ki in range(hh):
         for kj in range(ww):
-            out[offset_slice(ki, kj, stride, h_out, w_out)] += cols[:, ki, kj, ...]
+            (r_lo, r_hi), (c_lo, c_hi), target = padded_offset(ki, kj, stride, pad, size, out_size)
+            if r_hi > r_lo and c_hi > c_lo:
+                out[target] += cols[:, ki, kj, :, r_lo:r_hi, c_lo:c_hi]
     return out
 
 
@@ -51,8 +72,8 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     """
     xp, stride, pad, h_out, w_out = conv_geometry("conv_forward_fast", x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    x_cn = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), pad)  # channels first: the columns need no transpose
-    cols = _im2col(xp, x_cn, hh, ww, stride, h_out, w_out)
+    x_cn = xp.permute_dims(x, (1, 0, 2, 3))  # channels first: the columns need no transpose
+    cols = _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out)
     out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, N·H'·W'), a fresh array
     if b is not None:
         out += b[:, None]
@@ -75,9 +96,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     if not input_grad:
         return None, dw, db
     dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)
-    padded = (c, n, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad)
-    dx_cn = _col2im(xp, dcols, padded, hh, ww, stride, h_out, w_out)
-    dx_cn = dx_cn[:, :, pad : pad + x.shape[2], pad : pad + x.shape[3]]
+    dx_cn = _col2im(xp, dcols, (c, n, x.shape[2], x.shape[3]), hh, ww, stride, pad, h_out, w_out)
     return xp.permute_dims(dx_cn, (1, 0, 2, 3)), dw, db
 
 
@@ -101,9 +120,20 @@ def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     expected = (x.shape[0], x.shape[1], h_out, w_out)
     if tuple(dout.shape) != expected:
         raise ValueError(f"max_pool_backward_fast: dout has shape {tuple(dout.shape)}, expected {expected}")
-    first = xp.argmax(windows, axis=2)  # (N, C, H', W'): the first maximum wins ties
-    dx = xp.zeros(x.shape, dtype=x.dtype, device=device(x))
+    # The first maximum of each window, offset by offset in row-major order (an argmax
+    # over a middle axis costs NumPy several times these elementwise passes).
+    peak = xp.max(windows, axis=2)  # (N, C, H', W')
+    unclaimed = xp.ones(peak.shape, dtype=xp.bool, device=device(peak))
+    zero = xp.zeros((), dtype=dout.dtype, device=device(dout))
+    tiles = stride == ph == pw  # each input element in one window: write each slice once, no zero fill
+    dx = (xp.empty if tiles else xp.zeros)(x.shape, dtype=x.dtype, device=device(x))
     for k in range(ph * pw):
-        routed = xp.where(first == k, dout, xp.zeros_like(dout))
-        dx[offset_slice(k // pw, k % pw, stride, h_out, w_out)] += routed
+        hit = (windows[:, :, k, ...] == peak) & unclaimed
+        unclaimed = unclaimed & ~hit
+        routed = xp.where(hit, dout, zero)
+        index = offset_slice(k // pw, k % pw, stride, h_out, w_out)
+        if tiles:
+            dx[index] = routed
+        else:
+            dx[index] += routed
     return dx
