@@ -373,6 +373,11 @@ def main(argv=None):
     )
     p.add_argument("--runs", type=int, default=5, help="timed runs per side for --recipe")
     p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip --recipe's untimed warm-up run per side (the published timing has one; on a CPU it only costs time)",
+    )
+    p.add_argument(
         "--recipe-set",
         metavar="KEY=VALUE",
         action="append",

@@ -79,7 +79,7 @@ def recipe_runs(backend, args) -> dict:
             sides["torch-fp16"] = lambda seed: fast94_torch.fast94_torch(
                 *theirs, settings, seed, dtype=torch.float16, channels_last=True
             )
-    for name, run in sides.items():
+    for name, run in sides.items() if not args.no_warmup else ():
         print(f"warm-up: {name}", flush=True)
         run(10_000)
     runs = {name: [] for name in sides}
@@ -98,6 +98,7 @@ def recipe_runs(backend, args) -> dict:
         for name, rows in runs.items()
     }
     return {"settings": {k: v for k, v in vars(settings).items()}, "runs": runs, "summary": summary,
+            "warmup": not args.no_warmup,
             "train_images": int(ours[0].shape[0]), "test_images": int(ours[2].shape[0])}  # fmt: skip
 
 
