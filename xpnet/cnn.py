@@ -10,7 +10,7 @@ from array_api_compat import device
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
 from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
 from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
-from .model import Model, check_finite, check_num_classes, check_positive_int
+from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int
 from .spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
 
 __all__ = ["ThreeLayerConvNet", "FastConvNet"]
@@ -47,9 +47,7 @@ class ThreeLayerConvNet(Model):
         rng=None,
     ):
         super().__init__(backend, dtype)
-        if len(tuple(input_dim)) != 3:
-            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
-        channels, height, width = (check_positive_int("each of input_dim", d) for d in input_dim)
+        channels, height, width = check_input_dim(input_dim)
         if height % 2 or width % 2:
             raise ValueError(
                 f"ThreeLayerConvNet: the 2x2 pool needs an even height and width, got input_dim {input_dim!r}"
@@ -187,9 +185,7 @@ class FastConvNet(Model):
         rng=None,
     ):
         super().__init__(backend, dtype)
-        if len(tuple(input_dim)) != 3:
-            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
-        channels, height, width = (check_positive_int("each of input_dim", d) for d in input_dim)
+        channels, height, width = check_input_dim(input_dim)
         if len(tuple(widths)) != 3:
             raise ValueError(f"FastConvNet: widths must name the three groups' widths, got {widths!r}")
         self.widths = tuple(check_positive_int("each of widths", w) for w in widths)

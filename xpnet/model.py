@@ -157,6 +157,13 @@ def load_model_state(model, state: dict, backend) -> None:
         layer.update(tree_to_device(saved, backend, dtype))
 
 
+def check_input_dim(input_dim) -> tuple:
+    """(C, H, W) of one input as positive integers, or a ValueError naming the problem."""
+    if len(tuple(input_dim)) != 3:
+        raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
+    return tuple(check_positive_int("each of input_dim", d) for d in input_dim)
+
+
 def check_positive_int(name: str, value) -> int:
     """``value`` as an int, or ValueError naming ``name`` when it is not a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

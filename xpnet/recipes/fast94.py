@@ -22,6 +22,7 @@ import numpy as np
 
 from ..augment import AlternatingFlipTranslate, tta_scores
 from ..backend import Backend, get_backend
+from ..batching import accuracy
 from ..cnn import FastConvNet
 from ..training.graph import GraphReplay
 from ..training.guard import FiniteGuard
@@ -132,6 +133,13 @@ class Fast94Result:
     steps: int
     epochs: float
     losses: list = field(repr=False, default_factory=list)
+
+    @classmethod
+    def from_clock(cls, test_accuracy: float, clock: tuple, per_epoch: int, losses: list) -> Fast94Result:
+        """From the clock read at the start, after whitening, after training and at the end."""
+        start, whitened, trained, end = clock
+        return cls(test_accuracy, end - start, whitened - start, trained - whitened, end - trained,
+                   len(losses), len(losses) / per_epoch, losses)  # fmt: skip
 
 
 def sgd_hyper_parameters(settings: Fast94Settings) -> tuple[dict, dict]:
@@ -324,19 +332,10 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
         backend.sync()
         trained = time.perf_counter()
         scores = tta_scores(model.loss, test_images, settings.tta_level)
-        correct = backend.xp.sum(backend.xp.astype(backend.xp.argmax(scores, axis=1) == test_labels, backend.xp.int64))
-        accuracy = float(backend.to_floats([correct])[0]) / test_images.shape[0]
+        test_accuracy = backend.to_floats([accuracy(backend.xp.argmax(scores, axis=1), test_labels)])[0]
         end = time.perf_counter()
     finally:
         if settings.tf32:
             backend.set_tf32(False)
-    return Fast94Result(
-        test_accuracy=accuracy,
-        seconds=end - start,
-        whiten_seconds=whitened - start,
-        train_seconds=trained - whitened,
-        eval_seconds=end - trained,
-        steps=len(losses),
-        epochs=len(losses) / trainer.per_epoch,
-        losses=backend.to_floats(losses),
-    )
+    return Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
+                                   backend.to_floats(losses))  # fmt: skip

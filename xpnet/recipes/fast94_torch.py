@@ -275,14 +275,7 @@ def fast94_torch(train_images, train_labels, test_images, test_labels, settings:
                       settings.tta_level)  # fmt: skip
     accuracy = (logits.argmax(1) == test_labels).float().mean().item()
     end = time.perf_counter()
-    per_epoch = len(train_x) // settings.batch_size
-    return Fast94Result(
-        test_accuracy=accuracy,
-        seconds=end - start,
-        whiten_seconds=whitened - start,
-        train_seconds=trained - whitened,
-        eval_seconds=end - trained,
-        steps=len(losses),
-        epochs=len(losses) / per_epoch,
-        losses=[float(v) for v in torch.stack(losses).cpu()],
+    losses = [float(v) for v in torch.stack(losses).cpu()]
+    return Fast94Result.from_clock(
+        accuracy, (start, whitened, trained, end), len(train_x) // settings.batch_size, losses
     )
