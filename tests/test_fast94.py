@@ -315,3 +315,12 @@ def test_fast_conv_net_trains_with_the_solver_and_its_state_round_trips(tmp_path
     np.testing.assert_array_equal(to_np(again.bn_params[3]["running_var"]), to_np(model.bn_params[3]["running_var"]))
     np.testing.assert_array_equal(to_np(again.loss(X[:5])), to_np(model.loss(X[:5])))
     assert (tmp_path / "fast_epoch_1.npz").is_file()
+
+
+def test_a_diverging_recipe_says_so():
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.integers(0, 256, (64, 32, 32, 3)), "y_train": rng.integers(0, 10, 64),
+            "X_test": rng.integers(0, 256, (8, 32, 32, 3)), "y_test": rng.integers(0, 10, 8)}  # fmt: skip
+    with pytest.warns(RuntimeWarning, match=r"the training loss became nan at step \d+ of 4"):
+        result = fast94(data, backend="numpy", widths=(4, 4, 4), batch_size=32, epochs=2, learning_rate=1e30)
+    assert not np.all(np.isfinite(result.losses))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -25,7 +26,6 @@ from ..backend import Backend, get_backend
 from ..batching import accuracy
 from ..cnn import FastConvNet
 from ..training.graph import GraphReplay
-from ..training.guard import FiniteGuard
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
 from ..training.sampling import EpochPermutation
 from ..training.update import Update
@@ -219,7 +219,6 @@ class Fast94Trainer:
         averaged = [*model.params.values()] + [b[k] for b in model.bn_params for k in ("running_mean", "running_var")]
         every = settings.lookahead_every
         self.lookahead = Lookahead(averaged, self.total, every, cubic_lookahead_decay) if every else None
-        self.guard = FiniteGuard(self.backend)
         capture = self.backend.can_capture if settings.cuda_graph is None else settings.cuda_graph
         self.graph = GraphReplay(self.backend) if capture else None
         self._sampler_rng = self.backend.rng((seed, 2))
@@ -228,7 +227,7 @@ class Fast94Trainer:
     def capture_key(self) -> tuple:
         """The device arrays a captured step reads; they stay the same for the whole run,
         so the step is captured once."""
-        key = (self.augmenter.images, self.labels, *self.update.arrays, self.guard.flag)
+        key = (self.augmenter.images, self.labels, *self.update.arrays)
         return key + (self.lookahead.arrays if self.lookahead is not None else ())
 
     def _step(self):
@@ -236,7 +235,6 @@ class Fast94Trainer:
         rows = self.sampler.indices(self._sampler_rng)
         X = xp.take(self.augmenter.images, rows, axis=0)
         loss, grads = self.model.loss(X, xp.take(self.labels, rows, axis=0))
-        self.guard.observe(loss)
         self.update.apply(self.model.params, grads)
         if self.lookahead is not None:
             self.lookahead.step()
@@ -337,5 +335,11 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
     finally:
         if settings.tf32:
             backend.set_tf32(False)
-    return Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
-                                   backend.to_floats(losses))  # fmt: skip
+    result = Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
+                                     backend.to_floats(losses))  # fmt: skip
+    bad = next((i for i, value in enumerate(result.losses) if not math.isfinite(value)), None)
+    if bad is not None:
+        warnings.warn(f"fast94: the training loss became {result.losses[bad]} at step {bad + 1} of {result.steps} "
+                      f"(learning rate {settings.learning_rate} per 1024 examples); the accuracy is meaningless",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+    return result
