@@ -334,6 +334,31 @@ def test_tf32_is_off_by_default_and_can_be_switched_on():
     assert 1e-5 < tf32_error < 1e-2  # TF32 rounds the inputs to a 10-bit mantissa
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, pad",
+    [((2, 3, 7, 7), (4, 3, 3, 3), 2, 1), ((2, 2, 5, 6), (3, 2, 2, 3), 1, 0), ((1, 2, 4, 4), (2, 2, 5, 5), 1, 2)],
+)
+def test_fused_im2col_and_col2im_match_the_array_api_reference(dtype, x_shape, w_shape, stride, pad):
+    from xpnet import fast_layers
+
+    rng = np.random.default_rng(4)
+    x, w = (
+        CUPY.asarray(rng.standard_normal(x_shape), dtype=dtype),
+        CUPY.asarray(rng.standard_normal(w_shape), dtype=dtype),
+    )
+    param = {"stride": stride, "pad": pad}
+
+    def run():
+        out, cache = fast_layers.conv_forward_fast(x, w, None, param)
+        dout = CUPY.asarray(np.random.default_rng(5).standard_normal(tuple(out.shape)), dtype=dtype)
+        return (out, *fast_layers.conv_backward_fast(dout, cache)[:2])
+
+    fast, reference = both(run, fused=["im2col", "col2im"])
+    for a, b in zip(fast, reference):
+        assert_close(a, b, dtype)
+
+
 def test_fast_conv_on_cupy_matches_numpy_and_runs_its_gemms_through_cublas():
     from xpnet import fast_layers
 

@@ -8,7 +8,7 @@ offset at a time, each a strided slice. Max-pool backward routes the gradient
 through a one-hot mask of each window's first maximum. Everything is array API,
 so it runs unchanged on NumPy, CuPy, PyTorch and array-api-strict; the matrix
 products go through :func:`xpnet.layers.matmul`, which on CuPy uses xpnet's
-capturable cuBLAS handle.
+capturable cuBLAS handle, and im2col and col2im are one fused kernel each there.
 
 Same signatures and results as the naive layers in :mod:`xpnet.layers`.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 from array_api_compat import device
 
 from .array_types import Array, Cache
+from .backend import accelerated
 from .conv_common import conv_geometry, offset_slice, padded_offset, pool_geometry
 from .layers import matmul
 
@@ -72,8 +73,12 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     """
     xp, stride, pad, h_out, w_out = conv_geometry("conv_forward_fast", x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    x_cn = xp.permute_dims(x, (1, 0, 2, 3))  # channels first: the columns need no transpose
-    cols = _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out)
+    fast = accelerated(x)
+    if fast is not None:
+        cols = fast.im2col(x, hh, ww, stride, pad, h_out, w_out)
+    else:
+        x_cn = xp.permute_dims(x, (1, 0, 2, 3))  # channels first: the columns need no transpose
+        cols = _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out)
     out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, N·H'·W'), a fresh array
     if b is not None:
         out += b[:, None]
@@ -96,6 +101,9 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     if not input_grad:
         return None, dw, db
     dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)
+    fast = accelerated(dcols)
+    if fast is not None:
+        return fast.col2im(dcols, tuple(x.shape), hh, ww, stride, pad, h_out, w_out), dw, db
     dx_cn = _col2im(xp, dcols, (c, n, x.shape[2], x.shape[3]), hh, ww, stride, pad, h_out, w_out)
     return xp.permute_dims(dx_cn, (1, 0, 2, 3)), dw, db
 

@@ -67,6 +67,52 @@ _gelu_backward = cupy.ElementwiseKernel(
     "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794)",
     "xpnet_gelu_backward",
 )
+# im2col and col2im in one launch each (the array-API code takes HH·WW strided copies).
+# cols is (C, KH, KW, N, OH, OW) flattened: one thread per element, zero where the window
+# sees padding. col2im gathers instead of scattering, one thread per element of dx
+# (N, C, H, W), so that overlapping windows add up without atomics.
+_im2col = cupy.ElementwiseKernel(
+    "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
+    "T col",
+    """
+    long long t = i;
+    const int ow = t % OW; t /= OW;
+    const int oh = t % OH; t /= OH;
+    const int n = t % N; t /= N;
+    const int kj = t % KW; t /= KW;
+    const int ki = t % KH;
+    const int c = t / KH;
+    const int ih = oh * stride + ki - pad;
+    const int iw = ow * stride + kj - pad;
+    col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(((long long)n * C + c) * H + ih) * W + iw] : (T)0;
+    """,
+    "xpnet_im2col",
+)
+_col2im = cupy.ElementwiseKernel(
+    "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
+    "T dx",
+    """
+    long long t = i;
+    const int iw = t % W; t /= W;
+    const int ih = t % H; t /= H;
+    const int c = t % C;
+    const int n = t / C;
+    T total = 0;
+    for (int ki = 0; ki < KH; ++ki) {
+        const int r = ih + pad - ki;
+        if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
+        const int oh = r / stride;
+        for (int kj = 0; kj < KW; ++kj) {
+            const int q = iw + pad - kj;
+            if (q < 0 || q % stride != 0 || q / stride >= OW) continue;
+            const int ow = q / stride;
+            total += cols[(((((long long)c * KH + ki) * KW + kj) * N + n) * OH + oh) * OW + ow];
+        }
+    }
+    dx = total;
+    """,
+    "xpnet_col2im",
+)
 _sgd = cupy.ElementwiseKernel("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 _sgd_momentum = cupy.ElementwiseKernel(
     "T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum"
@@ -311,6 +357,22 @@ class CupyKernels:
     @staticmethod
     def relu_backward(dout, x):
         return _relu_backward(dout, x)
+
+    @staticmethod
+    def im2col(x, kh, kw, stride, pad, h_out, w_out):
+        """(C·KH·KW, N·H'·W') columns of x (N, C, H, W) zero-padded by ``pad``, in one launch."""
+        n, c, h, w = x.shape
+        cols = cupy.empty((c * kh * kw, n * h_out * w_out), dtype=x.dtype)
+        _im2col(cupy.ascontiguousarray(x), c, h, w, kh, kw, n, h_out, w_out, stride, pad, cols)
+        return cols
+
+    @staticmethod
+    def col2im(cols, shape, kh, kw, stride, pad, h_out, w_out):
+        """The adjoint of :meth:`im2col`: dx of ``shape`` (N, C, H, W), overlapping windows added."""
+        n, c, h, w = shape
+        dx = cupy.empty(shape, dtype=cols.dtype)
+        _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, dx)
+        return dx
 
     @staticmethod
     def gelu_forward(x):
