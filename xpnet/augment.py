@@ -1,5 +1,7 @@
 """Data augmentation drawn and applied on the device, in the array API: horizontal
-flips and random translations with reflect padding (the fast CIFAR-10 recipe's).
+flips and random translations with reflect padding, the fast CIFAR-10 recipe's
+per-epoch scheme (:class:`AlternatingFlipTranslate`), and test-time augmentation
+(:func:`tta_scores`).
 
 Images are (N, C, H, W). Random choices come from a :class:`~xpnet.backend.DeviceRNG`
 passed in, so a seeded run draws the same augmentations every time.
