@@ -14,141 +14,22 @@ import threading
 
 import cupy
 
+from . import kernel_sources as sources
+
 __all__ = ["CupyKernels"]
 
-_SOFTMAX_SOURCE = r"""
-extern "C" __global__ void softmax_loss_{name}(
-        const {T}* __restrict__ x, const long long* __restrict__ y, const int n, const int c,
-        {T}* __restrict__ dx, {T}* __restrict__ loss) {
-    // One block: each thread takes whole rows; the loss is reduced in double.
-    __shared__ double partial[256];
-    double total = 0.0;
-    const {T} inv_n = ({T})1 / ({T})n;
-    for (int row = threadIdx.x; row < n; row += blockDim.x) {
-        const {T}* xr = x + (long long)row * c;
-        {T}* dr = dx + (long long)row * c;
-        const long long label = y[row];
-        if (label < 0 || label >= c) {  // out-of-range label: NaN, never an out-of-bounds read
-            total += nan("");
-            for (int j = 0; j < c; ++j) dr[j] = ({T})nan("");
-            continue;
-        }
-        {T} m = xr[0];
-        for (int j = 1; j < c; ++j) m = max(m, xr[j]);
-        {T} s = 0;
-        for (int j = 0; j < c; ++j) s += exp(xr[j] - m);
-        total += (double)(log(s) - (xr[label] - m));
-        const {T} inv_s = ({T})1 / s;
-        for (int j = 0; j < c; ++j) {
-            const {T} p = exp(xr[j] - m) * inv_s;
-            dr[j] = (p - (j == label ? ({T})1 : ({T})0)) * inv_n;
-        }
-    }
-    partial[threadIdx.x] = total;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) loss[0] = ({T})(partial[0] / n);
-}
-"""
-
-_relu_backward = cupy.ElementwiseKernel("T dout, T x", "T dx", "dx = x > (T)0 ? dout : (T)0", "xpnet_relu_backward")
-_bias_relu = cupy.ElementwiseKernel("T a, T b", "T out", "out = max(a + b, (T)0)", "xpnet_bias_relu")
-# The exact GELU in one pass each way, with CUDA's erfc (the array-API reference spends
-# about 80 elementwise operations on it, each a launch and a trip through memory).
-_gelu_forward = cupy.ElementwiseKernel(
-    "T x", "T out, T cdf", "cdf = (T)0.5 * erfc(-x * (T)0.70710678118654752440); out = x * cdf", "xpnet_gelu_forward"
-)
-_gelu_backward = cupy.ElementwiseKernel(
-    "T dout, T x, T cdf",
-    "T dx",
-    "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794)",
-    "xpnet_gelu_backward",
-)
-# im2col and col2im in one launch each (the array-API code takes HH·WW strided copies).
-# cols is (C, KH, KW, N, OH, OW) flattened: one thread per element, zero where the window
-# sees padding. col2im gathers instead of scattering, one thread per element of dx
-# (N, C, H, W), so that overlapping windows add up without atomics.
-_im2col = cupy.ElementwiseKernel(
-    "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
-    "T col",
-    """
-    long long t = i;
-    const int ow = t % OW; t /= OW;
-    const int oh = t % OH; t /= OH;
-    const int n = t % N; t /= N;
-    const int kj = t % KW; t /= KW;
-    const int ki = t % KH;
-    const int c = t / KH;
-    const int ih = oh * stride + ki - pad;
-    const int iw = ow * stride + kj - pad;
-    col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(((long long)n * C + c) * H + ih) * W + iw] : (T)0;
-    """,
-    "xpnet_im2col",
-)
-_col2im = cupy.ElementwiseKernel(
-    "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
-    "T dx",
-    """
-    long long t = i;
-    const int iw = t % W; t /= W;
-    const int ih = t % H; t /= H;
-    const int c = t % C;
-    const int n = t / C;
-    T total = 0;
-    for (int ki = 0; ki < KH; ++ki) {
-        const int r = ih + pad - ki;
-        if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
-        const int oh = r / stride;
-        for (int kj = 0; kj < KW; ++kj) {
-            const int q = iw + pad - kj;
-            if (q < 0 || q % stride != 0 || q / stride >= OW) continue;
-            const int ow = q / stride;
-            total += cols[(((((long long)c * KH + ki) * KW + kj) * N + n) * OH + oh) * OW + ow];
-        }
-    }
-    dx = total;
-    """,
-    "xpnet_col2im",
-)
-_sgd = cupy.ElementwiseKernel("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
-_sgd_momentum = cupy.ElementwiseKernel(
-    "T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum"
-)
-_sgd_nesterov = cupy.ElementwiseKernel(
-    "T dw, T lr, T mu",
-    "T w, T v",
-    "T v_old = v; v = mu * v - lr * dw; w = w + v + mu * (v - v_old)",
-    "xpnet_sgd_nesterov",
-)
-# PyTorch's SGD(nesterov=True, weight_decay=wd): the decay joins the gradient before the momentum.
-_nesterov_sgd = cupy.ElementwiseKernel(
-    "T dw, T lr, T mu, T wd",
-    "T w, T v",
-    "const T g = dw + wd * w; v = mu * v + g; w = w - lr * (g + mu * v)",
-    "xpnet_nesterov_sgd",
-)
-_rmsprop = cupy.ElementwiseKernel(
-    "T dw, T lr, T decay, T eps",
-    "T w, T cache",
-    "cache = decay * cache + ((T)1 - decay) * dw * dw; w = w - lr * dw / (sqrt(cache) + eps)",
-    "xpnet_rmsprop",
-)
-# Adam reads its step count from the device, so a CUDA graph replaying the update
-# sees each new count (a count passed as an argument would be frozen at capture).
-_adam = cupy.ElementwiseKernel(
-    "T dw, raw int64 t, T lr, T beta1, T beta2, T eps",
-    "T w, T m, T v",
-    """const T step = (T)t[0];
-       const T m_correction = (T)1 - pow(beta1, step);
-       const T v_correction = (T)1 - pow(beta2, step);
-       m = beta1 * m + ((T)1 - beta1) * dw;
-       v = beta2 * v + ((T)1 - beta2) * dw * dw;
-       w = w - lr * (m / m_correction) / (sqrt(v / v_correction) + eps)""",
-    "xpnet_adam",
-)
+_relu_backward = cupy.ElementwiseKernel(*sources.RELU_BACKWARD)
+_bias_relu = cupy.ElementwiseKernel(*sources.BIAS_RELU)
+_gelu_forward = cupy.ElementwiseKernel(*sources.GELU_FORWARD)
+_gelu_backward = cupy.ElementwiseKernel(*sources.GELU_BACKWARD)
+_im2col = cupy.ElementwiseKernel(*sources.IM2COL)
+_col2im = cupy.ElementwiseKernel(*sources.COL2IM)
+_sgd = cupy.ElementwiseKernel(*sources.SGD)
+_sgd_momentum = cupy.ElementwiseKernel(*sources.SGD_MOMENTUM)
+_sgd_nesterov = cupy.ElementwiseKernel(*sources.SGD_NESTEROV)
+_nesterov_sgd = cupy.ElementwiseKernel(*sources.NESTEROV_SGD)
+_rmsprop = cupy.ElementwiseKernel(*sources.RMSPROP)
+_adam = cupy.ElementwiseKernel(*sources.ADAM)
 
 # cuBLAS enums and sizes
 _OP_N, _OP_T = 0, 1
@@ -350,7 +231,7 @@ class CupyKernels:
         dtype = cupy.dtype(dtype)
         if dtype not in self._softmax:
             t = {"f": "float", "d": "double"}[dtype.char]
-            source = _SOFTMAX_SOURCE.replace("{T}", t).replace("{name}", t)
+            source = sources.SOFTMAX_LOSS.replace("{T}", t).replace("{name}", t)
             self._softmax[dtype] = cupy.RawKernel(source, f"softmax_loss_{t}")
         return self._softmax[dtype]
 

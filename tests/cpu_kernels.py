@@ -1,0 +1,176 @@
+"""Run the CUDA kernel sources of :mod:`xpnet.backend.kernel_sources` on the CPU.
+
+Each kernel's text is compiled by the system's C++ compiler inside a loop over the
+element index ``i`` (one "thread" at a time; a raw kernel runs as a single thread
+of a one-thread block), and called through ctypes on NumPy arrays. The arguments
+follow CuPy's conventions, so a test passes what ``cupy_kernels`` passes: non-raw
+arguments broadcast to one shape and are read (outputs: written) at index ``i``,
+``raw`` ones are whole C-contiguous arrays. This checks the kernels' arithmetic
+and indexing on machines without a GPU; it says nothing of their speed, and
+CUDA's math functions are stood in for by the C library's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from xpnet.backend.kernel_sources import Elementwise, Reduction
+
+COMPILER = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+# What CUDA gives a kernel that the C++ library does not, for one thread of one block.
+_PRELUDE = r"""
+#include <cmath>
+#include <algorithm>
+using namespace std;
+#define __global__
+#define __shared__ static
+struct _Dim3 { int x, y, z; };
+static const _Dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+static inline void __syncthreads() {}
+"""
+
+_C_TYPES = {
+    "int32": ("int", np.int32),
+    "int64": ("long long", np.int64),
+    "uint8": ("unsigned char", np.uint8),
+    "bool": ("bool", np.bool_),
+    "float32": ("float", np.float32),
+    "float64": ("double", np.float64),
+}
+_FLOAT_C = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_build_dir = None
+_libraries: dict = {}
+
+
+class _Param:
+    def __init__(self, text, is_output):
+        words = text.split()
+        self.raw = words[0] == "raw"
+        if self.raw:
+            words = words[1:]
+        self.type_name, self.name = words
+        self.is_output = is_output
+
+    def c_type(self):
+        return "T" if self.type_name == "T" else _C_TYPES[self.type_name][0]
+
+    def np_dtype(self, t_dtype):
+        return t_dtype if self.type_name == "T" else np.dtype(_C_TYPES[self.type_name][1])
+
+
+def _params(in_params, out_params):
+    split = lambda s: [p.strip() for p in s.split(",") if p.strip()]  # noqa: E731
+    return [_Param(p, False) for p in split(in_params)] + [_Param(p, True) for p in split(out_params)]
+
+
+def _library(source: str):
+    """Compile ``source`` (once per text) and load it."""
+    global _build_dir
+    if COMPILER is None:
+        raise RuntimeError("no C++ compiler found")
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    if key not in _libraries:
+        if _build_dir is None:
+            _build_dir = Path(tempfile.mkdtemp(prefix="xpnet-kernels-"))
+        cpp, lib = _build_dir / f"{key}.cpp", _build_dir / f"{key}.so"
+        cpp.write_text(source)
+        done = subprocess.run(
+            [COMPILER, "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(lib), str(cpp)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the kernel does not compile:\n{done.stderr}\n{source}")
+        _libraries[key] = ctypes.CDLL(str(lib))
+    return _libraries[key]
+
+
+def _elementwise_source(params, operation, t_c):
+    signature, loads = [], []
+    for p in params:
+        if p.raw:
+            signature.append(f"{p.c_type()}* {p.name}")
+        elif p.is_output:
+            signature.append(f"{p.c_type()}* _{p.name}")
+            loads.append(f"{p.c_type()}& {p.name} = _{p.name}[i];")
+        else:
+            signature.append(f"const {p.c_type()}* _{p.name}")
+            loads.append(f"const {p.c_type()} {p.name} = _{p.name}[i];")
+    body = "\n        ".join(loads)
+    return (
+        f"{_PRELUDE}\ntypedef {t_c} T;\n"
+        f'extern "C" void run({", ".join(signature)}, long long _n) {{\n'
+        f"    for (long long i = 0; i < _n; ++i) {{\n        {body}\n        {operation};\n    }}\n}}\n"
+    )
+
+
+def _call(library, arrays, n):
+    library.run(*[ctypes.c_void_p(a.ctypes.data) for a in arrays], ctypes.c_longlong(n))
+
+
+def _float_dtype(params, args):
+    """The dtype that ``T`` stands for: that of the first array argument declared ``T``."""
+    for p, a in zip(params, args):
+        if p.type_name == "T" and isinstance(a, np.ndarray):
+            return a.dtype
+    raise ValueError("no array argument of type T")
+
+
+def run_elementwise(kernel: Elementwise, *args):
+    """Run ``kernel`` as CuPy would with these arguments (inputs, then outputs, which are
+    written in place); returns the outputs."""
+    params = _params(kernel.in_params, kernel.out_params)
+    if len(args) != len(params):
+        raise TypeError(f"{kernel.name} takes {len(params)} arguments, got {len(args)}")
+    t_dtype = _float_dtype(params, args)
+    shape = np.broadcast_shapes(*[np.shape(a) for p, a in zip(params, args) if not p.raw])
+    arrays, outputs = [], []
+    for p, a in zip(params, args):
+        dtype = p.np_dtype(t_dtype)
+        if p.raw or p.is_output:
+            if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous):
+                raise TypeError(f"{kernel.name}: {p.name} must be a C-contiguous {dtype} array")
+            if p.is_output and a.shape != shape:
+                raise TypeError(f"{kernel.name}: output {p.name} must have shape {shape}")
+            arrays.append(a)
+            if p.is_output:
+                outputs.append(a)
+        else:
+            arrays.append(np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=dtype), shape)))
+    library = _library(_elementwise_source(params, kernel.operation, _FLOAT_C[t_dtype]))
+    _call(library, arrays, int(np.prod(shape)))
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def run_reduction(kernel: Reduction, *inputs, axis, keepdims=False):
+    """Run a summing ``kernel`` as ``kernel(*inputs, axis=axis, keepdims=keepdims)`` would:
+    ``map_expr`` element by element (C++), the sum over ``axis`` (NumPy), then ``post_map_expr`` (C++)."""
+    if kernel.reduce_expr.replace(" ", "") != "a+b" or kernel.identity.strip() != "0":
+        raise ValueError(f"{kernel.name}: only sums can be run here")
+    params = _params(kernel.in_params, "")
+    (out,) = _params("", kernel.out_params)
+    t_dtype = _float_dtype(params, inputs)
+    mapped = np.empty(np.broadcast_shapes(*[np.shape(a) for a in inputs]), dtype=t_dtype)
+    map_kernel = Elementwise(kernel.in_params, "T _mapped", f"_mapped = {kernel.map_expr}", kernel.name)
+    run_elementwise(map_kernel, *inputs, mapped)
+    a = np.sum(mapped, axis=axis, keepdims=keepdims, dtype=t_dtype)
+    result = np.empty(a.shape, dtype=out.np_dtype(t_dtype))
+    post_kernel = Elementwise("T a", f"{out.type_name} {out.name}", kernel.post_map_expr, kernel.name)
+    run_elementwise(post_kernel, np.ascontiguousarray(a), result)
+    return result
+
+
+def run_single_thread(source: str, name: str, *args):
+    """Run a raw kernel's ``source`` (with its ``{T}`` and ``{name}`` filled in) as one
+    thread of a one-thread block; ``args`` are NumPy arrays (pointers) or ctypes scalars."""
+    library = _library(_PRELUDE + source)
+    function = getattr(library, name)
+    function(*[ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else a for a in args])
