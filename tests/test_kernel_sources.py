@@ -156,4 +156,3 @@ def test_a_kernel_that_does_not_compile_is_reported_with_its_source():
     broken = sources.Elementwise("T x", "T y", "y = x +* 2", "broken")
     with pytest.raises(RuntimeError, match="does not compile"):
         run_elementwise(broken, np.ones(3), np.empty(3))
-
