@@ -9,11 +9,12 @@ import ctypes
 
 import numpy as np
 import pytest
-from cpu_kernels import COMPILER, run_elementwise, run_single_thread
+from cpu_kernels import COMPILER, run_elementwise, run_reduction, run_single_thread
 
-from xpnet import layers, optim
+from xpnet import fast_layers, layers, optim
 from xpnet.backend import kernel_sources as sources
 from xpnet.fast_layers import _col2im, _im2col
+from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to build the kernel sources with")
 
@@ -156,3 +157,107 @@ def test_a_kernel_that_does_not_compile_is_reported_with_its_source():
     broken = sources.Elementwise("T x", "T y", "y = x +* 2", "broken")
     with pytest.raises(RuntimeError, match="does not compile"):
         run_elementwise(broken, np.ones(3), np.empty(3))
+
+
+POOLS = [
+    # (N, C, H, W), (pool height, pool width), stride
+    ((2, 3, 8, 8), (2, 2), 2),
+    ((2, 2, 7, 7), (3, 3), 2),  # overlapping windows
+    ((1, 2, 5, 6), (3, 2), 1),
+    ((1, 1, 4, 4), (4, 4), 4),  # one window per plane
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape, window, stride", POOLS)
+def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, window, stride):
+    ph, pw = window
+    h_out, w_out = (shape[2] - ph) // stride + 1, (shape[3] - pw) // stride + 1
+    x = rng.integers(-2, 3, size=shape).astype(dtype)  # few values: many tied windows
+    param = {"pool_height": ph, "pool_width": pw, "stride": stride}
+    expected, cache = fast_layers.max_pool_forward_fast(x, param)
+    out_shape = (*shape[:2], h_out, w_out)
+    out, argmax = np.empty(out_shape, dtype=dtype), np.empty(out_shape, dtype=np.int32)
+    geometry = (shape[2], shape[3], ph, pw, h_out, w_out, stride)
+    run_elementwise(sources.MAX_POOL_FORWARD, x, *geometry, out, argmax)
+    np.testing.assert_array_equal(out, expected)
+    windows = cache[2]  # (N, C, ph·pw, H', W'), row-major offsets
+    np.testing.assert_array_equal(argmax, np.argmax(windows, axis=2))
+
+    dout = rng.standard_normal(out_shape).astype(dtype)
+    dx = run_elementwise(sources.MAX_POOL_BACKWARD, dout, argmax, *geometry, np.empty(shape, dtype=dtype))
+    np.testing.assert_array_equal(dx, fast_layers.max_pool_backward_fast(dout, cache))
+
+
+def test_max_pool_kernel_propagates_nan():
+    x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]])
+    out, argmax = np.empty((1, 1, 1, 1)), np.empty((1, 1, 1, 1), dtype=np.int32)
+    run_elementwise(sources.MAX_POOL_FORWARD, x, 2, 2, 2, 2, 1, 1, 2, out, argmax)
+    assert np.isnan(out).all() and argmax.item() == 1
+
+
+def _per_channel(v):
+    return v.reshape(1, -1, 1, 1)
+
+
+def _kernel_batchnorm_train(x, gamma, beta, eps):
+    """CupyKernels.spatial_batchnorm_train's passes, with the kernels run on the CPU."""
+    n, c, h, w = x.shape
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = run_reduction(sources.SQUARED_DEVIATION_SUM, x, mean, axis=(0, 2, 3), keepdims=True) / (n * h * w)
+    inv_std = 1 / np.sqrt(var + eps)
+    scale = x.dtype.type(1) if gamma is None else _per_channel(gamma)
+    out, x_hat = np.empty_like(x), np.empty_like(x)
+    run_elementwise(sources.BATCHNORM_TRAIN, x, mean, inv_std, scale, _per_channel(beta), out, x_hat)
+    return out, x_hat, mean.reshape(c), var.reshape(c), inv_std
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_batchnorm_kernels_equal_the_reference(rng, dtype, with_gamma):
+    n, c, h, w = 4, 3, 5, 6
+    x = (rng.standard_normal((n, c, h, w)) * 3 + 2).astype(dtype)
+    gamma = rng.standard_normal(c).astype(dtype) if with_gamma else None
+    beta = rng.standard_normal(c).astype(dtype)
+    bn_param = {"mode": "train", "eps": 1e-5}
+    expected, cache = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+    out, x_hat, mean, var, inv_std = _kernel_batchnorm_train(x, gamma, beta, 1e-5)
+    np.testing.assert_allclose(out, expected, **tolerance(dtype))
+    # The running averages start at zero, so after one step they are (1 - momentum)·batch.
+    np.testing.assert_allclose(0.1 * mean, bn_param["running_mean"], **tolerance(dtype))
+    np.testing.assert_allclose(0.1 * var, bn_param["running_var"], **tolerance(dtype))
+
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    dx_ref, dgamma_ref, dbeta_ref = spatial_batchnorm_backward(dout, cache)
+    dbeta = dout.sum(axis=(0, 2, 3))
+    dgamma = run_reduction(sources.PRODUCT_SUM, dout, x_hat, axis=(0, 2, 3))
+    scale = inv_std if gamma is None else _per_channel(gamma) * inv_std
+    count = n * h * w
+    dx = run_elementwise(
+        sources.BATCHNORM_BACKWARD,
+        dout,
+        x_hat,
+        scale,
+        _per_channel(dbeta / count),
+        _per_channel(dgamma / count),
+        np.empty_like(x),
+    )
+    np.testing.assert_allclose(dx, dx_ref, **tolerance(dtype))
+    np.testing.assert_allclose(dbeta, dbeta_ref, **tolerance(dtype))
+    if with_gamma:
+        np.testing.assert_allclose(dgamma, dgamma_ref, **tolerance(dtype))
+
+    bn_param["mode"] = "test"
+    expected, _ = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+    inv_running_std = 1 / np.sqrt(_per_channel(bn_param["running_var"]) + 1e-5)
+    scale = dtype(1) if gamma is None else _per_channel(gamma)
+    out = run_elementwise(
+        sources.BATCHNORM_APPLY,
+        x,
+        _per_channel(bn_param["running_mean"]),
+        inv_running_std,
+        scale,
+        _per_channel(beta),
+        np.empty_like(x),
+    )
+    np.testing.assert_allclose(out, expected, **tolerance(dtype))

@@ -8,12 +8,15 @@ offset at a time, each a strided slice. Max-pool backward routes the gradient
 through a one-hot mask of each window's first maximum. Everything is array API,
 so it runs unchanged on NumPy, CuPy, PyTorch and array-api-strict; the matrix
 products go through :func:`xpnet.layers.matmul`, which on CuPy uses xpnet's
-capturable cuBLAS handle, and im2col and col2im are one fused kernel each there.
+capturable cuBLAS handle, and im2col, col2im and each max-pool pass are one fused
+kernel each there.
 
 Same signatures and results as the naive layers in :mod:`xpnet.layers`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from array_api_compat import device
 
@@ -113,9 +116,24 @@ def _pool_windows(xp, x, ph, pw, stride, h_out, w_out):
     return xp.stack([x[offset_slice(i, j, stride, h_out, w_out)] for i in range(ph) for j in range(pw)], axis=2)
 
 
+class _FusedPoolCache(NamedTuple):
+    """What the fused kernels' backward pass needs: each window's first maximum, as the
+    offset ki·pw + kj (N, C, H', W')."""
+
+    kernels: object
+    argmax: Array
+
+
 def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
-    """Max pooling over strided slices; the same contract as :func:`xpnet.layers.max_pool_forward_naive`."""
+    """Max pooling over strided slices; the same contract as :func:`xpnet.layers.max_pool_forward_naive`.
+
+    The cache is (x, pool_param, the windows (N, C, ph·pw, H', W')), or on a backend
+    with fused kernels (x, pool_param, each window's first maximum)."""
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_forward_fast", x, pool_param)
+    fast = accelerated(x)
+    if fast is not None:
+        out, argmax = fast.max_pool_forward(x, ph, pw, stride, h_out, w_out)
+        return out, (x, pool_param, _FusedPoolCache(fast, argmax))
     windows = _pool_windows(xp, x, ph, pw, stride, h_out, w_out)
     return xp.max(windows, axis=2), (x, pool_param, windows)
 
@@ -123,11 +141,14 @@ def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
 def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`max_pool_forward_fast`: each window's gradient goes to its
     first maximum (row-major order); overlapping windows add up. Returns dx (N, C, H, W)."""
-    x, pool_param, windows = cache
+    x, pool_param, saved = cache
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_fast", x, pool_param)
     expected = (x.shape[0], x.shape[1], h_out, w_out)
     if tuple(dout.shape) != expected:
         raise ValueError(f"max_pool_backward_fast: dout has shape {tuple(dout.shape)}, expected {expected}")
+    if isinstance(saved, _FusedPoolCache):
+        return saved.kernels.max_pool_backward(dout, saved.argmax, tuple(x.shape), ph, pw, stride, h_out, w_out)
+    windows = saved
     # The first maximum of each window, offset by offset in row-major order (an argmax
     # over a middle axis costs NumPy several times these elementwise passes).
     peak = xp.max(windows, axis=2)  # (N, C, H', W')

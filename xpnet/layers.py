@@ -317,31 +317,49 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
     """
     _check_norm_input("batchnorm_forward", x, gamma, beta)
     xp = namespace(x)
-    mode = bn_param.get("mode", "train")
-    eps = bn_param.get("eps", 1e-5)
-    momentum = bn_param.get("momentum", 0.9)
-    d = x.shape[1]
-    for key in ("running_mean", "running_var"):
-        if bn_param.get(key) is None:
-            bn_param[key] = xp.zeros((d,), dtype=x.dtype, device=device(x))
+    mode, eps = batchnorm_mode(bn_param), bn_param.get("eps", 1e-5)
+    ensure_running_statistics(bn_param, x, x.shape[1])
     if mode == "train":
         if x.shape[0] < 2:
             raise ValueError(
                 f"batchnorm_forward: train mode needs at least 2 rows to normalise over, got x {tuple(x.shape)}"
             )
         out, cache, mean, var = _normalize_forward(x, gamma, beta, eps, axis=0)
-        # In place, so the buffers keep their identity (a CUDA graph writes into them).
-        n = x.shape[0]
-        batch_var = var[0, :] * (n / (n - 1)) if bn_param.get("unbiased_running_var", False) else var[0, :]
-        for key, batch_value in (("running_mean", mean[0, :]), ("running_var", batch_var)):
-            running = bn_param[key]
-            running *= momentum
-            running += (1 - momentum) * batch_value
+        update_running_statistics(bn_param, mean[0, :], var[0, :], x.shape[0])
         return out, cache
-    if mode == "test":
-        x_hat = (x - bn_param["running_mean"]) / xp.sqrt(bn_param["running_var"] + eps)
-        return _scaled(gamma, x_hat, beta), None
-    raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
+    x_hat = (x - bn_param["running_mean"]) / xp.sqrt(bn_param["running_var"] + eps)
+    return _scaled(gamma, x_hat, beta), None
+
+
+def batchnorm_mode(bn_param: dict) -> str:
+    """``bn_param['mode']`` ('train' by default), or ValueError for anything but 'train' and 'test'."""
+    mode = bn_param.get("mode", "train")
+    if mode not in ("train", "test"):
+        raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
+    return mode
+
+
+def ensure_running_statistics(bn_param: dict, like: Array, d: int) -> None:
+    """Zeros (d,) for 'running_mean' and 'running_var' where ``bn_param`` has none yet,
+    of ``like``'s dtype and device."""
+    xp = namespace(like)
+    for key in ("running_mean", "running_var"):
+        if bn_param.get(key) is None:
+            bn_param[key] = xp.zeros((d,), dtype=like.dtype, device=device(like))
+
+
+def update_running_statistics(bn_param: dict, mean: Array, var: Array, count: int) -> None:
+    """``running = momentum·running + (1 - momentum)·batch`` for the batch mean and biased
+    variance (D,) of ``count`` values each; the variance made unbiased first when
+    ``bn_param['unbiased_running_var']``. In place, so the buffers keep their identity
+    (a CUDA graph writes into them)."""
+    momentum = bn_param.get("momentum", 0.9)
+    if bn_param.get("unbiased_running_var", False):
+        var = var * (count / (count - 1))
+    for key, batch_value in (("running_mean", mean), ("running_var", var)):
+        running = bn_param[key]
+        running *= momentum
+        running += (1 - momentum) * batch_value
 
 
 def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:

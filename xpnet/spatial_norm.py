@@ -4,9 +4,19 @@ group of C / G channels and H, W)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .array_types import Array, Cache
+from .backend import accelerated
 from .input_checks import layer_namespace
-from .layers import batchnorm_backward_alt, batchnorm_forward, normalized_input_grad
+from .layers import (
+    batchnorm_backward_alt,
+    batchnorm_forward,
+    batchnorm_mode,
+    ensure_running_statistics,
+    normalized_input_grad,
+    update_running_statistics,
+)
 
 __all__ = [
     "spatial_batchnorm_forward",
@@ -29,6 +39,29 @@ def _to_rows(xp, x):
 def _from_rows(xp, rows, shape):
     n, c, h, w = shape
     return xp.permute_dims(xp.reshape(rows, (n, h, w, c)), (0, 3, 1, 2))
+
+
+class _FusedBatchnormCache(NamedTuple):
+    """What the fused kernels' backward pass needs: x̂ (N, C, H, W), 1/std (1, C, 1, 1)."""
+
+    kernels: object
+    x_hat: Array
+    inv_std: Array
+    gamma: Array | None
+
+
+def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param):
+    """Spatial batchnorm through a backend's fused kernels; the running averages as in
+    :func:`xpnet.layers.batchnorm_forward`."""
+    mode, eps = batchnorm_mode(bn_param), bn_param.get("eps", 1e-5)
+    n, c, h, w = x.shape
+    ensure_running_statistics(bn_param, x, c)
+    if mode == "test":
+        running = bn_param["running_mean"], bn_param["running_var"]
+        return kernels.spatial_batchnorm_apply(x, gamma, beta, *running, eps), None
+    out, x_hat, mean, var, inv_std = kernels.spatial_batchnorm_train(x, gamma, beta, eps)
+    update_running_statistics(bn_param, mean, var, n * h * w)
+    return out, _FusedBatchnormCache(kernels, x_hat, inv_std, gamma)
 
 
 def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
@@ -55,16 +88,22 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
             f"got {gamma_shape} and {tuple(beta.shape)}"
         )
     xp = layer_namespace("spatial_batchnorm_forward", {"x": x})
+    fast = accelerated(x)
+    if fast is not None:
+        return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param)
     out, cache = batchnorm_forward(_to_rows(xp, x), gamma, beta, bn_param)
     return _from_rows(xp, out, x.shape), (cache, tuple(x.shape))
 
 
 def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of spatial batchnorm: dx (N, C, H, W), dgamma (C,), dbeta (C,)."""
-    rows_cache, shape = cache
     xp = layer_namespace("spatial_batchnorm_backward", {"dout": dout})
+    shape = tuple(cache.x_hat.shape) if isinstance(cache, _FusedBatchnormCache) else cache[1]
     if tuple(dout.shape) != shape:
         raise ValueError(f"spatial_batchnorm_backward: dout has shape {tuple(dout.shape)}, expected {shape}")
+    if isinstance(cache, _FusedBatchnormCache):
+        return cache.kernels.spatial_batchnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
+    rows_cache = cache[0]
     dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, dout), rows_cache)
     return _from_rows(xp, dx, shape), dgamma, dbeta
 

@@ -2,9 +2,11 @@
 
 The array-API code in xpnet.layers and xpnet.optim is the reference; on CuPy
 arrays the same functions call these kernels instead, which do each hot chain
-in one launch (softmax + cross-entropy + its gradient, ReLU backward, each
-update rule). Matrix products go to cuBLAS through its C API on a handle of our
-own, which, unlike CuPy's matmul, may be recorded inside a CUDA graph.
+in one launch (softmax + cross-entropy + its gradient, ReLU and GELU, im2col
+and col2im, max pooling, each update rule) or a few (spatial batchnorm). Their
+source is :mod:`xpnet.backend.kernel_sources`. Matrix products go to cuBLAS
+through its C API on a handle of our own, which, unlike CuPy's matmul, may be
+recorded inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ _gelu_forward = cupy.ElementwiseKernel(*sources.GELU_FORWARD)
 _gelu_backward = cupy.ElementwiseKernel(*sources.GELU_BACKWARD)
 _im2col = cupy.ElementwiseKernel(*sources.IM2COL)
 _col2im = cupy.ElementwiseKernel(*sources.COL2IM)
+_max_pool_forward = cupy.ElementwiseKernel(*sources.MAX_POOL_FORWARD)
+_max_pool_backward = cupy.ElementwiseKernel(*sources.MAX_POOL_BACKWARD)
+_squared_deviation_sum = cupy.ReductionKernel(*sources.SQUARED_DEVIATION_SUM)
+_product_sum = cupy.ReductionKernel(*sources.PRODUCT_SUM)
+_batchnorm_train = cupy.ElementwiseKernel(*sources.BATCHNORM_TRAIN)
+_batchnorm_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_APPLY)
+_batchnorm_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_BACKWARD)
 _sgd = cupy.ElementwiseKernel(*sources.SGD)
 _sgd_momentum = cupy.ElementwiseKernel(*sources.SGD_MOMENTUM)
 _sgd_nesterov = cupy.ElementwiseKernel(*sources.SGD_NESTEROV)
@@ -145,6 +154,11 @@ class _Cublas:
         return out
 
 
+def _channel_scale(gamma, x):
+    """gamma (C,) as (1, C, 1, 1), or a 1 of x's dtype for batchnorm without a scale."""
+    return x.dtype.type(1) if gamma is None else gamma.reshape(1, -1, 1, 1)
+
+
 def _operand(x, ld_if_c, ld_if_f):
     """(op, leading dimension, array) for a row-major operand, copying if it is neither C- nor F-contiguous."""
     if x.flags.c_contiguous:
@@ -254,6 +268,57 @@ class CupyKernels:
         dx = cupy.empty(shape, dtype=cols.dtype)
         _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, dx)
         return dx
+
+    @staticmethod
+    def max_pool_forward(x, ph, pw, stride, h_out, w_out):
+        """Max pooling of x (N, C, H, W) in one launch: out (N, C, H', W') and, for the
+        backward pass, each window's first maximum as the offset ki·pw + kj (int32, same shape)."""
+        n, c, h, w = x.shape
+        out = cupy.empty((n, c, h_out, w_out), dtype=x.dtype)
+        argmax = cupy.empty(out.shape, dtype=cupy.int32)
+        _max_pool_forward(cupy.ascontiguousarray(x), h, w, ph, pw, h_out, w_out, stride, out, argmax)
+        return out, argmax
+
+    @staticmethod
+    def max_pool_backward(dout, argmax, shape, ph, pw, stride, h_out, w_out):
+        """dx of ``shape`` (N, C, H, W): each window's gradient at its first maximum, overlaps added."""
+        n, c, h, w = shape
+        dx = cupy.empty(shape, dtype=dout.dtype)
+        _max_pool_backward(cupy.ascontiguousarray(dout), argmax, h, w, ph, pw, h_out, w_out, stride, dx)
+        return dx
+
+    @staticmethod
+    def spatial_batchnorm_train(x, gamma, beta, eps):
+        """Batchnorm of x (N, C, H, W) with its statistics over N, H and W, in three passes:
+        out and x̂ (N, C, H, W), the batch mean and biased variance (C,), and
+        1/sqrt(var + eps) as (1, C, 1, 1). gamma None: a scale of 1."""
+        n, c, h, w = x.shape
+        mean = x.mean(axis=(0, 2, 3), keepdims=True)
+        var = _squared_deviation_sum(x, mean, axis=(0, 2, 3), keepdims=True) / (n * h * w)
+        inv_std = (1 / cupy.sqrt(var + eps)).astype(x.dtype, copy=False)  # eps must not widen it
+        out, x_hat = _batchnorm_train(x, mean, inv_std, _channel_scale(gamma, x), beta.reshape(1, c, 1, 1))
+        return out, x_hat, mean.reshape(c), var.reshape(c), inv_std
+
+    @staticmethod
+    def spatial_batchnorm_apply(x, gamma, beta, mean, var, eps):
+        """Test-mode batchnorm of x (N, C, H, W) with given statistics (C,), in one pass."""
+        c = x.shape[1]
+        inv_std = (1 / cupy.sqrt(var.reshape(1, c, 1, 1) + eps)).astype(x.dtype, copy=False)
+        return _batchnorm_apply(
+            x, mean.reshape(1, c, 1, 1), inv_std, _channel_scale(gamma, x), beta.reshape(1, c, 1, 1)
+        )
+
+    @staticmethod
+    def spatial_batchnorm_backward(dout, x_hat, gamma, inv_std):
+        """dx (N, C, H, W), dgamma (C,) (None without gamma) and dbeta (C,), in three passes."""
+        n, c, h, w = dout.shape
+        count = n * h * w
+        dbeta = dout.sum(axis=(0, 2, 3))
+        dgamma = _product_sum(dout, x_hat, axis=(0, 2, 3))
+        scale = inv_std if gamma is None else gamma.reshape(1, c, 1, 1) * inv_std
+        means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
+        dx = _batchnorm_backward(dout, x_hat, scale, *means)
+        return dx, None if gamma is None else dgamma, dbeta
 
     @staticmethod
     def gelu_forward(x):

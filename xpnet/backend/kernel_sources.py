@@ -133,6 +133,84 @@ COL2IM = Elementwise(
     """,
     "xpnet_col2im",
 )
+# Max pooling, one thread per output element: the window's first maximum in row-major
+# order (a NaN wins and stays) and its offset ki·PW + kj, which is all the backward pass
+# needs (the array-API code keeps a copy of every window). The backward pass gathers,
+# one thread per element of dx, adding the windows that picked it in the order
+# (ki, kj) that the array-API code adds them.
+MAX_POOL_FORWARD = Elementwise(
+    "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
+    "T out, int32 argmax",
+    """
+    const int ow = i % OW;
+    const int oh = (i / OW) % OH;
+    const long long plane = i / ((long long)OH * OW);
+    const long long corner = (plane * H + (long long)oh * stride) * W + (long long)ow * stride;
+    T best = x[corner];
+    int best_k = 0;
+    for (int ki = 0; ki < PH; ++ki) {
+        for (int kj = 0; kj < PW; ++kj) {
+            const T v = x[corner + (long long)ki * W + kj];
+            if (best == best && !(v <= best)) {
+                best = v;
+                best_k = ki * PW + kj;
+            }
+        }
+    }
+    out = best;
+    argmax = best_k;
+    """,
+    "xpnet_max_pool_forward",
+)
+MAX_POOL_BACKWARD = Elementwise(
+    "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
+    "T dx",
+    """
+    const int iw = i % W;
+    const int ih = (i / W) % H;
+    const long long plane = i / ((long long)H * W);
+    T total = 0;
+    for (int ki = 0; ki < PH; ++ki) {
+        const int r = ih - ki;
+        if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
+        for (int kj = 0; kj < PW; ++kj) {
+            const int q = iw - kj;
+            if (q < 0 || q % stride != 0 || q / stride >= OW) continue;
+            const long long o = (plane * OH + r / stride) * OW + q / stride;
+            if (argmax[o] == ki * PW + kj) total += dout[o];
+        }
+    }
+    dx = total;
+    """,
+    "xpnet_max_pool_backward",
+)
+# Spatial batchnorm: per-channel values arrive as (1, C, 1, 1) arrays (or a scalar
+# scale of 1 without gamma), broadcast over (N, C, H, W). Each pass reads the
+# activations once: the variance around a given mean, the normalisation with x̂ kept
+# for the backward pass, and dx from the two per-channel means of the gradient.
+SQUARED_DEVIATION_SUM = Reduction(
+    "T x, T mean", "T total", "(x - mean) * (x - mean)", "a + b", "total = a", "0", "xpnet_squared_deviation_sum"
+)
+PRODUCT_SUM = Reduction("T dout, T x_hat", "T total", "dout * x_hat", "a + b", "total = a", "0", "xpnet_product_sum")
+BATCHNORM_TRAIN = Elementwise(
+    "T x, T mean, T inv_std, T gamma, T beta",
+    "T out, T x_hat",
+    "x_hat = (x - mean) * inv_std; out = gamma * x_hat + beta",
+    "xpnet_batchnorm_train",
+)
+BATCHNORM_APPLY = Elementwise(
+    "T x, T mean, T inv_std, T gamma, T beta",
+    "T out",
+    "out = gamma * ((x - mean) * inv_std) + beta",
+    "xpnet_batchnorm_apply",
+)
+# dx = gamma/std · (dout - mean(dout) - x̂·mean(dout·x̂)), the means over N, H and W.
+BATCHNORM_BACKWARD = Elementwise(
+    "T dout, T x_hat, T scale, T mean_dout, T mean_dout_x_hat",
+    "T dx",
+    "dx = scale * (dout - mean_dout - x_hat * mean_dout_x_hat)",
+    "xpnet_batchnorm_backward",
+)
 SGD = Elementwise("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 SGD_MOMENTUM = Elementwise("T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum")
 SGD_NESTEROV = Elementwise(
