@@ -8,15 +8,23 @@ arguments broadcast to one shape and are read (outputs: written) at index ``i``,
 ``raw`` ones are whole C-contiguous arrays. This checks the kernels' arithmetic
 and indexing on machines without a GPU; it says nothing of their speed, and
 CUDA's math functions are stood in for by the C library's.
+
+:func:`cupy_kernels_on_cpu` goes one step further: it loads
+:mod:`xpnet.backend.cupy_kernels` itself against a stand-in for the ``cupy`` module
+whose arrays are NumPy's and whose kernels run here, so that the Python code
+around each launch (argument order, shapes, dtypes) runs too.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import shutil
 import subprocess
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +136,13 @@ def run_elementwise(kernel: Elementwise, *args):
     """Run ``kernel`` as CuPy would with these arguments (inputs, then outputs, which are
     written in place); returns the outputs."""
     params = _params(kernel.in_params, kernel.out_params)
-    if len(args) != len(params):
-        raise TypeError(f"{kernel.name} takes {len(params)} arguments, got {len(args)}")
+    n_in = sum(not p.is_output for p in params)
+    if len(args) not in (n_in, len(params)):
+        raise TypeError(f"{kernel.name} takes {n_in} inputs and optionally the outputs, got {len(args)} arguments")
     t_dtype = _float_dtype(params, args)
     shape = np.broadcast_shapes(*[np.shape(a) for p, a in zip(params, args) if not p.raw])
+    if len(args) == n_in:  # CuPy allocates the outputs
+        args = (*args, *[np.empty(shape, dtype=p.np_dtype(t_dtype)) for p in params[n_in:]])
     arrays, outputs = [], []
     for p, a in zip(params, args):
         dtype = p.np_dtype(t_dtype)
@@ -168,9 +179,77 @@ def run_reduction(kernel: Reduction, *inputs, axis, keepdims=False):
     return result
 
 
+_C_SCALARS = {
+    np.int32: ctypes.c_int,
+    np.int64: ctypes.c_longlong,
+    np.float32: ctypes.c_float,
+    np.float64: ctypes.c_double,
+}
+
+
 def run_single_thread(source: str, name: str, *args):
     """Run a raw kernel's ``source`` (with its ``{T}`` and ``{name}`` filled in) as one
-    thread of a one-thread block; ``args`` are NumPy arrays (pointers) or ctypes scalars."""
+    thread of a one-thread block; ``args`` are NumPy arrays (pointers) or NumPy scalars."""
     library = _library(_PRELUDE + source)
     function = getattr(library, name)
-    function(*[ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else a for a in args])
+    function(*[ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a) for a in args])
+
+
+class _ElementwiseKernel:
+    def __init__(self, *args):
+        self.source = Elementwise(*args)
+
+    def __call__(self, *args):
+        return run_elementwise(self.source, *args)
+
+
+class _ReductionKernel:
+    def __init__(self, *args):
+        self.source = Reduction(*args)
+
+    def __call__(self, *inputs, axis=None, keepdims=False):
+        return run_reduction(self.source, *inputs, axis=axis, keepdims=keepdims)
+
+
+class _RawKernel:
+    def __init__(self, source, name):
+        self.source, self.name = source, name
+
+    def __call__(self, grid, block, args):
+        run_single_thread(self.source, self.name, *args)
+
+
+def cupy_on_cpu() -> types.ModuleType:
+    """A stand-in for the ``cupy`` module: NumPy's arrays and functions, and kernels
+    that run through this module (enough of CuPy for CupyKernels' layer and update methods)."""
+    fake = types.ModuleType("cupy")
+    for name in ("asarray", "ascontiguousarray", "dtype", "empty", "empty_like", "ndarray", "ones", "sqrt"):
+        setattr(fake, name, getattr(np, name))
+    for name in ("int32", "int64", "float32", "float64"):
+        setattr(fake, name, getattr(np, name))
+    fake.ElementwiseKernel, fake.ReductionKernel, fake.RawKernel = _ElementwiseKernel, _ReductionKernel, _RawKernel
+    return fake
+
+
+def cupy_kernels_on_cpu():
+    """A ``CupyKernels`` from :mod:`xpnet.backend.cupy_kernels` loaded against
+    :func:`cupy_on_cpu`, for NumPy arrays. Its matrix products (cuBLAS on a GPU, no kernel
+    of ours) are NumPy's."""
+    import xpnet.backend
+
+    path = Path(xpnet.backend.__file__).with_name("cupy_kernels.py")
+    spec = importlib.util.spec_from_file_location("xpnet.backend._cupy_kernels_on_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = cupy_on_cpu()
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved
+    kernels = module.CupyKernels()
+    kernels.matmul = lambda a, b: a @ b
+    kernels.column_sums = lambda a: a.sum(axis=0)
+    return kernels

@@ -1,19 +1,22 @@
-"""The CUDA kernels' source, run on the CPU (tests/cpu_kernels.py) against the
-array-API reference on NumPy: their arithmetic and indexing are checked on every
-machine with a C++ compiler, not only where a GPU is at hand (tests/test_gpu.py
-runs the kernels themselves there)."""
+"""The CUDA kernels, run on the CPU against the array-API reference on NumPy.
+
+tests/cpu_kernels.py compiles each kernel's source with the C++ compiler and loads
+xpnet.backend.cupy_kernels itself over NumPy arrays, so every fused path (the
+kernels, and the Python around each launch) is checked on every machine with a
+compiler, not only where a GPU is at hand; tests/test_gpu.py runs them on CuPy.
+"""
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
-from cpu_kernels import COMPILER, run_elementwise, run_reduction, run_single_thread
+from cpu_kernels import COMPILER, cupy_kernels_on_cpu, run_elementwise
 
 from xpnet import fast_layers, layers, optim
+from xpnet.backend import dispatch, fused_kernels
 from xpnet.backend import kernel_sources as sources
 from xpnet.fast_layers import _col2im, _im2col
+from xpnet.layer_utils import affine_relu_forward
 from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to build the kernel sources with")
@@ -28,29 +31,6 @@ def tolerance(dtype):
 @pytest.fixture
 def rng():
     return np.random.default_rng(7)
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_relu_backward_and_bias_relu(rng, dtype):
-    x = rng.standard_normal((5, 7)).astype(dtype)
-    dout = rng.standard_normal((5, 7)).astype(dtype)
-    b = rng.standard_normal(7).astype(dtype)
-    dx = run_elementwise(sources.RELU_BACKWARD, dout, x, np.empty_like(x))
-    np.testing.assert_array_equal(dx, layers.relu_backward(dout, x))
-    out = run_elementwise(sources.BIAS_RELU, x, b, np.empty_like(x))
-    np.testing.assert_array_equal(out, np.maximum(x + b, 0))
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_gelu_forward_and_backward(rng, dtype):
-    x = np.concatenate([rng.standard_normal(200) * 3, [0.0, -6.0, 6.0, -30.0, 30.0]]).astype(dtype)
-    dout = rng.standard_normal(x.shape).astype(dtype)
-    out, cdf = run_elementwise(sources.GELU_FORWARD, x, np.empty_like(x), np.empty_like(x))
-    expected, cache = layers.gelu_forward(x)
-    np.testing.assert_allclose(out, expected, **tolerance(dtype))
-    np.testing.assert_allclose(cdf, cache[1], **tolerance(dtype))
-    dx = run_elementwise(sources.GELU_BACKWARD, dout, x, cdf, np.empty_like(x))
-    np.testing.assert_allclose(dx, layers.gelu_backward(dout, cache), **tolerance(dtype))
 
 
 CONV_GEOMETRIES = [
@@ -90,67 +70,6 @@ def test_conv_through_the_kernel_columns_equals_the_naive_layer(rng):
     out = np.permute_dims((w.reshape(4, -1) @ cols).reshape(4, 2, 4, 4), (1, 0, 2, 3))
     expected, _ = layers.conv_forward_naive(x, w, np.zeros(4), {"stride": 2, "pad": 1})
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
-
-
-RULES = {
-    # rule: (kernel, the state keys in the kernel's argument order, the hyper-parameters in it)
-    "sgd": (sources.SGD, (), ("learning_rate",)),
-    "sgd_momentum": (sources.SGD_MOMENTUM, ("velocity",), ("learning_rate", "momentum")),
-    "sgd_nesterov_momentum": (sources.SGD_NESTEROV, ("velocity",), ("learning_rate", "momentum")),
-    "nesterov_sgd": (sources.NESTEROV_SGD, ("velocity",), ("learning_rate", "momentum", "weight_decay")),
-    "rmsprop": (sources.RMSPROP, ("cache",), ("learning_rate", "decay_rate", "epsilon")),
-}
-HYPER = {"learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "decay_rate": 0.95, "epsilon": 1e-8}
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("rule", sorted(RULES))
-def test_update_rules_equal_the_reference_over_three_steps(rng, dtype, rule):
-    kernel, state_keys, hyper_keys = RULES[rule]
-    w = rng.standard_normal((4, 5)).astype(dtype)
-    w_ref, config = w.copy(), {key: HYPER[key] for key in hyper_keys}
-    state = [np.zeros_like(w) for _ in state_keys]
-    for _ in range(3):
-        dw = rng.standard_normal(w.shape).astype(dtype)
-        hyper = [dtype(config[key]) for key in hyper_keys]
-        run_elementwise(kernel, dw, *hyper, w, *state)
-        w_ref, config = optim.UPDATE_RULES[rule](w_ref, dw, config)
-    np.testing.assert_allclose(w, w_ref, **tolerance(dtype))
-    for key, value in zip(state_keys, state):
-        np.testing.assert_allclose(value, config[key], **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_adam_reads_its_step_count_from_memory(rng, dtype):
-    w = rng.standard_normal((3, 4)).astype(dtype)
-    m, v = np.zeros_like(w), np.zeros_like(w)
-    w_ref, config = w.copy(), {"learning_rate": 1e-2}
-    t = np.zeros((), dtype=np.int64)
-    for _ in range(4):
-        dw = rng.standard_normal(w.shape).astype(dtype)
-        t += 1  # as CupyKernels.adam does on the device before the launch
-        run_elementwise(sources.ADAM, dw, t, dtype(1e-2), dtype(0.9), dtype(0.999), dtype(1e-8), w, m, v)
-        w_ref, config = optim.adam(w_ref, dw, config)
-    np.testing.assert_allclose(w, w_ref, **tolerance(dtype))
-    np.testing.assert_allclose(m, config["m"], **tolerance(dtype))
-    np.testing.assert_allclose(v, config["v"], **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_softmax_loss_kernel(rng, dtype):
-    c_type = {np.float32: "float", np.float64: "double"}[dtype]
-    source = sources.SOFTMAX_LOSS.replace("{T}", c_type).replace("{name}", c_type)
-    x = (rng.standard_normal((6, 5)) * 4).astype(dtype)
-    y = np.array([0, 4, 2, 2, 1, 3], dtype=np.int64)
-    dx, loss = np.empty_like(x), np.empty((), dtype=dtype)
-    run_single_thread(source, f"softmax_loss_{c_type}", x, y, ctypes.c_int(6), ctypes.c_int(5), dx, loss)
-    expected_loss, expected_dx = layers.softmax_loss(x, y)
-    np.testing.assert_allclose(loss, expected_loss, **tolerance(dtype))
-    np.testing.assert_allclose(dx, expected_dx, **tolerance(dtype))
-
-    y[3] = 5  # out of range: NaN loss and a NaN row, never a read past the row
-    run_single_thread(source, f"softmax_loss_{c_type}", x, y, ctypes.c_int(6), ctypes.c_int(5), dx, loss)
-    assert np.isnan(loss) and np.isnan(dx[3]).all() and np.isfinite(np.delete(dx, 3, axis=0)).all()
 
 
 def test_a_kernel_that_does_not_compile_is_reported_with_its_source():
@@ -196,68 +115,153 @@ def test_max_pool_kernel_propagates_nan():
     assert np.isnan(out).all() and argmax.item() == 1
 
 
-def _per_channel(v):
-    return v.reshape(1, -1, 1, 1)
+# -- the fused paths of the layers and update rules, end to end ------------------------
+@pytest.fixture(scope="module")
+def kernels():
+    return cupy_kernels_on_cpu()
 
 
-def _kernel_batchnorm_train(x, gamma, beta, eps):
-    """CupyKernels.spatial_batchnorm_train's passes, with the kernels run on the CPU."""
-    n, c, h, w = x.shape
-    mean = x.mean(axis=(0, 2, 3), keepdims=True)
-    var = run_reduction(sources.SQUARED_DEVIATION_SUM, x, mean, axis=(0, 2, 3), keepdims=True) / (n * h * w)
-    inv_std = 1 / np.sqrt(var + eps)
-    scale = x.dtype.type(1) if gamma is None else _per_channel(gamma)
-    out, x_hat = np.empty_like(x), np.empty_like(x)
-    run_elementwise(sources.BATCHNORM_TRAIN, x, mean, inv_std, scale, _per_channel(beta), out, x_hat)
-    return out, x_hat, mean.reshape(c), var.reshape(c), inv_std
+def fused_and_reference(kernels, monkeypatch, fn, fused):
+    """fn() with NumPy arrays sent through ``kernels`` (CupyKernels running on the CPU),
+    then through the array-API reference; each method named in ``fused`` must have run
+    in the first call and not in the second."""
+    calls = {name: 0 for name in fused}
+
+    def counting(name, method):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    for name in fused:
+        monkeypatch.setattr(kernels, name, counting(name, getattr(kernels, name)))
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    fast = fn()
+    ran = dict(calls)
+    with fused_kernels(False):
+        reference = fn()
+    for name in fused:
+        assert ran[name] > 0, f"the fused {name} did not run"
+        assert calls[name] == ran[name], f"the reference run called the fused {name}"
+    return fast, reference
+
+
+def assert_all_close(fast, reference, dtype):
+    for a, b in zip(fast, reference, strict=True):
+        np.testing.assert_allclose(a, b, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_conv_layers(rng, kernels, monkeypatch, dtype):
+    x = rng.standard_normal((3, 2, 9, 9)).astype(dtype)
+    w, b = rng.standard_normal((4, 2, 3, 3)).astype(dtype), rng.standard_normal(4).astype(dtype)
+    dout = rng.standard_normal((3, 4, 5, 5)).astype(dtype)
+
+    def run():
+        out, cache = fast_layers.conv_forward_fast(x, w, b, {"stride": 2, "pad": 1})
+        return (out, *fast_layers.conv_backward_fast(dout, cache))
+
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, ["im2col", "col2im"]), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("size, window, stride", [(8, 2, 2), (9, 3, 2)])
+def test_fused_max_pool_layers_equal_the_reference_bit_for_bit(rng, kernels, monkeypatch, dtype, size, window, stride):
+    x = rng.integers(-2, 3, size=(2, 3, size, size)).astype(dtype)  # few values: many tied windows
+    param = {"pool_height": window, "pool_width": window, "stride": stride}
+
+    def run():
+        out, cache = fast_layers.max_pool_forward_fast(x, param)
+        dout = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+        return out, fast_layers.max_pool_backward_fast(dout, cache)
+
+    fast, reference = fused_and_reference(kernels, monkeypatch, run, ["max_pool_forward", "max_pool_backward"])
+    for a, b in zip(fast, reference):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("with_gamma", [True, False])
-def test_batchnorm_kernels_equal_the_reference(rng, dtype, with_gamma):
+def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma):
     n, c, h, w = 4, 3, 5, 6
-    x = (rng.standard_normal((n, c, h, w)) * 3 + 2).astype(dtype)
+    # A permuted view, as a convolution's output is.
+    x = np.permute_dims((rng.standard_normal((c, n, h, w)) * 3 + 2).astype(dtype), (1, 0, 2, 3))
     gamma = rng.standard_normal(c).astype(dtype) if with_gamma else None
     beta = rng.standard_normal(c).astype(dtype)
-    bn_param = {"mode": "train", "eps": 1e-5}
-    expected, cache = spatial_batchnorm_forward(x, gamma, beta, bn_param)
-    out, x_hat, mean, var, inv_std = _kernel_batchnorm_train(x, gamma, beta, 1e-5)
-    np.testing.assert_allclose(out, expected, **tolerance(dtype))
-    # The running averages start at zero, so after one step they are (1 - momentum)·batch.
-    np.testing.assert_allclose(0.1 * mean, bn_param["running_mean"], **tolerance(dtype))
-    np.testing.assert_allclose(0.1 * var, bn_param["running_var"], **tolerance(dtype))
+    dout = rng.standard_normal((n, c, h, w)).astype(dtype)
 
+    def run():
+        bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-5, "unbiased_running_var": True}
+        out, cache = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+        dx, dgamma, dbeta = spatial_batchnorm_backward(dout, cache)
+        assert (dgamma is None) == (gamma is None)
+        bn_param["mode"] = "test"
+        test_out, _ = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+        grads = (dx, dbeta) if gamma is None else (dx, dgamma, dbeta)
+        return (out, *grads, bn_param["running_mean"], bn_param["running_var"], test_out)
+
+    fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply"]
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_activations_and_softmax_loss(rng, kernels, monkeypatch, dtype):
+    x = np.concatenate([rng.standard_normal(60) * 3, [0.0, -6.0, 6.0, -30.0, 30.0]]).astype(dtype).reshape(5, 13)
     dout = rng.standard_normal(x.shape).astype(dtype)
-    dx_ref, dgamma_ref, dbeta_ref = spatial_batchnorm_backward(dout, cache)
-    dbeta = dout.sum(axis=(0, 2, 3))
-    dgamma = run_reduction(sources.PRODUCT_SUM, dout, x_hat, axis=(0, 2, 3))
-    scale = inv_std if gamma is None else _per_channel(gamma) * inv_std
-    count = n * h * w
-    dx = run_elementwise(
-        sources.BATCHNORM_BACKWARD,
-        dout,
-        x_hat,
-        scale,
-        _per_channel(dbeta / count),
-        _per_channel(dgamma / count),
-        np.empty_like(x),
-    )
-    np.testing.assert_allclose(dx, dx_ref, **tolerance(dtype))
-    np.testing.assert_allclose(dbeta, dbeta_ref, **tolerance(dtype))
-    if with_gamma:
-        np.testing.assert_allclose(dgamma, dgamma_ref, **tolerance(dtype))
+    w, b = rng.standard_normal((13, 4)).astype(dtype), rng.standard_normal(4).astype(dtype)
+    y = np.array([0, 3, 1, 1, 2])
 
-    bn_param["mode"] = "test"
-    expected, _ = spatial_batchnorm_forward(x, gamma, beta, bn_param)
-    inv_running_std = 1 / np.sqrt(_per_channel(bn_param["running_var"]) + 1e-5)
-    scale = dtype(1) if gamma is None else _per_channel(gamma)
-    out = run_elementwise(
-        sources.BATCHNORM_APPLY,
-        x,
-        _per_channel(bn_param["running_mean"]),
-        inv_running_std,
-        scale,
-        _per_channel(beta),
-        np.empty_like(x),
-    )
-    np.testing.assert_allclose(out, expected, **tolerance(dtype))
+    def run():
+        gelu, gelu_cache = layers.gelu_forward(x)
+        relu, relu_cache = layers.relu_forward(x)
+        hidden, _ = affine_relu_forward(x, w, b)
+        loss, dscores = layers.softmax_loss(x, y)
+        dgelu, drelu = layers.gelu_backward(dout, gelu_cache), layers.relu_backward(dout, relu_cache)
+        return gelu, dgelu, relu, drelu, hidden, loss, dscores
+
+    fused = ["gelu_forward", "gelu_backward", "relu_backward", "affine_relu", "softmax_loss"]
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
+
+
+def test_fused_softmax_loss_gives_nan_for_an_out_of_range_label(kernels, monkeypatch):
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    loss, dx = layers.softmax_loss(x, np.array([0, 3, 1, 2]))
+    assert np.isnan(loss) and np.isnan(dx[1]).all() and np.isfinite(np.delete(dx, 1, axis=0)).all()
+
+
+HYPER = {"learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "decay_rate": 0.95, "epsilon": 1e-8}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("rule", sorted(optim.UPDATE_RULES))
+def test_fused_update_rules_over_three_steps(rng, kernels, monkeypatch, dtype, rule):
+    w0 = rng.standard_normal((4, 5)).astype(dtype)
+    grads = [rng.standard_normal(w0.shape).astype(dtype) for _ in range(3)]
+    hyper_keys, state_keys = optim.CONFIG_KEYS[rule]
+
+    def run():
+        w, config = w0.copy(), {key: HYPER[key] for key in hyper_keys if key in HYPER}
+        for dw in grads:
+            w, config = optim.UPDATE_RULES[rule](w, dw, config)
+        return (w, *[np.asarray(config[key]) for key in state_keys])
+
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, [rule]), dtype)
+
+
+def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch):
+    """Every fused layer of the fast CIFAR-10 recipe's net at once, with its caches passed between them."""
+    from xpnet.cnn import FastConvNet
+
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((6, 3, 32, 32)), rng.integers(0, 10, 6)
+    model = FastConvNet(widths=(4, 8, 8), dtype="float64", backend="numpy", seed=0)
+    model.frozen["whiten_W"][...] = rng.standard_normal(model.frozen["whiten_W"].shape)
+
+    def run():
+        loss, grads = model.loss(X, y)
+        return (loss, *[grads[name] for name in sorted(grads)])
+
+    fused = ["im2col", "max_pool_forward", "max_pool_backward", "spatial_batchnorm_train", "gelu_forward"]
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), np.float64)
