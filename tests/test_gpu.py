@@ -428,6 +428,73 @@ def test_fast_conv_on_cupy_matches_numpy_and_runs_its_gemms_through_cublas():
         np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-10, atol=1e-12)
 
 
+def _switch_cudnn_on_or_skip():
+    try:
+        CUPY.set_cudnn(True)
+    except RuntimeError as exc:
+        pytest.skip(f"cuDNN cannot be loaded: {exc}")
+
+
+CUDNN_GEOMETRIES = [((4, 3, 9, 9), (5, 3, 3, 3), 2, 1), ((8, 16, 15, 15), (32, 16, 3, 3), 1, 1), ((2, 3, 32, 32), (24, 3, 2, 2), 1, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad", CUDNN_GEOMETRIES)
+def test_cudnn_convolutions_equal_im2col_and_cublas(dtype, x_shape, w_shape, stride, pad):
+    from xpnet import fast_layers
+
+    rng = np.random.default_rng(21)
+    x, w = (
+        CUPY.asarray(rng.standard_normal(x_shape), dtype=dtype),
+        CUPY.asarray(rng.standard_normal(w_shape), dtype=dtype),
+    )
+    b = CUPY.asarray(rng.standard_normal(w_shape[0]), dtype=dtype)
+    param = {"stride": stride, "pad": pad}
+
+    def run():
+        out, cache = fast_layers.conv_forward_fast(x, w, b, param)
+        dout = CUPY.asarray(np.random.default_rng(22).standard_normal(tuple(out.shape)), dtype=dtype)
+        return (out, *fast_layers.conv_backward_fast(dout, cache)), cache
+
+    reference, reference_cache = run()
+    _switch_cudnn_on_or_skip()
+    try:
+        got, cache = run()
+    finally:
+        CUPY.set_cudnn(False)
+    assert not hasattr(cache[4], "shape") and hasattr(reference_cache[4], "shape")  # no columns: cuDNN ran
+    # float32: dw and db sum up to 1,800 products, in another order than the GEMM's.
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    for a, b_ in zip(got, reference, strict=True):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b_), rtol=tol, atol=tol)
+
+
+def test_cudnn_convolutions_replay_from_a_cuda_graph():
+    from xpnet import fast_layers
+
+    rng = CUPY.rng(3)
+    x, w = rng.normal((16, 8, 15, 15), dtype=cp.float32), rng.normal((32, 8, 3, 3), dtype=cp.float32)
+    param = {"stride": 1, "pad": 1}
+
+    def step():
+        out, cache = fast_layers.conv_forward_fast(x, w, None, param)
+        return (out, *fast_layers.conv_backward_fast(out, cache)[:2])
+
+    _switch_cudnn_on_or_skip()
+    try:
+        eager = [a.copy() for a in step()]  # the first call also finds the algorithms
+        graph = CUPY.capture(step)
+        x[...] = x * 0.5  # the replay must read the arrays anew
+        replayed = graph.replay()
+        expected = step()
+    finally:
+        CUPY.set_cudnn(False)
+    CUPY.sync()
+    assert not np.allclose(to_numpy(eager[0]), to_numpy(expected[0]))
+    for a, b in zip(replayed, expected, strict=True):  # some algorithms add with atomics: not bit-stable
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-5)
+
+
 def _fast94_run(cuda_graph, seed=0):
     from xpnet.cnn import FastConvNet
     from xpnet.recipes import Fast94Settings, Fast94Trainer

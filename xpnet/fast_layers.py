@@ -66,17 +66,30 @@ def _col2im(xp, cols, shape_cn, hh, ww, stride, pad, h_out, w_out):
     return out
 
 
+class _DirectConvolution(NamedTuple):
+    """A convolution a backend's library ran without columns (cuDNN): its backward pass too."""
+
+    engine: object
+
+
 def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """Convolution as im2col + one GEMM; the same contract as :func:`xpnet.layers.conv_forward_naive`.
 
     Args:
         x: (N, C, H, W); w: (F, C, HH, WW); b: (F,) or None (no bias); conv_param: {'stride', 'pad'}.
     Returns:
-        out (N, F, H', W') and the cache (x, w, b, conv_param, columns).
+        out (N, F, H', W') and the cache (x, w, b, conv_param, columns); with cuDNN switched
+        on (``backend.set_cudnn(True)``, CuPy) cuDNN runs it and the cache holds no columns.
     """
     xp, stride, pad, h_out, w_out = conv_geometry("conv_forward_fast", x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     fast = accelerated(x)
+    engine = None if fast is None else fast.convolution_engine(x)
+    if engine is not None:
+        out = engine.forward(x, w, stride, pad)
+        if b is not None:
+            out += xp.reshape(b, (1, f, 1, 1))
+        return out, (x, w, b, conv_param, _DirectConvolution(engine))
     if fast is not None:
         cols = fast.im2col(x, hh, ww, stride, pad, h_out, w_out)
     else:
@@ -98,6 +111,12 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
     if tuple(dout.shape) != (n, f, h_out, w_out):
         raise ValueError(f"conv_backward_fast: dout has shape {tuple(dout.shape)}, expected {(n, f, h_out, w_out)}")
+    if isinstance(cols, _DirectConvolution):
+        engine = cols.engine
+        dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
+        db = None if b is None else xp.sum(dout, axis=(0, 2, 3))
+        dx = engine.backward_data(w, dout, tuple(x.shape), stride, pad) if input_grad else None
+        return dx, dw, db
     dout_rows = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (f, -1))  # (F, N·H'·W')
     dw = xp.reshape(matmul(dout_rows, cols.T), w.shape)
     db = None if b is None else xp.sum(dout_rows, axis=1)

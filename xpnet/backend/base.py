@@ -206,6 +206,11 @@ class Backend:
         if enabled:
             raise ValueError(f"TF32 applies to CUDA GPUs; backend {self.name!r} computes float32 exactly")
 
+    def set_cudnn(self, enabled: bool) -> None:
+        """Run convolutions through cuDNN (CUDA backends with cuDNN installed); off by default."""
+        if enabled:
+            raise ValueError(f"cuDNN applies to CUDA GPUs; backend {self.name!r} has no cuDNN path")
+
     # -- CUDA graphs -------------------------------------------------------------
     def capture(self, fn):
         """Record ``fn()`` (device work only) as a CUDA graph; see :class:`CapturedGraph`."""

@@ -77,6 +77,20 @@ class CupyBackend(Backend):
         kernels.set_tf32(enabled)
         kernels.prepare(self.device.id)
 
+    def set_cudnn(self, enabled: bool) -> None:
+        """Convolutions through cuDNN on this GPU (off by default: im2col + cuBLAS GEMMs).
+
+        cuDNN comes from the nvidia-cudnn wheels (``pip install "xpnet[cudnn12]"``) or
+        ``$XPNET_CUDNN_LIBRARY``; RuntimeError when it cannot be loaded."""
+        kernels = accelerated(self.lib.empty(0))
+        kernels.set_cudnn(enabled)
+        with self.device:
+            try:
+                kernels.prepare(self.device.id)
+            except Exception:
+                kernels.set_cudnn(False)
+                raise
+
     def capture(self, fn):
         cp = self.lib
         with self.device:

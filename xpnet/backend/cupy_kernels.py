@@ -17,6 +17,7 @@ import threading
 import cupy
 
 from . import kernel_sources as sources
+from .cudnn import CudnnConvolutions
 
 __all__ = ["CupyKernels"]
 
@@ -176,8 +177,10 @@ class CupyKernels:
         self._cublas: dict[int, _Cublas] = {}
         self._softmax: dict = {}
         self._ones_cache: dict = {}
+        self._cudnn: dict[int, CudnnConvolutions] = {}
         self._lock = threading.Lock()
         self.tf32 = False
+        self.use_cudnn = False
 
     def prepare(self, device_id: int) -> None:
         """Create the cuBLAS handle and workspace now (never inside a graph capture)."""
@@ -187,12 +190,33 @@ class CupyKernels:
                     handle = _Cublas(device_id)
                     handle.set_tf32(self.tf32)
                     self._cublas[device_id] = handle
+        if self.use_cudnn and device_id not in self._cudnn:
+            with self._lock:
+                if device_id not in self._cudnn:
+                    engine = CudnnConvolutions(cupy, device_id)
+                    engine.tf32 = self.tf32
+                    self._cudnn[device_id] = engine
 
     def set_tf32(self, enabled: bool) -> None:
         """TF32 tensor cores for every float32 GEMM of xpnet's handles (off by default: exact fp32)."""
         self.tf32 = bool(enabled)
         for handle in self._cublas.values():
             handle.set_tf32(self.tf32)
+        for engine in self._cudnn.values():
+            engine.tf32 = self.tf32
+
+    def set_cudnn(self, enabled: bool) -> None:
+        """Convolutions through cuDNN (True) or im2col + cuBLAS (False, the default)."""
+        self.use_cudnn = bool(enabled)
+
+    def convolution_engine(self, x):
+        """cuDNN's convolutions on x's GPU when switched on, else None (im2col + cuBLAS)."""
+        if not self.use_cudnn:
+            return None
+        device = x.device.id
+        if device not in self._cudnn:
+            self.prepare(device)
+        return self._cudnn[device]
 
     # -- matrix product ----------------------------------------------------------
     def matmul(self, a, b):

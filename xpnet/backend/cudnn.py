@@ -1,0 +1,278 @@
+"""cuDNN's convolutions for CuPy arrays, through cuDNN's C API (ctypes).
+
+An optional path beside im2col + cuBLAS (``CupyBackend.set_cudnn(True)``): CuPy 14
+has no cuDNN bindings of its own, so this module loads ``libcudnn.so.9`` itself,
+from ``$XPNET_CUDNN_LIBRARY``, the copy already loaded in the process (PyTorch's),
+the ``nvidia-cudnn-cu12``/``-cu13`` wheel (``pip install "xpnet[cudnn12]"``), or the
+system's. It uses cuDNN's legacy convolution API (still in cuDNN 9): one descriptor
+set per geometry, the fastest algorithm found by timing them all the first time a
+geometry runs (as PyTorch's ``cudnn.benchmark=True``), and a fixed workspace, so that
+the calls can be recorded in a CUDA graph. float32 is exact (FMA math) unless TF32
+is switched on, float64 is supported; tensors are NCHW and C-contiguous.
+
+The descriptor code needs no GPU, so tests check it wherever the library is installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+__all__ = ["ConvolutionPlan", "CudnnConvolutions", "find_library"]
+
+# cuDNN enums (cudnn_graph.h, cudnn_cnn.h)
+_DATA_TYPES = {"f": 0, "d": 1}  # CUDNN_DATA_FLOAT, CUDNN_DATA_DOUBLE
+_NCHW = 0
+_CROSS_CORRELATION = 1
+_TENSOR_OP_MATH, _FMA_MATH = 1, 3
+_TENSOR_OP_MATHS = (1, 2)  # CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+_WORKSPACE_BYTES = 64 * 1024 * 1024
+_MAX_ALGORITHMS = 8
+
+
+class _AlgoPerf(ctypes.Structure):
+    """cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t (the three share one layout)."""
+
+    _fields_ = [
+        ("algo", ctypes.c_int),
+        ("status", ctypes.c_int),
+        ("time", ctypes.c_float),
+        ("memory", ctypes.c_size_t),
+        ("determinism", ctypes.c_int),
+        ("mathType", ctypes.c_int),
+        ("reserved", ctypes.c_int * 3),
+    ]
+
+
+def _loaded_copy():
+    """The path of a libcudnn.so already mapped into this process (PyTorch's), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libcudnn.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _wheel_copies():
+    try:
+        import nvidia.cudnn  # the nvidia-cudnn-cu12 / -cu13 wheels
+    except ImportError:
+        return []
+    return [os.path.join(folder, "lib", "libcudnn.so.9") for folder in nvidia.cudnn.__path__]
+
+
+_LIBRARY = None
+_LIBRARY_LOCK = threading.Lock()
+
+
+def find_library() -> ctypes.CDLL:
+    """libcudnn (version 9), loaded once; RuntimeError saying how to install it when absent."""
+    global _LIBRARY
+    with _LIBRARY_LOCK:
+        if _LIBRARY is None:
+            candidates = [os.environ.get("XPNET_CUDNN_LIBRARY"), _loaded_copy(), *_wheel_copies(), "libcudnn.so.9"]
+            tried = []
+            for path in filter(None, candidates):
+                try:
+                    _LIBRARY = _declare(ctypes.CDLL(path))
+                    break
+                except OSError as exc:
+                    tried.append(f"{path}: {exc}")
+            else:
+                raise RuntimeError(
+                    'cuDNN is not installed: pip install "xpnet[cudnn12]" (or [cudnn13] for CUDA 13), or set '
+                    "XPNET_CUDNN_LIBRARY to a libcudnn.so.9 (" + "; ".join(tried) + ")"
+                )
+        return _LIBRARY
+
+
+def _declare(lib):
+    """Argument types for the functions used here, so ctypes passes sizes and pointers right."""
+    p, i, pp, pi = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)
+    size, perf = ctypes.c_size_t, ctypes.POINTER(_AlgoPerf)
+    signatures = {
+        "cudnnGetVersion": ([], size),
+        "cudnnGetErrorString": ([i], ctypes.c_char_p),
+        "cudnnCreate": ([pp], i),
+        "cudnnSetStream": ([p, p], i),
+        "cudnnCreateTensorDescriptor": ([pp], i),
+        "cudnnSetTensor4dDescriptor": ([p, i, i, i, i, i, i], i),
+        "cudnnCreateFilterDescriptor": ([pp], i),
+        "cudnnSetFilter4dDescriptor": ([p, i, i, i, i, i, i], i),
+        "cudnnCreateConvolutionDescriptor": ([pp], i),
+        "cudnnSetConvolution2dDescriptor": ([p, i, i, i, i, i, i, i, i], i),
+        "cudnnSetConvolutionMathType": ([p, i], i),
+        "cudnnGetConvolution2dForwardOutputDim": ([p, p, p, pi, pi, pi, pi], i),
+        "cudnnFindConvolutionForwardAlgorithmEx": ([p, p, p, p, p, p, p, p, i, pi, perf, p, size], i),
+        "cudnnFindConvolutionBackwardDataAlgorithmEx": ([p, p, p, p, p, p, p, p, i, pi, perf, p, size], i),
+        "cudnnFindConvolutionBackwardFilterAlgorithmEx": ([p, p, p, p, p, p, p, p, i, pi, perf, p, size], i),
+        "cudnnGetConvolutionForwardAlgorithm_v7": ([p, p, p, p, p, i, pi, perf], i),
+        "cudnnGetConvolutionBackwardDataAlgorithm_v7": ([p, p, p, p, p, i, pi, perf], i),
+        "cudnnGetConvolutionBackwardFilterAlgorithm_v7": ([p, p, p, p, p, i, pi, perf], i),
+        "cudnnConvolutionForward": ([p, p, p, p, p, p, p, i, p, size, p, p, p], i),
+        "cudnnConvolutionBackwardData": ([p, p, p, p, p, p, p, i, p, size, p, p, p], i),
+        "cudnnConvolutionBackwardFilter": ([p, p, p, p, p, p, p, i, p, size, p, p, p], i),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
+def _check(lib, status, what):
+    if status != 0:
+        raise RuntimeError(f"cuDNN {what} failed: {lib.cudnnGetErrorString(status).decode()} (status {status})")
+
+
+class ConvolutionPlan:
+    """cuDNN's descriptors for one convolution geometry: x (N, C, H, W), w (F, C, HH, WW),
+    stride and zero padding on every side, dtype 'f' or 'd' (NumPy's type characters);
+    TF32 allowed or not. Algorithms are found later, once per direction."""
+
+    def __init__(self, lib, x_shape, w_shape, stride, pad, dtype_char, tf32=False):
+        if dtype_char not in _DATA_TYPES:
+            raise ValueError(f"cuDNN convolutions take float32 or float64, got dtype {dtype_char!r}")
+        self.lib, data_type = lib, _DATA_TYPES[dtype_char]
+        self.x = self._descriptor("cudnnCreateTensorDescriptor")
+        _check(lib, lib.cudnnSetTensor4dDescriptor(self.x, _NCHW, data_type, *x_shape), "cudnnSetTensor4dDescriptor")
+        self.w = self._descriptor("cudnnCreateFilterDescriptor")
+        _check(lib, lib.cudnnSetFilter4dDescriptor(self.w, data_type, _NCHW, *w_shape), "cudnnSetFilter4dDescriptor")
+        self.conv = self._descriptor("cudnnCreateConvolutionDescriptor")
+        status = lib.cudnnSetConvolution2dDescriptor(
+            self.conv, pad, pad, stride, stride, 1, 1, _CROSS_CORRELATION, data_type
+        )
+        _check(lib, status, "cudnnSetConvolution2dDescriptor")
+        self.math = _TENSOR_OP_MATH if tf32 and dtype_char == "f" else _FMA_MATH
+        _check(lib, lib.cudnnSetConvolutionMathType(self.conv, self.math), "cudnnSetConvolutionMathType")
+        dims = [ctypes.c_int() for _ in range(4)]
+        status = lib.cudnnGetConvolution2dForwardOutputDim(self.conv, self.x, self.w, *map(ctypes.byref, dims))
+        _check(lib, status, "cudnnGetConvolution2dForwardOutputDim")
+        self.out_shape = tuple(d.value for d in dims)
+        self.y = self._descriptor("cudnnCreateTensorDescriptor")
+        _check(
+            lib, lib.cudnnSetTensor4dDescriptor(self.y, _NCHW, data_type, *self.out_shape), "cudnnSetTensor4dDescriptor"
+        )
+        scalar = ctypes.c_float if dtype_char == "f" else ctypes.c_double
+        self.one, self.zero = scalar(1.0), scalar(0.0)
+        self.algorithms: dict[str, int] = {}
+
+    def _descriptor(self, create):
+        handle = ctypes.c_void_p()
+        _check(self.lib, getattr(self.lib, create)(ctypes.byref(handle)), create)
+        return handle
+
+
+class CudnnConvolutions:
+    """cuDNN convolutions on one GPU: a handle, a fixed workspace, and a plan per geometry."""
+
+    def __init__(self, cupy, device_id: int):
+        self.cupy, self.lib = cupy, find_library()
+        self.handle = ctypes.c_void_p()
+        with cupy.cuda.Device(device_id):
+            _check(self.lib, self.lib.cudnnCreate(ctypes.byref(self.handle)), "cudnnCreate")
+            self.workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
+        self._plans: dict = {}
+        self._lock = threading.Lock()
+        self.tf32 = False
+
+    def _plan(self, x_shape, w_shape, stride, pad, dtype):
+        key = (tuple(x_shape), tuple(w_shape), stride, pad, dtype.char, self.tf32)
+        plan = self._plans.get(key)
+        if plan is None:
+            with self._lock:
+                plan = self._plans.setdefault(
+                    key, ConvolutionPlan(self.lib, x_shape, w_shape, stride, pad, dtype.char, self.tf32)
+                )
+        return plan
+
+    def _on_stream(self):
+        stream = self.cupy.cuda.get_current_stream()
+        _check(self.lib, self.lib.cudnnSetStream(self.handle, ctypes.c_void_p(stream.ptr)), "cudnnSetStream")
+        return stream.is_capturing()
+
+    def _algorithm(self, plan, direction, capturing, buffers):
+        """The fastest algorithm for ``direction`` that fits the workspace: timed on the
+        real buffers the first time (never while a graph is being captured: then cuDNN's
+        heuristic choice)."""
+        if direction in plan.algorithms:
+            return plan.algorithms[direction]
+        lib, count, results = self.lib, ctypes.c_int(), (_AlgoPerf * _MAX_ALGORITHMS)()
+        name = {"fwd": "Forward", "bwd_data": "BackwardData", "bwd_filter": "BackwardFilter"}[direction]
+        descriptors = {
+            "fwd": (plan.x, plan.w, plan.conv, plan.y),
+            "bwd_data": (plan.w, plan.y, plan.conv, plan.x),
+            "bwd_filter": (plan.x, plan.y, plan.conv, plan.w),
+        }[direction]
+        if capturing:
+            function = f"cudnnGetConvolution{name}Algorithm_v7"
+            status = getattr(lib, function)(self.handle, *descriptors, _MAX_ALGORITHMS, ctypes.byref(count), results)
+        else:
+            function = f"cudnnFindConvolution{name}AlgorithmEx"
+            a, b, out = buffers
+            status = getattr(lib, function)(
+                self.handle, descriptors[0], a, descriptors[1], b, descriptors[2], descriptors[3], out,
+                _MAX_ALGORITHMS, ctypes.byref(count), results, self.workspace.data.ptr, _WORKSPACE_BYTES,
+            )  # fmt: skip
+        _check(lib, status, function)
+        # Exact float32 takes no tensor-op algorithm, whatever cuDNN offers; the calls run
+        # in the descriptor's math type.
+        exact = plan.math == _FMA_MATH
+        usable = [
+            r
+            for r in results[: count.value]
+            if r.status == 0 and r.memory <= _WORKSPACE_BYTES and not (exact and r.mathType in _TENSOR_OP_MATHS)
+        ]
+        if not usable:
+            raise RuntimeError(f"cuDNN has no {name} algorithm for this convolution within the workspace")
+        plan.algorithms[direction] = usable[0].algo
+        return usable[0].algo
+
+    def forward(self, x, w, stride, pad):
+        """The convolution of x (N, C, H, W) with w (F, C, HH, WW): (N, F, H', W')."""
+        cp = self.cupy
+        x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
+        plan = self._plan(x.shape, w.shape, stride, pad, x.dtype)
+        y = cp.empty(plan.out_shape, dtype=x.dtype)
+        capturing = self._on_stream()
+        algo = self._algorithm(plan, "fwd", capturing, (x.data.ptr, w.data.ptr, y.data.ptr))
+        status = self.lib.cudnnConvolutionForward(
+            self.handle, ctypes.byref(plan.one), plan.x, x.data.ptr, plan.w, w.data.ptr, plan.conv, algo,
+            self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero), plan.y, y.data.ptr,
+        )  # fmt: skip
+        _check(self.lib, status, "cudnnConvolutionForward")
+        return y
+
+    def backward_data(self, w, dy, x_shape, stride, pad):
+        """dx (x_shape) of the convolution, from w and dy (N, F, H', W')."""
+        cp = self.cupy
+        w, dy = cp.ascontiguousarray(w), cp.ascontiguousarray(dy)
+        plan = self._plan(x_shape, w.shape, stride, pad, dy.dtype)
+        dx = cp.empty(tuple(x_shape), dtype=dy.dtype)
+        capturing = self._on_stream()
+        algo = self._algorithm(plan, "bwd_data", capturing, (w.data.ptr, dy.data.ptr, dx.data.ptr))
+        status = self.lib.cudnnConvolutionBackwardData(
+            self.handle, ctypes.byref(plan.one), plan.w, w.data.ptr, plan.y, dy.data.ptr, plan.conv, algo,
+            self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero), plan.x, dx.data.ptr,
+        )  # fmt: skip
+        _check(self.lib, status, "cudnnConvolutionBackwardData")
+        return dx
+
+    def backward_filter(self, x, dy, w_shape, stride, pad):
+        """dw (w_shape) of the convolution, from x and dy (N, F, H', W')."""
+        cp = self.cupy
+        x, dy = cp.ascontiguousarray(x), cp.ascontiguousarray(dy)
+        plan = self._plan(x.shape, w_shape, stride, pad, x.dtype)
+        dw = cp.empty(tuple(w_shape), dtype=x.dtype)
+        capturing = self._on_stream()
+        algo = self._algorithm(plan, "bwd_filter", capturing, (x.data.ptr, dy.data.ptr, dw.data.ptr))
+        status = self.lib.cudnnConvolutionBackwardFilter(
+            self.handle, ctypes.byref(plan.one), plan.x, x.data.ptr, plan.y, dy.data.ptr, plan.conv, algo,
+            self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero), plan.w, dw.data.ptr,
+        )  # fmt: skip
+        _check(self.lib, status, "cudnnConvolutionBackwardFilter")
+        return dw
