@@ -90,10 +90,12 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
         (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
         (["--tf32"], "TF32 applies to CUDA GPUs"),
+        (["--cudnn"], "cuDNN applies to CUDA GPUs; backend 'numpy'"),
         (["--recipe", "fast94"], "trains on CIFAR-10: add --dataset cifar10"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"], "--lr do not apply to --recipe fast94"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--tf32"], "TF32 applies to CUDA GPUs"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--cudnn"], "cuDNN applies to CUDA GPUs"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
     ],
 )

@@ -333,14 +333,16 @@ def run_conv_suite(backend, args) -> dict:
     if backend.is_gpu:
         for tf32 in (False, True):
             rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32, not args.no_torch)
-            tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, ["xpnet", "torch"], [("xpnet", "torch")])
+            names, ratios = ["xpnet", "xpnet-cudnn", "torch"], [("xpnet", "torch"), ("xpnet-cudnn", "torch")]
+            tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, names, ratios)
     else:
         rows = bench_conv.cpu_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
         tables["course shapes (CPU)"] = (rows, ["naive", "fast", "torch"], [("naive", "fast"), ("fast", "torch")])
     if not args.no_convnet:
         rows = bench_conv.convnet_step_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
-        names = ["xpnet", "xpnet-graph", "torch", "torch-graph"]
-        tables["ThreeLayerConvNet"] = (rows, names, [("xpnet", "torch"), ("xpnet-graph", "torch-graph")])
+        names = ["xpnet", "xpnet-graph", "xpnet-cudnn", "xpnet-cudnn-graph", "torch", "torch-graph"]
+        ratios = [("xpnet", "torch"), ("xpnet-graph", "torch-graph"), ("xpnet-cudnn-graph", "torch-graph")]
+        tables["ThreeLayerConvNet"] = (rows, names, ratios)
     return tables
 
 

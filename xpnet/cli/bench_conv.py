@@ -1,10 +1,11 @@
 """The benchmark's convolution rows (``xpnet-bench --suite conv``).
 
 On a GPU: conv2d forward + backward (dx, dw; no dx for the first shape, whose
-input is the data) at batch 1024 on six shapes, xpnet's fast conv against
-PyTorch's cuDNN (``cudnn.benchmark=True``), in fp32 (TF32 off on both sides) and in
-TF32 (on on both sides); and a ThreeLayerConvNet training step (batch 128), eager
-and replayed from CUDA graphs on both sides.
+input is the data) at batch 1024 on six shapes, xpnet's fast conv (im2col +
+cuBLAS, and through cuDNN's C API when cuDNN is installed) against PyTorch's
+cuDNN (``cudnn.benchmark=True``), in fp32 (TF32 off on both sides) and in TF32
+(on on both sides); and a ThreeLayerConvNet training step (batch 128), eager and
+replayed from CUDA graphs on both sides.
 
 On the CPU: the course's timing shapes, ``conv_forward_fast`` and
 ``conv_backward_fast`` against the naive layers (and PyTorch's CPU conv2d when
@@ -19,7 +20,7 @@ from xpnet import fast_layers, layers
 from xpnet.cnn import ThreeLayerConvNet
 from xpnet.solver import Solver
 
-__all__ = ["GPU_SHAPES", "cpu_rows", "gpu_rows", "convnet_step_rows", "format_conv_table"]
+__all__ = ["GPU_SHAPES", "cpu_rows", "cudnn_available", "gpu_rows", "convnet_step_rows", "format_conv_table"]
 
 # (C_in, C_out, H = W, kernel, pad): the shapes of the fast CIFAR-10 recipe's convolutions.
 GPU_SHAPES = [(3, 24, 32, 2, 0), (24, 64, 31, 3, 1), (64, 64, 15, 3, 1), (64, 256, 15, 3, 1),
@@ -68,10 +69,39 @@ def _torch_conv_step(torch, device, batch, c_in, c_out, size, kernel, pad, input
     return step
 
 
+def cudnn_available(backend) -> bool:
+    """Whether ``backend.set_cudnn(True)`` works here (a CUDA backend with cuDNN loadable);
+    says why not when it does not."""
+    if not backend.is_gpu:
+        return False
+    try:
+        backend.set_cudnn(True)
+    except (RuntimeError, ValueError) as exc:
+        print(f"no xpnet-cudnn rows: {exc}", flush=True)
+        return False
+    backend.set_cudnn(False)
+    return True
+
+
+def _with_cudnn(backend, step):
+    """``step`` with xpnet's convolutions on cuDNN (switched off again after each call)."""
+
+    def run():
+        backend.set_cudnn(True)
+        try:
+            return step()
+        finally:
+            backend.set_cudnn(False)
+
+    return run
+
+
 def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True) -> list:
-    """One row per GPU shape: µs per forward+backward of xpnet and PyTorch, in one precision."""
+    """One row per GPU shape: µs per forward+backward of xpnet (im2col + cuBLAS, and cuDNN
+    when it is installed) and PyTorch, in one precision."""
     torch = _torch_or_none() if use_torch else None
     rows = []
+    cudnn = cudnn_available(backend)
     backend.set_tf32(tf32)
     if torch is not None:
         torch.backends.cudnn.benchmark = True
@@ -82,6 +112,9 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
         for index, shape in enumerate(GPU_SHAPES):
             input_grad = index > 0
             variants = {"xpnet": (_xpnet_conv_step(backend, 1024, *shape, input_grad), backend.sync)}
+            if cudnn:
+                step = _with_cudnn(backend, _xpnet_conv_step(backend, 1024, *shape, input_grad))
+                variants["xpnet-cudnn"] = (step, backend.sync)
             if torch is not None:
                 step = _torch_conv_step(torch, device, 1024, *shape, input_grad)
                 variants["torch"] = (step, torch.cuda.synchronize)
@@ -147,15 +180,22 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
     X = rng.normal((4096, 3, 32, 32), dtype=backend.xp.float32)
     y = rng.integers(0, 10, 4096)
     variants = {}
-    for name, graph in (("xpnet", False), ("xpnet-graph", True)):
-        if graph and not backend.can_capture:
+    cudnn = cudnn_available(backend)
+    for name, graph, on_cudnn in (
+        ("xpnet", False, False),
+        ("xpnet-graph", True, False),
+        ("xpnet-cudnn", False, True),
+        ("xpnet-cudnn-graph", True, True),
+    ):
+        if (graph and not backend.can_capture) or (on_cudnn and not cudnn):
             continue
         model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend=backend)
         data = {"X_train": X, "y_train": y, "X_val": X[:256, ...], "y_val": y[:256]}
         solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 1e-3}, batch_size=128,
                         verbose=False, cuda_graph=graph)  # fmt: skip
         step_rng = backend.rng(1)
-        variants[name] = ((lambda s=solver, r=step_rng: s.step(r)), backend.sync)
+        step = lambda s=solver, r=step_rng: s.step(r)  # noqa: E731
+        variants[name] = (_with_cudnn(backend, step) if on_cudnn else step, backend.sync)
     torch = _torch_or_none() if use_torch else None
     if torch is not None and backend.is_gpu:
         variants.update(_torch_convnet_steps(torch, backend, X, y))

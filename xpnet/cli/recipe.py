@@ -47,7 +47,7 @@ def load_cifar10(args) -> dict:
 
 def run_recipe(args, backend, data, log=None) -> int:
     """Run ``args.recipe`` on ``data`` and print (and log) its result."""
-    overrides = {"tf32": bool(args.tf32)}
+    overrides = {"tf32": bool(args.tf32), "cudnn": bool(args.cudnn)}
     if args.cuda_graph:
         overrides["cuda_graph"] = True
     if args.epochs is not None:

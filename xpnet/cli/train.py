@@ -116,6 +116,11 @@ def build_parser():
         action="store_true",
         help="let float32 matrix products and convolutions use TF32 tensor cores (CUDA; off: exact float32)",
     )
+    p.add_argument(
+        "--cudnn",
+        action="store_true",
+        help='run convolutions through cuDNN instead of im2col + cuBLAS (cupy; pip install "xpnet[cudnn12]")',
+    )
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
     p.add_argument(
@@ -225,6 +230,8 @@ class Run:
             backend = xpnet.get_backend(args.backend)
             if args.tf32:
                 backend.set_tf32(True)
+            if args.cudnn:
+                backend.set_cudnn(True)
         except (ValueError, ImportError, RuntimeError) as exc:
             raise UsageError(str(exc)) from exc
         # Everything the run will write is checked before minutes go into loading and training.
@@ -291,6 +298,9 @@ class Run:
             if args.tf32:  # refused now on a backend without it, not after loading the data
                 backend.set_tf32(True)
                 backend.set_tf32(False)
+            if args.cudnn:
+                backend.set_cudnn(True)
+                backend.set_cudnn(False)
         except (ValueError, ImportError, RuntimeError) as exc:
             raise UsageError(str(exc)) from exc
         if args.cuda_graph and not backend.can_capture:

@@ -73,6 +73,7 @@ class Fast94Settings:
         dtype: "float32" or "float64".
         cuda_graph: capture the training step (None: where the backend can).
         tf32: let GEMMs use TF32 tensor cores (CuPy).
+        cudnn: run the convolutions through cuDNN instead of im2col + cuBLAS (CuPy).
     """
 
     widths: tuple = (64, 256, 256)
@@ -99,6 +100,7 @@ class Fast94Settings:
     dtype: str = "float32"
     cuda_graph: bool | None = None
     tf32: bool = False
+    cudnn: bool = False
 
     def with_overrides(self, overrides: dict) -> Fast94Settings:
         """A copy with ``overrides`` applied; an unknown name is refused by name."""
@@ -318,6 +320,8 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
     model = _model(backend, settings, seed, tuple(train_images.shape[1:]))
     if settings.tf32:
         backend.set_tf32(True)
+    if settings.cudnn:
+        backend.set_cudnn(True)
     try:
         backend.sync()
         start = time.perf_counter()
@@ -335,6 +339,8 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
     finally:
         if settings.tf32:
             backend.set_tf32(False)
+        if settings.cudnn:
+            backend.set_cudnn(False)
     result = Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
                                      backend.to_floats(losses))  # fmt: skip
     bad = next((i for i, value in enumerate(result.losses) if not math.isfinite(value)), None)
