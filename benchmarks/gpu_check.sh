@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 echo "== fused kernels, CUDA graphs (schedules, groups), TF32, conv on CuPy against NumPy"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15
 
-echo "== benchmark: fully connected steps, conv2d fp32 and TF32 against cuDNN, ThreeLayerConvNet"
+echo "== benchmark: fully connected steps, conv2d fp32 and TF32 (im2col + cuBLAS, and cuDNN) against PyTorch, ThreeLayerConvNet"
 timeout 300 python3 scripts/bench.py --backend cupy --suite all --repeats 5 --json "$OUT/bench_gpu.json" \
     2>&1 | tee "$OUT/bench.log" | tail -40
 
