@@ -5,6 +5,7 @@
 # lacks in .whl/ (array-api-compat, array-api-strict; optuna and dask for sweeps) and, for
 # the time to accuracy, CIFAR-10 as .carry/cifar_subset.npz or the batches under /tmp/cifar
 # (carried two files per call, see the brief).
+# benchmarks/stage_gpu_run.sh stages both (wheels; CIFAR-10 in three pieces of ~62 MB).
 #   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu-out; SKIP_SUITE=1 skips the whole-suite run)
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
