@@ -67,3 +67,119 @@ def test_plans_refuse_other_dtypes_and_report_cudnn_errors_by_name():
         cudnn.ConvolutionPlan(lib, (1, 1, 4, 4), (1, 1, 3, 3), 1, 0, "e")
     with pytest.raises(RuntimeError, match="cudnnSetFilter4dDescriptor failed: CUDNN_STATUS_BAD_PARAM"):
         cudnn.ConvolutionPlan(lib, (1, 1, 4, 4), (1, 1, 0, 3), 1, 0, "f")
+
+
+class _FakeCudnn:
+    """Stands in for libcudnn: descriptors are numbered, the output size is the layers'
+    arithmetic, the algorithm searches offer a tensor-op algorithm first, and each
+    convolution call is recorded with the descriptors and pointers it was given."""
+
+    TENSOR_OP_ALGO, FMA_ALGO = 7, 2
+
+    def __init__(self):
+        self.calls, self.descriptors, self.next_id = [], {}, 100
+
+    def __getattr__(self, name):
+        def call(*args):
+            return self._call(name, args)
+
+        return call
+
+    def _call(self, name, args):
+        import ctypes
+
+        if name.startswith("cudnnCreate") and name.endswith("Descriptor"):
+            self.next_id += 1
+            args[0]._obj.value = self.next_id
+            return 0
+        if name in ("cudnnSetTensor4dDescriptor", "cudnnSetFilter4dDescriptor"):
+            self.descriptors[args[0].value] = args[-4:]
+            return 0
+        if name == "cudnnSetConvolution2dDescriptor":
+            self.descriptors[args[0].value] = args[1:3] + args[3:5]  # pads, strides
+            return 0
+        if name == "cudnnGetConvolution2dForwardOutputDim":
+            (pad, _, stride, _), x, w = (
+                self.descriptors[args[0].value],
+                self.descriptors[args[1].value],
+                self.descriptors[args[2].value],
+            )
+            dims = (x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1)
+            for out, value in zip(args[3:], dims):
+                out._obj.value = value
+            return 0
+        if "Algorithm" in name:
+            self.calls.append((name,))
+            count, results = (args[9], args[10]) if name.startswith("cudnnFind") else (args[6], args[7])
+            count._obj.value = 2
+            results[0].algo, results[0].status, results[0].mathType = self.TENSOR_OP_ALGO, 0, 1
+            results[1].algo, results[1].status, results[1].mathType = self.FMA_ALGO, 0, 3
+            return 0
+        if name.startswith("cudnnConvolution"):
+            self.calls.append((name, args[2].value, args[3], args[4].value, args[5], args[7], args[11].value, args[12]))
+        return 0 if name != "cudnnGetErrorString" else ctypes.c_char_p(b"fake")
+
+
+def _fake_engine(capturing=False):
+    import threading
+    import types
+
+    import numpy as np
+
+    class DeviceArray(np.ndarray):
+        @property
+        def data(self):
+            return types.SimpleNamespace(ptr=self.ctypes.data)
+
+    stream = types.SimpleNamespace(ptr=0, is_capturing=lambda: capturing)
+    cupy = types.SimpleNamespace(
+        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(DeviceArray),
+        empty=lambda shape, dtype: np.empty(shape, dtype).view(DeviceArray),
+        cuda=types.SimpleNamespace(get_current_stream=lambda: stream),
+    )
+    lib = _FakeCudnn()
+    engine = object.__new__(cudnn.CudnnConvolutions)  # no cudnnCreate: there is no GPU
+    engine.cupy, engine.lib, engine.handle, engine.tf32 = cupy, lib, cudnn.ctypes.c_void_p(1), False
+    engine.workspace, engine._plans, engine._lock = cupy.empty((16,), np.uint8), {}, threading.Lock()
+    return engine, lib, cupy
+
+
+def test_each_direction_passes_its_descriptors_and_buffers_in_cudnns_order():
+    import numpy as np
+
+    engine, lib, cupy = _fake_engine()
+    x, w = (
+        cupy.ascontiguousarray(np.ones((4, 3, 9, 9), np.float32)),
+        cupy.ascontiguousarray(np.ones((5, 3, 3, 3), np.float32)),
+    )
+    y = engine.forward(x, w, 2, 1)
+    assert y.shape == (4, 5, 5, 5) and y.dtype == np.float32
+    dx = engine.backward_data(w, y, x.shape, 2, 1)
+    dw = engine.backward_filter(x, y, w.shape, 2, 1)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    plan = next(iter(engine._plans.values()))
+    runs = [c for c in lib.calls if len(c) > 1]
+    ptr = lambda a: a.ctypes.data  # noqa: E731
+    assert runs == [
+        ("cudnnConvolutionForward", plan.x.value, ptr(x), plan.w.value, ptr(w), lib.FMA_ALGO, plan.y.value, ptr(y)),
+        ("cudnnConvolutionBackwardData", plan.w.value, ptr(w), plan.y.value, ptr(y), lib.FMA_ALGO, plan.x.value, ptr(dx)),
+        ("cudnnConvolutionBackwardFilter", plan.x.value, ptr(x), plan.y.value, ptr(y), lib.FMA_ALGO, plan.w.value, ptr(dw)),
+    ]  # fmt: skip
+    # Timed once per direction (the tensor-op algorithm refused: float32 stays exact), then reused.
+    engine.forward(x, w, 2, 1)
+    searches = [c[0] for c in lib.calls if len(c) == 1]
+    assert searches == [f"cudnnFindConvolution{d}AlgorithmEx" for d in ("Forward", "BackwardData", "BackwardFilter")]
+
+
+def test_tf32_takes_the_tensor_op_algorithm_and_a_capture_asks_the_heuristics():
+    import numpy as np
+
+    engine, lib, cupy = _fake_engine(capturing=True)
+    engine.tf32 = True
+    x, w = (
+        cupy.ascontiguousarray(np.ones((2, 3, 8, 8), np.float32)),
+        cupy.ascontiguousarray(np.ones((4, 3, 3, 3), np.float32)),
+    )
+    engine.forward(x, w, 1, 1)
+    assert [c[0] for c in lib.calls] == ["cudnnGetConvolutionForwardAlgorithm_v7", "cudnnConvolutionForward"]
+    assert lib.calls[1][5] == lib.TENSOR_OP_ALGO

@@ -29,6 +29,13 @@ _TENSOR_OP_MATH, _FMA_MATH = 1, 3
 _TENSOR_OP_MATHS = (1, 2)  # CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
 _WORKSPACE_BYTES = 64 * 1024 * 1024
 _MAX_ALGORITHMS = 8
+# direction: (the cuDNN name part, the plan's descriptors of its two operands and of its result),
+# in the order of cuDNN's arguments
+_DIRECTIONS = {
+    "fwd": ("Forward", "x", "w", "y"),
+    "bwd_data": ("BackwardData", "w", "y", "x"),
+    "bwd_filter": ("BackwardFilter", "x", "y", "w"),
+}
 
 
 class _AlgoPerf(ctypes.Structure):
@@ -195,27 +202,24 @@ class CudnnConvolutions:
         _check(self.lib, self.lib.cudnnSetStream(self.handle, ctypes.c_void_p(stream.ptr)), "cudnnSetStream")
         return stream.is_capturing()
 
-    def _algorithm(self, plan, direction, capturing, buffers):
+    def _algorithm(self, plan, direction, capturing, a, b, out):
         """The fastest algorithm for ``direction`` that fits the workspace: timed on the
         real buffers the first time (never while a graph is being captured: then cuDNN's
         heuristic choice)."""
         if direction in plan.algorithms:
             return plan.algorithms[direction]
         lib, count, results = self.lib, ctypes.c_int(), (_AlgoPerf * _MAX_ALGORITHMS)()
-        name = {"fwd": "Forward", "bwd_data": "BackwardData", "bwd_filter": "BackwardFilter"}[direction]
-        descriptors = {
-            "fwd": (plan.x, plan.w, plan.conv, plan.y),
-            "bwd_data": (plan.w, plan.y, plan.conv, plan.x),
-            "bwd_filter": (plan.x, plan.y, plan.conv, plan.w),
-        }[direction]
+        name, first, second, result = _DIRECTIONS[direction]
+        first, second, result = getattr(plan, first), getattr(plan, second), getattr(plan, result)
         if capturing:
             function = f"cudnnGetConvolution{name}Algorithm_v7"
-            status = getattr(lib, function)(self.handle, *descriptors, _MAX_ALGORITHMS, ctypes.byref(count), results)
+            status = getattr(lib, function)(
+                self.handle, first, second, plan.conv, result, _MAX_ALGORITHMS, ctypes.byref(count), results
+            )
         else:
             function = f"cudnnFindConvolution{name}AlgorithmEx"
-            a, b, out = buffers
             status = getattr(lib, function)(
-                self.handle, descriptors[0], a, descriptors[1], b, descriptors[2], descriptors[3], out,
+                self.handle, first, a.data.ptr, second, b.data.ptr, plan.conv, result, out.data.ptr,
                 _MAX_ALGORITHMS, ctypes.byref(count), results, self.workspace.data.ptr, _WORKSPACE_BYTES,
             )  # fmt: skip
         _check(lib, status, function)
@@ -232,47 +236,31 @@ class CudnnConvolutions:
         plan.algorithms[direction] = usable[0].algo
         return usable[0].algo
 
+    def _run(self, plan, direction, a, b, out_shape):
+        """``direction``'s result (out_shape) from its two operands, C-contiguous device arrays."""
+        out = self.cupy.empty(tuple(out_shape), dtype=a.dtype)
+        algo = self._algorithm(plan, direction, self._on_stream(), a, b, out)
+        name, first, second, result = _DIRECTIONS[direction]
+        status = getattr(self.lib, f"cudnnConvolution{name}")(
+            self.handle, ctypes.byref(plan.one), getattr(plan, first), a.data.ptr, getattr(plan, second), b.data.ptr,
+            plan.conv, algo, self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero),
+            getattr(plan, result), out.data.ptr,
+        )  # fmt: skip
+        _check(self.lib, status, f"cudnnConvolution{name}")
+        return out
+
     def forward(self, x, w, stride, pad):
         """The convolution of x (N, C, H, W) with w (F, C, HH, WW): (N, F, H', W')."""
-        cp = self.cupy
-        x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
+        x, w = self.cupy.ascontiguousarray(x), self.cupy.ascontiguousarray(w)
         plan = self._plan(x.shape, w.shape, stride, pad, x.dtype)
-        y = cp.empty(plan.out_shape, dtype=x.dtype)
-        capturing = self._on_stream()
-        algo = self._algorithm(plan, "fwd", capturing, (x.data.ptr, w.data.ptr, y.data.ptr))
-        status = self.lib.cudnnConvolutionForward(
-            self.handle, ctypes.byref(plan.one), plan.x, x.data.ptr, plan.w, w.data.ptr, plan.conv, algo,
-            self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero), plan.y, y.data.ptr,
-        )  # fmt: skip
-        _check(self.lib, status, "cudnnConvolutionForward")
-        return y
+        return self._run(plan, "fwd", x, w, plan.out_shape)
 
     def backward_data(self, w, dy, x_shape, stride, pad):
         """dx (x_shape) of the convolution, from w and dy (N, F, H', W')."""
-        cp = self.cupy
-        w, dy = cp.ascontiguousarray(w), cp.ascontiguousarray(dy)
-        plan = self._plan(x_shape, w.shape, stride, pad, dy.dtype)
-        dx = cp.empty(tuple(x_shape), dtype=dy.dtype)
-        capturing = self._on_stream()
-        algo = self._algorithm(plan, "bwd_data", capturing, (w.data.ptr, dy.data.ptr, dx.data.ptr))
-        status = self.lib.cudnnConvolutionBackwardData(
-            self.handle, ctypes.byref(plan.one), plan.w, w.data.ptr, plan.y, dy.data.ptr, plan.conv, algo,
-            self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero), plan.x, dx.data.ptr,
-        )  # fmt: skip
-        _check(self.lib, status, "cudnnConvolutionBackwardData")
-        return dx
+        w, dy = self.cupy.ascontiguousarray(w), self.cupy.ascontiguousarray(dy)
+        return self._run(self._plan(x_shape, w.shape, stride, pad, dy.dtype), "bwd_data", w, dy, x_shape)
 
     def backward_filter(self, x, dy, w_shape, stride, pad):
         """dw (w_shape) of the convolution, from x and dy (N, F, H', W')."""
-        cp = self.cupy
-        x, dy = cp.ascontiguousarray(x), cp.ascontiguousarray(dy)
-        plan = self._plan(x.shape, w_shape, stride, pad, x.dtype)
-        dw = cp.empty(tuple(w_shape), dtype=x.dtype)
-        capturing = self._on_stream()
-        algo = self._algorithm(plan, "bwd_filter", capturing, (x.data.ptr, dy.data.ptr, dw.data.ptr))
-        status = self.lib.cudnnConvolutionBackwardFilter(
-            self.handle, ctypes.byref(plan.one), plan.x, x.data.ptr, plan.y, dy.data.ptr, plan.conv, algo,
-            self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero), plan.w, dw.data.ptr,
-        )  # fmt: skip
-        _check(self.lib, status, "cudnnConvolutionBackwardFilter")
-        return dw
+        x, dy = self.cupy.ascontiguousarray(x), self.cupy.ascontiguousarray(dy)
+        return self._run(self._plan(x.shape, w_shape, stride, pad, x.dtype), "bwd_filter", x, dy, w_shape)
