@@ -99,3 +99,27 @@ def write_pickle_payload(path, marker, protocol=2):
     """A pickle file at ``path`` that would create the folder ``marker`` if it were unpickled."""
     with open(path, "wb") as f:
         pickle.dump({b"data": MakeFolderWhenUnpickled(marker), b"labels": [0]}, f, protocol=protocol)
+
+
+def small_recipe(backend, n=128, widths=(4, 8, 8), batch_size=32, cuda_graph=False, seed=0):
+    """A fast CIFAR-10 recipe problem small enough for a test, float64: 5 epochs of
+    n / batch_size steps on n random images. Returns (settings, normalized images on
+    ``backend``, labels as NumPy, a function making a FastConvNet whitened on the images)."""
+    from xpnet.cnn import FastConvNet
+    from xpnet.recipes import Fast94Settings
+    from xpnet.recipes.fast94 import normalized_images
+    from xpnet.whitening import whitening_filters
+
+    rng = np.random.default_rng(seed)
+    pixels, y = rng.integers(0, 256, (n, 32, 32, 3)).astype(np.float64), rng.integers(0, 10, n)
+    settings = Fast94Settings().with_overrides(
+        dict(widths=widths, batch_size=batch_size, epochs=5, dtype="float64", whiten_images=n, cuda_graph=cuda_graph)
+    )
+    images = normalized_images(backend, pixels, "float64")
+
+    def make_model():
+        model = FastConvNet(widths=settings.widths, dtype="float64", backend=backend, seed=seed)
+        model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+        return model
+
+    return settings, images, y, make_model

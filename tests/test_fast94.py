@@ -5,14 +5,14 @@ import math
 
 import numpy as np
 import pytest
-from helpers import arr, labels, shared_cifar, to_np
+from helpers import arr, labels, shared_cifar, small_recipe, to_np
 
 from xpnet import data_utils
 from xpnet.augment import AlternatingFlipTranslate, crop_padded, reflect_pad, translate_images, tta_scores
 from xpnet.backend import get_backend, to_numpy
 from xpnet.cnn import FastConvNet
 from xpnet.recipes import Fast94Settings, Fast94Trainer, fast94
-from xpnet.recipes.fast94 import normalized_images, sgd_hyper_parameters, warmup_decay
+from xpnet.recipes.fast94 import sgd_hyper_parameters, warmup_decay
 from xpnet.training.lookahead import Lookahead, cubic_lookahead_decay
 from xpnet.whitening import whitening_filters
 
@@ -203,14 +203,8 @@ def test_twenty_steps_equal_the_pytorch_recipe_to_1e_9():
     from xpnet.recipes import fast94_torch
 
     backend = get_backend("numpy")
-    rng = np.random.default_rng(0)
-    pixels, y = rng.integers(0, 256, (128, 32, 32, 3)).astype(np.float64), rng.integers(0, 10, 128)
-    settings = Fast94Settings().with_overrides(
-        dict(widths=(4, 8, 8), batch_size=32, epochs=5, dtype="float64", whiten_images=128, cuda_graph=False)
-    )
-    images = normalized_images(backend, pixels, "float64")
-    model = FastConvNet(widths=settings.widths, dtype="float64", backend=backend, seed=0)
-    model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+    settings, images, y, make_model = small_recipe(backend)
+    model = make_model()
     net = fast94_torch.make_net(settings, torch.float64)
     names = fast94_torch.xpnet_names(net)
     with torch.no_grad():

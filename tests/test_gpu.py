@@ -496,19 +496,12 @@ def test_cudnn_convolutions_replay_from_a_cuda_graph():
 
 
 def _fast94_run(cuda_graph, seed=0):
-    from xpnet.cnn import FastConvNet
-    from xpnet.recipes import Fast94Settings, Fast94Trainer
-    from xpnet.recipes.fast94 import normalized_images
-    from xpnet.whitening import whitening_filters
+    from helpers import small_recipe
 
-    rng = np.random.default_rng(seed)
-    pixels, y = rng.integers(0, 256, (256, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 256)
-    settings = Fast94Settings().with_overrides(
-        dict(widths=(16, 32, 32), batch_size=64, epochs=5, dtype="float64", whiten_images=256, cuda_graph=cuda_graph)
-    )
-    images = normalized_images(CUPY, pixels, "float64")
-    model = FastConvNet(widths=settings.widths, dtype="float64", backend=CUPY, seed=seed)
-    model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+    from xpnet.recipes import Fast94Trainer
+
+    settings, images, y, make_model = small_recipe(CUPY, 256, (16, 32, 32), 64, cuda_graph, seed)
+    model = make_model()
     trainer = Fast94Trainer(model, images, CUPY.asarray(y), settings, seed=seed)
     return trainer, CUPY.to_floats(trainer.train()), model
 

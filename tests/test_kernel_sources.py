@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cpu_kernels import COMPILER, cupy_kernels_on_cpu, run_elementwise
+from helpers import small_recipe
 
 from xpnet import fast_layers, layers, optim
 from xpnet.backend import dispatch, fused_kernels
@@ -272,22 +273,13 @@ def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monk
     arrays, lookahead, batchnorm running statistics, the whitening bias freezing) through
     every fused path at once, against the reference code, float64."""
     from xpnet import get_backend
-    from xpnet.cnn import FastConvNet
-    from xpnet.recipes import Fast94Settings, Fast94Trainer
-    from xpnet.recipes.fast94 import normalized_images
-    from xpnet.whitening import whitening_filters
+    from xpnet.recipes import Fast94Trainer
 
     backend = get_backend("numpy")
-    rng = np.random.default_rng(0)
-    pixels, y = rng.integers(0, 256, (128, 32, 32, 3)).astype(np.float64), rng.integers(0, 10, 128)
-    settings = Fast94Settings().with_overrides(
-        dict(widths=(4, 8, 8), batch_size=32, epochs=5, dtype="float64", whiten_images=128, cuda_graph=False)
-    )
-    images = normalized_images(backend, pixels, "float64")
+    settings, images, y, make_model = small_recipe(backend)
 
     def run():
-        model = FastConvNet(widths=settings.widths, dtype="float64", backend=backend, seed=0)
-        model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+        model = make_model()
         losses = Fast94Trainer(model, images, backend.asarray(y), settings, seed=0).train()
         state = [model.params[name] for name in sorted(model.params)]
         state += [bn[key] for bn in model.bn_params for key in ("running_mean", "running_var")]
