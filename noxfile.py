@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests lint` (CPU, what CI runs), `nox -s gpu` (the suite on CuPy),
-`nox -s bench` (the training-step benchmark)."""
+`nox -s kernels` (every CUDA kernel through NVRTC, without a GPU), `nox -s bench` (the
+training-step benchmark)."""
 
 import shutil
 import subprocess
@@ -44,6 +45,14 @@ def gpu(session):
     if not _gpu_present():
         session.skip("no NVIDIA GPU visible")
     session.run("pytest", "-m", "not slow", *session.posargs, env={"XPNET_TEST_BACKENDS": "cupy,numpy"})
+
+
+@nox.session
+def kernels(session):
+    """Compile every CUDA kernel with NVRTC for sm_90, no GPU needed (CuPy's bindings and the
+    NVRTC wheel, about 230 MB): catches what the C++ compiler of the CPU tests lets through."""
+    session.install("-e", ".", "cupy-cuda12x", "nvidia-cuda-nvrtc-cu12")
+    session.run("python", "tests/cpu_kernels.py", "--nvrtc")
 
 
 @nox.session(venv_backend="none")

@@ -101,7 +101,9 @@ def _library(source: str):
     return _libraries[key]
 
 
-def _elementwise_source(params, operation, t_c):
+def _elementwise_source(params, operation, t_c, cuda=False):
+    """The kernel as a C++ loop over ``i`` (or, with ``cuda``, a CUDA kernel looping over
+    its grid, for NVRTC)."""
     signature, loads = [], []
     for p in params:
         if p.raw:
@@ -113,11 +115,13 @@ def _elementwise_source(params, operation, t_c):
             signature.append(f"const {p.c_type()}* _{p.name}")
             loads.append(f"const {p.c_type()} {p.name} = _{p.name}[i];")
     body = "\n        ".join(loads)
-    return (
-        f"{_PRELUDE}\ntypedef {t_c} T;\n"
-        f'extern "C" void run({", ".join(signature)}, long long _n) {{\n'
-        f"    for (long long i = 0; i < _n; ++i) {{\n        {body}\n        {operation};\n    }}\n}}\n"
-    )
+    if cuda:
+        head = f'typedef {t_c} T;\nextern "C" __global__ void run({", ".join(signature)}, long long _n) {{\n'
+        loop = "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < _n; i += (long long)blockDim.x * gridDim.x)"
+    else:
+        head = f'{_PRELUDE}\ntypedef {t_c} T;\nextern "C" void run({", ".join(signature)}, long long _n) {{\n'
+        loop = "for (long long i = 0; i < _n; ++i)"
+    return f"{head}    {loop} {{\n        {body}\n        {operation};\n    }}\n}}\n"
 
 
 def _call(library, arrays, n):
@@ -187,6 +191,43 @@ _C_SCALARS = {
 }
 
 
+def cuda_sources():
+    """(name, CUDA source) of every kernel in kernel_sources, for float and double, as CuPy
+    would build them (a reduction as its map and post-map expressions): what
+    ``python tests/cpu_kernels.py --nvrtc`` compiles."""
+    from xpnet.backend import kernel_sources
+
+    for t_c in ("float", "double"):
+        for name, kernel in vars(kernel_sources).items():
+            if isinstance(kernel, Elementwise):
+                params = _params(kernel.in_params, kernel.out_params)
+                yield f"{name}_{t_c}", _elementwise_source(params, kernel.operation, t_c, cuda=True)
+            elif isinstance(kernel, Reduction):
+                (out,) = _params("", kernel.out_params)
+                mapped = _params(kernel.in_params, "T _mapped")
+                yield f"{name}_map_{t_c}", _elementwise_source(mapped, f"_mapped = {kernel.map_expr}", t_c, cuda=True)
+                post = _params("T a", f"{out.type_name} {out.name}")
+                yield f"{name}_post_{t_c}", _elementwise_source(post, kernel.post_map_expr, t_c, cuda=True)
+        yield f"SOFTMAX_LOSS_{t_c}", kernel_sources.SOFTMAX_LOSS.replace("{T}", t_c).replace("{name}", t_c)
+
+
+def compile_with_nvrtc(arch="compute_90") -> int:
+    """Compile every kernel with CUDA's run-time compiler (no GPU needed: CuPy's NVRTC
+    bindings and the nvidia-cuda-nvrtc wheel); prints each failure's log, returns their count."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    failures = 0
+    for name, source in cuda_sources():
+        program = nvrtc.createProgram(source, f"{name}.cu", [], [])
+        try:
+            nvrtc.compileProgram(program, [f"-arch={arch}", "-std=c++17"])
+            print(f"ok    {name}")
+        except Exception:
+            failures += 1
+            print(f"FAIL  {name}\n{nvrtc.getProgramLog(program)}\n{source}")
+    return failures
+
+
 def run_single_thread(source: str, name: str, *args):
     """Run a raw kernel's ``source`` (with its ``{T}`` and ``{name}`` filled in) as one
     thread of a one-thread block; ``args`` are NumPy arrays (pointers) or NumPy scalars."""
@@ -253,3 +294,9 @@ def cupy_kernels_on_cpu():
     kernels.matmul = lambda a, b: a @ b
     kernels.column_sums = lambda a: a.sum(axis=0)
     return kernels
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--nvrtc"]:
+        sys.exit("usage: python tests/cpu_kernels.py --nvrtc   (compile every kernel with NVRTC)")
+    sys.exit(1 if compile_with_nvrtc() else 0)
