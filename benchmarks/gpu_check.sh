@@ -45,3 +45,6 @@ if [ -z "${SKIP_SUITE:-}" ]; then
     XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests \
         -m "not slow" 2>&1 | tee "$OUT/suite_cupy.log" | tail -15
 fi
+
+echo "== the issues' GPU targets"
+python3 benchmarks/done_when.py "$OUT"/bench_gpu.json "$OUT"/tta_gpu.json "$OUT"/fast94_gpu.json 2>&1 | tee "$OUT/done_when.txt"

@@ -78,3 +78,55 @@ def test_recipe_settings_are_checked_by_name(capsys, tmp_path):
         bench.main(["--recipe", "fast94", "--cifar-npz", str(tmp_path / "x.npz"), "--recipe-set", "lr=1"])
     assert info.value.code == 2
     assert "unknown settings lr" in capsys.readouterr().err
+
+
+def _done_when():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "done_when.py"
+    spec = importlib.util.spec_from_file_location("done_when", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
+    def row(case, **us):
+        return {"case": case, "results": {name.replace("_", "-"): {"us": value} for name, value in us.items()}}
+
+    conv = {
+        # im2col 2.0x slower but cuDNN 1.1x: the better path counts
+        "conv2d fwd+bwd, fp32": [[row("(24, 64, 31, 3, 1) batch 1024", xpnet=2000, xpnet_cudnn=1100, torch=1000)]],
+        "conv2d fwd+bwd, TF32": [[row("(24, 64, 31, 3, 1) batch 1024", xpnet=800, torch=400)]],
+        "ThreeLayerConvNet": [[row("step", xpnet_graph=90, torch_graph=100)]],
+    }
+    tta = {"train_rows": 49000, "xpnet": {"seconds": 1.0}, "xpnet-graph": {"seconds": 0.7}, "torch": {"seconds": 1.5}}
+    runs = {
+        "xpnet": [{"test_accuracy": 0.940, "seconds": 6.0}] * 5,
+        "torch": [{"test_accuracy": 0.941, "seconds": 5.0}] * 5,
+    }
+    recipe = {"runs": runs, "train_images": 50000, "test_images": 10000}
+    paths = []
+    for name, report in (("bench", {"conv": conv}), ("tta", {"time_to_accuracy": tta}), ("fast94", {"recipe": recipe})):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"device": "NVIDIA H200", **report}))
+    assert _done_when().main([str(p) for p in paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    verdicts = {line.split("  ", 1)[1].split(":")[0].strip(): line.split()[0] for line in lines if "#" in line}
+    assert verdicts == {
+        "#9 fp32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "PASS",
+        "#9 TF32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "FAIL",
+        "#9 captured ThreeLayerConvNet step xpnet/torch": "PASS",
+        "#12 time to accuracy xpnet/torch, eager": "PASS",
+        "#12 time to accuracy xpnet-graph/torch": "PASS",
+        "#11 fast94 accuracy, points below PyTorch": "PASS",
+        "#11 fast94 mean seconds xpnet/torch": "PASS",
+    }
+    assert "NVIDIA H200" in lines[0]
+
+
+def test_done_when_says_what_no_report_measured(capsys):
+    _done_when().main([])
+    out = capsys.readouterr().out
+    assert out.count("unmeasured") == 6 and "PASS" not in out and "FAIL" not in out
