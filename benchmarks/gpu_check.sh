@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# One GPU session's checks: the fused-kernel and graph tests, the benchmark (FC steps, conv
-# rows in fp32 and TF32, the ThreeLayerConvNet step), the time to accuracy with its
-# breakdown, and the fast CIFAR-10 recipe against PyTorch's (full data set only); results under $OUT. Expects wheels for the pure-Python packages the machine
-# lacks in .whl/ (array-api-compat, array-api-strict; optuna and dask for sweeps) and, for
-# the time to accuracy, CIFAR-10 as .carry/cifar_subset.npz or the batches under /tmp/cifar
-# (carried two files per call, see the brief).
-# benchmarks/stage_gpu_run.sh stages both (wheels; CIFAR-10 in three pieces of ~62 MB).
-#   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu-out; SKIP_SUITE=1 skips the whole-suite run)
+# One GPU session's checks, results under $OUT (default ./gpu-out):
+#   tests   the fused-kernel, cuDNN and CUDA-graph tests (tests/test_gpu.py)
+#   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, and cuDNN when it
+#           loads) against PyTorch, the ThreeLayerConvNet step
+#   suite   the whole test suite on CuPy
+#   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
+#   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only)
+# then benchmarks/done_when.py on whatever JSON is in $OUT, last. STEPS picks the parts (default: all).
+# A call has 10 minutes and the data set travels in three pieces of ~62 MB (benchmarks/stage_gpu_run.sh
+# stages them and the wheels the machine lacks, in .whl/), so one part set per piece fits:
+#   STEPS="tests bench"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
+# each call starting with: mkdir -p /tmp/cifar && cp .carry/cifar/* /tmp/cifar/ &&
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
+STEPS=" ${STEPS:-tests bench suite tta recipe} "
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -17,34 +22,41 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+full_data() { [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; }
 
-echo "== fused kernels, CUDA graphs (schedules, groups), TF32, conv on CuPy against NumPy"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15
-
-echo "== benchmark: fully connected steps, conv2d fp32 and TF32 (im2col + cuBLAS, and cuDNN) against PyTorch, ThreeLayerConvNet"
-timeout 300 python3 scripts/bench.py --backend cupy --suite all --repeats 5 --json "$OUT/bench_gpu.json" \
-    2>&1 | tee "$OUT/bench.log" | tail -40
-
-echo "== time to accuracy, with the breakdown"
-data=()
-[ -f .carry/cifar_subset.npz ] && data=(--cifar-npz .carry/cifar_subset.npz --target "${TARGET:-0.47}")
-[ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ] && data=(--data-dir /tmp/cifar --target 0.5)
-if [ ${#data[@]} -gt 0 ]; then
-    timeout 240 python3 scripts/bench.py --backend cupy --suite none --time-to-accuracy --breakdown "${data[@]}" \
-        --json "$OUT/tta_gpu.json" 2>&1 | tee "$OUT/tta.log" | tail -12
+if [[ $STEPS == *" tests "* ]]; then
+    echo "== fused kernels, cuDNN, CUDA graphs (schedules, groups), TF32, conv on CuPy against NumPy"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15
 fi
 
-if [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; then
-    echo "== fast94: xpnet against PyTorch (fp32, then PyTorch fp16 channels-last beside), ${RUNS:-5} runs"
-    timeout "${RECIPE_TIMEOUT:-300}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
-        --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -14
+if [[ $STEPS == *" bench "* ]]; then
+    echo "== benchmark: FC steps, conv2d fp32 and TF32 (im2col + cuBLAS, cuDNN) against PyTorch, ThreeLayerConvNet"
+    timeout 330 python3 scripts/bench.py --backend cupy --suite all --repeats 3 --json "$OUT/bench_gpu.json" \
+        2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 
-if [ -z "${SKIP_SUITE:-}" ]; then
+if [[ $STEPS == *" suite "* ]]; then
     echo "== the whole suite on CuPy"
-    XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests \
+    XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider tests \
         -m "not slow" 2>&1 | tee "$OUT/suite_cupy.log" | tail -15
 fi
 
+if [[ $STEPS == *" tta "* ]]; then
+    echo "== time to accuracy, with the breakdown"
+    data=()
+    [ -f .carry/cifar_subset.npz ] && data=(--cifar-npz .carry/cifar_subset.npz --target "${TARGET:-0.47}")
+    full_data && data=(--data-dir /tmp/cifar --target 0.5)
+    if [ ${#data[@]} -gt 0 ]; then
+        timeout 200 python3 scripts/bench.py --backend cupy --suite none --time-to-accuracy --breakdown "${data[@]}" \
+            --json "$OUT/tta_gpu.json" 2>&1 | tee "$OUT/tta.log" | tail -12
+    fi
+fi
+
+if [[ $STEPS == *" recipe "* ]] && full_data; then
+    echo "== fast94: xpnet against PyTorch (fp32, then PyTorch fp16 channels-last beside), ${RUNS:-5} runs"
+    timeout "${RECIPE_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
+        --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -14
+fi
+
 echo "== the issues' GPU targets"
-python3 benchmarks/done_when.py "$OUT"/bench_gpu.json "$OUT"/tta_gpu.json "$OUT"/fast94_gpu.json 2>&1 | tee "$OUT/done_when.txt"
+python3 benchmarks/done_when.py "$OUT"/*.json 2>&1 | tee "$OUT/done_when.txt"

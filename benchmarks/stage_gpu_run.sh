@@ -7,7 +7,8 @@
 # On the GPU machine each call then starts with
 #   mkdir -p /tmp/cifar && cp .carry/cifar/* /tmp/cifar/ &&
 # so that after the third piece /tmp/cifar holds the whole data set (it lasts while the machine stays up),
-# and gpu_check.sh adds the full-data runs (time to accuracy, the fast CIFAR-10 recipe).
+# and runs one part set of gpu_check.sh: STEPS="tests bench", then STEPS=suite, then STEPS="tta recipe"
+# (the full-data runs).
 set -eu -o pipefail
 cd "$(git rev-parse --show-toplevel)"
 case "${1:-}" in
