@@ -12,7 +12,7 @@
 #   STEPS="tests bench"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
 # each call starting with: mkdir -p /tmp/cifar && cp .carry/cifar/* /tmp/cifar/ &&
 # With 15 minutes of device time in all (a machine's start included), STEPS=none with piece 2 keeps the
-# three calls near 12 minutes: tests and bench take about 5, the time to accuracy and the recipe about 5.
+# three calls near 12 minutes, by estimate (not yet timed): tests and bench about 5, tta and recipe about 5.
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench suite tta recipe} "
