@@ -52,7 +52,11 @@ def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys)
     phases = result["xpnet"]["breakdown"]
     assert set(phases) == {"data checks", "transfer", "first step", "steps", "accuracy checks", "rest"}
     assert phases["steps"] > 0 and phases["first step"] > 0 and phases["accuracy checks"] > 0
-    assert sum(phases.values()) >= 0.9 * result["xpnet"]["seconds"]
+    # The phases partition the breakdown run's own seconds (a separate run from the plain one,
+    # whose total differs), and the timed phases, not the remainder, hold most of it.
+    total = result["xpnet"]["breakdown_seconds"]
+    assert sum(phases.values()) == pytest.approx(total, abs=1e-3)
+    assert phases["rest"] < 0.5 * total
     assert "| first step |" in capsys.readouterr().out
 
 
