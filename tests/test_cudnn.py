@@ -135,6 +135,7 @@ def _fake_engine(capturing=False):
     cupy = types.SimpleNamespace(
         ascontiguousarray=lambda a: np.ascontiguousarray(a).view(DeviceArray),
         empty=lambda shape, dtype: np.empty(shape, dtype).view(DeviceArray),
+        result_type=np.result_type,
         cuda=types.SimpleNamespace(get_current_stream=lambda: stream),
     )
     lib = _FakeCudnn()
@@ -183,3 +184,14 @@ def test_tf32_takes_the_tensor_op_algorithm_and_a_capture_asks_the_heuristics():
     engine.forward(x, w, 1, 1)
     assert [c[0] for c in lib.calls] == ["cudnnGetConvolutionForwardAlgorithm_v7", "cudnnConvolutionForward"]
     assert lib.calls[1][5] == lib.TENSOR_OP_ALGO
+
+
+def test_operands_of_two_dtypes_meet_in_the_wider_one():
+    """As the im2col path promotes (never cuDNN reading float64 memory as float32)."""
+    import numpy as np
+
+    engine, lib, cupy = _fake_engine()
+    x, w = np.ones((2, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float64)
+    y = engine.forward(x, w, 1, 1)
+    assert y.dtype == np.float64 and next(iter(engine._plans))[4] == "d"
+    assert engine.backward_data(w, np.ones(y.shape, np.float32), x.shape, 1, 1).dtype == np.float64

@@ -249,18 +249,24 @@ class CudnnConvolutions:
         _check(self.lib, status, f"cudnnConvolution{name}")
         return out
 
+    def _operands(self, a, b):
+        """Both operands C-contiguous and of their common dtype, as the im2col path promotes them."""
+        cp = self.cupy
+        dtype = cp.result_type(a.dtype, b.dtype)
+        return cp.ascontiguousarray(a.astype(dtype, copy=False)), cp.ascontiguousarray(b.astype(dtype, copy=False))
+
     def forward(self, x, w, stride, pad):
         """The convolution of x (N, C, H, W) with w (F, C, HH, WW): (N, F, H', W')."""
-        x, w = self.cupy.ascontiguousarray(x), self.cupy.ascontiguousarray(w)
+        x, w = self._operands(x, w)
         plan = self._plan(x.shape, w.shape, stride, pad, x.dtype)
         return self._run(plan, "fwd", x, w, plan.out_shape)
 
     def backward_data(self, w, dy, x_shape, stride, pad):
         """dx (x_shape) of the convolution, from w and dy (N, F, H', W')."""
-        w, dy = self.cupy.ascontiguousarray(w), self.cupy.ascontiguousarray(dy)
+        w, dy = self._operands(w, dy)
         return self._run(self._plan(x_shape, w.shape, stride, pad, dy.dtype), "bwd_data", w, dy, x_shape)
 
     def backward_filter(self, x, dy, w_shape, stride, pad):
         """dw (w_shape) of the convolution, from x and dy (N, F, H', W')."""
-        x, dy = self.cupy.ascontiguousarray(x), self.cupy.ascontiguousarray(dy)
+        x, dy = self._operands(x, dy)
         return self._run(self._plan(x.shape, w_shape, stride, pad, x.dtype), "bwd_filter", x, dy, w_shape)
