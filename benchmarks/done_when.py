@@ -27,6 +27,16 @@ def _line(target, value, bound, passed, detail=""):
     return f"{verdict:10}  {target}: {value} (bound {bound}){' ' + detail if detail else ''}"
 
 
+def _best_line(target, results, names, baseline, bound):
+    """The better of xpnet's variants ``names`` against ``baseline``, each ratio in the detail."""
+    ratios = {name: _ratio(results, name, baseline) for name in names}
+    measured = {k: v for k, v in ratios.items() if v is not None}
+    best = min(measured.values()) if measured else None
+    detail = ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
+    value = None if best is None else f"{best:.2f}"
+    return _line(target, value, f"<= {bound}", best is not None and best <= bound, detail)
+
+
 def conv_lines(conv: dict) -> list[str]:
     """#9: each shape's forward+backward within 1.5x of PyTorch in fp32 and in TF32 (the
     better of xpnet's two paths), and the captured ThreeLayerConvNet step no slower."""
@@ -36,32 +46,12 @@ def conv_lines(conv: dict) -> list[str]:
         if not rows:
             lines.append(_line(f"#9 conv2d {precision} xpnet/torch <= 1.5", None, None, False))
         for row in rows:
-            ratios = {name: _ratio(row["results"], name, "torch") for name in ("xpnet", "xpnet-cudnn")}
-            measured = {k: v for k, v in ratios.items() if v is not None}
-            best = min(measured.values()) if measured else None
-            detail = ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
-            value = None if best is None else f"{best:.2f}"
-            lines.append(
-                _line(
-                    f"#9 {precision} {row['case']} xpnet/torch",
-                    value,
-                    "<= 1.5",
-                    best is not None and best <= 1.5,
-                    detail,
-                )
-            )
+            target = f"#9 {precision} {row['case']} xpnet/torch"
+            lines.append(_best_line(target, row["results"], ("xpnet", "xpnet-cudnn"), "torch", 1.5))
     rows = conv.get("ThreeLayerConvNet", [[]])[0]
     results = rows[0]["results"] if rows else {}
-    ratios = {name: _ratio(results, name, "torch-graph") for name in ("xpnet-graph", "xpnet-cudnn-graph")}
-    measured = {k: v for k, v in ratios.items() if v is not None}
-    best = min(measured.values()) if measured else None
-    detail = ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
-    value = None if best is None else f"{best:.2f}"
-    lines.append(
-        _line(
-            "#9 captured ThreeLayerConvNet step xpnet/torch", value, "<= 1.0", best is not None and best <= 1.0, detail
-        )
-    )
+    target = "#9 captured ThreeLayerConvNet step xpnet/torch"
+    lines.append(_best_line(target, results, ("xpnet-graph", "xpnet-cudnn-graph"), "torch-graph", 1.0))
     return lines
 
 
