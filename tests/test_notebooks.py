@@ -28,4 +28,8 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in EXAMPLES} >= {"two_layer_net.ipynb", "fully_connected_nets.ipynb"}
+    assert {p.name for p in EXAMPLES} >= {
+        "two_layer_net.ipynb",
+        "fully_connected_nets.ipynb",
+        "convolutional_networks.ipynb",
+    }
