@@ -7,7 +7,9 @@ it is small: erf(x) = x·P(x²)/Q(x²) for |x| <= 0.46875; erfc(y) = e^(-y²)·P
 0.46875 < y <= 4; erfc(y) = e^(-y²)/y·(1/√π + R(1/y²)/y²) beyond. e^(-y²) is computed as
 e^(-t²)·e^(-(y - t)(y + t)) with t = y rounded down to 1/16, so that the rounding of y²
 does not cost precision. Every range is evaluated for every element and the right one
-selected: about 80 elementwise operations.
+selected: about 80 elementwise operations. On the CPU they run on blocks of
+``_BLOCK`` elements at a time, so that those passes stay in the cache (about twice as
+fast on millions of values, and the same results); a GPU takes the array whole.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 
 from .array_types import Array
-from .backend import namespace
+from .backend import backend_of, namespace
 
 __all__ = ["erf", "erfc", "normal_cdf", "normal_pdf"]
 
@@ -34,6 +36,22 @@ _P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1, 1.
 _Q = (2.56852019228982242e00, 1.87295284992346725e00, 5.27905102951428412e-1, 6.05183413124413191e-2,
       2.33520497626869185e-3)  # fmt: skip
 _INV_SQRT_PI = 5.6418958354775628695e-1
+_BLOCK = 1 << 15  # elements: a block's few live temporaries fit in a core's L2 cache
+
+
+def _blockwise(function, x):
+    """``function(xp, x)``, an elementwise function, on the CPU one block of ``_BLOCK``
+    elements after another; on a GPU (where each pass is a launch) on all of ``x`` at once."""
+    xp = namespace(x)
+    size = math.prod(x.shape)
+    if size <= _BLOCK or backend_of(x).is_gpu:
+        return function(xp, x)
+    flat = xp.reshape(x, (size,))
+    out = xp.empty_like(flat)
+    for start in range(0, size, _BLOCK):
+        block = slice(start, min(start + _BLOCK, size))  # the standard leaves stops past the end unspecified
+        out[block] = function(xp, flat[block])
+    return xp.reshape(out, x.shape)
 
 
 def _rational(y, lead, num_coeffs, den_coeffs):
@@ -76,27 +94,35 @@ def _erfc_large(xp, y):
     return result
 
 
-def erf(x: Array) -> Array:
-    """The error function, elementwise (float32 or float64)."""
-    xp = namespace(x)
+def _erf(xp, x):
+    """erf on one block."""
     z = xp.abs(x)
     small = _erf_small(xp.minimum(z, _SMALL) * xp.sign(x))
     large = xp.sign(x) * (1.0 - _erfc_large(xp, xp.maximum(z, _SMALL)))
     return xp.where(z <= _SMALL, small, large)
 
 
-def erfc(x: Array) -> Array:
-    """1 - erf(x), accurate in relative terms where it is small (x large)."""
-    xp = namespace(x)
+def _erfc(xp, x):
+    """erfc on one block."""
     z = xp.abs(x)
     tail = _erfc_large(xp, xp.maximum(z, _SMALL))
     large = xp.where(x > 0, tail, 2.0 - tail)
     return xp.where(z <= _SMALL, 1.0 - _erf_small(xp.minimum(z, _SMALL) * xp.sign(x)), large)
 
 
+def erf(x: Array) -> Array:
+    """The error function, elementwise (float32 or float64)."""
+    return _blockwise(_erf, x)
+
+
+def erfc(x: Array) -> Array:
+    """1 - erf(x), accurate in relative terms where it is small (x large)."""
+    return _blockwise(_erfc, x)
+
+
 def normal_cdf(x: Array) -> Array:
     """Φ(x), the standard normal's cumulative distribution: erfc(-x/√2) / 2."""
-    return 0.5 * erfc(-x / math.sqrt(2.0))
+    return _blockwise(lambda xp, block: 0.5 * _erfc(xp, -block / math.sqrt(2.0)), x)
 
 
 def normal_pdf(x: Array) -> Array:
