@@ -30,6 +30,23 @@ def test_a_missing_library_is_named_with_how_to_install_it(monkeypatch):
         cudnn.find_library()
 
 
+@pytest.mark.parametrize("layout", ["cudnn/lib", "cu13/lib"])
+def test_the_wheels_copy_is_found_in_either_layout(monkeypatch, tmp_path, layout):
+    import sys
+    import types
+
+    library = tmp_path / "nvidia" / layout / "libcudnn.so.9"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"")
+    (tmp_path / "nvidia" / "cublas" / "lib").mkdir(parents=True)  # another wheel's folder, no cuDNN in it
+    nvidia = types.ModuleType("nvidia")
+    nvidia.__path__ = [str(tmp_path / "nvidia")]
+    monkeypatch.setitem(sys.modules, "nvidia", nvidia)
+    assert cudnn._wheel_copies() == [str(library)]
+    monkeypatch.setitem(sys.modules, "nvidia", None)  # no wheels at all
+    assert cudnn._wheel_copies() == []
+
+
 def test_backends_without_cudnn_refuse_to_switch_it_on():
     backend = xpnet.get_backend("numpy")
     backend.set_cudnn(False)

@@ -16,6 +16,7 @@ The descriptor code needs no GPU, so tests check it wherever the library is inst
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import threading
 
@@ -66,11 +67,17 @@ def _loaded_copy():
 
 
 def _wheel_copies():
+    """libcudnn.so.9 in the nvidia-cudnn-cu12 / -cu13 wheels: nvidia/cudnn/lib/ first, then any
+    other nvidia/*/lib/ (the CUDA 13 wheels of NVIDIA's libraries moved to nvidia/cu13/lib/)."""
     try:
-        import nvidia.cudnn  # the nvidia-cudnn-cu12 / -cu13 wheels
+        import nvidia  # the namespace package those wheels install into
     except ImportError:
         return []
-    return [os.path.join(folder, "lib", "libcudnn.so.9") for folder in nvidia.cudnn.__path__]
+    found = []
+    for root in getattr(nvidia, "__path__", []):
+        found += glob.glob(os.path.join(root, "cudnn", "lib", "libcudnn.so.9"))
+        found += sorted(glob.glob(os.path.join(root, "*", "lib", "libcudnn.so.9")))
+    return list(dict.fromkeys(found))
 
 
 _LIBRARY = None
