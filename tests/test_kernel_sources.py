@@ -101,8 +101,9 @@ def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, windo
     geometry = (shape[2], shape[3], ph, pw, h_out, w_out, stride)
     run_elementwise(sources.MAX_POOL_FORWARD, x, *geometry, out, argmax)
     np.testing.assert_array_equal(out, expected)
-    windows = cache[2]  # (N, C, ph·pw, H', W'), row-major offsets
-    np.testing.assert_array_equal(argmax, np.argmax(windows, axis=2))
+    rows, cols = stride * (h_out - 1) + 1, stride * (w_out - 1) + 1
+    windows = np.stack([x[..., i : i + rows : stride, j : j + cols : stride] for i in range(ph) for j in range(pw)], 2)
+    np.testing.assert_array_equal(argmax, np.argmax(windows, axis=2))  # offsets in row-major order
 
     dout = rng.standard_normal(out_shape).astype(dtype)
     dx = run_elementwise(sources.MAX_POOL_BACKWARD, dout, argmax, *geometry, np.empty(shape, dtype=dtype))
