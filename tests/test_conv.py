@@ -214,6 +214,16 @@ def test_max_pool_ties_send_the_gradient_to_the_first_maximum(backend):
 
 
 @pytest.mark.parametrize("forward", [layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast])
+def test_a_one_by_one_pool_returns_a_new_array(forward):
+    # The fast pool's output is the first window offset's slice when there is only one offset.
+    x = np.arange(25.0).reshape(1, 1, 5, 5)
+    out, _ = forward(x, {"pool_height": 1, "pool_width": 1, "stride": 2})
+    np.testing.assert_array_equal(out, x[..., ::2, ::2])
+    out[...] = -1.0
+    np.testing.assert_array_equal(x, np.arange(25.0).reshape(1, 1, 5, 5))
+
+
+@pytest.mark.parametrize("forward", [layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast])
 def test_pool_that_does_not_tile_is_refused(forward):
     with pytest.raises(ValueError, match=r"pool height 2 with stride 2 does not tile a size of 5 \(x \(1, 1, 5, 4\)"):
         forward(np.ones((1, 1, 5, 4)), {"pool_height": 2, "pool_width": 2, "stride": 2})

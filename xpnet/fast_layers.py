@@ -153,6 +153,8 @@ def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     out = x[offset_slice(0, 0, stride, h_out, w_out)]
     for k in range(1, ph * pw):
         out = xp.maximum(out, x[offset_slice(k // pw, k % pw, stride, h_out, w_out)])
+    if ph * pw == 1:
+        out = xp.asarray(out, copy=True)  # a 1x1 window: a new array, never a view of x
     return out, (x, pool_param, out)
 
 
