@@ -27,17 +27,22 @@ def test_erf_and_erfc_to_a_few_ulp(backend):
     np.testing.assert_array_equal(to_np(erfc(limits)), [0.0, 2.0])
 
 
-def test_blocks_give_what_the_whole_array_gives(backend, np_rng, monkeypatch):
+@pytest.mark.parametrize("shape", [(37, 101), (1500, 2)])  # blocks of 27 rows; rows longer than a block
+def test_blocks_give_what_the_whole_array_gives(backend, np_rng, monkeypatch, shape):
     # Large arrays are evaluated block by block on the CPU: blocks that do not divide the
-    # array, and a transposed (non-contiguous) input, must give the one-pass values exactly.
-    x_np = 6 * np_rng.standard_normal((37, 101))
-    whole = {f: to_np(f(arr(backend, x_np.T))) for f in (erf, erfc, normal_cdf)}
+    # array, and a transposed (non-contiguous) input, must give the one-pass values exactly,
+    # in the input's memory layout (which later reductions' rounding depends on).
+    x_np = 6 * np_rng.standard_normal(shape)
+    whole = {f: f(arr(backend, x_np).T) for f in (erf, erfc, normal_cdf)}
     monkeypatch.setattr(special, "_BLOCK", 1000)
     for f, expected in whole.items():
-        got = f(arr(backend, x_np.T))
-        assert tuple(got.shape) == (101, 37)
-        np.testing.assert_array_equal(to_np(got), expected, err_msg=f.__name__)
-    np.testing.assert_allclose(whole[erfc], [[math.erfc(v) for v in row] for row in x_np.T], rtol=5e-14, atol=1e-300)
+        got = f(arr(backend, x_np).T)
+        assert tuple(got.shape) == shape[::-1]
+        np.testing.assert_array_equal(to_np(got), to_np(expected), err_msg=f.__name__)
+        if isinstance(got, np.ndarray):
+            assert got.strides == expected.strides, f.__name__
+    got = to_np(whole[erfc])
+    np.testing.assert_allclose(got, [[math.erfc(v) for v in row] for row in x_np.T], rtol=5e-14, atol=1e-300)
 
 
 def test_gelu_is_x_times_the_normal_cdf_and_its_gradient_checks(backend, np_rng):

@@ -7,7 +7,7 @@ it is small: erf(x) = x·P(x²)/Q(x²) for |x| <= 0.46875; erfc(y) = e^(-y²)·P
 0.46875 < y <= 4; erfc(y) = e^(-y²)/y·(1/√π + R(1/y²)/y²) beyond. e^(-y²) is computed as
 e^(-t²)·e^(-(y - t)(y + t)) with t = y rounded down to 1/16, so that the rounding of y²
 does not cost precision. Every range is evaluated for every element and the right one
-selected: about 80 elementwise operations. On the CPU they run on blocks of
+selected: about 80 elementwise operations. On the CPU they run on blocks of about
 ``_BLOCK`` elements at a time, so that those passes stay in the cache (about twice as
 fast on millions of values, and the same results); a GPU takes the array whole.
 """
@@ -40,18 +40,20 @@ _BLOCK = 1 << 15  # elements: a block's few live temporaries fit in a core's L2 
 
 
 def _blockwise(function, x):
-    """``function(xp, x)``, an elementwise function, on the CPU one block of ``_BLOCK``
-    elements after another; on a GPU (where each pass is a launch) on all of ``x`` at once."""
+    """``function(xp, x)``, an elementwise function, on the CPU a block of about ``_BLOCK``
+    elements (whole slices along the first axis) after another; on a GPU (where each pass
+    is a launch) on all of ``x`` at once. The result has x's memory layout either way."""
     xp = namespace(x)
     size = math.prod(x.shape)
     if size <= _BLOCK or backend_of(x).is_gpu:
         return function(xp, x)
-    flat = xp.reshape(x, (size,))
-    out = xp.empty_like(flat)
-    for start in range(0, size, _BLOCK):
-        block = slice(start, min(start + _BLOCK, size))  # the standard leaves stops past the end unspecified
-        out[block] = function(xp, flat[block])
-    return xp.reshape(out, x.shape)
+    n = x.shape[0]
+    rows = max(1, _BLOCK * n // size)
+    out = xp.empty_like(x)
+    for start in range(0, n, rows):
+        block = slice(start, min(start + rows, n))  # the standard leaves stops past the end unspecified
+        out[block, ...] = function(xp, x[block, ...])
+    return out
 
 
 def _rational(y, lead, num_coeffs, den_coeffs):
