@@ -135,7 +135,7 @@ COL2IM = Elementwise(
 )
 # Max pooling, one thread per output element: the window's first maximum in row-major
 # order (a NaN wins and stays) and its offset ki·PW + kj, which is all the backward pass
-# needs (the array-API code keeps a copy of every window). The backward pass gathers,
+# needs (the array-API code keeps the output and compares it again). The backward pass gathers,
 # one thread per element of dx, adding the windows that picked it in the order
 # (ki, kj) that the array-API code adds them.
 MAX_POOL_FORWARD = Elementwise(
