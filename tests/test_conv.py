@@ -176,6 +176,8 @@ POOLS = [
     ((2, 3, 4, 4), 2, 2, 2),
     ((2, 2, 7, 7), 3, 3, 2),  # overlapping windows
     ((1, 2, 6, 4), 3, 2, 1),  # non-square, a batch of one
+    ((2, 2, 5, 6), 1, 2, 2),  # one row: the separable maximum's row pass is a slice of x
+    ((2, 2, 6, 5), 3, 1, 1),  # one column: its column pass is a slice of the rows' maximum
 ]
 
 
@@ -215,7 +217,7 @@ def test_max_pool_ties_send_the_gradient_to_the_first_maximum(backend):
 
 @pytest.mark.parametrize("forward", [layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast])
 def test_a_one_by_one_pool_returns_a_new_array(forward):
-    # The fast pool's output is the first window offset's slice when there is only one offset.
+    # The separable maximum of a 1x1 window is a slice of x, unless copied.
     x = np.arange(25.0).reshape(1, 1, 5, 5)
     out, _ = forward(x, {"pool_height": 1, "pool_width": 1, "stride": 2})
     np.testing.assert_array_equal(out, x[..., ::2, ::2])

@@ -12,7 +12,7 @@ from array_api_compat import device
 from .array_types import Array
 from .input_checks import layer_namespace
 
-__all__ = ["conv_geometry", "pool_geometry", "pad2d", "offset_slice", "padded_offset"]
+__all__ = ["conv_geometry", "pool_geometry", "pad2d", "strided", "offset_slice", "padded_offset"]
 
 
 def _positive_int(function, name, value):
@@ -86,14 +86,15 @@ def pad2d(xp, x: Array, pad: int) -> Array:
     return out
 
 
+def strided(k: int, stride: int, count: int) -> slice:
+    """Along one axis, what kernel offset ``k`` sees at ``count`` output positions: k, k + stride, ..."""
+    return slice(k, k + stride * (count - 1) + 1, stride)
+
+
 def offset_slice(ki: int, kj: int, stride: int, h_out: int, w_out: int) -> tuple:
     """The index of what kernel offset (ki, kj) sees at every output position:
     rows ki, ki + stride, ..., and the same for columns (an (..., H', W') view)."""
-    return (
-        Ellipsis,
-        slice(ki, ki + stride * (h_out - 1) + 1, stride),
-        slice(kj, kj + stride * (w_out - 1) + 1, stride),
-    )
+    return (Ellipsis, strided(ki, stride, h_out), strided(kj, stride, w_out))
 
 
 def _inside(k: int, pad: int, stride: int, size: int, out: int) -> tuple[int, int, slice]:

@@ -4,9 +4,9 @@ The array API has neither scatter nor strided views, so the column matrix is
 filled from HH·WW strided slices of the input (one per kernel offset), each
 written where that offset sees the input and zeros where it sees padding (no
 padded copy of the input is made), and col2im adds the column gradients back one
-offset at a time, each a strided slice. Max pooling takes the maximum of one strided
-slice per window offset, and its backward pass routes the gradient to each window's
-first maximum, offset by offset. Everything is array API,
+offset at a time, each a strided slice. Max pooling takes the maximum over the window's
+rows (strided slices of whole rows), then over its columns, and its backward pass routes
+the gradient to each window's first maximum, offset by offset. Everything is array API,
 so it runs unchanged on NumPy, CuPy, PyTorch and array-api-strict; the matrix
 products go through :func:`xpnet.layers.matmul`, which on CuPy uses xpnet's
 capturable cuBLAS handle, and im2col, col2im and each max-pool pass are one fused
@@ -23,7 +23,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .conv_common import conv_geometry, offset_slice, padded_offset, pool_geometry
+from .conv_common import conv_geometry, offset_slice, padded_offset, pool_geometry, strided
 from .layers import matmul
 
 __all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
@@ -142,7 +142,7 @@ class _FusedPoolCache(NamedTuple):
 def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     """Max pooling over strided slices; the same contract as :func:`xpnet.layers.max_pool_forward_naive`.
 
-    The maximum of the ph·pw strided slices, one per window offset (no copy of the windows).
+    The maximum of ph row slices, then of pw column slices of that (no copy of the windows).
     The cache is (x, pool_param, out), or on a backend with fused kernels (x, pool_param,
     each window's first maximum)."""
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_forward_fast", x, pool_param)
@@ -150,12 +150,22 @@ def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     if fast is not None:
         out, argmax = fast.max_pool_forward(x, ph, pw, stride, h_out, w_out)
         return out, (x, pool_param, _FusedPoolCache(fast, argmax))
-    out = x[offset_slice(0, 0, stride, h_out, w_out)]
-    for k in range(1, ph * pw):
-        out = xp.maximum(out, x[offset_slice(k // pw, k % pw, stride, h_out, w_out)])
-    if ph * pw == 1:
-        out = xp.asarray(out, copy=True)  # a 1x1 window: a new array, never a view of x
+    # Separable: the maximum over the window's rows first, on whole rows (unit stride, so the
+    # passes vectorise), then over its columns on ph times less data: about half the time of one
+    # pass per window offset on NumPy.
+    rows = _running_maximum(xp, [x[..., strided(ki, stride, h_out), :] for ki in range(ph)])
+    out = _running_maximum(xp, [rows[..., strided(kj, stride, w_out)] for kj in range(pw)])
+    if pw == 1:
+        out = xp.asarray(out, copy=True)  # a slice of x or of rows: a new array of its own
     return out, (x, pool_param, out)
+
+
+def _running_maximum(xp, slices):
+    """The elementwise maximum of equally shaped arrays (the first one itself if there is one)."""
+    out = slices[0]
+    for piece in slices[1:]:
+        out = xp.maximum(out, piece)
+    return out
 
 
 def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
