@@ -382,6 +382,25 @@ def test_three_layer_convnet_refuses_bad_arguments(options, message):
         ThreeLayerConvNet(**options)
 
 
+def test_conv_relu_pool_equals_the_course_order_exactly_ties_included(backend, np_rng):
+    # It pools before the ReLU; the course's order is conv, ReLU, pool. Small integers make
+    # ties, windows with no positive value, and zeros: every case where the order could show.
+    x = arr(backend, np_rng.integers(-1, 2, size=(3, 2, 6, 6)).astype(np.float64))
+    w = arr(backend, np_rng.integers(-1, 2, size=(4, 2, 3, 3)).astype(np.float64))
+    b = arr(backend, np.array([0.0, 1.0, -1.0, 0.0]))
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, cache = layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)
+    a, relu_cache = layer_utils.conv_relu_forward(x, w, b, conv)
+    expected, pool_cache = fast_layers.max_pool_forward_fast(a, pool)
+    np.testing.assert_array_equal(to_np(out), to_np(expected))
+    assert np.sum(to_np(out) == 0) > out.shape[0]  # windows with nothing positive did occur
+    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    grads = layer_utils.conv_relu_pool_backward(dout, cache)
+    course = layer_utils.conv_relu_backward(fast_layers.max_pool_backward_fast(dout, pool_cache), relu_cache)
+    for got, want in zip(grads, course):
+        np.testing.assert_array_equal(to_np(got), to_np(want))
+
+
 def cifar_images(n_train, n_val):
     from xpnet.data_utils import get_CIFAR10_data
 

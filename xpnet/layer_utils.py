@@ -130,16 +130,23 @@ def conv_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tu
 
 
 def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_param: dict) -> tuple[Array, Cache]:
-    """Convolution, ReLU, then max pooling: x (N, C, H, W) -> (N, F, H'', W'')."""
-    a, conv_relu_cache = conv_relu_forward(x, w, b, conv_param)
-    out, pool_cache = max_pool_forward_fast(a, pool_param)
-    return out, (conv_relu_cache, pool_cache)
+    """Convolution, ReLU, then max pooling: x (N, C, H, W) -> (N, F, H'', W'').
+
+    Pooling runs before the ReLU: the two commute (a window's maximum of ReLUs is the ReLU
+    of its maximum), and so do their gradients, ties included (a window whose maximum is not
+    positive passes no gradient either way), so the ReLU and its backward pass run on the
+    pooled values only, a quarter of them for 2x2 pools."""
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    pooled, pool_cache = max_pool_forward_fast(a, pool_param)
+    out, relu_cache = relu_forward(pooled)
+    return out, (conv_cache, pool_cache, relu_cache)
 
 
 def conv_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
-    """Backward pass of :func:`conv_relu_pool_forward`: (dx, dw, db)."""
-    conv_relu_cache, pool_cache = cache
-    return conv_relu_backward(max_pool_backward_fast(dout, pool_cache), conv_relu_cache, input_grad)
+    """Backward pass of :func:`conv_relu_pool_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
+    conv_cache, pool_cache, relu_cache = cache
+    da = max_pool_backward_fast(relu_backward(dout, relu_cache), pool_cache)
+    return conv_backward_fast(da, conv_cache, input_grad)
 
 
 def conv_bn_relu_forward(
