@@ -134,3 +134,12 @@ def test_done_when_says_what_no_report_measured(capsys):
     _done_when().main([])
     out = capsys.readouterr().out
     assert out.count("unmeasured") == 6 and "PASS" not in out and "FAIL" not in out
+
+
+def test_convnet_step_on_the_cpu_has_a_pytorch_row_when_pytorch_is_installed(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--suite", "conv", "--repeats", "1", "--budget", "0.01", "--json", str(out)]) == 0
+    step_row = json.loads(out.read_text())["conv"]["ThreeLayerConvNet"][0][0]
+    assert step_row["results"]["torch"]["us"] > 0 and step_row["results"]["xpnet"]["us"] > 0
+    assert "torch-graph" not in step_row["results"]  # graphs are for GPUs

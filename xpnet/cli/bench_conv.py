@@ -9,7 +9,8 @@ replayed from CUDA graphs on both sides.
 
 On the CPU: the course's timing shapes, ``conv_forward_fast`` and
 ``conv_backward_fast`` against the naive layers (and PyTorch's CPU conv2d when
-installed), and the same for max pooling.
+installed), and the same for max pooling; and the ThreeLayerConvNet step against
+PyTorch's eager one on the CPU.
 """
 
 from __future__ import annotations
@@ -197,20 +198,24 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
         step = lambda s=solver, r=step_rng: s.step(r)  # noqa: E731
         variants[name] = (_with_cudnn(backend, step) if on_cudnn else step, backend.sync)
     torch = _torch_or_none() if use_torch else None
-    if torch is not None and backend.is_gpu:
+    if torch is not None:
         variants.update(_torch_convnet_steps(torch, backend, X, y))
     return [_measure("ThreeLayerConvNet step, batch 128", variants, time_variants, repeats, budget, None)]
 
 
 def _torch_convnet_steps(torch, backend, X, y):
-    device = torch.device("cuda", backend.device.id)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """The same step in PyTorch on the backend's device: eager, and on a GPU replayed from a graph too."""
+    if backend.is_gpu:
+        device, sync, names = torch.device("cuda", backend.device.id), torch.cuda.synchronize, ("torch", "torch-graph")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    else:
+        device, sync, names = torch.device("cpu"), backend.sync, ("torch",)
     X_t = torch.as_tensor(backend.to_numpy(X), device=device)
     y_t = torch.as_tensor(backend.to_numpy(y), device=device)
     steps = {}
-    for name in ("torch", "torch-graph"):
+    for name in names:
         net = torch.nn.Sequential(
             torch.nn.Conv2d(3, 32, 7, padding=3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
             torch.nn.Linear(32 * 16 * 16, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
@@ -230,7 +235,7 @@ def _torch_convnet_steps(torch, backend, X, y):
             from xpnet.cli.bench import torch_graph_step
 
             step = torch_graph_step(torch, step)
-        steps[name] = (step, torch.cuda.synchronize)
+        steps[name] = (step, sync)
     return steps
 
 
