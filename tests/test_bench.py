@@ -37,14 +37,19 @@ def test_tf32_is_refused_on_the_cpu(capsys):
     assert "--tf32: TF32 applies to CUDA GPUs" in capsys.readouterr().err
 
 
-def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys):
+def _separable_subset(path):
+    """CIFAR-shaped rows around ten centres, which the TwoLayerNet needs a few epochs to separate."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((10, 3072)).astype(np.float32)
     y = rng.integers(0, 10, 1200)
-    X = 0.2 * centres[y] + rng.standard_normal((1200, 3072)).astype(np.float32)  # needs a few epochs
-    np.savez(tmp_path / "subset.npz", X_train=X[:1000], y_train=y[:1000], X_val=X[1000:], y_val=y[1000:])
+    X = 0.2 * centres[y] + rng.standard_normal((1200, 3072)).astype(np.float32)
+    np.savez(path, X_train=X[:1000], y_train=y[:1000], X_val=X[1000:], y_val=y[1000:])
+    return str(path)
+
+
+def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys):
     out = tmp_path / "tta.json"
-    args = ["--suite", "none", "--time-to-accuracy", "--breakdown", "--cifar-npz", str(tmp_path / "subset.npz"),
+    args = ["--suite", "none", "--time-to-accuracy", "--breakdown", "--cifar-npz", _separable_subset(tmp_path / "s.npz"),
             "--target", "1.01", "--max-epochs", "3", "--no-torch", "--json", str(out)]  # fmt: skip
     assert bench.main(args) == 0
     result = json.loads(out.read_text())["time_to_accuracy"]
@@ -58,6 +63,34 @@ def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys)
     assert sum(phases.values()) == pytest.approx(total, abs=1e-3)
     assert phases["rest"] < 0.5 * total
     assert "| first step |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_time_to_accuracy_warms_up_each_side_once_before_the_clocks_unless_told_not_to(tmp_path, monkeypatch, warmup):
+    from xpnet.cli import bench_tta
+
+    calls = []
+    xpnet_run = bench_tta._xpnet_run
+
+    def recorded_xpnet_run(backend, data, args, *rest, **options):
+        calls.append(("xpnet", args.target))
+        return xpnet_run(backend, data, args, *rest, **options)
+
+    def torch_stand_in(backend, data, args, breakdown=False):  # what is asserted is when it runs
+        calls.append(("torch", args.target))
+        return {"seconds": 0.0, "epoch": 1, "val_acc": 0.0}, None
+
+    monkeypatch.setattr(bench_tta, "_xpnet_run", recorded_xpnet_run)
+    monkeypatch.setattr(bench_tta, "_torch_run", torch_stand_in)
+    monkeypatch.setattr(bench_tta, "_torch_available", lambda: True)
+    out = tmp_path / "tta.json"
+    args = ["--suite", "none", "--time-to-accuracy", "--cifar-npz", _separable_subset(tmp_path / "s.npz"),
+            "--target", "0.3", "--max-epochs", "2", "--json", str(out)] + ([] if warmup else ["--no-warmup"])  # fmt: skip
+    assert bench.main(args) == 0
+    assert json.loads(out.read_text())["time_to_accuracy"]["warmup"] is warmup
+    # The warm-up stops at the first accuracy check (target 0), on each side, before any timed run.
+    warm_up = [("xpnet", 0.0), ("torch", 0.0)] if warmup else []
+    assert calls == warm_up + [("xpnet", 0.3), ("torch", 0.3)]
 
 
 def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):

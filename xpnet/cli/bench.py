@@ -377,7 +377,8 @@ def main(argv=None):
     p.add_argument(
         "--no-warmup",
         action="store_true",
-        help="skip --recipe's untimed warm-up run per side (the published timing has one; on a CPU it only costs time)",
+        help="skip the untimed warm-up run per side of --recipe and --time-to-accuracy (the published recipe "
+        "timing has one; on a CPU it only costs time)",
     )
     p.add_argument(
         "--recipe-set",
