@@ -162,6 +162,7 @@ def test_conv_without_bias_equals_a_zero_bias_and_has_no_bias_gradient(backend, 
         ((2, 3, 2, 2), (4, 3, 3, 3), {"stride": 1, "pad": 0}, r"kernel height 3 is larger than the input's 2"),
         ((2, 3, 5, 5), (4, 3, 3, 3), {"stride": 0, "pad": 1}, r"conv_param\['stride'\] must be a positive integer"),
         ((3, 5, 5), (4, 3, 3, 3), {"stride": 1, "pad": 1}, r"x must be \(N, C, H, W\)"),
+        ((2, 3, 5, 5), (4, 3, 3, 3), {"strides": 2, "pad": 1}, r"conv_param has unknown key\(s\) 'strides'"),
     ],
 )
 @pytest.mark.parametrize("forward", [layers.conv_forward_naive, fast_layers.conv_forward_fast])

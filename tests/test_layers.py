@@ -180,6 +180,28 @@ def test_batchnorm_rejects_bad_mode_and_shapes(backend):
         layers.batchnorm_forward(x, arr(backend, np.ones(2)), g, {"mode": "train"})
 
 
+PARAM_DICTS = [  # (layer call on x (4, 3) and x4 (2, 3, 2, 2), a misspelt key, what the message names)
+    (lambda x, x4, d: layers.batchnorm_forward(x, None, x[0, :], d), "momentun", "batchnorm_forward: bn_param"),
+    (lambda x, x4, d: layers.layernorm_forward(x, x[0, :], x[0, :], d), "epsilon", "layernorm_forward: ln_param"),
+    (lambda x, x4, d: layers.dropout_forward(x, d), "prob", "dropout_forward: dropout_param"),
+    (lambda x, x4, d: layers.spatial_batchnorm_forward(x4, None, x[0, :], d), "mod", "spatial_batchnorm_forward: bn_param"),
+    (lambda x, x4, d: layers.spatial_groupnorm_forward(x4, x4[:1, :, :1, :1], x4[:1, :, :1, :1], 1, d), "G",
+     "spatial_groupnorm_forward: gn_param"),
+    (lambda x, x4, d: layers.max_pool_forward_naive(x4, d), "pool_heigth", "max_pool_forward_naive: pool_param"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, misspelt, named", PARAM_DICTS)
+def test_a_misspelt_key_in_a_parameter_dict_is_refused_not_ignored(backend, call, misspelt, named):
+    # Every key is optional, so an ignored misspelling would train with the default in silence.
+    x, x4 = arr(backend, np.arange(12.0).reshape(4, 3)), arr(backend, np.arange(24.0).reshape(2, 3, 2, 2))
+    call(x, x4, {})  # the defaults are accepted
+    with pytest.raises(ValueError, match=rf"{named} has unknown key\(s\) '{misspelt}'; it takes '"):
+        call(x, x4, {misspelt: 1})
+    with pytest.raises(TypeError, match=rf"{named} must be a dict, got list"):
+        call(x, x4, [misspelt])
+
+
 # ---------------------------------------------------------------- layernorm
 def test_layernorm_forward_normalises_each_sample(backend, np_rng):
     x_np = 3 + 2 * np_rng.standard_normal((4, 6))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from array_api_compat import device
 
 from .array_types import Array
-from .input_checks import layer_namespace
+from .input_checks import check_param_keys, layer_namespace
 
 __all__ = ["conv_geometry", "pool_geometry", "pad2d", "strided", "offset_slice", "padded_offset"]
 
@@ -50,6 +50,7 @@ def conv_geometry(function: str, x: Array, w: Array, b: Array, conv_param: dict)
         raise ValueError(f"{function}: b {b_shape} must have one bias per filter of w {tuple(w.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{function}: empty batch, x has shape {tuple(x.shape)}")
+    check_param_keys(function, "conv_param", conv_param, ("stride", "pad"))
     stride = _positive_int(function, "conv_param['stride']", conv_param.get("stride", 1))
     pad = conv_param.get("pad", 0)
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
@@ -65,6 +66,7 @@ def pool_geometry(function: str, x: Array, pool_param: dict):
     xp = layer_namespace(function, {"x": x})
     if x.ndim != 4:
         raise ValueError(f"{function}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    check_param_keys(function, "pool_param", pool_param, ("pool_height", "pool_width", "stride"))
     ph = _positive_int(function, "pool_param['pool_height']", pool_param.get("pool_height", 2))
     pw = _positive_int(function, "pool_param['pool_width']", pool_param.get("pool_width", 2))
     stride = _positive_int(function, "pool_param['stride']", pool_param.get("stride", 2))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .backend import namespace
 
-__all__ = ["layer_namespace", "check_same_shape"]
+__all__ = ["layer_namespace", "check_same_shape", "check_param_keys"]
 
 _FLOAT_DTYPES: dict = {}
 
@@ -61,4 +61,17 @@ def check_same_shape(function: str, name: str, a, reference_name: str, reference
     if tuple(a.shape) != tuple(reference.shape):
         raise ValueError(
             f"{function}: {name} has shape {tuple(a.shape)} but {reference_name} has shape {tuple(reference.shape)}"
+        )
+
+
+def check_param_keys(function: str, name: str, param, known: tuple) -> None:
+    """TypeError unless ``param`` is a dict; ValueError naming the keys of it that ``function``
+    does not read, since a misspelt key would otherwise be ignored and its default used."""
+    if not isinstance(param, dict):
+        raise TypeError(f"{function}: {name} must be a dict, got {type(param).__name__}")
+    unknown = [key for key in param if key not in known]
+    if unknown:
+        raise ValueError(
+            f"{function}: {name} has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join(map(repr, known))}"
         )

@@ -17,7 +17,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
-from .input_checks import check_same_shape, layer_namespace
+from .input_checks import check_param_keys, check_same_shape, layer_namespace
 from .special import normal_cdf, normal_pdf
 
 __all__ = [
@@ -317,7 +317,7 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
     """
     _check_norm_input("batchnorm_forward", x, gamma, beta)
     xp = namespace(x)
-    mode, eps = batchnorm_mode(bn_param), bn_param.get("eps", 1e-5)
+    mode, eps = batchnorm_mode("batchnorm_forward", bn_param), bn_param.get("eps", 1e-5)
     ensure_running_statistics(bn_param, x, x.shape[1])
     if mode == "train":
         if x.shape[0] < 2:
@@ -331,8 +331,13 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
     return _scaled(gamma, x_hat, beta), None
 
 
-def batchnorm_mode(bn_param: dict) -> str:
-    """``bn_param['mode']`` ('train' by default), or ValueError for anything but 'train' and 'test'."""
+_BATCHNORM_KEYS = ("mode", "eps", "momentum", "running_mean", "running_var", "unbiased_running_var")
+
+
+def batchnorm_mode(function: str, bn_param: dict) -> str:
+    """``bn_param['mode']`` ('train' by default), or ValueError for anything but 'train' and
+    'test', or for a key of ``bn_param`` that batchnorm does not read."""
+    check_param_keys(function, "bn_param", bn_param, _BATCHNORM_KEYS)
     mode = bn_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
@@ -403,6 +408,8 @@ def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tu
         out (N, D) and the cache. Behaves the same at train and test time.
     """
     _check_norm_input("layernorm_forward", x, gamma, beta)
+    # 'mode' is allowed and ignored: nets set it on every normalisation layer's dict.
+    check_param_keys("layernorm_forward", "ln_param", ln_param, ("eps", "mode"))
     out, cache, _, _ = _normalize_forward(x, gamma, beta, ln_param.get("eps", 1e-5), axis=1)
     return out, cache
 
@@ -432,6 +439,7 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
         out (same shape as x) and cache ``(dropout_param, mask)``; kept units
         are scaled by 1 / (1 - p) at train time.
     """
+    check_param_keys("dropout_forward", "dropout_param", dropout_param, ("p", "mode", "seed", "rng"))
     p = dropout_param.get("p", 0.0)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability p must be in [0, 1), got {p}")

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .input_checks import layer_namespace
+from .input_checks import check_param_keys, layer_namespace
 from .layers import (
     batchnorm_backward_alt,
     batchnorm_forward,
@@ -53,7 +53,7 @@ class _FusedBatchnormCache(NamedTuple):
 def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param):
     """Spatial batchnorm through a backend's fused kernels; the running averages as in
     :func:`xpnet.layers.batchnorm_forward`."""
-    mode, eps = batchnorm_mode(bn_param), bn_param.get("eps", 1e-5)
+    mode, eps = batchnorm_mode("spatial_batchnorm_forward", bn_param), bn_param.get("eps", 1e-5)
     n, c, h, w = x.shape
     ensure_running_statistics(bn_param, x, c)
     if mode == "test":
@@ -77,7 +77,7 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
     layer_namespace("spatial_batchnorm_forward", {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     _check_nchw("spatial_batchnorm_forward", x)
     n, c, h, w = x.shape
-    if bn_param.get("mode", "train") == "train" and n * h * w < 2:
+    if batchnorm_mode("spatial_batchnorm_forward", bn_param) == "train" and n * h * w < 2:
         raise ValueError(
             f"spatial_batchnorm_forward: train mode needs at least 2 values per channel, got x {tuple(x.shape)}"
         )
@@ -128,6 +128,7 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
     for name, value in (("gamma", gamma), ("beta", beta)):
         if tuple(value.shape) != (1, c, 1, 1):
             raise ValueError(f"spatial_groupnorm_forward: {name} must be (1, {c}, 1, 1), got {tuple(value.shape)}")
+    check_param_keys("spatial_groupnorm_forward", "gn_param", gn_param, ("eps", "mode"))
     eps = gn_param.get("eps", 1e-5)
     groups = xp.reshape(x, (n, G, -1))
     centered = groups - xp.mean(groups, axis=2, keepdims=True)
