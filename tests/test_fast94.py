@@ -256,6 +256,25 @@ def test_pytorch_whitening_filters_equal_ours_up_to_sign():
     np.testing.assert_allclose(ours * signs, theirs, rtol=1e-8, atol=1e-10)
 
 
+def test_the_pytorch_recipe_in_its_published_fp16_channels_last_setting_runs_on_the_cpu():
+    # The benchmark reports this setting beside the float32 comparison on a GPU only; the
+    # code path (half-precision net, float32 batchnorm, channels-last batches) runs here too.
+    torch = pytest.importorskip("torch")
+    from xpnet.recipes import fast94_torch
+
+    rng = np.random.default_rng(0)
+    images = fast94_torch.normalize(torch.as_tensor(rng.integers(0, 256, (128, 32, 32, 3)).astype(np.float32)))
+    labels_ = torch.as_tensor(rng.integers(0, 10, 128))
+    settings = Fast94Settings().with_overrides({"widths": (8, 16, 16), "batch_size": 32, "epochs": 1})
+    data = (images, labels_, images[:32], labels_[:32])
+    full = fast94_torch.fast94_torch(*data, settings, seed=0)
+    half = fast94_torch.fast94_torch(*data, settings, seed=0, dtype=torch.float16, channels_last=True)
+    assert half.steps == full.steps == 4 and 0.0 <= half.test_accuracy <= 1.0
+    # The same initial weights and draws: the losses agree to half precision's rounding.
+    np.testing.assert_allclose(half.losses, full.losses, rtol=2e-2)
+    assert half.losses != full.losses  # and they were computed in half precision
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_the_recipe_runs_end_to_end_on_512_cifar_images():
     """The whole recipe (whitening, augmentation, lookahead, TTA) at a small scale, with every
