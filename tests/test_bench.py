@@ -159,6 +159,7 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         "#12 time to accuracy xpnet-graph/torch": "PASS",
         "#11 fast94 accuracy, points below PyTorch": "PASS",
         "#11 fast94 mean seconds xpnet/torch": "PASS",
+        "#9 CPU conv forward naive/fast": "unmeasured",  # a CPU target: no CPU report here
     }
     assert "NVIDIA H200" in lines[0]
 
@@ -166,7 +167,29 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
 def test_done_when_says_what_no_report_measured(capsys):
     _done_when().main([])
     out = capsys.readouterr().out
-    assert out.count("unmeasured") == 6 and "PASS" not in out and "FAIL" not in out
+    assert out.count("unmeasured") == 7 and "PASS" not in out and "FAIL" not in out
+
+
+def test_done_when_judges_the_cpu_target_on_a_cpu_report_and_no_gpu_target(tmp_path, capsys):
+    def conv_row(case, naive, fast):
+        return {"case": case, "results": {"naive": {"us": naive}, "fast": {"us": fast}}}
+
+    rows = [conv_row("conv forward", 12000, 1000), conv_row("conv backward", 20000, 4000)]
+    report = {
+        "backend": "numpy",
+        "device": "Intel(R) Xeon(R) Processor",
+        "conv": {"course shapes (CPU)": [rows]},
+        "time_to_accuracy": {"train_rows": 49000, "xpnet": {"seconds": 1.0}, "torch": {"seconds": 2.0}},
+    }
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(report))
+    _done_when().main([str(path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert "PASS        #9 CPU conv forward naive/fast: 12.00 (bound >= 10)" in lines
+    # 0.5 would pass on a GPU; from a CPU it is shown, not judged, and the target stays open.
+    assert any(line.startswith("CPU         #12 time to accuracy xpnet/torch, eager: 0.50") for line in lines)
+    assert "unmeasured  #12 time to accuracy xpnet/torch, eager" in lines
+    assert not any(line.startswith(("PASS", "FAIL")) and "#12" in line for line in lines)
 
 
 def test_convnet_step_on_the_cpu_has_a_pytorch_row_when_pytorch_is_installed(tmp_path):
