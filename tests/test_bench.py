@@ -93,6 +93,26 @@ def test_time_to_accuracy_warms_up_each_side_once_before_the_clocks_unless_told_
     assert calls == warm_up + [("xpnet", 0.3), ("torch", 0.3)]
 
 
+def test_time_to_accuracy_reports_a_failing_side_and_still_measures_the_others(tmp_path, monkeypatch):
+    from xpnet.cli import bench_tta
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("capturing a CUDA graph failed: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench_tta, "_xpnet_run", refused)
+    monkeypatch.setattr(bench_tta, "_torch_available", lambda: True)
+    monkeypatch.setattr(bench_tta, "_torch_run", lambda backend, data, args, breakdown=False: (
+        {"seconds": 0.5, "epoch": 1, "val_acc": 0.6}, bench_tta.PhaseClock()))  # fmt: skip
+    out = tmp_path / "tta.json"
+    args = ["--suite", "none", "--time-to-accuracy", "--breakdown", "--cifar-npz", _separable_subset(tmp_path / "s.npz"),
+            "--target", "0.3", "--json", str(out)]  # fmt: skip
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())["time_to_accuracy"]
+    assert result["xpnet"] == {"error": "RuntimeError: capturing a CUDA graph failed: operation not permitted "
+                                        "when stream is capturing"}  # fmt: skip
+    assert result["torch"]["seconds"] == 0.5 and "breakdown" in result["torch"]
+
+
 def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
     rng = np.random.default_rng(0)
     subset = tmp_path / "cifar.npz"
@@ -108,6 +128,26 @@ def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
     assert len(runs) == 2 and all(run["steps"] == 2 and run["seconds"] > 0 for run in runs)
     printed = capsys.readouterr().out
     assert "| run | xpnet acc | xpnet s |" in printed and "| mean |" in printed
+
+
+def test_recipe_measures_xpnet_eagerly_when_its_graph_capture_fails(tmp_path, monkeypatch, capsys):
+    # A backend that claims to capture but cannot: the recipe's step capture raises, as a
+    # refused capture would on a GPU not tried before; the benchmark still measures xpnet.
+    from xpnet.backend.numpy_backend import NumpyBackend
+
+    monkeypatch.setattr(NumpyBackend, "can_capture", True)
+    rng = np.random.default_rng(0)
+    subset = tmp_path / "cifar.npz"
+    np.savez(subset, X_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 64),
+             X_test=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 10))  # fmt: skip
+    out = tmp_path / "recipe.json"
+    settings = ["--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=32", "--recipe-set", "epochs=1"]
+    args = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "2", "--no-torch", "--json", str(out)]
+    assert bench.main(args + settings) == 0
+    report = json.loads(out.read_text())["recipe"]
+    assert "cannot capture CUDA graphs" in report["failures"]["xpnet with CUDA graphs"]
+    assert len(report["runs"]["xpnet"]) == 2 and "xpnet" not in report["failures"]
+    assert "failed: xpnet with CUDA graphs: NotImplementedError" in capsys.readouterr().out
 
 
 def test_recipe_settings_are_checked_by_name(capsys, tmp_path):

@@ -2,7 +2,8 @@
 one process, interleaved run by run on the same data, in the same precision (TF32 on
 both sides or off on both), with PyTorch's published setting (fp16, channels-last) beside
 them on a GPU. Each run counts what the published recipe counts (whitening, training,
-evaluation with TTA) after one untimed warm-up run per side on the same shapes.
+evaluation with TTA) after one untimed warm-up run per side on the same shapes. A side
+that fails is reported (``failures``) and left out of the later runs; the others go on.
 """
 
 from __future__ import annotations
@@ -79,17 +80,42 @@ def recipe_runs(backend, args) -> dict:
             sides["torch-fp16"] = lambda seed: fast94_torch.fast94_torch(
                 *theirs, settings, seed, dtype=torch.float16, channels_last=True
             )
-    for name, run in sides.items() if not args.no_warmup else ():
+    failures: dict = {}
+    graphs = settings.cuda_graph is not False and backend.can_capture
+
+    def attempt(name, seed):
+        """One run of a side, or None once the side has failed: its error goes in the report
+        and the other sides go on. xpnet failing with CUDA graphs (a capture refused, say) is
+        tried once more without them, so that it is measured eagerly rather than not at all."""
+        try:
+            return sides[name](seed)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if name == "xpnet" and graphs and "xpnet with CUDA graphs" not in failures:
+                failures["xpnet with CUDA graphs"] = error
+                print(f"xpnet with CUDA graphs failed ({error}); xpnet runs eagerly", flush=True)
+                eager = settings.with_overrides({"cuda_graph": False})
+                sides[name] = lambda seed: timed_run(backend, eager, seed, *ours)
+                return attempt(name, seed)
+            failures[name] = error
+            print(f"{name} failed: {error}", flush=True)
+            del sides[name]
+            return None
+
+    for name in list(sides) if not args.no_warmup else ():
         print(f"warm-up: {name}", flush=True)
-        run(10_000)
+        attempt(name, 10_000)
     runs = {name: [] for name in sides}
     for r in range(args.runs):
-        for name, run in sides.items():
-            result = run(r)
+        for name in list(sides):
+            result = attempt(name, r)
+            if result is None:
+                continue
             runs[name].append({"test_accuracy": result.test_accuracy, "seconds": result.seconds,
                                "whiten_seconds": result.whiten_seconds, "train_seconds": result.train_seconds,
                                "eval_seconds": result.eval_seconds, "steps": result.steps})  # fmt: skip
             print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s", flush=True)
+    runs = {name: rows for name, rows in runs.items() if rows}
     summary = {
         name: {
             "mean_accuracy": statistics.fmean(x["test_accuracy"] for x in rows),
@@ -98,22 +124,23 @@ def recipe_runs(backend, args) -> dict:
         for name, rows in runs.items()
     }
     return {"settings": {k: v for k, v in vars(settings).items()}, "runs": runs, "summary": summary,
-            "warmup": not args.no_warmup,
+            "warmup": not args.no_warmup, "failures": failures,
             "train_images": int(ours[0].shape[0]), "test_images": int(ours[2].shape[0])}  # fmt: skip
 
 
 def format_recipe_table(report: dict) -> str:
-    """Per run and on average: accuracy and seconds of each side, and xpnet's time over PyTorch's."""
+    """Per run and on average: accuracy and seconds of each side, and xpnet's time over
+    PyTorch's; then what failed, if anything."""
     names = list(report["runs"])
     head = "| run | " + " | ".join(f"{n} acc | {n} s" for n in names)
-    has_torch = "torch" in names
+    has_torch = "torch" in names and "xpnet" in names
     head += " | xpnet/torch s |" if has_torch else " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(names) + has_torch)]
-    count = len(report["runs"]["xpnet"])
+    count = min((len(rows) for rows in report["runs"].values()), default=0)
 
     def row(label, accuracies, seconds):
         cells = [f"{a:.2%} | {s:.3f}" for a, s in zip(accuracies, seconds)]
-        ratio = f" | {seconds[0] / seconds[names.index('torch')]:.2f} |" if has_torch else " |"
+        ratio = f" | {seconds[names.index('xpnet')] / seconds[names.index('torch')]:.2f} |" if has_torch else " |"
         return f"| {label} | " + " | ".join(cells) + ratio
 
     for r in range(count):
@@ -121,4 +148,5 @@ def format_recipe_table(report: dict) -> str:
         lines.append(row(str(r), [x["test_accuracy"] for x in rows], [x["seconds"] for x in rows]))
     summary = report["summary"]
     lines.append(row("mean", [summary[n]["mean_accuracy"] for n in names], [summary[n]["mean_seconds"] for n in names]))
+    lines += [f"failed: {name}: {error}" for name, error in report.get("failures", {}).items()]
     return "\n".join(lines)

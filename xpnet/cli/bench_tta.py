@@ -174,9 +174,18 @@ def _warm_up(backend, data, args, variants, use_torch) -> None:
     and library handles and memory pools created, before any clock starts."""
     short = argparse.Namespace(**{**vars(args), "target": 0.0, "max_epochs": 1})
     for _, graph in variants:
-        _xpnet_run(backend, data, short, graph)
+        _or_error(lambda graph=graph: _xpnet_run(backend, data, short, graph))  # a failure shows in the timed run
     if use_torch:
-        _torch_run(backend, data, short)
+        _or_error(lambda: _torch_run(backend, data, short))
+
+
+def _or_error(run):
+    """``run()``, or {"error": ...} when it raises: one side failing (a graph capture refused
+    on a GPU not tried before, say) must not cost the other sides their figures."""
+    try:
+        return run()
+    except Exception as exc:  # reported in the JSON beside the figures that were measured
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def time_to_accuracy(backend, args) -> dict:
@@ -195,19 +204,20 @@ def time_to_accuracy(backend, args) -> dict:
     if out["warmup"]:
         _warm_up(backend, data, args, variants, use_torch)
     for name, graph in variants:
-        out[name] = _xpnet_run(backend, data, args, graph)
+        out[name] = _or_error(lambda graph=graph: _xpnet_run(backend, data, args, graph))
     if use_torch:
-        out["torch"], _ = _torch_run(backend, data, args)
+        out["torch"] = _or_error(lambda: _torch_run(backend, data, args)[0])
     if args.breakdown:  # separate runs: their clock reads synchronise, so their totals differ from the plain ones
         for name, graph in variants:
-            timed = _xpnet_run(backend, data, args, graph, PhaseClock(backend.sync))
-            out[name]["breakdown"], out[name]["breakdown_seconds"] = timed["breakdown"], timed["seconds"]
-        if use_torch:
-            timed, clock = _torch_run(backend, data, args, breakdown=True)
-            out["torch"]["breakdown"], out["torch"]["breakdown_seconds"] = (
-                clock.report(timed["seconds"]),
-                timed["seconds"],
-            )
+            timed = _or_error(lambda graph=graph: _xpnet_run(backend, data, args, graph, PhaseClock(backend.sync)))
+            if "error" not in out[name] and "error" not in timed:
+                out[name]["breakdown"], out[name]["breakdown_seconds"] = timed["breakdown"], timed["seconds"]
+        if use_torch and "error" not in out["torch"]:
+            timed = _or_error(lambda: _torch_run(backend, data, args, breakdown=True))
+            if isinstance(timed, tuple):
+                result, clock = timed
+                out["torch"]["breakdown"] = clock.report(result["seconds"])
+                out["torch"]["breakdown_seconds"] = result["seconds"]
     return out
 
 
