@@ -1,9 +1,10 @@
 """``xpnet-bench --recipe fast94``: the fast CIFAR-10 recipe in xpnet and in PyTorch, in
 one process, interleaved run by run on the same data, in the same precision (TF32 on
 both sides or off on both), with PyTorch's published setting (fp16, channels-last) beside
-them on a GPU. Each run counts what the published recipe counts (whitening, training,
-evaluation with TTA) after one untimed warm-up run per side on the same shapes. A side
-that fails is reported (``failures``) and left out of the later runs; the others go on.
+them on a GPU, and there xpnet with cuDNN's convolutions too when cuDNN loads. Each run
+counts what the published recipe counts (whitening, training, evaluation with TTA) after
+one untimed warm-up run per side on the same shapes. A side that fails is reported
+(``failures``) and left out of the later runs; the others go on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import statistics
 import numpy as np
 
 from xpnet import data_utils
+from xpnet.cli.bench_conv import cudnn_available
 from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
 
 __all__ = ["parse_setting", "recipe_runs", "format_recipe_table"]
@@ -73,6 +75,10 @@ def recipe_runs(backend, args) -> dict:
     data = _load(args)
     ours = device_data(backend, data, settings.dtype)
     sides = {"xpnet": lambda seed: timed_run(backend, settings, seed, *ours)}
+    if backend.is_gpu and not settings.cudnn and cudnn_available(backend):
+        # The same recipe with cuDNN's convolutions: which of xpnet's two paths to keep is measured here too.
+        on_cudnn = settings.with_overrides({"cudnn": True})
+        sides["xpnet-cudnn"] = lambda seed: timed_run(backend, on_cudnn, seed, *ours)
     if not args.no_torch:
         torch, fast94_torch, theirs = _torch_side(backend, data, bool(args.tf32))
         sides["torch"] = lambda seed: fast94_torch.fast94_torch(*theirs, settings, seed)
