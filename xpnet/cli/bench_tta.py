@@ -209,12 +209,18 @@ def time_to_accuracy(backend, args) -> dict:
         out["torch"] = _or_error(lambda: _torch_run(backend, data, args)[0])
     if args.breakdown:  # separate runs: their clock reads synchronise, so their totals differ from the plain ones
         for name, graph in variants:
+            if "error" in out[name]:
+                continue
             timed = _or_error(lambda graph=graph: _xpnet_run(backend, data, args, graph, PhaseClock(backend.sync)))
-            if "error" not in out[name] and "error" not in timed:
+            if "error" in timed:
+                out[name]["breakdown_error"] = timed["error"]
+            else:
                 out[name]["breakdown"], out[name]["breakdown_seconds"] = timed["breakdown"], timed["seconds"]
         if use_torch and "error" not in out["torch"]:
             timed = _or_error(lambda: _torch_run(backend, data, args, breakdown=True))
-            if isinstance(timed, tuple):
+            if isinstance(timed, dict):  # the error
+                out["torch"]["breakdown_error"] = timed["error"]
+            else:
                 result, clock = timed
                 out["torch"]["breakdown"] = clock.report(result["seconds"])
                 out["torch"]["breakdown_seconds"] = result["seconds"]
