@@ -88,6 +88,22 @@ def test_checkpoint_round_trips_values():
     assert math.isnan(back["nan"]) and int(back["t"]) == 7
 
 
+def test_a_model_state_with_other_normalisation_layers_is_refused_whole():
+    model = xpnet.FullyConnectedNet([5, 5], input_dim=4, normalization="batchnorm", dtype="float64", seed=0)
+    model.loss(np.random.default_rng(0).standard_normal((6, 4)), np.arange(6) % 3)  # running averages exist
+    before = {name: to_np(value).copy() for name, value in model.params.items()}
+    tampered = model.state_dict()
+    tampered["params"]["W1"] = np.zeros_like(tampered["params"]["W1"])
+    tampered["buffers"][1]["momentun"] = 0.5  # the layer would refuse it later, far from the file
+    with pytest.raises(ValueError, match="checkpoint buffer 1 has unknown key\\(s\\) momentun"):
+        model.load_state_dict(tampered)
+    short = {**tampered, "buffers": model.state_dict()["buffers"][:1]}  # zip would have loaded one of two
+    with pytest.raises(ValueError, match=r"checkpoint has 1 buffers \(layer state\), the model 2"):
+        model.load_state_dict(short)
+    for name, value in model.params.items():  # nothing was half loaded
+        np.testing.assert_array_equal(to_np(value), before[name])
+
+
 def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
     with pytest.raises(TypeError, match="cannot hold a object"):
         save_checkpoint(tmp_path / "c.npz", {"thing": object()})

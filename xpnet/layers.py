@@ -331,13 +331,14 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
     return _scaled(gamma, x_hat, beta), None
 
 
-_BATCHNORM_KEYS = ("mode", "eps", "momentum", "running_mean", "running_var", "unbiased_running_var")
+# Every key a normalisation layer reads from its parameter dict (layernorm: "eps" and "mode").
+BATCHNORM_KEYS = ("mode", "eps", "momentum", "running_mean", "running_var", "unbiased_running_var")
 
 
 def batchnorm_mode(function: str, bn_param: dict) -> str:
     """``bn_param['mode']`` ('train' by default), or ValueError for anything but 'train' and
     'test', or for a key of ``bn_param`` that batchnorm does not read."""
-    check_param_keys(function, "bn_param", bn_param, _BATCHNORM_KEYS)
+    check_param_keys(function, "bn_param", bn_param, BATCHNORM_KEYS)
     mode = bn_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")

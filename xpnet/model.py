@@ -8,6 +8,7 @@ import numbers
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import tree_to_device, tree_to_host
+from .layers import BATCHNORM_KEYS
 
 __all__ = ["Model", "backend_for", "param_dtype", "input_preparers", "model_state", "load_model_state"]
 
@@ -150,9 +151,16 @@ def load_model_state(model, state: dict, backend) -> None:
                 f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(model.params[name].shape)}"
             )
+    buffers = model.buffers() if hasattr(model, "buffers") else []
+    if len(state["buffers"]) != len(buffers):
+        raise ValueError(f"checkpoint has {len(state['buffers'])} buffers (layer state), the model {len(buffers)}")
+    for i, (layer, saved) in enumerate(zip(buffers, state["buffers"])):
+        # Running averages are created on a layer's first call, so a fresh model may lack them.
+        unknown = sorted(set(saved) - set(layer) - set(BATCHNORM_KEYS))
+        if unknown:  # a normalisation layer would refuse them at its next call, far from the file
+            raise ValueError(f"checkpoint buffer {i} has unknown key(s) {', '.join(unknown)}")
     dtype = param_dtype(model)
     model.params = tree_to_device(state["params"], backend, dtype)
-    buffers = model.buffers() if hasattr(model, "buffers") else []
     for layer, saved in zip(buffers, state["buffers"]):
         layer.update(tree_to_device(saved, backend, dtype))
 
