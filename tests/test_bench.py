@@ -113,7 +113,8 @@ def test_time_to_accuracy_reports_a_failing_side_and_still_measures_the_others(t
     assert result["torch"]["seconds"] == 0.5 and "breakdown" in result["torch"]
 
 
-def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
+def _tiny_recipe_report(tmp_path) -> dict:
+    """bench --recipe fast94 on 64 random images at widths 4, 8, 8, two runs, xpnet alone: its report."""
     rng = np.random.default_rng(0)
     subset = tmp_path / "cifar.npz"
     np.savez(subset, X_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 64),
@@ -122,7 +123,11 @@ def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
     settings = ["--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=32", "--recipe-set", "epochs=1"]
     args = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "2", "--no-torch", "--json", str(out)]
     assert bench.main(args + settings) == 0
-    report = json.loads(out.read_text())["recipe"]
+    return json.loads(out.read_text())["recipe"]
+
+
+def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
+    report = _tiny_recipe_report(tmp_path)
     assert report["settings"]["widths"] == [4, 8, 8] and report["train_images"] == 64
     runs = report["runs"]["xpnet"]
     assert len(runs) == 2 and all(run["steps"] == 2 and run["seconds"] > 0 for run in runs)
@@ -136,15 +141,7 @@ def test_recipe_measures_xpnet_eagerly_when_its_graph_capture_fails(tmp_path, mo
     from xpnet.backend.numpy_backend import NumpyBackend
 
     monkeypatch.setattr(NumpyBackend, "can_capture", True)
-    rng = np.random.default_rng(0)
-    subset = tmp_path / "cifar.npz"
-    np.savez(subset, X_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 64),
-             X_test=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 10))  # fmt: skip
-    out = tmp_path / "recipe.json"
-    settings = ["--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=32", "--recipe-set", "epochs=1"]
-    args = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "2", "--no-torch", "--json", str(out)]
-    assert bench.main(args + settings) == 0
-    report = json.loads(out.read_text())["recipe"]
+    report = _tiny_recipe_report(tmp_path)
     assert "cannot capture CUDA graphs" in report["failures"]["xpnet with CUDA graphs"]
     assert len(report["runs"]["xpnet"]) == 2 and "xpnet" not in report["failures"]
     assert "failed: xpnet with CUDA graphs: NotImplementedError" in capsys.readouterr().out
