@@ -43,6 +43,20 @@ using namespace std;
 struct _Dim3 { int x, y, z; };
 static const _Dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 static inline void __syncthreads() {}
+// CuPy's float16 (cupy/float16.cuh): 16 bits stored, every operation on it done in float
+// through its implicit conversions, and a float rounded back only when stored.
+struct float16 {
+    _Float16 data_;
+    float16() {}
+    float16(float v) : data_((_Float16)v) {}
+    explicit float16(double v) : data_((_Float16)v) {}
+    explicit float16(int v) : data_((_Float16)v) {}
+    explicit float16(long long v) : data_((_Float16)v) {}
+    operator float() const { return (float)data_; }
+    float16& operator=(const float16&) = default;
+    template <typename U> float16& operator=(const U& rhs) { *this = static_cast<float16>(rhs); return *this; }
+    template <typename U> float16& operator+=(const U& rhs) { *this = *this + rhs; return *this; }
+};
 """
 
 _C_TYPES = {
@@ -53,7 +67,7 @@ _C_TYPES = {
     "float32": ("float", np.float32),
     "float64": ("double", np.float64),
 }
-_FLOAT_C = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_FLOAT_C = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _build_dir = None
 _libraries: dict = {}
 
@@ -67,11 +81,16 @@ class _Param:
         self.type_name, self.name = words
         self.is_output = is_output
 
-    def c_type(self):
-        return "T" if self.type_name == "T" else _C_TYPES[self.type_name][0]
+    @property
+    def is_placeholder(self):
+        """A type named by the call's arguments (T, F, ...), as CuPy's one-letter type names."""
+        return self.type_name not in _C_TYPES
 
-    def np_dtype(self, t_dtype):
-        return t_dtype if self.type_name == "T" else np.dtype(_C_TYPES[self.type_name][1])
+    def c_type(self):
+        return self.type_name if self.is_placeholder else _C_TYPES[self.type_name][0]
+
+    def np_dtype(self, placeholders):
+        return placeholders[self.type_name] if self.is_placeholder else np.dtype(_C_TYPES[self.type_name][1])
 
 
 def _params(in_params, out_params):
@@ -101,9 +120,9 @@ def _library(source: str):
     return _libraries[key]
 
 
-def _elementwise_source(params, operation, t_c, cuda=False):
+def _elementwise_source(params, operation, placeholders, cuda=False):
     """The kernel as a C++ loop over ``i`` (or, with ``cuda``, a CUDA kernel looping over
-    its grid, for NVRTC)."""
+    its grid, for NVRTC); ``placeholders`` maps each type name (T, F) to its C type."""
     signature, loads = [], []
     for p in params:
         if p.raw:
@@ -115,11 +134,12 @@ def _elementwise_source(params, operation, t_c, cuda=False):
             signature.append(f"const {p.c_type()}* _{p.name}")
             loads.append(f"const {p.c_type()} {p.name} = _{p.name}[i];")
     body = "\n        ".join(loads)
+    typedefs = "".join(f"typedef {c_type} {name};\n" for name, c_type in placeholders.items())
     if cuda:
-        head = f'typedef {t_c} T;\nextern "C" __global__ void run({", ".join(signature)}, long long _n) {{\n'
+        head = f'{typedefs}extern "C" __global__ void run({", ".join(signature)}, long long _n) {{\n'
         loop = "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < _n; i += (long long)blockDim.x * gridDim.x)"
     else:
-        head = f'{_PRELUDE}\ntypedef {t_c} T;\nextern "C" void run({", ".join(signature)}, long long _n) {{\n'
+        head = f'{_PRELUDE}\n{typedefs}extern "C" void run({", ".join(signature)}, long long _n) {{\n'
         loop = "for (long long i = 0; i < _n; ++i)"
     return f"{head}    {loop} {{\n        {body}\n        {operation};\n    }}\n}}\n"
 
@@ -128,12 +148,17 @@ def _call(library, arrays, n):
     library.run(*[ctypes.c_void_p(a.ctypes.data) for a in arrays], ctypes.c_longlong(n))
 
 
-def _float_dtype(params, args):
-    """The dtype that ``T`` stands for: that of the first array argument declared ``T``."""
+def _placeholder_dtypes(params, args):
+    """The dtype that each type name (T, F) stands for: that of the first array or NumPy
+    scalar argument declared with it, as CuPy binds them."""
+    placeholders = {}
     for p, a in zip(params, args):
-        if p.type_name == "T" and isinstance(a, np.ndarray):
-            return a.dtype
-    raise ValueError("no array argument of type T")
+        if p.is_placeholder and p.type_name not in placeholders and isinstance(a, (np.ndarray, np.generic)):
+            placeholders[p.type_name] = a.dtype
+    missing = {p.type_name for p in params if p.is_placeholder} - set(placeholders)
+    if missing:
+        raise ValueError(f"no array argument gives the type of {sorted(missing)}")
+    return placeholders
 
 
 def run_elementwise(kernel: Elementwise, *args):
@@ -143,13 +168,13 @@ def run_elementwise(kernel: Elementwise, *args):
     n_in = sum(not p.is_output for p in params)
     if len(args) not in (n_in, len(params)):
         raise TypeError(f"{kernel.name} takes {n_in} inputs and optionally the outputs, got {len(args)} arguments")
-    t_dtype = _float_dtype(params, args)
+    types = _placeholder_dtypes(params, args)
     shape = np.broadcast_shapes(*[np.shape(a) for p, a in zip(params, args) if not p.raw])
     if len(args) == n_in:  # CuPy allocates the outputs
-        args = (*args, *[np.empty(shape, dtype=p.np_dtype(t_dtype)) for p in params[n_in:]])
+        args = (*args, *[np.empty(shape, dtype=p.np_dtype(types)) for p in params[n_in:]])
     arrays, outputs = [], []
     for p, a in zip(params, args):
-        dtype = p.np_dtype(t_dtype)
+        dtype = p.np_dtype(types)
         if p.raw or p.is_output:
             if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous):
                 raise TypeError(f"{kernel.name}: {p.name} must be a C-contiguous {dtype} array")
@@ -160,7 +185,7 @@ def run_elementwise(kernel: Elementwise, *args):
                 outputs.append(a)
         else:
             arrays.append(np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=dtype), shape)))
-    library = _library(_elementwise_source(params, kernel.operation, _FLOAT_C[t_dtype]))
+    library = _library(_elementwise_source(params, kernel.operation, {k: _FLOAT_C[v] for k, v in types.items()}))
     _call(library, arrays, int(np.prod(shape)))
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -172,13 +197,14 @@ def run_reduction(kernel: Reduction, *inputs, axis, keepdims=False):
         raise ValueError(f"{kernel.name}: only sums can be run here")
     params = _params(kernel.in_params, "")
     (out,) = _params("", kernel.out_params)
-    t_dtype = _float_dtype(params, inputs)
-    mapped = np.empty(np.broadcast_shapes(*[np.shape(a) for a in inputs]), dtype=t_dtype)
-    map_kernel = Elementwise(kernel.in_params, "T _mapped", f"_mapped = {kernel.map_expr}", kernel.name)
+    types = _placeholder_dtypes(params, inputs)
+    reduce_dtype = out.np_dtype(types)  # CuPy sums in the output's type
+    mapped = np.empty(np.broadcast_shapes(*[np.shape(a) for a in inputs]), dtype=reduce_dtype)
+    map_kernel = Elementwise(kernel.in_params, f"{out.type_name} _mapped", f"_mapped = {kernel.map_expr}", kernel.name)
     run_elementwise(map_kernel, *inputs, mapped)
-    a = np.sum(mapped, axis=axis, keepdims=keepdims, dtype=t_dtype)
-    result = np.empty(a.shape, dtype=out.np_dtype(t_dtype))
-    post_kernel = Elementwise("T a", f"{out.type_name} {out.name}", kernel.post_map_expr, kernel.name)
+    a = np.sum(mapped, axis=axis, keepdims=keepdims, dtype=reduce_dtype)
+    result = np.empty(a.shape, dtype=reduce_dtype)
+    post_kernel = Elementwise(f"{out.type_name} a", f"{out.type_name} {out.name}", kernel.post_map_expr, kernel.name)
     run_elementwise(post_kernel, np.ascontiguousarray(a), result)
     return result
 
@@ -198,16 +224,17 @@ def cuda_sources():
     from xpnet.backend import kernel_sources
 
     for t_c in ("float", "double"):
+        types = {"T": t_c, "F": t_c}
         for name, kernel in vars(kernel_sources).items():
             if isinstance(kernel, Elementwise):
                 params = _params(kernel.in_params, kernel.out_params)
-                yield f"{name}_{t_c}", _elementwise_source(params, kernel.operation, t_c, cuda=True)
+                yield f"{name}_{t_c}", _elementwise_source(params, kernel.operation, types, cuda=True)
             elif isinstance(kernel, Reduction):
                 (out,) = _params("", kernel.out_params)
-                mapped = _params(kernel.in_params, "T _mapped")
-                yield f"{name}_map_{t_c}", _elementwise_source(mapped, f"_mapped = {kernel.map_expr}", t_c, cuda=True)
-                post = _params("T a", f"{out.type_name} {out.name}")
-                yield f"{name}_post_{t_c}", _elementwise_source(post, kernel.post_map_expr, t_c, cuda=True)
+                mapped = _params(kernel.in_params, f"{out.type_name} _mapped")
+                yield f"{name}_map_{t_c}", _elementwise_source(mapped, f"_mapped = {kernel.map_expr}", types, cuda=True)
+                post = _params(f"{out.type_name} a", f"{out.type_name} {out.name}")
+                yield f"{name}_post_{t_c}", _elementwise_source(post, kernel.post_map_expr, types, cuda=True)
         yield f"SOFTMAX_LOSS_{t_c}", kernel_sources.SOFTMAX_LOSS.replace("{T}", t_c).replace("{name}", t_c)
 
 
@@ -266,10 +293,17 @@ def cupy_on_cpu() -> types.ModuleType:
     fake = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "dtype", "empty", "empty_like", "ndarray", "ones", "sqrt"):
         setattr(fake, name, getattr(np, name))
-    for name in ("int32", "int64", "float32", "float64"):
+    for name in ("int32", "int64", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     fake.ElementwiseKernel, fake.ReductionKernel, fake.RawKernel = _ElementwiseKernel, _ReductionKernel, _RawKernel
     return fake
+
+
+def _cublas_like_matmul(a, b):
+    """``a @ b`` as xpnet's cuBLAS calls give it: float16 operands summed in float32."""
+    if a.dtype == np.float16:
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float16)
+    return a @ b
 
 
 def cupy_kernels_on_cpu():
@@ -291,7 +325,7 @@ def cupy_kernels_on_cpu():
         else:
             sys.modules["cupy"] = saved
     kernels = module.CupyKernels()
-    kernels.matmul = lambda a, b: a @ b
+    kernels.matmul = _cublas_like_matmul
     kernels.column_sums = lambda a: a.sum(axis=0)
     return kernels
 

@@ -4,6 +4,8 @@ tests/test_gpu.py runs the convolutions themselves."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
 import xpnet
@@ -63,7 +65,7 @@ def test_backends_without_cudnn_refuse_to_switch_it_on():
         ((2, 4, 9, 7), (5, 4, 3, 1), 2, 0),  # non-square kernel
     ],
 )
-@pytest.mark.parametrize("dtype_char", ["f", "d"])
+@pytest.mark.parametrize("dtype_char", ["f", "d", "e"])
 def test_plans_give_the_layers_output_shape(x_shape, w_shape, stride, pad, dtype_char):
     import numpy as np
 
@@ -72,6 +74,10 @@ def test_plans_give_the_layers_output_shape(x_shape, w_shape, stride, pad, dtype
     x, w = np.empty(x_shape), np.empty(w_shape)
     _, _, _, h_out, w_out = conv_geometry("test", x, w, None, {"stride": stride, "pad": pad})
     assert plan.out_shape == (x_shape[0], w_shape[0], h_out, w_out)
+    if dtype_char == "e":  # float16 products are exact on tensor cores, summed in float32
+        assert plan.math == cudnn._TENSOR_OP_MATH
+        assert plan.one.value == 1.0 and isinstance(plan.one, ctypes.c_float)
+        return
     assert plan.math == cudnn._FMA_MATH  # exact unless TF32 is asked for
     assert cudnn.ConvolutionPlan(lib, x_shape, w_shape, stride, pad, dtype_char, tf32=True).math == (
         cudnn._TENSOR_OP_MATH if dtype_char == "f" else cudnn._FMA_MATH
@@ -80,8 +86,8 @@ def test_plans_give_the_layers_output_shape(x_shape, w_shape, stride, pad, dtype
 
 def test_plans_refuse_other_dtypes_and_report_cudnn_errors_by_name():
     lib = _library_or_skip()
-    with pytest.raises(ValueError, match="float32 or float64, got dtype 'e'"):
-        cudnn.ConvolutionPlan(lib, (1, 1, 4, 4), (1, 1, 3, 3), 1, 0, "e")
+    with pytest.raises(ValueError, match="float16, float32 or float64, got dtype 'g'"):
+        cudnn.ConvolutionPlan(lib, (1, 1, 4, 4), (1, 1, 3, 3), 1, 0, "g")
     with pytest.raises(RuntimeError, match="cudnnSetFilter4dDescriptor failed: CUDNN_STATUS_BAD_PARAM"):
         cudnn.ConvolutionPlan(lib, (1, 1, 4, 4), (1, 1, 0, 3), 1, 0, "f")
 

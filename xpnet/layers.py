@@ -18,6 +18,7 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
 from .input_checks import check_param_keys, check_same_shape, layer_namespace
+from .precision import is_half, narrowed, widened
 from .special import normal_cdf, normal_pdf
 
 __all__ = [
@@ -84,9 +85,15 @@ def affine_input(x: Array, w: Array, b: Array) -> Array:
 
 
 def matmul(a: Array, b: Array) -> Array:
-    """``a @ b`` for 2-D arrays; on CuPy through xpnet's cuBLAS handle, which a CUDA graph can capture."""
+    """``a @ b`` for 2-D arrays; on CuPy through xpnet's cuBLAS handle, which a CUDA graph can
+    capture. float16 operands are summed in float32 and the product rounded to float16."""
     fast = accelerated(a)
-    return fast.matmul(a, b) if fast is not None else a @ b
+    if fast is not None:
+        return fast.matmul(a, b)
+    xp = namespace(a)
+    if is_half(xp, a):
+        return narrowed(xp, widened(xp, a) @ widened(xp, b), a.dtype)
+    return a @ b
 
 
 def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
@@ -136,24 +143,27 @@ def relu_backward(dout: Array, cache: Cache) -> Array:
 def gelu_forward(x: Array) -> tuple[Array, Cache]:
     """GELU in its exact form, x·Φ(x) with Φ the standard normal's cdf (PyTorch's default,
     ``approximate='none'``). The array API has no erf: :mod:`xpnet.special` supplies one."""
-    layer_namespace("gelu_forward", {"x": x})
+    xp = layer_namespace("gelu_forward", {"x": x})
     fast = accelerated(x)
     if fast is not None:
         out, cdf = fast.gelu_forward(x)
         return out, (x, cdf)
-    cdf = normal_cdf(x)
-    return x * cdf, (x, cdf)
+    wide = widened(xp, x)  # float16: evaluated in float32, out and Φ(x) stored in float16
+    cdf = normal_cdf(wide)
+    return narrowed(xp, wide * cdf, x.dtype), (x, narrowed(xp, cdf, x.dtype))
 
 
 def gelu_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`gelu_forward`: dout·(Φ(x) + x·φ(x))."""
     x, cdf = cache
-    layer_namespace("gelu_backward", {"dout": dout, "x": x})
+    xp = layer_namespace("gelu_backward", {"dout": dout, "x": x})
     check_same_shape("gelu_backward", "dout", dout, "x", x)
     fast = accelerated(dout)
     if fast is not None:
         return fast.gelu_backward(dout, x, cdf)
-    return dout * (cdf + x * normal_pdf(x))
+    x_wide = widened(xp, x)
+    dx = widened(xp, dout) * (widened(xp, cdf) + x_wide * normal_pdf(x_wide))
+    return narrowed(xp, dx, dout.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -347,11 +357,12 @@ def batchnorm_mode(function: str, bn_param: dict) -> str:
 
 def ensure_running_statistics(bn_param: dict, like: Array, d: int) -> None:
     """Zeros (d,) for 'running_mean' and 'running_var' where ``bn_param`` has none yet,
-    of ``like``'s dtype and device."""
+    of ``like``'s dtype (float32 for float16 activations) and device."""
     xp = namespace(like)
+    dtype = xp.float32 if is_half(xp, like) else like.dtype
     for key in ("running_mean", "running_var"):
         if bn_param.get(key) is None:
-            bn_param[key] = xp.zeros((d,), dtype=like.dtype, device=device(like))
+            bn_param[key] = xp.zeros((d,), dtype=dtype, device=device(like))
 
 
 def update_running_statistics(bn_param: dict, mean: Array, var: Array, count: int) -> None:

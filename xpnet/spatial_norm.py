@@ -17,6 +17,7 @@ from .layers import (
     normalized_input_grad,
     update_running_statistics,
 )
+from .precision import narrowed, widened
 
 __all__ = [
     "spatial_batchnorm_forward",
@@ -72,7 +73,8 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
         bn_param: as for :func:`xpnet.layers.batchnorm_forward` ('mode', 'eps',
             'momentum', 'running_mean' and 'running_var' of shape (C,)).
     Returns:
-        out (N, C, H, W) and the cache.
+        out (N, C, H, W) and the cache. Float16 x is normalised with float32 statistics
+        (the running averages keep their own dtype) and out is float16.
     """
     layer_namespace("spatial_batchnorm_forward", {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     _check_nchw("spatial_batchnorm_forward", x)
@@ -91,12 +93,13 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
     fast = accelerated(x)
     if fast is not None:
         return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param)
-    out, cache = batchnorm_forward(_to_rows(xp, x), gamma, beta, bn_param)
-    return _from_rows(xp, out, x.shape), (cache, tuple(x.shape))
+    out, cache = batchnorm_forward(_to_rows(xp, widened(xp, x)), widened(xp, gamma), widened(xp, beta), bn_param)
+    return _from_rows(xp, narrowed(xp, out, x.dtype), x.shape), (cache, tuple(x.shape))
 
 
 def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
-    """Backward pass of spatial batchnorm: dx (N, C, H, W), dgamma (C,), dbeta (C,)."""
+    """Backward pass of spatial batchnorm: dx (N, C, H, W), dgamma (C,), dbeta (C,) (for
+    float16 activations: dx float16, dgamma and dbeta float32)."""
     xp = layer_namespace("spatial_batchnorm_backward", {"dout": dout})
     shape = tuple(cache.x_hat.shape) if isinstance(cache, _FusedBatchnormCache) else cache[1]
     if tuple(dout.shape) != shape:
@@ -104,8 +107,8 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
     if isinstance(cache, _FusedBatchnormCache):
         return cache.kernels.spatial_batchnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
     rows_cache = cache[0]
-    dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, dout), rows_cache)
-    return _from_rows(xp, dx, shape), dgamma, dbeta
+    dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, widened(xp, dout)), rows_cache)
+    return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
 
 
 def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_param: dict) -> tuple[Array, Cache]:

@@ -8,7 +8,8 @@ system's. It uses cuDNN's legacy convolution API (still in cuDNN 9): one descrip
 set per geometry, the fastest algorithm found by timing them all the first time a
 geometry runs (as PyTorch's ``cudnn.benchmark=True``), and a fixed workspace, so that
 the calls can be recorded in a CUDA graph. float32 is exact (FMA math) unless TF32
-is switched on, float64 is supported; tensors are NCHW and C-contiguous.
+is switched on, float64 is supported, and float16 tensors are convolved with float32
+sums on tensor cores; tensors are NCHW and C-contiguous.
 
 The descriptor code needs no GPU, so tests check it wherever the library is installed.
 """
@@ -23,7 +24,8 @@ import threading
 __all__ = ["ConvolutionPlan", "CudnnConvolutions", "find_library"]
 
 # cuDNN enums (cudnn_graph.h, cudnn_cnn.h)
-_DATA_TYPES = {"f": 0, "d": 1}  # CUDNN_DATA_FLOAT, CUDNN_DATA_DOUBLE
+_DATA_TYPES = {"f": 0, "d": 1, "e": 2}  # CUDNN_DATA_FLOAT, CUDNN_DATA_DOUBLE, CUDNN_DATA_HALF
+_FLOAT = _DATA_TYPES["f"]
 _NCHW = 0
 _CROSS_CORRELATION = 1
 _TENSOR_OP_MATH, _FMA_MATH = 1, 3
@@ -145,23 +147,26 @@ def _check(lib, status, what):
 
 class ConvolutionPlan:
     """cuDNN's descriptors for one convolution geometry: x (N, C, H, W), w (F, C, HH, WW),
-    stride and zero padding on every side, dtype 'f' or 'd' (NumPy's type characters);
-    TF32 allowed or not. Algorithms are found later, once per direction."""
+    stride and zero padding on every side, dtype 'f', 'd' or 'e' (NumPy's type characters;
+    float16 sums in float32 on tensor cores); TF32 allowed or not for float32. Algorithms
+    are found later, once per direction."""
 
     def __init__(self, lib, x_shape, w_shape, stride, pad, dtype_char, tf32=False):
         if dtype_char not in _DATA_TYPES:
-            raise ValueError(f"cuDNN convolutions take float32 or float64, got dtype {dtype_char!r}")
+            raise ValueError(f"cuDNN convolutions take float16, float32 or float64, got dtype {dtype_char!r}")
         self.lib, data_type = lib, _DATA_TYPES[dtype_char]
         self.x = self._descriptor("cudnnCreateTensorDescriptor")
         _check(lib, lib.cudnnSetTensor4dDescriptor(self.x, _NCHW, data_type, *x_shape), "cudnnSetTensor4dDescriptor")
         self.w = self._descriptor("cudnnCreateFilterDescriptor")
         _check(lib, lib.cudnnSetFilter4dDescriptor(self.w, data_type, _NCHW, *w_shape), "cudnnSetFilter4dDescriptor")
         self.conv = self._descriptor("cudnnCreateConvolutionDescriptor")
+        half = dtype_char == "e"
+        compute_type = _FLOAT if half else data_type  # float16 data, float32 sums
         status = lib.cudnnSetConvolution2dDescriptor(
-            self.conv, pad, pad, stride, stride, 1, 1, _CROSS_CORRELATION, data_type
+            self.conv, pad, pad, stride, stride, 1, 1, _CROSS_CORRELATION, compute_type
         )
         _check(lib, status, "cudnnSetConvolution2dDescriptor")
-        self.math = _TENSOR_OP_MATH if tf32 and dtype_char == "f" else _FMA_MATH
+        self.math = _TENSOR_OP_MATH if half or (tf32 and dtype_char == "f") else _FMA_MATH
         _check(lib, lib.cudnnSetConvolutionMathType(self.conv, self.math), "cudnnSetConvolutionMathType")
         dims = [ctypes.c_int() for _ in range(4)]
         status = lib.cudnnGetConvolution2dForwardOutputDim(self.conv, self.x, self.w, *map(ctypes.byref, dims))
@@ -171,7 +176,7 @@ class ConvolutionPlan:
         _check(
             lib, lib.cudnnSetTensor4dDescriptor(self.y, _NCHW, data_type, *self.out_shape), "cudnnSetTensor4dDescriptor"
         )
-        scalar = ctypes.c_float if dtype_char == "f" else ctypes.c_double
+        scalar = ctypes.c_double if dtype_char == "d" else ctypes.c_float  # float16's scalars are float
         self.one, self.zero = scalar(1.0), scalar(0.0)
         self.algorithms: dict[str, int] = {}
 

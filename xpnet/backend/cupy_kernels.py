@@ -44,6 +44,7 @@ _adam = cupy.ElementwiseKernel(*sources.ADAM)
 # cuBLAS enums and sizes
 _OP_N, _OP_T = 0, 1
 _DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3
+_CUDA_R_16F, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT = 2, 68, -1
 _WORKSPACE_BYTES = 32 * 1024 * 1024
 
 
@@ -80,13 +81,25 @@ class _Cublas:
         for fn, scalar in ((lib.cublasSgemm_v2, ctypes.c_float), (lib.cublasDgemm_v2, ctypes.c_double)):
             fn.argtypes = [ptr, i, i, i, i, i, ctypes.POINTER(scalar), ptr, i, ptr, i, ctypes.POINTER(scalar), ptr, i]
             fn.restype = i
+        # float16: cublasGemmEx with float16 operands and product, summed in float32.
+        lib.cublasGemmEx.argtypes = [ptr, i, i, i, i, i, ptr, ptr, i, i, ptr, i, i, ptr, ptr, i, i, i, i]
+        lib.cublasGemmEx.restype = i
         lib.cublasSetStream_v2.argtypes = [ptr, ptr]
         lib.cublasSetMathMode.argtypes = [ptr, i]
         self._gemm = {
             cupy.dtype(cupy.float32): (lib.cublasSgemm_v2, ctypes.c_float(1.0), ctypes.c_float(0.0)),
             cupy.dtype(cupy.float64): (lib.cublasDgemm_v2, ctypes.c_double(1.0), ctypes.c_double(0.0)),
+            cupy.dtype(cupy.float16): (self._half_gemm, ctypes.c_float(1.0), ctypes.c_float(0.0)),
         }
         self._stream = None
+
+    def _half_gemm(self, handle, op_b, op_a, n, m, k, one, b, ld_b, a, ld_a, zero, out, ld_out):
+        """cublasSgemm's arguments, for float16 matrices through cublasGemmEx (float32 sums)."""
+        half = _CUDA_R_16F
+        return self.lib.cublasGemmEx(
+            handle, op_b, op_a, n, m, k, one, b, half, ld_b, a, half, ld_a, zero, out, half, ld_out,
+            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
+        )  # fmt: skip
 
     def set_tf32(self, enabled: bool) -> None:
         """Let float32 GEMMs use TF32 tensor cores (10-bit mantissa inputs, float32 sums)."""
@@ -155,9 +168,19 @@ class _Cublas:
         return out
 
 
-def _channel_scale(gamma, x):
-    """gamma (C,) as (1, C, 1, 1), or a 1 of x's dtype for batchnorm without a scale."""
-    return x.dtype.type(1) if gamma is None else gamma.reshape(1, -1, 1, 1)
+def _statistics_dtype(x):
+    """The dtype of batchnorm's statistics of x: x's own, float32 for float16 activations."""
+    return cupy.dtype(cupy.float32) if x.dtype == cupy.float16 else x.dtype
+
+
+def _per_channel(values, dtype):
+    """values (C,) as (1, C, 1, 1) of ``dtype``."""
+    return values.reshape(1, -1, 1, 1).astype(dtype, copy=False)
+
+
+def _channel_scale(gamma, dtype):
+    """gamma (C,) as (1, C, 1, 1), or a 1 of ``dtype`` for batchnorm without a scale."""
+    return dtype.type(1) if gamma is None else _per_channel(gamma, dtype)
 
 
 def _operand(x, ld_if_c, ld_if_f):
@@ -220,8 +243,9 @@ class CupyKernels:
 
     # -- matrix product ----------------------------------------------------------
     def matmul(self, a, b):
-        """``a @ b`` for 2-D float32/float64 arrays through our cuBLAS handle."""
-        if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype.char not in "fd":
+        """``a @ b`` for 2-D float16/float32/float64 arrays through our cuBLAS handle
+        (float16 is summed in float32)."""
+        if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype.char not in "efd":
             return a @ b
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align")
@@ -315,31 +339,35 @@ class CupyKernels:
     def spatial_batchnorm_train(x, gamma, beta, eps):
         """Batchnorm of x (N, C, H, W) with its statistics over N, H and W, in three passes:
         out and x̂ (N, C, H, W), the batch mean and biased variance (C,), and
-        1/sqrt(var + eps) as (1, C, 1, 1). gamma None: a scale of 1."""
+        1/sqrt(var + eps) as (1, C, 1, 1). gamma None: a scale of 1. For float16 x the
+        statistics are summed and kept in float32; out and x̂ are float16."""
         n, c, h, w = x.shape
-        mean = x.mean(axis=(0, 2, 3), keepdims=True)
+        stat = _statistics_dtype(x)
+        mean = x.mean(axis=(0, 2, 3), keepdims=True, dtype=stat)
         var = _squared_deviation_sum(x, mean, axis=(0, 2, 3), keepdims=True) / (n * h * w)
-        inv_std = (1 / cupy.sqrt(var + eps)).astype(x.dtype, copy=False)  # eps must not widen it
-        out, x_hat = _batchnorm_train(x, mean, inv_std, _channel_scale(gamma, x), beta.reshape(1, c, 1, 1))
+        inv_std = (1 / cupy.sqrt(var + eps)).astype(stat, copy=False)  # eps must not widen it
+        out, x_hat = _batchnorm_train(x, mean, inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat))
         return out, x_hat, mean.reshape(c), var.reshape(c), inv_std
 
     @staticmethod
     def spatial_batchnorm_apply(x, gamma, beta, mean, var, eps):
         """Test-mode batchnorm of x (N, C, H, W) with given statistics (C,), in one pass."""
-        c = x.shape[1]
-        inv_std = (1 / cupy.sqrt(var.reshape(1, c, 1, 1) + eps)).astype(x.dtype, copy=False)
+        stat = _statistics_dtype(x)
+        inv_std = (1 / cupy.sqrt(_per_channel(var, stat) + eps)).astype(stat, copy=False)
         return _batchnorm_apply(
-            x, mean.reshape(1, c, 1, 1), inv_std, _channel_scale(gamma, x), beta.reshape(1, c, 1, 1)
+            x, _per_channel(mean, stat), inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat)
         )
 
     @staticmethod
     def spatial_batchnorm_backward(dout, x_hat, gamma, inv_std):
-        """dx (N, C, H, W), dgamma (C,) (None without gamma) and dbeta (C,), in three passes."""
+        """dx (N, C, H, W), dgamma (C,) (None without gamma) and dbeta (C,), in three passes;
+        dgamma and dbeta are summed in the statistics' dtype (inv_std's) and have it."""
         n, c, h, w = dout.shape
         count = n * h * w
-        dbeta = dout.sum(axis=(0, 2, 3))
-        dgamma = _product_sum(dout, x_hat, axis=(0, 2, 3))
-        scale = inv_std if gamma is None else gamma.reshape(1, c, 1, 1) * inv_std
+        stat = inv_std.dtype
+        dbeta = dout.sum(axis=(0, 2, 3), dtype=stat)
+        dgamma = _product_sum(dout, x_hat, stat.type(1), axis=(0, 2, 3))
+        scale = inv_std if gamma is None else _per_channel(gamma, stat) * inv_std
         means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
         dx = _batchnorm_backward(dout, x_hat, scale, *means)
         return dx, None if gamma is None else dgamma, dbeta

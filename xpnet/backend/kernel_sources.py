@@ -188,27 +188,39 @@ MAX_POOL_BACKWARD = Elementwise(
 # scale of 1 without gamma), broadcast over (N, C, H, W). Each pass reads the
 # activations once: the variance around a given mean, the normalisation with x̂ kept
 # for the backward pass, and dx from the two per-channel means of the gradient.
+# T is the activations' type, F that of the statistics and the per-channel values:
+# the same type, or float for float16 activations, whose sums and statistics then
+# stay in float (with T = F the arithmetic is the same as without the casts).
 SQUARED_DEVIATION_SUM = Reduction(
-    "T x, T mean", "T total", "(x - mean) * (x - mean)", "a + b", "total = a", "0", "xpnet_squared_deviation_sum"
+    "T x, F mean",
+    "F total",
+    "((F)x - mean) * ((F)x - mean)",
+    "a + b",
+    "total = a",
+    "0",
+    "xpnet_squared_deviation_sum",
 )
-PRODUCT_SUM = Reduction("T dout, T x_hat", "T total", "dout * x_hat", "a + b", "total = a", "0", "xpnet_product_sum")
+# ``one`` (1 of type F) only names the type that the products are summed in.
+PRODUCT_SUM = Reduction(
+    "T dout, T x_hat, F one", "F total", "(F)dout * (F)x_hat * one", "a + b", "total = a", "0", "xpnet_product_sum"
+)
 BATCHNORM_TRAIN = Elementwise(
-    "T x, T mean, T inv_std, T gamma, T beta",
+    "T x, F mean, F inv_std, F gamma, F beta",
     "T out, T x_hat",
-    "x_hat = (x - mean) * inv_std; out = gamma * x_hat + beta",
+    "const F h = ((F)x - mean) * inv_std; x_hat = (T)h; out = (T)(gamma * h + beta)",
     "xpnet_batchnorm_train",
 )
 BATCHNORM_APPLY = Elementwise(
-    "T x, T mean, T inv_std, T gamma, T beta",
+    "T x, F mean, F inv_std, F gamma, F beta",
     "T out",
-    "out = gamma * ((x - mean) * inv_std) + beta",
+    "out = (T)(gamma * (((F)x - mean) * inv_std) + beta)",
     "xpnet_batchnorm_apply",
 )
 # dx = gamma/std · (dout - mean(dout) - x̂·mean(dout·x̂)), the means over N, H and W.
 BATCHNORM_BACKWARD = Elementwise(
-    "T dout, T x_hat, T scale, T mean_dout, T mean_dout_x_hat",
+    "T dout, T x_hat, F scale, F mean_dout, F mean_dout_x_hat",
     "T dx",
-    "dx = scale * (dout - mean_dout - x_hat * mean_dout_x_hat)",
+    "dx = (T)(scale * ((F)dout - mean_dout - (F)x_hat * mean_dout_x_hat))",
     "xpnet_batchnorm_backward",
 )
 SGD = Elementwise("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
