@@ -118,6 +118,24 @@ def recipe_lines(recipe: dict, judged=True) -> list[str]:
         _line(
             "#11 fast94 mean seconds xpnet/torch", f"{ratio:.2f}", "<= 1.5", ratio <= 1.5 and counted, detail, judged
         ),
+        *_half_precision_lines(runs),
+    ]
+
+
+def _half_precision_lines(runs: dict) -> list[str]:
+    """#11's goal beside its targets, not judged: float16 activations on both sides."""
+    ours, theirs = runs.get("xpnet-fp16"), runs.get("torch-fp16")
+    if not ours or not theirs:
+        return []
+
+    def mean(rows, key):
+        return statistics.mean(r[key] for r in rows)
+
+    ratio = mean(ours, "seconds") / mean(theirs, "seconds")
+    return [
+        f"{'info':10}  #11 fp16 on both sides, xpnet-fp16/torch-fp16 seconds: {ratio:.2f}; accuracy "
+        f"{mean(ours, 'test_accuracy'):.2%} against {mean(theirs, 'test_accuracy'):.2%} "
+        f"({min(len(ours), len(theirs))} runs)"
     ]
 
 

@@ -180,6 +180,8 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         "xpnet": [{"test_accuracy": 0.930, "seconds": 10.0}] * 5,
         "xpnet-cudnn": [{"test_accuracy": 0.940, "seconds": 6.0}] * 5,
         "torch": [{"test_accuracy": 0.941, "seconds": 5.0}] * 5,
+        "xpnet-fp16": [{"test_accuracy": 0.939, "seconds": 3.0}] * 5,  # not a target: a line of its own
+        "torch-fp16": [{"test_accuracy": 0.940, "seconds": 4.0}] * 5,
     }
     recipe = {"runs": runs, "train_images": 50000, "test_images": 10000}
     paths = []
@@ -188,7 +190,11 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         paths[-1].write_text(json.dumps({"device": "NVIDIA H200", **report}))
     assert _done_when().main([str(p) for p in paths]) == 0
     lines = capsys.readouterr().out.splitlines()
-    verdicts = {line.split("  ", 1)[1].split(":")[0].strip(): line.split()[0] for line in lines if "#" in line}
+    verdicts = {
+        line.split("  ", 1)[1].split(":")[0].strip(): line.split()[0]
+        for line in lines
+        if "#" in line and "info" not in line
+    }
     assert verdicts == {
         "#9 fp32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "PASS",
         "#9 TF32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "FAIL",
@@ -201,6 +207,10 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
     }
     assert "NVIDIA H200" in lines[0]
     assert any("#11 fast94 mean seconds xpnet/torch: 1.20 (bound <= 1.5) xpnet-cudnn, 5 runs" in line for line in lines)
+    assert (
+        "info        #11 fp16 on both sides, xpnet-fp16/torch-fp16 seconds: 0.75; accuracy 93.90% against 94.00%"
+        in ("\n".join(lines))
+    )
 
 
 def test_done_when_says_what_no_report_measured(capsys):

@@ -79,6 +79,43 @@ def test_fast_conv_net_refuses_bad_arguments(options, message):
         FastConvNet(**options)
 
 
+def test_float16_activations_agree_with_float32_and_keep_the_parameters_in_float32(backend, np_rng):
+    if not hasattr(backend.xp, "float16"):
+        with pytest.raises(ValueError, match=f"'float16'.*backend '{backend.name}' has no float16"):
+            FastConvNet(input_dim=(3, 16, 16), widths=(4, 8, 8), backend=backend, activation_dtype="float16")
+        return
+    X = backend.asarray(np_rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
+    y = labels(backend, np_rng.integers(0, 10, 8))
+    whiten_W = np_rng.standard_normal((24, 3, 2, 2)).astype(np.float32) * 0.5
+    models = {}
+    for act in (None, "float16"):
+        model = FastConvNet(input_dim=(3, 16, 16), widths=(4, 8, 8), backend=backend, seed=0, activation_dtype=act)
+        model.frozen["whiten_W"][...] = backend.asarray(whiten_W)
+        models[act] = (model, *model.loss(X, y))
+    (full, loss, grads), (half, half_loss, half_grads) = models[None], models["float16"]
+    assert half.activation_dtype == backend.xp.float16 and full.activation_dtype == backend.xp.float32
+    assert float(half_loss) == pytest.approx(float(loss), rel=2e-3) and float(half_loss) != float(loss)
+    for name, grad in grads.items():
+        assert half_grads[name].dtype == half.params[name].dtype == backend.xp.float32, name
+        a, b = to_np(half_grads[name]), to_np(grad)
+        # float16's 2^-11 grows through a dozen layers and batchnorm over few values (8 images).
+        assert np.linalg.norm(a - b) < 5e-2 * np.linalg.norm(b), name
+    for bn in half.bn_params:
+        assert bn["running_mean"].dtype == bn["running_var"].dtype == backend.xp.float32
+    scores = half.loss(X)
+    assert scores.dtype == backend.xp.float32
+    np.testing.assert_allclose(to_np(scores), to_np(full.loss(X)), atol=2e-2 * float(np.max(np.abs(to_np(scores)))))
+
+
+def test_fast_conv_net_refuses_activation_dtypes_other_than_float16():
+    for bad in ("float64", "int32", "bfloat16"):
+        with pytest.raises(ValueError, match=f"activation_dtype must be None .* or 'float16', got '{bad}'"):
+            FastConvNet(input_dim=(3, 16, 16), widths=(4, 8, 8), activation_dtype=bad)
+    assert FastConvNet(input_dim=(3, 16, 16), widths=(4, 8, 8), activation_dtype="float32").activation_dtype == (
+        np.float32
+    )
+
+
 # ----------------------------------------------------------------------------- lookahead
 def test_lookahead_moves_the_slow_copy_every_k_steps_and_ends_on_it(backend):
     fast = [arr(backend, [1.0, 2.0]), arr(backend, [[3.0]])]
@@ -273,6 +310,19 @@ def test_the_pytorch_recipe_in_its_published_fp16_channels_last_setting_runs_on_
     # The same initial weights and draws: the losses agree to half precision's rounding.
     np.testing.assert_allclose(half.losses, full.losses, rtol=2e-2)
     assert half.losses != full.losses  # and they were computed in half precision
+
+
+def test_the_recipe_with_float16_activations_follows_the_float32_run():
+    # The same initial weights and draws: float16 activations change the losses by rounding only.
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.integers(0, 256, (128, 32, 32, 3)).astype(np.float32), "y_train": rng.integers(0, 10, 128)}
+    data |= {"X_test": data["X_train"][:32], "y_test": data["y_train"][:32]}
+    small = {"widths": (8, 16, 16), "batch_size": 32, "epochs": 1, "seed": 0, "backend": "numpy"}
+    full = fast94(data, **small)
+    half = fast94(data, activation_dtype="float16", **small)
+    assert half.steps == full.steps == 4 and 0.0 <= half.test_accuracy <= 1.0
+    np.testing.assert_allclose(half.losses, full.losses, rtol=2e-2)
+    assert half.losses != full.losses
 
 
 # ----------------------------------------------------------------------------- end to end

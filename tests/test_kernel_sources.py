@@ -269,6 +269,32 @@ def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kerne
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), np.float64)
 
 
+def test_float16_activations_give_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch):
+    """FastConvNet on float16 copies of its float32 parameters: the fused kernels (float16
+    storage, arithmetic in float, batchnorm statistics in float32) against the reference
+    layers (each computing in float32, rounding what it stores), to float16's precision."""
+    from xpnet.cnn import FastConvNet
+
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((6, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 6)
+    whiten_W = rng.standard_normal((24, 3, 2, 2)).astype(np.float32) * 0.5
+
+    def run():
+        model = FastConvNet(widths=(4, 8, 8), backend="numpy", seed=0, activation_dtype="float16")
+        model.frozen["whiten_W"][...] = whiten_W
+        loss, grads = model.loss(X, y)
+        running = [bn[key].copy() for bn in model.bn_params for key in ("running_mean", "running_var")]
+        return (loss, *[grads[name] for name in sorted(grads)], *running, model.loss(X))
+
+    fused = ["im2col", "col2im", "max_pool_forward", "max_pool_backward", "spatial_batchnorm_train",
+             "spatial_batchnorm_backward", "spatial_batchnorm_apply", "gelu_forward", "gelu_backward"]  # fmt: skip
+    fast, reference = fused_and_reference(kernels, monkeypatch, run, fused)
+    for a, b in zip(fast, reference, strict=True):
+        assert a.dtype == b.dtype == np.float32  # gradients, statistics, loss and scores: the parameters' dtype
+        scale = max(float(np.max(np.abs(b))), 1e-3)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * scale)
+
+
 def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monkeypatch):
     """20 steps of the fast CIFAR-10 recipe (grouped Nesterov updates with schedules held in
     arrays, lookahead, batchnorm running statistics, the whitening bias freezing) through

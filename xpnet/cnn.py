@@ -11,6 +11,7 @@ from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backwar
 from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
 from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
 from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int
+from .precision import narrowed
 from .spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
 
 __all__ = ["ThreeLayerConvNet", "FastConvNet"]
@@ -167,6 +168,11 @@ class FastConvNet(Model):
             The running variance averages the unbiased batch variance, as PyTorch's does.
         label_smoothing: ε of the softmax loss (0.2); loss_reduction: "sum" (the recipe's) or "mean".
         dtype, seed / rng, backend: as for the other nets.
+        activation_dtype: None (the parameters' dtype) or "float16": the layers then run on
+            float16 copies of the parameters and the inputs, each computing in float32 and
+            storing float16 (see :mod:`xpnet.precision`), while the parameters, their
+            gradients, the batchnorm statistics, the loss and the scores stay in ``dtype``.
+            On backends with a float16 type (NumPy, CuPy, PyTorch); it pays on GPUs.
     """
 
     def __init__(
@@ -183,8 +189,10 @@ class FastConvNet(Model):
         seed=None,
         backend=None,
         rng=None,
+        activation_dtype=None,
     ):
         super().__init__(backend, dtype)
+        self.activation_dtype = self._activation_dtype(activation_dtype)
         channels, height, width = check_input_dim(input_dim)
         if len(tuple(widths)) != 3:
             raise ValueError(f"FastConvNet: widths must name the three groups' widths, got {widths!r}")
@@ -226,6 +234,22 @@ class FastConvNet(Model):
             c_in = f
         self.params["W_out"] = self._uniform(rng, (c_in, num_classes), c_in)
 
+    def _activation_dtype(self, spec):
+        """The layers' dtype for ``spec``: the parameters' dtype or the backend's float16."""
+        if spec is None:
+            return self.dtype
+        half = getattr(self.xp, "float16", None)
+        try:
+            resolved = self.backend.dtype(spec)
+        except (TypeError, ValueError):
+            resolved = None
+        if resolved is not None and resolved in (self.dtype, half):
+            return resolved
+        available = "" if half is not None else f"; backend {self.backend.name!r} has no float16"
+        raise ValueError(
+            f"FastConvNet: activation_dtype must be None (the parameters' dtype) or 'float16', got {spec!r}{available}"
+        )
+
     def _uniform(self, rng, shape, fan_in):
         bound = 1.0 / math.sqrt(fan_in)
         return (2.0 * rng.uniform(shape, dtype=self.dtype) - 1.0) * bound
@@ -252,12 +276,15 @@ class FastConvNet(Model):
         X = self.prepare_inputs(X)
         if tuple(X.shape[1:]) != self.input_dim:
             raise ValueError(f"FastConvNet: inputs must be (N, *{self.input_dim}), got {tuple(X.shape)}")
-        xp, p = self.xp, self.params
+        xp, act = self.xp, self.activation_dtype
+        # The layers' copies of the parameters (the parameters themselves when act is dtype).
+        p = {name: narrowed(xp, value, act) for name, value in self.params.items()}
         mode = "test" if y is None else "train"
         for bn_param in self.bn_params:
             bn_param["mode"] = mode
 
-        whitened = conv_forward_fast(X, self.frozen["whiten_W"], p["whiten_b"], {"stride": 1, "pad": 0})[0]
+        whiten_W = narrowed(xp, self.frozen["whiten_W"], act)
+        whitened = conv_forward_fast(narrowed(xp, X, act), whiten_W, p["whiten_b"], {"stride": 1, "pad": 0})[0]
         h, gelu_cache = gelu_forward(whitened)
         caches, conv_shapes = [], []
         for i in range(1, 7):
@@ -268,17 +295,18 @@ class FastConvNet(Model):
         fh, fw = h.shape[2], h.shape[3]
         pooled, pool_cache = max_pool_forward_fast(h, {"pool_height": fh, "pool_width": fw, "stride": fh})
         features = xp.reshape(pooled, (pooled.shape[0], -1))  # (N, F_3)
-        scores = matmul(features, p["W_out"]) * self.scale
+        scores = narrowed(xp, matmul(features, p["W_out"]), self.dtype) * self.scale
         if y is None:
             return scores
 
         loss, dscores = softmax_loss(scores, self.prepare_labels(y), self.label_smoothing, self.loss_reduction)
         grads = {}
-        dscores = dscores * self.scale
+        dscores = narrowed(xp, dscores * self.scale, act)
         grads["W_out"] = matmul(features.T, dscores)
         dh = max_pool_backward_fast(xp.reshape(matmul(dscores, p["W_out"].T), pooled.shape), pool_cache)
         for i in range(6, 0, -1):
             dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1], conv_shapes[i - 1])
         dwhitened = gelu_backward(dh, gelu_cache)
-        grads["whiten_b"] = xp.sum(dwhitened, axis=(0, 2, 3))  # the filters are fixed: no other gradient
-        return loss, grads
+        # The filters are fixed: no other gradient. Summed in dtype: float16 sums could overflow.
+        grads["whiten_b"] = xp.sum(dwhitened, axis=(0, 2, 3), dtype=self.dtype)
+        return loss, {name: narrowed(xp, grad, self.dtype) for name, grad in grads.items()}

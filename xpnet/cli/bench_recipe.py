@@ -1,7 +1,8 @@
 """``xpnet-bench --recipe fast94``: the fast CIFAR-10 recipe in xpnet and in PyTorch, in
 one process, interleaved run by run on the same data, in the same precision (TF32 on
 both sides or off on both), with PyTorch's published setting (fp16, channels-last) beside
-them on a GPU, and there xpnet with cuDNN's convolutions too when cuDNN loads. Each run
+them on a GPU, and there xpnet with float16 activations and xpnet with cuDNN's
+convolutions (when cuDNN loads) too. Each run
 counts what the published recipe counts (whitening, training, evaluation with TTA) after
 one untimed warm-up run per side on the same shapes. A side that fails is reported
 (``failures``) and left out of the later runs; the others go on.
@@ -79,6 +80,10 @@ def recipe_runs(backend, args) -> dict:
         # The same recipe with cuDNN's convolutions: which of xpnet's two paths to keep is measured here too.
         on_cudnn = settings.with_overrides({"cudnn": True})
         sides["xpnet-cudnn"] = lambda seed: timed_run(backend, on_cudnn, seed, *ours)
+    if backend.is_gpu and settings.activation_dtype is None:
+        # Beside PyTorch's fp16 row: float16 activations, float32 weights (the issue's "if it pays").
+        in_half = settings.with_overrides({"activation_dtype": "float16"})
+        sides["xpnet-fp16"] = lambda seed: timed_run(backend, in_half, seed, *ours)
     if not args.no_torch:
         torch, fast94_torch, theirs = _torch_side(backend, data, bool(args.tf32))
         sides["torch"] = lambda seed: fast94_torch.fast94_torch(*theirs, settings, seed)

@@ -70,7 +70,9 @@ class Fast94Settings:
         flip, translate: alternating flips; translations of up to ``translate`` pixels.
         tta_level: 0 none, 1 mirror, 2 mirror and 1-pixel translations.
         scale, bn_momentum, bn_eps: of :class:`~xpnet.cnn.FastConvNet`.
-        dtype: "float32" or "float64".
+        dtype: "float32" or "float64": the parameters' and the optimizer's.
+        activation_dtype: None (dtype) or "float16": half-precision activations with the
+            parameters kept in dtype, as :class:`~xpnet.cnn.FastConvNet` takes it.
         cuda_graph: capture the training step (None: where the backend can).
         tf32: let GEMMs use TF32 tensor cores (CuPy).
         cudnn: run the convolutions through cuDNN instead of im2col + cuBLAS (CuPy).
@@ -98,6 +100,7 @@ class Fast94Settings:
     bn_momentum: float = 0.6
     bn_eps: float = 1e-12
     dtype: str = "float32"
+    activation_dtype: str | None = None
     cuda_graph: bool | None = None
     tf32: bool = False
     cudnn: bool = False
@@ -265,7 +268,8 @@ def _model(backend, settings, seed, input_dim):
     return FastConvNet(input_dim=input_dim, widths=settings.widths, scale=settings.scale,
                        bn_momentum=settings.bn_momentum, bn_eps=settings.bn_eps,
                        label_smoothing=settings.label_smoothing, loss_reduction="sum",
-                       dtype=settings.dtype, backend=backend, rng=backend.rng((seed, 0)))  # fmt: skip
+                       dtype=settings.dtype, activation_dtype=settings.activation_dtype,
+                       backend=backend, rng=backend.rng((seed, 0)))  # fmt: skip
 
 
 def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose: bool = False, **overrides):
