@@ -47,16 +47,21 @@ def gpu(session):
     session.run("pytest", "-m", "not slow", *session.posargs, env={"XPNET_TEST_BACKENDS": "cupy,numpy"})
 
 
-# CuPy and NVRTC wheels for each CUDA major version.
-CUDA_WHEELS = {"12": ("cupy-cuda12x", "nvidia-cuda-nvrtc-cu12"), "13": ("cupy-cuda13x", "nvidia-cuda-nvrtc>=13,<14")}
+# CuPy, NVRTC and the CUDA runtime's headers (cuda_fp16.h, which CuPy's float16 includes)
+# for each CUDA major version.
+CUDA_WHEELS = {
+    "12": ("cupy-cuda12x", "nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12"),
+    "13": ("cupy-cuda13x", "nvidia-cuda-nvrtc>=13,<14", "nvidia-cuda-runtime>=13,<14"),
+}
 
 
 @nox.session
 @nox.parametrize("cuda", list(CUDA_WHEELS))
 def kernels(session, cuda):
-    """Compile every CUDA kernel with NVRTC for sm_90, no GPU needed (CuPy's bindings and the
-    NVRTC wheel of CUDA 12 or 13, about 230 MB): catches what the C++ compiler of the CPU
-    tests lets through. `nox -s "kernels(cuda='13')"` for one version."""
+    """Compile every CUDA kernel with NVRTC for sm_90, no GPU needed (CuPy's bindings, the
+    NVRTC wheel and the runtime's headers of CUDA 12 or 13, about 235 MB), float16 variants
+    with CuPy's own float16 header: catches what the C++ compiler of the CPU tests lets
+    through. `nox -s "kernels(cuda='13')"` for one version."""
     session.install("-e", ".", *CUDA_WHEELS[cuda])
     session.run("python", "tests/cpu_kernels.py", "--nvrtc")
 

@@ -217,37 +217,63 @@ _C_SCALARS = {
 }
 
 
+# The C types each kernel is built with for NVRTC: T, and F (the statistics' type).
+_PRECISIONS = {
+    "float": {"T": "float", "F": "float"},
+    "double": {"T": "double", "F": "double"},
+    "float16": {"T": "float16", "F": "float"},  # only kernel_sources.FLOAT16_KERNELS
+}
+
+
 def cuda_sources():
-    """(name, CUDA source) of every kernel in kernel_sources, for float and double, as CuPy
-    would build them (a reduction as its map and post-map expressions): what
-    ``python tests/cpu_kernels.py --nvrtc`` compiles."""
+    """(name, CUDA source) of every kernel in kernel_sources, for float and double (and
+    float16 activations where they pass), as CuPy would build them (a reduction as its map
+    and post-map expressions): what ``python tests/cpu_kernels.py --nvrtc`` compiles."""
     from xpnet.backend import kernel_sources
 
-    for t_c in ("float", "double"):
-        types = {"T": t_c, "F": t_c}
+    for label, c_types in _PRECISIONS.items():
+        half = label == "float16"
+        head = "#include <cupy/float16.cuh>\n" if half else ""  # CuPy's float16 class, as CuPy includes it
         for name, kernel in vars(kernel_sources).items():
+            if half and name not in kernel_sources.FLOAT16_KERNELS:
+                continue
             if isinstance(kernel, Elementwise):
                 params = _params(kernel.in_params, kernel.out_params)
-                yield f"{name}_{t_c}", _elementwise_source(params, kernel.operation, types, cuda=True)
+                yield f"{name}_{label}", head + _elementwise_source(params, kernel.operation, c_types, cuda=True)
             elif isinstance(kernel, Reduction):
                 (out,) = _params("", kernel.out_params)
                 mapped = _params(kernel.in_params, f"{out.type_name} _mapped")
-                yield f"{name}_map_{t_c}", _elementwise_source(mapped, f"_mapped = {kernel.map_expr}", types, cuda=True)
+                map_source = _elementwise_source(mapped, f"_mapped = {kernel.map_expr}", c_types, cuda=True)
+                yield f"{name}_map_{label}", head + map_source
                 post = _params(f"{out.type_name} a", f"{out.type_name} {out.name}")
-                yield f"{name}_post_{t_c}", _elementwise_source(post, kernel.post_map_expr, types, cuda=True)
-        yield f"SOFTMAX_LOSS_{t_c}", kernel_sources.SOFTMAX_LOSS.replace("{T}", t_c).replace("{name}", t_c)
+                yield f"{name}_post_{label}", head + _elementwise_source(post, kernel.post_map_expr, c_types, cuda=True)
+        if not half:
+            yield f"SOFTMAX_LOSS_{label}", kernel_sources.SOFTMAX_LOSS.replace("{T}", label).replace("{name}", label)
+
+
+def _nvrtc_include_options() -> list[str]:
+    """-I options for CuPy's headers (cupy/float16.cuh) and the CUDA headers they include
+    (cuda_fp16.h, from the nvidia-cuda-runtime wheel)."""
+    import cupy
+
+    folders = [Path(cupy.__file__).parent / "_core" / "include"]
+    for entry in map(Path, sys.path):
+        folders += sorted(p.parent for p in entry.glob("nvidia/*/include/cuda_fp16.h"))
+    return [f"-I{folder}" for folder in folders]
 
 
 def compile_with_nvrtc(arch="compute_90") -> int:
     """Compile every kernel with CUDA's run-time compiler (no GPU needed: CuPy's NVRTC
-    bindings and the nvidia-cuda-nvrtc wheel); prints each failure's log, returns their count."""
+    bindings, the nvidia-cuda-nvrtc wheel and, for float16, the nvidia-cuda-runtime wheel's
+    headers); prints each failure's log, returns their count."""
     from cupy_backends.cuda.libs import nvrtc
 
+    options = [f"-arch={arch}", "-std=c++17", *_nvrtc_include_options()]
     failures = 0
     for name, source in cuda_sources():
         program = nvrtc.createProgram(source, f"{name}.cu", [], [])
         try:
-            nvrtc.compileProgram(program, [f"-arch={arch}", "-std=c++17"])
+            nvrtc.compileProgram(program, options)
             print(f"ok    {name}")
         except Exception:
             failures += 1

@@ -117,7 +117,7 @@ COL2IM = Elementwise(
     const int ih = t % H; t /= H;
     const int c = t % C;
     const int n = t / C;
-    T total = 0;
+    decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
     for (int ki = 0; ki < KH; ++ki) {
         const int r = ih + pad - ki;
         if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
@@ -129,7 +129,7 @@ COL2IM = Elementwise(
             total += cols[(((((long long)c * KH + ki) * KW + kj) * N + n) * OH + oh) * OW + ow];
         }
     }
-    dx = total;
+    dx = (T)total;
     """,
     "xpnet_col2im",
 )
@@ -169,7 +169,7 @@ MAX_POOL_BACKWARD = Elementwise(
     const int iw = i % W;
     const int ih = (i / W) % H;
     const long long plane = i / ((long long)H * W);
-    T total = 0;
+    decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
     for (int ki = 0; ki < PH; ++ki) {
         const int r = ih - ki;
         if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
@@ -180,7 +180,7 @@ MAX_POOL_BACKWARD = Elementwise(
             if (argmax[o] == ki * PW + kj) total += dout[o];
         }
     }
-    dx = total;
+    dx = (T)total;
     """,
     "xpnet_max_pool_backward",
 )
@@ -222,6 +222,22 @@ BATCHNORM_BACKWARD = Elementwise(
     "T dx",
     "dx = (T)(scale * ((F)dout - mean_dout - (F)x_hat * mean_dout_x_hat))",
     "xpnet_batchnorm_backward",
+)
+# The kernels that float16 activations pass through (FastConvNet's layers with
+# activation_dtype="float16"), built with T = float16 and F = float as well. CuPy's
+# float16 converts to float for every operation, so their arithmetic is float's.
+FLOAT16_KERNELS = (
+    "GELU_FORWARD",
+    "GELU_BACKWARD",
+    "IM2COL",
+    "COL2IM",
+    "MAX_POOL_FORWARD",
+    "MAX_POOL_BACKWARD",
+    "SQUARED_DEVIATION_SUM",
+    "PRODUCT_SUM",
+    "BATCHNORM_TRAIN",
+    "BATCHNORM_APPLY",
+    "BATCHNORM_BACKWARD",
 )
 SGD = Elementwise("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 SGD_MOMENTUM = Elementwise("T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum")
