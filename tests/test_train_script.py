@@ -97,6 +97,11 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--recipe", "fast94", "--dataset", "cifar10", "--tf32"], "TF32 applies to CUDA GPUs"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cudnn"], "cuDNN applies to CUDA GPUs"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
+        (["--fp16"], "--fp16 applies to --recipe fast94 only"),
+        (
+            ["--recipe", "fast94", "--dataset", "cifar10", "--fp16", "--backend", "array_api_strict"],
+            "--fp16: backend 'array_api_strict' has no float16 type",
+        ),
     ],
 )
 def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, args, message):
@@ -148,7 +153,7 @@ def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):
     assert "for 5 epochs" in capsys.readouterr().out
 
 
-def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys):
+def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys, monkeypatch):
     """The recipe's command on a small stand-in for CIFAR-10 (64 training images, 20 test images)."""
     write_fake_cifar(tmp_path / "cifar", per_batch=20)
     log = tmp_path / "recipe.jsonl"
@@ -163,3 +168,19 @@ def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys):
     assert record["seconds"] == pytest.approx(
         record["whiten_seconds"] + record["train_seconds"] + record["eval_seconds"]
     )
+    assert record["activations"] == "float32"
+
+    import xpnet.cli.recipe as recipe_cli
+
+    settings_seen = []
+
+    def spy(data, **kwargs):
+        settings_seen.append(kwargs)
+        return fast94(data, **kwargs)
+
+    fast94 = recipe_cli.fast94
+    monkeypatch.setattr(recipe_cli, "fast94", spy)
+    assert train([*args, "--fp16"]) == 0
+    assert settings_seen[0]["activation_dtype"] == "float16"
+    half = json.loads(log.read_text())
+    assert half["activations"] == "float16" and half["steps"] == 2

@@ -50,6 +50,8 @@ def run_recipe(args, backend, data, log=None) -> int:
     overrides = {"tf32": bool(args.tf32), "cudnn": bool(args.cudnn)}
     if args.cuda_graph:
         overrides["cuda_graph"] = True
+    if args.fp16:
+        overrides["activation_dtype"] = "float16"
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:
@@ -63,5 +65,6 @@ def run_recipe(args, backend, data, log=None) -> int:
     )
     if log is not None:
         record = {k: v for k, v in vars(result).items() if k != "losses"}
-        log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, **record))
+        precision = "float16" if args.fp16 else "float32"
+        log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, activations=precision, **record))
     return 0

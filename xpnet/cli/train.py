@@ -66,7 +66,7 @@ def build_parser():
         choices=RECIPES,
         help="a complete recipe instead of a model and Solver settings: fast94 is the fast CIFAR-10 recipe "
         "(all 50,000 training images, TTA on the 10,000 test images; --epochs, --batch-size, --seed, "
-        "--num-train, --tf32 and --cuda-graph adjust it)",
+        "--num-train, --tf32, --cudnn, --fp16 and --cuda-graph adjust it)",
     )
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not found")
@@ -121,6 +121,12 @@ def build_parser():
         action="store_true",
         help='run convolutions through cuDNN instead of im2col + cuBLAS (cupy; pip install "xpnet[cudnn12]")',
     )
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="--recipe fast94 with float16 activations; weights, loss and optimizer stay float32 "
+        "(pays on GPUs; numpy and torch run it too)",
+    )
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
     p.add_argument(
@@ -144,6 +150,8 @@ class UsageError(Exception):
 
 
 def check_flags_apply(args):
+    if args.fp16:
+        raise UsageError("--fp16 applies to --recipe fast94 only (its network takes float16 activations)")
     if args.dataset != "cifar10":
         for key, flag in CIFAR10_ONLY_FLAGS.items():
             if getattr(args, key):
@@ -307,6 +315,8 @@ class Run:
             raise UsageError(
                 f"--cuda-graph needs the cupy backend; backend {backend.name!r} cannot capture CUDA graphs"
             )
+        if args.fp16 and not hasattr(backend.xp, "float16"):
+            raise UsageError(f"--fp16: backend {backend.name!r} has no float16 type (numpy, cupy and torch have one)")
         if args.log:
             check_output_file("--log", args.log)
             self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
