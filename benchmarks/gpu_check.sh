@@ -6,8 +6,11 @@
 #   suite   the whole test suite on CuPy
 #   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
 #   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only), in TF32
-#           on both sides unless RECIPE_FLAGS says otherwise (RECIPE_FLAGS= : fp32)
+#           on both sides unless RECIPE_FLAGS says otherwise (RECIPE_FLAGS= : fp32); beside them xpnet
+#           with cuDNN, and float16 activations on both sides (xpnet-fp16, torch-fp16)
 # then benchmarks/done_when.py on whatever JSON is in $OUT, last. STEPS picks the parts (default: all).
+# bench.py rewrites its JSON after each part and each recipe run, so a step cut off by its timeout
+# still leaves what it measured for done_when.py.
 # A call has 10 minutes and the data set travels in three pieces of ~62 MB (benchmarks/stage_gpu_run.sh
 # stages them and the wheels the machine lacks, in .whl/), so one part set per piece fits:
 #   STEPS="tests bench"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
@@ -58,7 +61,7 @@ fi
 if [[ $STEPS == *" recipe "* ]] && full_data; then
     # TF32 on both sides by default (RECIPE_FLAGS= for fp32): the same precision on each side, as the issue
     # asks, at about a third of fp32's time per run; xpnet with cuDNN runs beside im2col + cuBLAS.
-    echo "== fast94: xpnet (im2col, cuDNN) against PyTorch (${RECIPE_FLAGS---tf32}; PyTorch fp16 channels-last beside), ${RUNS:-5} runs"
+    echo "== fast94: xpnet (im2col, cuDNN) against PyTorch (${RECIPE_FLAGS---tf32}; fp16 on both sides beside), ${RUNS:-5} runs"
     timeout "${RECIPE_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
         ${RECIPE_FLAGS---tf32} --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -16
 fi

@@ -1,6 +1,8 @@
 """The benchmark command runs and reports what it measured (timings themselves are never asserted)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +135,21 @@ def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
     assert len(runs) == 2 and all(run["steps"] == 2 and run["seconds"] > 0 for run in runs)
     printed = capsys.readouterr().out
     assert "| run | xpnet acc | xpnet s |" in printed and "| mean |" in printed
+
+
+def test_the_json_report_is_written_after_each_recipe_run(tmp_path, monkeypatch):
+    # A GPU step killed by its time limit keeps the runs it finished: the file on disk grows run by run.
+    snapshots = []
+    replace = os.replace
+
+    def recording(source, target):
+        replace(source, target)
+        snapshots.append(json.loads(Path(target).read_text()).get("recipe", {}).get("runs", {}).get("xpnet", []))
+
+    monkeypatch.setattr(bench.os, "replace", recording)
+    final = _tiny_recipe_report(tmp_path)["runs"]["xpnet"]
+    assert [len(runs) for runs in snapshots] == [1, 2, 2]  # after each run, then once at the end
+    assert snapshots[0][0] == final[0] and not list(tmp_path.glob("*.partial"))
 
 
 def test_recipe_measures_xpnet_eagerly_when_its_graph_capture_fails(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -425,6 +426,15 @@ def main(argv=None):
     }
     print(f"# {backend.name} on {backend.device_name}; {report['versions']}", flush=True)
 
+    def save():
+        """The report so far to --json, after each part: a run stopped by a time limit keeps
+        what it measured. Written whole to a temporary file, then renamed over the old one."""
+        if args.json:
+            partial = f"{args.json}.partial"
+            with open(partial, "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(partial, args.json)
+
     if args.tf32:
         try:
             backend.set_tf32(True)
@@ -432,8 +442,10 @@ def main(argv=None):
             p.error(f"--tf32: {exc}")
     if args.suite in ("fc", "all"):
         run_fc_suite(backend, configs, use_torch, args, report)
+        save()
     if args.suite in ("conv", "all"):
         report["conv"] = run_conv_suite(backend, args)
+        save()
     if args.time_to_accuracy:
         try:
             report["time_to_accuracy"] = bench_tta.time_to_accuracy(backend, args)
@@ -442,11 +454,17 @@ def main(argv=None):
         print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
         if args.breakdown and "error" not in report["time_to_accuracy"]:
             print(bench_tta.format_breakdown(report["time_to_accuracy"]), flush=True)
+        save()
     if args.recipe:
         if not use_torch:
             args.no_torch = True
+
+        def progress(partial):
+            report["recipe"] = partial
+            save()
+
         try:
-            report["recipe"] = bench_recipe.recipe_runs(backend, args)
+            report["recipe"] = bench_recipe.recipe_runs(backend, args, on_progress=progress)
         except (OSError, ValueError) as exc:
             p.error(f"--recipe {args.recipe}: {exc}")
     print()
@@ -460,9 +478,7 @@ def main(argv=None):
     for title, (rows, names, ratios) in report.get("conv", {}).items():
         print()
         print(bench_conv.format_conv_table(title, rows, names, ratios))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    save()
     return 0
 
 

@@ -70,8 +70,10 @@ def _torch_side(backend, data, tf32):
     return torch, fast94_torch, arrays
 
 
-def recipe_runs(backend, args) -> dict:
-    """Warm up each side once, then ``args.runs`` interleaved runs; returns the report."""
+def recipe_runs(backend, args, on_progress=None) -> dict:
+    """Warm up each side once, then ``args.runs`` interleaved runs; returns the report, and
+    passes the report so far to ``on_progress`` after each run (so that a run cut short by a
+    time limit keeps what it measured)."""
     settings = Fast94Settings().with_overrides(dict([*args.recipe_set, ("tf32", bool(args.tf32))]))
     data = _load(args)
     ours = device_data(backend, data, settings.dtype)
@@ -117,6 +119,20 @@ def recipe_runs(backend, args) -> dict:
         print(f"warm-up: {name}", flush=True)
         attempt(name, 10_000)
     runs = {name: [] for name in sides}
+
+    def report() -> dict:
+        measured = {name: rows for name, rows in runs.items() if rows}
+        summary = {
+            name: {
+                "mean_accuracy": statistics.fmean(x["test_accuracy"] for x in rows),
+                "mean_seconds": statistics.fmean(x["seconds"] for x in rows),
+            }
+            for name, rows in measured.items()
+        }
+        return {"settings": {k: v for k, v in vars(settings).items()}, "runs": measured, "summary": summary,
+                "warmup": not args.no_warmup, "failures": dict(failures),
+                "train_images": int(ours[0].shape[0]), "test_images": int(ours[2].shape[0])}  # fmt: skip
+
     for r in range(args.runs):
         for name in list(sides):
             result = attempt(name, r)
@@ -126,17 +142,9 @@ def recipe_runs(backend, args) -> dict:
                                "whiten_seconds": result.whiten_seconds, "train_seconds": result.train_seconds,
                                "eval_seconds": result.eval_seconds, "steps": result.steps})  # fmt: skip
             print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s", flush=True)
-    runs = {name: rows for name, rows in runs.items() if rows}
-    summary = {
-        name: {
-            "mean_accuracy": statistics.fmean(x["test_accuracy"] for x in rows),
-            "mean_seconds": statistics.fmean(x["seconds"] for x in rows),
-        }
-        for name, rows in runs.items()
-    }
-    return {"settings": {k: v for k, v in vars(settings).items()}, "runs": runs, "summary": summary,
-            "warmup": not args.no_warmup, "failures": failures,
-            "train_images": int(ours[0].shape[0]), "test_images": int(ours[2].shape[0])}  # fmt: skip
+            if on_progress is not None:
+                on_progress(report())
+    return report()
 
 
 def format_recipe_table(report: dict) -> str:
