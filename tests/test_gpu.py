@@ -526,3 +526,71 @@ def test_fast94_steps_never_synchronise():
     with cupyx.allow_synchronize(False):
         for _ in range(3):
             trainer.graph.run(trainer._step, trainer.capture_key)
+
+
+# ----------------------------------------------------------------------------- float16 activations
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True)])
+def test_cublas_float16_matmul_sums_in_float32(a_t, b_t):
+    rng = np.random.default_rng(4)
+    a_np = rng.standard_normal((37, 2000) if a_t else (2000, 37)).astype(np.float16)
+    b_np = rng.standard_normal((23, 2000) if b_t else (2000, 23)).astype(np.float16)
+    a, b = CUPY.asarray(a_np), CUPY.asarray(b_np)
+    a, b = (a.T if a_t else a), (b.T if b_t else b)
+    fast = xpnet.backend.accelerated(a).matmul(a, b)
+    assert fast.dtype == cp.float16 and fast.shape == (a.shape[0], 23)
+    exact = (to_numpy(a).astype(np.float64) @ to_numpy(b).astype(np.float64)).astype(np.float16)
+    ulp = np.spacing(np.abs(exact)).astype(np.float64)
+    assert np.all(np.abs(to_numpy(fast).astype(np.float64) - exact) <= 2 * ulp)  # one rounding, not 2000
+
+
+def _half_net_run(backend):
+    from xpnet.cnn import FastConvNet
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    whiten_W = (rng.standard_normal((24, 3, 2, 2)) * 0.5).astype(np.float32)
+    model = FastConvNet(widths=(8, 16, 16), backend=backend, seed=0, activation_dtype="float16")
+    model.frozen["whiten_W"][...] = backend.asarray(whiten_W)
+    loss, grads = model.loss(backend.asarray(X), backend.asarray(y))
+    running = [bn[key] for bn in model.bn_params for key in ("running_mean", "running_var")]
+    outputs = [loss, *[grads[name] for name in sorted(grads)], *running, model.loss(backend.asarray(X))]
+    return [to_numpy(v) for v in outputs]
+
+
+def test_float16_fast_conv_net_on_cupy_matches_numpy_and_the_reference():
+    """FastConvNet's float16 path through the fused kernels, cuBLAS's GemmEx and CuPy's float16,
+    against the same net's NumPy reference, to float16's precision; nothing float16 leaks out."""
+    fused = ["im2col", "col2im", "max_pool_forward", "spatial_batchnorm_train", "spatial_batchnorm_backward",
+             "gelu_forward", "gelu_backward", "matmul"]  # fmt: skip
+    fast, reference = both(lambda: _half_net_run(CUPY), fused)
+    on_numpy = _half_net_run(xpnet.get_backend("numpy"))
+    for a, b, c in zip(fast, reference, on_numpy, strict=True):
+        assert a.dtype == b.dtype == c.dtype == np.float32
+        scale = max(float(np.max(np.abs(c))), 1e-3)
+        np.testing.assert_allclose(a, c, rtol=0, atol=2e-2 * scale)
+        np.testing.assert_allclose(b, c, rtol=0, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad", [((8, 24, 15, 15), (32, 24, 3, 3), 1, 1)])
+def test_cudnn_float16_convolutions_equal_im2col_and_cublas(x_shape, w_shape, stride, pad):
+    from xpnet import fast_layers
+
+    rng = np.random.default_rng(6)
+    x = CUPY.asarray(rng.standard_normal(x_shape).astype(np.float16))
+    w = CUPY.asarray((rng.standard_normal(w_shape) * 0.1).astype(np.float16))
+    conv = {"stride": stride, "pad": pad}
+    out, cache = fast_layers.conv_forward_fast(x, w, None, conv)
+    dout = CUPY.asarray(rng.standard_normal(out.shape).astype(np.float16))
+    grads = fast_layers.conv_backward_fast(dout, cache)
+    _switch_cudnn_on_or_skip()
+    try:
+        out_c, cache_c = fast_layers.conv_forward_fast(x, w, None, conv)
+        grads_c = fast_layers.conv_backward_fast(dout, cache_c)
+    finally:
+        CUPY.set_cudnn(False)
+    assert not hasattr(cache_c[4], "shape")  # no columns: cuDNN ran
+    for a, b in zip((out_c, *grads_c[:2]), (out, *grads[:2])):
+        assert a.dtype == b.dtype == cp.float16
+        scale = float(cp.max(cp.abs(b.astype(cp.float32))))
+        np.testing.assert_allclose(to_numpy(a).astype(np.float32), to_numpy(b).astype(np.float32), atol=4e-3 * scale)
