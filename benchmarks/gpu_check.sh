@@ -26,25 +26,32 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || exit 1
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# /tmp outlives a call while the machine stays up: later calls reuse the kernels compiled by the first
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy-kernel-cache
+started=$SECONDS
+step_done() { echo "$1 $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"; started=$SECONDS; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 full_data() { [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; }
 
 if [[ $STEPS == *" tests "* ]]; then
     echo "== fused kernels, cuDNN, CUDA graphs (schedules, groups), TF32, conv on CuPy against NumPy"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" \
+        | tail -15
+    step_done tests
 fi
 
 if [[ $STEPS == *" bench "* ]]; then
     echo "== benchmark: FC steps, conv2d fp32 and TF32 (im2col + cuBLAS, cuDNN) against PyTorch, ThreeLayerConvNet"
-    timeout 330 python3 scripts/bench.py --backend cupy --suite all --repeats 3 --json "$OUT/bench_gpu.json" \
-        2>&1 | tee "$OUT/bench.log" | tail -40
+    timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --suite "${BENCH_SUITE:-all}" --repeats 3 \
+        --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -40
+    step_done bench
 fi
 
 if [[ $STEPS == *" suite "* ]]; then
     echo "== the whole suite on CuPy"
     XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider tests \
         -m "not slow" 2>&1 | tee "$OUT/suite_cupy.log" | tail -15
+    step_done suite
 fi
 
 if [[ $STEPS == *" tta "* ]]; then
@@ -53,8 +60,9 @@ if [[ $STEPS == *" tta "* ]]; then
     [ -f .carry/cifar_subset.npz ] && data=(--cifar-npz .carry/cifar_subset.npz --target "${TARGET:-0.47}")
     full_data && data=(--data-dir /tmp/cifar --target 0.5)
     if [ ${#data[@]} -gt 0 ]; then
-        timeout 200 python3 scripts/bench.py --backend cupy --suite none --time-to-accuracy --breakdown "${data[@]}" \
+        timeout "${TTA_TIMEOUT:-200}" python3 scripts/bench.py --backend cupy --suite none --time-to-accuracy --breakdown "${data[@]}" \
             --json "$OUT/tta_gpu.json" 2>&1 | tee "$OUT/tta.log" | tail -12
+        step_done tta
     fi
 fi
 
@@ -64,6 +72,7 @@ if [[ $STEPS == *" recipe "* ]] && full_data; then
     echo "== fast94: xpnet (im2col, cuDNN) against PyTorch (${RECIPE_FLAGS---tf32}; fp16 on both sides beside), ${RUNS:-5} runs"
     timeout "${RECIPE_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
         ${RECIPE_FLAGS---tf32} --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -16
+    step_done recipe
 fi
 
 echo "== the issues' GPU targets"
