@@ -47,6 +47,9 @@ class Lookahead:
         where, dtype = device(arrays[0]), arrays[0].dtype
         self._decay = xp.asarray([decay(k, total) for k in range(total + 1)], dtype=dtype, device=where)
         self._count = xp.zeros((), dtype=xp.int64, device=where)
+        # a device array, so that xp.minimum bounds the counter without reading it back to the host
+        # (array-api-compat's clip does, on CuPy, and a captured graph forbids that)
+        self._last = xp.asarray(total, dtype=xp.int64, device=where)
 
     @property
     def arrays(self) -> tuple:
@@ -58,7 +61,7 @@ class Lookahead:
         xp = namespace(self._count)
         self._count += 1  # in place: a replayed graph counts too
         due = self._count % self.every == 0
-        position = xp.reshape(xp.clip(self._count, 0, self.total), (1,))
+        position = xp.reshape(xp.minimum(self._count, self._last), (1,))
         keep = xp.reshape(xp.take(self._decay, position), ())
         for fast, slow in zip(self.fast, self.slow):
             moved = xp.where(due, slow + (1 - keep) * (fast - slow), slow)

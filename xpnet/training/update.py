@@ -108,7 +108,9 @@ class Update:
                     learning_rate_factor(i, self.per_epoch, self.lr_decay, schedule) for i in range(num_iterations)
                 ]
                 self._tables[id(schedule)] = backend.asarray(factors or [1.0], dtype=dtype)
-        self._last = max(num_iterations - 1, 0)
+        # the last table index as a device array: xp.minimum, unlike array-api-compat's clip, never
+        # reads a value back to the host (which a captured graph forbids)
+        self._last = xp.asarray(max(num_iterations - 1, 0), dtype=xp.int64, device=backend.device)
         self._step = xp.asarray(iteration, dtype=xp.int64, device=backend.device)
 
     def set_host_learning_rates(self, iteration: int) -> None:
@@ -136,7 +138,7 @@ class Update:
                 params[name], self.configs[name] = self.rule(w, grads[name], self.configs[name])
             return
         xp = namespace(self._step)
-        position = xp.reshape(xp.clip(self._step, 0, self._last), (1,))
+        position = xp.reshape(xp.minimum(self._step, self._last), (1,))  # the counter never goes below 0
         factors = {key: xp.reshape(xp.take(table, position), ()) for key, table in self._tables.items()}
         self._step += 1  # in place: a replayed graph counts too
         rates = {}
