@@ -149,11 +149,11 @@ def _call(library, arrays, n):
 
 
 def _placeholder_dtypes(params, args):
-    """The dtype that each type name (T, F) stands for: that of the first array or NumPy
-    scalar argument declared with it, as CuPy binds them."""
+    """The dtype that each type name (T, F) stands for: that of the first array argument
+    declared with it, as CuPy binds them (a scalar, NumPy's too, binds none)."""
     placeholders = {}
     for p, a in zip(params, args):
-        if p.is_placeholder and p.type_name not in placeholders and isinstance(a, (np.ndarray, np.generic)):
+        if p.is_placeholder and p.type_name not in placeholders and isinstance(a, np.ndarray):
             placeholders[p.type_name] = a.dtype
     missing = {p.type_name for p in params if p.is_placeholder} - set(placeholders)
     if missing:

@@ -30,7 +30,11 @@ _col2im = cupy.ElementwiseKernel(*sources.COL2IM)
 _max_pool_forward = cupy.ElementwiseKernel(*sources.MAX_POOL_FORWARD)
 _max_pool_backward = cupy.ElementwiseKernel(*sources.MAX_POOL_BACKWARD)
 _squared_deviation_sum = cupy.ReductionKernel(*sources.SQUARED_DEVIATION_SUM)
-_product_sum = cupy.ReductionKernel(*sources.PRODUCT_SUM)
+# by the statistics' dtype: PRODUCT_SUM's F comes from no array argument, so it is fixed here
+_product_sum = {
+    cupy.dtype(dtype): cupy.ReductionKernel(*sources.with_type(sources.PRODUCT_SUM, "F", dtype))
+    for dtype in ("float32", "float64")
+}
 _batchnorm_train = cupy.ElementwiseKernel(*sources.BATCHNORM_TRAIN)
 _batchnorm_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_APPLY)
 _batchnorm_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_BACKWARD)
@@ -366,7 +370,7 @@ class CupyKernels:
         count = n * h * w
         stat = inv_std.dtype
         dbeta = dout.sum(axis=(0, 2, 3), dtype=stat)
-        dgamma = _product_sum(dout, x_hat, stat.type(1), axis=(0, 2, 3))
+        dgamma = _product_sum[stat](dout, x_hat, axis=(0, 2, 3))
         scale = inv_std if gamma is None else _per_channel(gamma, stat) * inv_std
         means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
         dx = _batchnorm_backward(dout, x_hat, scale, *means)

@@ -10,6 +10,7 @@ indexed by hand, ``T`` is the floating type of the call.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 
@@ -33,6 +34,17 @@ class Reduction(NamedTuple):
     post_map_expr: str
     identity: str
     name: str
+
+
+def with_type(kernel, placeholder: str, dtype: str):
+    """``kernel`` (an Elementwise or a Reduction) with the type name ``placeholder`` fixed
+    to ``dtype`` ("float32" or "float64"): by that name in its parameters, as CuPy reads
+    them, and by its C name (float, double) in its code."""
+    c_type = {"float32": "float", "float64": "double"}[dtype]
+    word = re.compile(rf"\b{re.escape(placeholder)}\b")
+    return type(kernel)(
+        *(word.sub(dtype if name.endswith("_params") else c_type, field) for name, field in zip(kernel._fields, kernel))
+    )
 
 
 # One block; {T} is float or double, {name} the same word (the kernel's suffix).
@@ -200,9 +212,10 @@ SQUARED_DEVIATION_SUM = Reduction(
     "0",
     "xpnet_squared_deviation_sum",
 )
-# ``one`` (1 of type F) only names the type that the products are summed in.
+# No array argument has the type F here, and CuPy binds a placeholder only from an array:
+# the kernel is built with F fixed (with_type), once per statistics type.
 PRODUCT_SUM = Reduction(
-    "T dout, T x_hat, F one", "F total", "(F)dout * (F)x_hat * one", "a + b", "total = a", "0", "xpnet_product_sum"
+    "T dout, T x_hat", "F total", "(F)dout * (F)x_hat", "a + b", "total = a", "0", "xpnet_product_sum"
 )
 BATCHNORM_TRAIN = Elementwise(
     "T x, F mean, F inv_std, F gamma, F beta",
