@@ -532,7 +532,8 @@ def test_fast94_steps_never_synchronise():
 @pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True)])
 def test_cublas_float16_matmul_sums_in_float32(a_t, b_t):
     rng = np.random.default_rng(4)
-    a_np = rng.standard_normal((37, 2000) if a_t else (2000, 37)).astype(np.float16)
+    # a (37, 2000) @ b (2000, 23), each given as itself or as the transpose of a C-contiguous array
+    a_np = rng.standard_normal((2000, 37) if a_t else (37, 2000)).astype(np.float16)
     b_np = rng.standard_normal((23, 2000) if b_t else (2000, 23)).astype(np.float16)
     a, b = CUPY.asarray(a_np), CUPY.asarray(b_np)
     a, b = (a.T if a_t else a), (b.T if b_t else b)
