@@ -67,6 +67,24 @@ def test_time_to_accuracy_breakdown_accounts_for_the_whole_run(tmp_path, capsys)
     assert "| first step |" in capsys.readouterr().out
 
 
+def test_a_phase_inside_another_is_neither_counted_twice_nor_synchronised():
+    """A step that prepares its batch (a "transfer" call) counts as step time only, and the
+    clock does not synchronise inside it: on CuPy that step may be capturing a CUDA graph."""
+    from xpnet.cli.bench_tta import PhaseClock
+
+    events = []
+    clock = PhaseClock(sync=lambda: events.append("sync"))
+    prepare = clock.wrap("transfer", lambda: events.append("prepare"))
+    step = clock.wrap_steps(lambda: (events.append("step"), prepare()))
+    step()
+    step()
+    assert events == ["sync", "step", "prepare", "sync"] * 2
+    assert set(clock.seconds) == {"first step", "steps"}
+    with clock.phase("transfer"):  # on its own it is timed, and synchronised
+        pass
+    assert set(clock.seconds) == {"first step", "steps", "transfer"} and events[-2:] == ["sync", "sync"]
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_time_to_accuracy_warms_up_each_side_once_before_the_clocks_unless_told_not_to(tmp_path, monkeypatch, warmup):
     from xpnet.cli import bench_tta

@@ -34,19 +34,29 @@ RECIPE = {"hidden": 200, "batch_size": 200, "lr": 1e-4, "weight_scale": 1e-3}
 
 
 class PhaseClock:
-    """Seconds per named phase; ``sync`` runs before each clock read (None: no synchronisation)."""
+    """Seconds per named phase; ``sync`` runs before each clock read (None: no synchronisation).
+
+    A phase entered inside another one (a training step's per-batch input preparation)
+    belongs to the outer one: it is neither counted twice nor synchronised, since a
+    synchronisation inside a step that is being captured as a CUDA graph is an error."""
 
     def __init__(self, sync=None):
         self.sync = sync or (lambda: None)
         self.seconds = defaultdict(float)
+        self._depth = 0
 
     @contextlib.contextmanager
     def phase(self, name):
+        if self._depth:
+            yield
+            return
         self.sync()
         start = time.perf_counter()
+        self._depth += 1
         try:
             yield
         finally:
+            self._depth -= 1
             self.sync()
             self.seconds[name] += time.perf_counter() - start
 
