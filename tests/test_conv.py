@@ -127,6 +127,17 @@ def test_fast_conv_backward_equals_naive_and_skips_the_input_gradient(backend, n
     assert dx is None and tuple(dw.shape) == (5, 4, 3, 3)
 
 
+@pytest.mark.parametrize("dtype", [None, "float64"])
+def test_channel_sum_is_the_sum_over_batch_and_space(backend, np_rng, dtype):
+    from xpnet.conv_common import channel_sum
+
+    x_np = np_rng.standard_normal((3, 5, 4, 7)).astype(np.float32)
+    x = backend.asarray(x_np, dtype="float32")
+    total = channel_sum(backend.xp, x, dtype=None if dtype is None else backend.xp.float64)
+    assert tuple(total.shape) == (5,) and str(total.dtype).endswith(dtype or "float32")
+    np.testing.assert_allclose(to_np(total), x_np.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["naive", "fast"])
 def test_conv_without_bias_equals_a_zero_bias_and_has_no_bias_gradient(backend, np_rng, kind):
     forward = layers.conv_forward_naive if kind == "naive" else fast_layers.conv_forward_fast

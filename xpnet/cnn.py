@@ -7,6 +7,7 @@ import math
 
 from array_api_compat import device
 
+from .conv_common import channel_sum
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
 from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
 from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
@@ -308,5 +309,5 @@ class FastConvNet(Model):
             dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1], conv_shapes[i - 1])
         dwhitened = gelu_backward(dh, gelu_cache)
         # The filters are fixed: no other gradient. Summed in dtype: float16 sums could overflow.
-        grads["whiten_b"] = xp.sum(dwhitened, axis=(0, 2, 3), dtype=self.dtype)
+        grads["whiten_b"] = channel_sum(xp, dwhitened, dtype=self.dtype)
         return loss, {name: narrowed(xp, grad, self.dtype) for name, grad in grads.items()}

@@ -23,7 +23,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .conv_common import conv_geometry, offset_slice, padded_offset, pool_geometry, strided
+from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
 from .layers import matmul
 
 __all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
@@ -115,7 +115,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     if isinstance(cols, _DirectConvolution):
         engine = cols.engine
         dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
-        db = None if b is None else xp.sum(dout, axis=(0, 2, 3))
+        db = None if b is None else channel_sum(xp, dout)
         dx = engine.backward_data(w, dout, tuple(x.shape), stride, pad) if input_grad else None
         return dx, dw, db
     dout_rows = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (f, -1))  # (F, N·H'·W')

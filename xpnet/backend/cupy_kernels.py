@@ -177,6 +177,14 @@ def _statistics_dtype(x):
     return cupy.dtype(cupy.float32) if x.dtype == cupy.float16 else x.dtype
 
 
+def _planes(x):
+    """x (N, C, H, W) as (N, C, H·W). Per-channel sums reduce that last, contiguous axis
+    first, then N: one reduction over axes (0, 2, 3) gives CuPy one block per channel, far
+    too few to fill the GPU, each walking its channel with an index division per element."""
+    n, c, h, w = x.shape
+    return cupy.ascontiguousarray(x).reshape(n, c, h * w)
+
+
 def _per_channel(values, dtype):
     """values (C,) as (1, C, 1, 1) of ``dtype``."""
     return values.reshape(1, -1, 1, 1).astype(dtype, copy=False)
@@ -347,11 +355,14 @@ class CupyKernels:
         statistics are summed and kept in float32; out and x̂ are float16."""
         n, c, h, w = x.shape
         stat = _statistics_dtype(x)
-        mean = x.mean(axis=(0, 2, 3), keepdims=True, dtype=stat)
-        var = _squared_deviation_sum(x, mean, axis=(0, 2, 3), keepdims=True) / (n * h * w)
-        inv_std = (1 / cupy.sqrt(var + eps)).astype(stat, copy=False)  # eps must not widen it
-        out, x_hat = _batchnorm_train(x, mean, inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat))
-        return out, x_hat, mean.reshape(c), var.reshape(c), inv_std
+        rows = _planes(x)
+        mean = rows.sum(axis=2, dtype=stat).sum(axis=0) / (n * h * w)
+        var = _squared_deviation_sum(rows, mean.reshape(1, c, 1), axis=2).sum(axis=0) / (n * h * w)
+        inv_std = (1 / cupy.sqrt(_per_channel(var, stat) + eps)).astype(stat, copy=False)  # eps must not widen it
+        out, x_hat = _batchnorm_train(
+            x, _per_channel(mean, stat), inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat)
+        )
+        return out, x_hat, mean, var, inv_std
 
     @staticmethod
     def spatial_batchnorm_apply(x, gamma, beta, mean, var, eps):
@@ -369,8 +380,9 @@ class CupyKernels:
         n, c, h, w = dout.shape
         count = n * h * w
         stat = inv_std.dtype
-        dbeta = dout.sum(axis=(0, 2, 3), dtype=stat)
-        dgamma = _product_sum[stat](dout, x_hat, axis=(0, 2, 3))
+        dout_rows = _planes(dout)
+        dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=0)
+        dgamma = _product_sum[stat](dout_rows, _planes(x_hat), axis=2).sum(axis=0)
         scale = inv_std if gamma is None else _per_channel(gamma, stat) * inv_std
         means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
         dx = _batchnorm_backward(dout, x_hat, scale, *means)
