@@ -2,7 +2,8 @@
 # One GPU session's checks, results under $OUT (default ./gpu-out):
 #   tests   the fused-kernel, cuDNN and CUDA-graph tests (tests/test_gpu.py)
 #   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, and cuDNN when it
-#           loads) against PyTorch, the ThreeLayerConvNet step
+#           loads) against PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a
+#           time (BENCH_SUITE picks fc, conv, ops or all; BENCH_FLAGS adds flags, e.g. --tf32)
 #   suite   the whole test suite on CuPy
 #   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
 #   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only), in TF32
@@ -42,7 +43,7 @@ fi
 
 if [[ $STEPS == *" bench "* ]]; then
     echo "== benchmark: FC steps, conv2d fp32 and TF32 (im2col + cuBLAS, cuDNN) against PyTorch, ThreeLayerConvNet"
-    timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --suite "${BENCH_SUITE:-all}" --repeats 3 \
+    timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --suite "${BENCH_SUITE:-all}" --repeats 3 ${BENCH_FLAGS:-} \
         --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -40
     step_done bench
 fi

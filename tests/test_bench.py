@@ -25,6 +25,41 @@ def test_conv_suite_on_the_cpu_reports_naive_fast_and_the_convnet_step(tmp_path,
     assert "| course shapes (CPU) | naive µs | fast µs | torch µs | naive/fast | fast/torch |" in printed
 
 
+def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, capsys):
+    from xpnet.cli.bench_ops import OPS
+
+    out = tmp_path / "ops.json"
+    args = [
+        "--suite",
+        "ops",
+        "--ops-batch",
+        "2",
+        "--repeats",
+        "1",
+        "--budget",
+        "0.01",
+        "--no-torch",
+        "--json",
+        str(out),
+    ]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())["ops"]
+    assert report["batch"] == 2 and report["bandwidth_gbs"] > 0
+    assert [row["case"] for row in report["rows"]] == [f"{kind} {(2, *shape)}" for kind, shape, _ in OPS]
+    for row, (kind, _, count) in zip(report["rows"], OPS):
+        assert row["results"]["xpnet"]["us"] > 0 and row["floor_us"] > 0 and row["count"] == count
+        assert ("xpnet one-pass" in row["results"]) == (kind == "channel sum")
+    assert report["net"]["results"]["xpnet"]["us"] > 0
+    printed = capsys.readouterr().out
+    assert "| max pool 2 (2, 64, 31, 31) | 1 |" in printed and "These layers per training step" in printed
+
+
+def test_ops_batch_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "ops", "--ops-batch", "0"])
+    assert "--ops-batch must be at least 1" in capsys.readouterr().err
+
+
 def test_fc_suite_with_one_small_config(capsys):
     assert bench.main(["--config", "16:8", "--rows", "64", "--repeats", "1", "--budget", "0.01", "--no-torch"]) == 0
     assert "| [16], 8 |" in capsys.readouterr().out

@@ -14,7 +14,9 @@ and prints µs/step, samples/s, TFLOP/s and the ratios xpnet/plain and
 xpnet/torch, medians of several repeats after a warm-up, synchronising before
 each clock read. Optionally (--time-to-accuracy) it measures the seconds the
 modular TwoLayerNet (200 hidden) needs to pass a validation accuracy on
-CIFAR-10, against the same recipe in PyTorch.
+CIFAR-10, against the same recipe in PyTorch. Other suites time convolutions
+(--suite conv) and the fast CIFAR-10 recipe's other layers one at a time against
+the bytes they must move (--suite ops).
 
     xpnet-bench                                  # numpy on the CPU (or: python scripts/bench.py)
     xpnet-bench --backend cupy --json benchmarks/h100.json
@@ -35,7 +37,7 @@ import time
 import numpy as np
 
 import xpnet
-from xpnet.cli import bench_conv, bench_recipe, bench_tta
+from xpnet.cli import bench_conv, bench_ops, bench_recipe, bench_tta
 from xpnet.cli.common import HelpFormatter
 from xpnet.solver import Solver
 
@@ -390,14 +392,17 @@ def main(argv=None):
     )
     p.add_argument(
         "--suite",
-        choices=["fc", "conv", "all", "none"],
+        choices=["fc", "conv", "ops", "all", "none"],
         default=None,
         help="fc: training steps of fully connected nets; conv: convolutions and a ThreeLayerConvNet step; "
-        "none: only --time-to-accuracy or --recipe (default: fc, or none with --recipe)",
+        "ops: the fast CIFAR-10 recipe's pooling, batchnorm, GELU and per-channel sums one at a time, and its "
+        "network's loss and gradients; all: the three; none: only --time-to-accuracy or --recipe "
+        "(default: fc, or none with --recipe)",
     )
     p.add_argument(
         "--tf32", action="store_true", help="TF32 tensor cores for float32 GEMMs on both sides (CUDA backends)"
     )
+    p.add_argument("--ops-batch", type=int, default=1024, help="batch size of --suite ops (the recipe's: 1024)")
     p.add_argument("--no-convnet", action="store_true", help="leave out the ThreeLayerConvNet step of --suite conv")
     p.add_argument("--max-epochs", type=int, default=20, help="give up on --time-to-accuracy after this")
     p.add_argument(
@@ -413,6 +418,8 @@ def main(argv=None):
         p.error(str(exc))
     if args.runs < 1:
         p.error(f"--runs must be at least 1, got {args.runs}")
+    if args.ops_batch < 1:
+        p.error(f"--ops-batch must be at least 1, got {args.ops_batch}")
     configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]
     use_torch = not args.no_torch and _torch_available()
 
@@ -446,6 +453,10 @@ def main(argv=None):
     if args.suite in ("conv", "all"):
         report["conv"] = run_conv_suite(backend, args)
         save()
+    if args.suite in ("ops", "all"):
+        report["ops"] = bench_ops.ops_rows(backend, time_variants, args.repeats, args.budget, args.ops_batch,
+                                           use_torch, args.tf32)  # fmt: skip
+        save()
     if args.time_to_accuracy:
         try:
             report["time_to_accuracy"] = bench_tta.time_to_accuracy(backend, args)
@@ -478,6 +489,9 @@ def main(argv=None):
     for title, (rows, names, ratios) in report.get("conv", {}).items():
         print()
         print(bench_conv.format_conv_table(title, rows, names, ratios))
+    if "ops" in report:
+        print()
+        print(bench_ops.format_ops_table(report["ops"]))
     save()
     return 0
 

@@ -21,7 +21,15 @@ from xpnet import fast_layers, layers
 from xpnet.cnn import ThreeLayerConvNet
 from xpnet.solver import Solver
 
-__all__ = ["GPU_SHAPES", "cpu_rows", "cudnn_available", "gpu_rows", "convnet_step_rows", "format_conv_table"]
+__all__ = [
+    "GPU_SHAPES",
+    "cpu_rows",
+    "cudnn_available",
+    "gpu_rows",
+    "convnet_step_rows",
+    "format_conv_table",
+    "measure_row",
+]
 
 # (C_in, C_out, H = W, kernel, pad): the shapes of the fast CIFAR-10 recipe's convolutions.
 GPU_SHAPES = [(3, 24, 32, 2, 0), (24, 64, 31, 3, 1), (64, 64, 15, 3, 1), (64, 256, 15, 3, 1),
@@ -119,7 +127,7 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
             if torch is not None:
                 step = _torch_conv_step(torch, device, 1024, *shape, input_grad)
                 variants["torch"] = (step, torch.cuda.synchronize)
-            rows.append(_measure(f"{shape} batch 1024", variants, time_variants, repeats, budget,
+            rows.append(measure_row(f"{shape} batch 1024", variants, time_variants, repeats, budget,
                                  _conv_flops(1024, *shape, input_grad)))  # fmt: skip
     finally:
         backend.set_tf32(False)
@@ -170,7 +178,7 @@ def cpu_rows(backend, time_variants, repeats, budget, use_torch=True) -> list:
         cases["max pool forward"]["torch"] = lambda: torch.nn.functional.max_pool2d(tpx, 2, 2)
         cases["max pool backward"]["torch"] = lambda: torch.autograd.grad(tpool, tpx, tpool, retain_graph=True)
     return [
-        _measure(name, {k: (fn, backend.sync) for k, fn in fns.items()}, time_variants, repeats, budget, None)
+        measure_row(name, {k: (fn, backend.sync) for k, fn in fns.items()}, time_variants, repeats, budget, None)
         for name, fns in cases.items()
     ]
 
@@ -200,7 +208,7 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
     torch = _torch_or_none() if use_torch else None
     if torch is not None:
         variants.update(_torch_convnet_steps(torch, backend, X, y))
-    return [_measure("ThreeLayerConvNet step, batch 128", variants, time_variants, repeats, budget, None)]
+    return [measure_row("ThreeLayerConvNet step, batch 128", variants, time_variants, repeats, budget, None)]
 
 
 def _torch_convnet_steps(torch, backend, X, y):
@@ -239,7 +247,7 @@ def _torch_convnet_steps(torch, backend, X, y):
     return steps
 
 
-def _measure(label, variants, time_variants, repeats, budget, flops):
+def measure_row(label, variants, time_variants, repeats, budget, flops):
     results, ready = {}, {}
     for name, (step, sync) in variants.items():
         try:

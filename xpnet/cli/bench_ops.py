@@ -1,0 +1,236 @@
+"""The fast CIFAR-10 recipe's layers one at a time (``xpnet-bench --suite ops``).
+
+Each row times one layer's forward and backward pass at the recipe's shapes (batch
+``--ops-batch``, 1024 by default) on the backend, beside PyTorch's same layer (autograd on
+the same device) when it is installed, and gives the least time that moving the layer's
+bytes once takes at the copy bandwidth measured in the same run ("floor"). ``count`` is how
+often the row's layer runs in one training step, so ``count × µs`` summed over the rows says
+how much of a step the layers outside the convolutions take on each side. The last rows
+time the whole network's loss and gradients (no update), eagerly.
+
+Bytes per row (float32): max pool reads x and writes out and a 4-byte argmax, then reads
+dout and the argmax and writes dx; batchnorm and GELU read x and write out, then read dout
+and x and write dx; a per-channel sum reads x once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from xpnet import fast_layers, layers
+from xpnet.cli.bench_conv import measure_row
+from xpnet.cnn import FastConvNet, _crop_even, _uncrop
+from xpnet.conv_common import channel_sum
+from xpnet.recipes.fast94 import Fast94Settings
+from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
+
+__all__ = ["OPS", "copy_bandwidth", "format_ops_table", "ops_rows"]
+
+# (kind, (C, H, W) of the layer's input, runs per training step) at widths 64, 256, 256
+OPS = [
+    ("max pool 2", (64, 31, 31), 1),
+    ("max pool 2", (256, 15, 15), 1),
+    ("max pool 2", (256, 7, 7), 1),
+    ("max pool 3 (global)", (256, 3, 3), 1),
+    ("batchnorm", (64, 15, 15), 2),
+    ("batchnorm", (256, 7, 7), 2),
+    ("batchnorm", (256, 3, 3), 2),
+    ("gelu", (24, 31, 31), 1),
+    ("gelu", (64, 15, 15), 2),
+    ("gelu", (256, 7, 7), 2),
+    ("gelu", (256, 3, 3), 2),
+    ("channel sum", (24, 31, 31), 1),
+    ("channel sum", (64, 15, 15), 0),
+]
+
+
+def _pool_size(kind):
+    return 3 if "3" in kind else 2
+
+
+def _bytes(kind, batch, shape):
+    """The bytes a layer must move once (forward + backward), float32."""
+    c, h, w = shape
+    size = batch * c * h * w * 4
+    if kind.startswith("max pool"):
+        k = _pool_size(kind)
+        pooled = batch * c * (h // k) * (w // k) * 4
+        return size + 2 * pooled + (2 * pooled + pooled + size)  # x, out, argmax; dout, argmax, dx
+    if kind == "channel sum":
+        return size
+    return 2 * size + 3 * size  # x, out; dout, x, dx
+
+
+def copy_bandwidth(backend, timer, repeats, budget) -> float:
+    """Bytes per second of a copy within the device's memory (read + written): 1 GiB on a
+    GPU, far larger than its cache; 64 MiB on the CPU."""
+    xp = backend.xp
+    nbytes = 1 << 30 if backend.is_gpu else 1 << 26
+    n = nbytes // 4
+    src = backend.rng(0).uniform((n,), dtype=xp.float32)
+    dst = xp.empty_like(src)
+
+    def copy():
+        dst[...] = src
+
+    (seconds, _steps) = timer({"copy": (copy, backend.sync)}, repeats, budget)["copy"]
+    return 2 * n * 4 / seconds
+
+
+def _xpnet_step(backend, kind, batch, shape):
+    """One forward + backward pass of the layer on random inputs (never zeros)."""
+    xp = backend.xp
+    rng = backend.rng(1)
+    x = rng.normal((batch, *shape), dtype=xp.float32)
+    k = _pool_size(kind)
+    out_shape = (batch, shape[0], shape[1] // k, shape[2] // k) if kind.startswith("max pool") else (batch, *shape)
+    dout = rng.normal(out_shape, dtype=xp.float32)
+    if kind.startswith("max pool"):
+        param = {"pool_height": k, "pool_width": k, "stride": k}
+
+        def step():  # as FastConvNet pools: crop to even, pool, and the gradient back in the full shape
+            out, cache = fast_layers.max_pool_forward_fast(_crop_even(x) if k == 2 else x, param)
+            return _uncrop(xp, fast_layers.max_pool_backward_fast(dout, cache), x.shape)
+
+    elif kind == "batchnorm":
+        beta = xp.zeros((shape[0],), dtype=xp.float32, device=backend.device)
+        bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-12}
+
+        def step():
+            out, cache = spatial_batchnorm_forward(x, None, beta, bn_param)
+            return spatial_batchnorm_backward(dout, cache)
+
+    elif kind == "gelu":
+
+        def step():
+            out, cache = layers.gelu_forward(x)
+            return layers.gelu_backward(dout, cache)
+
+    else:
+
+        def step():
+            return channel_sum(xp, x)
+
+    return step
+
+
+def _one_pass_channel_sum(backend, batch, shape):
+    """The per-channel sum as a single reduction over axes (0, 2, 3), for comparison."""
+    xp = backend.xp
+    x = backend.rng(1).normal((batch, *shape), dtype=xp.float32)
+    return lambda: xp.sum(x, axis=(0, 2, 3))
+
+
+def _torch_step(torch, device, kind, batch, shape):
+    functional = torch.nn.functional
+    x = torch.randn(batch, *shape, device=device, requires_grad=kind != "channel sum")
+    if kind == "channel sum":
+        return lambda: x.sum(dim=(0, 2, 3))
+    k = _pool_size(kind)
+    if kind.startswith("max pool"):
+        forward = lambda: functional.max_pool2d(x, k)  # noqa: E731
+    elif kind == "batchnorm":
+        beta = torch.zeros(shape[0], device=device, requires_grad=True)
+        mean, var = torch.zeros(shape[0], device=device), torch.ones(shape[0], device=device)
+        forward = lambda: functional.batch_norm(x, mean, var, None, beta, True, 0.4, 1e-12)  # noqa: E731
+    else:
+        forward = lambda: functional.gelu(x)  # noqa: E731
+    dout = torch.randn_like(forward())
+
+    def step():
+        return torch.autograd.grad(forward(), x, dout)
+
+    return step
+
+
+def _net_steps(backend, torch, device, batch):
+    """The whole network's loss and gradients at widths 64, 256, 256 (no update), both sides."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    settings = Fast94Settings()
+    model = FastConvNet(widths=settings.widths, backend=backend, seed=0)
+    X_x, y_x = backend.asarray(X), backend.asarray(y)
+    steps = {"xpnet": (lambda: model.loss(X_x, y_x), backend.sync)}
+    if torch is not None:
+        from xpnet.recipes.fast94_torch import make_net
+
+        net = make_net(settings, device=device)
+        X_t, y_t = torch.as_tensor(X, device=device), torch.as_tensor(y, device=device)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing, reduction="sum")
+
+        def torch_step():
+            net.zero_grad(set_to_none=False)
+            loss = loss_fn(net(X_t), y_t)
+            loss.backward()
+            return loss
+
+        steps["torch"] = (torch_step, _torch_sync(torch, backend))
+    return steps
+
+
+def _torch_sync(torch, backend):
+    return torch.cuda.synchronize if backend.is_gpu else (lambda: None)
+
+
+def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True, tf32=False) -> dict:
+    """{"batch", "bandwidth_gbs", "rows": [...], "net": row}: each row's µs per variant, its
+    floor and its count per training step; ``tf32`` sets PyTorch's switches to match xpnet's."""
+    torch, device = None, None
+    if use_torch:
+        try:
+            from xpnet.cli.bench import torch_setup
+
+            torch, device = torch_setup(backend, tf32 if backend.is_gpu else None)
+        except ImportError:
+            torch = None
+    if torch is not None and backend.is_gpu:
+        torch.backends.cudnn.benchmark = True
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth(backend, time_variants, repeats, budget)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    for kind, shape, count in OPS:
+        variants = {"xpnet": (_xpnet_step(backend, kind, batch, shape), backend.sync)}
+        if kind == "channel sum":
+            variants["xpnet one-pass"] = (_one_pass_channel_sum(backend, batch, shape), backend.sync)
+        if torch is not None:
+            variants["torch"] = (_torch_step(torch, device, kind, batch, shape), _torch_sync(torch, backend))
+        row = measure_row(f"{kind} {(batch, *shape)}", variants, time_variants, repeats, budget, None)
+        row["count"] = count
+        row["floor_us"] = _bytes(kind, batch, shape) / bandwidth * 1e6
+        rows.append(row)
+    net_steps = _net_steps(backend, torch, device, batch)
+    net = measure_row(f"FastConvNet loss and gradients, batch {batch}", net_steps, time_variants, repeats, budget, None)
+    print(f"ops suite: {time.perf_counter() - started:.0f} s", flush=True)
+    return {"batch": batch, "bandwidth_gbs": bandwidth / 1e9, "rows": rows, "net": net}
+
+
+def format_ops_table(report: dict) -> str:
+    """A markdown table: µs per side, the floor, the count per step, and each side's ms per step."""
+    names = ["xpnet", "xpnet one-pass", "torch"]
+    lines = [
+        f"| layer (batch {report['batch']}) | count | floor µs | " + " | ".join(f"{n} µs" for n in names)
+        + " | xpnet/floor | xpnet/torch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    totals = {name: 0.0 for name in names}
+    for row in report["rows"]:
+        r = row["results"]
+        cells = [row["case"], str(row["count"]), f"{row['floor_us']:.0f}"]
+        cells += [f"{r[n]['us']:.0f}" if "us" in r.get(n, {}) else ("failed" if n in r else "–") for n in names]
+        xpnet = r.get("xpnet", {}).get("us")
+        cells.append(f"{xpnet / row['floor_us']:.1f}" if xpnet and row["floor_us"] else "–")
+        cells.append(f"{xpnet / r['torch']['us']:.2f}" if xpnet and "us" in r.get("torch", {}) else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+        for n in names:
+            if "us" in r.get(n, {}):
+                totals[n] += row["count"] * r[n]["us"]
+    per_step = ", ".join(f"{n} {totals[n] / 1000:.2f} ms" for n in ("xpnet", "torch") if totals[n])
+    lines.append(f"\nThese layers per training step (count × µs): {per_step}.")
+    net = report["net"]["results"]
+    whole = ", ".join(f"{n} {v['us'] / 1000:.2f} ms" for n, v in net.items() if "us" in v)
+    lines.append(f"The whole network's loss and gradients: {whole}.")
+    return "\n".join(lines)
