@@ -26,7 +26,7 @@ def test_conv_suite_on_the_cpu_reports_naive_fast_and_the_convnet_step(tmp_path,
 
 
 def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, capsys):
-    from xpnet.cli.bench_ops import OPS
+    from xpnet.cli.bench_ops import CONV_PHASE_SHAPES, OPS
 
     out = tmp_path / "ops.json"
     args = [
@@ -50,6 +50,10 @@ def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, ca
         assert row["results"]["xpnet"]["us"] > 0 and row["floor_us"] > 0 and row["count"] == count
         assert ("xpnet one-pass" in row["results"]) == (kind == "channel sum")
     assert report["net"]["results"]["xpnet"]["us"] > 0
+    phases = report["conv_phases"]
+    assert len(phases) == 6 * len(CONV_PHASE_SHAPES) and all(row["floor_us"] > 0 for row in phases)
+    gemms = [row for row in phases if "GEMM" in row["case"]]
+    assert len(gemms) == 3 * len(CONV_PHASE_SHAPES) and all(row["results"]["xpnet"]["tflops"] > 0 for row in gemms)
     printed = capsys.readouterr().out
     assert "| max pool 2 (2, 64, 31, 31) | 1 |" in printed and "These layers per training step" in printed
 

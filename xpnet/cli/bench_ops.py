@@ -6,7 +6,10 @@ the same device) when it is installed, and gives the least time that moving the 
 bytes once takes at the copy bandwidth measured in the same run ("floor"). ``count`` is how
 often the row's layer runs in one training step, so ``count × µs`` summed over the rows says
 how much of a step the layers outside the convolutions take on each side. The last rows
-time the whole network's loss and gradients (no update), eagerly.
+time the whole network's loss and gradients (no update), eagerly. The conv-phase rows
+split the im2col path of the recipe's two largest convolutions into its passes (columns,
+the three GEMMs, the transposes, col2im), each against its bytes and, for the GEMMs, with
+the TFLOP/s reached.
 
 Bytes per row (float32): max pool reads x and writes out and a 4-byte argmax, then reads
 dout and the argmax and writes dx; batchnorm and GELU read x and write out, then read dout
@@ -20,13 +23,14 @@ import time
 import numpy as np
 
 from xpnet import fast_layers, layers
+from xpnet.backend import accelerated
 from xpnet.cli.bench_conv import measure_row
 from xpnet.cnn import FastConvNet, _crop_even, _uncrop
 from xpnet.conv_common import channel_sum
 from xpnet.recipes.fast94 import Fast94Settings
 from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
 
-__all__ = ["OPS", "copy_bandwidth", "format_ops_table", "ops_rows"]
+__all__ = ["CONV_PHASE_SHAPES", "OPS", "conv_phase_rows", "copy_bandwidth", "format_ops_table", "ops_rows"]
 
 # (kind, (C, H, W) of the layer's input, runs per training step) at widths 64, 256, 256
 OPS = [
@@ -171,6 +175,68 @@ def _net_steps(backend, torch, device, batch):
     return steps
 
 
+# (C_in, C_out, H = W, kernel, pad): the recipe's two convolutions that move the most bytes
+CONV_PHASE_SHAPES = [(24, 64, 31, 3, 1), (64, 256, 15, 3, 1)]
+
+
+def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad) -> list:
+    """[(name, step, bytes, flops)] for the passes of one im2col convolution."""
+    xp = backend.xp
+    x = rng.normal((batch, c_in, size, size), dtype=xp.float32)
+    w = rng.normal((c_out, c_in * k * k), std=0.05, dtype=xp.float32)
+    out_size = size + 2 * pad - k + 1
+    geometry = (k, k, 1, pad, out_size, out_size)
+    fast = accelerated(x)
+
+    def im2col():
+        if fast is not None:
+            return fast.im2col(x, *geometry)
+        return fast_layers._im2col(xp, xp.permute_dims(x, (1, 0, 2, 3)), *geometry)
+
+    cols = im2col()
+    dout = rng.normal((batch, c_out, out_size, out_size), dtype=xp.float32)
+
+    def to_rows():
+        return xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (c_out, -1))
+
+    dout_rows = to_rows()
+    dcols = layers.matmul(xp.matrix_transpose(w), dout_rows)
+
+    def col2im():
+        if fast is not None:
+            return fast.col2im(dcols, tuple(x.shape), *geometry)
+        return fast_layers._col2im(xp, dcols, (c_in, batch, size, size), *geometry)
+
+    positions = batch * out_size * out_size
+    col_bytes, x_bytes, y_bytes = 4 * c_in * k * k * positions, 4 * x.size, 4 * c_out * positions
+    flops = 2 * c_out * c_in * k * k * positions
+    return [
+        ("im2col", im2col, x_bytes + col_bytes, None),
+        ("GEMM out = w @ cols", lambda: layers.matmul(w, cols), col_bytes + y_bytes, flops),
+        ("dout to rows (transpose)", to_rows, 2 * y_bytes, None),
+        ("GEMM dw = dout @ cols.T", lambda: layers.matmul(dout_rows, xp.matrix_transpose(cols)), y_bytes + col_bytes,
+         flops),
+        ("GEMM dcols = w.T @ dout", lambda: layers.matmul(xp.matrix_transpose(w), dout_rows), y_bytes + col_bytes,
+         flops),
+        ("col2im", col2im, col_bytes + x_bytes, None),
+    ]  # fmt: skip
+
+
+def conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch=1024) -> list:
+    """One row per pass of the im2col path (xpnet only), for each of CONV_PHASE_SHAPES:
+    µs, the floor of its bytes at ``bandwidth`` and, for the GEMMs, TFLOP/s."""
+    rng = backend.rng(3)
+    rows = []
+    for shape in CONV_PHASE_SHAPES:
+        c_in, c_out, size = shape[:3]
+        for name, step, nbytes, flops in _conv_phases(backend, rng, batch, *shape):
+            label = f"conv {c_in}→{c_out} {size}×{size}: {name}"
+            row = measure_row(label, {"xpnet": (step, backend.sync)}, time_variants, repeats, budget, flops)
+            row["floor_us"] = nbytes / bandwidth * 1e6
+            rows.append(row)
+    return rows
+
+
 def _torch_sync(torch, backend):
     return torch.cuda.synchronize if backend.is_gpu else (lambda: None)
 
@@ -202,10 +268,11 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
         row["count"] = count
         row["floor_us"] = _bytes(kind, batch, shape) / bandwidth * 1e6
         rows.append(row)
+    phases = conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch)
     net_steps = _net_steps(backend, torch, device, batch)
     net = measure_row(f"FastConvNet loss and gradients, batch {batch}", net_steps, time_variants, repeats, budget, None)
     print(f"ops suite: {time.perf_counter() - started:.0f} s", flush=True)
-    return {"batch": batch, "bandwidth_gbs": bandwidth / 1e9, "rows": rows, "net": net}
+    return {"batch": batch, "bandwidth_gbs": bandwidth / 1e9, "rows": rows, "conv_phases": phases, "net": net}
 
 
 def format_ops_table(report: dict) -> str:
@@ -230,6 +297,16 @@ def format_ops_table(report: dict) -> str:
                 totals[n] += row["count"] * r[n]["us"]
     per_step = ", ".join(f"{n} {totals[n] / 1000:.2f} ms" for n in ("xpnet", "torch") if totals[n])
     lines.append(f"\nThese layers per training step (count × µs): {per_step}.")
+    lines += ["", "| im2col path, pass | floor µs | xpnet µs | xpnet/floor | TFLOP/s |", "|---|---|---|---|---|"]
+    for row in report["conv_phases"]:
+        r = row["results"].get("xpnet", {})
+        if "us" not in r:
+            lines.append(f"| {row['case']} | {row['floor_us']:.0f} | failed | – | – |")
+            continue
+        tflops = f"{r['tflops']:.1f}" if "tflops" in r else "–"
+        lines.append(
+            f"| {row['case']} | {row['floor_us']:.0f} | {r['us']:.0f} | {r['us'] / row['floor_us']:.1f} | {tflops} |"
+        )
     net = report["net"]["results"]
     whole = ", ".join(f"{n} {v['us'] / 1000:.2f} ms" for n, v in net.items() if "us" in v)
     lines.append(f"The whole network's loss and gradients: {whole}.")
