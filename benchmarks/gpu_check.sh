@@ -8,7 +8,8 @@
 #   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
 #   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only), in TF32
 #           on both sides unless RECIPE_FLAGS says otherwise (RECIPE_FLAGS= : fp32); beside them xpnet
-#           with cuDNN, and float16 activations on both sides (xpnet-fp16, torch-fp16)
+#           with cuDNN, and float16 activations on both sides (xpnet-fp16, torch-fp16); RECIPE_SIDES
+#           picks some (e.g. xpnet,torch), and each side's warm-up runs WARMUP_EPOCHS epochs (default 2)
 # then benchmarks/done_when.py on whatever JSON is in $OUT, last. STEPS picks the parts (default: all).
 # bench.py rewrites its JSON after each part and each recipe run, so a step cut off by its timeout
 # still leaves what it measured for done_when.py.
@@ -16,8 +17,10 @@
 # stages them and the wheels the machine lacks, in .whl/), so one part set per piece fits:
 #   STEPS="tests bench"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
 # each call starting with: mkdir -p /tmp/cifar && cp .carry/cifar/* /tmp/cifar/ &&
-# With 15 minutes of device time in all (a machine's start included), STEPS=none with piece 2 keeps the
-# three calls near 12 minutes, by estimate (not yet timed): tests and bench about 5, tta and recipe about 5.
+# With 15 minutes of device time in all (a machine's start included), STEPS=none with piece 2.
+# Timed on an H200 (2026-11-28): a machine's start and the first call's transfer about 60 s; tests 51-64 s;
+# bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
+# xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench suite tta recipe} "
@@ -72,7 +75,8 @@ if [[ $STEPS == *" recipe "* ]] && full_data; then
     # asks, at about a third of fp32's time per run; xpnet with cuDNN runs beside im2col + cuBLAS.
     echo "== fast94: xpnet (im2col, cuDNN) against PyTorch (${RECIPE_FLAGS---tf32}; fp16 on both sides beside), ${RUNS:-5} runs"
     timeout "${RECIPE_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
-        ${RECIPE_FLAGS---tf32} --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -16
+        ${RECIPE_FLAGS---tf32} ${RECIPE_SIDES:+--recipe-sides "$RECIPE_SIDES"} --warmup-epochs "${WARMUP_EPOCHS:-2}" \
+        --data-dir /tmp/cifar --json "$OUT/fast94_gpu.json" 2>&1 | tee "$OUT/fast94.log" | tail -16
     step_done recipe
 fi
 

@@ -194,6 +194,35 @@ def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
     assert "| run | xpnet acc | xpnet s |" in printed and "| mean |" in printed
 
 
+def test_recipe_warm_up_can_be_shorter_and_the_sides_chosen(tmp_path, monkeypatch, capsys):
+    from xpnet.cli import bench_recipe
+
+    epochs, real = [], bench_recipe.timed_run
+
+    def recorded(backend, settings, *rest):
+        epochs.append(settings.epochs)
+        return real(backend, settings, *rest)
+
+    monkeypatch.setattr(bench_recipe, "timed_run", recorded)
+    rng = np.random.default_rng(0)
+    subset = tmp_path / "cifar.npz"
+    np.savez(subset, X_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 64),
+             X_test=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 10))  # fmt: skip
+    common = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "1", "--no-torch",
+              "--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=32", "--recipe-set", "epochs=2"]  # fmt: skip
+    out = tmp_path / "recipe.json"
+    assert bench.main([*common, "--warmup-epochs", "1", "--recipe-sides", "xpnet", "--json", str(out)]) == 0
+    assert epochs == [1, 2]  # the warm-up's one epoch, then the recipe's two
+    report = json.loads(out.read_text())["recipe"]
+    assert report["warmup_epochs"] == 1 and list(report["runs"]) == ["xpnet"]
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--recipe-sides", "xpnet,torch"])
+    assert "--recipe-sides: no side torch here (there are: xpnet)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--warmup-epochs", "0"])
+    assert "--warmup-epochs must be positive" in capsys.readouterr().err
+
+
 def test_the_json_report_is_written_after_each_recipe_run(tmp_path, monkeypatch):
     # A GPU step killed by its time limit keeps the runs it finished: the file on disk grows run by run.
     snapshots = []

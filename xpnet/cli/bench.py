@@ -384,6 +384,18 @@ def main(argv=None):
         "timing has one; on a CPU it only costs time)",
     )
     p.add_argument(
+        "--recipe-sides",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        help="the sides of --recipe to run, e.g. xpnet,torch (default: all that run here: xpnet, "
+        "xpnet-cudnn, xpnet-fp16, torch, torch-fp16)",
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="epochs of --recipe's untimed warm-up run per side (default: the recipe's own; 2 compiles and "
+        "captures the same as a whole run)",
+    )
+    p.add_argument(
         "--recipe-set",
         metavar="KEY=VALUE",
         action="append",
@@ -418,6 +430,8 @@ def main(argv=None):
         p.error(str(exc))
     if args.runs < 1:
         p.error(f"--runs must be at least 1, got {args.runs}")
+    if args.warmup_epochs is not None and not args.warmup_epochs > 0:
+        p.error(f"--warmup-epochs must be positive, got {args.warmup_epochs}")
     if args.ops_batch < 1:
         p.error(f"--ops-batch must be at least 1, got {args.ops_batch}")
     configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]

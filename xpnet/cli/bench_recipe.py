@@ -4,8 +4,10 @@ both sides or off on both), with PyTorch's published setting (fp16, channels-las
 them on a GPU, and there xpnet with float16 activations and xpnet with cuDNN's
 convolutions (when cuDNN loads) too. Each run
 counts what the published recipe counts (whitening, training, evaluation with TTA) after
-one untimed warm-up run per side on the same shapes. A side that fails is reported
-(``failures``) and left out of the later runs; the others go on.
+one untimed warm-up run per side on the same shapes (``--warmup-epochs`` shortens it: the
+shapes, compiled kernels and captured graphs are the same after two epochs as after all).
+``--recipe-sides`` picks the sides. A side that fails is reported (``failures``) and left
+out of the later runs; the others go on.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def _torch_side(backend, data, tf32):
     return torch, fast94_torch, arrays
 
 
+def _epochs(settings, epochs):
+    """``settings`` with ``epochs`` (None: as they are)."""
+    return settings if epochs is None else settings.with_overrides({"epochs": epochs})
+
+
 def recipe_runs(backend, args, on_progress=None) -> dict:
     """Warm up each side once, then ``args.runs`` interleaved runs; returns the report, and
     passes the report so far to ``on_progress`` after each run (so that a run cut short by a
@@ -77,39 +84,46 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
     settings = Fast94Settings().with_overrides(dict([*args.recipe_set, ("tf32", bool(args.tf32))]))
     data = _load(args)
     ours = device_data(backend, data, settings.dtype)
-    sides = {"xpnet": lambda seed: timed_run(backend, settings, seed, *ours)}
+
+    def xpnet_side(side_settings):
+        """A side's run: ``(seed, epochs)``, epochs None for the recipe's own."""
+        return lambda seed, epochs=None: timed_run(backend, _epochs(side_settings, epochs), seed, *ours)
+
+    sides = {"xpnet": xpnet_side(settings)}
     if backend.is_gpu and not settings.cudnn and cudnn_available(backend):
         # The same recipe with cuDNN's convolutions: which of xpnet's two paths to keep is measured here too.
-        on_cudnn = settings.with_overrides({"cudnn": True})
-        sides["xpnet-cudnn"] = lambda seed: timed_run(backend, on_cudnn, seed, *ours)
+        sides["xpnet-cudnn"] = xpnet_side(settings.with_overrides({"cudnn": True}))
     if backend.is_gpu and settings.activation_dtype is None:
         # Beside PyTorch's fp16 row: float16 activations, float32 weights (the issue's "if it pays").
-        in_half = settings.with_overrides({"activation_dtype": "float16"})
-        sides["xpnet-fp16"] = lambda seed: timed_run(backend, in_half, seed, *ours)
+        sides["xpnet-fp16"] = xpnet_side(settings.with_overrides({"activation_dtype": "float16"}))
     if not args.no_torch:
         torch, fast94_torch, theirs = _torch_side(backend, data, bool(args.tf32))
-        sides["torch"] = lambda seed: fast94_torch.fast94_torch(*theirs, settings, seed)
+        sides["torch"] = lambda seed, epochs=None: fast94_torch.fast94_torch(*theirs, _epochs(settings, epochs), seed)
         if backend.is_gpu:
-            sides["torch-fp16"] = lambda seed: fast94_torch.fast94_torch(
-                *theirs, settings, seed, dtype=torch.float16, channels_last=True
+            sides["torch-fp16"] = lambda seed, epochs=None: fast94_torch.fast94_torch(
+                *theirs, _epochs(settings, epochs), seed, dtype=torch.float16, channels_last=True
             )
+    if args.recipe_sides:
+        unknown = sorted(set(args.recipe_sides) - set(sides))
+        if unknown:
+            raise ValueError(f"--recipe-sides: no side {', '.join(unknown)} here (there are: {', '.join(sides)})")
+        sides = {name: run for name, run in sides.items() if name in args.recipe_sides}
     failures: dict = {}
     graphs = settings.cuda_graph is not False and backend.can_capture
 
-    def attempt(name, seed):
+    def attempt(name, seed, epochs=None):
         """One run of a side, or None once the side has failed: its error goes in the report
         and the other sides go on. xpnet failing with CUDA graphs (a capture refused, say) is
         tried once more without them, so that it is measured eagerly rather than not at all."""
         try:
-            return sides[name](seed)
+            return sides[name](seed, epochs)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             if name == "xpnet" and graphs and "xpnet with CUDA graphs" not in failures:
                 failures["xpnet with CUDA graphs"] = error
                 print(f"xpnet with CUDA graphs failed ({error}); xpnet runs eagerly", flush=True)
-                eager = settings.with_overrides({"cuda_graph": False})
-                sides[name] = lambda seed: timed_run(backend, eager, seed, *ours)
-                return attempt(name, seed)
+                sides[name] = xpnet_side(settings.with_overrides({"cuda_graph": False}))
+                return attempt(name, seed, epochs)
             failures[name] = error
             print(f"{name} failed: {error}", flush=True)
             del sides[name]
@@ -117,7 +131,7 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
 
     for name in list(sides) if not args.no_warmup else ():
         print(f"warm-up: {name}", flush=True)
-        attempt(name, 10_000)
+        attempt(name, 10_000, args.warmup_epochs)
     runs = {name: [] for name in sides}
 
     def report() -> dict:
@@ -130,7 +144,7 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
             for name, rows in measured.items()
         }
         return {"settings": {k: v for k, v in vars(settings).items()}, "runs": measured, "summary": summary,
-                "warmup": not args.no_warmup, "failures": dict(failures),
+                "warmup": not args.no_warmup, "warmup_epochs": args.warmup_epochs, "failures": dict(failures),
                 "train_images": int(ours[0].shape[0]), "test_images": int(ours[2].shape[0])}  # fmt: skip
 
     for r in range(args.runs):
