@@ -178,11 +178,11 @@ def _statistics_dtype(x):
 
 
 def _planes(x):
-    """x (N, C, H, W) as (N, C, H·W). Per-channel sums reduce that last, contiguous axis
+    """A C-contiguous x (N, C, H, W) as (N, C, H·W). Per-channel sums reduce that last axis
     first, then N: one reduction over axes (0, 2, 3) gives CuPy one block per channel, far
     too few to fill the GPU, each walking its channel with an index division per element."""
     n, c, h, w = x.shape
-    return cupy.ascontiguousarray(x).reshape(n, c, h * w)
+    return x.reshape(n, c, h * w)
 
 
 def _per_channel(values, dtype):
@@ -355,6 +355,7 @@ class CupyKernels:
         statistics are summed and kept in float32; out and x̂ are float16."""
         n, c, h, w = x.shape
         stat = _statistics_dtype(x)
+        x = cupy.ascontiguousarray(x)  # a convolution's output is a transposed view: one copy serves every pass
         rows = _planes(x)
         mean = rows.sum(axis=2, dtype=stat).sum(axis=0) / (n * h * w)
         var = _squared_deviation_sum(rows, mean.reshape(1, c, 1), axis=2).sum(axis=0) / (n * h * w)
@@ -380,6 +381,7 @@ class CupyKernels:
         n, c, h, w = dout.shape
         count = n * h * w
         stat = inv_std.dtype
+        dout, x_hat = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x_hat)
         dout_rows = _planes(dout)
         dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=0)
         dgamma = _product_sum[stat](dout_rows, _planes(x_hat), axis=2).sum(axis=0)
