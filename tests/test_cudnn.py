@@ -80,7 +80,7 @@ def test_plans_give_the_layers_output_shape(x_shape, w_shape, stride, pad, dtype
         return
     assert plan.math == cudnn._FMA_MATH  # exact unless TF32 is asked for
     assert cudnn.ConvolutionPlan(lib, x_shape, w_shape, stride, pad, dtype_char, tf32=True).math == (
-        cudnn._TENSOR_OP_MATH if dtype_char == "f" else cudnn._FMA_MATH
+        cudnn._DEFAULT_MATH if dtype_char == "f" else cudnn._FMA_MATH  # as PyTorch: TENSOR_OP would not use TF32
     )
 
 
@@ -117,6 +117,9 @@ class _FakeCudnn:
             return 0
         if name in ("cudnnSetTensor4dDescriptor", "cudnnSetFilter4dDescriptor"):
             self.descriptors[args[0].value] = args[-4:]
+            return 0
+        if name == "cudnnSetConvolutionMathType":
+            self.calls.append((name, args[1]))
             return 0
         if name == "cudnnSetConvolution2dDescriptor":
             self.descriptors[args[0].value] = args[1:3] + args[3:5]  # pads, strides
@@ -182,7 +185,7 @@ def test_each_direction_passes_its_descriptors_and_buffers_in_cudnns_order():
     dw = engine.backward_filter(x, y, w.shape, 2, 1)
     assert dx.shape == x.shape and dw.shape == w.shape
     plan = next(iter(engine._plans.values()))
-    runs = [c for c in lib.calls if len(c) > 1]
+    runs = [c for c in lib.calls if len(c) > 2]
     ptr = lambda a: a.ctypes.data  # noqa: E731
     assert runs == [
         ("cudnnConvolutionForward", plan.x.value, ptr(x), plan.w.value, ptr(w), lib.FMA_ALGO, plan.y.value, ptr(y)),
@@ -193,6 +196,8 @@ def test_each_direction_passes_its_descriptors_and_buffers_in_cudnns_order():
     engine.forward(x, w, 2, 1)
     searches = [c[0] for c in lib.calls if len(c) == 1]
     assert searches == [f"cudnnFindConvolution{d}AlgorithmEx" for d in ("Forward", "BackwardData", "BackwardFilter")]
+    # Exact float32 stays in FMA math from the plan's creation on.
+    assert [c for c in lib.calls if c[0] == "cudnnSetConvolutionMathType"] == [("cudnnSetConvolutionMathType", 3)]
 
 
 def test_tf32_takes_the_tensor_op_algorithm_and_a_capture_asks_the_heuristics():
@@ -205,8 +210,17 @@ def test_tf32_takes_the_tensor_op_algorithm_and_a_capture_asks_the_heuristics():
         cupy.ascontiguousarray(np.ones((4, 3, 3, 3), np.float32)),
     )
     engine.forward(x, w, 1, 1)
-    assert [c[0] for c in lib.calls] == ["cudnnGetConvolutionForwardAlgorithm_v7", "cudnnConvolutionForward"]
-    assert lib.calls[1][5] == lib.TENSOR_OP_ALGO
+    # The plan is made in DEFAULT math (TF32 allowed); the algorithm runs in the math type it was found with.
+    assert lib.calls[0] == ("cudnnSetConvolutionMathType", cudnn._DEFAULT_MATH)
+    assert [c[0] for c in lib.calls[1:]] == [
+        "cudnnGetConvolutionForwardAlgorithm_v7", "cudnnSetConvolutionMathType", "cudnnConvolutionForward"
+    ]  # fmt: skip
+    assert lib.calls[2] == ("cudnnSetConvolutionMathType", cudnn._TENSOR_OP_MATH)
+    assert lib.calls[3][5] == lib.TENSOR_OP_ALGO
+    # The next direction searches in the plan's math type again, then runs in its algorithm's.
+    engine.backward_filter(x, engine.forward(x, w, 1, 1), w.shape, 1, 1)
+    maths = [c[1] for c in lib.calls[4:] if c[0] == "cudnnSetConvolutionMathType"]
+    assert maths == [cudnn._DEFAULT_MATH, cudnn._TENSOR_OP_MATH]
 
 
 def test_operands_of_two_dtypes_meet_in_the_wider_one():

@@ -28,7 +28,9 @@ _DATA_TYPES = {"f": 0, "d": 1, "e": 2}  # CUDNN_DATA_FLOAT, CUDNN_DATA_DOUBLE, C
 _FLOAT = _DATA_TYPES["f"]
 _NCHW = 0
 _CROSS_CORRELATION = 1
-_TENSOR_OP_MATH, _FMA_MATH = 1, 3
+# cudnnMathType_t. As PyTorch sets them: float16 TENSOR_OP; float32 with TF32 DEFAULT (TENSOR_OP
+# does not convert float32 operands to TF32); exact float32 (and float64) FMA.
+_DEFAULT_MATH, _TENSOR_OP_MATH, _FMA_MATH = 0, 1, 3
 _TENSOR_OP_MATHS = (1, 2)  # CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
 _WORKSPACE_BYTES = 64 * 1024 * 1024
 _MAX_ALGORITHMS = 8
@@ -166,8 +168,8 @@ class ConvolutionPlan:
             self.conv, pad, pad, stride, stride, 1, 1, _CROSS_CORRELATION, compute_type
         )
         _check(lib, status, "cudnnSetConvolution2dDescriptor")
-        self.math = _TENSOR_OP_MATH if half or (tf32 and dtype_char == "f") else _FMA_MATH
-        _check(lib, lib.cudnnSetConvolutionMathType(self.conv, self.math), "cudnnSetConvolutionMathType")
+        self.math = _TENSOR_OP_MATH if half else _DEFAULT_MATH if (tf32 and dtype_char == "f") else _FMA_MATH
+        self.set_math(self.math)
         dims = [ctypes.c_int() for _ in range(4)]
         status = lib.cudnnGetConvolution2dForwardOutputDim(self.conv, self.x, self.w, *map(ctypes.byref, dims))
         _check(lib, status, "cudnnGetConvolution2dForwardOutputDim")
@@ -178,7 +180,12 @@ class ConvolutionPlan:
         )
         scalar = ctypes.c_double if dtype_char == "d" else ctypes.c_float  # float16's scalars are float
         self.one, self.zero = scalar(1.0), scalar(0.0)
-        self.algorithms: dict[str, int] = {}
+        self.algorithms: dict[str, tuple[int, int]] = {}  # direction: (algorithm, its math type)
+
+    def set_math(self, math: int) -> None:
+        """The convolution descriptor's math type (a host-side setting, allowed during a capture)."""
+        _check(self.lib, self.lib.cudnnSetConvolutionMathType(self.conv, math), "cudnnSetConvolutionMathType")
+        self.current_math = math
 
     def _descriptor(self, create):
         handle = ctypes.c_void_p()
@@ -215,11 +222,14 @@ class CudnnConvolutions:
         return stream.is_capturing()
 
     def _algorithm(self, plan, direction, capturing, a, b, out):
-        """The fastest algorithm for ``direction`` that fits the workspace: timed on the
-        real buffers the first time (never while a graph is being captured: then cuDNN's
-        heuristic choice)."""
+        """(algorithm, math type): the fastest algorithm for ``direction`` that fits the
+        workspace, timed on the real buffers the first time (never while a graph is being
+        captured: then cuDNN's heuristic choice), with the math type it was found with, which
+        the descriptor must carry when it runs (cuDNN picks tensor-core kernels by both)."""
         if direction in plan.algorithms:
             return plan.algorithms[direction]
+        if plan.current_math != plan.math:  # search in the plan's own math type, not another direction's
+            plan.set_math(plan.math)
         lib, count, results = self.lib, ctypes.c_int(), (_AlgoPerf * _MAX_ALGORITHMS)()
         name, first, second, result = _DIRECTIONS[direction]
         first, second, result = getattr(plan, first), getattr(plan, second), getattr(plan, result)
@@ -235,8 +245,8 @@ class CudnnConvolutions:
                 _MAX_ALGORITHMS, ctypes.byref(count), results, self.workspace.data.ptr, _WORKSPACE_BYTES,
             )  # fmt: skip
         _check(lib, status, function)
-        # Exact float32 takes no tensor-op algorithm, whatever cuDNN offers; the calls run
-        # in the descriptor's math type.
+        # Exact float32 takes no tensor-op algorithm, whatever cuDNN offers, and keeps its FMA
+        # math type (DEFAULT would let cuDNN use TF32).
         exact = plan.math == _FMA_MATH
         usable = [
             r
@@ -245,13 +255,15 @@ class CudnnConvolutions:
         ]
         if not usable:
             raise RuntimeError(f"cuDNN has no {name} algorithm for this convolution within the workspace")
-        plan.algorithms[direction] = usable[0].algo
-        return usable[0].algo
+        plan.algorithms[direction] = usable[0].algo, plan.math if exact else usable[0].mathType
+        return plan.algorithms[direction]
 
     def _run(self, plan, direction, a, b, out_shape):
         """``direction``'s result (out_shape) from its two operands, C-contiguous device arrays."""
         out = self.cupy.empty(tuple(out_shape), dtype=a.dtype)
-        algo = self._algorithm(plan, direction, self._on_stream(), a, b, out)
+        algo, math = self._algorithm(plan, direction, self._on_stream(), a, b, out)
+        if math != plan.current_math:
+            plan.set_math(math)
         name, first, second, result = _DIRECTIONS[direction]
         status = getattr(self.lib, f"cudnnConvolution{name}")(
             self.handle, ctypes.byref(plan.one), getattr(plan, first), a.data.ptr, getattr(plan, second), b.data.ptr,
