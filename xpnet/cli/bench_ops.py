@@ -254,6 +254,8 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
             torch = None
     if torch is not None and backend.is_gpu:
         torch.backends.cudnn.benchmark = True
+    if backend.is_gpu:
+        backend.set_tf32(tf32)  # the conv suite, run before, leaves it off
     started = time.perf_counter()
     bandwidth = copy_bandwidth(backend, time_variants, repeats, budget)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
