@@ -3,7 +3,8 @@
 #   tests   the fused-kernel, cuDNN and CUDA-graph tests (tests/test_gpu.py)
 #   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, and cuDNN when it
 #           loads) against PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a
-#           time (BENCH_SUITE picks fc, conv, ops or all; BENCH_FLAGS adds flags, e.g. --tf32)
+#           time (BENCH_SUITE: one or more of fc, conv, ops, all, e.g. "ops conv"; BENCH_FLAGS adds flags,
+#           e.g. --tf32 for the ops suite; the conv suite measures fp32 and TF32 whatever the flags)
 #   suite   the whole test suite on CuPy
 #   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
 #   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only), in TF32
@@ -21,6 +22,11 @@
 # Timed on an H200 (2026-11-28): a machine's start and the first call's transfer about 60 s; tests 51-64 s;
 # bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
 # xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
+# So a lease of 15 minutes fits, by estimate (each call given a timeout_s that leaves room to spare):
+#   1  piece 1: STEPS="tests bench" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=300   ~6 min
+#   2  piece 2: STEPS=none                                                                      ~0.3 min
+#   3  piece 3: STEPS=recipe RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240                  ~3.5 min
+# with the machine's start (~1 min) and the time between calls: about 11 minutes.
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench suite tta recipe} "
@@ -45,10 +51,15 @@ if [[ $STEPS == *" tests "* ]]; then
 fi
 
 if [[ $STEPS == *" bench "* ]]; then
-    echo "== benchmark: FC steps, conv2d fp32 and TF32 (im2col + cuBLAS, cuDNN) against PyTorch, ThreeLayerConvNet"
-    timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --suite "${BENCH_SUITE:-all}" --repeats 3 ${BENCH_FLAGS:-} \
-        --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -40
-    step_done bench
+    # one process and one JSON per suite, each with its own share of BENCH_TIMEOUT
+    suites=(${BENCH_SUITE:-all})
+    for suite in "${suites[@]}"; do
+        echo "== benchmark, suite $suite (fc: FC steps; conv: conv2d fp32 and TF32, im2col and cuDNN, against"
+        echo "   PyTorch, and ThreeLayerConvNet; ops: the recipe's other layers and the im2col passes)"
+        timeout "$(( ${BENCH_TIMEOUT:-330} / ${#suites[@]} ))" python3 scripts/bench.py --backend cupy --suite "$suite" \
+            --repeats 3 ${BENCH_FLAGS:-} --json "$OUT/bench_${suite}_gpu.json" 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
+        step_done "bench $suite"
+    done
 fi
 
 if [[ $STEPS == *" suite "* ]]; then
