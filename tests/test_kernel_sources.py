@@ -44,9 +44,19 @@ CONV_GEOMETRIES = [
 ]
 
 
+def _index(kernel, bits):
+    """``kernel`` as it is (bits 32: the index arithmetic of every launch under 2^32 elements),
+    or always taking its 64-bit index path (bits 64: larger launches)."""
+    if bits == 32:
+        return kernel
+    assert kernel.operation.count("i <= 0xFFFFFFFFLL") == 1
+    return kernel._replace(operation=kernel.operation.replace("i <= 0xFFFFFFFFLL", "i < 0"))
+
+
+@pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape, kernel, stride, pad", CONV_GEOMETRIES)
-def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride, pad):
+def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride, pad, bits):
     n, c, h, w = shape
     kh, kw = kernel
     h_out, w_out = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
@@ -54,12 +64,12 @@ def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride
     reference = _im2col(np, np.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, pad, h_out, w_out)
     cols = np.empty((c * kh * kw, n * h_out * w_out), dtype=dtype)
     geometry = (c, h, w, kh, kw, n, h_out, w_out, stride, pad)
-    run_elementwise(sources.IM2COL, x, *geometry, cols)
+    run_elementwise(_index(sources.IM2COL, bits), x, *geometry, cols)
     np.testing.assert_array_equal(cols, reference)
 
     dcols = rng.standard_normal(cols.shape).astype(dtype)
     expected = np.permute_dims(_col2im(np, dcols, (c, n, h, w), kh, kw, stride, pad, h_out, w_out), (1, 0, 2, 3))
-    dx = run_elementwise(sources.COL2IM, dcols, *geometry, np.empty(shape, dtype=dtype))
+    dx = run_elementwise(_index(sources.COL2IM, bits), dcols, *geometry, np.empty(shape, dtype=dtype))
     np.testing.assert_allclose(dx, expected, **tolerance(dtype))
 
 
@@ -88,9 +98,10 @@ POOLS = [
 ]
 
 
+@pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape, window, stride", POOLS)
-def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, window, stride):
+def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, window, stride, bits):
     ph, pw = window
     h_out, w_out = (shape[2] - ph) // stride + 1, (shape[3] - pw) // stride + 1
     x = rng.integers(-2, 3, size=shape).astype(dtype)  # few values: many tied windows
@@ -99,14 +110,14 @@ def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, windo
     out_shape = (*shape[:2], h_out, w_out)
     out, argmax = np.empty(out_shape, dtype=dtype), np.empty(out_shape, dtype=np.int32)
     geometry = (shape[2], shape[3], ph, pw, h_out, w_out, stride)
-    run_elementwise(sources.MAX_POOL_FORWARD, x, *geometry, out, argmax)
+    run_elementwise(_index(sources.MAX_POOL_FORWARD, bits), x, *geometry, out, argmax)
     np.testing.assert_array_equal(out, expected)
     rows, cols = stride * (h_out - 1) + 1, stride * (w_out - 1) + 1
     windows = np.stack([x[..., i : i + rows : stride, j : j + cols : stride] for i in range(ph) for j in range(pw)], 2)
     np.testing.assert_array_equal(argmax, np.argmax(windows, axis=2))  # offsets in row-major order
 
     dout = rng.standard_normal(out_shape).astype(dtype)
-    dx = run_elementwise(sources.MAX_POOL_BACKWARD, dout, argmax, *geometry, np.empty(shape, dtype=dtype))
+    dx = run_elementwise(_index(sources.MAX_POOL_BACKWARD, bits), dout, argmax, *geometry, np.empty(shape, dtype=dtype))
     np.testing.assert_array_equal(dx, fast_layers.max_pool_backward_fast(dout, cache))
 
 

@@ -99,6 +99,10 @@ GELU_BACKWARD = Elementwise(
     "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794)",
     "xpnet_gelu_backward",
 )
+# INDEX_NOTE: the kernels below turn the flat index i into coordinates with 32-bit unsigned
+# divisions wherever i fits in 32 bits (every launch under 2^32 elements): a 64-bit division
+# is a long emulated sequence on NVIDIA GPUs, several times a 32-bit one, and im2col does five
+# per element of its columns, which outnumber the activations by the kernel's area.
 # im2col and col2im in one launch each (the array-API code takes HH·WW strided copies).
 # cols is (C, KH, KW, N, OH, OW) flattened: one thread per element, zero where the window
 # sees padding. col2im gathers instead of scattering, one thread per element of dx
@@ -107,13 +111,14 @@ IM2COL = Elementwise(
     "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
     "T col",
     """
-    long long t = i;
-    const int ow = t % OW; t /= OW;
-    const int oh = t % OH; t /= OH;
-    const int n = t % N; t /= N;
-    const int kj = t % KW; t /= KW;
-    const int ki = t % KH;
-    const int c = t / KH;
+    int ow, oh, n, kj, ki, c;
+    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
+        unsigned int t = (unsigned int)i;
+        ow = t % OW; t /= OW; oh = t % OH; t /= OH; n = t % N; t /= N; kj = t % KW; t /= KW; ki = t % KH; c = t / KH;
+    } else {
+        long long t = i;
+        ow = t % OW; t /= OW; oh = t % OH; t /= OH; n = t % N; t /= N; kj = t % KW; t /= KW; ki = t % KH; c = t / KH;
+    }
     const int ih = oh * stride + ki - pad;
     const int iw = ow * stride + kj - pad;
     col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(((long long)n * C + c) * H + ih) * W + iw] : (T)0;
@@ -124,11 +129,14 @@ COL2IM = Elementwise(
     "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
     "T dx",
     """
-    long long t = i;
-    const int iw = t % W; t /= W;
-    const int ih = t % H; t /= H;
-    const int c = t % C;
-    const int n = t / C;
+    int iw, ih, c, n;
+    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
+        unsigned int t = (unsigned int)i;
+        iw = t % W; t /= W; ih = t % H; t /= H; c = t % C; n = t / C;
+    } else {
+        long long t = i;
+        iw = t % W; t /= W; ih = t % H; t /= H; c = t % C; n = t / C;
+    }
     decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
     for (int ki = 0; ki < KH; ++ki) {
         const int r = ih + pad - ki;
@@ -154,9 +162,15 @@ MAX_POOL_FORWARD = Elementwise(
     "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
     "T out, int32 argmax",
     """
-    const int ow = i % OW;
-    const int oh = (i / OW) % OH;
-    const long long plane = i / ((long long)OH * OW);
+    int ow, oh;
+    long long plane;
+    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
+        unsigned int t = (unsigned int)i;
+        ow = t % OW; t /= OW; oh = t % OH; plane = t / OH;
+    } else {
+        long long t = i;
+        ow = t % OW; t /= OW; oh = t % OH; plane = t / OH;
+    }
     const long long corner = (plane * H + (long long)oh * stride) * W + (long long)ow * stride;
     T best = x[corner];
     int best_k = 0;
@@ -178,9 +192,15 @@ MAX_POOL_BACKWARD = Elementwise(
     "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
     "T dx",
     """
-    const int iw = i % W;
-    const int ih = (i / W) % H;
-    const long long plane = i / ((long long)H * W);
+    int iw, ih;
+    long long plane;
+    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
+        unsigned int t = (unsigned int)i;
+        iw = t % W; t /= W; ih = t % H; plane = t / H;
+    } else {
+        long long t = i;
+        iw = t % W; t /= W; ih = t % H; plane = t / H;
+    }
     decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
     for (int ki = 0; ki < PH; ++ki) {
         const int r = ih - ki;
