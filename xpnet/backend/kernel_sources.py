@@ -99,10 +99,27 @@ GELU_BACKWARD = Elementwise(
     "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794)",
     "xpnet_gelu_backward",
 )
-# INDEX_NOTE: the kernels below turn the flat index i into coordinates with 32-bit unsigned
-# divisions wherever i fits in 32 bits (every launch under 2^32 elements): a 64-bit division
-# is a long emulated sequence on NVIDIA GPUs, several times a 32-bit one, and im2col does five
-# per element of its columns, which outnumber the activations by the kernel's area.
+
+
+def _coordinates(names: str, sizes: str, rest: str, rest_type: str = "int") -> str:
+    """C++ that splits the flat index ``i`` into coordinates: each of ``names`` is ``i``'s
+    digit in the matching one of ``sizes`` (the fastest-varying first), ``rest`` what is left
+    above them. It divides in 32 bits wherever i fits (every launch under 2^32 elements): a
+    64-bit division is a long emulated sequence on NVIDIA GPUs, several times a 32-bit one,
+    and im2col would do five per element of its columns."""
+    steps = " ".join(f"{n} = t % {z}; t /= {z};" for n, z in zip(names.split(), sizes.split(), strict=True))
+    return f"""
+    int {", ".join(names.split())};
+    {rest_type} {rest};
+    if (i <= 0xFFFFFFFFLL) {{
+        unsigned int t = (unsigned int)i;
+        {steps} {rest} = t;
+    }} else {{
+        long long t = i;
+        {steps} {rest} = t;
+    }}"""
+
+
 # im2col and col2im in one launch each (the array-API code takes HH·WW strided copies).
 # cols is (C, KH, KW, N, OH, OW) flattened: one thread per element, zero where the window
 # sees padding. col2im gathers instead of scattering, one thread per element of dx
@@ -110,15 +127,8 @@ GELU_BACKWARD = Elementwise(
 IM2COL = Elementwise(
     "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
     "T col",
-    """
-    int ow, oh, n, kj, ki, c;
-    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
-        unsigned int t = (unsigned int)i;
-        ow = t % OW; t /= OW; oh = t % OH; t /= OH; n = t % N; t /= N; kj = t % KW; t /= KW; ki = t % KH; c = t / KH;
-    } else {
-        long long t = i;
-        ow = t % OW; t /= OW; oh = t % OH; t /= OH; n = t % N; t /= N; kj = t % KW; t /= KW; ki = t % KH; c = t / KH;
-    }
+    _coordinates("ow oh n kj ki", "OW OH N KW KH", "c")
+    + """
     const int ih = oh * stride + ki - pad;
     const int iw = ow * stride + kj - pad;
     col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(((long long)n * C + c) * H + ih) * W + iw] : (T)0;
@@ -128,15 +138,8 @@ IM2COL = Elementwise(
 COL2IM = Elementwise(
     "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
     "T dx",
-    """
-    int iw, ih, c, n;
-    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
-        unsigned int t = (unsigned int)i;
-        iw = t % W; t /= W; ih = t % H; t /= H; c = t % C; n = t / C;
-    } else {
-        long long t = i;
-        iw = t % W; t /= W; ih = t % H; t /= H; c = t % C; n = t / C;
-    }
+    _coordinates("iw ih c", "W H C", "n")
+    + """
     decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
     for (int ki = 0; ki < KH; ++ki) {
         const int r = ih + pad - ki;
@@ -161,16 +164,8 @@ COL2IM = Elementwise(
 MAX_POOL_FORWARD = Elementwise(
     "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
     "T out, int32 argmax",
-    """
-    int ow, oh;
-    long long plane;
-    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
-        unsigned int t = (unsigned int)i;
-        ow = t % OW; t /= OW; oh = t % OH; plane = t / OH;
-    } else {
-        long long t = i;
-        ow = t % OW; t /= OW; oh = t % OH; plane = t / OH;
-    }
+    _coordinates("ow oh", "OW OH", "plane", "long long")
+    + """
     const long long corner = (plane * H + (long long)oh * stride) * W + (long long)ow * stride;
     T best = x[corner];
     int best_k = 0;
@@ -191,16 +186,8 @@ MAX_POOL_FORWARD = Elementwise(
 MAX_POOL_BACKWARD = Elementwise(
     "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
     "T dx",
-    """
-    int iw, ih;
-    long long plane;
-    if (i <= 0xFFFFFFFFLL) {  // see INDEX_NOTE
-        unsigned int t = (unsigned int)i;
-        iw = t % W; t /= W; ih = t % H; plane = t / H;
-    } else {
-        long long t = i;
-        iw = t % W; t /= W; ih = t % H; plane = t / H;
-    }
+    _coordinates("iw ih", "W H", "plane", "long long")
+    + """
     decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
     for (int ki = 0; ki < PH; ++ki) {
         const int r = ih - ki;
