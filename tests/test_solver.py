@@ -2,6 +2,7 @@
 checkpoints, resume, divergence and data validation."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import xpnet
 from xpnet.checkpoint import load_checkpoint
 from xpnet.solver import Solver
 from xpnet.training import Checkpointer
+from xpnet.training.interrupts import interrupts_held
 
 # The Solver tests run on every backend of the suite ($XPNET_TEST_BACKENDS) in both dtypes.
 
@@ -202,6 +204,38 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         Checkpointer(str(tmp_path / "ck")).on_epoch_end(solver)
     assert path.read_bytes() == good  # the old file is untouched
     assert os.listdir(tmp_path) == ["ck_epoch_1.npz"]  # and no temporary file is left
+
+
+def test_ctrl_c_during_a_checkpoint_write_lets_the_write_and_its_record_finish(tmp_path, monkeypatch):
+    """SIGINT arriving just after the rename, before the Solver records the file:
+    the interrupt waits, so the run names the file that is on disk."""
+    solver = Solver(small_model("numpy"), small_data(), batch_size=50, num_epochs=1, verbose=False, seed=0)
+    solver.train()
+    real_replace = os.replace
+
+    def replace_then_ctrl_c(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Checkpointer(str(tmp_path / "ck")).on_epoch_end(solver)
+    assert solver.last_checkpoint == str(tmp_path / "ck_epoch_1.npz")
+    assert load_checkpoint(solver.last_checkpoint)["epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_interrupts_held_changes_nothing_when_no_interrupt_comes():
+    handler = signal.getsignal(signal.SIGINT)
+    ran = []
+    with interrupts_held():
+        ran.append(True)
+    assert ran == [True]
+    assert signal.getsignal(signal.SIGINT) is handler
+    with pytest.raises(ValueError, match="inside"), interrupts_held():
+        raise ValueError("inside")
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_resume_rejects_missing_and_corrupt_files(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..checkpoint import save_checkpoint
+from .interrupts import interrupts_held
 
 __all__ = ["Callback", "ConsoleReport", "LogFunction", "Checkpointer", "EarlyStopping"]
 
@@ -102,8 +103,11 @@ class Checkpointer(Callback):
 
     def on_epoch_end(self, solver):
         path = f"{self.name}_epoch_{solver.epoch}.npz"
-        save_checkpoint(path, solver.checkpoint())
-        solver.last_checkpoint = path
+        payload = solver.checkpoint()
+        # Ctrl-C waits for the file and the record of it, so the run reports the newest file.
+        with interrupts_held():
+            save_checkpoint(path, payload)
+            solver.last_checkpoint = path
 
 
 class EarlyStopping(Callback):
