@@ -1,4 +1,7 @@
-"""NumPy on the CPU: spec "numpy" (or "numpy:cpu")."""
+"""NumPy on the CPU: spec "numpy" (or "numpy:cpu").
+
+Importing it keeps freed host buffers in the process (see :mod:`.host_allocator`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import numpy as np
 from array_api_compat import is_numpy_array
 
 from .base import Backend
+from .host_allocator import keep_freed_buffers
 from .registry import register_backend
 
 
@@ -24,3 +28,4 @@ def make_numpy(spec: str) -> Backend:
 
 
 register_backend("numpy", make_numpy, is_numpy_array, install_hint="NumPy is not installed: pip install numpy")
+keep_freed_buffers()

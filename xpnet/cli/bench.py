@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 import xpnet
+from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_recipe, bench_tta
 from xpnet.cli.common import HelpFormatter
 from xpnet.solver import Solver
@@ -442,10 +443,12 @@ def main(argv=None):
         "backend": backend.name,
         "device": backend.device_name,
         "versions": versions(backend),
+        "host_allocator": host_allocator(),
         "rows": args.rows,
         "configs": [],
     }
     print(f"# {backend.name} on {backend.device_name}; {report['versions']}", flush=True)
+    print(f"# host memory: {report['host_allocator']}", flush=True)
 
     def save():
         """The report so far to --json, after each part: a run stopped by a time limit keeps
