@@ -101,6 +101,8 @@ class _FakeCudnn:
 
     def __init__(self):
         self.calls, self.descriptors, self.next_id = [], {}, 100
+        self.memory = {self.TENSOR_OP_ALGO: 0, self.FMA_ALGO: 0}  # workspace bytes each algorithm asks for
+        self.workspaces = []  # (pointer, bytes) each search and each convolution was given
 
     def __getattr__(self, name):
         def call(*args):
@@ -140,13 +142,23 @@ class _FakeCudnn:
             count._obj.value = 2
             results[0].algo, results[0].status, results[0].mathType = self.TENSOR_OP_ALGO, 0, 1
             results[1].algo, results[1].status, results[1].mathType = self.FMA_ALGO, 0, 3
+            results[0].memory, results[1].memory = self.memory[self.TENSOR_OP_ALGO], self.memory[self.FMA_ALGO]
+            if name.startswith("cudnnFind"):
+                self.workspaces.append((args[11], args[12]))
             return 0
         if name.startswith("cudnnConvolution"):
             self.calls.append((name, args[2].value, args[3], args[4].value, args[5], args[7], args[11].value, args[12]))
+            self.workspaces.append((args[8], args[9]))
         return 0 if name != "cudnnGetErrorString" else ctypes.c_char_p(b"fake")
 
 
-def _fake_engine(capturing=False):
+@pytest.fixture(autouse=True)
+def small_search_workspace(monkeypatch):
+    """The fake device's searches get 256 bytes, not a GiB of host memory."""
+    monkeypatch.setattr(cudnn, "_SEARCH_BYTES", 256)
+
+
+def _fake_engine(capturing=False, free_bytes=1 << 20):
     import threading
     import types
 
@@ -157,17 +169,29 @@ def _fake_engine(capturing=False):
         def data(self):
             return types.SimpleNamespace(ptr=self.ctypes.data)
 
+    class OutOfMemoryError(Exception):
+        pass
+
+    def empty(shape, dtype):  # a workspace (bytes) larger than free_bytes does not fit
+        if np.dtype(dtype) == np.uint8 and np.prod(shape) > free_bytes:
+            raise OutOfMemoryError(f"out of memory allocating {shape}")
+        return np.empty(shape, dtype).view(DeviceArray)
+
     stream = types.SimpleNamespace(ptr=0, is_capturing=lambda: capturing)
     cupy = types.SimpleNamespace(
         ascontiguousarray=lambda a: np.ascontiguousarray(a).view(DeviceArray),
-        empty=lambda shape, dtype: np.empty(shape, dtype).view(DeviceArray),
+        empty=empty,
+        uint8=np.uint8,
         result_type=np.result_type,
-        cuda=types.SimpleNamespace(get_current_stream=lambda: stream),
+        cuda=types.SimpleNamespace(
+            get_current_stream=lambda: stream, memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError)
+        ),
     )
     lib = _FakeCudnn()
     engine = object.__new__(cudnn.CudnnConvolutions)  # no cudnnCreate: there is no GPU
     engine.cupy, engine.lib, engine.handle, engine.tf32 = cupy, lib, cudnn.ctypes.c_void_p(1), False
-    engine.workspace, engine._plans, engine._lock = cupy.empty((16,), np.uint8), {}, threading.Lock()
+    engine.workspace, engine._plans, engine._lock = np.empty(16, np.uint8).view(DeviceArray), {}, threading.Lock()
+    engine._retired = []
     return engine, lib, cupy
 
 
@@ -232,3 +256,40 @@ def test_operands_of_two_dtypes_meet_in_the_wider_one():
     y = engine.forward(x, w, 1, 1)
     assert y.dtype == np.float64 and next(iter(engine._plans))[4] == "d"
     assert engine.backward_data(w, np.ones(y.shape, np.float32), x.shape, 1, 1).dtype == np.float64
+
+
+def test_the_search_may_use_a_larger_workspace_which_then_grows_and_keeps_its_old_buffer():
+    import numpy as np
+
+    engine, lib, cupy = _fake_engine()
+    lib.memory[lib.FMA_ALGO] = 200  # more than the 16 bytes held, within the 256 of the search
+    x, w = (
+        cupy.ascontiguousarray(np.ones((2, 3, 8, 8), np.float32)),
+        cupy.ascontiguousarray(np.ones((4, 3, 3, 3), np.float32)),
+    )
+    first = engine.workspace
+    engine.forward(x, w, 1, 1)
+    (search, search_bytes), (used, used_bytes) = lib.workspaces
+    assert search_bytes == 256
+    assert used_bytes == engine.workspace.nbytes == 200 and used == engine.workspace.ctypes.data
+    assert engine._retired == [first]  # a graph captured earlier may still point into it
+    # A capture takes cuDNN's heuristic choice among the algorithms that fit the workspace held.
+    engine2, lib2, _ = _fake_engine(capturing=True)
+    lib2.memory[lib2.FMA_ALGO] = 200
+    with pytest.raises(RuntimeError, match="no Forward algorithm for this convolution within 16 bytes"):
+        engine2.forward(x, w, 1, 1)
+
+
+def test_the_search_workspace_shrinks_to_what_the_device_can_spare():
+    import numpy as np
+
+    engine, lib, cupy = _fake_engine(free_bytes=100)
+    x, w = (
+        cupy.ascontiguousarray(np.ones((2, 3, 8, 8), np.float32)),
+        cupy.ascontiguousarray(np.ones((4, 3, 3, 3), np.float32)),
+    )
+    engine.forward(x, w, 1, 1)
+    assert lib.workspaces[0][1] == 64  # 256 refused, then 128, then 64 fits
+    engine_full, lib_full, _ = _fake_engine(free_bytes=10)
+    engine_full.forward(x, w, 1, 1)
+    assert lib_full.workspaces[0] == (engine_full.workspace.ctypes.data, 16)  # the workspace held

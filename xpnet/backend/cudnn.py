@@ -6,8 +6,10 @@ from ``$XPNET_CUDNN_LIBRARY``, the copy already loaded in the process (PyTorch's
 the ``nvidia-cudnn-cu12``/``-cu13`` wheel (``pip install "xpnet[cudnn12]"``), or the
 system's. It uses cuDNN's legacy convolution API (still in cuDNN 9): one descriptor
 set per geometry, the fastest algorithm found by timing them all the first time a
-geometry runs (as PyTorch's ``cudnn.benchmark=True``), and a fixed workspace, so that
-the calls can be recorded in a CUDA graph. float32 is exact (FMA math) unless TF32
+geometry runs (as PyTorch's ``cudnn.benchmark=True``, with as large a workspace as it
+may need, up to 1 GiB), and a workspace that grows to what the chosen algorithms need
+and whose earlier buffers stay allocated, so that calls recorded in a CUDA graph keep
+valid pointers. float32 is exact (FMA math) unless TF32
 is switched on, float64 is supported, and float16 tensors are convolved with float32
 sums on tensor cores; tensors are NCHW and C-contiguous.
 
@@ -32,7 +34,10 @@ _CROSS_CORRELATION = 1
 # does not convert float32 operands to TF32); exact float32 (and float64) FMA.
 _DEFAULT_MATH, _TENSOR_OP_MATH, _FMA_MATH = 0, 1, 3
 _TENSOR_OP_MATHS = (1, 2)  # CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
-_WORKSPACE_BYTES = 64 * 1024 * 1024
+_WORKSPACE_BYTES = 64 * 1024 * 1024  # the workspace to start with
+# The search may time algorithms that need up to this much (less when the device lacks it):
+# at batch 1024 the fastest ones often need more than the starting workspace.
+_SEARCH_BYTES = 1024 * 1024 * 1024
 _MAX_ALGORITHMS = 8
 # direction: (the cuDNN name part, the plan's descriptors of its two operands and of its result),
 # in the order of cuDNN's arguments
@@ -194,7 +199,7 @@ class ConvolutionPlan:
 
 
 class CudnnConvolutions:
-    """cuDNN convolutions on one GPU: a handle, a fixed workspace, and a plan per geometry."""
+    """cuDNN convolutions on one GPU: a handle, a workspace, and a plan per geometry."""
 
     def __init__(self, cupy, device_id: int):
         self.cupy, self.lib = cupy, find_library()
@@ -202,6 +207,7 @@ class CudnnConvolutions:
         with cupy.cuda.Device(device_id):
             _check(self.lib, self.lib.cudnnCreate(ctypes.byref(self.handle)), "cudnnCreate")
             self.workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
+        self._retired: list = []  # earlier workspaces: captured graphs may still point into them
         self._plans: dict = {}
         self._lock = threading.Lock()
         self.tf32 = False
@@ -222,10 +228,12 @@ class CudnnConvolutions:
         return stream.is_capturing()
 
     def _algorithm(self, plan, direction, capturing, a, b, out):
-        """(algorithm, math type): the fastest algorithm for ``direction`` that fits the
-        workspace, timed on the real buffers the first time (never while a graph is being
-        captured: then cuDNN's heuristic choice), with the math type it was found with, which
-        the descriptor must carry when it runs (cuDNN picks tensor-core kernels by both)."""
+        """(algorithm, math type): the fastest algorithm for ``direction``, timed on the real
+        buffers the first time with a search workspace of up to ``_SEARCH_BYTES`` (the
+        workspace then grows to what it needs), or while a graph is being captured, cuDNN's
+        heuristic choice among those that fit the workspace as it is. With it, the math type
+        it was found with, which the descriptor must carry when it runs (cuDNN picks
+        tensor-core kernels by both)."""
         if direction in plan.algorithms:
             return plan.algorithms[direction]
         if plan.current_math != plan.math:  # search in the plan's own math type, not another direction's
@@ -234,16 +242,20 @@ class CudnnConvolutions:
         name, first, second, result = _DIRECTIONS[direction]
         first, second, result = getattr(plan, first), getattr(plan, second), getattr(plan, result)
         if capturing:
+            limit = self.workspace.nbytes
             function = f"cudnnGetConvolution{name}Algorithm_v7"
             status = getattr(lib, function)(
                 self.handle, first, second, plan.conv, result, _MAX_ALGORITHMS, ctypes.byref(count), results
             )
         else:
+            search = self._search_workspace()
+            limit = search.nbytes
             function = f"cudnnFindConvolution{name}AlgorithmEx"
             status = getattr(lib, function)(
                 self.handle, first, a.data.ptr, second, b.data.ptr, plan.conv, result, out.data.ptr,
-                _MAX_ALGORITHMS, ctypes.byref(count), results, self.workspace.data.ptr, _WORKSPACE_BYTES,
+                _MAX_ALGORITHMS, ctypes.byref(count), results, search.data.ptr, limit,
             )  # fmt: skip
+            del search
         _check(lib, status, function)
         # Exact float32 takes no tensor-op algorithm, whatever cuDNN offers, and keeps its FMA
         # math type (DEFAULT would let cuDNN use TF32).
@@ -251,12 +263,31 @@ class CudnnConvolutions:
         usable = [
             r
             for r in results[: count.value]
-            if r.status == 0 and r.memory <= _WORKSPACE_BYTES and not (exact and r.mathType in _TENSOR_OP_MATHS)
+            if r.status == 0 and r.memory <= limit and not (exact and r.mathType in _TENSOR_OP_MATHS)
         ]
         if not usable:
-            raise RuntimeError(f"cuDNN has no {name} algorithm for this convolution within the workspace")
+            raise RuntimeError(f"cuDNN has no {name} algorithm for this convolution within {limit} bytes of workspace")
+        self._grow_workspace(usable[0].memory)
         plan.algorithms[direction] = usable[0].algo, plan.math if exact else usable[0].mathType
         return plan.algorithms[direction]
+
+    def _search_workspace(self):
+        """A scratch buffer for timing the algorithms: ``_SEARCH_BYTES``, halved while the
+        device cannot spare it, never below the workspace already held."""
+        size = max(_SEARCH_BYTES, self.workspace.nbytes)
+        while True:
+            try:
+                return self.cupy.empty(size, dtype=self.cupy.uint8)
+            except self.cupy.cuda.memory.OutOfMemoryError:
+                if size <= self.workspace.nbytes:
+                    return self.workspace
+                size = max(size // 2, self.workspace.nbytes)
+
+    def _grow_workspace(self, nbytes: int) -> None:
+        """At least ``nbytes`` of workspace from now on; the old buffer is kept, not freed."""
+        if nbytes > self.workspace.nbytes:
+            self._retired.append(self.workspace)
+            self.workspace = self.cupy.empty(nbytes, dtype=self.cupy.uint8)
 
     def _run(self, plan, direction, a, b, out_shape):
         """``direction``'s result (out_shape) from its two operands, C-contiguous device arrays."""
@@ -267,7 +298,7 @@ class CudnnConvolutions:
         name, first, second, result = _DIRECTIONS[direction]
         status = getattr(self.lib, f"cudnnConvolution{name}")(
             self.handle, ctypes.byref(plan.one), getattr(plan, first), a.data.ptr, getattr(plan, second), b.data.ptr,
-            plan.conv, algo, self.workspace.data.ptr, _WORKSPACE_BYTES, ctypes.byref(plan.zero),
+            plan.conv, algo, self.workspace.data.ptr, self.workspace.nbytes, ctypes.byref(plan.zero),
             getattr(plan, result), out.data.ptr,
         )  # fmt: skip
         _check(self.lib, status, f"cudnnConvolution{name}")
