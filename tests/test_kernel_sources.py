@@ -41,6 +41,8 @@ CONV_GEOMETRIES = [
     ((1, 2, 9, 8), (3, 2), 2, 0),  # non-square kernel, no padding
     ((2, 1, 5, 5), (5, 5), 1, 2),  # windows that see only padding along their rows
     ((3, 2, 6, 6), (2, 2), 2, 0),  # tiling, as the whitening layer
+    ((1, 2, 9, 10), (2, 3), 3, 1),  # stride above the kernel height: rows no window covers
+    ((2, 1, 8, 10), (4, 3), 3, 1),  # rows two windows cover, columns one each
 ]
 
 
@@ -95,6 +97,7 @@ POOLS = [
     ((2, 2, 7, 7), (3, 3), 2),  # overlapping windows
     ((1, 2, 5, 6), (3, 2), 1),
     ((1, 1, 4, 4), (4, 4), 4),  # one window per plane
+    ((1, 2, 11, 11), (2, 2), 3),  # gaps: rows and columns no window covers
 ]
 
 

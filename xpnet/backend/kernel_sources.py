@@ -120,10 +120,24 @@ def _coordinates(names: str, sizes: str, rest: str, rest_type: str = "int") -> s
     }}"""
 
 
+def _covering(o: str, position: str, window: str, count: str) -> str:
+    """C++ that declares ``{o}_lo`` and ``{o}_hi``: along one axis, the first and last of the
+    ``count`` output positions whose window (``window`` wide, starting at output·stride)
+    covers ``position`` (a non-negative int expression, in padded coordinates); none when
+    ``{o}_hi < {o}_lo``. Two unsigned divisions by the stride, none when it is 1: a gather
+    that tried each window offset would divide twice per offset."""
+    return f"""
+    const unsigned int {o}_at = (unsigned int)({position});
+    const int {o}_lo = {o}_at < (unsigned int){window} ? 0
+        : (int)(stride == 1 ? {o}_at - {window} + 1 : ({o}_at - {window}) / (unsigned int)stride + 1);
+    const int {o}_hi = min((int)(stride == 1 ? {o}_at : {o}_at / (unsigned int)stride), {count} - 1);"""
+
+
 # im2col and col2im in one launch each (the array-API code takes HH·WW strided copies).
 # cols is (C, KH, KW, N, OH, OW) flattened: one thread per element, zero where the window
 # sees padding. col2im gathers instead of scattering, one thread per element of dx
-# (N, C, H, W), so that overlapping windows add up without atomics.
+# (N, C, H, W), so that overlapping windows add up without atomics, over the output
+# positions that cover the element, in the order (ki, kj) that the array-API code adds them.
 IM2COL = Elementwise(
     "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
     "T col",
@@ -139,16 +153,14 @@ COL2IM = Elementwise(
     "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
     "T dx",
     _coordinates("iw ih c", "W H C", "n")
+    + _covering("oh", "ih + pad", "KH", "OH")
+    + _covering("ow", "iw + pad", "KW", "OW")
     + """
     decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
-    for (int ki = 0; ki < KH; ++ki) {
-        const int r = ih + pad - ki;
-        if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
-        const int oh = r / stride;
-        for (int kj = 0; kj < KW; ++kj) {
-            const int q = iw + pad - kj;
-            if (q < 0 || q % stride != 0 || q / stride >= OW) continue;
-            const int ow = q / stride;
+    for (int oh = oh_hi; oh >= oh_lo; --oh) {  // descending: ki = ih + pad - oh·stride ascends
+        const int ki = ih + pad - oh * stride;
+        for (int ow = ow_hi; ow >= ow_lo; --ow) {
+            const int kj = iw + pad - ow * stride;
             total += cols[(((((long long)c * KH + ki) * KW + kj) * N + n) * OH + oh) * OW + ow];
         }
     }
@@ -187,16 +199,15 @@ MAX_POOL_BACKWARD = Elementwise(
     "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
     "T dx",
     _coordinates("iw ih", "W H", "plane", "long long")
+    + _covering("oh", "ih", "PH", "OH")
+    + _covering("ow", "iw", "PW", "OW")
     + """
     decltype(+T()) total = 0;  // the type T's arithmetic yields: float for float16
-    for (int ki = 0; ki < PH; ++ki) {
-        const int r = ih - ki;
-        if (r < 0 || r % stride != 0 || r / stride >= OH) continue;
-        for (int kj = 0; kj < PW; ++kj) {
-            const int q = iw - kj;
-            if (q < 0 || q % stride != 0 || q / stride >= OW) continue;
-            const long long o = (plane * OH + r / stride) * OW + q / stride;
-            if (argmax[o] == ki * PW + kj) total += dout[o];
+    for (int oh = oh_hi; oh >= oh_lo; --oh) {  // descending: ki = ih - oh·stride ascends
+        const int ki = ih - oh * stride;
+        for (int ow = ow_hi; ow >= ow_lo; --ow) {
+            const long long o = (plane * OH + oh) * OW + ow;
+            if (argmax[o] == ki * PW + iw - ow * stride) total += dout[o];
         }
     }
     dx = (T)total;
