@@ -43,6 +43,7 @@ using namespace std;
 struct _Dim3 { int x, y, z; };
 static const _Dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 static inline void __syncthreads() {}
+static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((unsigned long long)a * b) >> 32); }
 // CuPy's float16 (cupy/float16.cuh): 16 bits stored, every operation on it done in float
 // through its implicit conversions, and a float rounded back only when stored.
 struct float16 {
@@ -62,6 +63,7 @@ struct float16 {
 _C_TYPES = {
     "int32": ("int", np.int32),
     "int64": ("long long", np.int64),
+    "uint32": ("unsigned int", np.uint32),
     "uint8": ("unsigned char", np.uint8),
     "bool": ("bool", np.bool_),
     "float32": ("float", np.float32),

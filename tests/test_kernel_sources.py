@@ -66,20 +66,40 @@ def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride
     reference = _im2col(np, np.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, pad, h_out, w_out)
     cols = np.empty((c * kh * kw, n * h_out * w_out), dtype=dtype)
     geometry = (c, h, w, kh, kw, n, h_out, w_out, stride, pad)
-    run_elementwise(_index(sources.IM2COL, bits), x, *geometry, cols)
+    run_elementwise(_index(sources.IM2COL, bits), x, *geometry, *sources.divisors(w_out, h_out, n, kw, kh), cols)
     np.testing.assert_array_equal(cols, reference)
 
     dcols = rng.standard_normal(cols.shape).astype(dtype)
     expected = np.permute_dims(_col2im(np, dcols, (c, n, h, w), kh, kw, stride, pad, h_out, w_out), (1, 0, 2, 3))
-    dx = run_elementwise(_index(sources.COL2IM, bits), dcols, *geometry, np.empty(shape, dtype=dtype))
+    divide = sources.divisors(w, h, c)
+    dx = run_elementwise(_index(sources.COL2IM, bits), dcols, *geometry, *divide, np.empty(shape, dtype=dtype))
     np.testing.assert_allclose(dx, expected, **tolerance(dtype))
+
+
+def test_the_kernels_division_by_multiplier_and_shift_is_exact_for_every_32_bit_index():
+    """t // d as the kernels compute it, (t + umulhi(t, m)) >> s in 64 bits, for divisors
+    of every size class and indices at both ends of the 32-bit range and between."""
+    rng = np.random.default_rng(3)
+    sizes = [*range(1, 1100), 4095, 4096, 4097, 65535, 65536, 99991, 1 << 20, (1 << 31) - 1, 1 << 31, (1 << 32) - 1]
+    ends = np.array([0, 1, 2, 3, (1 << 31) - 1, 1 << 31, (1 << 32) - 2, (1 << 32) - 1], dtype=np.uint64)
+    for size in sizes:
+        magic, shift = sources.divisors(size)
+        assert 0 <= magic < 1 << 32 and 0 <= shift <= 32
+        t = np.concatenate(
+            [ends, rng.integers(0, 1 << 32, 2000, dtype=np.uint64), size * np.arange(0, 3, dtype=np.uint64)]
+        )
+        t = t[t < 1 << 32]
+        high = (t * np.uint64(magic)) >> np.uint64(32)
+        np.testing.assert_array_equal((t + high) >> np.uint64(shift), t // np.uint64(size), err_msg=f"size {size}")
+    with pytest.raises(ValueError, match="cannot divide by 0"):
+        sources.divisors(0)
 
 
 def test_conv_through_the_kernel_columns_equals_the_naive_layer(rng):
     """im2col's column order is the one the GEMM with w.reshape(F, -1) needs."""
     x, w = rng.standard_normal((2, 3, 7, 7)), rng.standard_normal((4, 3, 3, 3))
     cols = np.empty((27, 2 * 4 * 4))
-    run_elementwise(sources.IM2COL, x, 3, 7, 7, 3, 3, 2, 4, 4, 2, 1, cols)
+    run_elementwise(sources.IM2COL, x, 3, 7, 7, 3, 3, 2, 4, 4, 2, 1, *sources.divisors(4, 4, 2, 3, 3), cols)
     out = np.permute_dims((w.reshape(4, -1) @ cols).reshape(4, 2, 4, 4), (1, 0, 2, 3))
     expected, _ = layers.conv_forward_naive(x, w, np.zeros(4), {"stride": 2, "pad": 1})
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
@@ -113,21 +133,24 @@ def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, windo
     out_shape = (*shape[:2], h_out, w_out)
     out, argmax = np.empty(out_shape, dtype=dtype), np.empty(out_shape, dtype=np.int32)
     geometry = (shape[2], shape[3], ph, pw, h_out, w_out, stride)
-    run_elementwise(_index(sources.MAX_POOL_FORWARD, bits), x, *geometry, out, argmax)
+    run_elementwise(_index(sources.MAX_POOL_FORWARD, bits), x, *geometry, *sources.divisors(w_out, h_out), out, argmax)
     np.testing.assert_array_equal(out, expected)
     rows, cols = stride * (h_out - 1) + 1, stride * (w_out - 1) + 1
     windows = np.stack([x[..., i : i + rows : stride, j : j + cols : stride] for i in range(ph) for j in range(pw)], 2)
     np.testing.assert_array_equal(argmax, np.argmax(windows, axis=2))  # offsets in row-major order
 
     dout = rng.standard_normal(out_shape).astype(dtype)
-    dx = run_elementwise(_index(sources.MAX_POOL_BACKWARD, bits), dout, argmax, *geometry, np.empty(shape, dtype=dtype))
+    divide = sources.divisors(shape[3], shape[2])
+    dx = run_elementwise(
+        _index(sources.MAX_POOL_BACKWARD, bits), dout, argmax, *geometry, *divide, np.empty(shape, dtype=dtype)
+    )
     np.testing.assert_array_equal(dx, fast_layers.max_pool_backward_fast(dout, cache))
 
 
 def test_max_pool_kernel_propagates_nan():
     x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]])
     out, argmax = np.empty((1, 1, 1, 1)), np.empty((1, 1, 1, 1), dtype=np.int32)
-    run_elementwise(sources.MAX_POOL_FORWARD, x, 2, 2, 2, 2, 1, 1, 2, out, argmax)
+    run_elementwise(sources.MAX_POOL_FORWARD, x, 2, 2, 2, 2, 1, 1, 2, *sources.divisors(1, 1), out, argmax)
     assert np.isnan(out).all() and argmax.item() == 1
 
 
@@ -170,9 +193,9 @@ def assert_all_close(fast, reference, dtype):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_fused_conv_layers(rng, kernels, monkeypatch, dtype):
-    x = rng.standard_normal((3, 2, 9, 9)).astype(dtype)
+    x = rng.standard_normal((3, 2, 9, 7)).astype(dtype)  # no two sizes alike: each divisor in its place
     w, b = rng.standard_normal((4, 2, 3, 3)).astype(dtype), rng.standard_normal(4).astype(dtype)
-    dout = rng.standard_normal((3, 4, 5, 5)).astype(dtype)
+    dout = rng.standard_normal((3, 4, 5, 4)).astype(dtype)
 
     def run():
         out, cache = fast_layers.conv_forward_fast(x, w, b, {"stride": 2, "pad": 1})
@@ -184,7 +207,7 @@ def test_fused_conv_layers(rng, kernels, monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("size, window, stride", [(8, 2, 2), (9, 3, 2)])
 def test_fused_max_pool_layers_equal_the_reference_bit_for_bit(rng, kernels, monkeypatch, dtype, size, window, stride):
-    x = rng.integers(-2, 3, size=(2, 3, size, size)).astype(dtype)  # few values: many tied windows
+    x = rng.integers(-2, 3, size=(2, 3, size, size + 2)).astype(dtype)  # few values: many tied windows
     param = {"pool_height": window, "pool_width": window, "stride": stride}
 
     def run():

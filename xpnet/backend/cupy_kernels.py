@@ -318,7 +318,8 @@ class CupyKernels:
         """(C·KH·KW, N·H'·W') columns of x (N, C, H, W) zero-padded by ``pad``, in one launch."""
         n, c, h, w = x.shape
         cols = cupy.empty((c * kh * kw, n * h_out * w_out), dtype=x.dtype)
-        _im2col(cupy.ascontiguousarray(x), c, h, w, kh, kw, n, h_out, w_out, stride, pad, cols)
+        divide = sources.divisors(w_out, h_out, n, kw, kh)
+        _im2col(cupy.ascontiguousarray(x), c, h, w, kh, kw, n, h_out, w_out, stride, pad, *divide, cols)
         return cols
 
     @staticmethod
@@ -326,7 +327,8 @@ class CupyKernels:
         """The adjoint of :meth:`im2col`: dx of ``shape`` (N, C, H, W), overlapping windows added."""
         n, c, h, w = shape
         dx = cupy.empty(shape, dtype=cols.dtype)
-        _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, dx)
+        divide = sources.divisors(w, h, c)
+        _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, *divide, dx)
         return dx
 
     @staticmethod
@@ -336,7 +338,8 @@ class CupyKernels:
         n, c, h, w = x.shape
         out = cupy.empty((n, c, h_out, w_out), dtype=x.dtype)
         argmax = cupy.empty(out.shape, dtype=cupy.int32)
-        _max_pool_forward(cupy.ascontiguousarray(x), h, w, ph, pw, h_out, w_out, stride, out, argmax)
+        divide = sources.divisors(w_out, h_out)
+        _max_pool_forward(cupy.ascontiguousarray(x), h, w, ph, pw, h_out, w_out, stride, *divide, out, argmax)
         return out, argmax
 
     @staticmethod
@@ -344,7 +347,8 @@ class CupyKernels:
         """dx of ``shape`` (N, C, H, W): each window's gradient at its first maximum, overlaps added."""
         n, c, h, w = shape
         dx = cupy.empty(shape, dtype=dout.dtype)
-        _max_pool_backward(cupy.ascontiguousarray(dout), argmax, h, w, ph, pw, h_out, w_out, stride, dx)
+        divide = sources.divisors(w, h)
+        _max_pool_backward(cupy.ascontiguousarray(dout), argmax, h, w, ph, pw, h_out, w_out, stride, *divide, dx)
         return dx
 
     @staticmethod

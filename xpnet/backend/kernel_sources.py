@@ -101,22 +101,47 @@ GELU_BACKWARD = Elementwise(
 )
 
 
+def divisors(*sizes: int) -> tuple:
+    """The kernel arguments with which :func:`_coordinates`' code divides by each of
+    ``sizes`` (1 ≤ size < 2^32), in order: its multiplier and its shift, such that for every
+    32-bit t, t / size == (t + umulhi(t, multiplier)) >> shift with the sum in 64 bits
+    (Granlund and Montgomery's division by an invariant integer, as PyTorch's IntDivider)."""
+    found = []
+    for size in sizes:
+        if not 1 <= size < 1 << 32:
+            raise ValueError(f"a kernel cannot divide by {size}: sizes must be in [1, 2^32)")
+        shift = (size - 1).bit_length()  # the least s with 2^s >= size
+        found += [((1 << 32) * ((1 << shift) - size)) // size + 1, shift]
+    return tuple(found)
+
+
+def _divisor_params(sizes: str) -> str:
+    """The in_params that carry :func:`divisors` of ``sizes`` (their names) to a kernel."""
+    return "".join(f", uint32 {z}_magic, uint32 {z}_shift" for z in sizes.split())
+
+
 def _coordinates(names: str, sizes: str, rest: str, rest_type: str = "int") -> str:
     """C++ that splits the flat index ``i`` into coordinates: each of ``names`` is ``i``'s
     digit in the matching one of ``sizes`` (the fastest-varying first), ``rest`` what is left
-    above them. It divides in 32 bits wherever i fits (every launch under 2^32 elements): a
-    64-bit division is a long emulated sequence on NVIDIA GPUs, several times a 32-bit one,
-    and im2col would do five per element of its columns."""
-    steps = " ".join(f"{n} = t % {z}; t /= {z};" for n, z in zip(names.split(), sizes.split(), strict=True))
+    above them. The kernel takes :func:`_divisor_params` of ``sizes``. Wherever i fits in 32
+    bits (every launch under 2^32 elements) each division is a multiply-high, an add and a
+    shift: a division by a value known only at run time is a long instruction sequence on
+    NVIDIA GPUs (a 64-bit one longer still), and im2col does five per element of its columns."""
+    pairs = list(zip(names.split(), sizes.split(), strict=True))
+    fast = " ".join(
+        f"q = (unsigned int)(((unsigned long long)__umulhi(t, {z}_magic) + t) >> {z}_shift); {n} = t - q * {z}; t = q;"
+        for n, z in pairs
+    )
+    slow = " ".join(f"{n} = t % {z}; t /= {z};" for n, z in pairs)
     return f"""
     int {", ".join(names.split())};
     {rest_type} {rest};
     if (i <= 0xFFFFFFFFLL) {{
-        unsigned int t = (unsigned int)i;
-        {steps} {rest} = t;
+        unsigned int t = (unsigned int)i, q;
+        {fast} {rest} = t;
     }} else {{
         long long t = i;
-        {steps} {rest} = t;
+        {slow} {rest} = t;
     }}"""
 
 
@@ -139,7 +164,8 @@ def _covering(o: str, position: str, window: str, count: str) -> str:
 # (N, C, H, W), so that overlapping windows add up without atomics, over the output
 # positions that cover the element, in the order (ki, kj) that the array-API code adds them.
 IM2COL = Elementwise(
-    "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
+    "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad"
+    + _divisor_params("OW OH N KW KH"),
     "T col",
     _coordinates("ow oh n kj ki", "OW OH N KW KH", "c")
     + """
@@ -150,7 +176,8 @@ IM2COL = Elementwise(
     "xpnet_im2col",
 )
 COL2IM = Elementwise(
-    "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad",
+    "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad"
+    + _divisor_params("W H C"),
     "T dx",
     _coordinates("iw ih c", "W H C", "n")
     + _covering("oh", "ih + pad", "KH", "OH")
@@ -174,7 +201,7 @@ COL2IM = Elementwise(
 # one thread per element of dx, adding the windows that picked it in the order
 # (ki, kj) that the array-API code adds them.
 MAX_POOL_FORWARD = Elementwise(
-    "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
+    "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride" + _divisor_params("OW OH"),
     "T out, int32 argmax",
     _coordinates("ow oh", "OW OH", "plane", "long long")
     + """
@@ -196,7 +223,8 @@ MAX_POOL_FORWARD = Elementwise(
     "xpnet_max_pool_forward",
 )
 MAX_POOL_BACKWARD = Elementwise(
-    "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride",
+    "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride"
+    + _divisor_params("W H"),
     "T dx",
     _coordinates("iw ih", "W H", "plane", "long long")
     + _covering("oh", "ih", "PH", "OH")
