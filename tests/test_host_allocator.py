@@ -74,7 +74,8 @@ def test_glibc_variables_in_the_environment_win():
     assert "MALLOC_MMAP_THRESHOLD_" in state
 
 
-def test_an_unknown_setting_is_named():
+def test_an_unknown_setting_is_named_in_a_warning_and_leaves_glibc_alone():
     done = run_probe(XPNET_HOST_ALLOCATOR="fast")
-    assert done.returncode != 0
-    assert "XPNET_HOST_ALLOCATOR must be 'tuned' or 'system', got 'fast'" in done.stderr
+    assert done.returncode == 0, done.stderr  # importing xpnet still works
+    assert "RuntimeWarning: XPNET_HOST_ALLOCATOR must be 'tuned' or 'system', got 'fast'" in done.stderr
+    assert done.stdout.splitlines()[1] == "system defaults (XPNET_HOST_ALLOCATOR='fast' is not a setting)"

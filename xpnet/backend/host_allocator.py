@@ -11,13 +11,16 @@ that up to ``TRIM_THRESHOLD`` bytes of freed memory stay with the process.
 
 Applied once, when the NumPy backend is imported, on glibc only. It is left alone when
 ``XPNET_HOST_ALLOCATOR=system`` or when the environment already sets glibc's own
-``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (the user's choice wins).
+``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (the user's choice wins); any
+other value of ``XPNET_HOST_ALLOCATOR`` than ``tuned`` or ``system`` gets a warning and
+leaves it alone too.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 
 __all__ = ["keep_freed_buffers", "host_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
@@ -47,7 +50,10 @@ def _apply() -> str:
     if choice == "system":
         return "system defaults (XPNET_HOST_ALLOCATOR=system)"
     if choice != "tuned":
-        raise ValueError(f"XPNET_HOST_ALLOCATOR must be 'tuned' or 'system', got {choice!r}")
+        # A warning, not an error: a typo in the environment must not make ``import xpnet`` fail.
+        message = f"XPNET_HOST_ALLOCATOR must be 'tuned' or 'system', got {choice!r}; glibc's defaults are kept"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return f"system defaults (XPNET_HOST_ALLOCATOR={choice!r} is not a setting)"
     chosen = [name for name in _GLIBC_VARIABLES if name in os.environ]
     if chosen:
         return f"the environment's own settings ({', '.join(chosen)})"
