@@ -27,6 +27,24 @@ def test_erf_and_erfc_to_a_few_ulp(backend):
     np.testing.assert_array_equal(to_np(erfc(limits)), [0.0, 2.0])
 
 
+def test_values_within_four_give_the_same_bits_with_or_without_a_tail_value_beside_them(backend):
+    # On the CPU a block whose erfc arguments all lie within 4 skips Cody's outer range: the
+    # values must be those of a block that needs that range too, and as accurate.
+    z = np.concatenate([np.linspace(-4, 4, 2001), [0.46875, -0.46875, 4.0, -4.0, np.nan]])
+    alone = {f: to_np(f(arr(backend, z))) for f in (erf, erfc)}
+    beside_a_tail = {f: to_np(f(arr(backend, np.append(z, 7.5))))[:-1] for f in (erf, erfc)}
+    for f in (erf, erfc):
+        np.testing.assert_array_equal(alone[f], beside_a_tail[f], err_msg=f.__name__)
+    finite = z[:-1]
+    np.testing.assert_allclose(alone[erf][:-1], [math.erf(v) for v in finite], rtol=0, atol=2e-15)
+    np.testing.assert_allclose(alone[erfc][:-1], [math.erfc(v) for v in finite], rtol=5e-14, atol=1e-300)
+    assert np.isnan(alone[erf][-1]) and np.isnan(alone[erfc][-1])
+    x = 4 * math.sqrt(2) * np.linspace(-1, 1, 1001)  # normal_cdf's erfc arguments within 4
+    cdf = to_np(normal_cdf(arr(backend, x)))
+    np.testing.assert_array_equal(cdf, to_np(normal_cdf(arr(backend, np.append(x, -9.0))))[:-1])
+    np.testing.assert_allclose(cdf, [0.5 * math.erfc(-v / math.sqrt(2)) for v in x], rtol=5e-14, atol=1e-300)
+
+
 @pytest.mark.parametrize("shape", [(37, 101), (1500, 2)])  # blocks of 27 rows; rows longer than a block
 def test_blocks_give_what_the_whole_array_gives(backend, np_rng, monkeypatch, shape):
     # Large arrays are evaluated block by block on the CPU: blocks that do not divide the
