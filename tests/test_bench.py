@@ -257,6 +257,44 @@ def test_recipe_settings_are_checked_by_name(capsys, tmp_path):
     assert "unknown settings lr" in capsys.readouterr().err
 
 
+def test_a_cifar_npz_without_the_arrays_a_part_reads_is_refused_by_name(capsys, tmp_path):
+    # An .npz made for --time-to-accuracy (X_val, y_val) handed to --recipe, which tests on X_test, y_test.
+    subset = tmp_path / "val.npz"
+    np.savez(subset, X_train=np.zeros((4, 32, 32, 3), np.uint8), y_train=np.zeros(4, np.int64),
+             X_val=np.zeros((2, 32, 32, 3), np.uint8), y_val=np.zeros(2, np.int64))  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--recipe", "fast94", "--cifar-npz", str(subset), "--no-torch"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{subset}: no X_test, y_test in it (--recipe reads X_train, y_train, X_test, y_test; it holds " in err
+    assert "X_val, y_val" in err
+    # Refused before any suite runs, not after them: the FC suite is the default one.
+    with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "run_fc_suite", lambda *a: pytest.fail("a suite ran before the subset was checked"))
+        bench.main(["--suite", "fc", "--time-to-accuracy", "--cifar-npz", str(tmp_path / "none.npz"), "--no-torch"])
+    assert "none.npz: not a readable .npz file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["text", "npy", "object array", "missing"])
+def test_a_cifar_npz_that_is_not_an_archive_of_plain_arrays_is_refused_without_unpickling(capsys, tmp_path, content):
+    path = tmp_path / "subset.npz"
+    if content == "text":
+        path.write_text("X_train,y_train\n")
+    elif content == "npy":
+        np.save(tmp_path / "subset.npy", np.zeros(3))
+        (tmp_path / "subset.npy").rename(path)
+    elif content == "object array":
+        arrays = {k: np.zeros(2) for k in ("X_train", "y_train", "X_test")}
+        np.savez(path, y_test=np.array([{"a": 1}, None], dtype=object), **arrays)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--recipe", "fast94", "--cifar-npz", str(path), "--no-torch"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}: " in err
+    expected = "pickle" if content == "object array" else "not a readable .npz file"
+    assert expected in err and "Traceback" not in err
+
+
 def _done_when():
     import importlib.util
     from pathlib import Path

@@ -39,7 +39,8 @@ import numpy as np
 import xpnet
 from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_recipe, bench_tta
-from xpnet.cli.common import HelpFormatter
+from xpnet.cli.common import HelpFormatter, load_npz_arrays
+from xpnet.recipes.fast94 import Fast94Settings
 from xpnet.solver import Solver
 
 DEFAULT_CONFIGS = ["200:200", "100,100:200", "100,100:1024", "1024,1024,1024:1024", "4096,4096:4096"]
@@ -370,7 +371,11 @@ def main(argv=None):
         "--time-to-accuracy", action="store_true", help="also time the TwoLayerNet recipe to --target on CIFAR-10"
     )
     p.add_argument("--data-dir", help="CIFAR-10 folder for --time-to-accuracy")
-    p.add_argument("--cifar-npz", help="a CIFAR-10 subset (.npz with X_train, y_train, X_val, y_val) instead")
+    p.add_argument(
+        "--cifar-npz",
+        help="a CIFAR-10 subset instead: an .npz with X_train, y_train and X_val, y_val (--time-to-accuracy) "
+        "or X_test, y_test (--recipe)",
+    )
     p.add_argument("--target", type=float, default=0.5, help="validation accuracy for --time-to-accuracy")
     p.add_argument(
         "--recipe",
@@ -426,6 +431,7 @@ def main(argv=None):
         args.suite = "none" if args.recipe else "fc"
     try:
         args.recipe_set = [bench_recipe.parse_setting(text) for text in args.recipe_set]
+        Fast94Settings().with_overrides(dict(args.recipe_set))  # a misspelt name is refused before anything runs
         backend = xpnet.get_backend(args.backend)
     except (ValueError, ImportError, RuntimeError) as exc:
         p.error(str(exc))
@@ -435,6 +441,14 @@ def main(argv=None):
         p.error(f"--warmup-epochs must be positive, got {args.warmup_epochs}")
     if args.ops_batch < 1:
         p.error(f"--ops-batch must be at least 1, got {args.ops_batch}")
+    # A subset that lacks what a part reads is refused now, not after the suites before that part have run.
+    for wanted, keys, purpose in ((args.time_to_accuracy, bench_tta.NPZ_KEYS, "--time-to-accuracy"),
+                                  (args.recipe, bench_recipe.NPZ_KEYS, "--recipe")):  # fmt: skip
+        if wanted and args.cifar_npz:
+            try:
+                load_npz_arrays(args.cifar_npz, keys, purpose, read=False)
+            except ValueError as exc:
+                p.error(str(exc))
     configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]
     use_torch = not args.no_torch and _torch_available()
 

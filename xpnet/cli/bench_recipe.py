@@ -18,6 +18,7 @@ import numpy as np
 
 from xpnet import data_utils
 from xpnet.cli.bench_conv import cudnn_available
+from xpnet.cli.common import load_npz_arrays
 from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
 
 __all__ = ["parse_setting", "recipe_runs", "format_recipe_table"]
@@ -42,10 +43,12 @@ def parse_setting(text: str) -> tuple:
     return key, parsed
 
 
+NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")  # what --cifar-npz must hold for the recipe
+
+
 def _load(args) -> dict:
     if args.cifar_npz:
-        with np.load(args.cifar_npz, allow_pickle=False) as f:
-            return {k: f[k] for k in ("X_train", "y_train", "X_test", "y_test")}
+        return load_npz_arrays(args.cifar_npz, NPZ_KEYS, "--recipe")
     X_train, y_train, X_test, y_test = data_utils.load_CIFAR10(data_utils.find_CIFAR10(args.data_dir), "float32")
     return {"X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test}
 

@@ -25,6 +25,7 @@ import numpy as np
 import xpnet
 import xpnet.training.data as data_module
 from xpnet import data_utils
+from xpnet.cli.common import load_npz_arrays
 from xpnet.solver import Solver
 
 __all__ = ["time_to_accuracy", "PhaseClock", "PHASES"]
@@ -84,10 +85,13 @@ class PhaseClock:
         return {name: round(value, 4) for name, value in phases.items()}
 
 
+NPZ_KEYS = ("X_train", "y_train", "X_val", "y_val")  # what --cifar-npz must hold for the time to accuracy
+
+
 def load_cifar(args):
     """The training and validation sets (NumPy, mean subtracted): an .npz subset or the full files."""
     if args.cifar_npz:
-        arrays = np.load(args.cifar_npz)
+        arrays = load_npz_arrays(args.cifar_npz, NPZ_KEYS, "--time-to-accuracy")
         X_train, y_train = arrays["X_train"].astype(np.float32), arrays["y_train"].astype(np.int64)
         X_val, y_val = arrays["X_val"].astype(np.float32), arrays["y_val"].astype(np.int64)
         mean = X_train.mean(axis=0)
