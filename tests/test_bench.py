@@ -16,7 +16,9 @@ def test_conv_suite_on_the_cpu_reports_naive_fast_and_the_convnet_step(tmp_path,
     assert code == 0
     report = json.loads(out.read_text())
     rows, names, ratios = report["conv"]["course shapes (CPU)"]
-    assert [row["case"] for row in rows] == ["conv forward", "conv backward", "max pool forward", "max pool backward"]
+    parts = ["conv forward: its im2col alone", "conv forward: its GEMM alone"]
+    assert [row["case"] for row in rows] == ["conv forward", *parts, "conv backward", "max pool forward",
+                                             "max pool backward"]  # fmt: skip
     for row in rows:
         assert row["results"]["naive"]["us"] > 0 and row["results"]["fast"]["us"] > 0
     step_rows = report["conv"]["ThreeLayerConvNet"][0]

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from array_api_compat import device
 
 from .array_types import Array, Cache
-from .backend import accelerated
+from .backend import accelerated, namespace
 from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
 from .layers import matmul
 
@@ -50,6 +50,17 @@ def _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out):
             if c_hi < w_out:
                 cols[:, k, :, :, c_hi:] = 0
     return xp.reshape(cols, (c * hh * ww, -1))
+
+
+def columns(x: Array, hh: int, ww: int, stride: int, pad: int, h_out: int, w_out: int) -> Array:
+    """The (C·HH·WW, N·H'·W') columns of x (N, C, H, W) that :func:`conv_forward_fast`
+    multiplies by the filters: one fused kernel where the backend has one, else :func:`_im2col`."""
+    fast = accelerated(x)
+    if fast is not None:
+        return fast.im2col(x, hh, ww, stride, pad, h_out, w_out)
+    xp = namespace(x)
+    x_cn = xp.permute_dims(x, (1, 0, 2, 3))  # channels first: the columns need no transpose
+    return _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out)
 
 
 def _col2im(xp, cols, shape_cn, hh, ww, stride, pad, h_out, w_out):
@@ -91,11 +102,7 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
         if b is not None:
             out += xp.reshape(b, (1, f, 1, 1))
         return out, (x, w, b, conv_param, _DirectConvolution(engine))
-    if fast is not None:
-        cols = fast.im2col(x, hh, ww, stride, pad, h_out, w_out)
-    else:
-        x_cn = xp.permute_dims(x, (1, 0, 2, 3))  # channels first: the columns need no transpose
-        cols = _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out)
+    cols = columns(x, hh, ww, stride, pad, h_out, w_out)
     out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, N·H'·W'), a fresh array
     if b is not None:
         out += b[:, None]

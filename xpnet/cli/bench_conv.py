@@ -147,11 +147,17 @@ def cpu_rows(backend, time_variants, repeats, budget, use_torch=True) -> list:
     _, fast_cache = fast_layers.conv_forward_fast(x, w, b, conv)
     pooled, naive_pool_cache = layers.max_pool_forward_naive(pool_x, pool)
     _, fast_pool_cache = fast_layers.max_pool_forward_fast(pool_x, pool)
+    naive_forward = lambda: layers.conv_forward_naive(x, w, b, conv)  # noqa: E731
+    cols = fast_layers.columns(x, 3, 3, 2, 1, 16, 16)
+    w_rows = backend.xp.reshape(w, (25, -1))
     cases = {
-        "conv forward": {
-            "naive": lambda: layers.conv_forward_naive(x, w, b, conv),
-            "fast": lambda: fast_layers.conv_forward_fast(x, w, b, conv),
+        "conv forward": {"naive": naive_forward, "fast": lambda: fast_layers.conv_forward_fast(x, w, b, conv)},
+        # The fast forward's two parts, each beside the naive forward: naive/GEMM bounds what any im2col can reach.
+        "conv forward: its im2col alone": {
+            "naive": naive_forward,
+            "fast": lambda: fast_layers.columns(x, 3, 3, 2, 1, 16, 16),
         },
+        "conv forward: its GEMM alone": {"naive": naive_forward, "fast": lambda: layers.matmul(w_rows, cols)},
         "conv backward": {
             "naive": lambda: layers.conv_backward_naive(out, naive_cache),
             "fast": lambda: fast_layers.conv_backward_fast(out, fast_cache),
