@@ -2,6 +2,7 @@
 the recipe's hyper-parameters, parity with the same recipe in PyTorch, and an end-to-end run."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -344,6 +345,34 @@ def test_the_recipe_runs_end_to_end_on_512_cifar_images():
     assert 0.0 <= result.test_accuracy <= 1.0
     parts = result.whiten_seconds + result.train_seconds + result.eval_seconds
     assert result.seconds == pytest.approx(parts)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("epochs", "abc", "epochs must be a finite number, got 'abc'"),
+        ("epochs", float("nan"), "epochs must be a finite number, got nan"),
+        ("batch_size", 64.0, "batch_size must be an integer, got 64.0"),
+        ("batch_size", True, "batch_size must be an integer, got True"),
+        ("widths", (8, 16), "widths must be three positive integers, got (8, 16)"),
+        ("widths", (8, 0, 16), "widths must be three positive integers, got (8, 0, 16)"),
+        ("flip", "yes", "flip must be True or False, got 'yes'"),
+        ("cuda_graph", 1, "cuda_graph must be None, True or False, got 1"),
+        ("dtype", "float16", "dtype must be 'float32' or 'float64', got 'float16'"),
+        ("activation_dtype", "int8", "activation_dtype must be None or 'float16', got 'int8'"),
+    ],
+)
+def test_settings_of_the_wrong_kind_are_refused_by_name(name, value, message):
+    with pytest.raises(ValueError, match=re.escape(f"fast94: {message}")):
+        Fast94Settings().with_overrides({name: value})
+
+
+def test_settings_of_the_right_kind_are_taken_as_given():
+    settings = Fast94Settings().with_overrides(
+        {"widths": [8, 16, 16], "epochs": 2, "dtype": np.float64, "cuda_graph": None, "activation_dtype": "float16"}
+    )
+    assert settings.widths == (8, 16, 16) and settings.epochs == 2 and settings.dtype is np.float64
+    assert settings.with_overrides({"epochs": 0.5}).epochs == 0.5  # a float where an int was given before
 
 
 def test_fast94_refuses_bad_data_and_settings():

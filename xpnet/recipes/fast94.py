@@ -106,17 +106,59 @@ class Fast94Settings:
     cudnn: bool = False
 
     def with_overrides(self, overrides: dict) -> Fast94Settings:
-        """A copy with ``overrides`` applied; an unknown name is refused by name."""
-        names = [f.name for f in fields(self)]
-        unknown = sorted(set(overrides) - set(names))
+        """A copy with ``overrides`` applied; an unknown name, or a value of the wrong kind
+        (a word where a number goes, two widths), is refused by name."""
+        defaults = {f.name: f.default for f in fields(self)}  # the published values say each setting's kind
+        unknown = sorted(set(overrides) - set(defaults))
         if unknown:
-            raise ValueError(f"fast94: unknown settings {', '.join(unknown)}; valid ones: {', '.join(names)}")
-        settings = replace(self, **overrides)
+            raise ValueError(f"fast94: unknown settings {', '.join(unknown)}; valid ones: {', '.join(defaults)}")
+        checked = {name: _checked(name, value, defaults[name]) for name, value in overrides.items()}
+        settings = replace(self, **checked)
         if settings.batch_size < 2 or settings.epochs <= 0:
             raise ValueError(
                 f"fast94: batch_size must be >= 2 and epochs > 0, got {settings.batch_size}, {settings.epochs}"
             )
         return settings
+
+
+def _dtype_name(value) -> str:
+    """'float32' for "float32", np.float32 and np.dtype('float32') alike."""
+    return getattr(value, "__name__", None) or str(value)
+
+
+# Settings whose default does not say what else they take: what they take, and a test of it.
+_FLOATS = ("float16", "float32", "float64")
+_CHOICES = {
+    "dtype": ("'float32' or 'float64'", lambda v: _dtype_name(v) in _FLOATS[1:]),
+    "activation_dtype": ("None or 'float16'", lambda v: v is None or _dtype_name(v) in _FLOATS),
+    "cuda_graph": ("None, True or False", lambda v: v is None or isinstance(v, bool)),
+}
+
+
+def _checked(name: str, value, default):
+    """``value`` for the setting ``name`` whose default is ``default``, or a ValueError that
+    names both: a bool where the default is one, an integer for an integer, a finite
+    number for a float, three positive integers for the widths."""
+    if name == "widths":
+        widths = tuple(value) if isinstance(value, (tuple, list)) else ()
+        if len(widths) != 3 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ValueError(f"fast94: widths must be three positive integers, got {value!r}")
+        return widths
+    if name in _CHOICES:
+        kind, fits = _CHOICES[name]
+        ok = fits(value)
+    elif isinstance(default, bool):
+        kind, ok = "True or False", isinstance(value, bool)
+    elif isinstance(default, int):
+        kind, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        kind = "a finite number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        kind, ok = f"of type {type(default).__name__}", isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"fast94: {name} must be {kind}, got {value!r}")
+    return value
 
 
 @dataclass
