@@ -257,6 +257,25 @@ def test_recipe_settings_are_checked_by_name(capsys, tmp_path):
         bench.main(["--recipe", "fast94", "--cifar-npz", str(tmp_path / "x.npz"), "--recipe-set", "lr=1"])
     assert info.value.code == 2
     assert "unknown settings lr" in capsys.readouterr().err
+    for setting, message in (("epochs=abc", "epochs must be a finite number, got 'abc'"),
+                             ("widths=8,16", "widths must be three positive integers, got (8, 16)")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            bench.main(["--recipe", "fast94", "--cifar-npz", str(tmp_path / "x.npz"), "--recipe-set", setting])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_recipe_that_no_side_completes_exits_1_and_says_why(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    subset = tmp_path / "cifar.npz"
+    np.savez(subset, X_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 16),
+             X_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 4))  # fmt: skip
+    args = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "1", "--no-torch", "--no-warmup",
+            "--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=64"]  # fmt: skip
+    assert bench.main(args) == 1
+    printed = capsys.readouterr().out
+    assert "no side completed a run" in printed
+    assert "failed: xpnet: ValueError: fast94: batch_size 64 is larger than the 16 training images" in printed
 
 
 def test_a_cifar_npz_without_the_arrays_a_part_reads_is_refused_by_name(capsys, tmp_path):

@@ -524,7 +524,7 @@ def main(argv=None):
         print()
         print(bench_ops.format_ops_table(report["ops"]))
     save()
-    return 0
+    return 1 if "recipe" in report and not report["recipe"]["runs"] else 0  # a recipe asked for and none measured
 
 
 if __name__ == "__main__":

@@ -168,6 +168,9 @@ def format_recipe_table(report: dict) -> str:
     """Per run and on average: accuracy and seconds of each side, and xpnet's time over
     PyTorch's; then what failed, if anything."""
     names = list(report["runs"])
+    failed = [f"failed: {name}: {error}" for name, error in report.get("failures", {}).items()]
+    if not names:
+        return "\n".join(["no side completed a run", *failed])
     head = "| run | " + " | ".join(f"{n} acc | {n} s" for n in names)
     has_torch = "torch" in names and "xpnet" in names
     head += " | xpnet/torch s |" if has_torch else " |"
@@ -184,5 +187,4 @@ def format_recipe_table(report: dict) -> str:
         lines.append(row(str(r), [x["test_accuracy"] for x in rows], [x["seconds"] for x in rows]))
     summary = report["summary"]
     lines.append(row("mean", [summary[n]["mean_accuracy"] for n in names], [summary[n]["mean_seconds"] for n in names]))
-    lines += [f"failed: {name}: {error}" for name, error in report.get("failures", {}).items()]
-    return "\n".join(lines)
+    return "\n".join(lines + failed)
