@@ -184,3 +184,29 @@ def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys, m
     assert settings_seen[0]["activation_dtype"] == "float16"
     half = json.loads(log.read_text())
     assert half["activations"] == "float16" and half["steps"] == 2
+    assert train([*args, "--recipe-set", "widths=4,8,8", "--recipe-set", "tta_level=1"]) == 0
+    assert settings_seen[1]["widths"] == (4, 8, 8) and settings_seen[1]["tta_level"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--recipe-set", "epochs=2"], "--recipe-set: epochs (use --epochs) has a flag of its own"),
+        (["--recipe-set", "lr=1"], "fast94: unknown settings lr"),
+        (["--recipe-set", "widths=8,16"], "fast94: widths must be three positive integers, got (8, 16)"),
+        (["--recipe-set", "widths"], "--recipe-set takes KEY=VALUE, got 'widths'"),
+    ],
+)
+def test_recipe_settings_from_the_command_line_are_checked_before_the_data_is_read(train, capsys, extra, message):
+    # No CIFAR-10 where --data-dir points: a setting's error must come first.
+    with pytest.raises(SystemExit) as info:
+        train(["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", "/nonexistent", *extra])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_recipe_set_without_a_recipe_is_refused(train, capsys):
+    with pytest.raises(SystemExit) as info:
+        train(["--recipe-set", "widths=8,16,16"])
+    assert info.value.code == 2
+    assert "--recipe-set applies to --recipe only" in capsys.readouterr().err

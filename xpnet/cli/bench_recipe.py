@@ -19,28 +19,10 @@ import numpy as np
 from xpnet import data_utils
 from xpnet.cli.bench_conv import cudnn_available
 from xpnet.cli.common import load_npz_arrays
+from xpnet.cli.recipe import parse_setting
 from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
 
 __all__ = ["parse_setting", "recipe_runs", "format_recipe_table"]
-
-
-def parse_setting(text: str) -> tuple:
-    """'widths=8,16,16' -> ('widths', (8, 16, 16)); numbers become int or float."""
-    if "=" not in text:
-        raise ValueError(f"--recipe-set takes KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-
-    def number(v):
-        try:
-            return int(v)
-        except ValueError:
-            return float(v)
-
-    try:
-        parsed = tuple(number(v) for v in value.split(",")) if "," in value else number(value)
-    except ValueError:
-        parsed = {"true": True, "false": False}.get(value.lower(), value)
-    return key, parsed
 
 
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")  # what --cifar-npz must hold for the recipe

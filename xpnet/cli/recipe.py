@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from xpnet import data_utils
-from xpnet.recipes import fast94
+from xpnet.recipes import Fast94Settings, fast94
 
 RECIPES = ("fast94",)
 
@@ -24,6 +24,42 @@ NOT_FOR_RECIPES = {
     "resume": "--resume",
     "plot": "--plot",
 }
+
+
+def parse_setting(text: str) -> tuple:
+    """'widths=8,16,16' -> ('widths', (8, 16, 16)); numbers become int or float."""
+    if "=" not in text:
+        raise ValueError(f"--recipe-set takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+
+    def number(v):
+        try:
+            return int(v)
+        except ValueError:
+            return float(v)
+
+    try:
+        parsed = tuple(number(v) for v in value.split(",")) if "," in value else number(value)
+    except ValueError:
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+    return key, parsed
+
+
+# Settings with a flag of their own: --recipe-set does not take them, so that one value is given once.
+SETTINGS_WITH_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "tf32": "--tf32", "cudnn": "--cudnn",
+                       "activation_dtype": "--fp16", "cuda_graph": "--cuda-graph"}  # fmt: skip
+
+
+def recipe_settings(texts) -> dict:
+    """--recipe-set's KEY=VALUE texts as checked overrides of the recipe's settings; a
+    malformed text, an unknown name, a value of the wrong kind or a setting with a flag of
+    its own is refused with a ValueError that names it."""
+    overrides = dict(parse_setting(text) for text in texts)
+    flagged = [f"{key} (use {SETTINGS_WITH_FLAGS[key]})" for key in overrides if key in SETTINGS_WITH_FLAGS]
+    if flagged:
+        raise ValueError(f"--recipe-set: {', '.join(flagged)} has a flag of its own")
+    Fast94Settings().with_overrides(overrides)
+    return overrides
 
 
 def refused_flags(parser, args) -> list:
@@ -56,6 +92,7 @@ def run_recipe(args, backend, data, log=None) -> int:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
+    overrides.update(recipe_settings(args.recipe_set))
     result = fast94(data, backend=backend, seed=args.seed, **overrides)
     print(f"{args.recipe}: test accuracy {result.test_accuracy:.4f} (TTA, {data['X_test'].shape[0]} images)")
     print(

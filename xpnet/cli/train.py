@@ -17,7 +17,7 @@ import time
 
 import xpnet
 from xpnet.cli.common import HelpFormatter
-from xpnet.cli.recipe import RECIPES, load_cifar10, refused_flags, run_recipe
+from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import MODELS, UPDATE_RULES, apply_defaults, build_model, load_data, make_solver
 
 # Defaults that work well for each data set (a flag on the command line wins).
@@ -66,7 +66,14 @@ def build_parser():
         choices=RECIPES,
         help="a complete recipe instead of a model and Solver settings: fast94 is the fast CIFAR-10 recipe "
         "(all 50,000 training images, TTA on the 10,000 test images; --epochs, --batch-size, --seed, "
-        "--num-train, --tf32, --cudnn, --fp16 and --cuda-graph adjust it)",
+        "--num-train, --tf32, --cudnn, --fp16, --cuda-graph and --recipe-set adjust it)",
+    )
+    p.add_argument(
+        "--recipe-set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override another setting of --recipe, e.g. widths=16,32,32 or tta_level=1 (repeatable)",
     )
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not found")
@@ -152,6 +159,8 @@ class UsageError(Exception):
 def check_flags_apply(args):
     if args.fp16:
         raise UsageError("--fp16 applies to --recipe fast94 only (its network takes float16 activations)")
+    if args.recipe_set:
+        raise UsageError("--recipe-set applies to --recipe only")
     if args.dataset != "cifar10":
         for key, flag in CIFAR10_ONLY_FLAGS.items():
             if getattr(args, key):
@@ -301,6 +310,10 @@ class Run:
         refused = refused_flags(parser, args)
         if refused:
             raise UsageError(f"{', '.join(refused)} do not apply to --recipe {args.recipe}, which fixes them")
+        try:
+            recipe_settings(args.recipe_set)  # refused now, not after loading the data
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         try:
             backend = xpnet.get_backend(args.backend)
             if args.tf32:  # refused now on a backend without it, not after loading the data
