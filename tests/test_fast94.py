@@ -203,6 +203,23 @@ def test_tta_levels_average_the_views_as_described(backend, np_rng):
     for level, want in ((0, scores_of(host)), (1, mirrored(host)), (2, expected)):
         got = tta_scores(backend_scores, images, level, batch_size=2)
         np.testing.assert_allclose(to_np(got), want, rtol=1e-12)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        tta_scores(backend_scores, images, 2, batch_size=0)
+
+
+def test_tta_on_the_cpu_scores_a_hundred_images_at_a_time_and_gets_the_whole_batchs_scores(np_rng):
+    model = FastConvNet(input_dim=(3, 16, 16), widths=(4, 4, 4), dtype="float64", backend="numpy", seed=0)
+    images = np_rng.standard_normal((250, 3, 16, 16))
+    model.frozen["whiten_W"][...] = whitening_filters(images, 2)
+    sizes = []
+
+    def scores_of(x):
+        sizes.append(x.shape[0])
+        return model.loss(x)
+
+    tta_scores(scores_of, images, 0)
+    assert sizes == [100, 100, 50]
+    np.testing.assert_array_equal(tta_scores(model.loss, images, 2), tta_scores(model.loss, images, 2, batch_size=250))
 
 
 # ----------------------------------------------------------------------------- hyper-parameters
