@@ -48,6 +48,11 @@ def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, ca
     report = json.loads(out.read_text())["ops"]
     assert report["batch"] == 2 and report["bandwidth_gbs"] > 0
     assert [row["case"] for row in report["rows"]] == [f"{kind} {(2, *shape)}" for kind, shape, _ in OPS]
+    # Each count per training step as FastConvNet runs them: 3 pools of conv outputs, 6 batchnorms (half
+    # of them on conv outputs), 7 GELUs.
+    counts = {kind: sum(c for k, _, c in OPS if k == kind) for kind, _, _ in OPS}
+    assert counts["max pool 2, conv output"] == 3 and counts["batchnorm"] == counts["batchnorm, conv output"] == 3
+    assert counts["gelu"] == 7
     for row, (kind, _, count) in zip(report["rows"], OPS):
         assert row["results"]["xpnet"]["us"] > 0 and row["floor_us"] > 0 and row["count"] == count
         assert ("xpnet one-pass" in row["results"]) == (kind == "channel sum")
@@ -57,7 +62,7 @@ def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, ca
     gemms = [row for row in phases if "GEMM" in row["case"]]
     assert len(gemms) == 3 * len(CONV_PHASE_SHAPES) and all(row["results"]["xpnet"]["tflops"] > 0 for row in gemms)
     printed = capsys.readouterr().out
-    assert "| max pool 2 (2, 64, 31, 31) | 1 |" in printed and "These layers per training step" in printed
+    assert "| max pool 2, conv output (2, 64, 31, 31) | 1 |" in printed and "These layers per training step" in printed
 
 
 def test_ops_batch_must_be_positive(capsys):

@@ -32,15 +32,22 @@ from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_for
 
 __all__ = ["CONV_PHASE_SHAPES", "OPS", "conv_phase_rows", "copy_bandwidth", "format_ops_table", "ops_rows"]
 
-# (kind, (C, H, W) of the layer's input, runs per training step) at widths 64, 256, 256
+# (kind, (C, H, W) of the layer's input, runs per training step) at widths 64, 256, 256. A
+# kind ending in ", conv output" takes its input as the network hands it over: a convolution's
+# output, which im2col + GEMM leaves as a transposed view of (C, N, H, W) (each group's first
+# pool, after conv1, and its second batchnorm, after conv2); PyTorch's convolutions give NCHW.
+CONV_OUTPUT = ", conv output"
 OPS = [
-    ("max pool 2", (64, 31, 31), 1),
-    ("max pool 2", (256, 15, 15), 1),
-    ("max pool 2", (256, 7, 7), 1),
+    ("max pool 2" + CONV_OUTPUT, (64, 31, 31), 1),
+    ("max pool 2" + CONV_OUTPUT, (256, 15, 15), 1),
+    ("max pool 2" + CONV_OUTPUT, (256, 7, 7), 1),
     ("max pool 3 (global)", (256, 3, 3), 1),
-    ("batchnorm", (64, 15, 15), 2),
-    ("batchnorm", (256, 7, 7), 2),
-    ("batchnorm", (256, 3, 3), 2),
+    ("batchnorm", (64, 15, 15), 1),
+    ("batchnorm" + CONV_OUTPUT, (64, 15, 15), 1),
+    ("batchnorm", (256, 7, 7), 1),
+    ("batchnorm" + CONV_OUTPUT, (256, 7, 7), 1),
+    ("batchnorm", (256, 3, 3), 1),
+    ("batchnorm" + CONV_OUTPUT, (256, 3, 3), 1),
     ("gelu", (24, 31, 31), 1),
     ("gelu", (64, 15, 15), 2),
     ("gelu", (256, 7, 7), 2),
@@ -84,10 +91,15 @@ def copy_bandwidth(backend, timer, repeats, budget) -> float:
 
 
 def _xpnet_step(backend, kind, batch, shape):
-    """One forward + backward pass of the layer on random inputs (never zeros)."""
+    """One forward + backward pass of the layer on random inputs (never zeros), laid out as
+    the network hands them to it."""
     xp = backend.xp
     rng = backend.rng(1)
-    x = rng.normal((batch, *shape), dtype=xp.float32)
+    if kind.endswith(CONV_OUTPUT):
+        kind = kind[: -len(CONV_OUTPUT)]
+        x = xp.permute_dims(rng.normal((shape[0], batch, *shape[1:]), dtype=xp.float32), (1, 0, 2, 3))
+    else:
+        x = rng.normal((batch, *shape), dtype=xp.float32)
     k = _pool_size(kind)
     out_shape = (batch, shape[0], shape[1] // k, shape[2] // k) if kind.startswith("max pool") else (batch, *shape)
     dout = rng.normal(out_shape, dtype=xp.float32)
@@ -129,6 +141,7 @@ def _one_pass_channel_sum(backend, batch, shape):
 
 def _torch_step(torch, device, kind, batch, shape):
     functional = torch.nn.functional
+    kind = kind.removesuffix(CONV_OUTPUT)  # PyTorch's convolutions hand over NCHW
     x = torch.randn(batch, *shape, device=device, requires_grad=kind != "channel sum")
     if kind == "channel sum":
         return lambda: x.sum(dim=(0, 2, 3))
