@@ -19,10 +19,9 @@ import numpy as np
 from xpnet import data_utils
 from xpnet.cli.bench_conv import cudnn_available
 from xpnet.cli.common import load_npz_arrays
-from xpnet.cli.recipe import parse_setting
 from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
 
-__all__ = ["parse_setting", "recipe_runs", "format_recipe_table"]
+__all__ = ["recipe_runs", "format_recipe_table"]
 
 
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")  # what --cifar-npz must hold for the recipe

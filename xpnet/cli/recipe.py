@@ -50,12 +50,12 @@ SETTINGS_WITH_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "tf32
                        "activation_dtype": "--fp16", "cuda_graph": "--cuda-graph"}  # fmt: skip
 
 
-def recipe_settings(texts) -> dict:
+def recipe_settings(texts, flags: dict = SETTINGS_WITH_FLAGS) -> dict:
     """--recipe-set's KEY=VALUE texts as checked overrides of the recipe's settings; a
-    malformed text, an unknown name, a value of the wrong kind or a setting with a flag of
-    its own is refused with a ValueError that names it."""
+    malformed text, an unknown name, a value of the wrong kind or a setting that the command
+    sets with one of its ``flags`` is refused with a ValueError that names it."""
     overrides = dict(parse_setting(text) for text in texts)
-    flagged = [f"{key} (use {SETTINGS_WITH_FLAGS[key]})" for key in overrides if key in SETTINGS_WITH_FLAGS]
+    flagged = [f"{key} (use {flags[key]})" for key in overrides if key in flags]
     if flagged:
         raise ValueError(f"--recipe-set: {', '.join(flagged)} has a flag of its own")
     Fast94Settings().with_overrides(overrides)
