@@ -390,6 +390,10 @@ def test_settings_of_the_right_kind_are_taken_as_given():
     )
     assert settings.widths == (8, 16, 16) and settings.epochs == 2 and settings.dtype is np.float64
     assert settings.with_overrides({"epochs": 0.5}).epochs == 0.5  # a float where an int was given before
+    numpy_numbers = settings.with_overrides(
+        {"batch_size": np.int64(64), "widths": np.array([4, 8, 8]), "scale": np.float32(0.5)}
+    )
+    assert numpy_numbers.batch_size == 64 and numpy_numbers.widths == (4, 8, 8) and numpy_numbers.scale == 0.5
 
 
 def test_fast94_refuses_bad_data_and_settings():

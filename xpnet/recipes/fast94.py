@@ -15,6 +15,7 @@ building the network.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
@@ -121,6 +122,11 @@ class Fast94Settings:
         return settings
 
 
+def _is_integer(value) -> bool:
+    """An integer (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _dtype_name(value) -> str:
     """'float32' for "float32", np.float32 and np.dtype('float32') alike."""
     return getattr(value, "__name__", None) or str(value)
@@ -140,20 +146,23 @@ def _checked(name: str, value, default):
     names both: a bool where the default is one, an integer for an integer, a finite
     number for a float, three positive integers for the widths."""
     if name == "widths":
-        widths = tuple(value) if isinstance(value, (tuple, list)) else ()
-        if len(widths) != 3 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        try:
+            widths = () if isinstance(value, str) else tuple(value)
+        except TypeError:  # not a sequence at all
+            widths = ()
+        if len(widths) != 3 or not all(_is_integer(w) and w > 0 for w in widths):
             raise ValueError(f"fast94: widths must be three positive integers, got {value!r}")
-        return widths
+        return tuple(int(w) for w in widths)
     if name in _CHOICES:
         kind, fits = _CHOICES[name]
         ok = fits(value)
     elif isinstance(default, bool):
         kind, ok = "True or False", isinstance(value, bool)
     elif isinstance(default, int):
-        kind, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+        kind, ok = "an integer", _is_integer(value)
     elif isinstance(default, float):
         kind = "a finite number"
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     else:
         kind, ok = f"of type {type(default).__name__}", isinstance(value, type(default))
     if not ok:
