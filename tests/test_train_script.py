@@ -92,7 +92,11 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--tf32"], "TF32 applies to CUDA GPUs"),
         (["--cudnn"], "cuDNN applies to CUDA GPUs; backend 'numpy'"),
         (["--recipe", "fast94"], "trains on CIFAR-10: add --dataset cifar10"),
-        (["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"], "--lr do not apply to --recipe fast94"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"], "--lr does not apply to --recipe fast94"),
+        (
+            ["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1", "--reg", "0.1"],
+            "--lr, --reg do not apply to --recipe fast94",
+        ),
         (["--recipe", "fast94", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--tf32"], "TF32 applies to CUDA GPUs"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cudnn"], "cuDNN applies to CUDA GPUs"),

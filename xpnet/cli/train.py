@@ -309,7 +309,8 @@ class Run:
             raise UsageError(f"--recipe {args.recipe} trains on CIFAR-10: add --dataset cifar10")
         refused = refused_flags(parser, args)
         if refused:
-            raise UsageError(f"{', '.join(refused)} do not apply to --recipe {args.recipe}, which fixes them")
+            verb = "does" if len(refused) == 1 else "do"
+            raise UsageError(f"{', '.join(refused)} {verb} not apply to --recipe {args.recipe}, which fixes them")
         try:
             recipe_settings(args.recipe_set)  # refused now, not after loading the data
         except ValueError as exc:
