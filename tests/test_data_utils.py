@@ -61,6 +61,8 @@ def test_too_many_rows_requested(tmp_path):
     write_fake_cifar(tmp_path)
     with pytest.raises(ValueError, match="exceeds the 100 training rows"):
         get_CIFAR10_data(tmp_path, num_training=90, num_validation=20)
+    with pytest.raises(ValueError, match="num_test = 21 exceeds the 20 test rows"):
+        get_CIFAR10_data(tmp_path, num_training=80, num_validation=20, num_test=21)
 
 
 def test_lookup_order(tmp_path, monkeypatch):

@@ -102,6 +102,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--recipe", "fast94", "--dataset", "cifar10", "--cudnn"], "cuDNN applies to CUDA GPUs"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
         (["--fp16"], "--fp16 applies to --recipe fast94 only"),
+        (["--num-test", "5"], "--num-test applies to --dataset cifar10 only, not to digits"),
         (
             ["--recipe", "fast94", "--dataset", "cifar10", "--fp16", "--backend", "array_api_strict"],
             "--fp16: backend 'array_api_strict' has no float16 type",
@@ -190,6 +191,25 @@ def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys, m
     assert half["activations"] == "float16" and half["steps"] == 2
     assert train([*args, "--recipe-set", "widths=4,8,8", "--recipe-set", "tta_level=1"]) == 0
     assert settings_seen[1]["widths"] == (4, 8, 8) and settings_seen[1]["tta_level"] == 1
+    assert train([*args, "--num-test", "7"]) == 0
+    assert "data: cifar10, 64 train / 7 test" in capsys.readouterr().out
+    correct = json.loads(log.read_text())["test_accuracy"] * 7  # scored on 7 images: a whole number right
+    assert correct == pytest.approx(round(correct), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-train", "200"], "--num-train 200 exceeds the 100 training images of CIFAR-10"),
+        (["--num-test", "21"], "--num-test 21 exceeds the 20 test images of CIFAR-10"),
+    ],
+)
+def test_the_recipe_refuses_more_rows_than_the_data_set_has(train, tmp_path, capsys, extra, message):
+    write_fake_cifar(tmp_path / "cifar", per_batch=20)
+    with pytest.raises(SystemExit) as info:
+        train(["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", str(tmp_path / "cifar"), *extra])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

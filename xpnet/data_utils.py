@@ -213,6 +213,8 @@ def _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_val
             f"num_training + num_validation = {num_training + num_validation} exceeds "
             f"the {X_train.shape[0]} training rows"
         )
+    if num_test > X_test.shape[0]:
+        raise ValueError(f"num_test = {num_test} exceeds the {X_test.shape[0]} test rows")
     data = {
         "X_train": X_train[:num_training],
         "y_train": y_train[:num_training],

@@ -68,7 +68,8 @@ def refused_flags(parser, args) -> list:
 
 
 def load_cifar10(args) -> dict:
-    """All 50,000 training images (or the first --num-train) and the 10,000 test images, pixels 0..255."""
+    """All 50,000 training images and all 10,000 test images (or the first --num-train and
+    --num-test of them), pixels 0..255."""
     try:
         root = data_utils.find_CIFAR10(args.data_dir)
     except FileNotFoundError:
@@ -76,9 +77,18 @@ def load_cifar10(args) -> dict:
             raise
         root = data_utils.download_CIFAR10(args.data_dir)
     X_train, y_train, X_test, y_test = data_utils.load_CIFAR10(root, dtype="float32")
-    if args.num_train is not None:
-        X_train, y_train = X_train[: args.num_train], y_train[: args.num_train]
+    X_train, y_train = _first_rows("--num-train", args.num_train, X_train, y_train, "training")
+    X_test, y_test = _first_rows("--num-test", getattr(args, "num_test", None), X_test, y_test, "test")
     return {"X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test}
+
+
+def _first_rows(flag, count, X, y, split):
+    """The first ``count`` rows of (X, y) (all of them for None); ValueError beyond the split's size."""
+    if count is None:
+        return X, y
+    if count > X.shape[0]:
+        raise ValueError(f"{flag} {count} exceeds the {X.shape[0]} {split} images of CIFAR-10")
+    return X[:count], y[:count]
 
 
 def run_recipe(args, backend, data, log=None) -> int:

@@ -66,7 +66,7 @@ def build_parser():
         choices=RECIPES,
         help="a complete recipe instead of a model and Solver settings: fast94 is the fast CIFAR-10 recipe "
         "(all 50,000 training images, TTA on the 10,000 test images; --epochs, --batch-size, --seed, "
-        "--num-train, --tf32, --cudnn, --fp16, --cuda-graph and --recipe-set adjust it)",
+        "--num-train, --num-test, --tf32, --cudnn, --fp16, --cuda-graph and --recipe-set adjust it)",
     )
     p.add_argument(
         "--recipe-set",
@@ -78,6 +78,12 @@ def build_parser():
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not found")
     p.add_argument("--num-train", type=positive_int, default=None, help="training rows (CIFAR-10 default 49000)")
+    p.add_argument(
+        "--num-test",
+        type=positive_int,
+        default=None,
+        help="test rows, the first of the 10,000 (CIFAR-10 default 1000, all 10,000 for --recipe)",
+    )
     p.add_argument(
         "--model",
         choices=MODELS,
@@ -149,7 +155,12 @@ def build_parser():
 
 
 # Flags that only mean something for CIFAR-10 (the digits ship with scikit-learn).
-CIFAR10_ONLY_FLAGS = {"num_train": "--num-train", "data_dir": "--data-dir", "download": "--download"}
+CIFAR10_ONLY_FLAGS = {
+    "num_train": "--num-train",
+    "num_test": "--num-test",
+    "data_dir": "--data-dir",
+    "download": "--download",
+}
 
 
 class UsageError(Exception):
