@@ -125,6 +125,25 @@ def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path,
     assert not (tmp_path / "out" / "trials.csv").exists()
 
 
+# ----------------------------------------------------------------------------- the picture
+@pytest.mark.parametrize("model", ["fc", "cnn"])
+def test_the_first_layer_picture_shows_each_unit_or_filter_as_an_image(model):
+    import xpnet
+    from xpnet.experiment import Experiment, apply_defaults, build_model
+    from xpnet.tune.report import first_layer_images
+
+    settings = Experiment(dataset="digits", model=model, hidden_dims=[6], num_filters=5, filter_size=3)
+    apply_defaults(settings)
+    data = {"X_train": np.zeros((2, 1, 8, 8) if model == "cnn" else (2, 64), dtype=np.float32)}
+    net = build_model(settings, data, xpnet.get_backend("numpy"))
+    w1 = net.params["W1"]
+    images = first_layer_images(net, settings)
+    if model == "cnn":  # filter f, row i, column j, channel c
+        assert images.shape == (5, 3, 3, 1) and images[4, 0, 2, 0] == w1[4, 0, 0, 2]
+    else:  # unit k's 64 weights as an 8x8 image
+        assert images.shape == (6, 8, 8, 1) and images[5, 1, 2, 0] == w1[1 * 8 + 2, 5]
+
+
 # ----------------------------------------------------------------------------- sweeps
 pytest.importorskip("optuna")
 pytest.importorskip("distributed")

@@ -1,6 +1,6 @@
 """What a sweep leaves in its run folder: trials.csv, the ten best trials printed,
-Optuna's plots as PNGs, the best model's checkpoint and its test accuracy, and for a
-fully connected model its first-layer weights as a picture."""
+Optuna's plots as PNGs, the best model's checkpoint and its test accuracy, and its
+first layer's weights (a fully connected net) or filters (a conv net) as a picture."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..checkpoint import load_checkpoint
 from ..experiment import Experiment, build_model, load_data
 from ..model import load_model_state
 
-__all__ = ["write_outputs", "write_trials_csv", "top_trials"]
+__all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images"]
 
 
 def write_trials_csv(study, path) -> list:
@@ -83,17 +83,26 @@ def _plots(study, out, say):
     return written
 
 
+def first_layer_images(model, settings):
+    """The first layer's weights as (K, H, W, C) images on the host: a conv net's K filters
+    (F, C, HH, WW), or a fully connected net's K hidden units, each an input image's shape."""
+    w1 = model.backend.to_numpy(model.params["W1"])
+    if w1.ndim == 4:
+        return w1.transpose(0, 2, 3, 1)
+    shape = (3, 32, 32) if settings.dataset == "cifar10" else (1, 8, 8)
+    return w1.T.reshape(-1, *shape).transpose(0, 2, 3, 1)  # W1 is (D, hidden)
+
+
 def _first_layer_picture(model, settings, out):
-    """The first-layer weights of a fully connected model, one tile per hidden unit."""
+    """The first layer's weights or filters, one tile each."""
     from ..vis_utils import new_figure, visualize_grid
 
-    w1 = model.backend.to_numpy(model.params["W1"]).T  # (hidden, D)
-    shape = (3, 32, 32) if settings.dataset == "cifar10" else (1, 8, 8)
-    images = w1.reshape(-1, *shape).transpose(0, 2, 3, 1)
+    images = first_layer_images(model, settings)
+    shape = images.shape[1:]
     fig = new_figure(figsize=(6, 6))
     ax = fig.subplots()
     grid = visualize_grid(images, padding=1)
-    ax.imshow(grid.astype("uint8").squeeze(), cmap="gray" if shape[0] == 1 else None)
+    ax.imshow(grid.astype("uint8").squeeze(), cmap="gray" if shape[-1] == 1 else None)
     ax.axis("off")
     path = os.path.join(out, "first_layer_weights.png")
     fig.savefig(path, dpi=90, bbox_inches="tight")
@@ -129,8 +138,7 @@ def write_outputs(study, config, best_path, say) -> dict:
         test_acc, model, settings = _test_accuracy(best, config.backend)
         summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
         summary["best_settings"] = best["settings"]
-        if settings.model in ("fc", "twolayer"):
-            summary["weights"] = _first_layer_picture(model, settings, config.out)
+        summary["weights"] = _first_layer_picture(model, settings, config.out)
         with open(os.path.join(config.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         say(f"best trial {best['number']}: {json.dumps(best['params'])}")
