@@ -5,6 +5,8 @@
 #           loads) against PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a
 #           time (BENCH_SUITE: one or more of fc, conv, ops, all, e.g. "ops conv"; BENCH_FLAGS adds flags,
 #           e.g. --tf32 for the ops suite; the conv suite measures fp32 and TF32 whatever the flags)
+#   profile the recipe's training steps kernel by kernel, xpnet's and PyTorch's (bench.py --profile-recipe,
+#           TF32 as the recipe runs; PyTorch's profiler records CuPy's kernels too), about 30 s
 #   suite   the whole test suite on CuPy
 #   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
 #   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only), in TF32
@@ -16,20 +18,20 @@
 # still leaves what it measured for done_when.py.
 # A call has 10 minutes and the data set travels in three pieces of ~62 MB (benchmarks/stage_gpu_run.sh
 # stages them and the wheels the machine lacks, in .whl/), so one part set per piece fits:
-#   STEPS="tests bench"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
+#   STEPS="tests bench profile"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
 # each call starting with: mkdir -p /tmp/cifar && cp .carry/cifar/* /tmp/cifar/ &&
 # With 15 minutes of device time in all (a machine's start included), STEPS=none with piece 2.
 # Timed on an H200 (2026-11-28): a machine's start and the first call's transfer about 60 s; tests 51-64 s;
 # bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
 # xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
 # So a lease of 15 minutes fits, by estimate (each call given a timeout_s that leaves room to spare):
-#   1  piece 1: STEPS="tests bench" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=300   ~6 min
+#   1  piece 1: STEPS="tests bench profile" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=300  ~6.5 min
 #   2  piece 2: STEPS=none                                                                      ~0.3 min
 #   3  piece 3: STEPS=recipe RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240                  ~3.5 min
 # with the machine's start (~1 min) and the time between calls: about 11 minutes.
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
-STEPS=" ${STEPS:-tests bench suite tta recipe} "
+STEPS=" ${STEPS:-tests bench profile suite tta recipe} "
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -60,6 +62,13 @@ if [[ $STEPS == *" bench "* ]]; then
             --repeats 3 ${BENCH_FLAGS:-} --json "$OUT/bench_${suite}_gpu.json" 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
         step_done "bench $suite"
     done
+fi
+
+if [[ $STEPS == *" profile "* ]]; then
+    echo "== the recipe's steps, kernel by kernel (xpnet eager, PyTorch eager; TF32)"
+    timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/bench.py --backend cupy --suite none --profile-recipe --tf32 \
+        --json "$OUT/profile_gpu.json" 2>&1 | tee "$OUT/profile.log" | tail -64
+    step_done profile
 fi
 
 if [[ $STEPS == *" suite "* ]]; then

@@ -415,3 +415,37 @@ def test_convnet_step_on_the_cpu_has_a_pytorch_row_when_pytorch_is_installed(tmp
     step_row = json.loads(out.read_text())["conv"]["ThreeLayerConvNet"][0][0]
     assert step_row["results"]["torch"]["us"] > 0 and step_row["results"]["xpnet"]["us"] > 0
     assert "torch-graph" not in step_row["results"]  # graphs are for GPUs
+
+
+def test_kernel_rows_sum_each_name_per_step_the_longest_first():
+    from xpnet.cli.bench_profile import kernel_rows
+
+    rows = kernel_rows([("gemm", 10.0), ("copy", 3.0), ("gemm", 20.0), ("relu", 1.0), ("copy", 3.0)], steps=2)
+    assert [r["name"] for r in rows] == ["gemm", "copy", "relu"]
+    assert rows[0] == {"name": "gemm", "calls": 1.0, "us": 15.0} and rows[1]["us"] == 3.0 and rows[2]["calls"] == 0.5
+
+
+def test_profile_recipe_records_each_sides_operators_per_step(tmp_path, capsys):
+    """On the CPU the profiler sees PyTorch's operators: xpnet on the torch backend shows its
+    GEMMs (its convolutions are im2col + GEMM), PyTorch its convolutions."""
+    pytest.importorskip("torch")
+    out = tmp_path / "profile.json"
+    args = ["--backend", "torch", "--suite", "none", "--profile-recipe", "--profile-steps", "2",
+            "--recipe-set", "widths=4,8,8", "--recipe-set", "batch_size=16", "--json", str(out)]  # fmt: skip
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())["profile"]
+    assert report["steps"] == 2 and report["batch_size"] == 16 and report["widths"] == [4, 8, 8]
+    ours, theirs = ({r["name"]: r for r in report[side]["kernels"]} for side in ("xpnet", "torch"))
+    assert ours["aten::mm"]["calls"] >= 7 and "aten::convolution_backward" not in ours  # 7 convolutions a step
+    assert theirs["aten::convolution_backward"]["calls"] == 7  # the whitening bias still trains: 7 a step
+    for side in ("xpnet", "torch"):
+        assert report[side]["us_per_step"] == pytest.approx(sum(r["us"] for r in report[side]["kernels"]))
+        assert report[side]["wall_ms_per_step"] > 0
+    printed = capsys.readouterr().out
+    assert "| xpnet: kernel | calls | µs | share |" in printed and "| aten::mm |" in printed
+
+
+def test_profile_steps_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "none", "--profile-recipe", "--profile-steps", "0"])
+    assert "--profile-steps must be at least 1, got 0" in capsys.readouterr().err

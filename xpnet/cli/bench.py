@@ -38,7 +38,7 @@ import numpy as np
 
 import xpnet
 from xpnet.backend.host_allocator import host_allocator
-from xpnet.cli import bench_conv, bench_ops, bench_recipe, bench_tta
+from xpnet.cli import bench_conv, bench_ops, bench_profile, bench_recipe, bench_tta
 from xpnet.cli.common import HelpFormatter, load_npz_arrays
 from xpnet.cli.recipe import recipe_settings
 from xpnet.solver import Solver
@@ -421,6 +421,13 @@ def main(argv=None):
         "--tf32", action="store_true", help="TF32 tensor cores for float32 GEMMs on both sides (CUDA backends)"
     )
     p.add_argument("--ops-batch", type=int, default=1024, help="batch size of --suite ops (the recipe's: 1024)")
+    p.add_argument(
+        "--profile-recipe",
+        action="store_true",
+        help="profile the fast recipe's training steps kernel by kernel in xpnet and in PyTorch (PyTorch's "
+        "profiler, which on a GPU records CuPy's kernels too); --recipe-set and --tf32 apply",
+    )
+    p.add_argument("--profile-steps", type=int, default=5, help="steps of --profile-recipe's profiled epoch")
     p.add_argument("--no-convnet", action="store_true", help="leave out the ThreeLayerConvNet step of --suite conv")
     p.add_argument("--max-epochs", type=int, default=20, help="give up on --time-to-accuracy after this")
     p.add_argument(
@@ -441,6 +448,10 @@ def main(argv=None):
         p.error(f"--warmup-epochs must be positive, got {args.warmup_epochs}")
     if args.ops_batch < 1:
         p.error(f"--ops-batch must be at least 1, got {args.ops_batch}")
+    if args.profile_steps < 1:
+        p.error(f"--profile-steps must be at least 1, got {args.profile_steps}")
+    if args.profile_recipe and not _torch_available():
+        p.error("--profile-recipe needs PyTorch: its profiler records the kernels, and its side is the baseline")
     # A subset that lacks what a part reads is refused now, not after the suites before that part have run.
     for wanted, keys, purpose in ((args.time_to_accuracy, bench_tta.NPZ_KEYS, "--time-to-accuracy"),
                                   (args.recipe, bench_recipe.NPZ_KEYS, "--recipe")):  # fmt: skip
@@ -488,6 +499,9 @@ def main(argv=None):
         report["ops"] = bench_ops.ops_rows(backend, time_variants, args.repeats, args.budget, args.ops_batch,
                                            use_torch, args.tf32)  # fmt: skip
         save()
+    if args.profile_recipe:
+        report["profile"] = bench_profile.profile_recipe(backend, args.recipe_set, args.profile_steps, args.tf32)
+        save()
     if args.time_to_accuracy:
         try:
             report["time_to_accuracy"] = bench_tta.time_to_accuracy(backend, args)
@@ -523,6 +537,9 @@ def main(argv=None):
     if "ops" in report:
         print()
         print(bench_ops.format_ops_table(report["ops"]))
+    if "profile" in report:
+        print()
+        print(bench_profile.format_profile(report["profile"]))
     save()
     return 1 if "recipe" in report and not report["recipe"]["runs"] else 0  # a recipe asked for and none measured
 

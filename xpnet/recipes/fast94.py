@@ -41,6 +41,7 @@ __all__ = [
     "fast94",
     "device_data",
     "timed_run",
+    "recipe_model",
     "normalized_images",
     "sgd_hyper_parameters",
     "warmup_decay",
@@ -315,7 +316,9 @@ class Fast94Trainer:
         return losses
 
 
-def _model(backend, settings, seed, input_dim):
+def recipe_model(backend, settings: Fast94Settings, seed, input_dim) -> FastConvNet:
+    """The recipe's network for inputs of ``input_dim`` (C, H, W), initialised from ``seed``
+    (its whitening filters still zeros)."""
     return FastConvNet(input_dim=input_dim, widths=settings.widths, scale=settings.scale,
                        bn_momentum=settings.bn_momentum, bn_eps=settings.bn_eps,
                        label_smoothing=settings.label_smoothing, loss_reduction="sum",
@@ -372,7 +375,7 @@ def _labels(backend, y, name):
 def timed_run(backend, settings: Fast94Settings, seed, train_images, train_labels, test_images, test_labels):
     """One timed run on :func:`device_data`'s arrays: whitening, training, evaluation with TTA.
     Returns a :class:`Fast94Result`."""
-    model = _model(backend, settings, seed, tuple(train_images.shape[1:]))
+    model = recipe_model(backend, settings, seed, tuple(train_images.shape[1:]))
     if settings.tf32:
         backend.set_tf32(True)
     if settings.cudnn:
