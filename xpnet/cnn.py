@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-from array_api_compat import device
-
 from .conv_common import channel_sum
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
 from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
@@ -113,11 +111,13 @@ def _crop_even(x):
     return x[:, :, : h - h % 2, : w - w % 2]
 
 
-def _uncrop(xp, dcropped, shape):
-    """The gradient of :func:`_crop_even`: ``dcropped`` back in ``shape``, zeros where it cut."""
-    if tuple(dcropped.shape) == tuple(shape):
+def _uncrop(xp, dcropped, uncropped):
+    """The gradient of :func:`_crop_even`: ``dcropped`` back in the shape of ``uncropped``,
+    zeros where it cut. Made *_like ``uncropped``, a convolution's output, whose memory order
+    NumPy keeps (channels outermost): the convolution's backward pass then reads it uncopied."""
+    if tuple(dcropped.shape) == tuple(uncropped.shape):
         return dcropped
-    dx = xp.zeros(shape, dtype=dcropped.dtype, device=device(dcropped))
+    dx = xp.zeros_like(uncropped, dtype=dcropped.dtype)
     dx[:, :, : dcropped.shape[2], : dcropped.shape[3]] = dcropped
     return dx
 
@@ -127,18 +127,21 @@ def _conv_bn_gelu_forward(x, w, beta, bn_param, pool):
     a, conv_cache = conv_forward_fast(x, w, None, _SAME)
     pool_cache = None
     if pool:
-        a, pool_cache = max_pool_forward_fast(_crop_even(a), _POOL2)
+        conv_out = a
+        a, pool_cache = max_pool_forward_fast(_crop_even(conv_out), _POOL2)
+        pool_cache = (conv_out, pool_cache)  # the pool's cache holds a view of it anyway
     normed, bn_cache = spatial_batchnorm_forward(a, None, beta, bn_param)
     out, gelu_cache = gelu_forward(normed)
     return out, (conv_cache, pool_cache, bn_cache, gelu_cache)
 
 
-def _conv_bn_gelu_backward(xp, dout, cache, conv_out_shape):
+def _conv_bn_gelu_backward(xp, dout, cache):
     """(dx, dw, dbeta) of :func:`_conv_bn_gelu_forward`."""
     conv_cache, pool_cache, bn_cache, gelu_cache = cache
     da, _, dbeta = spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
     if pool_cache is not None:
-        da = _uncrop(xp, max_pool_backward_fast(da, pool_cache), conv_out_shape)
+        conv_out, max_pool_cache = pool_cache
+        da = _uncrop(xp, max_pool_backward_fast(da, max_pool_cache), conv_out)
     dx, dw, _ = conv_backward_fast(da, conv_cache)
     return dx, dw, dbeta
 
@@ -287,10 +290,9 @@ class FastConvNet(Model):
         whiten_W = narrowed(xp, self.frozen["whiten_W"], act)
         whitened = conv_forward_fast(narrowed(xp, X, act), whiten_W, p["whiten_b"], {"stride": 1, "pad": 0})[0]
         h, gelu_cache = gelu_forward(whitened)
-        caches, conv_shapes = [], []
+        caches = []
         for i in range(1, 7):
             pool = i % 2 == 1
-            conv_shapes.append((h.shape[0], p[f"W{i}"].shape[0], h.shape[2], h.shape[3]))
             h, cache = _conv_bn_gelu_forward(h, p[f"W{i}"], p[f"beta{i}"], self.bn_params[i - 1], pool)
             caches.append(cache)
         fh, fw = h.shape[2], h.shape[3]
@@ -306,7 +308,7 @@ class FastConvNet(Model):
         grads["W_out"] = matmul(features.T, dscores)
         dh = max_pool_backward_fast(xp.reshape(matmul(dscores, p["W_out"].T), pooled.shape), pool_cache)
         for i in range(6, 0, -1):
-            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1], conv_shapes[i - 1])
+            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1])
         dwhitened = gelu_backward(dh, gelu_cache)
         # The filters are fixed: no other gradient. Summed in dtype: float16 sums could overflow.
         grads["whiten_b"] = channel_sum(xp, dwhitened, dtype=self.dtype)
