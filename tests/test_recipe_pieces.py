@@ -27,6 +27,37 @@ def test_erf_and_erfc_to_a_few_ulp(backend):
     np.testing.assert_array_equal(to_np(erfc(limits)), [0.0, 2.0])
 
 
+def _ulps(got, exact):
+    """|got - exact| in units of the last place of float32 at ``exact``."""
+    spacing = np.spacing(np.abs(exact.astype(np.float32))).astype(np.float64)
+    return np.abs(np.asarray(got, dtype=np.float64) - exact) / spacing
+
+
+def test_float32_values_are_correctly_rounded_on_the_host(backend):
+    """Float32 in, float32 out: on the host computed in float64 and rounded, so within half a
+    unit in the last place (float32 arithmetic through Cody's rationals is off by up to 6, and
+    by 150 in normal_cdf's deep tail, where -x/√2 is rounded), the small range and the deep tail
+    included. A GPU computes in float32: there, within float32 arithmetic's 2e-5 relative."""
+    edges = [0.46875, -0.46875, 0.4687501, 4.0, -4.0, 4.0001, -9.0, 9.0]
+    x = np.concatenate([np.linspace(-13, 13, 20001), np.linspace(-1, 1, 20001), np.logspace(-7, 0, 701), edges])
+    x = x.astype(np.float32)
+    wide = x.astype(np.float64)
+    exact = {
+        erf: np.array([math.erf(v) for v in wide]),
+        erfc: np.array([math.erfc(v) for v in wide]),
+        normal_cdf: np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in wide]),
+    }
+    for function, expected in exact.items():
+        got = to_np(function(backend.asarray(x, dtype="float32")))
+        assert got.dtype == np.float32
+        normal = np.abs(expected) > 1e-37  # float32's normal numbers
+        if backend.is_gpu:
+            np.testing.assert_allclose(got[normal], expected[normal], rtol=2e-5, err_msg=function.__name__)
+            continue
+        worst = _ulps(got[normal], expected[normal]).max()
+        assert worst <= 0.5 + 1e-3, f"{function.__name__}: {worst:.2f} ulp"  # a 5e-12 rational beneath the rounding
+
+
 def test_values_within_four_give_the_same_bits_with_or_without_a_tail_value_beside_them(backend):
     # On the CPU a block whose erfc arguments all lie within 4 skips Cody's outer range: the
     # values must be those of a block that needs that range too, and as accurate.

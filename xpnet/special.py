@@ -86,7 +86,9 @@ def _erf_small(x):
 
 def _erfc_large(xp, y, on_host):
     """erfc(y) for y > 0.46875 (both of Cody's outer ranges, the right one selected; on the
-    host only the middle one where no y is beyond it: the same values, a third of the work less)."""
+    host only the middle one where no y is beyond it: the same values, a third of the work less).
+    The middle range's rational holds below 0.46875 too, to 5e-12 relative at 0: wherever the
+    result is rounded to float32, it serves every y <= 4."""
     if on_host and not bool(xp.any(y > _MIDDLE)):  # NaN compares False: it stays NaN either way
         rational = _rational(y, _C[8], _C[:8], _D)
     else:
@@ -105,35 +107,57 @@ def _erfc_large(xp, y, on_host):
     return result
 
 
-def _erf(xp, x, on_host):
-    """erf on one block."""
+def _erf(xp, x, on_host, small_range=True):
+    """erf on one block (it always needs the small range: near 0, 1 - erfc loses erf's digits)."""
     z = xp.abs(x)
     small = _erf_small(xp.minimum(z, _SMALL) * xp.sign(x))
     large = xp.sign(x) * (1.0 - _erfc_large(xp, xp.maximum(z, _SMALL), on_host))
     return xp.where(z <= _SMALL, small, large)
 
 
-def _erfc(xp, x, on_host):
-    """erfc on one block."""
+def _erfc(xp, x, on_host, small_range=True):
+    """erfc on one block; without ``small_range`` the middle range serves |x| <= 0.46875 too
+    (for results rounded to float32, see :func:`_erfc_large`)."""
     z = xp.abs(x)
-    tail = _erfc_large(xp, xp.maximum(z, _SMALL), on_host)
+    tail = _erfc_large(xp, xp.maximum(z, _SMALL) if small_range else z, on_host)
     large = xp.where(x > 0, tail, 2.0 - tail)
+    if not small_range:
+        return large
     return xp.where(z <= _SMALL, 1.0 - _erf_small(xp.minimum(z, _SMALL) * xp.sign(x)), large)
+
+
+def _normal_cdf(xp, x, on_host, small_range=True):
+    return 0.5 * _erfc(xp, -x / math.sqrt(2.0), on_host, small_range)
+
+
+def _single_in_double_on_host(function):
+    """``function(xp, block, on_host, small_range)`` as :func:`_blockwise` calls it. On the host
+    a float32 block is evaluated in float64 and rounded back: nearly always the correctly rounded
+    value (float32 arithmetic through Cody's long rationals is off by up to 6 ulp), and since the
+    result is rounded to float32, erfc needs no small range, which pays for the wider arithmetic.
+    A GPU keeps float32 (float64 is slow on many)."""
+
+    def evaluate(xp, block, on_host):
+        if on_host and block.dtype == xp.float32:
+            return xp.astype(function(xp, xp.astype(block, xp.float64), on_host, False), xp.float32)
+        return function(xp, block, on_host)
+
+    return evaluate
 
 
 def erf(x: Array) -> Array:
     """The error function, elementwise (float32 or float64)."""
-    return _blockwise(_erf, x)
+    return _blockwise(_single_in_double_on_host(_erf), x)
 
 
 def erfc(x: Array) -> Array:
     """1 - erf(x), accurate in relative terms where it is small (x large)."""
-    return _blockwise(_erfc, x)
+    return _blockwise(_single_in_double_on_host(_erfc), x)
 
 
 def normal_cdf(x: Array) -> Array:
     """Φ(x), the standard normal's cumulative distribution: erfc(-x/√2) / 2."""
-    return _blockwise(lambda xp, block, on_host: 0.5 * _erfc(xp, -block / math.sqrt(2.0), on_host), x)
+    return _blockwise(_single_in_double_on_host(_normal_cdf), x)
 
 
 def normal_pdf(x: Array) -> Array:
