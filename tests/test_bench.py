@@ -449,3 +449,16 @@ def test_profile_steps_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--suite", "none", "--profile-recipe", "--profile-steps", "0"])
     assert "--profile-steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_variant_that_fails_is_printed_with_its_error_and_the_others_still_timed(capsys):
+    from xpnet.cli.bench import time_variants
+    from xpnet.cli.bench_conv import measure_row
+
+    def broken():
+        raise KeyError("us")
+
+    variants = {"good": (lambda: None, lambda: None), "bad": (broken, lambda: None)}
+    row = measure_row("a row", variants, time_variants, 1, 0.001, None)
+    assert row["results"]["bad"] == {"error": "KeyError: 'us'"} and row["results"]["good"]["us"] >= 0
+    assert "bad failed: KeyError: 'us'" in capsys.readouterr().out

@@ -267,7 +267,9 @@ def measure_row(label, variants, time_variants, repeats, budget, flops):
         results[name] = {"us": seconds * 1e6, "steps_per_repeat": steps}
         if flops:
             results[name]["tflops"] = flops / seconds / 1e12
-    print(f"{label}: " + ", ".join(f"{k} {v['us']:.0f} µs" for k, v in results.items() if "us" in v), flush=True)
+    # A variant that failed says so here too: a log read alone would otherwise show it as missing.
+    cells = [f"{k} {v['us']:.0f} µs" if "us" in v else f"{k} failed: {v['error']}" for k, v in results.items()]
+    print(f"{label}: " + ", ".join(cells), flush=True)
     return {"case": label, "results": results}
 
 

@@ -108,7 +108,7 @@ def _xpnet_step(backend, kind, batch, shape):
 
         def step():  # as FastConvNet pools: crop to even, pool, and the gradient back in the full shape
             out, cache = fast_layers.max_pool_forward_fast(_crop_even(x) if k == 2 else x, param)
-            return _uncrop(xp, fast_layers.max_pool_backward_fast(dout, cache), x.shape)
+            return _uncrop(xp, fast_layers.max_pool_backward_fast(dout, cache), x)
 
     elif kind == "batchnorm":
         beta = xp.zeros((shape[0],), dtype=xp.float32, device=backend.device)
