@@ -462,3 +462,26 @@ def test_a_variant_that_fails_is_printed_with_its_error_and_the_others_still_tim
     row = measure_row("a row", variants, time_variants, 1, 0.001, None)
     assert row["results"]["bad"] == {"error": "KeyError: 'us'"} and row["results"]["good"]["us"] >= 0
     assert "bad failed: KeyError: 'us'" in capsys.readouterr().out
+
+
+def test_a_side_whose_profile_fails_is_reported_and_the_other_still_profiled(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import xpnet
+    from xpnet.cli import bench_profile
+
+    real_sides = bench_profile._sides
+
+    def sides(*args):
+        found = real_sides(*args)
+
+        def broken():
+            raise RuntimeError("no CUPTI")
+
+        return {"xpnet": broken, "torch": found["torch"]}
+
+    monkeypatch.setattr(bench_profile, "_sides", sides)
+    report = bench_profile.profile_recipe(xpnet.get_backend("numpy"), [("widths", (4, 8, 8)), ("batch_size", 8)], 1,
+                                          tf32=False)  # fmt: skip
+    assert report["xpnet"] == {"error": "RuntimeError: no CUPTI"} and report["torch"]["kernels"]
+    text = bench_profile.format_profile(report)
+    assert "xpnet: failed: RuntimeError: no CUPTI" in text and "| torch: kernel |" in text

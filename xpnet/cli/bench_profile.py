@@ -77,6 +77,25 @@ def _sides(backend, settings, steps, seed=0):
     return {"xpnet": xpnet_epoch, "torch": torch_epoch}
 
 
+def _profiled(epoch, backend, sync, activity, steps, profile) -> dict:
+    """One side: an epoch to warm up (kernels compiled, cuDNN's algorithms chosen), one timed,
+    one profiled."""
+    epoch()
+    backend.sync()
+    sync()
+    start = time.perf_counter()
+    epoch()
+    backend.sync()
+    sync()
+    wall = time.perf_counter() - start
+    with profile(activities=[activity]) as prof:
+        epoch()
+        backend.sync()
+        sync()
+    rows = kernel_rows(_durations(prof, backend.is_gpu), steps)
+    return {"wall_ms_per_step": 1e3 * wall / steps, "us_per_step": sum(r["us"] for r in rows), "kernels": rows}
+
+
 def profile_recipe(backend, recipe_set, steps: int, tf32: bool) -> dict:
     """Each side's wall ms per step (unprofiled) and its kernels' µs per step (profiled)."""
     import torch
@@ -93,21 +112,12 @@ def profile_recipe(backend, recipe_set, steps: int, tf32: bool) -> dict:
         backend.set_tf32(True)
     try:
         for name, epoch in _sides(backend, settings, steps).items():
-            epoch()  # kernels compiled, cuDNN's algorithms chosen
-            backend.sync()
-            sync()
-            start = time.perf_counter()
-            epoch()
-            backend.sync()
-            sync()
-            wall = time.perf_counter() - start
-            with profile(activities=[activity]) as prof:
-                epoch()
-                backend.sync()
-                sync()
-            rows = kernel_rows(_durations(prof, backend.is_gpu), steps)
-            report[name] = {"wall_ms_per_step": 1e3 * wall / steps, "us_per_step": sum(r["us"] for r in rows),
-                            "kernels": rows}  # fmt: skip
+            try:
+                report[name] = _profiled(epoch, backend, sync, activity, steps, profile)
+            except Exception as exc:  # one side failing leaves the other's profile
+                report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"profile of {name} failed: {report[name]['error']}", flush=True)
+                continue
             print(f"profiled {name}: {report[name]['wall_ms_per_step']:.2f} ms per step", flush=True)
     finally:
         if tf32:
@@ -126,6 +136,9 @@ def format_profile(report: dict, top: int = 25) -> str:
         if side not in report:
             continue
         result = report[side]
+        if "error" in result:
+            lines += ["", f"{side}: failed: {result['error']}"]
+            continue
         total = result["us_per_step"] or 1.0
         lines += ["", f"| {side}: kernel | calls | µs | share |", "|---|---|---|---|"]
         if not result["kernels"]:
