@@ -103,6 +103,12 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--recipe", "fast94", "--dataset", "cifar10", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
         (["--fp16"], "--fp16 applies to --recipe fast94 only"),
         (["--num-test", "5"], "--num-test applies to --dataset cifar10 only, not to digits"),
+        (["--dataset", "cifar10", "--num-test", "10001"], "--num-test 10001: CIFAR-10 has 10000 test images"),
+        (
+            ["--dataset", "cifar10", "--num-train", "49001"],
+            "--num-train 49001: CIFAR-10 has 49000 training images beside the 1000 that validate",
+        ),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--num-train", "50001"], "CIFAR-10 has 50000 training images"),
         (
             ["--recipe", "fast94", "--dataset", "cifar10", "--fp16", "--backend", "array_api_strict"],
             "--fp16: backend 'array_api_strict' has no float16 type",

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import xpnet
+from xpnet import data_utils
 from xpnet.cli.common import HelpFormatter
 from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import MODELS, UPDATE_RULES, apply_defaults, build_model, load_data, make_solver
@@ -184,6 +185,20 @@ def check_flags_apply(args):
         raise UsageError(f"--model {args.model} takes one hidden size, got --hidden-dims {args.hidden_dims}")
 
 
+def check_row_counts(args, validation_rows):
+    """UsageError, before the data is read, for --num-train or --num-test beyond CIFAR-10's
+    training images (less ``validation_rows`` kept for validation) or its test images."""
+    if args.dataset != "cifar10":
+        return
+    sizes = data_utils.CIFAR10_SIZES
+    beside = f" beside the {validation_rows} that validate" if validation_rows else ""
+    limits = (("--num-train", args.num_train, sizes["train"] - validation_rows, f"training images{beside}"),
+              ("--num-test", args.num_test, sizes["test"], "test images"))  # fmt: skip
+    for flag, count, limit, what in limits:
+        if count is not None and count > limit:
+            raise UsageError(f"{flag} {count}: CIFAR-10 has {limit} {what}")
+
+
 def check_output_file(flag, path):
     """UsageError unless ``path`` can be created or overwritten."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -253,6 +268,7 @@ class Run:
         if args.recipe:
             return self.main_recipe(parser, args)
         check_flags_apply(args)
+        check_row_counts(args, validation_rows=1000)  # get_CIFAR10_data's validation split
         apply_defaults(args)
         try:
             backend = xpnet.get_backend(args.backend)
@@ -322,6 +338,7 @@ class Run:
         if refused:
             verb = "does" if len(refused) == 1 else "do"
             raise UsageError(f"{', '.join(refused)} {verb} not apply to --recipe {args.recipe}, which fixes them")
+        check_row_counts(args, validation_rows=0)
         try:
             recipe_settings(args.recipe_set)  # refused now, not after loading the data
         except ValueError as exc:
