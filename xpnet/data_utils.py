@@ -30,6 +30,7 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 CIFAR10_SIZES = {"train": 50000, "test": 10000}  # images in the official training and test batches
+CIFAR10_VALIDATION_ROWS = 1000  # get_CIFAR10_data's validation split, the course's
 
 
 class DataError(ValueError):
@@ -234,7 +235,7 @@ def _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_val
 def get_CIFAR10_data(
     data_dir=None,
     num_training=49000,
-    num_validation=1000,
+    num_validation=CIFAR10_VALIDATION_ROWS,
     num_test=1000,
     subtract_mean=True,
     channels_first=True,

@@ -78,7 +78,7 @@ def load_cifar10(args) -> dict:
         root = data_utils.download_CIFAR10(args.data_dir)
     X_train, y_train, X_test, y_test = data_utils.load_CIFAR10(root, dtype="float32")
     X_train, y_train = _first_rows("--num-train", args.num_train, X_train, y_train, "training")
-    X_test, y_test = _first_rows("--num-test", getattr(args, "num_test", None), X_test, y_test, "test")
+    X_test, y_test = _first_rows("--num-test", args.num_test, X_test, y_test, "test")
     return {"X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test}
 
 

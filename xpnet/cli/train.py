@@ -268,7 +268,7 @@ class Run:
         if args.recipe:
             return self.main_recipe(parser, args)
         check_flags_apply(args)
-        check_row_counts(args, validation_rows=1000)  # get_CIFAR10_data's validation split
+        check_row_counts(args, validation_rows=data_utils.CIFAR10_VALIDATION_ROWS)
         apply_defaults(args)
         try:
             backend = xpnet.get_backend(args.backend)
