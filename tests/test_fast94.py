@@ -298,6 +298,32 @@ def test_twenty_steps_equal_the_pytorch_recipe_to_1e_9():
     assert not np.allclose(final["whiten_b"], frozen.detach().numpy())  # it trained, then stopped
 
 
+def test_the_pytorch_evaluation_with_tta_scores_as_ours_does():
+    """The benchmark compares test accuracies, so both sides must score alike: the same parameters
+    and (random) running statistics in float64 give the same logits at each TTA level."""
+    torch = pytest.importorskip("torch")
+    from xpnet.recipes import fast94_torch
+
+    backend = get_backend("numpy")
+    settings, images, _, make_model = small_recipe(backend, n=48)
+    model = make_model()
+    rng = np.random.default_rng(1)
+    for bn in model.bn_params:
+        bn["running_mean"][...] = 0.1 * rng.standard_normal(bn["running_mean"].shape)
+        bn["running_var"][...] = rng.uniform(0.5, 2.0, bn["running_var"].shape)
+    net = fast94_torch.make_net(settings, torch.float64)
+    names = fast94_torch.xpnet_names(net)
+    with torch.no_grad():
+        for name, value in _snapshot(model).items():
+            names[name].copy_(torch.from_numpy(value.T.copy() if name == "W_out" else value))
+    host_images = torch.from_numpy(np.array(to_numpy(images)))
+    for level in (0, 1, 2):
+        ours = to_numpy(tta_scores(model.loss, images, level, batch_size=20))
+        theirs = fast94_torch.evaluate(net, host_images, level, batch_size=20).numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12, err_msg=f"TTA level {level}")
+    assert np.abs(ours).max() > 1e-3  # not a trivial agreement of zeros
+
+
 def test_pytorch_whitening_filters_equal_ours_up_to_sign():
     torch = pytest.importorskip("torch")
     from xpnet.recipes import fast94_torch
