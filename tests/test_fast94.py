@@ -324,6 +324,18 @@ def test_the_pytorch_evaluation_with_tta_scores_as_ours_does():
     assert np.abs(ours).max() > 1e-3  # not a trivial agreement of zeros
 
 
+def test_both_sides_normalise_the_pixels_alike():
+    torch = pytest.importorskip("torch")
+    from xpnet.recipes import fast94_torch
+    from xpnet.recipes.fast94 import normalized_images
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.float64)
+    ours = to_numpy(normalized_images(get_backend("numpy"), pixels, "float64"))
+    theirs = fast94_torch.normalize(torch.from_numpy(pixels)).numpy()
+    assert ours.shape == theirs.shape == (5, 3, 32, 32)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_pytorch_whitening_filters_equal_ours_up_to_sign():
     torch = pytest.importorskip("torch")
     from xpnet.recipes import fast94_torch
