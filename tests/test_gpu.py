@@ -544,16 +544,19 @@ def test_cublas_float16_matmul_sums_in_float32(a_t, b_t):
     assert np.all(np.abs(to_numpy(fast).astype(np.float64) - exact) <= 2 * ulp)  # one rounding, not 2000
 
 
-def _half_net_run(backend):
+def _fast_net_run(backend, dtype="float32", activation_dtype="float16"):
+    """FastConvNet's loss, gradients, running statistics and test-mode scores on ``backend``,
+    from the same weights and batch on every backend, as NumPy arrays."""
     from xpnet.cnn import FastConvNet
 
     rng = np.random.default_rng(5)
-    X = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    X = rng.standard_normal((16, 3, 32, 32)).astype(dtype)
     y = rng.integers(0, 10, 16)
-    whiten_W = (rng.standard_normal((24, 3, 2, 2)) * 0.5).astype(np.float32)
-    model = FastConvNet(widths=(8, 16, 16), backend=backend, seed=0, activation_dtype="float16")
+    whiten_W = (rng.standard_normal((24, 3, 2, 2)) * 0.5).astype(dtype)
+    options = dict(widths=(8, 16, 16), seed=0, dtype=dtype, activation_dtype=activation_dtype)
+    model = FastConvNet(backend=backend, **options)
     # the same initial weights on every backend: a seed draws different numbers on CuPy and NumPy
-    on_host = FastConvNet(widths=(8, 16, 16), backend="numpy", seed=0, activation_dtype="float16")
+    on_host = FastConvNet(backend="numpy", **options)
     for name, value in on_host.params.items():
         model.params[name][...] = backend.asarray(value)
     model.frozen["whiten_W"][...] = backend.asarray(whiten_W)
@@ -568,13 +571,28 @@ def test_float16_fast_conv_net_on_cupy_matches_numpy_and_the_reference():
     against the same net's NumPy reference, to float16's precision; nothing float16 leaks out."""
     fused = ["im2col", "col2im", "max_pool_forward", "spatial_batchnorm_train", "spatial_batchnorm_backward",
              "gelu_forward", "gelu_backward", "matmul"]  # fmt: skip
-    fast, reference = both(lambda: _half_net_run(CUPY), fused)
-    on_numpy = _half_net_run(xpnet.get_backend("numpy"))
+    fast, reference = both(lambda: _fast_net_run(CUPY), fused)
+    on_numpy = _fast_net_run(xpnet.get_backend("numpy"))
     for a, b, c in zip(fast, reference, on_numpy, strict=True):
         assert a.dtype == b.dtype == c.dtype == np.float32
         scale = max(float(np.max(np.abs(c))), 1e-3)
         np.testing.assert_allclose(a, c, rtol=0, atol=2e-2 * scale)
         np.testing.assert_allclose(b, c, rtol=0, atol=2e-2 * scale)
+
+
+def test_float64_fast_conv_net_on_cupy_equals_numpy():
+    """FastConvNet in float64 through the fused kernels and cuBLAS, and through the array-API
+    code on CuPy, against NumPy: the same loss, gradients, running statistics and scores, whatever
+    memory order each layer hands the next (a convolution's output is a transposed view)."""
+    fused = ["im2col", "col2im", "max_pool_forward", "max_pool_backward", "spatial_batchnorm_train",
+             "spatial_batchnorm_backward", "gelu_forward", "gelu_backward", "matmul"]  # fmt: skip
+    fast, reference = both(lambda: _fast_net_run(CUPY, "float64", None), fused)
+    on_numpy = _fast_net_run(xpnet.get_backend("numpy"), "float64", None)
+    for a, b, c in zip(fast, reference, on_numpy, strict=True):
+        assert a.dtype == b.dtype == c.dtype == np.float64
+        scale = max(float(np.max(np.abs(c))), 1e-12)
+        np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-12 * scale)
+        np.testing.assert_allclose(b, c, rtol=1e-9, atol=1e-12 * scale)
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, pad", [((8, 24, 15, 15), (32, 24, 3, 3), 1, 1)])
