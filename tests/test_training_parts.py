@@ -125,6 +125,24 @@ def test_a_group_with_its_own_schedule_follows_it_and_a_zero_holds_it_fixed(back
     np.testing.assert_array_equal(recorder.values[3], recorder.values[1])  # held where step 2 left it
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_gradient_of_none_leaves_its_parameter_and_its_state_alone(backend, on_device):
+    """As PyTorch's optimizers skip a parameter without a gradient; a missing one is an error."""
+    from xpnet.training.update import Update
+
+    backend = xpnet.get_backend(backend)
+    params = {"w": backend.asarray([1.0, 2.0], dtype="float64"), "b": backend.asarray([3.0], dtype="float64")}
+    update = Update("nesterov_sgd", {"learning_rate": 0.1, "momentum": 0.9}, list(params), on_device=on_device)
+    update.start(backend, "float64", 0, 3)
+    for _ in range(2):
+        update.apply(params, {"w": backend.asarray([1.0, 1.0], dtype="float64"), "b": None})
+    assert "velocity" not in update.configs["b"] and "velocity" in update.configs["w"]
+    np.testing.assert_array_equal(to_np(params["b"]), [3.0])
+    assert not np.array_equal(to_np(params["w"]), [1.0, 2.0])
+    with pytest.raises(KeyError, match="b"):
+        update.apply(params, {"w": backend.asarray([1.0, 1.0], dtype="float64")})
+
+
 @pytest.mark.parametrize(
     "groups, message",
     [

@@ -132,9 +132,12 @@ class Update:
 
     # -- the step ----------------------------------------------------------------------
     def apply(self, params: dict, grads: dict) -> None:
-        """Update every parameter in place (device work only when on the device)."""
+        """Update every parameter in place (device work only when on the device). A gradient
+        of None leaves its parameter and the rule's state for it as they are, as PyTorch's
+        optimizers skip a parameter without a gradient; a missing one is a KeyError."""
+        params_with_grads = {name: w for name, w in params.items() if grads[name] is not None}
         if self._step is None:
-            for name, w in params.items():
+            for name, w in params_with_grads.items():
                 params[name], self.configs[name] = self.rule(w, grads[name], self.configs[name])
             return
         xp = namespace(self._step)
@@ -142,7 +145,7 @@ class Update:
         factors = {key: xp.reshape(xp.take(table, position), ()) for key, table in self._tables.items()}
         self._step += 1  # in place: a replayed graph counts too
         rates = {}
-        for name, w in params.items():
+        for name, w in params_with_grads.items():
             config, base = self.configs[name], self.base_lr[name]
             if base is None:
                 params[name], self.configs[name] = self.rule(w, grads[name], config)
