@@ -67,6 +67,35 @@ def test_fast_conv_net_gradients(backend, np_rng):
         assert np.linalg.norm(numeric - analytic) < 1e-6 * np.linalg.norm(numeric), name
 
 
+def test_holding_the_whitening_bias_fixed_skips_only_the_work_its_gradient_needs(backend, np_rng, monkeypatch):
+    """train_whitening_bias=False: the same loss and gradients, none for whiten_b, and the first
+    3x3 conv's backward pass without its input gradient (the whitening GELU's backward needs it)."""
+    import xpnet.cnn
+
+    model = FastConvNet(input_dim=(2, 12, 12), widths=(3, 4, 3), dtype="float64", backend=backend, seed=0)
+    model.frozen["whiten_W"] = arr(backend, np_rng.standard_normal((16, 2, 2, 2)))
+    X, y = arr(backend, np_rng.standard_normal((3, 2, 12, 12))), labels(backend, np_rng.integers(0, 10, 3))
+    input_grads = []
+
+    def recording(dout, cache, input_grad=True):
+        input_grads.append(input_grad)
+        return conv_backward_fast(dout, cache, input_grad)
+
+    conv_backward_fast = xpnet.cnn.conv_backward_fast
+    monkeypatch.setattr(xpnet.cnn, "conv_backward_fast", recording)
+    loss, grads = model.loss(X, y)
+    assert input_grads == [True] * 6 and grads["whiten_b"] is not None
+    input_grads.clear()
+    model.train_whitening_bias = False
+    fixed_loss, fixed_grads = model.loss(X, y)
+    assert input_grads == [True] * 5 + [False]  # the first group's first conv comes last
+    assert float(fixed_loss) == float(loss) and fixed_grads["whiten_b"] is None
+    assert sorted(fixed_grads) == sorted(model.params)
+    for name in model.params:
+        if name != "whiten_b":
+            np.testing.assert_array_equal(to_np(fixed_grads[name]), to_np(grads[name]), err_msg=name)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -248,6 +277,32 @@ def _snapshot(model):
     for i, bn in enumerate(model.bn_params, 1):
         arrays[f"running_mean{i}"], arrays[f"running_var{i}"] = bn["running_mean"], bn["running_var"]
     return {k: np.array(to_numpy(v)) for k, v in arrays.items()}
+
+
+def test_the_captured_step_is_captured_once_while_the_whitening_bias_trains_and_once_after(monkeypatch):
+    """The recipe holds the whitening bias fixed after 3 epochs, which changes the step, so a
+    graph run captures it twice in all, never per step or per epoch. A stand-in capture that
+    replays by running the step checks the keying on the CPU; tests/test_gpu.py compares a
+    real graph run with an eager one."""
+    from dataclasses import replace
+
+    from xpnet.backend.numpy_backend import NumpyBackend
+
+    class Replayed:
+        def __init__(self, step):
+            self.replay = step
+
+    monkeypatch.setattr(NumpyBackend, "can_capture", True)
+    monkeypatch.setattr(NumpyBackend, "capture", lambda self, step: Replayed(step))
+    backend = get_backend("numpy")
+    settings, images, y, make_model = small_recipe(backend)  # 5 epochs of 4 steps
+    trains = []
+    graphed = Fast94Trainer(make_model(), images, backend.asarray(y), replace(settings, cuda_graph=True))
+    graph_losses = graphed.train(on_epoch=lambda epoch, trainer: trains.append(trainer.model.train_whitening_bias))
+    eager_losses = Fast94Trainer(make_model(), images, backend.asarray(y), settings).train()
+    assert trains == [True, True, True, False, False] and graphed.model.train_whitening_bias
+    assert graphed.graph.captures == 2
+    assert [float(v) for v in graph_losses] == [float(v) for v in eager_losses]
 
 
 def test_twenty_steps_equal_the_pytorch_recipe_to_1e_9():

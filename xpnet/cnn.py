@@ -135,14 +135,14 @@ def _conv_bn_gelu_forward(x, w, beta, bn_param, pool):
     return out, (conv_cache, pool_cache, bn_cache, gelu_cache)
 
 
-def _conv_bn_gelu_backward(xp, dout, cache):
-    """(dx, dw, dbeta) of :func:`_conv_bn_gelu_forward`."""
+def _conv_bn_gelu_backward(xp, dout, cache, input_grad=True):
+    """(dx, dw, dbeta) of :func:`_conv_bn_gelu_forward`; dx is None when ``input_grad`` is False."""
     conv_cache, pool_cache, bn_cache, gelu_cache = cache
     da, _, dbeta = spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
     if pool_cache is not None:
         conv_out, max_pool_cache = pool_cache
         da = _uncrop(xp, max_pool_backward_fast(da, max_pool_cache), conv_out)
-    dx, dw, _ = conv_backward_fast(da, conv_cache)
+    dx, dw, _ = conv_backward_fast(da, conv_cache, input_grad)
     return dx, dw, dbeta
 
 
@@ -159,6 +159,12 @@ class FastConvNet(Model):
     "beta1".."beta6" (F,), the batchnorm biases; "W_out" (F_3, num_classes). The
     whitening filters "whiten_W" (2·C·4, C, 2, 2) are a buffer, not a parameter: set
     them with :func:`xpnet.whitening.whitening_filters` (they start as zeros).
+
+    ``train_whitening_bias`` (True) set to False holds "whiten_b" fixed: ``loss`` then
+    gives it None for a gradient and skips the backward pass that only it needs (the
+    whitening GELU's and the first 3x3 conv's input gradient), as PyTorch does for a
+    parameter that requires no gradient. The recipe trains the bias for its first 3
+    epochs only.
 
     Initialisation as PyTorch's layers do it: conv weights and the head uniform in
     ±1/sqrt(fan_in), and the first min(F, C_in) filters of every 3x3 conv the identity
@@ -212,6 +218,7 @@ class FastConvNet(Model):
         self.label_smoothing, self.loss_reduction = label_smoothing, loss_reduction
         self.final_size = tuple(size)  # (H, W) before the global max pool
         whiten_width = 2 * channels * 4
+        self.train_whitening_bias = True
         self.frozen = {
             "whiten_W": self.xp.zeros((whiten_width, channels, 2, 2), dtype=self.dtype, device=self.backend.device)
         }
@@ -308,8 +315,11 @@ class FastConvNet(Model):
         grads["W_out"] = matmul(features.T, dscores)
         dh = max_pool_backward_fast(xp.reshape(matmul(dscores, p["W_out"].T), pooled.shape), pool_cache)
         for i in range(6, 0, -1):
-            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1])
-        dwhitened = gelu_backward(dh, gelu_cache)
-        # The filters are fixed: no other gradient. Summed in dtype: float16 sums could overflow.
-        grads["whiten_b"] = channel_sum(xp, dwhitened, dtype=self.dtype)
-        return loss, {name: narrowed(xp, grad, self.dtype) for name, grad in grads.items()}
+            input_grad = i > 1 or self.train_whitening_bias
+            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1], input_grad)
+        grads["whiten_b"] = None
+        if self.train_whitening_bias:
+            dwhitened = gelu_backward(dh, gelu_cache)
+            # The filters are fixed: no other gradient. Summed in dtype: float16 sums could overflow.
+            grads["whiten_b"] = channel_sum(xp, dwhitened, dtype=self.dtype)
+        return loss, {name: None if grad is None else narrowed(xp, grad, self.dtype) for name, grad in grads.items()}

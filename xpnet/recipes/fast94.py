@@ -265,11 +265,7 @@ class Fast94Trainer:
         self.sampler = EpochPermutation(n, settings.batch_size)
         others, biases = sgd_hyper_parameters(settings)
         schedule = lambda t: warmup_decay(t, self.total, settings)  # noqa: E731
-        bias_steps = settings.whiten_bias_epochs * self.per_epoch
-        groups = [
-            {"params": lambda name: name.startswith("beta"), **biases},
-            {"params": ["whiten_b"], "lr_schedule": lambda t: schedule(t) if t < bias_steps else 0.0},
-        ]
+        groups = [{"params": lambda name: name.startswith("beta"), **biases}]
         self.update = Update("nesterov_sgd", others, list(model.params), self.per_epoch, groups,
                              lr_schedule=schedule, on_device=True)  # fmt: skip
         self.update.start(self.backend, model.dtype, 0, self.total)
@@ -287,9 +283,10 @@ class Fast94Trainer:
 
     @property
     def capture_key(self) -> tuple:
-        """The device arrays a captured step reads; they stay the same for the whole run,
-        so the step is captured once."""
-        key = (self.augmenter.images, self.labels, *self.update.arrays)
+        """The device arrays a captured step reads, which stay the same for the whole run,
+        and whether the whitening bias trains: the step is captured once with it and
+        once without."""
+        key = (self.augmenter.images, self.labels, *self.update.arrays, self.model.train_whitening_bias)
         return key + (self.lookahead.arrays if self.lookahead is not None else ())
 
     def _step(self):
@@ -308,14 +305,19 @@ class Fast94Trainer:
         ``on_epoch(epoch, trainer)`` runs before each epoch's first step, after its
         images and batch order are drawn (``trainer.augmenter``, ``trainer.sampler``).
         """
-        losses, key = [], self.capture_key
-        for epoch in range(self.epochs):
-            self.augmenter.epoch(epoch)
-            self.sampler.start_epoch(self.backend.rng((self.seed, 3, epoch)))
-            if on_epoch is not None:
-                on_epoch(epoch, self)
-            for _ in range(min(self.per_epoch, self.total - len(losses))):
-                losses.append(self._step() if self.graph is None else self.graph.run(self._step, key))
+        losses = []
+        try:
+            for epoch in range(self.epochs):
+                self.model.train_whitening_bias = epoch < self.settings.whiten_bias_epochs
+                self.augmenter.epoch(epoch)
+                self.sampler.start_epoch(self.backend.rng((self.seed, 3, epoch)))
+                if on_epoch is not None:
+                    on_epoch(epoch, self)
+                key = self.capture_key
+                for _ in range(min(self.per_epoch, self.total - len(losses))):
+                    losses.append(self._step() if self.graph is None else self.graph.run(self._step, key))
+        finally:
+            self.model.train_whitening_bias = True
         if self.lookahead is not None:
             self.lookahead.finish()
         return losses

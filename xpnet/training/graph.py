@@ -22,6 +22,7 @@ class GraphReplay:
                 f"cuda_graph=True needs the cupy backend; backend {backend.name!r} cannot capture CUDA graphs"
             )
         self.backend = backend
+        self.captures = 0  # steps captured so far: a check that capturing stays rare
         self.reset()
 
     def reset(self) -> None:
@@ -35,8 +36,10 @@ class GraphReplay:
             self._warmed_up = True
             return step()
         if self._graph is None or not _same_key(key, self._key):
+            self._graph = None  # its memory goes back before the new capture takes its own
             self._graph = self.backend.capture(step)
             self._key = key
+            self.captures += 1
         loss = self._graph.replay()
         return self.backend.xp.asarray(loss, copy=True)  # the graph overwrites its output on the next replay
 
