@@ -146,6 +146,8 @@ def load_model_state(model, state: dict, backend) -> None:
             f"checkpoint parameters {sorted(state['params'])} do not match the model's {sorted(model.params)}"
         )
     for name, value in state["params"].items():
+        if not hasattr(value, "shape"):
+            raise ValueError(f"checkpoint parameter {name} is not an array (got {type(value).__name__})")
         if tuple(value.shape) != tuple(model.params[name].shape):
             raise ValueError(
                 f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
