@@ -457,6 +457,68 @@ def test_the_recipe_runs_end_to_end_on_512_cifar_images():
     assert result.seconds == pytest.approx(parts)
 
 
+def _small_run(**settings):
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.integers(0, 256, (64, 32, 32, 3)).astype(np.float32), "y_train": rng.integers(0, 10, 64)}
+    data |= {"X_test": rng.integers(0, 256, (24, 32, 32, 3)).astype(np.float32), "y_test": rng.integers(0, 10, 24)}
+    small = {"widths": (4, 8, 8), "batch_size": 32, "epochs": 1, "seed": 0, "backend": "numpy", "tta_level": 1}
+    return data, fast94(data, **(small | settings))
+
+
+@pytest.mark.parametrize("spec", ["numpy", "array_api_strict", "torch"])
+def test_the_trained_network_is_saved_and_loads_on_any_backend_scoring_as_it_did(spec, tmp_path):
+    """The saved network reproduces the run's TTA scores, so its reported accuracy too."""
+    if spec == "torch":
+        pytest.importorskip("torch")
+    from xpnet.recipes import load_fast94_model, save_fast94_model
+    from xpnet.recipes.fast94 import device_data
+
+    data, result = _small_run(dtype="float64")
+    assert isinstance(result.model, FastConvNet) and result.settings.widths == (4, 8, 8)
+    path = save_fast94_model(tmp_path / "fast94.npz", result)
+    backend = get_backend(spec)
+    model = load_fast94_model(path, backend=spec)
+    assert model.backend is backend and model.widths == (4, 8, 8) and model.dtype == backend.dtype("float64")
+    test_images = device_data(backend, data, "float64")[2]
+    ours = to_numpy(tta_scores(model.loss, test_images, level=1))
+    expected = to_numpy(tta_scores(result.model.loss, device_data(result.model.backend, data, "float64")[2], 1))
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12)
+    assert np.mean(np.argmax(ours, axis=1) == data["y_test"]) == result.test_accuracy
+
+
+def test_a_file_that_holds_no_fast94_network_is_refused_by_name(tmp_path):
+    from xpnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from xpnet.recipes import load_fast94_model, save_fast94_model
+
+    _, result = _small_run()
+    good = load_checkpoint(save_fast94_model(tmp_path / "good.npz", result))
+    broken = {
+        "other": {"epoch": 3},
+        "widths": good | {"settings": good["settings"] | {"widths": [4, 8]}},
+        "shapes": good | {"model": good["model"] | {"params": good["model"]["params"] | {"W1": np.zeros((2, 2))}}},
+        "not_arrays": good | {"model": good["model"] | {"params": good["model"]["params"] | {"W1": 3}}},
+    }
+    messages = {
+        "other": "holds no fast94 network",
+        "widths": r"widths must be three positive integers, got \[4, 8\]",
+        "shapes": r"parameter W1 has shape \(2, 2\), the model expects \(4, 24, 3, 3\)",
+        "not_arrays": r"parameter W1 is not an array \(got int\)",
+    }
+    for name, payload in broken.items():
+        save_checkpoint(tmp_path / f"{name}.npz", payload)
+        with pytest.raises(CheckpointError, match=messages[name]):
+            load_fast94_model(tmp_path / f"{name}.npz")
+    torch = pytest.importorskip("torch")
+    from xpnet.recipes import fast94_torch
+
+    settings = Fast94Settings().with_overrides({"widths": (4, 8, 8), "batch_size": 32, "epochs": 1})
+    images = torch.zeros((64, 3, 32, 32))
+    theirs = fast94_torch.fast94_torch(images, torch.zeros(64, dtype=torch.int64), images[:8],
+                                       torch.zeros(8, dtype=torch.int64), settings)  # fmt: skip
+    with pytest.raises(ValueError, match="holds no xpnet network"):
+        save_fast94_model(tmp_path / "theirs.npz", theirs)
+
+
 @pytest.mark.parametrize(
     "name, value, message",
     [

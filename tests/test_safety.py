@@ -351,6 +351,7 @@ def test_train_script_exits_non_zero_on_divergence(train, capsys):
         (["--plot", "/nonexistent-folder/curves.png"], "--plot /nonexistent-folder/curves.png: folder"),
         (["--log", "{tmp}"], "is a folder, not a file"),
         (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
+        (["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/file/sub"], "cannot write there"),
         (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
         (["--data-dir", "/tmp"], "--data-dir applies to --dataset cifar10 only"),
         (["--backend", "numpy:gpu"], "NumPy runs on the CPU only"),
@@ -364,6 +365,7 @@ def test_bad_outputs_and_flags_fail_before_loading_data(train, capsys, monkeypat
         raise AssertionError("data was loaded before the outputs were checked")
 
     monkeypatch.setattr(data_utils, "load_digits_data", no_loading)
+    monkeypatch.setattr(data_utils, "find_CIFAR10", no_loading)
     code, _, err = run_cli(train, capsys, args)
     assert code == 2
     assert message in err

@@ -170,8 +170,12 @@ def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys, m
     log = tmp_path / "recipe.jsonl"
     args = ["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", str(tmp_path / "cifar"), "--num-train", "64",
             "--batch-size", "32", "--epochs", "1", "--log", str(log)]  # fmt: skip
-    assert train(args) == 0
+    assert train([*args, "--checkpoint-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
+    assert f"model: {tmp_path / 'runs' / 'fast94.npz'}" in out
+    from xpnet.recipes import load_fast94_model
+
+    assert load_fast94_model(tmp_path / "runs" / "fast94.npz").widths == (64, 256, 256)
     assert "data: cifar10, 64 train / 20 test" in out
     assert "fast94: test accuracy" in out and "(2 steps, 1.00 epochs)" in out
     # on a CPU it says where it is: the published settings take hours there

@@ -136,9 +136,7 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
             result = attempt(name, r)
             if result is None:
                 continue
-            runs[name].append({"test_accuracy": result.test_accuracy, "seconds": result.seconds,
-                               "whiten_seconds": result.whiten_seconds, "train_seconds": result.train_seconds,
-                               "eval_seconds": result.eval_seconds, "steps": result.steps})  # fmt: skip
+            runs[name].append(result.figures())
             print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s", flush=True)
             if on_progress is not None:
                 on_progress(report())

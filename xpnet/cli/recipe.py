@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from xpnet import data_utils
-from xpnet.recipes import Fast94Settings, fast94
+from xpnet.recipes import Fast94Settings, fast94, save_fast94_model
 
 RECIPES = ("fast94",)
 
@@ -20,7 +22,6 @@ NOT_FOR_RECIPES = {
     "reg": "--reg",
     "num_filters": "--num-filters",
     "filter_size": "--filter-size",
-    "checkpoint_dir": "--checkpoint-dir",
     "resume": "--resume",
     "plot": "--plot",
 }
@@ -112,7 +113,9 @@ def run_recipe(args, backend, data, log=None) -> int:
         f"{result.eval_seconds:.2f}"
     )
     if log is not None:
-        record = {k: v for k, v in vars(result).items() if k != "losses"}
         precision = "float16" if args.fp16 else "float32"
-        log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, activations=precision, **record))
+        log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, activations=precision,
+                 **result.figures()))  # fmt: skip
+    if args.checkpoint_dir:
+        print(f"model: {save_fast94_model(os.path.join(args.checkpoint_dir, f'{args.recipe}.npz'), result)}")
     return 0

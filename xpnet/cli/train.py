@@ -141,7 +141,10 @@ def build_parser():
         help="--recipe fast94 with float16 activations; weights, loss and optimizer stay float32 "
         "(pays on GPUs; numpy and torch run it too)",
     )
-    p.add_argument("--checkpoint-dir", help="write a checkpoint here after each epoch")
+    p.add_argument(
+        "--checkpoint-dir",
+        help="write a checkpoint here after each epoch (with --recipe: the trained network, as <recipe>.npz)",
+    )
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
     p.add_argument(
         "--trust-pickle",
@@ -359,6 +362,8 @@ class Run:
             )
         if args.fp16 and not hasattr(backend.xp, "float16"):
             raise UsageError(f"--fp16: backend {backend.name!r} has no float16 type (numpy, cupy and torch have one)")
+        if args.checkpoint_dir:
+            check_checkpoint_dir(args.checkpoint_dir)
         if args.log:
             check_output_file("--log", args.log)
             self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())

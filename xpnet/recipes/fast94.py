@@ -18,14 +18,16 @@ import math
 import numbers
 import time
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
 from ..augment import AlternatingFlipTranslate, tta_scores
 from ..backend import Backend, get_backend
 from ..batching import accuracy
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
+from ..model import check_input_dim
 from ..training.graph import GraphReplay
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
 from ..training.sampling import EpochPermutation
@@ -39,6 +41,8 @@ __all__ = [
     "Fast94Result",
     "Fast94Trainer",
     "fast94",
+    "save_fast94_model",
+    "load_fast94_model",
     "device_data",
     "timed_run",
     "recipe_model",
@@ -180,6 +184,8 @@ class Fast94Result:
         seconds: the timed total (whitening + training + evaluation), and each part.
         steps, epochs: training steps taken, and the epochs they make.
         losses: the training loss of every step (summed over the batch).
+        model: the trained network, as it was evaluated (:func:`save_fast94_model` writes it).
+        settings: the :class:`Fast94Settings` of the run.
     """
 
     test_accuracy: float
@@ -190,13 +196,21 @@ class Fast94Result:
     steps: int
     epochs: float
     losses: list = field(repr=False, default_factory=list)
+    model: object = field(repr=False, compare=False, default=None)
+    settings: Fast94Settings | None = field(repr=False, default=None)
 
     @classmethod
-    def from_clock(cls, test_accuracy: float, clock: tuple, per_epoch: int, losses: list) -> Fast94Result:
+    def from_clock(cls, test_accuracy: float, clock: tuple, per_epoch: int, losses: list, model=None,
+                   settings=None) -> Fast94Result:  # fmt: skip
         """From the clock read at the start, after whitening, after training and at the end."""
         start, whitened, trained, end = clock
         return cls(test_accuracy, end - start, whitened - start, trained - whitened, end - trained,
-                   len(losses), len(losses) / per_epoch, losses)  # fmt: skip
+                   len(losses), len(losses) / per_epoch, losses, model, settings)  # fmt: skip
+
+    def figures(self) -> dict:
+        """The run's numbers (accuracy, seconds, steps, epochs), for a log or a report."""
+        names = ("test_accuracy", "seconds", "whiten_seconds", "train_seconds", "eval_seconds", "steps", "epochs")
+        return {name: getattr(self, name) for name in names}
 
 
 def sgd_hyper_parameters(settings: Fast94Settings) -> tuple[dict, dict]:
@@ -376,6 +390,35 @@ def device_data(backend: Backend, data: dict, dtype="float32") -> tuple:
     return train_images, train_labels, test_images, test_labels
 
 
+def save_fast94_model(path, result: Fast94Result) -> str:
+    """Write the network that ``result``'s run trained to ``path`` (an xpnet ``.npz``
+    checkpoint, written atomically and safe to load), with the settings that rebuild it
+    and the run's figures. Returns the path."""
+    if not isinstance(result.model, FastConvNet) or result.settings is None:
+        raise ValueError("save_fast94_model: the result holds no xpnet network (a run of PyTorch's side?)")
+    model = result.model
+    payload = {"recipe": "fast94", "settings": asdict(result.settings), "input_dim": list(model.input_dim),
+               "model": model.state_dict(), "figures": result.figures()}  # fmt: skip
+    return save_checkpoint(path, payload)
+
+
+def load_fast94_model(path, backend=None) -> FastConvNet:
+    """The network :func:`save_fast94_model` wrote, on ``backend``; ``model.loss(X)`` scores
+    images with batchnorm on its running averages, and :func:`~xpnet.augment.tta_scores`
+    with the recipe's test-time augmentation. Files are read without unpickling anything;
+    one that is not such a checkpoint raises :class:`~xpnet.checkpoint.CheckpointError`."""
+    payload = load_checkpoint(path)
+    if payload.get("recipe") != "fast94" or not isinstance(payload.get("settings"), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no fast94 network (save_fast94_model writes one)")
+    try:
+        settings = Fast94Settings().with_overrides(payload["settings"])
+        model = recipe_model(get_backend(backend), settings, 0, tuple(check_input_dim(payload.get("input_dim", ()))))
+        model.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
+    return model
+
+
 def _labels(backend, y, name):
     y = np.asarray(y) if not backend.owns(y) else y
     if y.ndim != 1 or (isinstance(y, np.ndarray) and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() > 9)):
@@ -423,7 +466,7 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
         if settings.cudnn:
             backend.set_cudnn(False)
     result = Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
-                                     backend.to_floats(losses))  # fmt: skip
+                                     backend.to_floats(losses), model, settings)  # fmt: skip
     bad = next((i for i, value in enumerate(result.losses) if not math.isfinite(value)), None)
     if bad is not None:
         warnings.warn(f"fast94: the training loss became {result.losses[bad]} at step {bad + 1} of {result.steps} "

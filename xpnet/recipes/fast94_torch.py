@@ -277,5 +277,5 @@ def fast94_torch(train_images, train_labels, test_images, test_labels, settings:
     end = time.perf_counter()
     losses = [float(v) for v in torch.stack(losses).cpu()]
     return Fast94Result.from_clock(
-        accuracy, (start, whitened, trained, end), len(train_x) // settings.batch_size, losses
+        accuracy, (start, whitened, trained, end), len(train_x) // settings.batch_size, losses, net, settings
     )
