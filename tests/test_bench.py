@@ -201,6 +201,25 @@ def test_recipe_runs_interleaved_and_reports_each_run(tmp_path, capsys):
     assert "| run | xpnet acc | xpnet s |" in printed and "| mean |" in printed
 
 
+def test_the_recipe_table_gives_each_accuracy_difference_with_its_standard_error():
+    from xpnet.cli.bench_recipe import format_recipe_table
+
+    def rows(*accuracies):
+        return [{"test_accuracy": a, "seconds": 1.0} for a in accuracies]
+
+    runs = {"xpnet": rows(0.9019, 0.9078, 0.9039, 0.9046), "torch": rows(0.9077, 0.9080, 0.9095),
+            "xpnet-fp16": rows(0.9061), "torch-fp16": rows(0.9043, 0.9071)}  # fmt: skip
+    summary = {name: {"mean_accuracy": np.mean([r["test_accuracy"] for r in v]), "mean_seconds": 1.0}
+               for name, v in runs.items()}  # fmt: skip
+    table = format_recipe_table({"runs": runs, "summary": summary})
+    ours, theirs = np.array([90.19, 90.78, 90.39, 90.46]), np.array([90.77, 90.80, 90.95])
+    error = np.sqrt(ours.var(ddof=1) / 4 + theirs.var(ddof=1) / 3)
+    assert f"accuracy xpnet - torch: -0.38 ± {error:.2f} points" in table and f"{error:.2f}" == "0.13"
+    assert "(difference of the means, ± its standard error; 4 and 3 runs)" in table
+    # one run on a side: no spread to give
+    assert "accuracy xpnet-fp16 - torch-fp16: +0.04 points (difference of the means; 1 and 2 runs)" in table
+
+
 def test_recipe_warm_up_can_be_shorter_and_the_sides_chosen(tmp_path, monkeypatch, capsys):
     from xpnet.cli import bench_recipe
 
@@ -374,6 +393,8 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
     }
     assert "NVIDIA H200" in lines[0]
     assert any("#11 fast94 mean seconds xpnet/torch: 1.20 (bound <= 1.5) xpnet-cudnn, 5 runs" in line for line in lines)
+    # the gap's standard error, from runs that all agree: none
+    assert any("points below PyTorch: 0.10" in line and "; ± 0.00, the standard error" in line for line in lines)
     assert (
         "info        #11 fp16 on both sides, xpnet-fp16/torch-fp16 seconds: 0.75; accuracy 93.90% against 94.00%"
         in ("\n".join(lines))

@@ -12,6 +12,7 @@ out of the later runs; the others go on.
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import numpy as np
@@ -21,7 +22,10 @@ from xpnet.cli.bench_conv import cudnn_available
 from xpnet.cli.common import load_npz_arrays
 from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
 
-__all__ = ["recipe_runs", "format_recipe_table"]
+__all__ = ["recipe_runs", "format_recipe_table", "mean_difference"]
+
+# Each side beside the PyTorch side in the same precision, for the accuracy differences.
+COMPARED = (("xpnet", "torch"), ("xpnet-cudnn", "torch"), ("xpnet-fp16", "torch-fp16"))
 
 
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")  # what --cifar-npz must hold for the recipe
@@ -166,4 +170,28 @@ def format_recipe_table(report: dict) -> str:
         lines.append(row(str(r), [x["test_accuracy"] for x in rows], [x["seconds"] for x in rows]))
     summary = report["summary"]
     lines.append(row("mean", [summary[n]["mean_accuracy"] for n in names], [summary[n]["mean_seconds"] for n in names]))
-    return "\n".join(lines + failed)
+    return "\n".join(lines + _accuracy_differences(report["runs"]) + failed)
+
+
+def mean_difference(a: list, b: list) -> tuple[float, float | None]:
+    """mean(a) - mean(b) and its standard error (each side's sample variance over its
+    number of runs, as Welch's test takes it); None with fewer than two runs a side."""
+    difference = statistics.fmean(a) - statistics.fmean(b)
+    if min(len(a), len(b)) < 2:
+        return difference, None
+    return difference, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def _accuracy_differences(runs: dict) -> list[str]:
+    """A line for each side beside PyTorch's in the same precision: the difference of the mean
+    accuracies with its standard error, so that a reader sees whether the runs settle it."""
+    lines = []
+    for ours, theirs in COMPARED:
+        if runs.get(ours) and runs.get(theirs):
+            a, b = ([100 * x["test_accuracy"] for x in runs[name]] for name in (ours, theirs))
+            difference, error = mean_difference(a, b)
+            spread = "" if error is None else f" ± {error:.2f}"
+            lines.append(f"accuracy {ours} - {theirs}: {difference:+.2f}{spread} points "
+                         f"(difference of the means{', ± its standard error' if spread else ''}; "
+                         f"{len(a)} and {len(b)} runs)")  # fmt: skip
+    return lines
