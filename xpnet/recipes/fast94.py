@@ -5,7 +5,8 @@ alternating flips and translations, then evaluated with test-time augmentation.
 Everything runs on the model's device: the data set is moved once, each epoch's
 augmented images are drawn there, and a whole training step (minibatch selection,
 forward, backward, update, lookahead) can be captured as one CUDA graph and replayed
-for every step of every epoch.
+for every step of the epochs in which the whitening bias trains, and as another for
+every step after them.
 
 The timed seconds count what the published recipe counts: the whitening layer's
 initialisation, training and the final evaluation with TTA; not loading the files or
