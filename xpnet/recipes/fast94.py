@@ -408,12 +408,13 @@ def load_fast94_model(path, backend=None) -> FastConvNet:
     images with batchnorm on its running averages, and :func:`~xpnet.augment.tta_scores`
     with the recipe's test-time augmentation. Files are read without unpickling anything;
     one that is not such a checkpoint raises :class:`~xpnet.checkpoint.CheckpointError`."""
+    backend = get_backend(backend)
     payload = load_checkpoint(path)
     if payload.get("recipe") != "fast94" or not isinstance(payload.get("settings"), dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds no fast94 network (save_fast94_model writes one)")
     try:
         settings = Fast94Settings().with_overrides(payload["settings"])
-        model = recipe_model(get_backend(backend), settings, 0, tuple(check_input_dim(payload.get("input_dim", ()))))
+        model = recipe_model(backend, settings, 0, tuple(check_input_dim(payload.get("input_dim", ()))))
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
