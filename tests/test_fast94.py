@@ -515,6 +515,20 @@ def test_a_file_that_holds_no_fast94_network_is_refused_by_name(tmp_path):
         save_fast94_model(tmp_path / "theirs.npz", theirs)
 
 
+def test_progress_tells_each_epoch_and_on_a_cpu_the_loss_of_the_epoch_before():
+    lines = []
+    _, result = _small_run(epochs=2, progress=lines.append)  # 2 steps of 32 images an epoch
+    assert [line.split(",")[0] for line in lines] == [
+        "fast94: epoch 1 of 2",
+        "fast94: epoch 2 of 2",
+        "fast94: evaluating 24 test images (TTA level 1)",
+    ]
+    assert "loss" not in lines[0]
+    per_image = sum(result.losses[:2]) / 64
+    assert lines[1].endswith(f"; training loss {per_image:.3f} per image in the epoch before")
+    assert 1.0 < per_image < 4.0  # near ln(10) = 2.3 at the start
+
+
 @pytest.mark.parametrize(
     "name, value, message",
     [

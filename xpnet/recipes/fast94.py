@@ -318,9 +318,10 @@ class Fast94Trainer:
         """All the steps; returns their losses as 0-d device arrays.
 
         ``on_epoch(epoch, trainer)`` runs before each epoch's first step, after its
-        images and batch order are drawn (``trainer.augmenter``, ``trainer.sampler``).
+        images and batch order are drawn (``trainer.augmenter``, ``trainer.sampler``);
+        ``trainer.losses`` holds the losses of the steps so far.
         """
-        losses = []
+        self.losses = losses = []
         try:
             for epoch in range(self.epochs):
                 self.model.train_whitening_bias = epoch < self.settings.whiten_bias_epochs
@@ -361,8 +362,9 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
             compiled, graphs captured), as the published timing does; None: on a GPU.
         verbose: print the result.
         progress: called with a line of text as the timed run starts each epoch and its
-            evaluation (host clock only: it waits for no device), e.g. ``print`` on a CPU, where
-            the published settings take hours.
+            evaluation, e.g. ``print`` on a CPU, where the published settings take hours; off a
+            GPU each line also gives the previous epoch's training loss per image (on a GPU the
+            lines read the host clock only and wait for no device).
         **overrides: :class:`Fast94Settings` fields (widths, epochs, batch_size, ...).
     Returns:
         :class:`Fast94Result`.
@@ -429,10 +431,19 @@ def _labels(backend, y, name):
 
 
 def _epoch_report(progress, start):
-    """An ``on_epoch`` for :meth:`Fast94Trainer.train` that tells ``progress`` each epoch's start."""
-    return lambda epoch, trainer: progress(
-        f"fast94: epoch {epoch + 1} of {trainer.epochs}, {time.perf_counter() - start:.0f} s"
-    )
+    """An ``on_epoch`` for :meth:`Fast94Trainer.train` that tells ``progress`` each epoch's
+    start and, off a GPU, the previous epoch's mean training loss per image (on a GPU, reading
+    it would wait for the device inside the timed run)."""
+
+    def report(epoch, trainer):
+        text = f"fast94: epoch {epoch + 1} of {trainer.epochs}, {time.perf_counter() - start:.0f} s"
+        last = trainer.losses[-trainer.per_epoch :]
+        if last and not trainer.backend.is_gpu:
+            per_image = sum(trainer.backend.to_floats(last)) / (len(last) * trainer.settings.batch_size)
+            text += f"; training loss {per_image:.3f} per image in the epoch before"
+        progress(text)
+
+    return report
 
 
 def timed_run(backend, settings: Fast94Settings, seed, train_images, train_labels, test_images, test_labels,
