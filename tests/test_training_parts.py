@@ -273,6 +273,41 @@ def test_early_stopping_waits_for_patience_checks():
 
 
 # ----------------------------------------------------------------------------- generators and any model
+def test_a_graph_run_captures_the_step_again_when_the_model_changes_what_it_computes(monkeypatch):
+    """A CUDA graph freezes Python numbers such as the regularisation strength: replacing one
+    within an epoch must capture the step again, or the old value would go on being used. A
+    stand-in capture that replays by running the step checks the keying on the CPU by the
+    number of captures (the stand-in runs the Python again on each replay, so it cannot go
+    stale itself)."""
+    from xpnet.backend.numpy_backend import NumpyBackend
+
+    class Replayed:
+        def __init__(self, step):
+            self.replay = step
+
+    class StrongerRegularisation(Callback):
+        def on_step(self, solver):
+            if solver.iteration == 6:  # within the second epoch of 4 steps
+                solver.model.reg = 0.5
+
+    def train(cuda_graph):
+        model = small_model("numpy", dtype="float64")
+        solver = Solver(model, small_data(), update_rule="sgd", optim_config={"learning_rate": 0.1}, batch_size=50,
+                        num_epochs=3, verbose=False, seed=0, cuda_graph=cuda_graph,
+                        callbacks=[StrongerRegularisation()])  # fmt: skip
+        solver.train()
+        return solver, model
+
+    monkeypatch.setattr(NumpyBackend, "can_capture", True)
+    monkeypatch.setattr(NumpyBackend, "capture", lambda self, step: Replayed(step))
+    graphed, graphed_model = train(True)
+    _, eager_model = train(False)
+    assert graphed_model.graph_key[0] == 0.5
+    assert graphed.graph.captures == 4  # each epoch's generators, and the change
+    for name, value in eager_model.params.items():
+        np.testing.assert_array_equal(to_np(graphed_model.params[name]), to_np(value), err_msg=name)
+
+
 def test_seeded_training_leaves_the_shared_generator_alone_and_repeats_exactly(backend):
     backend.seed(5)
     expected = to_np(backend.default_rng().uniform((4,)))

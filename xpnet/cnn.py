@@ -75,6 +75,10 @@ class ThreeLayerConvNet(Model):
             self.params[name] = self._weight(rng, shape, weight_scale)
             self.params[f"b{i}"] = self._zeros(shape[0] if i == 1 else shape[1])
 
+    @property
+    def graph_key(self) -> tuple:
+        return (self.reg,)
+
     def loss(self, X, y=None):
         """Class scores (N, C_out) when ``y`` is None, else ``(loss, grads)``.
 
@@ -276,6 +280,10 @@ class FastConvNet(Model):
 
     def buffers(self):
         return [*self.bn_params, self.frozen]
+
+    @property
+    def graph_key(self) -> tuple:
+        return (self.train_whitening_bias,)
 
     def loss(self, X, y=None):
         """Class scores (N, C_out) when ``y`` is None (batchnorm on its running averages),

@@ -93,6 +93,10 @@ class FullyConnectedNet(Model):
     def buffers(self):
         return self.norm_params
 
+    @property
+    def graph_key(self) -> tuple:
+        return (self.reg, self.dropout_param.get("p"))
+
     def loss(self, X, y=None):
         """Class scores, or the loss and its gradients.
 

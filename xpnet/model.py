@@ -54,6 +54,14 @@ class Model:
         """Predicted class indices (N,) as an array on the model's device."""
         return self.xp.argmax(self.loss(X), axis=1)
 
+    @property
+    def graph_key(self) -> tuple:
+        """The Python values beside its arrays that decide what a training step computes
+        (a regularisation strength, which gradients are wanted). A CUDA graph freezes them
+        at capture, so a graph run captures the step again when one of them is replaced
+        (compared by identity). None by default."""
+        return ()
+
     # -- state that checkpoints carry ------------------------------------------
     def buffers(self) -> list:
         """Per-layer dicts of non-trained state (batchnorm running averages); none by default."""

@@ -109,7 +109,8 @@ class Solver:
             self.update.start(self.backend, param_dtype(self.model), self.iteration, self.num_iterations)
         if self.graph is None:
             return self._step(rng)
-        return self.graph.run(lambda: self._step(rng), key=(rng, *self.update.arrays, self.guard.flag))
+        key = (rng, *self.update.arrays, self.guard.flag, *getattr(self.model, "graph_key", ()))
+        return self.graph.run(lambda: self._step(rng), key=key)
 
     def _step(self, rng):
         rows, xp = self.sampler.indices(rng), self.backend.xp

@@ -299,9 +299,9 @@ class Fast94Trainer:
     @property
     def capture_key(self) -> tuple:
         """The device arrays a captured step reads, which stay the same for the whole run,
-        and whether the whitening bias trains: the step is captured once with it and
-        once without."""
-        key = (self.augmenter.images, self.labels, *self.update.arrays, self.model.train_whitening_bias)
+        and the model's graph key, whether the whitening bias trains: the step is captured
+        once with it and once without."""
+        key = (self.augmenter.images, self.labels, *self.update.arrays, *self.model.graph_key)
         return key + (self.lookahead.arrays if self.lookahead is not None else ())
 
     def _step(self):

@@ -4,7 +4,8 @@ What a captured step may read: device arrays only. Python numbers (a learning
 rate as a float, a step count as an int) are frozen into the graph at capture;
 anything that changes between steps must live on the device and be updated in
 place. The graph is captured again whenever its ``key`` changes (the epoch's
-generators, the update's learning-rate table and step counter), and never inside
+generators, the update's learning-rate table and step counter, the model's
+``graph_key``: its Python values that decide what a step computes), and never inside
 the first call, which runs eagerly to create the optimizer state and compile kernels.
 """
 
