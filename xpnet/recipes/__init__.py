@@ -5,6 +5,22 @@ and its evaluation, run with one call.
   :func:`save_fast94_model` and :func:`load_fast94_model` keep the network it trained.
 """
 
-from .fast94 import Fast94Result, Fast94Settings, Fast94Trainer, fast94, load_fast94_model, save_fast94_model
+from .fast94 import (
+    Fast94Result,
+    Fast94Settings,
+    Fast94Trainer,
+    fast94,
+    load_fast94_model,
+    normalized_images,
+    save_fast94_model,
+)
 
-__all__ = ["fast94", "Fast94Result", "Fast94Settings", "Fast94Trainer", "save_fast94_model", "load_fast94_model"]
+__all__ = [
+    "fast94",
+    "Fast94Result",
+    "Fast94Settings",
+    "Fast94Trainer",
+    "save_fast94_model",
+    "load_fast94_model",
+    "normalized_images",
+]

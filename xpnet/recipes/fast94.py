@@ -406,8 +406,9 @@ def save_fast94_model(path, result: Fast94Result) -> str:
 
 
 def load_fast94_model(path, backend=None) -> FastConvNet:
-    """The network :func:`save_fast94_model` wrote, on ``backend``; ``model.loss(X)`` scores
-    images with batchnorm on its running averages, and :func:`~xpnet.augment.tta_scores`
+    """The network :func:`save_fast94_model` wrote, on ``backend``. It takes images
+    normalised as the recipe's are (:func:`normalized_images` of the pixels): ``model.loss(X)``
+    scores them with batchnorm on its running averages, :func:`~xpnet.augment.tta_scores`
     with the recipe's test-time augmentation. Files are read without unpickling anything;
     one that is not such a checkpoint raises :class:`~xpnet.checkpoint.CheckpointError`."""
     backend = get_backend(backend)
