@@ -209,6 +209,22 @@ def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys, m
     assert correct == pytest.approx(round(correct), abs=1e-9)
 
 
+def test_ctrl_c_in_the_recipe_says_where_it_was(train, tmp_path, capsys, monkeypatch):
+    import xpnet.cli.recipe as recipe_cli
+
+    def interrupted(data, progress=None, **settings):
+        progress("fast94: epoch 2 of 10, 5 s; training loss 2.100 per image in the epoch before")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_cli, "fast94", interrupted)
+    write_fake_cifar(tmp_path / "cifar", per_batch=20)
+    assert train(["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", str(tmp_path / "cifar")]) == 130
+    captured = capsys.readouterr()
+    assert "fast94: epoch 2 of 10, 5 s" in captured.out
+    assert "interrupted in the recipe after 'fast94: epoch 2 of 10, 5 s; training loss" in captured.err
+    assert "before training started" not in captured.err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -92,8 +92,9 @@ def _first_rows(flag, count, X, y, split):
     return X[:count], y[:count]
 
 
-def run_recipe(args, backend, data, log=None) -> int:
-    """Run ``args.recipe`` on ``data`` and print (and log) its result."""
+def run_recipe(args, backend, data, log=None, progress=print) -> int:
+    """Run ``args.recipe`` on ``data`` and print (and log) its result; off a GPU, where a run
+    takes minutes to hours, ``progress`` hears of each epoch and of the evaluation."""
     overrides = {"tf32": bool(args.tf32), "cudnn": bool(args.cudnn)}
     if args.cuda_graph:
         overrides["cuda_graph"] = True
@@ -104,7 +105,7 @@ def run_recipe(args, backend, data, log=None) -> int:
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     overrides.update(recipe_settings(args.recipe_set))
-    progress = None if backend.is_gpu else (lambda text: print(text, flush=True))  # a CPU takes minutes to hours
+    progress = None if backend.is_gpu else progress
     result = fast94(data, backend=backend, seed=args.seed, progress=progress, **overrides)
     print(f"{args.recipe}: test accuracy {result.test_accuracy:.4f} (TTA, {data['X_test'].shape[0]} images)")
     print(

@@ -248,8 +248,11 @@ class Run:
     def __init__(self):
         self.solver = None
         self.log_file = None
+        self.recipe_progress = None  # a recipe's last progress line, once it has one
 
     def where(self) -> str:
+        if self.recipe_progress is not None:
+            return f"interrupted in the recipe after '{self.recipe_progress}'"
         if self.solver is None:
             return "interrupted before training started"
         return f"interrupted at epoch {self.solver.epoch}, iteration {self.solver.iteration}"
@@ -257,6 +260,10 @@ class Run:
     def last_checkpoint(self) -> str:
         path = self.solver.last_checkpoint if self.solver is not None else None
         return f"last good checkpoint: {path}" if path else "no checkpoint was written"
+
+    def on_recipe_progress(self, text):
+        self.recipe_progress = text
+        print(text, flush=True)
 
     def close(self):
         if self.log_file is not None:
@@ -374,7 +381,7 @@ class Run:
             raise UsageError(str(exc)) from exc
         print(f"data: cifar10, {data['X_train'].shape[0]} train / {data['X_test'].shape[0]} test", flush=True)
         try:
-            return run_recipe(args, backend, data, self.on_log)
+            return run_recipe(args, backend, data, self.on_log, self.on_recipe_progress)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
 
