@@ -334,6 +334,25 @@ def test_tf32_is_off_by_default_and_can_be_switched_on():
     assert 1e-5 < tf32_error < 1e-2  # TF32 rounds the inputs to a 10-bit mantissa
 
 
+def test_column_sums_stay_float32_sums_where_tf32_is_on():
+    """TF32 is for products: a bias's gradient, summed through cuBLAS as ones @ dout, keeps
+    float32 arithmetic (as PyTorch's does), and products after it still use TF32. (Whether
+    cuBLAS would use tensor cores for a one-row product at all is its heuristics' choice.)"""
+    rng = np.random.default_rng(9)
+    a = CUPY.asarray(rng.uniform(1.0, 2.0, (64, 4096)), dtype="float32")  # 4096 sums of 64 values
+    b = CUPY.asarray(rng.standard_normal((512, 512)), dtype="float32")
+    exact_sums, exact_product = cp.sum(a.astype(cp.float64), axis=0), b.astype(cp.float64) @ b.astype(cp.float64)
+    kernels = accelerated(a)
+    try:
+        CUPY.set_tf32(True)
+        sums = kernels.column_sums(a)
+        product = kernels.matmul(b, b)
+    finally:
+        CUPY.set_tf32(False)
+    assert float(cp.max(cp.abs(sums - exact_sums) / exact_sums)) < 2e-6  # TF32 inputs: about 3e-5
+    assert float(cp.abs(product - exact_product).max()) / float(cp.abs(exact_product).max()) > 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(
     "x_shape, w_shape, stride, pad",

@@ -90,6 +90,7 @@ class _Cublas:
         lib.cublasGemmEx.restype = i
         lib.cublasSetStream_v2.argtypes = [ptr, ptr]
         lib.cublasSetMathMode.argtypes = [ptr, i]
+        self.tf32 = False
         self._gemm = {
             cupy.dtype(cupy.float32): (lib.cublasSgemm_v2, ctypes.c_float(1.0), ctypes.c_float(0.0)),
             cupy.dtype(cupy.float64): (lib.cublasDgemm_v2, ctypes.c_double(1.0), ctypes.c_double(0.0)),
@@ -109,6 +110,7 @@ class _Cublas:
         """Let float32 GEMMs use TF32 tensor cores (10-bit mantissa inputs, float32 sums)."""
         mode = _TF32_TENSOR_OP_MATH if enabled else _DEFAULT_MATH
         self._check(self.lib.cublasSetMathMode(self.handle, mode), "cublasSetMathMode")
+        self.tf32 = bool(enabled)
 
     def _set_workspace(self):
         """Point cuBLAS at our fixed workspace: allocating its own inside a graph capture would fail."""
@@ -132,8 +134,9 @@ class _Cublas:
         if status != 0:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
-    def gemm(self, a, b):
-        """Row-major ``a (m, k) @ b (k, n)`` into a new (m, n) array.
+    def gemm(self, a, b, exact=False):
+        """Row-major ``a (m, k) @ b (k, n)`` into a new (m, n) array; ``exact``: in float32
+        arithmetic even where TF32 is on (a sum written as a product).
 
         cuBLAS is column-major: a row-major C-contiguous matrix is its own
         transpose there, so we compute Cᵀ = Bᵀ Aᵀ, choosing for each operand
@@ -151,22 +154,29 @@ class _Cublas:
             return out
         self.use_stream(cupy.cuda.get_current_stream().ptr)
         fn, one, zero = self._gemm[a.dtype]
-        status = fn(
-            self.handle,
-            op_b,
-            op_a,
-            n,
-            m,
-            k,
-            ctypes.byref(one),
-            b.data.ptr,
-            ld_b,
-            a.data.ptr,
-            ld_a,
-            ctypes.byref(zero),
-            out.data.ptr,
-            max(n, 1),
-        )
+        in_float32 = exact and self.tf32
+        if in_float32:  # the math mode is read as the call chooses its kernel, captured or not
+            self._check(self.lib.cublasSetMathMode(self.handle, _DEFAULT_MATH), "cublasSetMathMode")
+        try:
+            status = fn(
+                self.handle,
+                op_b,
+                op_a,
+                n,
+                m,
+                k,
+                ctypes.byref(one),
+                b.data.ptr,
+                ld_b,
+                a.data.ptr,
+                ld_a,
+                ctypes.byref(zero),
+                out.data.ptr,
+                max(n, 1),
+            )
+        finally:
+            if in_float32:
+                self.set_tf32(True)
         if status != 0:
             raise RuntimeError(f"cuBLAS gemm failed with status {status}")
         return out
@@ -254,9 +264,9 @@ class CupyKernels:
         return self._cudnn[device]
 
     # -- matrix product ----------------------------------------------------------
-    def matmul(self, a, b):
+    def matmul(self, a, b, exact=False):
         """``a @ b`` for 2-D float16/float32/float64 arrays through our cuBLAS handle
-        (float16 is summed in float32)."""
+        (float16 is summed in float32); ``exact``: no TF32 even where it is on."""
         if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype.char not in "efd":
             return a @ b
         if a.shape[1] != b.shape[0]:
@@ -264,15 +274,17 @@ class CupyKernels:
         device = a.device.id
         if device not in self._cublas:
             self.prepare(device)
-        return self._cublas[device].gemm(a, b)
+        return self._cublas[device].gemm(a, b, exact)
 
     def column_sums(self, a):
         """``sum(a, axis=0)`` of a 2-D float array as ``ones(N) @ a`` through cuBLAS,
-        which reads ``a`` once at full bandwidth (CuPy's axis-0 reduction does not)."""
+        which reads ``a`` once at full bandwidth (CuPy's axis-0 reduction does not). In
+        float32 arithmetic even where TF32 is on: TF32 is for products, and PyTorch sums
+        a bias's gradient in float32 too."""
         if a.ndim != 2 or a.dtype.char not in "fd":
             return a.sum(axis=0)
         ones = self._ones(a.shape[0], a.dtype)
-        return self.matmul(ones, a).reshape(a.shape[1])
+        return self.matmul(ones, a, exact=True).reshape(a.shape[1])
 
     def _ones(self, n, dtype):
         """A (1, n) row of ones; cached, except while a graph is being captured (its
