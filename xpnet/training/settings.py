@@ -56,6 +56,9 @@ class SolverSettings:
             False ends training there (the best parameters are restored).
         callbacks: more :class:`~xpnet.training.Callback` objects.
         cuda_graph: capture a whole training step as a CUDA graph and replay it (cupy).
+            The graph freezes the Python numbers the step reads; a model names those it
+            may change during training in a ``graph_key`` property (see
+            :attr:`xpnet.model.Model.graph_key`), and a change captures the step again.
     """
 
     update_rule: Any = "sgd"
