@@ -283,7 +283,7 @@ class FastConvNet(Model):
 
     @property
     def graph_key(self) -> tuple:
-        return (self.train_whitening_bias,)
+        return (self.train_whitening_bias, self.scale, self.label_smoothing, self.loss_reduction)
 
     def loss(self, X, y=None):
         """Class scores (N, C_out) when ``y`` is None (batchnorm on its running averages),
