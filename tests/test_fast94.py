@@ -165,6 +165,9 @@ def test_lookahead_moves_the_slow_copy_every_k_steps_and_ends_on_it(backend):
                 host_fast[i] = host_slow[i].copy()
         for a, expected in zip(fast, host_fast):
             np.testing.assert_allclose(to_np(a), expected, rtol=1e-15)
+        for a, expected in zip(lookahead.slow, host_slow):  # untouched between two points
+            np.testing.assert_allclose(to_np(a), expected, rtol=1e-15)
+    assert lookahead.steps == total
     lookahead.finish()
     for a, expected in zip(fast, host_slow):
         np.testing.assert_allclose(to_np(a), expected, rtol=1e-15)
@@ -281,7 +284,8 @@ def _snapshot(model):
 
 def test_the_captured_step_is_captured_once_while_the_whitening_bias_trains_and_once_after(monkeypatch):
     """The recipe holds the whitening bias fixed after 3 epochs, which changes the step, so a
-    graph run captures it twice in all, never per step or per epoch. A stand-in capture that
+    graph run captures it twice in all, never per step or per epoch; the lookahead's graph is
+    captured once. A stand-in capture that
     replays by running the step checks the keying on the CPU; tests/test_gpu.py compares a
     real graph run with an eager one."""
     from dataclasses import replace
@@ -302,6 +306,7 @@ def test_the_captured_step_is_captured_once_while_the_whitening_bias_trains_and_
     eager_losses = Fast94Trainer(make_model(), images, backend.asarray(y), settings).train()
     assert trains == [True, True, True, False, False] and graphed.model.train_whitening_bias
     assert graphed.graph.captures == 2
+    assert graphed.lookahead_graph.captures == 1  # its first point runs eagerly, the other three replay
     assert [float(v) for v in graph_losses] == [float(v) for v in eager_losses]
 
 

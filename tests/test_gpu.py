@@ -527,11 +527,11 @@ def _fast94_run(cuda_graph, seed=0):
 
 def test_fast94_under_one_cuda_graph_equals_eager_training():
     """20 steps over 5 epochs (augmentation per epoch, lookahead, the whitening bias freezing):
-    captured once while the whitening bias trains and once after, and replayed, they give
-    what eager steps give."""
+    captured once while the whitening bias trains and once after (the lookahead once, in a
+    graph of its own), and replayed, they give what eager steps give."""
     eager_trainer, eager_losses, eager = _fast94_run(False)
     graph_trainer, graph_losses, graph = _fast94_run(True)
-    assert graph_trainer.graph.captures == 2
+    assert graph_trainer.graph.captures == 2 and graph_trainer.lookahead_graph.captures == 1
     np.testing.assert_allclose(graph_losses, eager_losses, rtol=1e-10)
     for name, value in eager.params.items():
         np.testing.assert_allclose(to_numpy(graph.params[name]), to_numpy(value), rtol=1e-9, atol=1e-12)

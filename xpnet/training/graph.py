@@ -32,7 +32,8 @@ class GraphReplay:
         self._warmed_up = False
 
     def run(self, step, key):
-        """The loss of one step (a 0-d device array the caller may keep)."""
+        """What ``step`` returns (the loss: a 0-d device array the caller may keep), or None
+        for a step that returns nothing."""
         if not self._warmed_up:
             self._warmed_up = True
             return step()
@@ -42,6 +43,8 @@ class GraphReplay:
             self._key = key
             self.captures += 1
         loss = self._graph.replay()
+        if loss is None:
+            return None
         return self.backend.xp.asarray(loss, copy=True)  # the graph overwrites its output on the next replay
 
 

@@ -1,10 +1,10 @@
 """Lookahead: a slow copy of the weights that every ``every`` steps moves part of the
 way towards the fast (trained) weights, which then restart from it.
 
-Everything a step does lives on the device (a step counter, the table of factors,
-the slow copies), so the step can be captured in a CUDA graph once and replayed:
-on the steps between two lookahead points the update is a selection that keeps
-both copies as they are.
+The host counts the steps, so the steps between two lookahead points do no work
+at all; at a lookahead point, :meth:`Lookahead.move` does device work only (a device
+counter indexes a table of factors), so it can be captured in a CUDA graph once and
+replayed at every point.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class Lookahead:
         every: steps between lookahead points (5 in the recipe).
         decay: ``(step, total) -> factor`` in [0, 1]; :func:`cubic_lookahead_decay`
             by default.
+
+    A training loop calls :meth:`step` after each training step, or :meth:`count` and,
+    when it returns True, :meth:`move` (which a CUDA graph can replay).
     """
 
     def __init__(self, arrays: list, total: int, every: int = 5, decay=cubic_lookahead_decay):
@@ -44,8 +47,10 @@ class Lookahead:
         self.fast = list(arrays)
         self.slow = [xp.asarray(a, copy=True) for a in arrays]
         self.every, self.total = every, total
+        self.steps = 0  # training steps counted so far, on the host
         where, dtype = device(arrays[0]), arrays[0].dtype
         self._decay = xp.asarray([decay(k, total) for k in range(total + 1)], dtype=dtype, device=where)
+        # the step of the last lookahead point, on the device, where a captured move reads it
         self._count = xp.zeros((), dtype=xp.int64, device=where)
         # a device array, so that xp.minimum bounds the counter without reading it back to the host
         # (array-api-compat's clip does, on CuPy, and a captured graph forbids that)
@@ -53,20 +58,30 @@ class Lookahead:
 
     @property
     def arrays(self) -> tuple:
-        """The device arrays a captured step reads."""
+        """The device arrays a captured :meth:`move` reads."""
         return (self._count, self._decay)
 
-    def step(self) -> None:
-        """Count one training step and, at a lookahead point, move both copies (device work only)."""
+    def count(self) -> bool:
+        """Count one training step (host work only); True when it ends at a lookahead
+        point, where :meth:`move` is due."""
+        self.steps += 1
+        return self.steps % self.every == 0
+
+    def move(self) -> None:
+        """The work of a lookahead point, on the device only: advance the device counter to
+        it, then move the slow copies towards the fast arrays and the fast arrays onto them."""
         xp = namespace(self._count)
-        self._count += 1  # in place: a replayed graph counts too
-        due = self._count % self.every == 0
+        self._count += self.every  # in place: a replayed graph advances it too
         position = xp.reshape(xp.minimum(self._count, self._last), (1,))
         keep = xp.reshape(xp.take(self._decay, position), ())
         for fast, slow in zip(self.fast, self.slow):
-            moved = xp.where(due, slow + (1 - keep) * (fast - slow), slow)
-            slow[...] = moved
-            fast[...] = xp.where(due, moved, fast)
+            slow += (1 - keep) * (fast - slow)
+            fast[...] = slow
+
+    def step(self) -> None:
+        """Count one training step and, at a lookahead point, :meth:`move`."""
+        if self.count():
+            self.move()
 
     def finish(self) -> None:
         """The end of training: the fast arrays take the slow ones."""
