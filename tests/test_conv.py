@@ -284,6 +284,24 @@ def test_spatial_batchnorm_backward(backend, np_rng):
     check_backward(backend, forward, (x, gamma, beta), grads, dout, tol=1e-6)
 
 
+def test_spatial_batchnorm_gelu_backward(backend, np_rng):
+    x = arr(backend, 3 + 2 * np_rng.standard_normal((2, 3, 4, 5)))
+    gamma, beta = arr(backend, np_rng.standard_normal(3)), arr(backend, np_rng.standard_normal(3))
+    dout = arr(backend, np_rng.standard_normal((2, 3, 4, 5)))
+    for scale in (gamma, None):  # FastConvNet's batchnorms have no scale
+        out, cache = layers.spatial_batchnorm_gelu_forward(x, scale, beta, {"mode": "train"})
+        normed, _ = layers.spatial_batchnorm_forward(x, scale, beta, {"mode": "train"})
+        np.testing.assert_allclose(to_np(out), to_np(layers.gelu_forward(normed)[0]), rtol=1e-15, atol=1e-15)
+        dx, dgamma, dbeta = layers.spatial_batchnorm_gelu_backward(dout, cache)
+        assert (dgamma is None) == (scale is None)
+        if scale is None:
+            forward = lambda x, b: layers.spatial_batchnorm_gelu_forward(x, None, b, {"mode": "train"})[0]  # noqa: E731
+            check_backward(backend, forward, (x, beta), (dx, dbeta), dout, tol=1e-6)
+        else:
+            forward = lambda x, g, b: layers.spatial_batchnorm_gelu_forward(x, g, b, {"mode": "train"})[0]  # noqa: E731
+            check_backward(backend, forward, (x, gamma, beta), (dx, dgamma, dbeta), dout, tol=1e-6)
+
+
 def test_spatial_groupnorm_normalises_each_group(backend):
     rng = np.random.RandomState(231)
     N, C, H, W, G = 2, 6, 4, 5, 2

@@ -399,8 +399,12 @@ def test_fused_max_pool_matches_the_array_api_reference_with_ties(dtype, shape, 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("with_gamma", [True, False])
-def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gamma):
-    from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gamma, gelu):
+    from xpnet import spatial_norm
+
+    prefix = "spatial_batchnorm_gelu" if gelu else "spatial_batchnorm"  # with the GELU after it in one pass, or not
+    forward, backward = getattr(spatial_norm, f"{prefix}_forward"), getattr(spatial_norm, f"{prefix}_backward")
 
     rng = np.random.default_rng(13)
     n, c, h, w = 16, 8, 12, 10
@@ -412,10 +416,10 @@ def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gam
 
     def run():
         bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-5, "unbiased_running_var": True}
-        out, cache = spatial_batchnorm_forward(x, gamma, beta, bn_param)
-        dx, dgamma, dbeta = spatial_batchnorm_backward(dout, cache)
+        out, cache = forward(x, gamma, beta, bn_param)
+        dx, dgamma, dbeta = backward(dout, cache)
         bn_param["mode"] = "test"
-        test_out, _ = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+        test_out, _ = forward(x, gamma, beta, bn_param)
         grads = (dx, dbeta) if gamma is None else (dx, dgamma, dbeta)
         return (out, *grads, bn_param["running_mean"], bn_param["running_var"], test_out)
 

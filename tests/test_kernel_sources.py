@@ -18,7 +18,12 @@ from xpnet.backend import dispatch, fused_kernels
 from xpnet.backend import kernel_sources as sources
 from xpnet.fast_layers import _col2im, _im2col
 from xpnet.layer_utils import affine_relu_forward
-from xpnet.spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
+from xpnet.spatial_norm import (
+    spatial_batchnorm_backward,
+    spatial_batchnorm_forward,
+    spatial_batchnorm_gelu_backward,
+    spatial_batchnorm_gelu_forward,
+)
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to build the kernel sources with")
 
@@ -220,9 +225,17 @@ def test_fused_max_pool_layers_equal_the_reference_bit_for_bit(rng, kernels, mon
         np.testing.assert_array_equal(a, b)
 
 
+BATCHNORM_LAYERS = {  # without and with the GELU after it
+    False: (spatial_batchnorm_forward, spatial_batchnorm_backward),
+    True: (spatial_batchnorm_gelu_forward, spatial_batchnorm_gelu_backward),
+}
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("with_gamma", [True, False])
-def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma):
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, gelu):
+    forward, backward = BATCHNORM_LAYERS[gelu]
     n, c, h, w = 4, 3, 5, 6
     # A permuted view, as a convolution's output is.
     x = np.permute_dims((rng.standard_normal((c, n, h, w)) * 3 + 2).astype(dtype), (1, 0, 2, 3))
@@ -232,16 +245,58 @@ def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma):
 
     def run():
         bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-5, "unbiased_running_var": True}
-        out, cache = spatial_batchnorm_forward(x, gamma, beta, bn_param)
-        dx, dgamma, dbeta = spatial_batchnorm_backward(dout, cache)
+        out, cache = forward(x, gamma, beta, bn_param)
+        dx, dgamma, dbeta = backward(dout, cache)
         assert (dgamma is None) == (gamma is None)
         bn_param["mode"] = "test"
-        test_out, _ = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+        test_out, _ = forward(x, gamma, beta, bn_param)
         grads = (dx, dbeta) if gamma is None else (dx, dgamma, dbeta)
         return (out, *grads, bn_param["running_mean"], bn_param["running_var"], test_out)
 
     fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply"]
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_batchnorm_and_gelu_in_one_pass_equal_the_two_fused_layers_bit_for_bit(rng, kernels, monkeypatch, dtype,
+                                                                                with_gamma):  # fmt: skip
+    """The fused batchnorm-GELU kernels recompute the batchnorm's output and the GELU's derivative
+    from x̂, rounding each value where the separate kernels store it: in float32 and float64 the
+    results are theirs exactly (summed in the same order here, where NumPy sums both)."""
+    n, c, h, w = 4, 3, 5, 6
+    x = np.permute_dims((rng.standard_normal((c, n, h, w)) * 3 + 2).astype(dtype), (1, 0, 2, 3))
+    gamma = rng.standard_normal(c).astype(dtype) if with_gamma else None
+    beta, dout = rng.standard_normal(c).astype(dtype), rng.standard_normal((n, c, h, w)).astype(dtype)
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+
+    def run(one_pass):
+        bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-5}
+        if one_pass:
+            out, cache = spatial_batchnorm_gelu_forward(x, gamma, beta, bn_param)
+            grads = spatial_batchnorm_gelu_backward(dout, cache)
+        else:
+            normed, bn_cache = spatial_batchnorm_forward(x, gamma, beta, bn_param)
+            out, gelu_cache = layers.gelu_forward(normed)
+            grads = spatial_batchnorm_backward(layers.gelu_backward(dout, gelu_cache), bn_cache)
+        bn_param["mode"] = "test"
+        test_out = (spatial_batchnorm_gelu_forward(x, gamma, beta, bn_param)[0] if one_pass
+                    else layers.gelu_forward(spatial_batchnorm_forward(x, gamma, beta, bn_param)[0])[0])  # fmt: skip
+        return [out, *[g for g in grads if g is not None], test_out]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_batchnorm_backward_passes_refuse_each_others_fused_caches(rng, kernels, monkeypatch):
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    x, beta = rng.standard_normal((2, 3, 4, 4)), np.zeros(3)
+    _, plain = spatial_batchnorm_forward(x, None, beta, {"mode": "train"})
+    _, with_gelu = spatial_batchnorm_gelu_forward(x, None, beta, {"mode": "train"})
+    with pytest.raises(ValueError, match="the cache is spatial_batchnorm_forward's"):
+        spatial_batchnorm_gelu_backward(x, plain)
+    with pytest.raises(ValueError, match="the cache is spatial_batchnorm_gelu_forward's"):
+        spatial_batchnorm_backward(x, with_gelu)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

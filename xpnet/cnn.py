@@ -11,7 +11,7 @@ from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_po
 from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
 from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int
 from .precision import narrowed
-from .spatial_norm import spatial_batchnorm_backward, spatial_batchnorm_forward
+from .spatial_norm import spatial_batchnorm_gelu_backward, spatial_batchnorm_gelu_forward
 
 __all__ = ["ThreeLayerConvNet", "FastConvNet"]
 
@@ -134,15 +134,14 @@ def _conv_bn_gelu_forward(x, w, beta, bn_param, pool):
         conv_out = a
         a, pool_cache = max_pool_forward_fast(_crop_even(conv_out), _POOL2)
         pool_cache = (conv_out, pool_cache)  # the pool's cache holds a view of it anyway
-    normed, bn_cache = spatial_batchnorm_forward(a, None, beta, bn_param)
-    out, gelu_cache = gelu_forward(normed)
-    return out, (conv_cache, pool_cache, bn_cache, gelu_cache)
+    out, norm_cache = spatial_batchnorm_gelu_forward(a, None, beta, bn_param)
+    return out, (conv_cache, pool_cache, norm_cache)
 
 
 def _conv_bn_gelu_backward(xp, dout, cache, input_grad=True):
     """(dx, dw, dbeta) of :func:`_conv_bn_gelu_forward`; dx is None when ``input_grad`` is False."""
-    conv_cache, pool_cache, bn_cache, gelu_cache = cache
-    da, _, dbeta = spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
+    conv_cache, pool_cache, norm_cache = cache
+    da, _, dbeta = spatial_batchnorm_gelu_backward(dout, norm_cache)
     if pool_cache is not None:
         conv_out, max_pool_cache = pool_cache
         da = _uncrop(xp, max_pool_backward_fast(da, max_pool_cache), conv_out)

@@ -43,6 +43,8 @@ __all__ = [
     "max_pool_backward_naive",
     "spatial_batchnorm_forward",
     "spatial_batchnorm_backward",
+    "spatial_batchnorm_gelu_forward",
+    "spatial_batchnorm_gelu_backward",
     "spatial_groupnorm_forward",
     "spatial_groupnorm_backward",
 ]
@@ -487,6 +489,8 @@ from .conv_naive import (  # noqa: E402
 from .spatial_norm import (  # noqa: E402
     spatial_batchnorm_backward,
     spatial_batchnorm_forward,
+    spatial_batchnorm_gelu_backward,
+    spatial_batchnorm_gelu_forward,
     spatial_groupnorm_backward,
     spatial_groupnorm_forward,
 )

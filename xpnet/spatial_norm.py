@@ -14,6 +14,8 @@ from .layers import (
     batchnorm_forward,
     batchnorm_mode,
     ensure_running_statistics,
+    gelu_backward,
+    gelu_forward,
     normalized_input_grad,
     update_running_statistics,
 )
@@ -22,6 +24,8 @@ from .precision import narrowed, widened
 __all__ = [
     "spatial_batchnorm_forward",
     "spatial_batchnorm_backward",
+    "spatial_batchnorm_gelu_forward",
+    "spatial_batchnorm_gelu_backward",
     "spatial_groupnorm_forward",
     "spatial_groupnorm_backward",
 ]
@@ -43,26 +47,61 @@ def _from_rows(xp, rows, shape):
 
 
 class _FusedBatchnormCache(NamedTuple):
-    """What the fused kernels' backward pass needs: x̂ (N, C, H, W), 1/std (1, C, 1, 1)."""
+    """What the fused kernels' backward pass needs: x̂ (N, C, H, W), 1/std (1, C, 1, 1),
+    gamma, and beta where a GELU followed in the same pass (None where none did)."""
 
     kernels: object
     x_hat: Array
     inv_std: Array
     gamma: Array | None
+    gelu_beta: Array | None
 
 
-def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param):
-    """Spatial batchnorm through a backend's fused kernels; the running averages as in
-    :func:`xpnet.layers.batchnorm_forward`."""
-    mode, eps = batchnorm_mode("spatial_batchnorm_forward", bn_param), bn_param.get("eps", 1e-5)
+def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, name, gelu):
+    """Spatial batchnorm (``gelu``: and the GELU after it) through a backend's fused kernels;
+    the running averages as in :func:`xpnet.layers.batchnorm_forward`."""
+    mode, eps = batchnorm_mode(name, bn_param), bn_param.get("eps", 1e-5)
     n, c, h, w = x.shape
     ensure_running_statistics(bn_param, x, c)
     if mode == "test":
         running = bn_param["running_mean"], bn_param["running_var"]
-        return kernels.spatial_batchnorm_apply(x, gamma, beta, *running, eps), None
-    out, x_hat, mean, var, inv_std = kernels.spatial_batchnorm_train(x, gamma, beta, eps)
+        return kernels.spatial_batchnorm_apply(x, gamma, beta, *running, eps, gelu=gelu), None
+    out, x_hat, mean, var, inv_std = kernels.spatial_batchnorm_train(x, gamma, beta, eps, gelu=gelu)
     update_running_statistics(bn_param, mean, var, n * h * w)
-    return out, _FusedBatchnormCache(kernels, x_hat, inv_std, gamma)
+    return out, _FusedBatchnormCache(kernels, x_hat, inv_std, gamma, beta if gelu else None)
+
+
+def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
+    """Spatial batchnorm, followed by the exact GELU when ``gelu``, for the layer ``name``."""
+    layer_namespace(name, {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
+    _check_nchw(name, x)
+    n, c, h, w = x.shape
+    if batchnorm_mode(name, bn_param) == "train" and n * h * w < 2:
+        raise ValueError(f"{name}: train mode needs at least 2 values per channel, got x {tuple(x.shape)}")
+    gamma_shape = (c,) if gamma is None else tuple(gamma.shape)
+    if gamma_shape != (c,) or tuple(beta.shape) != (c,):
+        raise ValueError(
+            f"{name}: gamma and beta must be ({c},) for x {tuple(x.shape)}, got {gamma_shape} and {tuple(beta.shape)}"
+        )
+    xp = layer_namespace(name, {"x": x})
+    fast = accelerated(x)
+    if fast is not None:
+        return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param, name, gelu)
+    out, cache = batchnorm_forward(_to_rows(xp, widened(xp, x)), widened(xp, gamma), widened(xp, beta), bn_param)
+    out, cache = _from_rows(xp, narrowed(xp, out, x.dtype), x.shape), (cache, tuple(x.shape))
+    if not gelu:
+        return out, cache
+    out, gelu_cache = gelu_forward(out)
+    return out, (cache, gelu_cache)
+
+
+def _fused_cache(name, dout, cache) -> _FusedBatchnormCache | None:
+    """``cache`` if the fused kernels made it (after checking dout's shape against it), else None."""
+    if not isinstance(cache, _FusedBatchnormCache):
+        return None
+    if tuple(dout.shape) != tuple(cache.x_hat.shape):
+        raise ValueError(f"{name}: dout has shape {tuple(dout.shape)}, expected {tuple(cache.x_hat.shape)}")
+    return cache
 
 
 def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
@@ -76,39 +115,47 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
         out (N, C, H, W) and the cache. Float16 x is normalised with float32 statistics
         (the running averages keep their own dtype) and out is float16.
     """
-    layer_namespace("spatial_batchnorm_forward", {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
-    _check_nchw("spatial_batchnorm_forward", x)
-    n, c, h, w = x.shape
-    if batchnorm_mode("spatial_batchnorm_forward", bn_param) == "train" and n * h * w < 2:
-        raise ValueError(
-            f"spatial_batchnorm_forward: train mode needs at least 2 values per channel, got x {tuple(x.shape)}"
-        )
-    gamma_shape = (c,) if gamma is None else tuple(gamma.shape)
-    if gamma_shape != (c,) or tuple(beta.shape) != (c,):
-        raise ValueError(
-            f"spatial_batchnorm_forward: gamma and beta must be ({c},) for x {tuple(x.shape)}, "
-            f"got {gamma_shape} and {tuple(beta.shape)}"
-        )
-    xp = layer_namespace("spatial_batchnorm_forward", {"x": x})
-    fast = accelerated(x)
-    if fast is not None:
-        return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param)
-    out, cache = batchnorm_forward(_to_rows(xp, widened(xp, x)), widened(xp, gamma), widened(xp, beta), bn_param)
-    return _from_rows(xp, narrowed(xp, out, x.dtype), x.shape), (cache, tuple(x.shape))
+    return _batchnorm_forward("spatial_batchnorm_forward", x, gamma, beta, bn_param, gelu=False)
 
 
 def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of spatial batchnorm: dx (N, C, H, W), dgamma (C,), dbeta (C,) (for
     float16 activations: dx float16, dgamma and dbeta float32)."""
     xp = layer_namespace("spatial_batchnorm_backward", {"dout": dout})
-    shape = tuple(cache.x_hat.shape) if isinstance(cache, _FusedBatchnormCache) else cache[1]
+    fused = _fused_cache("spatial_batchnorm_backward", dout, cache)
+    if fused is not None:
+        if fused.gelu_beta is not None:
+            raise ValueError("spatial_batchnorm_backward: the cache is spatial_batchnorm_gelu_forward's")
+        return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
+    rows_cache, shape = cache
     if tuple(dout.shape) != shape:
         raise ValueError(f"spatial_batchnorm_backward: dout has shape {tuple(dout.shape)}, expected {shape}")
-    if isinstance(cache, _FusedBatchnormCache):
-        return cache.kernels.spatial_batchnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
-    rows_cache = cache[0]
     dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, widened(xp, dout)), rows_cache)
     return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
+
+
+def spatial_batchnorm_gelu_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
+    """:func:`spatial_batchnorm_forward` followed by :func:`~xpnet.layers.gelu_forward`
+    (the blocks of :class:`~xpnet.cnn.FastConvNet`), with the same arguments and results.
+
+    On CuPy the normalisation and the GELU are one pass that stores only x̂ and the
+    output, and the backward pass recomputes the batchnorm's output and the GELU's
+    derivative from them; elsewhere the two layers run one after the other.
+    """
+    return _batchnorm_forward("spatial_batchnorm_gelu_forward", x, gamma, beta, bn_param, gelu=True)
+
+
+def spatial_batchnorm_gelu_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
+    """Backward pass of :func:`spatial_batchnorm_gelu_forward`: dx (N, C, H, W), dgamma (C,)
+    (None without gamma), dbeta (C,)."""
+    layer_namespace("spatial_batchnorm_gelu_backward", {"dout": dout})
+    fused = _fused_cache("spatial_batchnorm_gelu_backward", dout, cache)
+    if fused is not None:
+        if fused.gelu_beta is None:
+            raise ValueError("spatial_batchnorm_gelu_backward: the cache is spatial_batchnorm_forward's")
+        return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std, fused.gelu_beta)
+    bn_cache, gelu_cache = cache
+    return spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
 
 
 def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_param: dict) -> tuple[Array, Cache]:

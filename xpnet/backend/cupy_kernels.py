@@ -3,10 +3,10 @@
 The array-API code in xpnet.layers and xpnet.optim is the reference; on CuPy
 arrays the same functions call these kernels instead, which do each hot chain
 in one launch (softmax + cross-entropy + its gradient, ReLU and GELU, im2col
-and col2im, max pooling, each update rule) or a few (spatial batchnorm). Their
-source is :mod:`xpnet.backend.kernel_sources`. Matrix products go to cuBLAS
-through its C API on a handle of our own, which, unlike CuPy's matmul, may be
-recorded inside a CUDA graph.
+and col2im, max pooling, each update rule) or a few (spatial batchnorm, alone or
+with the GELU after it). Their source is :mod:`xpnet.backend.kernel_sources`.
+Matrix products go to cuBLAS through its C API on a handle of our own, which,
+unlike CuPy's matmul, may be recorded inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ _product_sum = {
 _batchnorm_train = cupy.ElementwiseKernel(*sources.BATCHNORM_TRAIN)
 _batchnorm_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_APPLY)
 _batchnorm_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_BACKWARD)
+_batchnorm_gelu_train = cupy.ElementwiseKernel(*sources.BATCHNORM_GELU_TRAIN)
+_batchnorm_gelu_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_GELU_APPLY)
+_batchnorm_gelu_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_GELU_BACKWARD)
+_gelu_grad_sums = {  # (sum of g, sum of g·x̂), by the statistics' dtype as _product_sum
+    cupy.dtype(dtype): tuple(
+        cupy.ReductionKernel(*sources.with_type(kernel, "F", dtype))
+        for kernel in (sources.GELU_GRAD_SUM, sources.GELU_GRAD_X_HAT_SUM)
+    )
+    for dtype in ("float32", "float64")
+}
 _sgd = cupy.ElementwiseKernel(*sources.SGD)
 _sgd_momentum = cupy.ElementwiseKernel(*sources.SGD_MOMENTUM)
 _sgd_nesterov = cupy.ElementwiseKernel(*sources.SGD_NESTEROV)
@@ -364,10 +374,11 @@ class CupyKernels:
         return dx
 
     @staticmethod
-    def spatial_batchnorm_train(x, gamma, beta, eps):
+    def spatial_batchnorm_train(x, gamma, beta, eps, gelu=False):
         """Batchnorm of x (N, C, H, W) with its statistics over N, H and W, in three passes:
         out and x̂ (N, C, H, W), the batch mean and biased variance (C,), and
-        1/sqrt(var + eps) as (1, C, 1, 1). gamma None: a scale of 1. For float16 x the
+        1/sqrt(var + eps) as (1, C, 1, 1). gamma None: a scale of 1. ``gelu``: out is the
+        exact GELU of the normalised values, in the same last pass. For float16 x the
         statistics are summed and kept in float32; out and x̂ are float16."""
         n, c, h, w = x.shape
         stat = _statistics_dtype(x)
@@ -376,34 +387,48 @@ class CupyKernels:
         mean = rows.sum(axis=2, dtype=stat).sum(axis=0) / (n * h * w)
         var = _squared_deviation_sum(rows, mean.reshape(1, c, 1), axis=2).sum(axis=0) / (n * h * w)
         inv_std = (1 / cupy.sqrt(_per_channel(var, stat) + eps)).astype(stat, copy=False)  # eps must not widen it
-        out, x_hat = _batchnorm_train(
-            x, _per_channel(mean, stat), inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat)
-        )
+        normalize = _batchnorm_gelu_train if gelu else _batchnorm_train
+        scale, shift = _channel_scale(gamma, stat), _per_channel(beta, stat)
+        out, x_hat = normalize(x, _per_channel(mean, stat), inv_std, scale, shift)
         return out, x_hat, mean, var, inv_std
 
     @staticmethod
-    def spatial_batchnorm_apply(x, gamma, beta, mean, var, eps):
-        """Test-mode batchnorm of x (N, C, H, W) with given statistics (C,), in one pass."""
+    def spatial_batchnorm_apply(x, gamma, beta, mean, var, eps, gelu=False):
+        """Test-mode batchnorm of x (N, C, H, W) with given statistics (C,), in one pass
+        (``gelu``: followed by the exact GELU in the same pass)."""
         stat = _statistics_dtype(x)
         inv_std = (1 / cupy.sqrt(_per_channel(var, stat) + eps)).astype(stat, copy=False)
-        return _batchnorm_apply(
-            x, _per_channel(mean, stat), inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat)
-        )
+        apply = _batchnorm_gelu_apply if gelu else _batchnorm_apply
+        return apply(x, _per_channel(mean, stat), inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat))
 
     @staticmethod
-    def spatial_batchnorm_backward(dout, x_hat, gamma, inv_std):
+    def spatial_batchnorm_backward(dout, x_hat, gamma, inv_std, gelu_beta=None):
         """dx (N, C, H, W), dgamma (C,) (None without gamma) and dbeta (C,), in three passes;
-        dgamma and dbeta are summed in the statistics' dtype (inv_std's) and have it."""
+        dgamma and dbeta are summed in the statistics' dtype (inv_std's) and have it.
+        ``gelu_beta``: the forward pass had a GELU after the batchnorm with this beta (C,), and
+        dout is the gradient at the GELU's output: each pass recomputes the gradient at the
+        batchnorm's output from x̂ and dout."""
         n, c, h, w = dout.shape
         count = n * h * w
         stat = inv_std.dtype
         dout, x_hat = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x_hat)
-        dout_rows = _planes(dout)
-        dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=0)
-        dgamma = _product_sum[stat](dout_rows, _planes(x_hat), axis=2).sum(axis=0)
+        dout_rows, x_hat_rows = _planes(dout), _planes(x_hat)
         scale = inv_std if gamma is None else _per_channel(gamma, stat) * inv_std
+        if gelu_beta is None:
+            dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=0)
+            dgamma = _product_sum[stat](dout_rows, x_hat_rows, axis=2).sum(axis=0)
+            means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
+            dx = _batchnorm_backward(dout, x_hat, scale, *means)
+            return dx, None if gamma is None else dgamma, dbeta
+        # gamma and beta as (1, C, 1) arrays beside the (N, C, H·W) planes: reductions take arrays
+        gamma_rows = cupy.ones((1, c, 1), dtype=stat) if gamma is None else gamma.reshape(1, c, 1)
+        gamma_rows, beta_rows = gamma_rows.astype(stat, copy=False), gelu_beta.reshape(1, c, 1).astype(stat, copy=False)
+        grad_sum, grad_x_hat_sum = _gelu_grad_sums[stat]
+        dbeta = grad_sum(dout_rows, x_hat_rows, gamma_rows, beta_rows, axis=2).sum(axis=0)
+        dgamma = grad_x_hat_sum(dout_rows, x_hat_rows, gamma_rows, beta_rows, axis=2).sum(axis=0)
         means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
-        dx = _batchnorm_backward(dout, x_hat, scale, *means)
+        gamma4, beta4 = gamma_rows.reshape(1, c, 1, 1), beta_rows.reshape(1, c, 1, 1)
+        dx = _batchnorm_gelu_backward(dout, x_hat, gamma4, beta4, scale, *means)
         return dx, None if gamma is None else dgamma, dbeta
 
     @staticmethod

@@ -282,6 +282,64 @@ BATCHNORM_BACKWARD = Elementwise(
     "dx = (T)(scale * ((F)dout - mean_dout - (F)x_hat * mean_dout_x_hat))",
     "xpnet_batchnorm_backward",
 )
+# Spatial batchnorm followed by the exact GELU (FastConvNet's blocks), fused. The forward
+# pass writes x̂ and the GELU's output only; the backward passes recompute the batchnorm's
+# output y = gamma·x̂ + beta and the GELU's derivative at y from x̂ and the upstream
+# gradient, so neither y nor Φ(y) is stored or read back. Each value is rounded to T where
+# the separate kernels store it (y, Φ(y), the GELU's input gradient g), so that for float32
+# and float64 the fused passes give the separate ones' results; for float16 the recomputed
+# y starts from the stored x̂ and may differ from the stored y in its last bit.
+_BN_OUT_RECOMPUTED = "((T)(gamma * (F)x_hat + beta))"
+
+
+def _gelu_cdf(y: str) -> str:
+    """C++: Φ(y) rounded to T, as GELU_FORWARD stores it."""
+    return f"((T)((T)0.5 * erfc(-{y} * (T)0.70710678118654752440)))"
+
+
+def _gelu_input_grad(y: str) -> str:
+    """C++: dout times the GELU's derivative at y, rounded to T, as GELU_BACKWARD stores it."""
+    return f"((T)(dout * ({_gelu_cdf(y)} + {y} * exp((T)-0.5 * {y} * {y}) * (T)0.39894228040143267794)))"
+
+
+BATCHNORM_GELU_TRAIN = Elementwise(
+    "T x, F mean, F inv_std, F gamma, F beta",
+    "T out, T x_hat",
+    f"const F h = ((F)x - mean) * inv_std; x_hat = (T)h; const T y = (T)(gamma * h + beta); out = y * {_gelu_cdf('y')}",
+    "xpnet_batchnorm_gelu_train",
+)
+BATCHNORM_GELU_APPLY = Elementwise(
+    "T x, F mean, F inv_std, F gamma, F beta",
+    "T out",
+    f"const T y = (T)(gamma * (((F)x - mean) * inv_std) + beta); out = y * {_gelu_cdf('y')}",
+    "xpnet_batchnorm_gelu_apply",
+)
+# The per-channel sums of g and of g·x̂ (dbeta and dgamma), each reading dout and x̂ once.
+GELU_GRAD_SUM = Reduction(
+    "T dout, T x_hat, F gamma, F beta",
+    "F total",
+    f"(F){_gelu_input_grad(_BN_OUT_RECOMPUTED)}",
+    "a + b",
+    "total = a",
+    "0",
+    "xpnet_gelu_grad_sum",
+)
+GELU_GRAD_X_HAT_SUM = Reduction(
+    "T dout, T x_hat, F gamma, F beta",
+    "F total",
+    f"(F){_gelu_input_grad(_BN_OUT_RECOMPUTED)} * (F)x_hat",
+    "a + b",
+    "total = a",
+    "0",
+    "xpnet_gelu_grad_x_hat_sum",
+)
+# BATCHNORM_BACKWARD with g, the gradient at the batchnorm's output, recomputed.
+BATCHNORM_GELU_BACKWARD = Elementwise(
+    "T dout, T x_hat, F gamma, F beta, F scale, F mean_g, F mean_g_x_hat",
+    "T dx",
+    f"const T g = {_gelu_input_grad(_BN_OUT_RECOMPUTED)}; dx = (T)(scale * ((F)g - mean_g - (F)x_hat * mean_g_x_hat))",
+    "xpnet_batchnorm_gelu_backward",
+)
 # The kernels that float16 activations pass through (FastConvNet's layers with
 # activation_dtype="float16"), built with T = float16 and F = float as well. CuPy's
 # float16 converts to float for every operation, so their arithmetic is float's.
@@ -297,6 +355,11 @@ FLOAT16_KERNELS = (
     "BATCHNORM_TRAIN",
     "BATCHNORM_APPLY",
     "BATCHNORM_BACKWARD",
+    "BATCHNORM_GELU_TRAIN",
+    "BATCHNORM_GELU_APPLY",
+    "GELU_GRAD_SUM",
+    "GELU_GRAD_X_HAT_SUM",
+    "BATCHNORM_GELU_BACKWARD",
 )
 SGD = Elementwise("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 SGD_MOMENTUM = Elementwise("T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum")
