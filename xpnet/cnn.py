@@ -105,46 +105,26 @@ class ThreeLayerConvNet(Model):
 
 # --------------------------------------------------------------------------- the fast CIFAR-10 net
 _SAME = {"stride": 1, "pad": 1}  # 3x3 convolutions that keep the size
-_POOL2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
-
-
-def _crop_even(x):
-    """x (N, C, H, W) without its last row and column where H or W is odd, so that a 2x2
-    pool tiles it (PyTorch's MaxPool2d(2) drops them the same way)."""
-    h, w = x.shape[2], x.shape[3]
-    return x[:, :, : h - h % 2, : w - w % 2]
-
-
-def _uncrop(xp, dcropped, uncropped):
-    """The gradient of :func:`_crop_even`: ``dcropped`` back in the shape of ``uncropped``,
-    zeros where it cut. Made *_like ``uncropped``, a convolution's output, whose memory order
-    NumPy keeps (channels outermost): the convolution's backward pass then reads it uncopied."""
-    if tuple(dcropped.shape) == tuple(uncropped.shape):
-        return dcropped
-    dx = xp.zeros_like(uncropped, dtype=dcropped.dtype)
-    dx[:, :, : dcropped.shape[2], : dcropped.shape[3]] = dcropped
-    return dx
+# 2x2 pools; an odd last row and column are left out, as PyTorch's MaxPool2d(2) leaves them
+_POOL2 = {"pool_height": 2, "pool_width": 2, "stride": 2, "drop_remainder": True}
 
 
 def _conv_bn_gelu_forward(x, w, beta, bn_param, pool):
-    """conv3x3 (no bias) - [crop to even, 2x2 max pool] - batchnorm without scale - GELU."""
+    """conv3x3 (no bias) - [2x2 max pool] - batchnorm without scale - GELU."""
     a, conv_cache = conv_forward_fast(x, w, None, _SAME)
     pool_cache = None
     if pool:
-        conv_out = a
-        a, pool_cache = max_pool_forward_fast(_crop_even(conv_out), _POOL2)
-        pool_cache = (conv_out, pool_cache)  # the pool's cache holds a view of it anyway
+        a, pool_cache = max_pool_forward_fast(a, _POOL2)
     out, norm_cache = spatial_batchnorm_gelu_forward(a, None, beta, bn_param)
     return out, (conv_cache, pool_cache, norm_cache)
 
 
-def _conv_bn_gelu_backward(xp, dout, cache, input_grad=True):
+def _conv_bn_gelu_backward(dout, cache, input_grad=True):
     """(dx, dw, dbeta) of :func:`_conv_bn_gelu_forward`; dx is None when ``input_grad`` is False."""
     conv_cache, pool_cache, norm_cache = cache
     da, _, dbeta = spatial_batchnorm_gelu_backward(dout, norm_cache)
     if pool_cache is not None:
-        conv_out, max_pool_cache = pool_cache
-        da = _uncrop(xp, max_pool_backward_fast(da, max_pool_cache), conv_out)
+        da = max_pool_backward_fast(da, pool_cache)
     dx, dw, _ = conv_backward_fast(da, conv_cache, input_grad)
     return dx, dw, dbeta
 
@@ -154,8 +134,8 @@ class FastConvNet(Model):
 
     whitening conv (2x2, C -> 2·C·4 filters, no padding; its weights fixed, its bias
     trained) - GELU - three groups - global max pool - linear (no bias) - × scale.
-    Each group of width F: conv3x3 (pad 1, no bias) - crop to an even size - 2x2 max
-    pool - batchnorm (no scale) - GELU - conv3x3 - batchnorm - GELU. On 32x32 inputs the
+    Each group of width F: conv3x3 (pad 1, no bias) - 2x2 max pool (an odd last row
+    and column left out) - batchnorm (no scale) - GELU - conv3x3 - batchnorm - GELU. On 32x32 inputs the
     sizes are 31 -> 15 -> 7 -> 3 -> 1.
 
     Parameters: "whiten_b" (2·C·4,); "W1".."W6" (F, C_in, 3, 3), two per group;
@@ -323,7 +303,7 @@ class FastConvNet(Model):
         dh = max_pool_backward_fast(xp.reshape(matmul(dscores, p["W_out"].T), pooled.shape), pool_cache)
         for i in range(6, 0, -1):
             input_grad = i > 1 or self.train_whitening_bias
-            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(xp, dh, caches[i - 1], input_grad)
+            dh, grads[f"W{i}"], grads[f"beta{i}"] = _conv_bn_gelu_backward(dh, caches[i - 1], input_grad)
         grads["whiten_b"] = None
         if self.train_whitening_bias:
             dwhitened = gelu_backward(dh, gelu_cache)

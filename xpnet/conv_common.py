@@ -29,14 +29,15 @@ def _positive_int(function, name, value):
     return value
 
 
-def _tiles(function, what, size, kernel, stride, shape_text):
-    """H' for one axis, or ValueError when the windows do not tile ``size``."""
+def _tiles(function, what, size, kernel, stride, shape_text, remainder=None):
+    """H' for one axis, or ValueError when the windows do not tile ``size``; ``remainder``:
+    None to refuse that, else the words that say how to allow it, and it is allowed when empty."""
     if kernel > size:
         raise ValueError(f"{function}: the {what} {kernel} is larger than the input's {size} ({shape_text})")
-    if (size - kernel) % stride:
+    if (size - kernel) % stride and remainder != "":
         raise ValueError(
             f"{function}: {what} {kernel} with stride {stride} does not tile a size of {size} "
-            f"({shape_text}): (size - {what}) must be a multiple of the stride"
+            f"({shape_text}): (size - {what}) must be a multiple of the stride{remainder or ''}"
         )
     return 1 + (size - kernel) // stride
 
@@ -74,13 +75,17 @@ def pool_geometry(function: str, x: Array, pool_param: dict):
     xp = layer_namespace(function, {"x": x})
     if x.ndim != 4:
         raise ValueError(f"{function}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    check_param_keys(function, "pool_param", pool_param, ("pool_height", "pool_width", "stride"))
+    check_param_keys(function, "pool_param", pool_param, ("pool_height", "pool_width", "stride", "drop_remainder"))
     ph = _positive_int(function, "pool_param['pool_height']", pool_param.get("pool_height", 2))
     pw = _positive_int(function, "pool_param['pool_width']", pool_param.get("pool_width", 2))
     stride = _positive_int(function, "pool_param['stride']", pool_param.get("stride", 2))
+    drop = pool_param.get("drop_remainder", False)
+    if not isinstance(drop, bool):
+        raise ValueError(f"{function}: pool_param['drop_remainder'] must be True or False, got {drop!r}")
     text = f"x {tuple(x.shape)}, pool {ph}x{pw}, stride {stride}"
-    h_out = _tiles(function, "pool height", x.shape[2], ph, stride, text)
-    w_out = _tiles(function, "pool width", x.shape[3], pw, stride, text)
+    remainder = "" if drop else ", or pool_param['drop_remainder'] True to pool only the windows that fit"
+    h_out = _tiles(function, "pool height", x.shape[2], ph, stride, text, remainder)
+    w_out = _tiles(function, "pool width", x.shape[3], pw, stride, text, remainder)
     return xp, ph, pw, stride, h_out, w_out
 
 

@@ -78,9 +78,12 @@ def max_pool_forward_naive(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     """Max pooling.
 
     Args:
-        x: (N, C, H, W); pool_param: {'pool_height', 'pool_width', 'stride'}.
+        x: (N, C, H, W); pool_param: {'pool_height', 'pool_width', 'stride'}, and optionally
+            'drop_remainder': True to pool only the windows that fit where they do not tile
+            the input (PyTorch's MaxPool2d; the rows and columns left over get no gradient),
+            which is refused otherwise.
     Returns:
-        out (N, C, H', W') with H' = 1 + (H − pool_height) / stride; cache (x, pool_param).
+        out (N, C, H', W') with H' = 1 + (H − pool_height) // stride; cache (x, pool_param).
     """
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_forward_naive", x, pool_param)
     n, c = x.shape[0], x.shape[1]

@@ -194,7 +194,9 @@ def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     dout_like_out[...] = dout
     # Offset by offset in row-major order, each window's first element equal to its maximum.
     unclaimed = xp.ones_like(out, dtype=xp.bool)
-    tiles = stride == ph == pw  # each input element in one window: write each slice once, no zero fill
+    disjoint = stride >= ph and stride >= pw  # no element in two windows: write each slice, never add
+    # every element in exactly one window (no remainder dropped): no zero fill either
+    tiles = stride == ph == pw and (h_out * stride, w_out * stride) == (x.shape[2], x.shape[3])
     dx = (xp.empty_like if tiles else xp.zeros_like)(x)
     for k in range(ph * pw):
         index = offset_slice(k // pw, k % pw, stride, h_out, w_out)
@@ -202,7 +204,7 @@ def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
         unclaimed &= ~hit
         # A product, not a where: NumPy's where mispredicts a branch per element on such masks (~8x slower).
         routed = dout_like_out * xp.astype(hit, dout.dtype)
-        if tiles:
+        if disjoint:
             dx[index] = routed
         else:
             dx[index] += routed

@@ -26,7 +26,7 @@ import numpy as np
 from xpnet import fast_layers, layers
 from xpnet.backend import accelerated
 from xpnet.cli.bench_conv import measure_row
-from xpnet.cnn import FastConvNet, _crop_even, _uncrop
+from xpnet.cnn import FastConvNet
 from xpnet.conv_common import channel_sum
 from xpnet.recipes.fast94 import Fast94Settings
 from xpnet.spatial_norm import spatial_batchnorm_gelu_backward, spatial_batchnorm_gelu_forward
@@ -102,11 +102,11 @@ def _xpnet_step(backend, kind, batch, shape):
     out_shape = (batch, shape[0], shape[1] // k, shape[2] // k) if kind.startswith("max pool") else (batch, *shape)
     dout = rng.normal(out_shape, dtype=xp.float32)
     if kind.startswith("max pool"):
-        param = {"pool_height": k, "pool_width": k, "stride": k}
+        param = {"pool_height": k, "pool_width": k, "stride": k, "drop_remainder": True}  # as FastConvNet pools
 
-        def step():  # as FastConvNet pools: crop to even, pool, and the gradient back in the full shape
-            out, cache = fast_layers.max_pool_forward_fast(_crop_even(x) if k == 2 else x, param)
-            return _uncrop(xp, fast_layers.max_pool_backward_fast(dout, cache), x)
+        def step():
+            out, cache = fast_layers.max_pool_forward_fast(x, param)
+            return fast_layers.max_pool_backward_fast(dout, cache)
 
     elif kind == "batchnorm + gelu":
         beta = xp.zeros((shape[0],), dtype=xp.float32, device=backend.device)
