@@ -63,22 +63,28 @@ def _index(kernel, bits):
 @pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape, kernel, stride, pad", CONV_GEOMETRIES)
-def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride, pad, bits):
+@pytest.mark.parametrize("channels_outer", [False, True])
+def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride, pad, bits, channels_outer):
+    """x and dx stored (N, C, H, W), or (C, N, H, W) as a convolution's output is."""
     n, c, h, w = shape
     kh, kw = kernel
     h_out, w_out = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
     x = rng.standard_normal(shape).astype(dtype)
+    stored = np.ascontiguousarray(np.permute_dims(x, (1, 0, 2, 3)) if channels_outer else x)
     reference = _im2col(np, np.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, pad, h_out, w_out)
     cols = np.empty((c * kh * kw, n * h_out * w_out), dtype=dtype)
-    geometry = (c, h, w, kh, kw, n, h_out, w_out, stride, pad)
-    run_elementwise(_index(sources.IM2COL, bits), x, *geometry, *sources.divisors(w_out, h_out, n, kw, kh), cols)
+    geometry = (c, h, w, kh, kw, n, h_out, w_out, stride, pad, int(channels_outer))
+    divide = sources.divisors(w_out, h_out, n, kw, kh)
+    run_elementwise(_index(sources.IM2COL, bits), stored, *geometry, *divide, cols)
     np.testing.assert_array_equal(cols, reference)
 
     dcols = rng.standard_normal(cols.shape).astype(dtype)
-    expected = np.permute_dims(_col2im(np, dcols, (c, n, h, w), kh, kw, stride, pad, h_out, w_out), (1, 0, 2, 3))
-    divide = sources.divisors(w, h, c)
-    dx = run_elementwise(_index(sources.COL2IM, bits), dcols, *geometry, *divide, np.empty(shape, dtype=dtype))
-    np.testing.assert_allclose(dx, expected, **tolerance(dtype))
+    expected_cn = _col2im(np, dcols, (c, n, h, w), kh, kw, stride, pad, h_out, w_out)
+    inner = n if channels_outer else c
+    dx = np.empty(((c, n) if channels_outer else (n, c)) + (h, w), dtype=dtype)
+    run_elementwise(_index(sources.COL2IM, bits), dcols, *geometry, inner, *sources.divisors(w, h, inner), dx)
+    np.testing.assert_allclose(dx, expected_cn if channels_outer else np.permute_dims(expected_cn, (1, 0, 2, 3)),
+                               **tolerance(dtype))  # fmt: skip
 
 
 def test_the_kernels_division_by_multiplier_and_shift_is_exact_for_every_32_bit_index():
@@ -104,7 +110,7 @@ def test_conv_through_the_kernel_columns_equals_the_naive_layer(rng):
     """im2col's column order is the one the GEMM with w.reshape(F, -1) needs."""
     x, w = rng.standard_normal((2, 3, 7, 7)), rng.standard_normal((4, 3, 3, 3))
     cols = np.empty((27, 2 * 4 * 4))
-    run_elementwise(sources.IM2COL, x, 3, 7, 7, 3, 3, 2, 4, 4, 2, 1, *sources.divisors(4, 4, 2, 3, 3), cols)
+    run_elementwise(sources.IM2COL, x, 3, 7, 7, 3, 3, 2, 4, 4, 2, 1, 0, *sources.divisors(4, 4, 2, 3, 3), cols)
     out = np.permute_dims((w.reshape(4, -1) @ cols).reshape(4, 2, 4, 4), (1, 0, 2, 3))
     expected, _ = layers.conv_forward_naive(x, w, np.zeros(4), {"stride": 2, "pad": 1})
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
@@ -287,6 +293,47 @@ def test_batchnorm_and_gelu_in_one_pass_equal_the_two_fused_layers_bit_for_bit(r
 
     for a, b in zip(run(True), run(False), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _channels_outermost(a):
+    return not a.flags.c_contiguous and np.permute_dims(a, (1, 0, 2, 3)).flags.c_contiguous
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_the_fused_layers_keep_a_convolutions_memory_order(rng, kernels, monkeypatch, dtype):
+    """A convolution's output on the im2col path is stored channels outermost. The fused
+    layers after it read it in place and store what they give back in the same order, down
+    to the gradient that reaches the next convolution's backward pass, which then reads it
+    as rows without a copy; the values are those of the same layers on an (N, C, H, W) copy."""
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    n, c, size = 3, 4, 7
+    w = rng.standard_normal((c, c, 3, 3)).astype(dtype)
+    beta = rng.standard_normal(c).astype(dtype)
+    dout = rng.standard_normal((n, c, 3, 3)).astype(dtype)
+    pool = {"pool_height": 2, "pool_width": 2, "stride": 2, "drop_remainder": True}
+
+    def block(x):
+        """conv - pool - batchnorm + GELU - GELU, forward and backward, as FastConvNet runs them."""
+        a, conv_cache = fast_layers.conv_forward_fast(x, w, None, {"stride": 1, "pad": 1})
+        pooled, pool_cache = fast_layers.max_pool_forward_fast(a, pool)
+        normed, norm_cache = spatial_batchnorm_gelu_forward(pooled, None, beta, {"mode": "train"})
+        out, gelu_cache = layers.gelu_forward(normed)
+        dnormed = layers.gelu_backward(dout, gelu_cache)
+        dpooled = spatial_batchnorm_gelu_backward(dnormed, norm_cache)[0]
+        da = fast_layers.max_pool_backward_fast(dpooled, pool_cache)
+        dx = fast_layers.conv_backward_fast(da, conv_cache)[0]
+        return {"conv": a, "pool": pooled, "norm": normed, "gelu": out, "dgelu": dnormed, "dnorm": dpooled,
+                "dpool": da, "dconv": dx}  # fmt: skip
+
+    x_cn = rng.standard_normal((c, n, size, size)).astype(dtype)
+    from_conv_output, from_nchw = (
+        block(np.permute_dims(x_cn, (1, 0, 2, 3))),
+        block(np.permute_dims(x_cn, (1, 0, 2, 3)).copy()),
+    )
+    for name, value in from_conv_output.items():
+        assert _channels_outermost(value), name
+        np.testing.assert_array_equal(value, from_nchw[name], err_msg=name)
+    assert not _channels_outermost(from_nchw["dconv"])  # an (N, C, H, W) input gets its gradient so
 
 
 def test_the_batchnorm_backward_passes_refuse_each_others_fused_caches(rng, kernels, monkeypatch):

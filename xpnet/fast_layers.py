@@ -133,7 +133,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)
     fast = accelerated(dcols)
     if fast is not None:
-        return fast.col2im(dcols, tuple(x.shape), hh, ww, stride, pad, h_out, w_out), dw, db
+        return fast.col2im(dcols, x, hh, ww, stride, pad, h_out, w_out), dw, db
     dx_cn = _col2im(xp, dcols, (c, n, x.shape[2], x.shape[3]), hh, ww, stride, pad, h_out, w_out)
     return xp.permute_dims(dx_cn, (1, 0, 2, 3)), dw, db
 

@@ -197,22 +197,60 @@ def _statistics_dtype(x):
     return cupy.dtype(cupy.float32) if x.dtype == cupy.float16 else x.dtype
 
 
-def _planes(x):
-    """A C-contiguous x (N, C, H, W) as (N, C, H·W). Per-channel sums reduce that last axis
-    first, then N: one reduction over axes (0, 2, 3) gives CuPy one block per channel, far
-    too few to fill the GPU, each walking its channel with an index division per element."""
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h * w)
+def _channels_outer(x) -> bool:
+    """Whether x (N, C, H, W) is stored with its channels outermost: its (C, N, H, W)
+    transpose is C-contiguous and it is not (a convolution's output on the im2col path)."""
+    return x.ndim == 4 and not x.flags.c_contiguous and x.transpose(1, 0, 2, 3).flags.c_contiguous
 
 
-def _per_channel(values, dtype):
-    """values (C,) as (1, C, 1, 1) of ``dtype``."""
-    return values.reshape(1, -1, 1, 1).astype(dtype, copy=False)
+def _stored_as(x, channels_outer):
+    """x's elements as a C-contiguous (C, N, H, W) array if ``channels_outer``, else as
+    (N, C, H, W) (x itself where it is stored so, else a copy)."""
+    return cupy.ascontiguousarray(x.transpose(1, 0, 2, 3) if channels_outer else x)
 
 
-def _channel_scale(gamma, dtype):
-    """gamma (C,) as (1, C, 1, 1), or a 1 of ``dtype`` for batchnorm without a scale."""
-    return dtype.type(1) if gamma is None else _per_channel(gamma, dtype)
+def _stored(x):
+    """(the C-contiguous array of x's elements in their memory order, whether that order
+    has the channels outermost). The kernels below run on the stored array and give their
+    outputs in its order, so no layer copies a convolution's output to (N, C, H, W), and
+    the convolution's backward pass gets its gradient back in the order it reads."""
+    outer = _channels_outer(x)
+    return _stored_as(x, outer), outer
+
+
+def _viewed(stored, channels_outer):
+    """The (N, C, H, W) view of an array stored as :func:`_stored` gives it."""
+    return stored.transpose(1, 0, 2, 3) if channels_outer else stored
+
+
+def _planes(stored):
+    """A stored (A, B, H, W) array as (A, B, H·W). Per-channel sums reduce that last axis
+    first, then the batch axis: one reduction over the batch and H, W gives CuPy one block
+    per channel, far too few to fill the GPU, each walking its channel with an index
+    division per element."""
+    a, b, h, w = stored.shape
+    return stored.reshape(a, b, h * w)
+
+
+def _batch_axis(channels_outer):
+    """The batch's axis in a stored array, and in its planes' sums over H·W."""
+    return 1 if channels_outer else 0
+
+
+def _per_channel(values, dtype, channels_outer, ndim=4):
+    """values (C,) of ``dtype``, shaped to broadcast along the channel axis of a stored
+    array (axis 0 where the channels are outermost, else 1) of ``ndim`` axes."""
+    shape = [1] * ndim
+    shape[1 - _batch_axis(channels_outer)] = -1
+    return values.reshape(shape).astype(dtype, copy=False)
+
+
+def _normalization(mean, inv_std, gamma, beta, dtype, channels_outer):
+    """The batchnorm kernels' per-channel operands: mean, 1/std, gamma (a 1 of ``dtype``
+    for batchnorm without a scale) and beta, each (C,) shaped for a stored array."""
+    scale = dtype.type(1) if gamma is None else _per_channel(gamma, dtype, channels_outer)
+    mean, inv_std, beta = (_per_channel(v, dtype, channels_outer) for v in (mean, inv_std, beta))
+    return mean, inv_std, scale, beta
 
 
 def _operand(x, ld_if_c, ld_if_f):
@@ -341,104 +379,126 @@ class CupyKernels:
         n, c, h, w = x.shape
         cols = cupy.empty((c * kh * kw, n * h_out * w_out), dtype=x.dtype)
         divide = sources.divisors(w_out, h_out, n, kw, kh)
-        _im2col(cupy.ascontiguousarray(x), c, h, w, kh, kw, n, h_out, w_out, stride, pad, *divide, cols)
+        stored, outer = _stored(x)
+        _im2col(stored, c, h, w, kh, kw, n, h_out, w_out, stride, pad, int(outer), *divide, cols)
         return cols
 
     @staticmethod
-    def col2im(cols, shape, kh, kw, stride, pad, h_out, w_out):
-        """The adjoint of :meth:`im2col`: dx of ``shape`` (N, C, H, W), overlapping windows added."""
-        n, c, h, w = shape
-        dx = cupy.empty(shape, dtype=cols.dtype)
-        divide = sources.divisors(w, h, c)
-        _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, *divide, dx)
-        return dx
+    def col2im(cols, like, kh, kw, stride, pad, h_out, w_out):
+        """The adjoint of :meth:`im2col`: dx (N, C, H, W), overlapping windows added, shaped
+        and stored like ``like`` (the convolution's input)."""
+        n, c, h, w = like.shape
+        outer = _channels_outer(like)
+        dx = cupy.empty((c, n, h, w) if outer else (n, c, h, w), dtype=cols.dtype)
+        inner = n if outer else c
+        divide = sources.divisors(w, h, inner)
+        _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, int(outer), inner,
+                *divide, dx)  # fmt: skip
+        return _viewed(dx, outer)
 
     @staticmethod
     def max_pool_forward(x, ph, pw, stride, h_out, w_out):
         """Max pooling of x (N, C, H, W) in one launch: out (N, C, H', W') and, for the
-        backward pass, each window's first maximum as the offset ki·pw + kj (int32, same shape)."""
-        n, c, h, w = x.shape
-        out = cupy.empty((n, c, h_out, w_out), dtype=x.dtype)
+        backward pass, each window's first maximum as the offset ki·pw + kj (int32, same
+        shape), both stored in x's order."""
+        h, w = x.shape[2], x.shape[3]
+        stored, outer = _stored(x)
+        out = cupy.empty((stored.shape[0], stored.shape[1], h_out, w_out), dtype=x.dtype)
         argmax = cupy.empty(out.shape, dtype=cupy.int32)
         divide = sources.divisors(w_out, h_out)
-        _max_pool_forward(cupy.ascontiguousarray(x), h, w, ph, pw, h_out, w_out, stride, *divide, out, argmax)
-        return out, argmax
+        _max_pool_forward(stored, h, w, ph, pw, h_out, w_out, stride, *divide, out, argmax)
+        return _viewed(out, outer), _viewed(argmax, outer)
 
     @staticmethod
     def max_pool_backward(dout, argmax, shape, ph, pw, stride, h_out, w_out):
-        """dx of ``shape`` (N, C, H, W): each window's gradient at its first maximum, overlaps added."""
+        """dx of ``shape`` (N, C, H, W), stored in the argmax's order: each window's gradient
+        at its first maximum, overlaps added."""
         n, c, h, w = shape
-        dx = cupy.empty(shape, dtype=dout.dtype)
+        argmax, outer = _stored(argmax)
+        dx = cupy.empty((c, n, h, w) if outer else shape, dtype=dout.dtype)
         divide = sources.divisors(w, h)
-        _max_pool_backward(cupy.ascontiguousarray(dout), argmax, h, w, ph, pw, h_out, w_out, stride, *divide, dx)
-        return dx
+        _max_pool_backward(_stored_as(dout, outer), argmax, h, w, ph, pw, h_out, w_out, stride, *divide, dx)
+        return _viewed(dx, outer)
 
     @staticmethod
     def spatial_batchnorm_train(x, gamma, beta, eps, gelu=False):
         """Batchnorm of x (N, C, H, W) with its statistics over N, H and W, in three passes:
-        out and x̂ (N, C, H, W), the batch mean and biased variance (C,), and
-        1/sqrt(var + eps) as (1, C, 1, 1). gamma None: a scale of 1. ``gelu``: out is the
-        exact GELU of the normalised values, in the same last pass. For float16 x the
-        statistics are summed and kept in float32; out and x̂ are float16."""
-        n, c, h, w = x.shape
+        out and x̂ (N, C, H, W), stored in x's order, the batch mean and biased variance (C,),
+        and 1/sqrt(var + eps) (C,). gamma None: a scale of 1. ``gelu``: out is the exact
+        GELU of the normalised values, in the same last pass. For float16 x the statistics
+        are summed and kept in float32; out and x̂ are float16."""
+        count = x.size // x.shape[1]
         stat = _statistics_dtype(x)
-        x = cupy.ascontiguousarray(x)  # a convolution's output is a transposed view: one copy serves every pass
-        rows = _planes(x)
-        mean = rows.sum(axis=2, dtype=stat).sum(axis=0) / (n * h * w)
-        var = _squared_deviation_sum(rows, mean.reshape(1, c, 1), axis=2).sum(axis=0) / (n * h * w)
-        inv_std = (1 / cupy.sqrt(_per_channel(var, stat) + eps)).astype(stat, copy=False)  # eps must not widen it
+        stored, outer = _stored(x)
+        rows, batch = _planes(stored), _batch_axis(outer)
+        mean = rows.sum(axis=2, dtype=stat).sum(axis=batch) / count
+        var = _squared_deviation_sum(rows, _per_channel(mean, stat, outer, 3), axis=2).sum(axis=batch) / count
+        inv_std = (1 / cupy.sqrt(var + eps)).astype(stat, copy=False)  # eps must not widen it
         normalize = _batchnorm_gelu_train if gelu else _batchnorm_train
-        scale, shift = _channel_scale(gamma, stat), _per_channel(beta, stat)
-        out, x_hat = normalize(x, _per_channel(mean, stat), inv_std, scale, shift)
-        return out, x_hat, mean, var, inv_std
+        out, x_hat = normalize(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer))
+        return _viewed(out, outer), _viewed(x_hat, outer), mean, var, inv_std
 
     @staticmethod
     def spatial_batchnorm_apply(x, gamma, beta, mean, var, eps, gelu=False):
         """Test-mode batchnorm of x (N, C, H, W) with given statistics (C,), in one pass
-        (``gelu``: followed by the exact GELU in the same pass)."""
+        (``gelu``: followed by the exact GELU in the same pass); out is stored in x's order."""
         stat = _statistics_dtype(x)
-        inv_std = (1 / cupy.sqrt(_per_channel(var, stat) + eps)).astype(stat, copy=False)
+        stored, outer = _stored(x)
+        inv_std = (1 / cupy.sqrt(var.astype(stat, copy=False) + eps)).astype(stat, copy=False)
         apply = _batchnorm_gelu_apply if gelu else _batchnorm_apply
-        return apply(x, _per_channel(mean, stat), inv_std, _channel_scale(gamma, stat), _per_channel(beta, stat))
+        return _viewed(apply(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer)), outer)
 
     @staticmethod
     def spatial_batchnorm_backward(dout, x_hat, gamma, inv_std, gelu_beta=None):
-        """dx (N, C, H, W), dgamma (C,) (None without gamma) and dbeta (C,), in three passes;
-        dgamma and dbeta are summed in the statistics' dtype (inv_std's) and have it.
-        ``gelu_beta``: the forward pass had a GELU after the batchnorm with this beta (C,), and
-        dout is the gradient at the GELU's output: each pass recomputes the gradient at the
-        batchnorm's output from x̂ and dout."""
-        n, c, h, w = dout.shape
-        count = n * h * w
+        """dx (N, C, H, W), stored in x̂'s order, dgamma (C,) (None without gamma) and dbeta
+        (C,), in three passes; dgamma and dbeta are summed in the statistics' dtype
+        (inv_std's) and have it. ``gelu_beta``: the forward pass had a GELU after the
+        batchnorm with this beta (C,), and dout is the gradient at the GELU's output: each
+        pass recomputes the gradient at the batchnorm's output from x̂ and dout."""
+        c = dout.shape[1]
+        count = dout.size // c
         stat = inv_std.dtype
-        dout, x_hat = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x_hat)
-        dout_rows, x_hat_rows = _planes(dout), _planes(x_hat)
-        scale = inv_std if gamma is None else _per_channel(gamma, stat) * inv_std
+        x_hat, outer = _stored(x_hat)
+        dout = _stored_as(dout, outer)
+        dout_rows, x_hat_rows, batch = _planes(dout), _planes(x_hat), _batch_axis(outer)
+        gamma_c = None if gamma is None else gamma.astype(stat, copy=False)
+        scale = _per_channel(inv_std if gamma is None else gamma_c * inv_std, stat, outer)
         if gelu_beta is None:
-            dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=0)
-            dgamma = _product_sum[stat](dout_rows, x_hat_rows, axis=2).sum(axis=0)
-            means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
+            dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=batch)
+            dgamma = _product_sum[stat](dout_rows, x_hat_rows, axis=2).sum(axis=batch)
+            means = [_per_channel(v / count, stat, outer) for v in (dbeta, dgamma)]
             dx = _batchnorm_backward(dout, x_hat, scale, *means)
-            return dx, None if gamma is None else dgamma, dbeta
-        # gamma and beta as (1, C, 1) arrays beside the (N, C, H·W) planes: reductions take arrays
-        gamma_rows = cupy.ones((1, c, 1), dtype=stat) if gamma is None else gamma.reshape(1, c, 1)
-        gamma_rows, beta_rows = gamma_rows.astype(stat, copy=False), gelu_beta.reshape(1, c, 1).astype(stat, copy=False)
+            return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
+        # gamma and beta per channel beside the planes, as arrays: reductions take arrays
+        gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma_c
+        gamma3, beta3 = (_per_channel(v, stat, outer, 3) for v in (gamma_c, gelu_beta))
         grad_sum, grad_x_hat_sum = _gelu_grad_sums[stat]
-        dbeta = grad_sum(dout_rows, x_hat_rows, gamma_rows, beta_rows, axis=2).sum(axis=0)
-        dgamma = grad_x_hat_sum(dout_rows, x_hat_rows, gamma_rows, beta_rows, axis=2).sum(axis=0)
-        means = (dbeta / count).reshape(1, c, 1, 1), (dgamma / count).reshape(1, c, 1, 1)
-        gamma4, beta4 = gamma_rows.reshape(1, c, 1, 1), beta_rows.reshape(1, c, 1, 1)
+        dbeta = grad_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2).sum(axis=batch)
+        dgamma = grad_x_hat_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2).sum(axis=batch)
+        means = [_per_channel(v / count, stat, outer) for v in (dbeta, dgamma)]
+        gamma4, beta4 = (_per_channel(v, stat, outer) for v in (gamma_c, gelu_beta))
         dx = _batchnorm_gelu_backward(dout, x_hat, gamma4, beta4, scale, *means)
-        return dx, None if gamma is None else dgamma, dbeta
+        return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
 
     @staticmethod
     def gelu_forward(x):
-        """(x·Φ(x), Φ(x)) in one kernel."""
-        return _gelu_forward(x)
+        """(x·Φ(x), Φ(x)) in one kernel, stored in x's order."""
+        stored, outer = _stored(x)
+        out, cdf = _gelu_forward(stored)
+        return _viewed(out, outer), _viewed(cdf, outer)
 
     @staticmethod
     def gelu_backward(dout, x, cdf):
-        return _gelu_backward(dout, x, cdf)
+        """dx, stored in x's order."""
+        x, outer = _stored(x)
+        return _viewed(_gelu_backward(_stored_as(dout, outer), x, _stored_as(cdf, outer)), outer)
+
+    @staticmethod
+    def channel_sum(x, dtype=None):
+        """The sum of x (N, C, H, W) over N, H and W (C,), summed in ``dtype`` (x's by
+        default), H·W first, read in x's memory order."""
+        stored, outer = _stored(x)
+        return _planes(stored).sum(axis=2, dtype=dtype).sum(axis=_batch_axis(outer), dtype=dtype)
 
     # -- update rules (in place) -------------------------------------------------------
     @staticmethod

@@ -160,26 +160,33 @@ def _covering(o: str, position: str, window: str, count: str) -> str:
 
 # im2col and col2im in one launch each (the array-API code takes HH·WW strided copies).
 # cols is (C, KH, KW, N, OH, OW) flattened: one thread per element, zero where the window
-# sees padding. col2im gathers instead of scattering, one thread per element of dx
-# (N, C, H, W), so that overlapping windows add up without atomics, over the output
-# positions that cover the element, in the order (ki, kj) that the array-API code adds them.
+# sees padding. col2im gathers instead of scattering, one thread per element of dx, so
+# that overlapping windows add up without atomics, over the output positions that cover
+# the element, in the order (ki, kj) that the array-API code adds them. The images x and
+# dx are stored (N, C, H, W), or (C, N, H, W) where channels_outer is 1 (a convolution's
+# output on this path is stored so, and a layer after it keeps that order): plane p of
+# the stored array is image p / C's channel p % C, or channel p / N of image p % N.
 IM2COL = Elementwise(
-    "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad"
-    + _divisor_params("OW OH N KW KH"),
+    "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad,"
+    " int32 channels_outer" + _divisor_params("OW OH N KW KH"),
     "T col",
     _coordinates("ow oh n kj ki", "OW OH N KW KH", "c")
     + """
     const int ih = oh * stride + ki - pad;
     const int iw = ow * stride + kj - pad;
-    col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(((long long)n * C + c) * H + ih) * W + iw] : (T)0;
+    const long long plane = channels_outer ? (long long)c * N + n : (long long)n * C + c;
+    col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(plane * H + ih) * W + iw] : (T)0;
     """,
     "xpnet_im2col",
 )
+# P is the size of the stored array's second axis: C, or N where channels_outer is 1.
 COL2IM = Elementwise(
-    "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad"
-    + _divisor_params("W H C"),
+    "raw T cols, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad,"
+    " int32 channels_outer, int32 P" + _divisor_params("W H P"),
     "T dx",
-    _coordinates("iw ih c", "W H C", "n")
+    _coordinates("iw ih inner", "W H P", "outer")
+    + """
+    const int n = channels_outer ? inner : outer, c = channels_outer ? outer : inner;"""
     + _covering("oh", "ih + pad", "KH", "OH")
     + _covering("ow", "iw + pad", "KW", "OW")
     + """

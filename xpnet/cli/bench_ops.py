@@ -215,7 +215,7 @@ def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad) -> list:
 
     def col2im():
         if fast is not None:
-            return fast.col2im(dcols, tuple(x.shape), *geometry)
+            return fast.col2im(dcols, x, *geometry)
         return fast_layers._col2im(xp, dcols, (c_in, batch, size, size), *geometry)
 
     positions = batch * out_size * out_size
