@@ -461,8 +461,7 @@ class CupyKernels:
         x_hat, outer = _stored(x_hat)
         dout = _stored_as(dout, outer)
         dout_rows, x_hat_rows, batch = _planes(dout), _planes(x_hat), _batch_axis(outer)
-        gamma_c = None if gamma is None else gamma.astype(stat, copy=False)
-        scale = _per_channel(inv_std if gamma is None else gamma_c * inv_std, stat, outer)
+        scale = _per_channel(inv_std if gamma is None else gamma.astype(stat, copy=False) * inv_std, stat, outer)
         if gelu_beta is None:
             dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=batch)
             dgamma = _product_sum[stat](dout_rows, x_hat_rows, axis=2).sum(axis=batch)
@@ -470,7 +469,7 @@ class CupyKernels:
             dx = _batchnorm_backward(dout, x_hat, scale, *means)
             return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
         # gamma and beta per channel beside the planes, as arrays: reductions take arrays
-        gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma_c
+        gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma
         gamma3, beta3 = (_per_channel(v, stat, outer, 3) for v in (gamma_c, gelu_beta))
         grad_sum, grad_x_hat_sum = _gelu_grad_sums[stat]
         dbeta = grad_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2).sum(axis=batch)
