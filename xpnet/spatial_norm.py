@@ -47,7 +47,7 @@ def _from_rows(xp, rows, shape):
 
 
 class _FusedBatchnormCache(NamedTuple):
-    """What the fused kernels' backward pass needs: x̂ (N, C, H, W), 1/std (1, C, 1, 1),
+    """What the fused kernels' backward pass needs: x̂ (N, C, H, W), 1/std (C,),
     gamma, and beta where a GELU followed in the same pass (None where none did)."""
 
     kernels: object
