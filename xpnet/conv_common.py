@@ -30,15 +30,15 @@ def _positive_int(function, name, value):
     return value
 
 
-def _tiles(function, what, size, kernel, stride, shape_text, remainder=None):
-    """H' for one axis, or ValueError when the windows do not tile ``size``; ``remainder``:
-    None to refuse that, else the words that say how to allow it, and it is allowed when empty."""
+def _tiles(function, what, size, kernel, stride, shape_text, drop_remainder=False, hint=""):
+    """H' for one axis, or ValueError (ending with ``hint``) when the windows do not tile
+    ``size`` and ``drop_remainder`` does not allow what they leave over."""
     if kernel > size:
         raise ValueError(f"{function}: the {what} {kernel} is larger than the input's {size} ({shape_text})")
-    if (size - kernel) % stride and remainder != "":
+    if (size - kernel) % stride and not drop_remainder:
         raise ValueError(
             f"{function}: {what} {kernel} with stride {stride} does not tile a size of {size} "
-            f"({shape_text}): (size - {what}) must be a multiple of the stride{remainder or ''}"
+            f"({shape_text}): (size - {what}) must be a multiple of the stride{hint}"
         )
     return 1 + (size - kernel) // stride
 
@@ -84,9 +84,9 @@ def pool_geometry(function: str, x: Array, pool_param: dict):
     if not isinstance(drop, bool):
         raise ValueError(f"{function}: pool_param['drop_remainder'] must be True or False, got {drop!r}")
     text = f"x {tuple(x.shape)}, pool {ph}x{pw}, stride {stride}"
-    remainder = "" if drop else ", or pool_param['drop_remainder'] True to pool only the windows that fit"
-    h_out = _tiles(function, "pool height", x.shape[2], ph, stride, text, remainder)
-    w_out = _tiles(function, "pool width", x.shape[3], pw, stride, text, remainder)
+    hint = ", or pool_param['drop_remainder'] True to pool only the windows that fit"
+    h_out = _tiles(function, "pool height", x.shape[2], ph, stride, text, drop, hint)
+    w_out = _tiles(function, "pool width", x.shape[3], pw, stride, text, drop, hint)
     return xp, ph, pw, stride, h_out, w_out
 
 

@@ -73,7 +73,7 @@ def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, name, gelu):
 
 def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
     """Spatial batchnorm, followed by the exact GELU when ``gelu``, for the layer ``name``."""
-    layer_namespace(name, {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
+    xp = layer_namespace(name, {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     _check_nchw(name, x)
     n, c, h, w = x.shape
     if batchnorm_mode(name, bn_param) == "train" and n * h * w < 2:
@@ -83,7 +83,6 @@ def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
         raise ValueError(
             f"{name}: gamma and beta must be ({c},) for x {tuple(x.shape)}, got {gamma_shape} and {tuple(beta.shape)}"
         )
-    xp = layer_namespace(name, {"x": x})
     fast = accelerated(x)
     if fast is not None:
         return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param, name, gelu)
