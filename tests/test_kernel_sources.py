@@ -456,3 +456,46 @@ def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monk
     fast, reference = fused_and_reference(kernels, monkeypatch, run, fused)
     for a, b in zip(fast, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# -- the launches of a training step, counted ------------------------------------------
+_COPIES = {"copy to C order", "copy into a slice", "astype", "copy (reshape)", "copy"}
+
+
+def test_the_census_records_copies_and_skips_views():
+    """tests/kernel_census.py's arrays: a copy to another order is a launch, a view is none."""
+    from kernel_census import CENSUS, Tracked
+
+    x = np.arange(24.0).reshape(2, 3, 4).view(Tracked)
+    CENSUS.launches.clear()
+    CENSUS.recording = True
+    try:
+        _ = x.transpose(1, 0, 2), x.reshape(6, 4), x[:, 1:], np.reshape(x, (4, 6))  # views: nothing
+        assert CENSUS.launches == []
+        _ = x.transpose(1, 0, 2).reshape(3, 8)  # not expressible as a view: a copy
+        y = x + 1.0
+        y[0] = x[1]
+        np.sum(x, axis=2)
+    finally:
+        CENSUS.recording = False
+    names = [launch.name for launch in CENSUS.launches]
+    assert names == ["copy (reshape)", "add", "copy into a slice", "sum"]
+    assert [launch.written for launch in CENSUS.launches] == [192, 192, 96, 48]
+    CENSUS.launches.clear()
+
+
+def test_a_recipe_step_through_the_fused_kernels_copies_no_activation():
+    """One training step of the fast CIFAR-10 recipe as CuPy would launch it, counted on the
+    CPU: every layer runs as its fused kernel, and no activation-sized array is copied to
+    another memory order or dtype on the way (the fused layers keep a convolution's order)."""
+    from kernel_census import recipe_step_census
+
+    census = recipe_step_census(batch=4, widths=(4, 8, 8))
+    names = {launch.name for launch in census.launches}
+    for kernel in ("im2col", "col2im", "max_pool_forward", "max_pool_backward", "batchnorm_gelu_train",
+                   "batchnorm_gelu_backward", "gelu_forward", "gelu_backward", "nesterov_sgd"):  # fmt: skip
+        assert f"kernel xpnet_{kernel}" in names
+    activation = max(launch.written for launch in census.launches if launch.name == "kernel xpnet_gelu_forward")
+    copies = [launch for launch in census.launches if launch.name in _COPIES and launch.written >= activation // 64]
+    assert copies == []
+    assert sum(launch.name == "GEMM" for launch in census.launches) == 22  # 7 convs, 6 of them with dx, the head
