@@ -63,11 +63,14 @@ def assert_close(a, b, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(257, 10), (3, 1000), (1, 1)])
-def test_fused_softmax_loss_matches_reference(dtype, shape):
+@pytest.mark.parametrize("label_smoothing, reduction", [(0.0, "mean"), (0.2, "sum")])
+def test_fused_softmax_loss_matches_reference(dtype, shape, label_smoothing, reduction):
     rng = np.random.default_rng(0)
     x = CUPY.asarray(3 * rng.standard_normal(shape), dtype=dtype)
     y = CUPY.asarray(rng.integers(0, shape[1], shape[0]))
-    (loss, dx), (ref_loss, ref_dx) = both(lambda: layers.softmax_loss(x, y), fused=["softmax_loss"])
+    (loss, dx), (ref_loss, ref_dx) = both(
+        lambda: layers.softmax_loss(x, y, label_smoothing, reduction), fused=["softmax_loss"]
+    )
     assert loss.shape == () and loss.dtype == x.dtype
     assert_close(loss, ref_loss, dtype)
     assert_close(dx, ref_dx, dtype)

@@ -366,6 +366,21 @@ def test_fused_activations_and_softmax_loss(rng, kernels, monkeypatch, dtype):
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("label_smoothing, reduction", [(0.2, "sum"), (0.2, "mean"), (0.0, "sum"), (0.5, "mean")])
+def test_fused_softmax_loss_with_label_smoothing(rng, kernels, monkeypatch, dtype, label_smoothing, reduction):
+    """The recipe's loss (label smoothing 0.2, summed) in the one fused kernel, against the reference."""
+    x = (rng.standard_normal((37, 10)) * 4).astype(dtype)
+    y = rng.integers(0, 10, 37)
+
+    def run():
+        return layers.softmax_loss(x, y, label_smoothing, reduction)
+
+    fast, reference = fused_and_reference(kernels, monkeypatch, run, ["softmax_loss"])
+    assert fast[0].dtype == fast[1].dtype == dtype
+    assert_all_close(fast, reference, dtype)
+
+
 def test_fused_softmax_loss_gives_nan_for_an_out_of_range_label(kernels, monkeypatch):
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     x = np.random.default_rng(0).standard_normal((4, 3))

@@ -227,8 +227,8 @@ def softmax_loss(x: Array, y: Array, label_smoothing: float = 0.0, reduction: st
     if reduction not in ("mean", "sum"):
         raise ValueError(f"softmax_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     fast = accelerated(x)
-    if fast is not None and label_smoothing == 0.0 and reduction == "mean":
-        return fast.softmax_loss(x, y)
+    if fast is not None:
+        return fast.softmax_loss(x, y, label_smoothing, reduction)
     n, c = x.shape
     shifted = x - xp.max(x, axis=1, keepdims=True)
     exp_shifted = xp.exp(shifted)

@@ -350,15 +350,20 @@ class CupyKernels:
         """``max(x2 @ w + b, 0)``: the bias add and the ReLU in one pass after the GEMM."""
         return _bias_relu(self.matmul(x2, w), b)
 
-    def softmax_loss(self, x, y):
-        """Loss (0-d) and dx (N, C) in one launch; x (N, C) float, y (N,) integer labels."""
+    def softmax_loss(self, x, y, label_smoothing=0.0, reduction="mean"):
+        """Loss (0-d) and dx (N, C) in one launch; x (N, C) float, y (N,) integer labels;
+        the target (1 - label_smoothing)·one_hot + label_smoothing / C, the loss summed over
+        the batch or (``reduction`` "mean") averaged."""
         n, c = x.shape
         kernel = self._softmax_kernel(x.dtype)
         x = cupy.ascontiguousarray(x)
         y = cupy.ascontiguousarray(y.astype(cupy.int64, copy=False))
         dx = cupy.empty_like(x)
         loss = cupy.empty((), dtype=x.dtype)
-        kernel((1,), (256,), (x, y, cupy.int32(n), cupy.int32(c), dx, loss))
+        # each constant rounded once to x's dtype, as the reference's Python floats are
+        on_target, off_target, scale = (x.dtype.type(v) for v in (1.0 - label_smoothing, label_smoothing / c,
+                                                                  1.0 / n if reduction == "mean" else 1.0))  # fmt: skip
+        kernel((1,), (256,), (x, y, cupy.int32(n), cupy.int32(c), on_target, off_target, scale, dx, loss))
         return loss, dx
 
     def _softmax_kernel(self, dtype):

@@ -51,11 +51,13 @@ def with_type(kernel, placeholder: str, dtype: str):
 SOFTMAX_LOSS = r"""
 extern "C" __global__ void softmax_loss_{name}(
         const {T}* __restrict__ x, const long long* __restrict__ y, const int n, const int c,
+        const {T} on_target, const {T} off_target, const {T} scale,
         {T}* __restrict__ dx, {T}* __restrict__ loss) {
-    // One block: each thread takes whole rows; the loss is reduced in double.
+    // One block: each thread takes whole rows; the loss is reduced in double. The target of
+    // row i is off_target everywhere and off_target + on_target at its label (label
+    // smoothing: on_target = 1 - eps, off_target = eps / c); scale is 1/n for the mean.
     __shared__ double partial[256];
     double total = 0.0;
-    const {T} inv_n = ({T})1 / ({T})n;
     for (int row = threadIdx.x; row < n; row += blockDim.x) {
         const {T}* xr = x + (long long)row * c;
         {T}* dr = dx + (long long)row * c;
@@ -69,11 +71,13 @@ extern "C" __global__ void softmax_loss_{name}(
         for (int j = 1; j < c; ++j) m = max(m, xr[j]);
         {T} s = 0;
         for (int j = 0; j < c; ++j) s += exp(xr[j] - m);
-        total += (double)(log(s) - (xr[label] - m));
+        const {T} log_s = log(s);
         const {T} inv_s = ({T})1 / s;
         for (int j = 0; j < c; ++j) {
+            const {T} target = j == label ? ({T})(off_target + on_target) : off_target;
+            if (target != ({T})0) total += (double)target * (double)(log_s - (xr[j] - m));
             const {T} p = exp(xr[j] - m) * inv_s;
-            dr[j] = (p - (j == label ? ({T})1 : ({T})0)) * inv_n;
+            dr[j] = (p - target) * scale;
         }
     }
     partial[threadIdx.x] = total;
@@ -82,7 +86,7 @@ extern "C" __global__ void softmax_loss_{name}(
         if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
         __syncthreads();
     }
-    if (threadIdx.x == 0) loss[0] = ({T})(partial[0] / n);
+    if (threadIdx.x == 0) loss[0] = ({T})(partial[0] * (double)scale);
 }
 """
 
