@@ -219,11 +219,11 @@ _C_SCALARS = {
 }
 
 
-# The C types each kernel is built with for NVRTC: T, and F (the statistics' type).
+# The C types each kernel is built with for NVRTC: T, F (the statistics' type) and R (running averages').
 _PRECISIONS = {
-    "float": {"T": "float", "F": "float"},
-    "double": {"T": "double", "F": "double"},
-    "float16": {"T": "float16", "F": "float"},  # only kernel_sources.FLOAT16_KERNELS
+    "float": {"T": "float", "F": "float", "R": "float"},
+    "double": {"T": "double", "F": "double", "R": "double"},
+    "float16": {"T": "float16", "F": "float", "R": "float"},  # only kernel_sources.FLOAT16_KERNELS
 }
 
 
@@ -250,7 +250,8 @@ def cuda_sources():
                 post = _params(f"{out.type_name} a", f"{out.type_name} {out.name}")
                 yield f"{name}_post_{label}", head + _elementwise_source(post, kernel.post_map_expr, c_types, cuda=True)
         if not half:
-            yield f"SOFTMAX_LOSS_{label}", kernel_sources.SOFTMAX_LOSS.replace("{T}", label).replace("{name}", label)
+            for name in kernel_sources.RAW_KERNELS:
+                yield f"{name}_{label}", getattr(kernel_sources, name).replace("{T}", label).replace("{name}", label)
 
 
 def _nvrtc_include_options() -> list[str]:

@@ -146,6 +146,9 @@ def _is_view(result, inputs) -> bool:
     return bool(outs) and all(any(np.may_share_memory(o, a) for a in inputs) for o in outs)
 
 
+_ALLOCATIONS = {"empty_like"}  # new memory, nothing written: no launch
+
+
 class Tracked(np.ndarray):
     """A NumPy array whose operations are recorded in :data:`CENSUS`."""
 
@@ -165,7 +168,7 @@ class Tracked(np.ndarray):
         inputs = _flat_arrays(args) + _flat_arrays(kwargs)
         with CENSUS.inside():
             result = func(*_plain(args), **_plain(kwargs))
-        if not _is_view(result, inputs) and _flat_arrays(result):
+        if not _is_view(result, inputs) and _flat_arrays(result) and func.__name__ not in _ALLOCATIONS:
             name = func.__name__
             if name == "take":  # reads the rows it gathers and the indices, not the whole source
                 CENSUS.record(name, (), _flat_arrays(result), read=2 * _footprint(_flat_arrays(result)[0]))

@@ -241,17 +241,21 @@ BATCHNORM_LAYERS = {  # without and with the GELU after it
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("with_gamma", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, gelu):
+@pytest.mark.parametrize("channels_outer", [True, False])
+def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, gelu, channels_outer):
     forward, backward = BATCHNORM_LAYERS[gelu]
     n, c, h, w = 4, 3, 5, 6
-    # A permuted view, as a convolution's output is.
+    # A permuted view, as a convolution's output is, or a C-ordered array.
     x = np.permute_dims((rng.standard_normal((c, n, h, w)) * 3 + 2).astype(dtype), (1, 0, 2, 3))
+    x = x if channels_outer else np.ascontiguousarray(x)
     gamma = rng.standard_normal(c).astype(dtype) if with_gamma else None
     beta = rng.standard_normal(c).astype(dtype)
     dout = rng.standard_normal((n, c, h, w)).astype(dtype)
+    start = np.abs(rng.standard_normal((2, c))).astype(dtype)  # the running averages before the step
 
     def run():
         bn_param = {"mode": "train", "momentum": 0.6, "eps": 1e-5, "unbiased_running_var": True}
+        bn_param["running_mean"], bn_param["running_var"] = start.copy()
         out, cache = forward(x, gamma, beta, bn_param)
         dx, dgamma, dbeta = backward(dout, cache)
         assert (dgamma is None) == (gamma is None)
@@ -260,7 +264,7 @@ def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, g
         grads = (dx, dbeta) if gamma is None else (dx, dgamma, dbeta)
         return (out, *grads, bn_param["running_mean"], bn_param["running_var"], test_out)
 
-    fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply"]
+    fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply", "running_averages"]
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
 
 
@@ -379,6 +383,19 @@ def test_fused_softmax_loss_with_label_smoothing(rng, kernels, monkeypatch, dtyp
     fast, reference = fused_and_reference(kernels, monkeypatch, run, ["softmax_loss"])
     assert fast[0].dtype == fast[1].dtype == dtype
     assert_all_close(fast, reference, dtype)
+
+
+def test_float16_scores_take_the_reference_softmax_loss(kernels, monkeypatch):
+    """The fused loss is built for float32 and float64; float16 scores go the array-API way."""
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    x = np.random.default_rng(0).standard_normal((6, 10)).astype(np.float16)
+    y = np.arange(6)
+    loss, dx = layers.softmax_loss(x, y, 0.2, "sum")
+    with fused_kernels(False):
+        ref_loss, ref_dx = layers.softmax_loss(x, y, 0.2, "sum")
+    assert loss.dtype == dx.dtype == np.float16
+    np.testing.assert_array_equal(dx, ref_dx)
+    assert loss == ref_loss
 
 
 def test_fused_softmax_loss_gives_nan_for_an_out_of_range_label(kernels, monkeypatch):

@@ -227,7 +227,7 @@ def softmax_loss(x: Array, y: Array, label_smoothing: float = 0.0, reduction: st
     if reduction not in ("mean", "sum"):
         raise ValueError(f"softmax_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     fast = accelerated(x)
-    if fast is not None:
+    if fast is not None and not is_half(xp, x):
         return fast.softmax_loss(x, y, label_smoothing, reduction)
     n, c = x.shape
     shifted = x - xp.max(x, axis=1, keepdims=True)
@@ -373,8 +373,13 @@ def update_running_statistics(bn_param: dict, mean: Array, var: Array, count: in
     ``bn_param['unbiased_running_var']``. In place, so the buffers keep their identity
     (a CUDA graph writes into them)."""
     momentum = bn_param.get("momentum", 0.9)
-    if bn_param.get("unbiased_running_var", False):
-        var = var * (count / (count - 1))
+    var_scale = count / (count - 1) if bn_param.get("unbiased_running_var", False) else 1.0
+    fast = accelerated(mean)
+    if fast is not None:
+        fast.running_averages(bn_param["running_mean"], bn_param["running_var"], mean, var, momentum, var_scale)
+        return
+    if var_scale != 1.0:
+        var = var * var_scale
     for key, batch_value in (("running_mean", mean), ("running_var", var)):
         running = bn_param[key]
         running *= momentum

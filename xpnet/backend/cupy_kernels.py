@@ -35,6 +35,20 @@ _product_sum = {
     cupy.dtype(dtype): cupy.ReductionKernel(*sources.with_type(sources.PRODUCT_SUM, "F", dtype))
     for dtype in ("float32", "float64")
 }
+_running_averages = cupy.ElementwiseKernel(*sources.RUNNING_AVERAGES)
+
+
+def _raw_kernels(source: str, function: str) -> dict:
+    """A raw kernel's ``source`` built for float and double ({T} and {name} filled in),
+    by dtype; ``function`` is its name without the type's suffix. CuPy compiles each on first use."""
+    return {
+        cupy.dtype(dtype): cupy.RawKernel(source.replace("{T}", c).replace("{name}", c), f"{function}_{c}")
+        for dtype, c in (("float32", "float"), ("float64", "double"))
+    }
+
+
+_softmax_loss = _raw_kernels(sources.SOFTMAX_LOSS, "softmax_loss")
+_channel_totals_kernels = _raw_kernels(sources.CHANNEL_TOTALS, "channel_totals")
 _batchnorm_train = cupy.ElementwiseKernel(*sources.BATCHNORM_TRAIN)
 _batchnorm_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_APPLY)
 _batchnorm_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_BACKWARD)
@@ -245,6 +259,33 @@ def _per_channel(values, dtype, channels_outer, ndim=4):
     return values.reshape(shape).astype(dtype, copy=False)
 
 
+def _channel_totals(sums, batch_axis, count, eps=0.0):
+    """(total, total / count, 1 / sqrt(total / count + eps)), each (C,), of per-plane sums
+    (C, N) or (N, C) (``batch_axis`` 1 or 0), summed over the batch in one launch."""
+    sums = cupy.ascontiguousarray(sums)
+    stat = sums.dtype
+    batch, channels = sums.shape[batch_axis], sums.shape[1 - batch_axis]
+    channel_stride, batch_stride = (batch, 1) if batch_axis == 1 else (1, channels)
+    total, mean, inv_std = (cupy.empty(channels, dtype=stat) for _ in range(3))
+    _channel_totals_kernels[stat](
+        (channels,),
+        (256,),
+        (
+            sums,
+            cupy.int64(channel_stride),
+            cupy.int64(batch_stride),
+            cupy.int32(channels),
+            cupy.int32(batch),
+            stat.type(count),
+            stat.type(eps),
+            total,
+            mean,
+            inv_std,
+        ),  # fmt: skip
+    )
+    return total, mean, inv_std
+
+
 def _normalization(mean, inv_std, gamma, beta, dtype, channels_outer):
     """The batchnorm kernels' per-channel operands: mean, 1/std, gamma (a 1 of ``dtype``
     for batchnorm without a scale) and beta, each (C,) shaped for a stored array."""
@@ -268,7 +309,6 @@ class CupyKernels:
 
     def __init__(self):
         self._cublas: dict[int, _Cublas] = {}
-        self._softmax: dict = {}
         self._ones_cache: dict = {}
         self._cudnn: dict[int, CudnnConvolutions] = {}
         self._lock = threading.Lock()
@@ -350,12 +390,13 @@ class CupyKernels:
         """``max(x2 @ w + b, 0)``: the bias add and the ReLU in one pass after the GEMM."""
         return _bias_relu(self.matmul(x2, w), b)
 
-    def softmax_loss(self, x, y, label_smoothing=0.0, reduction="mean"):
-        """Loss (0-d) and dx (N, C) in one launch; x (N, C) float, y (N,) integer labels;
+    @staticmethod
+    def softmax_loss(x, y, label_smoothing=0.0, reduction="mean"):
+        """Loss (0-d) and dx (N, C) in one launch; x (N, C) float32 or float64, y (N,) integer labels;
         the target (1 - label_smoothing)·one_hot + label_smoothing / C, the loss summed over
         the batch or (``reduction`` "mean") averaged."""
         n, c = x.shape
-        kernel = self._softmax_kernel(x.dtype)
+        kernel = _softmax_loss[x.dtype]
         x = cupy.ascontiguousarray(x)
         y = cupy.ascontiguousarray(y.astype(cupy.int64, copy=False))
         dx = cupy.empty_like(x)
@@ -365,14 +406,6 @@ class CupyKernels:
                                                                   1.0 / n if reduction == "mean" else 1.0))  # fmt: skip
         kernel((1,), (256,), (x, y, cupy.int32(n), cupy.int32(c), on_target, off_target, scale, dx, loss))
         return loss, dx
-
-    def _softmax_kernel(self, dtype):
-        dtype = cupy.dtype(dtype)
-        if dtype not in self._softmax:
-            t = {"f": "float", "d": "double"}[dtype.char]
-            source = sources.SOFTMAX_LOSS.replace("{T}", t).replace("{name}", t)
-            self._softmax[dtype] = cupy.RawKernel(source, f"softmax_loss_{t}")
-        return self._softmax[dtype]
 
     @staticmethod
     def relu_backward(dout, x):
@@ -436,9 +469,9 @@ class CupyKernels:
         stat = _statistics_dtype(x)
         stored, outer = _stored(x)
         rows, batch = _planes(stored), _batch_axis(outer)
-        mean = rows.sum(axis=2, dtype=stat).sum(axis=batch) / count
-        var = _squared_deviation_sum(rows, _per_channel(mean, stat, outer, 3), axis=2).sum(axis=batch) / count
-        inv_std = (1 / cupy.sqrt(var + eps)).astype(stat, copy=False)  # eps must not widen it
+        _, mean, _ = _channel_totals(rows.sum(axis=2, dtype=stat), batch, count)
+        deviations = _squared_deviation_sum(rows, _per_channel(mean, stat, outer, 3), axis=2)
+        _, var, inv_std = _channel_totals(deviations, batch, count, eps)
         normalize = _batchnorm_gelu_train if gelu else _batchnorm_train
         out, x_hat = normalize(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer))
         return _viewed(out, outer), _viewed(x_hat, outer), mean, var, inv_std
@@ -468,21 +501,32 @@ class CupyKernels:
         dout_rows, x_hat_rows, batch = _planes(dout), _planes(x_hat), _batch_axis(outer)
         scale = _per_channel(inv_std if gamma is None else gamma.astype(stat, copy=False) * inv_std, stat, outer)
         if gelu_beta is None:
-            dbeta = dout_rows.sum(axis=2, dtype=stat).sum(axis=batch)
-            dgamma = _product_sum[stat](dout_rows, x_hat_rows, axis=2).sum(axis=batch)
-            means = [_per_channel(v / count, stat, outer) for v in (dbeta, dgamma)]
+            dbeta, mean_g = _channel_totals(dout_rows.sum(axis=2, dtype=stat), batch, count)[:2]
+            dgamma, mean_g_x_hat = _channel_totals(_product_sum[stat](dout_rows, x_hat_rows, axis=2), batch, count)[:2]
+            means = [_per_channel(v, stat, outer) for v in (mean_g, mean_g_x_hat)]
             dx = _batchnorm_backward(dout, x_hat, scale, *means)
             return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
         # gamma and beta per channel beside the planes, as arrays: reductions take arrays
         gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma
         gamma3, beta3 = (_per_channel(v, stat, outer, 3) for v in (gamma_c, gelu_beta))
         grad_sum, grad_x_hat_sum = _gelu_grad_sums[stat]
-        dbeta = grad_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2).sum(axis=batch)
-        dgamma = grad_x_hat_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2).sum(axis=batch)
-        means = [_per_channel(v / count, stat, outer) for v in (dbeta, dgamma)]
+        dbeta, mean_g = _channel_totals(grad_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2), batch, count)[:2]
+        dgamma, mean_g_x_hat = _channel_totals(
+            grad_x_hat_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2), batch, count
+        )[:2]
+        means = [_per_channel(v, stat, outer) for v in (mean_g, mean_g_x_hat)]
         gamma4, beta4 = (_per_channel(v, stat, outer) for v in (gamma_c, gelu_beta))
         dx = _batchnorm_gelu_backward(dout, x_hat, gamma4, beta4, scale, *means)
         return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
+
+    @staticmethod
+    def running_averages(running_mean, running_var, mean, var, momentum, var_scale):
+        """``running = momentum·running + (1 - momentum)·batch`` for the mean and for the
+        variance times ``var_scale``, in place, in one pass (see
+        :func:`xpnet.layers.update_running_statistics`)."""
+        rest = mean.dtype.type(1 - momentum)
+        _running_averages(mean, var, running_mean.dtype.type(momentum), rest, mean.dtype.type(var_scale),
+                          running_mean, running_var)  # fmt: skip
 
     @staticmethod
     def gelu_forward(x):

@@ -253,6 +253,49 @@ MAX_POOL_BACKWARD = Elementwise(
     """,
     "xpnet_max_pool_backward",
 )
+# A batchnorm's per-channel statistics from its per-plane sums (one sum over H·W for each
+# image and channel, stored (C, N) or (N, C): the strides say which), one block per channel:
+# the channel's total, total / count, and 1 / sqrt(total / count + eps). One launch in place
+# of a second reduction and three or four elementwise ones on (C,) arrays.
+# {T} is float or double, {name} the same word; blockDim.x a power of two, at most 256.
+CHANNEL_TOTALS = r"""
+extern "C" __global__ void channel_totals_{name}(
+        const {T}* __restrict__ sums, const long long channel_stride, const long long batch_stride,
+        const int channels, const int batch, const {T} count, const {T} eps,
+        {T}* __restrict__ total, {T}* __restrict__ mean, {T}* __restrict__ inv_std) {
+    __shared__ {T} partial[256];
+    for (int c = blockIdx.x; c < channels; c += gridDim.x) {
+        {T} t = 0;
+        for (int j = threadIdx.x; j < batch; j += blockDim.x) t += sums[c * channel_stride + j * batch_stride];
+        partial[threadIdx.x] = t;
+        __syncthreads();
+        for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+            if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            const {T} m = partial[0] / count;
+            total[c] = partial[0];
+            mean[c] = m;
+            inv_std[c] = ({T})1 / sqrt(m + eps);
+        }
+        __syncthreads();  // partial is reused for the next channel
+    }
+}
+"""
+# The raw kernels, each built per float type by replacing {T} and {name}.
+RAW_KERNELS = ("SOFTMAX_LOSS", "CHANNEL_TOTALS")
+
+# The running averages of a batchnorm's statistics in one pass, in place, rounded as
+# xpnet.layers.update_running_statistics rounds them: R the buffers' type, F the batch's.
+RUNNING_AVERAGES = Elementwise(
+    "F mean, F var, R momentum, F rest, F var_scale",
+    "R running_mean, R running_var",
+    "running_mean = running_mean * momentum + (R)(rest * mean); "
+    "running_var = running_var * momentum + (R)(rest * (var * var_scale))",
+    "xpnet_running_averages",
+)
+
 # Spatial batchnorm: per-channel values arrive as (1, C, 1, 1) arrays (or a scalar
 # scale of 1 without gamma), broadcast over (N, C, H, W). Each pass reads the
 # activations once: the variance around a given mean, the normalisation with x̂ kept
