@@ -334,36 +334,24 @@ def _convert(obj, memo):
     return obj
 
 
-def recipe_step_census(batch: int, widths=(64, 256, 256), dtype="float32", kernels=None) -> Census:
-    """The launches of one fast CIFAR-10 recipe training step (minibatch gather, forward,
-    backward, update; the lookahead, every fifth step, apart) at ``batch`` images."""
-    from xpnet import get_backend
+def step_census(build, kernels=None) -> Census:
+    """The launches of one call of the step that ``build()`` returns (built with NumPy's
+    arrays Tracked and the fused kernels on them), after one call that is not counted:
+    the first step makes what later steps reuse."""
     from xpnet.backend import dispatch
-    from xpnet.cnn import FastConvNet
-    from xpnet.recipes import Fast94Settings, Fast94Trainer
-    from xpnet.whitening import whitening_filters
 
     kernels = kernels or census_kernels()
-    backend = get_backend("numpy")
-    settings = Fast94Settings().with_overrides(dict(widths=widths, batch_size=batch, epochs=1, dtype=dtype))
-    rng = np.random.default_rng(0)
     saved = dispatch._ACCELERATORS.get(Tracked)
     dispatch._ACCELERATORS[Tracked] = kernels
     try:
         with tracked_numpy(), np.errstate(all="ignore"):
-            images = backend.asarray(rng.standard_normal((2 * batch, 3, 32, 32)), dtype=dtype)
-            labels = backend.asarray(rng.integers(0, 10, 2 * batch))
-            model = FastConvNet(widths=widths, dtype=dtype, backend=backend, seed=0)
-            model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
-            trainer = Fast94Trainer(model, images, labels, settings, seed=0)
-            trainer.augmenter.epoch(0)
-            trainer.sampler.start_epoch(backend.rng((0, 3, 0)))
-            _convert(trainer, {})
-            trainer._step()  # the first step makes what later steps reuse
+            step, owner = build()
+            _convert(owner, {})
+            step()
             CENSUS.launches.clear()
             CENSUS.recording = True
             try:
-                trainer._step()
+                step()
             finally:
                 CENSUS.recording = False
     finally:
@@ -376,10 +364,60 @@ def recipe_step_census(batch: int, widths=(64, 256, 256), dtype="float32", kerne
     return census
 
 
+def recipe_step_census(batch: int, widths=(64, 256, 256), dtype="float32", kernels=None) -> Census:
+    """The launches of one fast CIFAR-10 recipe training step (minibatch gather, forward,
+    backward, update; the lookahead, every fifth step, apart) at ``batch`` images."""
+    from xpnet import get_backend
+    from xpnet.cnn import FastConvNet
+    from xpnet.recipes import Fast94Settings, Fast94Trainer
+    from xpnet.whitening import whitening_filters
+
+    def build():
+        backend = get_backend("numpy")
+        settings = Fast94Settings().with_overrides(dict(widths=widths, batch_size=batch, epochs=1, dtype=dtype))
+        rng = np.random.default_rng(0)
+        images = backend.asarray(rng.standard_normal((2 * batch, 3, 32, 32)), dtype=dtype)
+        labels = backend.asarray(rng.integers(0, 10, 2 * batch))
+        model = FastConvNet(widths=widths, dtype=dtype, backend=backend, seed=0)
+        model.frozen["whiten_W"][...] = whitening_filters(images, 2, settings.whiten_eps)
+        trainer = Fast94Trainer(model, images, labels, settings, seed=0)
+        trainer.augmenter.epoch(0)
+        trainer.sampler.start_epoch(backend.rng((0, 3, 0)))
+        return trainer._step, trainer
+
+    return step_census(build, kernels)
+
+
+def convnet_step_census(batch: int, dtype="float32", kernels=None) -> Census:
+    """The launches of one Solver step of the course's ThreeLayerConvNet (32 filters 7×7,
+    100 hidden, plain SGD) on (batch, 3, 32, 32) inputs, as ``bench.py --suite conv`` times it."""
+    from xpnet import get_backend
+    from xpnet.cnn import ThreeLayerConvNet
+    from xpnet.solver import Solver
+
+    def build():
+        backend = get_backend("numpy")
+        rng = np.random.default_rng(0)
+        X = backend.asarray(rng.standard_normal((4 * batch, 3, 32, 32)), dtype=dtype)
+        y = backend.asarray(rng.integers(0, 10, 4 * batch))
+        model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend=backend, dtype=dtype)
+        data = {"X_train": X, "y_train": y, "X_val": X[:batch], "y_val": y[:batch]}
+        solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 1e-3}, batch_size=batch,
+                        verbose=False)  # fmt: skip
+        step_rng = backend.rng(1)
+        return (lambda: solver.step(step_rng)), solver
+
+    return step_census(build, kernels)
+
+
+STEPS = {"recipe": recipe_step_census, "convnet": convnet_step_census}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--step", choices=sorted(STEPS), default="recipe", help="which training step to count")
     parser.add_argument("--batch", default="32,64", help="two batch sizes (comma-separated)")
-    parser.add_argument("--widths", default="64,256,256")
+    parser.add_argument("--widths", default="64,256,256", help="the recipe's widths")
     parser.add_argument("--at", type=int, default=1024, help="the batch size to extrapolate the traffic to")
     parser.add_argument(
         "--bandwidth", type=float, default=4.3, help="TB/s for the traffic's floor (H200: 4.3 measured)"
@@ -388,9 +426,12 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",")]
     widths = tuple(int(w) for w in args.widths.split(","))
     kernels = census_kernels()
-    results = {b: recipe_step_census(b, widths, kernels=kernels) for b in batches}
+    if args.step == "recipe":
+        results = {b: recipe_step_census(b, widths, kernels=kernels) for b in batches}
+    else:
+        results = {b: STEPS[args.step](b, kernels=kernels) for b in batches}
     for b, census in results.items():
-        print(f"\n== one recipe step at batch {b}, widths {widths}: {len(census.launches)} launches, "
+        print(f"\n== one {args.step} step at batch {b}: {len(census.launches)} launches, "
               f"{census.bytes / 1e6:.1f} MB, {census.flops / 1e9:.2f} GFLOP")  # fmt: skip
         print(f"{'launch':48} {'n':>5} {'MB read':>10} {'MB written':>10} {'GFLOP':>8}")
         for name, n, read, written, gflop in results[b].table():
