@@ -424,6 +424,28 @@ def test_fused_update_rules_over_three_steps(rng, kernels, monkeypatch, dtype, r
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, [rule]), dtype)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_lookahead_moves_as_the_reference_bit_for_bit(rng, kernels, monkeypatch, dtype):
+    """Three lookahead points over arrays the training moves in between, in one pass per array."""
+    from xpnet.training.lookahead import Lookahead
+
+    start = [rng.standard_normal(shape).astype(dtype) for shape in ((5, 3), (7,), (2, 3, 3, 3))]
+    moves = [[rng.standard_normal(a.shape).astype(dtype) for a in start] for _ in range(3)]
+
+    def run():
+        arrays = [a.copy() for a in start]
+        lookahead = Lookahead(arrays, total=12, every=2)
+        for move in moves:
+            for a, delta in zip(arrays, move):
+                a += delta  # what the training steps between two points did
+            lookahead.step(), lookahead.step()
+        return (*arrays, *lookahead.slow)
+
+    fast, reference = fused_and_reference(kernels, monkeypatch, run, ["lookahead"])
+    for a, b in zip(fast, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch):
     """Every fused layer of the fast CIFAR-10 recipe's net at once, with its caches passed between them."""
     from xpnet.cnn import FastConvNet

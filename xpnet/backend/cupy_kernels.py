@@ -67,6 +67,7 @@ _sgd_momentum = cupy.ElementwiseKernel(*sources.SGD_MOMENTUM)
 _sgd_nesterov = cupy.ElementwiseKernel(*sources.SGD_NESTEROV)
 _nesterov_sgd = cupy.ElementwiseKernel(*sources.NESTEROV_SGD)
 _rmsprop = cupy.ElementwiseKernel(*sources.RMSPROP)
+_lookahead = cupy.ElementwiseKernel(*sources.LOOKAHEAD)
 _adam = cupy.ElementwiseKernel(*sources.ADAM)
 
 # cuBLAS enums and sizes
@@ -564,6 +565,12 @@ class CupyKernels:
     @staticmethod
     def nesterov_sgd(w, dw, v, lr, mu, wd):
         _nesterov_sgd(dw, lr, mu, wd, w, v)
+
+    @staticmethod
+    def lookahead(fast, slow, step):
+        """``slow += step·(fast - slow)``, then ``fast[...] = slow``, in one pass; ``step`` is a
+        0-d array of their dtype."""
+        _lookahead(step, slow, fast)
 
     @staticmethod
     def rmsprop(w, dw, cache, lr, decay, eps):

@@ -430,6 +430,11 @@ NESTEROV_SGD = Elementwise(
     "const T g = dw + wd * w; v = mu * v + g; w = w - lr * (g + mu * v)",
     "xpnet_nesterov_sgd",
 )
+# Lookahead at one of its points (xpnet.training.lookahead): the slow copy moves by ``step``
+# of the way towards the fast array, which then takes it; as the reference rounds it.
+LOOKAHEAD = Elementwise(
+    "T step", "T slow, T fast", "slow = slow + step * (fast - slow); fast = slow", "xpnet_lookahead"
+)
 RMSPROP = Elementwise(
     "T dw, T lr, T decay, T eps",
     "T w, T cache",

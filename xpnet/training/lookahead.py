@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array_api_compat import device
 
-from ..backend import namespace
+from ..backend import accelerated, namespace
 
 __all__ = ["Lookahead", "cubic_lookahead_decay"]
 
@@ -73,10 +73,14 @@ class Lookahead:
         xp = namespace(self._count)
         self._count += self.every  # in place: a replayed graph advances it too
         position = xp.reshape(xp.minimum(self._count, self._last), (1,))
-        keep = xp.reshape(xp.take(self._decay, position), ())
+        step = 1 - xp.reshape(xp.take(self._decay, position), ())
+        fused = accelerated(self._count)
         for fast, slow in zip(self.fast, self.slow):
-            slow += (1 - keep) * (fast - slow)
-            fast[...] = slow
+            if fused is not None and fast.dtype == step.dtype:
+                fused.lookahead(fast, slow, step)  # one pass where the reference takes four
+            else:
+                slow += step * (fast - slow)
+                fast[...] = slow
 
     def step(self) -> None:
         """Count one training step and, at a lookahead point, :meth:`move`."""
