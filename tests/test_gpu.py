@@ -426,13 +426,30 @@ def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gam
         grads = (dx, dbeta) if gamma is None else (dx, dgamma, dbeta)
         return (out, *grads, bn_param["running_mean"], bn_param["running_var"], test_out)
 
-    fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply"]
+    fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply", "running_averages"]
     fast, reference = both(run, fused=fused)
     # float32: per-channel sums of 1,920 terms taken in another order differ by a few 1e-5
     # (4e-5 at most over 30 draws of this test run on the CPU through tests/cpu_kernels.py).
     tol = 1e-4 if dtype == "float32" else 1e-12
     for a, b in zip(fast, reference):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch_axis", [0, 1])
+def test_channel_totals_sum_more_partial_sums_than_a_block_has_threads(dtype, batch_axis):
+    """CHANNEL_TOTALS with 600 partial sums per channel: each of the 256 threads takes two or
+    three, then the block's tree adds them (the CPU stand-in runs a single thread)."""
+    from xpnet.backend.cupy_kernels import _channel_totals
+
+    rng = np.random.default_rng(5)
+    sums = rng.standard_normal((600, 7) if batch_axis == 0 else (7, 600)) + 2.0
+    total, mean, inv_std = _channel_totals(cp.asarray(sums, dtype=dtype), batch_axis, 600 * 9, eps=1e-5)
+    expected = sums.sum(axis=batch_axis)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(to_numpy(total), expected, rtol=tol)
+    np.testing.assert_allclose(to_numpy(mean), expected / 5400, rtol=tol)
+    np.testing.assert_allclose(to_numpy(inv_std), 1 / np.sqrt(expected / 5400 + 1e-5), rtol=tol)
 
 
 def test_fast_conv_on_cupy_matches_numpy_and_runs_its_gemms_through_cublas():
