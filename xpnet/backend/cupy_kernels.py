@@ -271,19 +271,9 @@ def _channel_totals(sums, batch_axis, count, eps=0.0):
     _channel_totals_kernels[stat](
         (channels,),
         (256,),
-        (
-            sums,
-            cupy.int64(channel_stride),
-            cupy.int64(batch_stride),
-            cupy.int32(channels),
-            cupy.int32(batch),
-            stat.type(count),
-            stat.type(eps),
-            total,
-            mean,
-            inv_std,
-        ),  # fmt: skip
-    )
+        (sums, cupy.int64(channel_stride), cupy.int64(batch_stride), cupy.int32(channels), cupy.int32(batch),
+         stat.type(count), stat.type(eps), total, mean, inv_std),
+    )  # fmt: skip
     return total, mean, inv_std
 
 
@@ -402,10 +392,10 @@ class CupyKernels:
         y = cupy.ascontiguousarray(y.astype(cupy.int64, copy=False))
         dx = cupy.empty_like(x)
         loss = cupy.empty((), dtype=x.dtype)
+        scale = 1.0 / n if reduction == "mean" else 1.0
         # each constant rounded once to x's dtype, as the reference's Python floats are
-        on_target, off_target, scale = (x.dtype.type(v) for v in (1.0 - label_smoothing, label_smoothing / c,
-                                                                  1.0 / n if reduction == "mean" else 1.0))  # fmt: skip
-        kernel((1,), (256,), (x, y, cupy.int32(n), cupy.int32(c), on_target, off_target, scale, dx, loss))
+        targets_and_scale = [x.dtype.type(v) for v in (1.0 - label_smoothing, label_smoothing / c, scale)]
+        kernel((1,), (256,), (x, y, cupy.int32(n), cupy.int32(c), *targets_and_scale, dx, loss))
         return loss, dx
 
     @staticmethod
