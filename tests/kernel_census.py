@@ -15,11 +15,12 @@ the bytes it writes. This is a count, not a timing: it says how many kernels a s
 launches, how much memory traffic it implies at the least, and which launches move
 activation-sized arrays, so that a copy nobody meant to make shows up without a GPU.
 
-    python tests/kernel_census.py [--batch 32,64] [--widths 64,256,256] [--at 1024]
+    python tests/kernel_census.py [--step recipe|convnet] [--batch 32,64] [--widths 64,256,256] [--at 1024]
 
-prints one recipe training step's launches, grouped by name, at each batch size, and
-the traffic extrapolated to ``--at`` images (the bytes are affine in the batch size; two
-sizes fix both terms).
+prints one training step's launches (the fast CIFAR-10 recipe's, or the course's
+ThreeLayerConvNet's under the Solver), grouped by name, at each batch size, and the
+traffic extrapolated to ``--at`` images (the bytes are affine in the batch size; two
+sizes fix both terms). :func:`step_census` counts any other step.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _plain(value):
     if isinstance(value, Tracked):
         return value.view(np.ndarray)
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
+        items = [_plain(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
