@@ -430,22 +430,53 @@ def test_three_layer_convnet_refuses_bad_arguments(options, message):
 
 
 def test_conv_relu_pool_equals_the_course_order_exactly_ties_included(backend, np_rng):
-    # It pools before the ReLU; the course's order is conv, ReLU, pool. Small integers make
-    # ties, windows with no positive value, and zeros: every case where the order could show.
+    # It pools before the bias and the ReLU; the course's order is conv (with its bias), ReLU,
+    # pool. Small integers make ties, windows with no positive value, and zeros: every case
+    # where the order could show. The gradient is made of integers too, so that every sum is
+    # exact and the bias gradient (summed over the pooled values here, over the convolution's
+    # in the course's order) must come out equal to the last bit.
     x = arr(backend, np_rng.integers(-1, 2, size=(3, 2, 6, 6)).astype(np.float64))
     w = arr(backend, np_rng.integers(-1, 2, size=(4, 2, 3, 3)).astype(np.float64))
     b = arr(backend, np.array([0.0, 1.0, -1.0, 0.0]))
     conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
     out, cache = layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)
-    a, relu_cache = layer_utils.conv_relu_forward(x, w, b, conv)
-    expected, pool_cache = fast_layers.max_pool_forward_fast(a, pool)
+    a, conv_cache = fast_layers.conv_forward_fast(x, w, b, conv)
+    relu, relu_cache = layers.relu_forward(a)
+    expected, pool_cache = fast_layers.max_pool_forward_fast(relu, pool)
     np.testing.assert_array_equal(to_np(out), to_np(expected))
     assert np.sum(to_np(out) == 0) > out.shape[0]  # windows with nothing positive did occur
-    dout = arr(backend, np_rng.standard_normal(tuple(out.shape)))
+    dout = arr(backend, np_rng.integers(-3, 4, size=tuple(out.shape)).astype(np.float64))
     grads = layer_utils.conv_relu_pool_backward(dout, cache)
-    course = layer_utils.conv_relu_backward(fast_layers.max_pool_backward_fast(dout, pool_cache), relu_cache)
-    for got, want in zip(grads, course):
+    da = layers.relu_backward(fast_layers.max_pool_backward_fast(dout, pool_cache), relu_cache)
+    course = fast_layers.conv_backward_fast(da, conv_cache)
+    for got, want in zip(grads, course, strict=True):
         np.testing.assert_array_equal(to_np(got), to_np(want))
+
+
+def test_conv_relu_equals_the_convolution_with_its_bias_then_the_relu(backend, np_rng):
+    """conv_relu adds the bias in the ReLU's pass: the values are those of the plain layers."""
+    x = arr(backend, np_rng.integers(-1, 2, size=(2, 3, 5, 5)).astype(np.float64))
+    w = arr(backend, np_rng.integers(-1, 2, size=(4, 3, 3, 3)).astype(np.float64))
+    b = arr(backend, np.array([0.0, 1.0, -1.0, 2.0]))
+    conv = {"stride": 2, "pad": 1}
+    out, cache = layer_utils.conv_relu_forward(x, w, b, conv)
+    a, conv_cache = fast_layers.conv_forward_fast(x, w, b, conv)
+    expected, relu_cache = layers.relu_forward(a)
+    np.testing.assert_array_equal(to_np(out), to_np(expected))
+    dout = arr(backend, np_rng.integers(-3, 4, size=tuple(out.shape)).astype(np.float64))
+    grads = layer_utils.conv_relu_backward(dout, cache)
+    course = fast_layers.conv_backward_fast(layers.relu_backward(dout, relu_cache), conv_cache)
+    for got, want in zip(grads, course, strict=True):
+        np.testing.assert_array_equal(to_np(got), to_np(want))
+
+
+def test_conv_sandwiches_check_the_bias_against_the_filters_by_their_own_name(backend):
+    x, w = arr(backend, np.ones((1, 2, 4, 4))), arr(backend, np.ones((3, 2, 3, 3)))
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    with pytest.raises(ValueError, match=r"conv_relu_forward: b \(2,\) must have one bias per filter"):
+        layer_utils.conv_relu_forward(x, w, arr(backend, np.ones(2)), conv)
+    with pytest.raises(ValueError, match=r"conv_relu_pool_forward: b \(4,\) must have one bias per filter"):
+        layer_utils.conv_relu_pool_forward(x, w, arr(backend, np.ones(4)), conv, pool)
 
 
 def cifar_images(n_train, n_val):

@@ -123,6 +123,33 @@ def test_fused_affine_relu_and_bias_gradient_match_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_fused_conv_relu_sandwiches_match_reference(dtype, pooled):
+    """The bias and the ReLU in one pass on the convolution's (or its pool's) output, which is
+    stored channels outermost on this path."""
+    from xpnet import layer_utils
+
+    rng = np.random.default_rng(7)
+    x = CUPY.asarray(rng.standard_normal((4, 3, 8, 8)), dtype=dtype)
+    w = CUPY.asarray(rng.standard_normal((5, 3, 3, 3)), dtype=dtype)
+    b = CUPY.asarray(rng.standard_normal(5), dtype=dtype)
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+    def run():
+        if pooled:
+            out, cache = layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)
+            grads = layer_utils.conv_relu_pool_backward(cp.ones_like(out), cache)
+        else:
+            out, cache = layer_utils.conv_relu_forward(x, w, b, conv)
+            grads = layer_utils.conv_relu_backward(cp.ones_like(out), cache)
+        return (out, *grads)
+
+    for fast, reference in zip(*both(run, fused=["channel_bias_relu", "relu_backward", "im2col"])):
+        assert fast.shape == reference.shape
+        assert_close(fast, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
 def test_cublas_matmul_matches_cupy(dtype, a_t, b_t):
     rng = np.random.default_rng(2)

@@ -13,7 +13,7 @@ import pytest
 from cpu_kernels import COMPILER, cupy_kernels_on_cpu, run_elementwise
 from helpers import small_recipe
 
-from xpnet import fast_layers, layers, optim
+from xpnet import fast_layers, layer_utils, layers, optim
 from xpnet.backend import dispatch, fused_kernels
 from xpnet.backend import kernel_sources as sources
 from xpnet.fast_layers import _col2im, _im2col
@@ -230,6 +230,31 @@ def test_fused_max_pool_layers_equal_the_reference_bit_for_bit(rng, kernels, mon
     fast, reference = fused_and_reference(kernels, monkeypatch, run, ["max_pool_forward", "max_pool_backward"])
     for a, b in zip(fast, reference):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_fused_conv_relu_sandwiches_equal_the_reference(rng, kernels, monkeypatch, dtype, pooled):
+    """The bias and the ReLU in one pass after the convolution (or after its pool), read and
+    stored in the convolution's memory order (channels outermost on the im2col path)."""
+    x = rng.standard_normal((3, 2, 6, 6)).astype(dtype)
+    w, b = rng.standard_normal((4, 2, 3, 3)).astype(dtype), rng.standard_normal(4).astype(dtype)
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    forward, backward = (
+        (lambda: layer_utils.conv_relu_pool_forward(x, w, b, conv, pool), layer_utils.conv_relu_pool_backward)
+        if pooled
+        else (lambda: layer_utils.conv_relu_forward(x, w, b, conv), layer_utils.conv_relu_backward)
+    )
+
+    def run():
+        out, cache = forward()
+        dout = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+        return (out, *backward(dout, cache))
+
+    fast, reference = fused_and_reference(kernels, monkeypatch, run, ["channel_bias_relu", "relu_backward"])
+    assert not fast[0].flags.c_contiguous  # the convolution's order, kept
+    assert_all_close(fast, reference, dtype)
+    assert np.sum(fast[0] == 0) > 0 and np.sum(fast[0] > 0) > 0  # the ReLU cut some values, not all
 
 
 BATCHNORM_LAYERS = {  # without and with the GELU after it

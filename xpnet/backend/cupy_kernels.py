@@ -403,6 +403,12 @@ class CupyKernels:
         return _relu_backward(dout, x)
 
     @staticmethod
+    def channel_bias_relu(x, b):
+        """max(x + b, 0) for x (N, C, H, W) and b (C,) in one pass, stored in x's order."""
+        stored, outer = _stored(x)
+        return _viewed(_bias_relu(stored, _per_channel(b, x.dtype, outer)), outer)
+
+    @staticmethod
     def im2col(x, kh, kw, stride, pad, h_out, w_out):
         """(C·KH·KW, N·H'·W') columns of x (N, C, H, W) zero-padded by ``pad``, in one launch."""
         n, c, h, w = x.shape
