@@ -410,11 +410,15 @@ def test_fused_im2col_and_col2im_match_the_array_api_reference(dtype, x_shape, w
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape, window, stride", [((8, 16, 32, 32), 2, 2), ((3, 4, 9, 9), 3, 2), ((2, 3, 6, 5), 2, 1)])
-def test_fused_max_pool_matches_the_array_api_reference_with_ties(dtype, shape, window, stride):
+@pytest.mark.parametrize("channels_outer", [False, True])
+def test_fused_max_pool_matches_the_array_api_reference_with_ties(dtype, shape, window, stride, channels_outer):
+    """x stored (N, C, H, W), or channels outermost as a convolution's output is."""
     from xpnet import fast_layers
 
     rng = np.random.default_rng(11)
     x = CUPY.asarray(rng.integers(-2, 3, size=shape), dtype=dtype)  # few values: many tied windows
+    if channels_outer:
+        x = cp.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
     param = {"pool_height": window, "pool_width": window, "stride": stride}
 
     def run():

@@ -135,33 +135,40 @@ POOLS = [
 @pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape, window, stride", POOLS)
-def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, window, stride, bits):
+@pytest.mark.parametrize("channels_outer", [False, True])
+def test_max_pool_kernels_equal_the_reference_with_ties(rng, dtype, shape, window, stride, bits, channels_outer):
+    """x and dx stored (N, C, H, W), or (C, N, H, W) as a convolution's output is; out,
+    argmax and dout (N, C, H', W') either way."""
+    n, c, h, w = shape
     ph, pw = window
-    h_out, w_out = (shape[2] - ph) // stride + 1, (shape[3] - pw) // stride + 1
+    h_out, w_out = (h - ph) // stride + 1, (w - pw) // stride + 1
     x = rng.integers(-2, 3, size=shape).astype(dtype)  # few values: many tied windows
+    stored = np.ascontiguousarray(np.permute_dims(x, (1, 0, 2, 3)) if channels_outer else x)
     param = {"pool_height": ph, "pool_width": pw, "stride": stride}
     expected, cache = fast_layers.max_pool_forward_fast(x, param)
-    out_shape = (*shape[:2], h_out, w_out)
+    out_shape = (n, c, h_out, w_out)
     out, argmax = np.empty(out_shape, dtype=dtype), np.empty(out_shape, dtype=np.int32)
-    geometry = (shape[2], shape[3], ph, pw, h_out, w_out, stride)
-    run_elementwise(_index(sources.MAX_POOL_FORWARD, bits), x, *geometry, *sources.divisors(w_out, h_out), out, argmax)
+    geometry = (h, w, ph, pw, h_out, w_out, stride)
+    forward = (*geometry, c, n, int(channels_outer), *sources.divisors(w_out, h_out, c))
+    run_elementwise(_index(sources.MAX_POOL_FORWARD, bits), stored, *forward, out, argmax)
     np.testing.assert_array_equal(out, expected)
     rows, cols = stride * (h_out - 1) + 1, stride * (w_out - 1) + 1
     windows = np.stack([x[..., i : i + rows : stride, j : j + cols : stride] for i in range(ph) for j in range(pw)], 2)
     np.testing.assert_array_equal(argmax, np.argmax(windows, axis=2))  # offsets in row-major order
 
     dout = rng.standard_normal(out_shape).astype(dtype)
-    divide = sources.divisors(shape[3], shape[2])
-    dx = run_elementwise(
-        _index(sources.MAX_POOL_BACKWARD, bits), dout, argmax, *geometry, *divide, np.empty(shape, dtype=dtype)
-    )
-    np.testing.assert_array_equal(dx, fast_layers.max_pool_backward_fast(dout, cache))
+    inner = n if channels_outer else c
+    backward = (*geometry, c, int(channels_outer), inner, *sources.divisors(w, h, inner))
+    dx = np.empty(stored.shape, dtype=dtype)
+    run_elementwise(_index(sources.MAX_POOL_BACKWARD, bits), dout, argmax, *backward, dx)
+    expected_dx = fast_layers.max_pool_backward_fast(dout, cache)
+    np.testing.assert_array_equal(dx, np.permute_dims(expected_dx, (1, 0, 2, 3)) if channels_outer else expected_dx)
 
 
 def test_max_pool_kernel_propagates_nan():
     x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]])
     out, argmax = np.empty((1, 1, 1, 1)), np.empty((1, 1, 1, 1), dtype=np.int32)
-    run_elementwise(sources.MAX_POOL_FORWARD, x, 2, 2, 2, 2, 1, 1, 2, *sources.divisors(1, 1), out, argmax)
+    run_elementwise(sources.MAX_POOL_FORWARD, x, 2, 2, 2, 2, 1, 1, 2, 1, 1, 0, *sources.divisors(1, 1, 1), out, argmax)
     assert np.isnan(out).all() and argmax.item() == 1
 
 
@@ -236,7 +243,7 @@ def test_fused_max_pool_layers_equal_the_reference_bit_for_bit(rng, kernels, mon
 @pytest.mark.parametrize("pooled", [False, True])
 def test_fused_conv_relu_sandwiches_equal_the_reference(rng, kernels, monkeypatch, dtype, pooled):
     """The bias and the ReLU in one pass after the convolution (or after its pool), read and
-    stored in the convolution's memory order (channels outermost on the im2col path)."""
+    stored in their input's memory order."""
     x = rng.standard_normal((3, 2, 6, 6)).astype(dtype)
     w, b = rng.standard_normal((4, 2, 3, 3)).astype(dtype), rng.standard_normal(4).astype(dtype)
     conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
@@ -252,7 +259,8 @@ def test_fused_conv_relu_sandwiches_equal_the_reference(rng, kernels, monkeypatc
         return (out, *backward(dout, cache))
 
     fast, reference = fused_and_reference(kernels, monkeypatch, run, ["channel_bias_relu", "relu_backward"])
-    assert not fast[0].flags.c_contiguous  # the convolution's order, kept
+    # in their input's order: the convolution's (channels outermost), or the pool's (N, C, H', W')
+    assert fast[0].flags.c_contiguous == pooled
     assert_all_close(fast, reference, dtype)
     assert np.sum(fast[0] == 0) > 0 and np.sum(fast[0] > 0) > 0  # the ReLU cut some values, not all
 
@@ -329,11 +337,12 @@ def _channels_outermost(a):
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_the_fused_layers_keep_a_convolutions_memory_order(rng, kernels, monkeypatch, dtype):
+def test_the_fused_layers_read_a_convolutions_output_in_its_memory_order(rng, kernels, monkeypatch, dtype):
     """A convolution's output on the im2col path is stored channels outermost. The fused
-    layers after it read it in place and store what they give back in the same order, down
-    to the gradient that reaches the next convolution's backward pass, which then reads it
-    as rows without a copy; the values are those of the same layers on an (N, C, H, W) copy."""
+    layers after it read it in place: a pool gives (N, C, H', W') back, which a layer that
+    flattens it reads as it is, and its backward pass gives the gradient back in the
+    convolution's order, which the convolution's backward pass reads as rows without a copy;
+    the values are those of the same layers on an (N, C, H, W) copy."""
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     n, c, size = 3, 4, 7
     w = rng.standard_normal((c, c, 3, 3)).astype(dtype)
@@ -360,9 +369,12 @@ def test_the_fused_layers_keep_a_convolutions_memory_order(rng, kernels, monkeyp
         block(np.permute_dims(x_cn, (1, 0, 2, 3)).copy()),
     )
     for name, value in from_conv_output.items():
-        assert _channels_outermost(value), name
+        if name in ("conv", "dpool", "dconv"):  # dconv: as x, itself a convolution's output here
+            assert _channels_outermost(value), name
+        else:  # the pool's output and all that follows it
+            assert value.flags.c_contiguous, name
         np.testing.assert_array_equal(value, from_nchw[name], err_msg=name)
-    assert not _channels_outermost(from_nchw["dconv"])  # an (N, C, H, W) input gets its gradient so
+    assert from_nchw["dconv"].flags.c_contiguous  # an (N, C, H, W) input gets its gradient so
 
 
 def test_the_batchnorm_backward_passes_refuse_each_others_fused_caches(rng, kernels, monkeypatch):

@@ -184,7 +184,7 @@ def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     if tuple(dout.shape) != expected:
         raise ValueError(f"max_pool_backward_fast: dout has shape {tuple(dout.shape)}, expected {expected}")
     if isinstance(saved, _FusedPoolCache):
-        return saved.kernels.max_pool_backward(dout, saved.argmax, tuple(x.shape), ph, pw, stride, h_out, w_out)
+        return saved.kernels.max_pool_backward(dout, saved.argmax, x, ph, pw, stride, h_out, w_out)
     out = saved
     # Every array below is made *_like x or out, and dout is copied once into out's memory order:
     # x is often a convolution's output, channels outermost in memory, and NumPy keeps that order

@@ -433,26 +433,28 @@ class CupyKernels:
 
     @staticmethod
     def max_pool_forward(x, ph, pw, stride, h_out, w_out):
-        """Max pooling of x (N, C, H, W) in one launch: out (N, C, H', W') and, for the
-        backward pass, each window's first maximum as the offset ki·pw + kj (int32, same
-        shape), both stored in x's order."""
-        h, w = x.shape[2], x.shape[3]
+        """Max pooling of x (N, C, H, W), read in its memory order, in one launch: out
+        (N, C, H', W') and, for the backward pass, each window's first maximum as the offset
+        ki·pw + kj (int32, same shape), both C-contiguous."""
+        n, c, h, w = x.shape
         stored, outer = _stored(x)
-        out = cupy.empty((stored.shape[0], stored.shape[1], h_out, w_out), dtype=x.dtype)
+        out = cupy.empty((n, c, h_out, w_out), dtype=x.dtype)
         argmax = cupy.empty(out.shape, dtype=cupy.int32)
-        divide = sources.divisors(w_out, h_out)
-        _max_pool_forward(stored, h, w, ph, pw, h_out, w_out, stride, *divide, out, argmax)
-        return _viewed(out, outer), _viewed(argmax, outer)
+        divide = sources.divisors(w_out, h_out, c)
+        _max_pool_forward(stored, h, w, ph, pw, h_out, w_out, stride, c, n, int(outer), *divide, out, argmax)
+        return out, argmax
 
     @staticmethod
-    def max_pool_backward(dout, argmax, shape, ph, pw, stride, h_out, w_out):
-        """dx of ``shape`` (N, C, H, W), stored in the argmax's order: each window's gradient
-        at its first maximum, overlaps added."""
-        n, c, h, w = shape
-        argmax, outer = _stored(argmax)
-        dx = cupy.empty((c, n, h, w) if outer else shape, dtype=dout.dtype)
-        divide = sources.divisors(w, h)
-        _max_pool_backward(_stored_as(dout, outer), argmax, h, w, ph, pw, h_out, w_out, stride, *divide, dx)
+    def max_pool_backward(dout, argmax, like, ph, pw, stride, h_out, w_out):
+        """dx shaped and stored like ``like`` (the pool's input, (N, C, H, W)): each
+        window's gradient at its first maximum, overlaps added."""
+        n, c, h, w = like.shape
+        outer = _channels_outer(like)
+        dx = cupy.empty((c, n, h, w) if outer else (n, c, h, w), dtype=dout.dtype)
+        inner = n if outer else c
+        divide = sources.divisors(w, h, inner)
+        _max_pool_backward(cupy.ascontiguousarray(dout), argmax, h, w, ph, pw, h_out, w_out, stride, c, int(outer),
+                           inner, *divide, dx)  # fmt: skip
         return _viewed(dx, outer)
 
     @staticmethod

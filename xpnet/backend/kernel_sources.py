@@ -168,7 +168,7 @@ def _covering(o: str, position: str, window: str, count: str) -> str:
 # that overlapping windows add up without atomics, over the output positions that cover
 # the element, in the order (ki, kj) that the array-API code adds them. The images x and
 # dx are stored (N, C, H, W), or (C, N, H, W) where channels_outer is 1 (a convolution's
-# output on this path is stored so, and a layer after it keeps that order): plane p of
+# output on this path is stored so, and the layers up to the next pool keep that order): plane p of
 # the stored array is image p / C's channel p % C, or channel p / N of image p % N.
 IM2COL = Elementwise(
     "raw T x, int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 N, int32 OH, int32 OW, int32 stride, int32 pad,"
@@ -208,14 +208,20 @@ COL2IM = Elementwise(
 )
 # Max pooling, one thread per output element: the window's first maximum in row-major
 # order (a NaN wins and stays) and its offset ki·PW + kj, which is all the backward pass
-# needs (the array-API code keeps the output and compares it again). The backward pass gathers,
-# one thread per element of dx, adding the windows that picked it in the order
-# (ki, kj) that the array-API code adds them.
+# needs (the array-API code keeps the output and compares it again). The input x is stored
+# (N, C, H, W), or (C, N, H, W) where channels_outer is 1 (a convolution's output on the
+# im2col path); out and argmax are (N, C, OH, OW) either way, so that a layer that flattens
+# the pooled images (an affine layer, a global pool's head) reads them without a copy. The
+# backward pass gathers, one thread per element of dx (stored as x is; P is the size of its
+# second axis, C, or N where channels_outer is 1), adding the windows that picked it in the
+# order (ki, kj) that the array-API code adds them.
 MAX_POOL_FORWARD = Elementwise(
-    "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride" + _divisor_params("OW OH"),
+    "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride, int32 C, int32 N,"
+    " int32 channels_outer" + _divisor_params("OW OH C"),
     "T out, int32 argmax",
-    _coordinates("ow oh", "OW OH", "plane", "long long")
+    _coordinates("ow oh c", "OW OH C", "n", "long long")
     + """
+    const long long plane = channels_outer ? (long long)c * N + n : n * C + c;
     const long long corner = (plane * H + (long long)oh * stride) * W + (long long)ow * stride;
     T best = x[corner];
     int best_k = 0;
@@ -234,10 +240,13 @@ MAX_POOL_FORWARD = Elementwise(
     "xpnet_max_pool_forward",
 )
 MAX_POOL_BACKWARD = Elementwise(
-    "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride"
-    + _divisor_params("W H"),
+    "raw T dout, raw int32 argmax, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride, int32 C,"
+    " int32 channels_outer, int32 P" + _divisor_params("W H P"),
     "T dx",
-    _coordinates("iw ih", "W H", "plane", "long long")
+    _coordinates("iw ih inner", "W H P", "outer")
+    + """
+    const int n = channels_outer ? inner : outer, c = channels_outer ? outer : inner;
+    const long long plane = (long long)n * C + c;  // in dout and argmax, (N, C, OH, OW)"""
     + _covering("oh", "ih", "PH", "OH")
     + _covering("ow", "iw", "PW", "OW")
     + """
