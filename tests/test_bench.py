@@ -58,11 +58,56 @@ def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, ca
         assert ("xpnet one-pass" in row["results"]) == (kind == "channel sum")
     assert report["net"]["results"]["xpnet"]["us"] > 0
     phases = report["conv_phases"]
-    assert len(phases) == 6 * len(CONV_PHASE_SHAPES) and all(row["floor_us"] > 0 for row in phases)
+    # six passes a convolution, four where it makes no dx (im2col, its GEMM, dout to rows, the dw GEMM)
+    with_dx = sum(shape[-1] for shape in CONV_PHASE_SHAPES)
+    assert len(phases) == 6 * with_dx + 4 * (len(CONV_PHASE_SHAPES) - with_dx)
+    assert (
+        all(row["floor_us"] > 0 for row in phases) and "conv 3→24 32×32: GEMM dw = dout @ cols.T" in phases[3]["case"]
+    )
     gemms = [row for row in phases if "GEMM" in row["case"]]
-    assert len(gemms) == 3 * len(CONV_PHASE_SHAPES) and all(row["results"]["xpnet"]["tflops"] > 0 for row in gemms)
+    assert len(gemms) == 3 * with_dx + 2 * (len(CONV_PHASE_SHAPES) - with_dx)
+    assert all(row["results"]["xpnet"]["tflops"] > 0 for row in gemms)
     printed = capsys.readouterr().out
     assert "| max pool 2, conv output (2, 64, 31, 31) | 1 |" in printed and "These layers per training step" in printed
+
+
+@pytest.mark.parametrize("suite", ["ops", "conv"])
+def test_the_json_report_grows_as_a_suite_measures(tmp_path, monkeypatch, suite):
+    """A GPU step killed by its time limit keeps what its suite measured so far."""
+    from xpnet.cli.bench_ops import OPS
+
+    snapshots = []
+    replace = os.replace
+
+    def recording(source, target):
+        replace(source, target)
+        part = json.loads(Path(target).read_text()).get(suite, {})
+        if suite == "ops":
+            snapshots.append(len(part.get("rows", [])) + len(part.get("conv_phases", [])) + ("net" in part))
+        else:
+            snapshots.append(sum(len(rows) for rows, _, _ in part.values()))
+
+    monkeypatch.setattr(bench.os, "replace", recording)
+    out = tmp_path / "bench.json"
+    args = [
+        "--suite",
+        suite,
+        "--ops-batch",
+        "2",
+        "--repeats",
+        "1",
+        "--budget",
+        "0.01",
+        "--no-torch",
+        "--json",
+        str(out),
+    ]
+    assert bench.main(args) == 0
+    assert snapshots == sorted(snapshots) and snapshots[-2] == snapshots[-1]
+    if suite == "ops":  # after each row, then once at the suite's end and once at the run's
+        assert snapshots[0] == 1 and len(snapshots) == snapshots[-1] + 2 and snapshots[-1] > len(OPS)
+    else:  # after the CPU table (6 rows), the ThreeLayerConvNet step's, at the suite's end and the run's
+        assert snapshots == [6, 7, 7, 7]
 
 
 def test_ops_batch_must_be_positive(capsys):

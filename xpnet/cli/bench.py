@@ -327,27 +327,32 @@ def run_fc_suite(backend, configs, use_torch, args, report):
         print(f"{hidden}, {batch}: {summary}", flush=True)
 
 
-def run_conv_suite(backend, args) -> dict:
-    """The convolution rows: title -> (rows, variant names, ratios), for the report and the tables."""
+def run_conv_suite(backend, args, on_progress=None) -> dict:
+    """The convolution rows: title -> (rows, variant names, ratios), for the report and the
+    tables; ``on_progress(tables)`` gets the tables so far after each one."""
     settle = 0.0 if backend.is_gpu else 0.3
 
     def timer(variants, repeats, budget):
         return time_variants(variants, repeats, budget, settle)
 
+    progress = on_progress if on_progress is not None else (lambda tables: None)
     tables = {}
     if backend.is_gpu:
         for tf32 in (False, True):
             rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32, not args.no_torch)
             names, ratios = ["xpnet", "xpnet-cudnn", "torch"], [("xpnet", "torch"), ("xpnet-cudnn", "torch")]
             tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, names, ratios)
+            progress(tables)
     else:
         rows = bench_conv.cpu_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
         tables["course shapes (CPU)"] = (rows, ["naive", "fast", "torch"], [("naive", "fast"), ("fast", "torch")])
+        progress(tables)
     if not args.no_convnet:
         rows = bench_conv.convnet_step_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
         names = ["xpnet", "xpnet-graph", "xpnet-cudnn", "xpnet-cudnn-graph", "torch", "torch-graph"]
         ratios = [("xpnet", "torch"), ("xpnet-graph", "torch-graph"), ("xpnet-cudnn-graph", "torch-graph")]
         tables["ThreeLayerConvNet"] = (rows, names, ratios)
+        progress(tables)
     return tables
 
 
@@ -492,12 +497,22 @@ def main(argv=None):
     if args.suite in ("fc", "all"):
         run_fc_suite(backend, configs, use_torch, args, report)
         save()
+
+    def saving(part):
+        """A progress callback that puts the part measured so far in the report and saves it."""
+
+        def save_part(so_far):
+            report[part] = so_far
+            save()
+
+        return save_part
+
     if args.suite in ("conv", "all"):
-        report["conv"] = run_conv_suite(backend, args)
+        report["conv"] = run_conv_suite(backend, args, saving("conv"))
         save()
     if args.suite in ("ops", "all"):
         report["ops"] = bench_ops.ops_rows(backend, time_variants, args.repeats, args.budget, args.ops_batch,
-                                           use_torch, args.tf32)  # fmt: skip
+                                           use_torch, args.tf32, saving("ops"))  # fmt: skip
         save()
     if args.profile_recipe:
         report["profile"] = bench_profile.profile_recipe(backend, args.recipe_set, args.profile_steps, args.tf32)
@@ -515,12 +530,8 @@ def main(argv=None):
         if not use_torch:
             args.no_torch = True
 
-        def progress(partial):
-            report["recipe"] = partial
-            save()
-
         try:
-            report["recipe"] = bench_recipe.recipe_runs(backend, args, on_progress=progress)
+            report["recipe"] = bench_recipe.recipe_runs(backend, args, on_progress=saving("recipe"))
         except (OSError, ValueError) as exc:
             p.error(f"--recipe {args.recipe}: {exc}")
     print()

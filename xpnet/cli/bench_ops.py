@@ -187,11 +187,14 @@ def _net_steps(backend, torch, device, batch):
 
 
 # (C_in, C_out, H = W, kernel, pad): the recipe's two convolutions that move the most bytes
-CONV_PHASE_SHAPES = [(24, 64, 31, 3, 1), (64, 256, 15, 3, 1)]
+# (C_in, C_out, H, kernel, pad, input_grad): the whitening layer (no dx: its input is the
+# data), and the two convolutions that cost a recipe step the most.
+CONV_PHASE_SHAPES = [(3, 24, 32, 2, 0, False), (24, 64, 31, 3, 1, True), (64, 256, 15, 3, 1, True)]
 
 
-def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad) -> list:
-    """[(name, step, bytes, flops)] for the passes of one im2col convolution."""
+def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad, input_grad) -> list:
+    """[(name, step, bytes, flops)] for the passes of one im2col convolution (without the
+    two that make dx where ``input_grad`` is False)."""
     xp = backend.xp
     x = rng.normal((batch, c_in, size, size), dtype=xp.float32)
     w = rng.normal((c_out, c_in * k * k), std=0.05, dtype=xp.float32)
@@ -221,7 +224,7 @@ def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad) -> list:
     positions = batch * out_size * out_size
     col_bytes, x_bytes, y_bytes = 4 * c_in * k * k * positions, 4 * x.size, 4 * c_out * positions
     flops = 2 * c_out * c_in * k * k * positions
-    return [
+    phases = [
         ("im2col", im2col, x_bytes + col_bytes, None),
         ("GEMM out = w @ cols", lambda: layers.matmul(w, cols), col_bytes + y_bytes, flops),
         ("dout to rows (transpose)", to_rows, 2 * y_bytes, None),
@@ -231,11 +234,13 @@ def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad) -> list:
          flops),
         ("col2im", col2im, col_bytes + x_bytes, None),
     ]  # fmt: skip
+    return phases if input_grad else phases[:4]
 
 
-def conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch=1024) -> list:
+def conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch=1024, on_row=None) -> list:
     """One row per pass of the im2col path (xpnet only), for each of CONV_PHASE_SHAPES:
-    µs, the floor of its bytes at ``bandwidth`` and, for the GEMMs, TFLOP/s."""
+    µs, the floor of its bytes at ``bandwidth`` and, for the GEMMs, TFLOP/s. ``on_row(rows)``
+    is called after each row."""
     rng = backend.rng(3)
     rows = []
     for shape in CONV_PHASE_SHAPES:
@@ -245,6 +250,8 @@ def conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch=10
             row = measure_row(label, {"xpnet": (step, backend.sync)}, time_variants, repeats, budget, flops)
             row["floor_us"] = nbytes / bandwidth * 1e6
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -252,9 +259,11 @@ def _torch_sync(torch, backend):
     return torch.cuda.synchronize if backend.is_gpu else (lambda: None)
 
 
-def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True, tf32=False) -> dict:
-    """{"batch", "bandwidth_gbs", "rows": [...], "net": row}: each row's µs per variant, its
-    floor and its count per training step; ``tf32`` sets PyTorch's switches to match xpnet's."""
+def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True, tf32=False, on_progress=None) -> dict:
+    """{"batch", "bandwidth_gbs", "rows": [...], "conv_phases": [...], "net": row}: each row's µs
+    per variant, its floor and its count per training step; ``tf32`` sets PyTorch's switches to
+    match xpnet's. ``on_progress(report)`` gets the report so far after each row, so that a run
+    stopped by a time limit can keep what it measured."""
     torch, device = None, None
     if use_torch:
         try:
@@ -270,7 +279,8 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
     started = time.perf_counter()
     bandwidth = copy_bandwidth(backend, time_variants, repeats, budget)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
-    rows = []
+    report = {"batch": batch, "bandwidth_gbs": bandwidth / 1e9, "rows": [], "conv_phases": []}
+    progress = on_progress if on_progress is not None else (lambda report: None)
     for kind, shape, count in OPS:
         variants = {"xpnet": (_xpnet_step(backend, kind, batch, shape), backend.sync)}
         if kind == "channel sum":
@@ -280,12 +290,20 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
         row = measure_row(f"{kind} {(batch, *shape)}", variants, time_variants, repeats, budget, None)
         row["count"] = count
         row["floor_us"] = _bytes(kind, batch, shape) / bandwidth * 1e6
-        rows.append(row)
-    phases = conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch)
+        report["rows"].append(row)
+        progress(report)
+
+    def phases_so_far(rows):
+        report["conv_phases"] = rows
+        progress(report)
+
+    conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch, phases_so_far)
     net_steps = _net_steps(backend, torch, device, batch)
-    net = measure_row(f"FastConvNet loss and gradients, batch {batch}", net_steps, time_variants, repeats, budget, None)
+    label = f"FastConvNet loss and gradients, batch {batch}"
+    report["net"] = measure_row(label, net_steps, time_variants, repeats, budget, None)
+    progress(report)
     print(f"ops suite: {time.perf_counter() - started:.0f} s", flush=True)
-    return {"batch": batch, "bandwidth_gbs": bandwidth / 1e9, "rows": rows, "conv_phases": phases, "net": net}
+    return report
 
 
 def format_ops_table(report: dict) -> str:
