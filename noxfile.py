@@ -60,7 +60,8 @@ CUDA_WHEELS = {
 def kernels(session, cuda):
     """Compile every CUDA kernel with NVRTC for sm_90, no GPU needed (CuPy's bindings, the
     NVRTC wheel and the runtime's headers of CUDA 12 or 13, about 235 MB), float16 variants
-    with CuPy's own float16 header: catches what the C++ compiler of the CPU tests lets
+    with CuPy's own float16 header, and each elementwise and reduction kernel a second time
+    as CuPy's code generator writes it: catches what the C++ compiler of the CPU tests lets
     through. `nox -s "kernels(cuda='13')"` for one version."""
     session.install("-e", ".", *CUDA_WHEELS[cuda])
     session.run("python", "tests/cpu_kernels.py", "--nvrtc")

@@ -254,6 +254,76 @@ def cuda_sources():
                 yield f"{name}_{label}", getattr(kernel_sources, name).replace("{T}", label).replace("{name}", label)
 
 
+_NUMPY_TYPES = {"float": np.float32, "double": np.float64, "float16": np.float16}
+
+
+def cupy_generated_sources():
+    """(name, CUDA source) of every ElementwiseKernel and ReductionKernel of kernel_sources
+    as CuPy itself writes them at a launch: its own code generator (the private functions
+    behind ``cupy.ElementwiseKernel`` and ``cupy.ReductionKernel`` in CuPy 13 and 14) and the
+    headers it puts in front, for float and double (and float16 activations where they pass).
+    Arrays are described as broadcast 4-D operands, CuPy's most general form; scalars as
+    scalars. Unlike :func:`cuda_sources` this compiles what a GPU will run, CArray and
+    CIndexer included, but needs CuPy's internals: a CuPy that changed them fails here by name."""
+    import cupy
+    from cupy._core import _carray, _kernel, _reduction, _scalar, core
+
+    from xpnet.backend import kernel_sources
+
+    array, indexer, scalar = 1, 2, 3  # CuPy's _ArgKind
+    head = "".join(f"#include <{header}>\n" for header in core._cupy_header_list)
+
+    def infos(params, types, extra, ndim_in, ndim_out):
+        """CuPy's description of each argument: ``extra`` gives CuPy's own (indexers by their
+        ndim, the block stride as 0); inputs are strided ndim_in-D arrays (a broadcast operand;
+        a scalar compiles the same expression), outputs strided ndim_out-D arrays, raw arrays
+        C-contiguous."""
+        found = []
+        for p in params:
+            if p.name in extra:
+                if extra[p.name]:
+                    found.append(_kernel._ArgInfo(indexer, _carray.Indexer, None, extra[p.name], True, True))
+                else:
+                    found.append(_kernel._ArgInfo(scalar, _scalar.CScalar, np.int32, 0, True, True))
+                continue
+            dtype = np.dtype(types[p.ctype] if p.dtype is None else p.dtype).type
+            ndim = ndim_in if p.is_const and not p.raw else ndim_out
+            found.append(_kernel._ArgInfo(array, cupy.ndarray, dtype, ndim, p.raw, True))
+        return tuple(found)
+
+    for label, c_types in _PRECISIONS.items():
+        half = label == "float16"
+        types = {name: _NUMPY_TYPES[c] for name, c in c_types.items()}
+        for name, kernel in vars(kernel_sources).items():
+            if half and name not in kernel_sources.FLOAT16_KERNELS:
+                continue
+            if isinstance(kernel, Elementwise):
+                inputs = _kernel._get_param_info(kernel.in_params, True)
+                outputs = _kernel._get_param_info(kernel.out_params, False)
+                params = inputs + outputs + _kernel._get_param_info("CIndexer _ind", False)
+                used = sorted({p.ctype for p in inputs + outputs if p.dtype is None})
+                type_map = _kernel._TypeMap(tuple((t, np.dtype(types[t]).type) for t in used))
+                arg_infos = infos(params, types, {"_ind": 4}, 4, 4)
+                code = _kernel._get_elementwise_kernel_code(
+                    arg_infos, type_map, params, kernel.operation, kernel.name, ""
+                )
+            elif isinstance(kernel, Reduction):
+                reduction = cupy.ReductionKernel(*kernel[:6], name=kernel.name)
+                params = reduction._params
+                used = sorted({p.ctype for p in reduction.in_params + reduction.out_params if p.dtype is None})
+                pairs = tuple((t, np.dtype(types[t]).type) for t in used) + (("IndexT", np.int32),)
+                (out,) = reduction.out_params
+                reduce_type = _kernel._get_typename(np.dtype(types[out.ctype] if out.dtype is None else out.dtype).type)
+                arg_infos = infos(params, types, {"_in_ind": 2, "_out_ind": 1, "_block_stride": 0}, 2, 1)
+                code = _reduction._ReductionKernel_get_cached_function_code(
+                    len(reduction.in_params), 1, params, arg_infos, _kernel._TypeMap(pairs), kernel.name, 512,
+                    reduce_type, kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr, "", (),
+                )  # fmt: skip
+            else:
+                continue
+            yield f"{name}_{label} (CuPy's code)", head + code
+
+
 def _nvrtc_include_options() -> list[str]:
     """-I options for CuPy's headers (cupy/float16.cuh) and the CUDA headers they include
     (cuda_fp16.h, from the nvidia-cuda-runtime wheel)."""
@@ -269,18 +339,21 @@ def compile_with_nvrtc(arch="compute_90") -> int:
     """Compile every kernel with CUDA's run-time compiler (no GPU needed: CuPy's NVRTC
     bindings, the nvidia-cuda-nvrtc wheel and, for float16, the nvidia-cuda-runtime wheel's
     headers); prints each failure's log, returns their count."""
+    from cupy._core import core
     from cupy_backends.cuda.libs import nvrtc
 
     options = [f"-arch={arch}", "-std=c++17", *_nvrtc_include_options()]
+    cupy_options = [f"-arch={arch}", *core.assemble_cupy_compiler_options(()), *_nvrtc_include_options()]
     failures = 0
-    for name, source in cuda_sources():
-        program = nvrtc.createProgram(source, f"{name}.cu", [], [])
-        try:
-            nvrtc.compileProgram(program, options)
-            print(f"ok    {name}")
-        except Exception:
-            failures += 1
-            print(f"FAIL  {name}\n{nvrtc.getProgramLog(program)}\n{source}")
+    for sources, with_options in ((cuda_sources(), options), (cupy_generated_sources(), cupy_options)):
+        for name, source in sources:
+            program = nvrtc.createProgram(source, f"{name.split()[0]}.cu", [], [])
+            try:
+                nvrtc.compileProgram(program, with_options)
+                print(f"ok    {name}")
+            except Exception:
+                failures += 1
+                print(f"FAIL  {name}\n{nvrtc.getProgramLog(program)}\n{source}")
     return failures
 
 
