@@ -2,7 +2,7 @@
 
 Each kernel's text is compiled by the system's C++ compiler inside a loop over the
 element index ``i`` (one "thread" at a time; a raw kernel runs as a single thread
-of a one-thread block), and called through ctypes on NumPy arrays. The arguments
+of a one-thread block, in a warp of one lane), and called through ctypes on NumPy arrays. The arguments
 follow CuPy's conventions, so a test passes what ``cupy_kernels`` passes: non-raw
 arguments broadcast to one shape and are read (outputs: written) at index ``i``,
 ``raw`` ones are whole C-contiguous arrays. This checks the kernels' arithmetic
@@ -43,6 +43,9 @@ using namespace std;
 struct _Dim3 { int x, y, z; };
 static const _Dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 static inline void __syncthreads() {}
+// A warp of one lane: shuffles have no other lane to read, and loops over lanes step by one.
+static const int warpSize = 1;
+template <typename V> static inline V __shfl_down_sync(unsigned int, V v, int) { return v; }
 static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((unsigned long long)a * b) >> 32); }
 // CuPy's float16 (cupy/float16.cuh): 16 bits stored, every operation on it done in float
 // through its implicit conversions, and a float rounded back only when stored.

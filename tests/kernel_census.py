@@ -16,6 +16,7 @@ launches, how much memory traffic it implies at the least, and which launches mo
 activation-sized arrays, so that a copy nobody meant to make shows up without a GPU.
 
     python tests/kernel_census.py [--step recipe|convnet] [--batch 32,64] [--widths 64,256,256] [--at 1024]
+                                  [--warp-plane-sums]
 
 prints one training step's launches (the fast CIFAR-10 recipe's, or the course's
 ThreeLayerConvNet's under the Solver), grouped by name, at each batch size, and the
@@ -424,10 +425,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--bandwidth", type=float, default=4.3, help="TB/s for the traffic's floor (H200: 4.3 measured)"
     )
+    parser.add_argument(
+        "--warp-plane-sums", action="store_true", help="batchnorm's per-plane sums through PLANE_SUMS, a warp per plane"
+    )
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
     widths = tuple(int(w) for w in args.widths.split(","))
     kernels = census_kernels()
+    kernels.warp_plane_sums = args.warp_plane_sums
     if args.step == "recipe":
         results = {b: recipe_step_census(b, widths, kernels=kernels) for b in batches}
     else:

@@ -71,6 +71,43 @@ def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, ca
     assert "| max pool 2, conv output (2, 64, 31, 31) | 1 |" in printed and "These layers per training step" in printed
 
 
+def test_ops_suite_times_the_warp_per_plane_sums_beside_the_reductions_where_the_kernels_have_them(
+    tmp_path, monkeypatch, capsys
+):
+    """On CuPy the batchnorm rows, the channel sums and the whole network are timed a second
+    time with the PLANE_SUMS kernel; here CuPy's kernels run on the CPU (tests/cpu_kernels.py)."""
+    import cpu_kernels
+
+    from xpnet.backend import dispatch
+
+    if cpu_kernels.COMPILER is None:
+        pytest.skip("no C++ compiler to run the kernels on the CPU")
+    kernels = cpu_kernels.cupy_kernels_on_cpu()
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    out = tmp_path / "ops.json"
+    args = [
+        "--suite",
+        "ops",
+        "--ops-batch",
+        "2",
+        "--repeats",
+        "1",
+        "--budget",
+        "0.001",
+        "--no-torch",
+        "--json",
+        str(out),
+    ]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())["ops"]
+    for row in report["rows"]:
+        timed = "us" in row["results"].get("xpnet warp sums", {})
+        assert timed == ("batchnorm" in row["case"] or row["case"].startswith("channel sum")), row["case"]
+    assert report["net"]["results"]["xpnet warp sums"]["us"] > 0
+    assert not kernels.warp_plane_sums  # switched back after each step
+    assert "xpnet with the warp sums" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("suite", ["ops", "conv"])
 def test_the_json_report_grows_as_a_suite_measures(tmp_path, monkeypatch, suite):
     """A GPU step killed by its time limit keeps what its suite measured so far."""

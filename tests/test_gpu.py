@@ -434,9 +434,13 @@ def test_fused_max_pool_matches_the_array_api_reference_with_ties(dtype, shape, 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("with_gamma", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gamma, gelu):
+@pytest.mark.parametrize("warp", [False, True])
+def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gamma, gelu, warp):
+    """warp: the per-plane sums through PLANE_SUMS (a warp per plane) instead of CuPy's reductions."""
     from xpnet import spatial_norm
 
+    kernels = accelerated(CUPY.asarray([0.0]))
+    saved, kernels.warp_plane_sums = kernels.warp_plane_sums, warp
     prefix = "spatial_batchnorm_gelu" if gelu else "spatial_batchnorm"  # with the GELU after it in one pass, or not
     forward, backward = getattr(spatial_norm, f"{prefix}_forward"), getattr(spatial_norm, f"{prefix}_backward")
 
@@ -458,12 +462,49 @@ def test_fused_spatial_batchnorm_matches_the_array_api_reference(dtype, with_gam
         return (out, *grads, bn_param["running_mean"], bn_param["running_var"], test_out)
 
     fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply", "running_averages"]
-    fast, reference = both(run, fused=fused)
+    try:
+        fast, reference = both(run, fused=fused)
+    finally:
+        kernels.warp_plane_sums = saved
     # float32: per-channel sums of 1,920 terms taken in another order differ by a few 1e-5
     # (4e-5 at most over 30 draws of this test run on the CPU through tests/cpu_kernels.py).
     tol = 1e-4 if dtype == "float32" else 1e-12
     for a, b in zip(fast, reference):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("plane_size", [1, 9, 31, 32, 33, 49, 225, 1000])
+@pytest.mark.parametrize("channels_outer", [False, True])
+def test_plane_sums_add_each_plane_across_a_warp(dtype, plane_size, channels_outer, monkeypatch):
+    """PLANE_SUMS on planes shorter and longer than a warp, and more planes than its grid
+    has warps (its grid capped at 16 blocks of 8 warps), against NumPy in float64: all four modes."""
+    from xpnet.backend import cupy_kernels
+    from xpnet.backend.cupy_kernels import _plane_sums
+
+    monkeypatch.setattr(cupy_kernels, "_MAX_PLANE_BLOCKS", 16)
+    rng = np.random.default_rng(17)
+    a, b = (25, 7) if plane_size > 100 else (70, 11)  # 175 or 770 planes: each warp takes one to seven
+    channels = a if channels_outer else b
+    x, y = (rng.standard_normal((a, b, plane_size)) for _ in range(2))
+    p0, p1 = rng.standard_normal(channels), rng.standard_normal(channels)
+    gpu = [CUPY.asarray(v, dtype=dtype) for v in (x, y, p0, p1)]
+    per_plane = (slice(None), None, None) if channels_outer else (None, slice(None), None)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+
+    def check(got, want):
+        np.testing.assert_allclose(to_numpy(got), want, rtol=tol, atol=tol * plane_size)
+
+    check(_plane_sums(0, gpu[0], channels_outer, warp=True), x.sum(axis=2))
+    check(_plane_sums(1, gpu[0], channels_outer, p0=gpu[2], warp=True), ((x - p0[per_plane]) ** 2).sum(axis=2))
+    total, product = _plane_sums(2, gpu[0], channels_outer, gpu[1], warp=True)
+    check(total, x.sum(axis=2))
+    check(product, (x * y).sum(axis=2))
+    # mode 3 against CuPy's two reductions of the same maps
+    warp = _plane_sums(3, gpu[0], channels_outer, gpu[1], gpu[2], gpu[3], warp=True)
+    reductions = _plane_sums(3, gpu[0], channels_outer, gpu[1], gpu[2], gpu[3], warp=False)
+    for got, want in zip(warp, reductions, strict=True):
+        check(got, to_numpy(want))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

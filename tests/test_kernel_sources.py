@@ -8,6 +8,8 @@ compiler, not only where a GPU is at hand; tests/test_gpu.py runs them on CuPy.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from cpu_kernels import COMPILER, cupy_kernels_on_cpu, run_elementwise
@@ -271,11 +273,24 @@ BATCHNORM_LAYERS = {  # without and with the GELU after it
 }
 
 
+def counting_plane_sums(kernels, monkeypatch) -> list:
+    """A list that grows by one at each PLANE_SUMS launch of ``kernels``."""
+    launches = []
+    table = kernels.spatial_batchnorm_train.__globals__["_plane_sums_kernels"]
+    for dtype, kernel in list(table.items()):
+        monkeypatch.setitem(table, dtype, lambda *args, _kernel=kernel: (launches.append(1), _kernel(*args))[1])
+    return launches
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("with_gamma", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("channels_outer", [True, False])
-def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, gelu, channels_outer):
+@pytest.mark.parametrize("warp", [False, True])
+def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, gelu, channels_outer, warp):
+    """warp: the per-plane sums through PLANE_SUMS, in one launch per pass, instead of CuPy's reductions."""
+    monkeypatch.setattr(kernels, "warp_plane_sums", warp)
+    launches = counting_plane_sums(kernels, monkeypatch)
     forward, backward = BATCHNORM_LAYERS[gelu]
     n, c, h, w = 4, 3, 5, 6
     # A permuted view, as a convolution's output is, or a C-ordered array.
@@ -299,6 +314,45 @@ def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, g
 
     fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply", "running_averages"]
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
+    assert len(launches) == (3 if warp else 0)  # the mean and the variance, then both gradient sums at once
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("channels_outer", [True, False])
+def test_channel_sums_through_the_warp_per_plane_kernel_equal_the_reference(rng, kernels, monkeypatch, dtype,
+                                                                             channels_outer):  # fmt: skip
+    monkeypatch.setattr(kernels, "warp_plane_sums", True)
+    launches = counting_plane_sums(kernels, monkeypatch)
+    x = np.permute_dims(rng.standard_normal((5, 3, 7, 6)).astype(dtype), (1, 0, 2, 3))
+    x = x if channels_outer else np.ascontiguousarray(x)
+    total = kernels.channel_sum(x)
+    np.testing.assert_allclose(total, x.astype(np.float64).sum(axis=(0, 2, 3)), **tolerance(dtype))
+    assert total.dtype == dtype and len(launches) == 1
+    kernels.channel_sum(x, dtype=np.float32 if x.dtype == np.float64 else np.float64)  # another: CuPy's reductions
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("channels_outer", [False, True])
+def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, channels_outer):
+    """PLANE_SUMS's four modes against NumPy, planes stored (C, N) or (N, C) (the warp has one
+    lane here; tests/test_gpu.py runs the same with 32)."""
+    plane_sums = kernels.spatial_batchnorm_train.__globals__["_plane_sums"]
+    a, b, size = 6, 4, 10
+    channels = a if channels_outer else b
+    x, y = rng.standard_normal((a, b, size)), rng.standard_normal((a, b, size))
+    p0, p1 = rng.standard_normal(channels), rng.standard_normal(channels)
+    per_plane = (slice(None), None, None) if channels_outer else (None, slice(None), None)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-12)
+    close(plane_sums(0, x, channels_outer, warp=True), x.sum(axis=2))
+    close(plane_sums(1, x, channels_outer, p0=p0, warp=True), ((x - p0[per_plane]) ** 2).sum(axis=2))
+    total, product = plane_sums(2, x, channels_outer, y, warp=True)
+    close(total, x.sum(axis=2))
+    close(product, (x * y).sum(axis=2))
+    # mode 3 (dout x, x̂ y, gamma p0, beta p1) against the reductions of the same maps
+    warp = plane_sums(3, x, channels_outer, y, p0, p1, warp=True)
+    reductions = plane_sums(3, x, channels_outer, y, p0, p1, warp=False)
+    for got, want in zip(warp, reductions, strict=True):
+        close(got, want)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

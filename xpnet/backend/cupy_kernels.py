@@ -49,6 +49,7 @@ def _raw_kernels(source: str, function: str) -> dict:
 
 _softmax_loss = _raw_kernels(sources.SOFTMAX_LOSS, "softmax_loss")
 _channel_totals_kernels = _raw_kernels(sources.CHANNEL_TOTALS, "channel_totals")
+_plane_sums_kernels = _raw_kernels(sources.PLANE_SUMS, "plane_sums")
 _batchnorm_train = cupy.ElementwiseKernel(*sources.BATCHNORM_TRAIN)
 _batchnorm_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_APPLY)
 _batchnorm_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_BACKWARD)
@@ -277,6 +278,43 @@ def _channel_totals(sums, batch_axis, count, eps=0.0):
     return total, mean, inv_std
 
 
+# What PLANE_SUMS sums in each of its modes (kernel_sources.PLANE_SUMS)
+_SUM, _SQUARED_DEVIATION, _SUM_AND_PRODUCT, _GELU_GRAD_SUMS = range(4)
+_WARPS_PER_BLOCK = 8
+_MAX_PLANE_BLOCKS = 1 << 20  # more planes than this many blocks have warps: each warp takes several
+
+
+def _plane_sums(mode, rows, channels_outer, other=None, p0=None, p1=None, warp=False):
+    """Per-plane sums of ``rows`` (A, B, H·W), a stored array's planes: (A, B), or a pair of
+    them in modes _SUM_AND_PRODUCT and _GELU_GRAD_SUMS (``other`` is then x̂'s planes); p0 and
+    p1 are (C,) per-channel operands (the means, or gamma and beta), in the statistics' dtype.
+    ``warp``: one PLANE_SUMS launch, a warp per plane (float32 and float64 planes only); else
+    CuPy's reductions, one per sum."""
+    stat = _statistics_dtype(rows)
+    if warp and rows.dtype == stat:
+        a, b, size = rows.shape
+        planes = a * b
+        sums = [cupy.empty((a, b), dtype=stat) for _ in range(2 if mode >= _SUM_AND_PRODUCT else 1)]
+        blocks = min(-(-planes // _WARPS_PER_BLOCK), _MAX_PLANE_BLOCKS)
+        channels, batch = (a, b) if channels_outer else (b, a)
+        operands = [rows, rows if other is None else other, *(rows if v is None else v for v in (p0, p1))]
+        _plane_sums_kernels[stat](
+            (blocks,),
+            (32 * _WARPS_PER_BLOCK,),
+            (*operands, cupy.int64(planes), cupy.int32(size), cupy.int32(channels), cupy.int32(batch),
+             cupy.int32(int(channels_outer)), cupy.int32(mode), sums[0], sums[-1]),
+        )  # fmt: skip
+        return sums[0] if len(sums) == 1 else tuple(sums)
+    if mode == _SUM:
+        return rows.sum(axis=2, dtype=stat)
+    if mode == _SQUARED_DEVIATION:
+        return _squared_deviation_sum(rows, _per_channel(p0, stat, channels_outer, 3), axis=2)
+    if mode == _SUM_AND_PRODUCT:
+        return rows.sum(axis=2, dtype=stat), _product_sum[stat](rows, other, axis=2)
+    gamma3, beta3 = (_per_channel(v, stat, channels_outer, 3) for v in (p0, p1))
+    return tuple(kernel(rows, other, gamma3, beta3, axis=2) for kernel in _gelu_grad_sums[stat])
+
+
 def _normalization(mean, inv_std, gamma, beta, dtype, channels_outer):
     """The batchnorm kernels' per-channel operands: mean, 1/std, gamma (a 1 of ``dtype``
     for batchnorm without a scale) and beta, each (C,) shaped for a stored array."""
@@ -305,6 +343,9 @@ class CupyKernels:
         self._lock = threading.Lock()
         self.tf32 = False
         self.use_cudnn = False
+        # Batchnorm's per-plane sums through PLANE_SUMS (a warp per plane) instead of CuPy's
+        # reductions: off until measured on a GPU (bench.py --suite ops times both).
+        self.warp_plane_sums = False
 
     def prepare(self, device_id: int) -> None:
         """Create the cuBLAS handle and workspace now (never inside a graph capture)."""
@@ -457,8 +498,7 @@ class CupyKernels:
                            inner, *divide, dx)  # fmt: skip
         return _viewed(dx, outer)
 
-    @staticmethod
-    def spatial_batchnorm_train(x, gamma, beta, eps, gelu=False):
+    def spatial_batchnorm_train(self, x, gamma, beta, eps, gelu=False):
         """Batchnorm of x (N, C, H, W) with its statistics over N, H and W, in three passes:
         out and x̂ (N, C, H, W), stored in x's order, the batch mean and biased variance (C,),
         and 1/sqrt(var + eps) (C,). gamma None: a scale of 1. ``gelu``: out is the exact
@@ -467,9 +507,9 @@ class CupyKernels:
         count = x.size // x.shape[1]
         stat = _statistics_dtype(x)
         stored, outer = _stored(x)
-        rows, batch = _planes(stored), _batch_axis(outer)
-        _, mean, _ = _channel_totals(rows.sum(axis=2, dtype=stat), batch, count)
-        deviations = _squared_deviation_sum(rows, _per_channel(mean, stat, outer, 3), axis=2)
+        rows, batch, warp = _planes(stored), _batch_axis(outer), self.warp_plane_sums
+        _, mean, _ = _channel_totals(_plane_sums(_SUM, rows, outer, warp=warp), batch, count)
+        deviations = _plane_sums(_SQUARED_DEVIATION, rows, outer, p0=mean, warp=warp)
         _, var, inv_std = _channel_totals(deviations, batch, count, eps)
         normalize = _batchnorm_gelu_train if gelu else _batchnorm_train
         out, x_hat = normalize(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer))
@@ -485,8 +525,7 @@ class CupyKernels:
         apply = _batchnorm_gelu_apply if gelu else _batchnorm_apply
         return _viewed(apply(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer)), outer)
 
-    @staticmethod
-    def spatial_batchnorm_backward(dout, x_hat, gamma, inv_std, gelu_beta=None):
+    def spatial_batchnorm_backward(self, dout, x_hat, gamma, inv_std, gelu_beta=None):
         """dx (N, C, H, W), stored in x̂'s order, dgamma (C,) (None without gamma) and dbeta
         (C,), in three passes; dgamma and dbeta are summed in the statistics' dtype
         (inv_std's) and have it. ``gelu_beta``: the forward pass had a GELU after the
@@ -500,19 +539,16 @@ class CupyKernels:
         dout_rows, x_hat_rows, batch = _planes(dout), _planes(x_hat), _batch_axis(outer)
         scale = _per_channel(inv_std if gamma is None else gamma.astype(stat, copy=False) * inv_std, stat, outer)
         if gelu_beta is None:
-            dbeta, mean_g = _channel_totals(dout_rows.sum(axis=2, dtype=stat), batch, count)[:2]
-            dgamma, mean_g_x_hat = _channel_totals(_product_sum[stat](dout_rows, x_hat_rows, axis=2), batch, count)[:2]
+            sums = _plane_sums(_SUM_AND_PRODUCT, dout_rows, outer, x_hat_rows, warp=self.warp_plane_sums)
+            (dbeta, mean_g), (dgamma, mean_g_x_hat) = (_channel_totals(v, batch, count)[:2] for v in sums)
             means = [_per_channel(v, stat, outer) for v in (mean_g, mean_g_x_hat)]
             dx = _batchnorm_backward(dout, x_hat, scale, *means)
             return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
-        # gamma and beta per channel beside the planes, as arrays: reductions take arrays
-        gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma
-        gamma3, beta3 = (_per_channel(v, stat, outer, 3) for v in (gamma_c, gelu_beta))
-        grad_sum, grad_x_hat_sum = _gelu_grad_sums[stat]
-        dbeta, mean_g = _channel_totals(grad_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2), batch, count)[:2]
-        dgamma, mean_g_x_hat = _channel_totals(
-            grad_x_hat_sum(dout_rows, x_hat_rows, gamma3, beta3, axis=2), batch, count
-        )[:2]
+        # gamma and beta per channel, as arrays: reductions take arrays
+        gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma.astype(stat, copy=False)
+        beta_c = gelu_beta.astype(stat, copy=False)
+        sums = _plane_sums(_GELU_GRAD_SUMS, dout_rows, outer, x_hat_rows, gamma_c, beta_c, self.warp_plane_sums)
+        (dbeta, mean_g), (dgamma, mean_g_x_hat) = (_channel_totals(v, batch, count)[:2] for v in sums)
         means = [_per_channel(v, stat, outer) for v in (mean_g, mean_g_x_hat)]
         gamma4, beta4 = (_per_channel(v, stat, outer) for v in (gamma_c, gelu_beta))
         dx = _batchnorm_gelu_backward(dout, x_hat, gamma4, beta4, scale, *means)
@@ -540,12 +576,16 @@ class CupyKernels:
         x, outer = _stored(x)
         return _viewed(_gelu_backward(_stored_as(dout, outer), x, _stored_as(cdf, outer)), outer)
 
-    @staticmethod
-    def channel_sum(x, dtype=None):
+    def channel_sum(self, x, dtype=None):
         """The sum of x (N, C, H, W) over N, H and W (C,), summed in ``dtype`` (x's by
         default), H·W first, read in x's memory order."""
         stored, outer = _stored(x)
-        return _planes(stored).sum(axis=2, dtype=dtype).sum(axis=_batch_axis(outer), dtype=dtype)
+        rows = _planes(stored)
+        if self.warp_plane_sums and dtype in (None, x.dtype) and x.dtype == _statistics_dtype(x):
+            sums = _plane_sums(_SUM, rows, outer, warp=True)
+        else:
+            sums = rows.sum(axis=2, dtype=dtype)
+        return sums.sum(axis=_batch_axis(outer), dtype=dtype)
 
     # -- update rules (in place) -------------------------------------------------------
     @staticmethod

@@ -293,7 +293,7 @@ extern "C" __global__ void channel_totals_{name}(
 }
 """
 # The raw kernels, each built per float type by replacing {T} and {name}.
-RAW_KERNELS = ("SOFTMAX_LOSS", "CHANNEL_TOTALS")
+RAW_KERNELS = ("SOFTMAX_LOSS", "CHANNEL_TOTALS", "PLANE_SUMS")
 
 # The running averages of a batchnorm's statistics in one pass, in place, rounded as
 # xpnet.layers.update_running_statistics rounds them: R the buffers' type, F the batch's.
@@ -402,6 +402,63 @@ BATCHNORM_GELU_BACKWARD = Elementwise(
     "T dx",
     f"const T g = {_gelu_input_grad(_BN_OUT_RECOMPUTED)}; dx = (T)(scale * ((F)g - mean_g - (F)x_hat * mean_g_x_hat))",
     "xpnet_batchnorm_gelu_backward",
+)
+# Per-plane sums for spatial batchnorm in one launch, one warp per plane: the lanes read
+# the plane's H·W values side by side and add up by shuffles. CuPy's reductions give each
+# plane a share of a 512-thread block and add up through shared memory, ten steps with a
+# barrier each, which leaves such short planes (H·W of 225, 49 or 9) far from the memory's
+# bandwidth. Planes are stored one after another, plane p being channel p % channels of an
+# image (or, channels_outer, channel p / batch). ``mode`` picks the sums, the same maps as
+# the reductions above: 0 Σx; 1 Σ(x - mean)² (p0 the means); 2 Σdout and Σdout·x̂ (a is dout,
+# b x̂); 3 Σg and Σg·x̂ with g the gradient at the batchnorm's output recomputed through the
+# GELU after it (p0 gamma, p1 beta). sum1 is written in modes 2 and 3 only. {T} is float or
+# double, {name} the same word; blockDim.x a multiple of warpSize.
+PLANE_SUMS = (
+    r"""
+typedef {T} T;
+typedef {T} F;
+extern "C" __global__ void plane_sums_{name}(
+        const T* __restrict__ a, const T* __restrict__ b, const F* __restrict__ p0, const F* __restrict__ p1,
+        const long long planes, const int plane_size, const int channels, const int batch,
+        const int channels_outer, const int mode, F* __restrict__ sum0, F* __restrict__ sum1) {
+    const int lane = threadIdx.x % warpSize;
+    const long long warps = (long long)gridDim.x * blockDim.x / warpSize;
+    // p is the same for every lane of a warp, so whole warps leave the loop together
+    for (long long p = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / warpSize; p < planes; p += warps) {
+        const int c = channels_outer ? (int)(p / batch) : (int)(p % channels);
+        const T* plane_a = a + p * plane_size;
+        const T* plane_b = b + p * plane_size;
+        F s0 = 0, s1 = 0;
+        for (int j = lane; j < plane_size; j += warpSize) {
+            if (mode == 0) {
+                s0 += (F)plane_a[j];
+            } else if (mode == 1) {
+                const F d = (F)plane_a[j] - p0[c];
+                s0 += d * d;
+            } else if (mode == 2) {
+                s0 += (F)plane_a[j];
+                s1 += (F)plane_a[j] * (F)plane_b[j];
+            } else {
+                const T dout = plane_a[j], x_hat = plane_b[j];
+                const F gamma = p0[c], beta = p1[c];
+                const F g = (F)"""
+    + _gelu_input_grad(_BN_OUT_RECOMPUTED)
+    + r""";
+                s0 += g;
+                s1 += g * (F)x_hat;
+            }
+        }
+        for (int offset = warpSize / 2; offset > 0; offset /= 2) {
+            s0 += __shfl_down_sync(0xffffffffu, s0, offset);
+            s1 += __shfl_down_sync(0xffffffffu, s1, offset);
+        }
+        if (lane == 0) {
+            sum0[p] = s0;
+            if (mode >= 2) sum1[p] = s1;
+        }
+    }
+}
+"""
 )
 # The kernels that float16 activations pass through (FastConvNet's layers with
 # activation_dtype="float16"), built with T = float16 and F = float as well. CuPy's

@@ -130,6 +130,23 @@ def _xpnet_step(backend, kind, batch, shape):
     return step
 
 
+def _with_warp_plane_sums(backend, step):
+    """``step`` with batchnorm's per-plane sums through the PLANE_SUMS kernel (a warp per
+    plane) instead of CuPy's reductions; None where the backend has no such switch."""
+    kernels = accelerated(backend.xp.empty(0))
+    if kernels is None or not hasattr(kernels, "warp_plane_sums"):
+        return None
+
+    def warp_step():
+        kernels.warp_plane_sums = True
+        try:
+            return step()
+        finally:
+            kernels.warp_plane_sums = False
+
+    return warp_step
+
+
 def _one_pass_channel_sum(backend, batch, shape):
     """The per-channel sum as a single reduction over axes (0, 2, 3), for comparison."""
     xp = backend.xp
@@ -169,6 +186,9 @@ def _net_steps(backend, torch, device, batch):
     model = FastConvNet(widths=settings.widths, backend=backend, seed=0)
     X_x, y_x = backend.asarray(X), backend.asarray(y)
     steps = {"xpnet": (lambda: model.loss(X_x, y_x), backend.sync)}
+    warp_step = _with_warp_plane_sums(backend, lambda: model.loss(X_x, y_x))
+    if warp_step is not None:
+        steps["xpnet warp sums"] = (warp_step, backend.sync)
     if torch is not None:
         from xpnet.recipes.fast94_torch import make_net
 
@@ -186,7 +206,6 @@ def _net_steps(backend, torch, device, batch):
     return steps
 
 
-# (C_in, C_out, H = W, kernel, pad): the recipe's two convolutions that move the most bytes
 # (C_in, C_out, H, kernel, pad, input_grad): the whitening layer (no dx: its input is the
 # data), and the two convolutions that cost a recipe step the most.
 CONV_PHASE_SHAPES = [(3, 24, 32, 2, 0, False), (24, 64, 31, 3, 1, True), (64, 256, 15, 3, 1, True)]
@@ -285,6 +304,9 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
         variants = {"xpnet": (_xpnet_step(backend, kind, batch, shape), backend.sync)}
         if kind == "channel sum":
             variants["xpnet one-pass"] = (_one_pass_channel_sum(backend, batch, shape), backend.sync)
+        warp_step = _with_warp_plane_sums(backend, _xpnet_step(backend, kind, batch, shape))
+        if warp_step is not None and ("batchnorm" in kind or kind == "channel sum"):
+            variants["xpnet warp sums"] = (warp_step, backend.sync)
         if torch is not None:
             variants["torch"] = (_torch_step(torch, device, kind, batch, shape), _torch_sync(torch, backend))
         row = measure_row(f"{kind} {(batch, *shape)}", variants, time_variants, repeats, budget, None)
@@ -308,11 +330,11 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
 
 def format_ops_table(report: dict) -> str:
     """A markdown table: µs per side, the floor, the count per step, and each side's ms per step."""
-    names = ["xpnet", "xpnet one-pass", "torch"]
+    names = ["xpnet", "xpnet one-pass", "xpnet warp sums", "torch"]
     lines = [
         f"| layer (batch {report['batch']}) | count | floor µs | " + " | ".join(f"{n} µs" for n in names)
         + " | xpnet/floor | xpnet/torch |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---" * (len(names) + 5) + "|",
     ]  # fmt: skip
     totals = {name: 0.0 for name in names}
     for row in report["rows"]:
@@ -327,6 +349,11 @@ def format_ops_table(report: dict) -> str:
             if "us" in r.get(n, {}):
                 totals[n] += row["count"] * r[n]["us"]
     per_step = ", ".join(f"{n} {totals[n] / 1000:.2f} ms" for n in ("xpnet", "torch") if totals[n])
+    # the warp-per-plane sums: the same total with each of their rows in place of xpnet's own
+    if any("us" in row["results"].get("xpnet warp sums", {}) for row in report["rows"]):
+        warp = sum(row["count"] * row["results"].get("xpnet warp sums", row["results"].get("xpnet", {})).get("us", 0)
+                   for row in report["rows"])  # fmt: skip
+        per_step += f"; xpnet with the warp sums {warp / 1000:.2f} ms"
     lines.append(f"\nThese layers per training step (count × µs): {per_step}.")
     lines += ["", "| im2col path, pass | floor µs | xpnet µs | xpnet/floor | TFLOP/s |", "|---|---|---|---|---|"]
     for row in report["conv_phases"]:
