@@ -29,6 +29,9 @@
 #   2  piece 2: STEPS=none                                                                      ~0.3 min
 #   3  piece 3: STEPS=recipe RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240                  ~3.5 min
 # with the machine's start (~1 min) and the time between calls: about 11 minutes.
+# Between calls 1 and 3, read bench_ops.log: where "xpnet warp sums" beats "xpnet" (the batchnorm rows
+# and the whole network) and test_gpu.log shows the PLANE_SUMS tests passing, give call 3
+# RECIPE_FLAGS="--tf32 --warp-plane-sums" so that the recipe sums batchnorm's planes a warp per plane.
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench profile suite tta recipe} "

@@ -106,6 +106,15 @@ def test_ops_suite_times_the_warp_per_plane_sums_beside_the_reductions_where_the
     assert report["net"]["results"]["xpnet warp sums"]["us"] > 0
     assert not kernels.warp_plane_sums  # switched back after each step
     assert "xpnet with the warp sums" in capsys.readouterr().out
+    # --warp-plane-sums switches them on for the whole run, and the ops suite's variants leave them on
+    assert bench.main(["--warp-plane-sums", *args]) == 0
+    assert kernels.warp_plane_sums and json.loads(out.read_text())["warp_plane_sums"] is True
+
+
+def test_warp_plane_sums_are_refused_where_the_backend_has_no_fused_batchnorm(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "none", "--warp-plane-sums"])
+    assert "--warp-plane-sums: backend 'numpy' has no fused batchnorm kernels (CuPy has)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suite", ["ops", "conv"])

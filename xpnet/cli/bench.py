@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 import xpnet
+from xpnet.backend import accelerated
 from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_profile, bench_recipe, bench_tta
 from xpnet.cli.common import HelpFormatter, load_npz_arrays
@@ -427,6 +428,12 @@ def main(argv=None):
     )
     p.add_argument("--ops-batch", type=int, default=1024, help="batch size of --suite ops (the recipe's: 1024)")
     p.add_argument(
+        "--warp-plane-sums",
+        action="store_true",
+        help="xpnet's batchnorm sums its planes through the PLANE_SUMS kernel, a warp per plane, in every part "
+        "(CuPy; off by default until measured: --suite ops times both)",
+    )
+    p.add_argument(
         "--profile-recipe",
         action="store_true",
         help="profile the fast recipe's training steps kernel by kernel in xpnet and in PyTorch (PyTorch's "
@@ -494,6 +501,12 @@ def main(argv=None):
             backend.set_tf32(True)
         except ValueError as exc:
             p.error(f"--tf32: {exc}")
+    if args.warp_plane_sums:
+        kernels = accelerated(backend.xp.empty(0))
+        if not hasattr(kernels, "warp_plane_sums"):
+            p.error(f"--warp-plane-sums: backend {backend.name!r} has no fused batchnorm kernels (CuPy has)")
+        kernels.warp_plane_sums = True
+        report["warp_plane_sums"] = True
     if args.suite in ("fc", "all"):
         run_fc_suite(backend, configs, use_torch, args, report)
         save()

@@ -138,11 +138,11 @@ def _with_warp_plane_sums(backend, step):
         return None
 
     def warp_step():
-        kernels.warp_plane_sums = True
+        before, kernels.warp_plane_sums = kernels.warp_plane_sums, True
         try:
             return step()
         finally:
-            kernels.warp_plane_sums = False
+            kernels.warp_plane_sums = before
 
     return warp_step
 
