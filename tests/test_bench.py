@@ -10,6 +10,12 @@ import pytest
 from xpnet.cli import bench
 
 
+def small_suite_args(suite, out, *extra):
+    """bench.py's arguments for ``suite`` at batch 2 (ops), one short repeat, no PyTorch, JSON to ``out``."""
+    return ["--suite", suite, "--ops-batch", "2", "--repeats", "1", "--budget", "0.01", "--no-torch", "--json",
+            str(out), *extra]  # fmt: skip
+
+
 def test_conv_suite_on_the_cpu_reports_naive_fast_and_the_convnet_step(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = bench.main(["--suite", "conv", "--repeats", "1", "--budget", "0.01", "--no-torch", "--json", str(out)])
@@ -31,19 +37,7 @@ def test_ops_suite_times_each_recipe_layer_with_its_floor_and_count(tmp_path, ca
     from xpnet.cli.bench_ops import CONV_PHASE_SHAPES, OPS
 
     out = tmp_path / "ops.json"
-    args = [
-        "--suite",
-        "ops",
-        "--ops-batch",
-        "2",
-        "--repeats",
-        "1",
-        "--budget",
-        "0.01",
-        "--no-torch",
-        "--json",
-        str(out),
-    ]
+    args = small_suite_args("ops", out)
     assert bench.main(args) == 0
     report = json.loads(out.read_text())["ops"]
     assert report["batch"] == 2 and report["bandwidth_gbs"] > 0
@@ -85,19 +79,7 @@ def test_ops_suite_times_the_warp_per_plane_sums_beside_the_reductions_where_the
     kernels = cpu_kernels.cupy_kernels_on_cpu()
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     out = tmp_path / "ops.json"
-    args = [
-        "--suite",
-        "ops",
-        "--ops-batch",
-        "2",
-        "--repeats",
-        "1",
-        "--budget",
-        "0.001",
-        "--no-torch",
-        "--json",
-        str(out),
-    ]
+    args = small_suite_args("ops", out)
     assert bench.main(args) == 0
     report = json.loads(out.read_text())["ops"]
     for row in report["rows"]:
@@ -135,20 +117,7 @@ def test_the_json_report_grows_as_a_suite_measures(tmp_path, monkeypatch, suite)
 
     monkeypatch.setattr(bench.os, "replace", recording)
     out = tmp_path / "bench.json"
-    args = [
-        "--suite",
-        suite,
-        "--ops-batch",
-        "2",
-        "--repeats",
-        "1",
-        "--budget",
-        "0.01",
-        "--no-torch",
-        "--json",
-        str(out),
-    ]
-    assert bench.main(args) == 0
+    assert bench.main(small_suite_args(suite, out)) == 0
     assert snapshots == sorted(snapshots) and snapshots[-2] == snapshots[-1]
     if suite == "ops":  # after each row, then once at the suite's end and once at the run's
         assert snapshots[0] == 1 and len(snapshots) == snapshots[-1] + 2 and snapshots[-1] > len(OPS)
