@@ -93,7 +93,13 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
         out (N, F, H', W') and the cache (x, w, b, conv_param, columns); with cuDNN switched
         on (``backend.set_cudnn(True)``, CuPy) cuDNN runs it and the cache holds no columns.
     """
-    xp, stride, pad, h_out, w_out = conv_geometry("conv_forward_fast", x, w, b, conv_param)
+    return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_fast", x, w, b, conv_param))
+
+
+def _conv_forward(x, w, b, conv_param, geometry):
+    """:func:`conv_forward_fast` with its arguments already checked: ``geometry`` is what
+    :func:`conv_geometry` returned for them (the sandwiches check them under their own names)."""
+    xp, stride, pad, h_out, w_out = geometry
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     fast = accelerated(x)
     engine = None if fast is None else fast.convolution_engine(x)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from .array_types import Array, Cache
 from .backend import accelerated, namespace
 from .conv_common import channel_sum, conv_geometry
-from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
+from .fast_layers import (
+    _conv_forward,
+    conv_backward_fast,
+    conv_forward_fast,
+    max_pool_backward_fast,
+    max_pool_forward_fast,
+)
 from .layers import (
     affine_backward,
     affine_forward,
@@ -140,8 +146,7 @@ def _bias_relu_backward(dout: Array, out: Array, with_bias: bool) -> tuple[Array
 
 def conv_relu_forward(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """Convolution followed by ReLU: x (N, C, H, W), w (F, C, HH, WW), b (F,) -> (N, F, H', W')."""
-    conv_geometry("conv_relu_forward", x, w, b, conv_param)
-    a, conv_cache = conv_forward_fast(x, w, None, conv_param)
+    a, conv_cache = _conv_forward(x, w, None, conv_param, conv_geometry("conv_relu_forward", x, w, b, conv_param))
     out = _bias_relu(a, b)
     return out, (conv_cache, out, b is not None)
 
@@ -161,8 +166,8 @@ def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_
     is the ReLU of its maximum), and so do their gradients, ties included (a window whose
     maximum is not positive passes no gradient either way), so the bias, the ReLU and their
     backward passes run on the pooled values only, a quarter of them for 2x2 pools."""
-    conv_geometry("conv_relu_pool_forward", x, w, b, conv_param)
-    a, conv_cache = conv_forward_fast(x, w, None, conv_param)
+    geometry = conv_geometry("conv_relu_pool_forward", x, w, b, conv_param)
+    a, conv_cache = _conv_forward(x, w, None, conv_param, geometry)
     pooled, pool_cache = max_pool_forward_fast(a, pool_param)
     out = _bias_relu(pooled, b)
     return out, (conv_cache, pool_cache, out, b is not None)
