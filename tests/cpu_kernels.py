@@ -401,6 +401,9 @@ def cupy_on_cpu() -> types.ModuleType:
     for name in ("int32", "int64", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     fake.ElementwiseKernel, fake.ReductionKernel, fake.RawKernel = _ElementwiseKernel, _ReductionKernel, _RawKernel
+    # one device, and a stream that is never capturing a graph
+    stream = types.SimpleNamespace(is_capturing=lambda: False)
+    fake.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0), get_current_stream=lambda: stream)
     return fake
 
 

@@ -544,8 +544,9 @@ class CupyKernels:
             means = [_per_channel(v, stat, outer) for v in (mean_g, mean_g_x_hat)]
             dx = _batchnorm_backward(dout, x_hat, scale, *means)
             return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
-        # gamma and beta per channel, as arrays: reductions take arrays
-        gamma_c = cupy.ones(c, dtype=stat) if gamma is None else gamma.astype(stat, copy=False)
+        # gamma and beta per channel, as arrays: reductions take arrays (a cached row of ones
+        # for batchnorm without a scale, so that a captured step does not fill it each time)
+        gamma_c = self._ones(c, stat).reshape(c) if gamma is None else gamma.astype(stat, copy=False)
         beta_c = gelu_beta.astype(stat, copy=False)
         sums = _plane_sums(_GELU_GRAD_SUMS, dout_rows, outer, x_hat_rows, gamma_c, beta_c, self.warp_plane_sums)
         (dbeta, mean_g), (dgamma, mean_g_x_hat) = (_channel_totals(v, batch, count)[:2] for v in sums)
