@@ -604,7 +604,8 @@ def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monk
 
 
 # -- the launches of a training step, counted ------------------------------------------
-_COPIES = {"copy to C order", "copy into a slice", "astype", "copy (reshape)", "copy"}
+# a reshape that copies is recorded as "copy (reshape)" (the method) or "reshape" (the function)
+_COPIES = {"copy to C order", "copy into a slice", "astype", "copy (reshape)", "reshape", "copy"}
 
 
 def test_the_census_records_copies_and_skips_views():
@@ -644,3 +645,17 @@ def test_a_recipe_step_through_the_fused_kernels_copies_no_activation():
     copies = [launch for launch in census.launches if launch.name in _COPIES and launch.written >= activation // 64]
     assert copies == []
     assert sum(launch.name == "GEMM" for launch in census.launches) == 22  # 7 convs, 6 of them with dx, the head
+
+
+def test_a_three_layer_convnet_step_copies_no_activation():
+    """The course's ThreeLayerConvNet under the Solver, as CuPy would launch it: the pool reads
+    the convolution's output in its order and gives (N, F, H', W') back, which the affine layer
+    flattens, and its gradient comes back, without a copy; the bias and the ReLU are one pass."""
+    from kernel_census import convnet_step_census
+
+    batch = 4
+    census = convnet_step_census(batch)
+    assert [launch.name for launch in census.launches].count("kernel xpnet_bias_relu") == 2  # conv, hidden layer
+    pooled = batch * 32 * 16 * 16 * 4  # bytes of the pooled activations (32 filters on 32x32 images)
+    large = [launch.name for launch in census.launches if launch.written >= pooled // 4]
+    assert not set(large) & (_COPIES | {"add"})  # no copy, and no bias added on its own
