@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -216,6 +217,7 @@ def run_reduction(kernel: Reduction, *inputs, axis, keepdims=False):
 
 _C_SCALARS = {
     np.int32: ctypes.c_int,
+    np.uint32: ctypes.c_uint,
     np.int64: ctypes.c_longlong,
     np.float32: ctypes.c_float,
     np.float64: ctypes.c_double,
@@ -254,7 +256,11 @@ def cuda_sources():
                 yield f"{name}_post_{label}", head + _elementwise_source(post, kernel.post_map_expr, c_types, cuda=True)
         if not half:
             for name in kernel_sources.RAW_KERNELS:
-                yield f"{name}_{label}", getattr(kernel_sources, name).replace("{T}", label).replace("{name}", label)
+                # a filter size's kernels as the fast recipe's whitening conv builds them (3 channels, 2x2)
+                yield (
+                    f"{name}_{label}",
+                    kernel_sources.raw_source(getattr(kernel_sources, name), label, C=3, KH=2, KW=2),
+                )
 
 
 _NUMPY_TYPES = {"float": np.float32, "double": np.float64, "float16": np.float16}
@@ -357,6 +363,29 @@ def compile_with_nvrtc(arch="compute_90") -> int:
             except Exception:
                 failures += 1
                 print(f"FAIL  {name}\n{nvrtc.getProgramLog(program)}\n{source}")
+    return failures + _spilling_filter_size_kernels(nvrtc)
+
+
+def _spilling_filter_size_kernels(nvrtc) -> int:
+    """Build the filter-size kernels for sm_90 at the most taps they take (ptxas's report),
+    and count those that spill a register to memory: their per-tap sums are meant to stay
+    in registers, which is why they are built per filter size."""
+    from xpnet.backend import kernel_sources
+
+    failures = 0
+    taps = kernel_sources.DIRECT_CONV_MAX_TAPS
+    for name in kernel_sources.FILTER_SIZE_KERNELS:
+        for c_type in ("float", "double"):
+            source = kernel_sources.raw_source(getattr(kernel_sources, name), c_type, C=2, KH=4, KW=taps // 8)
+            program = nvrtc.createProgram(source, f"{name}.cu", [], [])
+            nvrtc.compileProgram(program, ["-arch=sm_90", "-std=c++17", "--ptxas-options=-v"])
+            log = nvrtc.getProgramLog(program)
+            spills = re.findall(r"(\d+) bytes spill stores", log)
+            if not spills or any(int(count) for count in spills):
+                failures += 1
+                print(f"FAIL  {name}_{c_type} at {taps} taps spills registers (or ptxas said nothing):\n{log}")
+            else:
+                print(f"ok    {name}_{c_type} at {taps} taps, no spills")
     return failures
 
 
@@ -396,9 +425,9 @@ def cupy_on_cpu() -> types.ModuleType:
     """A stand-in for the ``cupy`` module: NumPy's arrays and functions, and kernels
     that run through this module (enough of CuPy for CupyKernels' layer and update methods)."""
     fake = types.ModuleType("cupy")
-    for name in ("asarray", "ascontiguousarray", "dtype", "empty", "empty_like", "ndarray", "ones", "sqrt"):
+    for name in ("asarray", "ascontiguousarray", "dtype", "empty", "empty_like", "ndarray", "ones", "sqrt", "zeros"):
         setattr(fake, name, getattr(np, name))
-    for name in ("int32", "int64", "float16", "float32", "float64"):
+    for name in ("int32", "uint32", "int64", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     fake.ElementwiseKernel, fake.ReductionKernel, fake.RawKernel = _ElementwiseKernel, _ReductionKernel, _RawKernel
     # one device, and a stream that is never capturing a graph

@@ -409,6 +409,62 @@ def test_fused_im2col_and_col2im_match_the_array_api_reference(dtype, x_shape, w
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, pad",
+    # the fast recipe's whitening conv, the course's timing shapes, one image with 5x5 filters
+    [
+        ((96, 3, 32, 32), (24, 3, 2, 2), 1, 0),
+        ((100, 3, 31, 31), (25, 3, 3, 3), 2, 1),
+        ((1, 1, 9, 8), (3, 1, 5, 5), 1, 2),
+    ],
+)
+@pytest.mark.parametrize("channels_outer", [False, True])
+def test_direct_small_filter_convs_match_numpy_within_their_rounding(dtype, x_shape, w_shape, stride, pad,
+                                                                     channels_outer):  # fmt: skip
+    """Many blocks and warps (the CPU runs these kernels as one thread): the outputs and the
+    filters' gradient against float64 NumPy, within each sum's rounding bound; then the
+    layers through them against the im2col path."""
+    from xpnet import fast_layers
+
+    kernels = accelerated(CUPY.asarray([0.0]))
+    rng = np.random.default_rng(21)
+    x64, w64 = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    x = CUPY.asarray(x64, dtype=dtype)
+    if channels_outer:
+        x = cp.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    w = CUPY.asarray(w64, dtype=dtype)
+    param, f = {"stride": stride, "pad": pad}, w_shape[0]
+    x64, w64 = to_numpy(x).astype(np.float64), to_numpy(w).astype(np.float64)  # the values as rounded to dtype
+    expected, cache = fast_layers.conv_forward_fast(x64, w64, None, param)
+    magnitude, _ = fast_layers.conv_forward_fast(np.abs(x64), np.abs(w64), None, param)
+    dout64 = rng.standard_normal(expected.shape)
+    dout = CUPY.asarray(dout64, dtype=dtype)
+    dout64 = to_numpy(dout).astype(np.float64)
+    _, dw_expected, _ = fast_layers.conv_backward_fast(dout64, cache, input_grad=False)
+    _, dw_magnitude, _ = fast_layers.conv_backward_fast(np.abs(dout64), (np.abs(x64), *cache[1:]), input_grad=False)
+    eps, taps, positions = np.finfo(dtype).eps, int(np.prod(w_shape[1:])), int(np.prod(expected.shape)) // f
+
+    saved, kernels.direct_small_convs = kernels.direct_small_convs, True
+    try:
+        out = kernels.direct_conv_forward(x, w, None, stride, pad, *expected.shape[2:])
+        dw = kernels.direct_conv_filter_grad(x, dout, *w_shape[2:], stride, pad)
+        assert np.all(np.abs(to_numpy(out) - expected) <= taps * eps * magnitude)
+        assert np.all(np.abs(to_numpy(dw) - dw_expected) <= positions * eps * dw_magnitude)
+
+        b = CUPY.asarray(rng.standard_normal(f), dtype=dtype)
+
+        def run():  # on a few images, so that sums taken in another order stay within assert_close
+            out, cache = fast_layers.conv_forward_fast(x[:4], w, b, param)
+            return (out, *fast_layers.conv_backward_fast(dout[:4], cache))
+
+        fast, reference = both(run, fused=["direct_conv_forward", "direct_conv_filter_grad"])
+    finally:
+        kernels.direct_small_convs = saved
+    for a, b in zip(fast, reference):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape, window, stride", [((8, 16, 32, 32), 2, 2), ((3, 4, 9, 9), 3, 2), ((2, 3, 6, 5), 2, 1)])
 @pytest.mark.parametrize("channels_outer", [False, True])
 def test_fused_max_pool_matches_the_array_api_reference_with_ties(dtype, shape, window, stride, channels_outer):

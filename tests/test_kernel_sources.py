@@ -224,6 +224,103 @@ def test_fused_conv_layers(rng, kernels, monkeypatch, dtype):
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, ["im2col", "col2im"]), dtype)
 
 
+def _stored_like(a, channels_outer):
+    """a (N, C, H, W) with its elements stored (C, N, H, W) (a convolution's output on the
+    im2col path) or C-ordered."""
+    return np.permute_dims(np.ascontiguousarray(np.permute_dims(a, (1, 0, 2, 3))), (1, 0, 2, 3)) if channels_outer \
+        else np.ascontiguousarray(a)  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape, kernel, stride, pad", CONV_GEOMETRIES)
+@pytest.mark.parametrize("x_outer, dout_outer", [(False, False), (True, True), (False, True)])
+def test_direct_conv_kernels_equal_the_naive_layers(rng, kernels, monkeypatch, dtype, shape, kernel, stride, pad, bits,
+                                                    x_outer, dout_outer):  # fmt: skip
+    """The small-filter kernels against conv_forward_naive / conv_backward_naive, x and dout
+    stored either way (every geometry here has at most DIRECT_CONV_MAX_TAPS taps)."""
+    for name in sources.FILTER_SIZE_KERNELS:
+        source = getattr(sources, name)
+        assert source.count("i <= 0xFFFFFFFFLL") == 1
+        monkeypatch.setattr(sources, name, source if bits == 32 else source.replace("i <= 0xFFFFFFFFLL", "i < 0"))
+    monkeypatch.setattr(kernels, "direct_small_convs", True)
+    n, c, h, w = shape
+    kh, kw = kernel
+    f = 4
+    x = _stored_like(rng.standard_normal(shape).astype(dtype), x_outer)
+    weights = rng.standard_normal((f, c, kh, kw)).astype(dtype)
+    param = {"stride": stride, "pad": pad}
+    # float64 references, and each element's rounding bound: terms · eps · the sum of its terms' magnitudes
+    expected, cache = layers.conv_forward_naive(x.astype(np.float64), weights.astype(np.float64), np.zeros(f), param)
+    magnitude, _ = layers.conv_forward_naive(np.abs(x.astype(np.float64)), np.abs(weights.astype(np.float64)),
+                                             np.zeros(f), param)  # fmt: skip
+    eps = np.finfo(dtype).eps
+    h_out, w_out = expected.shape[2:]
+    out = kernels.direct_conv_forward(x, weights, None, stride, pad, h_out, w_out)
+    assert out.dtype == dtype and np.permute_dims(out, (1, 0, 2, 3)).flags.c_contiguous  # stored as im2col's path
+    assert np.all(np.abs(out - expected) <= c * kh * kw * eps * magnitude)
+    b = rng.standard_normal(f).astype(dtype)
+    biased = kernels.direct_conv_forward(x, weights, b, stride, pad, h_out, w_out)
+    np.testing.assert_array_equal(biased, out + b[:, None, None])  # the bias added last, rounded once
+
+    dout = _stored_like(rng.standard_normal(expected.shape).astype(dtype), dout_outer)
+    _, dw_expected, _ = layers.conv_backward_naive(dout.astype(np.float64), cache)
+    _, dw_magnitude, _ = layers.conv_backward_naive(np.abs(dout.astype(np.float64)), (np.abs(cache[0]), *cache[1:]))
+    dw = kernels.direct_conv_filter_grad(x, dout, kh, kw, stride, pad)
+    assert dw.shape == weights.shape and dw.dtype == dtype
+    assert np.all(np.abs(dw - dw_expected) <= n * h_out * w_out * eps * dw_magnitude)
+
+
+def test_a_nan_filter_weight_reaches_every_output_of_its_filter_as_through_the_columns(kernels, monkeypatch):
+    """A tap on the padding multiplies a zero, as a column of im2col's does, rather than being left out."""
+    monkeypatch.setattr(kernels, "direct_small_convs", True)
+    x, w = np.ones((1, 1, 3, 3)), np.ones((2, 1, 3, 3))
+    w[0, 0, 0, 0] = np.nan  # the corner tap: on the padding for the first row and column of outputs
+    out = kernels.direct_conv_forward(x, w, None, 1, 1, 3, 3)
+    assert np.isnan(out[:, 0]).all() and not np.isnan(out[:, 1]).any()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_small_filter_convs_run_without_columns_and_equal_the_reference(rng, kernels, monkeypatch, dtype, input_grad,
+                                                                        with_bias):  # fmt: skip
+    """conv_forward_fast and conv_backward_fast through the direct kernels where they are
+    switched on: no columns in the cache, the input gradient through columns as before."""
+    monkeypatch.setattr(kernels, "direct_small_convs", True)
+    x = rng.standard_normal((3, 3, 9, 7)).astype(dtype)
+    w = rng.standard_normal((5, 3, 2, 2)).astype(dtype)
+    b = rng.standard_normal(5).astype(dtype) if with_bias else None
+    caches = []
+
+    def run():
+        out, cache = fast_layers.conv_forward_fast(x, w, b, {"stride": 1, "pad": 0})
+        caches.append(cache)
+        dout = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+        grads = fast_layers.conv_backward_fast(dout, cache, input_grad)
+        assert (grads[0] is None) == (not input_grad) and (grads[2] is None) == (not with_bias)
+        return (out, *(g for g in grads if g is not None))
+
+    fused = ["direct_conv_forward", "direct_conv_filter_grad"] + (["col2im"] if input_grad else [])
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
+    assert type(caches[0][-1]).__name__ == "_SmallFilterConvolution"  # the fused run kept no column matrix
+    assert caches[1][-1].shape == (12, 3 * 8 * 6)  # the reference's columns
+
+
+@pytest.mark.parametrize("case", ["switched off", "too many taps", "float16", "mixed dtypes"])
+def test_the_direct_kernels_decline_what_they_do_not_cover(rng, kernels, monkeypatch, case):
+    """Then the convolution takes the im2col path: its cache holds the columns."""
+    monkeypatch.setattr(kernels, "direct_small_convs", case != "switched off")
+    dtype = np.float16 if case == "float16" else np.float32
+    x = rng.standard_normal((2, 4 if case == "too many taps" else 3, 6, 6)).astype(dtype)  # 4·3·3 = 36 taps
+    w = rng.standard_normal((2, x.shape[1], 3, 3)).astype(np.float64 if case == "mixed dtypes" else dtype)
+    assert kernels.direct_conv_forward(x, w, None, 1, 1, 6, 6) is None
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    if case != "mixed dtypes":  # which the layer refuses by itself
+        _, cache = fast_layers.conv_forward_fast(x, w, None, {"stride": 1, "pad": 1})
+        assert cache[-1].shape == (x.shape[1] * 9, 2 * 36)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("size, window, stride", [(8, 2, 2), (9, 3, 2), (9, 2, 2), (10, 3, 2)])
 def test_fused_max_pool_layers_equal_the_reference_bit_for_bit(rng, kernels, monkeypatch, dtype, size, window, stride):

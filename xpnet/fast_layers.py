@@ -10,7 +10,9 @@ the gradient to each window's first maximum, offset by offset. Everything is arr
 so it runs unchanged on NumPy, CuPy, PyTorch and array-api-strict; the matrix
 products go through :func:`xpnet.layers.matmul`, which on CuPy uses xpnet's
 capturable cuBLAS handle, and im2col, col2im and each max-pool pass are one fused
-kernel each there.
+kernel each there. With ``CupyKernels.direct_small_convs`` on, a convolution of at most
+32 taps (C·HH·WW, a network's first layer) runs there without columns: one kernel for
+the output and one for the filters' gradient.
 
 Same signatures and results as the naive layers in :mod:`xpnet.layers`.
 """
@@ -78,10 +80,22 @@ def _col2im(xp, cols, shape_cn, hh, ww, stride, pad, h_out, w_out):
     return out
 
 
+def _filter_rows(xp, dout):
+    """dout (N, F, H', W') as (F, N·H'·W') rows, one a filter."""
+    return xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (dout.shape[1], -1))
+
+
 class _DirectConvolution(NamedTuple):
     """A convolution a backend's library ran without columns (cuDNN): its backward pass too."""
 
     engine: object
+
+
+class _SmallFilterConvolution(NamedTuple):
+    """A convolution with few taps that the fused kernels ran without columns: its filters'
+    gradient comes straight from x and dout too, its input gradient through columns."""
+
+    kernels: object
 
 
 def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
@@ -91,7 +105,8 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
         x: (N, C, H, W); w: (F, C, HH, WW); b: (F,) or None (no bias); conv_param: {'stride', 'pad'}.
     Returns:
         out (N, F, H', W') and the cache (x, w, b, conv_param, columns); with cuDNN switched
-        on (``backend.set_cudnn(True)``, CuPy) cuDNN runs it and the cache holds no columns.
+        on (``backend.set_cudnn(True)``, CuPy) cuDNN runs it and the cache holds no columns,
+        nor does it where CuPy's direct kernels take a convolution with few taps.
     """
     return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_fast", x, w, b, conv_param))
 
@@ -102,6 +117,10 @@ def _conv_forward(x, w, b, conv_param, geometry):
     xp, stride, pad, h_out, w_out = geometry
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     fast = accelerated(x)
+    if fast is not None:
+        out = fast.direct_conv_forward(x, w, b, stride, pad, h_out, w_out)  # None unless it applies
+        if out is not None:
+            return out, (x, w, b, conv_param, _SmallFilterConvolution(fast))
     engine = None if fast is None else fast.convolution_engine(x)
     if engine is not None:
         out = engine.forward(x, w, stride, pad)
@@ -131,11 +150,18 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
         db = None if b is None else channel_sum(xp, dout)
         dx = engine.backward_data(w, dout, tuple(x.shape), stride, pad) if input_grad else None
         return dx, dw, db
-    dout_rows = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (f, -1))  # (F, N·H'·W')
-    dw = xp.reshape(matmul(dout_rows, cols.T), w.shape)
-    db = None if b is None else xp.sum(dout_rows, axis=1)
+    if isinstance(cols, _SmallFilterConvolution):
+        dout_rows = None  # made below only if dx is wanted: a copy unless dout has its channels outermost
+        dw = cols.kernels.direct_conv_filter_grad(x, dout, hh, ww, stride, pad)
+        db = None if b is None else channel_sum(xp, dout)
+    else:
+        dout_rows = _filter_rows(xp, dout)
+        dw = xp.reshape(matmul(dout_rows, cols.T), w.shape)
+        db = None if b is None else xp.sum(dout_rows, axis=1)
     if not input_grad:
         return None, dw, db
+    if dout_rows is None:
+        dout_rows = _filter_rows(xp, dout)
     dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)
     fast = accelerated(dcols)
     if fast is not None:

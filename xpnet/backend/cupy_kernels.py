@@ -42,9 +42,25 @@ def _raw_kernels(source: str, function: str) -> dict:
     """A raw kernel's ``source`` built for float and double ({T} and {name} filled in),
     by dtype; ``function`` is its name without the type's suffix. CuPy compiles each on first use."""
     return {
-        cupy.dtype(dtype): cupy.RawKernel(source.replace("{T}", c).replace("{name}", c), f"{function}_{c}")
+        cupy.dtype(dtype): cupy.RawKernel(sources.raw_source(source, c), f"{function}_{c}")
         for dtype, c in (("float32", "float"), ("float64", "double"))
     }
+
+
+_C_TYPES = {"float32": "float", "float64": "double"}
+_filter_size_kernels: dict = {}  # by (source, dtype, C, KH, KW)
+
+
+def _filter_size_kernel(source: str, function: str, dtype, c: int, kh: int, kw: int):
+    """A raw kernel of kernel_sources.FILTER_SIZE_KERNELS built for ``dtype`` (float32 or
+    float64) and filters of c channels, kh rows and kw columns; made once per key."""
+    key = (source, cupy.dtype(dtype), c, kh, kw)
+    kernel = _filter_size_kernels.get(key)
+    if kernel is None:
+        name = _C_TYPES[key[1].name]
+        kernel = cupy.RawKernel(sources.raw_source(source, name, C=c, KH=kh, KW=kw), f"{function}_{name}")
+        _filter_size_kernels[key] = kernel
+    return kernel
 
 
 _softmax_loss = _raw_kernels(sources.SOFTMAX_LOSS, "softmax_loss")
@@ -278,6 +294,18 @@ def _channel_totals(sums, batch_axis, count, eps=0.0):
     return total, mean, inv_std
 
 
+# The direct convolution kernels' launches: threads a block, blocks at most along x (each
+# thread then steps through the rest) and along y, and the filter gradient's blocks in all.
+_THREADS = 256
+_MAX_GRID_X, _MAX_GRID_Y = 1 << 20, 65535
+_FILTER_GRAD_BLOCKS = 4096
+
+
+def _grid(elements: int) -> int:
+    """Blocks of _THREADS for one thread per element, at most _MAX_GRID_X."""
+    return max(1, min(-(-elements // _THREADS), _MAX_GRID_X))
+
+
 # What PLANE_SUMS sums in each of its modes (kernel_sources.PLANE_SUMS)
 _SUM, _SQUARED_DEVIATION, _SUM_AND_PRODUCT, _GELU_GRAD_SUMS = range(4)
 _WARPS_PER_BLOCK = 8
@@ -346,6 +374,10 @@ class CupyKernels:
         # Batchnorm's per-plane sums through PLANE_SUMS (a warp per plane) instead of CuPy's
         # reductions: off until measured on a GPU (bench.py --suite ops times both).
         self.warp_plane_sums = False
+        # Convolutions with at most sources.DIRECT_CONV_MAX_TAPS taps (C·HH·WW) through the direct
+        # kernels instead of im2col + cuBLAS: off until measured on a GPU (bench.py --suite conv
+        # and --suite ops time both).
+        self.direct_small_convs = False
 
     def prepare(self, device_id: int) -> None:
         """Create the cuBLAS handle and workspace now (never inside a graph capture)."""
@@ -471,6 +503,57 @@ class CupyKernels:
         _col2im(cupy.ascontiguousarray(cols), c, h, w, kh, kw, n, h_out, w_out, stride, pad, int(outer), inner,
                 *divide, dx)  # fmt: skip
         return _viewed(dx, outer)
+
+    def direct_conv_forward(self, x, w, b, stride, pad, h_out, w_out):
+        """x (N, C, H, W) convolved with w (F, C, HH, WW), plus b (F,) unless it is None, one
+        thread per output and no column matrix: out (N, F, H', W'), stored (F, N, H', W') as
+        the im2col path stores it. None where this does not apply: switched off, more than
+        sources.DIRECT_CONV_MAX_TAPS taps, or not float32 or float64 throughout."""
+        n, c, h, wd = x.shape
+        f, _, kh, kw = w.shape
+        if not self.direct_small_convs or c * kh * kw > sources.DIRECT_CONV_MAX_TAPS:
+            return None
+        if x.dtype.name not in _C_TYPES or w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+            return None
+        stored, outer = _stored(x)
+        out = cupy.empty((f, n, h_out, w_out), dtype=x.dtype)
+        w = cupy.ascontiguousarray(w)
+        bias = w if b is None else cupy.ascontiguousarray(b)  # any array: has_bias 0 leaves it unread
+        divide = (cupy.uint32(v) for v in sources.divisors(w_out, h_out, n))
+        kernel = _filter_size_kernel(sources.DIRECT_CONV_FORWARD, "direct_conv_forward", x.dtype, c, kh, kw)
+        kernel(
+            (_grid(out.size),),
+            (_THREADS,),
+            (stored, w, bias, cupy.int32(b is not None), cupy.int64(out.size), cupy.int32(n), cupy.int32(h),
+             cupy.int32(wd), cupy.int32(h_out), cupy.int32(w_out), cupy.int32(stride), cupy.int32(pad),
+             cupy.int32(int(outer)), *divide, out),
+        )  # fmt: skip
+        return out.transpose(1, 0, 2, 3)
+
+    @staticmethod
+    def direct_conv_filter_grad(x, dout, kh, kw, stride, pad):
+        """dw (F, C, HH, WW) of :meth:`direct_conv_forward`'s convolution, from x (N, C, H, W)
+        and dout (N, F, H', W'), each read in its memory order: the kernel's per-block sums
+        over shares of the output positions, added over the blocks (no atomics: the same
+        sums each run)."""
+        n, c, h, wd = x.shape
+        f, h_out, w_out = dout.shape[1:]
+        stored_x, x_outer = _stored(x)
+        stored_dout, dout_outer = _stored(dout)
+        positions = n * h_out * w_out
+        # about _FILTER_GRAD_BLOCKS blocks in all, none without positions to add
+        blocks = max(1, min(-(-positions // _THREADS), -(-_FILTER_GRAD_BLOCKS // f)))
+        partial = cupy.zeros((f, blocks, c * kh * kw), dtype=x.dtype)
+        divide = (cupy.uint32(v) for v in sources.divisors(w_out, h_out))
+        kernel = _filter_size_kernel(sources.DIRECT_CONV_FILTER_GRAD, "direct_conv_filter_grad", x.dtype, c, kh, kw)
+        kernel(
+            (blocks, min(f, _MAX_GRID_Y)),
+            (_THREADS,),
+            (stored_dout, stored_x, cupy.int64(positions), cupy.int32(f), cupy.int32(n), cupy.int32(h),
+             cupy.int32(wd), cupy.int32(h_out), cupy.int32(w_out), cupy.int32(stride), cupy.int32(pad),
+             cupy.int32(int(x_outer)), cupy.int32(int(dout_outer)), cupy.int32(blocks), *divide, partial),
+        )  # fmt: skip
+        return partial.sum(axis=1).reshape(f, c, kh, kw)
 
     @staticmethod
     def max_pool_forward(x, ph, pw, stride, h_out, w_out):

@@ -293,7 +293,18 @@ extern "C" __global__ void channel_totals_{name}(
 }
 """
 # The raw kernels, each built per float type by replacing {T} and {name}.
-RAW_KERNELS = ("SOFTMAX_LOSS", "CHANNEL_TOTALS", "PLANE_SUMS")
+RAW_KERNELS = ("SOFTMAX_LOSS", "CHANNEL_TOTALS", "PLANE_SUMS", "DIRECT_CONV_FORWARD", "DIRECT_CONV_FILTER_GRAD")
+# The raw kernels above that are also built per filter size ({C}, {KH} and {KW}).
+FILTER_SIZE_KERNELS = ("DIRECT_CONV_FORWARD", "DIRECT_CONV_FILTER_GRAD")
+
+
+def raw_source(source: str, c_type: str, **sizes: int) -> str:
+    """A raw kernel's source for ``c_type`` ("float" or "double": its {T} and {name}), with
+    each {KEY} of ``sizes`` (a filter size's C, KH and KW) filled in."""
+    for key, value in {"T": c_type, "name": c_type, **sizes}.items():
+        source = source.replace("{" + key + "}", str(value))
+    return source
+
 
 # The running averages of a batchnorm's statistics in one pass, in place, rounded as
 # xpnet.layers.update_running_statistics rounds them: R the buffers' type, F the batch's.
@@ -456,6 +467,113 @@ extern "C" __global__ void plane_sums_{name}(
             sum0[p] = s0;
             if (mode >= 2) sum1[p] = s1;
         }
+    }
+}
+"""
+)
+# Convolutions with small filters (C·KH·KW taps, at most DIRECT_CONV_MAX_TAPS: a network's
+# first layer, such as the fast recipe's 3 -> 24 2x2 whitening conv), without a column matrix.
+# im2col would write each input value KH·KW times and a GEMM with so few taps reads them back
+# at a small fraction of its speed; here every output reads its window from the cache. Built
+# per filter size ({C}, {KH} and {KW} fixed, with {T} and {name} as for the raw kernels above),
+# so that the loops over the filter unroll and a thread's sums stay in registers. x is stored
+# (N, C, H, W), or (C, N, H, W) where x_channels_outer is 1; out is stored (F, N, OH, OW), as
+# the im2col path stores a convolution's output. Each output is the sum over (c, ki, kj) in
+# that order, a tap on the padding multiplying zero (so a NaN in w reaches out as the GEMM's does).
+DIRECT_CONV_MAX_TAPS = 32
+DIRECT_CONV_FORWARD = (
+    r"""
+typedef {T} T;
+extern "C" __global__ void direct_conv_forward_{name}(
+        const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, const int has_bias,
+        const long long total, const int N, const int H, const int W, const int OH, const int OW,
+        const int stride, const int pad, const int x_channels_outer,
+        const unsigned int OW_magic, const unsigned int OW_shift, const unsigned int OH_magic,
+        const unsigned int OH_shift, const unsigned int N_magic, const unsigned int N_shift, T* __restrict__ out) {
+    const int C = {C}, KH = {KH}, KW = {KW};
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {"""
+    + _coordinates("ow oh n", "OW OH N", "f")
+    + r"""
+        T sum = 0;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const long long plane = x_channels_outer ? (long long)c * N + n : (long long)n * C + c;
+#pragma unroll
+            for (int ki = 0; ki < KH; ++ki) {
+                const int ih = oh * stride + ki - pad;
+#pragma unroll
+                for (int kj = 0; kj < KW; ++kj) {
+                    const int iw = ow * stride + kj - pad;
+                    const T v = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(plane * H + ih) * W + iw] : (T)0;
+                    sum += v * w[((f * C + c) * KH + ki) * KW + kj];
+                }
+            }
+        }
+        out[i] = has_bias ? sum + b[f] : sum;
+    }
+}
+"""
+)
+# The filters' gradient of DIRECT_CONV_FORWARD's convolution: dw[f, c, ki, kj] is the sum over
+# the output positions of dout times the input value that tap sees there. Block (bx, by) takes
+# filters by, by + gridDim.y, ... and, of each, the positions bx·blockDim.x + thread, stepping by
+# the grid's threads; a thread keeps one sum per tap in registers, a warp adds them by shuffles,
+# the block through shared memory, and partial[f, bx, tap] (``blocks`` = gridDim.x) gets the
+# block's sums, which the caller adds over bx. dout is stored (N, F, OH, OW), or (F, N, OH, OW)
+# where dout_channels_outer is 1. blockDim.x a multiple of warpSize, at most 1024.
+DIRECT_CONV_FILTER_GRAD = (
+    r"""
+typedef {T} T;
+extern "C" __global__ void direct_conv_filter_grad_{name}(
+        const T* __restrict__ dout, const T* __restrict__ x, const long long positions, const int F,
+        const int N, const int H, const int W, const int OH, const int OW, const int stride, const int pad,
+        const int x_channels_outer, const int dout_channels_outer, const int blocks,
+        const unsigned int OW_magic, const unsigned int OW_shift, const unsigned int OH_magic,
+        const unsigned int OH_shift, T* __restrict__ partial) {
+    const int C = {C}, KH = {KH}, KW = {KW};
+    enum { TAPS = {C} * {KH} * {KW} };
+    __shared__ T warp_sums[32][TAPS];
+    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize;
+    const int warps = (blockDim.x + warpSize - 1) / warpSize;
+    for (int f = blockIdx.y; f < F; f += gridDim.y) {
+        T sums[TAPS];
+#pragma unroll
+        for (int k = 0; k < TAPS; ++k) sums[k] = 0;
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < positions;
+             i += (long long)gridDim.x * blockDim.x) {"""
+    + _coordinates("ow oh", "OW OH", "n")
+    + r"""
+            const T g = dout_channels_outer ? dout[(long long)f * positions + i]
+                                            : dout[(((long long)n * F + f) * OH + oh) * OW + ow];
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                const long long plane = x_channels_outer ? (long long)c * N + n : (long long)n * C + c;
+#pragma unroll
+                for (int ki = 0; ki < KH; ++ki) {
+                    const int ih = oh * stride + ki - pad;
+#pragma unroll
+                    for (int kj = 0; kj < KW; ++kj) {
+                        const int iw = ow * stride + kj - pad;
+                        const T v = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(plane * H + ih) * W + iw] : (T)0;
+                        sums[(c * KH + ki) * KW + kj] += g * v;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < TAPS; ++k) {
+            T s = sums[k];
+            for (int offset = warpSize / 2; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
+            if (lane == 0) warp_sums[warp][k] = s;
+        }
+        __syncthreads();
+        for (int k = threadIdx.x; k < TAPS; k += blockDim.x) {
+            T s = 0;
+            for (int j = 0; j < warps; ++j) s += warp_sums[j][k];
+            partial[((long long)f * blocks + blockIdx.x) * TAPS + k] = s;
+        }
+        __syncthreads();  // warp_sums is reused for the next filter
     }
 }
 """
