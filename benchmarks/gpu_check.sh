@@ -32,6 +32,8 @@
 # Between calls 1 and 3, read bench_ops.log: where "xpnet warp sums" beats "xpnet" (the batchnorm rows
 # and the whole network) and test_gpu.log shows the PLANE_SUMS tests passing, give call 3
 # RECIPE_FLAGS="--tf32 --warp-plane-sums" so that the recipe sums batchnorm's planes a warp per plane.
+# Likewise, where bench_conv.log's (3, 24, 32, 2, 0) rows show xpnet-direct below xpnet and test_gpu.log shows
+# test_direct_small_filter_convs passing, add --direct-convs (the whitening conv without columns) to RECIPE_FLAGS.
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench profile suite tta recipe} "

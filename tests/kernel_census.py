@@ -16,7 +16,7 @@ launches, how much memory traffic it implies at the least, and which launches mo
 activation-sized arrays, so that a copy nobody meant to make shows up without a GPU.
 
     python tests/kernel_census.py [--step recipe|convnet] [--batch 32,64] [--widths 64,256,256] [--at 1024]
-                                  [--warp-plane-sums]
+                                  [--warp-plane-sums] [--direct-convs]
 
 prints one training step's launches (the fast CIFAR-10 recipe's, or the course's
 ThreeLayerConvNet's under the Solver), grouped by name, at each batch size, and the
@@ -244,10 +244,17 @@ def tracked_numpy():
 def _recorded_kernel(base):
     class Recorded(base):
         def __call__(self, *args, **kwargs):
+            raw = isinstance(self, cpu_kernels._RawKernel)
+            arrays = _flat_arrays(list(args))
             with CENSUS.inside():
+                before = [np.array(a, copy=True) for a in _plain(arrays)] if raw else []
                 result = super().__call__(*_plain(args), **kwargs)
             outputs = _flat_arrays(result)
-            if isinstance(self, cpu_kernels._ElementwiseKernel) and len(args) > len(outputs):
+            if raw:  # its outputs are among its arguments: the arrays whose values it changed
+                written = [not np.array_equal(a, b, equal_nan=True) for a, b in zip(arrays, before)]
+                outputs = [a for a, w in zip(arrays, written) if w]
+                inputs = [a for a, w in zip(arrays, written) if not w]
+            elif isinstance(self, cpu_kernels._ElementwiseKernel) and len(args) > len(outputs):
                 # outputs passed in: the last len(outputs) arguments
                 inputs = args[: len(args) - len(outputs)]
             else:
@@ -282,6 +289,7 @@ def census_kernels():
         fake.ElementwiseKernel, fake.ReductionKernel, fake.RawKernel = (_recorded_kernel(k) for k in originals)
         fake.ascontiguousarray = _recorded_function(np.ascontiguousarray, "copy to C order")
         fake.ones = _creating(np.ones, "ones", True)
+        fake.zeros = _creating(np.zeros, "zeros", True)
         fake.empty = _creating(np.empty, "empty", False)
         return fake
 
@@ -428,11 +436,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--warp-plane-sums", action="store_true", help="batchnorm's per-plane sums through PLANE_SUMS, a warp per plane"
     )
+    parser.add_argument(
+        "--direct-convs", action="store_true", help="convolutions of at most 32 taps through the direct kernels"
+    )
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
     widths = tuple(int(w) for w in args.widths.split(","))
     kernels = census_kernels()
     kernels.warp_plane_sums = args.warp_plane_sums
+    kernels.direct_small_convs = args.direct_convs
     if args.step == "recipe":
         results = {b: recipe_step_census(b, widths, kernels=kernels) for b in batches}
     else:

@@ -86,17 +86,52 @@ def test_ops_suite_times_the_warp_per_plane_sums_beside_the_reductions_where_the
         timed = "us" in row["results"].get("xpnet warp sums", {})
         assert timed == ("batchnorm" in row["case"] or row["case"].startswith("channel sum")), row["case"]
     assert report["net"]["results"]["xpnet warp sums"]["us"] > 0
-    assert not kernels.warp_plane_sums  # switched back after each step
+    # the direct small-filter kernels: the whole network, and the whitening conv's two passes beside its im2col path
+    assert report["net"]["results"]["xpnet direct conv"]["us"] > 0
+    direct = [row["case"] for row in report["conv_phases"] if "direct" in row["case"]]
+    assert direct == ["conv 3→24 32×32: direct forward (no columns)", "conv 3→24 32×32: direct dw (no columns)"]
+    assert not kernels.warp_plane_sums and not kernels.direct_small_convs  # switched back after each step
     assert "xpnet with the warp sums" in capsys.readouterr().out
-    # --warp-plane-sums switches them on for the whole run, and the ops suite's variants leave them on
-    assert bench.main(["--warp-plane-sums", *args]) == 0
-    assert kernels.warp_plane_sums and json.loads(out.read_text())["warp_plane_sums"] is True
+    # --warp-plane-sums and --direct-convs switch them on for the whole run, and the ops suite's variants leave them on
+    assert bench.main(["--warp-plane-sums", "--direct-convs", *args]) == 0
+    assert kernels.warp_plane_sums and kernels.direct_small_convs
+    saved = json.loads(out.read_text())
+    assert saved["warp_plane_sums"] is True and saved["direct_small_convs"] is True
 
 
-def test_warp_plane_sums_are_refused_where_the_backend_has_no_fused_batchnorm(capsys):
+def test_gpu_conv_rows_time_the_direct_kernels_where_the_filters_have_few_taps(monkeypatch):
+    """The GPU rows' variants, run here through CuPy's kernels on the CPU (tests/cpu_kernels.py)
+    at a small batch on small shapes: "xpnet-direct" beside im2col only where C·k·k ≤ 32."""
+    import cpu_kernels
+
+    import xpnet
+    from xpnet.backend import dispatch
+    from xpnet.cli import bench_conv
+
+    if cpu_kernels.COMPILER is None:
+        pytest.skip("no C++ compiler to run the kernels on the CPU")
+    kernels = cpu_kernels.cupy_kernels_on_cpu()
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    monkeypatch.setattr(bench_conv, "GPU_SHAPES", [(3, 4, 8, 2, 0), (4, 4, 6, 3, 1)])  # 12 taps, then 36
+    direct_runs = []
+    forward = kernels.direct_conv_forward
+    monkeypatch.setattr(kernels, "direct_conv_forward", lambda *a: direct_runs.append(forward(*a)) or direct_runs[-1])
+    backend = xpnet.get_backend("numpy")
+    rows = bench_conv.gpu_rows(backend, bench.time_variants, 1, 0.01, tf32=False, use_torch=False, batch=2)
+    assert any(out is not None for out in direct_runs)  # the variant ran the direct kernels
+    assert [row["case"] for row in rows] == ["(3, 4, 8, 2, 0) batch 2", "(4, 4, 6, 3, 1) batch 2"]
+    assert sorted(rows[0]["results"]) == ["xpnet", "xpnet-direct"] and rows[0]["results"]["xpnet-direct"]["us"] > 0
+    assert sorted(rows[1]["results"]) == ["xpnet"]
+    assert not kernels.direct_small_convs
+
+
+@pytest.mark.parametrize(
+    "flag, what", [("--warp-plane-sums", "fused batchnorm kernels"), ("--direct-convs", "direct convolution kernels")]
+)
+def test_kernel_switches_are_refused_where_the_backend_has_no_such_kernels(capsys, flag, what):
     with pytest.raises(SystemExit):
-        bench.main(["--suite", "none", "--warp-plane-sums"])
-    assert "--warp-plane-sums: backend 'numpy' has no fused batchnorm kernels (CuPy has)" in capsys.readouterr().err
+        bench.main(["--suite", "none", flag])
+    assert f"{flag}: backend 'numpy' has no {what} (CuPy has)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suite", ["ops", "conv"])

@@ -756,3 +756,22 @@ def test_a_three_layer_convnet_step_copies_no_activation():
     pooled = batch * 32 * 16 * 16 * 4  # bytes of the pooled activations (32 filters on 32x32 images)
     large = [launch.name for launch in census.launches if launch.written >= pooled // 4]
     assert not set(large) & (_COPIES | {"add"})  # no copy, and no bias added on its own
+
+
+def test_the_recipes_whitening_conv_runs_as_one_launch_through_the_direct_kernels():
+    """With the direct kernels on, the whitening conv's im2col, its GEMM and its bias add are one
+    launch that writes the whitened images (a raw kernel's output counted as written)."""
+    from collections import Counter
+
+    from kernel_census import census_kernels, recipe_step_census
+
+    kernels = census_kernels()
+    batch, launches = 4, {}
+    for direct in (False, True):
+        kernels.direct_small_convs = direct
+        launches[direct] = recipe_step_census(batch, (8, 16, 16), kernels=kernels).launches
+    before, after = (Counter(launch.name for launch in launches[d]) for d in (False, True))
+    assert before - after == Counter({"kernel xpnet_im2col": 1, "GEMM": 1, "add": 1})
+    assert after - before == Counter({"kernel direct_conv_forward_float": 1})
+    (direct,) = [launch for launch in launches[True] if launch.name == "kernel direct_conv_forward_float"]
+    assert direct.written == batch * 24 * 31 * 31 * 4

@@ -341,7 +341,8 @@ def run_conv_suite(backend, args, on_progress=None) -> dict:
     if backend.is_gpu:
         for tf32 in (False, True):
             rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32, not args.no_torch)
-            names, ratios = ["xpnet", "xpnet-cudnn", "torch"], [("xpnet", "torch"), ("xpnet-cudnn", "torch")]
+            names = ["xpnet", "xpnet-cudnn", "xpnet-direct", "torch"]
+            ratios = [("xpnet", "torch"), ("xpnet-cudnn", "torch"), ("xpnet-direct", "torch")]
             tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, names, ratios)
             progress(tables)
     else:
@@ -434,6 +435,13 @@ def main(argv=None):
         "(CuPy; off by default until measured: --suite ops times both)",
     )
     p.add_argument(
+        "--direct-convs",
+        dest="direct_small_convs",
+        action="store_true",
+        help="xpnet runs convolutions of at most 32 taps (C·k·k: the recipe's whitening conv) through its direct "
+        "kernels, without columns, in every part (CuPy; off by default until measured: --suite conv and ops time both)",
+    )
+    p.add_argument(
         "--profile-recipe",
         action="store_true",
         help="profile the fast recipe's training steps kernel by kernel in xpnet and in PyTorch (PyTorch's "
@@ -501,12 +509,14 @@ def main(argv=None):
             backend.set_tf32(True)
         except ValueError as exc:
             p.error(f"--tf32: {exc}")
-    if args.warp_plane_sums:
-        kernels = accelerated(backend.xp.empty(0))
-        if not hasattr(kernels, "warp_plane_sums"):
-            p.error(f"--warp-plane-sums: backend {backend.name!r} has no fused batchnorm kernels (CuPy has)")
-        kernels.warp_plane_sums = True
-        report["warp_plane_sums"] = True
+    for flag, switch, what in (("--warp-plane-sums", "warp_plane_sums", "fused batchnorm kernels"),
+                               ("--direct-convs", "direct_small_convs", "direct convolution kernels")):  # fmt: skip
+        if getattr(args, switch):
+            kernels = accelerated(backend.xp.empty(0))
+            if not hasattr(kernels, switch):
+                p.error(f"{flag}: backend {backend.name!r} has no {what} (CuPy has)")
+            setattr(kernels, switch, True)
+            report[switch] = True
     if args.suite in ("fc", "all"):
         run_fc_suite(backend, configs, use_torch, args, report)
         save()

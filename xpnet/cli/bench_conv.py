@@ -2,7 +2,8 @@
 
 On a GPU: conv2d forward + backward (dx, dw; no dx for the first shape, whose
 input is the data) at batch 1024 on six shapes, xpnet's fast conv (im2col +
-cuBLAS, and through cuDNN's C API when cuDNN is installed) against PyTorch's
+cuBLAS, through cuDNN's C API when cuDNN is installed, and through the direct kernels
+for the first shape's 12 taps) against PyTorch's
 cuDNN (``cudnn.benchmark=True``), in fp32 (TF32 off on both sides) and in TF32
 (on on both sides); and a ThreeLayerConvNet training step (batch 128), eager and
 replayed from CUDA graphs on both sides.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from xpnet import fast_layers, layers
+from xpnet.backend import accelerated
+from xpnet.backend.kernel_sources import DIRECT_CONV_MAX_TAPS
 from xpnet.cnn import ThreeLayerConvNet
 from xpnet.solver import Solver
 
@@ -29,6 +32,7 @@ __all__ = [
     "convnet_step_rows",
     "format_conv_table",
     "measure_row",
+    "with_kernel_switch",
 ]
 
 # (C_in, C_out, H = W, kernel, pad): the shapes of the fast CIFAR-10 recipe's convolutions.
@@ -105,9 +109,29 @@ def _with_cudnn(backend, step):
     return run
 
 
-def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True) -> list:
-    """One row per GPU shape: µs per forward+backward of xpnet (im2col + cuBLAS, and cuDNN
-    when it is installed) and PyTorch, in one precision."""
+def with_kernel_switch(backend, switch: str, step):
+    """``step`` with the backend's fused kernels' boolean attribute ``switch`` (CuPy's
+    "warp_plane_sums", "direct_small_convs") on during each call, as it was after; None where
+    the backend's kernels have no such switch."""
+    kernels = accelerated(backend.xp.empty(0))
+    if kernels is None or not hasattr(kernels, switch):
+        return None
+
+    def switched():
+        before = getattr(kernels, switch)
+        setattr(kernels, switch, True)
+        try:
+            return step()
+        finally:
+            setattr(kernels, switch, before)
+
+    return switched
+
+
+def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True, batch=1024) -> list:
+    """One row per GPU shape: µs per forward+backward of xpnet (im2col + cuBLAS, cuDNN when it
+    is installed, and the direct kernels where the filters have few enough taps) and PyTorch,
+    in one precision (``batch`` images; 1024 as #9 asks)."""
     torch = _torch_or_none() if use_torch else None
     rows = []
     cudnn = cudnn_available(backend)
@@ -120,15 +144,22 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
     try:
         for index, shape in enumerate(GPU_SHAPES):
             input_grad = index > 0
-            variants = {"xpnet": (_xpnet_conv_step(backend, 1024, *shape, input_grad), backend.sync)}
+            variants = {"xpnet": (_xpnet_conv_step(backend, batch, *shape, input_grad), backend.sync)}
             if cudnn:
-                step = _with_cudnn(backend, _xpnet_conv_step(backend, 1024, *shape, input_grad))
+                step = _with_cudnn(backend, _xpnet_conv_step(backend, batch, *shape, input_grad))
                 variants["xpnet-cudnn"] = (step, backend.sync)
+            c_in, _, _, kernel, _ = shape
+            if c_in * kernel * kernel <= DIRECT_CONV_MAX_TAPS:
+                step = with_kernel_switch(
+                    backend, "direct_small_convs", _xpnet_conv_step(backend, batch, *shape, input_grad)
+                )
+                if step is not None:
+                    variants["xpnet-direct"] = (step, backend.sync)
             if torch is not None:
-                step = _torch_conv_step(torch, device, 1024, *shape, input_grad)
+                step = _torch_conv_step(torch, device, batch, *shape, input_grad)
                 variants["torch"] = (step, torch.cuda.synchronize)
-            rows.append(measure_row(f"{shape} batch 1024", variants, time_variants, repeats, budget,
-                                 _conv_flops(1024, *shape, input_grad)))  # fmt: skip
+            rows.append(measure_row(f"{shape} batch {batch}", variants, time_variants, repeats, budget,
+                                 _conv_flops(batch, *shape, input_grad)))  # fmt: skip
     finally:
         backend.set_tf32(False)
     return rows

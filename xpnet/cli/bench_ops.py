@@ -9,7 +9,8 @@ how much of a step the layers outside the convolutions take on each side. The la
 time the whole network's loss and gradients (no update), eagerly. The conv-phase rows
 split the im2col path of the recipe's two largest convolutions into its passes (columns,
 the three GEMMs, the transposes, col2im), each against its bytes and, for the GEMMs, with
-the TFLOP/s reached.
+the TFLOP/s reached; on CuPy the whitening conv's rows end with the direct kernels that do
+without columns (``CupyKernels.direct_small_convs``).
 
 Bytes per row (float32): max pool reads x and writes out and a 4-byte argmax, then reads
 dout and the argmax and writes dx; GELU, and batchnorm with the GELU after it (as the
@@ -25,7 +26,8 @@ import numpy as np
 
 from xpnet import fast_layers, layers
 from xpnet.backend import accelerated
-from xpnet.cli.bench_conv import measure_row
+from xpnet.backend.kernel_sources import DIRECT_CONV_MAX_TAPS
+from xpnet.cli.bench_conv import measure_row, with_kernel_switch
 from xpnet.cnn import FastConvNet
 from xpnet.conv_common import channel_sum
 from xpnet.recipes.fast94 import Fast94Settings
@@ -130,23 +132,6 @@ def _xpnet_step(backend, kind, batch, shape):
     return step
 
 
-def _with_warp_plane_sums(backend, step):
-    """``step`` with batchnorm's per-plane sums through the PLANE_SUMS kernel (a warp per
-    plane) instead of CuPy's reductions; None where the backend has no such switch."""
-    kernels = accelerated(backend.xp.empty(0))
-    if kernels is None or not hasattr(kernels, "warp_plane_sums"):
-        return None
-
-    def warp_step():
-        before, kernels.warp_plane_sums = kernels.warp_plane_sums, True
-        try:
-            return step()
-        finally:
-            kernels.warp_plane_sums = before
-
-    return warp_step
-
-
 def _one_pass_channel_sum(backend, batch, shape):
     """The per-channel sum as a single reduction over axes (0, 2, 3), for comparison."""
     xp = backend.xp
@@ -186,9 +171,10 @@ def _net_steps(backend, torch, device, batch):
     model = FastConvNet(widths=settings.widths, backend=backend, seed=0)
     X_x, y_x = backend.asarray(X), backend.asarray(y)
     steps = {"xpnet": (lambda: model.loss(X_x, y_x), backend.sync)}
-    warp_step = _with_warp_plane_sums(backend, lambda: model.loss(X_x, y_x))
-    if warp_step is not None:
-        steps["xpnet warp sums"] = (warp_step, backend.sync)
+    for name, switch in (("xpnet warp sums", "warp_plane_sums"), ("xpnet direct conv", "direct_small_convs")):
+        switched = with_kernel_switch(backend, switch, lambda: model.loss(X_x, y_x))
+        if switched is not None:
+            steps[name] = (switched, backend.sync)
     if torch is not None:
         from xpnet.recipes.fast94_torch import make_net
 
@@ -213,7 +199,9 @@ CONV_PHASE_SHAPES = [(3, 24, 32, 2, 0, False), (24, 64, 31, 3, 1, True), (64, 25
 
 def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad, input_grad) -> list:
     """[(name, step, bytes, flops)] for the passes of one im2col convolution (without the
-    two that make dx where ``input_grad`` is False)."""
+    two that make dx where ``input_grad`` is False), and, where the backend's kernels have
+    them and the filters few enough taps, the direct kernels' two passes that replace im2col
+    and the GEMMs for out and dw."""
     xp = backend.xp
     x = rng.normal((batch, c_in, size, size), dtype=xp.float32)
     w = rng.normal((c_out, c_in * k * k), std=0.05, dtype=xp.float32)
@@ -253,7 +241,19 @@ def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad, input_grad) -> 
          flops),
         ("col2im", col2im, col_bytes + x_bytes, None),
     ]  # fmt: skip
-    return phases if input_grad else phases[:4]
+    phases = phases if input_grad else phases[:4]
+    if fast is not None and hasattr(fast, "direct_small_convs") and c_in * k * k <= DIRECT_CONV_MAX_TAPS:
+        # the direct kernels in place of the column passes: x read (once, if the cache holds it), y written or read
+        w4 = xp.reshape(w, (c_out, c_in, k, k))
+        forward = with_kernel_switch(
+            backend, "direct_small_convs", lambda: fast.direct_conv_forward(x, w4, None, 1, pad, out_size, out_size)
+        )
+        phases += [
+            ("direct forward (no columns)", forward, x_bytes + y_bytes, flops),
+            ("direct dw (no columns)", lambda: fast.direct_conv_filter_grad(x, dout, k, k, 1, pad), x_bytes + y_bytes,
+             flops),
+        ]  # fmt: skip
+    return phases
 
 
 def conv_phase_rows(backend, time_variants, repeats, budget, bandwidth, batch=1024, on_row=None) -> list:
@@ -304,7 +304,7 @@ def ops_rows(backend, time_variants, repeats, budget, batch=1024, use_torch=True
         variants = {"xpnet": (_xpnet_step(backend, kind, batch, shape), backend.sync)}
         if kind == "channel sum":
             variants["xpnet one-pass"] = (_one_pass_channel_sum(backend, batch, shape), backend.sync)
-        warp_step = _with_warp_plane_sums(backend, _xpnet_step(backend, kind, batch, shape))
+        warp_step = with_kernel_switch(backend, "warp_plane_sums", _xpnet_step(backend, kind, batch, shape))
         if warp_step is not None and ("batchnorm" in kind or kind == "channel sum"):
             variants["xpnet warp sums"] = (warp_step, backend.sync)
         if torch is not None:
@@ -355,7 +355,7 @@ def format_ops_table(report: dict) -> str:
                    for row in report["rows"])  # fmt: skip
         per_step += f"; xpnet with the warp sums {warp / 1000:.2f} ms"
     lines.append(f"\nThese layers per training step (count × µs): {per_step}.")
-    lines += ["", "| im2col path, pass | floor µs | xpnet µs | xpnet/floor | TFLOP/s |", "|---|---|---|---|---|"]
+    lines += ["", "| conv pass | floor µs | xpnet µs | xpnet/floor | TFLOP/s |", "|---|---|---|---|---|"]
     for row in report["conv_phases"]:
         r = row["results"].get("xpnet", {})
         if "us" not in r:
