@@ -38,16 +38,18 @@ _product_sum = {
 _running_averages = cupy.ElementwiseKernel(*sources.RUNNING_AVERAGES)
 
 
+_C_TYPES = {"float32": "float", "float64": "double"}
+
+
 def _raw_kernels(source: str, function: str) -> dict:
     """A raw kernel's ``source`` built for float and double ({T} and {name} filled in),
     by dtype; ``function`` is its name without the type's suffix. CuPy compiles each on first use."""
     return {
         cupy.dtype(dtype): cupy.RawKernel(sources.raw_source(source, c), f"{function}_{c}")
-        for dtype, c in (("float32", "float"), ("float64", "double"))
+        for dtype, c in _C_TYPES.items()
     }
 
 
-_C_TYPES = {"float32": "float", "float64": "double"}
 _filter_size_kernels: dict = {}  # by (source, dtype, C, KH, KW)
 
 
@@ -539,7 +541,7 @@ class CupyKernels:
         n, c, h, wd = x.shape
         f, h_out, w_out = dout.shape[1:]
         stored_x, x_outer = _stored(x)
-        stored_dout, dout_outer = _stored(dout)
+        stored_dout, dout_outer = _stored(dout.astype(x.dtype, copy=False))
         positions = n * h_out * w_out
         # about _FILTER_GRAD_BLOCKS blocks in all, none without positions to add
         blocks = max(1, min(-(-positions // _THREADS), -(-_FILTER_GRAD_BLOCKS // f)))
