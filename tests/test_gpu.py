@@ -436,12 +436,12 @@ def test_direct_small_filter_convs_match_numpy_within_their_rounding(dtype, x_sh
     param, f = {"stride": stride, "pad": pad}, w_shape[0]
     x64, w64 = to_numpy(x).astype(np.float64), to_numpy(w).astype(np.float64)  # the values as rounded to dtype
     expected, cache = fast_layers.conv_forward_fast(x64, w64, None, param)
-    magnitude, _ = fast_layers.conv_forward_fast(np.abs(x64), np.abs(w64), None, param)
+    magnitude, magnitude_cache = fast_layers.conv_forward_fast(np.abs(x64), np.abs(w64), None, param)
     dout64 = rng.standard_normal(expected.shape)
     dout = CUPY.asarray(dout64, dtype=dtype)
     dout64 = to_numpy(dout).astype(np.float64)
     _, dw_expected, _ = fast_layers.conv_backward_fast(dout64, cache, input_grad=False)
-    _, dw_magnitude, _ = fast_layers.conv_backward_fast(np.abs(dout64), (np.abs(x64), *cache[1:]), input_grad=False)
+    _, dw_magnitude, _ = fast_layers.conv_backward_fast(np.abs(dout64), magnitude_cache, input_grad=False)
     eps, taps, positions = np.finfo(dtype).eps, int(np.prod(w_shape[1:])), int(np.prod(expected.shape)) // f
 
     saved, kernels.direct_small_convs = kernels.direct_small_convs, True
