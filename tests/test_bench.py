@@ -452,7 +452,13 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
 
     conv = {
         # im2col 2.0x slower but cuDNN 1.1x: the better path counts
-        "conv2d fwd+bwd, fp32": [[row("(24, 64, 31, 3, 1) batch 1024", xpnet=2000, xpnet_cudnn=1100, torch=1000)]],
+        "conv2d fwd+bwd, fp32": [
+            [
+                row("(24, 64, 31, 3, 1) batch 1024", xpnet=2000, xpnet_cudnn=1100, torch=1000),
+                # the whitening conv: im2col and cuDNN over 1.5x, the direct kernels under
+                row("(3, 24, 32, 2, 0) batch 1024", xpnet=700, xpnet_cudnn=1400, xpnet_direct=200, torch=300),
+            ]
+        ],  # fmt: skip
         "conv2d fwd+bwd, TF32": [[row("(24, 64, 31, 3, 1) batch 1024", xpnet=800, torch=400)]],
         "ThreeLayerConvNet": [[row("step", xpnet_graph=90, torch_graph=100)]],
     }
@@ -478,6 +484,7 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
     }
     assert verdicts == {
         "#9 fp32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "PASS",
+        "#9 fp32 (3, 24, 32, 2, 0) batch 1024 xpnet/torch": "PASS",
         "#9 TF32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "FAIL",
         "#9 captured ThreeLayerConvNet step xpnet/torch": "PASS",
         "#12 time to accuracy xpnet/torch, eager": "PASS",
@@ -487,6 +494,8 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         "#9 CPU conv forward naive/fast": "unmeasured",  # a CPU target: no CPU report here
     }
     assert "NVIDIA H200" in lines[0]
+    assert any("(3, 24, 32, 2, 0) batch 1024 xpnet/torch: 0.67 (bound <= 1.5) xpnet 2.33, xpnet-cudnn 4.67, "
+               "xpnet-direct 0.67" in line for line in lines)  # fmt: skip
     assert any("#11 fast94 mean seconds xpnet/torch: 1.20 (bound <= 1.5) xpnet-cudnn, 5 runs" in line for line in lines)
     # the gap's standard error, from runs that all agree: none
     assert any("points below PyTorch: 0.10" in line and "; ± 0.00, the standard error" in line for line in lines)
