@@ -15,7 +15,7 @@ import pytest
 from cpu_kernels import COMPILER, cupy_kernels_on_cpu, run_elementwise
 from helpers import small_recipe
 
-from xpnet import fast_layers, layer_utils, layers, optim
+from xpnet import fast_layers, layer_utils, layers, optim, spatial_norm
 from xpnet.backend import dispatch, fused_kernels
 from xpnet.backend import kernel_sources as sources
 from xpnet.fast_layers import _col2im, _im2col
@@ -412,6 +412,36 @@ def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, g
     fused = ["spatial_batchnorm_train", "spatial_batchnorm_backward", "spatial_batchnorm_apply", "running_averages"]
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
     assert len(launches) == (3 if warp else 0)  # the mean and the variance, then both gradient sums at once
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("channels_outer", [True, False])
+@pytest.mark.parametrize("warp", [False, True])
+def test_fused_spatial_groupnorm(rng, kernels, monkeypatch, dtype, groups, channels_outer, warp):
+    """Per-group statistics from per-plane sums, one normalising pass, and a backward pass
+    whose group means come from the same per-plane sums as dgamma and dbeta."""
+    monkeypatch.setattr(kernels, "warp_plane_sums", warp)
+    n, c, h, w = 3, 6, 5, 4
+    x = np.permute_dims((rng.standard_normal((c, n, h, w)) * 3 + 2).astype(dtype), (1, 0, 2, 3))
+    x = x if channels_outer else np.ascontiguousarray(x)
+    gamma, beta = (rng.standard_normal((1, c, 1, 1)).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal((n, c, h, w)).astype(dtype)
+
+    def run():
+        out, cache = spatial_norm.spatial_groupnorm_forward(x, gamma, beta, groups, {"eps": 1e-5})
+        return (out, *spatial_norm.spatial_groupnorm_backward(dout, cache))
+
+    fast, reference = fused_and_reference(
+        kernels, monkeypatch, run, ["spatial_groupnorm_train", "spatial_groupnorm_backward"]
+    )
+    assert [a.shape for a in fast] == [(n, c, h, w), (n, c, h, w), (1, c, 1, 1), (1, c, 1, 1)]
+    assert all(a.dtype == dtype for a in fast)
+    assert_all_close(fast, reference, dtype)
+    with pytest.raises(ValueError, match=r"dout has shape \(3, 6, 5, 5\), expected \(3, 6, 5, 4\)"):
+        monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+        _, cache = spatial_norm.spatial_groupnorm_forward(x, gamma, beta, groups, {})
+        spatial_norm.spatial_groupnorm_backward(np.zeros((3, 6, 5, 5), dtype), cache)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

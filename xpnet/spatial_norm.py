@@ -157,6 +157,15 @@ def spatial_batchnorm_gelu_backward(dout: Array, cache: Cache) -> tuple[Array, A
     return spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
 
 
+class _FusedGroupnormCache(NamedTuple):
+    """What the fused kernels' groupnorm backward pass needs: x̂ (N, C, H, W), 1/std (N, G), gamma."""
+
+    kernels: object
+    x_hat: Array
+    inv_std: Array
+    gamma: Array
+
+
 def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_param: dict) -> tuple[Array, Cache]:
     """Group normalisation: each sample's channels split into ``G`` groups, each group
     normalised over its channels and all positions.
@@ -179,6 +188,10 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
             raise ValueError(f"spatial_groupnorm_forward: {name} must be (1, {c}, 1, 1), got {tuple(value.shape)}")
     check_param_keys("spatial_groupnorm_forward", "gn_param", gn_param, ("eps", "mode"))
     eps = gn_param.get("eps", 1e-5)
+    fast = accelerated(x)
+    if fast is not None:
+        out, x_hat, inv_std = fast.spatial_groupnorm_train(x, gamma, beta, G, eps)
+        return out, _FusedGroupnormCache(fast, x_hat, inv_std, gamma)
     groups = xp.reshape(x, (n, G, -1))
     centered = groups - xp.mean(groups, axis=2, keepdims=True)
     std = xp.sqrt(xp.mean(centered * centered, axis=2, keepdims=True) + eps)
@@ -189,8 +202,16 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
 
 def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of groupnorm: dx (N, C, H, W), dgamma and dbeta (1, C, 1, 1)."""
-    x_hat_groups, std, gamma, G = cache
     xp = layer_namespace("spatial_groupnorm_backward", {"dout": dout})
+    if isinstance(cache, _FusedGroupnormCache):
+        if tuple(dout.shape) != tuple(cache.x_hat.shape):
+            raise ValueError(
+                f"spatial_groupnorm_backward: dout has shape {tuple(dout.shape)}, expected {tuple(cache.x_hat.shape)}"
+            )
+        dx, dgamma, dbeta = cache.kernels.spatial_groupnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
+        c = dout.shape[1]
+        return dx, xp.reshape(dgamma, (1, c, 1, 1)), xp.reshape(dbeta, (1, c, 1, 1))
+    x_hat_groups, std, gamma, G = cache
     n = dout.shape[0]
     x_hat = xp.reshape(x_hat_groups, dout.shape)
     dgamma = xp.sum(dout * x_hat, axis=(0, 2, 3), keepdims=True)

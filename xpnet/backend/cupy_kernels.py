@@ -4,7 +4,7 @@ The array-API code in xpnet.layers and xpnet.optim is the reference; on CuPy
 arrays the same functions call these kernels instead, which do each hot chain
 in one launch (softmax + cross-entropy + its gradient, ReLU and GELU, im2col
 and col2im, max pooling, each update rule) or a few (spatial batchnorm, alone or
-with the GELU after it). Their source is :mod:`xpnet.backend.kernel_sources`.
+with the GELU after it, and spatial groupnorm). Their source is :mod:`xpnet.backend.kernel_sources`.
 Matrix products go to cuBLAS through its C API on a handle of our own, which,
 unlike CuPy's matmul, may be recorded inside a CUDA graph.
 """
@@ -74,6 +74,7 @@ _batchnorm_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_BACKWARD)
 _batchnorm_gelu_train = cupy.ElementwiseKernel(*sources.BATCHNORM_GELU_TRAIN)
 _batchnorm_gelu_apply = cupy.ElementwiseKernel(*sources.BATCHNORM_GELU_APPLY)
 _batchnorm_gelu_backward = cupy.ElementwiseKernel(*sources.BATCHNORM_GELU_BACKWARD)
+_groupnorm_backward = cupy.ElementwiseKernel(*sources.GROUPNORM_BACKWARD)
 _gelu_grad_sums = {  # (sum of g, sum of g·x̂), by the statistics' dtype as _product_sum
     cupy.dtype(dtype): tuple(
         cupy.ReductionKernel(*sources.with_type(kernel, "F", dtype))
@@ -343,6 +344,12 @@ def _plane_sums(mode, rows, channels_outer, other=None, p0=None, p1=None, warp=F
         return rows.sum(axis=2, dtype=stat), _product_sum[stat](rows, other, axis=2)
     gamma3, beta3 = (_per_channel(v, stat, channels_outer, 3) for v in (p0, p1))
     return tuple(kernel(rows, other, gamma3, beta3, axis=2) for kernel in _gelu_grad_sums[stat])
+
+
+def _groupnorm_shapes(n, c, groups):
+    """The shapes that broadcast groupnorm's per-group (N, G) and per-channel (C,) operands
+    over an (N, C, H, W) array viewed as (N, G, C / G, H·W)."""
+    return (n, groups, 1, 1), (1, groups, c // groups, 1)
 
 
 def _normalization(mean, inv_std, gamma, beta, dtype, channels_outer):
@@ -639,6 +646,45 @@ class CupyKernels:
         gamma4, beta4 = (_per_channel(v, stat, outer) for v in (gamma_c, gelu_beta))
         dx = _batchnorm_gelu_backward(dout, x_hat, gamma4, beta4, scale, *means)
         return _viewed(dx, outer), None if gamma is None else dgamma, dbeta
+
+    def spatial_groupnorm_train(self, x, gamma, beta, groups, eps):
+        """Groupnorm of x (N, C, H, W): each image's channels in ``groups`` groups of C / G,
+        each normalised over its channels and positions, then scaled and shifted per channel
+        by gamma and beta (C,). out and x̂ (N, C, H, W), C-ordered, and 1/sqrt(var + eps)
+        (N, G), in the statistics' dtype."""
+        n, c, h, w = x.shape
+        stat, size, warp = _statistics_dtype(x), c // groups * h * w, self.warp_plane_sums
+        stored = _stored_as(x, False)  # each image's group is then one run of C / G planes
+        planes = stored.reshape(n * groups, c // groups, h * w)  # a group's planes, the groups outermost
+        _, mean, _ = _channel_totals(_plane_sums(_SUM, planes, True, warp=warp), 1, size)
+        deviations = _plane_sums(_SQUARED_DEVIATION, planes, True, p0=mean, warp=warp)
+        _, _, inv_std = _channel_totals(deviations, 1, size, eps)
+        by_group, per_channel = _groupnorm_shapes(n, c, groups)
+        gamma4, beta4 = (v.reshape(per_channel).astype(stat, copy=False) for v in (gamma, beta))
+        out, x_hat = _batchnorm_train(stored.reshape(n, groups, c // groups, h * w), mean.reshape(by_group),
+                                      inv_std.reshape(by_group), gamma4, beta4)  # fmt: skip
+        return out.reshape(x.shape), x_hat.reshape(x.shape), inv_std.reshape(n, groups)
+
+    def spatial_groupnorm_backward(self, dout, x_hat, gamma, inv_std):
+        """dx (N, C, H, W), C-ordered, dgamma and dbeta (C,) of :meth:`spatial_groupnorm_train`
+        (x̂ and 1/std (N, G) as it gave them). One read of dout and x̂ gives each plane's Σdout
+        and Σdout·x̂: summed over the batch they are dbeta and dgamma, and, weighted by gamma
+        and summed over each group's channels, the group means that dx needs."""
+        n, c, h, w = dout.shape
+        groups, stat = inv_std.shape[1], inv_std.dtype
+        dout = _stored_as(dout, False)
+        sums = _plane_sums(_SUM_AND_PRODUCT, _planes(dout), False, _planes(x_hat), warp=self.warp_plane_sums)
+        dbeta, dgamma = (_channel_totals(s, 0, n * h * w)[0] for s in sums)  # (N, C) plane sums, over the batch
+        gamma_c = gamma.reshape(c).astype(stat, copy=False)
+        size = c // groups * h * w
+        mean_g, mean_g_x_hat = ((s * gamma_c).reshape(n, groups, -1).sum(axis=2) / size for s in sums)
+        by_group, per_channel = _groupnorm_shapes(n, c, groups)
+        grouped = (n, groups, c // groups, h * w)
+        per_group = (v.reshape(by_group) for v in (inv_std, mean_g, mean_g_x_hat))
+        dx = _groupnorm_backward(
+            dout.reshape(grouped), x_hat.reshape(grouped), gamma_c.reshape(per_channel), *per_group
+        )
+        return dx.reshape(dout.shape), dgamma, dbeta
 
     @staticmethod
     def running_averages(running_mean, running_var, mean, var, momentum, var_scale):

@@ -356,6 +356,14 @@ BATCHNORM_BACKWARD = Elementwise(
     "dx = (T)(scale * ((F)dout - mean_dout - (F)x_hat * mean_dout_x_hat))",
     "xpnet_batchnorm_backward",
 )
+# Groupnorm's dx = 1/std · (gamma·dout - mean(gamma·dout) - x̂·mean(gamma·dout·x̂)), the means
+# over each image's group of channels and positions (computed from per-plane sums).
+GROUPNORM_BACKWARD = Elementwise(
+    "T dout, T x_hat, F gamma, F inv_std, F mean_g, F mean_g_x_hat",
+    "T dx",
+    "dx = (T)(inv_std * (gamma * (F)dout - mean_g - (F)x_hat * mean_g_x_hat))",
+    "xpnet_groupnorm_backward",
+)
 # Spatial batchnorm followed by the exact GELU (FastConvNet's blocks), fused. The forward
 # pass writes x̂ and the GELU's output only; the backward passes recompute the batchnorm's
 # output y = gamma·x̂ + beta and the GELU's derivative at y from x̂ and the upstream
@@ -598,6 +606,7 @@ FLOAT16_KERNELS = (
     "GELU_GRAD_SUM",
     "GELU_GRAD_X_HAT_SUM",
     "BATCHNORM_GELU_BACKWARD",
+    "GROUPNORM_BACKWARD",
 )
 SGD = Elementwise("T dw, T lr", "T w", "w = w - lr * dw", "xpnet_sgd")
 SGD_MOMENTUM = Elementwise("T dw, T lr, T mu", "T w, T v", "v = mu * v - lr * dw; w = w + v", "xpnet_sgd_momentum")
