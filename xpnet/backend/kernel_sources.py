@@ -489,6 +489,29 @@ extern "C" __global__ void plane_sums_{name}(
 # the im2col path stores a convolution's output. Each output is the sum over (c, ki, kj) in
 # that order, a tap on the padding multiplying zero (so a NaN in w reaches out as the GEMM's does).
 DIRECT_CONV_MAX_TAPS = 32
+
+
+def _over_window(statement: str) -> str:
+    """C++ that runs ``statement`` for each tap (c, ki, kj) of the window of output
+    (n, oh, ow), in that order, with k = (c·KH + ki)·KW + kj and v the input value the tap
+    sees (zero where it sees the padding)."""
+    return f"""
+#pragma unroll
+    for (int c = 0; c < C; ++c) {{
+        const long long plane = x_channels_outer ? (long long)c * N + n : (long long)n * C + c;
+#pragma unroll
+        for (int ki = 0; ki < KH; ++ki) {{
+            const int ih = oh * stride + ki - pad;
+#pragma unroll
+            for (int kj = 0; kj < KW; ++kj) {{
+                const int iw = ow * stride + kj - pad, k = (c * KH + ki) * KW + kj;
+                const T v = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(plane * H + ih) * W + iw] : (T)0;
+                {statement}
+            }}
+        }}
+    }}"""
+
+
 DIRECT_CONV_FORWARD = (
     r"""
 typedef {T} T;
@@ -503,21 +526,9 @@ extern "C" __global__ void direct_conv_forward_{name}(
          i += (long long)gridDim.x * blockDim.x) {"""
     + _coordinates("ow oh n", "OW OH N", "f")
     + r"""
-        T sum = 0;
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-            const long long plane = x_channels_outer ? (long long)c * N + n : (long long)n * C + c;
-#pragma unroll
-            for (int ki = 0; ki < KH; ++ki) {
-                const int ih = oh * stride + ki - pad;
-#pragma unroll
-                for (int kj = 0; kj < KW; ++kj) {
-                    const int iw = ow * stride + kj - pad;
-                    const T v = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(plane * H + ih) * W + iw] : (T)0;
-                    sum += v * w[((f * C + c) * KH + ki) * KW + kj];
-                }
-            }
-        }
+        T sum = 0;"""
+    + _over_window("sum += v * w[f * (C * KH * KW) + k];")
+    + r"""
         out[i] = has_bias ? sum + b[f] : sum;
     }
 }
@@ -554,20 +565,9 @@ extern "C" __global__ void direct_conv_filter_grad_{name}(
     + r"""
             const T g = dout_channels_outer ? dout[(long long)f * positions + i]
                                             : dout[(((long long)n * F + f) * OH + oh) * OW + ow];
-#pragma unroll
-            for (int c = 0; c < C; ++c) {
-                const long long plane = x_channels_outer ? (long long)c * N + n : (long long)n * C + c;
-#pragma unroll
-                for (int ki = 0; ki < KH; ++ki) {
-                    const int ih = oh * stride + ki - pad;
-#pragma unroll
-                    for (int kj = 0; kj < KW; ++kj) {
-                        const int iw = ow * stride + kj - pad;
-                        const T v = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(plane * H + ih) * W + iw] : (T)0;
-                        sums[(c * KH + ki) * KW + kj] += g * v;
-                    }
-                }
-            }
+"""
+    + _over_window("sums[k] += g * v;")
+    + r"""
         }
 #pragma unroll
         for (int k = 0; k < TAPS; ++k) {
