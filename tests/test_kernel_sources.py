@@ -664,9 +664,15 @@ def test_fused_lookahead_moves_as_the_reference_bit_for_bit(rng, kernels, monkey
         np.testing.assert_array_equal(a, b)
 
 
-def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch):
-    """Every fused layer of the fast CIFAR-10 recipe's net at once, with its caches passed between them."""
+@pytest.mark.parametrize("direct", [False, True])
+def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch, direct):
+    """Every fused layer of the fast CIFAR-10 recipe's net at once, with its caches passed
+    between them; ``direct``: the whitening conv (12 taps) through the direct kernels."""
     from xpnet.cnn import FastConvNet
+
+    monkeypatch.setattr(kernels, "direct_small_convs", direct)
+    applied, forward = [], kernels.direct_conv_forward
+    monkeypatch.setattr(kernels, "direct_conv_forward", lambda *a: applied.append(forward(*a)) or applied[-1])
 
     rng = np.random.default_rng(3)
     X, y = rng.standard_normal((6, 3, 32, 32)), rng.integers(0, 10, 6)
@@ -679,6 +685,7 @@ def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kerne
 
     fused = ["im2col", "max_pool_forward", "max_pool_backward", "spatial_batchnorm_train", "gelu_forward"]
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), np.float64)
+    assert any(out is not None for out in applied) == direct  # the whitening conv ran without columns
 
 
 def test_float16_activations_give_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch):
