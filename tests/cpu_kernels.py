@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -446,7 +447,8 @@ def _cublas_like_matmul(a, b):
 def cupy_kernels_on_cpu():
     """A ``CupyKernels`` from :mod:`xpnet.backend.cupy_kernels` loaded against
     :func:`cupy_on_cpu`, for NumPy arrays. Its matrix products (cuBLAS on a GPU, no kernel
-    of ours) are NumPy's."""
+    of ours) are NumPy's; cuDNN cannot be loaded, and the clock that times convolution paths
+    is the host's."""
     import xpnet.backend
 
     path = Path(xpnet.backend.__file__).with_name("cupy_kernels.py")
@@ -461,10 +463,24 @@ def cupy_kernels_on_cpu():
             del sys.modules["cupy"]
         else:
             sys.modules["cupy"] = saved
+    module._device_id = lambda x: 0  # NumPy's arrays are on the stand-in's one device
     kernels = module.CupyKernels()
     kernels.matmul = _cublas_like_matmul
     kernels.column_sums = lambda a: a.sum(axis=0)
+    kernels._cudnn_engine = _no_cudnn
+    kernels.conv_paths.elapsed_ms = _elapsed_ms_on_cpu
     return kernels
+
+
+def _no_cudnn(device_id):
+    raise RuntimeError("cuDNN does not run on the CPU")
+
+
+def _elapsed_ms_on_cpu(run):
+    """What ``run()`` takes, in ms: the kernels here run before their launch returns."""
+    start = time.perf_counter()
+    run()
+    return 1e3 * (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -464,6 +464,44 @@ def test_direct_small_filter_convs_match_numpy_within_their_rounding(dtype, x_sh
         assert_close(a, b, dtype)
 
 
+def test_autotuned_convolutions_agree_with_numpy_and_keep_their_path_inside_a_capture():
+    """set_conv_autotune: each geometry timed once, eagerly, along every path it can take
+    (the 16-tap one along the direct kernels too); the results those paths give match
+    NumPy's; a captured convolution takes the path chosen for its geometry, and one whose
+    geometry was never timed takes the switches' path without being timed."""
+    from xpnet import fast_layers
+
+    kernels = accelerated(CUPY.asarray([0.0]))
+    rng = np.random.default_rng(5)
+    x64 = rng.standard_normal((8, 4, 16, 16))
+    w_small, w_wide = rng.standard_normal((6, 4, 2, 2)), rng.standard_normal((5, 4, 3, 3))
+    x, small, wide = (CUPY.asarray(a, dtype="float64") for a in (x64, w_small, w_wide))
+    geometries = [(small, {"stride": 2, "pad": 0}, w_small), (wide, {"stride": 1, "pad": 1}, w_wide)]
+    CUPY.set_conv_autotune(True)
+    try:
+        before = set(kernels.conv_paths.timings)
+        for w, param, w64 in geometries:
+            out, cache = fast_layers.conv_forward_fast(x, w, None, param)
+            expected, naive_cache = layers.conv_forward_naive(x64, w64, None, param)
+            dout64 = rng.standard_normal(expected.shape)
+            got = fast_layers.conv_backward_fast(CUPY.asarray(dout64), cache)
+            want = layers.conv_backward_naive(dout64, naive_cache)
+            np.testing.assert_allclose(to_numpy(out), expected, rtol=1e-12, atol=1e-12)
+            for a, b in zip(got[:2], want[:2], strict=True):
+                np.testing.assert_allclose(to_numpy(a), b, rtol=1e-12, atol=1e-12)
+        timed = {key: times for key, times in kernels.conv_paths.timings.items() if key not in before}
+        assert len(timed) == 2
+        assert [set(times) >= {"im2col"} for times in timed.values()] == [True, True]
+        assert sum("direct" in times for times in timed.values()) == 1  # 16 taps, not 36
+        eager = fast_layers.conv_forward_fast(x, wide, None, {"stride": 1, "pad": 1})[0]
+        graph = CUPY.capture(lambda: fast_layers.conv_forward_fast(x, wide, None, {"stride": 1, "pad": 1})[0])
+        np.testing.assert_array_equal(to_numpy(graph.replay()), to_numpy(eager))  # the same path, the same bits
+        CUPY.capture(lambda: fast_layers.conv_forward_fast(x[:3], wide, None, {"stride": 1, "pad": 1})[0])
+        assert len(kernels.conv_paths.timings) == len(before) + 2  # nothing timed inside the capture
+    finally:
+        CUPY.set_conv_autotune(False)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape, window, stride", [((8, 16, 32, 32), 2, 2), ((3, 4, 9, 9), 3, 2), ((2, 3, 6, 5), 2, 1)])
 @pytest.mark.parametrize("channels_outer", [False, True])

@@ -309,12 +309,15 @@ def test_small_filter_convs_run_without_columns_and_equal_the_reference(rng, ker
 
 @pytest.mark.parametrize("case", ["switched off", "too many taps", "float16", "mixed dtypes"])
 def test_the_direct_kernels_decline_what_they_do_not_cover(rng, kernels, monkeypatch, case):
-    """Then the convolution takes the im2col path: its cache holds the columns."""
+    """Then the convolution takes the im2col path: its cache holds the columns. Asked directly,
+    the kernels refuse what they do not cover by name."""
     monkeypatch.setattr(kernels, "direct_small_convs", case != "switched off")
     dtype = np.float16 if case == "float16" else np.float32
     x = rng.standard_normal((2, 4 if case == "too many taps" else 3, 6, 6)).astype(dtype)  # 4·3·3 = 36 taps
     w = rng.standard_normal((2, x.shape[1], 3, 3)).astype(np.float64 if case == "mixed dtypes" else dtype)
-    assert kernels.direct_conv_forward(x, w, None, 1, 1, 6, 6) is None
+    if case != "switched off":
+        with pytest.raises(ValueError, match="at most 32 taps in float32 or float64 throughout"):
+            kernels.direct_conv_forward(x, w, None, 1, 1, 6, 6)
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     if case != "mixed dtypes":  # which the layer refuses by itself
         _, cache = fast_layers.conv_forward_fast(x, w, None, {"stride": 1, "pad": 1})

@@ -12,7 +12,8 @@ products go through :func:`xpnet.layers.matmul`, which on CuPy uses xpnet's
 capturable cuBLAS handle, and im2col, col2im and each max-pool pass are one fused
 kernel each there. With ``CupyKernels.direct_small_convs`` on, a convolution of at most
 32 taps (C·HH·WW, a network's first layer) runs there without columns: one kernel for
-the output and one for the filters' gradient.
+the output and one for the filters' gradient. Which path a convolution takes on CuPy
+(those kernels, cuDNN, or im2col) is the backend's to say (``CupyKernels.conv_path``).
 
 Same signatures and results as the naive layers in :mod:`xpnet.layers`.
 """
@@ -106,7 +107,8 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     Returns:
         out (N, F, H', W') and the cache (x, w, b, conv_param, columns); with cuDNN switched
         on (``backend.set_cudnn(True)``, CuPy) cuDNN runs it and the cache holds no columns,
-        nor does it where CuPy's direct kernels take a convolution with few taps.
+        nor does it where CuPy's direct kernels take a convolution with few taps. With
+        ``backend.set_conv_autotune(True)`` (CuPy), the fastest of those paths, by timing.
     """
     return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_fast", x, w, b, conv_param))
 
@@ -114,25 +116,49 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
 def _conv_forward(x, w, b, conv_param, geometry):
     """:func:`conv_forward_fast` with its arguments already checked: ``geometry`` is what
     :func:`conv_geometry` returned for them (the sandwiches check them under their own names)."""
+    fast = accelerated(x)
+    if fast is None:
+        return _im2col_conv(fast, x, w, b, conv_param, geometry)
+
+    def trial(path):  # one forward and backward pass along ``path``, which the backend may time
+        out, cache = _CONV_PATHS[path](fast, x, w, b, conv_param, geometry)
+        conv_backward_fast(out, cache)
+
+    path = fast.conv_path(x, w, b, geometry[1], geometry[2], trial)
+    return _CONV_PATHS[path](fast, x, w, b, conv_param, geometry)
+
+
+def _direct_conv(fast, x, w, b, conv_param, geometry):
+    """The fused kernels' convolution without columns (few taps)."""
+    _, stride, pad, h_out, w_out = geometry
+    out = fast.direct_conv_forward(x, w, b, stride, pad, h_out, w_out)
+    return out, (x, w, b, conv_param, _SmallFilterConvolution(fast))
+
+
+def _library_conv(fast, x, w, b, conv_param, geometry):
+    """The convolution through a library the backend loads (cuDNN)."""
+    xp, stride, pad = geometry[:3]
+    engine = fast.cudnn_engine(x)
+    out = engine.forward(x, w, stride, pad)
+    if b is not None:
+        out += xp.reshape(b, (1, w.shape[0], 1, 1))
+    return out, (x, w, b, conv_param, _DirectConvolution(engine))
+
+
+def _im2col_conv(fast, x, w, b, conv_param, geometry):
+    """The convolution as im2col and one GEMM (``fast`` unused: :func:`columns` asks for it)."""
     xp, stride, pad, h_out, w_out = geometry
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    fast = accelerated(x)
-    if fast is not None:
-        out = fast.direct_conv_forward(x, w, b, stride, pad, h_out, w_out)  # None unless it applies
-        if out is not None:
-            return out, (x, w, b, conv_param, _SmallFilterConvolution(fast))
-    engine = None if fast is None else fast.convolution_engine(x)
-    if engine is not None:
-        out = engine.forward(x, w, stride, pad)
-        if b is not None:
-            out += xp.reshape(b, (1, f, 1, 1))
-        return out, (x, w, b, conv_param, _DirectConvolution(engine))
     cols = columns(x, hh, ww, stride, pad, h_out, w_out)
     out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, N·H'·W'), a fresh array
     if b is not None:
         out += b[:, None]
     out = xp.permute_dims(xp.reshape(out, (f, n, h_out, w_out)), (1, 0, 2, 3))
     return out, (x, w, b, conv_param, cols)
+
+
+# The backend's conv_path names one of these.
+_CONV_PATHS = {"direct": _direct_conv, "cudnn": _library_conv, "im2col": _im2col_conv}
 
 
 def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:

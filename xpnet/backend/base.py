@@ -211,6 +211,12 @@ class Backend:
         if enabled:
             raise ValueError(f"cuDNN applies to CUDA GPUs; backend {self.name!r} has no cuDNN path")
 
+    def set_conv_autotune(self, enabled: bool) -> None:
+        """Time each way a convolution can run the first time its shape runs, and keep the
+        fastest (CUDA backends); off by default."""
+        if enabled:
+            raise ValueError(f"convolution autotuning applies to CUDA GPUs; backend {self.name!r} has one path")
+
     # -- CUDA graphs -------------------------------------------------------------
     def capture(self, fn):
         """Record ``fn()`` (device work only) as a CUDA graph; see :class:`CapturedGraph`."""

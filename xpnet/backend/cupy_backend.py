@@ -91,6 +91,17 @@ class CupyBackend(Backend):
                 kernels.set_cudnn(False)
                 raise
 
+    def set_conv_autotune(self, enabled: bool) -> None:
+        """Time each way a convolution can run (the direct kernels for few taps, cuDNN where it
+        loads, im2col + cuBLAS), forward and backward, the first time its shape, dtypes,
+        memory order and TF32 setting run outside a graph capture, and keep the fastest.
+
+        Off by default: the paths round differently, and timings decide between them, so the
+        last bits of results may differ from run to run (as under PyTorch's
+        ``cudnn.benchmark``). Run a step eagerly before capturing it, as ``cuda_graph=True``
+        does, so that the timing happens then."""
+        accelerated(self.lib.empty(0)).conv_paths.autotune = bool(enabled)
+
     def capture(self, fn):
         cp = self.lib
         with self.device:

@@ -17,6 +17,7 @@ import threading
 import cupy
 
 from . import kernel_sources as sources
+from .conv_paths import ConvGeometry, ConvPaths
 from .cudnn import CudnnConvolutions
 
 __all__ = ["CupyKernels"]
@@ -227,6 +228,21 @@ class _Cublas:
         return out
 
 
+def _device_id(x) -> int:
+    """The GPU that array x is on."""
+    return x.device.id
+
+
+def _elapsed_ms(run) -> float:
+    """The milliseconds the current stream spends on what ``run()`` launches (waits for it)."""
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    run()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop)
+
+
 def _statistics_dtype(x):
     """The dtype of batchnorm's statistics of x: x's own, float32 for float16 activations."""
     return cupy.dtype(cupy.float32) if x.dtype == cupy.float16 else x.dtype
@@ -387,6 +403,9 @@ class CupyKernels:
         # kernels instead of im2col + cuBLAS: off until measured on a GPU (bench.py --suite conv
         # and --suite ops time both).
         self.direct_small_convs = False
+        # Which path each convolution takes; with conv_paths.autotune on, the fastest by timing.
+        self.conv_paths = ConvPaths(_elapsed_ms)
+        self._cudnn_missing: str | None = None  # why cuDNN could not be loaded, once it could not
 
     def prepare(self, device_id: int) -> None:
         """Create the cuBLAS handle and workspace now (never inside a graph capture)."""
@@ -396,12 +415,19 @@ class CupyKernels:
                     handle = _Cublas(device_id)
                     handle.set_tf32(self.tf32)
                     self._cublas[device_id] = handle
-        if self.use_cudnn and device_id not in self._cudnn:
+        if self.use_cudnn:
+            self._cudnn_engine(device_id)
+
+    def _cudnn_engine(self, device_id: int) -> CudnnConvolutions:
+        """cuDNN's convolutions on GPU ``device_id``, made on first use (RuntimeError where
+        cuDNN cannot be loaded)."""
+        if device_id not in self._cudnn:
             with self._lock:
                 if device_id not in self._cudnn:
                     engine = CudnnConvolutions(cupy, device_id)
                     engine.tf32 = self.tf32
                     self._cudnn[device_id] = engine
+        return self._cudnn[device_id]
 
     def set_tf32(self, enabled: bool) -> None:
         """TF32 tensor cores for every float32 GEMM of xpnet's handles (off by default: exact fp32)."""
@@ -415,14 +441,35 @@ class CupyKernels:
         """Convolutions through cuDNN (True) or im2col + cuBLAS (False, the default)."""
         self.use_cudnn = bool(enabled)
 
-    def convolution_engine(self, x):
-        """cuDNN's convolutions on x's GPU when switched on, else None (im2col + cuBLAS)."""
-        if not self.use_cudnn:
-            return None
-        device = x.device.id
-        if device not in self._cudnn:
-            self.prepare(device)
-        return self._cudnn[device]
+    def cudnn_engine(self, x):
+        """cuDNN's convolutions on x's GPU."""
+        return self._cudnn_engine(_device_id(x))
+
+    def _cudnn_loads(self, x) -> bool:
+        """Whether cuDNN's convolutions can run on x's GPU; asked once, the answer kept."""
+        if self._cudnn_missing is None:
+            try:
+                self.cudnn_engine(x)
+            except (OSError, RuntimeError) as exc:
+                self._cudnn_missing = str(exc)
+        return self._cudnn_missing is None
+
+    def conv_path(self, x, w, b, stride, pad, trial):
+        """The path that convolves x (N, C, H, W) with w (F, C, HH, WW) (plus b (F,) unless it
+        is None): "direct" (:meth:`direct_conv_forward`), "cudnn" (:meth:`cudnn_engine`) or
+        "im2col". The switches pick it (direct_small_convs, then use_cudnn, else im2col),
+        or with ``conv_paths.autotune`` on, the fastest of those the convolution can take,
+        timed through ``trial(path)`` (one forward and backward pass) once per geometry.
+        """
+        direct = self._direct_applies(x, w, b)
+        static = "direct" if direct and self.direct_small_convs else "cudnn" if self.use_cudnn else "im2col"
+        if not self.conv_paths.autotune:
+            return static
+        available = [path for path, ok in (("direct", direct), ("cudnn", self._cudnn_loads(x))) if ok] + ["im2col"]
+        dtypes = f"{x.dtype.name}/{w.dtype.name}/{'no bias' if b is None else b.dtype.name}"
+        key = ConvGeometry(_device_id(x), tuple(x.shape), _channels_outer(x), tuple(w.shape), dtypes, stride, pad,
+                           self.tf32)  # fmt: skip
+        return self.conv_paths.choose(key, available, static, trial, cupy.cuda.get_current_stream().is_capturing())
 
     # -- matrix product ----------------------------------------------------------
     def matmul(self, a, b, exact=False):
@@ -432,7 +479,7 @@ class CupyKernels:
             return a @ b
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align")
-        device = a.device.id
+        device = _device_id(a)
         if device not in self._cublas:
             self.prepare(device)
         return self._cublas[device].gemm(a, b, exact)
@@ -513,17 +560,27 @@ class CupyKernels:
                 *divide, dx)  # fmt: skip
         return _viewed(dx, outer)
 
+    @staticmethod
+    def _direct_applies(x, w, b) -> bool:
+        """Whether the direct kernels take this convolution: at most DIRECT_CONV_MAX_TAPS taps
+        (C·HH·WW), and x, w and b (unless None) all float32 or all float64."""
+        if w.shape[1] * w.shape[2] * w.shape[3] > sources.DIRECT_CONV_MAX_TAPS or x.dtype.name not in _C_TYPES:
+            return False
+        return w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
+
     def direct_conv_forward(self, x, w, b, stride, pad, h_out, w_out):
         """x (N, C, H, W) convolved with w (F, C, HH, WW), plus b (F,) unless it is None, one
         thread per output and no column matrix: out (N, F, H', W'), stored (F, N, H', W') as
-        the im2col path stores it. None where this does not apply: switched off, more than
-        sources.DIRECT_CONV_MAX_TAPS taps, or not float32 or float64 throughout."""
+        the im2col path stores it. ValueError where the kernels do not apply (more than
+        sources.DIRECT_CONV_MAX_TAPS taps, or not float32 or float64 throughout); the switch
+        direct_small_convs is :meth:`conv_path`'s to read."""
+        if not self._direct_applies(x, w, b):
+            raise ValueError(
+                f"direct_conv_forward: the direct kernels take at most {sources.DIRECT_CONV_MAX_TAPS} taps in float32 "
+                f"or float64 throughout, not x {x.dtype} {tuple(x.shape)}, w {w.dtype} {tuple(w.shape)}"
+            )
         n, c, h, wd = x.shape
         f, _, kh, kw = w.shape
-        if not self.direct_small_convs or c * kh * kw > sources.DIRECT_CONV_MAX_TAPS:
-            return None
-        if x.dtype.name not in _C_TYPES or w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
-            return None
         stored, outer = _stored(x)
         out = cupy.empty((f, n, h_out, w_out), dtype=x.dtype)
         w = cupy.ascontiguousarray(w)

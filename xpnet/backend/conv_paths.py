@@ -1,0 +1,88 @@
+"""Which of its paths a convolution takes on a GPU: the one the switches name, or the fastest by timing.
+
+A convolution on CuPy can run three ways: the direct kernels (filters of few taps),
+cuDNN, and im2col + cuBLAS. Which is fastest depends on the shape, the precision and the
+card, so, as PyTorch's ``cudnn.benchmark`` does among cuDNN's algorithms, ``autotune``
+times every path a convolution can take the first time its geometry runs (outside a graph
+capture: forward and backward, after one untimed run of each) and keeps the fastest for
+that geometry. The paths round differently, so which one wins, and so the last bits of the
+results, can differ from one process to the next; with ``autotune`` off (the default) the
+switches decide and results are reproducible.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+__all__ = ["PATHS", "ConvGeometry", "ConvPaths"]
+
+# Every path, in the order of precedence the switches give them.
+PATHS = ("direct", "cudnn", "im2col")
+
+
+class ConvGeometry(NamedTuple):
+    """What a path's speed depends on, and so what a choice is kept for."""
+
+    device: int
+    x_shape: tuple  # (N, C, H, W)
+    channels_outer: bool  # x stored (C, N, H, W), as a convolution's output on the im2col path
+    w_shape: tuple  # (F, C, HH, WW)
+    dtypes: str  # of x, w and b, e.g. "float32/float32/no bias"
+    stride: int
+    pad: int
+    tf32: bool
+
+
+class ConvPaths:
+    """The paths chosen so far, by geometry.
+
+    ``elapsed_ms(run)`` calls ``run()`` and returns the milliseconds the device spent on it;
+    ``repeats`` timed runs of each path are compared by their median."""
+
+    def __init__(self, elapsed_ms: Callable[[Callable[[], object]], float], repeats: int = 3):
+        self.autotune = False
+        self.elapsed_ms, self.repeats = elapsed_ms, repeats
+        self._chosen: dict = {}
+        self.timings: dict = {}  # geometry: {path: median ms}, for reports
+
+    def choose(self, key: ConvGeometry, available: Sequence[str], static: str, trial: Callable[[str], object],
+               capturing: bool) -> str:  # fmt: skip
+        """The path for the convolution of geometry ``key``.
+
+        available: the paths it can take here (a subset of PATHS, in their order);
+        static: the one the switches pick; trial(path): one forward and backward pass
+        along ``path``; capturing: whether a CUDA graph is being recorded, when nothing
+        may be timed (the static path runs then, and nothing is remembered)."""
+        if not self.autotune or len(available) < 2:
+            return static
+        chosen = self._chosen.get(key)
+        if chosen is not None or capturing:
+            return static if chosen is None else chosen
+        times = self._time(available, trial)
+        chosen = min(times, key=lambda path: (times[path], PATHS.index(path)))
+        self._chosen[key], self.timings[key] = chosen, times
+        return chosen
+
+    def _time(self, available, trial) -> dict:
+        """{path: median ms of its forward and backward}, the paths interleaved; a path that
+        runs out of device memory is left out (unless every path does)."""
+        usable = []
+        for path in available:  # untimed: compiles kernels, finds cuDNN's algorithms
+            try:
+                trial(path)
+            except MemoryError:
+                if path == available[-1] and not usable:
+                    raise
+                continue
+            usable.append(path)
+        samples: dict = {path: [] for path in usable}
+        for _ in range(self.repeats):
+            for path in usable:
+                samples[path].append(self.elapsed_ms(lambda path=path: trial(path)))
+        return {path: statistics.median(values) for path, values in samples.items()}
+
+    def report(self) -> list[dict]:
+        """Each geometry timed so far: its fields, each path's median milliseconds, and the path kept."""
+        return [{**key._asdict(), "ms": times, "chosen": self._chosen[key]} for key, times in self.timings.items()]
