@@ -91,6 +91,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
         (["--tf32"], "TF32 applies to CUDA GPUs"),
         (["--cudnn"], "cuDNN applies to CUDA GPUs; backend 'numpy'"),
+        (["--conv-autotune"], "convolution autotuning applies to CUDA GPUs; backend 'numpy'"),
         (["--recipe", "fast94"], "trains on CIFAR-10: add --dataset cifar10"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"], "--lr does not apply to --recipe fast94"),
         (
@@ -100,6 +101,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--recipe", "fast94", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--tf32"], "TF32 applies to CUDA GPUs"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cudnn"], "cuDNN applies to CUDA GPUs"),
+        (["--recipe", "fast94", "--dataset", "cifar10", "--conv-autotune"], "convolution autotuning applies to CUDA"),
         (["--recipe", "fast94", "--dataset", "cifar10", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
         (["--fp16"], "--fp16 applies to --recipe fast94 only"),
         (["--num-test", "5"], "--num-test applies to --dataset cifar10 only, not to digits"),
@@ -244,6 +246,7 @@ def test_the_recipe_refuses_more_rows_than_the_data_set_has(train, tmp_path, cap
     "extra, message",
     [
         (["--recipe-set", "epochs=2"], "--recipe-set: epochs (use --epochs) has a flag of its own"),
+        (["--recipe-set", "conv_autotune=true"], "conv_autotune (use --conv-autotune) has a flag of its own"),
         (["--recipe-set", "lr=1"], "fast94: unknown settings lr"),
         (["--recipe-set", "widths=8,16"], "fast94: widths must be three positive integers, got (8, 16)"),
         (["--recipe-set", "widths"], "--recipe-set takes KEY=VALUE, got 'widths'"),

@@ -48,7 +48,8 @@ def parse_setting(text: str) -> tuple:
 
 # Settings with a flag of their own: --recipe-set does not take them, so that one value is given once.
 SETTINGS_WITH_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "tf32": "--tf32", "cudnn": "--cudnn",
-                       "activation_dtype": "--fp16", "cuda_graph": "--cuda-graph"}  # fmt: skip
+                       "conv_autotune": "--conv-autotune", "activation_dtype": "--fp16",
+                       "cuda_graph": "--cuda-graph"}  # fmt: skip
 
 
 def recipe_settings(texts, flags: dict = SETTINGS_WITH_FLAGS) -> dict:
@@ -95,7 +96,7 @@ def _first_rows(flag, count, X, y, split):
 def run_recipe(args, backend, data, log=None, progress=print) -> int:
     """Run ``args.recipe`` on ``data`` and print (and log) its result; off a GPU, where a run
     takes minutes to hours, ``progress`` hears of each epoch and of the evaluation."""
-    overrides = {"tf32": bool(args.tf32), "cudnn": bool(args.cudnn)}
+    overrides = {"tf32": bool(args.tf32), "cudnn": bool(args.cudnn), "conv_autotune": bool(args.conv_autotune)}
     if args.cuda_graph:
         overrides["cuda_graph"] = True
     if args.fp16:

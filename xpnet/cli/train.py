@@ -67,7 +67,7 @@ def build_parser():
         choices=RECIPES,
         help="a complete recipe instead of a model and Solver settings: fast94 is the fast CIFAR-10 recipe "
         "(all 50,000 training images, TTA on the 10,000 test images; --epochs, --batch-size, --seed, "
-        "--num-train, --num-test, --tf32, --cudnn, --fp16, --cuda-graph and --recipe-set adjust it)",
+        "--num-train, --num-test, --tf32, --cudnn, --conv-autotune, --fp16, --cuda-graph and --recipe-set adjust it)",
     )
     p.add_argument(
         "--recipe-set",
@@ -134,6 +134,12 @@ def build_parser():
         "--cudnn",
         action="store_true",
         help='run convolutions through cuDNN instead of im2col + cuBLAS (cupy; pip install "xpnet[cudnn12]")',
+    )
+    p.add_argument(
+        "--conv-autotune",
+        action="store_true",
+        help="run each convolution along the fastest of its paths (direct kernels, cuDNN, im2col), timed the first "
+        "time its shape runs (cupy; results may then differ in their last bits from run to run)",
     )
     p.add_argument(
         "--fp16",
@@ -286,6 +292,8 @@ class Run:
                 backend.set_tf32(True)
             if args.cudnn:
                 backend.set_cudnn(True)
+            if args.conv_autotune:
+                backend.set_conv_autotune(True)
         except (ValueError, ImportError, RuntimeError) as exc:
             raise UsageError(str(exc)) from exc
         # Everything the run will write is checked before minutes go into loading and training.
@@ -361,6 +369,9 @@ class Run:
             if args.cudnn:
                 backend.set_cudnn(True)
                 backend.set_cudnn(False)
+            if args.conv_autotune:
+                backend.set_conv_autotune(True)
+                backend.set_conv_autotune(False)
         except (ValueError, ImportError, RuntimeError) as exc:
             raise UsageError(str(exc)) from exc
         if args.cuda_graph and not backend.can_capture:

@@ -84,6 +84,8 @@ class Fast94Settings:
         cuda_graph: capture the training step (None: where the backend can).
         tf32: let GEMMs use TF32 tensor cores (CuPy).
         cudnn: run the convolutions through cuDNN instead of im2col + cuBLAS (CuPy).
+        conv_autotune: each convolution along the fastest of its paths, timed in its first
+            step (CuPy; :meth:`~xpnet.backend.cupy_backend.CupyBackend.set_conv_autotune`).
     """
 
     widths: tuple = (64, 256, 256)
@@ -112,6 +114,7 @@ class Fast94Settings:
     cuda_graph: bool | None = None
     tf32: bool = False
     cudnn: bool = False
+    conv_autotune: bool = False
 
     def with_overrides(self, overrides: dict) -> Fast94Settings:
         """A copy with ``overrides`` applied; an unknown name, or a value of the wrong kind
@@ -465,10 +468,10 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
     ``progress(text)``, if given, hears of each epoch and of the evaluation as they start.
     Returns a :class:`Fast94Result`."""
     model = recipe_model(backend, settings, seed, tuple(train_images.shape[1:]))
-    if settings.tf32:
-        backend.set_tf32(True)
-    if settings.cudnn:
-        backend.set_cudnn(True)
+    switched = [setter for on, setter in ((settings.tf32, backend.set_tf32), (settings.cudnn, backend.set_cudnn),
+                                          (settings.conv_autotune, backend.set_conv_autotune)) if on]  # fmt: skip
+    for switch in switched:
+        switch(True)
     try:
         backend.sync()
         start = time.perf_counter()
@@ -487,10 +490,8 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
         test_accuracy = backend.to_floats([accuracy(backend.xp.argmax(scores, axis=1), test_labels)])[0]
         end = time.perf_counter()
     finally:
-        if settings.tf32:
-            backend.set_tf32(False)
-        if settings.cudnn:
-            backend.set_cudnn(False)
+        for switch in switched:
+            switch(False)
     result = Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
                                      backend.to_floats(losses), model, settings)  # fmt: skip
     bad = next((i for i, value in enumerate(result.losses) if not math.isfinite(value)), None)
