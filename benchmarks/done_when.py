@@ -60,9 +60,9 @@ def _best_line(target, results, names, baseline, bound, judged=True):
 
 def conv_lines(conv: dict, judged=True) -> list[str]:
     """#9: each shape's forward+backward within 1.5x of PyTorch in fp32 and in TF32 (the
-    best of xpnet's paths: im2col + cuBLAS, cuDNN, and the direct kernels where the filters
-    have few taps; each ratio is in the line, so a pass that needs a path switched on says
-    which), and the captured ThreeLayerConvNet step no slower."""
+    best of xpnet's paths: im2col + cuBLAS, cuDNN, the direct kernels where the filters have
+    few taps, and the one set_conv_autotune keeps; each ratio is in the line, so a pass that
+    needs a path switched on says which), and the captured ThreeLayerConvNet step no slower."""
     lines = []
     for precision in ("fp32", "TF32"):
         rows = conv.get(f"conv2d fwd+bwd, {precision}", [[]])[0]
@@ -70,8 +70,8 @@ def conv_lines(conv: dict, judged=True) -> list[str]:
             lines.append(_line(f"#9 conv2d {precision} xpnet/torch <= 1.5", None, None, False))
         for row in rows:
             target = f"#9 {precision} {row['case']} xpnet/torch"
-            lines.append(_best_line(target, row["results"], ("xpnet", "xpnet-cudnn", "xpnet-direct"), "torch", 1.5,
-                                    judged))  # fmt: skip
+            paths = ("xpnet", "xpnet-cudnn", "xpnet-direct", "xpnet-auto")
+            lines.append(_best_line(target, row["results"], paths, "torch", 1.5, judged))
     rows = conv.get("ThreeLayerConvNet", [[]])[0]
     results = rows[0]["results"] if rows else {}
     target = "#9 captured ThreeLayerConvNet step xpnet/torch"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, results under $OUT (default ./gpu-out):
 #   tests   the fused-kernel, cuDNN and CUDA-graph tests (tests/test_gpu.py)
-#   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, and cuDNN when it
-#           loads) against PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a
+#   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, cuDNN when it
+#           loads, the direct kernels for few taps, and the fastest of those by autotuning) against PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a
 #           time (BENCH_SUITE: one or more of fc, conv, ops, all, e.g. "ops conv"; BENCH_FLAGS adds flags,
 #           e.g. --tf32 for the ops suite; the conv suite measures fp32 and TF32 whatever the flags)
 #   profile the recipe's training steps kernel by kernel, xpnet's and PyTorch's (bench.py --profile-recipe,
@@ -34,6 +34,9 @@
 # RECIPE_FLAGS="--tf32 --warp-plane-sums" so that the recipe sums batchnorm's planes a warp per plane.
 # Likewise, where bench_conv.log's (3, 24, 32, 2, 0) rows show xpnet-direct below xpnet and test_gpu.log shows
 # test_direct_small_filter_convs passing, add --direct-convs (the whitening conv without columns) to RECIPE_FLAGS.
+# Or, where test_gpu.log shows test_autotuned_convolutions passing, give call 3 RECIPE_FLAGS="--tf32 --conv-autotune"
+# (plus --warp-plane-sums as above): each of the recipe's convolutions then takes the fastest of the direct kernels,
+# cuDNN and im2col, timed in the warm-up run (bench_conv.log's xpnet-auto rows and its last table show what it keeps).
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench profile suite tta recipe} "

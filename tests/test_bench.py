@@ -101,7 +101,8 @@ def test_ops_suite_times_the_warp_per_plane_sums_beside_the_reductions_where_the
 
 def test_gpu_conv_rows_time_the_direct_kernels_where_the_filters_have_few_taps(monkeypatch):
     """The GPU rows' variants, run here through CuPy's kernels on the CPU (tests/cpu_kernels.py)
-    at a small batch on small shapes: "xpnet-direct" beside im2col only where C·k·k ≤ 32."""
+    at a small batch on small shapes: "xpnet-direct" beside im2col only where C·k·k ≤ 32, and
+    "xpnet-auto", the faster of the two as autotuning finds it."""
     import cpu_kernels
 
     import xpnet
@@ -120,9 +121,16 @@ def test_gpu_conv_rows_time_the_direct_kernels_where_the_filters_have_few_taps(m
     rows = bench_conv.gpu_rows(backend, bench.time_variants, 1, 0.01, tf32=False, use_torch=False, batch=2)
     assert any(out is not None for out in direct_runs)  # the variant ran the direct kernels
     assert [row["case"] for row in rows] == ["(3, 4, 8, 2, 0) batch 2", "(4, 4, 6, 3, 1) batch 2"]
-    assert sorted(rows[0]["results"]) == ["xpnet", "xpnet-direct"] and rows[0]["results"]["xpnet-direct"]["us"] > 0
-    assert sorted(rows[1]["results"]) == ["xpnet"]
-    assert not kernels.direct_small_convs
+    assert sorted(rows[0]["results"]) == ["xpnet", "xpnet-auto", "xpnet-direct"]
+    assert rows[0]["results"]["xpnet-direct"]["us"] > 0 and rows[0]["results"]["xpnet-auto"]["us"] > 0
+    assert sorted(rows[1]["results"]) == ["xpnet", "xpnet-auto"]
+    assert not kernels.direct_small_convs and not kernels.conv_paths.autotune
+    # xpnet-auto timed the first shape's two paths once and kept one; the second has one path, nothing to time
+    chosen = bench_conv.conv_paths_chosen(backend)
+    assert [(c["x_shape"], sorted(c["ms"])) for c in chosen] == [((2, 3, 8, 8), ["direct", "im2col"])]
+    assert chosen[0]["chosen"] in ("direct", "im2col")
+    table = bench_conv.format_conv_paths(chosen).splitlines()
+    assert table[2].startswith("| (2, 3, 8, 8) → (4, 3, 2, 2), 1, 0 | float32/float32/no bias | off | direct ")
 
 
 @pytest.mark.parametrize(
@@ -132,6 +140,12 @@ def test_kernel_switches_are_refused_where_the_backend_has_no_such_kernels(capsy
     with pytest.raises(SystemExit):
         bench.main(["--suite", "none", flag])
     assert f"{flag}: backend 'numpy' has no {what} (CuPy has)" in capsys.readouterr().err
+
+
+def test_conv_autotune_is_refused_where_convolutions_have_one_path(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "none", "--conv-autotune"])
+    assert "--conv-autotune: convolution autotuning applies to CUDA GPUs; backend 'numpy'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suite", ["ops", "conv"])
@@ -459,7 +473,12 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
                 row("(3, 24, 32, 2, 0) batch 1024", xpnet=700, xpnet_cudnn=1400, xpnet_direct=200, torch=300),
             ]
         ],  # fmt: skip
-        "conv2d fwd+bwd, TF32": [[row("(24, 64, 31, 3, 1) batch 1024", xpnet=800, torch=400)]],
+        "conv2d fwd+bwd, TF32": [
+            [
+                row("(24, 64, 31, 3, 1) batch 1024", xpnet=800, torch=400),
+                row("(64, 64, 15, 3, 1) batch 1024", xpnet=900, xpnet_auto=500, torch=400),  # the autotuned path counts
+            ]
+        ],
         "ThreeLayerConvNet": [[row("step", xpnet_graph=90, torch_graph=100)]],
     }
     tta = {"train_rows": 49000, "xpnet": {"seconds": 1.0}, "xpnet-graph": {"seconds": 0.7}, "torch": {"seconds": 1.5}}
@@ -486,6 +505,7 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         "#9 fp32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "PASS",
         "#9 fp32 (3, 24, 32, 2, 0) batch 1024 xpnet/torch": "PASS",
         "#9 TF32 (24, 64, 31, 3, 1) batch 1024 xpnet/torch": "FAIL",
+        "#9 TF32 (64, 64, 15, 3, 1) batch 1024 xpnet/torch": "PASS",
         "#9 captured ThreeLayerConvNet step xpnet/torch": "PASS",
         "#12 time to accuracy xpnet/torch, eager": "PASS",
         "#12 time to accuracy xpnet-graph/torch": "PASS",

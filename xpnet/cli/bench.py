@@ -341,8 +341,8 @@ def run_conv_suite(backend, args, on_progress=None) -> dict:
     if backend.is_gpu:
         for tf32 in (False, True):
             rows = bench_conv.gpu_rows(backend, timer, args.repeats, args.budget, tf32, not args.no_torch)
-            names = ["xpnet", "xpnet-cudnn", "xpnet-direct", "torch"]
-            ratios = [("xpnet", "torch"), ("xpnet-cudnn", "torch"), ("xpnet-direct", "torch")]
+            names = ["xpnet", "xpnet-cudnn", "xpnet-direct", "xpnet-auto", "torch"]
+            ratios = [("xpnet", "torch"), ("xpnet-cudnn", "torch"), ("xpnet-direct", "torch"), ("xpnet-auto", "torch")]
             tables[f"conv2d fwd+bwd, {'TF32' if tf32 else 'fp32'}"] = (rows, names, ratios)
             progress(tables)
     else:
@@ -442,6 +442,13 @@ def main(argv=None):
         "kernels, without columns, in every part (CuPy; off by default until measured: --suite conv and ops time both)",
     )
     p.add_argument(
+        "--conv-autotune",
+        action="store_true",
+        help="xpnet runs each convolution along the fastest of its paths (direct kernels, cuDNN, im2col), timed the "
+        "first time its shape runs, in every part; the recipe then has no xpnet-cudnn side, which this covers "
+        "(CuPy; --suite conv's xpnet-auto rows time it without the flag)",
+    )
+    p.add_argument(
         "--profile-recipe",
         action="store_true",
         help="profile the fast recipe's training steps kernel by kernel in xpnet and in PyTorch (PyTorch's "
@@ -498,6 +505,9 @@ def main(argv=None):
     def save():
         """The report so far to --json, after each part: a run stopped by a time limit keeps
         what it measured. Written whole to a temporary file, then renamed over the old one."""
+        chosen = bench_conv.conv_paths_chosen(backend)
+        if chosen:
+            report["conv_paths"] = chosen
         if args.json:
             partial = f"{args.json}.partial"
             with open(partial, "w") as f:
@@ -509,6 +519,12 @@ def main(argv=None):
             backend.set_tf32(True)
         except ValueError as exc:
             p.error(f"--tf32: {exc}")
+    if args.conv_autotune:
+        try:
+            backend.set_conv_autotune(True)
+        except ValueError as exc:
+            p.error(f"--conv-autotune: {exc}")
+        report["conv_autotune"] = True
     for flag, switch, what in (("--warp-plane-sums", "warp_plane_sums", "fused batchnorm kernels"),
                                ("--direct-convs", "direct_small_convs", "direct convolution kernels")):  # fmt: skip
         if getattr(args, switch):
@@ -575,6 +591,9 @@ def main(argv=None):
         print()
         print(bench_profile.format_profile(report["profile"]))
     save()
+    if "conv_paths" in report:
+        print()
+        print(bench_conv.format_conv_paths(report["conv_paths"]))
     return 1 if "recipe" in report and not report["recipe"]["runs"] else 0  # a recipe asked for and none measured
 
 

@@ -2,8 +2,9 @@
 
 On a GPU: conv2d forward + backward (dx, dw; no dx for the first shape, whose
 input is the data) at batch 1024 on six shapes, xpnet's fast conv (im2col +
-cuBLAS, through cuDNN's C API when cuDNN is installed, and through the direct kernels
-for the first shape's 12 taps) against PyTorch's
+cuBLAS, through cuDNN's C API when cuDNN is installed, through the direct kernels
+for the first shape's 12 taps, and along whichever of those set_conv_autotune finds
+fastest) against PyTorch's
 cuDNN (``cudnn.benchmark=True``), in fp32 (TF32 off on both sides) and in TF32
 (on on both sides); and a ThreeLayerConvNet training step (batch 128), eager and
 replayed from CUDA graphs on both sides.
@@ -27,9 +28,11 @@ from xpnet.solver import Solver
 __all__ = [
     "GPU_SHAPES",
     "cpu_rows",
+    "conv_paths_chosen",
     "cudnn_available",
     "gpu_rows",
     "convnet_step_rows",
+    "format_conv_paths",
     "format_conv_table",
     "measure_row",
     "with_kernel_switch",
@@ -59,11 +62,10 @@ def _xpnet_conv_step(backend, batch, c_in, c_out, size, kernel, pad, input_grad)
     rng = backend.rng(0)
     x = rng.normal((batch, c_in, size, size), dtype=backend.xp.float32)
     w = rng.normal((c_out, c_in, kernel, kernel), std=0.05, dtype=backend.xp.float32)
-    b = backend.xp.zeros((c_out,), dtype=backend.xp.float32, device=backend.device)
     param = {"stride": 1, "pad": pad}
 
-    def step():
-        out, cache = fast_layers.conv_forward_fast(x, w, b, param)
+    def step():  # without a bias, as PyTorch's side
+        out, cache = fast_layers.conv_forward_fast(x, w, None, param)
         return fast_layers.conv_backward_fast(out, cache, input_grad)
 
     return step
@@ -96,15 +98,16 @@ def cudnn_available(backend) -> bool:
     return True
 
 
-def _with_cudnn(backend, step):
-    """``step`` with xpnet's convolutions on cuDNN (switched off again after each call)."""
+def _switched_on(setter, step):
+    """``step`` with ``setter(True)`` during each call (a backend's set_cudnn or
+    set_conv_autotune), ``setter(False)`` after."""
 
     def run():
-        backend.set_cudnn(True)
+        setter(True)
         try:
             return step()
         finally:
-            backend.set_cudnn(False)
+            setter(False)
 
     return run
 
@@ -116,25 +119,31 @@ def with_kernel_switch(backend, switch: str, step):
     kernels = accelerated(backend.xp.empty(0))
     if kernels is None or not hasattr(kernels, switch):
         return None
+    return _with_attribute_on(kernels, switch, step)
+
+
+def _with_attribute_on(owner, name: str, step):
+    """``step`` with ``owner``'s boolean attribute ``name`` True during each call, as it was after."""
 
     def switched():
-        before = getattr(kernels, switch)
-        setattr(kernels, switch, True)
+        before = getattr(owner, name)
+        setattr(owner, name, True)
         try:
             return step()
         finally:
-            setattr(kernels, switch, before)
+            setattr(owner, name, before)
 
     return switched
 
 
 def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True, batch=1024) -> list:
     """One row per GPU shape: µs per forward+backward of xpnet (im2col + cuBLAS, cuDNN when it
-    is installed, and the direct kernels where the filters have few enough taps) and PyTorch,
-    in one precision (``batch`` images; 1024 as #9 asks)."""
+    is installed, the direct kernels where the filters have few enough taps, and the fastest of
+    those by set_conv_autotune) and PyTorch, in one precision (``batch`` images; 1024 as #9 asks)."""
     torch = _torch_or_none() if use_torch else None
     rows = []
     cudnn = cudnn_available(backend)
+    paths = getattr(accelerated(backend.xp.empty(0)), "conv_paths", None)  # where convolutions have paths to choose
     backend.set_tf32(tf32)
     if torch is not None:
         torch.backends.cudnn.benchmark = True
@@ -146,7 +155,7 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
             input_grad = index > 0
             variants = {"xpnet": (_xpnet_conv_step(backend, batch, *shape, input_grad), backend.sync)}
             if cudnn:
-                step = _with_cudnn(backend, _xpnet_conv_step(backend, batch, *shape, input_grad))
+                step = _switched_on(backend.set_cudnn, _xpnet_conv_step(backend, batch, *shape, input_grad))
                 variants["xpnet-cudnn"] = (step, backend.sync)
             c_in, _, _, kernel, _ = shape
             if c_in * kernel * kernel <= DIRECT_CONV_MAX_TAPS:
@@ -155,6 +164,9 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
                 )
                 if step is not None:
                     variants["xpnet-direct"] = (step, backend.sync)
+            if paths is not None:  # the fastest of the paths above, as set_conv_autotune picks it (in the warm-up)
+                step = _with_attribute_on(paths, "autotune", _xpnet_conv_step(backend, batch, *shape, input_grad))
+                variants["xpnet-auto"] = (step, backend.sync)
             if torch is not None:
                 step = _torch_conv_step(torch, device, batch, *shape, input_grad)
                 variants["torch"] = (step, torch.cuda.synchronize)
@@ -241,7 +253,7 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
                         verbose=False, cuda_graph=graph)  # fmt: skip
         step_rng = backend.rng(1)
         step = lambda s=solver, r=step_rng: s.step(r)  # noqa: E731
-        variants[name] = (_with_cudnn(backend, step) if on_cudnn else step, backend.sync)
+        variants[name] = (_switched_on(backend.set_cudnn, step) if on_cudnn else step, backend.sync)
     torch = _torch_or_none() if use_torch else None
     if torch is not None:
         variants.update(_torch_convnet_steps(torch, backend, X, y))
@@ -323,4 +335,24 @@ def format_conv_table(title, rows, names, ratios):
             for a, b in ratios
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conv_paths_chosen(backend) -> list:
+    """The convolutions that set_conv_autotune has timed in this process (CuPy), each with
+    its paths' median ms and the path kept; [] elsewhere."""
+    kernels = accelerated(backend.xp.empty(0))
+    paths = getattr(kernels, "conv_paths", None)
+    return [] if paths is None else paths.report()
+
+
+def format_conv_paths(chosen: list) -> str:
+    """A markdown table of :func:`conv_paths_chosen`: which path autotuning kept for each
+    convolution it timed, and why (each path's ms for a forward and backward pass)."""
+    lines = ["| autotuned convolution (x → w, stride, pad) | dtypes | TF32 | ms per path | kept |", "|" + "---|" * 5]
+    for c in chosen:
+        order = " (channels outermost)" if c["channels_outer"] else ""
+        geometry = f"{tuple(c['x_shape'])}{order} → {tuple(c['w_shape'])}, {c['stride']}, {c['pad']}"
+        times = ", ".join(f"{path} {ms:.3f}" for path, ms in c["ms"].items())
+        lines.append(f"| {geometry} | {c['dtypes']} | {'on' if c['tf32'] else 'off'} | {times} | {c['chosen']} |")
     return "\n".join(lines)

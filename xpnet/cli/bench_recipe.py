@@ -69,7 +69,8 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
     """Warm up each side once, then ``args.runs`` interleaved runs; returns the report, and
     passes the report so far to ``on_progress`` after each run (so that a run cut short by a
     time limit keeps what it measured)."""
-    settings = Fast94Settings().with_overrides(dict([*args.recipe_set, ("tf32", bool(args.tf32))]))
+    flags = [("tf32", bool(args.tf32)), ("conv_autotune", bool(args.conv_autotune))]
+    settings = Fast94Settings().with_overrides(dict([*args.recipe_set, *flags]))
     data = _load(args)
     ours = device_data(backend, data, settings.dtype)
 
@@ -78,8 +79,9 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
         return lambda seed, epochs=None: timed_run(backend, _epochs(side_settings, epochs), seed, *ours)
 
     sides = {"xpnet": xpnet_side(settings)}
-    if backend.is_gpu and not settings.cudnn and cudnn_available(backend):
-        # The same recipe with cuDNN's convolutions: which of xpnet's two paths to keep is measured here too.
+    if backend.is_gpu and not (settings.cudnn or settings.conv_autotune) and cudnn_available(backend):
+        # The same recipe with cuDNN's convolutions: which of xpnet's two paths to keep is measured here too
+        # (autotuning chooses between them convolution by convolution).
         sides["xpnet-cudnn"] = xpnet_side(settings.with_overrides({"cudnn": True}))
     if backend.is_gpu and settings.activation_dtype is None:
         # Beside PyTorch's fp16 row: float16 activations, float32 weights (the issue's "if it pays").
