@@ -75,7 +75,8 @@ def conv_lines(conv: dict, judged=True) -> list[str]:
     rows = conv.get("ThreeLayerConvNet", [[]])[0]
     results = rows[0]["results"] if rows else {}
     target = "#9 captured ThreeLayerConvNet step xpnet/torch"
-    lines.append(_best_line(target, results, ("xpnet-graph", "xpnet-cudnn-graph"), "torch-graph", 1.0, judged))
+    paths = ("xpnet-graph", "xpnet-cudnn-graph", "xpnet-auto-graph")
+    lines.append(_best_line(target, results, paths, "torch-graph", 1.0, judged))
     return lines
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,33 @@ def test_gpu_conv_rows_time_the_direct_kernels_where_the_filters_have_few_taps(m
     assert chosen[0]["chosen"] in ("direct", "im2col")
     table = bench_conv.format_conv_paths(chosen).splitlines()
     assert table[2].startswith("| (2, 3, 8, 8) → (4, 3, 2, 2), 1, 0 | float32/float32/no bias | off | direct ")
+
+
+def test_convnet_rows_time_the_captured_step_with_autotuned_paths_where_convolutions_have_paths(monkeypatch):
+    """Through CuPy's kernels on the CPU, with a stand-in capture that replays by running the
+    step: "xpnet-auto-graph" beside the eager and captured steps, autotuning off again after."""
+    import cpu_kernels
+
+    import xpnet
+    from xpnet.backend import dispatch
+    from xpnet.backend.numpy_backend import NumpyBackend
+    from xpnet.cli import bench_conv
+
+    if cpu_kernels.COMPILER is None:
+        pytest.skip("no C++ compiler to run the kernels on the CPU")
+    kernels = cpu_kernels.cupy_kernels_on_cpu()
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    monkeypatch.setattr(NumpyBackend, "can_capture", True)
+    monkeypatch.setattr(NumpyBackend, "capture", lambda self, step: types.SimpleNamespace(replay=step))
+    autotuned = []
+    conv_path = kernels.conv_path
+    monkeypatch.setattr(kernels, "conv_path", lambda *a: autotuned.append(kernels.conv_paths.autotune) or conv_path(*a))
+    rows = bench_conv.convnet_step_rows(xpnet.get_backend("numpy"), bench.time_variants, 1, 0.01, use_torch=False)
+    results = rows[0]["results"]
+    assert sorted(results) == ["xpnet", "xpnet-auto-graph", "xpnet-graph"]
+    assert all(results[name]["us"] > 0 for name in results)
+    assert True in autotuned and False in autotuned  # on for its variant's steps only
+    assert not kernels.conv_paths.autotune
 
 
 @pytest.mark.parametrize(
@@ -479,7 +507,7 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
                 row("(64, 64, 15, 3, 1) batch 1024", xpnet=900, xpnet_auto=500, torch=400),  # the autotuned path counts
             ]
         ],
-        "ThreeLayerConvNet": [[row("step", xpnet_graph=90, torch_graph=100)]],
+        "ThreeLayerConvNet": [[row("step", xpnet_graph=120, xpnet_auto_graph=90, torch_graph=100)]],
     }
     tta = {"train_rows": 49000, "xpnet": {"seconds": 1.0}, "xpnet-graph": {"seconds": 0.7}, "torch": {"seconds": 1.5}}
     runs = {  # im2col 2.0x slower, cuDNN 1.2x: the faster path counts, its accuracy too

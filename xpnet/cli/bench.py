@@ -351,8 +351,9 @@ def run_conv_suite(backend, args, on_progress=None) -> dict:
         progress(tables)
     if not args.no_convnet:
         rows = bench_conv.convnet_step_rows(backend, timer, args.repeats, args.budget, not args.no_torch)
-        names = ["xpnet", "xpnet-graph", "xpnet-cudnn", "xpnet-cudnn-graph", "torch", "torch-graph"]
-        ratios = [("xpnet", "torch"), ("xpnet-graph", "torch-graph"), ("xpnet-cudnn-graph", "torch-graph")]
+        names = ["xpnet", "xpnet-graph", "xpnet-cudnn", "xpnet-cudnn-graph", "xpnet-auto-graph", "torch", "torch-graph"]
+        ratios = [("xpnet", "torch"), ("xpnet-graph", "torch-graph"), ("xpnet-cudnn-graph", "torch-graph"),
+                  ("xpnet-auto-graph", "torch-graph")]  # fmt: skip
         tables["ThreeLayerConvNet"] = (rows, names, ratios)
         progress(tables)
     return tables

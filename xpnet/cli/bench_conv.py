@@ -239,13 +239,15 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
     y = rng.integers(0, 10, 4096)
     variants = {}
     cudnn = cudnn_available(backend)
-    for name, graph, on_cudnn in (
-        ("xpnet", False, False),
-        ("xpnet-graph", True, False),
-        ("xpnet-cudnn", False, True),
-        ("xpnet-cudnn-graph", True, True),
+    paths = getattr(accelerated(backend.xp.empty(0)), "conv_paths", None)
+    for name, graph, path in (
+        ("xpnet", False, None),
+        ("xpnet-graph", True, None),
+        ("xpnet-cudnn", False, "cudnn"),
+        ("xpnet-cudnn-graph", True, "cudnn"),
+        ("xpnet-auto-graph", True, "auto"),  # the paths kept by autotuning (timed in the eager first step)
     ):
-        if (graph and not backend.can_capture) or (on_cudnn and not cudnn):
+        if (graph and not backend.can_capture) or (path == "cudnn" and not cudnn) or (path == "auto" and not paths):
             continue
         model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend=backend)
         data = {"X_train": X, "y_train": y, "X_val": X[:256, ...], "y_val": y[:256]}
@@ -253,7 +255,11 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
                         verbose=False, cuda_graph=graph)  # fmt: skip
         step_rng = backend.rng(1)
         step = lambda s=solver, r=step_rng: s.step(r)  # noqa: E731
-        variants[name] = (_switched_on(backend.set_cudnn, step) if on_cudnn else step, backend.sync)
+        if path == "cudnn":
+            step = _switched_on(backend.set_cudnn, step)
+        elif path == "auto":
+            step = _with_attribute_on(paths, "autotune", step)
+        variants[name] = (step, backend.sync)
     torch = _torch_or_none() if use_torch else None
     if torch is not None:
         variants.update(_torch_convnet_steps(torch, backend, X, y))
