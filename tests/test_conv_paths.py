@@ -62,7 +62,9 @@ def test_autotune_times_each_path_once_per_geometry_and_keeps_the_fastest_median
     assert paths.timings == {G: {"direct": 2, "cudnn": 3, "im2col": 1.5}}
     assert paths.choose(G, available, "direct", clock.trial, capturing=False) == "im2col"
     assert len(clock.ran) == 12  # remembered: nothing timed again
-    assert paths.report() == [{**G._asdict(), "ms": {"direct": 2, "cudnn": 3, "im2col": 1.5}, "chosen": "im2col"}]
+    assert paths.report() == [
+        {**G._asdict(), "ms": {"direct": 2, "cudnn": 3, "im2col": 1.5}, "failed": {}, "chosen": "im2col"}
+    ]
     with pytest.raises(IndexError):  # another geometry is timed afresh (the clock has no readings left)
         paths.choose(H, available, "direct", clock.trial, capturing=False)
 
@@ -86,22 +88,34 @@ def test_one_path_is_no_choice():
     assert clock.ran == []
 
 
-def test_a_path_that_runs_out_of_memory_is_left_out_unless_every_path_does():
+def test_a_path_that_fails_is_left_out_and_reported_unless_every_path_fails():
+    """Out of device memory, or a library that refuses the geometry: the other paths are timed."""
     paths, clock = _paths({"im2col": [4, 4, 4]})
 
     def trial(path):
+        if path == "direct":
+            raise MemoryError("out of memory allocating 1024 bytes")
         if path == "cudnn":
-            raise MemoryError("out of memory allocating the workspace")
+            raise RuntimeError("cuDNN has no Forward algorithm for this convolution")
         clock.trial(path)
 
-    assert paths.choose(G, ["cudnn", "im2col"], "cudnn", trial, capturing=False) == "im2col"
+    assert paths.choose(G, ["direct", "cudnn", "im2col"], "cudnn", trial, capturing=False) == "im2col"
     assert paths.timings == {G: {"im2col": 4}}
+    (entry,) = paths.report()
+    assert entry["failed"] == {"direct": "MemoryError: out of memory allocating 1024 bytes",
+                               "cudnn": "RuntimeError: cuDNN has no Forward algorithm for this convolution"}  # fmt: skip
 
-    def no_memory(path):
+    def nothing_runs(path):
         raise MemoryError(f"{path}: out of memory")
 
     with pytest.raises(MemoryError, match="im2col: out of memory"):
-        paths.choose(H, ["cudnn", "im2col"], "cudnn", no_memory, capturing=False)
+        paths.choose(H, ["cudnn", "im2col"], "cudnn", nothing_runs, capturing=False)
+
+    def broken(path):
+        raise ValueError(f"{path}: a fault, not a refusal")
+
+    with pytest.raises(ValueError, match="direct: a fault"):  # other errors are not swallowed
+        paths.choose(H, ["direct", "im2col"], "im2col", broken, capturing=False)
 
 
 def test_backends_without_a_choice_of_paths_refuse_autotuning_by_name():

@@ -45,6 +45,7 @@ class ConvPaths:
         self.autotune = False
         self.elapsed_ms, self.repeats = elapsed_ms, repeats
         self._chosen: dict = {}
+        self._failed: dict = {}  # geometry: {path: its error}
         self.timings: dict = {}  # geometry: {path: median ms}, for reports
 
     def choose(self, key: ConvGeometry, available: Sequence[str], static: str, trial: Callable[[str], object],
@@ -60,29 +61,35 @@ class ConvPaths:
         chosen = self._chosen.get(key)
         if chosen is not None or capturing:
             return static if chosen is None else chosen
-        times = self._time(available, trial)
+        times, self._failed[key] = self._time(available, trial)
         chosen = min(times, key=lambda path: (times[path], PATHS.index(path)))
         self._chosen[key], self.timings[key] = chosen, times
         return chosen
 
-    def _time(self, available, trial) -> dict:
-        """{path: median ms of its forward and backward}, the paths interleaved; a path that
-        runs out of device memory is left out (unless every path does)."""
-        usable = []
+    def _time(self, available, trial) -> tuple[dict, dict]:
+        """({path: median ms of its forward and backward}, {path: why it failed}), the paths
+        interleaved. A path whose untimed run fails (out of device memory, a library that
+        refuses the geometry) is left out, unless every path fails."""
+        usable, failed, error = [], {}, None
         for path in available:  # untimed: compiles kernels, finds cuDNN's algorithms
             try:
                 trial(path)
-            except MemoryError:
-                if path == available[-1] and not usable:
-                    raise
+            except (MemoryError, RuntimeError) as exc:
+                failed[path], error = f"{type(exc).__name__}: {exc}", exc
                 continue
             usable.append(path)
+        if not usable:
+            raise error
         samples: dict = {path: [] for path in usable}
         for _ in range(self.repeats):
             for path in usable:
                 samples[path].append(self.elapsed_ms(lambda path=path: trial(path)))
-        return {path: statistics.median(values) for path, values in samples.items()}
+        return {path: statistics.median(values) for path, values in samples.items()}, failed
 
     def report(self) -> list[dict]:
-        """Each geometry timed so far: its fields, each path's median milliseconds, and the path kept."""
-        return [{**key._asdict(), "ms": times, "chosen": self._chosen[key]} for key, times in self.timings.items()]
+        """Each geometry timed so far: its fields, each path's median milliseconds, the paths
+        that failed and why, and the path kept."""
+        return [
+            {**key._asdict(), "ms": times, "failed": self._failed[key], "chosen": self._chosen[key]}
+            for key, times in self.timings.items()
+        ]

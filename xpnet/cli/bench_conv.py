@@ -359,6 +359,9 @@ def format_conv_paths(chosen: list) -> str:
     for c in chosen:
         order = " (channels outermost)" if c["channels_outer"] else ""
         geometry = f"{tuple(c['x_shape'])}{order} → {tuple(c['w_shape'])}, {c['stride']}, {c['pad']}"
-        times = ", ".join(f"{path} {ms:.3f}" for path, ms in c["ms"].items())
+        times = ", ".join(
+            [f"{path} {ms:.3f}" for path, ms in c["ms"].items()]
+            + [f"{path} failed ({why})" for path, why in c.get("failed", {}).items()]
+        )
         lines.append(f"| {geometry} | {c['dtypes']} | {'on' if c['tf32'] else 'off'} | {times} | {c['chosen']} |")
     return "\n".join(lines)
