@@ -80,6 +80,8 @@ def test_nothing_is_timed_during_a_capture_nor_remembered_from_it():
     assert clock.ran == [] and paths.timings == {}
     assert paths.choose(G, ["direct", "im2col"], "direct", clock.trial, capturing=False) == "im2col"
     assert paths.choose(G, ["direct", "im2col"], "direct", clock.trial, capturing=True) == "im2col"
+    # cuDNN, which loading would allocate for, is not offered during a capture: the path kept still holds
+    assert paths.choose(G, ["im2col"], "direct", clock.trial, capturing=True) == "im2col"
 
 
 def test_one_path_is_no_choice():
@@ -222,3 +224,18 @@ def test_without_autotune_the_switch_alone_sends_a_convolution_to_the_direct_ker
         fast_layers.conv_forward_fast(x, w, None, {"stride": 2, "pad": 0})
         assert ran == [path]
     assert kernels.conv_paths.timings == {}
+
+
+@needs_compiler
+def test_nothing_is_timed_nor_cudnn_loaded_while_a_graph_is_captured(kernels, monkeypatch):
+    """Loading cuDNN allocates its workspace, which must not come from a capture's memory."""
+    import types
+
+    cupy_here = type(kernels).__init__.__globals__["cupy"]  # the stand-in module the kernels were loaded with
+    monkeypatch.setattr(cupy_here.cuda, "get_current_stream", lambda: types.SimpleNamespace(is_capturing=lambda: True))
+    asked = []
+    monkeypatch.setattr(kernels, "_cudnn_engine", lambda device: asked.append(device))
+    ran = _timed_by_kernel(kernels, monkeypatch, 1.0, 2.0)
+    kernels.conv_paths.autotune = True
+    fast_layers.conv_forward_fast(np.ones((1, 3, 4, 4)), np.ones((2, 3, 2, 2)), None, {"stride": 2, "pad": 0})
+    assert ran == ["im2col"] and asked == [] and kernels.conv_paths.timings == {}

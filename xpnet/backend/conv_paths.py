@@ -52,15 +52,18 @@ class ConvPaths:
                capturing: bool) -> str:  # fmt: skip
         """The path for the convolution of geometry ``key``.
 
-        available: the paths it can take here (a subset of PATHS, in their order);
-        static: the one the switches pick; trial(path): one forward and backward pass
-        along ``path``; capturing: whether a CUDA graph is being recorded, when nothing
-        may be timed (the static path runs then, and nothing is remembered)."""
-        if not self.autotune or len(available) < 2:
+        available: the paths it can take here (a subset of PATHS, in their order; read only
+        to time them); static: the one the switches pick; trial(path): one forward and
+        backward pass along ``path``; capturing: whether a CUDA graph is being recorded,
+        when nothing may be timed (a geometry not yet timed takes the static path then,
+        and nothing is remembered)."""
+        if not self.autotune:
             return static
         chosen = self._chosen.get(key)
-        if chosen is not None or capturing:
-            return static if chosen is None else chosen
+        if chosen is not None:
+            return chosen
+        if capturing or len(available) < 2:
+            return static
         times, self._failed[key] = self._time(available, trial)
         chosen = min(times, key=lambda path: (times[path], PATHS.index(path)))
         self._chosen[key], self.timings[key] = chosen, times
