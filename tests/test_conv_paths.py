@@ -239,3 +239,37 @@ def test_nothing_is_timed_nor_cudnn_loaded_while_a_graph_is_captured(kernels, mo
     kernels.conv_paths.autotune = True
     fast_layers.conv_forward_fast(np.ones((1, 3, 4, 4)), np.ones((2, 3, 2, 2)), None, {"stride": 2, "pad": 0})
     assert ran == ["im2col"] and asked == [] and kernels.conv_paths.timings == {}
+
+
+@needs_compiler
+def test_the_recipe_autotunes_its_convolutions_in_its_first_step_and_trains_as_without(kernels, monkeypatch):
+    """fast94 with conv_autotune and captured steps, through CuPy's kernels on the CPU (a stand-in
+    capture replays by running the step): only the whitening conv (12 taps) has two paths; its
+    geometries are timed in eager calls, the captured steps keep what was kept, the losses are
+    those of the run without autotuning to rounding, and autotuning is off after the run."""
+    import types
+
+    from xpnet.backend.numpy_backend import NumpyBackend
+    from xpnet.recipes import fast94
+
+    monkeypatch.setattr(NumpyBackend, "can_capture", True)
+    monkeypatch.setattr(NumpyBackend, "capture", lambda self, step: types.SimpleNamespace(replay=step))
+    monkeypatch.setattr(NumpyBackend, "set_conv_autotune", lambda self, on: setattr(kernels.conv_paths, "autotune", on))
+    ran = _timed_by_kernel(kernels, monkeypatch, 1.0, 2.0)  # the direct kernels "faster"
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.integers(0, 256, (64, 32, 32, 3)), "y_train": rng.integers(0, 10, 64)}
+    data |= {"X_test": rng.integers(0, 256, (24, 32, 32, 3)), "y_test": rng.integers(0, 10, 24)}
+    small = {"widths": (4, 8, 8), "batch_size": 32, "epochs": 2, "seed": 0, "backend": "numpy", "tta_level": 1,
+             "dtype": "float64", "cuda_graph": True}  # fmt: skip
+    tuned = fast94(data, conv_autotune=True, **small)
+    report = kernels.conv_paths.report()
+    assert {entry["w_shape"] for entry in report} == {(24, 3, 2, 2)}
+    assert all(entry["chosen"] == "direct" and set(entry["ms"]) == {"direct", "im2col"} for entry in report)
+    assert (32, 3, 32, 32) in {entry["x_shape"] for entry in report}  # the training batch's
+    assert ran.count("direct_conv_forward") > 4 * len(report)  # beyond each geometry's four trials: the kept path
+    assert not kernels.conv_paths.autotune
+    ran.clear()
+    plain = fast94(data, **small)
+    assert "direct_conv_forward" not in ran
+    np.testing.assert_allclose(tuned.losses, plain.losses, rtol=1e-10)
+    assert tuned.test_accuracy == plain.test_accuracy
