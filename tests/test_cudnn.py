@@ -293,3 +293,34 @@ def test_the_search_workspace_shrinks_to_what_the_device_can_spare():
     engine_full, lib_full, _ = _fake_engine(free_bytes=10)
     engine_full.forward(x, w, 1, 1)
     assert lib_full.workspaces[0] == (engine_full.workspace.ctypes.data, 16)  # the workspace held
+
+
+def test_an_input_stored_in_another_order_is_copied_once_for_both_passes():
+    """x channels outermost (a convolution's output on the im2col path): conv_forward_fast on
+    cuDNN makes it C-contiguous once and its backward pass reads that copy."""
+    import types
+
+    import numpy as np
+
+    from xpnet import fast_layers
+
+    engine, lib, cupy = _fake_engine()
+    copies = []
+    contiguous = cupy.ascontiguousarray
+
+    def counting(a):
+        if not a.flags.c_contiguous:
+            copies.append(a.shape)
+        return contiguous(a)
+
+    cupy.ascontiguousarray = counting
+    x_cn = np.ascontiguousarray(np.ones((3, 2, 8, 8), np.float32)).view(type(engine.workspace))
+    x = np.permute_dims(x_cn, (1, 0, 2, 3))  # (N, C, H, W) viewed, stored (C, N, H, W)
+    w = np.ones((4, 3, 3, 3), np.float32).view(type(engine.workspace))
+    param = {"stride": 1, "pad": 1}
+    fast = types.SimpleNamespace(cudnn_engine=lambda a: engine)
+    out, cache = fast_layers._library_conv(fast, x, w, None, param, conv_geometry("test", x, w, None, param))
+    fast_layers.conv_backward_fast(out, cache)
+    assert copies == [(2, 3, 8, 8)]
+    runs = [c[0] for c in lib.calls if len(c) > 2]
+    assert runs == [f"cudnnConvolution{d}" for d in ("Forward", "BackwardFilter", "BackwardData")]

@@ -139,6 +139,7 @@ def _library_conv(fast, x, w, b, conv_param, geometry):
     """The convolution through a library the backend loads (cuDNN)."""
     xp, stride, pad = geometry[:3]
     engine = fast.cudnn_engine(x)
+    x = engine.contiguous(x)  # the backward pass reads the same copy, if one is made
     out = engine.forward(x, w, stride, pad)
     if b is not None:
         out += xp.reshape(b, (1, w.shape[0], 1, 1))

@@ -306,9 +306,14 @@ class CudnnConvolutions:
 
     def _operands(self, a, b):
         """Both operands C-contiguous and of their common dtype, as the im2col path promotes them."""
-        cp = self.cupy
-        dtype = cp.result_type(a.dtype, b.dtype)
-        return cp.ascontiguousarray(a.astype(dtype, copy=False)), cp.ascontiguousarray(b.astype(dtype, copy=False))
+        dtype = self.cupy.result_type(a.dtype, b.dtype)
+        return self.contiguous(a.astype(dtype, copy=False)), self.contiguous(b.astype(dtype, copy=False))
+
+    def contiguous(self, a):
+        """``a`` as cuDNN reads it, C-contiguous (``a`` itself where it is already): a layer
+        keeps this for its backward pass, so that an input stored in another order (a
+        convolution's output, channels outermost, on the im2col path) is copied once, not twice."""
+        return self.cupy.ascontiguousarray(a)
 
     def forward(self, x, w, stride, pad):
         """The convolution of x (N, C, H, W) with w (F, C, HH, WW): (N, F, H', W')."""
