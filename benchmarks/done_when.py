@@ -112,7 +112,8 @@ def recipe_lines(recipe: dict, judged=True) -> list[str]:
     gap, error = mean_difference(*([100 * r["test_accuracy"] for r in rows] for rows in (theirs, ours)))
     ratio = statistics.mean(r["seconds"] for r in ours) / statistics.mean(r["seconds"] for r in theirs)
     counted = n >= 5 and full
-    detail = f"{name}, {n} runs on {recipe.get('train_images')}/{recipe.get('test_images')} images"
+    autotuned = ", convolutions autotuned" if recipe.get("settings", {}).get("conv_autotune") else ""
+    detail = f"{name}{autotuned}, {n} runs on {recipe.get('train_images')}/{recipe.get('test_images')} images"
     if not counted:
         detail += " (the issue asks for 5 runs or more on all 50,000/10,000)"
     gap_detail = detail if error is None else f"{detail}; ± {error:.2f}, the standard error of the difference"

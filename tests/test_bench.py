@@ -517,7 +517,7 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         "xpnet-fp16": [{"test_accuracy": 0.939, "seconds": 3.0}] * 5,  # not a target: a line of its own
         "torch-fp16": [{"test_accuracy": 0.940, "seconds": 4.0}] * 5,
     }
-    recipe = {"runs": runs, "train_images": 50000, "test_images": 10000}
+    recipe = {"runs": runs, "train_images": 50000, "test_images": 10000, "settings": {"conv_autotune": True}}
     paths = []
     for name, report in (("bench", {"conv": conv}), ("tta", {"time_to_accuracy": tta}), ("fast94", {"recipe": recipe})):
         paths.append(tmp_path / f"{name}.json")
@@ -544,7 +544,8 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
     assert "NVIDIA H200" in lines[0]
     assert any("(3, 24, 32, 2, 0) batch 1024 xpnet/torch: 0.67 (bound <= 1.5) xpnet 2.33, xpnet-cudnn 4.67, "
                "xpnet-direct 0.67" in line for line in lines)  # fmt: skip
-    assert any("#11 fast94 mean seconds xpnet/torch: 1.20 (bound <= 1.5) xpnet-cudnn, 5 runs" in line for line in lines)
+    assert any("#11 fast94 mean seconds xpnet/torch: 1.20 (bound <= 1.5) xpnet-cudnn, convolutions autotuned, 5 runs"
+               in line for line in lines)  # fmt: skip
     # the gap's standard error, from runs that all agree: none
     assert any("points below PyTorch: 0.10" in line and "; ± 0.00, the standard error" in line for line in lines)
     assert (
