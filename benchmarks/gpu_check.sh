@@ -34,9 +34,10 @@
 # RECIPE_FLAGS="--tf32 --warp-plane-sums" so that the recipe sums batchnorm's planes a warp per plane.
 # Likewise, where bench_conv.log's (3, 24, 32, 2, 0) rows show xpnet-direct below xpnet and test_gpu.log shows
 # test_direct_small_filter_convs passing, add --direct-convs (the whitening conv without columns) to RECIPE_FLAGS.
-# Or, where test_gpu.log shows test_autotuned_convolutions passing, give call 3 RECIPE_FLAGS="--tf32 --conv-autotune"
-# (plus --warp-plane-sums as above): each of the recipe's convolutions then takes the fastest of the direct kernels,
-# cuDNN and im2col, timed in the warm-up run (bench_conv.log's xpnet-auto rows and its last table show what it keeps).
+# Or, where test_gpu.log shows test_autotuned_convolutions and test_direct_small_filter_convs passing (autotuning
+# trusts every path it times), give call 3 RECIPE_FLAGS="--tf32 --conv-autotune" (plus --warp-plane-sums as above):
+# each of the recipe's convolutions then takes the fastest of the direct kernels, cuDNN and im2col, timed in the
+# warm-up run (bench_conv.log's xpnet-auto rows and its last table show what it keeps).
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
 STEPS=" ${STEPS:-tests bench profile suite tta recipe} "
