@@ -89,6 +89,8 @@ def test_ops_suite_times_the_warp_per_plane_sums_beside_the_reductions_where_the
     assert report["net"]["results"]["xpnet warp sums"]["us"] > 0
     # the direct small-filter kernels: the whole network, and the whitening conv's two passes beside its im2col path
     assert report["net"]["results"]["xpnet direct conv"]["us"] > 0
+    assert report["net"]["results"]["xpnet autotuned convs"]["us"] > 0  # the whitening conv timed both ways first
+    assert not kernels.conv_paths.autotune and [c["w_shape"] for c in kernels.conv_paths.report()] == [(24, 3, 2, 2)]
     direct = [row["case"] for row in report["conv_phases"] if "direct" in row["case"]]
     assert direct == ["conv 3→24 32×32: direct forward (no columns)", "conv 3→24 32×32: direct dw (no columns)"]
     assert not kernels.warp_plane_sums and not kernels.direct_small_convs  # switched back after each step

@@ -114,16 +114,14 @@ def _switched_on(setter, step):
 
 def with_kernel_switch(backend, switch: str, step):
     """``step`` with the backend's fused kernels' boolean attribute ``switch`` (CuPy's
-    "warp_plane_sums", "direct_small_convs") on during each call, as it was after; None where
-    the backend's kernels have no such switch."""
-    kernels = accelerated(backend.xp.empty(0))
-    if kernels is None or not hasattr(kernels, switch):
+    "warp_plane_sums", "direct_small_convs", "conv_paths.autotune") on during each call, as it
+    was after; None where the backend's kernels have no such switch."""
+    owner = accelerated(backend.xp.empty(0))
+    *parents, name = switch.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent, None)
+    if owner is None or not hasattr(owner, name):
         return None
-    return _with_attribute_on(kernels, switch, step)
-
-
-def _with_attribute_on(owner, name: str, step):
-    """``step`` with ``owner``'s boolean attribute ``name`` True during each call, as it was after."""
 
     def switched():
         before = getattr(owner, name)
@@ -143,7 +141,6 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
     torch = _torch_or_none() if use_torch else None
     rows = []
     cudnn = cudnn_available(backend)
-    paths = getattr(accelerated(backend.xp.empty(0)), "conv_paths", None)  # where convolutions have paths to choose
     backend.set_tf32(tf32)
     if torch is not None:
         torch.backends.cudnn.benchmark = True
@@ -164,8 +161,11 @@ def gpu_rows(backend, time_variants, repeats, budget, tf32: bool, use_torch=True
                 )
                 if step is not None:
                     variants["xpnet-direct"] = (step, backend.sync)
-            if paths is not None:  # the fastest of the paths above, as set_conv_autotune picks it (in the warm-up)
-                step = _with_attribute_on(paths, "autotune", _xpnet_conv_step(backend, batch, *shape, input_grad))
+            # the fastest of the paths above, as set_conv_autotune picks it (in the warm-up)
+            step = with_kernel_switch(
+                backend, "conv_paths.autotune", _xpnet_conv_step(backend, batch, *shape, input_grad)
+            )
+            if step is not None:
                 variants["xpnet-auto"] = (step, backend.sync)
             if torch is not None:
                 step = _torch_conv_step(torch, device, batch, *shape, input_grad)
@@ -239,7 +239,6 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
     y = rng.integers(0, 10, 4096)
     variants = {}
     cudnn = cudnn_available(backend)
-    paths = getattr(accelerated(backend.xp.empty(0)), "conv_paths", None)
     for name, graph, path in (
         ("xpnet", False, None),
         ("xpnet-graph", True, None),
@@ -247,7 +246,7 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
         ("xpnet-cudnn-graph", True, "cudnn"),
         ("xpnet-auto-graph", True, "auto"),  # the paths kept by autotuning (timed in the eager first step)
     ):
-        if (graph and not backend.can_capture) or (path == "cudnn" and not cudnn) or (path == "auto" and not paths):
+        if (graph and not backend.can_capture) or (path == "cudnn" and not cudnn):
             continue
         model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend=backend)
         data = {"X_train": X, "y_train": y, "X_val": X[:256, ...], "y_val": y[:256]}
@@ -258,7 +257,9 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
         if path == "cudnn":
             step = _switched_on(backend.set_cudnn, step)
         elif path == "auto":
-            step = _with_attribute_on(paths, "autotune", step)
+            step = with_kernel_switch(backend, "conv_paths.autotune", step)
+            if step is None:
+                continue
         variants[name] = (step, backend.sync)
     torch = _torch_or_none() if use_torch else None
     if torch is not None:

@@ -171,7 +171,8 @@ def _net_steps(backend, torch, device, batch):
     model = FastConvNet(widths=settings.widths, backend=backend, seed=0)
     X_x, y_x = backend.asarray(X), backend.asarray(y)
     steps = {"xpnet": (lambda: model.loss(X_x, y_x), backend.sync)}
-    for name, switch in (("xpnet warp sums", "warp_plane_sums"), ("xpnet direct conv", "direct_small_convs")):
+    for name, switch in (("xpnet warp sums", "warp_plane_sums"), ("xpnet direct conv", "direct_small_convs"),
+                         ("xpnet autotuned convs", "conv_paths.autotune")):  # fmt: skip
         switched = with_kernel_switch(backend, switch, lambda: model.loss(X_x, y_x))
         if switched is not None:
             steps[name] = (switched, backend.sync)
