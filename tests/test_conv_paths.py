@@ -69,6 +69,28 @@ def test_autotune_times_each_path_once_per_geometry_and_keeps_the_fastest_median
         paths.choose(H, available, "direct", clock.trial, capturing=False)
 
 
+def test_threads_asking_for_one_geometry_at_once_time_it_once():
+    import threading
+    import time
+
+    paths, clock = _paths({"direct": [1, 1, 1], "im2col": [2, 2, 2]})
+    results = []
+
+    def trial(path):
+        time.sleep(0.005)  # long enough for the other threads to arrive while it is being timed
+        clock.trial(path)
+
+    def ask():
+        results.append(paths.choose(G, ["direct", "im2col"], "im2col", trial, capturing=False))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["direct"] * 4 and len(clock.ran) == 8  # two untimed runs, then three rounds of two
+
+
 def test_a_tie_goes_to_the_path_the_switches_would_rank_first():
     paths, clock = _paths({"direct": [1, 1, 1], "im2col": [1, 1, 1]})
     assert paths.choose(G, ["direct", "im2col"], "im2col", clock.trial, capturing=False) == "direct"

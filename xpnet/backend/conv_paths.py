@@ -13,6 +13,7 @@ switches decide and results are reproducible.
 from __future__ import annotations
 
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -47,6 +48,7 @@ class ConvPaths:
         self._chosen: dict = {}
         self._failed: dict = {}  # geometry: {path: its error}
         self.timings: dict = {}  # geometry: {path: median ms}, for reports
+        self._lock = threading.Lock()  # one geometry timed at a time, whatever the threads
 
     def choose(self, key: ConvGeometry, available: Sequence[str], static: str, trial: Callable[[str], object],
                capturing: bool) -> str:  # fmt: skip
@@ -64,10 +66,12 @@ class ConvPaths:
             return chosen
         if capturing or len(available) < 2:
             return static
-        times, self._failed[key] = self._time(available, trial)
-        chosen = min(times, key=lambda path: (times[path], PATHS.index(path)))
-        self._chosen[key], self.timings[key] = chosen, times
-        return chosen
+        with self._lock:
+            if key not in self._chosen:  # another thread may have timed it meanwhile
+                times, self._failed[key] = self._time(available, trial)
+                self.timings[key] = times
+                self._chosen[key] = min(times, key=lambda path: (times[path], PATHS.index(path)))
+            return self._chosen[key]
 
     def _time(self, available, trial) -> tuple[dict, dict]:
         """({path: median ms of its forward and backward}, {path: why it failed}), the paths
