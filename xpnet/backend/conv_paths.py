@@ -36,6 +36,14 @@ class ConvGeometry(NamedTuple):
     tf32: bool
 
 
+class _Timed(NamedTuple):
+    """What timing one geometry found."""
+
+    chosen: str  # the path kept
+    ms: dict  # {path: median ms of a forward and backward pass}
+    failed: dict  # {path: why its untimed run failed}
+
+
 class ConvPaths:
     """The paths chosen so far, by geometry.
 
@@ -45,10 +53,13 @@ class ConvPaths:
     def __init__(self, elapsed_ms: Callable[[Callable[[], object]], float], repeats: int = 3):
         self.autotune = False
         self.elapsed_ms, self.repeats = elapsed_ms, repeats
-        self._chosen: dict = {}
-        self._failed: dict = {}  # geometry: {path: its error}
-        self.timings: dict = {}  # geometry: {path: median ms}, for reports
+        self._timed: dict[ConvGeometry, _Timed] = {}
         self._lock = threading.Lock()  # one geometry timed at a time, whatever the threads
+
+    @property
+    def timings(self) -> dict:
+        """{geometry: {path: median ms}} of every geometry timed so far."""
+        return {key: timed.ms for key, timed in self._timed.items()}
 
     def choose(self, key: ConvGeometry, available: Sequence[str], static: str, trial: Callable[[str], object],
                capturing: bool) -> str:  # fmt: skip
@@ -61,21 +72,19 @@ class ConvPaths:
         and nothing is remembered)."""
         if not self.autotune:
             return static
-        chosen = self._chosen.get(key)
-        if chosen is not None:
-            return chosen
+        timed = self._timed.get(key)
+        if timed is not None:
+            return timed.chosen
         if capturing or len(available) < 2:
             return static
         with self._lock:
-            if key not in self._chosen:  # another thread may have timed it meanwhile
-                times, self._failed[key] = self._time(available, trial)
-                self.timings[key] = times
-                self._chosen[key] = min(times, key=lambda path: (times[path], PATHS.index(path)))
-            return self._chosen[key]
+            if key not in self._timed:  # another thread may have timed it meanwhile
+                self._timed[key] = self._time(available, trial)
+            return self._timed[key].chosen
 
-    def _time(self, available, trial) -> tuple[dict, dict]:
-        """({path: median ms of its forward and backward}, {path: why it failed}), the paths
-        interleaved. A path whose untimed run fails (out of device memory, a library that
+    def _time(self, available, trial) -> _Timed:
+        """Each usable path's median ms of its forward and backward, the paths interleaved,
+        and the fastest. A path whose untimed run fails (out of device memory, a library that
         refuses the geometry) is left out, unless every path fails."""
         usable, failed, error = [], {}, None
         for path in available:  # untimed: compiles kernels, finds cuDNN's algorithms
@@ -91,12 +100,13 @@ class ConvPaths:
         for _ in range(self.repeats):
             for path in usable:
                 samples[path].append(self.elapsed_ms(lambda path=path: trial(path)))
-        return {path: statistics.median(values) for path, values in samples.items()}, failed
+        ms = {path: statistics.median(values) for path, values in samples.items()}
+        return _Timed(min(ms, key=lambda path: (ms[path], PATHS.index(path))), ms, failed)
 
     def report(self) -> list[dict]:
         """Each geometry timed so far: its fields, each path's median milliseconds, the paths
         that failed and why, and the path kept."""
         return [
-            {**key._asdict(), "ms": times, "failed": self._failed[key], "chosen": self._chosen[key]}
-            for key, times in self.timings.items()
+            {**key._asdict(), "ms": timed.ms, "failed": timed.failed, "chosen": timed.chosen}
+            for key, timed in self._timed.items()
         ]
