@@ -86,7 +86,7 @@ def _filter_rows(xp, dout):
     return xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (dout.shape[1], -1))
 
 
-class _DirectConvolution(NamedTuple):
+class _LibraryConvolution(NamedTuple):
     """A convolution a backend's library ran without columns (cuDNN): its backward pass too."""
 
     engine: object
@@ -143,7 +143,7 @@ def _library_conv(fast, x, w, b, conv_param, geometry):
     out = engine.forward(x, w, stride, pad)
     if b is not None:
         out += xp.reshape(b, (1, w.shape[0], 1, 1))
-    return out, (x, w, b, conv_param, _DirectConvolution(engine))
+    return out, (x, w, b, conv_param, _LibraryConvolution(engine))
 
 
 def _im2col_conv(fast, x, w, b, conv_param, geometry):
@@ -171,7 +171,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
     if tuple(dout.shape) != (n, f, h_out, w_out):
         raise ValueError(f"conv_backward_fast: dout has shape {tuple(dout.shape)}, expected {(n, f, h_out, w_out)}")
-    if isinstance(cols, _DirectConvolution):
+    if isinstance(cols, _LibraryConvolution):
         engine = cols.engine
         dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
         db = None if b is None else channel_sum(xp, dout)
