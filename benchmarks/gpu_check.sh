@@ -27,8 +27,10 @@
 # So a lease of 15 minutes fits, by estimate (each call given a timeout_s that leaves room to spare):
 #   1  piece 1: STEPS="tests bench profile" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=300  ~6.5 min
 #   2  piece 2: STEPS=none                                                                      ~0.3 min
-#   3  piece 3: STEPS=recipe RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240                  ~3.5 min
+#   3  piece 3: STEPS=recipe RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240 RECIPE_FLAGS=auto ~3.5 min
 # with the machine's start (~1 min) and the time between calls: about 11 minutes.
+# RECIPE_FLAGS=auto in call 3 makes the choices below by themselves (benchmarks/recipe_flags.py), from what call 1
+# left in /tmp/gpu-check, so that nobody need read logs while the machine waits. By hand:
 # Between calls 1 and 3, read bench_ops.log: where "xpnet warp sums" beats "xpnet" (the batchnorm rows
 # and the whole network) and test_gpu.log shows the PLANE_SUMS tests passing, give call 3
 # RECIPE_FLAGS="--tf32 --warp-plane-sums" so that the recipe sums batchnorm's planes a warp per plane.
@@ -50,7 +52,11 @@ fi
 # /tmp outlives a call while the machine stays up: later calls reuse the kernels compiled by the first
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy-kernel-cache
 started=$SECONDS
-step_done() { echo "$1 $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"; started=$SECONDS; }
+# Each step's logs and JSON are also kept in /tmp/gpu-check, for a later call's RECIPE_FLAGS=auto.
+step_done() {
+    echo "$1 $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"; started=$SECONDS
+    mkdir -p /tmp/gpu-check && cp "$OUT"/*.log "$OUT"/*.json /tmp/gpu-check/ 2>/dev/null
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 full_data() { [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; }
 
@@ -102,6 +108,12 @@ fi
 if [[ $STEPS == *" recipe "* ]] && full_data; then
     # TF32 on both sides by default (RECIPE_FLAGS= for fp32): the same precision on each side, as the issue
     # asks, at about a third of fp32's time per run; xpnet with cuDNN runs beside im2col + cuBLAS.
+    # RECIPE_FLAGS=auto: TF32, plus the switches that an earlier call's GPU tests and ops suite support
+    # (benchmarks/recipe_flags.py reads them from /tmp/gpu-check; its reasons go to recipe_flags.txt).
+    if [ "${RECIPE_FLAGS-}" = auto ]; then
+        RECIPE_FLAGS=$(python3 benchmarks/recipe_flags.py /tmp/gpu-check 2>"$OUT/recipe_flags.txt")
+        cat "$OUT/recipe_flags.txt"
+    fi
     echo "== fast94: xpnet (im2col, cuDNN) against PyTorch (${RECIPE_FLAGS---tf32}; fp16 on both sides beside), ${RUNS:-5} runs"
     timeout "${RECIPE_TIMEOUT:-330}" python3 scripts/bench.py --backend cupy --recipe fast94 --runs "${RUNS:-5}" \
         ${RECIPE_FLAGS---tf32} ${RECIPE_SIDES:+--recipe-sides "$RECIPE_SIDES"} --warmup-epochs "${WARMUP_EPOCHS:-2}" \

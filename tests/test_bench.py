@@ -479,15 +479,20 @@ def test_a_cifar_npz_that_is_not_an_archive_of_plain_arrays_is_refused_without_u
     assert expected in err and "Traceback" not in err
 
 
-def _done_when():
+def _benchmark_script(name):
+    """benchmarks/<name>.py loaded as a module (the folder is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / "benchmarks" / "done_when.py"
-    spec = importlib.util.spec_from_file_location("done_when", path)
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _done_when():
+    return _benchmark_script("done_when")
 
 
 def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
@@ -661,3 +666,52 @@ def test_a_side_whose_profile_fails_is_reported_and_the_other_still_profiled(mon
     assert report["xpnet"] == {"error": "RuntimeError: no CUPTI"} and report["torch"]["kernels"]
     text = bench_profile.format_profile(report)
     assert "xpnet: failed: RuntimeError: no CUPTI" in text and "| torch: kernel |" in text
+
+
+GPU_LOG_PASSED = "........................................................ [100%]\n77 passed in 64.21s\n"
+GPU_LOG_FAILED = (
+    "...F....\n=========================== short test summary info ============================\n"
+    "FAILED tests/test_gpu.py::test_direct_small_filter_convs_match_numpy_within_their_rounding[True-x_shape0-float32]"
+    " - AssertionError\n"
+    "FAILED tests/test_gpu.py::test_plane_sums_add_each_plane_across_a_warp[float32] - AssertionError\n"
+    "2 failed, 75 passed in 61.02s\n"
+)
+
+
+def _ops_json(folder, **net_us):
+    results = {name.replace("_", " "): {"us": us} for name, us in net_us.items()}
+    (folder / "bench_ops_gpu.json").write_text(json.dumps({"ops": {"net": {"results": results}}}))
+
+
+@pytest.mark.parametrize(
+    "log, net, flags, said",
+    [
+        # the tests passed and the ops suite favours both switches
+        (GPU_LOG_PASSED, dict(xpnet=100, xpnet_warp_sums=90, xpnet_autotuned_convs=80),
+         "--tf32 --conv-autotune --warp-plane-sums", "--warp-plane-sums: its tests passed; the whole network 90 µs"),
+        # the warp sums slower: left out; autotuning within 5% of im2col alone: kept
+        (GPU_LOG_PASSED, dict(xpnet=100, xpnet_warp_sums=110, xpnet_autotuned_convs=104),
+         "--tf32 --conv-autotune", "--warp-plane-sums left out: the whole network took 110 µs with it, 100 without"),
+        # no ops suite: autotuning on its tests alone (it picks by timing), the warp sums not
+        (GPU_LOG_PASSED, None, "--tf32 --conv-autotune", "--warp-plane-sums left out: its tests passed (the ops"),
+        # the direct kernels' and the plane sums' tests failed: neither switch, whatever the timings
+        (GPU_LOG_FAILED, dict(xpnet=100, xpnet_warp_sums=50, xpnet_autotuned_convs=50), "--tf32",
+         "--conv-autotune left out: test_direct_small_filter_convs_match_numpy_within_their_rounding failed"),
+        # a run cut off before its summary: nothing is trusted
+        ("....F...", None, "--tf32", "no finished run of the GPU tests"),
+    ],
+)  # fmt: skip
+def test_recipe_flags_follow_the_first_calls_tests_and_timings(tmp_path, capsys, log, net, flags, said):
+    (tmp_path / "test_gpu.log").write_text(log)
+    if net is not None:
+        _ops_json(tmp_path, **net)
+    assert _benchmark_script("recipe_flags").main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == flags
+    assert said in err
+
+
+def test_recipe_flags_without_test_results_trust_no_switch(tmp_path, capsys):
+    _ops_json(tmp_path, xpnet=100, xpnet_warp_sums=50, xpnet_autotuned_convs=50)
+    assert _benchmark_script("recipe_flags").main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "--tf32"
