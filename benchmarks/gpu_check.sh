@@ -2,9 +2,10 @@
 # One GPU session's checks, results under $OUT (default ./gpu-out):
 #   tests   the fused-kernel, cuDNN and CUDA-graph tests (tests/test_gpu.py)
 #   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, cuDNN when it
-#           loads, the direct kernels for few taps, and the fastest of those by autotuning) against PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a
-#           time (BENCH_SUITE: one or more of fc, conv, ops, all, e.g. "ops conv"; BENCH_FLAGS adds flags,
-#           e.g. --tf32 for the ops suite; the conv suite measures fp32 and TF32 whatever the flags)
+#           loads, the direct kernels for few taps, and the fastest of those by autotuning) against
+#           PyTorch, the ThreeLayerConvNet step, the recipe's other layers one at a time (BENCH_SUITE:
+#           one or more of fc, conv, ops, all, e.g. "ops conv"; BENCH_FLAGS adds flags, e.g. --tf32 for the
+#           ops suite; the conv suite measures fp32 and TF32 whatever the flags)
 #   profile the recipe's training steps kernel by kernel, xpnet's and PyTorch's (bench.py --profile-recipe,
 #           TF32 as the recipe runs; PyTorch's profiler records CuPy's kernels too), about 30 s
 #   suite   the whole test suite on CuPy
@@ -16,28 +17,28 @@
 # then benchmarks/done_when.py on whatever JSON is in $OUT, last. STEPS picks the parts (default: all).
 # bench.py rewrites its JSON after each part and each recipe run, so a step cut off by its timeout
 # still leaves what it measured for done_when.py.
-# A call has 10 minutes and the data set travels in three pieces of ~62 MB (benchmarks/stage_gpu_run.sh
-# stages them and the wheels the machine lacks, in .whl/), so one part set per piece fits:
-#   STEPS="tests bench profile"   with piece 1;   STEPS=suite   with piece 2;   STEPS="tta recipe"   with piece 3,
-# each call starting with: mkdir -p /tmp/cifar && cp .carry/cifar/* /tmp/cifar/ &&
-# With 15 minutes of device time in all (a machine's start included), STEPS=none with piece 2.
+# A call has 10 minutes and the data set travels in two compressed pieces of ~59 MiB (benchmarks/stage_gpu_run.sh
+# stages both, and the wheels the machine lacks in .whl/, before the lease; this script unpacks the piece a call
+# carries into /tmp/cifar), so one part set per piece fits:
+#   STEPS="tests bench profile" carrying [".whl", ".carry/cifar1"]; STEPS="tta recipe" carrying [".whl", ".carry/cifar2"]
+# (STEPS=suite, the whole suite on CuPy, fits a third call where device time is left).
 # Timed on an H200 (2026-11-28): a machine's start and the first call's transfer about 60 s; tests 51-64 s;
 # bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
 # xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
 # So a lease of 15 minutes fits, by estimate (each call given a timeout_s that leaves room to spare):
 #   1  piece 1: STEPS="tests bench profile" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=300  ~6.5 min
-#   2  piece 2: STEPS=none                                                                      ~0.3 min
-#   3  piece 3: STEPS=recipe RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240 RECIPE_FLAGS=auto ~3.5 min
-# with the machine's start (~1 min) and the time between calls: about 11 minutes.
-# RECIPE_FLAGS=auto in call 3 makes the choices below by themselves (benchmarks/recipe_flags.py), from what call 1
+#   2  piece 2: STEPS="tta recipe" RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240 RECIPE_FLAGS=auto ~4 min
+# with the machine's start (~1 min) and the time between calls: about 11 minutes. Issue call 2 as soon as call 1
+# returns: a machine left idle for ~30 s is given back, and /tmp with it.
+# RECIPE_FLAGS=auto in call 2 makes the choices below by themselves (benchmarks/recipe_flags.py), from what call 1
 # left in /tmp/gpu-check, so that nobody need read logs while the machine waits. By hand:
-# Between calls 1 and 3, read bench_ops.log: where "xpnet warp sums" beats "xpnet" (the batchnorm rows
-# and the whole network) and test_gpu.log shows the PLANE_SUMS tests passing, give call 3
+# Between calls 1 and 2, read bench_ops.log: where "xpnet warp sums" beats "xpnet" (the batchnorm rows
+# and the whole network) and test_gpu.log shows the PLANE_SUMS tests passing, give call 2
 # RECIPE_FLAGS="--tf32 --warp-plane-sums" so that the recipe sums batchnorm's planes a warp per plane.
 # Likewise, where bench_conv.log's (3, 24, 32, 2, 0) rows show xpnet-direct below xpnet and test_gpu.log shows
 # test_direct_small_filter_convs passing, add --direct-convs (the whitening conv without columns) to RECIPE_FLAGS.
 # Or, where test_gpu.log shows test_autotuned_convolutions and test_direct_small_filter_convs passing (autotuning
-# trusts every path it times), give call 3 RECIPE_FLAGS="--tf32 --conv-autotune" (plus --warp-plane-sums as above):
+# trusts every path it times), give call 2 RECIPE_FLAGS="--tf32 --conv-autotune" (plus --warp-plane-sums as above):
 # each of the recipe's convolutions then takes the fastest of the direct kernels, cuDNN and im2col, timed in the
 # warm-up run (bench_conv.log's xpnet-auto rows and its last table show what it keeps).
 set -u -o pipefail
@@ -58,6 +59,10 @@ step_done() {
     mkdir -p /tmp/gpu-check && cp "$OUT"/*.log "$OUT"/*.json /tmp/gpu-check/ 2>/dev/null
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+# the piece of CIFAR-10 this call carried (stage_gpu_run.sh), unpacked beside the pieces of earlier calls
+if compgen -G ".carry/cifar*/*" >/dev/null; then
+    python3 benchmarks/unpack_carry.py .carry /tmp/cifar || exit 1
+fi
 full_data() { [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; }
 
 if [[ $STEPS == *" tests "* ]]; then

@@ -715,3 +715,30 @@ def test_recipe_flags_without_test_results_trust_no_switch(tmp_path, capsys):
     _ops_json(tmp_path, xpnet=100, xpnet_warp_sums=50, xpnet_autotuned_convs=50)
     assert _benchmark_script("recipe_flags").main([str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == "--tf32"
+
+
+def test_the_carried_pieces_unpack_to_the_files_they_were_staged_from(tmp_path):
+    """stage_gpu_run.sh compresses each batch file with xz's delta filter and LZMA2 (several
+    blocks with -T2); unpack_carry.py restores them with the standard library, byte for byte."""
+    import lzma
+    import shutil
+    import subprocess
+
+    rng = np.random.default_rng(0)
+    image_rows = np.cumsum(rng.integers(-3, 4, 300_000), dtype=np.int64).astype(np.uint8).tobytes()  # smooth
+    carry = tmp_path / "carry"
+    (carry / "cifar1").mkdir(parents=True)
+    (carry / "cifar2").mkdir()
+    filters = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6}]
+    (carry / "cifar1" / "data_batch_1.xz").write_bytes(lzma.compress(image_rows, lzma.FORMAT_XZ, filters=filters))
+    (carry / "cifar2" / "batches.meta").write_bytes(b"meta")
+    expected = {"data_batch_1": image_rows, "batches.meta": b"meta"}
+    if shutil.which("xz"):  # the command the staging script runs, as it runs it
+        packed = subprocess.run(["xz", "--delta=dist=1", "--lzma2=preset=6", "-T2", "--block-size=100000", "-c"],
+                                input=image_rows[::-1], capture_output=True, check=True).stdout  # fmt: skip
+        (carry / "cifar2" / "test_batch.xz").write_bytes(packed)
+        expected["test_batch"] = image_rows[::-1]
+    dest = tmp_path / "cifar"
+    assert _benchmark_script("unpack_carry").main([str(carry), str(dest)]) == 0
+    assert {path.name: path.read_bytes() for path in dest.iterdir()} == expected
+    assert len((carry / "cifar1" / "data_batch_1.xz").read_bytes()) < len(image_rows) / 2  # the delta filter pays
