@@ -110,7 +110,7 @@ def test_gpu_conv_rows_time_the_direct_kernels_where_the_filters_have_few_taps(m
 
     import xpnet
     from xpnet.backend import dispatch
-    from xpnet.cli import bench_conv
+    from xpnet.cli import bench_conv, common
 
     if cpu_kernels.COMPILER is None:
         pytest.skip("no C++ compiler to run the kernels on the CPU")
@@ -129,11 +129,12 @@ def test_gpu_conv_rows_time_the_direct_kernels_where_the_filters_have_few_taps(m
     assert sorted(rows[1]["results"]) == ["xpnet", "xpnet-auto"]
     assert not kernels.direct_small_convs and not kernels.conv_paths.autotune
     # xpnet-auto timed the first shape's two paths once and kept one; the second has one path, nothing to time
-    chosen = bench_conv.conv_paths_chosen(backend)
+    chosen = common.conv_paths_chosen(backend)
     assert [(c["x_shape"], sorted(c["ms"])) for c in chosen] == [((2, 3, 8, 8), ["direct", "im2col"])]
     assert chosen[0]["chosen"] in ("direct", "im2col")
-    table = bench_conv.format_conv_paths(chosen).splitlines()
+    table = common.format_conv_paths(chosen).splitlines()
     assert table[2].startswith("| (2, 3, 8, 8) → (4, 3, 2, 2), 1, 0 | float32/float32/no bias | off | direct ")
+    assert common.format_conv_paths([]).startswith("autotuning timed no convolution")
 
 
 def test_convnet_rows_time_the_captured_step_with_autotuned_paths_where_convolutions_have_paths(monkeypatch):

@@ -265,3 +265,27 @@ def test_recipe_set_without_a_recipe_is_refused(train, capsys):
         train(["--recipe-set", "widths=8,16,16"])
     assert info.value.code == 2
     assert "--recipe-set applies to --recipe only" in capsys.readouterr().err
+
+
+def test_conv_autotune_reports_the_paths_it_kept(train, capsys, monkeypatch):
+    """--conv-autotune on a backend whose convolutions have paths to choose (CuPy's kernels,
+    here run on the CPU by tests/cpu_kernels.py): after training it prints each timed
+    convolution and the path it kept; the 3×3 filters of one channel (9 taps) may take the
+    direct kernels or im2col."""
+    import cpu_kernels
+    import numpy as np
+
+    from xpnet.backend import dispatch
+    from xpnet.backend.numpy_backend import NumpyBackend
+
+    if cpu_kernels.COMPILER is None:
+        pytest.skip("no C++ compiler to run the kernels on the CPU")
+    kernels = cpu_kernels.cupy_kernels_on_cpu()
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    monkeypatch.setattr(NumpyBackend, "set_conv_autotune", lambda self, on: setattr(kernels.conv_paths, "autotune", on))
+    args = ["--model", "cnn", "--epochs", "1", "--num-filters", "8", "--filter-size", "3", "--quiet", "--conv-autotune"]
+    assert train(args) == 0
+    out = capsys.readouterr().out
+    assert "| autotuned convolution (x → w, stride, pad) |" in out
+    rows = [line for line in out.splitlines() if "→ (8, 1, 3, 3), 1, 1 |" in line]
+    assert rows and all("direct " in row and "im2col " in row for row in rows)

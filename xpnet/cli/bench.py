@@ -40,7 +40,7 @@ import xpnet
 from xpnet.backend import accelerated
 from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_profile, bench_recipe, bench_tta
-from xpnet.cli.common import HelpFormatter, load_npz_arrays
+from xpnet.cli.common import HelpFormatter, conv_paths_chosen, format_conv_paths, load_npz_arrays
 from xpnet.cli.recipe import recipe_settings
 from xpnet.solver import Solver
 
@@ -506,7 +506,7 @@ def main(argv=None):
     def save():
         """The report so far to --json, after each part: a run stopped by a time limit keeps
         what it measured. Written whole to a temporary file, then renamed over the old one."""
-        chosen = bench_conv.conv_paths_chosen(backend)
+        chosen = conv_paths_chosen(backend)
         if chosen:
             report["conv_paths"] = chosen
         if args.json:
@@ -594,7 +594,7 @@ def main(argv=None):
     save()
     if "conv_paths" in report:
         print()
-        print(bench_conv.format_conv_paths(report["conv_paths"]))
+        print(format_conv_paths(report["conv_paths"]))
     return 1 if "recipe" in report and not report["recipe"]["runs"] else 0  # a recipe asked for and none measured
 
 

@@ -28,11 +28,9 @@ from xpnet.solver import Solver
 __all__ = [
     "GPU_SHAPES",
     "cpu_rows",
-    "conv_paths_chosen",
     "cudnn_available",
     "gpu_rows",
     "convnet_step_rows",
-    "format_conv_paths",
     "format_conv_table",
     "measure_row",
     "with_kernel_switch",
@@ -342,27 +340,4 @@ def format_conv_table(title, rows, names, ratios):
             for a, b in ratios
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def conv_paths_chosen(backend) -> list:
-    """The convolutions that set_conv_autotune has timed in this process (CuPy), each with
-    its paths' median ms and the path kept; [] elsewhere."""
-    kernels = accelerated(backend.xp.empty(0))
-    paths = getattr(kernels, "conv_paths", None)
-    return [] if paths is None else paths.report()
-
-
-def format_conv_paths(chosen: list) -> str:
-    """A markdown table of :func:`conv_paths_chosen`: which path autotuning kept for each
-    convolution it timed, and why (each path's ms for a forward and backward pass)."""
-    lines = ["| autotuned convolution (x → w, stride, pad) | dtypes | TF32 | ms per path | kept |", "|" + "---|" * 5]
-    for c in chosen:
-        order = " (channels outermost)" if c["channels_outer"] else ""
-        geometry = f"{tuple(c['x_shape'])}{order} → {tuple(c['w_shape'])}, {c['stride']}, {c['pad']}"
-        times = ", ".join(
-            [f"{path} {ms:.3f}" for path, ms in c["ms"].items()]
-            + [f"{path} failed ({why})" for path, why in c.get("failed", {}).items()]
-        )
-        lines.append(f"| {geometry} | {c['dtypes']} | {'on' if c['tf32'] else 'off'} | {times} | {c['chosen']} |")
     return "\n".join(lines)

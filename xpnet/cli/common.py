@@ -7,7 +7,9 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["HelpFormatter", "load_npz_arrays"]
+from xpnet.backend import accelerated
+
+__all__ = ["HelpFormatter", "conv_paths_chosen", "format_conv_paths", "load_npz_arrays"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -43,3 +45,28 @@ def load_npz_arrays(path, keys: tuple, purpose: str, read: bool = True) -> dict:
             return {key: archive[key] for key in keys} if read else {}
         except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:  # a damaged member; an object array
             raise ValueError(f"{path}: {exc}") from None
+
+
+def conv_paths_chosen(backend) -> list:
+    """The convolutions that set_conv_autotune has timed in this process (CuPy), each with
+    its paths' median ms and the path kept; [] elsewhere."""
+    kernels = accelerated(backend.xp.empty(0))
+    paths = getattr(kernels, "conv_paths", None)
+    return [] if paths is None else paths.report()
+
+
+def format_conv_paths(chosen: list) -> str:
+    """A markdown table of :func:`conv_paths_chosen`: which path autotuning kept for each
+    convolution it timed, and why (each path's ms for a forward and backward pass)."""
+    if not chosen:
+        return "autotuning timed no convolution: none here had more than one path to take"
+    lines = ["| autotuned convolution (x → w, stride, pad) | dtypes | TF32 | ms per path | kept |", "|" + "---|" * 5]
+    for c in chosen:
+        order = " (channels outermost)" if c["channels_outer"] else ""
+        geometry = f"{tuple(c['x_shape'])}{order} → {tuple(c['w_shape'])}, {c['stride']}, {c['pad']}"
+        times = ", ".join(
+            [f"{path} {ms:.3f}" for path, ms in c["ms"].items()]
+            + [f"{path} failed ({why})" for path, why in c.get("failed", {}).items()]
+        )
+        lines.append(f"| {geometry} | {c['dtypes']} | {'on' if c['tf32'] else 'off'} | {times} | {c['chosen']} |")
+    return "\n".join(lines)

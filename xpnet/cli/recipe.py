@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from xpnet import data_utils
+from xpnet.cli.common import conv_paths_chosen, format_conv_paths
 from xpnet.recipes import Fast94Settings, fast94, save_fast94_model
 
 RECIPES = ("fast94",)
@@ -114,6 +115,8 @@ def run_recipe(args, backend, data, log=None, progress=print) -> int:
         f"{result.train_seconds:.2f} ({result.steps} steps, {result.epochs:.2f} epochs) + evaluation "
         f"{result.eval_seconds:.2f}"
     )
+    if args.conv_autotune:
+        print(format_conv_paths(conv_paths_chosen(backend)))
     if log is not None:
         precision = "float16" if args.fp16 else "float32"
         log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, activations=precision,

@@ -17,7 +17,7 @@ import time
 
 import xpnet
 from xpnet import data_utils
-from xpnet.cli.common import HelpFormatter
+from xpnet.cli.common import HelpFormatter, conv_paths_chosen, format_conv_paths
 from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import MODELS, UPDATE_RULES, apply_defaults, build_model, load_data, make_solver
 
@@ -342,6 +342,8 @@ class Run:
         print(f"best val acc: {solver.best_val_acc:.4f}")
         print(f"test acc: {test_acc:.4f}")
         print(f"wall time: {wall:.2f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
+        if args.conv_autotune:
+            print(format_conv_paths(conv_paths_chosen(backend)))
         if args.plot:
             from xpnet.vis_utils import plot_history
 
