@@ -607,3 +607,15 @@ def test_a_diverging_recipe_says_so():
     with pytest.warns(RuntimeWarning, match=r"the training loss became nan at step \d+ of 4"):
         result = fast94(data, backend="numpy", widths=(4, 4, 4), batch_size=32, epochs=2, learning_rate=1e30)
     assert not np.all(np.isfinite(result.losses))
+
+
+def test_a_switch_refused_after_another_was_accepted_leaves_none_on(monkeypatch):
+    """TF32 accepted, then convolution autotuning refused (NumPy has one path): TF32 is
+    switched off again before the error reaches the caller."""
+    from xpnet.backend.numpy_backend import NumpyBackend
+
+    calls = []
+    monkeypatch.setattr(NumpyBackend, "set_tf32", lambda self, on: calls.append(on))
+    with pytest.raises(ValueError, match="convolution autotuning applies to CUDA GPUs"):
+        _small_run(tf32=True, conv_autotune=True)
+    assert calls == [True, False]

@@ -468,11 +468,17 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
     ``progress(text)``, if given, hears of each epoch and of the evaluation as they start.
     Returns a :class:`Fast94Result`."""
     model = recipe_model(backend, settings, seed, tuple(train_images.shape[1:]))
-    switched = [setter for on, setter in ((settings.tf32, backend.set_tf32), (settings.cudnn, backend.set_cudnn),
-                                          (settings.conv_autotune, backend.set_conv_autotune)) if on]  # fmt: skip
-    for switch in switched:
-        switch(True)
+    switches = (
+        (settings.tf32, backend.set_tf32),
+        (settings.cudnn, backend.set_cudnn),
+        (settings.conv_autotune, backend.set_conv_autotune),
+    )
+    switched = []  # those switched on, and so to switch off again, even when a later one is refused
     try:
+        for on, switch in switches:
+            if on:
+                switch(True)
+                switched.append(switch)
         backend.sync()
         start = time.perf_counter()
         filters = whitening_filters(train_images[: settings.whiten_images, ...], 2, settings.whiten_eps)
