@@ -26,9 +26,11 @@
 # bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
 # xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
 # So a lease of 15 minutes fits, by estimate (each call given a timeout_s that leaves room to spare):
-#   1  piece 1: STEPS="tests bench profile" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=300  ~6.5 min
-#   2  piece 2: STEPS="tta recipe" RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240 RECIPE_FLAGS=auto ~4 min
-# with the machine's start (~1 min) and the time between calls: about 11 minutes. Issue call 2 as soon as call 1
+#   1  piece 1: STEPS="tests bench profile" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=260,
+#      timeout_s 420                                                                              ~6 min
+#   2  piece 2: STEPS="tta recipe" RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240 RECIPE_FLAGS=auto,
+#      timeout_s 330                                                                              ~4.5 min
+# with the machine's start (~1 min) and the transfers: about 12 of the 15 minutes. Issue call 2 as soon as call 1
 # returns: a machine left idle for ~30 s is given back, and /tmp with it.
 # RECIPE_FLAGS=auto in call 2 makes the choices below by themselves (benchmarks/recipe_flags.py), from what call 1
 # left in /tmp/gpu-check, so that nobody need read logs while the machine waits. By hand:
