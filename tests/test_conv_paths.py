@@ -48,7 +48,7 @@ def _paths(readings, repeats=3):
 def test_the_switches_decide_while_autotune_is_off():
     paths, clock = _paths({})
     paths.autotune = False
-    assert paths.choose(G, ["direct", "cudnn", "im2col"], "cudnn", clock.trial, capturing=False) == "cudnn"
+    assert paths.choose(G, lambda: ["direct", "cudnn", "im2col"], "cudnn", clock.trial, capturing=False) == "cudnn"
     assert clock.ran == [] and paths.timings == {}
 
 
@@ -56,17 +56,18 @@ def test_autotune_times_each_path_once_per_geometry_and_keeps_the_fastest_median
     # im2col's one slow reading (a hiccup) does not count against it: medians 2 (direct), 3 (im2col)... 1.5
     paths, clock = _paths({"direct": [2, 2, 9], "im2col": [1.5, 40, 1], "cudnn": [3, 3, 3]})
     available = ["direct", "cudnn", "im2col"]
-    assert paths.choose(G, available, "direct", clock.trial, capturing=False) == "im2col"
+    assert paths.choose(G, lambda: available, "direct", clock.trial, capturing=False) == "im2col"
     # one untimed run of each, then three interleaved rounds
     assert clock.ran == available + available * 3
     assert paths.timings == {G: {"direct": 2, "cudnn": 3, "im2col": 1.5}}
-    assert paths.choose(G, available, "direct", clock.trial, capturing=False) == "im2col"
-    assert len(clock.ran) == 12  # remembered: nothing timed again
+    asked = []
+    assert paths.choose(G, lambda: asked.append(1) or available, "direct", clock.trial, capturing=False) == "im2col"
+    assert len(clock.ran) == 12 and asked == []  # remembered: nothing timed again, nor the paths worked out
     assert paths.report() == [
         {**G._asdict(), "ms": {"direct": 2, "cudnn": 3, "im2col": 1.5}, "failed": {}, "chosen": "im2col"}
     ]
     with pytest.raises(IndexError):  # another geometry is timed afresh (the clock has no readings left)
-        paths.choose(H, available, "direct", clock.trial, capturing=False)
+        paths.choose(H, lambda: available, "direct", clock.trial, capturing=False)
 
 
 def test_threads_asking_for_one_geometry_at_once_time_it_once():
@@ -81,7 +82,7 @@ def test_threads_asking_for_one_geometry_at_once_time_it_once():
         clock.trial(path)
 
     def ask():
-        results.append(paths.choose(G, ["direct", "im2col"], "im2col", trial, capturing=False))
+        results.append(paths.choose(G, lambda: ["direct", "im2col"], "im2col", trial, capturing=False))
 
     threads = [threading.Thread(target=ask) for _ in range(4)]
     for thread in threads:
@@ -93,22 +94,22 @@ def test_threads_asking_for_one_geometry_at_once_time_it_once():
 
 def test_a_tie_goes_to_the_path_the_switches_would_rank_first():
     paths, clock = _paths({"direct": [1, 1, 1], "im2col": [1, 1, 1]})
-    assert paths.choose(G, ["direct", "im2col"], "im2col", clock.trial, capturing=False) == "direct"
+    assert paths.choose(G, lambda: ["direct", "im2col"], "im2col", clock.trial, capturing=False) == "direct"
 
 
 def test_nothing_is_timed_during_a_capture_nor_remembered_from_it():
     paths, clock = _paths({"direct": [5, 5, 5], "im2col": [1, 1, 1]})
-    assert paths.choose(G, ["direct", "im2col"], "direct", clock.trial, capturing=True) == "direct"
+    assert paths.choose(G, lambda: ["direct", "im2col"], "direct", clock.trial, capturing=True) == "direct"
     assert clock.ran == [] and paths.timings == {}
-    assert paths.choose(G, ["direct", "im2col"], "direct", clock.trial, capturing=False) == "im2col"
-    assert paths.choose(G, ["direct", "im2col"], "direct", clock.trial, capturing=True) == "im2col"
+    assert paths.choose(G, lambda: ["direct", "im2col"], "direct", clock.trial, capturing=False) == "im2col"
+    assert paths.choose(G, lambda: ["direct", "im2col"], "direct", clock.trial, capturing=True) == "im2col"
     # cuDNN, which loading would allocate for, is not offered during a capture: the path kept still holds
-    assert paths.choose(G, ["im2col"], "direct", clock.trial, capturing=True) == "im2col"
+    assert paths.choose(G, lambda: ["im2col"], "direct", clock.trial, capturing=True) == "im2col"
 
 
 def test_one_path_is_no_choice():
     paths, clock = _paths({})
-    assert paths.choose(G, ["im2col"], "im2col", clock.trial, capturing=False) == "im2col"
+    assert paths.choose(G, lambda: ["im2col"], "im2col", clock.trial, capturing=False) == "im2col"
     assert clock.ran == []
 
 
@@ -123,7 +124,7 @@ def test_a_path_that_fails_is_left_out_and_reported_unless_every_path_fails():
             raise RuntimeError("cuDNN has no Forward algorithm for this convolution")
         clock.trial(path)
 
-    assert paths.choose(G, ["direct", "cudnn", "im2col"], "cudnn", trial, capturing=False) == "im2col"
+    assert paths.choose(G, lambda: ["direct", "cudnn", "im2col"], "cudnn", trial, capturing=False) == "im2col"
     assert paths.timings == {G: {"im2col": 4}}
     (entry,) = paths.report()
     assert entry["failed"] == {"direct": "MemoryError: out of memory allocating 1024 bytes",
@@ -133,13 +134,13 @@ def test_a_path_that_fails_is_left_out_and_reported_unless_every_path_fails():
         raise MemoryError(f"{path}: out of memory")
 
     with pytest.raises(MemoryError, match="im2col: out of memory"):
-        paths.choose(H, ["cudnn", "im2col"], "cudnn", nothing_runs, capturing=False)
+        paths.choose(H, lambda: ["cudnn", "im2col"], "cudnn", nothing_runs, capturing=False)
 
     def broken(path):
         raise ValueError(f"{path}: a fault, not a refusal")
 
     with pytest.raises(ValueError, match="direct: a fault"):  # other errors are not swallowed
-        paths.choose(H, ["direct", "im2col"], "im2col", broken, capturing=False)
+        paths.choose(H, lambda: ["direct", "im2col"], "im2col", broken, capturing=False)
 
 
 def test_backends_without_a_choice_of_paths_refuse_autotuning_by_name():

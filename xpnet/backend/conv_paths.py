@@ -61,12 +61,13 @@ class ConvPaths:
         """{geometry: {path: median ms}} of every geometry timed so far."""
         return {key: timed.ms for key, timed in self._timed.items()}
 
-    def choose(self, key: ConvGeometry, available: Sequence[str], static: str, trial: Callable[[str], object],
-               capturing: bool) -> str:  # fmt: skip
+    def choose(self, key: ConvGeometry, available: Callable[[], Sequence[str]], static: str,
+               trial: Callable[[str], object], capturing: bool) -> str:  # fmt: skip
         """The path for the convolution of geometry ``key``.
 
-        available: the paths it can take here (a subset of PATHS, in their order; read only
-        to time them); static: the one the switches pick; trial(path): one forward and
+        available(): the paths it can take here (a subset of PATHS, in their order), asked
+        only when a geometry is to be timed, so that a step whose geometries were all timed
+        before does not work it out again; static: the one the switches pick; trial(path): one forward and
         backward pass along ``path``; capturing: whether a CUDA graph is being recorded,
         when nothing may be timed (a geometry not yet timed takes the static path then,
         and nothing is remembered)."""
@@ -75,11 +76,14 @@ class ConvPaths:
         timed = self._timed.get(key)
         if timed is not None:
             return timed.chosen
-        if capturing or len(available) < 2:
+        if capturing:
             return static
         with self._lock:
             if key not in self._timed:  # another thread may have timed it meanwhile
-                self._timed[key] = self._time(available, trial)
+                paths = available()
+                if len(paths) < 2:
+                    return static
+                self._timed[key] = self._time(paths, trial)
             return self._timed[key].chosen
 
     def _time(self, available, trial) -> _Timed:

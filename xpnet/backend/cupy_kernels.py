@@ -465,13 +465,14 @@ class CupyKernels:
         static = "direct" if direct and self.direct_small_convs else "cudnn" if self.use_cudnn else "im2col"
         if not self.conv_paths.autotune:
             return static
-        capturing = cupy.cuda.get_current_stream().is_capturing()
-        cudnn = not capturing and self._cudnn_loads(x)  # loading it allocates a workspace: never during a capture
-        available = [path for path, ok in (("direct", direct), ("cudnn", cudnn)) if ok] + ["im2col"]
+
+        def available():  # asked only outside a capture: loading cuDNN allocates its workspace
+            return [path for path, ok in (("direct", direct), ("cudnn", self._cudnn_loads(x))) if ok] + ["im2col"]
+
         dtypes = f"{x.dtype.name}/{w.dtype.name}/{'no bias' if b is None else b.dtype.name}"
         key = ConvGeometry(_device_id(x), tuple(x.shape), _channels_outer(x), tuple(w.shape), dtypes, stride, pad,
                            self.tf32)  # fmt: skip
-        return self.conv_paths.choose(key, available, static, trial, capturing)
+        return self.conv_paths.choose(key, available, static, trial, cupy.cuda.get_current_stream().is_capturing())
 
     # -- matrix product ----------------------------------------------------------
     def matmul(self, a, b, exact=False):
