@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -123,3 +124,48 @@ def small_recipe(backend, n=128, widths=(4, 8, 8), batch_size=32, cuda_graph=Fal
         return model
 
     return settings, images, y, make_model
+
+
+def recipe_state(model) -> dict:
+    """A FastConvNet's parameters, frozen whitening filters and batchnorm running statistics, as NumPy."""
+    arrays = {**model.params, **model.frozen}
+    for i, bn in enumerate(model.bn_params, 1):
+        arrays[f"running_mean{i}"], arrays[f"running_var{i}"] = bn["running_mean"], bn["running_var"]
+    return {k: np.array(to_numpy(v)) for k, v in arrays.items()}
+
+
+def _train_small_recipe(backend, cuda_graph=False, start=None):
+    """:func:`small_recipe`'s 20 steps on ``backend``, from ``start`` (parameter and frozen
+    arrays by name) where given: (losses, final :func:`recipe_state`) as NumPy."""
+    from xpnet.recipes import Fast94Trainer
+
+    settings, images, y, make_model = small_recipe(backend, cuda_graph=cuda_graph)
+    model = make_model()
+    for name, value in (start or {}).items():
+        (model.params if name in model.params else model.frozen)[name][...] = backend.asarray(value)
+    losses = Fast94Trainer(model, images, backend.asarray(y), settings, seed=0).train()
+    return np.array(backend.to_floats(losses)), recipe_state(model)
+
+
+@functools.cache
+def _small_recipe_on_numpy():
+    """NumPy's start (parameters and whitening filters) and its :func:`_train_small_recipe` run."""
+    from xpnet.backend.base import DeviceRNG
+
+    numpy_backend = xpnet.get_backend("numpy")
+    assert type(numpy_backend.rng(0)) is DeviceRNG  # what "NumPy's draws" means in recipe_with_numpys_draws
+    start = {k: v for k, v in recipe_state(small_recipe(numpy_backend)[3]()).items() if not k.startswith("running")}
+    return start, _train_small_recipe(numpy_backend)
+
+
+def recipe_with_numpys_draws(backend, monkeypatch, cuda_graph=False):
+    """:func:`small_recipe`'s 20 steps on ``backend`` from NumPy's initial parameters and
+    whitening filters (a seed draws other numbers on another library, and an eigenvector's sign
+    is the solver's choice) and with NumPy's random draws: ``backend`` draws with the base
+    :class:`~xpnet.backend.base.DeviceRNG`, NumPy's generator on the host, as NumPy's backend
+    does. Returns ((losses, final state) on ``backend``, the same on NumPy)."""
+    from xpnet.backend.base import DeviceRNG
+
+    start, reference = _small_recipe_on_numpy()
+    monkeypatch.setattr(backend, "rng_class", DeviceRNG)
+    return _train_small_recipe(backend, cuda_graph, start), reference

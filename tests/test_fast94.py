@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import arr, labels, shared_cifar, small_recipe, to_np
+from helpers import arr, labels, recipe_state, recipe_with_numpys_draws, shared_cifar, small_recipe, to_np
 
 from xpnet import data_utils
 from xpnet.augment import AlternatingFlipTranslate, crop_padded, reflect_pad, translate_images, tta_scores
@@ -275,13 +275,6 @@ def test_sgd_hyper_parameters_and_schedule_follow_the_published_recipe():
 
 
 # ----------------------------------------------------------------------------- parity with PyTorch
-def _snapshot(model):
-    arrays = {**model.params, **model.frozen}
-    for i, bn in enumerate(model.bn_params, 1):
-        arrays[f"running_mean{i}"], arrays[f"running_var{i}"] = bn["running_mean"], bn["running_var"]
-    return {k: np.array(to_numpy(v)) for k, v in arrays.items()}
-
-
 def test_the_captured_step_is_captured_once_while_the_whitening_bias_trains_and_once_after(monkeypatch):
     """The recipe holds the whitening bias fixed after 3 epochs, which changes the step, so a
     graph run captures it twice in all, never per step or per epoch; the lookahead's graph is
@@ -323,7 +316,7 @@ def test_twenty_steps_equal_the_pytorch_recipe_to_1e_9():
     net = fast94_torch.make_net(settings, torch.float64)
     names = fast94_torch.xpnet_names(net)
     with torch.no_grad():
-        for name, value in _snapshot(model).items():
+        for name, value in recipe_state(model).items():
             names[name].copy_(torch.from_numpy(value.T.copy() if name == "W_out" else value))
 
     draws = {}
@@ -349,13 +342,26 @@ def test_twenty_steps_equal_the_pytorch_recipe_to_1e_9():
     theirs = fast94_torch.train(net, torch.from_numpy(np.array(images)), torch.from_numpy(y), settings, Replay())
     assert len(ours) == len(theirs) == 20
     np.testing.assert_allclose([float(v) for v in ours], [float(v) for v in theirs], rtol=1e-9)
-    final = _snapshot(model)
+    final = recipe_state(model)
     for name, tensor in names.items():
         expected = tensor.detach().numpy()
         expected = expected.T if name == "W_out" else expected
         np.testing.assert_allclose(final[name], expected, rtol=1e-9, atol=1e-9, err_msg=name)
     frozen = fast94_torch.xpnet_names(fast94_torch.make_net(settings, torch.float64))["whiten_b"]
     assert not np.allclose(final["whiten_b"], frozen.detach().numpy())  # it trained, then stopped
+
+
+def test_the_recipe_trains_alike_on_every_backend_given_the_same_draws(backend, monkeypatch):
+    """The trainer, the model and the update on each backend against NumPy: from the same start
+    and draws, 20 steps in float64 give the same losses and the same final state (the
+    PyTorch test above ties NumPy's run to PyTorch's; tests/test_gpu.py runs this on CuPy with
+    CUDA graphs)."""
+    (losses, state), (expected_losses, expected) = recipe_with_numpys_draws(backend, monkeypatch)
+    assert len(losses) == 20
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-9)
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_the_pytorch_evaluation_with_tta_scores_as_ours_does():
@@ -374,7 +380,7 @@ def test_the_pytorch_evaluation_with_tta_scores_as_ours_does():
     net = fast94_torch.make_net(settings, torch.float64)
     names = fast94_torch.xpnet_names(net)
     with torch.no_grad():
-        for name, value in _snapshot(model).items():
+        for name, value in recipe_state(model).items():
             names[name].copy_(torch.from_numpy(value.T.copy() if name == "W_out" else value))
     host_images = torch.from_numpy(np.array(to_numpy(images)))
     for level in (0, 1, 2):
