@@ -169,3 +169,37 @@ def recipe_with_numpys_draws(backend, monkeypatch, cuda_graph=False):
     start, reference = _small_recipe_on_numpy()
     monkeypatch.setattr(backend, "rng_class", DeviceRNG)
     return _train_small_recipe(backend, cuda_graph, start), reference
+
+
+def assert_the_recipes_draws_are_fair(backend, n=60000):
+    """The draws the fast CIFAR-10 recipe's trainer makes on ``backend`` (its augmenter and its
+    sampler, on n tiny images), tested for what the recipe assumes of them: translations uniform
+    over -2..2 in each direction, flips with probability 1/2, batch orders that are permutations
+    with no trend, and no correlation between two epochs' translations or between the flips and
+    the order, which come from the generators of two seeds (each within 5 standard deviations)."""
+    from xpnet.augment import AlternatingFlipTranslate
+    from xpnet.training.sampling import EpochPermutation
+
+    augmenter = AlternatingFlipTranslate(backend.asarray(np.zeros((n, 1, 4, 4), np.float32)), backend.rng((0, 1)))
+    shifts = []
+    for epoch in range(2):
+        augmenter.epoch(epoch)
+        shifts.append(to_numpy(augmenter.shifts))
+    for axis, row in enumerate(shifts[0]):
+        counts = np.array([np.count_nonzero(row == v) for v in range(-2, 3)])
+        assert counts.sum() == n, f"shifts outside -2..2: {np.unique(row)}"
+        assert np.all(np.abs(counts - n / 5) < 5 * np.sqrt(n * 0.2 * 0.8)), f"axis {axis}: counts {counts}"
+    flips = to_numpy(augmenter.flip_mask).astype(np.float64)
+    assert abs(flips.sum() - n / 2) < 5 * np.sqrt(n / 4)
+    sampler = EpochPermutation(n, 64)
+    sampler.start_epoch(backend.rng((0, 2)))
+    order = to_numpy(sampler._order)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    limit = 5 / np.sqrt(n)  # a correlation of n independent pairs has a standard deviation of about 1/sqrt(n)
+    pairs = {
+        "order and position": (order, np.arange(n)),
+        "two epochs' shifts": (shifts[0][0], shifts[1][0]),
+        "flips and order": (flips, order),
+    }
+    for what, (a, b) in pairs.items():
+        assert abs(np.corrcoef(a, b)[0, 1]) < limit, what

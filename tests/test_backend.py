@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import assert_the_recipes_draws_are_fair
 
 import xpnet
 from xpnet.backend import backend_of, current_backend, get_backend, set_backend, using_backend
@@ -161,6 +162,10 @@ def test_rng_draws_on_device_with_requested_shapes_and_dtypes(backend):
     assert abs(uniform.mean() - 0.5) < 0.02
     perm = backend.to_numpy(rng.permutation(50))
     assert sorted(perm.tolist()) == list(range(50))
+
+
+def test_the_recipes_draws_are_fair(backend):
+    assert_the_recipes_draws_are_fair(backend)
 
 
 def test_rng_seeds_reproduce_and_differ(backend):

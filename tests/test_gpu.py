@@ -777,6 +777,14 @@ def test_the_fast_recipe_on_cupy_trains_as_on_numpy_given_the_same_draws(monkeyp
         np.testing.assert_allclose(state[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+def test_the_recipes_draws_on_the_card_are_fair():
+    """CuPy's generators make the recipe's flips, translations and batch orders on the card:
+    the same checks as on the CPU backends (tests/test_backend.py)."""
+    from helpers import assert_the_recipes_draws_are_fair
+
+    assert_the_recipes_draws_are_fair(CUPY, n=1_000_000)
+
+
 def test_fast94_steps_never_synchronise():
     import cupyx
 
