@@ -8,8 +8,9 @@ the issue compares the two sides in the same precision) and, on stderr, why each
 was or was not added:
 
 - ``--conv-autotune`` where the run of the GPU tests finished and neither the autotuning
-  test nor the direct kernels' test failed (autotuning trusts every path it times), and
-  the ops suite's whole network was not slower with it;
+  test nor the direct kernels' test failed (autotuning trusts every path it times), nor any
+  run of the whole training against NumPy's (``given_the_same_draws``), and the ops suite's
+  whole network was not slower with it;
 - ``--warp-plane-sums`` where no batchnorm, groupnorm or plane-sum test failed and the ops
   suite's whole network was faster with them.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 # the tests each switch needs passing, by the substrings of their names
 NEEDS = {
-    "--conv-autotune": ("test_autotuned_convolutions", "test_direct_small_filter_convs"),
+    "--conv-autotune": ("test_autotuned_convolutions", "test_direct_small_filter_convs", "given_the_same_draws"),
     "--warp-plane-sums": ("plane_sums", "spatial_batchnorm", "spatial_groupnorm", "channel_totals"),
 }
 # the ops suite's whole-network variant each switch is timed as
