@@ -203,3 +203,68 @@ def assert_the_recipes_draws_are_fair(backend, n=60000):
     }
     for what, (a, b) in pairs.items():
         assert abs(np.corrcoef(a, b)[0, 1]) < limit, what
+
+
+def float32_gradient_errors(backend, torch_device="cpu", tf32=False, batch=32, widths=(16, 32, 32)):
+    """How far each FastConvNet gradient computed in float32 (TF32 products where ``tf32``)
+    lies from the float64 one, on ``backend`` and in the PyTorch recipe on ``torch_device``,
+    from the same float32 weights and batch (float64 then computes the exact function of the
+    same numbers): {name: (xpnet's relative error, PyTorch's)}. Random weights: the recipe's
+    Dirac start makes near-ties in the pools, where rounding decides which input wins."""
+    import torch
+
+    from xpnet.recipes import Fast94Settings, fast94_torch
+    from xpnet.recipes.fast94 import normalized_images, recipe_model
+    from xpnet.whitening import whitening_filters
+
+    numpy_backend = xpnet.get_backend("numpy")
+    rng = np.random.default_rng(0)
+    pixels, y = rng.integers(0, 256, (batch, 32, 32, 3)), rng.integers(0, 10, batch)
+    images = np.asarray(normalized_images(numpy_backend, pixels, "float32"), dtype=np.float64)
+    settings = {
+        dtype: Fast94Settings().with_overrides({"widths": widths, "dtype": dtype}) for dtype in ("float32", "float64")
+    }
+    reference = recipe_model(numpy_backend, settings["float64"], 0, (3, 32, 32))
+    start = {name: value + 0.05 * rng.standard_normal(value.shape) for name, value in reference.params.items()}
+    start["whiten_W"] = whitening_filters(images, 2, 5e-4)
+    start = {name: value.astype(np.float32).astype(np.float64) for name, value in start.items()}
+
+    def ours(on, dtype):
+        model = recipe_model(on, settings[dtype], 0, (3, 32, 32))
+        for name, value in start.items():
+            (model.params if name in model.params else model.frozen)[name][...] = on.asarray(value, dtype=dtype)
+        _, grads = model.loss(on.asarray(images, dtype=dtype), on.asarray(y))
+        return {name: np.asarray(to_numpy(g), dtype=np.float64) for name, g in grads.items()}
+
+    def theirs(dtype):
+        net = fast94_torch.make_net(settings["float64"], dtype, torch_device)
+        names = fast94_torch.xpnet_names(net)
+        with torch.no_grad():
+            for name, value in start.items():
+                names[name].copy_(torch.from_numpy(value.T.copy() if name == "W_out" else value))
+        x = torch.from_numpy(images).to(device=torch_device, dtype=dtype)
+        logits = net(x)
+        label_smoothing = settings["float64"].label_smoothing
+        target = torch.from_numpy(y).to(torch_device)
+        torch.nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="sum").backward()
+        grads = {name: t.grad.detach().cpu().double().numpy() for name, t in names.items() if t.grad is not None}
+        return {name: g.T if name == "W_out" else g for name, g in grads.items()}
+
+    expected = ours(numpy_backend, "float64")
+    # PyTorch's cuDNN convolutions take TF32 by default: set both switches either way
+    switches = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [switch.allow_tf32 for switch in switches]
+    for switch in switches:
+        switch.allow_tf32 = tf32
+    if tf32:
+        backend.set_tf32(True)
+    try:
+        got, torch_got = ours(backend, "float32"), theirs(torch.float32)
+    finally:
+        if tf32:
+            backend.set_tf32(False)
+        for switch, value in zip(switches, before):
+            switch.allow_tf32 = value
+    error = lambda g, name: np.linalg.norm(g[name] - expected[name]) / np.linalg.norm(expected[name])  # noqa: E731
+    assert got.keys() == torch_got.keys() == expected.keys()
+    return {name: (error(got, name), error(torch_got, name)) for name in expected}

@@ -785,6 +785,20 @@ def test_the_recipes_draws_on_the_card_are_fair():
     assert_the_recipes_draws_are_fair(CUPY, n=1_000_000)
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_gradients_on_the_card_are_as_accurate_as_pytorchs(tf32):
+    """FastConvNet's float32 gradients through the fused kernels and cuBLAS, against float64,
+    beside PyTorch's on the same card from the same weights and batch (both in TF32 or neither):
+    no further off than three times PyTorch's, as on the CPU (tests/test_fast94.py). A failure
+    names a precision the GPU path loses that PyTorch keeps."""
+    pytest.importorskip("torch")
+    from helpers import float32_gradient_errors
+
+    errors = float32_gradient_errors(CUPY, f"cuda:{CUPY.device_index}", tf32)
+    for name, (ours, theirs) in errors.items():
+        assert 0 < ours < 3 * theirs, f"{name}: relative error {ours:.2e}, PyTorch's {theirs:.2e} (TF32 {tf32})"
+
+
 def test_fast94_steps_never_synchronise():
     import cupyx
 
