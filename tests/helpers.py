@@ -224,8 +224,8 @@ def float32_gradient_errors(backend, torch_device="cpu", tf32=False, batch=32, w
     settings = {
         dtype: Fast94Settings().with_overrides({"widths": widths, "dtype": dtype}) for dtype in ("float32", "float64")
     }
-    reference = recipe_model(numpy_backend, settings["float64"], 0, (3, 32, 32))
-    start = {name: value + 0.05 * rng.standard_normal(value.shape) for name, value in reference.params.items()}
+    initial = recipe_model(numpy_backend, settings["float64"], 0, (3, 32, 32))
+    start = {name: value + 0.05 * rng.standard_normal(value.shape) for name, value in initial.params.items()}
     start["whiten_W"] = whitening_filters(images, 2, 5e-4)
     start = {name: value.astype(np.float32).astype(np.float64) for name, value in start.items()}
 
