@@ -700,7 +700,7 @@ def _ops_json(folder, **net_us):
          "--conv-autotune left out: test_direct_small_filter_convs_match_numpy_within_their_rounding failed"),
         # the whole training on the card did not follow NumPy's: no autotuning on top of it
         (GPU_LOG_PASSED.replace("77 passed", "FAILED tests/test_gpu.py::test_the_fast_recipe_on_cupy_trains_as_on_"
-                                "numpy_given_the_same_draws[True-autotune] - AssertionError\n1 failed, 76 passed"),
+                                "numpy_given_the_same_draws[autotune] - AssertionError\n1 failed, 76 passed"),
          dict(xpnet=100, xpnet_warp_sums=90, xpnet_autotuned_convs=80), "--tf32 --warp-plane-sums",
          "--conv-autotune left out: test_the_fast_recipe_on_cupy_trains_as_on_numpy_given_the_same_draws failed"),
         # a run cut off before its summary: nothing is trusted
