@@ -171,6 +171,16 @@ def recipe_with_numpys_draws(backend, monkeypatch, cuda_graph=False):
     return _train_small_recipe(backend, cuda_graph, start), reference
 
 
+def assert_trains_alike(run, reference):
+    """Two :func:`recipe_with_numpys_draws` runs, (losses, final state), equal to float64's rounding."""
+    (losses, state), (expected_losses, expected) = run, reference
+    assert len(losses) == len(expected_losses) == 20
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-9)
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
 def assert_the_recipes_draws_are_fair(backend, n=60000):
     """The draws the fast CIFAR-10 recipe's trainer makes on ``backend`` (its augmenter and its
     sampler, on n tiny images), tested for what the recipe assumes of them: translations uniform

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import (
     arr,
+    assert_trains_alike,
     float32_gradient_errors,
     labels,
     recipe_state,
@@ -365,12 +366,7 @@ def test_the_recipe_trains_alike_on_every_backend_given_the_same_draws(backend, 
     and draws, 20 steps in float64 give the same losses and the same final state (the
     PyTorch test above ties NumPy's run to PyTorch's; tests/test_gpu.py runs this on CuPy with
     CUDA graphs)."""
-    (losses, state), (expected_losses, expected) = recipe_with_numpys_draws(backend, monkeypatch)
-    assert len(losses) == 20
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-9)
-    assert state.keys() == expected.keys()
-    for name, value in expected.items():
-        np.testing.assert_allclose(state[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert_trains_alike(*recipe_with_numpys_draws(backend, monkeypatch))
 
 
 def test_float32_gradients_are_as_accurate_as_pytorchs():

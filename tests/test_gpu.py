@@ -761,21 +761,18 @@ def test_the_fast_recipe_on_cupy_trains_as_on_numpy_given_the_same_draws(monkeyp
     captured ones) against NumPy's, which the CPU tests tie to PyTorch's: from the same start and
     random draws, 20 steps in float64 give the same losses and final state. A difference here,
     and not on the CPU, would be a fault of the GPU path alone."""
-    from helpers import recipe_with_numpys_draws
+    from helpers import assert_trains_alike, recipe_with_numpys_draws
 
     if conv_path == "cudnn":
         _switch_cudnn_on_or_skip()
     elif conv_path == "autotune":
         CUPY.set_conv_autotune(True)
     try:
-        (losses, state), (expected_losses, expected) = recipe_with_numpys_draws(CUPY, monkeypatch, cuda_graph=True)
+        run, reference = recipe_with_numpys_draws(CUPY, monkeypatch, cuda_graph=True)
     finally:
         CUPY.set_cudnn(False)
         CUPY.set_conv_autotune(False)
-    assert len(losses) == 20
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-9)
-    for name, value in expected.items():
-        np.testing.assert_allclose(state[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert_trains_alike(run, reference)
 
 
 def test_the_recipes_draws_on_the_card_are_fair():
