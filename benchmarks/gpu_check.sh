@@ -69,7 +69,7 @@ full_data() { [ -f /tmp/cifar/data_batch_5 ] && [ -f /tmp/cifar/test_batch ]; }
 
 if [[ $STEPS == *" tests "* ]]; then
     echo "== fused kernels, cuDNN, CUDA graphs (schedules, groups), TF32, conv on CuPy against NumPy"
-    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" \
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --durations=20 tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" \
         | tail -15
     step_done tests
 fi
