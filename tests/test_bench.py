@@ -1,7 +1,9 @@
 """The benchmark command runs and reports what it measured (timings themselves are never asserted)."""
 
+import itertools
 import json
 import os
+import time
 import types
 from pathlib import Path
 
@@ -644,6 +646,19 @@ def test_a_variant_that_fails_is_printed_with_its_error_and_the_others_still_tim
     row = measure_row("a row", variants, time_variants, 1, 0.001, None)
     assert row["results"]["bad"] == {"error": "KeyError: 'us'"} and row["results"]["good"]["us"] >= 0
     assert "bad failed: KeyError: 'us'" in capsys.readouterr().out
+
+
+def test_each_variant_reports_the_range_of_its_repeats_beside_their_median(capsys):
+    """On a noisy machine a median alone hides how far the repeats moved: the report keeps the
+    fastest and the slowest repeat, and the progress line prints them."""
+    from xpnet.cli.bench import time_variants
+    from xpnet.cli.bench_conv import measure_row
+
+    calls = itertools.count(1)  # each step a millisecond slower than the one before: every repeat slower
+    row = measure_row("a row", {"v": (lambda: time.sleep(1e-3 * next(calls)), lambda: None)}, time_variants, 3, 0, None)
+    fastest, slowest = row["results"]["v"]["us_range"]
+    assert fastest < row["results"]["v"]["us"] < slowest
+    assert f"v {row['results']['v']['us']:.0f} µs ({fastest:.0f}–{slowest:.0f})" in capsys.readouterr().out
 
 
 def test_a_side_whose_profile_fails_is_reported_and_the_other_still_profiled(monkeypatch, capsys):

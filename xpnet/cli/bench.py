@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -199,12 +200,25 @@ def calibrate(step, sync, budget_s):
     return max(3, min(300, int(budget_s / max(single, 1e-6))))
 
 
-def time_variants(variants, repeats, budget_s, settle_s=0.0):
-    """Median seconds per step of each variant. The repeats are interleaved
-    (a, b, c, a, b, c, ...) so that drift in the machine's speed does not
-    favour whichever variant happens to run first; ``settle_s`` of idle time
-    after each lets worker threads that spin after their work (PyTorch's on
-    the CPU) park before the next variant runs."""
+class Timing(NamedTuple):
+    """A variant's timed repeats: the median seconds per step, the steps in each repeat, and
+    the fastest and the slowest repeat's seconds per step (how much the machine's noise moved it)."""
+
+    seconds: float
+    steps: int
+    fastest: float
+    slowest: float
+
+    def us(self) -> dict:
+        """The report's fields: µs per step (the median) and the range over the repeats."""
+        return {"us": self.seconds * 1e6, "us_range": [self.fastest * 1e6, self.slowest * 1e6]}
+
+
+def time_variants(variants, repeats, budget_s, settle_s=0.0) -> dict[str, Timing]:
+    """Each variant's :class:`Timing`. The repeats are interleaved (a, b, c, a, b, c, ...)
+    so that drift in the machine's speed does not favour whichever variant happens to run
+    first; ``settle_s`` of idle time after each lets worker threads that spin after their
+    work (PyTorch's on the CPU) park before the next variant runs."""
     steps = {name: calibrate(step, sync, budget_s) for name, (step, sync) in variants.items()}
     samples = {name: [] for name in variants}
     for _ in range(repeats):
@@ -215,7 +229,9 @@ def time_variants(variants, repeats, budget_s, settle_s=0.0):
             sync()
             samples[name].append((time.perf_counter() - start) / steps[name])
             time.sleep(settle_s)
-    return {name: (statistics.median(samples[name]), steps[name]) for name in variants}
+    return {
+        name: Timing(statistics.median(times), steps[name], min(times), max(times)) for name, times in samples.items()
+    }
 
 
 def run_config(backend, X, y, torch_data, hidden, batch, args):
@@ -239,10 +255,12 @@ def run_config(backend, X, y, torch_data, hidden, batch, args):
             print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     settle = 0.0 if backend.is_gpu else 0.3
-    for name, (seconds, steps) in time_variants(variants, args.repeats, args.budget, settle).items():
+    for name, timing in time_variants(variants, args.repeats, args.budget, settle).items():
+        seconds = timing.seconds
         results[name] = {
             "us_per_step": seconds * 1e6,
-            "steps_per_repeat": steps,
+            "us_range": timing.us()["us_range"],
+            "steps_per_repeat": timing.steps,
             "samples_per_s": batch / seconds,
             "tflops": flops_per_step(hidden, batch) / seconds / 1e12,
         }

@@ -311,14 +311,23 @@ def measure_row(label, variants, time_variants, repeats, budget, flops):
             ready[name] = (step, sync)
         except Exception as exc:  # a variant that cannot run is reported; the others are still measured
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    for name, (seconds, steps) in time_variants(ready, repeats, budget).items():
-        results[name] = {"us": seconds * 1e6, "steps_per_repeat": steps}
+    for name, timing in time_variants(ready, repeats, budget).items():
+        results[name] = {**timing.us(), "steps_per_repeat": timing.steps}
         if flops:
-            results[name]["tflops"] = flops / seconds / 1e12
+            results[name]["tflops"] = flops / timing.seconds / 1e12
     # A variant that failed says so here too: a log read alone would otherwise show it as missing.
-    cells = [f"{k} {v['us']:.0f} µs" if "us" in v else f"{k} failed: {v['error']}" for k, v in results.items()]
+    cells = [_cell(name, result) for name, result in results.items()]
     print(f"{label}: " + ", ".join(cells), flush=True)
     return {"case": label, "results": results}
+
+
+def _cell(name, result) -> str:
+    """A variant's result in the progress line: µs per step and, over several repeats, their range."""
+    if "us" not in result:
+        return f"{name} failed: {result['error']}"
+    fastest, slowest = result.get("us_range", (result["us"], result["us"]))
+    spread = f" ({fastest:.0f}–{slowest:.0f})" if slowest > fastest else ""
+    return f"{name} {result['us']:.0f} µs{spread}"
 
 
 def format_conv_table(title, rows, names, ratios):

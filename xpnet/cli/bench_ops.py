@@ -86,8 +86,7 @@ def copy_bandwidth(backend, timer, repeats, budget) -> float:
     def copy():
         dst[...] = src
 
-    (seconds, _steps) = timer({"copy": (copy, backend.sync)}, repeats, budget)["copy"]
-    return 2 * n * 4 / seconds
+    return 2 * n * 4 / timer({"copy": (copy, backend.sync)}, repeats, budget)["copy"].seconds
 
 
 def _xpnet_step(backend, kind, batch, shape):
