@@ -1,18 +1,21 @@
 """Run the CUDA kernel sources of :mod:`xpnet.backend.kernel_sources` on the CPU.
 
-Each kernel's text is compiled by the system's C++ compiler inside a loop over the
-element index ``i`` (one "thread" at a time; a raw kernel runs as a single thread
-of a one-thread block, in a warp of one lane), and called through ctypes on NumPy arrays. The arguments
-follow CuPy's conventions, so a test passes what ``cupy_kernels`` passes: non-raw
-arguments broadcast to one shape and are read (outputs: written) at index ``i``,
-``raw`` ones are whole C-contiguous arrays. This checks the kernels' arithmetic
-and indexing on machines without a GPU; it says nothing of their speed, and
-CUDA's math functions are stood in for by the C library's.
+Each kernel's text is compiled by the system's C++ compiler and called through ctypes on
+NumPy arrays. An elementwise kernel runs inside a loop over the element index ``i`` (its
+threads do not cooperate, so one at a time is enough). A raw kernel runs as its launch
+would on a GPU (:func:`run_raw_kernel`): every thread of every block of its grid, each with
+its own indices and stack, blocks of warps of 32 lanes, ``__syncthreads()`` and
+``__shfl_down_sync`` waiting for the threads they name, and the warps run in an order that
+shows a missing barrier (see ``_SIMT``). The arguments follow CuPy's conventions, so a test
+passes what ``cupy_kernels`` passes: non-raw arguments broadcast to one shape and are read
+(outputs: written) at index ``i``, ``raw`` ones are whole C-contiguous arrays. This checks
+the kernels' arithmetic, indexing and cooperation on machines without a GPU; it says
+nothing of their speed, and CUDA's math functions are stood in for by the C library's.
 
 :func:`cupy_kernels_on_cpu` goes one step further: it loads
 :mod:`xpnet.backend.cupy_kernels` itself against a stand-in for the ``cupy`` module
 whose arrays are NumPy's and whose kernels run here, so that the Python code
-around each launch (argument order, shapes, dtypes) runs too.
+around each launch (argument order, shapes, dtypes, grids) runs too.
 """
 
 from __future__ import annotations
@@ -35,19 +38,14 @@ from xpnet.backend.kernel_sources import Elementwise, Reduction
 
 COMPILER = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
-# What CUDA gives a kernel that the C++ library does not, for one thread of one block.
+# What CUDA gives a kernel that the C++ library does not (a raw kernel's threads: _SIMT).
 _PRELUDE = r"""
 #include <cmath>
 #include <algorithm>
 using namespace std;
 #define __global__
+#define __device__
 #define __shared__ static
-struct _Dim3 { int x, y, z; };
-static const _Dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
-static inline void __syncthreads() {}
-// A warp of one lane: shuffles have no other lane to read, and loops over lanes step by one.
-static const int warpSize = 1;
-template <typename V> static inline V __shfl_down_sync(unsigned int, V v, int) { return v; }
 static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((unsigned long long)a * b) >> 32); }
 // CuPy's float16 (cupy/float16.cuh): 16 bits stored, every operation on it done in float
 // through its implicit conversions, and a float rounded back only when stored.
@@ -63,6 +61,249 @@ struct float16 {
     template <typename U> float16& operator=(const U& rhs) { *this = static_cast<float16>(rhs); return *this; }
     template <typename U> float16& operator+=(const U& rhs) { *this = *this + rhs; return *this; }
 };
+"""
+
+# A raw kernel's launch as a GPU runs it, on one CPU thread: every thread of a block is a
+# fiber with its own stack, the blocks run one after another, a warp is 32 lanes. Between
+# two of the block's barriers, its warps run one after another in a shuffled order, and each
+# warp runs its lanes (in a shuffled order) through all its shuffles up to the barrier: so
+# one warp gets as far ahead of another as a GPU may let it, and a read of shared memory
+# that no barrier orders after its write (or before the next write) sees the wrong value.
+# The orders are drawn from a fixed sequence per block, so a launch runs the same each time.
+# A barrier that some threads never reach, or a full-mask shuffle that some lanes never
+# reach, is an error (undefined on a GPU), returned by the launch. A kernel that waits for
+# another warp without a barrier (a spin on a flag) would wait forever here. On x86-64 a
+# fiber switch is six registers and the stack pointer; elsewhere ucontext's, which also
+# asks the kernel for the signal mask each time.
+_SIMT = r"""
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ucontext.h>
+struct _Dim3 { unsigned int x, y, z; };
+static _Dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+static const int warpSize = 32;
+namespace _simt {
+#if defined(__x86_64__) && !defined(XPNET_SIMT_UCONTEXT)
+extern "C" void _simt_switch(void** save_sp, void* load_sp) __attribute__((visibility("hidden")));
+asm(R"(
+    .text
+    .globl _simt_switch
+    .hidden _simt_switch
+    .type _simt_switch, @function
+_simt_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size _simt_switch, .-_simt_switch
+)");
+struct Context { void* sp; };
+// A stack whose first switch pops six zero registers and returns into entry, which never returns.
+static void start(Context& c, char* stack, size_t size, void (*entry)()) {
+    void** sp = (void**)(((uintptr_t)(stack + size)) & ~(uintptr_t)15);
+    *--sp = nullptr;
+    *--sp = (void*)entry;
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;
+    c.sp = sp;
+}
+static void swap(Context& from, Context& to) { _simt_switch(&from.sp, to.sp); }
+#else
+struct Context { ucontext_t u; };
+static void start(Context& c, char* stack, size_t size, void (*entry)()) {
+    getcontext(&c.u);
+    c.u.uc_stack.ss_sp = stack;
+    c.u.uc_stack.ss_size = size;
+    c.u.uc_link = nullptr;
+    makecontext(&c.u, entry, 0);
+}
+static void swap(Context& from, Context& to) { swapcontext(&from.u, &to.u); }
+#endif
+
+enum State { READY, AT_BARRIER, AT_SHUFFLE, DONE };
+struct Fiber {
+    Context context;
+    State state;
+    _Dim3 index;
+    unsigned int mask;
+    int delta, size;
+    unsigned char value[8], result[8];
+};
+static Fiber* fibers = nullptr;
+static int current = 0;
+static Context scheduler;
+// the kernel with its arguments, as a function of the closure that holds them
+static void (*body)(void*) = nullptr;
+static void* closure = nullptr;
+static char message[200];
+
+static void wait(State state) {
+    fibers[current].state = state;
+    swap(fibers[current].context, scheduler);
+}
+
+static void run_fiber() {
+    body(closure);
+    wait(DONE);  // never resumed
+}
+
+// The lanes first..first+lanes-1 of a warp; if any waits at a shuffle, all 32 must, with the
+// full mask: each then gets the value of lane + delta (its own past the warp's end).
+static bool release_shuffle(int first, int lanes, const char** error) {
+    int waiting = 0;
+    for (int l = 0; l < lanes; ++l) waiting += fibers[first + l].state == AT_SHUFFLE;
+    if (waiting == 0) return false;
+    for (int l = 0; l < lanes; ++l) {
+        const Fiber& f = fibers[first + l];
+        if (lanes != warpSize || f.state != AT_SHUFFLE || f.mask != 0xffffffffu || f.size != fibers[first].size) {
+            snprintf(message, sizeof message, "a full-mask shuffle that %d of the %d lanes of warp %d reach "
+                     "(block (%u, %u, %u); a warp has %d lanes)", waiting, lanes, first / warpSize,
+                     blockIdx.x, blockIdx.y, blockIdx.z, warpSize);
+            *error = message;
+            return false;
+        }
+    }
+    for (int l = 0; l < lanes; ++l) {
+        Fiber& f = fibers[first + l];
+        const int source = l + f.delta < warpSize ? l + f.delta : l;
+        memcpy(f.result, fibers[first + source].value, f.size);
+        f.state = READY;
+    }
+    return true;
+}
+
+// The order in which the threads take their turns: a fixed sequence, seeded per block.
+static unsigned long long order_state = 1;
+static void permute(int* order, int n) {
+    for (int i = 0; i < n; ++i) order[i] = i;
+    for (int i = n - 1; i > 0; --i) {
+        order_state ^= order_state << 13;
+        order_state ^= order_state >> 7;
+        order_state ^= order_state << 17;
+        const int j = (int)(order_state % (unsigned long long)(i + 1));
+        const int kept = order[i];
+        order[i] = order[j];
+        order[j] = kept;
+    }
+}
+
+// Runs the warp's lanes, in a shuffled order, and its shuffles as they fill, until every
+// lane waits at a barrier or has returned.
+static const char* run_warp(int first, int lanes) {
+    int order[32];
+    for (;;) {
+        permute(order, lanes);
+        for (int k = 0; k < lanes; ++k) {
+            const int t = first + order[k];
+            if (fibers[t].state != READY) continue;
+            current = t;
+            threadIdx = fibers[t].index;
+            swap(scheduler, fibers[t].context);
+        }
+        int at_shuffle = 0;
+        for (int l = 0; l < lanes; ++l) at_shuffle += fibers[first + l].state == AT_SHUFFLE;
+        if (at_shuffle == 0) return nullptr;
+        const char* error = nullptr;
+        if (!release_shuffle(first, lanes, &error)) return error;
+    }
+}
+
+static const char* run_block(int threads, char* stacks, size_t stack_size) {
+    for (int t = 0; t < threads; ++t) {
+        Fiber& f = fibers[t];
+        start(f.context, stacks + t * stack_size, stack_size, run_fiber);
+        f.state = READY;
+        f.index = {t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
+    }
+    const unsigned long long block_number = (blockIdx.z * gridDim.y + blockIdx.y) * (unsigned long long)gridDim.x
+                                            + blockIdx.x;
+    order_state = 0x9E3779B97F4A7C15ull * (block_number + 1);
+    const int warps = (threads + warpSize - 1) / warpSize;
+    int order[1024 / 32];
+    for (;;) {
+        permute(order, warps);
+        for (int k = 0; k < warps; ++k) {
+            const int first = order[k] * warpSize;
+            const char* error = run_warp(first, std::min(warpSize, threads - first));
+            if (error) return error;
+        }
+        int done = 0, at_barrier = 0;
+        for (int t = 0; t < threads; ++t) {
+            done += fibers[t].state == DONE;
+            at_barrier += fibers[t].state == AT_BARRIER;
+        }
+        if (done == threads) return nullptr;
+        if (at_barrier == threads) {
+            for (int t = 0; t < threads; ++t) fibers[t].state = READY;
+            continue;
+        }
+        snprintf(message, sizeof message, "a __syncthreads() that %d of the %d threads of block (%u, %u, %u) reach "
+                 "(the others returned)", at_barrier, threads, blockIdx.x, blockIdx.y, blockIdx.z);
+        return message;
+    }
+}
+
+static const char* launch(_Dim3 grid, _Dim3 block, void (*kernel)(void*), void* arguments) {
+    const long long threads = (long long)block.x * block.y * block.z;
+    if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1) {
+        snprintf(message, sizeof message, "a launch of (%u, %u, %u) blocks of (%u, %u, %u) threads", grid.x, grid.y,
+                 grid.z, block.x, block.y, block.z);
+        return message;
+    }
+    // the stacks stay allocated between launches: only the pages a fiber touches are ever mapped
+    const size_t stack_size = 64 * 1024;
+    static char* stacks = nullptr;
+    static long long stacks_for = 0;
+    if (stacks_for < threads) {
+        free(stacks);
+        stacks = (char*)malloc(threads * stack_size);
+        stacks_for = threads;
+    }
+    fibers = (Fiber*)calloc(threads, sizeof(Fiber));
+    body = kernel;
+    closure = arguments;
+    gridDim = grid;
+    blockDim = block;
+    const char* error = nullptr;
+    for (unsigned int z = 0; z < grid.z && !error; ++z)
+        for (unsigned int y = 0; y < grid.y && !error; ++y)
+            for (unsigned int x = 0; x < grid.x && !error; ++x) {
+                blockIdx = {x, y, z};
+                error = run_block((int)threads, stacks, stack_size);
+            }
+    free(fibers);
+    fibers = nullptr;
+    return error;
+}
+template <typename Call> static const char* launch(_Dim3 grid, _Dim3 block, Call call) {
+    return launch(grid, block, [](void* c) { (*(Call*)c)(); }, &call);
+}
+}  // namespace _simt
+
+static inline void __syncthreads() { _simt::wait(_simt::AT_BARRIER); }
+template <typename V> static inline V __shfl_down_sync(unsigned int mask, V v, int delta) {
+    static_assert(sizeof(V) <= 8, "a shuffle moves at most 8 bytes");
+    _simt::Fiber& f = _simt::fibers[_simt::current];
+    f.mask = mask;
+    f.delta = delta;
+    f.size = sizeof(V);
+    memcpy(f.value, &v, sizeof(V));
+    _simt::wait(_simt::AT_SHUFFLE);
+    memcpy(&v, _simt::fibers[_simt::current].result, sizeof(V));
+    return v;
+}
 """
 
 _C_TYPES = {
@@ -117,7 +358,7 @@ def _library(source: str):
         cpp, lib = _build_dir / f"{key}.cpp", _build_dir / f"{key}.so"
         cpp.write_text(source)
         done = subprocess.run(
-            [COMPILER, "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(lib), str(cpp)],
+            [COMPILER, "-std=c++17", "-O1", "-shared", "-fPIC", "-fcf-protection=none", "-o", str(lib), str(cpp)],
             capture_output=True,
             text=True,
         )
@@ -390,12 +631,43 @@ def _spilling_filter_size_kernels(nvrtc) -> int:
     return failures
 
 
-def run_single_thread(source: str, name: str, *args):
-    """Run a raw kernel's ``source`` (with its ``{T}`` and ``{name}`` filled in) as one
-    thread of a one-thread block; ``args`` are NumPy arrays (pointers) or NumPy scalars."""
-    library = _library(_PRELUDE + source)
-    function = getattr(library, name)
-    function(*[ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a) for a in args])
+def _launcher(source: str, name: str, ucontext: bool) -> str:
+    """``source`` with an ``extern "C"`` function ``_launch_<name>(grid x, y, z, block x, y, z,
+    the kernel's parameters)`` that runs the kernel ``name`` over that grid (_SIMT) and returns
+    NULL, or what went wrong; ``ucontext``: its fibers switch through ucontext on x86-64 too."""
+    found = re.search(rf'extern "C" __global__ void {name}\(([^)]*)\)', source)
+    if found is None:
+        raise ValueError(f"no kernel {name} in the source")
+    parameters = found.group(1)
+    names = [re.findall(r"\w+", p)[-1] for p in parameters.split(",")]
+    dims = "unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz"
+    define = "#define XPNET_SIMT_UCONTEXT\n" if ucontext else ""
+    call = f"{name}({', '.join(names)})"
+    return (
+        f"{define}{_PRELUDE}{_SIMT}{source}\n"
+        f'extern "C" const char* _launch_{name}({dims}, {parameters}) {{\n'
+        f"    return _simt::launch({{gx, gy, gz}}, {{bx, by, bz}}, [&]() {{ {call}; }});\n}}\n"
+    )
+
+
+def _dims(value) -> list[int]:
+    """A launch's grid or block, as CuPy takes it (an int, or a tuple of one to three), as x, y, z."""
+    dims = [value] if isinstance(value, int) else list(value)
+    return dims + [1] * (3 - len(dims))
+
+
+def run_raw_kernel(source: str, name: str, grid, block, *args, ucontext=False):
+    """Run a raw kernel's ``source`` (with its ``{T}`` and ``{name}`` filled in) over ``grid``
+    blocks of ``block`` threads, as ``cupy.RawKernel(source, name)(grid, block, args)`` would;
+    ``args`` are NumPy arrays (pointers) or NumPy scalars. Raises RuntimeError where the launch
+    would be undefined on a GPU (a barrier or a shuffle that not every thread reaches).
+    ``ucontext``: switch between the fibers through ucontext, as on machines other than x86-64."""
+    function = getattr(_library(_launcher(source, name, ucontext)), f"_launch_{name}")
+    function.restype = ctypes.c_char_p
+    values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a) for a in args]
+    error = function(*[ctypes.c_uint(d) for d in _dims(grid) + _dims(block)], *values)
+    if error is not None:
+        raise RuntimeError(f"{name}: {error.decode()}")
 
 
 class _ElementwiseKernel:
@@ -419,7 +691,7 @@ class _RawKernel:
         self.source, self.name = source, name
 
     def __call__(self, grid, block, args):
-        run_single_thread(self.source, self.name, *args)
+        run_raw_kernel(self.source, self.name, grid, block, *args)
 
 
 def cupy_on_cpu() -> types.ModuleType:
