@@ -421,7 +421,7 @@ def test_fused_im2col_and_col2im_match_the_array_api_reference(dtype, x_shape, w
 @pytest.mark.parametrize("channels_outer", [False, True])
 def test_direct_small_filter_convs_match_numpy_within_their_rounding(dtype, x_shape, w_shape, stride, pad,
                                                                      channels_outer):  # fmt: skip
-    """Many blocks and warps (the CPU runs these kernels as one thread): the outputs and the
+    """Many blocks and warps, on the card's own scheduling: the outputs and the
     filters' gradient against float64 NumPy, within each sum's rounding bound; then the
     layers through them against the im2col path."""
     from xpnet import fast_layers
@@ -632,7 +632,7 @@ def test_plane_sums_add_each_plane_across_a_warp(dtype, plane_size, channels_out
 @pytest.mark.parametrize("batch_axis", [0, 1])
 def test_channel_totals_sum_more_partial_sums_than_a_block_has_threads(dtype, batch_axis):
     """CHANNEL_TOTALS with 600 partial sums per channel: each of the 256 threads takes two or
-    three, then the block's tree adds them (the CPU stand-in runs a single thread)."""
+    three, then the block's tree adds them."""
     from xpnet.backend.cupy_kernels import _channel_totals
 
     rng = np.random.default_rng(5)

@@ -244,13 +244,32 @@ def test_direct_conv_kernels_equal_the_naive_layers(rng, kernels, monkeypatch, d
         assert source.count("i <= 0xFFFFFFFFLL") == 1
         monkeypatch.setattr(sources, name, source if bits == 32 else source.replace("i <= 0xFFFFFFFFLL", "i < 0"))
     monkeypatch.setattr(kernels, "direct_small_convs", True)
-    n, c, h, w = shape
-    kh, kw = kernel
-    f = 4
     x = _stored_like(rng.standard_normal(shape).astype(dtype), x_outer)
-    weights = rng.standard_normal((f, c, kh, kw)).astype(dtype)
+    weights = rng.standard_normal((4, shape[1], *kernel)).astype(dtype)
+    _assert_the_direct_kernels_equal_the_naive_layers(rng, kernels, x, weights, stride, pad, dout_outer)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_the_direct_kernels_step_over_the_work_beyond_their_grid(rng, kernels, monkeypatch, dtype):
+    """Grids capped: the forward pass's at 2 blocks (1,200 outputs a filter, 7 filters), the
+    filters' gradient's at 2 blocks of positions and 3 of filters, so that each thread
+    steps through several outputs, positions and filters."""
+    stand_in = kernels.spatial_batchnorm_train.__globals__
+    for name, cap in (("_MAX_GRID_X", 2), ("_MAX_GRID_Y", 3), ("_FILTER_GRAD_BLOCKS", 14)):
+        monkeypatch.setitem(stand_in, name, cap)
+    monkeypatch.setattr(kernels, "direct_small_convs", True)
+    x = rng.standard_normal((3, 2, 20, 20)).astype(dtype)
+    weights = rng.standard_normal((7, 2, 3, 3)).astype(dtype)
+    _assert_the_direct_kernels_equal_the_naive_layers(rng, kernels, x, weights, 1, 1, dout_outer=True)
+
+
+def _assert_the_direct_kernels_equal_the_naive_layers(rng, kernels, x, weights, stride, pad, dout_outer):
+    """direct_conv_forward and direct_conv_filter_grad against the naive layers in float64,
+    each element within its sum's rounding bound (terms · eps · the sum of the terms' magnitudes)."""
+    dtype = x.dtype
+    n, c = x.shape[:2]
+    f, _, kh, kw = weights.shape
     param = {"stride": stride, "pad": pad}
-    # float64 references, and each element's rounding bound: terms · eps · the sum of its terms' magnitudes
     expected, cache = layers.conv_forward_naive(x.astype(np.float64), weights.astype(np.float64), np.zeros(f), param)
     magnitude, _ = layers.conv_forward_naive(np.abs(x.astype(np.float64)), np.abs(weights.astype(np.float64)),
                                              np.zeros(f), param)  # fmt: skip
@@ -462,14 +481,18 @@ def test_channel_sums_through_the_warp_per_plane_kernel_equal_the_reference(rng,
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("plane_size", [10, 45])
 @pytest.mark.parametrize("channels_outer", [False, True])
-def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, channels_outer):
-    """PLANE_SUMS's four modes against NumPy, planes stored (C, N) or (N, C) (the warp has one
-    lane here; tests/test_gpu.py runs the same with 32)."""
-    plane_sums = kernels.spatial_batchnorm_train.__globals__["_plane_sums"]
-    a, b, size = 6, 4, 10
+def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, monkeypatch, channels_outer, plane_size):
+    """PLANE_SUMS's four modes against NumPy, planes stored (C, N) or (N, C), shorter and
+    longer than a warp, and more of them (77) than its grid, capped at two blocks, has warps
+    (16): each warp takes four or five."""
+    stand_in = kernels.spatial_batchnorm_train.__globals__
+    monkeypatch.setitem(stand_in, "_MAX_PLANE_BLOCKS", 2)
+    plane_sums = stand_in["_plane_sums"]
+    a, b = 7, 11
     channels = a if channels_outer else b
-    x, y = rng.standard_normal((a, b, size)), rng.standard_normal((a, b, size))
+    x, y = rng.standard_normal((a, b, plane_size)), rng.standard_normal((a, b, plane_size))
     p0, p1 = rng.standard_normal(channels), rng.standard_normal(channels)
     per_plane = (slice(None), None, None) if channels_outer else (None, slice(None), None)
     close = functools.partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-12)
@@ -483,6 +506,21 @@ def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, channels
     reductions = plane_sums(3, x, channels_outer, y, p0, p1, warp=False)
     for got, want in zip(warp, reductions, strict=True):
         close(got, want)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("batch_axis", [0, 1])
+def test_channel_totals_add_more_partial_sums_than_a_block_has_threads(kernels, dtype, batch_axis):
+    """CHANNEL_TOTALS with 600 partial sums per channel: each of the block's 256 threads takes
+    two or three, then the block's tree adds them."""
+    channel_totals = kernels.spatial_batchnorm_train.__globals__["_channel_totals"]
+    sums = np.random.default_rng(5).standard_normal((600, 7) if batch_axis == 0 else (7, 600)) + 2.0
+    total, mean, inv_std = channel_totals(sums.astype(dtype), batch_axis, 600 * 9, eps=1e-5)
+    expected = sums.astype(dtype).astype(np.float64).sum(axis=batch_axis)
+    close = functools.partial(np.testing.assert_allclose, **tolerance(dtype))
+    close(total, expected)
+    close(mean, expected / 5400)
+    close(inv_std, 1 / np.sqrt(expected / 5400 + 1e-5))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -591,12 +629,14 @@ def test_fused_activations_and_softmax_loss(rng, kernels, monkeypatch, dtype):
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
 
 
+@pytest.mark.parametrize("rows", [37, 600])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("label_smoothing, reduction", [(0.2, "sum"), (0.2, "mean"), (0.0, "sum"), (0.5, "mean")])
-def test_fused_softmax_loss_with_label_smoothing(rng, kernels, monkeypatch, dtype, label_smoothing, reduction):
-    """The recipe's loss (label smoothing 0.2, summed) in the one fused kernel, against the reference."""
-    x = (rng.standard_normal((37, 10)) * 4).astype(dtype)
-    y = rng.integers(0, 10, 37)
+def test_fused_softmax_loss_with_label_smoothing(rng, kernels, monkeypatch, dtype, label_smoothing, reduction, rows):
+    """The recipe's loss (label smoothing 0.2, summed) in the one fused kernel, against the
+    reference; 600 rows: each of the block's 256 threads takes two or three."""
+    x = (rng.standard_normal((rows, 10)) * 4).astype(dtype)
+    y = rng.integers(0, 10, rows)
 
     def run():
         return layers.softmax_loss(x, y, label_smoothing, reduction)
