@@ -757,13 +757,19 @@ def test_float16_activations_give_the_same_loss_and_gradients_through_the_fused_
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * scale)
 
 
-def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monkeypatch):
+@pytest.mark.parametrize("switched_on", [False, True], ids=["defaults", "warp sums and direct convs"])
+def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monkeypatch, switched_on):
     """20 steps of the fast CIFAR-10 recipe (grouped Nesterov updates with schedules held in
     arrays, lookahead, batchnorm running statistics, the whitening bias freezing) through
-    every fused path at once, against the reference code, float64."""
+    every fused path at once, against the reference code, float64; ``switched_on``: also
+    with batchnorm's plane sums a warp per plane and the whitening conv through the direct
+    kernels, as a GPU run may choose (gpu_check.sh's RECIPE_FLAGS)."""
     from xpnet import get_backend
     from xpnet.recipes import Fast94Trainer
 
+    monkeypatch.setattr(kernels, "warp_plane_sums", switched_on)
+    monkeypatch.setattr(kernels, "direct_small_convs", switched_on)
+    plane_sum_launches = counting_plane_sums(kernels, monkeypatch)
     backend = get_backend("numpy")
     settings, images, y, make_model = small_recipe(backend)
 
@@ -775,7 +781,9 @@ def test_the_fast_recipe_trains_the_same_through_the_fused_kernels(kernels, monk
         return (np.asarray(losses), *state)
 
     fused = ["nesterov_sgd", "spatial_batchnorm_train", "max_pool_backward", "gelu_backward", "col2im"]
+    fused += ["direct_conv_forward"] if switched_on else []  # the whitening filters are frozen: no dw
     fast, reference = fused_and_reference(kernels, monkeypatch, run, fused)
+    assert bool(plane_sum_launches) == switched_on
     for a, b in zip(fast, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
