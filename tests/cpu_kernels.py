@@ -409,6 +409,38 @@ def _placeholder_dtypes(params, args):
     return placeholders
 
 
+# Bytes of 0xFF on each side of every raw array a kernel is handed here: a float's or a
+# double's all-ones bytes are a NaN, so a read past either end shows in the result.
+_GUARD_BYTES = 4096
+
+
+class _Guarded:
+    """Copies of the arrays a kernel indexes by its own arithmetic (``raw`` ones), each inside
+    a buffer with guard bytes on both sides, to hand to the kernel in their place;
+    :meth:`check` then raises where the kernel wrote past an end, and copies each copy that
+    the kernel changed back into its original. An array passed twice becomes two copies, so
+    a kernel that reads through one argument what it writes through another would not see
+    it here (none of xpnet's does)."""
+
+    def __init__(self, kernel_name: str, arrays: dict):
+        self.kernel_name, self.copies = kernel_name, {}
+        for name, a in arrays.items():
+            buffer = np.full(a.nbytes + 2 * _GUARD_BYTES, 0xFF, dtype=np.uint8)
+            inner = buffer[_GUARD_BYTES : _GUARD_BYTES + a.nbytes].view(a.dtype).reshape(a.shape)
+            inner[...] = a
+            self.copies[name] = (a, buffer, inner, inner.tobytes())
+
+    def __getitem__(self, name):
+        return self.copies[name][2]
+
+    def check(self):
+        for name, (a, buffer, inner, before) in self.copies.items():
+            if np.any(buffer[:_GUARD_BYTES] != 0xFF) or np.any(buffer[_GUARD_BYTES + a.nbytes :] != 0xFF):
+                raise RuntimeError(f"{self.kernel_name}: a write outside {name} ({a.dtype} {tuple(a.shape)})")
+            if inner.tobytes() != before:
+                a[...] = inner
+
+
 def run_elementwise(kernel: Elementwise, *args):
     """Run ``kernel`` as CuPy would with these arguments (inputs, then outputs, which are
     written in place); returns the outputs."""
@@ -433,8 +465,12 @@ def run_elementwise(kernel: Elementwise, *args):
                 outputs.append(a)
         else:
             arrays.append(np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=dtype), shape)))
+    # a raw array is indexed by the kernel's own arithmetic: guarded; the others only at i
+    guarded = _Guarded(kernel.name, {p.name: a for p, a in zip(params, arrays) if p.raw})
+    arrays = [guarded[p.name] if p.raw else a for p, a in zip(params, arrays)]
     library = _library(_elementwise_source(params, kernel.operation, {k: _FLOAT_C[v] for k, v in types.items()}))
     _call(library, arrays, int(np.prod(shape)))
+    guarded.check()
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
@@ -631,15 +667,19 @@ def _spilling_filter_size_kernels(nvrtc) -> int:
     return failures
 
 
+def _kernel_parameters(source: str, name: str) -> tuple[str, list[str]]:
+    """The raw kernel ``name``'s parameter list as written in ``source``, and their names."""
+    found = re.search(rf'extern "C" __global__ void {name}\(([^)]*)\)', source)
+    if found is None:
+        raise ValueError(f"no kernel {name} in the source")
+    return found.group(1), [re.findall(r"\w+", p)[-1] for p in found.group(1).split(",")]
+
+
 def _launcher(source: str, name: str, ucontext: bool) -> str:
     """``source`` with an ``extern "C"`` function ``_launch_<name>(grid x, y, z, block x, y, z,
     the kernel's parameters)`` that runs the kernel ``name`` over that grid (_SIMT) and returns
     NULL, or what went wrong; ``ucontext``: its fibers switch through ucontext on x86-64 too."""
-    found = re.search(rf'extern "C" __global__ void {name}\(([^)]*)\)', source)
-    if found is None:
-        raise ValueError(f"no kernel {name} in the source")
-    parameters = found.group(1)
-    names = [re.findall(r"\w+", p)[-1] for p in parameters.split(",")]
+    parameters, names = _kernel_parameters(source, name)
     dims = "unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz"
     define = "#define XPNET_SIMT_UCONTEXT\n" if ucontext else ""
     call = f"{name}({', '.join(names)})"
@@ -660,14 +700,23 @@ def run_raw_kernel(source: str, name: str, grid, block, *args, ucontext=False):
     """Run a raw kernel's ``source`` (with its ``{T}`` and ``{name}`` filled in) over ``grid``
     blocks of ``block`` threads, as ``cupy.RawKernel(source, name)(grid, block, args)`` would;
     ``args`` are NumPy arrays (pointers) or NumPy scalars. Raises RuntimeError where the launch
-    would be undefined on a GPU (a barrier or a shuffle that not every thread reaches).
+    would be undefined on a GPU (a barrier or a shuffle that not every thread reaches) or
+    where it writes outside an array it is given (each is handed over between guard bytes).
     ``ucontext``: switch between the fibers through ucontext, as on machines other than x86-64."""
     function = getattr(_library(_launcher(source, name, ucontext)), f"_launch_{name}")
     function.restype = ctypes.c_char_p
-    values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a) for a in args]
+    _, names = _kernel_parameters(source, name)
+    if len(names) != len(args):
+        raise TypeError(f"{name} takes {len(names)} arguments, got {len(args)}")
+    guarded = _Guarded(name, {n: a for n, a in zip(names, args) if isinstance(a, np.ndarray)})
+    values = [
+        ctypes.c_void_p(guarded[n].ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a)
+        for n, a in zip(names, args)
+    ]
     error = function(*[ctypes.c_uint(d) for d in _dims(grid) + _dims(block)], *values)
     if error is not None:
         raise RuntimeError(f"{name}: {error.decode()}")
+    guarded.check()
 
 
 class _ElementwiseKernel:

@@ -164,3 +164,37 @@ def test_a_warp_runs_ahead_of_the_others_as_far_as_the_barriers_let_it(run, seco
     out = np.zeros(5)
     run(source, "warp_sums", 1, 256, values, out, np.int32(5))
     assert np.array_equal(out, values.sum(axis=1)) == second_barrier
+
+
+OFF_THE_END = r"""
+extern "C" __global__ void off_the_end(const float* in, float* out, const int n, const int shift) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i + shift] = in[i - shift];
+}
+"""
+
+
+def test_a_write_past_either_end_of_an_array_is_an_error_and_a_read_past_it_gives_nan(run):
+    values, out = np.arange(1.0, 65.0, dtype=np.float32), np.zeros(64, dtype=np.float32)
+    run(OFF_THE_END, "off_the_end", 2, 32, values, out, np.int32(64), np.int32(0))
+    np.testing.assert_array_equal(out, values)  # within bounds: the writes reach the array handed in
+    for shift in (1, -1):
+        with pytest.raises(RuntimeError, match=r"off_the_end: a write outside out \(float32 \(64,\)\)"):
+            run(OFF_THE_END, "off_the_end", 2, 32, values, np.zeros(64, dtype=np.float32), np.int32(64),
+                np.int32(shift))  # fmt: skip
+    shifted = np.zeros(65, dtype=np.float32)  # room for the write: the read of in[-1] is what is off the end
+    run(OFF_THE_END, "off_the_end", 2, 32, values, shifted, np.int32(64), np.int32(1))
+    assert np.isnan(shifted[1]) and np.array_equal(shifted[2:], values[:-1])
+
+
+def test_an_elementwise_kernel_writing_past_a_raw_array_is_an_error():
+    from cpu_kernels import run_elementwise
+
+    from xpnet.backend.kernel_sources import Elementwise
+
+    scatter = Elementwise("T x, raw T out", "", "out[i + 1] = x", "scatter")
+    with pytest.raises(RuntimeError, match=r"scatter: a write outside out"):
+        run_elementwise(scatter, np.ones(4), np.zeros(4))
+    out = np.zeros(5)
+    run_elementwise(scatter, np.ones(4), out)
+    np.testing.assert_array_equal(out, [0, 1, 1, 1, 1])
