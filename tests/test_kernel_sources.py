@@ -731,6 +731,29 @@ def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kerne
     assert any(out is not None for out in applied) == direct  # the whitening conv ran without columns
 
 
+def test_the_published_fast_conv_net_gives_the_same_loss_and_gradients_with_every_switch_on(kernels, monkeypatch):
+    """At the published widths (64, 256, 256), two images: grids of hundreds of blocks, planes
+    of 961 down to 9 values a warp each, 256 channels' totals, through the direct kernels and
+    the warp sums as a GPU run may switch them on."""
+    from xpnet.cnn import FastConvNet
+
+    monkeypatch.setattr(kernels, "direct_small_convs", True)
+    monkeypatch.setattr(kernels, "warp_plane_sums", True)
+    launches = counting_plane_sums(kernels, monkeypatch)
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((2, 3, 32, 32)), rng.integers(0, 10, 2)
+    model = FastConvNet(dtype="float64", backend="numpy", seed=0)
+    model.frozen["whiten_W"][...] = rng.standard_normal(model.frozen["whiten_W"].shape)
+
+    def run():
+        loss, grads = model.loss(X, y)
+        return (loss, *[grads[name] for name in sorted(grads)])
+
+    fused = ["direct_conv_forward", "spatial_batchnorm_train", "spatial_batchnorm_backward", "max_pool_forward"]
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), np.float64)
+    assert launches
+
+
 def test_float16_activations_give_the_same_loss_and_gradients_through_the_fused_kernels(kernels, monkeypatch):
     """FastConvNet on float16 copies of its float32 parameters: the fused kernels (float16
     storage, arithmetic in float, batchnorm statistics in float32) against the reference
