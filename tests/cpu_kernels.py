@@ -425,20 +425,27 @@ class _Guarded:
     def __init__(self, kernel_name: str, arrays: dict):
         self.kernel_name, self.copies = kernel_name, {}
         for name, a in arrays.items():
-            buffer = np.full(a.nbytes + 2 * _GUARD_BYTES, 0xFF, dtype=np.uint8)
+            buffer = np.empty(a.nbytes + 2 * _GUARD_BYTES, dtype=np.uint8)
+            buffer[:_GUARD_BYTES] = buffer[_GUARD_BYTES + a.nbytes :] = 0xFF
             inner = buffer[_GUARD_BYTES : _GUARD_BYTES + a.nbytes].view(a.dtype).reshape(a.shape)
             inner[...] = a
-            self.copies[name] = (a, buffer, inner, inner.tobytes())
+            self.copies[name] = (a, buffer, inner)
 
     def __getitem__(self, name):
         return self.copies[name][2]
 
     def check(self):
-        for name, (a, buffer, inner, before) in self.copies.items():
+        for name, (a, buffer, _) in self.copies.items():
             if np.any(buffer[:_GUARD_BYTES] != 0xFF) or np.any(buffer[_GUARD_BYTES + a.nbytes :] != 0xFF):
                 raise RuntimeError(f"{self.kernel_name}: a write outside {name} ({a.dtype} {tuple(a.shape)})")
-            if inner.tobytes() != before:
-                a[...] = inner
+        # every copy compared with its original before any original is written (two may be one array)
+        changed = [(a, inner) for a, _, inner in self.copies.values() if not _same_bytes(a, inner)]
+        for a, inner in changed:
+            a[...] = inner
+
+
+def _same_bytes(a, b):
+    return np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
 def run_elementwise(kernel: Elementwise, *args):
