@@ -180,6 +180,12 @@ def kernels():
     return cupy_kernels_on_cpu()
 
 
+def module_of(kernels) -> dict:
+    """The globals of the cupy_kernels module that ``kernels`` was loaded as (its kernel
+    tables, helpers and launch sizes, which a test may cap with monkeypatch.setitem)."""
+    return type(kernels).__init__.__globals__
+
+
 def fused_and_reference(kernels, monkeypatch, fn, fused):
     """fn() with NumPy arrays sent through ``kernels`` (CupyKernels running on the CPU),
     then through the array-API reference; each method named in ``fused`` must have run
@@ -254,7 +260,7 @@ def test_the_direct_kernels_step_over_the_work_beyond_their_grid(rng, kernels, m
     """Grids capped: the forward pass's at 2 blocks (1,200 outputs a filter, 7 filters), the
     filters' gradient's at 2 blocks of positions and 3 of filters, so that each thread
     steps through several outputs, positions and filters."""
-    stand_in = kernels.spatial_batchnorm_train.__globals__
+    stand_in = module_of(kernels)
     for name, cap in (("_MAX_GRID_X", 2), ("_MAX_GRID_Y", 3), ("_FILTER_GRAD_BLOCKS", 14)):
         monkeypatch.setitem(stand_in, name, cap)
     monkeypatch.setattr(kernels, "direct_small_convs", True)
@@ -395,7 +401,7 @@ BATCHNORM_LAYERS = {  # without and with the GELU after it
 def counting_plane_sums(kernels, monkeypatch) -> list:
     """A list that grows by one at each PLANE_SUMS launch of ``kernels``."""
     launches = []
-    table = kernels.spatial_batchnorm_train.__globals__["_plane_sums_kernels"]
+    table = module_of(kernels)["_plane_sums_kernels"]
     for dtype, kernel in list(table.items()):
         monkeypatch.setitem(table, dtype, lambda *args, _kernel=kernel: (launches.append(1), _kernel(*args))[1])
     return launches
@@ -487,7 +493,7 @@ def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, monkeypa
     """PLANE_SUMS's four modes against NumPy, planes stored (C, N) or (N, C), shorter and
     longer than a warp, and more of them (77) than its grid, capped at two blocks, has warps
     (16): each warp takes four or five."""
-    stand_in = kernels.spatial_batchnorm_train.__globals__
+    stand_in = module_of(kernels)
     monkeypatch.setitem(stand_in, "_MAX_PLANE_BLOCKS", 2)
     plane_sums = stand_in["_plane_sums"]
     a, b = 7, 11
@@ -513,7 +519,7 @@ def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, monkeypa
 def test_channel_totals_add_more_partial_sums_than_a_block_has_threads(kernels, dtype, batch_axis):
     """CHANNEL_TOTALS with 600 partial sums per channel: each of the block's 256 threads takes
     two or three, then the block's tree adds them."""
-    channel_totals = kernels.spatial_batchnorm_train.__globals__["_channel_totals"]
+    channel_totals = module_of(kernels)["_channel_totals"]
     sums = np.random.default_rng(5).standard_normal((600, 7) if batch_axis == 0 else (7, 600)) + 2.0
     total, mean, inv_std = channel_totals(sums.astype(dtype), batch_axis, 600 * 9, eps=1e-5)
     expected = sums.astype(dtype).astype(np.float64).sum(axis=batch_axis)
