@@ -45,7 +45,9 @@ _PRELUDE = r"""
 using namespace std;
 #define __global__
 #define __device__
-#define __shared__ static
+// A block's shared memory: statics in a section of their own, which a raw kernel's launch
+// fills with 0xFF (NaN as floats) before each block, as a GPU leaves it unwritten.
+#define __shared__ static __attribute__((section("xpnet_shared")))
 static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((unsigned long long)a * b) >> 32); }
 // CuPy's float16 (cupy/float16.cuh): 16 bits stored, every operation on it done in float
 // through its implicit conversions, and a float rounded back only when stored.
@@ -220,7 +222,12 @@ static const char* run_warp(int first, int lanes) {
     }
 }
 
+// The linker's bounds of the shared-memory section (null where the kernel declares none).
+extern "C" char __start_xpnet_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_xpnet_shared[] __attribute__((weak, visibility("hidden")));
+
 static const char* run_block(int threads, char* stacks, size_t stack_size) {
+    if (__start_xpnet_shared != nullptr) memset(__start_xpnet_shared, 0xFF, __stop_xpnet_shared - __start_xpnet_shared);
     for (int t = 0; t < threads; ++t) {
         Fiber& f = fibers[t];
         start(f.context, stacks + t * stack_size, stack_size, run_fiber);

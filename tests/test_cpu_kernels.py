@@ -198,3 +198,22 @@ def test_an_elementwise_kernel_writing_past_a_raw_array_is_an_error():
     out = np.zeros(5)
     run_elementwise(scatter, np.ones(4), out)
     np.testing.assert_array_equal(out, [0, 1, 1, 1, 1])
+
+
+UNWRITTEN = r"""
+extern "C" __global__ void unwritten(float* out) {
+    __shared__ float half_written[64];
+    if (threadIdx.x < 32 && blockIdx.x == 0) half_written[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = half_written[threadIdx.x];
+}
+"""
+
+
+def test_shared_memory_that_no_thread_of_the_block_wrote_reads_as_nan(run):
+    """Each block starts with its shared memory filled with NaN, as a GPU leaves it
+    unwritten: not zeros, and not what another block left there."""
+    out = np.zeros((2, 64), dtype=np.float32)
+    run(UNWRITTEN, "unwritten", 2, 64, out)
+    np.testing.assert_array_equal(out[0, :32], np.arange(32))
+    assert np.isnan(out[0, 32:]).all() and np.isnan(out[1]).all()
