@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -704,6 +705,9 @@ def _launcher(source: str, name: str, ucontext: bool) -> str:
     )
 
 
+_LAUNCH_LOCK = threading.Lock()
+
+
 def _dims(value) -> list[int]:
     """A launch's grid or block, as CuPy takes it (an int, or a tuple of one to three), as x, y, z."""
     dims = [value] if isinstance(value, int) else list(value)
@@ -727,7 +731,8 @@ def run_raw_kernel(source: str, name: str, grid, block, *args, ucontext=False):
         ctypes.c_void_p(guarded[n].ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a)
         for n, a in zip(names, args)
     ]
-    error = function(*[ctypes.c_uint(d) for d in _dims(grid) + _dims(block)], *values)
+    with _LAUNCH_LOCK:  # a launch's fibers and scheduler are statics of the kernel's library
+        error = function(*[ctypes.c_uint(d) for d in _dims(grid) + _dims(block)], *values)
     if error is not None:
         raise RuntimeError(f"{name}: {error.decode()}")
     guarded.check()
