@@ -264,8 +264,10 @@ static const char* run_block(int threads, char* stacks, size_t stack_size) {
 }
 
 static const char* launch(_Dim3 grid, _Dim3 block, void (*kernel)(void*), void* arguments) {
+    // CUDA's limits: 1024 threads a block, at most 64 along z; grids of 2^31 - 1 by 65535 by 65535
     const long long threads = (long long)block.x * block.y * block.z;
-    if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1) {
+    if (threads < 1 || threads > 1024 || block.z > 64 || grid.x < 1 || grid.y < 1 || grid.z < 1
+        || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
         snprintf(message, sizeof message, "a launch of (%u, %u, %u) blocks of (%u, %u, %u) threads", grid.x, grid.y,
                  grid.z, block.x, block.y, block.z);
         return message;

@@ -128,7 +128,9 @@ def test_a_barrier_or_shuffle_that_not_every_thread_reaches_is_an_error(run, whi
         run(DIVERGENT, "divergent", 1, block, np.int32(which), np.zeros(block, dtype=np.float32))
 
 
-@pytest.mark.parametrize("grid, block", [(1, 0), (1, 1025), (0, 32), ((1, 0), 32)])
+@pytest.mark.parametrize(
+    "grid, block", [(1, 0), (1, 1025), (1, (1, 1, 65)), (0, 32), ((1, 0), 32), ((1, 65536), 32), ((1, 1, 65536), 32)]
+)
 def test_a_launch_no_gpu_takes_is_an_error(run, grid, block):
     with pytest.raises(RuntimeError, match="a launch of"):
         run(DIVERGENT, "divergent", grid, block, np.int32(3), np.zeros(2048, dtype=np.float32))
