@@ -162,20 +162,17 @@ static void run_fiber() {
     wait(DONE);  // never resumed
 }
 
-// The lanes first..first+lanes-1 of a warp; if any waits at a shuffle, all 32 must, with the
-// full mask: each then gets the value of lane + delta (its own past the warp's end).
-static bool release_shuffle(int first, int lanes, const char** error) {
-    int waiting = 0;
-    for (int l = 0; l < lanes; ++l) waiting += fibers[first + l].state == AT_SHUFFLE;
-    if (waiting == 0) return false;
+// The lanes first..first+lanes-1 of a warp, ``waiting`` of which wait at a shuffle: all 32
+// must, with the full mask; each then gets the value of lane + delta (its own past the
+// warp's end). Returns NULL, or what went wrong.
+static const char* release_shuffle(int first, int lanes, int waiting) {
     for (int l = 0; l < lanes; ++l) {
         const Fiber& f = fibers[first + l];
         if (lanes != warpSize || f.state != AT_SHUFFLE || f.mask != 0xffffffffu || f.size != fibers[first].size) {
             snprintf(message, sizeof message, "a full-mask shuffle that %d of the %d lanes of warp %d reach "
                      "(block (%u, %u, %u); a warp has %d lanes)", waiting, lanes, first / warpSize,
                      blockIdx.x, blockIdx.y, blockIdx.z, warpSize);
-            *error = message;
-            return false;
+            return message;
         }
     }
     for (int l = 0; l < lanes; ++l) {
@@ -184,7 +181,7 @@ static bool release_shuffle(int first, int lanes, const char** error) {
         memcpy(f.result, fibers[first + source].value, f.size);
         f.state = READY;
     }
-    return true;
+    return nullptr;
 }
 
 // The order in which the threads take their turns: a fixed sequence, seeded per block.
@@ -218,8 +215,7 @@ static const char* run_warp(int first, int lanes) {
         int at_shuffle = 0;
         for (int l = 0; l < lanes; ++l) at_shuffle += fibers[first + l].state == AT_SHUFFLE;
         if (at_shuffle == 0) return nullptr;
-        const char* error = nullptr;
-        if (!release_shuffle(first, lanes, &error)) return error;
+        if (const char* error = release_shuffle(first, lanes, at_shuffle)) return error;
     }
 }
 
