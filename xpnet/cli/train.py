@@ -219,6 +219,26 @@ def check_output_file(flag, path):
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
 
 
+def switched_backend(args, keep: bool):
+    """The backend of --backend with what --tf32, --cudnn and --conv-autotune ask switched on, or with
+    ``keep`` False only tried (on, then off again): a backend without one is refused now, by a
+    UsageError, not after minutes of loading data."""
+    try:
+        backend = xpnet.get_backend(args.backend)
+        for asked, switch in (
+            (args.tf32, backend.set_tf32),
+            (args.cudnn, backend.set_cudnn),
+            (args.conv_autotune, backend.set_conv_autotune),
+        ):
+            if asked:
+                switch(True)
+                if not keep:
+                    switch(False)
+    except (ValueError, ImportError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from exc
+    return backend
+
+
 def check_checkpoint_dir(path):
     """Create the folder and write a probe file into it, so that a bad folder fails now, not after an epoch."""
     try:
@@ -286,16 +306,7 @@ class Run:
         check_flags_apply(args)
         check_row_counts(args, validation_rows=data_utils.CIFAR10_VALIDATION_ROWS)
         apply_defaults(args)
-        try:
-            backend = xpnet.get_backend(args.backend)
-            if args.tf32:
-                backend.set_tf32(True)
-            if args.cudnn:
-                backend.set_cudnn(True)
-            if args.conv_autotune:
-                backend.set_conv_autotune(True)
-        except (ValueError, ImportError, RuntimeError) as exc:
-            raise UsageError(str(exc)) from exc
+        backend = switched_backend(args, keep=True)
         # Everything the run will write is checked before minutes go into loading and training.
         for flag, path in (("--plot", args.plot), ("--log", args.log)):
             if path:
@@ -363,19 +374,7 @@ class Run:
             recipe_settings(args.recipe_set)  # refused now, not after loading the data
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        try:
-            backend = xpnet.get_backend(args.backend)
-            if args.tf32:  # refused now on a backend without it, not after loading the data
-                backend.set_tf32(True)
-                backend.set_tf32(False)
-            if args.cudnn:
-                backend.set_cudnn(True)
-                backend.set_cudnn(False)
-            if args.conv_autotune:
-                backend.set_conv_autotune(True)
-                backend.set_conv_autotune(False)
-        except (ValueError, ImportError, RuntimeError) as exc:
-            raise UsageError(str(exc)) from exc
+        backend = switched_backend(args, keep=False)  # the recipe switches them itself
         if args.cuda_graph and not backend.can_capture:
             raise UsageError(
                 f"--cuda-graph needs the cupy backend; backend {backend.name!r} cannot capture CUDA graphs"
