@@ -9,7 +9,7 @@ from helpers import arr, check_backward, shared_cifar, to_np
 from xpnet import fast_layers, layer_utils, layers
 from xpnet.backend import backend_of
 from xpnet.cnn import ThreeLayerConvNet
-from xpnet.gradient_check import eval_numerical_gradient, rel_error
+from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
 from xpnet.solver import Solver
 
 
@@ -412,6 +412,78 @@ def test_three_layer_convnet_gradients(backend, reg):
     for name in sorted(grads):
         numeric = eval_numerical_gradient(lambda _: model.loss(X, y)[0], model.params[name], verbose=False, h=1e-6)
         assert rel_error(numeric, grads[name], floor=1e-7) < 1e-6, name
+
+
+def test_three_layer_convnet_with_batchnorm_has_its_parameters_and_running_averages(backend):
+    """use_batchnorm, as the ECE C147/C247 version of the net takes it (positionally too, after dtype)."""
+    model = ThreeLayerConvNet((3, 8, 8), 4, 3, 6, 10, 1e-3, 0.0, "float32", True, seed=0, backend=backend)
+    shapes = {k: tuple(v.shape) for k, v in model.params.items()}
+    assert shapes == {"W1": (4, 3, 3, 3), "b1": (4,), "W2": (64, 6), "b2": (6,), "W3": (6, 10), "b3": (10,),
+                      "gamma1": (4,), "beta1": (4,), "gamma2": (6,), "beta2": (6,)}  # fmt: skip
+    assert model.buffers() is model.bn_params and len(model.bn_params) == 2
+    X = np.random.default_rng(0).standard_normal((5, 3, 8, 8))
+    model.loss(X, np.arange(5))
+    for bn_param, size in zip(model.bn_params, (4, 6)):
+        assert tuple(bn_param["running_mean"].shape) == (size,) and float(backend.xp.max(bn_param["running_var"])) > 0
+    assert ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=6).bn_params == []
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.5])
+def test_three_layer_convnet_with_batchnorm_gradients(backend, reg):
+    model = ThreeLayerConvNet(
+        input_dim=(2, 6, 6), num_filters=3, filter_size=3, hidden_dim=5, num_classes=4, weight_scale=0.3,
+        reg=reg, dtype="float64", use_batchnorm=True, seed=0, backend=backend,
+    )  # fmt: skip
+    xp = backend.xp
+    for i, size in ((1, 3), (2, 5)):  # scales and shifts away from 1 and 0, so that a mix-up would show
+        model.params[f"gamma{i}"] = backend.asarray(np.linspace(0.5, 1.5, size), dtype="float64")
+        model.params[f"beta{i}"] = backend.asarray(np.linspace(-0.2, 0.3, size), dtype="float64")
+    rng = np.random.default_rng(1)
+    X = backend.asarray(rng.standard_normal((4, 2, 6, 6)), dtype="float64")
+    y = backend.asarray(rng.integers(0, 4, 4))
+    loss, grads = model.loss(X, y)
+    assert sorted(grads) == sorted(model.params)
+    # The batch mean cancels the biases before each batchnorm: their gradients vanish.
+    assert float(xp.max(xp.abs(grads["b1"]))) < 1e-12 and float(xp.max(xp.abs(grads["b2"]))) < 1e-12
+    floor = rounding_floor(loss)
+    for name in sorted(grads):
+        numeric = eval_numerical_gradient(lambda _: model.loss(X, y)[0], model.params[name], verbose=False)
+        assert rel_error(numeric, grads[name], floor=floor) < 1e-6, name
+
+
+def test_three_layer_convnet_with_batchnorm_scores_each_image_alone_at_test_time(backend):
+    """Test mode normalises with the running averages, not the batch: an image's scores do not
+    depend on the others in its batch, and a training step moves them."""
+    model = ThreeLayerConvNet(input_dim=(2, 6, 6), num_filters=3, filter_size=3, hidden_dim=5, weight_scale=0.3,
+                              dtype="float64", use_batchnorm=True, seed=0, backend=backend)  # fmt: skip
+    rng = np.random.default_rng(2)
+    X = backend.asarray(rng.standard_normal((6, 2, 6, 6)) + 1.0, dtype="float64")
+    for _ in range(3):
+        model.loss(X, backend.asarray(rng.integers(0, 10, 6)))
+    scores = to_np(model.loss(X))
+    for i in (0, 5):
+        np.testing.assert_allclose(to_np(model.loss(X[i : i + 1, ...])), scores[i : i + 1], rtol=1e-12, atol=1e-12)
+    assert all(bn_param["mode"] == "test" for bn_param in model.bn_params)
+    model.loss(X[:2, ...], backend.asarray(rng.integers(0, 10, 2)))  # a training step: batch statistics
+    assert all(bn_param["mode"] == "train" for bn_param in model.bn_params)
+    assert not np.allclose(to_np(model.loss(X[:1, ...])), scores[:1])  # the averages moved with that step
+
+
+def test_three_layer_convnet_with_batchnorm_overfits_50_digit_images_and_validates_on_running_averages():
+    """Weights of std 1e-2 and 50 images: batchnorm makes the net train; the validation
+    accuracy (test mode, the running averages) shows the averages track the batches."""
+    from xpnet.data_utils import load_digits_data
+
+    data = load_digits_data(seed=0, images=True)
+    small = {"X_train": data["X_train"][:50], "y_train": data["y_train"][:50], "X_val": data["X_val"],
+             "y_val": data["y_val"]}  # fmt: skip
+    model = ThreeLayerConvNet(input_dim=(1, 8, 8), num_filters=8, filter_size=3, hidden_dim=50, weight_scale=1e-2,
+                              use_batchnorm=True, seed=0, backend="numpy")  # fmt: skip
+    solver = Solver(model, small, update_rule="adam", optim_config={"learning_rate": 1e-3}, batch_size=25,
+                    num_epochs=10, verbose=False, seed=0)  # fmt: skip
+    solver.train()
+    assert solver.train_acc_history[-1] >= 0.9
+    assert solver.val_acc_history[-1] >= 0.5  # 10 classes: chance is 0.1
 
 
 @pytest.mark.parametrize(

@@ -255,6 +255,31 @@ def test_cuda_graph_training_equals_eager_training(options):
     assert graph.best_val_acc > 0.9
 
 
+@pytest.mark.parametrize("use_batchnorm", [False, True])
+def test_a_three_layer_convnet_trains_alike_under_cuda_graphs_and_eagerly(use_batchnorm):
+    """The course's conv net (with and without its batchnorm layers, whose running averages
+    move inside the captured step) on 2x4x4 images of the blobs."""
+    from xpnet.cnn import ThreeLayerConvNet
+
+    data = {k: v.reshape(-1, 2, 4, 4) if k.startswith("X") else v for k, v in blobs().items()}
+    results = []
+    for cuda_graph in (False, True):
+        model = ThreeLayerConvNet(input_dim=(2, 4, 4), num_filters=4, filter_size=3, hidden_dim=16, num_classes=5,
+                                  weight_scale=0.1, use_batchnorm=use_batchnorm, seed=0, backend=CUPY)  # fmt: skip
+        solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 1e-2}, batch_size=50,
+                        num_epochs=3, seed=7, verbose=False, cuda_graph=cuda_graph)  # fmt: skip
+        solver.train()
+        results.append(solver)
+    eager, graph = results
+    np.testing.assert_allclose(graph.loss_history, eager.loss_history, rtol=1e-5)
+    for name, value in eager.model.params.items():
+        np.testing.assert_allclose(to_numpy(graph.model.params[name]), to_numpy(value), rtol=1e-4, atol=1e-5)
+    for ours, theirs in zip(graph.model.bn_params, eager.model.bn_params, strict=True):
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_allclose(to_numpy(ours[key]), to_numpy(theirs[key]), rtol=1e-4, atol=1e-6)
+    assert graph.best_val_acc > 0.9
+
+
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_training_steps_never_synchronise(cuda_graph):
     import cupyx

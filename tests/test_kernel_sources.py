@@ -737,6 +737,27 @@ def test_fast_conv_net_gives_the_same_loss_and_gradients_through_the_fused_kerne
     assert any(out is not None for out in applied) == direct  # the whitening conv ran without columns
 
 
+def test_three_layer_convnet_with_batchnorm_gives_the_same_loss_gradients_and_scores_through_the_fused_kernels(
+    kernels, monkeypatch
+):
+    """The course's net with batchnorm: spatial batchnorm, the pool and the convolution fused,
+    in training mode (the loss and gradients) and in test mode (the scores, from the running
+    averages the training pass left)."""
+    from xpnet.cnn import ThreeLayerConvNet
+
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((5, 3, 8, 8)), rng.integers(0, 10, 5)
+
+    def run():
+        model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=6, weight_scale=0.3,
+                                  dtype="float64", use_batchnorm=True, seed=0, backend="numpy")  # fmt: skip
+        loss, grads = model.loss(X, y)
+        return (loss, *[grads[name] for name in sorted(grads)], model.loss(X))
+
+    fused = ["im2col", "max_pool_forward", "max_pool_backward", "spatial_batchnorm_train", "spatial_batchnorm_apply"]
+    assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), np.float64)
+
+
 def test_the_published_fast_conv_net_gives_the_same_loss_and_gradients_with_every_switch_on(kernels, monkeypatch):
     """At the published widths (64, 256, 256), two images: grids of hundreds of blocks, planes
     of 961 down to 9 values a warp each, 256 channels' totals, through the direct kernels and

@@ -7,7 +7,16 @@ import math
 
 from .conv_common import channel_sum
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
-from .layer_utils import affine_relu_backward, affine_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward
+from .layer_utils import (
+    affine_norm_relu_dropout_backward,
+    affine_norm_relu_dropout_forward,
+    affine_relu_backward,
+    affine_relu_forward,
+    conv_bn_relu_pool_backward,
+    conv_bn_relu_pool_forward,
+    conv_relu_pool_backward,
+    conv_relu_pool_forward,
+)
 from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
 from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int
 from .precision import narrowed
@@ -17,11 +26,12 @@ __all__ = ["ThreeLayerConvNet", "FastConvNet"]
 
 
 class ThreeLayerConvNet(Model):
-    """conv - relu - 2x2 max pool - affine - relu - affine - softmax.
+    """conv - [spatial batchnorm] - relu - 2x2 max pool - affine - [batchnorm] - relu - affine - softmax.
 
     The convolution keeps the spatial size (stride 1, pad (filter_size - 1) // 2, so
     an odd filter size), and the pool halves it. Parameters: W1 (F, C, HH, WW), b1 (F,),
-    W2 (F·H/2·W/2, hidden_dim), b2 (hidden_dim,), W3 (hidden_dim, num_classes), b3.
+    W2 (F·H/2·W/2, hidden_dim), b2 (hidden_dim,), W3 (hidden_dim, num_classes), b3; with
+    batchnorm also gamma1, beta1 (F,) and gamma2, beta2 (hidden_dim,).
 
     Args:
         input_dim: (C, H, W) of one input; H and W even.
@@ -29,6 +39,9 @@ class ThreeLayerConvNet(Model):
         num_classes: C_out; weight_scale: std of the normal initial weights (biases 0).
         reg: L2 strength; the loss adds 0.5 * reg * sum of squared weights.
         dtype: "float32" (default, as in the course) or "float64".
+        use_batchnorm: batchnorm after the convolution (spatial) and after the hidden affine
+            layer, as the ECE C147/C247 version of this net offers; their running averages
+            live in ``self.bn_params`` and are saved with the parameters.
         seed / rng: seed or generator for the initial weights; backend: spec or Backend.
     """
 
@@ -42,6 +55,7 @@ class ThreeLayerConvNet(Model):
         weight_scale=1e-3,
         reg=0.0,
         dtype="float32",
+        use_batchnorm=False,
         seed=None,
         backend=None,
         rng=None,
@@ -74,6 +88,16 @@ class ThreeLayerConvNet(Model):
         for i, (name, shape) in enumerate(shapes.items(), start=1):
             self.params[name] = self._weight(rng, shape, weight_scale)
             self.params[f"b{i}"] = self._zeros(shape[0] if i == 1 else shape[1])
+        self.use_batchnorm = bool(use_batchnorm)
+        self.bn_params = []  # the running averages of the two batchnorm layers, when there are any
+        if self.use_batchnorm:
+            for i, size in enumerate((num_filters, hidden_dim), start=1):
+                self.params[f"gamma{i}"] = self._ones(size)
+                self.params[f"beta{i}"] = self._zeros(size)
+            self.bn_params = [{"mode": "train"}, {"mode": "train"}]
+
+    def buffers(self):
+        return self.bn_params
 
     @property
     def graph_key(self) -> tuple:
@@ -89,8 +113,18 @@ class ThreeLayerConvNet(Model):
         if tuple(X.shape[1:]) != self.input_dim:
             raise ValueError(f"ThreeLayerConvNet: inputs must be (N, *{self.input_dim}), got {tuple(X.shape)}")
         p = self.params
-        pooled, cache1 = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param, self.pool_param)
-        hidden, cache2 = affine_relu_forward(pooled, p["W2"], p["b2"])
+        if self.use_batchnorm:
+            for bn_param in self.bn_params:
+                bn_param["mode"] = "test" if y is None else "train"
+            pooled, cache1 = conv_bn_relu_pool_forward(
+                X, p["W1"], p["b1"], p["gamma1"], p["beta1"], self.conv_param, self.bn_params[0], self.pool_param
+            )
+            hidden, cache2 = affine_norm_relu_dropout_forward(
+                pooled, p["W2"], p["b2"], p["gamma2"], p["beta2"], self.bn_params[1], "batchnorm"
+            )
+        else:
+            pooled, cache1 = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param, self.pool_param)
+            hidden, cache2 = affine_relu_forward(pooled, p["W2"], p["b2"])
         scores, cache3 = affine_forward(hidden, p["W3"], p["b3"])
         if y is None:
             return scores
@@ -98,8 +132,16 @@ class ThreeLayerConvNet(Model):
         loss, dscores = softmax_loss(scores, self.prepare_labels(y))
         grads = {}
         dhidden, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, cache2)
-        _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dpooled, cache1, input_grad=False)
+        if self.use_batchnorm:
+            dpooled, grads["W2"], grads["b2"], grads["gamma2"], grads["beta2"] = affine_norm_relu_dropout_backward(
+                dhidden, cache2
+            )
+            _, grads["W1"], grads["b1"], grads["gamma1"], grads["beta1"] = conv_bn_relu_pool_backward(
+                dpooled, cache1, input_grad=False
+            )
+        else:
+            dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, cache2)
+            _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dpooled, cache1, input_grad=False)
         return self._add_l2(loss, grads, ("W1", "W2", "W3"), self.reg)
 
 

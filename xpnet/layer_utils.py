@@ -40,6 +40,8 @@ __all__ = [
     "conv_relu_pool_backward",
     "conv_bn_relu_forward",
     "conv_bn_relu_backward",
+    "conv_bn_relu_pool_forward",
+    "conv_bn_relu_pool_backward",
 ]
 
 NORMALIZATIONS = (None, "batchnorm", "layernorm")
@@ -197,3 +199,19 @@ def conv_bn_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) ->
     dnormed, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = conv_backward_fast(dnormed, conv_cache, input_grad)
     return dx, dw, db, dgamma, dbeta
+
+
+def conv_bn_relu_pool_forward(
+    x: Array, w: Array, b: Array, gamma: Array, beta: Array, conv_param: dict, bn_param: dict, pool_param: dict
+) -> tuple[Array, Cache]:
+    """Convolution, spatial batchnorm (gamma, beta (F,)), ReLU, then max pooling: x (N, C, H, W) -> (N, F, H'', W'')."""
+    a, bn_relu_cache = conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param)
+    out, pool_cache = max_pool_forward_fast(a, pool_param)
+    return out, (bn_relu_cache, pool_cache)
+
+
+def conv_bn_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
+    """Backward pass of :func:`conv_bn_relu_pool_forward`: (dx, dw, db, dgamma, dbeta); dx is None
+    when ``input_grad`` is False."""
+    bn_relu_cache, pool_cache = cache
+    return conv_bn_relu_backward(max_pool_backward_fast(dout, pool_cache), bn_relu_cache, input_grad)
