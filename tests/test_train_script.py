@@ -85,7 +85,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "twolayer", "--hidden-dims", "10", "10"], "one hidden size"),
         (["--cuda-graph"], "needs the cupy backend"),
         (["--model", "cnn", "--dropout", "0.2"], "--dropout does not apply to --model cnn"),
-        (["--model", "cnn", "--normalization", "batchnorm"], "--normalization does not apply to --model cnn"),
+        (["--model", "cnn", "--normalization", "layernorm"], "--model cnn normalises with batchnorm only"),
         (["--model", "fc", "--num-filters", "8"], "--num-filters does not apply to --model fc"),
         (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
         (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
@@ -164,6 +164,25 @@ def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):
     assert float(out.split("test acc: ")[1].split()[0]) > 0.8
     assert train([*args[:2], "--epochs", "5", *args[4:], "--resume", str(ckpt / "digits_cnn_epoch_4.npz")]) == 0
     assert "for 5 epochs" in capsys.readouterr().out
+
+
+def test_cnn_with_batchnorm_trains_on_digit_images_and_its_checkpoint_keeps_the_running_averages(
+    train, tmp_path, capsys
+):
+    ckpt = tmp_path / "ck"
+    args = ["--model", "cnn", "--normalization", "batchnorm", "--epochs", "3", "--num-filters", "8", "--filter-size",
+            "3", "--quiet"]  # fmt: skip
+    assert train([*args, "--checkpoint-dir", str(ckpt)]) == 0
+    assert float(capsys.readouterr().out.split("test acc: ")[1].split()[0]) > 0.8
+    from xpnet.checkpoint import load_checkpoint
+
+    state = load_checkpoint(ckpt / "digits_cnn_epoch_3.npz")["model"]
+    assert {"gamma1", "beta1", "gamma2", "beta2"} <= set(state["params"])
+    assert [sorted(layer) for layer in state["buffers"]] == [["mode", "running_mean", "running_var"]] * 2
+    without = [a for a in args if a not in ("--normalization", "batchnorm")]
+    with pytest.raises(SystemExit) as info:  # a net without batchnorm cannot take these parameters
+        train([*without, "--resume", str(ckpt / "digits_cnn_epoch_3.npz")])
+    assert info.value.code == 2 and "gamma1" in capsys.readouterr().err
 
 
 def test_the_fast94_recipe_runs_from_the_command_line(train, tmp_path, capsys, monkeypatch):

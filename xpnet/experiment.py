@@ -96,6 +96,8 @@ def build_model(args, data, backend):
     """The network ``args.model`` describes, for the samples in ``data``, on ``backend``."""
     rng = backend.rng(args.seed)  # the initial weights; the Solver seeds its own generators
     if args.model == "cnn":
+        if args.normalization not in (None, "batchnorm"):
+            raise ValueError(f"--model cnn normalises with batchnorm only, not {args.normalization}")
         return ThreeLayerConvNet(
             input_dim=tuple(data["X_train"].shape[1:]),
             num_filters=args.num_filters,
@@ -103,6 +105,7 @@ def build_model(args, data, backend):
             hidden_dim=args.hidden_dims[0],
             weight_scale=args.weight_scale,
             reg=args.reg,
+            use_batchnorm=args.normalization == "batchnorm",
             backend=backend,
             rng=rng,
         )

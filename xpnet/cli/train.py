@@ -23,7 +23,7 @@ from xpnet.experiment import MODELS, UPDATE_RULES, apply_defaults, build_model, 
 
 # Defaults that work well for each data set (a flag on the command line wins).
 CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"}
-FC_ONLY_FLAGS = {"normalization": "--normalization", "dropout": "--dropout"}
+FC_ONLY_FLAGS = {"dropout": "--dropout"}
 
 
 def positive_float(text):
@@ -104,7 +104,9 @@ def build_parser():
         help="hidden layer sizes; one for twolayer and cnn (default: 100 digits, 200 CIFAR-10, 500 cnn CIFAR-10)",
     )
     p.add_argument(
-        "--normalization", choices=["batchnorm", "layernorm"], help="normalisation of the hidden layers (default: none)"
+        "--normalization",
+        choices=["batchnorm", "layernorm"],
+        help="normalisation of the hidden layers; --model cnn: batchnorm, after its convolution too (default: none)",
     )
     p.add_argument("--dropout", type=dropout_probability, help="probability of dropping a unit (default: 0)")
     p.add_argument(
@@ -190,6 +192,8 @@ def check_flags_apply(args):
     for key, flag in only.items():
         if getattr(args, key):
             raise UsageError(f"{flag} does not apply to --model {args.model}")
+    if args.model == "cnn" and args.normalization not in (None, "batchnorm"):
+        raise UsageError(f"--model cnn normalises with batchnorm only, not --normalization {args.normalization}")
     if args.model in ("twolayer", "cnn") and args.hidden_dims is not None and len(args.hidden_dims) != 1:
         raise UsageError(f"--model {args.model} takes one hidden size, got --hidden-dims {args.hidden_dims}")
 
