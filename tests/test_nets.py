@@ -199,6 +199,23 @@ def test_seed_makes_initialisation_and_dropout_reproducible(backend, np_rng):
     assert losses[0] == losses[1]
 
 
+def test_dropout_keep_ratio_is_one_minus_the_dropout_probability(backend, np_rng):
+    """The course's newer keyword: keeping 3/4 of the units is dropping 1/4, mask for mask."""
+    X, y = data(backend, np_rng, 6, 5, 3)
+    options = dict(input_dim=5, num_classes=3, seed=11, dtype="float64", weight_scale=0.5, backend=backend)
+    kept = xpnet.FullyConnectedNet([9], dropout_keep_ratio=0.75, **options)
+    dropped = xpnet.FullyConnectedNet([9], dropout=0.25, **options)
+    assert kept.use_dropout and kept.dropout_param["p"] == 0.25
+    (loss_kept, grads_kept), (loss_dropped, grads_dropped) = kept.loss(X, y), dropped.loss(X, y)
+    assert float(loss_kept) == float(loss_dropped)
+    for name in grads_kept:
+        np.testing.assert_array_equal(to_np(grads_kept[name]), to_np(grads_dropped[name]))
+    plain = xpnet.FullyConnectedNet([9], **options)
+    everything = xpnet.FullyConnectedNet([9], dropout_keep_ratio=1, **options)
+    assert not everything.use_dropout and float(everything.loss(X, y)[0]) == float(plain.loss(X, y)[0])
+    assert float(loss_kept) != float(plain.loss(X, y)[0])  # some units were dropped
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.float64])
 def test_dtype_options(backend, dtype):
     model = xpnet.FullyConnectedNet([3], input_dim=2, num_classes=2, dtype=dtype, backend=backend)
@@ -215,6 +232,9 @@ def test_dtype_options(backend, dtype):
         (dict(hidden_dims=[10, -3]), "positive integer"),
         (dict(hidden_dims=[10], dropout=1.0), r"must be in \[0, 1\)"),
         (dict(hidden_dims=[10], dropout=-0.2), r"must be in \[0, 1\)"),
+        (dict(hidden_dims=[10], dropout_keep_ratio=0), r"probability of keeping a unit and must be in \(0, 1\]"),
+        (dict(hidden_dims=[10], dropout_keep_ratio=1.5), r"probability of keeping a unit and must be in \(0, 1\]"),
+        (dict(hidden_dims=[10], dropout=0.5, dropout_keep_ratio=0.5), "not both"),
         (dict(hidden_dims=[10], normalization="groupnorm"), "unknown normalization 'groupnorm'"),
         (dict(hidden_dims=[10], dtype="int32"), "float32 or float64"),
         (dict(hidden_dims=[10], input_dim=0), "input_dim"),

@@ -8,7 +8,15 @@ from .layer_utils import (
     affine_norm_relu_dropout_forward,
 )
 from .layers import affine_backward, affine_forward, softmax_loss
-from .model import Model, check_dropout, check_finite, check_hidden_dims, check_num_classes, check_positive_int
+from .model import (
+    Model,
+    check_dropout,
+    check_finite,
+    check_hidden_dims,
+    check_keep_ratio,
+    check_num_classes,
+    check_positive_int,
+)
 
 __all__ = ["FullyConnectedNet", "TwoLayerNet"]
 
@@ -24,6 +32,8 @@ class FullyConnectedNet(Model):
         input_dim: D, the size of one flattened input.
         num_classes: C.
         dropout: probability of dropping a hidden unit, in [0, 1); 0 disables dropout.
+        dropout_keep_ratio: the probability of keeping a unit instead, in (0, 1] (1 disables
+            dropout), as recent versions of the course name it; give this or ``dropout``.
         use_batchnorm: shorthand for ``normalization="batchnorm"``.
         normalization: None, "batchnorm" or "layernorm".
         reg: L2 strength; the loss adds 0.5 * reg * sum of squared weights
@@ -52,9 +62,16 @@ class FullyConnectedNet(Model):
         seed=None,
         backend=None,
         rng=None,
+        dropout_keep_ratio=None,
     ):
         super().__init__(backend, dtype)
         hidden_dims = check_hidden_dims(hidden_dims)
+        if dropout_keep_ratio is not None:
+            if dropout:
+                raise ValueError(
+                    "give dropout (the probability of dropping a unit) or dropout_keep_ratio (of keeping it), not both"
+                )
+            dropout = 1.0 - check_keep_ratio(dropout_keep_ratio)
         check_positive_int("input_dim", input_dim)
         check_num_classes(num_classes)
         check_finite("weight_scale", weight_scale, minimum=0)

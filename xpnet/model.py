@@ -214,6 +214,15 @@ def check_hidden_dims(hidden_dims) -> list:
     return [check_positive_int("each hidden layer size", d) for d in dims]
 
 
+def check_keep_ratio(keep_ratio) -> float:
+    """The probability of keeping a unit, or ValueError when it is outside (0, 1]."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(
+            f"dropout_keep_ratio is the probability of keeping a unit and must be in (0, 1], got {keep_ratio!r}"
+        )
+    return float(keep_ratio)
+
+
 def check_dropout(dropout) -> float:
     """The dropout probability, or ValueError when it is outside [0, 1)."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
