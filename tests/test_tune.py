@@ -183,6 +183,27 @@ def test_sweep_in_process_on_digits(tmp_path, capsys):
     assert len(study_of(out).trials) == 4
 
 
+def test_a_grid_sweep_runs_each_point_once_and_ends_cleanly(tmp_path, capsys):
+    """Optuna's grid sampler asks the study to stop once its last point is told, which the
+    ask-and-tell loop must take as the end of the grid; trials beyond the grid are not run."""
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    space = ["--space", "model=cnn", "--space", "normalization=choice(none,batchnorm,layernorm)", "--space",
+             "hidden_dims=choice(20,50)", "--space", "epochs=2", "--space", "num_filters=4", "--space", "filter_size=3"]  # fmt: skip
+    assert main(["--trials", "8", "--out", str(out), "--sampler", "grid", "--pruner", "none", *space]) == 0
+    printed = capsys.readouterr().out
+    assert "the grid has 6 points: 6 trials, not 8" in printed
+    trials = study_of(out).trials
+    points = sorted((t.params["normalization"], t.params["hidden_dims"]) for t in trials)
+    assert points == sorted((n, h) for n in ("none", "batchnorm", "layernorm") for h in (20, 50))
+    states = {(t.params["normalization"], t.state.name) for t in trials}
+    assert states == {("none", "COMPLETE"), ("batchnorm", "COMPLETE"), ("layernorm", "FAIL")}
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert all("batchnorm only" in t.user_attrs["error"] for t in failed)  # a cnn takes no layernorm, by name
+    assert printed.strip().splitlines()[-1].startswith("best val acc: ")
+
+
 def run_sweep_command(out, trials, workers, epochs):
     args = [sys.executable, str(SWEEP), "--trials", str(trials), "--out", str(out), "--pruner", "none",
             "--space", "lr=loguniform(1e-3,1e-2)", "--space", "hidden_dims=choice(20,50)", "--space", f"epochs={epochs}"]  # fmt: skip

@@ -9,7 +9,16 @@ import warnings
 
 import numpy as np
 
-__all__ = ["storage_for", "make_sampler", "make_pruner", "load_study", "open_study", "recover_stale_trials", "counts"]
+__all__ = [
+    "storage_for",
+    "make_sampler",
+    "make_pruner",
+    "load_study",
+    "open_study",
+    "recover_stale_trials",
+    "counts",
+    "tell",
+]
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
@@ -29,16 +38,18 @@ def storage_for(spec: str):
 
 def make_sampler(kind: str, seed: int, n_trials_so_far: int, space_grid=None):
     """A sampler whose seed depends on how far the study is, so parallel workers and
-    restarted commands do not repeat each other's random proposals."""
+    restarted commands do not repeat each other's random proposals; except the grid
+    sampler's: it names a grid point by its place in the grid, which it shuffles by its
+    seed, so every sampler of a sweep must shuffle alike (the sweep's seed)."""
     import optuna
 
+    if kind == "grid":
+        return optuna.samplers.GridSampler(space_grid, seed=seed)
     seed = int(np.random.SeedSequence([seed, n_trials_so_far, os.getpid()]).generate_state(1)[0])
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "grid":
-        return optuna.samplers.GridSampler(space_grid, seed=seed)
     raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
 
 
@@ -89,6 +100,18 @@ def load_study(task: dict):
     return optuna.load_study(
         study_name=task["study_name"], storage=storage, sampler=sampler, pruner=make_pruner(task["pruner"])
     )
+
+
+def tell(study, trial, value=None, state=None) -> None:
+    """``study.tell``, for which the end of a grid is no error. Optuna's GridSampler asks the
+    study to stop once every grid point has been asked for, and outside ``study.optimize`` (the
+    ask-and-tell use here) that raises a RuntimeError, after the trial's result is stored. The
+    sweep counts its trials itself and never asks for more than the grid holds."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def recover_stale_trials(study) -> list:

@@ -9,6 +9,7 @@ parameters come back to the command, which writes every output.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -140,6 +141,12 @@ def run_sweep(config: SweepConfig) -> dict:
     say = print if config.verbose else (lambda *a, **k: None)
     if stale:
         say(f"trials {stale} were left running by an earlier command: marked failed, and run again")
+    trials = config.trials
+    if config.sampler == "grid":
+        points = math.prod(len(values) for values in config.space.grid().values())
+        if trials > points:  # more would run grid points again
+            say(f"the grid has {points} points: {points} trials, not {trials}")
+            trials = points
     best_path = os.path.join(config.out, "best_model.npz")
     best = load_checkpoint(best_path)["value"] if os.path.exists(best_path) else None
     executor = _executor(config)
@@ -147,7 +154,7 @@ def run_sweep(config: SweepConfig) -> dict:
     try:
         while True:
             finished = counts(study)["finished"]
-            while finished + len(pending) < config.trials and len(pending) < executor.capacity:
+            while finished + len(pending) < trials and len(pending) < executor.capacity:
                 pending.append(executor.submit(task))
             if not pending:
                 break

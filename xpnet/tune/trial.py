@@ -17,7 +17,7 @@ from ..experiment import Experiment, apply_defaults, build_model, load_data, mak
 from ..model import model_state
 from ..training import Callback
 from .space import SearchSpace
-from .study import load_study
+from .study import load_study, tell
 
 __all__ = ["run_trial"]
 
@@ -100,7 +100,7 @@ def run_trial(task: dict) -> dict:
         if solver.diverged:
             raise FloatingPointError(solver.diverged)
         if reporter.pruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            tell(study, trial, state=optuna.trial.TrialState.PRUNED)
             return {**result, "state": "PRUNED", "value": solver.best_val_acc}
         value = float(solver.best_val_acc)
         if not math.isfinite(value):
@@ -108,9 +108,9 @@ def run_trial(task: dict) -> dict:
     except Exception as exc:  # a failed trial is recorded, and the sweep goes on
         message = f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("error", message[:2000])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        tell(study, trial, state=optuna.trial.TrialState.FAIL)
         return {**result, "state": "FAIL", "error": message}
-    study.tell(trial, value)
+    tell(study, trial, value)
     state = model_state(model, backend)
     return {
         **result,
