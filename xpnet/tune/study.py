@@ -47,7 +47,9 @@ def make_sampler(kind: str, seed: int, n_trials_so_far: int, space_grid=None):
         return optuna.samplers.GridSampler(space_grid, seed=seed)
     seed = int(np.random.SeedSequence([seed, n_trials_so_far, os.getpid()]).generate_state(1)[0])
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # Trials still running count as poor ones, so concurrent workers do not all propose the
+        # same point (the default from Optuna 5, set here for Optuna 4 too).
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
