@@ -86,6 +86,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--cuda-graph"], "needs the cupy backend"),
         (["--model", "cnn", "--dropout", "0.2"], "--dropout does not apply to --model cnn"),
         (["--model", "cnn", "--normalization", "layernorm"], "--model cnn normalises with batchnorm only"),
+        (["--model", "twolayer", "--normalization", "batchnorm"], "--model twolayer takes no --normalization"),
         (["--model", "fc", "--num-filters", "8"], "--num-filters does not apply to --model fc"),
         (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
         (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),

@@ -204,6 +204,27 @@ def test_a_grid_sweep_runs_each_point_once_and_ends_cleanly(tmp_path, capsys):
     assert printed.strip().splitlines()[-1].startswith("best val acc: ")
 
 
+def test_a_trial_whose_model_cannot_take_its_settings_fails_by_name(tmp_path, capsys):
+    """A sweep over several models gives each trial every setting: one that the model cannot
+    honour (two hidden sizes for the conv net) fails the trial with the reason, rather than
+    training another net than the one its record names; settings a model does not have
+    (num_filters for fc) are left aside."""
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    space = ["--space", "model=choice(fc,cnn)", "--space", "hidden_dims=choice(20,20x10)", "--space", "epochs=1",
+             "--space", "num_filters=4", "--space", "filter_size=3"]  # fmt: skip
+    assert main(["--trials", "4", "--out", str(out), "--sampler", "grid", "--pruner", "none", *space]) == 0
+    trials = {(t.params["model"], t.params["hidden_dims"]): t for t in study_of(out).trials}
+    assert {key: t.state.name for key, t in trials.items()} == {
+        ("fc", 20): "COMPLETE",
+        ("fc", "20x10"): "COMPLETE",
+        ("cnn", 20): "COMPLETE",
+        ("cnn", "20x10"): "FAIL",
+    }
+    assert "--model cnn takes one hidden size, got --hidden-dims [20, 10]" in trials["cnn", "20x10"].user_attrs["error"]
+
+
 def run_sweep_command(out, trials, workers, epochs):
     args = [sys.executable, str(SWEEP), "--trials", str(trials), "--out", str(out), "--pruner", "none",
             "--space", "lr=loguniform(1e-3,1e-2)", "--space", "hidden_dims=choice(20,50)", "--space", f"epochs={epochs}"]  # fmt: skip

@@ -23,6 +23,7 @@ __all__ = [
     "CNN_DEFAULTS",
     "apply_defaults",
     "load_data",
+    "check_model_settings",
     "build_model",
     "make_solver",
 ]
@@ -92,12 +93,25 @@ def load_data(args) -> dict:
     return data_utils.get_CIFAR10_data(args.data_dir, download=args.download, **kwargs)
 
 
+def check_model_settings(args) -> None:
+    """ValueError, naming the setting, where ``args.model`` cannot be built as the settings
+    ask: xpnet-train refuses such a command before it loads data, and a sweep trial fails
+    with it. (Settings a model does not have at all, such as num_filters for fc, are the
+    command's to refuse: a sweep over several models gives every trial all of them.)"""
+    model, hidden_dims, normalization = args.model, args.hidden_dims, args.normalization
+    if model in ("twolayer", "cnn") and hidden_dims is not None and len(hidden_dims) != 1:
+        raise ValueError(f"--model {model} takes one hidden size, got --hidden-dims {list(hidden_dims)}")
+    if model == "twolayer" and normalization:
+        raise ValueError("--model twolayer takes no --normalization; use --model fc")
+    if model == "cnn" and normalization not in (None, "batchnorm"):
+        raise ValueError(f"--model cnn normalises with batchnorm only, not --normalization {normalization}")
+
+
 def build_model(args, data, backend):
     """The network ``args.model`` describes, for the samples in ``data``, on ``backend``."""
+    check_model_settings(args)
     rng = backend.rng(args.seed)  # the initial weights; the Solver seeds its own generators
     if args.model == "cnn":
-        if args.normalization not in (None, "batchnorm"):
-            raise ValueError(f"--model cnn normalises with batchnorm only, not {args.normalization}")
         return ThreeLayerConvNet(
             input_dim=tuple(data["X_train"].shape[1:]),
             num_filters=args.num_filters,
@@ -123,8 +137,6 @@ def build_model(args, data, backend):
         rng=rng,
     )
     if args.model == "twolayer":
-        if args.normalization:
-            raise ValueError("--model twolayer takes no --normalization; use --model fc")
         return TwoLayerNet(hidden_dims=args.hidden_dims[0], **common)
     return FullyConnectedNet(args.hidden_dims, normalization=args.normalization, **common)
 

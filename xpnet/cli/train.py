@@ -19,7 +19,15 @@ import xpnet
 from xpnet import data_utils
 from xpnet.cli.common import HelpFormatter, conv_paths_chosen, format_conv_paths
 from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
-from xpnet.experiment import MODELS, UPDATE_RULES, apply_defaults, build_model, load_data, make_solver
+from xpnet.experiment import (
+    MODELS,
+    UPDATE_RULES,
+    apply_defaults,
+    build_model,
+    check_model_settings,
+    load_data,
+    make_solver,
+)
 
 # Defaults that work well for each data set (a flag on the command line wins).
 CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"}
@@ -192,10 +200,10 @@ def check_flags_apply(args):
     for key, flag in only.items():
         if getattr(args, key):
             raise UsageError(f"{flag} does not apply to --model {args.model}")
-    if args.model == "cnn" and args.normalization not in (None, "batchnorm"):
-        raise UsageError(f"--model cnn normalises with batchnorm only, not --normalization {args.normalization}")
-    if args.model in ("twolayer", "cnn") and args.hidden_dims is not None and len(args.hidden_dims) != 1:
-        raise UsageError(f"--model {args.model} takes one hidden size, got --hidden-dims {args.hidden_dims}")
+    try:
+        check_model_settings(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def check_row_counts(args, validation_rows):
