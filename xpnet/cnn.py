@@ -10,8 +10,6 @@ from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backwar
 from .layer_utils import (
     affine_norm_relu_dropout_backward,
     affine_norm_relu_dropout_forward,
-    affine_relu_backward,
-    affine_relu_forward,
     conv_bn_relu_pool_backward,
     conv_bn_relu_pool_forward,
     conv_relu_pool_backward,
@@ -112,19 +110,19 @@ class ThreeLayerConvNet(Model):
         X = self.prepare_inputs(X)
         if tuple(X.shape[1:]) != self.input_dim:
             raise ValueError(f"ThreeLayerConvNet: inputs must be (N, *{self.input_dim}), got {tuple(X.shape)}")
-        p = self.params
-        if self.use_batchnorm:
-            for bn_param in self.bn_params:
-                bn_param["mode"] = "test" if y is None else "train"
+        p, bn = self.params, self.use_batchnorm
+        for bn_param in self.bn_params:
+            bn_param["mode"] = "test" if y is None else "train"
+        if bn:
             pooled, cache1 = conv_bn_relu_pool_forward(
                 X, p["W1"], p["b1"], p["gamma1"], p["beta1"], self.conv_param, self.bn_params[0], self.pool_param
             )
-            hidden, cache2 = affine_norm_relu_dropout_forward(
-                pooled, p["W2"], p["b2"], p["gamma2"], p["beta2"], self.bn_params[1], "batchnorm"
-            )
         else:
             pooled, cache1 = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param, self.pool_param)
-            hidden, cache2 = affine_relu_forward(pooled, p["W2"], p["b2"])
+        hidden, cache2 = affine_norm_relu_dropout_forward(
+            pooled, p["W2"], p["b2"], p.get("gamma2"), p.get("beta2"), self.bn_params[1] if bn else None,
+            "batchnorm" if bn else None,
+        )  # fmt: skip
         scores, cache3 = affine_forward(hidden, p["W3"], p["b3"])
         if y is None:
             return scores
@@ -132,15 +130,13 @@ class ThreeLayerConvNet(Model):
         loss, dscores = softmax_loss(scores, self.prepare_labels(y))
         grads = {}
         dhidden, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        if self.use_batchnorm:
-            dpooled, grads["W2"], grads["b2"], grads["gamma2"], grads["beta2"] = affine_norm_relu_dropout_backward(
-                dhidden, cache2
-            )
+        dpooled, grads["W2"], grads["b2"], dgamma2, dbeta2 = affine_norm_relu_dropout_backward(dhidden, cache2)
+        if bn:
+            grads["gamma2"], grads["beta2"] = dgamma2, dbeta2
             _, grads["W1"], grads["b1"], grads["gamma1"], grads["beta1"] = conv_bn_relu_pool_backward(
                 dpooled, cache1, input_grad=False
             )
         else:
-            dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, cache2)
             _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dpooled, cache1, input_grad=False)
         return self._add_l2(loss, grads, ("W1", "W2", "W3"), self.reg)
 
