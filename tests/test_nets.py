@@ -210,6 +210,8 @@ def test_dropout_keep_ratio_is_one_minus_the_dropout_probability(backend, np_rng
     assert float(loss_kept) == float(loss_dropped)
     for name in grads_kept:
         np.testing.assert_array_equal(to_np(grads_kept[name]), to_np(grads_dropped[name]))
+    assert xpnet.FullyConnectedNet([9], dropout_keep_ratio=np.float32(0.75), **options).dropout_param["p"] == 0.25
+    assert xpnet.FullyConnectedNet([9], dropout=np.float32(0.25), **options).dropout_param["p"] == 0.25
     plain = xpnet.FullyConnectedNet([9], **options)
     everything = xpnet.FullyConnectedNet([9], dropout_keep_ratio=1, **options)
     assert not everything.use_dropout and float(everything.loss(X, y)[0]) == float(plain.loss(X, y)[0])

@@ -216,7 +216,7 @@ def check_hidden_dims(hidden_dims) -> list:
 
 def check_keep_ratio(keep_ratio) -> float:
     """The probability of keeping a unit, or ValueError when it is outside (0, 1]."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
         raise ValueError(
             f"dropout_keep_ratio is the probability of keeping a unit and must be in (0, 1], got {keep_ratio!r}"
         )
@@ -225,6 +225,6 @@ def check_keep_ratio(keep_ratio) -> float:
 
 def check_dropout(dropout) -> float:
     """The dropout probability, or ValueError when it is outside [0, 1)."""
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout is the probability of dropping a unit and must be in [0, 1), got {dropout!r}")
     return float(dropout)
