@@ -174,7 +174,9 @@ def test_cnn_with_batchnorm_trains_on_digit_images_and_its_checkpoint_keeps_the_
     args = ["--model", "cnn", "--normalization", "batchnorm", "--epochs", "3", "--num-filters", "8", "--filter-size",
             "3", "--quiet"]  # fmt: skip
     assert train([*args, "--checkpoint-dir", str(ckpt)]) == 0
-    assert float(capsys.readouterr().out.split("test acc: ")[1].split()[0]) > 0.8
+    out = capsys.readouterr().out
+    assert "model: cnn [100], batchnorm" in out
+    assert float(out.split("test acc: ")[1].split()[0]) > 0.8
     from xpnet.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt / "digits_cnn_epoch_3.npz")["model"]

@@ -336,7 +336,8 @@ class Run:
             raise UsageError(str(exc)) from exc
         print(
             f"data: {args.dataset}, {data['X_train'].shape[0]} train / {data['X_val'].shape[0]} val / "
-            f"{data['X_test'].shape[0]} test; model: {args.model} {args.hidden_dims}",
+            f"{data['X_test'].shape[0]} test; model: {args.model} {args.hidden_dims}"
+            + (f", {args.normalization}" if args.normalization else ""),
             flush=True,
         )
         checkpoint_name = None
