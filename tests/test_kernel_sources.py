@@ -665,6 +665,20 @@ def test_float16_scores_take_the_reference_softmax_loss(kernels, monkeypatch):
     assert loss == ref_loss
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_fused_softmax_loss_with_a_masked_class(rng, kernels, monkeypatch, label_smoothing):
+    """Scores of -inf away from the labels: the same loss and dx as the reference (finite
+    without label smoothing, inf with it)."""
+    x = rng.standard_normal((4, 5))
+    x[[0, 1, 3], [2, 0, 4]] = -np.inf
+    y = np.array([0, 3, 1, 2])
+    fast, reference = fused_and_reference(
+        kernels, monkeypatch, lambda: layers.softmax_loss(x, y, label_smoothing), ["softmax_loss"]
+    )
+    assert np.isfinite(fast[0]) == (label_smoothing == 0)
+    assert_all_close(fast, reference, np.float64)
+
+
 def test_fused_softmax_loss_gives_nan_for_an_out_of_range_label(kernels, monkeypatch):
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     x = np.random.default_rng(0).standard_normal((4, 3))

@@ -109,6 +109,37 @@ def test_softmax_loss_of_uniform_scores_is_log_c(backend):
     assert float(loss) == pytest.approx(np.log(10), rel=1e-14)
 
 
+@pytest.mark.parametrize(
+    "loss_fn, reference",
+    [(layers.softmax_loss, reference_softmax_loss), (layers.svm_loss, reference_svm_loss)],
+)
+def test_a_masked_class_leaves_the_losses_finite(backend, np_rng, loss_fn, reference):
+    """A score of -inf (a class masked out) is a class with no chance: the loss is that of the
+    other classes, and the masked one gets no gradient (PyTorch's cross_entropy agrees)."""
+    x_np = np_rng.standard_normal((6, 5))
+    y_np = np.array([0, 1, 2, 3, 4, 0])
+    x_np[[0, 2, 4], [3, 4, 1]] = -np.inf  # never on a label
+    loss, dx = loss_fn(arr(backend, x_np), labels(backend, y_np))
+    kept = np.isfinite(x_np)
+    expected = np.mean(
+        [
+            reference(row[keep][None], [np.flatnonzero(keep).tolist().index(label)])
+            for row, keep, label in zip(x_np, kept, y_np)
+        ]
+    )
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    dx_np = to_np(dx)
+    assert np.all(dx_np[~kept] == 0) and np.all(np.isfinite(dx_np))
+    _, dx_kept = loss_fn(arr(backend, np.where(kept, x_np, -1e4)), labels(backend, y_np))  # a finite mask
+    np.testing.assert_allclose(dx_np, to_np(dx_kept), rtol=1e-12, atol=1e-300)
+
+
+def test_label_smoothing_gives_a_masked_class_an_infinite_loss(backend):
+    """With label smoothing every class has a target, so a masked class costs inf, as in PyTorch."""
+    loss, _ = layers.softmax_loss(arr(backend, [[0.0, -np.inf, 1.0]]), labels(backend, [0]), label_smoothing=0.1)
+    assert float(loss) == np.inf
+
+
 @pytest.mark.parametrize("loss_fn", [layers.softmax_loss, layers.svm_loss])
 def test_losses_reject_bad_labels(backend, loss_fn):
     x = arr(backend, np.zeros((3, 4)))

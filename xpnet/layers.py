@@ -238,7 +238,9 @@ def softmax_loss(x: Array, y: Array, label_smoothing: float = 0.0, reduction: st
     if label_smoothing:
         target = (1.0 - label_smoothing) * target + label_smoothing / c
     scale = 1.0 / n if reduction == "mean" else 1.0
-    loss = -xp.sum(log_probs * target) * scale
+    # Only classes with a target count: a score of -inf (a masked class) has log_prob -inf,
+    # and -inf · 0 would make the loss NaN where it is finite (the fused kernel skips them too).
+    loss = -xp.sum(xp.where(target != 0, log_probs, 0.0) * target) * scale
     dx = (exp_shifted / sum_exp - target) * scale
     return _nan_for_bad_labels(xp, loss, dx, y, c)
 
@@ -255,8 +257,10 @@ def svm_loss(x: Array, y: Array) -> tuple[Array, Array]:
     xp = _check_scores_and_labels("svm_loss", x, y)
     n, c = x.shape
     one_hot = _one_hot(xp, y, c, x.dtype)
-    correct = xp.sum(x * one_hot, axis=1, keepdims=True)
-    margins = xp.maximum(x - correct + 1.0, 0) * (1 - one_hot)
+    is_label = one_hot != 0
+    # Selected, not multiplied by the one-hot rows: an infinite score times 0 would be NaN.
+    correct = xp.sum(xp.where(is_label, x, 0.0), axis=1, keepdims=True)
+    margins = xp.where(is_label, 0.0, xp.maximum(x - correct + 1.0, 0))
     loss = xp.sum(margins) / n
     positive = xp.astype(margins > 0, x.dtype)
     dx = (positive - one_hot * xp.sum(positive, axis=1, keepdims=True)) / n
