@@ -72,6 +72,19 @@ def test_two_layer_net_scores_match_numpy(backend, np_rng):
     assert float(loss) == pytest.approx(data_loss + reg_loss, rel=1e-12)
 
 
+def test_two_layer_net_takes_cs231n_hidden_dim():
+    """cs231n's notebooks build it as TwoLayerNet(input_dim=D, hidden_dim=H, num_classes=C, weight_scale=std)."""
+    named = fc_net.TwoLayerNet(input_dim=7, hidden_dim=5, num_classes=3, weight_scale=0.1, seed=4)
+    reference = fc_net.TwoLayerNet(input_dim=7, hidden_dims=5, num_classes=3, weight_scale=0.1, seed=4)
+    assert named.params.keys() == reference.params.keys()
+    for name, value in reference.params.items():
+        np.testing.assert_array_equal(named.params[name], value)
+    with pytest.raises(ValueError, match="give hidden_dims or hidden_dim"):
+        fc_net.TwoLayerNet(hidden_dims=50, hidden_dim=60)
+    with pytest.raises(ValueError, match="positive integer"):
+        fc_net.TwoLayerNet(hidden_dim=0)
+
+
 @pytest.mark.parametrize("reg", [0.0, 0.7])
 def test_two_layer_net_gradients(backend, np_rng, reg):
     model = xpnet.TwoLayerNet(

@@ -167,11 +167,13 @@ class TwoLayerNet(FullyConnectedNet):
     """affine - relu - [dropout] - affine - softmax, with W1 (D, H), b1 (H,), W2 (H, C), b2 (C,).
 
     Args:
-        input_dim: D; hidden_dims: H (the course's name for the hidden size);
+        input_dim: D; hidden_dims: H (ECE C147/C247's name for the hidden size);
         num_classes: C; dropout: probability of dropping a hidden unit;
         weight_scale: std of the weights' normal initialisation;
         reg: L2 strength; dtype: "float64" by default, as in the course code;
         seed: seeds the initialisation; backend: spec or Backend.
+        hidden_dim: H under cs231n's name, so that ``TwoLayerNet(input_dim=D, hidden_dim=H, ...)``
+            ports as it stands; give this or ``hidden_dims``.
     """
 
     def __init__(
@@ -186,7 +188,15 @@ class TwoLayerNet(FullyConnectedNet):
         seed=None,
         backend=None,
         rng=None,
+        hidden_dim=None,
     ):
+        if hidden_dim is not None:
+            if hidden_dims != 100:  # not its default: both were given
+                raise ValueError(
+                    f"give hidden_dims or hidden_dim (the same setting), not both: "
+                    f"hidden_dims={hidden_dims!r}, hidden_dim={hidden_dim!r}"
+                )
+            hidden_dims = hidden_dim
         if not isinstance(hidden_dims, int):
             dims = list(hidden_dims)
             if len(dims) != 1:
