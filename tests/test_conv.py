@@ -183,6 +183,25 @@ def test_conv_refuses_what_cannot_be_right(forward, x_shape, w_shape, param, mes
         forward(x, w, b, param)
 
 
+def test_numpy_integers_set_strides_pads_pools_and_groups(np_rng):
+    """Parameters computed with NumPy (np.int64) are integers like Python's; NumPy bools are not."""
+    x, w, b = np_rng.standard_normal((2, 4, 6, 6)), np_rng.standard_normal((3, 4, 3, 3)), np_rng.standard_normal(3)
+    i = np.int64
+    for forward in (layers.conv_forward_naive, fast_layers.conv_forward_fast):
+        out, _ = forward(x, w, b, {"stride": i(1), "pad": i(1)})
+        np.testing.assert_array_equal(out, forward(x, w, b, {"stride": 1, "pad": 1})[0])
+        with pytest.raises(ValueError, match=r"conv_param\['pad'\] must be a non-negative integer, got np.True_"):
+            forward(x, w, b, {"stride": 1, "pad": np.True_})
+    for forward in (layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast):
+        out, _ = forward(x, {"pool_height": i(2), "pool_width": i(2), "stride": i(2)})
+        np.testing.assert_array_equal(out, forward(x, {"pool_height": 2, "pool_width": 2, "stride": 2})[0])
+    gamma, beta = np.ones((1, 4, 1, 1)), np.zeros((1, 4, 1, 1))
+    out, _ = layers.spatial_groupnorm_forward(x, gamma, beta, i(2), {})
+    np.testing.assert_array_equal(out, layers.spatial_groupnorm_forward(x, gamma, beta, 2, {})[0])
+    with pytest.raises(ValueError, match="G = True groups"):
+        layers.spatial_groupnorm_forward(x, gamma, beta, True, {})
+
+
 # ----------------------------------------------------------------------------- max pooling
 POOLS = [
     ((2, 3, 4, 4), 2, 2, 2),

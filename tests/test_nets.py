@@ -8,6 +8,7 @@ from helpers import to_np
 import xpnet
 from xpnet import fc_net, neural_net
 from xpnet.backend import backend_of
+from xpnet.cnn import ThreeLayerConvNet
 from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
 
 
@@ -229,6 +230,29 @@ def test_dropout_keep_ratio_is_one_minus_the_dropout_probability(backend, np_rng
     everything = xpnet.FullyConnectedNet([9], dropout_keep_ratio=1, **options)
     assert not everything.use_dropout and float(everything.loss(X, y)[0]) == float(plain.loss(X, y)[0])
     assert float(loss_kept) != float(plain.loss(X, y)[0])  # some units were dropped
+
+
+def test_numpy_integers_size_the_nets_as_python_ints_do():
+    """A course's search loop draws sizes with np.random.choice: np.int64 is an integer like any."""
+    i = np.int64
+    pairs = [
+        (fc_net.TwoLayerNet(input_dim=i(6), hidden_dims=i(5), num_classes=i(3), seed=0), fc_net.TwoLayerNet(6, 5, 3, seed=0)),
+        (fc_net.TwoLayerNet(input_dim=6, hidden_dim=i(5), num_classes=3, seed=0), fc_net.TwoLayerNet(6, 5, 3, seed=0)),
+        (xpnet.FullyConnectedNet(np.array([5, 4]), input_dim=i(6), num_classes=i(3), seed=0),
+         xpnet.FullyConnectedNet([5, 4], input_dim=6, num_classes=3, seed=0)),
+        (ThreeLayerConvNet((i(1), i(4), i(4)), num_filters=i(2), filter_size=i(3), hidden_dim=i(5), num_classes=i(3), seed=0),
+         ThreeLayerConvNet((1, 4, 4), num_filters=2, filter_size=3, hidden_dim=5, num_classes=3, seed=0)),
+        (neural_net.TwoLayerNet(i(6), i(5), i(3), seed=0), neural_net.TwoLayerNet(6, 5, 3, seed=0)),
+    ]  # fmt: skip
+    for numpy_sized, python_sized in pairs:
+        assert numpy_sized.params.keys() == python_sized.params.keys()
+        for name, value in python_sized.params.items():
+            np.testing.assert_array_equal(numpy_sized.params[name], value)
+        assert type(numpy_sized.num_classes) is int and type(numpy_sized.input_dim) in (int, tuple)
+    assert type(pairs[3][0].conv_param["pad"]) is int
+    for flag in (True, np.True_):  # a bool is not a size
+        with pytest.raises(ValueError, match="hidden_dims must be a positive integer or a list of them"):
+            fc_net.TwoLayerNet(hidden_dims=flag)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.float64])

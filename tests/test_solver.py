@@ -179,6 +179,23 @@ def test_checkpoint_moves_between_backends(tmp_path):
     assert other.epoch == 3
 
 
+def test_numpy_integer_settings_train_and_checkpoint_as_python_ints(tmp_path):
+    """batch_size=np.int64(20) from a search loop trains as 20 and goes into the checkpoint's JSON."""
+    data = small_data()
+    options = dict(update_rule="sgd", verbose=False, seed=0, checkpoint_name=str(tmp_path / "run"))
+    numpy_set = Solver(
+        small_model("numpy"), data, batch_size=np.int64(20), num_epochs=np.int64(2), print_every=np.int64(3), **options
+    )
+    numpy_set.train()
+    python_set = Solver(
+        small_model("numpy"), data, batch_size=20, num_epochs=2, print_every=3, **{**options, "checkpoint_name": None}
+    )
+    python_set.train()
+    assert numpy_set.loss_history == python_set.loss_history
+    settings = load_checkpoint(tmp_path / "run_epoch_2.npz")["settings"]
+    assert (settings["batch_size"], settings["num_epochs"]) == (20, 2) and type(settings["batch_size"]) is int
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     data = small_data()
     solver = Solver(

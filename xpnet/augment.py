@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .array_types import Array
 from .backend import backend_of, namespace
+from .input_checks import as_int
 
 __all__ = [
     "reflect_pad",
@@ -155,8 +156,9 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
         raise ValueError(f"tta_scores: level must be 0, 1 or 2, got {level!r}")
     if batch_size is None:
         batch_size = 2000 if backend_of(images).is_gpu else 100
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if as_int(batch_size) is None or batch_size < 1:
         raise ValueError(f"tta_scores: batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = as_int(batch_size)
     xp = namespace(images)
 
     def mirrored(x):

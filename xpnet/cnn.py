@@ -64,11 +64,12 @@ class ThreeLayerConvNet(Model):
             raise ValueError(
                 f"ThreeLayerConvNet: the 2x2 pool needs an even height and width, got input_dim {input_dim!r}"
             )
-        check_positive_int("num_filters", num_filters)
-        check_positive_int("hidden_dim", hidden_dim)
-        if check_positive_int("filter_size", filter_size) % 2 == 0:
+        num_filters = check_positive_int("num_filters", num_filters)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        filter_size = check_positive_int("filter_size", filter_size)
+        if filter_size % 2 == 0:
             raise ValueError(f"filter_size must be odd so the convolution keeps the size, got {filter_size}")
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         self.weight_scale = check_finite("weight_scale", weight_scale, minimum=0)
         self.reg = check_finite("reg", reg, minimum=0)
         self.input_dim = (channels, height, width)

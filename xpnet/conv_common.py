@@ -11,7 +11,7 @@ from array_api_compat import device
 
 from .array_types import Array
 from .backend import accelerated
-from .input_checks import check_param_keys, layer_namespace
+from .input_checks import as_int, check_param_keys, layer_namespace
 
 __all__ = [
     "conv_geometry",
@@ -25,9 +25,10 @@ __all__ = [
 
 
 def _positive_int(function, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    number = as_int(value)
+    if number is None or number <= 0:
         raise ValueError(f"{function}: {name} must be a positive integer, got {value!r}")
-    return value
+    return number
 
 
 def _tiles(function, what, size, kernel, stride, shape_text, drop_remainder=False, hint=""):
@@ -62,9 +63,9 @@ def conv_geometry(function: str, x: Array, w: Array, b: Array, conv_param: dict)
         raise ValueError(f"{function}: empty batch, x has shape {tuple(x.shape)}")
     check_param_keys(function, "conv_param", conv_param, ("stride", "pad"))
     stride = _positive_int(function, "conv_param['stride']", conv_param.get("stride", 1))
-    pad = conv_param.get("pad", 0)
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"{function}: conv_param['pad'] must be a non-negative integer, got {pad!r}")
+    pad = as_int(conv_param.get("pad", 0))
+    if pad is None or pad < 0:
+        raise ValueError(f"{function}: conv_param['pad'] must be a non-negative integer, got {conv_param.get('pad')!r}")
     text = f"x {tuple(x.shape)}, w {tuple(w.shape)}, stride {stride}, pad {pad}"
     h_out = _tiles(function, "kernel height", x.shape[2] + 2 * pad, w.shape[2], stride, text)
     w_out = _tiles(function, "kernel width", x.shape[3] + 2 * pad, w.shape[3], stride, text)

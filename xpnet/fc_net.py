@@ -72,8 +72,8 @@ class FullyConnectedNet(Model):
                     "give dropout (the probability of dropping a unit) or dropout_keep_ratio (of keeping it), not both"
                 )
             dropout = 1.0 - check_keep_ratio(dropout_keep_ratio)
-        check_positive_int("input_dim", input_dim)
-        check_num_classes(num_classes)
+        input_dim = check_positive_int("input_dim", input_dim)
+        num_classes = check_num_classes(num_classes)
         check_finite("weight_scale", weight_scale, minimum=0)
         check_finite("reg", reg, minimum=0)
         if use_batchnorm:
@@ -197,13 +197,11 @@ class TwoLayerNet(FullyConnectedNet):
                     f"hidden_dims={hidden_dims!r}, hidden_dim={hidden_dim!r}"
                 )
             hidden_dims = hidden_dim
-        if not isinstance(hidden_dims, int):
-            dims = list(hidden_dims)
-            if len(dims) != 1:
-                raise ValueError(f"TwoLayerNet has one hidden layer; got hidden_dims={hidden_dims!r}")
-            hidden_dims = dims[0]
+        dims = check_hidden_dims(hidden_dims)
+        if len(dims) != 1:
+            raise ValueError(f"TwoLayerNet has one hidden layer; got hidden_dims={hidden_dims!r}")
         super().__init__(
-            [hidden_dims],
+            dims,
             input_dim=input_dim,
             num_classes=num_classes,
             dropout=dropout,

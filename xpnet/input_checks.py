@@ -4,9 +4,20 @@ types, never values, so they cost no device synchronisation."""
 
 from __future__ import annotations
 
+import numbers
+
 from .backend import namespace
 
-__all__ = ["layer_namespace", "check_same_shape", "check_param_keys"]
+__all__ = ["layer_namespace", "check_same_shape", "check_param_keys", "as_int"]
+
+
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer, Python's or NumPy's (``np.int64`` from
+    ``np.random.choice`` in a course's search loop), else None; a bool is not one."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
 
 _FLOAT_DTYPES: dict = {}
 

@@ -8,6 +8,7 @@ import numbers
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import tree_to_device, tree_to_host
+from .input_checks import as_int
 from .layers import BATCHNORM_KEYS
 
 __all__ = ["Model", "backend_for", "param_dtype", "input_preparers", "model_state", "load_model_state"]
@@ -184,16 +185,18 @@ def check_input_dim(input_dim) -> tuple:
 
 def check_positive_int(name: str, value) -> int:
     """``value`` as an int, or ValueError naming ``name`` when it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    number = as_int(value)
+    if number is None or number <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return number
 
 
 def check_num_classes(value) -> int:
     """At least two classes: a classifier of one class has nothing to learn."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+    number = as_int(value)
+    if number is None or number < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {value!r}")
-    return value
+    return number
 
 
 def check_finite(name: str, value, minimum=None) -> float:
@@ -208,7 +211,13 @@ def check_finite(name: str, value, minimum=None) -> float:
 
 def check_hidden_dims(hidden_dims) -> list:
     """A non-empty list of positive ints (an int is taken as a list of one)."""
-    dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
+    if as_int(hidden_dims) is not None:
+        dims = [hidden_dims]
+    else:
+        try:
+            dims = list(hidden_dims)
+        except TypeError:  # neither a size nor a list of sizes
+            raise ValueError(f"hidden_dims must be a positive integer or a list of them, got {hidden_dims!r}") from None
     if not dims:
         raise ValueError("hidden_dims must name at least one hidden layer, got an empty list")
     return [check_positive_int("each hidden layer size", d) for d in dims]

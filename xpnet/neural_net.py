@@ -24,13 +24,9 @@ class TwoLayerNet(Model):
 
     def __init__(self, input_size, hidden_size, output_size, std=1e-4, dtype="float64", seed=None, backend=None):
         super().__init__(backend, dtype)
-        for name, value in (
-            ("input_size", input_size),
-            ("hidden_size", hidden_size),
-            ("output_size", output_size),
-        ):
-            check_positive_int(name, value)
-        check_num_classes(output_size)
+        input_size = check_positive_int("input_size", input_size)
+        hidden_size = check_positive_int("hidden_size", hidden_size)
+        output_size = check_num_classes(check_positive_int("output_size", output_size))
         self.std = check_finite("std", std, minimum=0)
         self.num_classes = output_size
         self.input_dim = input_size
@@ -90,7 +86,7 @@ class TwoLayerNet(Model):
         check_finite("learning_rate", learning_rate, minimum=0)
         check_finite("learning_rate_decay", learning_rate_decay, minimum=0)
         check_finite("reg", reg, minimum=0)
-        check_positive_int("batch_size", batch_size)
+        batch_size = check_positive_int("batch_size", batch_size)
         X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
         y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
         rng = self.backend.rng(seed)

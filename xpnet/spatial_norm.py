@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .input_checks import check_param_keys, layer_namespace
+from .input_checks import as_int, check_param_keys, layer_namespace
 from .layers import (
     batchnorm_backward_alt,
     batchnorm_forward,
@@ -179,10 +179,12 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
     xp = layer_namespace("spatial_groupnorm_forward", {"x": x, "gamma": gamma, "beta": beta})
     _check_nchw("spatial_groupnorm_forward", x)
     n, c, h, w = x.shape
-    if isinstance(G, bool) or not isinstance(G, int) or G <= 0 or c % G:
+    groups = as_int(G)
+    if groups is None or groups <= 0 or c % groups:
         raise ValueError(
             f"spatial_groupnorm_forward: G = {G!r} groups must divide the {c} channels of x {tuple(x.shape)}"
         )
+    G = groups
     for name, value in (("gamma", gamma), ("beta", beta)):
         if tuple(value.shape) != (1, c, 1, 1):
             raise ValueError(f"spatial_groupnorm_forward: {name} must be (1, {c}, 1, 1), got {tuple(value.shape)}")

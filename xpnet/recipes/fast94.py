@@ -29,6 +29,7 @@ from ..backend import Backend, get_backend
 from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
+from ..input_checks import as_int
 from ..model import check_input_dim
 from ..training.graph import GraphReplay
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
@@ -132,11 +133,6 @@ class Fast94Settings:
         return settings
 
 
-def _is_integer(value) -> bool:
-    """An integer (NumPy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _dtype_name(value) -> str:
     """'float32' for "float32", np.float32 and np.dtype('float32') alike."""
     return getattr(value, "__name__", None) or str(value)
@@ -160,7 +156,7 @@ def _checked(name: str, value, default):
             widths = () if isinstance(value, str) else tuple(value)
         except TypeError:  # not a sequence at all
             widths = ()
-        if len(widths) != 3 or not all(_is_integer(w) and w > 0 for w in widths):
+        if len(widths) != 3 or not all(as_int(w) is not None and w > 0 for w in widths):
             raise ValueError(f"fast94: widths must be three positive integers, got {value!r}")
         return tuple(int(w) for w in widths)
     if name in _CHOICES:
@@ -169,10 +165,12 @@ def _checked(name: str, value, default):
     elif isinstance(default, bool):
         kind, ok = "True or False", isinstance(value, bool)
     elif isinstance(default, int):
-        kind, ok = "an integer", _is_integer(value)
+        kind, ok = "an integer", as_int(value) is not None
+        value = as_int(value) if ok else value
     elif isinstance(default, float):
         kind = "a finite number"
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value  # NumPy's floats too, as Python floats: the settings go to JSON
     else:
         kind, ok = f"of type {type(default).__name__}", isinstance(value, type(default))
     if not ok:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from array_api_compat import device
 
 from ..backend import accelerated, namespace
+from ..input_checks import as_int
 
 __all__ = ["Lookahead", "cubic_lookahead_decay"]
 
@@ -41,8 +42,9 @@ class Lookahead:
     def __init__(self, arrays: list, total: int, every: int = 5, decay=cubic_lookahead_decay):
         if not arrays:
             raise ValueError("Lookahead needs at least one array to average")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if as_int(every) is None or every < 1:
             raise ValueError(f"Lookahead: every must be a positive integer, got {every!r}")
+        every = as_int(every)
         xp = namespace(*arrays)
         self.fast = list(arrays)
         self.slow = [xp.asarray(a, copy=True) for a in arrays]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import optim
+from ..input_checks import as_int
 
 __all__ = ["SolverSettings", "rule_name", "resolve_update_rule"]
 
@@ -94,9 +95,11 @@ class SolverSettings:
         optim.check_config(rule_name(self.update_rule), self.optim_config)
         for name, minimum in (("batch_size", 1), ("num_epochs", 0), ("print_every", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            number = as_int(value)
+            if number is None or number < minimum:
                 kind = "a positive integer" if minimum else "a non-negative integer"
                 raise ValueError(f"{name} must be {kind}, got {value!r}")
+            setattr(self, name, number)  # a Python int: checkpoints record it as JSON
         decay = self.lr_decay
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) or decay <= 0:
             raise ValueError(f"lr_decay must be a finite number > 0, got {decay!r}")
