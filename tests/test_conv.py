@@ -520,6 +520,22 @@ def test_three_layer_convnet_refuses_bad_arguments(options, message):
         ThreeLayerConvNet(**options)
 
 
+def test_conv_nets_name_the_image_layout_they_expect():
+    """load_CIFAR10 returns images channels last; the nets and the Solver say how to turn them."""
+    images = np.zeros((4, 8, 8, 3))  # (N, H, W, C)
+    data = {"X_train": images, "y_train": np.arange(4), "X_val": images, "y_val": np.arange(4)}
+    hint = r"these look like images with their channels last: X\.transpose\(0, 3, 1, 2\) puts them first"
+    model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=2, filter_size=3, hidden_dim=4)
+    with pytest.raises(
+        ValueError, match=r"ThreeLayerConvNet: inputs must be \(N, 3, 8, 8\), got \(4, 8, 8, 3\); " + hint
+    ):
+        model.loss(images)
+    with pytest.raises(ValueError, match=r"samples have shape \(8, 8, 3\) but the model expects \(3, 8, 8\); " + hint):
+        Solver(model, data, batch_size=2)
+    with pytest.raises(ValueError, match=r"inputs must be \(N, 3, 8, 8\), got \(4, 3, 8, 7\)$"):  # no hint
+        model.loss(np.zeros((4, 3, 8, 7)))
+
+
 def test_conv_relu_pool_equals_the_course_order_exactly_ties_included(backend, np_rng):
     # It pools before the bias and the ReLU; the course's order is conv (with its bias), ReLU,
     # pool. Small integers make ties, windows with no positive value, and zeros: every case

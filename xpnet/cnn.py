@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from .conv_common import channel_sum
+from .data_checks import check_image_batch
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
 from .layer_utils import (
     affine_norm_relu_dropout_backward,
@@ -109,8 +110,7 @@ class ThreeLayerConvNet(Model):
             X: (N, C, H, W) inputs; y: (N,) integer labels or None.
         """
         X = self.prepare_inputs(X)
-        if tuple(X.shape[1:]) != self.input_dim:
-            raise ValueError(f"ThreeLayerConvNet: inputs must be (N, *{self.input_dim}), got {tuple(X.shape)}")
+        check_image_batch("ThreeLayerConvNet", X, self.input_dim)
         p, bn = self.params, self.use_batchnorm
         for bn_param in self.bn_params:
             bn_param["mode"] = "test" if y is None else "train"
@@ -311,8 +311,7 @@ class FastConvNet(Model):
             X: (N, C, H, W) inputs; y: (N,) integer labels or None.
         """
         X = self.prepare_inputs(X)
-        if tuple(X.shape[1:]) != self.input_dim:
-            raise ValueError(f"FastConvNet: inputs must be (N, *{self.input_dim}), got {tuple(X.shape)}")
+        check_image_batch("FastConvNet", X, self.input_dim)
         xp, act = self.xp, self.activation_dtype
         # The layers' copies of the parameters (the parameters themselves when act is dtype).
         p = {name: narrowed(xp, value, act) for name, value in self.params.items()}

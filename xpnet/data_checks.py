@@ -4,9 +4,29 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace
 
-__all__ = ["validate_split", "check_finite_values", "REQUIRED_KEYS"]
+__all__ = ["validate_split", "check_finite_values", "check_image_batch", "REQUIRED_KEYS"]
 
 REQUIRED_KEYS = ("X_train", "y_train", "X_val", "y_val")
+
+
+def _channels_last_hint(sample_shape, expected) -> str:
+    """A hint when ``sample_shape`` is the (C, H, W) ``expected`` stored channels last, as
+    ``load_CIFAR10`` returns the images: the likeliest way to pass the wrong layout."""
+    if len(expected) != 3:
+        return ""
+    c, h, w = expected
+    if tuple(sample_shape) == (h, w, c) and c != h:
+        return "; these look like images with their channels last: X.transpose(0, 3, 1, 2) puts them first"
+    return ""
+
+
+def check_image_batch(owner: str, X, expected: tuple) -> None:
+    """ValueError naming ``owner`` unless X is (N, *expected), ``expected`` being (C, H, W)."""
+    if tuple(X.shape[1:]) != tuple(expected):
+        raise ValueError(
+            f"{owner}: inputs must be (N, {', '.join(map(str, expected))}), got {tuple(X.shape)}"
+            + _channels_last_hint(X.shape[1:], expected)
+        )
 
 
 def validate_split(data: dict, split: str, num_classes: int | None, input_shape=None, check_finite=True) -> None:
@@ -49,6 +69,7 @@ def validate_split(data: dict, split: str, num_classes: int | None, input_shape=
         if tuple(X.shape[1:]) != input_shape:
             raise ValueError(
                 f"data[{x_key!r}] samples have shape {tuple(X.shape[1:])} but the model expects {input_shape}"
+                + _channels_last_hint(X.shape[1:], input_shape)
             )
     elif input_shape is not None:
         features = 1
