@@ -173,9 +173,9 @@ def gelu_backward(dout: Array, cache: Cache) -> Array:
 # --------------------------------------------------------------------------
 def _check_scores_and_labels(name, x, y):
     """Shape and dtype checks that need no device synchronisation."""
+    xp = layer_namespace(name, {"x": x}, {"y": y})  # first: it names arrays of the wrong library
     if not _is_integer_array(y):
         raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
-    xp = layer_namespace(name, {"x": x}, {"y": y})
     if x.ndim != 2:
         raise ValueError(f"{name}: scores must be (N, C), got shape {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
