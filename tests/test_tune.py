@@ -181,6 +181,15 @@ def test_sweep_in_process_on_digits(tmp_path, capsys):
     check_outputs(out, 4, capsys.readouterr().out)
     assert main(["--trials", "4", "--out", str(out), "--sampler", "random", *SPACE]) == 0  # already done
     assert len(study_of(out).trials) == 4
+    # Another question asked of the same run folder is refused, not answered with the old trials;
+    # another seed (or data folder) continues the same sweep.
+    for other in (["--model", "cnn", *SPACE], [*SPACE[:-1], "epochs=2"], SPACE[:-2]):
+        with pytest.raises(SystemExit):
+            main(["--trials", "5", "--out", str(out), "--sampler", "random", *other])
+        assert "holds a sweep of other settings" in capsys.readouterr().err
+    assert len(study_of(out).trials) == 4
+    assert main(["--trials", "5", "--out", str(out), "--sampler", "random", "--seed", "3", *SPACE]) == 0
+    assert len(study_of(out).trials) == 5
 
 
 def test_a_grid_sweep_runs_each_point_once_and_ends_cleanly(tmp_path, capsys):

@@ -75,17 +75,51 @@ def _quiet_optuna():
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+# Settings that say where or how verbosely a trial runs, not what it measures: a sweep
+# continued with other values of these is the same sweep.
+_NOT_DEFINING = ("data_dir", "download", "quiet", "print_every", "seed")
+
+
+def sweep_definition(task: dict) -> dict:
+    """What a trial's value measures: the search space and the fixed settings of each run."""
+    fixed = {key: value for key, value in task["experiment"].items() if key not in _NOT_DEFINING}
+    return {"space": task["space"], "experiment": fixed}
+
+
 def open_study(task: dict):
-    """Create the study, or load it when the same command runs again."""
+    """Create the study, or load it when the same command runs again. A study that holds a
+    sweep of another definition (another space, data set or model) is refused: continuing it
+    would report its old trials as this sweep's results."""
     import optuna
 
     _quiet_optuna()
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=task["study_name"],
         storage=storage_for(task["storage"]),
         direction="maximize",
         load_if_exists=True,
     )
+    definition = sweep_definition(task)
+    recorded = study.user_attrs.get("xpnet_sweep")
+    if recorded is None:
+        study.set_user_attr("xpnet_sweep", definition)
+    elif recorded != definition:
+
+        def shown(settings, key):
+            return repr(settings[key]) if key in settings else "not searched"
+
+        changed = [
+            f"{key} {shown(recorded[part], key)} there, {shown(definition[part], key)} here"
+            for part in ("space", "experiment")
+            for key in sorted(set(recorded[part]) | set(definition[part]))
+            if recorded[part].get(key) != definition[part].get(key)
+        ]
+        raise ValueError(
+            f"the study {task['study_name']!r} in {task['storage']} holds a sweep of other settings "
+            f"({'; '.join(changed)}): run the same settings to continue it, or give another --out "
+            "(or --study-name) to start a new one"
+        )
+    return study
 
 
 def load_study(task: dict):
