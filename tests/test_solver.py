@@ -405,3 +405,44 @@ def test_callable_update_rule():
     solver = Solver(small_model("numpy"), small_data(), update_rule=halve, batch_size=100, num_epochs=1, verbose=False)
     solver.train()
     assert len(calls) == 2 * len(solver.model.params)
+
+
+class _HandWrittenModel:
+    """A model of the user's own, as the course's Solver takes one, whose loss returns the
+    gradients that ``mistake`` edits: a softmax regression on 6 inputs and 3 classes."""
+
+    def __init__(self, mistake=lambda grads: None):
+        self.params = {"W": np.zeros((6, 3)), "b": np.zeros(3)}
+        self.mistake = mistake
+
+    def loss(self, X, y=None):
+        scores = X @ self.params["W"] + self.params["b"]
+        if y is None:
+            return scores
+        loss, dscores = xpnet.layers.softmax_loss(scores, y)
+        grads = {"W": X.T @ dscores, "b": dscores.sum(axis=0)}
+        self.mistake(grads)
+        return loss, grads
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (
+            lambda g: g.update(B=g.pop("b")),
+            r"no gradient for \['b'\] .*; it returned gradients for \['B'\], which are not",
+        ),
+        (lambda g: g.pop("b"), r"no gradient for \['b'\] \(None leaves a parameter as it is\)$"),
+        (lambda g: g.update(W=g["W"].T), r"a gradient of shape \(3, 6\) for 'W', whose shape is \(6, 3\)"),
+    ],
+)
+def test_a_hand_written_model_hears_what_is_wrong_with_its_gradients(mistake, message):
+    solver = Solver(_HandWrittenModel(mistake), small_data(), batch_size=20, num_epochs=1, verbose=False)
+    with pytest.raises(ValueError, match=message):
+        solver.train()
+
+
+def test_a_hand_written_model_may_leave_a_parameter_out_with_none():
+    model = _HandWrittenModel(lambda g: g.update(b=None))
+    Solver(model, small_data(), batch_size=20, num_epochs=1, verbose=False, optim_config={"learning_rate": 0.1}).train()
+    assert not model.params["b"].any() and model.params["W"].any()

@@ -91,6 +91,7 @@ class Update:
             self.schedules[name] = group.get("lr_schedule", lr_schedule)
         self.on_device = on_device or any(s is not None for s in self.schedules.values())
         self._tables, self._step = {}, None
+        self._gradients_checked = False
 
     # -- the learning rate ------------------------------------------------------------
     def start(self, backend, dtype, iteration: int, num_iterations: int) -> None:
@@ -134,7 +135,11 @@ class Update:
     def apply(self, params: dict, grads: dict) -> None:
         """Update every parameter in place (device work only when on the device). A gradient
         of None leaves its parameter and the rule's state for it as they are, as PyTorch's
-        optimizers skip a parameter without a gradient; a missing one is a KeyError."""
+        optimizers skip a parameter without a gradient; a missing one, or one of another
+        shape, is a ValueError at the first step."""
+        if not self._gradients_checked:
+            check_gradients(params, grads)
+            self._gradients_checked = True
         params_with_grads = {name: w for name, w in params.items() if grads[name] is not None}
         if self._step is None:
             for name, w in params_with_grads.items():
@@ -158,6 +163,26 @@ class Update:
                 params[name], self.configs[name] = self.rule(w, grads[name], config)
             finally:
                 config["learning_rate"] = host_rate
+
+
+def check_gradients(params: dict, grads: dict) -> None:
+    """ValueError unless ``grads`` (what a model's loss returned) has a gradient, or None, for
+    every parameter, each of its parameter's shape: a model written by hand gets its mistake
+    named, not a KeyError or a broadcasting error from inside an update rule."""
+    missing = [name for name in params if name not in grads]
+    if missing:
+        others = sorted(set(grads) - set(params))
+        raise ValueError(
+            f"the model's loss returned no gradient for {missing} (None leaves a parameter as it is)"
+            + (f"; it returned gradients for {others}, which are not in model.params" if others else "")
+        )
+    for name, w in params.items():
+        g = grads[name]
+        if g is not None and tuple(g.shape) != tuple(w.shape):
+            raise ValueError(
+                f"the model's loss returned a gradient of shape {tuple(g.shape)} for {name!r}, "
+                f"whose shape is {tuple(w.shape)}"
+            )
 
 
 def _hyper_parameters(group: dict) -> dict:
