@@ -156,9 +156,10 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
         raise ValueError(f"tta_scores: level must be 0, 1 or 2, got {level!r}")
     if batch_size is None:
         batch_size = 2000 if backend_of(images).is_gpu else 100
-    if as_int(batch_size) is None or batch_size < 1:
+    rows = as_int(batch_size)
+    if rows is None or rows < 1:
         raise ValueError(f"tta_scores: batch_size must be a positive integer, got {batch_size!r}")
-    batch_size = as_int(batch_size)
+    batch_size = rows
     xp = namespace(images)
 
     def mirrored(x):

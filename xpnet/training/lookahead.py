@@ -42,13 +42,13 @@ class Lookahead:
     def __init__(self, arrays: list, total: int, every: int = 5, decay=cubic_lookahead_decay):
         if not arrays:
             raise ValueError("Lookahead needs at least one array to average")
-        if as_int(every) is None or every < 1:
+        period = as_int(every)
+        if period is None or period < 1:
             raise ValueError(f"Lookahead: every must be a positive integer, got {every!r}")
-        every = as_int(every)
         xp = namespace(*arrays)
         self.fast = list(arrays)
         self.slow = [xp.asarray(a, copy=True) for a in arrays]
-        self.every, self.total = every, total
+        self.every, self.total = period, total
         self.steps = 0  # training steps counted so far, on the host
         where, dtype = device(arrays[0]), arrays[0].dtype
         self._decay = xp.asarray([decay(k, total) for k in range(total + 1)], dtype=dtype, device=where)
