@@ -65,6 +65,23 @@ def test_too_many_rows_requested(tmp_path):
         get_CIFAR10_data(tmp_path, num_training=80, num_validation=20, num_test=21)
 
 
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        (dict(num_training=0), "num_training must be an integer >= 1, got 0"),  # its mean image would be NaN
+        (dict(num_training=-10), "num_training must be an integer >= 1, got -10"),  # rows from the end
+        (dict(num_validation=-1), "num_validation must be an integer >= 0, got -1"),
+        (dict(num_test=2.5), "num_test must be an integer >= 0, got 2.5"),
+    ],
+)
+def test_row_counts_that_cannot_be_right(tmp_path, counts, message):
+    write_fake_cifar(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        get_CIFAR10_data(tmp_path, **{"num_training": 80, "num_validation": 10, "num_test": 10, **counts})
+    data = get_CIFAR10_data(tmp_path, num_training=np.int64(80), num_validation=np.int64(0), num_test=10)
+    assert data["X_val"].shape[0] == 0 and np.isfinite(data["X_test"]).all()
+
+
 def test_lookup_order(tmp_path, monkeypatch):
     explicit, env, home = tmp_path / "explicit", tmp_path / "env", tmp_path / "home"
     write_fake_cifar(env / data_utils.CIFAR10_FOLDER)

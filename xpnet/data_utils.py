@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .input_checks import as_int
+
 __all__ = [
     "load_CIFAR_batch",
     "load_CIFAR10",
@@ -210,6 +212,12 @@ def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
 def _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_validation, num_test, subtract_mean):
     """The course's split: validation rows from the end of the training set; the mean
     image of the training rows subtracted from every split."""
+    # A negative count would slice from the end, and no training rows would give a mean of NaN.
+    for name, value, least in (("num_training", num_training, 1), ("num_validation", num_validation, 0),
+                               ("num_test", num_test, 0)):  # fmt: skip
+        number = as_int(value)
+        if number is None or number < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if num_training + num_validation > X_train.shape[0]:
         raise ValueError(
             f"num_training + num_validation = {num_training + num_validation} exceeds "
