@@ -388,6 +388,17 @@ def test_bad_settings_are_rejected():
         Solver(model, data, update_rule="adamw")
     with pytest.raises(ValueError, match="batch_size"):
         Solver(model, data, batch_size=0)
+    for name, value in (("num_train_samples", 0), ("num_val_samples", -5), ("num_train_samples", 2.5)):
+        with pytest.raises(ValueError, match=f"{name} must be None or a positive integer, got {value}"):
+            Solver(model, data, **{name: value})
+
+
+def test_check_accuracy_refuses_counts_that_cannot_be_right():
+    solver = Solver(small_model("numpy"), small_data(), verbose=False)
+    for options, message in ((dict(num_samples=0), "num_samples"), (dict(num_samples=-1), "num_samples"),
+                             (dict(batch_size=0), "batch_size"), (dict(batch_size=1.5), "batch_size")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"check_accuracy: {message} must be a positive integer"):
+            solver.check_accuracy(solver.X_val, solver.y_val, **options)
 
 
 def test_cuda_graph_needs_a_backend_that_can_capture():

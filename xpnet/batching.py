@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .backend import namespace
+from .input_checks import as_int
 
 __all__ = ["sample_minibatch", "accuracy", "model_accuracy"]
 
@@ -26,6 +27,13 @@ def accuracy(predictions, y):
     return xp.mean(xp.astype(predictions == y, xp.float64))
 
 
+def _positive_count(name, value) -> int:
+    number = as_int(value)
+    if number is None or number < 1:
+        raise ValueError(f"check_accuracy: {name} must be a positive integer, got {value!r}")
+    return number
+
+
 def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     """Accuracy of ``scores_of(X_batch) -> (B, C) scores`` on (X, y), as a 0-d device array.
 
@@ -33,8 +41,11 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     predictions are made ``batch_size`` rows at a time on the device.
     """
     xp = namespace(X, y)
-    if num_samples is not None and X.shape[0] > num_samples:
-        X, y = sample_minibatch(X, y, rng, num_samples)
+    batch_size = _positive_count("batch_size", batch_size)
+    if num_samples is not None and X.shape[0] > _positive_count("num_samples", num_samples):
+        X, y = sample_minibatch(X, y, rng, int(num_samples))
     n = X.shape[0]
+    if n == 0:
+        raise ValueError("no rows to score: X is empty")
     predictions = [xp.argmax(scores_of(X[i : min(i + batch_size, n), ...]), axis=1) for i in range(0, n, batch_size)]
     return accuracy(xp.concat(predictions), y)

@@ -93,11 +93,18 @@ class SolverSettings:
         self.optim_config = dict(self.optim_config or {})
         resolve_update_rule(self.update_rule)
         optim.check_config(rule_name(self.update_rule), self.optim_config)
-        for name, minimum in (("batch_size", 1), ("num_epochs", 0), ("print_every", 1)):
+        counts = (("batch_size", 1), ("num_epochs", 0), ("print_every", 1), ("num_train_samples", 1),
+                  ("num_val_samples", 1))  # fmt: skip
+        for name, minimum in counts:
             value = getattr(self, name)
+            optional = name.endswith("_samples")  # None: every row
+            if value is None and optional:
+                continue
             number = as_int(value)
             if number is None or number < minimum:
-                kind = "a positive integer" if minimum else "a non-negative integer"
+                kind = ("None or " if optional else "") + (
+                    "a positive integer" if minimum else "a non-negative integer"
+                )
                 raise ValueError(f"{name} must be {kind}, got {value!r}")
             setattr(self, name, number)  # a Python int: checkpoints record it as JSON
         decay = self.lr_decay
