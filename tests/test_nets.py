@@ -294,6 +294,12 @@ def test_two_layer_net_construction_errors():
         fc_net.TwoLayerNet(dropout=2)
     with pytest.raises(ValueError, match="hidden_size"):
         neural_net.TwoLayerNet(4, 0, 3)
+    X, y = np.zeros((6, 4)), np.arange(6) % 3
+    for iterations in (-1, 2.5):
+        with pytest.raises(ValueError, match=f"num_iters must be a non-negative integer, got {iterations}"):
+            neural_net.TwoLayerNet(4, 5, 3).train(X, y, X, y, num_iters=iterations)
+    stats = neural_net.TwoLayerNet(4, 5, 3).train(X, y, X, y, num_iters=np.int64(3), batch_size=np.int64(2))
+    assert len(stats["loss_history"]) == 3
 
 
 def test_top_level_reexports():

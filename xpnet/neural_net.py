@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .batching import accuracy, sample_minibatch
+from .input_checks import as_int
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward, softmax_loss
 from .model import Model, check_finite, check_num_classes, check_positive_int
 
@@ -87,12 +88,15 @@ class TwoLayerNet(Model):
         check_finite("learning_rate_decay", learning_rate_decay, minimum=0)
         check_finite("reg", reg, minimum=0)
         batch_size = check_positive_int("batch_size", batch_size)
+        iterations = as_int(num_iters)
+        if iterations is None or iterations < 0:
+            raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
         X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
         y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
         rng = self.backend.rng(seed)
         iterations_per_epoch = max(X.shape[0] // batch_size, 1)
         losses, train_accs, val_accs = [], [], []
-        for it in range(num_iters):
+        for it in range(iterations):
             X_batch, y_batch = sample_minibatch(X, y, rng, batch_size)
             loss, grads = self.loss(X_batch, y=y_batch, reg=reg)
             losses.append(loss)
