@@ -1,6 +1,8 @@
 """Every layer: forward against an independent NumPy computation, backward
 against numerical gradients in float64, on every backend."""
 
+import re
+
 import numpy as np
 import pytest
 from helpers import arr, check_backward, labels, to_np
@@ -233,6 +235,46 @@ def test_a_misspelt_key_in_a_parameter_dict_is_refused_not_ignored(backend, call
         call(x, x4, {misspelt: 1})
     with pytest.raises(TypeError, match=rf"{named} must be a dict, got list"):
         call(x, x4, [misspelt])
+
+
+# Settings whose values cannot be right: (layer call on x (4, 3) and x4 (2, 3, 2, 2), its dict's
+# name as the message gives it, the key). eps <= 0 makes a constant feature 0/0; a momentum
+# above 1 makes the running averages grow without bound.
+NORM_SETTINGS = [
+    (lambda x, x4, d: layers.batchnorm_forward(x, None, x[0, :], d), "batchnorm_forward: bn_param"),
+    (lambda x, x4, d: layers.layernorm_forward(x, x[0, :], x[0, :], d), "layernorm_forward: ln_param"),
+    (lambda x, x4, d: layers.spatial_batchnorm_forward(x4, None, x[0, :], d), "spatial_batchnorm_forward: bn_param"),
+    (lambda x, x4, d: layers.spatial_groupnorm_forward(x4, x4[:1, :, :1, :1], x4[:1, :, :1, :1], 1, d),
+     "spatial_groupnorm_forward: gn_param"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, named", NORM_SETTINGS)
+def test_normalisation_settings_that_cannot_be_right_are_refused(backend, call, named):
+    x, x4 = arr(backend, np.ones((4, 3))), arr(backend, np.ones((2, 3, 2, 2)))  # constant: eps alone divides
+    for eps in (0.0, -1e-5, float("nan"), "1e-5", True):
+        with pytest.raises(
+            ValueError, match=rf"{named}\['eps'\] must be a finite number > 0, got {re.escape(repr(eps))}"
+        ):
+            call(x, x4, {"eps": eps})
+    out, _ = call(x, x4, {"eps": np.float32(1e-3)})  # NumPy's numbers are numbers
+    assert np.isfinite(to_np(out)).all()
+    if "bn_param" in named:
+        for momentum in (1.5, -0.1, "0.9"):
+            with pytest.raises(ValueError, match=rf"{named}\['momentum'\] must be a number in \[0, 1\]"):
+                call(x, x4, {"momentum": momentum})
+
+
+def test_running_averages_of_another_size_are_refused(backend):
+    x = arr(backend, np.ones((4, 3)))
+    stale = {"mode": "test", "running_mean": arr(backend, np.zeros(4)), "running_var": arr(backend, np.ones(4))}
+    with pytest.raises(ValueError, match=r"bn_param\['running_mean'\] has shape \(4,\), but the input has 3 features"):
+        layers.batchnorm_forward(x, None, x[0, :], stale)
+
+
+def test_a_dropout_probability_must_be_a_number(backend):
+    with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\), got '0.5'"):
+        layers.dropout_forward(arr(backend, np.ones((2, 3))), {"mode": "train", "p": "0.5"})
 
 
 # ---------------------------------------------------------------- layernorm

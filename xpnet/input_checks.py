@@ -8,7 +8,12 @@ import numbers
 
 from .backend import namespace
 
-__all__ = ["layer_namespace", "check_same_shape", "check_param_keys", "as_int"]
+__all__ = ["layer_namespace", "check_same_shape", "check_param_keys", "as_int", "is_number"]
+
+
+def is_number(value) -> bool:
+    """A real number, Python's or NumPy's (``np.float32(0.9)``), that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def as_int(value) -> int | None:

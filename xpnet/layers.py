@@ -13,11 +13,13 @@ array-API code below is the reference they are tested against.
 
 from __future__ import annotations
 
+import math
+
 from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
-from .input_checks import check_param_keys, check_same_shape, layer_namespace
+from .input_checks import check_param_keys, check_same_shape, is_number, layer_namespace
 from .precision import is_half, narrowed, widened
 from .special import normal_cdf, normal_pdf
 
@@ -333,7 +335,10 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
     """
     _check_norm_input("batchnorm_forward", x, gamma, beta)
     xp = namespace(x)
-    mode, eps = batchnorm_mode("batchnorm_forward", bn_param), bn_param.get("eps", 1e-5)
+    mode, eps = (
+        batchnorm_mode("batchnorm_forward", bn_param),
+        normalization_eps("batchnorm_forward", "bn_param", bn_param),
+    )
     ensure_running_statistics(bn_param, x, x.shape[1])
     if mode == "train":
         if x.shape[0] < 2:
@@ -353,12 +358,25 @@ BATCHNORM_KEYS = ("mode", "eps", "momentum", "running_mean", "running_var", "unb
 
 def batchnorm_mode(function: str, bn_param: dict) -> str:
     """``bn_param['mode']`` ('train' by default), or ValueError for anything but 'train' and
-    'test', or for a key of ``bn_param`` that batchnorm does not read."""
+    'test', for a key of ``bn_param`` that batchnorm does not read, or for a 'momentum'
+    outside [0, 1] (the running averages would grow without bound)."""
     check_param_keys(function, "bn_param", bn_param, BATCHNORM_KEYS)
     mode = bn_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
+    momentum = bn_param.get("momentum", 0.9)
+    if not is_number(momentum) or not 0 <= momentum <= 1:
+        raise ValueError(f"{function}: bn_param['momentum'] must be a number in [0, 1], got {momentum!r}")
     return mode
+
+
+def normalization_eps(function: str, param_name: str, param: dict) -> float:
+    """``param['eps']`` (1e-5 by default), or ValueError unless it is a finite number > 0: with
+    eps 0 a constant feature normalises to 0/0."""
+    eps = param.get("eps", 1e-5)
+    if not is_number(eps) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{function}: {param_name}['eps'] must be a finite number > 0, got {eps!r}")
+    return float(eps)
 
 
 def ensure_running_statistics(bn_param: dict, like: Array, d: int) -> None:
@@ -369,6 +387,11 @@ def ensure_running_statistics(bn_param: dict, like: Array, d: int) -> None:
     for key in ("running_mean", "running_var"):
         if bn_param.get(key) is None:
             bn_param[key] = xp.zeros((d,), dtype=dtype, device=device(like))
+        elif tuple(bn_param[key].shape) != (d,):
+            raise ValueError(
+                f"bn_param[{key!r}] has shape {tuple(bn_param[key].shape)}, but the input has {d} "
+                f"features (or channels): it must be ({d},)"
+            )
 
 
 def update_running_statistics(bn_param: dict, mean: Array, var: Array, count: int) -> None:
@@ -433,7 +456,8 @@ def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tu
     _check_norm_input("layernorm_forward", x, gamma, beta)
     # 'mode' is allowed and ignored: nets set it on every normalisation layer's dict.
     check_param_keys("layernorm_forward", "ln_param", ln_param, ("eps", "mode"))
-    out, cache, _, _ = _normalize_forward(x, gamma, beta, ln_param.get("eps", 1e-5), axis=1)
+    eps = normalization_eps("layernorm_forward", "ln_param", ln_param)
+    out, cache, _, _ = _normalize_forward(x, gamma, beta, eps, axis=1)
     return out, cache
 
 
@@ -464,8 +488,8 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
     """
     check_param_keys("dropout_forward", "dropout_param", dropout_param, ("p", "mode", "seed", "rng"))
     p = dropout_param.get("p", 0.0)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+    if not is_number(p) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
     mode = dropout_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"invalid dropout mode {mode!r}: use 'train' or 'test'")

@@ -16,6 +16,7 @@ from .layers import (
     ensure_running_statistics,
     gelu_backward,
     gelu_forward,
+    normalization_eps,
     normalized_input_grad,
     update_running_statistics,
 )
@@ -60,7 +61,7 @@ class _FusedBatchnormCache(NamedTuple):
 def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, name, gelu):
     """Spatial batchnorm (``gelu``: and the GELU after it) through a backend's fused kernels;
     the running averages as in :func:`xpnet.layers.batchnorm_forward`."""
-    mode, eps = batchnorm_mode(name, bn_param), bn_param.get("eps", 1e-5)
+    mode, eps = batchnorm_mode(name, bn_param), normalization_eps(name, "bn_param", bn_param)
     n, c, h, w = x.shape
     ensure_running_statistics(bn_param, x, c)
     if mode == "test":
@@ -78,6 +79,7 @@ def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
     n, c, h, w = x.shape
     if batchnorm_mode(name, bn_param) == "train" and n * h * w < 2:
         raise ValueError(f"{name}: train mode needs at least 2 values per channel, got x {tuple(x.shape)}")
+    normalization_eps(name, "bn_param", bn_param)  # checked here to be named as this layer
     gamma_shape = (c,) if gamma is None else tuple(gamma.shape)
     if gamma_shape != (c,) or tuple(beta.shape) != (c,):
         raise ValueError(
@@ -189,7 +191,7 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
         if tuple(value.shape) != (1, c, 1, 1):
             raise ValueError(f"spatial_groupnorm_forward: {name} must be (1, {c}, 1, 1), got {tuple(value.shape)}")
     check_param_keys("spatial_groupnorm_forward", "gn_param", gn_param, ("eps", "mode"))
-    eps = gn_param.get("eps", 1e-5)
+    eps = normalization_eps("spatial_groupnorm_forward", "gn_param", gn_param)
     fast = accelerated(x)
     if fast is not None:
         out, x_hat, inv_std = fast.spatial_groupnorm_train(x, gamma, beta, G, eps)
