@@ -174,6 +174,35 @@ def test_reflect_pad_matches_numpy(backend, np_rng):
         reflect_pad(arr(backend, x), 5)
 
 
+def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
+    """A negative pad used to pad by a mirrored slice (8x8 became 15x15), a float one to fail
+    inside slicing, a negative shift inside the generator, a window larger than the images to
+    give NaN filters."""
+    from xpnet.augment import AlternatingFlipTranslate, random_translate, reflect_pad, translate_images
+    from xpnet.whitening import whitening_filters
+
+    x, rng = arr(backend, np.ones((2, 3, 8, 8))), backend.rng(0)
+    shifts = backend.asarray(np.zeros(2, dtype=np.int64))
+    for pad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"reflect_pad: pad must be a non-negative integer, got {pad}"):
+            reflect_pad(x, pad)
+    with pytest.raises(ValueError, match="random_translate: max_shift must be a non-negative integer, got -1"):
+        random_translate(x, rng, -1)
+    with pytest.raises(ValueError, match="translate_images: max_shift must be a non-negative integer, got 1.5"):
+        translate_images(x, shifts, shifts, 1.5)
+    with pytest.raises(ValueError, match="AlternatingFlipTranslate: max_shift must be a non-negative integer"):
+        AlternatingFlipTranslate(x, rng, max_shift=-2)
+    for size in (0, 9, 2.0):
+        with pytest.raises(
+            ValueError,
+            match=rf"image_patches: size must be an integer from 1 to the images' sides \(8, 8\), got {size}",
+        ):
+            whitening_filters(x, size)
+    with pytest.raises(ValueError, match="whitening_filters: eps must be a finite number >= 0, got -0.001"):
+        whitening_filters(x, 2, eps=-1e-3)
+    assert tuple(reflect_pad(x, np.int64(2)).shape) == (2, 3, 12, 12)
+
+
 def test_flips_and_translations_per_image(backend, np_rng):
     from xpnet.augment import flip_images, random_flip_mask, random_translate, translate_images
 

@@ -30,10 +30,19 @@ def _check_images(function, x):
         raise ValueError(f"{function}: images must be (N, C, H, W), got shape {tuple(x.shape)}")
 
 
+def _pixels(function, name, value) -> int:
+    """``value`` as an int, or ValueError naming ``function`` unless it is a non-negative integer."""
+    number = as_int(value)
+    if number is None or number < 0:
+        raise ValueError(f"{function}: {name} must be a non-negative integer, got {value!r}")
+    return number
+
+
 def reflect_pad(x: Array, pad: int) -> Array:
     """``x`` (N, C, H, W) padded by ``pad`` on every side, mirroring without repeating the edge
     (PyTorch's ``mode='reflect'``): [a b c d] padded by 2 is [c b a b c d c b]."""
     _check_images("reflect_pad", x)
+    pad = _pixels("reflect_pad", "pad", pad)
     if pad == 0:
         return x
     if pad >= min(x.shape[2], x.shape[3]):
@@ -61,6 +70,7 @@ def translate_images(x: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     """Each image moved by its own (rows, cols) offset in [-max_shift, max_shift], the gap
     filled by reflection: a crop of the reflect-padded image. shift_*: (N,) integers."""
     _check_images("translate_images", x)
+    max_shift = _pixels("translate_images", "max_shift", max_shift)
     return crop_padded(reflect_pad(x, max_shift), shift_rows, shift_cols, max_shift)
 
 
@@ -68,6 +78,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     """:func:`translate_images` of images already padded by ``max_shift`` on every side:
     (N, C, H + 2·max_shift, W + 2·max_shift) in, (N, C, H, W) out."""
     _check_images("crop_padded", padded)
+    max_shift = _pixels("crop_padded", "max_shift", max_shift)
     xp = namespace(padded, shift_rows, shift_cols)
     h, w = padded.shape[2] - 2 * max_shift, padded.shape[3] - 2 * max_shift
     # Rows first, then columns: 2·(2·max_shift + 1) selections instead of one per (row, col) pair.
@@ -85,6 +96,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
 
 def random_translate(x: Array, rng, max_shift: int = 2) -> Array:
     """Each image translated by offsets drawn uniformly from [-max_shift, max_shift] on the device."""
+    max_shift = _pixels("random_translate", "max_shift", max_shift)
     n = x.shape[0]
     shifts = rng.integers(-max_shift, max_shift + 1, (2, n))
     return translate_images(x, shifts[0, :], shifts[1, :], max_shift)
@@ -111,6 +123,7 @@ class AlternatingFlipTranslate:
 
     def __init__(self, images: Array, rng, flip: bool = True, max_shift: int = 2):
         _check_images("AlternatingFlipTranslate", images)
+        max_shift = _pixels("AlternatingFlipTranslate", "max_shift", max_shift)
         self.rng, self.flip, self.max_shift = rng, flip, max_shift
         self.flip_mask = random_flip_mask(rng, images.shape[0]) if flip else None
         base = flip_images(images, self.flip_mask) if flip else images

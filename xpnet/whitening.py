@@ -3,9 +3,12 @@ of the covariance of small image patches, scaled to unit variance, and their neg
 
 from __future__ import annotations
 
+import math
+
 from .array_types import Array
 from .backend import namespace
 from .conv_common import offset_slice
+from .input_checks import as_int, is_number
 
 __all__ = ["image_patches", "whitening_filters"]
 
@@ -14,7 +17,12 @@ def image_patches(x: Array, size: int = 2) -> Array:
     """Every size×size patch of every image (stride 1, no padding) as rows: (N·H'·W', C·size·size),
     each row laid out like a conv filter (channel, row, column)."""
     xp = namespace(x)
+    if x.ndim != 4:
+        raise ValueError(f"image_patches: images must be (N, C, H, W), got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
+    if as_int(size) is None or not 1 <= size <= min(h, w):
+        raise ValueError(f"image_patches: size must be an integer from 1 to the images' sides {(h, w)}, got {size!r}")
+    size = as_int(size)
     h_out, w_out = h - size + 1, w - size + 1
     slices = [x[offset_slice(i, j, 1, h_out, w_out)] for i in range(size) for j in range(size)]
     stacked = xp.stack(slices, axis=2)  # (N, C, size², H', W')
@@ -30,8 +38,10 @@ def whitening_filters(x: Array, size: int = 2, eps: float = 5e-4) -> Array:
     1 / sqrt(eigenvalue + eps); the negatives follow, so that a GELU after the layer keeps both signs.
     """
     xp = namespace(x)
-    c = x.shape[1]
+    if not is_number(eps) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"whitening_filters: eps must be a finite number >= 0, got {eps!r}")
     patches = image_patches(x, size)
+    c, size = x.shape[1], as_int(size)
     covariance = patches.T @ patches / patches.shape[0]
     eigenvalues, eigenvectors = xp.linalg.eigh(covariance)  # ascending
     eigenvalues = xp.flip(eigenvalues, axis=0)
