@@ -1,5 +1,8 @@
+import re
+
 import numpy as np
 import pytest
+from array_api_compat import array_namespace
 from helpers import to_np
 
 from xpnet.gradient_check import (
@@ -63,3 +66,22 @@ def test_grad_check_sparse_finds_right_and_wrong_gradients(backend, capsys):
 def test_numerical_gradient_needs_floats(backend):
     with pytest.raises(TypeError, match="floating-point"):
         eval_numerical_gradient(lambda v: v, backend.asarray(np.array([1, 2], dtype=np.int64)), verbose=False)
+
+
+def test_numerical_gradients_need_a_step_above_zero(backend):
+    x = backend.asarray(np.ones(2), dtype="float64")
+    calls = [
+        ("eval_numerical_gradient", lambda h: eval_numerical_gradient(lambda v: xp_sum(v), x, verbose=False, h=h)),
+        ("eval_numerical_gradient_array", lambda h: eval_numerical_gradient_array(lambda v: v, x, x, h=h)),
+        ("grad_check_sparse", lambda h: grad_check_sparse(lambda v: xp_sum(v), x, x, num_checks=1, h=h, verbose=False)),
+    ]
+    for name, call in calls:
+        for h in (0, -1e-5, float("nan"), "1e-5"):
+            with pytest.raises(
+                ValueError, match=rf"{name}: the step h must be a finite number > 0, got {re.escape(repr(h))}"
+            ):
+                call(h)
+
+
+def xp_sum(v):
+    return array_namespace(v).sum(v)

@@ -9,11 +9,13 @@ time, so ``f`` may ignore its argument and read ``x`` through a closure (as in
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 from array_api_compat import array_namespace, is_array_api_obj
 
 from .backend import namespace
+from .input_checks import is_number
 
 __all__ = [
     "rel_error",
@@ -67,10 +69,13 @@ def _evaluate_both_sides(f, x, index, h):
     return plus, minus
 
 
-def _check_float(name, x):
+def _check_float(name, x, h):
+    """x's namespace, after checking that x holds floats and that the step h is a number > 0."""
     xp = array_namespace(x)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
+    if not is_number(h) or not math.isfinite(h) or h <= 0:
+        raise ValueError(f"{name}: the step h must be a finite number > 0, got {h!r}")
     return xp
 
 
@@ -85,7 +90,7 @@ def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
     Returns:
         grad, an array like ``x``.
     """
-    xp = _check_float("eval_numerical_gradient", x)
+    xp = _check_float("eval_numerical_gradient", x, h)
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
@@ -105,7 +110,7 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
     Returns:
         grad, an array like ``x``.
     """
-    xp = _check_float("eval_numerical_gradient_array", x)
+    xp = _check_float("eval_numerical_gradient_array", x, h)
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
@@ -119,7 +124,7 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, ver
     Returns:
         the list of relative errors, one per element checked.
     """
-    _check_float("grad_check_sparse", x)
+    _check_float("grad_check_sparse", x, h)
     picker = random.Random(seed)
     errors = []
     for _ in range(num_checks):
