@@ -1,6 +1,8 @@
 """The Solver's parts: learning-rate schedules and parameter groups on the device,
 samplers, early stopping, explicit generators, and models that are not xpnet's."""
 
+import re
+
 import numpy as np
 import pytest
 from array_api_compat import device
@@ -160,6 +162,21 @@ def test_bad_parameter_groups_are_refused(groups, message):
 def test_learning_rate_factor():
     assert learning_rate_factor(7, 4, 0.5) == 0.5
     assert learning_rate_factor(7, 4, 0.5, lambda t: t) == 3.5
+    assert learning_rate_factor(7, 4, 0.5, lambda t: np.float32(0.5)) == 0.25
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), None, "0.5"])
+def test_a_schedule_that_gives_no_usable_factor_is_refused_by_name(value):
+    """A negative factor would climb the loss and NaN end training as a divergence."""
+    with pytest.raises(ValueError, match=rf"lr_schedule\(0\) returned {re.escape(repr(value))}; it must give a finite"):
+        Solver(small_model("numpy"), small_data(), verbose=False, lr_schedule=lambda t: value).train()
+
+
+def test_a_parameter_group_may_name_one_parameter_as_a_string():
+    solver = Solver(small_model("numpy"), small_data(), verbose=False, num_epochs=1,
+                    param_groups=[{"params": "W1", "learning_rate": 0.5}])  # fmt: skip
+    assert solver.update.base_lr["W1"] == 0.5
+    assert solver.update.base_lr["W2"] != 0.5
 
 
 # ----------------------------------------------------------------------------- samplers

@@ -11,8 +11,11 @@ schedule, and the per-epoch decay, on replay without being captured again.
 
 from __future__ import annotations
 
+import math
+
 from .. import optim
 from ..backend import namespace
+from ..input_checks import is_number
 from .settings import resolve_update_rule, rule_name
 
 __all__ = ["Update", "learning_rate_factor"]
@@ -31,7 +34,13 @@ def learning_rate_factor(iteration: int, per_epoch: int, lr_decay: float, schedu
     """The factor on a group's learning rate at ``iteration``: ``lr_decay`` to the
     number of finished epochs, times ``schedule(iteration)`` when given."""
     factor = lr_decay ** (iteration // per_epoch)
-    return factor * float(schedule(iteration)) if schedule is not None else factor
+    if schedule is None:
+        return factor
+    value = schedule(iteration)
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        # A negative factor would climb the loss; NaN would end training as a divergence.
+        raise ValueError(f"lr_schedule({iteration}) returned {value!r}; it must give a finite number >= 0")
+    return factor * float(value)
 
 
 def _group_of(name: str, groups: list) -> int | None:
@@ -69,9 +78,11 @@ class Update:
         self.rule_name = rule_name(rule)
         self.per_epoch, self.lr_decay = per_epoch, lr_decay
         groups = list(param_groups or [])
-        for group in groups:
+        for i, group in enumerate(groups):
             if "params" not in group:
                 raise ValueError(f"each param_group needs a 'params' entry, got {sorted(group)}")
+            if isinstance(group["params"], str):  # one name, not the characters of one
+                groups[i] = group = {**group, "params": [group["params"]]}
             schedule = group.get("lr_schedule")
             if schedule is not None and not callable(schedule):
                 raise ValueError(f"a param_group's lr_schedule must be a callable of the iteration, got {schedule!r}")
