@@ -285,8 +285,19 @@ def test_early_stopping_waits_for_patience_checks():
     solver.train()
     # checks at iteration 1 and after epochs 1, 2: the best is the first; two without improvement stop it
     assert len(solver.val_acc_history) == 3 and solver.epoch == 2
-    with pytest.raises(ValueError, match="patience must be at least 1"):
-        EarlyStopping(patience=0)
+    for patience in (0, 2.5):
+        with pytest.raises(ValueError, match=f"patience must be an integer of at least 1, got {patience}"):
+            EarlyStopping(patience=patience)
+    with pytest.raises(ValueError, match="min_delta must be a finite number >= 0, got -0.1"):
+        EarlyStopping(min_delta=-0.1)
+    assert EarlyStopping(patience=np.int64(2)).patience == 2
+
+
+def test_callbacks_and_on_log_that_the_solver_cannot_call_are_refused_up_front():
+    with pytest.raises(ValueError, match=r"callbacks must be xpnet.training.Callback objects .*got <function"):
+        Solver(small_model("numpy"), small_data(), callbacks=[lambda solver: None])
+    with pytest.raises(ValueError, match="on_log must be a function of the logged record, got 'print'"):
+        Solver(small_model("numpy"), small_data(), on_log="print")
 
 
 # ----------------------------------------------------------------------------- generators and any model

@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import optim
 from ..input_checks import as_int
+from .callbacks import Callback
 
 __all__ = ["SolverSettings", "rule_name", "resolve_update_rule"]
 
@@ -112,7 +113,15 @@ class SolverSettings:
             raise ValueError(f"lr_decay must be a finite number > 0, got {decay!r}")
         if self.lr_schedule is not None and not callable(self.lr_schedule):
             raise ValueError(f"lr_schedule must be a callable of the iteration, got {self.lr_schedule!r}")
+        if self.on_log is not None and not callable(self.on_log):
+            raise ValueError(f"on_log must be a function of the logged record, got {self.on_log!r}")
         self.callbacks = list(self.callbacks)
+        for callback in self.callbacks:
+            if not isinstance(callback, Callback):  # the Solver calls each hook the base class defines
+                raise ValueError(
+                    f"callbacks must be xpnet.training.Callback objects (subclass it and override the "
+                    f"hooks you need), got {callback!r}"
+                )
 
     def describe(self) -> dict:
         """The settings a checkpoint records (JSON-ready)."""
