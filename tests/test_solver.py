@@ -391,6 +391,20 @@ def test_bad_settings_are_rejected():
     for name, value in (("num_train_samples", 0), ("num_val_samples", -5), ("num_train_samples", 2.5)):
         with pytest.raises(ValueError, match=f"{name} must be None or a positive integer, got {value}"):
             Solver(model, data, **{name: value})
+    for seed in ("abc", -1, 1.5):  # NumPy's seeding said 'unrecognized seed string' or 'expected non-negative integer'
+        with pytest.raises(ValueError, match=f"seed must be None or a non-negative integer, got {seed!r}"):
+            Solver(model, data, seed=seed)
+    with pytest.raises(ValueError, match="checkpoint_name must be a path"):
+        Solver(model, data, checkpoint_name=123)  # it wrote 123_epoch_1.npz in the working folder
+    for rule, config, message in (
+        ("sgd_momentum", {"momentum": 1.5}, r"momentum must be a finite number in \[0, 1\), got 1.5"),
+        ("adam", {"beta1": 1.0}, r"beta1 must be a finite number in \[0, 1\), got 1.0"),  # bias correction / 0
+        ("adam", {"epsilon": -1e-8}, "epsilon must be a finite number >= 0"),
+        ("rmsprop", {"decay_rate": float("nan")}, r"decay_rate must be a finite number in \[0, 1\), got nan"),
+        ("nesterov_sgd", {"weight_decay": -5e-4}, "weight_decay must be a finite number >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Solver(model, data, update_rule=rule, optim_config=config)
 
 
 def test_check_accuracy_refuses_counts_that_cannot_be_right():

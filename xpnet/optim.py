@@ -191,9 +191,23 @@ CONFIG_KEYS = {
 }
 
 
+# [low, high) of each hyper-parameter beside the learning rate: a momentum or a beta of 1 or
+# more never forgets (Adam's bias correction divides by 0 at beta1 = 1), and a negative
+# epsilon or weight decay turns the update around.
+_RANGES = {
+    "momentum": (0, 1),
+    "beta1": (0, 1),
+    "beta2": (0, 1),
+    "decay_rate": (0, 1),
+    "epsilon": (0, None),
+    "weight_decay": (0, None),
+}
+
+
 def check_config(rule_name: str, config: dict) -> None:
     """ValueError naming the problem when ``config`` has a key ``rule_name`` does not
-    read, or a learning rate that is not a finite number > 0."""
+    read, a learning rate that is not a finite number > 0, or another hyper-parameter
+    outside its range (:data:`_RANGES`)."""
     if rule_name in CONFIG_KEYS:
         hyper, state = CONFIG_KEYS[rule_name]
         unknown = sorted(set(config) - set(hyper) - set(state))
@@ -206,3 +220,11 @@ def check_config(rule_name: str, config: dict) -> None:
     if lr is not None:
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning_rate must be a finite number > 0, got {lr!r}")
+    for key, (low, high) in _RANGES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < low or (high is not None and value >= high):
+            where = f"in [{low}, {high})" if high is not None else f">= {low}"
+            raise ValueError(f"{key} must be a finite number {where}, got {value!r}")
