@@ -227,6 +227,22 @@ def test_tf32_is_refused_on_the_cpu(capsys):
     assert "--tf32: TF32 applies to CUDA GPUs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--repeats", "0", "--repeats: must be a positive integer, got 0"),  # statistics.median of nothing before
+        ("--rows", "0", "--rows: must be a positive integer, got 0"),
+        ("--budget", "0", "--budget: must be > 0, got 0"),
+        ("--runs", "-1", "--runs: must be a positive integer, got -1"),
+    ],
+)
+def test_counts_and_budgets_that_cannot_be_right_are_refused(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as info:
+        bench.main([flag, value, "--config", "16:8"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def _separable_subset(path):
     """CIFAR-shaped rows around ten centres, which the TwoLayerNet needs a few epochs to separate."""
     rng = np.random.default_rng(0)

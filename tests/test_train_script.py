@@ -78,6 +78,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--backend", "tensorflow"], "unknown backend 'tensorflow'"),
         (["--dropout", "1.5"], "probability of dropping a unit"),
         (["--lr", "-1"], "must be > 0"),
+        (["--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),  # NumPy's words before
         (["--hidden-dims", "0"], "positive integer"),
         (["--model", "resnet"], "invalid choice"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),

@@ -112,6 +112,7 @@ def test_space_files_in_json_and_yaml(tmp_path):
         (["--space", "lr=1e-3", "--workers", "2", "--trials-per-gpu", "2"], "choose one of"),
         (["--space", "lr=1e-3", "--trials-per-gpu", "2"], "give --backend cupy"),
         (["--space", "lr=1e-3", "--scheduler", "tcp://127.0.0.1:1"], "needs --storage to be a database"),
+        (["--space", "lr=1e-3", "--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),
     ],
 )
 def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path, capsys):

@@ -41,7 +41,14 @@ import xpnet
 from xpnet.backend import accelerated
 from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_profile, bench_recipe, bench_tta
-from xpnet.cli.common import HelpFormatter, conv_paths_chosen, format_conv_paths, load_npz_arrays
+from xpnet.cli.common import (
+    HelpFormatter,
+    conv_paths_chosen,
+    format_conv_paths,
+    load_npz_arrays,
+    positive_float,
+    positive_int,
+)
 from xpnet.cli.recipe import recipe_settings
 from xpnet.solver import Solver
 
@@ -387,9 +394,9 @@ def main(argv=None):
         type=parse_config,
         help="hidden dims and batch, e.g. 100,100:1024 (repeatable; default: the five standard ones)",
     )
-    p.add_argument("--rows", type=int, default=49000, help="training rows resident on the device")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (the median is reported)")
-    p.add_argument("--budget", type=float, default=0.5, help="seconds per timed repeat (sets the step count)")
+    p.add_argument("--rows", type=positive_int, default=49000, help="training rows resident on the device")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per variant (the median is reported)")
+    p.add_argument("--budget", type=positive_float, default=0.5, help="seconds per timed repeat (sets the step count)")
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch variants")
     p.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph variants")
     p.add_argument("--json", help="write the results here")
@@ -408,7 +415,7 @@ def main(argv=None):
         choices=["fast94"],
         help="train a complete recipe in xpnet and in PyTorch, interleaved (CIFAR-10 from --data-dir or --cifar-npz)",
     )
-    p.add_argument("--runs", type=int, default=5, help="timed runs per side for --recipe")
+    p.add_argument("--runs", type=positive_int, default=5, help="timed runs per side for --recipe")
     p.add_argument(
         "--no-warmup",
         action="store_true",
@@ -446,7 +453,9 @@ def main(argv=None):
     p.add_argument(
         "--tf32", action="store_true", help="TF32 tensor cores for float32 GEMMs on both sides (CUDA backends)"
     )
-    p.add_argument("--ops-batch", type=int, default=1024, help="batch size of --suite ops (the recipe's: 1024)")
+    p.add_argument(
+        "--ops-batch", type=positive_int, default=1024, help="batch size of --suite ops (the recipe's: 1024)"
+    )
     p.add_argument(
         "--warp-plane-sums",
         action="store_true",
@@ -473,9 +482,9 @@ def main(argv=None):
         help="profile the fast recipe's training steps kernel by kernel in xpnet and in PyTorch (PyTorch's "
         "profiler, which on a GPU records CuPy's kernels too); --recipe-set and --tf32 apply",
     )
-    p.add_argument("--profile-steps", type=int, default=5, help="steps of --profile-recipe's profiled epoch")
+    p.add_argument("--profile-steps", type=positive_int, default=5, help="steps of --profile-recipe's profiled epoch")
     p.add_argument("--no-convnet", action="store_true", help="leave out the ThreeLayerConvNet step of --suite conv")
-    p.add_argument("--max-epochs", type=int, default=20, help="give up on --time-to-accuracy after this")
+    p.add_argument("--max-epochs", type=positive_int, default=20, help="give up on --time-to-accuracy after this")
     p.add_argument(
         "--breakdown", action="store_true", help="with --time-to-accuracy: where the seconds go, phase by phase"
     )

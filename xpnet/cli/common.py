@@ -9,7 +9,39 @@ import numpy as np
 
 from xpnet.backend import accelerated
 
-__all__ = ["HelpFormatter", "conv_paths_chosen", "format_conv_paths", "load_npz_arrays"]
+__all__ = [
+    "HelpFormatter",
+    "conv_paths_chosen",
+    "format_conv_paths",
+    "load_npz_arrays",
+    "positive_int",
+    "non_negative_int",
+    "positive_float",
+]
+
+
+def positive_int(text):
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    """An argparse type: an integer >= 0 (a seed, a count that may be zero)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    """An argparse type: a number > 0 (NaN is not)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -18,7 +18,7 @@ import argparse
 import signal
 import sys
 
-from xpnet.cli.common import HelpFormatter
+from xpnet.cli.common import HelpFormatter, non_negative_int, positive_int
 from xpnet.experiment import DATASETS, MODELS, Experiment
 
 INSTALL_HINT = 'xpnet-sweep needs Optuna and Dask: pip install "xpnet[tune]"'
@@ -28,7 +28,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set to train on")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
-    p.add_argument("--num-train", type=int, help="training rows of CIFAR-10 (default 49000)")
+    p.add_argument("--num-train", type=positive_int, help="training rows of CIFAR-10 (default 49000)")
     p.add_argument("--model", choices=MODELS, default="fc", help="network, unless the space searches it")
     p.add_argument("--backend", help="backend of every trial (default: $XPNET_BACKEND, else numpy)")
     p.add_argument("--space", action="append", default=[], metavar="NAME=DIST", help="one searched setting")
@@ -38,7 +38,7 @@ def build_parser():
     p.add_argument(
         "--pruner", choices=["median", "halving", "none"], default="median", help="stopping poor trials at epoch ends"
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial's training")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampler and every trial's training")
     p.add_argument("--workers", type=int, default=0, help="run trials on a local Dask cluster of N processes")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run trials on an existing Dask cluster (tcp://host:8786)")
     p.add_argument("--trials-per-gpu", type=int, default=0, help="K concurrent trials on each GPU (cupy)")

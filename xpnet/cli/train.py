@@ -17,7 +17,14 @@ import time
 
 import xpnet
 from xpnet import data_utils
-from xpnet.cli.common import HelpFormatter, conv_paths_chosen, format_conv_paths
+from xpnet.cli.common import (
+    HelpFormatter,
+    conv_paths_chosen,
+    format_conv_paths,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import (
     MODELS,
@@ -34,24 +41,10 @@ CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"
 FC_ONLY_FLAGS = {"dropout": "--dropout"}
 
 
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def non_negative_float(text):
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
@@ -128,7 +121,7 @@ def build_parser():
     p.add_argument("--reg", type=non_negative_float, default=0.0, help="L2 regularisation strength")
     p.add_argument("--batch-size", type=positive_int, help="minibatch size (default: 100 digits, 200 CIFAR-10)")
     p.add_argument("--epochs", type=positive_int, help="passes over the training set (default: 20 digits, 10 CIFAR-10)")
-    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, minibatches and dropout")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, minibatches and dropout")
     p.add_argument("--print-every", type=positive_int, default=100, help="iterations between loss log lines")
     p.add_argument(
         "--cuda-graph",
