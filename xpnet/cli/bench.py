@@ -497,14 +497,8 @@ def main(argv=None):
         backend = xpnet.get_backend(args.backend)
     except (ValueError, ImportError, RuntimeError) as exc:
         p.error(str(exc))
-    if args.runs < 1:
-        p.error(f"--runs must be at least 1, got {args.runs}")
     if args.warmup_epochs is not None and not args.warmup_epochs > 0:
         p.error(f"--warmup-epochs must be positive, got {args.warmup_epochs}")
-    if args.ops_batch < 1:
-        p.error(f"--ops-batch must be at least 1, got {args.ops_batch}")
-    if args.profile_steps < 1:
-        p.error(f"--profile-steps must be at least 1, got {args.profile_steps}")
     if args.profile_recipe and not _torch_available():
         p.error("--profile-recipe needs PyTorch: its profiler records the kernels, and its side is the baseline")
     # A subset that lacks what a part reads is refused now, not after the suites before that part have run.
