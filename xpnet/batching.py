@@ -42,8 +42,10 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     """
     xp = namespace(X, y)
     batch_size = _positive_count("batch_size", batch_size)
-    if num_samples is not None and X.shape[0] > _positive_count("num_samples", num_samples):
-        X, y = sample_minibatch(X, y, rng, int(num_samples))
+    if num_samples is not None:
+        num_samples = _positive_count("num_samples", num_samples)
+        if X.shape[0] > num_samples:
+            X, y = sample_minibatch(X, y, rng, num_samples)
     n = X.shape[0]
     if n == 0:
         raise ValueError("no rows to score: X is empty")

@@ -13,10 +13,10 @@ code is the reference it is tested against.
 from __future__ import annotations
 
 import math
-import numbers
 
 from .array_types import Array, Config
 from .backend import accelerated, namespace
+from .input_checks import is_number
 
 __all__ = [
     "sgd",
@@ -218,13 +218,12 @@ def check_config(rule_name: str, config: dict) -> None:
             )
     lr = config.get("learning_rate")
     if lr is not None:
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning_rate must be a finite number > 0, got {lr!r}")
     for key, (low, high) in _RANGES.items():
         value = config.get(key)
         if value is None:
             continue
-        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or value < low or (high is not None and value >= high):
+        if not is_number(value) or not math.isfinite(value) or value < low or (high is not None and value >= high):
             where = f"in [{low}, {high})" if high is not None else f">= {low}"
             raise ValueError(f"{key} must be a finite number {where}, got {value!r}")

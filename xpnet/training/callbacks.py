@@ -117,11 +117,12 @@ class EarlyStopping(Callback):
     for ``patience`` accuracy checks in a row (the best parameters are then restored)."""
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0):
-        if as_int(patience) is None or patience < 1:
+        checks = as_int(patience)
+        if checks is None or checks < 1:
             raise ValueError(f"patience must be an integer of at least 1, got {patience!r}")
         if not is_number(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-        self.patience, self.min_delta = as_int(patience), float(min_delta)
+        self.patience, self.min_delta = checks, float(min_delta)
         self.best, self.waited = None, 0
 
     def on_log(self, solver, record):
