@@ -604,6 +604,9 @@ def test_fast94_refuses_bad_data_and_settings():
         fast94({**data, "X_train": np.zeros((8, 32, 32))}, backend="numpy")
     with pytest.raises(ValueError, match="y_test must be"):
         fast94({**data, "y_test": np.full(4, 12)}, backend="numpy")
+    for seed in (-1, "a", 1.5):  # NumPy's seeding said 'expected non-negative integer'
+        with pytest.raises(ValueError, match=f"fast94: seed must be a non-negative integer, got {seed!r}"):
+            fast94(data, backend="numpy", seed=seed)
 
 
 def test_fast_conv_net_trains_with_the_solver_and_its_state_round_trips(tmp_path):

@@ -250,6 +250,11 @@ def test_numpy_integers_size_the_nets_as_python_ints_do():
             np.testing.assert_array_equal(numpy_sized.params[name], value)
         assert type(numpy_sized.num_classes) is int and type(numpy_sized.input_dim) in (int, tuple)
     assert type(pairs[3][0].conv_param["pad"]) is int
+    for make in (lambda s: xpnet.FullyConnectedNet([5], input_dim=4, seed=s), lambda s: ThreeLayerConvNet(seed=s),
+                 lambda s: neural_net.TwoLayerNet(4, 5, 3, seed=s)):  # fmt: skip
+        for seed in (-1, "a", 1.5):  # NumPy's seeding said 'expected non-negative integer' or 'expects int'
+            with pytest.raises(ValueError, match=f"seed must be None or a non-negative integer, got {seed!r}"):
+                make(seed)
     for flag in (True, np.True_):  # a bool is not a size
         with pytest.raises(ValueError, match="hidden_dims must be a positive integer or a list of them"):
             fc_net.TwoLayerNet(hidden_dims=flag)

@@ -90,9 +90,11 @@ class Model:
     def _init_rng(self, seed, rng=None):
         """The generator for initialisation: ``rng`` if given, else one seeded with
         ``seed``, else the backend's shared one."""
+        if seed is not None and (as_int(seed) is None or seed < 0):  # NumPy's seeding would not name it
+            raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
         if rng is not None:
             return rng
-        return self.backend.default_rng() if seed is None else self.backend.rng(seed)
+        return self.backend.default_rng() if seed is None else self.backend.rng(as_int(seed))
 
     def _weight(self, rng, shape, std):
         return rng.normal(shape, std=std, dtype=self.dtype)

@@ -383,6 +383,9 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
         :class:`Fast94Result`.
     """
     settings = Fast94Settings().with_overrides(overrides)
+    if as_int(seed) is None or seed < 0:  # checked before the data moves; NumPy's seeding would not name it
+        raise ValueError(f"fast94: seed must be a non-negative integer, got {seed!r}")
+    seed = as_int(seed)
     backend = get_backend(backend)
     arrays = device_data(backend, data, settings.dtype)
     if (warmup is None and backend.is_gpu) or warmup:
