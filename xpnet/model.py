@@ -4,11 +4,10 @@ how it takes input."""
 from __future__ import annotations
 
 import math
-import numbers
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import tree_to_device, tree_to_host
-from .input_checks import as_int
+from .input_checks import as_int, is_number
 from .layers import BATCHNORM_KEYS
 
 __all__ = ["Model", "backend_for", "param_dtype", "input_preparers", "model_state", "load_model_state"]
@@ -204,7 +203,7 @@ def check_num_classes(value) -> int:
 def check_finite(name: str, value, minimum=None) -> float:
     """``value`` as a float, or ValueError naming ``name`` when it is not a finite number
     (or is below ``minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -227,7 +226,7 @@ def check_hidden_dims(hidden_dims) -> list:
 
 def check_keep_ratio(keep_ratio) -> float:
     """The probability of keeping a unit, or ValueError when it is outside (0, 1]."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
+    if not is_number(keep_ratio) or not 0 < keep_ratio <= 1:
         raise ValueError(
             f"dropout_keep_ratio is the probability of keeping a unit and must be in (0, 1], got {keep_ratio!r}"
         )
@@ -236,6 +235,6 @@ def check_keep_ratio(keep_ratio) -> float:
 
 def check_dropout(dropout) -> float:
     """The dropout probability, or ValueError when it is outside [0, 1)."""
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout is the probability of dropping a unit and must be in [0, 1), got {dropout!r}")
     return float(dropout)

@@ -17,7 +17,6 @@ building the network.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,7 +28,7 @@ from ..backend import Backend, get_backend
 from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
-from ..input_checks import as_int
+from ..input_checks import as_int, is_number
 from ..model import check_input_dim
 from ..training.graph import GraphReplay
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
@@ -169,7 +168,7 @@ def _checked(name: str, value, default):
         value = as_int(value) if ok else value
     elif isinstance(default, float):
         kind = "a finite number"
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = is_number(value) and math.isfinite(value)
         value = float(value) if ok else value  # NumPy's floats too, as Python floats: the settings go to JSON
     else:
         kind, ok = f"of type {type(default).__name__}", isinstance(value, type(default))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import optim
-from ..input_checks import as_int
+from ..input_checks import as_int, is_number
 from .callbacks import Callback
 
 __all__ = ["SolverSettings", "rule_name", "resolve_update_rule"]
@@ -110,7 +109,7 @@ class SolverSettings:
                 raise ValueError(f"{name} must be {kind}, got {value!r}")
             setattr(self, name, number)  # a Python int: checkpoints record it as JSON
         decay = self.lr_decay
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) or decay <= 0:
+        if not is_number(decay) or not math.isfinite(decay) or decay <= 0:
             raise ValueError(f"lr_decay must be a finite number > 0, got {decay!r}")
         if self.lr_schedule is not None and not callable(self.lr_schedule):
             raise ValueError(f"lr_schedule must be a callable of the iteration, got {self.lr_schedule!r}")
