@@ -444,6 +444,25 @@ def test_resume_with_the_same_settings_changes_nothing(tmp_path):
     assert same.optim_configs["W1"]["learning_rate"] == pytest.approx(1e-2 * 0.5)
 
 
+def test_resume_on_another_generator_says_that_the_draws_differ(tmp_path, capsys):
+    """A NumPy run resumed on PyTorch cannot repeat the uninterrupted run: the resume says so."""
+    pytest.importorskip("torch")
+    _, path = trained_checkpoint(tmp_path)
+    options = dict(update_rule="adam", batch_size=50, num_epochs=1)
+    moved = Solver(small_model("torch:cpu"), small_data(), seed=0, **options)
+    moved.resume(path)
+    note = (
+        "random draws by the torch:cpu generator (the checkpoint's run used numpy's): minibatches, "
+        "dropout masks and accuracy subsamples differ from an uninterrupted run from here on"
+    )
+    assert moved.resume_changes == [note] and f"resume: {note}" in capsys.readouterr().out
+    # the same generator (array-api-strict draws with NumPy's), or no seed to repeat: nothing to say
+    for spec, seed in (("array_api_strict:device1", 0), ("torch:cpu", None)):
+        quiet = Solver(small_model(spec), small_data(), seed=seed, verbose=False, **options)
+        quiet.resume(path)
+        assert quiet.resume_changes == ([] if seed == 0 else ["seed = None (the checkpoint has 0)"])
+
+
 def test_resume_settings_passed_win_and_every_difference_is_printed(tmp_path, capsys):
     _, path = trained_checkpoint(tmp_path, optim_config={"learning_rate": 1e-2}, lr_decay=0.5)
     changed = Solver(

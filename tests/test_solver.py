@@ -168,12 +168,13 @@ def test_checkpoint_moves_between_backends(tmp_path):
     first.train()
     state = load_checkpoint(tmp_path / "np_epoch_2.npz")
     assert isinstance(state["model"]["params"]["W1"], np.ndarray)
-    assert state["epoch"] == 2 and state["rng"] == {"seed": 0, "epoch": 2}
+    assert state["epoch"] == 2 and state["rng"] == {"seed": 0, "epoch": 2, "stream": "numpy"}
     assert state["settings"]["update_rule"] == "sgd_momentum"
     assert "velocity" in state["optim_configs"]["W1"]
 
     other = Solver(small_model("array_api_strict:device1"), data, **{**options, "num_epochs": 3})
     other.resume(tmp_path / "np_epoch_2.npz")
+    assert other.resume_changes == ["num_epochs = 3 (the checkpoint has 2)"]  # and no note on the draws
     np.testing.assert_array_equal(to_np(other.model.params["W2"]), state["model"]["params"]["W2"])
     other.train()
     assert other.epoch == 3

@@ -179,6 +179,11 @@ class Backend:
         """A new generator on this device; ``seed`` is None, an int or a sequence of ints."""
         return self.rng_class(self, seed)
 
+    @property
+    def random_stream(self) -> str:
+        """Names the generator behind :meth:`rng`: backends that share the name draw the same numbers from a seed."""
+        return "numpy"
+
     def default_rng(self) -> DeviceRNG:
         """The backend's shared generator, for code that is given none (course-style calls)."""
         with self._rng_lock:

@@ -46,6 +46,10 @@ class CupyBackend(Backend):
     def device_index(self) -> int:
         return self.device.id
 
+    @property
+    def random_stream(self) -> str:
+        return "cupy"
+
     def owns(self, x) -> bool:
         return isinstance(x, self.lib.ndarray) and x.device.id == self.device.id
 

@@ -57,6 +57,10 @@ class TorchBackend(Backend):
         return x.detach().cpu().numpy()
 
     @property
+    def random_stream(self) -> str:
+        return f"torch:{self.device.type}"  # the CPU and CUDA generators draw differently from one seed
+
+    @property
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return self.lib.cuda.get_device_name(self.device)

@@ -26,8 +26,8 @@ def solver_state(solver) -> dict:
         "val_acc_history": list(solver.val_acc_history),
         "best_val_acc": solver.best_val_acc,
         "best_params": tree_to_host(solver.best_params, solver.backend),
-        # The generators are re-derived from (seed, epoch): this is their whole state.
-        "rng": {"seed": solver.seed, "epoch": solver.epoch},
+        # The generators are re-derived from (seed, epoch) by the named generator: this is their whole state.
+        "rng": {"seed": solver.seed, "epoch": solver.epoch, "stream": solver.backend.random_stream},
         "settings": solver.settings.describe(),
     }
 
@@ -56,6 +56,16 @@ def settings_changes(saved: dict, mine: dict) -> list:
     return changes
 
 
+def random_stream_change(saved, mine) -> list:
+    """A note when the checkpoint's random draws came from another generator (none for old checkpoints)."""
+    if saved is None or saved == mine:
+        return []
+    return [
+        f"random draws by the {mine} generator (the checkpoint's run used {saved}'s): minibatches, dropout "
+        "masks and accuracy subsamples differ from an uninterrupted run from here on"
+    ]
+
+
 def restore_solver(solver, path, trust_pickle=False) -> list:
     """Load ``path`` into ``solver``; returns the list of setting changes (this Solver's win)."""
     state = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -79,6 +89,10 @@ def restore_solver(solver, path, trust_pickle=False) -> list:
     for key in ("loss_history", "train_acc_history", "val_acc_history"):
         setattr(solver, key, list(state[key]))
     solver.update.set_host_learning_rates(solver.iteration)
+    if solver.seed is not None:  # unseeded draws never repeat, on any generator
+        saved_rng = state.get("rng")
+        saved_stream = saved_rng.get("stream") if isinstance(saved_rng, dict) else None
+        changes += random_stream_change(saved_stream, solver.backend.random_stream)
     if any(c.startswith(("lr_decay", "optim_config['learning_rate']")) for c in changes):
         lr = next((c["learning_rate"] for c in solver.optim_configs.values() if "learning_rate" in c), None)
         changes.append(f"learning rate at epoch {solver.epoch}: {lr:g}")
