@@ -260,6 +260,13 @@ def test_resume_rejects_missing_and_corrupt_files(tmp_path):
     solver = Solver(small_model("numpy"), small_data(), verbose=False)
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         solver.resume(tmp_path / "nope.npz")
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give one file in it$"):
+        solver.resume(tmp_path)
+    for epoch in (2, 1):  # epoch 1 written last
+        (tmp_path / f"run_epoch_{epoch}.npz").write_bytes(b"")
+        os.utime(tmp_path / f"run_epoch_{epoch}.npz", (epoch * 1000, (3 - epoch) * 1000))
+    with pytest.raises(IsADirectoryError, match=r"give one file in it, e\.g\. '.*run_epoch_1\.npz'"):
+        solver.resume(tmp_path)
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(ValueError, match="bad.npz.*corrupt"):

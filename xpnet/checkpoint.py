@@ -171,6 +171,14 @@ def _decode(tree, members, path):
     return tree
 
 
+def _newest_checkpoint_hint(folder: str) -> str:
+    """', e.g. <the newest .npz in folder>' (the likeliest one meant), or '' when it has none."""
+    files = [entry for entry in os.scandir(folder) if entry.name.endswith(".npz") and entry.is_file()]
+    if not files:
+        return ""
+    return f", e.g. {os.path.join(folder, max(files, key=lambda entry: entry.stat().st_mtime).name)!r}"
+
+
 def load_checkpoint(path, trust_pickle: bool = False) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -182,6 +190,8 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
     (a ValueError) naming the file for anything that is not a sound checkpoint.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give one file in it{_newest_checkpoint_hint(path)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     with open(path, "rb") as f:
