@@ -41,8 +41,11 @@ def test_affine_backward(backend, np_rng):
 
 def test_affine_rejects_mismatched_shapes(backend):
     x = arr(backend, np.ones((2, 5)))
-    with pytest.raises(ValueError, match=r"flattens to 5 features but w \(4, 3\) expects 4"):
+    with pytest.raises(ValueError, match=r"flattens to 5 features but w \(4, 3\) expects 4$"):
         layers.affine_forward(x, arr(backend, np.ones((4, 3))), arr(backend, np.ones(3)))
+    # one example without its batch dimension: (5,) is five rows of one feature
+    with pytest.raises(ValueError, match=r"x \(5,\) flattens to 1 features .* give a batch of one: x\[None\]$"):
+        layers.affine_forward(arr(backend, np.ones(5)), arr(backend, np.ones((5, 3))), arr(backend, np.ones(3)))
     with pytest.raises(ValueError, match="b"):
         layers.affine_forward(x, arr(backend, np.ones((5, 3))), arr(backend, np.ones(2)))
 

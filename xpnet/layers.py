@@ -84,6 +84,7 @@ def affine_input(x: Array, w: Array, b: Array) -> Array:
         raise ValueError(
             f"affine_forward: x {tuple(x.shape)} flattens to {x2.shape[1]} features "
             f"but w {tuple(w.shape)} expects {w.shape[0]}"
+            + ("; for one example, give a batch of one: x[None]" if math.prod(x.shape) == w.shape[0] else "")
         )
     return x2
 
