@@ -338,6 +338,28 @@ def test_spatial_batchnorm_gelu_backward(backend, np_rng):
             check_backward(backend, forward, (x, gamma, beta), (dx, dgamma, dbeta), dout, tol=1e-6)
 
 
+def test_backward_after_a_test_mode_forward_is_refused_by_name(backend, np_rng):
+    """A test-mode batchnorm keeps no cache; each backward pass says so rather than failing to unpack None."""
+    x2, x4 = arr(backend, np_rng.standard_normal((4, 3))), arr(backend, np_rng.standard_normal((2, 3, 4, 4)))
+    gamma, beta = arr(backend, np.ones(3)), arr(backend, np.zeros(3))
+    for forward, backward, x in (
+        (layers.batchnorm_forward, layers.batchnorm_backward, x2),
+        (layers.batchnorm_forward, layers.batchnorm_backward_alt, x2),
+        (layers.spatial_batchnorm_forward, layers.spatial_batchnorm_backward, x4),
+        (layers.spatial_batchnorm_gelu_forward, layers.spatial_batchnorm_gelu_backward, x4),
+    ):
+        out, cache = forward(x, gamma, beta, {"mode": "test"})
+        assert cache is None
+        with pytest.raises(
+            ValueError, match=f"^{backward.__name__}: the cache is None, .* forward pass in train mode$"
+        ):
+            backward(out, cache)
+    w, b = arr(backend, np_rng.standard_normal((3, 3, 3, 3))), arr(backend, np.zeros(3))
+    out, cache = layer_utils.conv_bn_relu_forward(x4, w, b, gamma, beta, {"stride": 1, "pad": 1}, {"mode": "test"})
+    with pytest.raises(ValueError, match="^spatial_batchnorm_backward: the cache is None"):
+        layer_utils.conv_bn_relu_backward(out, cache)
+
+
 def test_spatial_groupnorm_normalises_each_group(backend):
     rng = np.random.RandomState(231)
     N, C, H, W, G = 2, 6, 4, 5, 2

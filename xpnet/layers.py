@@ -414,6 +414,16 @@ def update_running_statistics(bn_param: dict, mean: Array, var: Array, count: in
         running += (1 - momentum) * batch_value
 
 
+def train_mode_cache(function: str, cache: Cache) -> Cache:
+    """``cache``, or ValueError naming ``function`` for None, the cache of a test-mode forward pass."""
+    if cache is None:
+        raise ValueError(
+            f"{function}: the cache is None, which a forward pass in test mode returns: "
+            "gradients need the cache of a forward pass in train mode"
+        )
+    return cache
+
+
 def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of batchnorm, step by step through the computational graph.
 
@@ -422,7 +432,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     Returns:
         dx (N, D), dgamma (D,), dbeta (D,).
     """
-    x_hat, centered, std, gamma, _ = cache
+    x_hat, centered, std, gamma, _ = train_mode_cache("batchnorm_backward", cache)
     xp = namespace(dout, x_hat)
     n = dout.shape[0]
     dbeta = xp.sum(dout, axis=0)
@@ -443,7 +453,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
 
 def batchnorm_backward_alt(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of batchnorm in simplified closed form (same result, fewer passes)."""
-    return _normalize_backward_compact(dout, cache)
+    return _normalize_backward_compact(dout, train_mode_cache("batchnorm_backward_alt", cache))
 
 
 def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tuple[Array, Cache]:

@@ -18,6 +18,7 @@ from .layers import (
     gelu_forward,
     normalization_eps,
     normalized_input_grad,
+    train_mode_cache,
     update_running_statistics,
 )
 from .precision import narrowed, widened
@@ -88,17 +89,18 @@ def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
     fast = accelerated(x)
     if fast is not None:
         return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param, name, gelu)
-    out, cache = batchnorm_forward(_to_rows(xp, widened(xp, x)), widened(xp, gamma), widened(xp, beta), bn_param)
-    out, cache = _from_rows(xp, narrowed(xp, out, x.dtype), x.shape), (cache, tuple(x.shape))
-    if not gelu:
-        return out, cache
-    out, gelu_cache = gelu_forward(out)
-    return out, (cache, gelu_cache)
+    out, rows_cache = batchnorm_forward(_to_rows(xp, widened(xp, x)), widened(xp, gamma), widened(xp, beta), bn_param)
+    out = _from_rows(xp, narrowed(xp, out, x.dtype), x.shape)
+    cache = None if rows_cache is None else (rows_cache, tuple(x.shape))  # None in test mode, as fused
+    if gelu:
+        out, gelu_cache = gelu_forward(out)
+        cache = None if cache is None else (cache, gelu_cache)
+    return out, cache
 
 
 def _fused_cache(name, dout, cache) -> _FusedBatchnormCache | None:
     """``cache`` if the fused kernels made it (after checking dout's shape against it), else None."""
-    if not isinstance(cache, _FusedBatchnormCache):
+    if not isinstance(train_mode_cache(name, cache), _FusedBatchnormCache):
         return None
     if tuple(dout.shape) != tuple(cache.x_hat.shape):
         raise ValueError(f"{name}: dout has shape {tuple(dout.shape)}, expected {tuple(cache.x_hat.shape)}")
