@@ -384,7 +384,7 @@ def run_conv_suite(backend, args, on_progress=None) -> dict:
     return tables
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--backend", default="numpy", help="backend spec: numpy, cupy, cupy:N, torch, ...")
     p.add_argument(
@@ -488,6 +488,11 @@ def main(argv=None):
     p.add_argument(
         "--breakdown", action="store_true", help="with --time-to-accuracy: where the seconds go, phase by phase"
     )
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.suite is None:
         args.suite = "none" if args.recipe else "fc"
