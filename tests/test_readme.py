@@ -13,6 +13,7 @@ from xpnet.backend import current_backend, registry
 from xpnet.cli import bench, sweep, train
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+NOXFILE = (Path(__file__).resolve().parents[1] / "noxfile.py").read_text()
 PARSERS = {"train": train.build_parser, "bench": bench.build_parser, "sweep": sweep.build_parser}
 
 
@@ -143,3 +144,9 @@ def test_every_command_in_the_readme_parses(name, text, capsys):
         PARSERS[name]().parse_args(argv)
     except SystemExit:
         pytest.fail(f"README's `{text}` does not parse: {capsys.readouterr().err.strip().splitlines()[-1]}")
+
+
+def test_every_nox_session_the_readme_names_exists():
+    sessions = set(re.findall(r"^@nox\.session(?:\(.*\))?\n(?:@.*\n)*def (\w+)", NOXFILE, re.M))
+    named = {name for command in re.findall(r"nox -s ([\w ]+)", README) for name in command.split()}
+    assert named >= {"tests", "lint", "gpu", "bench", "kernels"} and named <= sessions, (named, sessions)
