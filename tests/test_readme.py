@@ -94,9 +94,12 @@ def test_the_solver_example_trains_and_checkpoints(cifar_home, capsys):
          ("batch_size=200, num_epochs=15", "batch_size=20, num_epochs=2")],
     )  # fmt: skip
     scope = run_example(code)
-    assert sorted(p.name for p in (cifar_home / "runs").iterdir()) == ["cifar_epoch_1.npz", "cifar_epoch_2.npz"]
+    written = sorted(p.name for p in (cifar_home / "runs").iterdir())
+    assert written == ["cifar_epoch_1.npz", "cifar_epoch_2.npz", "cifar_model.npz"]
     best, test_accuracy = (float(v) for v in capsys.readouterr().out.split()[-2:])
-    assert best == scope["solver"].best_val_acc and 0 <= test_accuracy <= 1
+    assert best == scope["solver"].best_val_acc
+    # the reloaded model predicts what the trained one scored
+    assert np.mean(np.asarray(scope["predictions"]) == scope["data"]["y_test"]) == test_accuracy
 
 
 def test_the_recipe_example_runs_and_its_saved_model_scores_as_the_run_did(cifar_home):

@@ -104,6 +104,22 @@ def test_a_model_state_with_other_normalisation_layers_is_refused_whole():
         np.testing.assert_array_equal(to_np(value), before[name])
 
 
+def test_a_model_saved_alone_or_by_the_solver_loads_for_inference_on_another_backend(tmp_path):
+    solver, path = trained_checkpoint(tmp_path)
+    save_checkpoint(tmp_path / "model.npz", solver.model.state_dict())
+    X = small_data()["X_val"]
+    expected = to_np(solver.model.predict(X))
+    for state in (load_checkpoint(tmp_path / "model.npz"), load_checkpoint(path)["model"]):
+        model = small_model("array_api_strict:device1")
+        model.load_state_dict(state)
+        np.testing.assert_array_equal(to_np(model.predict(X)), expected)
+    # the whole Solver checkpoint, or something else, is named as not being a model's state
+    with pytest.raises(ValueError, match=r"got \['best_params', .*\] \(a Solver checkpoint keeps it under 'model'"):
+        model.load_state_dict(load_checkpoint(path))
+    with pytest.raises(ValueError, match=r"a dict with 'params' and 'buffers', as state_dict\(\) returns; got list$"):
+        model.load_state_dict([])
+
+
 def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
     with pytest.raises(TypeError, match="cannot hold a object"):
         save_checkpoint(tmp_path / "c.npz", {"thing": object()})

@@ -151,6 +151,13 @@ def model_state(model, backend) -> dict:
 
 def load_model_state(model, state: dict, backend) -> None:
     """Load what :func:`model_state` returned (from any backend) onto ``backend``."""
+    if not isinstance(state, dict) or not {"params", "buffers"} <= set(state):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        hint = " (a Solver checkpoint keeps it under 'model': pass load_checkpoint(path)['model'])"
+        raise ValueError(
+            f"a model state is a dict with 'params' and 'buffers', as state_dict() returns; got {keys}"
+            + (hint if isinstance(state, dict) and "model" in state else "")
+        )
     if set(model.params) != set(state["params"]):
         raise ValueError(
             f"checkpoint parameters {sorted(state['params'])} do not match the model's {sorted(model.params)}"
