@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from helpers import write_fake_cifar
 
+import xpnet
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
 
@@ -140,6 +142,10 @@ def test_visualize_grid_tiles_images():
     assert (grid[2, :, :] == 0).all()  # padding row
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         visualize_grid(np.zeros((2, 3)))
+    # a model's weights on a device that NumPy cannot read directly, and nested lists
+    on_device = xpnet.get_backend("array_api_strict:device1").asarray(images)
+    np.testing.assert_array_equal(visualize_grid(on_device, ubound=1.0), grid)
+    np.testing.assert_array_equal(visualize_grid(images.tolist(), ubound=1.0), grid)
 
 
 def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp_path):

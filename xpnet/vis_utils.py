@@ -8,6 +8,8 @@ from math import ceil, sqrt
 
 import numpy as np
 
+from .backend import to_numpy
+
 __all__ = ["visualize_grid", "plot_history", "new_figure"]
 
 
@@ -15,13 +17,13 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
     """Tile a batch of images into one image.
 
     Args:
-        Xs: (N, H, W, C) NumPy array of images.
+        Xs: (N, H, W, C) images: an array of any backend (copied to the host), or nested lists.
         ubound: output values are scaled to [0, ubound].
         padding: pixels between tiles.
     Returns:
         (G·(H+padding)-padding, G·(W+padding)-padding, C) array with G = ceil(sqrt(N)).
     """
-    Xs = np.asarray(Xs)
+    Xs = np.asarray(Xs) if isinstance(Xs, (list, tuple)) else to_numpy(Xs)  # a GPU array: copied once
     if Xs.ndim != 4:
         raise ValueError(f"visualize_grid expects (N, H, W, C) images, got shape {Xs.shape}")
     N, H, W, C = Xs.shape
