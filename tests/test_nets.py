@@ -358,3 +358,39 @@ def test_monolithic_net_trains_on_separable_data(backend, np_rng):
     predictions = model.predict(backend.asarray(X_np[250:]))
     assert backend_of(predictions) == backend
     assert np.mean(to_np(predictions) == y_np[250:]) > 0.95
+
+
+# ----------------------------------------------------------------------------- np.random.seed, as in the course
+def test_the_course_toy_two_layer_net_gives_the_scores_and_loss_the_course_printed():
+    """ECE C147/C247's two-layer notebook seeds NumPy's global generator before building its toy
+    net; the scores and loss it checks against are printed in the course's notebook."""
+    np.random.seed(0)
+    net = neural_net.TwoLayerNet(4, 10, 3, std=1e-1)
+    np.random.seed(1)
+    X, y = 10 * np.random.randn(5, 4), np.array([0, 1, 2, 2, 1])
+    correct_scores = np.asarray([
+        [-1.07260209, 0.05083871, -0.87253915],
+        [-2.02778743, -0.10832494, -1.52641362],
+        [-0.74225908, 0.15259725, -0.39578548],
+        [-0.38172726, 0.10835902, -0.17328274],
+        [-0.64417314, -0.18886813, -0.41106892],
+    ])  # fmt: skip
+    np.testing.assert_allclose(net.loss(X), correct_scores, atol=5e-9)
+    assert abs(float(net.loss(X, y, reg=0.05)[0]) - 1.071696123862817) < 1e-12
+
+
+@pytest.mark.parametrize("spec", ["numpy", "array_api_strict:device1"])
+def test_unseeded_draws_on_numpy_come_from_numpys_global_generator(spec):
+    """The course's `np.random.seed(231)` before a model seeds its weights (drawn in float64 and cast,
+    as the course's `weight_scale * np.random.randn(...)` then `astype`) and the shared generator."""
+    backend = xpnet.get_backend(spec)
+    np.random.seed(231)
+    model = xpnet.FullyConnectedNet([6, 7], input_dim=5, num_classes=3, weight_scale=5e-2, backend=backend)
+    np.random.seed(231)
+    expected = [5e-2 * np.random.randn(5, 6), 5e-2 * np.random.randn(6, 7), 5e-2 * np.random.randn(7, 3)]
+    for i, weights in enumerate(expected, start=1):
+        np.testing.assert_array_equal(to_np(model.params[f"W{i}"]), weights.astype(np.float32))
+    backend.seed(4)
+    drawn = to_np(backend.default_rng().uniform((3,), dtype="float64"))
+    np.random.seed(4)
+    np.testing.assert_array_equal(drawn, np.random.random_sample(3))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "DeviceRNG", "CapturedGraph", "seed_to_int"]
+__all__ = ["Backend", "DeviceRNG", "NumpyGlobalRNG", "CapturedGraph", "seed_to_int"]
 
 
 def seed_to_int(seed) -> int | None:
@@ -75,6 +75,33 @@ class DeviceRNG:
     def permutation(self, n: int) -> Any:
         """A random permutation of ``range(n)`` as an int64 array of shape (n,)."""
         return self.backend.asarray(self._gen.permutation(n).astype(np.int64))
+
+
+class NumpyGlobalRNG(DeviceRNG):
+    """NumPy's global generator (``np.random.seed``, ``np.random.randn``): the shared generator of
+    the backends that draw with NumPy on the host. A course notebook seeds it with
+    ``np.random.seed(0)`` before building a model, and gets the weights the course printed."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.seed = backend, None
+
+    def _host(self, values, dtype):
+        """Draws made in float64, as the course's ``std * np.random.randn(...)``, then cast."""
+        dt = self._np_dtype(dtype)
+        return self.backend.asarray(values if values.dtype == dt else values.astype(dt))
+
+    def integers(self, low, high, size):
+        return self.backend.asarray(np.random.randint(low, high, size=size, dtype=np.int64))
+
+    def normal(self, shape, std=1.0, dtype=None):
+        out = np.random.standard_normal(shape)
+        return self._host(std * out if std != 1.0 else out, dtype)
+
+    def uniform(self, shape, dtype=None):
+        return self._host(np.random.random_sample(shape), dtype)
+
+    def permutation(self, n):
+        return self.backend.asarray(np.random.permutation(n).astype(np.int64))
 
 
 class Backend:
@@ -184,15 +211,23 @@ class Backend:
         """Names the generator behind :meth:`rng`: backends that share the name draw the same numbers from a seed."""
         return "numpy"
 
+    @property
+    def _draws_with_numpy(self) -> bool:
+        return self.rng_class is DeviceRNG
+
     def default_rng(self) -> DeviceRNG:
-        """The backend's shared generator, for code that is given none (course-style calls)."""
+        """The backend's shared generator, for code that is given none (course-style calls): NumPy's
+        global one (:class:`NumpyGlobalRNG`) where the backend draws with NumPy, else one of its own."""
         with self._rng_lock:
             if self._default_rng is None:
-                self._default_rng = self.rng()
+                self._default_rng = NumpyGlobalRNG(self) if self._draws_with_numpy else self.rng()
             return self._default_rng
 
     def seed(self, seed) -> None:
-        """Re-seed the backend's shared generator (like ``np.random.seed``)."""
+        """Re-seed the backend's shared generator (where that is NumPy's global one: ``np.random.seed``)."""
+        if self._draws_with_numpy:
+            np.random.seed(seed)
+            return
         with self._rng_lock:
             self._default_rng = self.rng(seed)
 
