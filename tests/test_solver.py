@@ -479,3 +479,24 @@ def test_a_hand_written_model_may_leave_a_parameter_out_with_none():
     model = _HandWrittenModel(lambda g: g.update(b=None))
     Solver(model, small_data(), batch_size=20, num_epochs=1, verbose=False, optim_config={"learning_rate": 0.1}).train()
     assert not model.params["b"].any() and model.params["W"].any()
+
+
+def test_an_unseeded_run_repeats_after_seeding_the_shared_generator(backend):
+    """With seed=None the Solver draws from the backend's shared generator, so seeding that (on
+    NumPy: np.random.seed, as a course notebook does) repeats minibatches, dropout and subsamples."""
+
+    def run():
+        model = small_model(backend, dropout=0.3, seed=0)
+        solver = Solver(model, small_data(), batch_size=20, num_epochs=2, num_train_samples=50, verbose=False)
+        solver.train()
+        return solver.loss_history, solver.train_acc_history, to_np(model.params["W1"])
+
+    backend.seed(231)
+    first = run()
+    backend.seed(231)
+    again = run()
+    assert first[:2] == again[:2]
+    np.testing.assert_array_equal(first[2], again[2])
+    if backend.name == "numpy":
+        np.random.seed(231)
+        assert run()[0] == first[0]

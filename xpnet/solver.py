@@ -92,9 +92,12 @@ class Solver:
 
     # ------------------------------------------------------------------ training
     def _start_epoch(self, epoch: int):
-        """Generators for one epoch from (seed, epoch): a resumed run draws what an uninterrupted one would."""
-        seeds = [None] * 3 if self.seed is None else [(self.seed, epoch, k) for k in range(3)]
-        self._rngs = [self.backend.rng(s) for s in seeds]  # sampling, the model's draws, accuracy subsamples
+        """Generators for one epoch from (seed, epoch): a resumed run draws what an uninterrupted one would.
+        Without a seed, the backend's shared generator (on NumPy, np.random's: the course's Solver draws there)."""
+        if self.seed is None:
+            self._rngs = [self.backend.default_rng()] * 3
+        else:  # sampling, the model's draws, accuracy subsamples
+            self._rngs = [self.backend.rng((self.seed, epoch, k)) for k in range(3)]
         self.sampler.start_epoch(self._rngs[0])
         if hasattr(self.model, "rng"):
             self.model.rng = self._rngs[1]

@@ -53,7 +53,8 @@ class SolverSettings:
         verbose: print the course's progress lines; progress: a progress bar (None:
             when verbose and on a terminal).
         seed: makes minibatches, accuracy subsamples and dropout masks reproducible
-            (and a resumed run equal to an uninterrupted one).
+            (and a resumed run equal to an uninterrupted one). None: they come from the
+            backend's shared generator, on NumPy np.random's (``np.random.seed`` repeats a run).
         on_log: called with a dict of Python numbers at each logging point; returning
             False ends training there (the best parameters are restored).
         callbacks: more :class:`~xpnet.training.Callback` objects.
