@@ -52,6 +52,7 @@ class TransferCounter:
         "__index__",
         "__complex__",
         "__array__",
+        "__buffer__",  # what np.asarray reads on Python 3.12+ with NumPy 2.5
         "__dlpack__",
         "__iter__",
     )
@@ -64,8 +65,9 @@ class TransferCounter:
         self._moved = []  # arrays just copied to the CPU: reading them is part of that one transfer
         array_class = type(array_api_strict.asarray(0.0))
         for name in self.METHODS:
-            original = getattr(array_class, name)
-            monkeypatch.setattr(array_class, name, self._wrap(name, original))
+            original = getattr(array_class, name, None)
+            if original is not None:
+                monkeypatch.setattr(array_class, name, self._wrap(name, original))
         original_to_device = array_class.to_device
 
         def to_device(this, device, *args, **kwargs):
