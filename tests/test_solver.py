@@ -11,7 +11,7 @@ from helpers import small_data, small_model, to_np
 import xpnet
 from xpnet.checkpoint import load_checkpoint
 from xpnet.solver import Solver
-from xpnet.training import Checkpointer
+from xpnet.training import Callback, Checkpointer
 from xpnet.training.interrupts import interrupts_held
 
 # The Solver tests run on every backend of the suite ($XPNET_TEST_BACKENDS) in both dtypes.
@@ -502,3 +502,26 @@ def test_an_unseeded_run_repeats_after_seeding_the_shared_generator(backend):
     if backend.name == "numpy":
         np.random.seed(231)
         assert run()[0] == first[0]
+
+
+def test_ctrl_c_leaves_float_histories_a_closed_bar_and_a_run_that_goes_on(backend):
+    """A KeyboardInterrupt mid-epoch: the losses so far are floats (a notebook plots them next),
+    the progress bar is closed, and train() again finishes the run as if nothing had happened."""
+
+    class CtrlC(Callback):
+        def on_step(self, solver):
+            if solver.iteration == 7:
+                raise KeyboardInterrupt
+
+    options = dict(update_rule="adam", batch_size=20, num_epochs=2, print_every=5, verbose=False, seed=1)
+    interrupted = Solver(small_model(backend, dropout=0.2), small_data(), progress=True, callbacks=[CtrlC()], **options)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert interrupted.iteration == 7 and len(interrupted.loss_history) == 7
+    assert all(type(value) is float for value in interrupted.loss_history)
+    assert interrupted._console._bar is None
+    interrupted.train()
+    whole = Solver(small_model(backend, dropout=0.2), small_data(), **options)
+    whole.train()
+    assert interrupted.loss_history == whole.loss_history
+    assert interrupted.val_acc_history == whole.val_acc_history

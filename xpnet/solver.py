@@ -56,7 +56,8 @@ class Solver:
         )
         self.sampler = make_sampler(self.settings.sampler, self.X_train.shape[0], self.batch_size)
         # What runs at logging points and epoch ends: built from the settings, then the user's.
-        self._callbacks = [cb.ConsoleReport(self.verbose, self.progress)]
+        self._console = cb.ConsoleReport(self.verbose, self.progress)
+        self._callbacks = [self._console]
         self._callbacks += [cb.LogFunction(self.on_log)] if self.on_log is not None else []
         self._callbacks += [cb.Checkpointer(self.checkpoint_name)] if self.checkpoint_name else []
         self._callbacks += self.settings.callbacks
@@ -142,32 +143,46 @@ class Solver:
         self.update.start(self.backend, param_dtype(self.model), self.iteration, total)
         step_hooks = [c for c in self._callbacks if type(c).on_step is not cb.Callback.on_step]
         self._emit("on_train_begin")
-        for t in range(self.iteration, total):
-            if self._rngs is None or t % per_epoch == 0:
-                self._start_epoch(t // per_epoch)
-            loss = self.step()
-            self.loss_history.append(loss)
-            self.iteration = t + 1
-            for hook in step_hooks:
-                hook.on_step(self)
-            finite = self._log_loss(loss) if t % self.print_every == 0 else True
-            epoch_end = self.iteration % per_epoch == 0
-            self.epoch += 1 if epoch_end else 0
-            if finite and (t == 0 or t == total - 1 or epoch_end):
-                finite = self._record_accuracies()
-            if not finite:
-                self.diverged = self.guard.diverged(self)
-                break
-            if epoch_end:
-                self.update.set_host_learning_rates(self.iteration)
-                self._emit("on_epoch_end")
-            if self._stop_requested:
-                break
+        try:
+            for t in range(self.iteration, total):
+                if self._rngs is None or t % per_epoch == 0:
+                    self._start_epoch(t // per_epoch)
+                loss = self.step()
+                self.loss_history.append(loss)
+                self.iteration = t + 1
+                for hook in step_hooks:
+                    hook.on_step(self)
+                finite = self._log_loss(loss) if t % self.print_every == 0 else True
+                epoch_end = self.iteration % per_epoch == 0
+                self.epoch += 1 if epoch_end else 0
+                if finite and (t == 0 or t == total - 1 or epoch_end):
+                    finite = self._record_accuracies()
+                if not finite:
+                    self.diverged = self.guard.diverged(self)
+                    break
+                if epoch_end:
+                    self.update.set_host_learning_rates(self.iteration)
+                    self._emit("on_epoch_end")
+                if self._stop_requested:
+                    break
+        except BaseException:
+            self._leave_interrupted()
+            raise
         self._emit("on_train_end")
         self._losses_to_floats()
         if self.best_params:
             self.model.params = self.best_params
         return self
+
+    def _leave_interrupted(self):
+        """After Ctrl-C (or an error) mid-training: the progress bar closed and the losses so far
+        as floats, for plotting; the model keeps its current parameters, and ``train()`` goes on
+        from the last finished step."""
+        self._console.on_train_end(self)
+        try:
+            self._losses_to_floats()
+        except Exception:  # a failing device cannot give them; the exception that stopped training says why
+            pass
 
     def _log_loss(self, loss) -> bool:
         """Logging point: the loss and the finite flag cross to the host together; False if not finite."""
