@@ -208,24 +208,21 @@ class Backend:
 
     @property
     def random_stream(self) -> str:
-        """Names the generator behind :meth:`rng`: backends that share the name draw the same numbers from a seed."""
-        return "numpy"
-
-    @property
-    def _draws_with_numpy(self) -> bool:
-        return self.rng_class is DeviceRNG
+        """Names the generator behind :meth:`rng`: backends that share the name draw the same numbers
+        from a seed; "numpy" for those that draw with NumPy on the host."""
+        return "numpy" if self.rng_class is DeviceRNG else self.rng_class.__qualname__
 
     def default_rng(self) -> DeviceRNG:
         """The backend's shared generator, for code that is given none (course-style calls): NumPy's
         global one (:class:`NumpyGlobalRNG`) where the backend draws with NumPy, else one of its own."""
         with self._rng_lock:
             if self._default_rng is None:
-                self._default_rng = NumpyGlobalRNG(self) if self._draws_with_numpy else self.rng()
+                self._default_rng = NumpyGlobalRNG(self) if self.random_stream == "numpy" else self.rng()
             return self._default_rng
 
     def seed(self, seed) -> None:
         """Re-seed the backend's shared generator (where that is NumPy's global one: ``np.random.seed``)."""
-        if self._draws_with_numpy:
+        if self.random_stream == "numpy":
             np.random.seed(seed)
             return
         with self._rng_lock:
