@@ -1,6 +1,7 @@
 """README.md stays true: its Python examples run as written (on NumPy, with a small stand-in for
 CIFAR-10 and short runs), and every command line it shows parses with the command's flags."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -153,3 +154,16 @@ def test_every_nox_session_the_readme_names_exists():
     sessions = set(re.findall(r"^@nox\.session(?:\(.*\))?\n(?:@.*\n)*def (\w+)", NOXFILE, re.M))
     named = {name for command in re.findall(r"nox -s ([\w ]+)", README) for name in command.split()}
     assert named >= {"tests", "lint", "gpu", "bench", "kernels"} and named <= sessions, (named, sessions)
+
+
+def test_the_search_space_forms_in_the_readme_parse(tmp_path):
+    from xpnet.tune import load_space_file, parse_space
+
+    section = code_blocks_and_prose()[1].split("## Hyperparameter sweeps", 1)[1].split("\n## ", 1)[0]
+    forms = [span for span in re.findall(r"`([^`]+)`", section) if re.fullmatch(r"\w+=(\w+\(.*\)|[\w.]+)", span)]
+    assert len(forms) >= 5, forms
+    assert set(parse_space(forms).describe()) == {form.split("=", 1)[0] for form in forms}
+    files = [span for span in re.findall(r"`(\{.*?\})`", section, re.S)]
+    assert len(files) == 1
+    (tmp_path / "space.json").write_text(files[0])
+    assert load_space_file(tmp_path / "space.json").describe() == json.loads(files[0])
