@@ -379,6 +379,24 @@ def test_the_course_toy_two_layer_net_gives_the_scores_and_loss_the_course_print
     assert abs(float(net.loss(X, y, reg=0.05)[0]) - 1.071696123862817) < 1e-12
 
 
+@pytest.mark.parametrize("normalization, printed", [(None, (2.300479089768492, 7.052114776533016)),
+                                                     ("batchnorm", (2.2611955101340957, 6.996533220108303))])  # fmt: skip
+def test_the_course_fully_connected_nets_give_the_initial_losses_the_course_printed(normalization, printed):
+    """cs231n's FullyConnectedNets and BatchNormalization notebooks: np.random.seed(231), then
+    the data and, for each reg, a net; the losses are those printed in the course's notebooks."""
+    np.random.seed(231)
+    N, D, H1, H2, C = 2, 15, 20, 30, 10
+    X = np.random.randn(N, D)
+    y = np.random.randint(C, size=(N,))
+    for reg, expected in zip([0, 3.14], printed):
+        model = fc_net.FullyConnectedNet(
+            [H1, H2], input_dim=D, num_classes=C, reg=reg, weight_scale=5e-2, dtype=np.float64,
+            normalization=normalization,
+        )  # fmt: skip
+        loss, _ = model.loss(X, y)
+        assert abs(float(loss) - expected) < 1e-14, (reg, float(loss))
+
+
 @pytest.mark.parametrize("spec", ["numpy", "array_api_strict:device1"])
 def test_unseeded_draws_on_numpy_come_from_numpys_global_generator(spec):
     """The course's `np.random.seed(231)` before a model seeds its weights (drawn in float64 and cast,
