@@ -616,7 +616,8 @@ def test_fast_conv_net_trains_with_the_solver_and_its_state_round_trips(tmp_path
     X, y = rng.standard_normal((64, 3, 16, 16)), rng.integers(0, 10, 64)
     data = {"X_train": X[:48], "y_train": y[:48], "X_val": X[48:], "y_val": y[48:]}
     model = FastConvNet(input_dim=(3, 16, 16), widths=(4, 4, 4), dtype="float64", backend="numpy", seed=0)
-    model.frozen["whiten_W"][...] = whitening_filters(X, 2)
+    model.init_whitening(X)
+    np.testing.assert_array_equal(to_np(model.frozen["whiten_W"]), to_np(whitening_filters(X, 2)))
     solver = Solver(model, data, update_rule="nesterov_sgd", optim_config={"learning_rate": 1e-3}, batch_size=16,
                     num_epochs=1, sampler="epoch", verbose=False, seed=0, checkpoint_name=str(tmp_path / "fast"))  # fmt: skip
     solver.train()
@@ -628,6 +629,26 @@ def test_fast_conv_net_trains_with_the_solver_and_its_state_round_trips(tmp_path
     np.testing.assert_array_equal(to_np(again.bn_params[3]["running_var"]), to_np(model.bn_params[3]["running_var"]))
     np.testing.assert_array_equal(to_np(again.loss(X[:5])), to_np(model.loss(X[:5])))
     assert (tmp_path / "fast_epoch_1.npz").is_file()
+
+
+def test_fast_conv_net_trains_before_its_whitening_is_set_and_names_wrong_images():
+    """Its whitening filters start as PyTorch's default conv initialisation: zeros made every
+    batchnorm divide by sqrt(eps), and the first steps NaN."""
+    from xpnet.solver import Solver
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((60, 3, 32, 32)), rng.integers(0, 10, 60)
+    data = {"X_train": X[:40], "y_train": y[:40], "X_val": X[40:], "y_val": y[40:]}
+    model = FastConvNet(widths=(4, 8, 8), backend="numpy", seed=0)
+    bound = 1 / math.sqrt(3 * 4)
+    assert np.all(np.abs(to_np(model.frozen["whiten_W"])) <= bound) and np.count_nonzero(model.frozen["whiten_W"]) > 0
+    solver = Solver(model, data, batch_size=20, num_epochs=2, verbose=False, seed=0)  # the course's SGD, 1e-2
+    solver.train()
+    assert solver.diverged is None and np.all(np.isfinite(solver.loss_history))
+    with pytest.raises(
+        ValueError, match=r"FastConvNet.init_whitening: inputs must be \(N, 3, 32, 32\), got \(5, 32, 32, 3\)"
+    ):
+        model.init_whitening(X[:5].transpose(0, 2, 3, 1))
 
 
 def test_a_diverging_recipe_says_so():

@@ -20,6 +20,7 @@ from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward
 from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int
 from .precision import narrowed
 from .spatial_norm import spatial_batchnorm_gelu_backward, spatial_batchnorm_gelu_forward
+from .whitening import whitening_filters
 
 __all__ = ["ThreeLayerConvNet", "FastConvNet"]
 
@@ -180,7 +181,8 @@ class FastConvNet(Model):
     Parameters: "whiten_b" (2·C·4,); "W1".."W6" (F, C_in, 3, 3), two per group;
     "beta1".."beta6" (F,), the batchnorm biases; "W_out" (F_3, num_classes). The
     whitening filters "whiten_W" (2·C·4, C, 2, 2) are a buffer, not a parameter: set
-    them with :func:`xpnet.whitening.whitening_filters` (they start as zeros).
+    them from training images with :meth:`init_whitening` (until then they hold PyTorch's
+    default initialisation of a conv).
 
     ``train_whitening_bias`` (True) set to False holds "whiten_b" fixed: ``loss`` then
     gives it None for a gradient and skips the backward pass that only it needs (the
@@ -241,9 +243,6 @@ class FastConvNet(Model):
         self.final_size = tuple(size)  # (H, W) before the global max pool
         whiten_width = 2 * channels * 4
         self.train_whitening_bias = True
-        self.frozen = {
-            "whiten_W": self.xp.zeros((whiten_width, channels, 2, 2), dtype=self.dtype, device=self.backend.device)
-        }
         self.bn_params = [
             {
                 "mode": "train",
@@ -266,6 +265,16 @@ class FastConvNet(Model):
                 self.params[f"beta{i}"] = self._zeros(f)
             c_in = f
         self.params["W_out"] = self._uniform(rng, (c_in, num_classes), c_in)
+        # Drawn last, so that the parameters above do not depend on it: PyTorch's default for a conv
+        # until init_whitening sets the filters (zeros would leave the batchnorms nothing to normalise).
+        self.frozen = {"whiten_W": self._uniform(rng, (whiten_width, channels, 2, 2), channels * 4)}
+
+    def init_whitening(self, images, eps: float = 5e-4) -> None:
+        """Set the whitening filters from (N, C, H, W) training images (the recipe uses 5,000) with
+        :func:`xpnet.whitening.whitening_filters`; written in place, so captured graphs see them."""
+        images = self.prepare_inputs(images)
+        check_image_batch("FastConvNet.init_whitening", images, self.input_dim)
+        self.frozen["whiten_W"][...] = whitening_filters(images, 2, eps)
 
     def _activation_dtype(self, spec):
         """The layers' dtype for ``spec``: the parameters' dtype or the backend's float16."""

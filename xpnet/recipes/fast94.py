@@ -34,7 +34,6 @@ from ..training.graph import GraphReplay
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
 from ..training.sampling import EpochPermutation
 from ..training.update import Update
-from ..whitening import whitening_filters
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -353,7 +352,7 @@ class Fast94Trainer:
 
 def recipe_model(backend, settings: Fast94Settings, seed, input_dim) -> FastConvNet:
     """The recipe's network for inputs of ``input_dim`` (C, H, W), initialised from ``seed``
-    (its whitening filters still zeros)."""
+    (its whitening filters not yet set from the data)."""
     return FastConvNet(input_dim=input_dim, widths=settings.widths, scale=settings.scale,
                        bn_momentum=settings.bn_momentum, bn_eps=settings.bn_eps,
                        label_smoothing=settings.label_smoothing, loss_reduction="sum",
@@ -481,8 +480,7 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
                 switched.append(switch)
         backend.sync()
         start = time.perf_counter()
-        filters = whitening_filters(train_images[: settings.whiten_images, ...], 2, settings.whiten_eps)
-        model.frozen["whiten_W"][...] = filters
+        model.init_whitening(train_images[: settings.whiten_images, ...], settings.whiten_eps)
         backend.sync()
         whitened = time.perf_counter()
         trainer = Fast94Trainer(model, train_images, train_labels, settings, seed)
