@@ -412,3 +412,39 @@ def test_unseeded_draws_on_numpy_come_from_numpys_global_generator(spec):
     drawn = to_np(backend.default_rng().uniform((3,), dtype="float64"))
     np.random.seed(4)
     np.testing.assert_array_equal(drawn, np.random.random_sample(3))
+
+
+def test_the_course_toy_training_draws_its_minibatches_as_the_course_loop_does():
+    """An unseeded TwoLayerNet.train samples from NumPy's global generator: the course's loop
+    (np.random.choice minibatches, SGD, the decay after every epoch of one step), written out
+    here in NumPy from the same state, ends at the same loss."""
+    np.random.seed(0)
+    net = neural_net.TwoLayerNet(4, 10, 3, std=1e-1)
+    np.random.seed(1)
+    X, y = 10 * np.random.randn(5, 4), np.array([0, 1, 2, 2, 1])
+    state = np.random.get_state()
+    stats = net.train(X, y, X, y, learning_rate=1e-1, reg=5e-6, num_iters=100, verbose=False)
+
+    np.random.seed(0)
+    W1 = 1e-1 * np.random.randn(10, 4)  # the course's initialisation, in its order
+    W2 = 1e-1 * np.random.randn(3, 10)
+    b1, b2 = np.zeros(10), np.zeros(3)
+    np.random.set_state(state)
+    lr, reg, rows = 1e-1, 5e-6, np.arange(200)
+    for _ in range(100):
+        batch = np.random.choice(5, 200)
+        Xb, yb = X[batch], y[batch]
+        hidden = np.maximum(Xb @ W1.T + b1, 0)
+        scores = hidden @ W2.T + b2
+        probs = np.exp(scores - scores.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        loss = -np.log(probs[rows, yb]).mean() + 0.5 * reg * ((W1**2).sum() + (W2**2).sum())
+        dscores = probs.copy()
+        dscores[rows, yb] -= 1
+        dscores /= 200
+        dhidden = (dscores @ W2) * (hidden > 0)
+        W1, b1 = W1 - lr * (dhidden.T @ Xb + reg * W1), b1 - lr * dhidden.sum(0)
+        W2, b2 = W2 - lr * (dscores.T @ hidden + reg * W2), b2 - lr * dscores.sum(0)
+        lr *= 0.95  # 5 rows, batches of 200: every step ends an epoch
+    assert abs(stats["loss_history"][-1] - loss) < 1e-12
+    assert stats["loss_history"][-1] < 0.02  # and it learnt the toy data

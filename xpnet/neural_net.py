@@ -78,7 +78,9 @@ class TwoLayerNet(Model):
         The learning rate is multiplied by ``learning_rate_decay`` after each
         epoch, where the training and validation accuracies are recorded.
         Losses and accuracies stay on the device until the end (or until a
-        verbose print every 100 iterations).
+        verbose print every 100 iterations). ``seed`` fixes the minibatches; without
+        one they come from the backend's shared generator (NumPy's global one on NumPy,
+        so ``np.random.seed`` repeats a run, as in the course).
 
         Returns:
             dict with 'loss_history', 'train_acc_history', 'val_acc_history',
@@ -93,7 +95,8 @@ class TwoLayerNet(Model):
             raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
         X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
         y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
-        rng = self.backend.rng(seed)
+        # Without a seed, the backend's shared generator: on NumPy np.random's, where the course draws.
+        rng = self.backend.default_rng() if seed is None else self.backend.rng(seed)
         iterations_per_epoch = max(X.shape[0] // batch_size, 1)
         losses, train_accs, val_accs = [], [], []
         for it in range(iterations):
