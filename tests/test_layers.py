@@ -374,3 +374,19 @@ def test_affine_norm_relu_dropout_block(backend, np_rng, normalization):
     else:
         check = forward if normalization else (lambda x, w, b: forward(x, w, b, gamma, beta))
     check_backward(backend, check, inputs, grads, dout, tol=1e-6)
+
+
+def test_dropout_after_np_random_seed_drops_the_units_the_course_drops():
+    """cs231n's Dropout notebook (its p is the keep probability, xpnet's p = 1 − that): after
+    np.random.seed(231) the means and the fractions of zeros it printed."""
+    np.random.seed(231)
+    x = np.random.randn(500, 500) + 10
+    printed = {
+        0.25: (10.014059116977283, 0.749784),
+        0.4: (9.977917658761159, 0.600796),
+        0.7: (9.987811912159426, 0.30074),
+    }
+    for keep, (mean, zeros) in printed.items():
+        out, _ = layers.dropout_forward(x, {"mode": "train", "p": 1 - keep})
+        assert (out == 0).mean() == zeros
+        assert abs(out.mean() - mean) < 1e-13  # the scale 1 / (1 - p) may differ from 1 / keep by an ulp

@@ -511,7 +511,7 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
         rng = backend_of(x).rng(dropout_param["seed"])
     else:
         rng = dropout_param.get("rng") or backend_of(x).default_rng()
-    keep = rng.uniform(tuple(x.shape), dtype=x.dtype) >= p
+    keep = rng.uniform(tuple(x.shape), dtype=x.dtype) < 1.0 - p  # the course: rand < keep probability
     mask = xp.astype(keep, x.dtype) / (1.0 - p)
     return x * mask, (dropout_param, mask)
 
