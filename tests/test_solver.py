@@ -525,3 +525,56 @@ def test_ctrl_c_leaves_float_histories_a_closed_bar_and_a_run_that_goes_on(backe
     whole.train()
     assert interrupted.loss_history == whole.loss_history
     assert interrupted.val_acc_history == whole.val_acc_history
+
+
+def test_an_unseeded_run_after_np_random_seed_draws_what_the_course_solver_draws():
+    """The course's Solver, written out here in NumPy (np.random.choice minibatches, SGD, the
+    accuracy checks at the first step, each epoch end and the last step, each drawing its
+    training subsample with np.random.choice): from the same np.random.seed, xpnet's unseeded
+    Solver on NumPy follows it loss for loss and accuracy for accuracy."""
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((60, 8)), rng.integers(0, 4, 60)
+    data = {"X_train": X[:40], "y_train": y[:40], "X_val": X[40:], "y_val": y[40:]}
+    options = dict(update_rule="sgd", optim_config={"learning_rate": 0.5}, lr_decay=0.9, batch_size=15, num_epochs=3,
+                   num_train_samples=25)  # fmt: skip
+
+    np.random.seed(231)
+    model = xpnet.FullyConnectedNet([12], input_dim=8, num_classes=4, weight_scale=0.3, dtype="float64")
+    solver = Solver(model, data, verbose=False, **options)
+    solver.train()
+
+    np.random.seed(231)
+    W1, b1 = 0.3 * np.random.randn(8, 12), np.zeros(12)
+    W2, b2 = 0.3 * np.random.randn(12, 4), np.zeros(4)
+
+    def scores(X):
+        return np.maximum(X @ W1 + b1, 0) @ W2 + b2
+
+    def check_accuracy(X, y, num_samples):
+        if num_samples is not None and X.shape[0] > num_samples:
+            mask = np.random.choice(X.shape[0], num_samples)
+            X, y = X[mask], y[mask]
+        return float(np.mean(np.argmax(scores(X), axis=1) == y))
+
+    lr, per_epoch, losses, train_accs, val_accs = 0.5, 40 // 15, [], [], []
+    for t in range(3 * per_epoch):
+        batch = np.random.choice(40, 15)
+        Xb, yb = data["X_train"][batch], data["y_train"][batch]
+        hidden = np.maximum(Xb @ W1 + b1, 0)
+        s = hidden @ W2 + b2
+        probs = np.exp(s - s.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        losses.append(-np.log(probs[np.arange(15), yb]).mean())
+        ds = probs.copy()
+        ds[np.arange(15), yb] -= 1
+        ds /= 15
+        dh = (ds @ W2.T) * (hidden > 0)
+        W1, b1, W2, b2 = W1 - lr * (Xb.T @ dh), b1 - lr * dh.sum(0), W2 - lr * (hidden.T @ ds), b2 - lr * ds.sum(0)
+        epoch_end = (t + 1) % per_epoch == 0
+        lr *= 0.9 if epoch_end else 1.0
+        if t == 0 or t == 3 * per_epoch - 1 or epoch_end:
+            train_accs.append(check_accuracy(data["X_train"], data["y_train"], 25))
+            val_accs.append(check_accuracy(data["X_val"], data["y_val"], None))
+
+    np.testing.assert_allclose(solver.loss_history, losses, rtol=1e-12)
+    assert solver.train_acc_history == train_accs and solver.val_acc_history == val_accs
