@@ -448,3 +448,80 @@ def test_the_course_toy_training_draws_its_minibatches_as_the_course_loop_does()
         lr *= 0.95  # 5 rows, batches of 200: every step ends an epoch
     assert abs(stats["loss_history"][-1] - loss) < 1e-12
     assert stats["loss_history"][-1] < 0.02  # and it learnt the toy data
+
+
+# ---------------------------------------------------------------- copies of a model
+def _every_model(backend):
+    """One of each network, with its batchnorm and dropout where it has them, and its input shape."""
+    return [
+        (neural_net.TwoLayerNet(12, 7, 4, backend=backend), (12,)),
+        (
+            fc_net.FullyConnectedNet(
+                [7, 6], 12, 4, normalization="batchnorm", dropout_keep_ratio=0.5, seed=3, backend=backend
+            ),
+            (12,),
+        ),
+        (
+            ThreeLayerConvNet((3, 6, 6), 2, 3, 5, 4, use_batchnorm=True, seed=3, backend=backend),
+            (3, 6, 6),
+        ),
+        (xpnet.cnn.FastConvNet((3, 16, 16), widths=(2, 3, 3), num_classes=4, seed=3, backend=backend), (3, 16, 16)),
+    ]
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_a_model_copies_with_deepcopy_and_pickle_onto_the_same_backend(backend, np_rng, copier):
+    """``best = copy.deepcopy(model)`` keeps a model while it trains on, as in a notebook's search;
+    pickle carries one to another process (multiprocessing, Dask). The copy has the original's
+    backend object, equal parameters and running averages, and arrays of its own."""
+    import copy
+    import pickle
+
+    copy_of = copy.deepcopy if copier == "deepcopy" else (lambda m: pickle.loads(pickle.dumps(m)))
+    for model, input_shape in _every_model(backend):
+        name = type(model).__name__
+        X = backend.asarray(np_rng.standard_normal((5, *input_shape)), dtype=model.dtype)
+        y = backend.asarray(np_rng.integers(0, 4, 5))
+        model.loss(X, y)  # running averages that are not the initial ones
+        twin = copy_of(model)
+        assert twin.backend is model.backend, name
+        assert all(backend_of(value) == backend for value in twin.params.values()), name
+        mine, theirs = model.state_dict(), twin.state_dict()
+        assert set(theirs["params"]) == set(mine["params"]), name
+        for key, value in mine["params"].items():
+            np.testing.assert_array_equal(theirs["params"][key], value, err_msg=f"{name} {key}")
+        for layer, (ours, copied) in enumerate(zip(mine["buffers"], theirs["buffers"], strict=True)):
+            assert set(copied) == set(ours), (name, layer)
+            for key, value in ours.items():
+                np.testing.assert_array_equal(copied[key], value, err_msg=f"{name} layer {layer} {key}")
+        for bn_param in getattr(model, "bn_params", []):
+            bn_param["mode"] = "test"
+        for bn_param in getattr(twin, "bn_params", []):
+            bn_param["mode"] = "test"
+        np.testing.assert_array_equal(to_np(twin.loss(X)), to_np(model.loss(X)), err_msg=name)
+        before = {k: to_np(v) for k, v in model.params.items()}
+        xp = backend.xp
+        for key in twin.params:
+            twin.params[key] = twin.params[key] + xp.ones_like(twin.params[key])
+        for key, value in model.params.items():
+            np.testing.assert_array_equal(to_np(value), before[key], err_msg=f"{name} {key} changed with its copy")
+
+
+def test_a_trained_solver_copies_and_its_copy_trains_on_alone(backend, np_rng):
+    import copy
+
+    from xpnet.solver import Solver
+
+    X = np_rng.standard_normal((40, 12))
+    y = np_rng.integers(0, 4, 40)
+    data = dict(X_train=X[:30], y_train=y[:30], X_val=X[30:], y_val=y[30:])
+    model = fc_net.FullyConnectedNet([7], input_dim=12, num_classes=4, seed=0, backend=backend)
+    solver = Solver(model, data, num_epochs=1, batch_size=10, seed=0, verbose=False)
+    solver.train()
+    twin = copy.deepcopy(solver)
+    kept = {k: to_np(v) for k, v in solver.model.params.items()}
+    twin.num_epochs = 2
+    twin.train()
+    assert twin.epoch == 2 and solver.epoch == 1
+    for key, value in solver.model.params.items():
+        np.testing.assert_array_equal(to_np(value), kept[key])

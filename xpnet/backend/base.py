@@ -135,6 +135,13 @@ class Backend:
     def __hash__(self) -> int:
         return hash(self.name)
 
+    def __reduce__(self):
+        # A backend is a handle on a library and a device, one object per spec in a process:
+        # a copied or unpickled model names its backend, and gets the process's object back.
+        from .registry import get_backend
+
+        return get_backend, (self.name,)
+
     # -- dtypes --------------------------------------------------------------
     def dtype(self, spec):
         """The namespace's dtype for ``spec``: "float32", np.float32, np.dtype(...) or an xp dtype."""
