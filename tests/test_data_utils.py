@@ -95,6 +95,16 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert find_CIFAR10() == home / ".cache" / "xpnet" / data_utils.CIFAR10_FOLDER
 
 
+def test_sizes_given_by_position_are_refused_with_the_names_to_use(tmp_path, monkeypatch):
+    """The course's get_CIFAR10_data takes the sizes first; here the data folder comes first."""
+    write_fake_cifar(tmp_path / data_utils.CIFAR10_FOLDER)
+    monkeypatch.setenv("XPNET_DATA_DIR", str(tmp_path))
+    with pytest.raises(TypeError, match=r"data_dir must be a folder path .*got 80 .*num_training=\.\.\."):
+        get_CIFAR10_data(80, 20, 20)
+    with pytest.raises(TypeError, match=r"data_dir must be a folder path .*got \['a'\]$"):
+        find_CIFAR10(["a"])
+
+
 def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XPNET_DATA_DIR", raising=False)

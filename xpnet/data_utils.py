@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .input_checks import as_int
+from .input_checks import as_int, is_number
 
 __all__ = [
     "load_CIFAR_batch",
@@ -142,6 +142,12 @@ def load_CIFAR10(root, dtype="float64"):
 
 def default_data_dirs(data_dir=None) -> list:
     """Where CIFAR-10 is looked for, in order: ``data_dir``, $XPNET_DATA_DIR, ~/.cache/xpnet."""
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        # get_CIFAR10_data(49000, 1000, 1000) is the course's call with its sizes by position.
+        hint = (
+            " (the sizes go by name: num_training=..., num_validation=..., num_test=...)" if is_number(data_dir) else ""
+        )
+        raise TypeError(f"data_dir must be a folder path (str or Path), got {data_dir!r}{hint}")
     dirs = [data_dir, os.environ.get("XPNET_DATA_DIR"), str(Path.home() / ".cache" / "xpnet")]
     return [Path(d).expanduser() for d in dirs if d]
 
