@@ -135,6 +135,26 @@ def test_asarray_and_to_numpy_round_trip(backend):
     np.testing.assert_array_equal(back, host.astype(np.float32))
 
 
+def test_host_data_in_any_numpy_layout_reaches_every_backend(backend, np_rng):
+    """A flip (``X[:, :, ::-1]``, negative strides) and big-endian data read from a file are
+    arrays PyTorch refuses to take from NumPy as they are; every backend takes them, with their
+    values, and a model trains on them."""
+    from xpnet.solver import Solver
+
+    host = np_rng.standard_normal((20, 3, 4, 4)).astype(np.float32)
+    for layout in (host[:, :, ::-1], host[::-2], host.astype(">f4"), np.asarray(host[0, 0, 0, 0], dtype=">f8")):
+        moved = backend.asarray(layout)
+        assert tuple(moved.shape) == layout.shape
+        np.testing.assert_array_equal(backend.to_numpy(moved), layout)
+    labels = np_rng.integers(0, 3, 20)
+    data = dict(X_train=host[:16, :, :, ::-1], y_train=labels[:16][::-1], X_val=host[16:].astype(">f4"),
+                y_val=labels[16:].astype(">i8"))  # fmt: skip
+    model = xpnet.FullyConnectedNet([5], input_dim=48, num_classes=3, seed=0, backend=backend)
+    solver = Solver(model, data, num_epochs=1, batch_size=4, seed=0, verbose=False)
+    solver.train()
+    assert len(solver.loss_history) == 4 and np.isfinite(solver.loss_history).all()
+
+
 def test_dtype_accepts_strings_numpy_dtypes_and_namespace_dtypes(backend):
     xp = backend.xp
     for spec in ("float32", np.float32, np.dtype("float32"), xp.float32):

@@ -39,6 +39,15 @@ def _same_dtype(a, b) -> bool:
         return False
 
 
+def _in_native_layout(obj):
+    """Host data as every library takes it. PyTorch refuses a NumPy array with a negative
+    stride (``X[:, :, ::-1]``, a flip) or a non-native byte order (big-endian data read from a
+    file); such an array is copied into C order and native bytes, any other object passes as is."""
+    if isinstance(obj, np.ndarray) and (not obj.dtype.isnative or any(s < 0 for s in obj.strides)):
+        return obj.astype(obj.dtype.newbyteorder("="), order="C")
+    return obj
+
+
 class DeviceRNG:
     """A random generator whose draws are arrays on the backend's device.
 
@@ -174,7 +183,7 @@ class Backend:
         on the CPU) unless ``copy=True``.
         """
         dt = None if dtype is None else self.dtype(dtype)
-        return self.xp.asarray(obj, dtype=dt, device=self.device, copy=copy)
+        return self.xp.asarray(_in_native_layout(obj), dtype=dt, device=self.device, copy=copy)
 
     def to_numpy(self, x) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host.
