@@ -385,6 +385,22 @@ def test_spatial_groupnorm_backward(backend, np_rng):
     check_backward(backend, forward, (x, gamma, beta), grads, dout, tol=1e-6)
 
 
+def test_spatial_groupnorm_takes_an_empty_batch_and_refuses_a_dout_of_another_shape(backend, np_rng):
+    """Groupnorm works per sample, as layernorm does: an empty batch passes through. A dout with
+    the cache's size but its height and width swapped (channels-last code) is refused, not
+    reshaped into wrong gradients."""
+    gamma, beta = arr(backend, np_rng.standard_normal((1, 4, 1, 1))), arr(backend, np_rng.standard_normal((1, 4, 1, 1)))
+    empty = arr(backend, np.zeros((0, 4, 3, 5)))
+    out, cache = layers.spatial_groupnorm_forward(empty, gamma, beta, 2, {})
+    dx, dgamma, dbeta = layers.spatial_groupnorm_backward(out, cache)
+    assert tuple(out.shape) == tuple(dx.shape) == (0, 4, 3, 5)
+    np.testing.assert_array_equal(to_np(dgamma), np.zeros((1, 4, 1, 1)))
+    np.testing.assert_array_equal(to_np(dbeta), np.zeros((1, 4, 1, 1)))
+    _, cache = layers.spatial_groupnorm_forward(arr(backend, np_rng.standard_normal((2, 4, 3, 5))), gamma, beta, 2, {})
+    with pytest.raises(ValueError, match=r"dout has shape \(2, 4, 5, 3\), expected \(2, 4, 3, 5\)"):
+        layers.spatial_groupnorm_backward(arr(backend, np.zeros((2, 4, 5, 3))), cache)
+
+
 def test_spatial_norms_refuse_bad_arguments():
     x = np.ones((2, 6, 3, 3))
     with pytest.raises(ValueError, match=r"G = 4 groups must divide the 6 channels of x \(2, 6, 3, 3\)"):

@@ -43,6 +43,13 @@ def _to_rows(xp, x):
     return xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (-1, x.shape[1]))
 
 
+def _to_groups(xp, x, groups):
+    """(N, C, H, W) -> (N, G, C/G·H·W): one row per sample and group (sizes spelled out, since
+    an empty batch leaves -1 undefined)."""
+    n, c, h, w = x.shape
+    return xp.reshape(x, (n, groups, c // groups * h * w))
+
+
 def _from_rows(xp, rows, shape):
     n, c, h, w = shape
     return xp.permute_dims(xp.reshape(rows, (n, h, w, c)), (0, 3, 1, 2))
@@ -194,16 +201,15 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
             raise ValueError(f"spatial_groupnorm_forward: {name} must be (1, {c}, 1, 1), got {tuple(value.shape)}")
     check_param_keys("spatial_groupnorm_forward", "gn_param", gn_param, ("eps", "mode"))
     eps = normalization_eps("spatial_groupnorm_forward", "gn_param", gn_param)
-    fast = accelerated(x)
+    fast = accelerated(x) if n else None  # an empty batch: nothing for a kernel to launch over
     if fast is not None:
         out, x_hat, inv_std = fast.spatial_groupnorm_train(x, gamma, beta, G, eps)
         return out, _FusedGroupnormCache(fast, x_hat, inv_std, gamma)
-    groups = xp.reshape(x, (n, G, -1))
+    groups = _to_groups(xp, x, G)
     centered = groups - xp.mean(groups, axis=2, keepdims=True)
     std = xp.sqrt(xp.mean(centered * centered, axis=2, keepdims=True) + eps)
-    x_hat_groups = centered / std
-    x_hat = xp.reshape(x_hat_groups, x.shape)
-    return gamma * x_hat + beta, (x_hat_groups, std, gamma, G)
+    x_hat = xp.reshape(centered / std, x.shape)
+    return gamma * x_hat + beta, (x_hat, std, gamma, G)
 
 
 def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
@@ -217,11 +223,12 @@ def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
         dx, dgamma, dbeta = cache.kernels.spatial_groupnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
         c = dout.shape[1]
         return dx, xp.reshape(dgamma, (1, c, 1, 1)), xp.reshape(dbeta, (1, c, 1, 1))
-    x_hat_groups, std, gamma, G = cache
-    n = dout.shape[0]
-    x_hat = xp.reshape(x_hat_groups, dout.shape)
+    x_hat, std, gamma, G = cache
+    if tuple(dout.shape) != tuple(x_hat.shape):
+        raise ValueError(
+            f"spatial_groupnorm_backward: dout has shape {tuple(dout.shape)}, expected {tuple(x_hat.shape)}"
+        )
     dgamma = xp.sum(dout * x_hat, axis=(0, 2, 3), keepdims=True)
     dbeta = xp.sum(dout, axis=(0, 2, 3), keepdims=True)
-    dx_hat = xp.reshape(dout * gamma, (n, G, -1))
-    dx = normalized_input_grad(xp, dx_hat, x_hat_groups, std, axis=2)
+    dx = normalized_input_grad(xp, _to_groups(xp, dout * gamma, G), _to_groups(xp, x_hat, G), std, axis=2)
     return xp.reshape(dx, dout.shape), dgamma, dbeta
