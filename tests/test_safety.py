@@ -603,6 +603,26 @@ def test_layers_speak_of_shapes_dtypes_and_libraries(backend):
             layers.affine_forward(np.ones((2, 4)), w, b)
 
 
+@pytest.mark.parametrize(
+    "forward, backward",
+    [
+        (lambda x, g, b: layers.batchnorm_forward(x, g, b, {"mode": "train"}), layers.batchnorm_backward),
+        (lambda x, g, b: layers.batchnorm_forward(x, g, b, {"mode": "train"}), layers.batchnorm_backward_alt),
+        (lambda x, g, b: layers.layernorm_forward(x, g, b, {}), layers.layernorm_backward),
+        (lambda x, g, b: layers.dropout_forward(x, {"mode": "train", "p": 0.5, "seed": 0}), layers.dropout_backward),
+    ],
+    ids=["batchnorm", "batchnorm_alt", "layernorm", "dropout"],
+)
+def test_normalisation_and_dropout_backward_passes_refuse_a_dout_of_another_shape(backend, forward, backward):
+    """A (1, D) dout broadcasts against (N, D) arrays: without the check it gave gradients of the
+    wrong sums instead of an error; other shapes failed inside the array library."""
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 6)))
+    _, cache = forward(x, backend.asarray(np.ones(6)), backend.asarray(np.zeros(6)))
+    for shape in ((1, 6), (6, 4), (4, 5)):
+        with pytest.raises(ValueError, match=rf"{backward.__name__}: dout has shape \({shape[0]}, {shape[1]}\) but x"):
+            backward(backend.asarray(np.ones(shape)), cache)
+
+
 # ----------------------------------------------------------------------------- labels out of range
 @pytest.mark.parametrize("loss_fn", [layers.softmax_loss, layers.svm_loss])
 @pytest.mark.parametrize("bad_label", [5, -1])

@@ -296,9 +296,10 @@ def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
     return (dx_hat - mean_dx_hat - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)) / std
 
 
-def _normalize_backward_compact(dout, cache):
-    x_hat, _, std, gamma, axis = cache
+def _normalize_backward_compact(name, dout, cache):
+    x_hat, _, std, gamma, axis = train_mode_cache(name, cache)
     xp = namespace(dout, x_hat)
+    check_same_shape(name, "dout", dout, "x", x_hat)  # a (1, D) dout would broadcast into wrong sums
     dx = normalized_input_grad(xp, dout if gamma is None else dout * gamma, x_hat, std, axis)
     dgamma = None if gamma is None else xp.sum(dout * x_hat, axis=0)
     dbeta = xp.sum(dout, axis=0)
@@ -434,6 +435,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """
     x_hat, centered, std, gamma, _ = train_mode_cache("batchnorm_backward", cache)
     xp = namespace(dout, x_hat)
+    check_same_shape("batchnorm_backward", "dout", dout, "x", x_hat)
     n = dout.shape[0]
     dbeta = xp.sum(dout, axis=0)
     dgamma = None if gamma is None else xp.sum(dout * x_hat, axis=0)
@@ -453,7 +455,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
 
 def batchnorm_backward_alt(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of batchnorm in simplified closed form (same result, fewer passes)."""
-    return _normalize_backward_compact(dout, train_mode_cache("batchnorm_backward_alt", cache))
+    return _normalize_backward_compact("batchnorm_backward_alt", dout, cache)
 
 
 def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tuple[Array, Cache]:
@@ -474,7 +476,7 @@ def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tu
 
 def layernorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of layernorm: dx (N, D), dgamma (D,), dbeta (D,)."""
-    return _normalize_backward_compact(dout, cache)
+    return _normalize_backward_compact("layernorm_backward", dout, cache)
 
 
 # --------------------------------------------------------------------------
@@ -519,7 +521,10 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
 def dropout_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`dropout_forward`."""
     _, mask = cache
-    return dout if mask is None else dout * mask
+    if mask is None:  # test mode, or p = 0: the identity
+        return dout
+    check_same_shape("dropout_backward", "dout", dout, "x", mask)
+    return dout * mask
 
 
 # The course's layers.py also holds the convolutional layers: their reference (naive)
