@@ -169,6 +169,26 @@ def test_damaged_checkpoints_name_the_file(tmp_path, content, message):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    "field, value, words",
+    [(8, b"\x61\x00", "compression method"), (6, b"\x01\x00", "encrypted")],
+    ids=["unknown-compression", "encrypted"],
+)
+def test_a_checkpoint_with_damaged_zip_headers_is_named(tmp_path, field, value, words):
+    """Bytes of a zip header changed (the first member's compression method, or its flags now
+    saying it is encrypted): zipfile raises NotImplementedError or RuntimeError for these."""
+    path = tmp_path / "damaged.npz"
+    save_checkpoint(path, {"w": np.ones(3)})
+    raw = bytearray(path.read_bytes())
+    local = raw.index(b"PK\x03\x04")  # the first member's local header; central header fields sit 2 bytes later
+    central = raw.index(b"PK\x01\x02")
+    raw[local + field : local + field + 2] = value
+    raw[central + field + 2 : central + field + 4] = value
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"damaged.npz.*corrupt.*{words}"):
+        load_checkpoint(path)
+
+
 def test_npz_that_is_not_a_checkpoint_is_refused(tmp_path):
     np.savez(tmp_path / "plain.npz", x=np.ones(3))
     with pytest.raises(CheckpointError, match="plain.npz.*no __xpnet__.json"):

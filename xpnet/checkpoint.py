@@ -20,6 +20,7 @@ import os
 import pickle
 import secrets
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -207,8 +208,10 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
             members = {name: archive[name] for name in archive.files}
     except CheckpointError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, zlib.error, NotImplementedError,
+            RuntimeError) as exc:  # fmt: skip
         # allow_pickle=False refuses object arrays with a ValueError: the file tried to carry pickled data.
+        # zipfile raises NotImplementedError for an unknown compression method, RuntimeError for encryption.
         raise CheckpointError(f"checkpoint {path!r} is corrupt or not an xpnet checkpoint ({exc})") from exc
     meta = members.pop(META)
     try:
