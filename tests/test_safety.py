@@ -189,6 +189,40 @@ def test_a_checkpoint_with_damaged_zip_headers_is_named(tmp_path, field, value, 
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "unreadable metadata"),  # past Python's recursion limit in json
+        ("[" * 500 + "]" * 500, "more than 64 levels deep"),  # past xpnet's own limit
+        ('{"__array__": [1]}', r"array \[1\] is missing"),  # an array name that is not a string
+    ],
+    ids=["json-recursion", "deep-lists", "unhashable-array-name"],
+)
+def test_crafted_checkpoint_metadata_is_refused_by_name(tmp_path, payload, message):
+    """Metadata a checkpoint writer never makes raised RecursionError or TypeError while reading."""
+    meta = f'{{"format": "xpnet-checkpoint", "version": {checkpoint.VERSION}, "payload": {{"a": {payload}}}}}'
+    np.savez(tmp_path / "crafted.npz", **{"__xpnet__.json": np.frombuffer(meta.encode(), np.uint8)})
+    with pytest.raises(CheckpointError, match=f"crafted.npz.*{message}"):
+        load_checkpoint(tmp_path / "crafted.npz")
+
+
+def test_a_payload_nested_deeper_than_a_checkpoint_reads_is_refused_on_writing(tmp_path):
+    nested: list = [np.ones(2)]
+    for _ in range(checkpoint.MAX_DEPTH - 2):  # with the payload dict, MAX_DEPTH levels in all
+        nested = [nested]
+    save_checkpoint(tmp_path / "deepest.npz", {"a": nested})
+    np.testing.assert_array_equal(_innermost(load_checkpoint(tmp_path / "deepest.npz")["a"]), np.ones(2))
+    with pytest.raises(ValueError, match="nest 64 levels deep at most"):
+        save_checkpoint(tmp_path / "deeper.npz", {"a": [nested]})
+    assert not (tmp_path / "deeper.npz").exists()
+
+
+def _innermost(nested):
+    while isinstance(nested, list):
+        (nested,) = nested
+    return nested
+
+
 def test_npz_that_is_not_a_checkpoint_is_refused(tmp_path):
     np.savez(tmp_path / "plain.npz", x=np.ones(3))
     with pytest.raises(CheckpointError, match="plain.npz.*no __xpnet__.json"):

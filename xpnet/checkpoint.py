@@ -41,6 +41,9 @@ META = "__xpnet__.json"
 _ARRAY = "__array__"
 _TMP_MARK = ".tmp-"
 _LEGACY_FORMAT = "xpnet-checkpoint-1"  # the pickle files of version 1
+# How deep dicts and lists may nest in a payload: far beyond any state xpnet writes, and well
+# inside Python's recursion limit, so that a crafted file is refused by name.
+MAX_DEPTH = 64
 
 
 class CheckpointError(ValueError):
@@ -52,15 +55,17 @@ class CheckpointWriteError(OSError):
 
 
 # --------------------------------------------------------------------------- writing
-def _encode(tree, arrays: dict):
+def _encode(tree, arrays: dict, depth: int = 0):
     """``tree`` as JSON-ready data, its NumPy arrays moved into ``arrays`` (member name -> array)."""
+    if isinstance(tree, (dict, list, tuple)) and depth >= MAX_DEPTH:
+        raise ValueError(f"a checkpoint's dicts and lists may nest {MAX_DEPTH} levels deep at most")
     if isinstance(tree, dict):
         for key in tree:
             if not isinstance(key, str):
                 raise TypeError(f"checkpoint keys must be strings, got {key!r}")
-        return {key: _encode(value, arrays) for key, value in tree.items()}
+        return {key: _encode(value, arrays, depth + 1) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return [_encode(value, arrays) for value in tree]
+        return [_encode(value, arrays, depth + 1) for value in tree]
     if isinstance(tree, np.ndarray):
         if tree.dtype.hasobject:
             raise TypeError("checkpoint arrays must hold numbers, not Python objects")
@@ -159,16 +164,18 @@ def _fsync_folder(folder):
 
 
 # --------------------------------------------------------------------------- reading
-def _decode(tree, members, path):
+def _decode(tree, members, path, depth=0):
+    if isinstance(tree, dict) and set(tree) == {_ARRAY}:  # an array, not a level of nesting
+        name = tree[_ARRAY]
+        if not isinstance(name, str) or name not in members:
+            raise CheckpointError(f"checkpoint {path!r} is damaged: array {name!r} is missing")
+        return members[name]
+    if isinstance(tree, (dict, list)) and depth >= MAX_DEPTH:
+        raise CheckpointError(f"checkpoint {path!r} nests its contents more than {MAX_DEPTH} levels deep")
     if isinstance(tree, dict):
-        if set(tree) == {_ARRAY}:
-            name = tree[_ARRAY]
-            if name not in members:
-                raise CheckpointError(f"checkpoint {path!r} is damaged: array {name!r} is missing")
-            return members[name]
-        return {key: _decode(value, members, path) for key, value in tree.items()}
+        return {key: _decode(value, members, path, depth + 1) for key, value in tree.items()}
     if isinstance(tree, list):
-        return [_decode(value, members, path) for value in tree]
+        return [_decode(value, members, path, depth + 1) for value in tree]
     return tree
 
 
@@ -218,7 +225,7 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
         if meta.dtype != np.uint8 or meta.ndim != 1:
             raise ValueError("metadata is not a byte string")
         document = json.loads(meta.tobytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's limit
         raise CheckpointError(f"checkpoint {path!r} has unreadable metadata ({exc})") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint")
