@@ -349,6 +349,30 @@ def test_cifar_batch_with_wrong_contents_is_named(tmp_path):
         load_CIFAR_batch(path)
 
 
+def test_cifar_batch_whose_labels_or_pixels_are_nested_lists_is_refused_before_numpy_expands_them(tmp_path):
+    """Lists that share one inner list pickle to kilobytes and convert to gigabytes: 1,000 rows
+    sharing a row of 1,000 labels each, 16 KB on disk, were read as labels of shape (4, 1000, 1000)."""
+    path = tmp_path / "data_batch_1"
+    pixels = np.zeros((4, 3072), np.uint8)
+    shared_row = [0] * 1000
+    for data, labels, words in [
+        (pixels, [[shared_row] * 1000] * 4, "labels that are not a flat list"),
+        (pixels, [[0, 1]] * 4, "labels that are not a flat list"),
+        (pixels, np.zeros((4, 2), np.int64), "labels that are not a flat list"),
+        (pixels, [0.0, 1.0, 2.0, 3.0], "labels that are not a flat list"),
+        ([[0] * 3072] * 4, [0, 1, 2, 3], "pixels as a list, not an array"),
+    ]:
+        with open(path, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f, protocol=2)
+        assert path.stat().st_size < 100_000
+        with pytest.raises(DataError, match=f"data_batch_1.*{words}"):
+            load_CIFAR_batch(path)
+    for labels in ([0, 1, 2, 3], np.arange(4), [np.int64(v) for v in range(4)]):  # the forms a batch may take
+        with open(path, "wb") as f:
+            pickle.dump({b"data": pixels, b"labels": labels}, f, protocol=2)
+        np.testing.assert_array_equal(load_CIFAR_batch(path)[1], np.arange(4))
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 def test_non_finite_loss_between_logging_points_stops_without_a_nan_checkpoint(tmp_path):

@@ -111,11 +111,16 @@ def load_CIFAR_batch(filename, dtype="float64"):
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"CIFAR-10 batch {filename!r} is not a CIFAR-10 python batch (no data and labels)")
     data, labels = batch[b"data"], batch[b"labels"]
-    try:
-        data = np.asarray(data)
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"CIFAR-10 batch {filename!r} has malformed data or labels ({exc})") from exc
+    # Checked as they stand before NumPy converts anything: nested lists that share one
+    # inner list make a file of kilobytes into an array of gigabytes.
+    if not isinstance(data, np.ndarray):
+        raise DataError(f"CIFAR-10 batch {filename!r} holds its pixels as a {type(data).__name__}, not an array")
+    if isinstance(labels, (list, tuple)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+            raise DataError(f"CIFAR-10 batch {filename!r} has labels that are not a flat list of integers")
+    elif not isinstance(labels, np.ndarray) or labels.dtype.kind not in "ui" or labels.ndim != 1:
+        raise DataError(f"CIFAR-10 batch {filename!r} has labels that are not a flat list of integers")
+    labels = np.asarray(labels, dtype=np.int64)
     if data.dtype.kind not in "ui" or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise DataError(
             f"CIFAR-10 batch {filename!r} has data of shape {data.shape} ({data.dtype}) and "
