@@ -171,12 +171,12 @@ def test_damaged_checkpoints_name_the_file(tmp_path, content, message):
 
 @pytest.mark.parametrize(
     "field, value, words",
-    [(8, b"\x61\x00", "compression method"), (6, b"\x01\x00", "encrypted")],
+    [(8, b"\x61\x00", "has a compressed member"), (6, b"\x01\x00", "corrupt.*encrypted")],
     ids=["unknown-compression", "encrypted"],
 )
 def test_a_checkpoint_with_damaged_zip_headers_is_named(tmp_path, field, value, words):
     """Bytes of a zip header changed (the first member's compression method, or its flags now
-    saying it is encrypted): zipfile raises NotImplementedError or RuntimeError for these."""
+    saying it is encrypted): zipfile raised NotImplementedError or RuntimeError for these."""
     path = tmp_path / "damaged.npz"
     save_checkpoint(path, {"w": np.ones(3)})
     raw = bytearray(path.read_bytes())
@@ -185,8 +185,37 @@ def test_a_checkpoint_with_damaged_zip_headers_is_named(tmp_path, field, value, 
     raw[local + field : local + field + 2] = value
     raw[central + field + 2 : central + field + 4] = value
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=f"damaged.npz.*corrupt.*{words}"):
+    with pytest.raises(CheckpointError, match=f"damaged.npz.*{words}"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_member_declaring_more_than_it_holds_is_refused_before_any_allocation(tmp_path):
+    """A .npy header of a few bytes can declare terabytes: NumPy then raised MemoryError (or
+    allocated it) for a file of 600 bytes. A compressed member, which xpnet never writes, can
+    expand to far more than the file, and is refused as well."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy_format
+
+    meta = json.dumps(
+        {"format": "xpnet-checkpoint", "version": checkpoint.VERSION, "payload": {"w": {"__array__": "a0"}}}
+    )
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    meta_member = io.BytesIO()
+    np.save(meta_member, np.frombuffer(meta.encode(), np.uint8))
+    path = tmp_path / "liar.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("__xpnet__.json.npy", meta_member.getvalue())
+        archive.writestr("a0.npy", header.getvalue() + bytes(64))
+    assert path.stat().st_size < 1000
+    with pytest.raises(CheckpointError, match=r"liar.npz.*'a0.npy' declares an array of shape \(1000000000000,\)"):
+        load_checkpoint(path)
+    np.savez_compressed(tmp_path / "squeezed.npz", **{"__xpnet__.json": np.frombuffer(meta.encode(), np.uint8),
+                                                      "a0": np.zeros(10)})  # fmt: skip
+    with pytest.raises(CheckpointError, match="squeezed.npz.*has a compressed member"):
+        load_checkpoint(tmp_path / "squeezed.npz")
 
 
 @pytest.mark.parametrize(
