@@ -530,7 +530,7 @@ def test_a_file_that_holds_no_fast94_network_is_refused_by_name(tmp_path):
         "other": "holds no fast94 network",
         "widths": r"widths must be three positive integers, got \[4, 8\]",
         "shapes": r"parameter W1 has shape \(2, 2\), the model expects \(4, 24, 3, 3\)",
-        "not_arrays": r"parameter W1 is not an array \(got int\)",
+        "not_arrays": r"parameter W1 is not an array of floats \(got int\)",
     }
     for name, payload in broken.items():
         save_checkpoint(tmp_path / f"{name}.npz", payload)

@@ -46,10 +46,11 @@ def run_cli(train, capsys, args):
     return code, out, err
 
 
-def trained_checkpoint(tmp_path, **options):
+def trained_checkpoint(tmp_path, model=None, **options):
     settings = dict(update_rule="adam", batch_size=50, num_epochs=1, verbose=False, seed=0)
     settings.update(options)
-    solver = Solver(small_model("numpy"), small_data(), checkpoint_name=str(tmp_path / "run"), **settings)
+    model = small_model("numpy") if model is None else model
+    solver = Solver(model, small_data(), checkpoint_name=str(tmp_path / "run"), **settings)
     solver.train()
     return solver, tmp_path / "run_epoch_1.npz"
 
@@ -95,10 +96,10 @@ def test_a_model_state_with_other_normalisation_layers_is_refused_whole():
     tampered = model.state_dict()
     tampered["params"]["W1"] = np.zeros_like(tampered["params"]["W1"])
     tampered["buffers"][1]["momentun"] = 0.5  # the layer would refuse it later, far from the file
-    with pytest.raises(ValueError, match="checkpoint buffer 1 has unknown key\\(s\\) momentun"):
+    with pytest.raises(ValueError, match="saved buffer 1 has unknown key\\(s\\) momentun"):
         model.load_state_dict(tampered)
     short = {**tampered, "buffers": model.state_dict()["buffers"][:1]}  # zip would have loaded one of two
-    with pytest.raises(ValueError, match=r"checkpoint has 1 buffers \(layer state\), the model 2"):
+    with pytest.raises(ValueError, match=r"the saved state has 1 buffers \(layer state\), the model 2"):
         model.load_state_dict(short)
     for name, value in model.params.items():  # nothing was half loaded
         np.testing.assert_array_equal(to_np(value), before[name])
@@ -542,6 +543,53 @@ def test_ctrl_c_ends_cleanly_with_exit_130_and_a_loadable_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
+def _set(path: tuple, value):
+    """A change to a checkpoint's payload: the entry at ``path`` (keys) set to ``value``."""
+
+    def change(state):
+        for key in path[:-1]:
+            state = state[key]
+        state[path[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set(("epoch",), "abc"), "has epoch = 'abc', not a count"),
+        (_set(("iteration",), -3), "has iteration = -3, not a count"),
+        (_set(("loss_history",), [{"a": 1}]), "loss_history that is not a list of numbers"),
+        (_set(("best_val_acc",), "high"), "best_val_acc = 'high', not an accuracy"),
+        (_set(("settings",), None), "no settings naming its update_rule and batch_size"),
+        (_set(("optim_configs",), [1, 2]), "optimizer state for a list; the model's parameters are"),
+        (lambda state: state["optim_configs"].pop("W1"), "optimizer state for .*; the model's parameters are"),
+        (_set(("optim_configs", "W1", "m"), np.ones(3)), r"optimizer state W1.m of shape \(3,\); the parameter is"),
+        (_set(("optim_configs", "W1", "t"), "x"), "optimizer state W1.t = 'x', not a number or an array"),
+        (_set(("best_params", "W1"), np.ones(3)), "best W1 that is not an array of floats of shape"),
+        (_set(("model", "params", "W1"), np.ones((6, 16), np.int64)), "saved parameter W1 is not an array of floats"),
+        (_set(("model", "buffers"), ["x", "y"]), "saved buffer 0 is a str"),
+        (lambda state: state.pop("model"), "is not a Solver checkpoint"),
+    ],
+)
+def test_a_solver_checkpoint_that_no_solver_wrote_is_refused_whole(tmp_path, change, message):
+    """Each part of a Solver checkpoint is checked before anything is restored: these raised
+    TypeError, AttributeError or a broadcasting error from deep inside, some after the model's
+    parameters had already been replaced."""
+    _, path = trained_checkpoint(tmp_path, model=small_model("numpy", normalization="batchnorm"))
+    state = load_checkpoint(path)
+    change(state)
+    save_checkpoint(tmp_path / "altered.npz", state)
+    solver = Solver(small_model("numpy", normalization="batchnorm"), small_data(), update_rule="adam", batch_size=50,
+                    verbose=False)  # fmt: skip
+    before = {k: to_np(v) for k, v in solver.model.params.items()}
+    with pytest.raises(ValueError, match=f"altered.npz.* {message}"):
+        solver.resume(tmp_path / "altered.npz")
+    assert solver.epoch == 0 and solver.loss_history == []
+    for key, value in before.items():
+        np.testing.assert_array_equal(to_np(solver.model.params[key]), value)
+
+
 def test_resume_refuses_another_update_rule(tmp_path):
     _, path = trained_checkpoint(tmp_path)
     other = Solver(small_model("numpy"), small_data(), update_rule="sgd_momentum", batch_size=50, verbose=False)

@@ -31,6 +31,7 @@ __all__ = [
     "is_finite_tree",
     "tree_to_host",
     "tree_to_device",
+    "not_float_array",
     "CheckpointError",
     "CheckpointWriteError",
 ]
@@ -309,6 +310,14 @@ def tree_to_host(tree, backend):
     if backend.owns(tree):
         return backend.to_numpy(tree)
     return tree
+
+
+def not_float_array(value) -> str:
+    """'' for an array of floats, else what ``value`` is ("int64 array", "str"), for an error
+    message. Only NumPy arrays come from files; another library's array is taken as it is."""
+    if isinstance(value, np.ndarray):
+        return "" if value.dtype.kind == "f" else f"{value.dtype} array"
+    return "" if hasattr(value, "shape") and hasattr(value, "dtype") else type(value).__name__
 
 
 def tree_to_device(tree, backend, dtype=None):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 
 from .backend import Backend, backend_of, get_backend
-from .checkpoint import tree_to_device, tree_to_host
+from .checkpoint import not_float_array, tree_to_device, tree_to_host
 from .input_checks import as_int, is_number
 from .layers import BATCHNORM_KEYS
+
+# The batchnorm keys that hold arrays (the others are settings).
+RUNNING_KEYS = ("running_mean", "running_var")
 
 __all__ = ["Model", "backend_for", "param_dtype", "input_preparers", "model_state", "load_model_state"]
 
@@ -158,26 +161,33 @@ def load_model_state(model, state: dict, backend) -> None:
             f"a model state is a dict with 'params' and 'buffers', as state_dict() returns; got {keys}"
             + (hint if isinstance(state, dict) and "model" in state else "")
         )
+    if not isinstance(state["params"], dict) or not isinstance(state["buffers"], list):
+        raise ValueError("a model state's 'params' is a dict of arrays and its 'buffers' a list of dicts")
     if set(model.params) != set(state["params"]):
-        raise ValueError(
-            f"checkpoint parameters {sorted(state['params'])} do not match the model's {sorted(model.params)}"
-        )
+        raise ValueError(f"saved parameters {sorted(state['params'])} do not match the model's {sorted(model.params)}")
     for name, value in state["params"].items():
-        if not hasattr(value, "shape"):
-            raise ValueError(f"checkpoint parameter {name} is not an array (got {type(value).__name__})")
+        if not_float_array(value):
+            raise ValueError(f"saved parameter {name} is not an array of floats (got {not_float_array(value)})")
         if tuple(value.shape) != tuple(model.params[name].shape):
             raise ValueError(
-                f"checkpoint parameter {name} has shape {tuple(value.shape)}, "
+                f"saved parameter {name} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(model.params[name].shape)}"
             )
     buffers = model.buffers() if hasattr(model, "buffers") else []
     if len(state["buffers"]) != len(buffers):
-        raise ValueError(f"checkpoint has {len(state['buffers'])} buffers (layer state), the model {len(buffers)}")
+        raise ValueError(f"the saved state has {len(state['buffers'])} buffers (layer state), the model {len(buffers)}")
     for i, (layer, saved) in enumerate(zip(buffers, state["buffers"])):
+        if not isinstance(saved, dict):
+            raise ValueError(f"saved buffer {i} is a {type(saved).__name__}, not a dict of layer state")
         # Running averages are created on a layer's first call, so a fresh model may lack them.
         unknown = sorted(set(saved) - set(layer) - set(BATCHNORM_KEYS))
         if unknown:  # a normalisation layer would refuse them at its next call, far from the file
-            raise ValueError(f"checkpoint buffer {i} has unknown key(s) {', '.join(unknown)}")
+            raise ValueError(f"saved buffer {i} has unknown key(s) {', '.join(unknown)}")
+        for key in RUNNING_KEYS:
+            if key in saved and not_float_array(saved[key]):
+                raise ValueError(
+                    f"saved buffer {i}'s {key} is not an array of floats (got {not_float_array(saved[key])})"
+                )
     dtype = param_dtype(model)
     model.params = tree_to_device(state["params"], backend, dtype)
     for layer, saved in zip(buffers, state["buffers"]):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .. import optim
-from ..checkpoint import load_checkpoint, tree_to_device, tree_to_host
+from ..checkpoint import load_checkpoint, not_float_array, tree_to_device, tree_to_host
+from ..input_checks import as_int, is_number
 from ..model import load_model_state, model_state
 
 __all__ = ["solver_state", "restore_solver", "settings_changes"]
@@ -12,6 +13,9 @@ __all__ = ["solver_state", "restore_solver", "settings_changes"]
 CHANGEABLE = ("lr_decay", "num_epochs", "seed", "num_train_samples", "num_val_samples", "print_every")
 # Settings that must match: the optimizer state and the step count depend on them.
 FIXED = ("update_rule", "batch_size")
+# What every Solver checkpoint holds (older ones lack "rng", which is optional).
+_SOLVER_KEYS = ("model", "optim_configs", "epoch", "iteration", "loss_history", "train_acc_history",
+                "val_acc_history", "best_val_acc", "best_params", "settings")  # fmt: skip
 
 
 def solver_state(solver) -> dict:
@@ -66,15 +70,60 @@ def random_stream_change(saved, mine) -> list:
     ]
 
 
+def check_solver_state(state, model) -> None:
+    """ValueError saying what in a Solver checkpoint is not what a Solver over ``model`` writes,
+    before anything is restored: a refused checkpoint leaves the Solver as it was."""
+    if not isinstance(state, dict) or any(key not in state for key in _SOLVER_KEYS):
+        held = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"is not a Solver checkpoint (it holds {held}; a Solver's has {', '.join(_SOLVER_KEYS)})")
+    for key in ("epoch", "iteration"):
+        if as_int(state[key]) is None or state[key] < 0:
+            raise ValueError(f"has {key} = {state[key]!r}, not a count")
+    for key in ("loss_history", "train_acc_history", "val_acc_history"):
+        if not isinstance(state[key], list) or not all(is_number(v) for v in state[key]):
+            raise ValueError(f"has a {key} that is not a list of numbers")
+    if not is_number(state["best_val_acc"]) or not 0 <= state["best_val_acc"] <= 1:
+        raise ValueError(f"has best_val_acc = {state['best_val_acc']!r}, not an accuracy")
+    if not isinstance(state["settings"], dict) or any(key not in state["settings"] for key in FIXED):
+        raise ValueError(f"has no settings naming its {' and '.join(FIXED)}")
+    shapes = {name: tuple(value.shape) for name, value in model.params.items()}
+    best, configs = state["best_params"], state["optim_configs"]
+    if not isinstance(best, dict) or (best and set(best) != set(shapes)):
+        raise ValueError(f"has best parameters {_names(best)}; the model's are {sorted(shapes)}")
+    if not isinstance(configs, dict) or set(configs) != set(shapes):
+        raise ValueError(f"has optimizer state for {_names(configs)}; the model's parameters are {sorted(shapes)}")
+    for name, shape in shapes.items():
+        if name in best and (not_float_array(best[name]) or tuple(best[name].shape) != shape):
+            raise ValueError(f"has a best {name} that is not an array of floats of shape {shape}")
+        if not isinstance(configs[name], dict):
+            raise ValueError(f"has optimizer state for {name} that is not a dict")
+        for key, value in configs[name].items():
+            # Moments have the parameter's shape; a step count kept on a GPU is a 0-d array.
+            if hasattr(value, "shape") and (
+                not_float_array(value) and value.shape != () or value.shape not in (shape, ())
+            ):
+                raise ValueError(f"has optimizer state {name}.{key} of shape {value.shape}; the parameter is {shape}")
+            if not hasattr(value, "shape") and not is_number(value):
+                raise ValueError(f"has optimizer state {name}.{key} = {value!r}, not a number or an array")
+
+
+def _names(tree) -> str:
+    return repr(sorted(tree)) if isinstance(tree, dict) else f"a {type(tree).__name__}"
+
+
 def restore_solver(solver, path, trust_pickle=False) -> list:
     """Load ``path`` into ``solver``; returns the list of setting changes (this Solver's win)."""
     state = load_checkpoint(path, trust_pickle=trust_pickle)
     mine = solver.settings.describe()
     try:
+        check_solver_state(state, solver.model)
         changes = settings_changes(state["settings"], mine)
     except ValueError as exc:
         raise ValueError(f"checkpoint {str(path)!r} {exc}") from None
-    load_model_state(solver.model, state["model"], solver.backend)
+    try:
+        load_model_state(solver.model, state["model"], solver.backend)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {str(path)!r}: {exc}") from None
     dtype = getattr(solver.model, "dtype", None)
     configs = tree_to_device(state["optim_configs"], solver.backend, dtype)
     state_keys = optim.CONFIG_KEYS.get(mine["update_rule"], (None, None))[1]
