@@ -148,6 +148,31 @@ def test_download_checks_md5_and_unpacks(tmp_path):
     assert not list((tmp_path / "dest").glob("*.tar.gz")) and not list((tmp_path / "dest").glob("*.part"))
 
 
+@pytest.mark.parametrize("python_has_data_filter", [True, False])
+def test_download_unpacks_only_the_batch_files(tmp_path, monkeypatch, python_has_data_filter):
+    """An archive that names a path outside the batches folder (through '..'), a nested file or
+    a link: only the batch files come out, also on Pythons without tarfile's data filter."""
+    if not python_has_data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    source = tmp_path / "src"
+    write_fake_cifar(source / data_utils.CIFAR10_FOLDER, per_batch=4)
+    (source / "payload").write_text("outside")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(source / data_utils.CIFAR10_FOLDER, arcname=data_utils.CIFAR10_FOLDER)
+        tar.add(source / "payload", arcname=f"{data_utils.CIFAR10_FOLDER}/../escaped")
+        tar.add(source / "payload", arcname=f"{data_utils.CIFAR10_FOLDER}/sub/nested")
+        link = tarfile.TarInfo(f"{data_utils.CIFAR10_FOLDER}/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    archive = tmp_path / "cifar.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    md5 = hashlib.md5(buffer.getvalue()).hexdigest()
+    folder = data_utils.download_CIFAR10(tmp_path / "dest", url=archive.as_uri(), md5=md5, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(data_utils.CIFAR10_FILES)
+    assert not (tmp_path / "dest" / "escaped").exists() and not (tmp_path / "escaped").exists()
+
+
 def test_download_rejects_bad_md5_and_reports_failures(tmp_path):
     archive, _ = make_archive(tmp_path)
     with pytest.raises(DataError, match="md5"):

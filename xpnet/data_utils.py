@@ -11,7 +11,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -214,10 +214,18 @@ def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
         raise DataError(f"downloaded archive from {url} has md5 {actual}, expected {md5}; try again")
     os.replace(partial, archive)
     with tarfile.open(archive, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(CIFAR10_FOLDER + "/") and m.isfile()]
-        tar.extractall(dest, members=members, filter="data")
+        members = [m for m in tar.getmembers() if _is_batch_file(m)]
+        # filter="data" refuses links, device files and paths outside dest too; Pythons before
+        # 3.10.12 and 3.11.4 lack it and extract only the plain files chosen above.
+        tar.extractall(dest, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     archive.unlink()
     return dest / CIFAR10_FOLDER
+
+
+def _is_batch_file(member: tarfile.TarInfo) -> bool:
+    """A plain file directly inside the archive's batches folder (never ``..`` or a link)."""
+    parts = PurePosixPath(member.name).parts
+    return member.isfile() and len(parts) == 2 and parts[0] == CIFAR10_FOLDER and parts[1] not in ("..", ".")
 
 
 def _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_validation, num_test, subtract_mean):
