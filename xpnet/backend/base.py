@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "DeviceRNG", "NumpyGlobalRNG", "CapturedGraph", "seed_to_int"]
+__all__ = ["Backend", "DeviceRNG", "NumpyGlobalRNG", "CapturedGraph", "seed_to_int", "in_native_layout"]
 
 
 def seed_to_int(seed) -> int | None:
@@ -39,7 +39,7 @@ def _same_dtype(a, b) -> bool:
         return False
 
 
-def _in_native_layout(obj):
+def in_native_layout(obj):
     """Host data as every library takes it. PyTorch refuses a NumPy array with a negative
     stride (``X[:, :, ::-1]``, a flip) or a non-native byte order (big-endian data read from a
     file); such an array is copied into C order and native bytes, any other object passes as is."""
@@ -183,7 +183,7 @@ class Backend:
         on the CPU) unless ``copy=True``.
         """
         dt = None if dtype is None else self.dtype(dtype)
-        return self.xp.asarray(_in_native_layout(obj), dtype=dt, device=self.device, copy=copy)
+        return self.xp.asarray(in_native_layout(obj), dtype=dt, device=self.device, copy=copy)
 
     def to_numpy(self, x) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host.

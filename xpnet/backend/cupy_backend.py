@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from array_api_compat import is_cupy_array
 
-from .base import Backend, CapturedGraph, DeviceRNG, seed_to_int
+from .base import Backend, CapturedGraph, DeviceRNG, in_native_layout, seed_to_int
 from .dispatch import accelerated
 from .registry import import_library, register_backend
 
@@ -56,7 +56,7 @@ class CupyBackend(Backend):
     def asarray(self, obj, dtype=None, copy=None):
         dt = None if dtype is None else self.dtype(dtype)
         with self.device:
-            out = self.lib.asarray(obj, dtype=dt)
+            out = self.lib.asarray(in_native_layout(obj), dtype=dt)
             # cupy.asarray copies host data anyway; copy device arrays when asked.
             return out.copy() if copy and out is obj else out
 
