@@ -83,5 +83,24 @@ def test_numerical_gradients_need_a_step_above_zero(backend):
                 call(h)
 
 
+def test_numerical_gradients_name_an_f_or_df_of_the_wrong_shape(backend):
+    """An array-valued f given to the scalar checkers failed inside float(); a df that broadcasts
+    against f(x) weighted the wrong sum without a word."""
+    x = backend.asarray(np.ones((2, 3)), dtype="float64")
+    with pytest.raises(TypeError, match=r"eval_numerical_gradient: f must return a scalar .*shape \(2, 3\)"):
+        eval_numerical_gradient(lambda v: v * v, x, verbose=False)
+    with pytest.raises(TypeError, match=r"grad_check_sparse: f must return a scalar"):
+        grad_check_sparse(lambda v: v * v, x, x, num_checks=1, verbose=False)
+    with pytest.raises(ValueError, match=r"f\(x\) has shape \(2, 3\) but df \(3,\)"):
+        eval_numerical_gradient_array(lambda v: 2 * v, x, backend.asarray(np.ones(3), dtype="float64"))
+
+
+def test_numerical_gradients_warn_below_float64(backend):
+    x = backend.asarray(np.ones(3), dtype="float32")
+    with pytest.warns(RuntimeWarning, match="eval_numerical_gradient: x is .*float32.*check gradients in float64"):
+        grad = eval_numerical_gradient(lambda v: xp_sum(v * v), x, verbose=False)
+    np.testing.assert_allclose(to_np(grad), 2.0, rtol=1e-2)  # only near the truth, as the warning says
+
+
 def xp_sum(v):
     return array_namespace(v).sum(v)

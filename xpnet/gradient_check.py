@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import warnings
 
 from array_api_compat import array_namespace, is_array_api_obj
 
@@ -70,13 +71,31 @@ def _evaluate_both_sides(f, x, index, h):
 
 
 def _check_float(name, x, h):
-    """x's namespace, after checking that x holds floats and that the step h is a number > 0."""
+    """x's namespace, after checking that x holds floats and that the step h is a number > 0;
+    warns for x narrower than float64."""
     xp = array_namespace(x)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
     if not is_number(h) or not math.isfinite(h) or h <= 0:
         raise ValueError(f"{name}: the step h must be a finite number > 0, got {h!r}")
+    if x.dtype != xp.float64:
+        warnings.warn(
+            f"{name}: x is {x.dtype}: the rounding of f swamps a centred difference with step {h:g} "
+            "(errors near 1e-3 of the gradient); check gradients in float64 (a model's dtype='float64')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return xp
+
+
+def _scalar(name, value) -> float:
+    """``f``'s value as a float, or a TypeError saying that ``f`` must return one number."""
+    if hasattr(value, "shape") and tuple(value.shape) != ():
+        raise TypeError(
+            f"{name}: f must return a scalar (the loss), got an array of shape {tuple(value.shape)}; "
+            "for an array-valued f use eval_numerical_gradient_array(f, x, df)"
+        )
+    return float(value)
 
 
 def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
@@ -94,7 +113,7 @@ def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
-        grad[index] = (float(plus) - float(minus)) / (2 * h)
+        grad[index] = (_scalar("eval_numerical_gradient", plus) - _scalar("eval_numerical_gradient", minus)) / (2 * h)
         if verbose:
             print(index, float(grad[index]))
     return grad
@@ -114,6 +133,10 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
+        if tuple(plus.shape) != tuple(df.shape):  # a df that broadcasts would weight the wrong sum
+            raise ValueError(
+                f"eval_numerical_gradient_array: f(x) has shape {tuple(plus.shape)} but df {tuple(df.shape)}"
+            )
         grad[index] = xp.sum((plus - minus) * df) / (2 * h)
     return grad
 
@@ -130,7 +153,7 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, ver
     for _ in range(num_checks):
         index = tuple(picker.randrange(n) for n in x.shape)
         plus, minus = _evaluate_both_sides(f, x, index, h)
-        numeric = (float(plus) - float(minus)) / (2 * h)
+        numeric = (_scalar("grad_check_sparse", plus) - _scalar("grad_check_sparse", minus)) / (2 * h)
         analytic = float(analytic_grad[index])
         error = rel_error(numeric, analytic)
         errors.append(error)
