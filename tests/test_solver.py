@@ -423,6 +423,10 @@ def test_check_accuracy_refuses_counts_that_cannot_be_right():
                              (dict(batch_size=0), "batch_size"), (dict(batch_size=1.5), "batch_size")):  # fmt: skip
         with pytest.raises(ValueError, match=f"check_accuracy: {message} must be a positive integer"):
             solver.check_accuracy(solver.X_val, solver.y_val, **options)
+    data = small_data()
+    for labels in (data["y_val"][:-1], data["y_val"][:, None]):  # NumPy's broadcasting error, before
+        with pytest.raises(ValueError, match=r"check_accuracy: y must hold one label per row of X \(60, 6\)"):
+            solver.check_accuracy(data["X_val"], labels)
 
 
 def test_cuda_graph_needs_a_backend_that_can_capture():

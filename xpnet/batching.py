@@ -41,6 +41,10 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     predictions are made ``batch_size`` rows at a time on the device.
     """
     xp = namespace(X, y)
+    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"check_accuracy: y must hold one label per row of X {tuple(X.shape)}, got shape {tuple(y.shape)}"
+        )
     batch_size = _positive_count("batch_size", batch_size)
     if num_samples is not None:
         num_samples = _positive_count("num_samples", num_samples)
