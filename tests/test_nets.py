@@ -450,6 +450,30 @@ def test_the_course_toy_training_draws_its_minibatches_as_the_course_loop_does()
     assert stats["loss_history"][-1] < 0.02  # and it learnt the toy data
 
 
+def test_two_layer_net_train_refuses_data_that_cannot_be_right_by_its_argument_names(np_rng):
+    """The course's train(X, y, X_val, y_val) loop: a y one short was indexed past its end only
+    when a minibatch drew the last row, a short y_val failed at the first epoch's end, and a
+    column of labels inside the loss."""
+    net = neural_net.TwoLayerNet(12, 10, 4, seed=0)
+    X, y = np_rng.standard_normal((60, 12)), np_rng.integers(0, 4, 60)
+    with_nan = X.copy()
+    with_nan[3, 3] = np.nan
+    cases = [
+        ((X, y[:59], X[:10], y[:10]), "X has 60 rows but y has 59 labels"),
+        ((X, y, X[:10], y[:9]), "X_val has 10 rows but y_val has 9 labels"),
+        ((X, y[:, None], X[:10], y[:10]), r"y must be 1-D, got shape \(60, 1\)"),
+        ((X, y + 1, X[:10], y[:10]), r"y has label 4 outside \[0, 4\)"),
+        ((X[:, :5], y, X[:10], y[:10]), "X samples have shape .* but the model expects 12 inputs"),
+        ((with_nan, y, X[:10], y[:10]), "X contains NaN or infinite values"),
+    ]
+    before = np_params(net)
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            net.train(*args, num_iters=5, batch_size=10)
+    for key, value in np_params(net).items():
+        np.testing.assert_array_equal(value, before[key])
+
+
 # ---------------------------------------------------------------- copies of a model
 def _every_model(backend):
     """One of each network, with its batchnorm and dropout where it has them, and its input shape."""

@@ -29,46 +29,46 @@ def check_image_batch(owner: str, X, expected: tuple) -> None:
         )
 
 
-def validate_split(data: dict, split: str, num_classes: int | None, input_shape=None, check_finite=True) -> None:
+def validate_split(
+    data: dict, split: str, num_classes: int | None, input_shape=None, check_finite=True, names: dict | None = None
+) -> None:
     """Check ``data['X_<split>']`` and ``data['y_<split>']``; raise ValueError naming the problem.
 
     Checks: both present; X has a leading dimension matching y's length; y is a
     1-D integer array with labels in [0, num_classes); X is finite (unless
     ``check_finite`` is False: then call :func:`check_finite_values` later); X's sample
     shape flattens to ``input_shape``'s size when given (an int), or equals it
-    (a tuple, for image models).
+    (a tuple, for image models). ``names`` maps a key to what messages call it (default:
+    ``data['X_train']``), for callers that took the arrays as arguments of their own.
     """
     x_key, y_key = f"X_{split}", f"y_{split}"
+    x_name, y_name = ((names or {}).get(key, f"data[{key!r}]") for key in (x_key, y_key))
     for key in (x_key, y_key):
         if key not in data:
             raise ValueError(f"data is missing {key!r}; it needs {', '.join(REQUIRED_KEYS)}")
     X, y = data[x_key], data[y_key]
-    for key, value in ((x_key, X), (y_key, y)):
+    for name, value in ((x_name, X), (y_name, y)):
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-            raise ValueError(f"data[{key!r}] must be an array, got {type(value).__name__}")
+            raise ValueError(f"{name} must be an array, got {type(value).__name__}")
     if y.ndim != 1:
-        raise ValueError(f"data[{y_key!r}] must be 1-D, got shape {tuple(y.shape)}")
+        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}")
     if X.ndim < 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"data[{x_key!r}] has {X.shape[0] if X.ndim else 0} rows but data[{y_key!r}] has {y.shape[0]} labels"
-        )
+        raise ValueError(f"{x_name} has {X.shape[0] if X.ndim else 0} rows but {y_name} has {y.shape[0]} labels")
     if y.shape[0] == 0:
-        raise ValueError(f"data[{x_key!r}] is empty")
+        raise ValueError(f"{x_name} is empty")
     y_ns = array_namespace(y)
     if not y_ns.isdtype(y.dtype, "integral"):
-        raise ValueError(f"data[{y_key!r}] must hold integer class labels, got dtype {y.dtype}")
+        raise ValueError(f"{y_name} must hold integer class labels, got dtype {y.dtype}")
     low, high = int(y_ns.min(y)), int(y_ns.max(y))
     if low < 0 or (num_classes is not None and high >= num_classes):
         bad = low if low < 0 else high
-        raise ValueError(
-            f"data[{y_key!r}] has label {bad} outside [0, {num_classes}) for a model with {num_classes} classes"
-        )
+        raise ValueError(f"{y_name} has label {bad} outside [0, {num_classes}) for a model with {num_classes} classes")
     if check_finite:
-        check_finite_values(X, x_key)
+        check_finite_values(X, x_key, x_name)
     if isinstance(input_shape, tuple):  # an image model: the sample shape itself must match
         if tuple(X.shape[1:]) != input_shape:
             raise ValueError(
-                f"data[{x_key!r}] samples have shape {tuple(X.shape[1:])} but the model expects {input_shape}"
+                f"{x_name} samples have shape {tuple(X.shape[1:])} but the model expects {input_shape}"
                 + _channels_last_hint(X.shape[1:], input_shape)
             )
     elif input_shape is not None:
@@ -77,14 +77,15 @@ def validate_split(data: dict, split: str, num_classes: int | None, input_shape=
             features *= d
         if features != input_shape:
             raise ValueError(
-                f"data[{x_key!r}] samples have shape {tuple(X.shape[1:])} ({features} values) "
+                f"{x_name} samples have shape {tuple(X.shape[1:])} ({features} values) "
                 f"but the model expects {input_shape} inputs"
             )
 
 
-def check_finite_values(X, key: str) -> None:
-    """ValueError when floating ``X`` holds NaN or infinite values. On a GPU run this on the
-    device copy: one reduction there instead of a pass over the host array before the copy."""
+def check_finite_values(X, key: str, name: str | None = None) -> None:
+    """ValueError when floating ``X`` holds NaN or infinite values (``name``: what to call it,
+    default ``data[key]``). On a GPU run this on the device copy: one reduction there instead
+    of a pass over the host array before the copy."""
     xp = array_namespace(X)
     if xp.isdtype(X.dtype, "real floating") and not bool(xp.all(xp.isfinite(X))):
-        raise ValueError(f"data[{key!r}] contains NaN or infinite values")
+        raise ValueError(f"{name or f'data[{key!r}]'} contains NaN or infinite values")

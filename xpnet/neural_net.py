@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .batching import accuracy, sample_minibatch
+from .data_checks import validate_split
 from .input_checks import as_int
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward, softmax_loss
 from .model import Model, check_finite, check_num_classes, check_positive_int
@@ -95,6 +96,10 @@ class TwoLayerNet(Model):
             raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
         X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
         y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
+        data = {"X_train": X, "y_train": y, "X_val": X_val, "y_val": y_val}
+        names = {"X_train": "X", "y_train": "y", "X_val": "X_val", "y_val": "y_val"}
+        for split in ("train", "val"):  # labels one per row, in range; rows of input_dim values
+            validate_split(data, split, self.num_classes, self.input_dim, names=names)
         # Without a seed, the backend's shared generator: on NumPy np.random's, where the course draws.
         rng = self.backend.default_rng() if seed is None else self.backend.rng(seed)
         iterations_per_epoch = max(X.shape[0] // batch_size, 1)
