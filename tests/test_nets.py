@@ -507,8 +507,9 @@ def test_a_model_copies_with_deepcopy_and_pickle_onto_the_same_backend(backend, 
         X = backend.asarray(np_rng.standard_normal((5, *input_shape)), dtype=model.dtype)
         y = backend.asarray(np_rng.integers(0, 4, 5))
         model.loss(X, y)  # running averages that are not the initial ones
+        model.rng = backend.rng(0)  # as a Solver leaves it: a copy leaves the generator behind
         twin = copy_of(model)
-        assert twin.backend is model.backend, name
+        assert twin.backend is model.backend and twin.rng is None and model.rng is not None, name
         assert all(backend_of(value) == backend for value in twin.params.values()), name
         mine, theirs = model.state_dict(), twin.state_dict()
         assert set(theirs["params"]) == set(mine["params"]), name
@@ -535,6 +536,9 @@ def test_a_trained_solver_copies_and_its_copy_trains_on_alone(backend, np_rng):
     import copy
 
     from xpnet.solver import Solver
+
+    if backend.random_stream == "cupy":
+        pytest.skip("CuPy's generators cannot be copied (their bit generator holds a threading.Lock)")
 
     X = np_rng.standard_normal((40, 12))
     y = np_rng.integers(0, 4, 40)

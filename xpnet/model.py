@@ -35,6 +35,11 @@ class Model:
         # each epoch its own. None: the backend's shared generator.
         self.rng = None
 
+    def __getstate__(self) -> dict:
+        # A copy or a pickle leaves the training generator behind: the Solver hands each epoch
+        # its own, and CuPy's generators cannot be copied (their bit generator holds a lock).
+        return {**self.__dict__, "rng": None}
+
     @property
     def xp(self):
         return self.backend.xp
