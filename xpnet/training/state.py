@@ -98,13 +98,15 @@ def check_solver_state(state, model) -> None:
         if not isinstance(configs[name], dict):
             raise ValueError(f"has optimizer state for {name} that is not a dict")
         for key, value in configs[name].items():
-            # Moments have the parameter's shape; a step count kept on a GPU is a 0-d array.
-            if hasattr(value, "shape") and (
-                not_float_array(value) and value.shape != () or value.shape not in (shape, ())
-            ):
-                raise ValueError(f"has optimizer state {name}.{key} of shape {value.shape}; the parameter is {shape}")
-            if not hasattr(value, "shape") and not is_number(value):
-                raise ValueError(f"has optimizer state {name}.{key} = {value!r}, not a number or an array")
+            if not hasattr(value, "shape"):
+                if not is_number(value):
+                    raise ValueError(f"has optimizer state {name}.{key} = {value!r}, not a number or an array")
+            # Moments are arrays of floats of the parameter's shape; a step count kept on a GPU is 0-d.
+            elif value.shape != () and (value.shape != shape or not_float_array(value)):
+                what = not_float_array(value) or "an array of floats"
+                raise ValueError(
+                    f"has optimizer state {name}.{key}, {what} of shape {value.shape}; the parameter is {shape}"
+                )
 
 
 def _names(tree) -> str:
