@@ -581,6 +581,25 @@ def test_settings_of_the_wrong_kind_are_refused_by_name(name, value, message):
         Fast94Settings().with_overrides({name: value})
 
 
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("tta_level", 5, "0, 1 or 2"),  # failed at the evaluation, after the whole training run
+        ("momentum", 1.5, "in [0, 1)"),  # failed as 'learning_rate must be > 0, got -0.72'
+        ("learning_rate", -1.0, "> 0"),  # failed as 'learning_rate ... got -0.0082', converted
+        ("label_smoothing", 1.5, "in [0, 1)"),
+        ("translate", -2, ">= 0"),
+        ("bn_momentum", 1.0, "in [0, 1)"),
+        ("whiten_images", 0, ">= 1"),
+        ("warmup", 1.5, "in [0, 1]"),
+        ("bn_eps", 0.0, "> 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused_in_the_users_terms_before_any_work(name, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"fast94: {name} must be {allowed}, got {value!r}")):
+        Fast94Settings().with_overrides({name: value})
+
+
 def test_settings_of_the_right_kind_are_taken_as_given():
     settings = Fast94Settings().with_overrides(
         {"widths": [8, 16, 16], "epochs": 2, "dtype": np.float64, "cuda_graph": None, "activation_dtype": "float16"}

@@ -128,6 +128,9 @@ class Fast94Settings:
             raise ValueError(
                 f"fast94: batch_size must be >= 2 and epochs > 0, got {settings.batch_size}, {settings.epochs}"
             )
+        for name, (allowed, fits) in _RANGES.items():  # before any data moves, in the user's own terms
+            if not fits(getattr(settings, name)):
+                raise ValueError(f"fast94: {name} must be {allowed}, got {getattr(settings, name)!r}")
         return settings
 
 
@@ -142,6 +145,30 @@ _CHOICES = {
     "dtype": ("'float32' or 'float64'", lambda v: _dtype_name(v) in _FLOATS[1:]),
     "activation_dtype": ("None or 'float16'", lambda v: v is None or _dtype_name(v) in _FLOATS),
     "cuda_graph": ("None, True or False", lambda v: v is None or isinstance(v, bool)),
+}
+
+
+# The values each number may take. Out of range, some failed only at the evaluation after the
+# whole training run (tta_level), others in the converted terms of the SGD rule (momentum 1.5
+# as a negative learning rate).
+_RANGES = {
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "bias_scaler": ("> 0", lambda v: v > 0),
+    "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "whiten_bias_epochs": (">= 0", lambda v: v >= 0),
+    "whiten_images": (">= 1", lambda v: v >= 1),
+    "whiten_eps": ("> 0", lambda v: v > 0),
+    "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "start_factor": (">= 0", lambda v: v >= 0),
+    "final_factor": (">= 0", lambda v: v >= 0),
+    "lookahead_every": (">= 0 (0: no lookahead)", lambda v: v >= 0),
+    "translate": (">= 0", lambda v: v >= 0),
+    "tta_level": ("0, 1 or 2", lambda v: v in (0, 1, 2)),
+    "scale": ("> 0", lambda v: v > 0),
+    "bn_momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "bn_eps": ("> 0", lambda v: v > 0),
 }
 
 
