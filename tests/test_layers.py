@@ -345,6 +345,13 @@ def test_dropout_rejects_p_outside_unit_interval(backend, p):
         layers.dropout_forward(arr(backend, np.ones(3)), {"mode": "train", "p": p})
 
 
+@pytest.mark.parametrize("seed", [-1, "a", 1.5, True])
+def test_dropout_names_a_seed_that_cannot_seed(backend, seed):
+    x = backend.asarray(np.ones((2, 3)), dtype="float64")
+    with pytest.raises(ValueError, match=r"dropout_param\['seed'\] must be None or a non-negative integer"):
+        layers.dropout_forward(x, {"mode": "train", "p": 0.5, "seed": seed})
+
+
 # ---------------------------------------------------------------- hidden block
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_affine_norm_relu_dropout_block(backend, np_rng, normalization):

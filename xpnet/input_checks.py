@@ -27,6 +27,17 @@ def as_int(value) -> int | None:
 _FLOAT_DTYPES: dict = {}
 
 
+def check_seed(seed, name: str = "seed") -> int | None:
+    """``seed`` as a Python int (None stays None), or a ValueError naming ``name``: NumPy's
+    seeding would refuse a negative or non-integer seed without saying which setting it was."""
+    if seed is None:
+        return None
+    number = as_int(seed)
+    if number is None or number < 0:
+        raise ValueError(f"{name} must be None or a non-negative integer, got {seed!r}")
+    return number
+
+
 def _library(array) -> str:
     return type(array).__module__.split(".")[0]
 

@@ -19,7 +19,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
-from .input_checks import check_param_keys, check_same_shape, is_number, layer_namespace
+from .input_checks import check_param_keys, check_same_shape, check_seed, is_number, layer_namespace
 from .precision import is_half, narrowed, widened
 from .special import normal_cdf, normal_pdf
 
@@ -509,8 +509,9 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
     xp = layer_namespace("dropout_forward", {"x": x})
     if mode == "test" or p == 0.0:
         return x, (dropout_param, None)
-    if dropout_param.get("seed") is not None:
-        rng = backend_of(x).rng(dropout_param["seed"])
+    seed = check_seed(dropout_param.get("seed"), "dropout_param['seed']")
+    if seed is not None:
+        rng = backend_of(x).rng(seed)
     else:
         rng = dropout_param.get("rng") or backend_of(x).default_rng()
     keep = rng.uniform(tuple(x.shape), dtype=x.dtype) < 1.0 - p  # the course: rand < keep probability

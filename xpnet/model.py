@@ -7,7 +7,7 @@ import math
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import not_float_array, tree_to_device, tree_to_host
-from .input_checks import as_int, is_number
+from .input_checks import as_int, check_seed, is_number
 from .layers import BATCHNORM_KEYS
 
 # The batchnorm keys that hold arrays (the others are settings).
@@ -97,11 +97,10 @@ class Model:
     def _init_rng(self, seed, rng=None):
         """The generator for initialisation: ``rng`` if given, else one seeded with
         ``seed``, else the backend's shared one."""
-        if seed is not None and (as_int(seed) is None or seed < 0):  # NumPy's seeding would not name it
-            raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
+        seed = check_seed(seed)
         if rng is not None:
             return rng
-        return self.backend.default_rng() if seed is None else self.backend.rng(as_int(seed))
+        return self.backend.default_rng() if seed is None else self.backend.rng(seed)
 
     def _weight(self, rng, shape, std):
         return rng.normal(shape, std=std, dtype=self.dtype)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import optim
-from ..input_checks import as_int, is_number
+from ..input_checks import as_int, check_seed, is_number
 from .callbacks import Callback
 
 __all__ = ["SolverSettings", "rule_name", "resolve_update_rule"]
@@ -114,11 +114,7 @@ class SolverSettings:
             raise ValueError(f"lr_decay must be a finite number > 0, got {decay!r}")
         if self.lr_schedule is not None and not callable(self.lr_schedule):
             raise ValueError(f"lr_schedule must be a callable of the iteration, got {self.lr_schedule!r}")
-        if self.seed is not None:
-            seed = as_int(self.seed)
-            if seed is None or seed < 0:
-                raise ValueError(f"seed must be None or a non-negative integer, got {self.seed!r}")
-            self.seed = seed
+        self.seed = check_seed(self.seed)
         if self.checkpoint_name is not None and not isinstance(self.checkpoint_name, (str, os.PathLike)):
             raise ValueError(f"checkpoint_name must be a path (a string), got {self.checkpoint_name!r}")
         if self.on_log is not None and not callable(self.on_log):
