@@ -462,10 +462,17 @@ def test_checkpoints_before_divergence_stay_finite(tmp_path):
 @pytest.mark.filterwarnings(
     "ignore:overflow encountered", "ignore:invalid value encountered", "ignore:training diverged"
 )
-def test_train_script_exits_non_zero_on_divergence(train, capsys):
-    code, out, err = run_cli(train, capsys, ["--update-rule", "sgd", "--lr", "1e8", "--epochs", "3", "--quiet"])
+@pytest.mark.parametrize("quiet", [True, False])
+def test_train_script_exits_non_zero_on_divergence_and_says_so_once(train, capsys, quiet):
+    """It said so three times: the Solver's warning, its report, and the command's own line."""
+    args = ["--update-rule", "sgd", "--lr", "1e8", "--epochs", "3"] + (["--quiet"] if quiet else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run_cli(train, capsys, args)
     assert code == 1
-    assert "training diverged" in err and "learning rate" in err
+    said = (err if quiet else out).count("training diverged")
+    assert said == 1 and (out + err).count("training diverged") == 1 and "learning rate" in (out + err)
+    assert not [w for w in caught if "training diverged" in str(w.message)]
 
 
 # ----------------------------------------------------------------------------- the command line fails early

@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 import xpnet
 from xpnet import data_utils
@@ -349,12 +350,14 @@ class Run:
                     print(f"resume: {change}")
 
         start = time.perf_counter()
-        solver.train()
+        with warnings.catch_warnings():  # the command says it once, below or through the Solver's report
+            warnings.filterwarnings("ignore", message="training diverged", category=RuntimeWarning)
+            solver.train()
         backend.sync()
         wall = time.perf_counter() - start
         test_acc = solver.check_accuracy(data["X_test"], data["y_test"])
         self.on_log({"iteration": solver.iteration, "epoch": solver.epoch, "test_acc": test_acc, "wall_s": wall})
-        if solver.diverged:
+        if solver.diverged and args.quiet:  # a verbose Solver has printed it already
             print(solver.diverged, file=sys.stderr)
         print(f"best val acc: {solver.best_val_acc:.4f}")
         print(f"test acc: {test_acc:.4f}")
