@@ -235,6 +235,24 @@ def test_a_trial_whose_model_cannot_take_its_settings_fails_by_name(tmp_path, ca
     assert "--model cnn takes one hidden size, got --hidden-dims [20, 10]" in trials["cnn", "20x10"].user_attrs["error"]
 
 
+def test_a_diverging_trial_fails_by_name_without_the_array_librarys_warnings(tmp_path, capsys):
+    """Each diverging trial filled stderr with NumPy's overflow warnings and the guard's own
+    RuntimeWarning, beside the failure the sweep reports."""
+    import warnings
+
+    from xpnet.cli.sweep import main
+
+    space = ["--space", "lr=loguniform(1e5,1e6)", "--space", "update_rule=sgd", "--space", "epochs=1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["--trials", "1", "--out", str(tmp_path / "sweep"), "--pruner", "none", *space]) == 1
+    out = capsys.readouterr().out
+    assert "trial 0: fail  (FloatingPointError: training diverged" in out
+    assert not [w for w in caught if "training diverged" in str(w.message) or "encountered" in str(w.message)]
+    (trial,) = study_of(tmp_path / "sweep").trials
+    assert trial.state.name == "FAIL" and "training diverged" in trial.user_attrs["error"]
+
+
 def run_sweep_command(out, trials, workers, epochs):
     args = [sys.executable, str(SWEEP), "--trials", str(trials), "--out", str(out), "--pruner", "none",
             "--space", "lr=loguniform(1e-3,1e-2)", "--space", "hidden_dims=choice(20,50)", "--space", f"epochs={epochs}"]  # fmt: skip

@@ -14,7 +14,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 
 import xpnet
 from xpnet import data_utils
@@ -36,6 +35,7 @@ from xpnet.experiment import (
     load_data,
     make_solver,
 )
+from xpnet.training.guard import divergence_said_once
 
 # Defaults that work well for each data set (a flag on the command line wins).
 CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"}
@@ -350,8 +350,7 @@ class Run:
                     print(f"resume: {change}")
 
         start = time.perf_counter()
-        with warnings.catch_warnings():  # the command says it once, below or through the Solver's report
-            warnings.filterwarnings("ignore", message="training diverged", category=RuntimeWarning)
+        with divergence_said_once():  # below, or through the Solver's report
             solver.train()
         backend.sync()
         wall = time.perf_counter() - start

@@ -4,11 +4,23 @@ the user when it turns false."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
 
-__all__ = ["FiniteGuard"]
+__all__ = ["FiniteGuard", "divergence_said_once"]
+
+
+@contextlib.contextmanager
+def divergence_said_once():
+    """Silence, inside the block, what a diverging run makes the array library and the guard
+    warn ('overflow encountered in matmul', pointing into xpnet's layers; the guard's own
+    RuntimeWarning): for a command that reports ``solver.diverged`` itself, once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+        warnings.filterwarnings("ignore", "training diverged", RuntimeWarning)
+        yield
 
 
 class FiniteGuard:

@@ -16,6 +16,7 @@ from .. import get_backend
 from ..experiment import Experiment, apply_defaults, build_model, load_data, make_solver
 from ..model import model_state
 from ..training import Callback
+from ..training.guard import divergence_said_once
 from .space import SearchSpace
 from .study import load_study, tell
 
@@ -96,7 +97,8 @@ def run_trial(task: dict) -> dict:
         model = build_model(settings, data, backend)
         reporter = _ReportToStudy(trial)
         solver = make_solver(settings, model, data, callbacks=[reporter])
-        solver.train()
+        with divergence_said_once():  # the trial's failure names it, in the table and trials.csv
+            solver.train()
         if solver.diverged:
             raise FloatingPointError(solver.diverged)
         if reporter.pruned:
