@@ -105,6 +105,22 @@ def test_sizes_given_by_position_are_refused_with_the_names_to_use(tmp_path, mon
         find_CIFAR10(["a"])
 
 
+def test_image_dtypes_are_floats_or_raw_uint8_checked_before_loading(tmp_path, monkeypatch):
+    """uint8 with the mean subtracted came back as float64 without a word, complex64 with a
+    ComplexWarning, 'bogus' as NumPy's TypeError after the seconds that loading takes."""
+    written = write_fake_cifar(tmp_path / data_utils.CIFAR10_FOLDER)
+    sizes = dict(num_training=15, num_validation=5, num_test=4)
+    for dtype in ("uint8", "int64", "complex64", "bogus"):
+        with pytest.raises(ValueError, match=f"dtype must be a floating type .*got '{dtype}'"):
+            get_CIFAR10_data(tmp_path / "nowhere", dtype=dtype, **sizes)  # refused before the folder is looked for
+    raw = get_CIFAR10_data(tmp_path, dtype="uint8", subtract_mean=False, **sizes)
+    assert raw["X_train"].dtype == np.uint8
+    np.testing.assert_array_equal(raw["X_train"][0].ravel(), written["data_batch_1"][0][0])
+    assert get_CIFAR10_data(tmp_path, dtype=np.float16, **sizes)["X_train"].dtype == np.float16
+    with pytest.raises(ValueError, match="or 'uint8' for raw pixels\\), got 'int8'"):
+        load_CIFAR_batch(tmp_path / "nowhere", dtype="int8")
+
+
 def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XPNET_DATA_DIR", raising=False)

@@ -95,12 +95,26 @@ def _read_batch_pickle(filename):
         ) from exc
 
 
+def _pixel_dtype(dtype, centred: bool) -> np.dtype:
+    """``dtype`` as a NumPy dtype for images: a floating one, or uint8 for raw pixels that no
+    mean is subtracted from (an integer array would wrap); else a ValueError naming it."""
+    try:
+        chosen = np.dtype(dtype)
+    except TypeError:
+        chosen = None
+    if chosen is None or not (chosen.kind == "f" or (chosen == np.uint8 and not centred)):
+        raw = "" if centred else ", or 'uint8' for raw pixels"
+        raise ValueError(f"dtype must be a floating type ('float32', 'float64', 'float16'{raw}), got {dtype!r}")
+    return chosen
+
+
 def load_CIFAR_batch(filename, dtype="float64"):
     """Load one CIFAR-10 batch file (read with an allow-list unpickler: it cannot run code).
 
     Returns:
-        X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255) and y (N,) int64.
+        X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255; a float type, or uint8) and y (N,) int64.
     """
+    dtype = _pixel_dtype(dtype, centred=False)
     filename = os.fspath(filename)
     if not os.path.isfile(filename):
         raise FileNotFoundError(
@@ -277,11 +291,12 @@ def get_CIFAR10_data(
             come from the end of the training set, as in the course.
         subtract_mean: subtract the mean training image.
         channels_first: (N, 3, 32, 32) if True, else (N, 32, 32, 3).
-        dtype: dtype of the images.
+        dtype: dtype of the images: a float type (uint8 too without subtract_mean).
         download: download the official archive into ~/.cache/xpnet (or data_dir) if not found.
     Returns:
         dict with X_train, y_train, X_val, y_val, X_test, y_test.
     """
+    dtype = _pixel_dtype(dtype, centred=subtract_mean)  # before the seconds that loading takes
     try:
         root = find_CIFAR10(data_dir)
     except FileNotFoundError:
@@ -307,6 +322,7 @@ def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from exc
+    dtype = _pixel_dtype(dtype, centred=True)  # scaled to [0, 1]: a float type
     digits = load_digits()
     X = (digits.data / 16.0).astype(dtype)
     y = digits.target.astype(np.int64)
