@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import time
 import types
 from pathlib import Path
@@ -476,6 +477,23 @@ def test_a_cifar_npz_without_the_arrays_a_part_reads_is_refused_by_name(capsys, 
         patch.setattr(bench, "run_fc_suite", lambda *a: pytest.fail("a suite ran before the subset was checked"))
         bench.main(["--suite", "fc", "--time-to-accuracy", "--cifar-npz", str(tmp_path / "none.npz"), "--no-torch"])
     assert "none.npz: not a readable .npz file" in capsys.readouterr().err
+
+
+def test_an_unwritable_json_path_or_missing_data_set_is_refused_before_any_suite_runs(capsys, tmp_path, monkeypatch):
+    """--json into a missing folder failed after the first suite had run; --time-to-accuracy
+    without CIFAR-10 after the FC suite had."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
+    monkeypatch.setattr(bench, "run_fc_suite", lambda *a: pytest.fail("a suite ran before the flags were checked"))
+    for args, message in (
+        (["--json", str(tmp_path / "missing" / "out.json")], "--json .*out.json: folder .*missing does not exist"),
+        (["--json", str(tmp_path)], "--json .*: is a folder, not a file"),
+        (["--time-to-accuracy", "--data-dir", str(tmp_path / "nowhere")], "--time-to-accuracy: CIFAR-10 not found"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            bench.main(["--suite", "fc", "--no-torch", *args])
+        assert info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("content", ["text", "npy", "object array", "missing"])

@@ -38,11 +38,14 @@ from typing import NamedTuple
 import numpy as np
 
 import xpnet
+from xpnet import data_utils
 from xpnet.backend import accelerated
 from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_profile, bench_recipe, bench_tta
 from xpnet.cli.common import (
     HelpFormatter,
+    UsageError,
+    check_output_file,
     conv_paths_chosen,
     format_conv_paths,
     load_npz_arrays,
@@ -506,7 +509,18 @@ def main(argv=None):
         p.error(f"--warmup-epochs must be positive, got {args.warmup_epochs}")
     if args.profile_recipe and not _torch_available():
         p.error("--profile-recipe needs PyTorch: its profiler records the kernels, and its side is the baseline")
-    # A subset that lacks what a part reads is refused now, not after the suites before that part have run.
+    if args.json:
+        try:
+            check_output_file("--json", args.json)
+        except UsageError as exc:
+            p.error(str(exc))
+    # A subset that lacks what a part reads, or no data set at all, is refused now, not after the
+    # suites before that part have run.
+    if args.time_to_accuracy and not args.cifar_npz:
+        try:
+            data_utils.find_CIFAR10(args.data_dir)
+        except (FileNotFoundError, TypeError) as exc:
+            p.error(f"--time-to-accuracy: {exc}")
     for wanted, keys, purpose in ((args.time_to_accuracy, bench_tta.NPZ_KEYS, "--time-to-accuracy"),
                                   (args.recipe, bench_recipe.NPZ_KEYS, "--recipe")):  # fmt: skip
         if wanted and args.cifar_npz:

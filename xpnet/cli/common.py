@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import zipfile
 
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from xpnet.backend import accelerated
 
 __all__ = [
+    "UsageError",
+    "check_output_file",
     "HelpFormatter",
     "conv_paths_chosen",
     "format_conv_paths",
@@ -18,6 +21,22 @@ __all__ = [
     "non_negative_int",
     "positive_float",
 ]
+
+
+class UsageError(Exception):
+    """A mistake in the command line found after parsing; ends with exit code 2."""
+
+
+def check_output_file(flag, path):
+    """UsageError unless ``path`` can be created or overwritten: checked before any work, so a
+    long run never ends on a file it cannot write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def positive_int(text):

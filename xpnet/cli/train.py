@@ -19,6 +19,8 @@ import xpnet
 from xpnet import data_utils
 from xpnet.cli.common import (
     HelpFormatter,
+    UsageError,
+    check_output_file,
     conv_paths_chosen,
     format_conv_paths,
     non_negative_int,
@@ -177,10 +179,6 @@ CIFAR10_ONLY_FLAGS = {
 }
 
 
-class UsageError(Exception):
-    """A mistake in the command line found after parsing; ends with exit code 2."""
-
-
 def check_flags_apply(args):
     if args.fp16:
         raise UsageError("--fp16 applies to --recipe fast94 only (its network takes float16 activations)")
@@ -212,17 +210,6 @@ def check_row_counts(args, validation_rows):
     for flag, count, limit, what in limits:
         if count is not None and count > limit:
             raise UsageError(f"{flag} {count}: CIFAR-10 has {limit} {what}")
-
-
-def check_output_file(flag, path):
-    """UsageError unless ``path`` can be created or overwritten."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a folder, not a file")
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def switched_backend(args, keep: bool):
