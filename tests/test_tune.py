@@ -235,6 +235,21 @@ def test_a_trial_whose_model_cannot_take_its_settings_fails_by_name(tmp_path, ca
     assert "--model cnn takes one hidden size, got --hidden-dims [20, 10]" in trials["cnn", "20x10"].user_attrs["error"]
 
 
+def test_an_out_folder_that_cannot_take_the_study_is_refused_before_any_trial(tmp_path, capsys):
+    """It failed with the bare OSError text ('[Errno 17] File exists: ...')."""
+    from xpnet.cli.sweep import main
+
+    (tmp_path / "file").write_text("a file, not a folder")
+    for out, message in (
+        (tmp_path / "file", "is a file, not a folder"),
+        (tmp_path / "file" / "sub", "cannot write there"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["--trials", "1", "--space", "epochs=1", "--out", str(out)])
+        assert info.value.code == 2
+        assert f"--out {out}: {message}" in capsys.readouterr().err
+
+
 def test_a_diverging_trial_fails_by_name_without_the_array_librarys_warnings(tmp_path, capsys):
     """Each diverging trial filled stderr with NumPy's overflow warnings and the guard's own
     RuntimeWarning, beside the failure the sweep reports."""

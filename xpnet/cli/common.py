@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import zipfile
 
 import numpy as np
@@ -13,6 +14,7 @@ from xpnet.backend import accelerated
 __all__ = [
     "UsageError",
     "check_output_file",
+    "check_output_folder",
     "HelpFormatter",
     "conv_paths_chosen",
     "format_conv_paths",
@@ -37,6 +39,19 @@ def check_output_file(flag, path):
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def check_output_folder(flag, path):
+    """Create the folder ``path`` and write a probe file into it: a folder that cannot take the
+    command's files fails now, with UsageError, not after an epoch or a trial."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def positive_int(text):

@@ -18,7 +18,7 @@ import argparse
 import signal
 import sys
 
-from xpnet.cli.common import HelpFormatter, non_negative_int, positive_int
+from xpnet.cli.common import HelpFormatter, UsageError, check_output_folder, non_negative_int, positive_int
 from xpnet.experiment import DATASETS, MODELS, Experiment
 
 INSTALL_HINT = 'xpnet-sweep needs Optuna and Dask: pip install "xpnet[tune]"'
@@ -92,6 +92,11 @@ def main(argv=None):
     except ImportError:
         parser.exit(2, f"{parser.prog}: error: {INSTALL_HINT}\n")
     from xpnet.tune import SweepConfig, run_sweep
+
+    try:  # the study and the reports go there: a folder that cannot take them fails before any trial
+        check_output_folder("--out", args.out)
+    except UsageError as exc:
+        parser.error(str(exc))
 
     # The final test accuracy is measured on all 10,000 CIFAR-10 test images.
     experiment = Experiment(dataset=args.dataset, data_dir=args.data_dir, num_train=args.num_train, num_test=10000,

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import xpnet
@@ -21,6 +20,7 @@ from xpnet.cli.common import (
     HelpFormatter,
     UsageError,
     check_output_file,
+    check_output_folder,
     conv_paths_chosen,
     format_conv_paths,
     non_negative_int,
@@ -232,16 +232,6 @@ def switched_backend(args, keep: bool):
     return backend
 
 
-def check_checkpoint_dir(path):
-    """Create the folder and write a probe file into it, so that a bad folder fails now, not after an epoch."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--checkpoint-dir {path}: cannot write there ({exc.strerror or exc})") from exc
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -305,7 +295,7 @@ class Run:
             if path:
                 check_output_file(flag, path)
         if args.checkpoint_dir:
-            check_checkpoint_dir(args.checkpoint_dir)
+            check_output_folder("--checkpoint-dir", args.checkpoint_dir)
         if args.log:
             self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
         print(f"backend: {backend.name} ({backend.device_name})", flush=True)
@@ -377,7 +367,7 @@ class Run:
         if args.fp16 and not hasattr(backend.xp, "float16"):
             raise UsageError(f"--fp16: backend {backend.name!r} has no float16 type (numpy, cupy and torch have one)")
         if args.checkpoint_dir:
-            check_checkpoint_dir(args.checkpoint_dir)
+            check_output_folder("--checkpoint-dir", args.checkpoint_dir)
         if args.log:
             check_output_file("--log", args.log)
             self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
