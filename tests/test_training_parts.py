@@ -291,11 +291,18 @@ def test_early_stopping_waits_for_patience_checks():
     with pytest.raises(ValueError, match="min_delta must be a finite number >= 0, got -0.1"):
         EarlyStopping(min_delta=-0.1)
     assert EarlyStopping(patience=np.int64(2)).patience == 2
+    # One callback given as itself, not in a list, is one callback (it raised "not iterable").
+    alone = EarlyStopping(patience=2)
+    solver = Solver(small_model("numpy"), small_data(), optim_config={"learning_rate": 1e-12}, batch_size=20,
+                    num_epochs=10, callbacks=alone, verbose=False, seed=0)  # fmt: skip
+    solver.train()
+    assert solver.epoch == 2
 
 
 def test_callbacks_and_on_log_that_the_solver_cannot_call_are_refused_up_front():
     with pytest.raises(ValueError, match=r"callbacks must be xpnet.training.Callback objects .*got <function"):
         Solver(small_model("numpy"), small_data(), callbacks=[lambda solver: None])
+    Solver(small_model("numpy"), small_data(), callbacks=None).train()  # None is none (it raised "not iterable")
     with pytest.raises(ValueError, match="on_log must be a function of the logged record, got 'print'"):
         Solver(small_model("numpy"), small_data(), on_log="print")
 

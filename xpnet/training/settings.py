@@ -119,7 +119,8 @@ class SolverSettings:
             raise ValueError(f"checkpoint_name must be a path (a string), got {self.checkpoint_name!r}")
         if self.on_log is not None and not callable(self.on_log):
             raise ValueError(f"on_log must be a function of the logged record, got {self.on_log!r}")
-        self.callbacks = list(self.callbacks)
+        # None is no callbacks, and one callback is taken as a list of one.
+        self.callbacks = [self.callbacks] if isinstance(self.callbacks, Callback) else list(self.callbacks or ())
         for callback in self.callbacks:
             if not isinstance(callback, Callback):  # the Solver calls each hook the base class defines
                 raise ValueError(
