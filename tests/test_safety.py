@@ -219,6 +219,63 @@ def test_a_checkpoint_member_declaring_more_than_it_holds_is_refused_before_any_
         load_checkpoint(tmp_path / "squeezed.npz")
 
 
+def _zip_of_npy(path, members: dict, compression) -> None:
+    """An .npz written member by member with zipfile: ``members`` maps names to .npy bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    import io
+
+    from numpy.lib import format as npy_format
+
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+def test_an_npz_whose_headers_claim_more_than_the_file_can_hold_is_refused_by_name(tmp_path):
+    """The checks every .npz from elsewhere passes before NumPy allocates (checkpoints and
+    bench.py's --cifar-npz): a .npy header declaring 4 TB in 128 bytes, and a deflated member
+    whose zip header claims 2 GB from a few hundred compressed bytes (NumPy allocated what the
+    header declared before finding the data short)."""
+    import zipfile
+
+    from xpnet.npz_members import UnsafeNpzError, check_npz_members
+
+    liar = tmp_path / "liar.npz"
+    _zip_of_npy(liar, {"X.npy": _npy_header((10**6, 10**6))}, zipfile.ZIP_STORED)
+    with pytest.raises(UnsafeNpzError, match=r"the subset is corrupt: member 'X.npy' declares an array of shape"):
+        check_npz_members(liar, "the subset")
+
+    claimed = 2 * 10**9
+    inflated = tmp_path / "inflated.npz"
+    _zip_of_npy(inflated, {"X.npy": _npy_header((claimed // 4,)) + bytes(4096)}, zipfile.ZIP_DEFLATED)
+    raw = bytearray(inflated.read_bytes())
+    local, central = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    raw[local + 22 : local + 26] = raw[central + 24 : central + 28] = claimed.to_bytes(4, "little")
+    inflated.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(inflated).getinfo("X.npy").file_size == claimed  # the lie is in place
+    with pytest.raises(UnsafeNpzError, match=r"inflated.npz is corrupt: member 'X.npy' claims 2000000000 bytes"):
+        check_npz_members(inflated, str(inflated))
+
+    # What np.savez and np.savez_compressed write passes, and only stored members where compression is not read.
+    np.savez(tmp_path / "plain.npz", X=np.zeros((3, 4)), y=np.arange(3))
+    np.savez_compressed(tmp_path / "squeezed.npz", X=np.zeros((300, 400)))
+    check_npz_members(tmp_path / "plain.npz", "plain", compressed=False)
+    check_npz_members(tmp_path / "squeezed.npz", "squeezed")
+    with pytest.raises(UnsafeNpzError, match="squeezed has a compressed member 'X.npy'"):
+        check_npz_members(tmp_path / "squeezed.npz", "squeezed", compressed=False)
+    bz2 = tmp_path / "bz2.npz"
+    _zip_of_npy(bz2, {"X.npy": _npy_header((2,)) + bytes(8)}, zipfile.ZIP_BZIP2)
+    with pytest.raises(UnsafeNpzError, match="only stored or deflated members are read"):
+        check_npz_members(bz2, "bz2")
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

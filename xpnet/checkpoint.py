@@ -22,7 +22,8 @@ import secrets
 import zipfile
 
 import numpy as np
-from numpy.lib import format as npy_format
+
+from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
 __all__ = [
     "save_checkpoint",
@@ -180,33 +181,6 @@ def _decode(tree, members, path, depth=0):
     return tree
 
 
-def _check_members(path) -> None:
-    """CheckpointError unless every member is stored as xpnet stores them, uncompressed, with a
-    .npy header whose array fits in the bytes the member holds. Checked before NumPy allocates:
-    a header can declare terabytes in a file of a few hundred bytes, and a compressed member can
-    expand to far more than the file."""
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(
-                    f"checkpoint {path!r} has a compressed member {info.filename!r}; xpnet writes none"
-                )
-            with archive.open(info) as member:
-                version = npy_format.read_magic(member)
-                if version not in ((1, 0), (2, 0)):
-                    raise CheckpointError(f"checkpoint {path!r}: member {info.filename!r} is .npy version {version}")
-                read_header = (
-                    npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-                )
-                shape, _, dtype = read_header(member)
-            declared = math.prod(shape) * dtype.itemsize
-            if declared > info.file_size:
-                raise CheckpointError(
-                    f"checkpoint {path!r} is corrupt: member {info.filename!r} declares an array of shape {shape} "
-                    f"({declared} bytes) in {info.file_size} bytes"
-                )
-
-
 def _newest_checkpoint_hint(folder: str) -> str:
     """', e.g. <the newest .npz in folder>' (the likeliest one meant), or '' when it has none."""
     files = [entry for entry in os.scandir(folder) if entry.name.endswith(".npz") and entry.is_file()]
@@ -237,13 +211,16 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
     if not head.startswith(b"PK"):
         raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint (not an .npz file)")
     try:
-        _check_members(path)
+        # the members' headers, before NumPy allocates what they declare; xpnet writes none compressed
+        check_npz_members(path, f"checkpoint {path!r}", compressed=False)
         with np.load(path, allow_pickle=False) as archive:
             if META not in archive.files:
                 raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint (no {META} member)")
             members = {name: archive[name] for name in archive.files}
     except CheckpointError:
         raise
+    except UnsafeNpzError as exc:
+        raise CheckpointError(str(exc)) from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError) as exc:
         # allow_pickle=False refuses object arrays with a ValueError: the file tried to carry pickled data.
         # zipfile raises RuntimeError for a member marked as encrypted.

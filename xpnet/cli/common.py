@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 
 from xpnet.backend import accelerated
+from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
 __all__ = [
     "UsageError",
@@ -92,14 +93,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def load_npz_arrays(path, keys: tuple, purpose: str, read: bool = True) -> dict:
     """The arrays ``keys`` of the .npz file at ``path`` (read with ``allow_pickle=False``:
     nothing in it can run code); with ``read`` False, only a check that they are there (an
-    empty dict). A file that cannot be read, is not an .npz of plain arrays, or lacks one
+    empty dict). A file that cannot be read, is not an .npz of plain arrays (each member's header
+    is checked before NumPy allocates what it declares: :mod:`xpnet.npz_members`), or lacks one
     of ``keys`` is refused with a ValueError that names it, what ``purpose`` reads and what
     the file holds."""
     try:
-        with zipfile.ZipFile(path):  # np.load would also take a .npy and return one array
-            pass
+        # also refuses a .npy (np.load would return its one array), and headers declaring more than they hold
+        check_npz_members(path, str(path))
         archive = np.load(path, allow_pickle=False)
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except UnsafeNpzError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as exc:  # RuntimeError: encrypted
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
     with archive:
         missing = [key for key in keys if key not in archive.files]
