@@ -32,6 +32,8 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 CIFAR10_SIZES = {"train": 50000, "test": 10000}  # images in the official training and test batches
+# How to fetch the data set, from any entry point: only xpnet-train has a --download flag.
+DOWNLOAD_HINT = "xpnet.data_utils.download_CIFAR10(), or xpnet-train --dataset cifar10 --download"
 CIFAR10_VALIDATION_ROWS = 1000  # get_CIFAR10_data's validation split, the course's
 
 
@@ -91,7 +93,7 @@ def _read_batch_pickle(filename):
     except Exception as exc:  # any unpickling failure means the same thing to the user
         raise DataError(
             f"CIFAR-10 batch {filename!r} is corrupt or not a CIFAR-10 python batch ({exc!r}); "
-            "delete it and download the data set again (--download)"
+            f"delete it and download the data set again ({DOWNLOAD_HINT})"
         ) from exc
 
 
@@ -119,7 +121,7 @@ def load_CIFAR_batch(filename, dtype="float64"):
     if not os.path.isfile(filename):
         raise FileNotFoundError(
             f"CIFAR-10 batch {filename!r} is missing; point --data-dir (or $XPNET_DATA_DIR) "
-            "at a complete cifar-10-batches-py folder, or download it with --download"
+            f"at a complete cifar-10-batches-py folder, or download it ({DOWNLOAD_HINT})"
         )
     batch = _read_batch_pickle(filename)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
@@ -184,8 +186,7 @@ def find_CIFAR10(data_dir=None) -> Path:
                 return folder
     raise FileNotFoundError(
         "CIFAR-10 not found; looked in: " + ", ".join(searched) + ". Pass --data-dir DIR "
-        "(or set XPNET_DATA_DIR) to a folder holding cifar-10-batches-py, or download it "
-        "with --download (download=True)."
+        f"(or set XPNET_DATA_DIR) to a folder holding cifar-10-batches-py, or download it ({DOWNLOAD_HINT})."
     )
 
 
