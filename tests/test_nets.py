@@ -195,6 +195,23 @@ def test_fully_connected_net_initialisation(backend):
     assert (p["gamma1"] == 1).all() and (p["beta2"] == 0).all() and (p["b3"] == 0).all()
 
 
+@pytest.mark.parametrize("reg", [0.0, 0.1])
+def test_a_float32_models_loss_scores_and_gradients_stay_float32(backend, np_rng, reg):
+    """float32 from end to end, the L2 term's Python floats included (NumPy 1 made such a loss float64)."""
+    X, y = data(backend, np_rng, 6, 5, 3)
+    X = backend.asarray(to_np(X), dtype="float32")
+    models = [
+        xpnet.FullyConnectedNet([7, 4], input_dim=5, num_classes=3, normalization="batchnorm", dropout=0.2,
+                                reg=reg, dtype="float32", seed=0, backend=backend),
+        xpnet.TwoLayerNet(input_dim=5, hidden_dims=7, num_classes=3, reg=reg, dtype="float32", seed=0, backend=backend),
+    ]  # fmt: skip
+    for model in models:
+        loss, grads = model.loss(X, y)
+        assert loss.dtype == backend.xp.float32, type(model).__name__
+        assert all(g.dtype == backend.xp.float32 for g in grads.values()), type(model).__name__
+        assert model.loss(X).dtype == backend.xp.float32
+
+
 def test_seed_makes_initialisation_and_dropout_reproducible(backend, np_rng):
     X, y = data(backend, np_rng, 6, 5, 3)
     losses = []
