@@ -1,7 +1,9 @@
-"""Sessions: `nox -s tests lint` (CPU, what CI runs), `nox -s gpu` (the suite on CuPy),
+"""Sessions: `nox -s tests lint` (CPU, what CI runs), `nox -s oldest` (the suite with the oldest
+NumPy and array API packages pyproject.toml admits), `nox -s gpu` (the suite on CuPy),
 `nox -s kernels` (every CUDA kernel through NVRTC, without a GPU), `nox -s bench` (the
 training-step benchmark)."""
 
+import re
 import shutil
 import subprocess
 
@@ -35,6 +37,28 @@ def lint(session):
     session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+def _floors(*names: str) -> list:
+    """``name==X`` for each name's lowest version that pyproject.toml admits (its ``>=X``)."""
+    text = open("pyproject.toml").read()
+    pins = []
+    for name in names:
+        match = re.search(rf'"{re.escape(name)}>=([0-9.]+)', text)
+        if match is None:
+            raise ValueError(f"pyproject.toml gives {name} no lower bound")
+        pins.append(f"{name}=={match.group(1)}")
+    return pins
+
+
+@nox.session
+def oldest(session):
+    """The suite on NumPy and array-api-strict with the oldest NumPy, array-api-compat and
+    array-api-strict that pyproject.toml admits: checks that its lower bounds are true."""
+    session.install("-e", ".[test]")
+    session.install(*_floors("numpy", "array-api-compat", "array-api-strict"))
+    backends = "numpy,array_api_strict,array_api_strict:device1"
+    session.run("pytest", *session.posargs, env={"XPNET_TEST_BACKENDS": backends})
 
 
 def _gpu_present() -> bool:
