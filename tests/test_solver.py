@@ -377,7 +377,16 @@ def test_check_accuracy_subsamples(backend):
         ),
         (lambda d: d.update(y_train=d["y_train"] + 1), "label 3 outside \\[0, 3\\)"),
         (lambda d: d.update(y_val=d["y_val"] - 1), "label -1 outside"),
-        (lambda d: d.update(y_train=d["y_train"].astype(np.float32)), "integer class labels"),
+        (
+            lambda d: d.update(y_train=d["y_train"].astype(np.float32)),
+            r"integer class labels, got dtype float32; these are whole numbers: data\['y_train'\]\.astype\(int\)",
+        ),
+        (lambda d: d.update(y_train=d["y_train"] + 0.5), r"integer class labels, got dtype float64$"),
+        (
+            lambda d: d.update(y_val=np.eye(3)[d["y_val"]]),
+            r"must be 1-D, got shape \(60, 3\); for one-hot rows .* data\['y_val'\]\.argmax\(axis=1\)",
+        ),
+        (lambda d: d.update(y_val=d["y_val"][:, None]), r"\(60, 1\); a column of labels: data\['y_val'\]\.reshape"),
         (lambda d: d["X_train"].__setitem__((3, 2), np.nan), "NaN or infinite"),
         (lambda d: d.update(X_val=d["X_val"][:, :4]), "the model expects 6 inputs"),
         (lambda d: d.update(y_train=list(d["y_train"])), "must be an array"),

@@ -20,6 +20,19 @@ def _channels_last_hint(sample_shape, expected) -> str:
     return ""
 
 
+def _labels_hint(y, y_name: str) -> str:
+    """How to turn the likeliest wrong label layouts into class indices: a column (N, 1), one
+    row of one-hot or scores per sample (N, C), or whole numbers stored as floats."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        return f"; a column of labels: {y_name}.reshape(-1) makes it 1-D"
+    if y.ndim == 2:
+        return f"; for one-hot rows (or scores), {y_name}.argmax(axis=1) gives the class indices"
+    xp = array_namespace(y)
+    if y.ndim == 1 and xp.isdtype(y.dtype, "real floating") and bool(xp.all(y == xp.round(y))):
+        return f"; these are whole numbers: {y_name}.astype(int) makes them labels"
+    return ""
+
+
 def check_image_batch(owner: str, X, expected: tuple) -> None:
     """ValueError naming ``owner`` unless X is (N, *expected), ``expected`` being (C, H, W)."""
     if tuple(X.shape[1:]) != tuple(expected):
@@ -51,14 +64,14 @@ def validate_split(
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
             raise ValueError(f"{name} must be an array, got {type(value).__name__}")
     if y.ndim != 1:
-        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}")
+        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}" + _labels_hint(y, y_name))
     if X.ndim < 1 or X.shape[0] != y.shape[0]:
         raise ValueError(f"{x_name} has {X.shape[0] if X.ndim else 0} rows but {y_name} has {y.shape[0]} labels")
     if y.shape[0] == 0:
         raise ValueError(f"{x_name} is empty")
     y_ns = array_namespace(y)
     if not y_ns.isdtype(y.dtype, "integral"):
-        raise ValueError(f"{y_name} must hold integer class labels, got dtype {y.dtype}")
+        raise ValueError(f"{y_name} must hold integer class labels, got dtype {y.dtype}" + _labels_hint(y, y_name))
     low, high = int(y_ns.min(y)), int(y_ns.max(y))
     if low < 0 or (num_classes is not None and high >= num_classes):
         bad = low if low < 0 else high
