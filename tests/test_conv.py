@@ -198,8 +198,11 @@ def test_numpy_integers_set_strides_pads_pools_and_groups(np_rng):
     gamma, beta = np.ones((1, 4, 1, 1)), np.zeros((1, 4, 1, 1))
     out, _ = layers.spatial_groupnorm_forward(x, gamma, beta, i(2), {})
     np.testing.assert_array_equal(out, layers.spatial_groupnorm_forward(x, gamma, beta, 2, {})[0])
-    with pytest.raises(ValueError, match="G = True groups"):
-        layers.spatial_groupnorm_forward(x, gamma, beta, True, {})
+    for not_a_count in (True, 2.0, 0, -2):  # 2.0 was told that 2.0 groups must divide the 4 channels
+        with pytest.raises(
+            ValueError, match=rf"G, the number of groups, must be a positive integer, got {not_a_count}"
+        ):
+            layers.spatial_groupnorm_forward(x, gamma, beta, not_a_count, {})
 
 
 # ----------------------------------------------------------------------------- max pooling

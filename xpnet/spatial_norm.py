@@ -191,7 +191,9 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
     _check_nchw("spatial_groupnorm_forward", x)
     n, c, h, w = x.shape
     groups = as_int(G)
-    if groups is None or groups <= 0 or c % groups:
+    if groups is None or groups <= 0:
+        raise ValueError(f"spatial_groupnorm_forward: G, the number of groups, must be a positive integer, got {G!r}")
+    if c % groups:
         raise ValueError(
             f"spatial_groupnorm_forward: G = {G!r} groups must divide the {c} channels of x {tuple(x.shape)}"
         )
