@@ -822,6 +822,12 @@ def test_layers_speak_of_shapes_dtypes_and_libraries(backend):
     if backend.name != "numpy":
         with pytest.raises(TypeError, match=r"affine_forward: arrays from different libraries \(x from numpy"):
             layers.affine_forward(np.ones((2, 4)), w, b)
+    # Lists, as the course's indexing took them: named, not called a library of their own.
+    scores = backend.asarray(np.ones((2, 3)), dtype="float64")
+    with pytest.raises(TypeError, match=r"svm_loss: y must be an array, got list \(np.asarray\(y\) makes one\)"):
+        layers.svm_loss(scores, [0, 1])
+    with pytest.raises(TypeError, match="relu_forward: x must be an array, got list"):
+        layers.relu_forward([1.0, -1.0])
 
 
 @pytest.mark.parametrize(

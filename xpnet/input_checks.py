@@ -49,6 +49,15 @@ def _float_dtypes(xp):
     return dtypes
 
 
+def _refuse_non_arrays(function: str, arrays: dict) -> None:
+    """TypeError naming the first of ``arrays`` that is no array at all (a list, a number)."""
+    for name, a in arrays.items():
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+            raise TypeError(
+                f"{function}: {name} must be an array, got {type(a).__name__} (np.asarray({name}) makes one)"
+            )
+
+
 def layer_namespace(function: str, floats: dict, others: dict | None = None):
     """The array namespace of a layer function's arrays, after checking them.
 
@@ -64,6 +73,7 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
     values = list(arrays.values())
     kind = type(values[0])
     if any(type(a) is not kind for a in values[1:]):
+        _refuse_non_arrays(function, arrays)
         libraries = {name: _library(a) for name, a in arrays.items()}
         if len(set(libraries.values())) > 1:
             listed = ", ".join(f"{name} from {lib}" for name, lib in libraries.items())
@@ -74,6 +84,7 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
     try:
         xp = namespace(*values)
     except TypeError as exc:
+        _refuse_non_arrays(function, arrays)
         raise TypeError(f"{function}: unsupported array types ({exc})") from exc
     allowed = _float_dtypes(xp)
     for name, a in floats.items():
