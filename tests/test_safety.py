@@ -582,6 +582,30 @@ def test_disk_error_during_training_names_path_and_last_checkpoint(train, capsys
     assert sorted(p.name for p in ckpt.iterdir()) == ["digits_fc_epoch_1.npz"]
 
 
+def test_a_checkpoint_name_that_can_never_be_written_is_refused_before_training(tmp_path):
+    """A file where the name needs a folder: the Solver trained a whole epoch and then failed
+    with "File exists". It is refused when the Solver is made; missing folders are still made."""
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    with pytest.raises(ValueError, match=r"checkpoint_name .*notes.txt/run.*notes.txt is a file, not a folder"):
+        Solver(small_model("numpy"), small_data(), checkpoint_name=str(tmp_path / "notes.txt" / "run"))
+    with pytest.raises(
+        checkpoint.CheckpointWriteError, match=r"could not write .*: .*notes.txt is a file, not a folder"
+    ):
+        save_checkpoint(tmp_path / "notes.txt" / "deeper" / "x.npz", {"w": np.ones(2)})
+    fresh = tmp_path / "new" / "folders" / "run"
+    solver = Solver(small_model("numpy"), small_data(), checkpoint_name=str(fresh), num_epochs=1, verbose=False)
+    solver.train()
+    assert solver.last_checkpoint == f"{fresh}_epoch_1.npz" and os.path.isfile(solver.last_checkpoint)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_checkpoint_name_in_a_read_only_folder_is_refused_before_training(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ValueError, match=r"locked is not writable"):
+        Solver(small_model("numpy"), small_data(), checkpoint_name=str(locked / "sub" / "run"))
+
+
 def test_ctrl_c_ends_cleanly_with_exit_130_and_a_loadable_checkpoint(tmp_path):
     ckpt = tmp_path / "ck"
     process = subprocess.Popen(

@@ -27,6 +27,7 @@ from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
 __all__ = [
     "save_checkpoint",
+    "unwritable_reason",
     "load_checkpoint",
     "remove_stale_temporaries",
     "is_finite_tree",
@@ -117,6 +118,20 @@ def remove_stale_temporaries(folder: str) -> list:
     return removed
 
 
+def unwritable_reason(path) -> str | None:
+    """Why no checkpoint could be written at ``path``, or None when it may be: a file stands
+    where a folder on its path should be, or the nearest folder on it that exists is not
+    writable (:func:`save_checkpoint` creates the missing ones). For checks before any work."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
 def save_checkpoint(path, payload: dict) -> str:
     """Write ``payload`` (nested dicts and lists of NumPy arrays, numbers, strings,
     None) to ``path`` as an xpnet ``.npz`` checkpoint, atomically.
@@ -147,7 +162,8 @@ def save_checkpoint(path, payload: dict) -> str:
             raise
         _fsync_folder(folder)
     except OSError as exc:
-        raise CheckpointWriteError(exc.errno, f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
+        reason = unwritable_reason(path) or exc.strerror or exc
+        raise CheckpointWriteError(exc.errno, f"could not write checkpoint {path}: {reason}") from exc
     return path
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, unwritable_reason
 from ..input_checks import as_int, is_number
 from .interrupts import interrupts_held
 
@@ -101,6 +101,10 @@ class Checkpointer(Callback):
     before an epoch end whose parameters are not finite, so none is ever written)."""
 
     def __init__(self, name: str):
+        # Checked now: a name that can never be written would fail only after the first epoch.
+        reason = unwritable_reason(f"{name}_epoch_0.npz")
+        if reason is not None:
+            raise ValueError(f"checkpoint_name {name!r}: checkpoints cannot be written there ({reason})")
         self.name = name
 
     def on_epoch_end(self, solver):
