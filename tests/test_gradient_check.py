@@ -95,6 +95,22 @@ def test_numerical_gradients_name_an_f_or_df_of_the_wrong_shape(backend):
         eval_numerical_gradient_array(lambda v: 2 * v, x, backend.asarray(np.ones(3), dtype="float64"))
 
 
+def test_numerical_gradients_name_the_course_slips(backend):
+    """f = lambda W: model.loss(X, y) returns (loss, grads); a list for x, a missing df, an
+    analytic gradient of another shape: each failed inside float(), NumPy or an index."""
+    x = backend.asarray(np.ones((2, 3)), dtype="float64")
+    with pytest.raises(TypeError, match=r"got a tuple of 2; take the loss from it, e.g. f = lambda W: model\.loss"):
+        eval_numerical_gradient(lambda v: (backend.xp.sum(v * v), {"W": v}), x, verbose=False)
+    with pytest.raises(TypeError, match="grad_check_sparse: f must return a scalar .*got NoneType"):
+        grad_check_sparse(lambda v: None, x, x, num_checks=1, verbose=False)
+    with pytest.raises(TypeError, match="eval_numerical_gradient: x must be an array, got list"):
+        eval_numerical_gradient(lambda v: 0.0, [1.0, 2.0], verbose=False)
+    with pytest.raises(TypeError, match="eval_numerical_gradient_array: df must be an array of f\\(x\\)'s shape"):
+        eval_numerical_gradient_array(lambda v: 2 * v, x, None)
+    with pytest.raises(ValueError, match=r"grad_check_sparse: analytic_grad must have x's shape \(2, 3\), got \(3,\)"):
+        grad_check_sparse(lambda v: backend.xp.sum(v), x, x[0, :], num_checks=1, verbose=False)
+
+
 def test_numerical_gradients_warn_below_float64(backend):
     x = backend.asarray(np.ones(3), dtype="float32")
     with pytest.warns(RuntimeWarning, match="eval_numerical_gradient: x is .*float32.*check gradients in float64"):
