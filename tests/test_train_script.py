@@ -142,6 +142,12 @@ def test_visualize_grid_tiles_images():
     assert (grid[2, :, :] == 0).all()  # padding row
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         visualize_grid(np.zeros((2, 3)))
+    with pytest.raises(
+        ValueError, match=r"no images to tile, got shape \(0, 2, 3, 1\)"
+    ):  # was NumPy's "negative dimensions"
+        visualize_grid(images[:0])
+    with pytest.raises(ValueError, match="padding must be a non-negative integer, got -1"):
+        visualize_grid(images, padding=-1)
     # a model's weights on a device that NumPy cannot read directly, and nested lists
     on_device = xpnet.get_backend("array_api_strict:device1").asarray(images)
     np.testing.assert_array_equal(visualize_grid(on_device, ubound=1.0), grid)

@@ -9,6 +9,7 @@ from math import ceil, sqrt
 import numpy as np
 
 from .backend import to_numpy
+from .input_checks import as_int
 
 __all__ = ["visualize_grid", "plot_history", "new_figure"]
 
@@ -26,6 +27,10 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
     Xs = np.asarray(Xs) if isinstance(Xs, (list, tuple)) else to_numpy(Xs)  # a GPU array: copied once
     if Xs.ndim != 4:
         raise ValueError(f"visualize_grid expects (N, H, W, C) images, got shape {Xs.shape}")
+    if Xs.shape[0] == 0:
+        raise ValueError(f"visualize_grid: no images to tile, got shape {Xs.shape}")
+    if as_int(padding) is None or padding < 0:
+        raise ValueError(f"visualize_grid: padding must be a non-negative integer, got {padding!r}")
     N, H, W, C = Xs.shape
     grid_size = int(ceil(sqrt(N)))
     grid = np.zeros((grid_size * (H + padding) - padding, grid_size * (W + padding) - padding, C))
