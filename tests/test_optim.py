@@ -159,3 +159,24 @@ def test_update_rules_give_the_values_the_course_printed(backend, rule):
     np.testing.assert_allclose(to_np(got), next_w, rtol=0, atol=1e-8)
     for key, printed in state.items():
         np.testing.assert_allclose(to_np(config[key]), printed, rtol=0, atol=1e-8, err_msg=key)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_gradient_or_state_of_another_shape_is_refused_not_broadcast(backend, rule):
+    """A dw of shape (3,) for a w of shape (2, 3) broadcast into a wrong update without a word;
+    a velocity or moment of another shape failed in NumPy's broadcasting."""
+    update = getattr(optim, rule)
+    w = backend.asarray(np.ones((2, 3)), dtype="float64")
+    before = to_np(w)
+    with pytest.raises(ValueError, match=rf"{rule}: dw has shape \(3,\) but w has shape \(2, 3\)"):
+        update(w, backend.asarray(np.ones(3), dtype="float64"), {})
+    np.testing.assert_array_equal(to_np(w), before)
+    dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
+    _, config = update(w, dw, {})
+    for key in ("velocity", "cache", "m", "v"):
+        if key in config:
+            wrong = dict(config, **{key: backend.asarray(np.zeros((3, 2)), dtype="float64")})
+            with pytest.raises(ValueError, match=rf"config\['{key}'\] has shape \(3, 2\) but w has shape \(2, 3\)"):
+                update(w, dw, wrong)
+    with pytest.raises(TypeError, match=rf"{rule}: w and dw must be arrays, got list and list"):
+        update([1.0, 2.0], [0.1, 0.1], {})

@@ -30,16 +30,28 @@ __all__ = [
 ]
 
 
+def _start(rule: str, w, dw, config):
+    """``config`` (a new dict for None), after checking that w and dw are arrays of one shape:
+    a dw that broadcasts against w would update it wrongly without a word."""
+    if not (hasattr(w, "shape") and hasattr(dw, "shape")):
+        raise TypeError(f"{rule}: w and dw must be arrays, got {type(w).__name__} and {type(dw).__name__}")
+    if tuple(dw.shape) != tuple(w.shape):
+        raise ValueError(f"{rule}: dw has shape {tuple(dw.shape)} but w has shape {tuple(w.shape)}")
+    return {} if config is None else config
+
+
 def _state(config, key, like):
     """The state array ``config[key]``, created as zeros shaped like ``like`` on first use."""
     if config.get(key) is None:
         config[key] = namespace(like).zeros_like(like)
+    elif tuple(config[key].shape) != tuple(like.shape):
+        raise ValueError(f"config[{key!r}] has shape {tuple(config[key].shape)} but w has shape {tuple(like.shape)}")
     return config[key]
 
 
 def sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """Vanilla SGD: ``w -= learning_rate * dw``. Config: learning_rate (1e-2)."""
-    config = {} if config is None else config
+    config = _start("sgd", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     fast = accelerated(w)
     if fast is not None:
@@ -54,7 +66,7 @@ def sgd_momentum(w: Array, dw: Array, config: Config | None = None) -> tuple[Arr
 
     Config: learning_rate (1e-2), momentum (0.9), velocity (state, zeros like w).
     """
-    config = {} if config is None else config
+    config = _start("sgd_momentum", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
     v = _state(config, "velocity", w)
@@ -73,7 +85,7 @@ def sgd_nesterov_momentum(w: Array, dw: Array, config: Config | None = None) -> 
 
     Config: learning_rate (1e-2), momentum (0.9), velocity (state).
     """
-    config = {} if config is None else config
+    config = _start("sgd_nesterov_momentum", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
     mu = config["momentum"]
@@ -95,7 +107,7 @@ def rmsprop(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, C
 
     Config: learning_rate (1e-2), decay_rate (0.99), epsilon (1e-8), cache (state).
     """
-    config = {} if config is None else config
+    config = _start("rmsprop", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("decay_rate", 0.99)
     config.setdefault("epsilon", 1e-8)
@@ -119,7 +131,7 @@ def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Conf
     m and v (state arrays), t (step count: a Python int; on CuPy a 0-d device
     array, so that a CUDA graph replaying the update counts its steps too).
     """
-    config = {} if config is None else config
+    config = _start("adam", w, dw, config)
     config.setdefault("learning_rate", 1e-3)
     config.setdefault("beta1", 0.9)
     config.setdefault("beta2", 0.999)
@@ -154,7 +166,7 @@ def nesterov_sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Arr
 
     Config: learning_rate (1e-2), momentum (0.9), weight_decay (0.0), velocity (state).
     """
-    config = {} if config is None else config
+    config = _start("nesterov_sgd", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
     config.setdefault("weight_decay", 0.0)
