@@ -180,3 +180,13 @@ def test_a_gradient_or_state_of_another_shape_is_refused_not_broadcast(backend, 
                 update(w, dw, wrong)
     with pytest.raises(TypeError, match=rf"{rule}: w and dw must be arrays, got list and list"):
         update([1.0, 2.0], [0.1, 0.1], {})
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_misspelt_config_key_in_a_direct_call_is_named(backend, rule):
+    """optim.sgd(w, dw, {'learning_rte': 0.1}) took the default rate and kept the typo; the
+    Solver already refused it, a notebook's direct call now does too."""
+    w = backend.asarray(np.ones((2, 3)), dtype="float64")
+    dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
+    with pytest.raises(ValueError, match=rf"unknown optim_config key 'learning_rte' for update rule '{rule}'"):
+        getattr(optim, rule)(w, dw, {"learning_rte": 0.1})

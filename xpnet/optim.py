@@ -31,13 +31,17 @@ __all__ = [
 
 
 def _start(rule: str, w, dw, config):
-    """``config`` (a new dict for None), after checking that w and dw are arrays of one shape:
-    a dw that broadcasts against w would update it wrongly without a word."""
+    """``config`` (a new dict for None), after checking that w and dw are arrays of one shape
+    (a dw that broadcasts against w would update it wrongly without a word) and that the
+    config holds no key the rule does not know."""
     if not (hasattr(w, "shape") and hasattr(dw, "shape")):
         raise TypeError(f"{rule}: w and dw must be arrays, got {type(w).__name__} and {type(dw).__name__}")
     if tuple(dw.shape) != tuple(w.shape):
         raise ValueError(f"{rule}: dw has shape {tuple(dw.shape)} but w has shape {tuple(w.shape)}")
-    return {} if config is None else config
+    if config is None:
+        return {}
+    _check_keys(rule, config)
+    return config
 
 
 def _state(config, key, like):
@@ -216,18 +220,24 @@ _RANGES = {
 }
 
 
+def _check_keys(rule_name: str, config: dict) -> None:
+    """ValueError naming the keys of ``config`` that the rule neither reads nor keeps as state:
+    a misspelt one would otherwise be ignored and its default used."""
+    hyper, state = CONFIG_KEYS[rule_name]
+    unknown = sorted(set(config) - set(hyper) - set(state))
+    if unknown:
+        raise ValueError(
+            f"unknown optim_config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for update rule {rule_name!r}; it takes {', '.join(hyper)}"
+        )
+
+
 def check_config(rule_name: str, config: dict) -> None:
     """ValueError naming the problem when ``config`` has a key ``rule_name`` does not
     read, a learning rate that is not a finite number > 0, or another hyper-parameter
     outside its range (:data:`_RANGES`)."""
     if rule_name in CONFIG_KEYS:
-        hyper, state = CONFIG_KEYS[rule_name]
-        unknown = sorted(set(config) - set(hyper) - set(state))
-        if unknown:
-            raise ValueError(
-                f"unknown optim_config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                f"for update rule {rule_name!r}; it takes {', '.join(hyper)}"
-            )
+        _check_keys(rule_name, config)
     lr = config.get("learning_rate")
     if lr is not None:
         if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
