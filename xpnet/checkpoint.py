@@ -23,6 +23,7 @@ import zipfile
 
 import numpy as np
 
+from xpnet.input_checks import is_array
 from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
 __all__ = [
@@ -310,7 +311,7 @@ def not_float_array(value) -> str:
     message. Only NumPy arrays come from files; another library's array is taken as it is."""
     if isinstance(value, np.ndarray):
         return "" if value.dtype.kind == "f" else f"{value.dtype} array"
-    return "" if hasattr(value, "shape") and hasattr(value, "dtype") else type(value).__name__
+    return "" if is_array(value) else type(value).__name__
 
 
 def tree_to_device(tree, backend, dtype=None):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace
 
+from .input_checks import is_array
+
 __all__ = ["validate_split", "check_finite_values", "check_image_batch", "REQUIRED_KEYS"]
 
 REQUIRED_KEYS = ("X_train", "y_train", "X_val", "y_val")
@@ -61,7 +63,7 @@ def validate_split(
             raise ValueError(f"data is missing {key!r}; it needs {', '.join(REQUIRED_KEYS)}")
     X, y = data[x_key], data[y_key]
     for name, value in ((x_name, X), (y_name, y)):
-        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        if not is_array(value):
             raise ValueError(f"{name} must be an array, got {type(value).__name__}")
     if y.ndim != 1:
         raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}" + _labels_hint(y, y_name))

@@ -16,7 +16,7 @@ import warnings
 from array_api_compat import array_namespace, is_array_api_obj
 
 from .backend import namespace
-from .input_checks import is_number
+from .input_checks import is_array, is_number
 
 __all__ = [
     "rel_error",
@@ -73,7 +73,7 @@ def _evaluate_both_sides(f, x, index, h):
 def _check_float(name, x, h):
     """x's namespace, after checking that x holds floats and that the step h is a number > 0;
     warns for x narrower than float64."""
-    if not _is_array(x):
+    if not is_array(x):
         raise TypeError(f"{name}: x must be an array, got {type(x).__name__}")
     xp = array_namespace(x)
     if not xp.isdtype(x.dtype, "real floating"):
@@ -90,10 +90,6 @@ def _check_float(name, x, h):
     return xp
 
 
-def _is_array(value) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype")
-
-
 def _scalar(name, value) -> float:
     """``f``'s value as a float, or a TypeError saying that ``f`` must return one number."""
     if isinstance(value, tuple):  # the usual slip: a model's loss(X, y) returns (loss, grads)
@@ -101,12 +97,12 @@ def _scalar(name, value) -> float:
             f"{name}: f must return a scalar (the loss), got a tuple of {len(value)}; "
             "take the loss from it, e.g. f = lambda W: model.loss(X, y)[0]"
         )
-    if _is_array(value) and tuple(value.shape) != ():
+    if is_array(value) and tuple(value.shape) != ():
         raise TypeError(
             f"{name}: f must return a scalar (the loss), got an array of shape {tuple(value.shape)}; "
             "for an array-valued f use eval_numerical_gradient_array(f, x, df)"
         )
-    if not (_is_array(value) or is_number(value)):
+    if not (is_array(value) or is_number(value)):
         raise TypeError(f"{name}: f must return a scalar (the loss), got {type(value).__name__}")
     return float(value)
 
@@ -143,7 +139,7 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
         grad, an array like ``x``.
     """
     xp = _check_float("eval_numerical_gradient_array", x, h)
-    if not _is_array(df):
+    if not is_array(df):
         raise TypeError(f"eval_numerical_gradient_array: df must be an array of f(x)'s shape, got {type(df).__name__}")
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
@@ -163,8 +159,8 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, ver
         the list of relative errors, one per element checked.
     """
     _check_float("grad_check_sparse", x, h)
-    if not _is_array(analytic_grad) or tuple(analytic_grad.shape) != tuple(x.shape):
-        got = tuple(analytic_grad.shape) if _is_array(analytic_grad) else type(analytic_grad).__name__
+    if not is_array(analytic_grad) or tuple(analytic_grad.shape) != tuple(x.shape):
+        got = tuple(analytic_grad.shape) if is_array(analytic_grad) else type(analytic_grad).__name__
         raise ValueError(f"grad_check_sparse: analytic_grad must have x's shape {tuple(x.shape)}, got {got}")
     picker = random.Random(seed)
     errors = []

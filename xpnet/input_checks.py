@@ -16,6 +16,11 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_array(value) -> bool:
+    """Anything with a shape and a dtype: an array of any library (not a list or a number)."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
 def as_int(value) -> int | None:
     """``value`` as a Python int when it is an integer, Python's or NumPy's (``np.int64`` from
     ``np.random.choice`` in a course's search loop), else None; a bool is not one."""
@@ -52,7 +57,7 @@ def _float_dtypes(xp):
 def _refuse_non_arrays(function: str, arrays: dict) -> None:
     """TypeError naming the first of ``arrays`` that is no array at all (a list, a number)."""
     for name, a in arrays.items():
-        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        if not is_array(a):
             raise TypeError(
                 f"{function}: {name} must be an array, got {type(a).__name__} (np.asarray({name}) makes one)"
             )

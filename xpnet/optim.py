@@ -16,7 +16,7 @@ import math
 
 from .array_types import Array, Config
 from .backend import accelerated, namespace
-from .input_checks import is_number
+from .input_checks import is_array, is_number
 
 __all__ = [
     "sgd",
@@ -34,7 +34,7 @@ def _start(rule: str, w, dw, config):
     """``config`` (a new dict for None), after checking that w and dw are arrays of one shape
     (a dw that broadcasts against w would update it wrongly without a word) and that the
     config holds no key the rule does not know."""
-    if not (hasattr(w, "shape") and hasattr(dw, "shape")):
+    if not (is_array(w) and is_array(dw)):
         raise TypeError(f"{rule}: w and dw must be arrays, got {type(w).__name__} and {type(dw).__name__}")
     if tuple(dw.shape) != tuple(w.shape):
         raise ValueError(f"{rule}: dw has shape {tuple(dw.shape)} but w has shape {tuple(w.shape)}")
