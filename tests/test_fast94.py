@@ -619,8 +619,15 @@ def test_fast94_refuses_bad_data_and_settings():
     data.update(X_test=np.zeros((4, 32, 32, 3)), y_test=np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match="batch_size 1024 is larger than the 8 training images"):
         fast94(data, backend="numpy", warmup=False)
-    with pytest.raises(ValueError, match="images must be"):
+    with pytest.raises(ValueError, match=r"X_train must be colour images \(N, H, W, 3\) or \(N, 3, H, W\)"):
         fast94({**data, "X_train": np.zeros((8, 32, 32))}, backend="numpy")
+    poisoned = np.zeros((4, 32, 32, 3))
+    poisoned[1, 2, 3, 0] = np.nan  # surfaced as "Eigenvalues did not converge" from the whitening's eigh
+    for key in ("X_train", "X_test"):
+        with pytest.raises(ValueError, match=f"fast94: {key} contains NaN or infinite values"):
+            fast94(
+                {**data, key: np.concatenate([poisoned, poisoned]) if key == "X_train" else poisoned}, backend="numpy"
+            )
     with pytest.raises(ValueError, match="y_test must be"):
         fast94({**data, "y_test": np.full(4, 12)}, backend="numpy")
     for seed in (-1, "a", 1.5):  # NumPy's seeding said 'expected non-negative integer'

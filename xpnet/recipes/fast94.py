@@ -28,6 +28,7 @@ from ..backend import Backend, get_backend
 from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
+from ..data_checks import check_finite_values
 from ..input_checks import as_int, is_number
 from ..model import check_input_dim
 from ..training.graph import GraphReplay
@@ -266,12 +267,16 @@ def warmup_decay(step: int, total: int, settings: Fast94Settings) -> float:
     return (1 - frac) + settings.final_factor * frac
 
 
-def normalized_images(backend: Backend, X, dtype="float32"):
-    """CIFAR-10 pixels (N, 32, 32, 3) or (N, 3, 32, 32), 0..255, as normalised (N, 3, 32, 32)
-    images on ``backend``'s device: moved once, then scaled there."""
+def normalized_images(backend: Backend, X, dtype="float32", name="images"):
+    """Colour pixels (N, H, W, 3) or (N, 3, H, W), 0..255 (CIFAR-10's are 32x32), as normalised
+    (N, 3, H, W) images on ``backend``'s device: moved once, then scaled and checked for NaN
+    and infinities there (``name``: what messages call them)."""
     X = np.asarray(X) if not backend.owns(X) else X
     if X.ndim != 4 or 3 not in (X.shape[1], X.shape[3]):
-        raise ValueError(f"fast94: images must be (N, 32, 32, 3) or (N, 3, 32, 32), got shape {tuple(X.shape)}")
+        raise ValueError(
+            f"fast94: {name} must be colour images (N, H, W, 3) or (N, 3, H, W), as CIFAR-10's (N, 32, 32, 3); "
+            f"got shape {tuple(X.shape)}"
+        )
     xp = backend.xp
     images = backend.asarray(X) if not backend.owns(X) else X
     images = xp.astype(images, backend.dtype(dtype))
@@ -279,7 +284,10 @@ def normalized_images(backend: Backend, X, dtype="float32"):
         images = xp.permute_dims(images, (0, 3, 1, 2))
     mean = backend.asarray(np.asarray(CIFAR10_MEAN) * 255, dtype=dtype)[:, None, None]
     std = backend.asarray(np.asarray(CIFAR10_STD) * 255, dtype=dtype)[:, None, None]
-    return (images - mean) / std
+    images = (images - mean) / std
+    # NaN pixels surfaced as "Eigenvalues did not converge" from the whitening layer's eigh
+    check_finite_values(images, name, f"fast94: {name}")
+    return images
 
 
 class Fast94Trainer:
@@ -428,8 +436,8 @@ def device_data(backend: Backend, data: dict, dtype="float32") -> tuple:
     for key in ("X_train", "y_train", "X_test", "y_test"):
         if key not in data:
             raise ValueError(f"fast94: data needs 'X_train', 'y_train', 'X_test' and 'y_test'; {key!r} is missing")
-    train_images = normalized_images(backend, data["X_train"], dtype)
-    test_images = normalized_images(backend, data["X_test"], dtype)
+    train_images = normalized_images(backend, data["X_train"], dtype, "X_train")
+    test_images = normalized_images(backend, data["X_test"], dtype, "X_test")
     train_labels, test_labels = (_labels(backend, data[k], k) for k in ("y_train", "y_test"))
     return train_images, train_labels, test_images, test_labels
 
