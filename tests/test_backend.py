@@ -47,6 +47,20 @@ def test_bad_strict_device_is_rejected():
         get_backend("array_api_strict:device7")
 
 
+def test_a_malformed_device_is_named_whatever_is_installed(monkeypatch):
+    """'cupy:abc' said to install CuPy (and, with CuPy, named the index only then); 'torch:cudax'
+    was taken as cuda:0."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # no CuPy: the spec is still wrong first
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    with pytest.raises(ValueError, match="invalid device index 'abc' in backend spec 'cupy:abc'"):
+        get_backend("cupy:abc")
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="invalid device index 'x' in backend spec 'torch:cuda:x'"):
+        get_backend("torch:cuda:x")
+    with pytest.raises(ValueError, match="unknown torch device 'cudax'"):
+        get_backend("torch:cudax")
+
+
 def test_spec_must_be_string_or_backend():
     with pytest.raises(TypeError, match="spec string or a Backend"):
         get_backend(3)

@@ -133,8 +133,8 @@ def _parse_index(spec: str, text: str) -> int:
 
 
 def make_cupy(spec: str) -> Backend:
+    index = _parse_index(spec, spec.partition(":")[2] or "0")  # a malformed spec is wrong with or without CuPy
     lib = import_library("cupy", "cupy")
-    index = _parse_index(spec, spec.partition(":")[2] or "0")
     try:
         count = lib.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDA driver missing or no device at all

@@ -83,10 +83,11 @@ def make_torch(spec: str) -> Backend:
     import array_api_compat.torch as xp
 
     where = spec.partition(":")[2] or "cpu"
-    if where.startswith("cuda"):
+    if where == "cuda" or where.startswith("cuda:"):
+        index = _parse_index(spec, where.partition(":")[2] or "0")
         if not torch.cuda.is_available():
             raise RuntimeError(f"backend {spec!r}: PyTorch sees no CUDA GPU")
-        device = torch.device("cuda", _parse_index(spec, where.partition(":")[2] or "0"))
+        device = torch.device("cuda", index)
     elif where == "cpu":
         device = torch.device("cpu")
     else:
