@@ -560,6 +560,24 @@ def test_bad_outputs_and_flags_fail_before_loading_data(train, capsys, monkeypat
     assert message in err
 
 
+def test_plot_without_matplotlib_is_refused_before_training(train, capsys, monkeypatch, tmp_path):
+    """--plot ran the whole training and then ended in an ImportError traceback."""
+    import sys
+
+    from xpnet import vis_utils
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    vis_utils._figure_class.cache_clear()
+    monkeypatch.setattr(data_utils, "load_digits_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    try:
+        code, _, err = run_cli(train, capsys, ["--plot", str(tmp_path / "curves.png")])
+    finally:
+        vis_utils._figure_class.cache_clear()
+    assert code == 2
+    assert '--plot: plotting needs matplotlib: pip install "xpnet[plot]"' in err
+
+
 def test_disk_error_during_training_names_path_and_last_checkpoint(train, capsys, tmp_path, monkeypatch):
     original = np.savez
     calls = []

@@ -193,6 +193,29 @@ def test_sweep_in_process_on_digits(tmp_path, capsys):
     assert len(study_of(out).trials) == 5
 
 
+def test_a_sweep_without_matplotlib_ends_with_its_results_and_no_pictures(tmp_path, capsys, monkeypatch):
+    """The plots needed matplotlib, imported only after every trial had run: an ImportError
+    then ended the command before the best model's test accuracy."""
+    import sys
+
+    from xpnet import vis_utils
+    from xpnet.cli.sweep import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    vis_utils._figure_class.cache_clear()
+    out = tmp_path / "sweep"
+    try:
+        assert main(["--trials", "2", "--out", str(out), "--sampler", "random", *SPACE]) == 0
+    finally:
+        vis_utils._figure_class.cache_clear()
+    printed = capsys.readouterr().out
+    assert 'plots skipped: plotting needs matplotlib: pip install "xpnet[plot]"' in printed
+    assert printed.strip().splitlines()[-1].startswith("best val acc: ")
+    assert not list(out.glob("*.png"))
+    assert json.loads((out / "summary.json").read_text())["test_acc"] > 0
+
+
 def test_a_grid_sweep_runs_each_point_once_and_ends_cleanly(tmp_path, capsys):
     """Optuna's grid sampler asks the study to stop once its last point is told, which the
     ask-and-tell loop must take as the end of the grid; trials beyond the grid are not run."""

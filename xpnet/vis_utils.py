@@ -62,6 +62,16 @@ def _figure_class():
     return InlineFigure
 
 
+def plotting_unavailable() -> str | None:
+    """None when matplotlib can draw xpnet's figures, else what to install: for a command to
+    check before a run, not after it."""
+    try:
+        _figure_class()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def new_figure(**kwargs):
     """A matplotlib ``Figure`` (``figsize=...`` and the rest as for Figure) that displays
     inline in a notebook as the value of a cell, without pyplot or a change of backend."""

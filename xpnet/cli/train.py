@@ -38,6 +38,7 @@ from xpnet.experiment import (
     make_solver,
 )
 from xpnet.training.guard import divergence_said_once
+from xpnet.vis_utils import plotting_unavailable
 
 # Defaults that work well for each data set (a flag on the command line wins).
 CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"}
@@ -294,6 +295,8 @@ class Run:
         for flag, path in (("--plot", args.plot), ("--log", args.log)):
             if path:
                 check_output_file(flag, path)
+        if args.plot and plotting_unavailable():
+            raise UsageError(f"--plot: {plotting_unavailable()}")
         if args.checkpoint_dir:
             check_output_folder("--checkpoint-dir", args.checkpoint_dir)
         if args.log:

@@ -15,6 +15,7 @@ from ..backend import get_backend
 from ..checkpoint import load_checkpoint
 from ..experiment import Experiment, build_model, load_data
 from ..model import load_model_state
+from ..vis_utils import plotting_unavailable
 
 __all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images"]
 
@@ -131,14 +132,17 @@ def write_outputs(study, config, best_path, say) -> dict:
         say("  " + "  ".join(f"{n:>14}" for n in names))
         for row in top:
             say("  " + "  ".join(f"{_cell(row[n]):>14}" for n in names))
-    if config.plots and summary["complete"]:
+    no_matplotlib = plotting_unavailable()
+    if no_matplotlib:
+        say(f"plots skipped: {no_matplotlib}")
+    elif config.plots and summary["complete"]:
         summary["plots"] = _plots(study, config.out, say)
     if os.path.exists(best_path):
         best = load_checkpoint(best_path)
         test_acc, model, settings = _test_accuracy(best, config.backend)
         summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
         summary["best_settings"] = best["settings"]
-        summary["weights"] = _first_layer_picture(model, settings, config.out)
+        summary["weights"] = None if no_matplotlib else _first_layer_picture(model, settings, config.out)
         with open(os.path.join(config.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         say(f"best trial {best['number']}: {json.dumps(best['params'])}")
