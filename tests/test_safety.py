@@ -723,6 +723,25 @@ def test_resume_with_the_same_settings_changes_nothing(tmp_path):
     assert same.optim_configs["W1"]["learning_rate"] == pytest.approx(1e-2 * 0.5)
 
 
+def test_train_after_the_last_epoch_says_that_there_is_nothing_to_train(tmp_path):
+    """A Solver resumed at num_epochs (or a finished one trained again) returned at once, silently."""
+    import warnings
+
+    solver, path = trained_checkpoint(tmp_path)
+    with pytest.warns(UserWarning, match=r"nothing to train: this Solver has run 1 epochs of num_epochs=1"):
+        solver.train()
+    resumed = Solver(small_model("numpy"), small_data(), update_rule="adam", batch_size=50, num_epochs=1,
+                     verbose=False, seed=0)  # fmt: skip
+    resumed.resume(path)
+    with pytest.warns(UserWarning, match="raise num_epochs to train on"):
+        resumed.train()
+    resumed.num_epochs = 2  # and training on says nothing of the kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.train()
+    assert resumed.epoch == 2
+
+
 def test_resume_on_another_generator_says_that_the_draws_differ(tmp_path, capsys):
     """A NumPy run resumed on PyTorch cannot repeat the uninterrupted run: the resume says so."""
     pytest.importorskip("torch")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,13 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
     assert train(resume) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "for 3 epochs" in out
+    # Resumed at --epochs already: said in the command's terms, once, and the test accuracy still given.
+    resume[1] = "2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # not the Solver's warning as well
+        assert train(resume) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the checkpoint has run 2 epochs of --epochs 2" in out and "test acc:" in out
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ histories as Python floats.
 from __future__ import annotations
 
 import math
+import warnings
 
 from .batching import model_accuracy
 from .model import backend_for, input_preparers, param_dtype
@@ -139,6 +140,13 @@ class Solver:
         """Run the optimisation for ``num_epochs`` (continuing after :meth:`resume`); at
         the end the best parameters (by validation accuracy) are swapped into the model."""
         per_epoch, total = self.iterations_per_epoch, self.num_iterations
+        if self.iteration >= total and total > 0:  # a finished run, or one resumed at or past num_epochs
+            warnings.warn(
+                f"train(): nothing to train: this Solver has run {self.epoch} epochs of num_epochs={self.num_epochs}; "
+                "raise num_epochs to train on",
+                UserWarning,
+                stacklevel=2,
+            )
         self._stop_requested = False
         self.update.start(self.backend, param_dtype(self.model), self.iteration, total)
         step_hooks = [c for c in self._callbacks if type(c).on_step is not cb.Callback.on_step]

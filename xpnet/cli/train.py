@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import xpnet
 from xpnet import data_utils
@@ -323,14 +324,19 @@ class Run:
                 solver.resume(args.resume, trust_pickle=args.trust_pickle)
         except (OSError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
+        finished = bool(args.resume) and solver.epoch >= args.epochs
         if args.resume:
             print(f"resumed from {args.resume} at epoch {solver.epoch}")
             if args.quiet:  # the Solver prints them itself when verbose
                 for change in solver.resume_changes:
                     print(f"resume: {change}")
+            if finished:  # said here in the command's terms, not as the Solver's warning
+                print(f"nothing to train: the checkpoint has run {solver.epoch} epochs of --epochs {args.epochs}")
 
         start = time.perf_counter()
-        with divergence_said_once():  # below, or through the Solver's report
+        with divergence_said_once(), warnings.catch_warnings():  # below, or through the Solver's report
+            if finished:
+                warnings.filterwarnings("ignore", r"train\(\): nothing to train", UserWarning)
             solver.train()
         backend.sync()
         wall = time.perf_counter() - start
