@@ -399,6 +399,33 @@ def test_bad_data_is_rejected(change, message):
         Solver(small_model("numpy"), data)
 
 
+def test_an_update_rule_of_ones_own_trains_and_its_slips_are_named():
+    """A hand-written rule returning w alone, None, a w of another shape or no config dict
+    failed in tuple unpacking (or in the next layer); the course's form trains as optim's do."""
+
+    def plain_sgd(w, dw, config):
+        w -= config.get("learning_rate", 1e-2) * dw
+        return w, config
+
+    mine = Solver(small_model("numpy"), small_data(), update_rule=plain_sgd, num_epochs=2, verbose=False, seed=0)
+    theirs = Solver(small_model("numpy"), small_data(), update_rule="sgd", num_epochs=2, verbose=False, seed=0)
+    mine.train(), theirs.train()
+    assert mine.loss_history == theirs.loss_history
+    for rule, error, message in (
+        (
+            lambda w, dw, c: w - 1e-3 * dw,
+            TypeError,
+            r"update_rule <lambda> must return \(next_w, config\).*got ndarray",
+        ),
+        (lambda w, dw, c: None, TypeError, "got NoneType"),
+        (lambda w, dw, c: (w, c, 0), TypeError, "got a tuple of 3"),
+        (lambda w, dw, c: (w[:1], c), ValueError, r"returned next_w \(1, 16\) for a parameter of shape \(6, 16\)"),
+        (lambda w, dw, c: (w, None), TypeError, "must return its config dict second, got NoneType"),
+    ):
+        with pytest.raises(error, match=message):
+            Solver(small_model("numpy"), small_data(), update_rule=rule, num_epochs=1, verbose=False).train()
+
+
 def test_bad_settings_are_rejected():
     model, data = small_model("numpy"), small_data()
     with pytest.raises(ValueError, match="Unrecognized arguments learning_rate"):

@@ -15,7 +15,7 @@ import math
 
 from .. import optim
 from ..backend import namespace
-from ..input_checks import is_number
+from ..input_checks import is_array, is_number
 from .settings import resolve_update_rule, rule_name
 
 __all__ = ["Update", "learning_rate_factor"]
@@ -76,6 +76,8 @@ class Update:
                  lr_schedule=None, on_device=False):  # fmt: skip
         self.rule = resolve_update_rule(rule)
         self.rule_name = rule_name(rule)
+        if self.rule not in optim.UPDATE_RULES.values():  # a rule of the user's own: its results are checked
+            self.rule = _checked_rule(self.rule, self.rule_name)
         self.per_epoch, self.lr_decay = per_epoch, lr_decay
         groups = list(param_groups or [])
         for i, group in enumerate(groups):
@@ -174,6 +176,26 @@ class Update:
                 params[name], self.configs[name] = self.rule(w, grads[name], config)
             finally:
                 config["learning_rate"] = host_rate
+
+
+def _checked_rule(rule, name: str):
+    """``rule`` with its result checked: (next_w of w's shape, a config dict), as the course's
+    rules return. A rule written by hand gets its slip named, not an unpacking error."""
+
+    def checked(w, dw, config):
+        result = rule(w, dw, config)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+            raise TypeError(f"update_rule {name} must return (next_w, config), as xpnet.optim's rules do; got {got}")
+        next_w, next_config = result
+        if not is_array(next_w) or tuple(next_w.shape) != tuple(w.shape):
+            got = tuple(next_w.shape) if is_array(next_w) else type(next_w).__name__
+            raise ValueError(f"update_rule {name} returned next_w {got} for a parameter of shape {tuple(w.shape)}")
+        if not isinstance(next_config, dict):
+            raise TypeError(f"update_rule {name} must return its config dict second, got {type(next_config).__name__}")
+        return result
+
+    return checked
 
 
 def check_gradients(params: dict, grads: dict) -> None:
