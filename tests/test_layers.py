@@ -397,3 +397,29 @@ def test_dropout_after_np_random_seed_drops_the_units_the_course_drops():
         out, _ = layers.dropout_forward(x, {"mode": "train", "p": 1 - keep})
         assert (out == 0).mean() == zeros
         assert abs(out.mean() - mean) < 1e-13  # the scale 1 / (1 - p) may differ from 1 / keep by an ulp
+
+
+def test_a_backward_pass_given_another_layers_cache_names_both():
+    """Sandwich caches mixed up (conv_relu's for conv_relu_pool's, affine_relu's for affine's)
+    failed in tuple unpacking, which says only how many values it expected."""
+    from xpnet import fast_layers, layer_utils
+
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), np.zeros(4)
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    pooled, pool_cache = layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)
+    out, relu_cache = layer_utils.conv_relu_forward(x, w, b, conv)
+    affine_out, affine_relu_cache = layer_utils.affine_relu_forward(x[:, 0, 0, :], rng.standard_normal((8, 3)), b[:3])
+    for call, message in (
+        (lambda: layer_utils.conv_relu_pool_backward(pooled, relu_cache),
+         "conv_relu_pool_backward: cache is a tuple of 3, not the 4 parts conv_relu_pool_forward returns"),
+        (lambda: layer_utils.conv_relu_backward(out, pool_cache),
+         "conv_relu_backward: cache is a tuple of 4, not the 3 parts conv_relu_forward returns"),
+        (lambda: layers.affine_backward(affine_out, affine_relu_cache),
+         "affine_backward: cache is a tuple of 2, not the 3 parts affine_forward returns"),
+        (lambda: fast_layers.conv_backward_fast(out, (x, w)),
+         "conv_backward_fast: cache is a tuple of 2, not the 5 parts conv_forward_fast returns"),
+        (lambda: layers.max_pool_backward_naive(pooled, None), "max_pool_backward_naive: cache is NoneType"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            call()

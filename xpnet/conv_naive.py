@@ -11,6 +11,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .conv_common import conv_geometry, pad2d, pool_geometry
+from .input_checks import unpack_cache
 
 __all__ = ["conv_forward_naive", "conv_backward_naive", "max_pool_forward_naive", "max_pool_backward_naive"]
 
@@ -47,7 +48,7 @@ def conv_backward_naive(dout: Array, cache: Cache) -> tuple[Array, Array, Array]
     Returns:
         dx (N, C, H, W), dw (F, C, HH, WW), db (F,) (None when the forward pass had no bias).
     """
-    x, w, b, conv_param = cache
+    x, w, b, conv_param = unpack_cache("conv_backward_naive", cache, 4, "conv_forward_naive")
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_naive", x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     if tuple(dout.shape) != (n, f, h_out, w_out):
@@ -102,7 +103,7 @@ def max_pool_backward_naive(dout: Array, cache: Cache) -> Array:
     Returns:
         dx (N, C, H, W).
     """
-    x, pool_param = cache
+    x, pool_param = unpack_cache("max_pool_backward_naive", cache, 2, "max_pool_forward_naive")
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_naive", x, pool_param)
     n, c = x.shape[0], x.shape[1]
     expected = (n, c, h_out, w_out)

@@ -27,6 +27,7 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, namespace
 from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
+from .input_checks import unpack_cache
 from .layers import matmul
 
 __all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
@@ -166,7 +167,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     """Backward pass of :func:`conv_forward_fast`: dx (N, C, H, W) (None when
     ``input_grad`` is False, as for a network's first layer), dw (F, C, HH, WW), db (F,)
     (None without a bias)."""
-    x, w, b, conv_param, cols = cache
+    x, w, b, conv_param, cols = unpack_cache("conv_backward_fast", cache, 5, "conv_forward_fast")
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_fast", x, w, b, conv_param)
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
     if tuple(dout.shape) != (n, f, h_out, w_out):
@@ -237,7 +238,7 @@ def _running_maximum(xp, slices):
 def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`max_pool_forward_fast`: each window's gradient goes to its
     first maximum (row-major order); overlapping windows add up. Returns dx (N, C, H, W)."""
-    x, pool_param, saved = cache
+    x, pool_param, saved = unpack_cache("max_pool_backward_fast", cache, 3, "max_pool_forward_fast")
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_fast", x, pool_param)
     expected = (x.shape[0], x.shape[1], h_out, w_out)
     if tuple(dout.shape) != expected:

@@ -99,6 +99,18 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
     return xp
 
 
+def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:
+    """``cache`` as the tuple of ``parts`` that ``forward`` returned, or a ValueError saying that
+    ``function`` got another layer's cache (tuple unpacking would say only the count)."""
+    if not isinstance(cache, tuple) or len(cache) != parts:
+        got = f"a tuple of {len(cache)}" if isinstance(cache, tuple) else type(cache).__name__
+        raise ValueError(
+            f"{function}: cache is {got}, not the {parts} parts {forward} returns; "
+            "pass the cache of the matching forward pass"
+        )
+    return cache
+
+
 def check_same_shape(function: str, name: str, a, reference_name: str, reference) -> None:
     """ValueError when ``a`` (e.g. dout) does not have the shape of ``reference``."""
     if tuple(a.shape) != tuple(reference.shape):

@@ -12,6 +12,7 @@ from .fast_layers import (
     max_pool_backward_fast,
     max_pool_forward_fast,
 )
+from .input_checks import unpack_cache
 from .layers import (
     affine_backward,
     affine_forward,
@@ -63,7 +64,7 @@ def affine_relu_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
 def affine_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db); dx is None
     when ``input_grad`` is False."""
-    fc_cache, relu_cache = cache
+    fc_cache, relu_cache = unpack_cache("affine_relu_backward", cache, 2, "affine_relu_forward")
     return affine_backward(relu_backward(dout, relu_cache), fc_cache, input_grad)
 
 
@@ -110,7 +111,9 @@ def affine_norm_relu_dropout_backward(dout: Array, cache: Cache, input_grad: boo
         (dx, dw, db, dgamma, dbeta); dgamma and dbeta are None without
         normalisation, dx is None when ``input_grad`` is False.
     """
-    fc_cache, normalization, norm_cache, relu_cache, drop_cache = cache
+    fc_cache, normalization, norm_cache, relu_cache, drop_cache = unpack_cache(
+        "affine_norm_relu_dropout_backward", cache, 5, "affine_norm_relu_dropout_forward"
+    )
     if drop_cache is not None:
         dout = dropout_backward(dout, drop_cache)
     dout = relu_backward(dout, relu_cache)
@@ -155,7 +158,7 @@ def conv_relu_forward(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
 
 def conv_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_relu_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
-    conv_cache, out, with_bias = cache
+    conv_cache, out, with_bias = unpack_cache("conv_relu_backward", cache, 3, "conv_relu_forward")
     da, db = _bias_relu_backward(dout, out, with_bias)
     dx, dw, _ = conv_backward_fast(da, conv_cache, input_grad)
     return dx, dw, db
@@ -177,7 +180,7 @@ def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_
 
 def conv_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_relu_pool_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
-    conv_cache, pool_cache, out, with_bias = cache
+    conv_cache, pool_cache, out, with_bias = unpack_cache("conv_relu_pool_backward", cache, 4, "conv_relu_pool_forward")
     dpooled, db = _bias_relu_backward(dout, out, with_bias)
     dx, dw, _ = conv_backward_fast(max_pool_backward_fast(dpooled, pool_cache), conv_cache, input_grad)
     return dx, dw, db
@@ -195,7 +198,7 @@ def conv_bn_relu_forward(
 
 def conv_bn_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
     """Backward pass of :func:`conv_bn_relu_forward`: (dx, dw, db, dgamma, dbeta)."""
-    conv_cache, bn_cache, relu_cache = cache
+    conv_cache, bn_cache, relu_cache = unpack_cache("conv_bn_relu_backward", cache, 3, "conv_bn_relu_forward")
     dnormed, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = conv_backward_fast(dnormed, conv_cache, input_grad)
     return dx, dw, db, dgamma, dbeta
@@ -213,5 +216,5 @@ def conv_bn_relu_pool_forward(
 def conv_bn_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
     """Backward pass of :func:`conv_bn_relu_pool_forward`: (dx, dw, db, dgamma, dbeta); dx is None
     when ``input_grad`` is False."""
-    bn_relu_cache, pool_cache = cache
+    bn_relu_cache, pool_cache = unpack_cache("conv_bn_relu_pool_backward", cache, 2, "conv_bn_relu_pool_forward")
     return conv_bn_relu_backward(max_pool_backward_fast(dout, pool_cache), bn_relu_cache, input_grad)

@@ -19,7 +19,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
-from .input_checks import check_param_keys, check_same_shape, check_seed, is_number, layer_namespace
+from .input_checks import check_param_keys, check_same_shape, check_seed, is_number, layer_namespace, unpack_cache
 from .precision import is_half, narrowed, widened
 from .special import normal_cdf, normal_pdf
 
@@ -113,7 +113,7 @@ def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple
     Returns:
         dx with the shape of x (None when input_grad is False), dw (D, M), db (M,).
     """
-    x, w, _ = cache
+    x, w, _ = unpack_cache("affine_backward", cache, 3, "affine_forward")
     xp = layer_namespace("affine_backward", {"dout": dout, "x": x})
     if tuple(dout.shape) != (x.shape[0], w.shape[1]):
         raise ValueError(
@@ -521,7 +521,7 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
 
 def dropout_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`dropout_forward`."""
-    _, mask = cache
+    _, mask = unpack_cache("dropout_backward", cache, 2, "dropout_forward")
     if mask is None:  # test mode, or p = 0: the identity
         return dout
     check_same_shape("dropout_backward", "dout", dout, "x", mask)
