@@ -1,6 +1,7 @@
 """Solver: training on the device, transfers only at logging points,
 checkpoints, resume, divergence and data validation."""
 
+import math
 import os
 import signal
 
@@ -9,6 +10,7 @@ import pytest
 from helpers import small_data, small_model, to_np
 
 import xpnet
+from xpnet.backend import namespace
 from xpnet.checkpoint import load_checkpoint
 from xpnet.solver import Solver
 from xpnet.training import Callback, Checkpointer
@@ -486,18 +488,18 @@ class _HandWrittenModel:
     """A model of the user's own, as the course's Solver takes one, whose loss returns the
     gradients that ``mistake`` edits: a softmax regression on 6 inputs and 3 classes."""
 
-    def __init__(self, mistake=lambda grads: None):
+    def __init__(self, mistake=lambda grads: None, returns=lambda loss, grads: (loss, grads), scores=lambda s: s):
         self.params = {"W": np.zeros((6, 3)), "b": np.zeros(3)}
-        self.mistake = mistake
+        self.mistake, self.returns, self.scores = mistake, returns, scores
 
     def loss(self, X, y=None):
         scores = X @ self.params["W"] + self.params["b"]
         if y is None:
-            return scores
+            return self.scores(scores)
         loss, dscores = xpnet.layers.softmax_loss(scores, y)
-        grads = {"W": X.T @ dscores, "b": dscores.sum(axis=0)}
+        grads = {"W": X.T @ dscores, "b": namespace(dscores).sum(dscores, axis=0)}
         self.mistake(grads)
-        return loss, grads
+        return self.returns(loss, grads)
 
 
 @pytest.mark.parametrize(
@@ -515,6 +517,56 @@ def test_a_hand_written_model_hears_what_is_wrong_with_its_gradients(mistake, me
     solver = Solver(_HandWrittenModel(mistake), small_data(), batch_size=20, num_epochs=1, verbose=False)
     with pytest.raises(ValueError, match=message):
         solver.train()
+
+
+@pytest.mark.parametrize(
+    "returns, error, message",
+    [
+        (lambda loss, g: loss, TypeError, r"must return \(loss, grads\), as xpnet's nets do; got the loss alone$"),
+        (lambda loss, g: (loss, g, {}), TypeError, r"must return \(loss, grads\).*; got a tuple of 3$"),
+        (
+            lambda loss, g: (np.asarray([loss]), g),
+            ValueError,
+            r"a scalar loss \(a 0-d array or a number\); got shape \(1,\)",
+        ),
+        (lambda loss, g: (loss, list(g.values())), TypeError, r"its gradients as a dict; got list"),
+    ],
+)
+def test_a_hand_written_model_hears_what_is_wrong_with_what_its_loss_returns(returns, error, message):
+    solver = Solver(_HandWrittenModel(returns=returns), small_data(), batch_size=20, num_epochs=1, verbose=False)
+    with pytest.raises(error, match=message):
+        solver.train()
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        (lambda s: s[:, 0], r"got shape \(200,\)$"),
+        (lambda s: s[:2], r"got shape \(2, 3\)$"),
+        (lambda s: (s, {}), r"got a tuple \(called without y, loss returns the scores alone\)$"),
+    ],
+)
+def test_a_hand_written_model_hears_what_is_wrong_with_its_scores(scores, message):
+    solver = Solver(_HandWrittenModel(scores=scores), small_data(), batch_size=20, num_epochs=1, verbose=False)
+    with pytest.raises(
+        ValueError,
+        match=r"loss\(X\) must return class scores of shape \(N, C\), one row for each of the 200 rows of X; "
+        + message,
+    ):
+        solver.train()
+
+
+def test_a_hand_written_model_may_return_its_loss_as_a_python_number(backend):
+    """A loss a model summed in Python (a float) trains as a 0-d array would, on any backend."""
+    xp = backend.xp
+    model = _HandWrittenModel(returns=lambda loss, g: (float(loss), g))
+    model.params = {k: backend.asarray(v) for k, v in model.params.items()}
+    solver = Solver(
+        model, small_data(), batch_size=20, num_epochs=1, verbose=False, optim_config={"learning_rate": 0.1}
+    )
+    solver.train()
+    assert len(solver.loss_history) == solver.num_iterations and all(math.isfinite(v) for v in solver.loss_history)
+    assert bool(xp.any(model.params["W"] != 0))
 
 
 def test_a_hand_written_model_may_leave_a_parameter_out_with_none():

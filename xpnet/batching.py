@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .backend import namespace
-from .input_checks import as_int
+from .input_checks import as_int, is_array
 
 __all__ = ["sample_minibatch", "accuracy", "model_accuracy"]
 
@@ -53,5 +53,23 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     n = X.shape[0]
     if n == 0:
         raise ValueError("no rows to score: X is empty")
-    predictions = [xp.argmax(scores_of(X[i : min(i + batch_size, n), ...]), axis=1) for i in range(0, n, batch_size)]
+    predictions = [
+        xp.argmax(_scores(scores_of, X[i : min(i + batch_size, n), ...]), axis=1) for i in range(0, n, batch_size)
+    ]
     return accuracy(xp.concat(predictions), y)
+
+
+def _scores(scores_of, X_batch):
+    """``scores_of(X_batch)``, checked to be (B, C) scores, one row per row of the batch: a
+    model written by hand gets its slip named, not an error from inside argmax."""
+    scores = scores_of(X_batch)
+    rows = X_batch.shape[0]
+    if not is_array(scores) or scores.ndim != 2 or scores.shape[0] != rows:
+        got = f"shape {tuple(scores.shape)}" if is_array(scores) else f"a {type(scores).__name__}"
+        if isinstance(scores, tuple):  # (loss, grads): the model ignored that y is None
+            got += " (called without y, loss returns the scores alone)"
+        raise ValueError(
+            f"check_accuracy: the model's loss(X) must return class scores of shape (N, C), one row "
+            f"for each of the {rows} rows of X; got {got}"
+        )
+    return scores

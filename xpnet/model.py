@@ -7,13 +7,21 @@ import math
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import not_float_array, tree_to_device, tree_to_host
-from .input_checks import as_int, check_seed, is_number
+from .input_checks import as_int, check_seed, is_array, is_number
 from .layers import BATCHNORM_KEYS
 
 # The batchnorm keys that hold arrays (the others are settings).
 RUNNING_KEYS = ("running_mean", "running_var")
 
-__all__ = ["Model", "backend_for", "param_dtype", "input_preparers", "model_state", "load_model_state"]
+__all__ = [
+    "Model",
+    "backend_for",
+    "param_dtype",
+    "input_preparers",
+    "loss_and_grads",
+    "model_state",
+    "load_model_state",
+]
 
 
 class Model:
@@ -148,6 +156,29 @@ def input_preparers(model, backend):
         return y if backend.owns(y) else backend.asarray(y)
 
     return prepare_inputs, prepare_labels
+
+
+def loss_and_grads(result, backend) -> tuple:
+    """What ``model.loss(X, y)`` returned, checked to be (loss, grads) as the course's models
+    return it: a scalar loss (0-d array; a number is moved onto ``backend``) and a dict of
+    gradients. A model written by hand gets its slip named, not an unpacking error."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        if isinstance(result, (tuple, list)):
+            got = f"a {type(result).__name__} of {len(result)}"
+        elif is_number(result) or is_array(result) and result.ndim == 0:
+            got = "the loss alone"
+        else:
+            got = type(result).__name__
+        raise TypeError(f"the model's loss(X, y) must return (loss, grads), as xpnet's nets do; got {got}")
+    loss, grads = result
+    if is_number(loss):
+        loss = backend.asarray(loss)
+    elif not is_array(loss) or loss.ndim != 0:
+        got = f"shape {tuple(loss.shape)}" if is_array(loss) else type(loss).__name__
+        raise ValueError(f"the model's loss(X, y) must return a scalar loss (a 0-d array or a number); got {got}")
+    if not isinstance(grads, dict):
+        raise TypeError(f"the model's loss(X, y) must return its gradients as a dict; got {type(grads).__name__}")
+    return loss, grads
 
 
 def model_state(model, backend) -> dict:

@@ -15,7 +15,7 @@ import math
 import warnings
 
 from .batching import model_accuracy
-from .model import backend_for, input_preparers, param_dtype
+from .model import backend_for, input_preparers, loss_and_grads, param_dtype
 from .training import callbacks as cb
 from .training.data import device_data
 from .training.graph import GraphReplay
@@ -119,7 +119,8 @@ class Solver:
 
     def _step(self, rng):
         rows, xp = self.sampler.indices(rng), self.backend.xp
-        loss, grads = self.model.loss(xp.take(self.X_train, rows, axis=0), xp.take(self.y_train, rows, axis=0))
+        result = self.model.loss(xp.take(self.X_train, rows, axis=0), xp.take(self.y_train, rows, axis=0))
+        loss, grads = loss_and_grads(result, self.backend)
         self.guard.observe(loss)
         self.update.apply(self.model.params, grads)
         return loss
