@@ -17,8 +17,8 @@ from xpnet.cli import bench
 
 def small_suite_args(suite, out, *extra):
     """bench.py's arguments for ``suite`` at batch 2 (ops), one short repeat, no PyTorch, JSON to ``out``."""
-    return ["--suite", suite, "--ops-batch", "2", "--repeats", "1", "--budget", "0.01", "--no-torch", "--json",
-            str(out), *extra]  # fmt: skip
+    batch = ["--ops-batch", "2"] if suite in ("ops", "all") else []
+    return ["--suite", suite, *batch, "--repeats", "1", "--budget", "0.01", "--no-torch", "--json", str(out), *extra]
 
 
 def test_conv_suite_on_the_cpu_reports_naive_fast_and_the_convnet_step(tmp_path, capsys):
@@ -495,6 +495,45 @@ def test_an_unwritable_json_path_or_missing_data_set_is_refused_before_any_suite
             bench.main(["--suite", "fc", "--no-torch", *args])
         assert info.value.code == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--cifar-npz", "x.npz"],
+            "--cifar-npz applies to --time-to-accuracy or --recipe only, and this command runs neither",
+        ),
+        (["--data-dir", "data"], "--data-dir applies to --time-to-accuracy or --recipe only"),
+        (["--runs", "3"], "--runs applies to --recipe only, and this command does not run it"),
+        (["--target", "0.4"], "--target applies to --time-to-accuracy only"),
+        (["--recipe-set", "epochs=1"], "--recipe-set applies to --profile-recipe or --recipe only"),
+        (["--suite", "conv", "--rows", "64"], "--rows applies to --suite fc (or --suite all) only"),
+        (["--suite", "conv", "--no-graph"], "--no-graph applies to --suite fc (or --suite all) only"),
+        (["--suite", "fc", "--ops-batch", "64"], "--ops-batch applies to --suite ops (or --suite all) only"),
+        (["--suite", "none", "--recipe", "fast94", "--breakdown"], "--breakdown applies to --time-to-accuracy only"),
+    ],
+)
+def test_a_flag_that_no_part_of_the_command_reads_is_refused(capsys, monkeypatch, args, message):
+    """--cifar-npz without --time-to-accuracy or --recipe ran the FC rows on random data without a word."""
+    monkeypatch.setattr(bench, "run_fc_suite", lambda *a: pytest.fail("a suite ran before the flags were checked"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--no-torch", *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flags_of_the_parts_a_command_runs_are_taken():
+    parser = bench.build_parser()
+    for args in (
+        ["--suite", "all", "--rows", "64", "--no-convnet", "--ops-batch", "64"],
+        ["--suite", "none", "--profile-recipe", "--recipe-set", "epochs=1"],
+        ["--suite", "none", "--time-to-accuracy", "--cifar-npz", "x.npz", "--target", "0.3", "--no-warmup"],
+        ["--recipe", "fast94", "--runs", "2", "--data-dir", "d", "--recipe-sides", "xpnet", "--warmup-epochs", "1"],
+    ):
+        parsed = parser.parse_args(args)
+        parsed.suite = parsed.suite or "none"
+        assert bench.unread_flag(parser, parsed) is None, args
 
 
 @pytest.mark.parametrize("content", ["text", "npy", "object array", "missing", "header lies"])

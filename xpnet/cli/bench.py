@@ -387,6 +387,58 @@ def run_conv_suite(backend, args, on_progress=None) -> dict:
     return tables
 
 
+# The flags that only some parts of the benchmark read, and those parts: a flag that none of the
+# parts a command runs reads is refused, not ignored (--cifar-npz alone ran the FC rows on random data).
+PART_FLAGS = {
+    "configs": ("--config", {"fc"}),
+    "rows": ("--rows", {"fc"}),
+    "no_graph": ("--no-graph", {"fc"}),
+    "no_convnet": ("--no-convnet", {"conv"}),
+    "ops_batch": ("--ops-batch", {"ops"}),
+    "profile_steps": ("--profile-steps", {"profile"}),
+    "recipe_set": ("--recipe-set", {"recipe", "profile"}),
+    "data_dir": ("--data-dir", {"tta", "recipe"}),
+    "cifar_npz": ("--cifar-npz", {"tta", "recipe"}),
+    "no_warmup": ("--no-warmup", {"tta", "recipe"}),
+    "target": ("--target", {"tta"}),
+    "max_epochs": ("--max-epochs", {"tta"}),
+    "breakdown": ("--breakdown", {"tta"}),
+    "runs": ("--runs", {"recipe"}),
+    "recipe_sides": ("--recipe-sides", {"recipe"}),
+    "warmup_epochs": ("--warmup-epochs", {"recipe"}),
+}
+PART_OPTIONS = {
+    "fc": "--suite fc",
+    "conv": "--suite conv",
+    "ops": "--suite ops",
+    "profile": "--profile-recipe",
+    "tta": "--time-to-accuracy",
+    "recipe": "--recipe",
+}
+
+
+def parts_run(args) -> set:
+    """The parts of the benchmark that ``args`` asks for (``args.suite`` already defaulted)."""
+    parts = {"fc", "conv", "ops"} if args.suite == "all" else {args.suite} - {"none"}
+    for part, wanted in (("profile", args.profile_recipe), ("tta", args.time_to_accuracy), ("recipe", args.recipe)):
+        if wanted:
+            parts.add(part)
+    return parts
+
+
+def unread_flag(parser, args) -> str | None:
+    """Why a flag given is read by none of the parts ``args`` runs, or None when each is read."""
+    parts = parts_run(args)
+    for dest, (flag, readers) in PART_FLAGS.items():
+        if getattr(args, dest) != parser.get_default(dest) and not readers & parts:
+            options = " or ".join(PART_OPTIONS[part] for part in PART_OPTIONS if part in readers)
+            if readers & {"fc", "conv", "ops"}:
+                options += " (or --suite all)"
+            runs = "runs neither" if len(readers) > 1 else "does not run it"
+            return f"{flag} applies to {options} only, and this command {runs}"
+    return None
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--backend", default="numpy", help="backend spec: numpy, cupy, cupy:N, torch, ...")
@@ -401,7 +453,7 @@ def build_parser():
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per variant (the median is reported)")
     p.add_argument("--budget", type=positive_float, default=0.5, help="seconds per timed repeat (sets the step count)")
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch variants")
-    p.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph variants")
+    p.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph variants of --suite fc")
     p.add_argument("--json", help="write the results here")
     p.add_argument(
         "--time-to-accuracy", action="store_true", help="also time the TwoLayerNet recipe to --target on CIFAR-10"
@@ -499,6 +551,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.suite is None:
         args.suite = "none" if args.recipe else "fc"
+    unread = unread_flag(p, args)
+    if unread:
+        p.error(unread)
     try:
         # Checked before anything runs; the benchmark takes every setting here (its --tf32 applies to all parts).
         args.recipe_set = list(recipe_settings(args.recipe_set, flags={}).items())
