@@ -105,7 +105,11 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--cudnn"], "cuDNN applies to CUDA GPUs; backend 'numpy'"),
         (["--conv-autotune"], "convolution autotuning applies to CUDA GPUs; backend 'numpy'"),
         (["--recipe", "fast94"], "trains on CIFAR-10: add --dataset cifar10"),
-        (["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"], "--lr does not apply to --recipe fast94"),
+        (
+            ["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1"],
+            "--lr does not apply to --recipe fast94: its network and hyper-parameters are its own settings "
+            "(--recipe-set KEY=VALUE changes one)",
+        ),
         (
             ["--recipe", "fast94", "--dataset", "cifar10", "--lr", "1", "--reg", "0.1"],
             "--lr, --reg do not apply to --recipe fast94",

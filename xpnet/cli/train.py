@@ -362,7 +362,11 @@ class Run:
         refused = refused_flags(parser, args)
         if refused:
             verb = "does" if len(refused) == 1 else "do"
-            raise UsageError(f"{', '.join(refused)} {verb} not apply to --recipe {args.recipe}, which fixes them")
+            raise UsageError(
+                f"{', '.join(refused)} {verb} not apply to --recipe {args.recipe}: its network and hyper-parameters "
+                "are its own settings (--recipe-set KEY=VALUE changes one), and it trains in one run, with no "
+                "--resume or --plot"
+            )
         check_row_counts(args, validation_rows=0)
         try:
             recipe_settings(args.recipe_set)  # refused now, not after loading the data
