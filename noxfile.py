@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests lint` (CPU, what CI runs), `nox -s oldest` (the suite with the oldest
+"""Sessions: `nox -s tests lint` (CPU, what CI runs; lint is ruff and mypy), `nox -s oldest` (the suite with the oldest
 NumPy and array API packages pyproject.toml admits), `nox -s gpu` (the suite on CuPy),
 `nox -s kernels` (every CUDA kernel through NVRTC, without a GPU), `nox -s bench` (the
 training-step benchmark)."""
@@ -31,12 +31,17 @@ def tests(session):
     session.run("pytest", *session.posargs)
 
 
+# The mypy that CI type-checks with. Pinned for the same reason as ruff.
+MYPY = "mypy==2.4.1"
+
+
 @nox.session
 def lint(session):
-    """ruff: lint rules and formatting."""
-    session.install(RUFF)
+    """ruff (lint rules and formatting), then mypy on the package (its settings in pyproject.toml)."""
+    session.install(RUFF, MYPY, "-e", ".")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
 
 
 def _floors(*names: str) -> list:

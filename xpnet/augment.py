@@ -129,7 +129,7 @@ class AlternatingFlipTranslate:
         base = flip_images(images, self.flip_mask) if flip else images
         self._padded = reflect_pad(base, max_shift)  # padded once: every epoch crops from it
         self.images = namespace(images).asarray(base, copy=True)
-        self.shifts = None
+        self.shifts: Array | None = None
 
     def epoch(self, epoch: int) -> Array:
         """The images of ``epoch`` (0-based), in :attr:`images`."""

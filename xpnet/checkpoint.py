@@ -20,6 +20,7 @@ import os
 import pickle
 import secrets
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def _process_exists(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: str) -> list:
     """Delete the temporary files in ``folder`` left by writers that no longer run; returns their paths."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:
@@ -153,7 +154,8 @@ def save_checkpoint(path, payload: dict) -> str:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{META: np.frombuffer(document.encode(), dtype=np.uint8)}, **arrays)
+                members: dict[str, Any] = {META: np.frombuffer(document.encode(), dtype=np.uint8), **arrays}
+                np.savez(f, **members)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -12,6 +12,7 @@ import pickle
 import tarfile
 import urllib.request
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -232,7 +233,8 @@ def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
         members = [m for m in tar.getmembers() if _is_batch_file(m)]
         # filter="data" refuses links, device files and paths outside dest too; Pythons before
         # 3.10.12 and 3.11.4 lack it and extract only the plain files chosen above.
-        tar.extractall(dest, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **safe)
     archive.unlink()
     return dest / CIFAR10_FOLDER
 

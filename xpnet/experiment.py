@@ -7,6 +7,7 @@ the command would with the same flags.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from . import data_utils
 from .cnn import ThreeLayerConvNet
@@ -34,12 +35,12 @@ NORMALIZATIONS = ("batchnorm", "layernorm")
 UPDATE_RULES = ("sgd", "sgd_momentum", "sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam")
 
 # Defaults that work well for each data set (a flag on the command line wins).
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"hidden_dims": [100], "lr": 3e-3, "batch_size": 100, "epochs": 20, "weight_scale": 1e-2},
     "cifar10": {"hidden_dims": [200], "lr": 1e-4, "batch_size": 200, "epochs": 10, "weight_scale": 1e-3},
 }
 # ThreeLayerConvNet: on CIFAR-10 the course's settings (one epoch reaches about 40% or more).
-CNN_DEFAULTS = {
+CNN_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"num_filters": 16, "filter_size": 5, "weight_scale": 1e-1},
     "cifar10": {"num_filters": 32, "filter_size": 7, "hidden_dims": [500], "lr": 1e-3, "batch_size": 50, "epochs": 1},
 }

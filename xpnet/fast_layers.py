@@ -20,7 +20,7 @@ Same signatures and results as the naive layers in :mod:`xpnet.layers`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from array_api_compat import device
 
@@ -90,14 +90,14 @@ def _filter_rows(xp, dout):
 class _LibraryConvolution(NamedTuple):
     """A convolution a backend's library ran without columns (cuDNN): its backward pass too."""
 
-    engine: object
+    engine: Any  # the backend's convolution library (xpnet.backend.cudnn)
 
 
 class _SmallFilterConvolution(NamedTuple):
     """A convolution with few taps that the fused kernels ran without columns: its filters'
     gradient comes straight from x and dout too, its input gradient through columns."""
 
-    kernels: object
+    kernels: Any  # the backend's fused kernels (CupyKernels)
 
 
 def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
@@ -202,7 +202,7 @@ class _FusedPoolCache(NamedTuple):
     """What the fused kernels' backward pass needs: each window's first maximum, as the
     offset ki·pw + kj (N, C, H', W')."""
 
-    kernels: object
+    kernels: Any  # the backend's fused kernels (CupyKernels)
     argmax: Array
 
 

@@ -20,7 +20,7 @@ def is_half(xp, x: Array) -> bool:
     return hasattr(xp, "float16") and x.dtype == xp.float16
 
 
-def widened(xp, x: Array | None) -> Array | None:
+def widened(xp, x: Array) -> Array:
     """x as float32 if it is float16 (a new array), else x itself (None stays None)."""
     return xp.astype(x, xp.float32) if x is not None and is_half(xp, x) else x
 

@@ -4,7 +4,7 @@ group of C / G channels and H, W)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
@@ -59,7 +59,7 @@ class _FusedBatchnormCache(NamedTuple):
     """What the fused kernels' backward pass needs: x̂ (N, C, H, W), 1/std (C,),
     gamma, and beta where a GELU followed in the same pass (None where none did)."""
 
-    kernels: object
+    kernels: Any  # the backend's fused kernels (CupyKernels)
     x_hat: Array
     inv_std: Array
     gamma: Array | None
@@ -171,7 +171,7 @@ def spatial_batchnorm_gelu_backward(dout: Array, cache: Cache) -> tuple[Array, A
 class _FusedGroupnormCache(NamedTuple):
     """What the fused kernels' groupnorm backward pass needs: x̂ (N, C, H, W), 1/std (N, G), gamma."""
 
-    kernels: object
+    kernels: Any  # the backend's fused kernels (CupyKernels)
     x_hat: Array
     inv_std: Array
     gamma: Array

@@ -22,7 +22,7 @@ def image_patches(x: Array, size: int = 2) -> Array:
     n, c, h, w = x.shape
     if as_int(size) is None or not 1 <= size <= min(h, w):
         raise ValueError(f"image_patches: size must be an integer from 1 to the images' sides {(h, w)}, got {size!r}")
-    size = as_int(size)
+    size = int(size)
     h_out, w_out = h - size + 1, w - size + 1
     slices = [x[offset_slice(i, j, 1, h_out, w_out)] for i in range(size) for j in range(size)]
     stacked = xp.stack(slices, axis=2)  # (N, C, size², H', W')
@@ -41,7 +41,7 @@ def whitening_filters(x: Array, size: int = 2, eps: float = 5e-4) -> Array:
     if not is_number(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"whitening_filters: eps must be a finite number >= 0, got {eps!r}")
     patches = image_patches(x, size)
-    c, size = x.shape[1], as_int(size)
+    c, size = x.shape[1], int(size)
     covariance = patches.T @ patches / patches.shape[0]
     eigenvalues, eigenvectors = xp.linalg.eigh(covariance)  # ascending
     eigenvalues = xp.flip(eigenvalues, axis=0)

@@ -12,6 +12,7 @@ switches decide and results are reproducible.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 from collections.abc import Callable, Sequence
@@ -90,7 +91,9 @@ class ConvPaths:
         """Each usable path's median ms of its forward and backward, the paths interleaved,
         and the fastest. A path whose untimed run fails (out of device memory, a library that
         refuses the geometry) is left out, unless every path fails."""
-        usable, failed, error = [], {}, None
+        usable: list[str] = []
+        failed: dict[str, str] = {}
+        error: Exception | None = None
         for path in available:  # untimed: compiles kernels, finds cuDNN's algorithms
             try:
                 trial(path)
@@ -99,11 +102,11 @@ class ConvPaths:
                 continue
             usable.append(path)
         if not usable:
-            raise error
+            raise error or RuntimeError("no convolution path was on offer")
         samples: dict = {path: [] for path in usable}
         for _ in range(self.repeats):
             for path in usable:
-                samples[path].append(self.elapsed_ms(lambda path=path: trial(path)))
+                samples[path].append(self.elapsed_ms(functools.partial(trial, path)))
         ms = {path: statistics.median(values) for path, values in samples.items()}
         return _Timed(min(ms, key=lambda path: (ms[path], PATHS.index(path))), ms, failed)
 

@@ -142,7 +142,7 @@ class _Cublas:
             cupy.dtype(cupy.float64): (lib.cublasDgemm_v2, ctypes.c_double(1.0), ctypes.c_double(0.0)),
             cupy.dtype(cupy.float16): (self._half_gemm, ctypes.c_float(1.0), ctypes.c_float(0.0)),
         }
-        self._stream = None
+        self._stream: int | None = None
 
     def _half_gemm(self, handle, op_b, op_a, n, m, k, one, b, ld_b, a, ld_a, zero, out, ld_out):
         """cublasSgemm's arguments, for float16 matrices through cublasGemmEx (float32 sums)."""

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class Registration:
     prefix: str
     factory: Callable[[str], Backend]
     is_array: Callable[[object], bool]
-    spec_of: Callable[[object], str]
+    spec_of: Callable[[Any], str]
     install_hint: str
     specs: tuple
     kernels: Callable[[], object] | None = None
@@ -63,7 +64,7 @@ def register_backend(
     factory: Callable[[str], Backend],
     is_array: Callable[[object], bool],
     install_hint: str,
-    spec_of: Callable[[object], str] | None = None,
+    spec_of: Callable[[Any], str] | None = None,
     specs: tuple = (),
     kernels: Callable[[], object] | None = None,
 ) -> Registration:
@@ -188,8 +189,9 @@ def using_backend(spec: str | Backend) -> Iterator[Backend]:
     default). Pass ``backend=`` explicitly to work done in other threads, or
     enter ``using_backend`` in the thread itself.
     """
-    token = _SCOPED.set(get_backend(spec))
+    backend = get_backend(spec)
+    token = _SCOPED.set(backend)
     try:
-        yield _SCOPED.get()
+        yield backend
     finally:
         _SCOPED.reset(token)

@@ -230,7 +230,7 @@ def time_variants(variants, repeats, budget_s, settle_s=0.0) -> dict[str, Timing
     first; ``settle_s`` of idle time after each lets worker threads that spin after their
     work (PyTorch's on the CPU) park before the next variant runs."""
     steps = {name: calibrate(step, sync, budget_s) for name, (step, sync) in variants.items()}
-    samples = {name: [] for name in variants}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, (step, sync) in variants.items():
             start = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,8 @@ _NAME_WIDTH = 90  # PyTorch's templated kernel names run to hundreds of characte
 def kernel_rows(durations, steps: int) -> list[dict]:
     """``(name, µs)`` records summed by name, per step, the longest first: rows of
     ``{"name", "calls", "us"}`` with calls and µs per step."""
-    calls, total = defaultdict(int), defaultdict(float)
+    calls: defaultdict[str, int] = defaultdict(int)
+    total: defaultdict[str, float] = defaultdict(float)
     for name, us in durations:
         calls[name] += 1
         total[name] += us
@@ -106,8 +108,13 @@ def profile_recipe(backend, recipe_set, steps: int, tf32: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     activity = ProfilerActivity.CUDA if backend.is_gpu else ProfilerActivity.CPU
     sync = torch.cuda.synchronize if backend.is_gpu else (lambda: None)
-    report = {"steps": steps, "batch_size": settings.batch_size, "widths": list(settings.widths), "tf32": tf32,
-              "measured": "kernels on the GPU" if backend.is_gpu else "PyTorch operators on the CPU"}  # fmt: skip
+    report: dict[str, Any] = {
+        "steps": steps,
+        "batch_size": settings.batch_size,
+        "widths": list(settings.widths),
+        "tf32": tf32,
+        "measured": "kernels on the GPU" if backend.is_gpu else "PyTorch operators on the CPU",
+    }
     if tf32:
         backend.set_tf32(True)
     try:

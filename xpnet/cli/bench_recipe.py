@@ -122,7 +122,7 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
     for name in list(sides) if not args.no_warmup else ():
         print(f"warm-up: {name}", flush=True)
         attempt(name, 10_000, args.warmup_epochs)
-    runs = {name: [] for name in sides}
+    runs: dict[str, list] = {name: [] for name in sides}
 
     def report() -> dict:
         measured = {name: rows for name, rows in runs.items() if rows}

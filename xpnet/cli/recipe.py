@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from xpnet import data_utils
 from xpnet.cli.common import conv_paths_chosen, format_conv_paths
@@ -97,7 +98,11 @@ def _first_rows(flag, count, X, y, split):
 def run_recipe(args, backend, data, log=None, progress=print) -> int:
     """Run ``args.recipe`` on ``data`` and print (and log) its result; off a GPU, where a run
     takes minutes to hours, ``progress`` hears of each epoch and of the evaluation."""
-    overrides = {"tf32": bool(args.tf32), "cudnn": bool(args.cudnn), "conv_autotune": bool(args.conv_autotune)}
+    overrides: dict[str, Any] = {
+        "tf32": bool(args.tf32),
+        "cudnn": bool(args.cudnn),
+        "conv_autotune": bool(args.conv_autotune),
+    }
     if args.cuda_graph:
         overrides["cuda_graph"] = True
     if args.fp16:

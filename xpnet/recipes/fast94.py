@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
+from ..array_types import Array
 from ..augment import AlternatingFlipTranslate, tta_scores
 from ..backend import Backend, get_backend
 from ..batching import accuracy
@@ -366,7 +367,8 @@ class Fast94Trainer:
         images and batch order are drawn (``trainer.augmenter``, ``trainer.sampler``);
         ``trainer.losses`` holds the losses of the steps so far.
         """
-        self.losses = losses = []
+        losses: list = []
+        self.losses = losses
         try:
             for epoch in range(self.epochs):
                 self.model.train_whitening_bias = epoch < self.settings.whiten_bias_epochs
@@ -430,7 +432,7 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
     return result
 
 
-def device_data(backend: Backend, data: dict, dtype="float32") -> tuple:
+def device_data(backend: Backend, data: dict, dtype="float32") -> tuple[Array, Array, Array, Array]:
     """(train images, train labels, test images, test labels) on the device, the images
     normalised, from ``data`` as :func:`fast94` takes it (moved once)."""
     for key in ("X_train", "y_train", "X_test", "y_test"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import time
+import typing
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +93,7 @@ def xpnet_names(net: nn.Sequential) -> dict:
     in xpnet: (F, 10) against (10, F)). Buffers are named "running_mean1".. and "running_var1".."""
     names = {"whiten_W": net[0].weight, "whiten_b": net[0].bias, "W_out": net[7].weight}
     for g in range(3):
-        group = net[2 + g]
+        group: Any = net[2 + g]  # a _ConvGroup: nn.Sequential's indexing is typed as any Module
         for k, (conv, norm) in enumerate(((group.conv1, group.norm1), (group.conv2, group.norm2))):
             i = 2 * g + k + 1
             names[f"W{i}"], names[f"beta{i}"] = conv.weight, norm.bias
@@ -260,12 +262,12 @@ def fast94_torch(train_images, train_labels, test_images, test_labels, settings:
             if isinstance(module, nn.BatchNorm2d):
                 module.float()
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     train_x, test_x = train_images.to(dtype), test_images.to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    init_whitening(net[0], train_x[: settings.whiten_images], settings.whiten_eps)
+    init_whitening(typing.cast(nn.Conv2d, net[0]), train_x[: settings.whiten_images], settings.whiten_eps)
     sync()
     whitened = time.perf_counter()
     losses = train(net, train_x, train_labels, settings, TorchDraws(seed, device), channels_last)

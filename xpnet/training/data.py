@@ -18,8 +18,12 @@ def device_data(data: dict, model, prepare_inputs, prepare_labels, batch_size: i
     rows = data["X_train"].shape[0]
     if batch_size > rows:
         raise ValueError(f"batch_size={batch_size} is larger than the training set ({rows} rows)")
-    arrays = (prepare_inputs(data["X_train"]), prepare_labels(data["y_train"]))
-    arrays += (prepare_inputs(data["X_val"]), prepare_labels(data["y_val"]))
+    arrays = (
+        prepare_inputs(data["X_train"]),
+        prepare_labels(data["y_train"]),
+        prepare_inputs(data["X_val"]),
+        prepare_labels(data["y_val"]),
+    )
     for key, X in (("X_train", arrays[0]), ("X_val", arrays[2])):
         check_finite_values(X, key)
     return arrays

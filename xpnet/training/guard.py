@@ -49,7 +49,8 @@ class FiniteGuard:
 
     def diverged(self, solver) -> str:
         """Warn that ``solver`` diverged; returns the message (what, where, the likely cause)."""
-        lr = next(iter(solver.optim_configs.values()), {}).get("learning_rate")
+        configs = list(solver.optim_configs.values())
+        lr = configs[0].get("learning_rate") if configs else None
         hyper = {f"model.{k}": getattr(solver.model, k, None) for k in ("reg", "weight_scale", "std")}
         hyper.update({f"optim_config[{k!r}]": v for k, v in solver.optim_config.items()})
         text = self.message(solver.iteration, solver.num_iterations, solver.iterations_per_epoch, lr, hyper)

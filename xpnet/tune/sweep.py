@@ -150,7 +150,7 @@ def run_sweep(config: SweepConfig) -> dict:
     best_path = os.path.join(config.out, "best_model.npz")
     best = load_checkpoint(best_path)["value"] if os.path.exists(best_path) else None
     executor = _executor(config)
-    pending = []
+    pending: list = []
     try:
         while True:
             finished = counts(study)["finished"]
