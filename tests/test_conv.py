@@ -565,14 +565,27 @@ def test_conv_nets_name_the_image_layout_they_expect():
     """load_CIFAR10 returns images channels last; the nets and the Solver say how to turn them."""
     images = np.zeros((4, 8, 8, 3))  # (N, H, W, C)
     data = {"X_train": images, "y_train": np.arange(4), "X_val": images, "y_val": np.arange(4)}
-    hint = r"these look like images with their channels last: X\.transpose\(0, 3, 1, 2\) puts them first"
+    hint = r"these look like images with their channels last: {}\.transpose\(0, 3, 1, 2\) puts them first"
     model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=2, filter_size=3, hidden_dim=4)
     with pytest.raises(
-        ValueError, match=r"ThreeLayerConvNet: inputs must be \(N, 3, 8, 8\), got \(4, 8, 8, 3\); " + hint
+        ValueError, match=r"ThreeLayerConvNet: inputs must be \(N, 3, 8, 8\), got \(4, 8, 8, 3\); " + hint.format("X")
     ):
         model.loss(images)
-    with pytest.raises(ValueError, match=r"samples have shape \(8, 8, 3\) but the model expects \(3, 8, 8\); " + hint):
+    with pytest.raises(
+        ValueError,
+        match=r"samples have shape \(8, 8, 3\) but the model expects \(3, 8, 8\); " + hint.format(r"data\['X_train'\]"),
+    ):
         Solver(model, data, batch_size=2)
+    # Flattened into rows, as the fully connected nets take them; one image without its batch axis.
+    with pytest.raises(
+        ValueError, match=r"got \(4, 192\); these look like images flattened into rows: X\.reshape\(-1, 3, 8, 8\)"
+    ):
+        model.loss(np.zeros((4, 192)))
+    rows = {**data, "X_train": np.zeros((4, 192))}
+    with pytest.raises(ValueError, match=r"flattened into rows: data\['X_train'\]\.reshape\(-1, 3, 8, 8\) restores"):
+        Solver(model, rows, batch_size=2)
+    with pytest.raises(ValueError, match=r"got \(3, 8, 8\); for one image, give a batch of one: X\[None\]$"):
+        model.loss(np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match=r"inputs must be \(N, 3, 8, 8\), got \(4, 3, 8, 7\)$"):  # no hint
         model.loss(np.zeros((4, 3, 8, 7)))
 

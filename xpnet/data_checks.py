@@ -11,14 +11,21 @@ __all__ = ["validate_split", "check_finite_values", "check_image_batch", "REQUIR
 REQUIRED_KEYS = ("X_train", "y_train", "X_val", "y_val")
 
 
-def _channels_last_hint(sample_shape, expected) -> str:
-    """A hint when ``sample_shape`` is the (C, H, W) ``expected`` stored channels last, as
-    ``load_CIFAR10`` returns the images: the likeliest way to pass the wrong layout."""
+def _image_layout_hint(shape, expected, name: str = "X") -> str:
+    """A hint when a batch of ``shape`` holds (C, H, W) ``expected`` images in another layout:
+    stored channels last, as ``load_CIFAR10`` returns them (the likeliest slip), flattened into
+    rows, as the fully connected nets take them, or one image without its batch axis. The
+    expression that fixes it names the array ``name``."""
     if len(expected) != 3:
         return ""
     c, h, w = expected
-    if tuple(sample_shape) == (h, w, c) and c != h:
-        return "; these look like images with their channels last: X.transpose(0, 3, 1, 2) puts them first"
+    shape = tuple(shape)
+    if shape[1:] == (h, w, c) and c != h:
+        return f"; these look like images with their channels last: {name}.transpose(0, 3, 1, 2) puts them first"
+    if len(shape) == 2 and shape[1] == c * h * w:
+        return f"; these look like images flattened into rows: {name}.reshape(-1, {c}, {h}, {w}) restores their shape"
+    if shape == tuple(expected):
+        return f"; for one image, give a batch of one: {name}[None]"
     return ""
 
 
@@ -40,7 +47,7 @@ def check_image_batch(owner: str, X, expected: tuple) -> None:
     if tuple(X.shape[1:]) != tuple(expected):
         raise ValueError(
             f"{owner}: inputs must be (N, {', '.join(map(str, expected))}), got {tuple(X.shape)}"
-            + _channels_last_hint(X.shape[1:], expected)
+            + _image_layout_hint(X.shape, expected)
         )
 
 
@@ -84,7 +91,7 @@ def validate_split(
         if tuple(X.shape[1:]) != input_shape:
             raise ValueError(
                 f"{x_name} samples have shape {tuple(X.shape[1:])} but the model expects {input_shape}"
-                + _channels_last_hint(X.shape[1:], input_shape)
+                + _image_layout_hint(X.shape, input_shape, x_name)
             )
     elif input_shape is not None:
         features = 1
