@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import time
 import types
 import zipfile
@@ -533,6 +534,40 @@ def test_flags_of_the_parts_a_command_runs_are_taken():
     ):
         parsed = parser.parse_args(args)
         parsed.suite = parsed.suite or "none"
+        assert bench.unread_flag(parser, parsed) is None, args
+
+
+def _gpu_check_bench_commands() -> list:
+    """The arguments of each ``scripts/bench.py`` call in benchmarks/gpu_check.sh, its shell
+    expansions replaced by what a GPU session gives them (the richest RECIPE_FLAGS included)."""
+    text = (Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    expansions = {
+        "${BENCH_FLAGS:-}": "--tf32",
+        "${RECIPE_FLAGS---tf32}": "--tf32 --warp-plane-sums --direct-convs --conv-autotune",
+        '${RECIPE_SIDES:+--recipe-sides "$RECIPE_SIDES"}': "--recipe-sides xpnet,torch",
+        '"${data[@]}"': "--data-dir /tmp/cifar --target 0.5",
+    }
+    commands = []
+    for line in text.splitlines():
+        if "scripts/bench.py" not in line or line.lstrip().startswith("#"):
+            continue
+        args = line.split("scripts/bench.py", 1)[1].split("2>&1")[0]
+        for shell, value in expansions.items():
+            args = args.replace(shell, value)
+        args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", args).replace("$OUT", "out").replace("$suite", "conv")
+        commands.append(shlex.split(args))
+    return commands
+
+
+def test_the_gpu_sessions_benchmark_calls_pass_the_flag_checks():
+    """A GPU session is short and rare: none of gpu_check.sh's calls may be refused for a flag."""
+    commands = _gpu_check_bench_commands()
+    assert len(commands) == 4 and all("--backend" in c for c in commands)
+    parser = bench.build_parser()
+    suites = [[suite if arg == "conv" else arg for arg in commands[0]] for suite in ("fc", "conv", "ops", "all")]
+    for args in [*suites, *commands[1:]]:  # BENCH_SUITE may name any suite
+        parsed = parser.parse_args(args)
+        parsed.suite = parsed.suite or ("none" if parsed.recipe else "fc")
         assert bench.unread_flag(parser, parsed) is None, args
 
 
