@@ -4,6 +4,7 @@ completes when the same command runs again."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from xpnet.checkpoint import load_checkpoint
+from xpnet.experiment import Experiment
 from xpnet.tune.space import SpaceError, load_space_file, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +110,15 @@ def test_space_files_in_json_and_yaml(tmp_path):
         (["--space", "momentum=0.9"], "unknown setting 'momentum'"),
         ([], "the search space is empty"),
         (["--space", "lr=1e-3", "--sampler", "grid", "--space", "reg=uniform(0,1)"], "--sampler grid needs"),
-        (["--space", "lr=1e-3", "--data-dir", "/x"], "--data-dir and --num-train apply to --dataset cifar10 only"),
+        (["--space", "lr=1e-3", "--data-dir", "/x"], "data_dir and num_train apply to the cifar10 dataset only"),
         (["--space", "lr=1e-3", "--workers", "2", "--trials-per-gpu", "2"], "choose one of"),
-        (["--space", "lr=1e-3", "--trials-per-gpu", "2"], "give --backend cupy"),
+        (
+            ["--space", "lr=1e-3", "--trials-per-gpu", "2"],
+            "trials_per_gpu runs trials on GPUs: it needs the cupy backend",
+        ),
+        (["--space", "lr=1e-3", "--backend", "foo"], "unknown backend 'foo'"),
+        (["--space", "lr=1e-3", "--trials", "0"], "argument --trials: must be a positive integer, got 0"),
+        (["--space", "lr=1e-3", "--workers", "-1"], "argument --workers: must be a non-negative integer, got -1"),
         (["--space", "lr=1e-3", "--scheduler", "tcp://127.0.0.1:1"], "needs --storage to be a database"),
         (["--space", "lr=1e-3", "--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),
     ],
@@ -124,6 +132,37 @@ def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path,
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "trials.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(trials=0), "trials must be a positive integer, got 0"),
+        (dict(trials="3"), "trials must be a positive integer, got '3'"),
+        (dict(workers=-2), "workers must be an integer >= 0, got -2"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(sampler="tpee"), "unknown sampler 'tpee'"),
+        (dict(pruner="mediann"), "unknown pruner 'mediann'"),
+        (dict(workers=2, scheduler="tcp://127.0.0.1:1"), "choose one of workers, scheduler and trials_per_gpu"),
+        (dict(experiment=Experiment(dataset="mnist")), "unknown dataset 'mnist'; use one of digits, cifar10"),
+        (dict(experiment=Experiment(model="resnet")), "unknown model 'resnet'"),
+        (dict(backend="foo"), "unknown backend 'foo'"),
+        (dict(backend="foo", scheduler="tcp://127.0.0.1:1", storage="sqlite:///{tmp}/x.db"), "unknown backend 'foo'"),
+    ],
+)
+def test_run_sweep_refuses_settings_that_cannot_run_before_any_trial(settings, message, tmp_path):
+    """run_sweep from Python had no checks of its own: trials=0 ran nothing without a word, and an
+    unknown backend or data set failed every trial one by one."""
+    from xpnet.tune import SweepConfig, parse_space, run_sweep
+
+    if "storage" in settings:  # in the test's folder, wherever the test runs
+        settings = {**settings, "storage": settings["storage"].format(tmp=tmp_path)}
+    config = SweepConfig(
+        space=parse_space(["lr=1e-3", "epochs=1"]), out=str(tmp_path / "out"), verbose=False, **settings
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_sweep(config)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
 
 
 # ----------------------------------------------------------------------------- the picture

@@ -25,6 +25,7 @@ from .base import Backend, CapturedGraph, DeviceRNG, seed_to_int
 from .dispatch import accelerated, fused_kernels, namespace
 from .registry import (
     backend_of,
+    check_backend_spec,
     current_backend,
     get_backend,
     register_backend,
@@ -43,6 +44,7 @@ __all__ = [
     "CapturedGraph",
     "DeviceRNG",
     "backend_of",
+    "check_backend_spec",
     "get_backend",
     "set_backend",
     "using_backend",

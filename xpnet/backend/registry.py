@@ -30,6 +30,7 @@ __all__ = [
     "to_numpy",
     "import_library",
     "valid_specs",
+    "check_backend_spec",
 ]
 
 
@@ -116,6 +117,25 @@ _CACHE: dict[str, Backend] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _parse_spec(spec) -> tuple[str, str]:
+    """(normalised spec, library prefix) of a spec string; TypeError or ValueError naming it."""
+    if not isinstance(spec, str):
+        raise TypeError(f"backend must be a spec string or a Backend, not {type(spec).__name__}")
+    key = spec.strip().lower().replace("-", "_")
+    library = key.partition(":")[0]
+    if library not in _REGISTRY:
+        raise ValueError(f"unknown backend {spec!r}; valid backends: {', '.join(valid_specs())}")
+    return key, library
+
+
+def check_backend_spec(spec: str | Backend | None) -> None:
+    """ValueError (or TypeError) unless ``spec`` is None, a Backend or names a registered
+    library, without importing it: for work that makes its backend elsewhere (another process,
+    another machine). The details after the prefix are the library's factory's to check."""
+    if spec is not None and not isinstance(spec, Backend):
+        _parse_spec(spec)
+
+
 def get_backend(spec: str | Backend | None = None) -> Backend:
     """Return the :class:`Backend` for ``spec`` (None: the current default).
 
@@ -127,12 +147,7 @@ def get_backend(spec: str | Backend | None = None) -> Backend:
         return current_backend()
     if isinstance(spec, Backend):
         return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"backend must be a spec string or a Backend, not {type(spec).__name__}")
-    key = spec.strip().lower().replace("-", "_")
-    library = key.partition(":")[0]
-    if library not in _REGISTRY:
-        raise ValueError(f"unknown backend {spec!r}; valid backends: {', '.join(valid_specs())}")
+    key, library = _parse_spec(spec)
     with _CACHE_LOCK:
         if key not in _CACHE:
             backend = _REGISTRY[library].factory(key)

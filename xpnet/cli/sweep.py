@@ -15,6 +15,7 @@ Run the same command again to continue a sweep that was stopped: --trials is the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 
@@ -33,15 +34,17 @@ def build_parser():
     p.add_argument("--backend", help="backend of every trial (default: $XPNET_BACKEND, else numpy)")
     p.add_argument("--space", action="append", default=[], metavar="NAME=DIST", help="one searched setting")
     p.add_argument("--space-file", help="the search space as a JSON or YAML file")
-    p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
+    p.add_argument("--trials", type=positive_int, default=20, help="finished trials the study should hold")
     p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="Optuna's search")
     p.add_argument(
         "--pruner", choices=["median", "halving", "none"], default="median", help="stopping poor trials at epoch ends"
     )
     p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampler and every trial's training")
-    p.add_argument("--workers", type=int, default=0, help="run trials on a local Dask cluster of N processes")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=0, help="run trials on a local Dask cluster of N processes"
+    )
     p.add_argument("--scheduler", metavar="ADDRESS", help="run trials on an existing Dask cluster (tcp://host:8786)")
-    p.add_argument("--trials-per-gpu", type=int, default=0, help="K concurrent trials on each GPU (cupy)")
+    p.add_argument("--trials-per-gpu", type=non_negative_int, default=0, help="K concurrent trials on each GPU (cupy)")
     p.add_argument(
         "--storage",
         help="Optuna storage: a journal file path, or an RDB URL (sqlite:///..., postgresql://...) "
@@ -54,23 +57,25 @@ def build_parser():
     return p
 
 
-def check_args(parser, args):
-    for name in ("trials", "workers", "trials_per_gpu"):
-        if getattr(args, name) < 0 or (name == "trials" and args.trials < 1):
-            parser.error(f"--{name.replace('_', '-')} must be {'at least 1' if name == 'trials' else '>= 0'}")
-    if args.dataset != "cifar10" and (args.data_dir or args.num_train):
-        parser.error("--data-dir and --num-train apply to --dataset cifar10 only")
-    if sum(bool(x) for x in (args.workers, args.scheduler, args.trials_per_gpu)) > 1:
-        parser.error("choose one of --workers, --scheduler and --trials-per-gpu")
-    if args.trials_per_gpu and not (args.backend or "").startswith("cupy"):
-        parser.error("--trials-per-gpu runs trials on GPUs: give --backend cupy")
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
     from xpnet.tune.space import SearchSpace, SpaceError, load_space_file, parse_space
+    from xpnet.tune.sweep import SweepConfig
+
+    # The final test accuracy is measured on all 10,000 CIFAR-10 test images.
+    experiment = Experiment(dataset=args.dataset, data_dir=args.data_dir, num_train=args.num_train, num_test=10000,
+                            model=args.model, seed=args.seed)  # fmt: skip
+    config = SweepConfig(
+        space=SearchSpace([]), experiment=experiment, trials=args.trials, sampler=args.sampler, pruner=args.pruner,
+        seed=args.seed, out=args.out, storage=args.storage, study_name=args.study_name, workers=args.workers,
+        scheduler=args.scheduler, trials_per_gpu=args.trials_per_gpu, backend=args.backend,
+        plots=not args.no_plots, verbose=not args.quiet,
+    )  # fmt: skip
+    try:  # settings that cannot run, a backend that is not installed: before the space is even read
+        config.check()
+    except (ValueError, TypeError, ImportError, RuntimeError) as exc:
+        parser.error(str(exc))
 
     try:
         space = parse_space(args.space)
@@ -91,24 +96,15 @@ def main(argv=None):
         import optuna  # noqa: F401
     except ImportError:
         parser.exit(2, f"{parser.prog}: error: {INSTALL_HINT}\n")
-    from xpnet.tune import SweepConfig, run_sweep
+    from xpnet.tune import run_sweep
 
     try:  # the study and the reports go there: a folder that cannot take them fails before any trial
         check_output_folder("--out", args.out)
     except UsageError as exc:
         parser.error(str(exc))
 
-    # The final test accuracy is measured on all 10,000 CIFAR-10 test images.
-    experiment = Experiment(dataset=args.dataset, data_dir=args.data_dir, num_train=args.num_train, num_test=10000,
-                            model=args.model, seed=args.seed)  # fmt: skip
-    config = SweepConfig(
-        space=space, experiment=experiment, trials=args.trials, sampler=args.sampler, pruner=args.pruner,
-        seed=args.seed, out=args.out, storage=args.storage, study_name=args.study_name, workers=args.workers,
-        scheduler=args.scheduler, trials_per_gpu=args.trials_per_gpu, backend=args.backend,
-        plots=not args.no_plots, verbose=not args.quiet,
-    )  # fmt: skip
     try:
-        summary = run_sweep(config)
+        summary = run_sweep(dataclasses.replace(config, space=space))
     except KeyboardInterrupt:
         sys.stderr.write(f"{parser.prog}: interrupted; run the same command again to continue the study\n")
         return 128 + signal.SIGINT

@@ -13,11 +13,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from ..backend import check_backend_spec, get_backend
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..experiment import Experiment
+from ..experiment import DATASETS, MODELS, Experiment
+from ..input_checks import as_int
 from .report import write_outputs
 from .space import SearchSpace
-from .study import counts, open_study, recover_stale_trials
+from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
 from .trial import run_trial
 
 __all__ = ["SweepConfig", "run_sweep", "InProcess", "DaskExecutor"]
@@ -42,6 +44,34 @@ class SweepConfig:
     backend: str | None = None
     plots: bool = True
     verbose: bool = True
+
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot run, before the study is opened or
+        any trial runs (a bad backend or data set would otherwise fail every trial, one by one)."""
+        for name, least in (("trials", 1), ("seed", 0), ("workers", 0), ("trials_per_gpu", 0)):
+            value = as_int(getattr(self, name))
+            if value is None or value < least:
+                kind = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"{name} must be {kind}, got {getattr(self, name)!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"unknown pruner {self.pruner!r}; use one of {', '.join(PRUNERS)}")
+        if sum(bool(x) for x in (self.workers, self.scheduler, self.trials_per_gpu)) > 1:
+            raise ValueError("choose one of workers, scheduler and trials_per_gpu")
+        experiment = self.experiment
+        if experiment.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {experiment.dataset!r}; use one of {', '.join(DATASETS)}")
+        if experiment.model not in MODELS:
+            raise ValueError(f"unknown model {experiment.model!r}; use one of {', '.join(MODELS)}")
+        if experiment.dataset != "cifar10" and (experiment.data_dir or experiment.num_train):
+            raise ValueError("data_dir and num_train apply to the cifar10 dataset only")
+        if self.trials_per_gpu and not (self.backend or "").startswith("cupy"):
+            raise ValueError("trials_per_gpu runs trials on GPUs: it needs the cupy backend")
+        if self.scheduler:
+            check_backend_spec(self.backend)  # the cluster's workers make it, on their own machines
+        else:
+            get_backend(self.backend)  # trials run on this machine: a library not installed is named now
 
     def task(self, gpus: int = 0) -> dict:
         """What a worker needs to run one trial (plain data: it travels to other processes)."""
@@ -128,7 +158,9 @@ def _gpu_count() -> int:
 
 
 def run_sweep(config: SweepConfig) -> dict:
-    """Run the sweep to ``config.trials`` finished trials and write the outputs; returns a summary."""
+    """Run the sweep to ``config.trials`` finished trials and write the outputs; returns a summary.
+    Settings that cannot run are refused first (:meth:`SweepConfig.check`)."""
+    config.check()
     if config.scheduler and (config.storage is None or "://" not in config.storage):
         raise ValueError(
             "--scheduler needs --storage to be a database every worker reaches (sqlite:///path or postgresql://...)"
