@@ -69,6 +69,11 @@ class SweepConfig:
         if self.trials_per_gpu and not (self.backend or "").startswith("cupy"):
             raise ValueError("trials_per_gpu runs trials on GPUs: it needs the cupy backend")
         if self.scheduler:
+            if self.storage is None or "://" not in self.storage:
+                raise ValueError(
+                    "--scheduler needs --storage to be a database every worker reaches (sqlite:///path or "
+                    "postgresql://...)"
+                )
             check_backend_spec(self.backend)  # the cluster's workers make it, on their own machines
         else:
             get_backend(self.backend)  # trials run on this machine: a library not installed is named now
@@ -161,10 +166,6 @@ def run_sweep(config: SweepConfig) -> dict:
     """Run the sweep to ``config.trials`` finished trials and write the outputs; returns a summary.
     Settings that cannot run are refused first (:meth:`SweepConfig.check`)."""
     config.check()
-    if config.scheduler and (config.storage is None or "://" not in config.storage):
-        raise ValueError(
-            "--scheduler needs --storage to be a database every worker reaches (sqlite:///path or postgresql://...)"
-        )
     os.makedirs(config.out, exist_ok=True)
     gpus = _gpu_count() if config.trials_per_gpu else 0
     task = config.task(gpus)
