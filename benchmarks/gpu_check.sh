@@ -9,6 +9,8 @@
 #   profile the recipe's training steps kernel by kernel, xpnet's and PyTorch's (bench.py --profile-recipe,
 #           TF32 as the recipe runs; PyTorch's profiler records CuPy's kernels too), about 30 s
 #   suite   the whole test suite on CuPy
+#   cpu     the course-shape conv rows on the machine's CPU (NumPy against PyTorch's CPU build, about 50 s on
+#           2 cores): #9's CPU ratio (fast conv forward against the naive one) on a host with more cores
 #   tta     the time to accuracy with its breakdown (CIFAR-10 under /tmp/cifar, or .carry/cifar_subset.npz)
 #   recipe  the fast CIFAR-10 recipe against PyTorch's, $RUNS runs (default 5; full data set only), in TF32
 #           on both sides unless RECIPE_FLAGS says otherwise (RECIPE_FLAGS= : fp32); beside them xpnet
@@ -21,7 +23,7 @@
 # stages both, and the wheels the machine lacks in .whl/, before the lease; this script unpacks the piece a call
 # carries into /tmp/cifar), so one part set per piece fits:
 #   STEPS="tests bench profile" carrying [".whl", ".carry/cifar1"]; STEPS="tta recipe" carrying [".whl", ".carry/cifar2"]
-# (STEPS=suite, the whole suite on CuPy, fits a third call where device time is left).
+# (STEPS="cpu suite", the CPU conv rows and the whole suite on CuPy, fit a third call where device time is left).
 # Timed on an H200 (2026-11-28): a machine's start and the first call's transfer about 60 s; tests 51-64 s;
 # bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
 # xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
@@ -45,7 +47,7 @@
 # warm-up run (bench_conv.log's xpnet-auto rows and its last table show what it keeps).
 set -u -o pipefail
 OUT="${OUT:-gpu-out}"
-STEPS=" ${STEPS:-tests bench profile suite tta recipe} "
+STEPS=" ${STEPS:-tests bench profile suite cpu tta recipe} "
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -98,6 +100,13 @@ if [[ $STEPS == *" suite "* ]]; then
     XPNET_TEST_BACKENDS=cupy timeout "${SUITE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider tests \
         -m "not slow" 2>&1 | tee "$OUT/suite_cupy.log" | tail -15
     step_done suite
+fi
+
+if [[ $STEPS == *" cpu "* ]]; then
+    echo "== the course-shape conv rows on the host CPU ($(nproc) cores), NumPy against PyTorch"
+    timeout "${CPU_TIMEOUT:-120}" python3 scripts/bench.py --backend numpy --suite conv --no-convnet --repeats 5 \
+        --json "$OUT/bench_conv_cpu.json" 2>&1 | tee "$OUT/bench_conv_cpu.log" | tail -10
+    step_done cpu
 fi
 
 if [[ $STEPS == *" tta "* ]]; then

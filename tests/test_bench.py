@@ -562,7 +562,7 @@ def _gpu_check_bench_commands() -> list:
 def test_the_gpu_sessions_benchmark_calls_pass_the_flag_checks():
     """A GPU session is short and rare: none of gpu_check.sh's calls may be refused for a flag."""
     commands = _gpu_check_bench_commands()
-    assert len(commands) == 4 and all("--backend" in c for c in commands)
+    assert len(commands) == 5 and all("--backend" in c for c in commands)
     parser = bench.build_parser()
     suites = [[suite if arg == "conv" else arg for arg in commands[0]] for suite in ("fc", "conv", "ops", "all")]
     for args in [*suites, *commands[1:]]:  # BENCH_SUITE may name any suite
