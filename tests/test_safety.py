@@ -674,7 +674,14 @@ def _set(path: tuple, value):
         (_set(("optim_configs", "W1", "m"), np.ones(3)), r"optimizer state W1.m, an array of floats of shape \(3,\)"),
         (_set(("optim_configs", "W1", "v"), np.ones((6, 16), np.int64)), "optimizer state W1.v, int64 array of shape"),
         (_set(("optim_configs", "W1", "t"), "x"), "optimizer state W1.t = 'x', not a number or an array"),
-        (_set(("best_params", "W1"), np.ones(3)), "best W1 that is not an array of floats of shape"),
+        (
+            _set(("best_params", "W1"), np.ones(3)),
+            r"best W1 of shape \(3,\); the model's W1 is an array of floats of shape",
+        ),
+        (
+            _set(("best_params", "W1"), np.ones((6, 16), np.int64)),
+            "best W1 int64 array; the model's W1 is an array of floats",
+        ),
         (_set(("model", "params", "W1"), np.ones((6, 16), np.int64)), "saved parameter W1 is not an array of floats"),
         (_set(("model", "buffers"), ["x", "y"]), "saved buffer 0 is a str"),
         (lambda state: state.pop("model"), "is not a Solver checkpoint"),

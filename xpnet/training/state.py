@@ -94,7 +94,12 @@ def check_solver_state(state, model) -> None:
         raise ValueError(f"has optimizer state for {_names(configs)}; the model's parameters are {sorted(shapes)}")
     for name, shape in shapes.items():
         if name in best and (not_float_array(best[name]) or tuple(best[name].shape) != shape):
-            raise ValueError(f"has a best {name} that is not an array of floats of shape {shape}")
+            value = best[name]
+            what = not_float_array(value) or f"of shape {tuple(value.shape)}"
+            raise ValueError(
+                f"has a best {name} {what}; the model's {name} is an array of floats of shape {shape} "
+                "(a checkpoint resumes only the network it was written for)"
+            )
         if not isinstance(configs[name], dict):
             raise ValueError(f"has optimizer state for {name} that is not a dict")
         for key, value in configs[name].items():
