@@ -216,6 +216,14 @@ def test_batchnorm_rejects_bad_mode_and_shapes(backend):
         layers.batchnorm_forward(x, g, g, {"mode": "eval"})
     with pytest.raises(ValueError, match=r"gamma and beta must be \(3,\)"):
         layers.batchnorm_forward(x, arr(backend, np.ones(2)), g, {"mode": "train"})
+    # Conv activations given to the (N, D) layers: the spatial layer is named.
+    x4 = arr(backend, np.ones((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\); for \(N, C, H, W\) images use spatial_batchnorm_forward$"):
+        layers.batchnorm_forward(x4, g, g, {"mode": "train"})
+    with pytest.raises(ValueError, match=r"for \(N, C, H, W\) images use spatial_groupnorm_forward \(G=1 normalises"):
+        layers.layernorm_forward(x4, g, g, {})
+    with pytest.raises(ValueError, match=r"x must be \(N, D\), got shape \(3,\)$"):  # no hint
+        layers.batchnorm_forward(g, g, g, {"mode": "train"})
 
 
 PARAM_DICTS = [  # (layer call on x (4, 3) and x4 (2, 3, 2, 2), a misspelt key, what the message names)

@@ -309,7 +309,12 @@ def _normalize_backward_compact(name, dout, cache):
 def _check_norm_input(name, x, gamma, beta):
     layer_namespace(name, {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     if x.ndim != 2:
-        raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
+        spatial = {
+            "batchnorm_forward": "spatial_batchnorm_forward",
+            "layernorm_forward": "spatial_groupnorm_forward (G=1 normalises each image over all its channels)",
+        }
+        hint = f"; for (N, C, H, W) images use {spatial[name]}" if x.ndim == 4 else ""
+        raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}{hint}")
     d = x.shape[1]
     gamma_shape = (d,) if gamma is None else tuple(gamma.shape)
     if gamma_shape != (d,) or tuple(beta.shape) != (d,):
