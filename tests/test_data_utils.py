@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -220,6 +221,20 @@ def test_digits_data_layout():
     np.testing.assert_allclose(data["X_train"].mean(0), 0, atol=1e-5)
     raw = data_utils.load_digits_data(subtract_mean=False)
     assert raw["X_train"].min() >= 0 and raw["X_train"].max() <= 1
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        (dict(num_validation=2.5), "num_validation must be an integer >= 0, got 2.5"),  # failed inside a slice
+        (dict(num_test="3"), "num_test must be an integer >= 0, got '3'"),
+        (dict(num_validation=-1), "num_validation must be an integer >= 0, got -1"),
+        (dict(num_validation=1000, num_test=797), "num_validation + num_test must leave training rows out of 1797"),
+    ],
+)
+def test_digits_data_refuses_counts_that_cannot_split_it(counts, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data_utils.load_digits_data(**counts)
 
 
 @pytest.mark.skipif(shared_cifar() is None, reason="CIFAR-10 not present (set XPNET_DATA_DIR)")

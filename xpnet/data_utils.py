@@ -245,15 +245,20 @@ def _is_batch_file(member: tarfile.TarInfo) -> bool:
     return member.isfile() and len(parts) == 2 and parts[0] == CIFAR10_FOLDER and parts[1] not in ("..", ".")
 
 
+def _check_count(name: str, value, least: int) -> None:
+    """ValueError unless ``value`` is an integer >= ``least``: a negative count would slice from
+    the end, a float fails inside NumPy's indexing, and no training rows would give a mean of NaN."""
+    number = as_int(value)
+    if number is None or number < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def _split_and_normalize(X_train, y_train, X_test, y_test, num_training, num_validation, num_test, subtract_mean):
     """The course's split: validation rows from the end of the training set; the mean
     image of the training rows subtracted from every split."""
-    # A negative count would slice from the end, and no training rows would give a mean of NaN.
     for name, value, least in (("num_training", num_training, 1), ("num_validation", num_validation, 0),
                                ("num_test", num_test, 0)):  # fmt: skip
-        number = as_int(value)
-        if number is None or number < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        _check_count(name, value, least)
     if num_training + num_validation > X_train.shape[0]:
         raise ValueError(
             f"num_training + num_validation = {num_training + num_validation} exceeds "
@@ -326,6 +331,8 @@ def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype
     except ImportError as exc:
         raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from exc
     dtype = _pixel_dtype(dtype, centred=True)  # scaled to [0, 1]: a float type
+    _check_count("num_validation", num_validation, 0)  # before they slice
+    _check_count("num_test", num_test, 0)
     digits = load_digits()
     X = (digits.data / 16.0).astype(dtype)
     y = digits.target.astype(np.int64)
