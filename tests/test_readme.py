@@ -145,10 +145,14 @@ def test_every_command_in_the_readme_parses(name, text, capsys):
     argv = words[1:] if words[0].startswith("xpnet-") else words[2:]  # after `xpnet-train` or `python scripts/...`
     if "--help" in argv:
         return
+    parser = PARSERS[name]()
     try:
-        PARSERS[name]().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"README's `{text}` does not parse: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    if name == "bench":  # and no flag in it is one that the parts it runs do not read
+        args.suite = args.suite or ("none" if args.recipe else "fc")
+        assert bench.unread_flag(parser, args) is None, text
 
 
 def test_every_nox_session_the_readme_names_exists():
