@@ -1,7 +1,7 @@
-"""Sessions: `nox -s tests lint` (CPU, what CI runs; lint is ruff and mypy), `nox -s oldest` (the suite with the oldest
-NumPy and array API packages pyproject.toml admits), `nox -s gpu` (the suite on CuPy),
-`nox -s kernels` (every CUDA kernel through NVRTC, without a GPU), `nox -s bench` (the
-training-step benchmark)."""
+"""Sessions: `nox -s tests lint` (CPU, what CI runs; lint is ruff and mypy), `nox -s oldest` (the
+suite with the oldest NumPy and array API packages pyproject.toml admits), `nox -s pythons` (the
+suite under Python 3.10 and 3.13), `nox -s gpu` (the suite on CuPy), `nox -s kernels` (every CUDA
+kernel through NVRTC, without a GPU), `nox -s bench` (the training-step benchmark)."""
 
 import re
 import shutil
@@ -62,6 +62,19 @@ def oldest(session):
     array-api-strict that pyproject.toml admits: checks that its lower bounds are true."""
     session.install("-e", ".[test]")
     session.install(*_floors("numpy", "array-api-compat", "array-api-strict"))
+    backends = "numpy,array_api_strict,array_api_strict:device1"
+    session.run("pytest", *session.posargs, env={"XPNET_TEST_BACKENDS": backends})
+
+
+# The oldest and the newest Python that pyproject.toml's classifiers claim; CI runs one between them.
+PYTHONS = ["3.10", "3.13"]
+
+
+@nox.session(python=PYTHONS)
+def pythons(session):
+    """The suite on NumPy and array-api-strict under each of PYTHONS, found on PATH as python3.10,
+    python3.13 (a missing one is skipped): checks that pyproject's Python range is true."""
+    session.install("-e", ".[test]")
     backends = "numpy,array_api_strict,array_api_strict:device1"
     session.run("pytest", *session.posargs, env={"XPNET_TEST_BACKENDS": backends})
 
