@@ -543,7 +543,7 @@ def test_a_hand_written_model_hears_what_is_wrong_with_what_its_loss_returns(ret
     [
         (lambda s: s[:, 0], r"got shape \(200,\)$"),
         (lambda s: s[:2], r"got shape \(2, 3\)$"),
-        (lambda s: (s, {}), r"got a tuple \(called without y, loss returns the scores alone\)$"),
+        (lambda s: (s, {}), r"got a tuple \(without y, loss\(X\) must return the scores alone, not \(loss, grads\)\)$"),
     ],
 )
 def test_a_hand_written_model_hears_what_is_wrong_with_its_scores(scores, message):

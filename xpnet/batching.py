@@ -67,7 +67,7 @@ def _scores(scores_of, X_batch):
     if not is_array(scores) or scores.ndim != 2 or scores.shape[0] != rows:
         got = f"shape {tuple(scores.shape)}" if is_array(scores) else f"a {type(scores).__name__}"
         if isinstance(scores, tuple):  # (loss, grads): the model ignored that y is None
-            got += " (called without y, loss returns the scores alone)"
+            got += " (without y, loss(X) must return the scores alone, not (loss, grads))"
         raise ValueError(
             f"check_accuracy: the model's loss(X) must return class scores of shape (N, C), one row "
             f"for each of the {rows} rows of X; got {got}"
