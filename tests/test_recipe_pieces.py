@@ -223,6 +223,28 @@ def test_flips_and_translations_per_image(backend, np_rng):
     np.testing.assert_array_equal(to_np(once), to_np(again))
 
 
+def test_flips_and_translations_refuse_a_mask_or_offsets_that_are_not_one_per_image(backend, np_rng):
+    """A mask of another length failed inside where's broadcast; float offsets, and offsets beyond
+    max_shift, gave images of zeros without a word."""
+    from xpnet.augment import crop_padded, flip_images, reflect_pad, translate_images
+
+    x = arr(backend, np_rng.standard_normal((4, 2, 6, 6)))
+    for mask, got in ((np.array([True, False]), r"\(2,\) \S*bool"), (np.array([1, 0, 1, 0]), r"\(4,\) \S*int")):
+        with pytest.raises(ValueError, match=r"flip_images: mask must be \(4,\) booleans, one per image; got " + got):
+            flip_images(x, backend.asarray(mask))
+    zeros = backend.asarray(np.zeros(4, dtype=np.int64))
+    for bad, got in ((np.zeros(4), r"\(4,\) \S*float"), (np.zeros(3, dtype=np.int64), r"\(3,\) \S*int")):
+        with pytest.raises(
+            ValueError, match=r"translate_images: shift_cols must be \(4,\) integers, one per image; got " + got
+        ):
+            translate_images(x, zeros, backend.asarray(bad), 2)
+        with pytest.raises(ValueError, match=r"crop_padded: shift_rows must be \(4,\) integers"):
+            crop_padded(reflect_pad(x, 2), backend.asarray(bad), zeros, 2)
+    # An offset beyond max_shift (read on the device, never on the host) makes its image NaN, the others exact.
+    moved = to_np(translate_images(x, backend.asarray(np.array([3, 0, -3, 1])), zeros, 2))
+    assert np.isnan(moved[[0, 2]]).all() and not np.isnan(moved[[1, 3]]).any()
+
+
 def test_whitening_filters_whiten_the_patches(backend, np_rng):
     from xpnet.fast_layers import conv_forward_fast
     from xpnet.whitening import image_patches, whitening_filters

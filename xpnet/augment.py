@@ -30,6 +30,17 @@ def _check_images(function, x):
         raise ValueError(f"{function}: images must be (N, C, H, W), got shape {tuple(x.shape)}")
 
 
+def _per_image(function, name, values, n: int, kind: str) -> None:
+    """ValueError unless ``values`` is an (n,) array of ``kind`` ('bool' or 'integral'): one
+    flag or offset per image (a shape check on the host; the values stay on the device)."""
+    xp = namespace(values)
+    if tuple(values.shape) != (n,) or not xp.isdtype(values.dtype, kind):
+        what = "booleans" if kind == "bool" else "integers"
+        raise ValueError(
+            f"{function}: {name} must be ({n},) {what}, one per image; got {tuple(values.shape)} {values.dtype}"
+        )
+
+
 def _pixels(function, name, value) -> int:
     """``value`` as an int, or ValueError naming ``function`` unless it is a non-negative integer."""
     number = as_int(value)
@@ -62,6 +73,7 @@ def random_flip_mask(rng, n: int) -> Array:
 def flip_images(x: Array, mask: Array) -> Array:
     """Images mirrored left to right where ``mask`` (N,) is True, the others as they are."""
     _check_images("flip_images", x)
+    _per_image("flip_images", "mask", mask, x.shape[0], "bool")
     xp = namespace(x, mask)
     return xp.where(mask[:, None, None, None], xp.flip(x, axis=3), x)
 
@@ -71,23 +83,29 @@ def translate_images(x: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     filled by reflection: a crop of the reflect-padded image. shift_*: (N,) integers."""
     _check_images("translate_images", x)
     max_shift = _pixels("translate_images", "max_shift", max_shift)
+    for name, shifts in (("shift_rows", shift_rows), ("shift_cols", shift_cols)):
+        _per_image("translate_images", name, shifts, x.shape[0], "integral")
     return crop_padded(reflect_pad(x, max_shift), shift_rows, shift_cols, max_shift)
 
 
 def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: int) -> Array:
     """:func:`translate_images` of images already padded by ``max_shift`` on every side:
-    (N, C, H + 2·max_shift, W + 2·max_shift) in, (N, C, H, W) out."""
+    (N, C, H + 2·max_shift, W + 2·max_shift) in, (N, C, H, W) out. An image whose offset lies
+    outside [-max_shift, max_shift] comes out NaN (the offsets stay on the device, unread), so
+    that the finite-loss check stops a run fed with one."""
     _check_images("crop_padded", padded)
     max_shift = _pixels("crop_padded", "max_shift", max_shift)
+    for name, shifts in (("shift_rows", shift_rows), ("shift_cols", shift_cols)):
+        _per_image("crop_padded", name, shifts, padded.shape[0], "integral")
     xp = namespace(padded, shift_rows, shift_cols)
     h, w = padded.shape[2] - 2 * max_shift, padded.shape[3] - 2 * max_shift
     # Rows first, then columns: 2·(2·max_shift + 1) selections instead of one per (row, col) pair.
     # A shift of +s shows the content that sits s pixels further on, as torch.roll(x, -s) would.
-    rows = xp.zeros_like(padded[:, :, :h, :])
+    rows = xp.full_like(padded[:, :, :h, :], float("nan"))
     for k in range(2 * max_shift + 1):
         chosen = (shift_rows + max_shift == k)[:, None, None, None]
         rows = xp.where(chosen, padded[:, :, k : k + h, :], rows)
-    out = xp.zeros_like(rows[..., :w])
+    out = xp.full_like(rows[..., :w], float("nan"))
     for k in range(2 * max_shift + 1):
         chosen = (shift_cols + max_shift == k)[:, None, None, None]
         out = xp.where(chosen, rows[..., k : k + w], out)
