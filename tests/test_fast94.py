@@ -247,6 +247,11 @@ def test_tta_levels_average_the_views_as_described(backend, np_rng):
         np.testing.assert_allclose(to_np(got), want, rtol=1e-12)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         tta_scores(backend_scores, images, 2, batch_size=0)
+    # Scores of another shape were averaged on (a flat (N,) came out as (N,)); each level names them.
+    for level in (0, 1, 2):
+        with pytest.raises(ValueError, match=r"tta_scores: scores_of\(images\) must return class scores of shape \(N, C\), "
+                           r"one row for each of the 2 inputs; got shape \(2,\)$"):  # fmt: skip
+            tta_scores(lambda x: backend_scores(x)[:, 0], images, level, batch_size=2)
 
 
 def test_tta_on_the_cpu_scores_a_hundred_images_at_a_time_and_gets_the_whole_batchs_scores(np_rng):

@@ -550,8 +550,7 @@ def test_a_hand_written_model_hears_what_is_wrong_with_its_scores(scores, messag
     solver = Solver(_HandWrittenModel(scores=scores), small_data(), batch_size=20, num_epochs=1, verbose=False)
     with pytest.raises(
         ValueError,
-        match=r"loss\(X\) must return class scores of shape \(N, C\), one row for each of the 200 rows of X; "
-        + message,
+        match=r"loss\(X\) must return class scores of shape \(N, C\), one row for each of the 200 inputs; " + message,
     ):
         solver.train()
 

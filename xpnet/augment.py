@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .array_types import Array
 from .backend import backend_of, namespace
+from .batching import checked_scores
 from .input_checks import as_int
 
 __all__ = [
@@ -193,8 +194,11 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
     batch_size = rows
     xp = namespace(images)
 
+    def scores(x):
+        return checked_scores(scores_of, x, "tta_scores", "scores_of(images)")
+
     def mirrored(x):
-        return 0.5 * scores_of(x) + 0.5 * scores_of(xp.flip(x, axis=3))
+        return 0.5 * scores(x) + 0.5 * scores(xp.flip(x, axis=3))
 
     def translated(x):
         h, w = x.shape[2], x.shape[3]
@@ -202,6 +206,6 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
         shifted = [padded[:, :, :h, :w], padded[:, :, 2 : h + 2, 2 : w + 2]]
         return 0.5 * mirrored(x) + 0.5 * (0.5 * mirrored(shifted[0]) + 0.5 * mirrored(shifted[1]))
 
-    score = (scores_of, mirrored, translated)[level]
+    score = (scores, mirrored, translated)[level]
     n = images.shape[0]
     return xp.concat([score(images[i : min(i + batch_size, n), ...]) for i in range(0, n, batch_size)], axis=0)

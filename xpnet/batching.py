@@ -5,7 +5,7 @@ from __future__ import annotations
 from .backend import namespace
 from .input_checks import as_int, is_array
 
-__all__ = ["sample_minibatch", "accuracy", "model_accuracy"]
+__all__ = ["sample_minibatch", "accuracy", "model_accuracy", "checked_scores"]
 
 
 def sample_minibatch(X, y, rng, batch_size: int):
@@ -54,14 +54,16 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     if n == 0:
         raise ValueError("no rows to score: X is empty")
     predictions = [
-        xp.argmax(_scores(scores_of, X[i : min(i + batch_size, n), ...]), axis=1) for i in range(0, n, batch_size)
+        xp.argmax(checked_scores(scores_of, X[i : min(i + batch_size, n), ...]), axis=1)
+        for i in range(0, n, batch_size)
     ]
     return accuracy(xp.concat(predictions), y)
 
 
-def _scores(scores_of, X_batch):
-    """``scores_of(X_batch)``, checked to be (B, C) scores, one row per row of the batch: a
-    model written by hand gets its slip named, not an error from inside argmax."""
+def checked_scores(scores_of, X_batch, caller="check_accuracy", called="the model's loss(X)"):
+    """``scores_of(X_batch)``, checked to be (B, C) scores, one row per row of the batch (on the
+    host: shapes only): a model written by hand gets its slip named, not an error from inside
+    argmax or a mean. ``caller`` and ``called`` name the two in the message."""
     scores = scores_of(X_batch)
     rows = X_batch.shape[0]
     if not is_array(scores) or scores.ndim != 2 or scores.shape[0] != rows:
@@ -69,7 +71,7 @@ def _scores(scores_of, X_batch):
         if isinstance(scores, tuple):  # (loss, grads): the model ignored that y is None
             got += " (without y, loss(X) must return the scores alone, not (loss, grads))"
         raise ValueError(
-            f"check_accuracy: the model's loss(X) must return class scores of shape (N, C), one row "
-            f"for each of the {rows} rows of X; got {got}"
+            f"{caller}: {called} must return class scores of shape (N, C), one row "
+            f"for each of the {rows} inputs; got {got}"
         )
     return scores
