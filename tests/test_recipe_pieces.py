@@ -200,6 +200,10 @@ def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
             whitening_filters(x, size)
     with pytest.raises(ValueError, match="whitening_filters: eps must be a finite number >= 0, got -0.001"):
         whitening_filters(x, 2, eps=-1e-3)
+    nan_pixel = np.ones((2, 3, 8, 8))
+    nan_pixel[1, 2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="whitening_filters: the images hold NaN or infinite values"):  # not eigh's
+        whitening_filters(arr(backend, nan_pixel), 2)
     assert tuple(reflect_pad(x, np.int64(2)).shape) == (2, 3, 12, 12)
 
 

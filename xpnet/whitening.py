@@ -43,6 +43,9 @@ def whitening_filters(x: Array, size: int = 2, eps: float = 5e-4) -> Array:
     patches = image_patches(x, size)
     c, size = x.shape[1], int(size)
     covariance = patches.T @ patches / patches.shape[0]
+    # One host read, once per training: NaN pixels would otherwise surface as eigh's "did not converge".
+    if not bool(xp.all(xp.isfinite(covariance))):
+        raise ValueError("whitening_filters: the images hold NaN or infinite values (or overflow when squared)")
     eigenvalues, eigenvectors = xp.linalg.eigh(covariance)  # ascending
     eigenvalues = xp.flip(eigenvalues, axis=0)
     vectors = xp.flip(eigenvectors, axis=1).T  # one eigenvector per row, largest eigenvalue first
