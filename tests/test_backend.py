@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 import threading
 
@@ -208,6 +209,19 @@ def test_rng_seeds_reproduce_and_differ(backend):
     c = backend.to_numpy(backend.rng((7, 1)).uniform((20,)))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "a", (), (1, -2), True])
+def test_a_seed_no_generator_can_take_is_refused_naming_the_call(backend, seed):
+    """NumPy's SeedSequence said 'expected non-negative integer' or 'SeedSequence expects int',
+    naming neither the call nor what it takes; PyTorch's and CuPy's generators, other things."""
+    message = "seed must be None, a non-negative integer or a sequence of them, got " + re.escape(repr(seed))
+    with pytest.raises(ValueError, match="Backend.rng: " + message):
+        backend.rng(seed)
+    with pytest.raises(ValueError, match="Backend.seed: " + message):
+        backend.seed(seed)
+    for good in (0, np.int64(3), (1, np.uint32(2)), [3, 4], 2**70):
+        backend.rng(good).uniform((2,))
 
 
 def test_backend_seed_resets_default_generator(backend):

@@ -8,6 +8,7 @@ these where the library differs and registers itself with
 
 from __future__ import annotations
 
+import numbers
 import threading
 from typing import Any
 
@@ -27,6 +28,16 @@ def seed_to_int(seed) -> int | None:
         return None
     state = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def check_rng_seed(caller: str, seed) -> None:
+    """ValueError naming ``caller`` unless ``seed`` is None, a non-negative integer or a non-empty
+    sequence of them (NumPy's SeedSequence would refuse others without naming the call)."""
+    parts = seed if isinstance(seed, (tuple, list)) else (seed,)
+    if seed is None:
+        return
+    if not parts or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in parts):
+        raise ValueError(f"{caller}: seed must be None, a non-negative integer or a sequence of them, got {seed!r}")
 
 
 def _same_dtype(a, b) -> bool:
@@ -220,6 +231,7 @@ class Backend:
     # -- random numbers --------------------------------------------------------
     def rng(self, seed=None) -> DeviceRNG:
         """A new generator on this device; ``seed`` is None, an int or a sequence of ints."""
+        check_rng_seed("Backend.rng", seed)
         return self.rng_class(self, seed)
 
     @property
@@ -238,6 +250,7 @@ class Backend:
 
     def seed(self, seed) -> None:
         """Re-seed the backend's shared generator (where that is NumPy's global one: ``np.random.seed``)."""
+        check_rng_seed("Backend.seed", seed)
         if self.random_stream == "numpy":
             np.random.seed(seed)
             return
