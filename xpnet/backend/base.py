@@ -33,10 +33,10 @@ def seed_to_int(seed) -> int | None:
 def check_rng_seed(caller: str, seed) -> None:
     """ValueError naming ``caller`` unless ``seed`` is None, a non-negative integer or a non-empty
     sequence of them (NumPy's SeedSequence would refuse others without naming the call)."""
-    parts = seed if isinstance(seed, (tuple, list)) else (seed,)
     if seed is None:
         return
-    if not parts or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in parts):
+    parts = seed if isinstance(seed, (tuple, list)) else (seed,)
+    if not parts or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0 for v in parts):
         raise ValueError(f"{caller}: seed must be None, a non-negative integer or a sequence of them, got {seed!r}")
 
 
