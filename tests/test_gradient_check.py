@@ -5,6 +5,7 @@ import pytest
 from array_api_compat import array_namespace
 from helpers import to_np
 
+from xpnet import layers
 from xpnet.gradient_check import (
     eval_numerical_gradient,
     eval_numerical_gradient_array,
@@ -109,6 +110,19 @@ def test_numerical_gradients_name_the_course_slips(backend):
         eval_numerical_gradient_array(lambda v: 2 * v, x, None)
     with pytest.raises(ValueError, match=r"grad_check_sparse: analytic_grad must have x's shape \(2, 3\), got \(3,\)"):
         grad_check_sparse(lambda v: backend.xp.sum(v), x, x[0, :], num_checks=1, verbose=False)
+    # f = lambda x: affine_forward(x, w, b), without the [0]: 'tuple' object has no attribute 'shape'.
+    w, b = backend.asarray(np.ones((3, 4)), dtype="float64"), backend.asarray(np.zeros(4), dtype="float64")
+    dout = backend.asarray(np.ones((2, 4)), dtype="float64")
+    with pytest.raises(
+        TypeError, match=r"got a tuple of 2; a forward pass returns \(out, cache\): take the output, e\.g\. f = "
+    ):
+        eval_numerical_gradient_array(lambda v: layers.affine_forward(v, w, b), x, dout)
+    with pytest.raises(TypeError, match="eval_numerical_gradient_array: f must return an array, got list"):
+        eval_numerical_gradient_array(lambda v: [1.0, 2.0], x, dout)
+    # No checks at all passed in silence; a float count failed inside range().
+    for count in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"grad_check_sparse: num_checks must be a positive integer, got {count}"):
+            grad_check_sparse(lambda v: backend.xp.sum(v), x, x, num_checks=count, verbose=False)
 
 
 def test_numerical_gradients_warn_below_float64(backend):

@@ -16,7 +16,7 @@ import warnings
 from array_api_compat import array_namespace, is_array_api_obj
 
 from .backend import namespace
-from .input_checks import is_array, is_number
+from .input_checks import as_int, is_array, is_number
 
 __all__ = [
     "rel_error",
@@ -144,6 +144,13 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
+        if isinstance(plus, tuple):  # the usual slip: a forward pass returns (out, cache)
+            raise TypeError(
+                f"eval_numerical_gradient_array: f must return an array (the output), got a tuple of {len(plus)}; "
+                "a forward pass returns (out, cache): take the output, e.g. f = lambda x: affine_forward(x, w, b)[0]"
+            )
+        if not is_array(plus):
+            raise TypeError(f"eval_numerical_gradient_array: f must return an array, got {type(plus).__name__}")
         if tuple(plus.shape) != tuple(df.shape):  # a df that broadcasts would weight the wrong sum
             raise ValueError(
                 f"eval_numerical_gradient_array: f(x) has shape {tuple(plus.shape)} but df {tuple(df.shape)}"
@@ -162,9 +169,12 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, ver
     if not is_array(analytic_grad) or tuple(analytic_grad.shape) != tuple(x.shape):
         got = tuple(analytic_grad.shape) if is_array(analytic_grad) else type(analytic_grad).__name__
         raise ValueError(f"grad_check_sparse: analytic_grad must have x's shape {tuple(x.shape)}, got {got}")
+    checks = as_int(num_checks)
+    if checks is None or checks < 1:
+        raise ValueError(f"grad_check_sparse: num_checks must be a positive integer, got {num_checks!r}")
     picker = random.Random(seed)
     errors = []
-    for _ in range(num_checks):
+    for _ in range(checks):
         index = tuple(picker.randrange(n) for n in x.shape)
         plus, minus = _evaluate_both_sides(f, x, index, h)
         numeric = (_scalar("grad_check_sparse", plus) - _scalar("grad_check_sparse", minus)) / (2 * h)
