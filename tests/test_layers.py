@@ -431,3 +431,36 @@ def test_a_backward_pass_given_another_layers_cache_names_both():
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_a_sandwich_given_a_dout_of_another_shape_names_itself_and_its_output():
+    """conv_relu_pool_backward given the unpooled shape was refused by relu_backward inside it,
+    naming a shape the caller never saw as x's."""
+    from xpnet import layer_utils
+
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), np.zeros(4)
+    g, beta, bn = np.ones(4), np.zeros(4), {"mode": "train"}
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    unpooled, pooled = np.ones((2, 4, 8, 8)), np.ones((2, 4, 4, 4))
+    x2, w2 = rng.standard_normal((2, 6)), rng.standard_normal((6, 5))
+    out_of = {  # name: (its backward pass, the cache of its forward pass, a dout of another shape, its output's shape)
+        "conv_relu_pool": (layer_utils.conv_relu_pool_backward,
+                           layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)[1], unpooled, (2, 4, 4, 4)),
+        "conv_relu": (layer_utils.conv_relu_backward, layer_utils.conv_relu_forward(x, w, b, conv)[1], pooled,
+                      (2, 4, 8, 8)),
+        "conv_bn_relu": (layer_utils.conv_bn_relu_backward,
+                         layer_utils.conv_bn_relu_forward(x, w, b, g, beta, conv, bn)[1], pooled, (2, 4, 8, 8)),
+        "conv_bn_relu_pool": (layer_utils.conv_bn_relu_pool_backward,
+                              layer_utils.conv_bn_relu_pool_forward(x, w, b, g, beta, conv, bn, pool)[1], unpooled,
+                              (2, 4, 4, 4)),
+        "affine_relu": (layer_utils.affine_relu_backward, layer_utils.affine_relu_forward(x2, w2, np.zeros(5))[1],
+                        np.ones((5, 2)), (2, 5)),
+        "affine_norm_relu_dropout": (layer_utils.affine_norm_relu_dropout_backward,
+                                     layer_utils.affine_norm_relu_dropout_forward(x2, w2, np.zeros(5))[1],
+                                     np.ones((5, 2)), (2, 5)),
+    }  # fmt: skip
+    for name, (backward, cache, dout, shape) in out_of.items():
+        message = f"{name}_backward: dout has shape {dout.shape}, expected {shape} (the forward pass's output)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            backward(dout, cache)
