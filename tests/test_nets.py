@@ -275,6 +275,11 @@ def test_numpy_integers_size_the_nets_as_python_ints_do():
     for flag in (True, np.True_):  # a bool is not a size
         with pytest.raises(ValueError, match="hidden_dims must be a positive integer or a list of them"):
             fc_net.TwoLayerNet(hidden_dims=flag)
+    # A string is iterable: '10' was read as the sizes '1' and '0', and named as "got '1'".
+    with pytest.raises(ValueError, match="hidden_dims must be a positive integer or a list of them, got '10'"):
+        fc_net.TwoLayerNet(hidden_dim="10")
+    with pytest.raises(ValueError, match="hidden_dims must be a positive integer or a list of them, got '100'"):
+        xpnet.FullyConnectedNet("100", input_dim=4)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.float64])

@@ -266,6 +266,8 @@ def check_hidden_dims(hidden_dims) -> list:
     """A non-empty list of positive ints (an int is taken as a list of one)."""
     if as_int(hidden_dims) is not None:
         dims = [hidden_dims]
+    elif isinstance(hidden_dims, (str, bytes)):  # iterable, but its characters are not sizes
+        raise ValueError(f"hidden_dims must be a positive integer or a list of them, got {hidden_dims!r}")
     else:
         try:
             dims = list(hidden_dims)
