@@ -112,6 +112,11 @@ def test_holding_the_whitening_bias_fixed_skips_only_the_work_its_gradient_needs
         ({"widths": (8, 8)}, "three groups' widths"),
         ({"input_dim": (3, 8, 8)}, "too small for three 2x2 pools"),
         ({"widths": (8, 0, 8)}, "each of widths must be a positive integer"),
+        # A string's characters passed for widths ("got '8'"); a single number failed inside tuple().
+        ({"widths": "888"}, "widths must be the three groups' widths, got '888'"),
+        ({"widths": 64}, "widths must be the three groups' widths, got 64"),
+        ({"input_dim": "332"}, r"input_dim must be \(C, H, W\), got '332'"),
+        ({"input_dim": 32}, r"input_dim must be \(C, H, W\), got 32"),
     ],
 )
 def test_fast_conv_net_refuses_bad_arguments(options, message):

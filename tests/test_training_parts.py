@@ -152,11 +152,26 @@ def test_a_gradient_of_none_leaves_its_parameter_and_its_state_alone(backend, on
         ([{"params": ["W9"], "learning_rate": 1.0}], r"unknown parameters \['W9'\]"),
         ([{"params": ["W1"], "learning_rat": 1.0}], "unknown optim_config key 'learning_rat'"),
         ([{"params": ["W1"], "learning_rate": -1.0}], "learning_rate must be a finite number > 0"),
+        # A string was taken as groups of its characters: "needs a 'params' entry, got ['W']".
+        ("W1", "param_groups must be a list of dicts, each with a 'params' entry; got 'W1'"),
+        (["W1"], "param_groups must be a list of dicts, each with a 'params' entry; got 'W1' in it"),
     ],
 )
 def test_bad_parameter_groups_are_refused(groups, message):
     with pytest.raises(ValueError, match=message):
         Solver(small_model("numpy"), small_data(), param_groups=groups)
+
+
+def test_one_parameter_group_may_be_given_as_a_dict():
+    solver = Solver(small_model("numpy"), small_data(), param_groups={"params": ["b1"], "learning_rate": 0.5},
+                    update_rule="sgd", optim_config={"learning_rate": 0.01}, verbose=False)  # fmt: skip
+    assert solver.optim_configs["b1"]["learning_rate"] == 0.5
+    assert solver.optim_configs["W1"]["learning_rate"] == 0.01
+
+
+def test_callbacks_given_as_a_string_are_refused_whole():
+    with pytest.raises(ValueError, match="callbacks must be a list of xpnet.training.Callback objects, got 'abc'"):
+        Solver(small_model("numpy"), small_data(), callbacks="abc")
 
 
 def test_learning_rate_factor():

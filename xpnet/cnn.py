@@ -17,7 +17,7 @@ from .layer_utils import (
     conv_relu_pool_forward,
 )
 from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
-from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int
+from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int, check_sizes
 from .precision import narrowed
 from .spatial_norm import spatial_batchnorm_gelu_backward, spatial_batchnorm_gelu_forward
 from .whitening import whitening_filters
@@ -228,9 +228,7 @@ class FastConvNet(Model):
         super().__init__(backend, dtype)
         self.activation_dtype = self._activation_dtype(activation_dtype)
         channels, height, width = check_input_dim(input_dim)
-        if len(tuple(widths)) != 3:
-            raise ValueError(f"FastConvNet: widths must name the three groups' widths, got {widths!r}")
-        self.widths = tuple(check_positive_int("each of widths", w) for w in widths)
+        self.widths = check_sizes("widths", widths, 3, "the three groups' widths")
         size = [height - 1, width - 1]  # after the 2x2 whitening conv
         for _ in range(3):
             if min(size) < 2:

@@ -229,11 +229,17 @@ def load_model_state(model, state: dict, backend) -> None:
         layer.update(tree_to_device(saved, backend, dtype))
 
 
+def check_sizes(name: str, value, count: int, what: str) -> tuple:
+    """``value`` as a tuple of ``count`` positive ints, or a ValueError saying ``name`` must be
+    ``what``: a single number and a string (whose characters would pass for sizes) are refused whole."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or len(tuple(value)) != count:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return tuple(check_positive_int(f"each of {name}", d) for d in value)
+
+
 def check_input_dim(input_dim) -> tuple:
     """(C, H, W) of one input as positive integers, or a ValueError naming the problem."""
-    if len(tuple(input_dim)) != 3:
-        raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
-    return tuple(check_positive_int("each of input_dim", d) for d in input_dim)
+    return check_sizes("input_dim", input_dim, 3, "(C, H, W)")
 
 
 def check_positive_int(name: str, value) -> int:

@@ -120,6 +120,8 @@ class SolverSettings:
         if self.on_log is not None and not callable(self.on_log):
             raise ValueError(f"on_log must be a function of the logged record, got {self.on_log!r}")
         # None is no callbacks, and one callback is taken as a list of one.
+        if isinstance(self.callbacks, (str, bytes)):  # iterable, but its characters are not callbacks
+            raise ValueError(f"callbacks must be a list of xpnet.training.Callback objects, got {self.callbacks!r}")
         self.callbacks = [self.callbacks] if isinstance(self.callbacks, Callback) else list(self.callbacks or ())
         for callback in self.callbacks:
             if not isinstance(callback, Callback):  # the Solver calls each hook the base class defines

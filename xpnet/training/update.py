@@ -79,8 +79,16 @@ class Update:
         if self.rule not in optim.UPDATE_RULES.values():  # a rule of the user's own: its results are checked
             self.rule = _checked_rule(self.rule, self.rule_name)
         self.per_epoch, self.lr_decay = per_epoch, lr_decay
+        if isinstance(param_groups, dict):  # one group, not the keys of one
+            param_groups = [param_groups]
+        if isinstance(param_groups, (str, bytes)):
+            raise ValueError(f"param_groups must be a list of dicts, each with a 'params' entry; got {param_groups!r}")
         groups = list(param_groups or [])
         for i, group in enumerate(groups):
+            if not isinstance(group, dict):
+                raise ValueError(
+                    f"param_groups must be a list of dicts, each with a 'params' entry; got {group!r} in it"
+                )
             if "params" not in group:
                 raise ValueError(f"each param_group needs a 'params' entry, got {sorted(group)}")
             if isinstance(group["params"], str):  # one name, not the characters of one
