@@ -11,7 +11,7 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .conv_common import conv_geometry, pad2d, pool_geometry
-from .input_checks import unpack_cache
+from .input_checks import check_dout, unpack_cache
 
 __all__ = ["conv_forward_naive", "conv_backward_naive", "max_pool_forward_naive", "max_pool_backward_naive"]
 
@@ -51,8 +51,7 @@ def conv_backward_naive(dout: Array, cache: Cache) -> tuple[Array, Array, Array]
     x, w, b, conv_param = unpack_cache("conv_backward_naive", cache, 4, "conv_forward_naive")
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_naive", x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    if tuple(dout.shape) != (n, f, h_out, w_out):
-        raise ValueError(f"conv_backward_naive: dout has shape {tuple(dout.shape)}, expected {(n, f, h_out, w_out)}")
+    check_dout("conv_backward_naive", dout, (n, f, h_out, w_out))
     xpad = pad2d(xp, x, pad)
     dxpad = xp.zeros(xpad.shape, dtype=x.dtype, device=device(x))
     w_rows = xp.reshape(w, (f, -1))
@@ -107,8 +106,7 @@ def max_pool_backward_naive(dout: Array, cache: Cache) -> Array:
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_naive", x, pool_param)
     n, c = x.shape[0], x.shape[1]
     expected = (n, c, h_out, w_out)
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"max_pool_backward_naive: dout has shape {tuple(dout.shape)}, expected {expected}")
+    check_dout("max_pool_backward_naive", dout, expected)
     dx = xp.zeros(x.shape, dtype=x.dtype, device=device(x))
     for i in range(h_out):
         for j in range(w_out):

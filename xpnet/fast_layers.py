@@ -27,7 +27,7 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, namespace
 from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
-from .input_checks import unpack_cache
+from .input_checks import check_dout, unpack_cache
 from .layers import matmul
 
 __all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
@@ -170,8 +170,7 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     x, w, b, conv_param, cols = unpack_cache("conv_backward_fast", cache, 5, "conv_forward_fast")
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_fast", x, w, b, conv_param)
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
-    if tuple(dout.shape) != (n, f, h_out, w_out):
-        raise ValueError(f"conv_backward_fast: dout has shape {tuple(dout.shape)}, expected {(n, f, h_out, w_out)}")
+    check_dout("conv_backward_fast", dout, (n, f, h_out, w_out))
     if isinstance(cols, _LibraryConvolution):
         engine = cols.engine
         dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
@@ -241,8 +240,7 @@ def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     x, pool_param, saved = unpack_cache("max_pool_backward_fast", cache, 3, "max_pool_forward_fast")
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_fast", x, pool_param)
     expected = (x.shape[0], x.shape[1], h_out, w_out)
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"max_pool_backward_fast: dout has shape {tuple(dout.shape)}, expected {expected}")
+    check_dout("max_pool_backward_fast", dout, expected)
     if isinstance(saved, _FusedPoolCache):
         return saved.kernels.max_pool_backward(dout, saved.argmax, x, ph, pw, stride, h_out, w_out)
     out = saved

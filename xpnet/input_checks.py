@@ -8,7 +8,7 @@ import numbers
 
 from .backend import namespace
 
-__all__ = ["layer_namespace", "check_same_shape", "check_param_keys", "as_int", "is_number"]
+__all__ = ["layer_namespace", "check_dout", "check_same_shape", "check_param_keys", "as_int", "is_number"]
 
 
 def is_number(value) -> bool:
@@ -109,6 +109,13 @@ def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:
             "pass the cache of the matching forward pass"
         )
     return cache
+
+
+def check_dout(function: str, dout, expected, detail: str = "") -> None:
+    """ValueError naming ``function`` unless ``dout`` has the ``expected`` shape (its forward
+    pass's output); ``detail`` follows the shapes in the message."""
+    if tuple(dout.shape) != tuple(expected):
+        raise ValueError(f"{function}: dout has shape {tuple(dout.shape)}, expected {tuple(expected)}{detail}")
 
 
 def check_same_shape(function: str, name: str, a, reference_name: str, reference) -> None:

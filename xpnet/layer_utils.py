@@ -12,7 +12,7 @@ from .fast_layers import (
     max_pool_backward_fast,
     max_pool_forward_fast,
 )
-from .input_checks import unpack_cache
+from .input_checks import check_dout, unpack_cache
 from .layers import (
     affine_backward,
     affine_forward,
@@ -48,13 +48,9 @@ __all__ = [
 NORMALIZATIONS = (None, "batchnorm", "layernorm")
 
 
-def _check_dout(function: str, dout: Array, expected: tuple) -> None:
-    """ValueError naming the sandwich ``function`` when dout is not of its output's shape: the
-    layer inside it would name itself, and a shape the caller never saw (before the pool, say)."""
-    if tuple(dout.shape) != tuple(expected):
-        raise ValueError(
-            f"{function}: dout has shape {tuple(dout.shape)}, expected {tuple(expected)} (the forward pass's output)"
-        )
+# A sandwich checks dout against its own output and names itself: the layer inside it would
+# name a shape the caller never saw (before the pool, say).
+OUTPUT = " (the forward pass's output)"
 
 
 def affine_relu_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
@@ -74,7 +70,7 @@ def affine_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> 
     """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db); dx is None
     when ``input_grad`` is False."""
     fc_cache, relu_cache = unpack_cache("affine_relu_backward", cache, 2, "affine_relu_forward")
-    _check_dout("affine_relu_backward", dout, relu_cache.shape)  # the ReLU's input (or, fused, its output)
+    check_dout("affine_relu_backward", dout, relu_cache.shape, OUTPUT)  # the ReLU's input (or, fused, its output)
     return affine_backward(relu_backward(dout, relu_cache), fc_cache, input_grad)
 
 
@@ -124,7 +120,7 @@ def affine_norm_relu_dropout_backward(dout: Array, cache: Cache, input_grad: boo
     fc_cache, normalization, norm_cache, relu_cache, drop_cache = unpack_cache(
         "affine_norm_relu_dropout_backward", cache, 5, "affine_norm_relu_dropout_forward"
     )
-    _check_dout("affine_norm_relu_dropout_backward", dout, relu_cache.shape)  # dropout keeps the shape
+    check_dout("affine_norm_relu_dropout_backward", dout, relu_cache.shape, OUTPUT)  # dropout keeps the shape
     if drop_cache is not None:
         dout = dropout_backward(dout, drop_cache)
     dout = relu_backward(dout, relu_cache)
@@ -170,7 +166,7 @@ def conv_relu_forward(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
 def conv_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_relu_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
     conv_cache, out, with_bias = unpack_cache("conv_relu_backward", cache, 3, "conv_relu_forward")
-    _check_dout("conv_relu_backward", dout, out.shape)
+    check_dout("conv_relu_backward", dout, out.shape, OUTPUT)
     da, db = _bias_relu_backward(dout, out, with_bias)
     dx, dw, _ = conv_backward_fast(da, conv_cache, input_grad)
     return dx, dw, db
@@ -193,7 +189,7 @@ def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_
 def conv_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_relu_pool_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
     conv_cache, pool_cache, out, with_bias = unpack_cache("conv_relu_pool_backward", cache, 4, "conv_relu_pool_forward")
-    _check_dout("conv_relu_pool_backward", dout, out.shape)
+    check_dout("conv_relu_pool_backward", dout, out.shape, OUTPUT)
     dpooled, db = _bias_relu_backward(dout, out, with_bias)
     dx, dw, _ = conv_backward_fast(max_pool_backward_fast(dpooled, pool_cache), conv_cache, input_grad)
     return dx, dw, db
@@ -212,7 +208,7 @@ def conv_bn_relu_forward(
 def conv_bn_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
     """Backward pass of :func:`conv_bn_relu_forward`: (dx, dw, db, dgamma, dbeta)."""
     conv_cache, bn_cache, relu_cache = unpack_cache("conv_bn_relu_backward", cache, 3, "conv_bn_relu_forward")
-    _check_dout("conv_bn_relu_backward", dout, relu_cache.shape)
+    check_dout("conv_bn_relu_backward", dout, relu_cache.shape, OUTPUT)
     dnormed, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = conv_backward_fast(dnormed, conv_cache, input_grad)
     return dx, dw, db, dgamma, dbeta
@@ -233,5 +229,5 @@ def conv_bn_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = Tru
     bn_relu_cache, pool_cache = unpack_cache("conv_bn_relu_pool_backward", cache, 2, "conv_bn_relu_pool_forward")
     pool_input, pool_param = pool_cache[0], pool_cache[1]
     h_out, w_out = pool_geometry("conv_bn_relu_pool_backward", pool_input, pool_param)[4:]
-    _check_dout("conv_bn_relu_pool_backward", dout, (*pool_input.shape[:2], h_out, w_out))
+    check_dout("conv_bn_relu_pool_backward", dout, (*pool_input.shape[:2], h_out, w_out), OUTPUT)
     return conv_bn_relu_backward(max_pool_backward_fast(dout, pool_cache), bn_relu_cache, input_grad)

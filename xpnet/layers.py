@@ -19,7 +19,15 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
-from .input_checks import check_param_keys, check_same_shape, check_seed, is_number, layer_namespace, unpack_cache
+from .input_checks import (
+    check_dout,
+    check_param_keys,
+    check_same_shape,
+    check_seed,
+    is_number,
+    layer_namespace,
+    unpack_cache,
+)
 from .precision import is_half, narrowed, widened
 from .special import normal_cdf, normal_pdf
 
@@ -115,11 +123,7 @@ def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple
     """
     x, w, _ = unpack_cache("affine_backward", cache, 3, "affine_forward")
     xp = layer_namespace("affine_backward", {"dout": dout, "x": x})
-    if tuple(dout.shape) != (x.shape[0], w.shape[1]):
-        raise ValueError(
-            f"affine_backward: dout has shape {tuple(dout.shape)}, expected {(x.shape[0], w.shape[1])} "
-            f"for x {tuple(x.shape)} and w {tuple(w.shape)}"
-        )
+    check_dout("affine_backward", dout, (x.shape[0], w.shape[1]), f" for x {tuple(x.shape)} and w {tuple(w.shape)}")
     x2 = xp.reshape(x, (x.shape[0], -1))
     dx = xp.reshape(matmul(dout, w.T), x.shape) if input_grad else None
     dw = matmul(x2.T, dout)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .input_checks import as_int, check_param_keys, layer_namespace
+from .input_checks import as_int, check_dout, check_param_keys, layer_namespace
 from .layers import (
     batchnorm_backward_alt,
     batchnorm_forward,
@@ -109,8 +109,7 @@ def _fused_cache(name, dout, cache) -> _FusedBatchnormCache | None:
     """``cache`` if the fused kernels made it (after checking dout's shape against it), else None."""
     if not isinstance(train_mode_cache(name, cache), _FusedBatchnormCache):
         return None
-    if tuple(dout.shape) != tuple(cache.x_hat.shape):
-        raise ValueError(f"{name}: dout has shape {tuple(dout.shape)}, expected {tuple(cache.x_hat.shape)}")
+    check_dout(name, dout, cache.x_hat.shape)
     return cache
 
 
@@ -138,8 +137,7 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
             raise ValueError("spatial_batchnorm_backward: the cache is spatial_batchnorm_gelu_forward's")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
     rows_cache, shape = cache
-    if tuple(dout.shape) != shape:
-        raise ValueError(f"spatial_batchnorm_backward: dout has shape {tuple(dout.shape)}, expected {shape}")
+    check_dout("spatial_batchnorm_backward", dout, shape)
     dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, widened(xp, dout)), rows_cache)
     return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
 
@@ -218,18 +216,12 @@ def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
     """Backward pass of groupnorm: dx (N, C, H, W), dgamma and dbeta (1, C, 1, 1)."""
     xp = layer_namespace("spatial_groupnorm_backward", {"dout": dout})
     if isinstance(cache, _FusedGroupnormCache):
-        if tuple(dout.shape) != tuple(cache.x_hat.shape):
-            raise ValueError(
-                f"spatial_groupnorm_backward: dout has shape {tuple(dout.shape)}, expected {tuple(cache.x_hat.shape)}"
-            )
+        check_dout("spatial_groupnorm_backward", dout, cache.x_hat.shape)
         dx, dgamma, dbeta = cache.kernels.spatial_groupnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
         c = dout.shape[1]
         return dx, xp.reshape(dgamma, (1, c, 1, 1)), xp.reshape(dbeta, (1, c, 1, 1))
     x_hat, std, gamma, G = cache
-    if tuple(dout.shape) != tuple(x_hat.shape):
-        raise ValueError(
-            f"spatial_groupnorm_backward: dout has shape {tuple(dout.shape)}, expected {tuple(x_hat.shape)}"
-        )
+    check_dout("spatial_groupnorm_backward", dout, x_hat.shape)
     dgamma = xp.sum(dout * x_hat, axis=(0, 2, 3), keepdims=True)
     dbeta = xp.sum(dout, axis=(0, 2, 3), keepdims=True)
     dx = normalized_input_grad(xp, _to_groups(xp, dout * gamma, G), _to_groups(xp, x_hat, G), std, axis=2)
