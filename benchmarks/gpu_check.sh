@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks, results under $OUT (default ./gpu-out):
+# The checks of one short run on a GPU machine, results under $OUT (default ./gpu-out):
 #   tests   the fused-kernel, cuDNN and CUDA-graph tests (tests/test_gpu.py)
 #   bench   the benchmark: FC steps, conv rows in fp32 and TF32 (im2col + cuBLAS, cuDNN when it
 #           loads, the direct kernels for few taps, and the fastest of those by autotuning) against
@@ -20,14 +20,14 @@
 # bench.py rewrites its JSON after each part and each recipe run, so a step cut off by its timeout
 # still leaves what it measured for done_when.py.
 # A call has 10 minutes and the data set travels in two compressed pieces of ~59 MiB (benchmarks/stage_gpu_run.sh
-# stages both, and the wheels the machine lacks in .whl/, before the lease; this script unpacks the piece a call
+# stages both, and the wheels the machine lacks in .whl/, before the machine starts; this script unpacks the piece a call
 # carries into /tmp/cifar), so one part set per piece fits:
 #   STEPS="tests bench profile" carrying [".whl", ".carry/cifar1"]; STEPS="tta recipe" carrying [".whl", ".carry/cifar2"]
 # (STEPS="cpu suite", the CPU conv rows and the whole suite on CuPy, fit a third call where device time is left).
 # Timed on an H200 (2026-11-28): a machine's start and the first call's transfer about 60 s; tests 51-64 s;
 # bench --suite conv 66 s; tta 25 s; a piece-only call 8 s. One recipe run: xpnet 21.5 s, xpnet-cudnn 29.4,
 # xpnet-fp16 15.9, torch 4.9, torch-fp16 2.3 (a whole-recipe warm-up per side costs as much again).
-# So a lease of 15 minutes fits, by estimate (each call given a timeout_s that leaves room to spare):
+# So 15 minutes of a machine fit, by estimate (each call given a timeout_s that leaves room to spare):
 #   1  piece 1: STEPS="tests bench profile" BENCH_SUITE="ops conv" BENCH_FLAGS=--tf32 BENCH_TIMEOUT=260,
 #      timeout_s 420                                                                              ~6 min
 #   2  piece 2: STEPS="tta recipe" RECIPE_SIDES=xpnet,torch RUNS=5 RECIPE_TIMEOUT=240 RECIPE_FLAGS=auto,

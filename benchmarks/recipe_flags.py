@@ -1,4 +1,4 @@
-"""The recipe's flags for a GPU session's last call, chosen from what its first call found.
+"""The recipe's flags for the last call of a GPU run, chosen from what its first call found.
 
     python benchmarks/recipe_flags.py DIR
 

@@ -5,8 +5,8 @@
 #   bash benchmarks/stage_gpu_run.sh cifar K    .carry/cifarK/: piece K of CIFAR-10 (1: batches 1-3, 2: batches
 #                                               4-5, the test batch and batches.meta), each file compressed with a
 #                                               delta filter and LZMA2 (xz), ~59 MiB a piece
-# Stage both pieces before the lease (each takes minutes to compress, and a lent machine left idle for
-# ~30 s is given back). Call 1 then carries [".whl", ".carry/cifar1"] and call 2 [".whl", ".carry/cifar2"];
+# Stage both pieces before the GPU machine starts (each takes minutes to compress, and a machine left idle
+# for ~30 s is released). Call 1 then carries [".whl", ".carry/cifar1"] and call 2 [".whl", ".carry/cifar2"];
 # gpu_check.sh unpacks whatever piece came into /tmp/cifar, which lasts while the machine stays up, so
 # after call 2 it holds the whole data set. Each `cifar K` prints what one call would carry in all.
 set -eu -o pipefail

@@ -539,7 +539,7 @@ def test_flags_of_the_parts_a_command_runs_are_taken():
 
 def _gpu_check_bench_commands() -> list:
     """The arguments of each ``scripts/bench.py`` call in benchmarks/gpu_check.sh, its shell
-    expansions replaced by what a GPU session gives them (the richest RECIPE_FLAGS included)."""
+    expansions replaced by what a GPU run gives them (the richest RECIPE_FLAGS included)."""
     text = (Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
     expansions = {
         "${BENCH_FLAGS:-}": "--tf32",
@@ -559,8 +559,8 @@ def _gpu_check_bench_commands() -> list:
     return commands
 
 
-def test_the_gpu_sessions_benchmark_calls_pass_the_flag_checks():
-    """A GPU session is short and rare: none of gpu_check.sh's calls may be refused for a flag."""
+def test_the_gpu_runs_benchmark_calls_pass_the_flag_checks():
+    """A GPU run is short and rare: none of gpu_check.sh's calls may be refused for a flag."""
     commands = _gpu_check_bench_commands()
     assert len(commands) == 5 and all("--backend" in c for c in commands)
     parser = bench.build_parser()
