@@ -212,6 +212,26 @@ def test_a_float32_models_loss_scores_and_gradients_stay_float32(backend, np_rng
         assert model.loss(X).dtype == backend.xp.float32
 
 
+def test_predict_scores_in_batches_and_gives_the_whole_sets_classes(backend, np_rng):
+    """A conv net's activations for a whole test set at once take gigabytes (ThreeLayerConvNet:
+    about 0.8 GB a thousand CIFAR images), so predict scores batch_size rows at a time."""
+    model = ThreeLayerConvNet(input_dim=(1, 8, 8), num_filters=3, filter_size=3, hidden_dim=5, num_classes=4,
+                              weight_scale=1e-1, dtype="float64", seed=0, backend=backend)  # fmt: skip
+    X = np_rng.standard_normal((23, 1, 8, 8))
+    expected = np.argmax(to_np(model.loss(backend.asarray(X))), axis=1)
+    rows = []
+    loss = model.loss
+    model.loss = lambda X_batch, y=None: rows.append(X_batch.shape[0]) or loss(X_batch, y)
+    predictions = model.predict(X, batch_size=10)  # NumPy rows, moved to the model's backend
+    assert backend_of(predictions) == backend and rows == [10, 10, 3]
+    np.testing.assert_array_equal(to_np(predictions), expected)
+    rows.clear()
+    np.testing.assert_array_equal(to_np(model.predict(backend.asarray(X))), expected)
+    assert rows == [23]  # one batch of the default 500
+    with pytest.raises(ValueError, match="predict: batch_size must be a positive integer, got 0"):
+        model.predict(X, batch_size=0)
+
+
 def test_seed_makes_initialisation_and_dropout_reproducible(backend, np_rng):
     X, y = data(backend, np_rng, 6, 5, 3)
     losses = []

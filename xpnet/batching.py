@@ -5,7 +5,7 @@ from __future__ import annotations
 from .backend import namespace
 from .input_checks import as_int, is_array
 
-__all__ = ["sample_minibatch", "accuracy", "model_accuracy", "checked_scores"]
+__all__ = ["sample_minibatch", "accuracy", "model_accuracy", "predicted_classes", "checked_scores"]
 
 
 def sample_minibatch(X, y, rng, batch_size: int):
@@ -27,10 +27,10 @@ def accuracy(predictions, y):
     return xp.mean(xp.astype(predictions == y, xp.float64))
 
 
-def _positive_count(name, value) -> int:
+def _positive_count(name, value, caller="check_accuracy") -> int:
     number = as_int(value)
     if number is None or number < 1:
-        raise ValueError(f"check_accuracy: {name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{caller}: {name} must be a positive integer, got {value!r}")
     return number
 
 
@@ -40,7 +40,7 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
     At most ``num_samples`` rows are used, drawn by ``rng`` (with replacement);
     predictions are made ``batch_size`` rows at a time on the device.
     """
-    xp = namespace(X, y)
+    namespace(X, y)  # X and y of one library, or an error that says so
     if y.ndim != 1 or y.shape[0] != X.shape[0]:
         raise ValueError(
             f"check_accuracy: y must hold one label per row of X {tuple(X.shape)}, got shape {tuple(y.shape)}"
@@ -50,14 +50,23 @@ def model_accuracy(scores_of, X, y, num_samples=None, batch_size=100, rng=None):
         num_samples = _positive_count("num_samples", num_samples)
         if X.shape[0] > num_samples:
             X, y = sample_minibatch(X, y, rng, num_samples)
+    return accuracy(predicted_classes(scores_of, X, batch_size), y)
+
+
+def predicted_classes(scores_of, X, batch_size=500, caller="check_accuracy", called="the model's loss(X)"):
+    """(N,) indices of the highest of ``scores_of(X_batch) -> (B, C)`` scores for each row of X,
+    scored ``batch_size`` rows at a time on the device: a conv net's activations for a whole
+    test set at once take gigabytes. ``caller`` and ``called`` name the two in messages."""
+    xp = namespace(X)
+    batch_size = _positive_count("batch_size", batch_size, caller)
     n = X.shape[0]
     if n == 0:
-        raise ValueError("no rows to score: X is empty")
+        raise ValueError(f"{caller}: no rows to score: X is empty")
     predictions = [
-        xp.argmax(checked_scores(scores_of, X[i : min(i + batch_size, n), ...]), axis=1)
+        xp.argmax(checked_scores(scores_of, X[i : min(i + batch_size, n), ...], caller, called), axis=1)
         for i in range(0, n, batch_size)
     ]
-    return accuracy(xp.concat(predictions), y)
+    return predictions[0] if len(predictions) == 1 else xp.concat(predictions)
 
 
 def checked_scores(scores_of, X_batch, caller="check_accuracy", called="the model's loss(X)"):

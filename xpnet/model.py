@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from .backend import Backend, backend_of, get_backend
+from .batching import predicted_classes
 from .checkpoint import not_float_array, tree_to_device, tree_to_host
 from .input_checks import as_int, check_seed, is_array, is_number
 from .layers import BATCHNORM_KEYS
@@ -66,9 +67,11 @@ class Model:
         """Scores (N, C) when ``y`` is None, else ``(loss, grads)``."""
         raise NotImplementedError
 
-    def predict(self, X):
-        """Predicted class indices (N,) as an array on the model's device."""
-        return self.xp.argmax(self.loss(X), axis=1)
+    def predict(self, X, batch_size=500):
+        """Predicted class indices (N,) as an array on the model's device, for X (N, ...) of
+        any backend; scored ``batch_size`` rows at a time, so that a conv net's activations
+        for a whole test set never exist at once."""
+        return predicted_classes(self.loss, self.prepare_inputs(X), batch_size, "predict", "loss(X)")
 
     @property
     def graph_key(self) -> tuple:
