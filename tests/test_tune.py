@@ -184,6 +184,31 @@ def test_the_first_layer_picture_shows_each_unit_or_filter_as_an_image(model):
         assert images.shape == (6, 8, 8, 1) and images[5, 1, 2, 0] == w1[1 * 8 + 2, 5]
 
 
+def test_the_best_models_test_accuracy_is_scored_in_batches(monkeypatch):
+    """The one pass over the test set comes after every trial: scoring 10,000 CIFAR images at
+    once takes about 8 GB for ThreeLayerConvNet's im2col columns, and failing there lost the
+    summary of a whole sweep."""
+    import xpnet
+    from xpnet.experiment import apply_defaults, build_model, load_data
+    from xpnet.model import model_state
+    from xpnet.tune import report
+
+    settings = Experiment(dataset="digits", model="cnn", hidden_dims=[6], num_filters=3, filter_size=3)
+    apply_defaults(settings)
+    data = load_data(settings)
+    reps = -(-1200 // data["X_test"].shape[0])
+    data["X_test"], data["y_test"] = np.concatenate([data["X_test"]] * reps), np.concatenate([data["y_test"]] * reps)
+    monkeypatch.setattr(report, "load_data", lambda _: data)
+    net = build_model(settings, data, xpnet.get_backend("numpy"))
+    expected = float(np.mean(np.argmax(net.loss(data["X_test"]), axis=1) == data["y_test"]))
+    rows = []
+    loss = type(net).loss
+    monkeypatch.setattr(type(net), "loss", lambda self, X, y=None: rows.append(X.shape[0]) or loss(self, X, y))
+    best = {"settings": vars(settings), "model_state": model_state(net, net.backend)}
+    test_acc, _, _ = report._test_accuracy(best, "numpy")
+    assert test_acc == expected and sum(rows) == data["X_test"].shape[0] and max(rows) <= 500
+
+
 # ----------------------------------------------------------------------------- sweeps
 pytest.importorskip("optuna")
 pytest.importorskip("distributed")
