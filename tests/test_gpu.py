@@ -655,19 +655,20 @@ def test_plane_sums_add_each_plane_across_a_warp(dtype, plane_size, channels_out
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch_axis", [0, 1])
-def test_channel_totals_sum_more_partial_sums_than_a_block_has_threads(dtype, batch_axis):
-    """CHANNEL_TOTALS with 600 partial sums per channel: each of the 256 threads takes two or
-    three, then the block's tree adds them."""
+@pytest.mark.parametrize("batch", [600, 100, 2])
+def test_channel_totals_sum_a_channels_partial_sums_in_one_block(dtype, batch_axis, batch):
+    """CHANNEL_TOTALS with 600 partial sums per channel (each of the 256 threads takes two or
+    three, then the block's tree adds them), 100 (a block of 128) and 2 (a block of one warp)."""
     from xpnet.backend.cupy_kernels import _channel_totals
 
     rng = np.random.default_rng(5)
-    sums = rng.standard_normal((600, 7) if batch_axis == 0 else (7, 600)) + 2.0
-    total, mean, inv_std = _channel_totals(cp.asarray(sums, dtype=dtype), batch_axis, 600 * 9, eps=1e-5)
+    sums = rng.standard_normal((batch, 7) if batch_axis == 0 else (7, batch)) + 2.0
+    total, mean, inv_std = _channel_totals(cp.asarray(sums, dtype=dtype), batch_axis, batch * 9, eps=1e-5)
     expected = sums.sum(axis=batch_axis)
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(to_numpy(total), expected, rtol=tol)
-    np.testing.assert_allclose(to_numpy(mean), expected / 5400, rtol=tol)
-    np.testing.assert_allclose(to_numpy(inv_std), 1 / np.sqrt(expected / 5400 + 1e-5), rtol=tol)
+    np.testing.assert_allclose(to_numpy(mean), expected / (batch * 9), rtol=tol)
+    np.testing.assert_allclose(to_numpy(inv_std), 1 / np.sqrt(expected / (batch * 9) + 1e-5), rtol=tol)
 
 
 def test_fast_conv_on_cupy_matches_numpy_and_runs_its_gemms_through_cublas():

@@ -516,17 +516,27 @@ def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, monkeypa
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("batch_axis", [0, 1])
-def test_channel_totals_add_more_partial_sums_than_a_block_has_threads(kernels, dtype, batch_axis):
-    """CHANNEL_TOTALS with 600 partial sums per channel: each of the block's 256 threads takes
+@pytest.mark.parametrize("batch, threads", [(600, 256), (257, 256), (256, 256), (100, 128), (33, 64), (2, 32)])
+def test_channel_totals_add_a_channels_partial_sums_in_a_block_that_covers_the_batch(kernels, monkeypatch, dtype,
+                                                                                     batch_axis, batch, threads):  # fmt: skip
+    """CHANNEL_TOTALS adds each channel's partial sums (one per image) in one block: a power of
+    two of threads that covers the batch, from a warp to 256; over 256 images each thread takes
     two or three, then the block's tree adds them."""
-    channel_totals = module_of(kernels)["_channel_totals"]
-    sums = np.random.default_rng(5).standard_normal((600, 7) if batch_axis == 0 else (7, 600)) + 2.0
-    total, mean, inv_std = channel_totals(sums.astype(dtype), batch_axis, 600 * 9, eps=1e-5)
+    module = module_of(kernels)
+    blocks = []
+    launches = module["_channel_totals_kernels"]
+    monkeypatch.setitem(module, "_channel_totals_kernels", {
+        key: (lambda grid, block, args, launch=launch: blocks.append(block) or launch(grid, block, args))
+        for key, launch in launches.items()
+    })  # fmt: skip
+    sums = np.random.default_rng(5).standard_normal((batch, 7) if batch_axis == 0 else (7, batch)) + 2.0
+    total, mean, inv_std = module["_channel_totals"](sums.astype(dtype), batch_axis, batch * 9, eps=1e-5)
+    assert blocks == [(threads,)]
     expected = sums.astype(dtype).astype(np.float64).sum(axis=batch_axis)
     close = functools.partial(np.testing.assert_allclose, **tolerance(dtype))
     close(total, expected)
-    close(mean, expected / 5400)
-    close(inv_std, 1 / np.sqrt(expected / 5400 + 1e-5))
+    close(mean, expected / (batch * 9))
+    close(inv_std, 1 / np.sqrt(expected / (batch * 9) + 1e-5))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

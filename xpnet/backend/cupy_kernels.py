@@ -304,9 +304,11 @@ def _channel_totals(sums, batch_axis, count, eps=0.0):
     batch, channels = sums.shape[batch_axis], sums.shape[1 - batch_axis]
     channel_stride, batch_stride = (batch, 1) if batch_axis == 1 else (1, channels)
     total, mean, inv_std = (cupy.empty(channels, dtype=stat) for _ in range(3))
+    # a power of two that covers the batch, from a warp to 256: a small batch leaves no warps idle
+    threads = min(256, max(32, 1 << (batch - 1).bit_length()))
     _channel_totals_kernels[stat](
         (channels,),
-        (256,),
+        (threads,),
         (sums, cupy.int64(channel_stride), cupy.int64(batch_stride), cupy.int32(channels), cupy.int32(batch),
          stat.type(count), stat.type(eps), total, mean, inv_std),
     )  # fmt: skip
