@@ -161,7 +161,9 @@ def test_convnet_rows_time_the_captured_step_with_autotuned_paths_where_convolut
     autotuned = []
     conv_path = kernels.conv_path
     monkeypatch.setattr(kernels, "conv_path", lambda *a: autotuned.append(kernels.conv_paths.autotune) or conv_path(*a))
-    rows = bench_conv.convnet_step_rows(xpnet.get_backend("numpy"), bench.time_variants, 1, 0.01, use_torch=False)
+    backend = xpnet.get_backend("numpy")
+    rows = bench_conv.convnet_step_rows(backend, bench.time_variants, 1, 0.01, use_torch=False, batch=8)
+    assert rows[0]["case"] == "ThreeLayerConvNet step, batch 8"
     results = rows[0]["results"]
     assert sorted(results) == ["xpnet", "xpnet-auto-graph", "xpnet-graph"]
     assert all(results[name]["us"] > 0 for name in results)

@@ -230,11 +230,12 @@ def cpu_rows(backend, time_variants, repeats, budget, use_torch=True) -> list:
     ]
 
 
-def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -> list:
-    """A ThreeLayerConvNet SGD step at batch 128 on CIFAR-sized inputs, xpnet against PyTorch."""
+def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True, batch=128) -> list:
+    """A ThreeLayerConvNet SGD step at ``batch`` (the benchmark's: 128) on CIFAR-sized inputs,
+    xpnet against PyTorch, drawn from 32 batches' worth of rows."""
     rng = backend.rng(0)
-    X = rng.normal((4096, 3, 32, 32), dtype=backend.xp.float32)
-    y = rng.integers(0, 10, 4096)
+    X = rng.normal((32 * batch, 3, 32, 32), dtype=backend.xp.float32)
+    y = rng.integers(0, 10, 32 * batch)
     variants = {}
     cudnn = cudnn_available(backend)
     for name, graph, path in (
@@ -247,8 +248,8 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
         if (graph and not backend.can_capture) or (path == "cudnn" and not cudnn):
             continue
         model = ThreeLayerConvNet(weight_scale=1e-2, seed=0, backend=backend)
-        data = {"X_train": X, "y_train": y, "X_val": X[:256, ...], "y_val": y[:256]}
-        solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 1e-3}, batch_size=128,
+        data = {"X_train": X, "y_train": y, "X_val": X[: 2 * batch, ...], "y_val": y[: 2 * batch]}
+        solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 1e-3}, batch_size=batch,
                         verbose=False, cuda_graph=graph)  # fmt: skip
         step_rng = backend.rng(1)
         step = lambda s=solver, r=step_rng: s.step(r)  # noqa: E731
@@ -261,11 +262,11 @@ def convnet_step_rows(backend, time_variants, repeats, budget, use_torch=True) -
         variants[name] = (step, backend.sync)
     torch = _torch_or_none() if use_torch else None
     if torch is not None:
-        variants.update(_torch_convnet_steps(torch, backend, X, y))
-    return [measure_row("ThreeLayerConvNet step, batch 128", variants, time_variants, repeats, budget, None)]
+        variants.update(_torch_convnet_steps(torch, backend, X, y, batch))
+    return [measure_row(f"ThreeLayerConvNet step, batch {batch}", variants, time_variants, repeats, budget, None)]
 
 
-def _torch_convnet_steps(torch, backend, X, y):
+def _torch_convnet_steps(torch, backend, X, y, batch):
     """The same step in PyTorch on the backend's device: eager, and on a GPU replayed from a graph too."""
     if backend.is_gpu:
         device, sync, names = torch.device("cuda", backend.device.id), torch.cuda.synchronize, ("torch", "torch-graph")
@@ -286,7 +287,7 @@ def _torch_convnet_steps(torch, backend, X, y):
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def step(net=net, optimizer=optimizer, loss_fn=loss_fn):
-            idx = torch.randint(0, X_t.shape[0], (128,), device=device)
+            idx = torch.randint(0, X_t.shape[0], (batch,), device=device)
             loss = loss_fn(net(X_t[idx]), y_t[idx])
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
