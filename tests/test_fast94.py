@@ -640,6 +640,21 @@ def test_fast94_refuses_bad_data_and_settings():
             )
     with pytest.raises(ValueError, match="y_test must be"):
         fast94({**data, "y_test": np.full(4, 12)}, backend="numpy")
+    # pixels already normalised or scaled to [0, 1] would be normalised again, and train on in silence
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3))
+    normalised = (pixels - pixels.mean()) / pixels.std()
+    with pytest.raises(ValueError, match=r"fast94: X_train must hold pixels in 0\.\.255, which it normalises itself; "
+                                         r"got values from -1\.\d+ to 1\.\d+"):  # fmt: skip
+        fast94({**data, "X_train": normalised}, backend="numpy")
+    with pytest.raises(
+        ValueError, match=r"X_test looks scaled to \[0, 1\] \(its largest value is 1\).*multiply them by 255"
+    ):
+        fast94({**data, "X_test": pixels[:4] / 255.0}, backend="numpy")
+    with pytest.raises(ValueError, match=r"X_train must hold pixels in 0\.\.255.*got values from 1 to 1000"):
+        fast94({**data, "X_train": np.where(pixels == 0, 1000, pixels)}, backend="numpy")
+    ones = np.ones((8, 32, 32, 3), dtype=np.uint8)  # integers are pixels, whatever their largest
+    with pytest.raises(ValueError, match="batch_size 1024 is larger than the 8 training images"):
+        fast94({**data, "X_train": ones}, backend="numpy", warmup=False)
     for seed in (-1, "a", 1.5):  # NumPy's seeding said 'expected non-negative integer'
         with pytest.raises(ValueError, match=f"fast94: seed must be a non-negative integer, got {seed!r}"):
             fast94(data, backend="numpy", seed=seed)

@@ -25,11 +25,10 @@ import numpy as np
 
 from ..array_types import Array
 from ..augment import AlternatingFlipTranslate, tta_scores
-from ..backend import Backend, get_backend
+from ..backend import Backend, get_backend, namespace
 from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
-from ..data_checks import check_finite_values
 from ..input_checks import as_int, is_number
 from ..model import check_input_dim
 from ..training.graph import GraphReplay
@@ -270,8 +269,8 @@ def warmup_decay(step: int, total: int, settings: Fast94Settings) -> float:
 
 def normalized_images(backend: Backend, X, dtype="float32", name="images"):
     """Colour pixels (N, H, W, 3) or (N, 3, H, W), 0..255 (CIFAR-10's are 32x32), as normalised
-    (N, 3, H, W) images on ``backend``'s device: moved once, then scaled and checked for NaN
-    and infinities there (``name``: what messages call them)."""
+    (N, 3, H, W) images on ``backend``'s device: moved once, then checked there (finite, in
+    0..255, floats not scaled to [0, 1]) and scaled (``name``: what messages call them)."""
     X = np.asarray(X) if not backend.owns(X) else X
     if X.ndim != 4 or 3 not in (X.shape[1], X.shape[3]):
         raise ValueError(
@@ -283,12 +282,31 @@ def normalized_images(backend: Backend, X, dtype="float32", name="images"):
     images = xp.astype(images, backend.dtype(dtype))
     if images.shape[1] != 3:
         images = xp.permute_dims(images, (0, 3, 1, 2))
+    _check_pixels(backend, images, name, scaled_possible=not namespace(X).isdtype(X.dtype, "integral"))
     mean = backend.asarray(np.asarray(CIFAR10_MEAN) * 255, dtype=dtype)[:, None, None]
     std = backend.asarray(np.asarray(CIFAR10_STD) * 255, dtype=dtype)[:, None, None]
-    images = (images - mean) / std
-    # NaN pixels surfaced as "Eigenvalues did not converge" from the whitening layer's eigh
-    check_finite_values(images, name, f"fast94: {name}")
-    return images
+    return (images - mean) / std
+
+
+def _check_pixels(backend: Backend, images, name: str, scaled_possible: bool) -> None:
+    """ValueError unless ``images`` hold finite pixels in 0..255, not already normalised or
+    (``scaled_possible``: given as floats) scaled to [0, 1]: either would be normalised again,
+    and train on in silence. One transfer of their least and largest value, before anything is timed."""
+    xp = backend.xp
+    low, high = backend.to_floats([xp.min(images), xp.max(images)])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        # NaN pixels surfaced as "Eigenvalues did not converge" from the whitening layer's eigh
+        raise ValueError(f"fast94: {name} contains NaN or infinite values")
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"fast94: {name} must hold pixels in 0..255, which it normalises itself; got values from {low:.4g} "
+            f"to {high:.4g} (pass the images as loaded, before any normalisation)"
+        )
+    if scaled_possible and 0 < high <= 1:
+        raise ValueError(
+            f"fast94: {name} looks scaled to [0, 1] (its largest value is {high:.4g}); it takes pixels 0..255, "
+            f"as load_CIFAR10 gives them: multiply them by 255"
+        )
 
 
 class Fast94Trainer:
