@@ -282,6 +282,68 @@ def test_pool_that_does_not_tile_is_refused(forward):
         forward(np.ones((1, 1, 5, 4)), {"pool_height": 2, "pool_width": 2, "stride": 2, "drop_remainder": "yes"})
 
 
+# ----------------------------------------------------------------------------- the course's other names
+COURSE_CONV_NAMES = [("im2col", "im2col"), ("strides", "strides"), ("im2col", "strides"), ("fast", "im2col")]
+COURSE_POOL_NAMES = [("reshape", "reshape"), ("im2col", "im2col"), ("reshape", "fast"), ("fast", "im2col")]
+
+
+@pytest.mark.parametrize("made_by, taken_by", COURSE_CONV_NAMES)
+def test_the_course_conv_names_give_the_naive_results_and_share_caches(backend, np_rng, made_by, taken_by):
+    """The course's fast_layers.py calls its convolution conv_forward_im2col, _strides and _fast;
+    ported code may pair any forward name with any backward name."""
+    x, w, b = np_rng.standard_normal((2, 3, 7, 7)), np_rng.standard_normal((4, 3, 3, 3)), np_rng.standard_normal(4)
+    dout = np_rng.standard_normal((2, 4, 4, 4))
+    param = {"stride": 2, "pad": 1}
+    expected_out, naive_cache = layers.conv_forward_naive(x, w, b, param)
+    expected_grads = layers.conv_backward_naive(dout, naive_cache)
+    forward = getattr(fast_layers, f"conv_forward_{made_by}")
+    backward = getattr(fast_layers, f"conv_backward_{taken_by}")
+    out, cache = forward(arr(backend, x), arr(backend, w), arr(backend, b), param)
+    np.testing.assert_allclose(to_np(out), expected_out, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(backward(arr(backend, dout), cache), expected_grads):
+        np.testing.assert_allclose(to_np(got), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("made_by, taken_by", COURSE_POOL_NAMES)
+def test_the_course_pool_names_give_the_naive_results_and_share_caches(backend, np_rng, made_by, taken_by):
+    """The course's max_pool_forward_reshape took only square windows that tile the input; this
+    one takes any pool, here an overlapping 3×2 one with ties."""
+    x = np.round(np_rng.standard_normal((2, 3, 7, 6)))  # rounded: windows with ties
+    param = {"pool_height": 3, "pool_width": 2, "stride": 2}
+    dout = np_rng.standard_normal((2, 3, 3, 3))
+    expected_out, naive_cache = layers.max_pool_forward_naive(x, param)
+    forward = getattr(fast_layers, f"max_pool_forward_{made_by}")
+    backward = getattr(fast_layers, f"max_pool_backward_{taken_by}")
+    out, cache = forward(arr(backend, x), param)
+    np.testing.assert_array_equal(to_np(out), expected_out)
+    dx = backward(arr(backend, dout), cache)
+    np.testing.assert_allclose(to_np(dx), layers.max_pool_backward_naive(dout, naive_cache), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["im2col", "strides"])
+def test_the_course_conv_names_name_themselves_in_errors(name):
+    x, w, b = np.ones((2, 3, 5, 5)), np.ones((4, 2, 3, 3)), np.ones(4)
+    with pytest.raises(ValueError, match=rf"^conv_forward_{name}: .*has 3 channels but w"):
+        getattr(fast_layers, f"conv_forward_{name}")(x, w, b, {"stride": 1, "pad": 1})
+    _, cache = fast_layers.conv_forward_fast(x, np.ones((4, 3, 3, 3)), b, {"stride": 1, "pad": 1})
+    with pytest.raises(ValueError, match=rf"^conv_backward_{name}: dout has shape \(2, 4, 4, 4\), expected"):
+        getattr(fast_layers, f"conv_backward_{name}")(np.ones((2, 4, 4, 4)), cache)
+    with pytest.raises(ValueError, match=rf"^conv_backward_{name}: .*the 5 parts conv_forward_{name} returns"):
+        getattr(fast_layers, f"conv_backward_{name}")(np.ones((2, 4, 5, 5)), cache[:4])
+
+
+@pytest.mark.parametrize("name", ["reshape", "im2col"])
+def test_the_course_pool_names_name_themselves_in_errors(name):
+    x = np.ones((2, 3, 5, 5))
+    with pytest.raises(ValueError, match=rf"^max_pool_forward_{name}: "):
+        getattr(fast_layers, f"max_pool_forward_{name}")(x, {"pool_height": 2, "pool_width": 2, "stride": 2})
+    _, cache = fast_layers.max_pool_forward_fast(x[:, :, :4, :4], {"pool_height": 2, "pool_width": 2, "stride": 2})
+    with pytest.raises(ValueError, match=rf"^max_pool_backward_{name}: dout has shape \(2, 3, 1, 1\), expected"):
+        getattr(fast_layers, f"max_pool_backward_{name}")(np.ones((2, 3, 1, 1)), cache)
+    with pytest.raises(ValueError, match=rf"^max_pool_backward_{name}: .*the 3 parts max_pool_forward_{name} returns"):
+        getattr(fast_layers, f"max_pool_backward_{name}")(np.ones((2, 3, 2, 2)), cache[:2])
+
+
 # ----------------------------------------------------------------------------- spatial normalisation
 def test_spatial_batchnorm_normalises_each_channel_and_keeps_running_averages(backend):
     rng = np.random.RandomState(231)  # the course's data for this check

@@ -30,7 +30,23 @@ from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset
 from .input_checks import check_dout, unpack_cache
 from .layers import matmul
 
-__all__ = ["conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast", "max_pool_backward_fast"]
+__all__ = [
+    "conv_forward_fast",
+    "conv_backward_fast",
+    "max_pool_forward_fast",
+    "max_pool_backward_fast",
+    # The course's fast_layers.py has three conv and three pool implementations; xpnet has one of
+    # each, which takes every case, under all of the course's names, so that code written against
+    # any of them ports by its import. The caches are the same whichever name made them.
+    "conv_forward_im2col",
+    "conv_backward_im2col",
+    "conv_forward_strides",
+    "conv_backward_strides",
+    "max_pool_forward_reshape",
+    "max_pool_backward_reshape",
+    "max_pool_forward_im2col",
+    "max_pool_backward_im2col",
+]
 
 
 def _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out):
@@ -114,6 +130,16 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_fast", x, w, b, conv_param))
 
 
+def conv_forward_im2col(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
+    """The course's name for :func:`conv_forward_fast` (im2col and one GEMM is what it does)."""
+    return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_im2col", x, w, b, conv_param))
+
+
+def conv_forward_strides(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
+    """The course's name for :func:`conv_forward_fast` (its columns come from strided slices)."""
+    return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_strides", x, w, b, conv_param))
+
+
 def _conv_forward(x, w, b, conv_param, geometry):
     """:func:`conv_forward_fast` with its arguments already checked: ``geometry`` is what
     :func:`conv_geometry` returned for them (the sandwiches check them under their own names)."""
@@ -167,10 +193,25 @@ def conv_backward_fast(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     """Backward pass of :func:`conv_forward_fast`: dx (N, C, H, W) (None when
     ``input_grad`` is False, as for a network's first layer), dw (F, C, HH, WW), db (F,)
     (None without a bias)."""
-    x, w, b, conv_param, cols = unpack_cache("conv_backward_fast", cache, 5, "conv_forward_fast")
-    xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_fast", x, w, b, conv_param)
+    return _conv_backward("conv_backward_fast", "conv_forward_fast", dout, cache, input_grad)
+
+
+def conv_backward_im2col(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
+    """The course's name for :func:`conv_backward_fast`; the cache of any of the three forward names will do."""
+    return _conv_backward("conv_backward_im2col", "conv_forward_im2col", dout, cache, input_grad)
+
+
+def conv_backward_strides(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
+    """The course's name for :func:`conv_backward_fast`; the cache of any of the three forward names will do."""
+    return _conv_backward("conv_backward_strides", "conv_forward_strides", dout, cache, input_grad)
+
+
+def _conv_backward(name, forward, dout, cache, input_grad):
+    """:func:`conv_backward_fast` reporting a fault as ``name``, the backward pass of ``forward``."""
+    x, w, b, conv_param, cols = unpack_cache(name, cache, 5, forward)
+    xp, stride, pad, h_out, w_out = conv_geometry(name, x, w, b, conv_param)
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
-    check_dout("conv_backward_fast", dout, (n, f, h_out, w_out))
+    check_dout(name, dout, (n, f, h_out, w_out))
     if isinstance(cols, _LibraryConvolution):
         engine = cols.engine
         dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
@@ -211,7 +252,23 @@ def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     The maximum of ph row slices, then of pw column slices of that (no copy of the windows).
     The cache is (x, pool_param, out), or on a backend with fused kernels (x, pool_param,
     each window's first maximum)."""
-    xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_forward_fast", x, pool_param)
+    return _max_pool_forward("max_pool_forward_fast", x, pool_param)
+
+
+def max_pool_forward_reshape(x: Array, pool_param: dict) -> tuple[Array, Cache]:
+    """The course's name for :func:`max_pool_forward_fast`, which takes any pool (the course's
+    needs square windows that tile the input)."""
+    return _max_pool_forward("max_pool_forward_reshape", x, pool_param)
+
+
+def max_pool_forward_im2col(x: Array, pool_param: dict) -> tuple[Array, Cache]:
+    """The course's name for :func:`max_pool_forward_fast` (it pools strided slices, no columns)."""
+    return _max_pool_forward("max_pool_forward_im2col", x, pool_param)
+
+
+def _max_pool_forward(name, x, pool_param):
+    """:func:`max_pool_forward_fast` reporting a fault as ``name``."""
+    xp, ph, pw, stride, h_out, w_out = pool_geometry(name, x, pool_param)
     fast = accelerated(x)
     if fast is not None:
         out, argmax = fast.max_pool_forward(x, ph, pw, stride, h_out, w_out)
@@ -237,10 +294,25 @@ def _running_maximum(xp, slices):
 def max_pool_backward_fast(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`max_pool_forward_fast`: each window's gradient goes to its
     first maximum (row-major order); overlapping windows add up. Returns dx (N, C, H, W)."""
-    x, pool_param, saved = unpack_cache("max_pool_backward_fast", cache, 3, "max_pool_forward_fast")
-    xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_fast", x, pool_param)
+    return _max_pool_backward("max_pool_backward_fast", "max_pool_forward_fast", dout, cache)
+
+
+def max_pool_backward_reshape(dout: Array, cache: Cache) -> Array:
+    """The course's name for :func:`max_pool_backward_fast`; the cache of any of the three forward names will do."""
+    return _max_pool_backward("max_pool_backward_reshape", "max_pool_forward_reshape", dout, cache)
+
+
+def max_pool_backward_im2col(dout: Array, cache: Cache) -> Array:
+    """The course's name for :func:`max_pool_backward_fast`; the cache of any of the three forward names will do."""
+    return _max_pool_backward("max_pool_backward_im2col", "max_pool_forward_im2col", dout, cache)
+
+
+def _max_pool_backward(name, forward, dout, cache):
+    """:func:`max_pool_backward_fast` reporting a fault as ``name``, the backward pass of ``forward``."""
+    x, pool_param, saved = unpack_cache(name, cache, 3, forward)
+    xp, ph, pw, stride, h_out, w_out = pool_geometry(name, x, pool_param)
     expected = (x.shape[0], x.shape[1], h_out, w_out)
-    check_dout("max_pool_backward_fast", dout, expected)
+    check_dout(name, dout, expected)
     if isinstance(saved, _FusedPoolCache):
         return saved.kernels.max_pool_backward(dout, saved.argmax, x, ph, pw, stride, h_out, w_out)
     out = saved
