@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import to_np
 
-from xpnet import optim
+from xpnet import cache_blocks, optim
 
 
 def reference_steps(rule, w, grads, config):
@@ -190,3 +190,49 @@ def test_a_misspelt_config_key_in_a_direct_call_is_named(backend, rule):
     dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
     with pytest.raises(ValueError, match=rf"unknown optim_config key 'learning_rte' for update rule '{rule}'"):
         getattr(optim, rule)(w, dw, {"learning_rte": 0.1})
+
+
+@pytest.mark.parametrize("rule", ["sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam"])  # six or more passes
+@pytest.mark.parametrize("transposed", [False, True])
+def test_updates_in_cache_sized_blocks_give_the_whole_array_values(backend, np_rng, monkeypatch, rule, transposed):
+    """On the CPU a large array is updated a block of rows at a time (xpnet.cache_blocks):
+    blocks that do not divide the rows, rows longer than a block and a non-contiguous w
+    must give the whole array's values bit for bit, weights and state, in place."""
+    config = {"weight_decay": 0.3} if rule == "nesterov_sgd" else {}
+    w0 = np_rng.standard_normal((23, 7))
+    grads = [np_rng.standard_normal((23, 7)) for _ in range(3)]
+
+    def run(whole_up_to, block):
+        monkeypatch.setattr(cache_blocks, "UPDATE_WHOLE_UP_TO", whole_up_to)
+        monkeypatch.setattr(cache_blocks, "BLOCK", block)
+        w = backend.asarray(w0.T if transposed else w0, dtype="float64", copy=True)
+        cfg = dict(config)
+        for dw in grads:
+            next_w, cfg = getattr(optim, rule)(w, backend.asarray(dw.T if transposed else dw, dtype="float64"), cfg)
+            assert next_w is w
+        return to_np(w), {k: to_np(v) for k, v in cfg.items() if k in optim.CONFIG_KEYS[rule][1] and k != "t"}
+
+    whole_w, whole_state = run(10**9, 1 << 15)
+    for block in (1, 30, 1000):  # a row (or less) a block; blocks of 4 or 1 rows and a remainder; all rows
+        w, state = run(10, block)
+        np.testing.assert_array_equal(w, whole_w, err_msg=f"block {block}")
+        for key, value in whole_state.items():
+            np.testing.assert_array_equal(state[key], value, err_msg=f"{key}, block {block}")
+
+
+def test_update_in_blocks_visits_every_row_once(backend, monkeypatch):
+    monkeypatch.setattr(cache_blocks, "UPDATE_WHOLE_UP_TO", 10)
+    monkeypatch.setattr(cache_blocks, "BLOCK", 12)  # 3 rows of 4: 10 // 3 rows a block
+    counts = backend.asarray(np.zeros((10, 4)), dtype="float64")
+    visits = []
+
+    def count(a):
+        visits.append(tuple(a.shape))
+        a += 1.0
+
+    cache_blocks.update_in_blocks(count, counts)
+    np.testing.assert_array_equal(to_np(counts), np.ones((10, 4)))
+    assert visits == [(3, 4), (3, 4), (3, 4), (1, 4)]
+    visits.clear()
+    cache_blocks.update_in_blocks(count, backend.asarray(np.zeros((2, 5)), dtype="float64"))  # 10 elements: whole
+    assert visits == [(2, 5)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import arr, check_backward, labels, to_np
 
-from xpnet import layers, special
+from xpnet import cache_blocks, layers
 from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
 from xpnet.special import erf, erfc, normal_cdf
 
@@ -88,7 +88,7 @@ def test_blocks_give_what_the_whole_array_gives(backend, np_rng, monkeypatch, sh
     # in the input's memory layout (which later reductions' rounding depends on).
     x_np = 6 * np_rng.standard_normal(shape)
     whole = {f: f(arr(backend, x_np).T) for f in (erf, erfc, normal_cdf)}
-    monkeypatch.setattr(special, "_BLOCK", 1000)
+    monkeypatch.setattr(cache_blocks, "BLOCK", 1000)
     for f, expected in whole.items():
         got = f(arr(backend, x_np).T)
         assert tuple(got.shape) == shape[::-1]

