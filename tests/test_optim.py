@@ -1,5 +1,7 @@
 """Update rules against independent out-of-place NumPy computations."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 from helpers import to_np
@@ -195,9 +197,11 @@ def test_a_misspelt_config_key_in_a_direct_call_is_named(backend, rule):
 @pytest.mark.parametrize("rule", ["sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam"])  # six or more passes
 @pytest.mark.parametrize("transposed", [False, True])
 def test_updates_in_cache_sized_blocks_give_the_whole_array_values(backend, np_rng, monkeypatch, rule, transposed):
-    """On the CPU a large array is updated a block of rows at a time (xpnet.cache_blocks):
+    """On NumPy a large array is updated a block of rows at a time (xpnet.cache_blocks):
     blocks that do not divide the rows, rows longer than a block and a non-contiguous w
-    must give the whole array's values bit for bit, weights and state, in place."""
+    must give the whole array's values bit for bit, weights and state, in place; on every
+    backend, so that the blocks' slices are known to write through wherever they run."""
+    monkeypatch.setattr(backend, "cache_blocks", True)
     config = {"weight_decay": 0.3} if rule == "nesterov_sgd" else {}
     w0 = np_rng.standard_normal((23, 7))
     grads = [np_rng.standard_normal((23, 7)) for _ in range(3)]
@@ -221,6 +225,7 @@ def test_updates_in_cache_sized_blocks_give_the_whole_array_values(backend, np_r
 
 
 def test_update_in_blocks_visits_every_row_once(backend, monkeypatch):
+    monkeypatch.setattr(backend, "cache_blocks", True)
     monkeypatch.setattr(cache_blocks, "UPDATE_WHOLE_UP_TO", 10)
     monkeypatch.setattr(cache_blocks, "BLOCK", 12)  # 3 rows of 4: 10 // 3 rows a block
     counts = backend.asarray(np.zeros((10, 4)), dtype="float64")
@@ -236,3 +241,18 @@ def test_update_in_blocks_visits_every_row_once(backend, monkeypatch):
     visits.clear()
     cache_blocks.update_in_blocks(count, backend.asarray(np.zeros((2, 5)), dtype="float64"))  # 10 elements: whole
     assert visits == [(2, 5)]
+    visits.clear()
+    monkeypatch.setattr(backend, "cache_blocks", False)  # a GPU, PyTorch, array-api-strict
+    cache_blocks.update_in_blocks(count, counts)
+    assert visits == [(10, 4)]
+    np.testing.assert_array_equal(to_np(counts), np.full((10, 4), 2.0))
+
+
+def test_only_numpy_runs_in_cache_blocks():
+    """Measured: NumPy gains from blocks; PyTorch's CPU tensors and array-api-strict lose."""
+    import xpnet
+
+    assert xpnet.get_backend("numpy").cache_blocks
+    assert not xpnet.get_backend("array_api_strict").cache_blocks
+    if importlib.util.find_spec("torch") is not None:
+        assert not xpnet.get_backend("torch").cache_blocks

@@ -3,9 +3,11 @@
 Each array API operation is one pass over memory, and a pass over an array larger than
 the CPU's caches goes out to main memory and back. Running the whole chain on one block
 of rows after another keeps each block's temporaries in the cache: the same operations on
-the same values, so the same results bit for bit, in less time. On a GPU each pass is a
-kernel launch, and a block loop would multiply the launches, so there the arrays are
-taken whole.
+the same values, so the same results bit for bit, in less time. Only where the backend
+says so (``Backend.cache_blocks``: NumPy's operations cost about a microsecond to call);
+on a GPU each pass is a kernel launch, and a block loop would multiply the launches, and
+PyTorch's CPU tensors and array-api-strict cost more per call than the cache saves, so
+there the arrays are taken whole.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ def _row_blocks(shape) -> list:
 
 
 def map_blocks(function, x: Array) -> Array:
-    """``function(xp, x, on_host)``, an elementwise function, on the CPU a block of about
-    :data:`BLOCK` elements (whole slices along the first axis) after another; on a GPU on
-    all of ``x`` at once. ``on_host`` says whether the function may look at the values to
-    choose what to compute (free on the CPU, a synchronisation on a GPU). The result has x's
-    memory layout either way."""
-    xp = namespace(x)
-    on_host = not backend_of(x).is_gpu
-    if math.prod(x.shape) <= BLOCK or not on_host:
+    """``function(xp, x, on_host)``, an elementwise function, a block of about :data:`BLOCK`
+    elements (whole slices along the first axis) after another where the backend runs in
+    cache blocks, else on all of ``x`` at once. ``on_host`` says whether the function may
+    look at the values to choose what to compute (free on the CPU, a synchronisation on a
+    GPU). The result has x's memory layout either way."""
+    xp, backend = namespace(x), backend_of(x)
+    on_host = not backend.is_gpu
+    if math.prod(x.shape) <= BLOCK or not backend.cache_blocks:
         return function(xp, x, on_host)
     out = xp.empty_like(x)
     for block in _row_blocks(x.shape):
@@ -50,11 +52,11 @@ def map_blocks(function, x: Array) -> Array:
 
 def update_in_blocks(update, *arrays: Array) -> None:
     """``update(*arrays)``, which changes some of ``arrays`` (all of one shape) in place with
-    the array API's in-place operators, a block of rows after another on the CPU where the
-    arrays hold more than :data:`UPDATE_WHOLE_UP_TO` elements; whole on a GPU and for smaller
-    arrays. ``update`` sees row slices of the arrays, which write through to them."""
+    the array API's in-place operators, a block of rows after another where the backend runs
+    in cache blocks and the arrays hold more than :data:`UPDATE_WHOLE_UP_TO` elements, else
+    whole. ``update`` sees row slices of the arrays, which write through to them."""
     first = arrays[0]
-    if math.prod(first.shape) <= UPDATE_WHOLE_UP_TO or backend_of(first).is_gpu:
+    if math.prod(first.shape) <= UPDATE_WHOLE_UP_TO or not backend_of(first).cache_blocks:
         update(*arrays)
         return
     for block in _row_blocks(first.shape):

@@ -7,7 +7,7 @@ in-place operators) and ``w`` is returned as ``next_w``, so steady-state
 training allocates no new parameter arrays. Scalar bookkeeping (Adam's step
 count and bias corrections) stays in Python floats: no update forces a device
 synchronisation. On CuPy arrays each rule is one fused kernel; the array-API
-code is the reference it is tested against. On the CPU, arrays larger than the
+code is the reference it is tested against. On NumPy, arrays larger than the
 caches are updated a block of rows at a time by the rules with six or more
 passes over them (:mod:`xpnet.cache_blocks`): the same operations on the same
 values, Adam about 1.4x faster on millions of them.

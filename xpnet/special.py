@@ -7,13 +7,14 @@ it is small: erf(x) = x·P(x²)/Q(x²) for |x| <= 0.46875; erfc(y) = e^(-y²)·P
 0.46875 < y <= 4; erfc(y) = e^(-y²)/y·(1/√π + R(1/y²)/y²) beyond. e^(-y²) is computed as
 e^(-t²)·e^(-(y - t)(y + t)) with t = y rounded down to 1/16, so that the rounding of y²
 does not cost precision. Every range is evaluated for every element and the right one
-selected: about 80 elementwise operations. On the CPU they run on blocks of about
+selected: about 80 elementwise operations. On NumPy they run on blocks of about
 ``xpnet.cache_blocks.BLOCK`` elements at a time, so that those passes stay in the cache
 (about twice as fast on millions of values, and the same results), and a block with no
 value beyond 4 skips that range's 30 or so operations (activations almost never reach
-it); a GPU takes the array whole, with no decision that would wait for the device. On
-the CPU float32 values are computed in float64 and rounded: correctly rounded, where
-float32 arithmetic through these rationals is off by several units in the last place.
+it); other backends take the array whole, a GPU with no decision that would wait for
+the device. On the CPU float32 values are computed in float64 and rounded: correctly
+rounded, where float32 arithmetic through these rationals is off by several units in the
+last place.
 """
 
 from __future__ import annotations

@@ -137,6 +137,11 @@ class Backend:
     rng_class: type[DeviceRNG] = DeviceRNG
     is_gpu = False
     can_capture = False
+    # Whether a chain of elementwise operations on a large array runs faster a cache-sized block
+    # of rows at a time (xpnet.cache_blocks): where each operation costs about a microsecond to
+    # call (NumPy), yes; on a GPU each is a launch, and PyTorch's CPU tensors and array-api-strict
+    # cost more per call than the cache saves (Adam 1.3-2.9x and 2.5x slower in blocks).
+    cache_blocks = False
 
     def __init__(self, name: str, xp, device, lib):
         self.name = name

@@ -14,6 +14,8 @@ from .registry import register_backend
 
 
 class NumpyBackend(Backend):
+    cache_blocks = True
+
     def owns(self, x) -> bool:
         return type(x) is np.ndarray
 
