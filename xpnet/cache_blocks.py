@@ -1,4 +1,4 @@
-"""Chains of elementwise operations run a cache-sized block at a time on the CPU.
+"""Chains of elementwise operations run a cache-sized block at a time on NumPy.
 
 Each array API operation is one pass over memory, and a pass over an array larger than
 the CPU's caches goes out to main memory and back. Running the whole chain on one block
