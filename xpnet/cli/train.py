@@ -234,6 +234,13 @@ def switched_backend(args, keep: bool):
     return backend
 
 
+def _trained(solver, first_epoch: int, first_iteration: int) -> str:
+    """What this process trained, for the closing line: after --resume, only the epochs since the checkpoint."""
+    epochs, iterations = solver.epoch - first_epoch, solver.iteration - first_iteration
+    text = f"{epochs} epoch{'s' * (epochs != 1)} ({iterations} iteration{'s' * (iterations != 1)})"
+    return text + (f" after resuming at epoch {first_epoch}" if first_epoch else "")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -333,7 +340,7 @@ class Run:
             if finished:  # said here in the command's terms, not as the Solver's warning
                 print(f"nothing to train: the checkpoint has run {solver.epoch} epochs of --epochs {args.epochs}")
 
-        start = time.perf_counter()
+        start, first_epoch, first_iteration = time.perf_counter(), solver.epoch, solver.iteration
         with divergence_said_once(), warnings.catch_warnings():  # below, or through the Solver's report
             if finished:
                 warnings.filterwarnings("ignore", r"train\(\): nothing to train", UserWarning)
@@ -346,7 +353,7 @@ class Run:
             print(solver.diverged, file=sys.stderr)
         print(f"best val acc: {solver.best_val_acc:.4f}")
         print(f"test acc: {test_acc:.4f}")
-        print(f"wall time: {wall:.2f} s for {solver.epoch} epochs ({solver.iteration} iterations)")
+        print(f"wall time: {wall:.2f} s for {_trained(solver, first_epoch, first_iteration)}")
         if args.conv_autotune:
             print(format_conv_paths(conv_paths_chosen(backend)))
         if args.plot:
