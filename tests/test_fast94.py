@@ -3,6 +3,7 @@ the recipe's hyper-parameters, parity with the same recipe in PyTorch, and an en
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from xpnet.backend import get_backend, to_numpy
 from xpnet.cnn import FastConvNet
 from xpnet.recipes import Fast94Settings, Fast94Trainer, fast94
 from xpnet.recipes.fast94 import sgd_hyper_parameters, warmup_decay
+from xpnet.training import DivergenceWarning
 from xpnet.training.lookahead import Lookahead, cubic_lookahead_decay
 from xpnet.whitening import whitening_filters
 
@@ -702,13 +704,18 @@ def test_fast_conv_net_trains_before_its_whitening_is_set_and_names_wrong_images
         model.init_whitening(X[:5].transpose(0, 2, 3, 1))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")  # NumPy's, on the way
 def test_a_diverging_recipe_says_so():
     rng = np.random.default_rng(0)
     data = {"X_train": rng.integers(0, 256, (64, 32, 32, 3)), "y_train": rng.integers(0, 10, 64),
             "X_test": rng.integers(0, 256, (8, 32, 32, 3)), "y_test": rng.integers(0, 10, 8)}  # fmt: skip
-    with pytest.warns(RuntimeWarning, match=r"the training loss became nan at step \d+ of 4"):
+    with pytest.warns(DivergenceWarning, match=r"fast94: the training loss became nan at step \d+ of 4"):
         result = fast94(data, backend="numpy", widths=(4, 4, 4), batch_size=32, epochs=2, learning_rate=1e30)
     assert not np.all(np.isfinite(result.losses))
+    assert "training diverged" in result.diverged and "learning rate 1e+30 per 1024 examples" in result.diverged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)
+        assert fast94(data, backend="numpy", widths=(4, 4, 4), batch_size=32, epochs=2).diverged is None
 
 
 def test_a_switch_refused_after_another_was_accepted_leaves_none_on(monkeypatch):

@@ -533,6 +533,23 @@ def test_train_script_exits_non_zero_on_divergence_and_says_so_once(train, capsy
     assert not [w for w in caught if "training diverged" in str(w.message) or "encountered" in str(w.message)]
 
 
+def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train, capsys, tmp_path):
+    """It exited 0 and printed the test accuracy as if the run were good, with NumPy's overflow
+    warnings pointing into xpnet's layers and the recipe's own warning below them."""
+    write_fake_cifar(tmp_path / "cifar", per_batch=20)
+    args = ["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", str(tmp_path / "cifar"), "--num-train", "64",
+            "--batch-size", "32", "--epochs", "2", "--recipe-set", "widths=4,4,4", "--recipe-set", "learning_rate=1e30",
+            "--checkpoint-dir", str(tmp_path / "runs")]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run_cli(train, capsys, args)
+    assert code == 1
+    assert err.count("training diverged") == 1 and "training diverged" not in out
+    assert "the training loss became nan at step" in err and "learning rate 1e+30 per 1024 examples" in err
+    assert not [w for w in caught if "diverged" in str(w.message) or "encountered" in str(w.message)]
+    assert not (tmp_path / "runs" / "fast94.npz").exists()
+
+
 # ----------------------------------------------------------------------------- the command line fails early
 @pytest.mark.parametrize(
     "args, message",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from xpnet import data_utils
 from xpnet.cli.common import conv_paths_chosen, format_conv_paths
 from xpnet.recipes import Fast94Settings, fast94, save_fast94_model
+from xpnet.training.guard import divergence_said_once
 
 RECIPES = ("fast94",)
 
@@ -113,7 +115,8 @@ def run_recipe(args, backend, data, log=None, progress=print) -> int:
         overrides["batch_size"] = args.batch_size
     overrides.update(recipe_settings(args.recipe_set))
     progress = None if backend.is_gpu else progress
-    result = fast94(data, backend=backend, seed=args.seed, progress=progress, **overrides)
+    with divergence_said_once():  # said below, once, without the array library's overflow warnings
+        result = fast94(data, backend=backend, seed=args.seed, progress=progress, **overrides)
     print(f"{args.recipe}: test accuracy {result.test_accuracy:.4f} (TTA, {data['X_test'].shape[0]} images)")
     print(
         f"timed: {result.seconds:.2f} s = whitening {result.whiten_seconds:.2f} + training "
@@ -126,6 +129,9 @@ def run_recipe(args, backend, data, log=None, progress=print) -> int:
         precision = "float16" if args.fp16 else "float32"
         log(dict(recipe=args.recipe, backend=backend.name, device=backend.device_name, activations=precision,
                  **result.figures()))  # fmt: skip
+    if result.diverged:  # nothing worth keeping: no model file either
+        print(result.diverged, file=sys.stderr)
+        return 1
     if args.checkpoint_dir:
         print(f"model: {save_fast94_model(os.path.join(args.checkpoint_dir, f'{args.recipe}.npz'), result)}")
     return 0

@@ -32,6 +32,7 @@ from ..cnn import FastConvNet
 from ..input_checks import as_int, is_number
 from ..model import check_input_dim
 from ..training.graph import GraphReplay
+from ..training.guard import DivergenceWarning
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
 from ..training.sampling import EpochPermutation
 from ..training.update import Update
@@ -235,6 +236,18 @@ class Fast94Result:
         start, whitened, trained, end = clock
         return cls(test_accuracy, end - start, whitened - start, trained - whitened, end - trained,
                    len(losses), len(losses) / per_epoch, losses, model, settings)  # fmt: skip
+
+    @property
+    def diverged(self) -> str | None:
+        """None, or what went wrong where the training loss became NaN or infinite (the step,
+        the learning rate); the accuracy is then meaningless."""
+        bad = next((i for i, value in enumerate(self.losses) if not math.isfinite(value)), None)
+        if bad is None:
+            return None
+        lr = "" if self.settings is None else f" (learning rate {self.settings.learning_rate} per 1024 examples)"
+        return (f"fast94: the training loss became {self.losses[bad]} at step {bad + 1} of {self.steps}{lr}: "
+                "training diverged, and the accuracy is meaningless. Likely cause: a learning rate too large "
+                "for these settings")  # fmt: skip
 
     def figures(self) -> dict:
         """The run's numbers (accuracy, seconds, steps, epochs), for a log or a report."""
@@ -553,9 +566,6 @@ def timed_run(backend, settings: Fast94Settings, seed, train_images, train_label
             switch(False)
     result = Fast94Result.from_clock(test_accuracy, (start, whitened, trained, end), trainer.per_epoch,
                                      backend.to_floats(losses), model, settings)  # fmt: skip
-    bad = next((i for i, value in enumerate(result.losses) if not math.isfinite(value)), None)
-    if bad is not None:
-        warnings.warn(f"fast94: the training loss became {result.losses[bad]} at step {bad + 1} of {result.steps} "
-                      f"(learning rate {settings.learning_rate} per 1024 examples); the accuracy is meaningless",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
+    if result.diverged:
+        warnings.warn(result.diverged, DivergenceWarning, stacklevel=2)
     return result

@@ -12,6 +12,7 @@
 """
 
 from .callbacks import Callback, Checkpointer, ConsoleReport, EarlyStopping, LogFunction
+from .guard import DivergenceWarning
 from .sampling import EpochPermutation, Sampler, WithReplacement
 from .settings import SolverSettings
 from .update import Update
@@ -22,6 +23,7 @@ __all__ = [
     "ConsoleReport",
     "EarlyStopping",
     "LogFunction",
+    "DivergenceWarning",
     "EpochPermutation",
     "Sampler",
     "WithReplacement",

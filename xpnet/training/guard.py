@@ -9,17 +9,22 @@ import math
 import numbers
 import warnings
 
-__all__ = ["FiniteGuard", "divergence_said_once"]
+__all__ = ["DivergenceWarning", "FiniteGuard", "divergence_said_once"]
+
+
+class DivergenceWarning(RuntimeWarning):
+    """Training diverged: its loss or parameters became NaN or infinite. The message says
+    where, with the learning rate and the likely cause."""
 
 
 @contextlib.contextmanager
 def divergence_said_once():
-    """Silence, inside the block, what a diverging run makes the array library and the guard
-    warn ('overflow encountered in matmul', pointing into xpnet's layers; the guard's own
-    RuntimeWarning): for a command that reports ``solver.diverged`` itself, once."""
+    """Silence, inside the block, what a diverging run makes the array library and xpnet
+    warn ('overflow encountered in matmul', pointing into xpnet's layers; the
+    :class:`DivergenceWarning`): for a command that reports the divergence itself, once."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
-        warnings.filterwarnings("ignore", "training diverged", RuntimeWarning)
+        warnings.filterwarnings("ignore", category=DivergenceWarning)
         yield
 
 
@@ -54,7 +59,7 @@ class FiniteGuard:
         hyper = {f"model.{k}": getattr(solver.model, k, None) for k in ("reg", "weight_scale", "std")}
         hyper.update({f"optim_config[{k!r}]": v for k, v in solver.optim_config.items()})
         text = self.message(solver.iteration, solver.num_iterations, solver.iterations_per_epoch, lr, hyper)
-        warnings.warn(text, RuntimeWarning, stacklevel=4)
+        warnings.warn(text, DivergenceWarning, stacklevel=4)
         return text
 
     def message(self, iteration, num_iterations, per_epoch, learning_rate, hyper_parameters: dict) -> str:
