@@ -116,6 +116,10 @@ def recipe_lines(recipe: dict, judged=True) -> list[str]:
     detail = f"{name}{autotuned}, {n} runs on {recipe.get('train_images')}/{recipe.get('test_images')} images"
     if not counted:
         detail += " (the issue asks for 5 runs or more on all 50,000/10,000)"
+    for side, rows in ((name, ours), ("torch", theirs)):
+        diverged = sum("diverged" in r for r in rows)
+        if diverged:  # counted in the means, at the accuracy they ended with
+            detail += f"; {diverged} of {len(rows)} {side} runs diverged"
     gap_detail = detail if error is None else f"{detail}; ± {error:.2f}, the standard error of the difference"
     return [
         _line(

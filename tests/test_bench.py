@@ -7,6 +7,7 @@ import re
 import shlex
 import time
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -465,6 +466,27 @@ def test_a_recipe_that_no_side_completes_exits_1_and_says_why(tmp_path, capsys):
     assert "failed: xpnet: ValueError: fast94: batch_size 64 is larger than the 16 training images" in printed
 
 
+def test_a_diverged_recipe_run_is_marked_in_its_line_the_table_and_the_json(tmp_path, capsys):
+    """Its accuracy (chance, or worse) went into the table and the means unmarked, under NumPy's
+    overflow warnings."""
+    rng = np.random.default_rng(0)
+    subset, out = tmp_path / "cifar.npz", tmp_path / "report.json"
+    np.savez(subset, X_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 64),
+             X_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 8))  # fmt: skip
+    args = ["--recipe", "fast94", "--cifar-npz", str(subset), "--runs", "1", "--no-torch", "--no-warmup", "--json",
+            str(out), "--recipe-set", "widths=4,4,4", "--recipe-set", "batch_size=32", "--recipe-set", "epochs=1",
+            "--recipe-set", "learning_rate=1e30"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench.main(args)
+    printed = capsys.readouterr().out
+    assert re.search(r"run 0 xpnet: [0-9.]+ in [0-9.]+ s \(fast94: the training loss became nan at step", printed)
+    assert re.search(r"\| 0 \| [0-9.]+% diverged \|", printed)
+    run = json.loads(out.read_text())["recipe"]["runs"]["xpnet"][0]
+    assert "training diverged" in run["diverged"]
+    assert not [w for w in caught if "diverged" in str(w.message) or "encountered" in str(w.message)]
+
+
 def test_a_cifar_npz_without_the_arrays_a_part_reads_is_refused_by_name(capsys, tmp_path):
     # An .npz made for --time-to-accuracy (X_val, y_val) handed to --recipe, which tests on X_test, y_test.
     subset = tmp_path / "val.npz"
@@ -683,6 +705,19 @@ def test_done_when_checks_each_gpu_target_on_the_reports(tmp_path, capsys):
         "info        #11 fp16 on both sides, xpnet-fp16/torch-fp16 seconds: 0.75; accuracy 93.90% against 94.00%"
         in ("\n".join(lines))
     )
+
+
+def test_done_when_says_how_many_recipe_runs_diverged(tmp_path, capsys):
+    ours = [{"test_accuracy": 0.94, "seconds": 6.0}] * 4 + [{"test_accuracy": 0.1, "seconds": 6.0, "diverged": "nan"}]
+    runs = {"xpnet": ours, "torch": [{"test_accuracy": 0.94, "seconds": 5.0}] * 5}
+    path = tmp_path / "fast94.json"
+    path.write_text(json.dumps({"device": "NVIDIA H100", "recipe": {"runs": runs, "train_images": 50000,
+                                                                    "test_images": 10000}}))  # fmt: skip
+    _done_when().main([str(path)])
+    lines = capsys.readouterr().out.splitlines()
+    accuracy = next(line for line in lines if "points below PyTorch" in line)
+    assert accuracy.startswith("FAIL") and "xpnet, 5 runs on 50000/10000 images; 1 of 5 xpnet runs diverged" in accuracy
+    assert "torch runs diverged" not in accuracy
 
 
 def test_done_when_says_what_no_report_measured(capsys):

@@ -21,6 +21,7 @@ from xpnet import data_utils
 from xpnet.cli.bench_conv import cudnn_available
 from xpnet.cli.common import load_npz_arrays
 from xpnet.recipes.fast94 import Fast94Settings, device_data, timed_run
+from xpnet.training.guard import divergence_said_once
 
 __all__ = ["recipe_runs", "format_recipe_table", "mean_difference"]
 
@@ -106,7 +107,8 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
         and the other sides go on. xpnet failing with CUDA graphs (a capture refused, say) is
         tried once more without them, so that it is measured eagerly rather than not at all."""
         try:
-            return sides[name](seed, epochs)
+            with divergence_said_once():  # a diverged run is said on its line and in the table
+                return sides[name](seed, epochs)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             if name == "xpnet" and graphs and "xpnet with CUDA graphs" not in failures:
@@ -142,8 +144,12 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
             result = attempt(name, r)
             if result is None:
                 continue
-            runs[name].append(result.figures())
-            print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s", flush=True)
+            figures = result.figures()
+            if result.diverged:  # its accuracy says nothing of the side: marked in the table and the JSON
+                figures["diverged"] = result.diverged
+            runs[name].append(figures)
+            print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s"
+                  + (f" ({result.diverged})" if result.diverged else ""), flush=True)  # fmt: skip
             if on_progress is not None:
                 on_progress(report())
     return report()
@@ -162,14 +168,16 @@ def format_recipe_table(report: dict) -> str:
     lines = [head, "|" + "---|" * (1 + 2 * len(names) + has_torch)]
     count = min((len(rows) for rows in report["runs"].values()), default=0)
 
-    def row(label, accuracies, seconds):
-        cells = [f"{a:.2%} | {s:.3f}" for a, s in zip(accuracies, seconds)]
+    def row(label, accuracies, seconds, diverged=()):
+        cells = [f"{a:.2%}{' diverged' if d else ''} | {s:.3f}"
+                 for a, s, d in zip(accuracies, seconds, diverged or [False] * len(names))]  # fmt: skip
         ratio = f" | {seconds[names.index('xpnet')] / seconds[names.index('torch')]:.2f} |" if has_torch else " |"
         return f"| {label} | " + " | ".join(cells) + ratio
 
     for r in range(count):
         rows = [report["runs"][n][r] for n in names]
-        lines.append(row(str(r), [x["test_accuracy"] for x in rows], [x["seconds"] for x in rows]))
+        lines.append(row(str(r), [x["test_accuracy"] for x in rows], [x["seconds"] for x in rows],
+                         ["diverged" in x for x in rows]))  # fmt: skip
     summary = report["summary"]
     lines.append(row("mean", [summary[n]["mean_accuracy"] for n in names], [summary[n]["mean_seconds"] for n in names]))
     return "\n".join(lines + _accuracy_differences(report["runs"]) + failed)
