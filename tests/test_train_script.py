@@ -103,7 +103,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "twolayer", "--normalization", "batchnorm"], "--model twolayer takes no --normalization"),
         (["--model", "fc", "--num-filters", "8"], "--num-filters does not apply to --model fc"),
         (["--model", "cnn", "--hidden-dims", "10", "10"], "--model cnn takes one hidden size"),
-        (["--model", "cnn", "--filter-size", "4"], "filter_size must be odd"),
+        (["--model", "cnn", "--filter-size", "4"], "argument --filter-size: must be odd so the convolution keeps"),
         (["--tf32"], "TF32 applies to CUDA GPUs"),
         (["--cudnn"], "cuDNN applies to CUDA GPUs; backend 'numpy'"),
         (["--conv-autotune"], "convolution autotuning applies to CUDA GPUs; backend 'numpy'"),

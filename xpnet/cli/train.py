@@ -53,6 +53,14 @@ def non_negative_float(text):
     return value
 
 
+def odd_filter_size(text):
+    """An argparse type: a positive odd integer, so that ThreeLayerConvNet's convolution keeps the size."""
+    value = positive_int(text)
+    if value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be odd so the convolution keeps the image size, got {text}")
+    return value
+
+
 def dropout_probability(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -101,7 +109,7 @@ def build_parser():
         "--num-filters", type=positive_int, help="convolution filters of --model cnn (default: 16 digits, 32 CIFAR-10)"
     )
     p.add_argument(
-        "--filter-size", type=positive_int, help="odd filter size of --model cnn (default: 5 digits, 7 CIFAR-10)"
+        "--filter-size", type=odd_filter_size, help="odd filter size of --model cnn (default: 5 digits, 7 CIFAR-10)"
     )
     p.add_argument(
         "--hidden-dims",
