@@ -60,7 +60,7 @@ def _sides(backend, settings, steps, seed=0):
     rng = backend.rng(seed)
     images = rng.normal((n, 3, 32, 32), dtype=backend.dtype(settings.dtype))
     labels = backend.asarray(np.random.default_rng(seed).integers(0, 10, n), dtype="int64")
-    filters = whitening_filters(images[: settings.whiten_images, ...], 2, settings.whiten_eps)
+    filters = whitening_filters(images[: min(settings.whiten_images, images.shape[0]), ...], 2, settings.whiten_eps)
     device = torch.device("cuda", backend.device.id) if backend.is_gpu else torch.device("cpu")
     dtype = getattr(torch, settings.dtype)
     torch_images = torch.as_tensor(backend.to_numpy(images), device=device)
