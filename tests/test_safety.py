@@ -539,7 +539,7 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
     write_fake_cifar(tmp_path / "cifar", per_batch=20)
     args = ["--dataset", "cifar10", "--recipe", "fast94", "--data-dir", str(tmp_path / "cifar"), "--num-train", "64",
             "--batch-size", "32", "--epochs", "2", "--recipe-set", "widths=4,4,4", "--recipe-set", "learning_rate=1e30",
-            "--checkpoint-dir", str(tmp_path / "runs")]  # fmt: skip
+            "--checkpoint-dir", str(tmp_path / "runs"), "--log", str(tmp_path / "run.jsonl")]  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = run_cli(train, capsys, args)
@@ -548,6 +548,7 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
     assert "the training loss became nan at step" in err and "learning rate 1e+30 per 1024 examples" in err
     assert not [w for w in caught if "diverged" in str(w.message) or "encountered" in str(w.message)]
     assert not (tmp_path / "runs" / "fast94.npz").exists()
+    assert "training diverged" in json.loads((tmp_path / "run.jsonl").read_text())["diverged"]
 
 
 # ----------------------------------------------------------------------------- the command line fails early

@@ -144,10 +144,7 @@ def recipe_runs(backend, args, on_progress=None) -> dict:
             result = attempt(name, r)
             if result is None:
                 continue
-            figures = result.figures()
-            if result.diverged:  # its accuracy says nothing of the side: marked in the table and the JSON
-                figures["diverged"] = result.diverged
-            runs[name].append(figures)
+            runs[name].append(result.figures())  # with "diverged" where it did: the table marks it
             print(f"run {r} {name}: {result.test_accuracy:.4f} in {result.seconds:.3f} s"
                   + (f" ({result.diverged})" if result.diverged else ""), flush=True)  # fmt: skip
             if on_progress is not None:

@@ -250,9 +250,13 @@ class Fast94Result:
                 "for these settings")  # fmt: skip
 
     def figures(self) -> dict:
-        """The run's numbers (accuracy, seconds, steps, epochs), for a log or a report."""
+        """The run's numbers (accuracy, seconds, steps, epochs), for a log or a report, and
+        ``diverged`` where the run did."""
         names = ("test_accuracy", "seconds", "whiten_seconds", "train_seconds", "eval_seconds", "steps", "epochs")
-        return {name: getattr(self, name) for name in names}
+        figures = {name: getattr(self, name) for name in names}
+        if self.diverged:
+            figures["diverged"] = self.diverged
+        return figures
 
 
 def sgd_hyper_parameters(settings: Fast94Settings) -> tuple[dict, dict]:
