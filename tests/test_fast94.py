@@ -639,6 +639,11 @@ def test_fast94_refuses_bad_data_and_settings():
     data.update(X_test=np.zeros((4, 32, 32, 3)), y_test=np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match="batch_size 1024 is larger than the 8 training images"):
         fast94(data, backend="numpy", warmup=False)
+    # named as reflect_pad's pad, the name of nothing the caller had set
+    with pytest.raises(
+        ValueError, match=re.escape("fast94: translate 32 must be smaller than the images' sides (32, 32)")
+    ):
+        fast94(data, backend="numpy", batch_size=4, translate=32)
     with pytest.raises(ValueError, match=r"X_train must be colour images \(N, H, W, 3\) or \(N, 3, H, W\)"):
         fast94({**data, "X_train": np.zeros((8, 32, 32))}, backend="numpy")
     poisoned = np.zeros((4, 32, 32, 3))

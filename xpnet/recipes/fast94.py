@@ -342,6 +342,9 @@ class Fast94Trainer:
         n = images.shape[0]
         if n < settings.batch_size:
             raise ValueError(f"fast94: batch_size {settings.batch_size} is larger than the {n} training images")
+        if settings.translate >= min(images.shape[2], images.shape[3]):  # reflect padding needs that much image
+            raise ValueError(f"fast94: translate {settings.translate} must be smaller than the images' sides "
+                             f"{tuple(images.shape[2:])}")  # fmt: skip
         self.labels = labels
         self.per_epoch = n // settings.batch_size
         self.total = math.ceil(self.per_epoch * settings.epochs)
