@@ -520,10 +520,11 @@ def test_checkpoints_before_divergence_stay_finite(tmp_path):
     "ignore:overflow encountered", "ignore:invalid value encountered", "ignore:training diverged"
 )
 @pytest.mark.parametrize("quiet", [True, False])
-def test_train_script_exits_non_zero_on_divergence_and_says_so_once(train, capsys, quiet):
+def test_train_script_exits_non_zero_on_divergence_and_says_so_once(train, capsys, quiet, tmp_path):
     """It said so three times (the Solver's warning, its report, the command's own line), after
     NumPy's 'overflow encountered in matmul' warnings that point into xpnet's layers."""
-    args = ["--update-rule", "sgd", "--lr", "1e8", "--epochs", "3"] + (["--quiet"] if quiet else [])
+    log = tmp_path / "run.jsonl"
+    args = ["--update-rule", "sgd", "--lr", "1e8", "--epochs", "3", "--log", str(log)] + (["--quiet"] if quiet else [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = run_cli(train, capsys, args)
@@ -531,6 +532,8 @@ def test_train_script_exits_non_zero_on_divergence_and_says_so_once(train, capsy
     said = (err if quiet else out).count("training diverged")
     assert said == 1 and (out + err).count("training diverged") == 1 and "learning rate" in (out + err)
     assert not [w for w in caught if "training diverged" in str(w.message) or "encountered" in str(w.message)]
+    final = json.loads(log.read_text().splitlines()[-1])
+    assert "test_acc" in final and final["diverged"].startswith("training diverged")
 
 
 def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train, capsys, tmp_path):

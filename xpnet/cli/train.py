@@ -356,7 +356,8 @@ class Run:
         backend.sync()
         wall = time.perf_counter() - start
         test_acc = solver.check_accuracy(data["X_test"], data["y_test"])
-        self.on_log({"iteration": solver.iteration, "epoch": solver.epoch, "test_acc": test_acc, "wall_s": wall})
+        final = {"iteration": solver.iteration, "epoch": solver.epoch, "test_acc": test_acc, "wall_s": wall}
+        self.on_log(final | ({"diverged": solver.diverged} if solver.diverged else {}))  # as --recipe's record says
         if solver.diverged and args.quiet:  # a verbose Solver has printed it already
             print(solver.diverged, file=sys.stderr)
         print(f"best val acc: {solver.best_val_acc:.4f}")
