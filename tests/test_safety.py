@@ -320,6 +320,46 @@ def test_npz_that_is_not_a_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "future.npz")
 
 
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        (np.zeros(3, np.float32), "unreadable metadata .metadata is not a byte string"),
+        (np.frombuffer(b"\xff\xfe{", np.uint8), "unreadable metadata"),  # not UTF-8
+        (np.frombuffer(b'{"format": "pickle", "version": 2, "payload": {}}', np.uint8), "is not an xpnet checkpoint"),
+        (np.frombuffer(b'["xpnet-checkpoint", 2]', np.uint8), "is not an xpnet checkpoint"),
+        (np.frombuffer(b'{"format": "xpnet-checkpoint", "version": 2, "payload": [1]}', np.uint8), "is not an xpnet"),
+    ],
+    ids=["float-metadata", "not-utf8", "other-format", "metadata-a-list", "payload-a-list"],
+)
+def test_metadata_no_checkpoint_writer_makes_is_refused_by_name(tmp_path, meta, message):
+    np.savez(tmp_path / "odd.npz", **{"__xpnet__.json": meta})
+    with pytest.raises(CheckpointError, match=f"odd.npz.*{message}"):
+        load_checkpoint(tmp_path / "odd.npz")
+
+
+def test_trusted_pickles_that_are_damaged_or_not_checkpoints_are_refused_by_name(tmp_path):
+    """trust_pickle=True runs the unpickling; what it yields is still checked."""
+    (tmp_path / "cut.pkl").write_bytes(pickle.dumps({"format": "xpnet-checkpoint-1", "epoch": 1})[:-5])
+    with pytest.raises(CheckpointError, match="cut.pkl.*is corrupt or not an xpnet checkpoint"):
+        load_checkpoint(tmp_path / "cut.pkl", trust_pickle=True)
+    (tmp_path / "other.pkl").write_bytes(pickle.dumps({"epoch": 1}))
+    with pytest.raises(CheckpointError, match="other.pkl.*is not an xpnet checkpoint"):
+        load_checkpoint(tmp_path / "other.pkl", trust_pickle=True)
+
+
+def test_is_finite_tree_looks_into_lists_tuples_and_python_floats():
+    assert checkpoint.is_finite_tree({"a": [np.ones(2), (1.0, 2)], "b": "text", "c": np.arange(3)})
+    assert not checkpoint.is_finite_tree({"a": [np.ones(2), (1.0, float("nan"))]})
+    assert not checkpoint.is_finite_tree({"a": (np.array([1.0, np.inf], np.float32),)})
+    assert not checkpoint.is_finite_tree([{"lr": float("-inf")}])
+
+
+def test_checkpoint_keys_must_be_strings(tmp_path):
+    with pytest.raises(TypeError, match="checkpoint keys must be strings, got 3"):
+        save_checkpoint(tmp_path / "keys.npz", {"model": {3: np.ones(2)}})
+    assert not (tmp_path / "keys.npz").exists()
+
+
 def test_old_pickle_checkpoints_load_only_with_explicit_trust(tmp_path, train, capsys):
     solver, path = trained_checkpoint(tmp_path)
     legacy = tmp_path / "old_epoch_1.pkl"
