@@ -881,6 +881,44 @@ def test_solver_refuses_settings_that_cannot_be_right(options, message):
         Solver(small_model("numpy"), small_data(), **options)
 
 
+def test_the_solver_names_an_empty_training_set_and_models_it_cannot_train():
+    data = small_data()
+    with pytest.raises(ValueError, match=r"data\['X_train'\] is empty"):
+        Solver(small_model("numpy"), {**data, "X_train": data["X_train"][:0], "y_train": data["y_train"][:0]})
+
+    class NoParams:
+        params: dict = {}
+
+        def loss(self, X, y=None):
+            return 0.0, {}
+
+    with pytest.raises(ValueError, match="NoParams has no params: a model needs a dict of parameter arrays"):
+        Solver(NoParams(), data)
+
+    class LossAsText:
+        def __init__(self):
+            self.params = {"W": np.ones((data["X_train"].shape[1], 10))}
+
+        def loss(self, X, y=None):
+            return "0.5" if y is not None else X @ self.params["W"]
+
+    with pytest.raises(TypeError, match=r"loss\(X, y\) must return \(loss, grads\), as xpnet's nets do; got str"):
+        Solver(LossAsText(), data, batch_size=50, verbose=False).train()
+
+
+def test_load_state_dict_names_what_does_not_fit():
+    model = small_model("numpy", normalization="batchnorm")
+    state = model.state_dict()
+    with pytest.raises(ValueError, match="'params' is a dict of arrays and its 'buffers' a list of dicts"):
+        model.load_state_dict({**state, "params": list(state["params"].values())})
+    with pytest.raises(ValueError, match=r"saved parameters \['Wx'\] do not match the model's \['W1'"):
+        model.load_state_dict({**state, "params": {"Wx": np.ones(2)}})
+    buffers = [dict(b) for b in state["buffers"]]
+    buffers[0]["running_mean"] = "zeros"
+    with pytest.raises(ValueError, match="saved buffer 0's running_mean is not an array of floats"):
+        model.load_state_dict({**state, "buffers": buffers})
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
