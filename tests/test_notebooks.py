@@ -32,4 +32,5 @@ def test_there_are_notebooks():
         "two_layer_net.ipynb",
         "fully_connected_nets.ipynb",
         "convolutional_networks.ipynb",
+        "fast_cifar10.ipynb",
     }
