@@ -297,6 +297,10 @@ def test_the_recipe_refuses_more_rows_than_the_data_set_has(train, tmp_path, cap
     [
         (["--recipe-set", "epochs=2"], "--recipe-set: epochs (use --epochs) has a flag of its own"),
         (["--recipe-set", "conv_autotune=true"], "conv_autotune (use --conv-autotune) has a flag of its own"),
+        (
+            ["--recipe-set", "epochs=2", "--recipe-set", "batch_size=64"],
+            "epochs (use --epochs), batch_size (use --batch-size) have flags of their own",
+        ),
         (["--recipe-set", "lr=1"], "fast94: unknown settings lr"),
         (["--recipe-set", "widths=8,16"], "fast94: widths must be three positive integers, got (8, 16)"),
         (["--recipe-set", "widths"], "--recipe-set takes KEY=VALUE, got 'widths'"),

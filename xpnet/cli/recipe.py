@@ -63,7 +63,8 @@ def recipe_settings(texts, flags: dict = SETTINGS_WITH_FLAGS) -> dict:
     overrides = dict(parse_setting(text) for text in texts)
     flagged = [f"{key} (use {flags[key]})" for key in overrides if key in flags]
     if flagged:
-        raise ValueError(f"--recipe-set: {', '.join(flagged)} has a flag of its own")
+        has = "has a flag of its own" if len(flagged) == 1 else "have flags of their own"
+        raise ValueError(f"--recipe-set: {', '.join(flagged)} {has}")
     Fast94Settings().with_overrides(overrides)
     return overrides
 
