@@ -872,7 +872,7 @@ def test_resume_settings_passed_win_and_every_difference_is_printed(tmp_path, ca
         (dict(optim_config={"learning_rate": float("inf")}), "got inf"),
         (dict(lr_decay=0), "lr_decay must be a finite number > 0, got 0"),
         (dict(lr_decay=-0.5), "lr_decay must be a finite number > 0, got -0.5"),
-        (dict(batch_size=201), r"batch_size=201 is larger than the training set \(200 rows\)"),
+        (dict(batch_size=201, sampler="epoch"), r"batch_size=201 is larger than the training set \(200 rows\)"),
         (dict(num_epochs=-1), "num_epochs must be a non-negative integer, got -1"),
     ],
 )

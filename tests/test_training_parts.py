@@ -228,6 +228,23 @@ def test_epoch_permutation_uses_each_row_once_and_drops_the_partial_batch(backen
     assert again.batches == model.batches
 
 
+def test_the_courses_sampler_takes_a_batch_larger_than_the_training_set(backend):
+    """As the course's Solver does (rows drawn with replacement, max(N // B, 1) steps an epoch):
+    10 rows at batch 16 make one step an epoch of 16 rows drawn from the 10; the 'epoch' sampler,
+    which draws without replacement, refuses such a batch by name."""
+    rows = np.arange(10, dtype=np.float64)[:, None]
+    data = {"X_train": rows, "y_train": np.zeros(10, dtype=np.int64), "X_val": rows, "y_val": np.zeros(10, np.int64)}
+    model = RowRecorder(backend)
+    solver = Solver(model, data, batch_size=16, num_epochs=2, verbose=False, seed=0)
+    assert solver.iterations_per_epoch == 1
+    solver.train()
+    assert len(model.batches) == 2
+    assert all(len(batch) == 16 and set(batch) <= set(range(10)) for batch in model.batches)
+    message = r"batch_size=16 is larger than the training set \(10 rows\), and the 'epoch' sampler draws each batch"
+    with pytest.raises(ValueError, match=message):
+        Solver(RowRecorder(backend), data, sampler="epoch", batch_size=16)
+
+
 def test_epoch_permutation_writes_each_epoch_into_the_same_arrays(backend):
     sampler = EpochPermutation(10, 3)
     orders, arrays = [], []

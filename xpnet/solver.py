@@ -17,7 +17,7 @@ import warnings
 from .batching import model_accuracy
 from .model import backend_for, input_preparers, loss_and_grads, param_dtype
 from .training import callbacks as cb
-from .training.data import device_data
+from .training.data import checked_rows, device_data
 from .training.graph import GraphReplay
 from .training.guard import FiniteGuard
 from .training.sampling import make_sampler
@@ -52,10 +52,9 @@ class Solver:
         self.model, self.backend = model, backend_for(model)
         self.graph = GraphReplay(self.backend) if self.cuda_graph else None
         self.prepare_inputs, self.prepare_labels = input_preparers(model, self.backend)
-        self.X_train, self.y_train, self.X_val, self.y_val = device_data(
-            data, model, self.prepare_inputs, self.prepare_labels, self.batch_size
-        )
-        self.sampler = make_sampler(self.settings.sampler, self.X_train.shape[0], self.batch_size)
+        # The sampler before the move: one that cannot draw such batches from these rows says so first.
+        self.sampler = make_sampler(self.settings.sampler, checked_rows(data, model), self.batch_size)
+        self.X_train, self.y_train, self.X_val, self.y_val = device_data(data, self.prepare_inputs, self.prepare_labels)
         # What runs at logging points and epoch ends: built from the settings, then the user's.
         self._console = cb.ConsoleReport(self.verbose, self.progress)
         self._callbacks = [self._console]

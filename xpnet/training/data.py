@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from ..data_checks import check_finite_values, validate_split
 
-__all__ = ["device_data"]
+__all__ = ["checked_rows", "device_data"]
 
 
-def device_data(data: dict, model, prepare_inputs, prepare_labels, batch_size: int) -> tuple:
-    """(X_train, y_train, X_val, y_val) on the device, after the checks that name each problem.
-
-    Shapes, dtypes and label ranges are checked on the host; finiteness after the move,
-    where a GPU does it in one reduction instead of a pass over the host array.
-    """
+def checked_rows(data: dict, model) -> int:
+    """The training set's row count, after the host's checks of both splits (shapes, dtypes and
+    label ranges) have named any problem; nothing has moved to the device yet."""
     for split in ("train", "val"):
         validate_split(data, split, getattr(model, "num_classes", None), getattr(model, "input_dim", None), False)
-    rows = data["X_train"].shape[0]
-    if batch_size > rows:
-        raise ValueError(f"batch_size={batch_size} is larger than the training set ({rows} rows)")
+    return data["X_train"].shape[0]
+
+
+def device_data(data: dict, prepare_inputs, prepare_labels) -> tuple:
+    """(X_train, y_train, X_val, y_val) of data that :func:`checked_rows` has passed, on the device.
+
+    Finiteness is checked after the move, where a GPU does it in one reduction instead of a
+    pass over the host array.
+    """
     arrays = (
         prepare_inputs(data["X_train"]),
         prepare_labels(data["y_train"]),

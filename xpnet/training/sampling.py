@@ -14,7 +14,7 @@ class Sampler:
     """Draws the row indices of each minibatch.
 
     Args:
-        num_rows: N, the training set's size; batch_size: B (at most N).
+        num_rows: N, the training set's size; batch_size: B.
     """
 
     def __init__(self, num_rows: int, batch_size: int):
@@ -35,7 +35,7 @@ class Sampler:
 
 class WithReplacement(Sampler):
     """The course's sampling: B rows drawn uniformly with replacement at every step;
-    an epoch is N // B steps."""
+    an epoch is N // B steps, and one where B exceeds N, as in the course."""
 
     @property
     def batches_per_epoch(self) -> int:
@@ -53,6 +53,14 @@ class EpochPermutation(Sampler):
     walks through the permutation on replay; each epoch's permutation and the reset
     counter are written into the same arrays, so one capture serves every epoch.
     """
+
+    def __init__(self, num_rows: int, batch_size: int):
+        if batch_size > num_rows:  # no batch without replacement: an epoch would have no step
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the training set ({num_rows} rows), and the 'epoch' "
+                "sampler draws each batch without replacement; use a smaller batch_size, or sampler='replacement'"
+            )
+        super().__init__(num_rows, batch_size)
 
     @property
     def batches_per_epoch(self) -> int:

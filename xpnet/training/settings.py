@@ -45,8 +45,9 @@ class SolverSettings:
             overriding optim_config for those parameters (e.g. a larger learning rate).
         batch_size, num_epochs: minibatch size and passes over the training set.
         num_train_samples, num_val_samples: rows used per accuracy check (None: all).
-        sampler: 'replacement' (the course's: rows drawn with replacement), 'epoch'
-            (a permutation per epoch, last partial batch dropped) or a Sampler.
+        sampler: 'replacement' (the course's: rows drawn with replacement, so a batch may
+            be larger than the training set), 'epoch' (a permutation per epoch, last partial
+            batch dropped; a batch at most the training set) or a Sampler.
         checkpoint_name: write ``<name>_epoch_<n>.npz`` after each epoch (atomically;
             never with non-finite parameters).
         print_every: iterations between loss logging points.
