@@ -462,9 +462,34 @@ def test_check_accuracy_refuses_counts_that_cannot_be_right():
         with pytest.raises(ValueError, match=f"check_accuracy: {message} must be a positive integer"):
             solver.check_accuracy(solver.X_val, solver.y_val, **options)
     data = small_data()
-    for labels in (data["y_val"][:-1], data["y_val"][:, None]):  # NumPy's broadcasting error, before
-        with pytest.raises(ValueError, match=r"check_accuracy: y must hold one label per row of X \(60, 6\)"):
+    for labels, message in (
+        (data["y_val"][:-1], r"X has 60 rows but y has 59 labels"),  # NumPy's broadcasting error, before
+        (data["y_val"][:, None], r"y must be 1-D, got shape \(60, 1\); a column of labels: y.reshape\(-1\)"),
+    ):
+        with pytest.raises(ValueError, match=f"^check_accuracy: {message}"):
             solver.check_accuracy(data["X_val"], labels)
+
+
+def test_check_accuracy_checks_its_data_as_the_training_data_are_checked(backend):
+    """A test set with labels counted from 1, labels stored as floats, a NaN pixel or rows of
+    another shape scored a plausible accuracy before (0.0 for labels out of range)."""
+    solver = Solver(small_model(backend), small_data(), verbose=False)
+    X, y = small_data()["X_val"], small_data()["y_val"]  # NumPy arrays: moved by check_accuracy
+    nan_row = X.copy()
+    nan_row[7, 2] = np.nan
+    for X_given, y_given, message in (
+        (X, y + 1, r"y has label 3 outside \[0, 3\) for a model with 3 classes"),
+        (X, y - 1, r"y has label -1 outside \[0, 3\)"),
+        (X, y.astype(np.float64), r"y must hold integer class labels, got dtype float64; these are whole numbers"),
+        (nan_row, y, "X contains NaN or infinite values"),
+        (X[:, :5], y, r"X samples have shape \(5,\) \(5 values\) but the model expects 6 inputs"),
+    ):
+        with pytest.raises(ValueError, match=f"^check_accuracy: {message}"):
+            solver.check_accuracy(X_given, y_given)
+    # on the device already, and subsampled: checked all the same
+    with pytest.raises(ValueError, match=r"^check_accuracy: y has label 3 outside \[0, 3\)"):
+        solver.check_accuracy(solver.X_val, solver.y_val + 1, num_samples=5)
+    assert 0.0 <= solver.check_accuracy(X, y) <= 1.0  # the same data, well formed, is scored
 
 
 def test_cuda_graph_needs_a_backend_that_can_capture():

@@ -52,9 +52,16 @@ def check_image_batch(owner: str, X, expected: tuple) -> None:
 
 
 def validate_split(
-    data: dict, split: str, num_classes: int | None, input_shape=None, check_finite=True, names: dict | None = None
+    data: dict,
+    split: str,
+    num_classes: int | None,
+    input_shape=None,
+    check_finite=True,
+    names: dict | None = None,
+    caller: str | None = None,
 ) -> None:
-    """Check ``data['X_<split>']`` and ``data['y_<split>']``; raise ValueError naming the problem.
+    """Check ``data['X_<split>']`` and ``data['y_<split>']``; raise ValueError naming the problem
+    (after ``caller + ': '`` when given: a function that took the arrays as its arguments).
 
     Checks: both present; X has a leading dimension matching y's length; y is a
     1-D integer array with labels in [0, num_classes); X is finite (unless
@@ -63,6 +70,15 @@ def validate_split(
     (a tuple, for image models). ``names`` maps a key to what messages call it (default:
     ``data['X_train']``), for callers that took the arrays as arguments of their own.
     """
+    try:
+        _validate_split(data, split, num_classes, input_shape, check_finite, names)
+    except ValueError as error:
+        if caller is None:
+            raise
+        raise ValueError(f"{caller}: {error}") from None
+
+
+def _validate_split(data, split, num_classes, input_shape, check_finite, names) -> None:
     x_key, y_key = f"X_{split}", f"y_{split}"
     x_name, y_name = ((names or {}).get(key, f"data[{key!r}]") for key in (x_key, y_key))
     for key in (x_key, y_key):

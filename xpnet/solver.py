@@ -17,7 +17,7 @@ import warnings
 from .batching import model_accuracy
 from .model import backend_for, input_preparers, loss_and_grads, param_dtype
 from .training import callbacks as cb
-from .training.data import checked_rows, device_data
+from .training.data import checked_labelled_set, checked_rows, device_data
 from .training.graph import GraphReplay
 from .training.guard import FiniteGuard
 from .training.sampling import make_sampler
@@ -125,7 +125,9 @@ class Solver:
         return loss
 
     def check_accuracy(self, X, y, num_samples=None, batch_size=100, rng=None) -> float:
-        """Accuracy on at most ``num_samples`` rows of (X, y) drawn at random, predicted in batches on the device."""
+        """Accuracy on at most ``num_samples`` rows of (X, y) drawn at random, predicted in batches on the device.
+        X and y are checked as the training data are (labels in [0, num_classes), finite X of the model's shape)."""
+        X, y = checked_labelled_set(X, y, self.model, self.prepare_inputs, self.prepare_labels, "check_accuracy")
         return float(self._accuracy(X, y, num_samples, batch_size, rng))
 
     def _accuracy(self, X, y, num_samples=None, batch_size=100, rng=None):
