@@ -653,7 +653,7 @@ def test_fast94_refuses_bad_data_and_settings():
             fast94(
                 {**data, key: np.concatenate([poisoned, poisoned]) if key == "X_train" else poisoned}, backend="numpy"
             )
-    with pytest.raises(ValueError, match="y_test must be"):
+    with pytest.raises(ValueError, match=re.escape("fast94: data['y_test'] has label 12 outside [0, 10)")):
         fast94({**data, "y_test": np.full(4, 12)}, backend="numpy")
     # pixels already normalised or scaled to [0, 1] would be normalised again, and train on in silence
     pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3))
@@ -673,6 +673,27 @@ def test_fast94_refuses_bad_data_and_settings():
     for seed in (-1, "a", 1.5):  # NumPy's seeding said 'expected non-negative integer'
         with pytest.raises(ValueError, match=f"fast94: seed must be a non-negative integer, got {seed!r}"):
             fast94(data, backend="numpy", seed=seed)
+
+
+def test_fast94_checks_its_labels_as_the_solver_does_wherever_they_are(backend):
+    """Labels already on the device went unchecked (labels 1..10 trained on in silence), and
+    a label count unlike the image count failed as an IndexError or a broadcasting error
+    from deep inside the library."""
+    be = get_backend(backend)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    labels = np.arange(8) % 10
+    data = {"X_train": pixels, "y_train": labels, "X_test": pixels[:4], "y_test": labels[:4]}
+    for key, y, message in (
+        ("y_train", labels[:7], "data['X_train'] has 8 rows but data['y_train'] has 7 labels"),
+        ("y_test", labels[:3], "data['X_test'] has 4 rows but data['y_test'] has 3 labels"),
+        ("y_train", labels + 3, "data['y_train'] has label 10 outside [0, 10) for a model with 10 classes"),
+        ("y_test", labels[:4] - 1, "data['y_test'] has label -1 outside [0, 10)"),
+        ("y_train", labels.astype(np.float32), "data['y_train'] must hold integer class labels, got dtype "),
+        ("y_train", labels[:, None], "data['y_train'] must be 1-D, got shape (8, 1)"),
+    ):
+        for given in (y, be.asarray(y)):  # on the host, and on the device already
+            with pytest.raises(ValueError, match="^" + re.escape(f"fast94: {message}")):
+                fast94({**data, key: given}, backend=be, batch_size=4, warmup=False)
 
 
 def test_fast_conv_net_trains_with_the_solver_and_its_state_round_trips(tmp_path):

@@ -29,7 +29,8 @@ from ..backend import Backend, get_backend, namespace
 from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
-from ..input_checks import as_int, is_number
+from ..data_checks import validate_split
+from ..input_checks import as_int, is_array, is_number
 from ..model import check_input_dim
 from ..training.graph import GraphReplay
 from ..training.guard import DivergenceWarning
@@ -54,6 +55,7 @@ __all__ = [
     "warmup_decay",
 ]
 
+CIFAR10_CLASSES = 10
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -429,7 +431,7 @@ def recipe_model(backend, settings: Fast94Settings, seed, input_dim) -> FastConv
     """The recipe's network for inputs of ``input_dim`` (C, H, W), initialised from ``seed``
     (its whitening filters not yet set from the data)."""
     return FastConvNet(input_dim=input_dim, widths=settings.widths, scale=settings.scale,
-                       bn_momentum=settings.bn_momentum, bn_eps=settings.bn_eps,
+                       num_classes=CIFAR10_CLASSES, bn_momentum=settings.bn_momentum, bn_eps=settings.bn_eps,
                        label_smoothing=settings.label_smoothing, loss_reduction="sum",
                        dtype=settings.dtype, activation_dtype=settings.activation_dtype,
                        backend=backend, rng=backend.rng((seed, 0)))  # fmt: skip
@@ -473,12 +475,16 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
 def device_data(backend: Backend, data: dict, dtype="float32") -> tuple[Array, Array, Array, Array]:
     """(train images, train labels, test images, test labels) on the device, the images
     normalised, from ``data`` as :func:`fast94` takes it (moved once)."""
-    for key in ("X_train", "y_train", "X_test", "y_test"):
+    keys = ("X_train", "y_train", "X_test", "y_test")
+    for key in keys:
         if key not in data:
             raise ValueError(f"fast94: data needs 'X_train', 'y_train', 'X_test' and 'y_test'; {key!r} is missing")
-    train_images = normalized_images(backend, data["X_train"], dtype, "X_train")
-    test_images = normalized_images(backend, data["X_test"], dtype, "X_test")
-    train_labels, test_labels = (_labels(backend, data[k], k) for k in ("y_train", "y_test"))
+    arrays = {key: data[key] if is_array(data[key]) else np.asarray(data[key]) for key in keys}
+    for split in ("train", "test"):  # as the Solver checks its data, wherever the arrays are (pixels below)
+        validate_split(arrays, split, CIFAR10_CLASSES, check_finite=False, caller="fast94")
+    train_images = normalized_images(backend, arrays["X_train"], dtype, "X_train")
+    test_images = normalized_images(backend, arrays["X_test"], dtype, "X_test")
+    train_labels, test_labels = (_labels(backend, arrays[key]) for key in ("y_train", "y_test"))
     return train_images, train_labels, test_images, test_labels
 
 
@@ -513,11 +519,9 @@ def load_fast94_model(path, backend=None) -> FastConvNet:
     return model
 
 
-def _labels(backend, y, name):
-    y = np.asarray(y) if not backend.owns(y) else y
-    if y.ndim != 1 or (isinstance(y, np.ndarray) and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() > 9)):
-        raise ValueError(f"fast94: {name} must be (N,) integer labels in 0..9")
-    return backend.asarray(y, dtype="int64") if not backend.owns(y) else y
+def _labels(backend, y):
+    """Labels that :func:`~xpnet.data_checks.validate_split` passed, on the device."""
+    return y if backend.owns(y) else backend.asarray(y, dtype="int64")
 
 
 def _epoch_report(progress, start):
