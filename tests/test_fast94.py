@@ -274,6 +274,11 @@ def test_tta_on_the_cpu_scores_a_hundred_images_at_a_time_and_gets_the_whole_bat
     tta_scores(scores_of, images, 0)
     assert sizes == [100, 100, 50]
     np.testing.assert_array_equal(tta_scores(model.loss, images, 2), tta_scores(model.loss, images, 2, batch_size=250))
+    # the model itself for its loss: "'FastConvNet' object is not callable" from inside the batching before
+    np.testing.assert_array_equal(tta_scores(model, images, 1), tta_scores(model.loss, images, 1))
+    with pytest.raises(TypeError, match=r"tta_scores: scores_of must be a model or a function from images to "
+                                        r"scores \(such as model.loss\), got ndarray"):  # fmt: skip
+        tta_scores(images, images, 1)
 
 
 # ----------------------------------------------------------------------------- hyper-parameters

@@ -164,6 +164,20 @@ class AlternatingFlipTranslate:
         return self.images
 
 
+def _scoring_function(caller: str, scores_of):
+    """``scores_of`` when it is callable, else a model's ``loss`` (passing ``model`` for
+    ``model.loss`` is the likely slip), else a TypeError naming ``caller``."""
+    if callable(scores_of):
+        return scores_of
+    loss = getattr(scores_of, "loss", None)
+    if callable(loss):
+        return loss
+    raise TypeError(
+        f"{caller}: scores_of must be a model or a function from images to scores (such as model.loss), "
+        f"got {type(scores_of).__name__}"
+    )
+
+
 def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None = None) -> Array:
     """Class scores averaged over test-time augmentations, in batches on the device.
 
@@ -172,7 +186,8 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
     pixel down-right (reflect padding), as in the fast CIFAR-10 recipe.
 
     Args:
-        scores_of: ``images (B, C, H, W) -> scores (B, K)`` (e.g. ``model.loss``).
+        scores_of: ``images (B, C, H, W) -> scores (B, K)`` (e.g. ``model.loss``), or a model,
+            whose ``loss`` is then used.
         images: (N, C, H, W).
         batch_size: images per call of ``scores_of``; None: 2000 on a GPU, as the recipe
             publishes, and 100 on the CPU, where 2000 images' temporaries (GBs at the
@@ -183,6 +198,7 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
     Returns:
         (N, K) scores.
     """
+    scores_of = _scoring_function("tta_scores", scores_of)
     _check_images("tta_scores", images)
     if level not in (0, 1, 2):
         raise ValueError(f"tta_scores: level must be 0, 1 or 2, got {level!r}")
