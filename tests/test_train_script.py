@@ -163,6 +163,14 @@ def test_visualize_grid_tiles_images():
         visualize_grid(images[:0])
     with pytest.raises(ValueError, match="padding must be a non-negative integer, got -1"):
         visualize_grid(images, padding=-1)
+    # conv weights (F, C, HH, WW) not yet transposed: tiled as 16-channel images of height 3 before
+    weights = np.zeros((4, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"got shape \(4, 3, 16, 16\); these look like images with their channels "
+                                         r"first: Xs.transpose\(0, 2, 3, 1\) puts them last"):  # fmt: skip
+        visualize_grid(weights)
+    with pytest.raises(ValueError, match=r"images of 1, 3 or 4 channels \(N, H, W, C\), got shape \(2, 5, 5, 8\)$"):
+        visualize_grid(np.zeros((2, 5, 5, 8)))
+    assert visualize_grid(np.ones((2, 5, 5, 4))).shape == (2 * 6 - 1, 2 * 6 - 1, 4)  # RGBA
     # a model's weights on a device that NumPy cannot read directly, and nested lists
     on_device = xpnet.get_backend("array_api_strict:device1").asarray(images)
     np.testing.assert_array_equal(visualize_grid(on_device, ubound=1.0), grid)

@@ -27,6 +27,11 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
     Xs = np.asarray(Xs) if isinstance(Xs, (list, tuple)) else to_numpy(Xs)  # a GPU array: copied once
     if Xs.ndim != 4:
         raise ValueError(f"visualize_grid expects (N, H, W, C) images, got shape {Xs.shape}")
+    if Xs.shape[3] not in (1, 3, 4):  # what an image can show; conv weights (F, C, HH, WW) are the likely slip
+        hint = ""
+        if Xs.shape[1] in (1, 3, 4):
+            hint = "; these look like images with their channels first: Xs.transpose(0, 2, 3, 1) puts them last"
+        raise ValueError(f"visualize_grid tiles images of 1, 3 or 4 channels (N, H, W, C), got shape {Xs.shape}" + hint)
     if Xs.shape[0] == 0:
         raise ValueError(f"visualize_grid: no images to tile, got shape {Xs.shape}")
     if as_int(padding) is None or padding < 0:
