@@ -185,6 +185,28 @@ def test_a_gradient_or_state_of_another_shape_is_refused_not_broadcast(backend, 
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_integer_or_boolean_weights_and_gradients_are_refused_by_name(backend, rule):
+    """Integer weights failed inside NumPy's in-place subtraction ('Cannot cast ufunc'); a
+    boolean gradient updated float weights in silence."""
+    update = getattr(optim, rule)
+    w = backend.asarray(np.ones((2, 3)), dtype="float64")
+    before = to_np(w)
+    for name, weights, gradient, dtype in (
+        ("w", backend.asarray(np.ones((2, 3), dtype=np.int64)), backend.asarray(np.ones((2, 3))), "int64"),
+        ("dw", w, backend.asarray(np.ones((2, 3), dtype=bool)), "bool"),
+    ):
+        with pytest.raises(TypeError, match=rf"^{rule}: {name} must be a floating-point array, got dtype {dtype}$"):
+            update(weights, gradient, {})
+    np.testing.assert_array_equal(to_np(w), before)
+
+
+def test_weights_and_gradients_of_two_libraries_are_refused_by_name():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="sgd: arrays from different libraries"):  # was: unsupported operand type(s)
+        optim.sgd(np.ones(3), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_a_misspelt_config_key_in_a_direct_call_is_named(backend, rule):
     """optim.sgd(w, dw, {'learning_rte': 0.1}) took the default rate and kept the typo; the
     Solver already refused it, a notebook's direct call now does too."""

@@ -20,7 +20,7 @@ import math
 from .array_types import Array, Config
 from .backend import accelerated, namespace
 from .cache_blocks import update_in_blocks
-from .input_checks import is_array, is_number
+from .input_checks import is_array, is_number, layer_namespace
 
 __all__ = [
     "sgd",
@@ -35,11 +35,12 @@ __all__ = [
 
 
 def _start(rule: str, w, dw, config):
-    """``config`` (a new dict for None), after checking that w and dw are arrays of one shape
-    (a dw that broadcasts against w would update it wrongly without a word) and that the
-    config holds no key the rule does not know."""
+    """``config`` (a new dict for None), after checking that w and dw are floating-point arrays
+    of one library and one shape (a dw that broadcasts against w would update it wrongly
+    without a word) and that the config holds no key the rule does not know."""
     if not (is_array(w) and is_array(dw)):
         raise TypeError(f"{rule}: w and dw must be arrays, got {type(w).__name__} and {type(dw).__name__}")
+    layer_namespace(rule, {"w": w, "dw": dw})
     if tuple(dw.shape) != tuple(w.shape):
         raise ValueError(f"{rule}: dw has shape {tuple(dw.shape)} but w has shape {tuple(w.shape)}")
     if config is None:
