@@ -30,6 +30,7 @@ def as_int(value) -> int | None:
 
 
 _FLOAT_DTYPES: dict = {}
+_FLOAT_DTYPES_SEEN: dict = {}  # namespace -> the dtypes of arrays that passed as floating-point
 
 
 def check_seed(seed, name: str = "seed") -> int | None:
@@ -74,29 +75,37 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         TypeError naming the function and the arguments when the arrays come from
         different libraries, or when one of ``floats`` holds integers or booleans.
     """
-    arrays = {**floats, **(others or {})}
-    values = list(arrays.values())
+    values = [*floats.values(), *others.values()] if others else list(floats.values())
     kind = type(values[0])
-    if any(type(a) is not kind for a in values[1:]):
-        _refuse_non_arrays(function, arrays)
-        libraries = {name: _library(a) for name, a in arrays.items()}
-        if len(set(libraries.values())) > 1:
-            listed = ", ".join(f"{name} from {lib}" for name, lib in libraries.items())
-            raise TypeError(
-                f"{function}: arrays from different libraries ({listed}); "
-                "move them to one backend first (backend.asarray)"
-            )
+    for a in values:  # a loop, not any(...): layers call this twice a step, and a generator costs more
+        if type(a) is not kind:
+            _refuse_mixed_libraries(function, {**floats, **(others or {})})
+            break
     try:
         xp = namespace(*values)
     except TypeError as exc:
-        _refuse_non_arrays(function, arrays)
+        _refuse_non_arrays(function, {**floats, **(others or {})})
         raise TypeError(f"{function}: unsupported array types ({exc})") from exc
-    allowed = _float_dtypes(xp)
+    confirmed = _FLOAT_DTYPES_SEEN.setdefault(xp, set())
     for name, a in floats.items():
-        if a.dtype not in allowed:
+        if a.dtype in confirmed:  # a hash lookup; the test below compares with each float type
+            continue
+        if a.dtype not in _float_dtypes(xp):
             dtype = str(a.dtype).rsplit(".", 1)[-1]  # int64, not array_api_strict.int64 or torch.int64
             raise TypeError(f"{function}: {name} must be a floating-point array, got dtype {dtype}")
+        confirmed.add(a.dtype)
     return xp
+
+
+def _refuse_mixed_libraries(function: str, arrays: dict) -> None:
+    """TypeError naming a non-array among ``arrays``, or the libraries when they are several."""
+    _refuse_non_arrays(function, arrays)
+    libraries = {name: _library(a) for name, a in arrays.items()}
+    if len(set(libraries.values())) > 1:
+        listed = ", ".join(f"{name} from {lib}" for name, lib in libraries.items())
+        raise TypeError(
+            f"{function}: arrays from different libraries ({listed}); move them to one backend first (backend.asarray)"
+        )
 
 
 def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:

@@ -58,8 +58,12 @@ def namespace(*arrays):
     """``array_namespace(*arrays)``, cached by array type (the layers call it on every step)."""
     kind = type(arrays[0])
     xp = _NAMESPACES.get(kind)
-    if xp is not None and all(type(a) is kind for a in arrays):
-        return xp
+    if xp is not None:
+        for a in arrays:  # a loop, not all(...): its generator cost more than the lookup it guards
+            if type(a) is not kind:
+                break
+        else:
+            return xp
     xp = array_namespace(*arrays)
     if all(type(a) is kind for a in arrays):
         _NAMESPACES[kind] = xp
