@@ -114,6 +114,8 @@ def test_image_dtypes_are_floats_or_raw_uint8_checked_before_loading(tmp_path, m
     for dtype in ("uint8", "int64", "complex64", "bogus"):
         with pytest.raises(ValueError, match=f"dtype must be a floating type .*got '{dtype}'"):
             get_CIFAR10_data(tmp_path / "nowhere", dtype=dtype, **sizes)  # refused before the folder is looked for
+    with pytest.raises(ValueError, match=r"got 'uint8': raw pixels need subtract_mean=False \(an integer array"):
+        get_CIFAR10_data(tmp_path, dtype="uint8", **sizes)  # which of the two settings to change
     raw = get_CIFAR10_data(tmp_path, dtype="uint8", subtract_mean=False, **sizes)
     assert raw["X_train"].dtype == np.uint8
     np.testing.assert_array_equal(raw["X_train"][0].ravel(), written["data_batch_1"][0][0])

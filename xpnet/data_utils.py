@@ -107,7 +107,8 @@ def _pixel_dtype(dtype, centred: bool) -> np.dtype:
         chosen = None
     if chosen is None or not (chosen.kind == "f" or (chosen == np.uint8 and not centred)):
         raw = "" if centred else ", or 'uint8' for raw pixels"
-        raise ValueError(f"dtype must be a floating type ('float32', 'float64', 'float16'{raw}), got {dtype!r}")
+        why = ": raw pixels need subtract_mean=False (an integer array would wrap)" if chosen == np.uint8 else ""
+        raise ValueError(f"dtype must be a floating type ('float32', 'float64', 'float16'{raw}), got {dtype!r}{why}")
     return chosen
 
 
