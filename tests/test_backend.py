@@ -199,6 +199,14 @@ def test_rng_draws_on_device_with_requested_shapes_and_dtypes(backend):
     assert sorted(perm.tolist()) == list(range(50))
 
 
+def test_rng_draws_default_to_float64_and_scale_by_std_without_a_dtype(backend):
+    """normal(shape, std=2.0) without a dtype failed on NumPy's generator ('numpy.float64' has no
+    attribute 'type'): the default dtype was a scalar type where a dtype was needed."""
+    scaled, unit = backend.rng(7).normal((300,), std=3.0), backend.rng(7).normal((300,))
+    assert scaled.dtype == backend.xp.float64 and backend.rng(7).uniform((4,)).dtype == backend.xp.float64
+    np.testing.assert_allclose(backend.to_numpy(scaled), 3.0 * backend.to_numpy(unit), rtol=1e-15)
+
+
 def test_the_recipes_draws_are_fair(backend):
     assert_the_recipes_draws_are_fair(backend)
 

@@ -74,7 +74,7 @@ class DeviceRNG:
         self._gen = np.random.default_rng(seed)
 
     def _np_dtype(self, dtype):
-        return np.float64 if dtype is None else self.backend.numpy_dtype(dtype)
+        return np.dtype(np.float64) if dtype is None else self.backend.numpy_dtype(dtype)  # a dtype, not a scalar type
 
     def integers(self, low: int, high: int, size) -> Any:
         """Integers uniform in [low, high), shape ``size``, dtype int64."""
