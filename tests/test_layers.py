@@ -428,6 +428,12 @@ def test_a_backward_pass_given_another_layers_cache_names_both():
         (lambda: fast_layers.conv_backward_fast(out, (x, w)),
          "conv_backward_fast: cache is a tuple of 2, not the 5 parts conv_forward_fast returns"),
         (lambda: layers.max_pool_backward_naive(pooled, None), "max_pool_backward_naive: cache is NoneType"),
+        # an activation's cache for another's: a ReLU cache of two rows unpacked as GELU's (x, cdf) and gave
+        # numbers for a dout of one row; GELU's (x, cdf) reached relu_backward as "x must be an array"
+        (lambda: layers.gelu_backward(x[0, 0, 0], layers.relu_forward(x[0, 0, :2])[1]),
+         "gelu_backward: cache is ndarray, not the 2 parts gelu_forward returns"),
+        (lambda: layers.relu_backward(x, layers.gelu_forward(x)[1]),
+         "relu_backward: cache is a tuple of 2, not the array relu_forward returns"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             call()

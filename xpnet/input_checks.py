@@ -120,6 +120,17 @@ def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:
     return cache
 
 
+def array_cache(function: str, cache, forward: str):
+    """``cache`` when it can be the one array that ``forward`` returned (an activation's input),
+    or a ValueError when it is another layer's tuple of parts."""
+    if isinstance(cache, tuple):
+        raise ValueError(
+            f"{function}: cache is a tuple of {len(cache)}, not the array {forward} returns; "
+            "pass the cache of the matching forward pass"
+        )
+    return cache
+
+
 def check_dout(function: str, dout, expected, detail: str = "") -> None:
     """ValueError naming ``function`` unless ``dout`` has the ``expected`` shape (its forward
     pass's output); ``detail`` follows the shapes in the message."""

@@ -20,6 +20,7 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, backend_of, namespace
 from .input_checks import (
+    array_cache,
     check_dout,
     check_param_keys,
     check_same_shape,
@@ -140,7 +141,7 @@ def relu_forward(x: Array) -> tuple[Array, Cache]:
 
 def relu_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`relu_forward`: ``dout`` where the input was positive."""
-    x = cache
+    x = array_cache("relu_backward", cache, "relu_forward")
     xp = layer_namespace("relu_backward", {"dout": dout, "x": x})
     check_same_shape("relu_backward", "dout", dout, "x", x)
     fast = accelerated(dout)
@@ -164,7 +165,7 @@ def gelu_forward(x: Array) -> tuple[Array, Cache]:
 
 def gelu_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`gelu_forward`: dout·(Φ(x) + x·φ(x))."""
-    x, cdf = cache
+    x, cdf = unpack_cache("gelu_backward", cache, 2, "gelu_forward")
     xp = layer_namespace("gelu_backward", {"dout": dout, "x": x})
     check_same_shape("gelu_backward", "dout", dout, "x", x)
     fast = accelerated(dout)
