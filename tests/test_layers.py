@@ -418,6 +418,8 @@ def test_a_backward_pass_given_another_layers_cache_names_both():
     pooled, pool_cache = layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)
     out, relu_cache = layer_utils.conv_relu_forward(x, w, b, conv)
     affine_out, affine_relu_cache = layer_utils.affine_relu_forward(x[:, 0, 0, :], rng.standard_normal((8, 3)), b[:3])
+    _, batchnorm_cache = layers.spatial_batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "train"})
+    _, groupnorm_cache = layers.spatial_groupnorm_forward(x, np.ones((1, 3, 1, 1)), np.zeros((1, 3, 1, 1)), 3, {})
     for call, message in (
         (lambda: layer_utils.conv_relu_pool_backward(pooled, relu_cache),
          "conv_relu_pool_backward: cache is a tuple of 3, not the 4 parts conv_relu_pool_forward returns"),
@@ -434,6 +436,17 @@ def test_a_backward_pass_given_another_layers_cache_names_both():
          "gelu_backward: cache is ndarray, not the 2 parts gelu_forward returns"),
         (lambda: layers.relu_backward(x, layers.gelu_forward(x)[1]),
          "relu_backward: cache is a tuple of 2, not the array relu_forward returns"),
+        # one normalisation's cache for another's: "too many values to unpack (expected 2)" and the like
+        (lambda: layers.spatial_batchnorm_backward(x, groupnorm_cache),
+         "spatial_batchnorm_backward: cache is a tuple of 4, not the 2 parts spatial_batchnorm_forward returns"),
+        (lambda: layers.spatial_batchnorm_gelu_backward(x, groupnorm_cache),
+         "spatial_batchnorm_gelu_backward: cache is a tuple of 4, not the 2 parts spatial_batchnorm_gelu_forward"),
+        (lambda: layers.spatial_groupnorm_backward(x, batchnorm_cache),
+         "spatial_groupnorm_backward: cache is a tuple of 2, not the 4 parts spatial_groupnorm_forward returns"),
+        (lambda: layers.batchnorm_backward(x.reshape(2, -1), batchnorm_cache),
+         "batchnorm_backward: cache is a tuple of 2, not the 5 parts batchnorm_forward returns"),
+        (lambda: layers.layernorm_backward(x.reshape(2, -1), batchnorm_cache),
+         "layernorm_backward: cache is a tuple of 2, not the 5 parts layernorm_forward returns"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             call()

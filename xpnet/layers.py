@@ -301,8 +301,8 @@ def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
     return (dx_hat - mean_dx_hat - x_hat * xp.mean(dx_hat * x_hat, axis=axis, keepdims=True)) / std
 
 
-def _normalize_backward_compact(name, dout, cache):
-    x_hat, _, std, gamma, axis = train_mode_cache(name, cache)
+def _normalize_backward_compact(name, dout, cache, forward):
+    x_hat, _, std, gamma, axis = train_mode_cache(name, cache, 5, forward)
     xp = namespace(dout, x_hat)
     check_same_shape(name, "dout", dout, "x", x_hat)  # a (1, D) dout would broadcast into wrong sums
     dx = normalized_input_grad(xp, dout if gamma is None else dout * gamma, x_hat, std, axis)
@@ -425,14 +425,15 @@ def update_running_statistics(bn_param: dict, mean: Array, var: Array, count: in
         running += (1 - momentum) * batch_value
 
 
-def train_mode_cache(function: str, cache: Cache) -> Cache:
-    """``cache``, or ValueError naming ``function`` for None, the cache of a test-mode forward pass."""
+def train_mode_cache(function: str, cache: Cache, parts: int | None = None, forward: str = "") -> Cache:
+    """``cache``, or ValueError naming ``function`` for None, the cache of a test-mode forward pass;
+    given ``parts``, also for another layer's cache (see :func:`~xpnet.input_checks.unpack_cache`)."""
     if cache is None:
         raise ValueError(
             f"{function}: the cache is None, which a forward pass in test mode returns: "
             "gradients need the cache of a forward pass in train mode"
         )
-    return cache
+    return cache if parts is None else unpack_cache(function, cache, parts, forward)
 
 
 def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
@@ -443,7 +444,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     Returns:
         dx (N, D), dgamma (D,), dbeta (D,).
     """
-    x_hat, centered, std, gamma, _ = train_mode_cache("batchnorm_backward", cache)
+    x_hat, centered, std, gamma, _ = train_mode_cache("batchnorm_backward", cache, 5, "batchnorm_forward")
     xp = namespace(dout, x_hat)
     check_same_shape("batchnorm_backward", "dout", dout, "x", x_hat)
     n = dout.shape[0]
@@ -465,7 +466,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
 
 def batchnorm_backward_alt(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of batchnorm in simplified closed form (same result, fewer passes)."""
-    return _normalize_backward_compact("batchnorm_backward_alt", dout, cache)
+    return _normalize_backward_compact("batchnorm_backward_alt", dout, cache, "batchnorm_forward")
 
 
 def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tuple[Array, Cache]:
@@ -486,7 +487,7 @@ def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tu
 
 def layernorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of layernorm: dx (N, D), dgamma (D,), dbeta (D,)."""
-    return _normalize_backward_compact("layernorm_backward", dout, cache)
+    return _normalize_backward_compact("layernorm_backward", dout, cache, "layernorm_forward")
 
 
 # --------------------------------------------------------------------------

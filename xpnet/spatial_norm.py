@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .input_checks import as_int, check_dout, check_param_keys, layer_namespace
+from .input_checks import as_int, check_dout, check_param_keys, layer_namespace, unpack_cache
 from .layers import (
     batchnorm_backward_alt,
     batchnorm_forward,
@@ -136,7 +136,7 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
         if fused.gelu_beta is not None:
             raise ValueError("spatial_batchnorm_backward: the cache is spatial_batchnorm_gelu_forward's")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
-    rows_cache, shape = cache
+    rows_cache, shape = unpack_cache("spatial_batchnorm_backward", cache, 2, "spatial_batchnorm_forward")
     check_dout("spatial_batchnorm_backward", dout, shape)
     dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, widened(xp, dout)), rows_cache)
     return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
@@ -162,7 +162,7 @@ def spatial_batchnorm_gelu_backward(dout: Array, cache: Cache) -> tuple[Array, A
         if fused.gelu_beta is None:
             raise ValueError("spatial_batchnorm_gelu_backward: the cache is spatial_batchnorm_forward's")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std, fused.gelu_beta)
-    bn_cache, gelu_cache = cache
+    bn_cache, gelu_cache = unpack_cache("spatial_batchnorm_gelu_backward", cache, 2, "spatial_batchnorm_gelu_forward")
     return spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
 
 
@@ -220,7 +220,7 @@ def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
         dx, dgamma, dbeta = cache.kernels.spatial_groupnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
         c = dout.shape[1]
         return dx, xp.reshape(dgamma, (1, c, 1, 1)), xp.reshape(dbeta, (1, c, 1, 1))
-    x_hat, std, gamma, G = cache
+    x_hat, std, gamma, G = unpack_cache("spatial_groupnorm_backward", cache, 4, "spatial_groupnorm_forward")
     check_dout("spatial_groupnorm_backward", dout, x_hat.shape)
     dgamma = xp.sum(dout * x_hat, axis=(0, 2, 3), keepdims=True)
     dbeta = xp.sum(dout, axis=(0, 2, 3), keepdims=True)
