@@ -119,6 +119,11 @@ def test_holding_the_whitening_bias_fixed_skips_only_the_work_its_gradient_needs
         ({"widths": 64}, "widths must be the three groups' widths, got 64"),
         ({"input_dim": "332"}, r"input_dim must be \(C, H, W\), got '332'"),
         ({"input_dim": 32}, r"input_dim must be \(C, H, W\), got 32"),
+        # refused at the first loss before, in the layers' words ("bn_param['momentum']", "reduction")
+        ({"bn_momentum": 2}, r"^FastConvNet: bn_momentum must be a number in \[0, 1\], got 2$"),
+        ({"bn_eps": 0.0}, r"^FastConvNet: bn_eps must be a finite number > 0, got 0.0$"),
+        ({"label_smoothing": 1.0}, r"^FastConvNet: label_smoothing must be in \[0, 1\), got 1.0$"),
+        ({"loss_reduction": "avg"}, r"^FastConvNet: loss_reduction must be 'mean' or 'sum', got 'avg'$"),
     ],
 )
 def test_fast_conv_net_refuses_bad_arguments(options, message):

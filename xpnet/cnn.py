@@ -16,7 +16,18 @@ from .layer_utils import (
     conv_relu_pool_backward,
     conv_relu_pool_forward,
 )
-from .layers import affine_backward, affine_forward, gelu_backward, gelu_forward, matmul, softmax_loss
+from .layers import (
+    affine_backward,
+    affine_forward,
+    check_eps,
+    check_label_smoothing,
+    check_momentum,
+    check_reduction,
+    gelu_backward,
+    gelu_forward,
+    matmul,
+    softmax_loss,
+)
 from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int, check_sizes
 from .precision import narrowed
 from .spatial_norm import spatial_batchnorm_gelu_backward, spatial_batchnorm_gelu_forward
@@ -237,7 +248,10 @@ class FastConvNet(Model):
         self.input_dim = (channels, height, width)
         self.num_classes = check_num_classes(num_classes)
         self.scale = check_finite("scale", scale)
-        self.label_smoothing, self.loss_reduction = label_smoothing, loss_reduction
+        self.label_smoothing = check_label_smoothing("FastConvNet", label_smoothing)
+        self.loss_reduction = check_reduction("FastConvNet", loss_reduction, "loss_reduction")
+        bn_momentum = check_momentum("FastConvNet", bn_momentum, "bn_momentum")
+        bn_eps = check_eps("FastConvNet", bn_eps, "bn_eps")
         self.final_size = tuple(size)  # (H, W) before the global max pool
         whiten_width = 2 * channels * 4
         self.train_whitening_bias = True

@@ -214,6 +214,20 @@ def _one_hot(xp, y, num_classes, dtype):
     return xp.astype(y[:, None] == classes, dtype)
 
 
+def check_label_smoothing(function: str, value) -> float:
+    """``value`` as a float, or ValueError naming ``function`` unless it is a number in [0, 1)."""
+    if not is_number(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{function}: label_smoothing must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_reduction(function: str, value, name: str = "reduction") -> str:
+    """``value``, or ValueError naming ``function`` and ``name`` unless it is 'mean' or 'sum'."""
+    if value not in ("mean", "sum"):
+        raise ValueError(f"{function}: {name} must be 'mean' or 'sum', got {value!r}")
+    return value
+
+
 def softmax_loss(x: Array, y: Array, label_smoothing: float = 0.0, reduction: str = "mean") -> tuple[Array, Array]:
     """Softmax cross-entropy (numerically stable).
 
@@ -230,10 +244,8 @@ def softmax_loss(x: Array, y: Array, label_smoothing: float = 0.0, reduction: st
         loss as a 0-d array, and dx (N, C).
     """
     xp = _check_scores_and_labels("softmax_loss", x, y)
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"softmax_loss: label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"softmax_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_label_smoothing("softmax_loss", label_smoothing)
+    check_reduction("softmax_loss", reduction)
     fast = accelerated(x)
     if fast is not None and not is_half(xp, x):
         return fast.softmax_loss(x, y, label_smoothing, reduction)
@@ -376,19 +388,29 @@ def batchnorm_mode(function: str, bn_param: dict) -> str:
     mode = bn_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
-    momentum = bn_param.get("momentum", 0.9)
-    if not is_number(momentum) or not 0 <= momentum <= 1:
-        raise ValueError(f"{function}: bn_param['momentum'] must be a number in [0, 1], got {momentum!r}")
+    check_momentum(function, bn_param.get("momentum", 0.9), "bn_param['momentum']")
     return mode
 
 
+def check_momentum(function: str, value, name: str):
+    """``value``, or ValueError naming ``function`` and ``name`` unless it is a number in [0, 1]:
+    outside it the running averages would grow without bound."""
+    if not is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"{function}: {name} must be a number in [0, 1], got {value!r}")
+    return value
+
+
 def normalization_eps(function: str, param_name: str, param: dict) -> float:
-    """``param['eps']`` (1e-5 by default), or ValueError unless it is a finite number > 0: with
-    eps 0 a constant feature normalises to 0/0."""
-    eps = param.get("eps", 1e-5)
-    if not is_number(eps) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"{function}: {param_name}['eps'] must be a finite number > 0, got {eps!r}")
-    return float(eps)
+    """``param['eps']`` (1e-5 by default), or ValueError unless it is a finite number > 0."""
+    return check_eps(function, param.get("eps", 1e-5), f"{param_name}['eps']")
+
+
+def check_eps(function: str, value, name: str) -> float:
+    """``value`` as a float, or ValueError naming ``function`` and ``name`` unless it is a finite
+    number > 0: with eps 0 a constant feature normalises to 0/0."""
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{function}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def ensure_running_statistics(bn_param: dict, like: Array, d: int) -> None:
