@@ -516,6 +516,20 @@ def test_two_layer_net_train_refuses_data_that_cannot_be_right_by_its_argument_n
         np.testing.assert_array_equal(value, before[key])
 
 
+def test_two_layer_net_train_names_itself_and_the_callers_dtypes_on_every_backend(backend, np_rng):
+    """train() checked its data after moving it: on PyTorch float labels were named as
+    'torch.float64', and no message said which function refused them."""
+    net = neural_net.TwoLayerNet(12, 10, 4, seed=0, backend=backend)
+    X, y = np_rng.standard_normal((60, 12)), np_rng.integers(0, 4, 60)
+    for args, message in (
+        ((X, y.astype(np.float64), X[:10], y[:10]), "y must hold integer class labels, got dtype float64;"),
+        ((X, y, X[:10], y[:10] + 1), r"y_val has label 4 outside \[0, 4\)"),
+        ((X, y, X[:10, :5], y[:10]), r"X_val samples have shape \(5,\)"),
+    ):
+        with pytest.raises(ValueError, match=f"^TwoLayerNet.train: {message}"):
+            net.train(*args, num_iters=5, batch_size=10)
+
+
 # ---------------------------------------------------------------- copies of a model
 def _every_model(backend):
     """One of each network, with its batchnorm and dropout where it has them, and its input shape."""

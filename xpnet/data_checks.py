@@ -6,7 +6,7 @@ from array_api_compat import array_namespace
 
 from .input_checks import is_array
 
-__all__ = ["validate_split", "check_finite_values", "check_image_batch", "REQUIRED_KEYS"]
+__all__ = ["validate_split", "checked_labelled_set", "check_finite_values", "check_image_batch", "REQUIRED_KEYS"]
 
 REQUIRED_KEYS = ("X_train", "y_train", "X_val", "y_val")
 
@@ -118,6 +118,23 @@ def _validate_split(data, split, num_classes, input_shape, check_finite, names) 
                 f"{x_name} samples have shape {tuple(X.shape[1:])} ({features} values) "
                 f"but the model expects {input_shape} inputs"
             )
+
+
+def checked_labelled_set(X, y, model, prepare_inputs, prepare_labels, caller: str, names=("X", "y")) -> tuple:
+    """(X, y) on the model's device, checked as a Solver checks its training data (one integer
+    label in [0, num_classes) per row, finite inputs of the model's shape), with ``caller`` and
+    ``names`` naming any problem: a test set whose labels count from 1 would otherwise score as
+    wrong predictions. Arrays are checked as given, so that messages name the dtypes the caller
+    passed (not the device library's); other sequences once converted. Finiteness is checked
+    after the move, where a GPU does it in one reduction."""
+    X = X if is_array(X) else prepare_inputs(X)
+    y = y if is_array(y) else prepare_labels(y)
+    given = {"X_set": names[0], "y_set": names[1]}
+    num_classes, input_shape = getattr(model, "num_classes", None), getattr(model, "input_dim", None)
+    validate_split({"X_set": X, "y_set": y}, "set", num_classes, input_shape, False, given, caller)
+    X, y = prepare_inputs(X), prepare_labels(y)
+    check_finite_values(X, "X_set", f"{caller}: {names[0]}")
+    return X, y
 
 
 def check_finite_values(X, key: str, name: str | None = None) -> None:

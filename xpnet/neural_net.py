@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .batching import accuracy, sample_minibatch
-from .data_checks import validate_split
+from .data_checks import checked_labelled_set
 from .input_checks import as_int
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward, softmax_loss
 from .model import Model, check_finite, check_num_classes, check_positive_int
@@ -94,12 +94,11 @@ class TwoLayerNet(Model):
         iterations = as_int(num_iters)
         if iterations is None or iterations < 0:
             raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
-        X, X_val = self.prepare_inputs(X), self.prepare_inputs(X_val)
-        y, y_val = self.prepare_labels(y), self.prepare_labels(y_val)
-        data = {"X_train": X, "y_train": y, "X_val": X_val, "y_val": y_val}
-        names = {"X_train": "X", "y_train": "y", "X_val": "X_val", "y_val": "y_val"}
-        for split in ("train", "val"):  # labels one per row, in range; rows of input_dim values
-            validate_split(data, split, self.num_classes, self.input_dim, names=names)
+        # labels one per row, in range; finite rows of input_dim values
+        X, y = checked_labelled_set(X, y, self, self.prepare_inputs, self.prepare_labels, "TwoLayerNet.train")
+        X_val, y_val = checked_labelled_set(
+            X_val, y_val, self, self.prepare_inputs, self.prepare_labels, "TwoLayerNet.train", ("X_val", "y_val")
+        )
         # Without a seed, the backend's shared generator: on NumPy np.random's, where the course draws.
         rng = self.backend.default_rng() if seed is None else self.backend.rng(seed)
         iterations_per_epoch = max(X.shape[0] // batch_size, 1)

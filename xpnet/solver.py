@@ -15,9 +15,10 @@ import math
 import warnings
 
 from .batching import model_accuracy
+from .data_checks import checked_labelled_set
 from .model import backend_for, input_preparers, loss_and_grads, param_dtype
 from .training import callbacks as cb
-from .training.data import checked_labelled_set, checked_rows, device_data
+from .training.data import checked_rows, device_data
 from .training.graph import GraphReplay
 from .training.guard import FiniteGuard
 from .training.sampling import make_sampler
