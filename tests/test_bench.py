@@ -249,6 +249,17 @@ def test_counts_and_budgets_that_cannot_be_right_are_refused(capsys, flag, value
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config", ["200:0", "0:8", "16,-4:8", "16:"])
+def test_configs_with_a_size_below_one_are_refused(capsys, config):
+    """A batch of 0 ran: its row said 'failed' and PyTorch's side divided by zero."""
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--config", config, "--no-torch"])
+    assert info.value.code == 2
+    assert (
+        f"config must look like 100,100:1024 (hidden dims:batch, each >= 1), got {config!r}" in capsys.readouterr().err
+    )
+
+
 def _separable_subset(path):
     """CIFAR-shaped rows around ten centres, which the TwoLayerNet needs a few epochs to separate."""
     rng = np.random.default_rng(0)

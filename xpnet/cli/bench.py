@@ -60,13 +60,16 @@ INPUT_DIM, NUM_CLASSES, LEARNING_RATE = 3072, 10, 1e-3
 
 
 def parse_config(text):
-    """'100,100:1024' -> ([100, 100], 1024)."""
+    """'100,100:1024' -> ([100, 100], 1024); every size at least 1."""
     try:
         dims, batch = text.split(":")
-        return [int(d) for d in dims.split(",")], int(batch)
+        hidden, rows = [int(d) for d in dims.split(",")], int(batch)
+        if min(*hidden, rows) < 1:
+            raise ValueError(text)
+        return hidden, rows
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
-            f"config must look like 100,100:1024 (hidden dims:batch), got {text!r}"
+            f"config must look like 100,100:1024 (hidden dims:batch, each >= 1), got {text!r}"
         ) from exc
 
 
