@@ -104,6 +104,18 @@ def test_space_files_in_json_and_yaml(tmp_path):
         load_space_file(tmp_path / "broken.json")
 
 
+def test_space_files_take_the_command_lines_grammar_in_strings(tmp_path):
+    """A file holding "lr": "loguniform(1e-4,1e-2)", as --space writes it, was refused as
+    "'loguniform(1e-4,1e-2)' is not a finite number > 0"."""
+    text = '{"lr": "loguniform(1e-4, 1e-2)", "hidden_dims": "choice(100,512x256)", "model": "fc", "epochs": 10}'
+    (tmp_path / "s.json").write_text(text)
+    expressions = ["lr=loguniform(1e-4,1e-2)", "hidden_dims=choice(100,512x256)", "model=fc", "epochs=10"]
+    assert load_space_file(tmp_path / "s.json").describe() == parse_space(expressions).describe()
+    (tmp_path / "wrong.json").write_text('{"lr": "lognormal(1e-4, 1e-2)"}')  # not a distribution: a value
+    with pytest.raises(SpaceError, match=r"lr: 'lognormal\(1e-4, 1e-2\)' is not a finite number > 0"):
+        load_space_file(tmp_path / "wrong.json")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

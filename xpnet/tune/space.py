@@ -114,7 +114,9 @@ class SearchSpace:
 
     @classmethod
     def from_description(cls, description: dict) -> SearchSpace:
-        return cls([_dimension(name, spec) for name, spec in description.items()])
+        """The file form: {name: value or {kind: [values]}}; a string in the command line's
+        grammar, like "loguniform(1e-4,1e-2)", is read as that distribution."""
+        return cls([_dimension(name, _distribution(spec) or spec) for name, spec in description.items()])
 
     def suggest(self, trial) -> dict:
         """Settings for one run: {name: value} with hidden_dims as a list and normalization None for "none"."""
@@ -186,6 +188,19 @@ def _dimension(name: str, spec) -> Dimension:
 
 
 _EXPRESSION = re.compile(r"^\s*(\w+)\s*=\s*(?:(\w+)\s*\((.*)\)|(.+?))\s*$")
+_CALL = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
+_DISTRIBUTIONS = frozenset(kind for kinds in KINDS.values() for kind in kinds if kind != "fixed")
+
+
+def _call_spec(kind: str, arguments: str) -> dict:
+    """{kind: [values]} of ``kind(arguments)`` as the command line writes it."""
+    return {kind: [_number(a) for a in arguments.split(",") if a.strip()]}
+
+
+def _distribution(spec):
+    """{kind: [values]} for a string like "loguniform(1e-4,1e-2)" naming a distribution, else None."""
+    match = _CALL.match(spec) if isinstance(spec, str) else None
+    return _call_spec(*match.groups()) if match and match.group(1) in _DISTRIBUTIONS else None
 
 
 def parse_space(expressions: list) -> SearchSpace:
@@ -201,7 +216,7 @@ def parse_space(expressions: list) -> SearchSpace:
         if kind is None:
             spec = _number(fixed)
         else:
-            spec = {kind: [_number(a) for a in arguments.split(",") if a.strip()]}
+            spec = _call_spec(kind, arguments)
         dimensions[name] = _dimension(name, spec)
     return SearchSpace(list(dimensions.values()))
 
