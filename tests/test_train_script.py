@@ -190,6 +190,14 @@ def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp
     assert list(fig.axes[1].lines[1].get_ydata()) == [0.1, 0.5]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert matplotlib.get_backend() == before
+    # errors from inside matplotlib or PIL before ("x, y, and format string must not be None")
+    with pytest.raises(ValueError, match=r"^plot_history: history needs loss_history, train_acc_history and "
+                                         r"val_acc_history .*; dict has no train_acc_history, val_acc_history$"):  # fmt: skip
+        plot_history({"loss_history": [2.3, 1.5]})
+    with pytest.raises(ValueError, match=r"plot_history: history needs .*; list has no loss_history"):
+        plot_history([2.3, 1.5])
+    with pytest.raises(FileNotFoundError, match=f"^plot_history: folder {tmp_path / 'no'} does not exist"):
+        plot_history(history, tmp_path / "no" / "c.png")
 
 
 def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):

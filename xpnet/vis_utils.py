@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from math import ceil, sqrt
 
 import numpy as np
@@ -83,6 +84,24 @@ def new_figure(**kwargs):
     return _figure_class()(**kwargs)
 
 
+_HISTORIES = ("loss_history", "train_acc_history", "val_acc_history")
+
+
+def _histories(history) -> list:
+    """The three histories of a Solver or of a dict like TwoLayerNet.train's, or a ValueError
+    naming those it lacks."""
+    if isinstance(history, dict):
+        missing = [key for key in _HISTORIES if key not in history]
+    else:
+        missing = [key for key in _HISTORIES if not hasattr(history, key)]
+    if missing:
+        raise ValueError(
+            f"plot_history: history needs {', '.join(_HISTORIES[:-1])} and {_HISTORIES[-1]} (a Solver after "
+            f"train(), or the dict TwoLayerNet.train returns); {type(history).__name__} has no {', '.join(missing)}"
+        )
+    return [history[key] if isinstance(history, dict) else getattr(history, key) for key in _HISTORIES]
+
+
 def plot_history(history, path=None, title=None):
     """Training curves: the loss per iteration and the train/val accuracy per check.
 
@@ -97,14 +116,17 @@ def plot_history(history, path=None, title=None):
     Returns:
         the ``matplotlib.figure.Figure``.
     """
-    get = history.get if isinstance(history, dict) else lambda key: getattr(history, key)
+    losses, train_accs, val_accs = _histories(history)
+    folder = os.path.dirname(os.path.abspath(os.fspath(path))) if path is not None else None
+    if folder is not None and not os.path.isdir(folder):  # before the drawing, not after it
+        raise FileNotFoundError(f"plot_history: folder {folder} does not exist")
     fig = new_figure(figsize=(8, 7))
     ax_loss, ax_acc = fig.subplots(2, 1)
-    ax_loss.plot(get("loss_history"), ".", markersize=2)
+    ax_loss.plot(losses, ".", markersize=2)
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("training loss")
-    ax_acc.plot(get("train_acc_history"), "-o", label="train")
-    ax_acc.plot(get("val_acc_history"), "-o", label="val")
+    ax_acc.plot(train_accs, "-o", label="train")
+    ax_acc.plot(val_accs, "-o", label="val")
     ax_acc.set_xlabel("accuracy check (epoch)")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
