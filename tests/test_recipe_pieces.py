@@ -171,7 +171,7 @@ def test_reflect_pad_matches_numpy(backend, np_rng):
     x = np_rng.standard_normal((2, 3, 5, 6))
     out = reflect_pad(arr(backend, x), 2)
     np.testing.assert_array_equal(to_np(out), np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect"))
-    with pytest.raises(ValueError, match="pad 5 must be smaller than the image's sides"):
+    with pytest.raises(ValueError, match="pad 5 must be smaller than the images' sides"):
         reflect_pad(arr(backend, x), 5)
 
 
@@ -193,6 +193,10 @@ def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
         translate_images(x, shifts, shifts, 1.5)
     with pytest.raises(ValueError, match="AlternatingFlipTranslate: max_shift must be a non-negative integer"):
         AlternatingFlipTranslate(x, rng, max_shift=-2)
+    # named as reflect_pad's pad before, a name the caller never gave
+    with pytest.raises(ValueError, match=r"^AlternatingFlipTranslate: max_shift 8 must be smaller than the images' "
+                                         r"sides \(8, 8\)$"):  # fmt: skip
+        AlternatingFlipTranslate(x, rng, max_shift=8)
     for size in (0, 9, 2.0):
         with pytest.raises(
             ValueError,

@@ -50,15 +50,22 @@ def _pixels(function, name, value) -> int:
     return number
 
 
+def check_reflect_pad(function: str, name: str, pad, x) -> int:
+    """``pad`` as an int, or ValueError naming ``function`` and ``name`` unless reflect padding
+    of images ``x`` (N, C, H, W) can take it: a non-negative integer below both sides."""
+    pad = _pixels(function, name, pad)
+    if pad and pad >= min(x.shape[2], x.shape[3]):
+        raise ValueError(f"{function}: {name} {pad} must be smaller than the images' sides {tuple(x.shape[2:])}")
+    return pad
+
+
 def reflect_pad(x: Array, pad: int) -> Array:
     """``x`` (N, C, H, W) padded by ``pad`` on every side, mirroring without repeating the edge
     (PyTorch's ``mode='reflect'``): [a b c d] padded by 2 is [c b a b c d c b]."""
     _check_images("reflect_pad", x)
-    pad = _pixels("reflect_pad", "pad", pad)
+    pad = check_reflect_pad("reflect_pad", "pad", pad, x)
     if pad == 0:
         return x
-    if pad >= min(x.shape[2], x.shape[3]):
-        raise ValueError(f"reflect_pad: pad {pad} must be smaller than the image's sides {tuple(x.shape[2:])}")
     xp = namespace(x)
     left, right = xp.flip(x[..., 1 : pad + 1], axis=3), xp.flip(x[..., -pad - 1 : -1], axis=3)
     x = xp.concat([left, x, right], axis=3)
@@ -142,7 +149,7 @@ class AlternatingFlipTranslate:
 
     def __init__(self, images: Array, rng, flip: bool = True, max_shift: int = 2):
         _check_images("AlternatingFlipTranslate", images)
-        max_shift = _pixels("AlternatingFlipTranslate", "max_shift", max_shift)
+        max_shift = check_reflect_pad("AlternatingFlipTranslate", "max_shift", max_shift, images)
         self.rng, self.flip, self.max_shift = rng, flip, max_shift
         self.flip_mask = random_flip_mask(rng, images.shape[0]) if flip else None
         base = flip_images(images, self.flip_mask) if flip else images

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 
 from ..array_types import Array
-from ..augment import AlternatingFlipTranslate, tta_scores
+from ..augment import AlternatingFlipTranslate, check_reflect_pad, tta_scores
 from ..backend import Backend, get_backend, namespace
 from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -344,9 +344,7 @@ class Fast94Trainer:
         n = images.shape[0]
         if n < settings.batch_size:
             raise ValueError(f"fast94: batch_size {settings.batch_size} is larger than the {n} training images")
-        if settings.translate >= min(images.shape[2], images.shape[3]):  # reflect padding needs that much image
-            raise ValueError(f"fast94: translate {settings.translate} must be smaller than the images' sides "
-                             f"{tuple(images.shape[2:])}")  # fmt: skip
+        check_reflect_pad("fast94", "translate", settings.translate, images)  # in the recipe's words
         self.labels = labels
         self.per_epoch = n // settings.batch_size
         self.total = math.ceil(self.per_epoch * settings.epochs)
