@@ -401,6 +401,15 @@ def test_bad_data_is_rejected(change, message):
         Solver(small_model("numpy"), data)
 
 
+@pytest.mark.parametrize("as_sequence", [list, tuple])
+def test_data_that_is_not_a_dict_is_named(as_sequence):
+    """Arrays in a list or tuple failed inside NumPy ("the truth value of an array ... is ambiguous")."""
+    data = small_data()
+    with pytest.raises(ValueError, match=rf"data must be a dict with keys X_train, y_train, X_val, y_val, got "
+                                         rf"{as_sequence.__name__} of 4$"):  # fmt: skip
+        Solver(small_model("numpy"), as_sequence(data[key] for key in ("X_train", "y_train", "X_val", "y_val")))
+
+
 def test_an_update_rule_of_ones_own_trains_and_its_slips_are_named():
     """A hand-written rule returning w alone, None, a w of another shape or no config dict
     failed in tuple unpacking (or in the next layer); the course's form trains as optim's do."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from array_api_compat import array_namespace
 
 from .input_checks import is_array
@@ -79,6 +81,11 @@ def validate_split(
 
 
 def _validate_split(data, split, num_classes, input_shape, check_finite, names) -> None:
+    if not isinstance(data, Mapping):  # a list of arrays would fail the key test below inside NumPy
+        raise ValueError(
+            f"data must be a dict with keys {', '.join(REQUIRED_KEYS)}, got {type(data).__name__}"
+            + (f" of {len(data)}" if isinstance(data, (list, tuple)) else "")
+        )
     x_key, y_key = f"X_{split}", f"y_{split}"
     x_name, y_name = ((names or {}).get(key, f"data[{key!r}]") for key in (x_key, y_key))
     for key in (x_key, y_key):
