@@ -25,6 +25,14 @@ def test_rel_error_on_scalars_and_arrays(backend):
         rel_error(x, backend.asarray([1.0], dtype="float64"))
 
 
+def test_rel_error_names_an_argument_that_is_no_array():
+    """Two lists failed in x - y as "unsupported operand type(s) for -: 'list' and 'list'"."""
+    with pytest.raises(TypeError, match=r"rel_error: x must be an array or a number, got list \(np.asarray\(x\)"):
+        rel_error([1.0, 2.0], [1.0, 2.1])
+    with pytest.raises(TypeError, match="rel_error: y must be an array or a number, got str"):
+        rel_error(np.ones(2), "1.0")
+
+
 def test_rel_error_floor_ignores_rounding_sized_elements():
     x, y = np.array([1.0, 1e-9]), np.array([1.0, 2e-9])
     assert rel_error(x, y) > 0.05

@@ -33,6 +33,12 @@ def rel_error(x, y, floor=1e-8) -> float:
     ``floor`` keeps elements that are zero up to rounding from dominating;
     see :func:`rounding_floor` for the right one when ``x`` is a numerical gradient.
     """
+    for name, value in (("x", x), ("y", y)):
+        if not (is_array(value) or is_number(value)):  # a list would fail in x - y, or broadcast on NumPy only
+            raise TypeError(
+                f"rel_error: {name} must be an array or a number, got {type(value).__name__} "
+                f"(np.asarray({name}) makes one)"
+            )
     if not (is_array_api_obj(x) or is_array_api_obj(y)):
         return abs(x - y) / max(floor, abs(x) + abs(y))
     xp = array_namespace(*(a for a in (x, y) if is_array_api_obj(a)))
