@@ -422,10 +422,13 @@ def test_a_backward_pass_given_another_layers_cache_names_both():
     _, groupnorm_cache = layers.spatial_groupnorm_forward(x, np.ones((1, 3, 1, 1)), np.zeros((1, 3, 1, 1)), 3, {})
     for call, message in (
         (lambda: layer_utils.conv_relu_pool_backward(pooled, relu_cache),
-         "conv_relu_pool_backward: cache is a tuple of 3, not the 4 parts conv_relu_pool_forward returns"),
+         "conv_relu_pool_backward: cache comes from conv_relu_forward, not conv_relu_pool_forward"),
         (lambda: layer_utils.conv_relu_backward(out, pool_cache),
-         "conv_relu_backward: cache is a tuple of 4, not the 3 parts conv_relu_forward returns"),
+         "conv_relu_backward: cache comes from conv_relu_pool_forward, not conv_relu_forward"),
         (lambda: layers.affine_backward(affine_out, affine_relu_cache),
+         "affine_backward: cache comes from affine_relu_forward, not affine_forward"),
+        # a tuple of one's own: only its part count can be checked
+        (lambda: layers.affine_backward(affine_out, tuple(affine_relu_cache)),
          "affine_backward: cache is a tuple of 2, not the 3 parts affine_forward returns"),
         (lambda: fast_layers.conv_backward_fast(out, (x, w)),
          "conv_backward_fast: cache is a tuple of 2, not the 5 parts conv_forward_fast returns"),
@@ -438,18 +441,99 @@ def test_a_backward_pass_given_another_layers_cache_names_both():
          "relu_backward: cache is a tuple of 2, not the array relu_forward returns"),
         # one normalisation's cache for another's: "too many values to unpack (expected 2)" and the like
         (lambda: layers.spatial_batchnorm_backward(x, groupnorm_cache),
-         "spatial_batchnorm_backward: cache is a tuple of 4, not the 2 parts spatial_batchnorm_forward returns"),
+         "spatial_batchnorm_backward: cache comes from spatial_groupnorm_forward, not spatial_batchnorm_forward"),
         (lambda: layers.spatial_batchnorm_gelu_backward(x, groupnorm_cache),
-         "spatial_batchnorm_gelu_backward: cache is a tuple of 4, not the 2 parts spatial_batchnorm_gelu_forward"),
+         "spatial_batchnorm_gelu_backward: cache comes from spatial_groupnorm_forward, not spatial_batchnorm_gelu"),
         (lambda: layers.spatial_groupnorm_backward(x, batchnorm_cache),
-         "spatial_groupnorm_backward: cache is a tuple of 2, not the 4 parts spatial_groupnorm_forward returns"),
+         "spatial_groupnorm_backward: cache comes from spatial_batchnorm_forward, not spatial_groupnorm_forward"),
         (lambda: layers.batchnorm_backward(x.reshape(2, -1), batchnorm_cache),
-         "batchnorm_backward: cache is a tuple of 2, not the 5 parts batchnorm_forward returns"),
-        (lambda: layers.layernorm_backward(x.reshape(2, -1), batchnorm_cache),
+         "batchnorm_backward: cache comes from spatial_batchnorm_forward, not batchnorm_forward"),
+        (lambda: layers.layernorm_backward(x.reshape(2, -1), tuple(batchnorm_cache)),
          "layernorm_backward: cache is a tuple of 2, not the 5 parts layernorm_forward returns"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def _layer_pairs():
+    """Each public forward pass with its backward pass: name -> (backward, out, cache), on NumPy."""
+    from xpnet import fast_layers, layer_utils
+
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((4, 3, 8, 8)), rng.standard_normal((3, 3, 3, 3)), np.zeros(3)
+    rows, w_rows, b_rows = rng.standard_normal((4, 6)), rng.standard_normal((6, 6)), np.zeros(6)
+    conv, pool = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    g, beta, g_rows, beta_rows = np.ones(3), np.zeros(3), np.ones(6), np.zeros(6)
+    drop = {"p": 0.5, "mode": "train"}
+
+    def train():  # a fresh bn_param each: a forward pass keeps its running averages there
+        return {"mode": "train"}
+
+    forwards = {
+        "affine": (layers.affine_backward, lambda: layers.affine_forward(rows, w_rows, b_rows)),
+        "relu": (layers.relu_backward, lambda: layers.relu_forward(rows)),
+        "gelu": (layers.gelu_backward, lambda: layers.gelu_forward(rows)),
+        "batchnorm": (layers.batchnorm_backward, lambda: layers.batchnorm_forward(rows, g_rows, beta_rows, train())),
+        "layernorm": (layers.layernorm_backward, lambda: layers.layernorm_forward(rows, g_rows, beta_rows, {})),
+        "dropout": (layers.dropout_backward, lambda: layers.dropout_forward(rows, drop)),
+        "conv_naive": (layers.conv_backward_naive, lambda: layers.conv_forward_naive(x, w, b, conv)),
+        "conv_fast": (fast_layers.conv_backward_fast, lambda: fast_layers.conv_forward_fast(x, w, b, conv)),
+        "pool_naive": (layers.max_pool_backward_naive, lambda: layers.max_pool_forward_naive(x, pool)),
+        "pool_fast": (fast_layers.max_pool_backward_fast, lambda: fast_layers.max_pool_forward_fast(x, pool)),
+        "spatial_batchnorm": (layers.spatial_batchnorm_backward,
+                              lambda: layers.spatial_batchnorm_forward(x, g, beta, train())),
+        "spatial_batchnorm_gelu": (layers.spatial_batchnorm_gelu_backward,
+                                   lambda: layers.spatial_batchnorm_gelu_forward(x, g, beta, train())),
+        "spatial_groupnorm": (layers.spatial_groupnorm_backward,
+                              lambda: layers.spatial_groupnorm_forward(x, g[None, :, None, None],
+                                                                       beta[None, :, None, None], 3, {})),
+        "affine_relu": (layer_utils.affine_relu_backward, lambda: layer_utils.affine_relu_forward(rows, w_rows, b_rows)),
+        "affine_norm_relu_dropout": (layer_utils.affine_norm_relu_dropout_backward,
+                                     lambda: layer_utils.affine_norm_relu_dropout_forward(
+                                         rows, w_rows, b_rows, g_rows, beta_rows, train(), "batchnorm", drop)),
+        "conv_relu": (layer_utils.conv_relu_backward, lambda: layer_utils.conv_relu_forward(x, w, b, conv)),
+        "conv_relu_pool": (layer_utils.conv_relu_pool_backward,
+                           lambda: layer_utils.conv_relu_pool_forward(x, w, b, conv, pool)),
+        "conv_bn_relu": (layer_utils.conv_bn_relu_backward,
+                         lambda: layer_utils.conv_bn_relu_forward(x, w, b, g, beta, conv, train())),
+        "conv_bn_relu_pool": (layer_utils.conv_bn_relu_pool_backward,
+                              lambda: layer_utils.conv_bn_relu_pool_forward(x, w, b, g, beta, conv, train(), pool)),
+    }  # fmt: skip
+    return {name: (backward, *forward()) for name, (backward, forward) in forwards.items()}
+
+
+def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
+    """A cache of as many parts as the backward pass's own passed the part count and failed in its
+    arithmetic ("'dict' object has no attribute 'shape'", "operands could not be broadcast"), or
+    gave numbers (batchnorm_backward given layernorm's cache, dropout_backward given GELU's)."""
+    pairs = _layer_pairs()
+    unnamed = []
+    for taker, (backward, dout, _) in pairs.items():
+        for maker, (_, _, cache) in pairs.items():
+            if maker == taker:
+                continue
+            try:
+                backward(dout, cache)
+                unnamed.append(f"{backward.__name__} took {maker}'s cache")
+            except (ValueError, TypeError) as error:
+                if not str(error).startswith(f"{backward.__name__}: cache "):
+                    unnamed.append(f"{backward.__name__} given {maker}'s cache: {error}")
+    assert unnamed == []
+    # the closed-form batchnorm backward pass takes batchnorm_forward's cache, as the course's does
+    backward, dout, cache = pairs["batchnorm"]
+    for got, expected in zip(layers.batchnorm_backward_alt(dout, cache), backward(dout, cache)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_every_public_forward_pass_with_a_tuple_cache_says_which_it_is():
+    """A forward pass added without ``@makes_cache`` would hand out caches that only their part count
+    can check; relu_forward's cache is its input array, which relu_backward checks as one."""
+    from xpnet import fast_layers, layer_utils
+
+    forwards = {name: getattr(module, name) for module in (layers, layer_utils, fast_layers)
+                for name in module.__all__ if "_forward" in name}  # fmt: skip
+    assert len(forwards) == 23
+    assert [name for name, f in forwards.items() if not hasattr(f, "__wrapped__")] == ["relu_forward"]
 
 
 def test_a_sandwich_given_a_dout_of_another_shape_names_itself_and_its_output():

@@ -11,11 +11,12 @@ from array_api_compat import device
 
 from .array_types import Array, Cache
 from .conv_common import conv_geometry, pad2d, pool_geometry
-from .input_checks import check_dout, unpack_cache
+from .input_checks import check_dout, makes_cache, unpack_cache
 
 __all__ = ["conv_forward_naive", "conv_backward_naive", "max_pool_forward_naive", "max_pool_backward_naive"]
 
 
+@makes_cache("conv_forward_naive")
 def conv_forward_naive(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """Convolution (cross-correlation, no kernel flip) with zero padding on every side.
 
@@ -74,6 +75,7 @@ def _first_max_mask(xp, windows):
     return xp.astype(first[..., None] == positions, windows.dtype)
 
 
+@makes_cache("max_pool_forward_naive")
 def max_pool_forward_naive(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     """Max pooling.
 

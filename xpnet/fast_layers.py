@@ -27,7 +27,7 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, namespace
 from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
-from .input_checks import check_dout, unpack_cache
+from .input_checks import check_dout, makes_cache, unpack_cache
 from .layers import matmul
 
 __all__ = [
@@ -47,6 +47,11 @@ __all__ = [
     "max_pool_forward_im2col",
     "max_pool_backward_im2col",
 ]
+
+
+# The three names of each layer make one kind of cache: any of them may go to any backward name.
+_conv_cache = makes_cache("conv_forward_fast", "conv_forward_im2col", "conv_forward_strides")
+_pool_cache = makes_cache("max_pool_forward_fast", "max_pool_forward_reshape", "max_pool_forward_im2col")
 
 
 def _im2col(xp, x_cn, hh, ww, stride, pad, h_out, w_out):
@@ -116,6 +121,7 @@ class _SmallFilterConvolution(NamedTuple):
     kernels: Any  # the backend's fused kernels (CupyKernels)
 
 
+@_conv_cache
 def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """Convolution as im2col + one GEMM; the same contract as :func:`xpnet.layers.conv_forward_naive`.
 
@@ -130,11 +136,13 @@ def conv_forward_fast(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
     return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_fast", x, w, b, conv_param))
 
 
+@_conv_cache
 def conv_forward_im2col(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """The course's name for :func:`conv_forward_fast` (im2col and one GEMM is what it does)."""
     return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_im2col", x, w, b, conv_param))
 
 
+@_conv_cache
 def conv_forward_strides(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """The course's name for :func:`conv_forward_fast` (its columns come from strided slices)."""
     return _conv_forward(x, w, b, conv_param, conv_geometry("conv_forward_strides", x, w, b, conv_param))
@@ -246,6 +254,7 @@ class _FusedPoolCache(NamedTuple):
     argmax: Array
 
 
+@_pool_cache
 def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     """Max pooling over strided slices; the same contract as :func:`xpnet.layers.max_pool_forward_naive`.
 
@@ -255,12 +264,14 @@ def max_pool_forward_fast(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     return _max_pool_forward("max_pool_forward_fast", x, pool_param)
 
 
+@_pool_cache
 def max_pool_forward_reshape(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     """The course's name for :func:`max_pool_forward_fast`, which takes any pool (the course's
     needs square windows that tile the input)."""
     return _max_pool_forward("max_pool_forward_reshape", x, pool_param)
 
 
+@_pool_cache
 def max_pool_forward_im2col(x: Array, pool_param: dict) -> tuple[Array, Cache]:
     """The course's name for :func:`max_pool_forward_fast` (it pools strided slices, no columns)."""
     return _max_pool_forward("max_pool_forward_im2col", x, pool_param)

@@ -4,11 +4,26 @@ types, never values, so they cost no device synchronisation."""
 
 from __future__ import annotations
 
+import functools
 import numbers
+from collections.abc import Callable
+from typing import ParamSpec
 
 from .backend import namespace
 
-__all__ = ["layer_namespace", "check_dout", "check_same_shape", "check_param_keys", "as_int", "is_number"]
+P = ParamSpec("P")
+
+__all__ = [
+    "layer_namespace",
+    "check_dout",
+    "check_same_shape",
+    "check_param_keys",
+    "as_int",
+    "is_number",
+    "LayerCache",
+    "makes_cache",
+    "unpack_cache",
+]
 
 
 def is_number(value) -> bool:
@@ -108,9 +123,43 @@ def _refuse_mixed_libraries(function: str, arrays: dict) -> None:
         )
 
 
+class LayerCache(tuple):
+    """A forward pass's cache: the tuple of its parts (it unpacks, indexes and compares as
+    one), whose class also names the forward passes that make it. Another layer's cache of as
+    many parts would otherwise reach the backward pass's arithmetic and fail there, or give
+    numbers. Each kind is a subclass made by :func:`makes_cache`."""
+
+    __slots__ = ()
+    forwards: tuple[str, ...] = ()
+
+
+def makes_cache(*forwards: str) -> Callable[[Callable[P, tuple]], Callable[P, tuple]]:
+    """Decorate a forward pass whose cache :func:`unpack_cache` is to know by name: its tuple
+    cache comes back as a :class:`LayerCache` of the kind ``forwards`` (the function's name,
+    with the other names that make the same cache). Other caches (None in test mode, an
+    array, a fused kernel's record) come back as they are."""
+    kind = type(f"{forwards[0]}_cache", (LayerCache,), {"__slots__": (), "forwards": forwards})
+
+    def decorate(forward: Callable[P, tuple]) -> Callable[P, tuple]:
+        @functools.wraps(forward)
+        def tagged(*args: P.args, **kwargs: P.kwargs) -> tuple:
+            out, cache = forward(*args, **kwargs)
+            return out, (kind(cache) if type(cache) is tuple else cache)
+
+        return tagged
+
+    return decorate
+
+
 def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:
     """``cache`` as the tuple of ``parts`` that ``forward`` returned, or a ValueError saying that
-    ``function`` got another layer's cache (tuple unpacking would say only the count)."""
+    ``function`` got another layer's cache: one that says it comes from another forward pass
+    (:class:`LayerCache`), or one of another part count (tuple unpacking would say only the count)."""
+    made_by = cache.forwards if isinstance(cache, LayerCache) else ()
+    if made_by and forward not in made_by:
+        raise ValueError(
+            f"{function}: cache comes from {made_by[0]}, not {forward}; pass the cache of the matching forward pass"
+        )
     if not isinstance(cache, tuple) or len(cache) != parts:
         got = f"a tuple of {len(cache)}" if isinstance(cache, tuple) else type(cache).__name__
         raise ValueError(

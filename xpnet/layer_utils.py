@@ -12,7 +12,7 @@ from .fast_layers import (
     max_pool_backward_fast,
     max_pool_forward_fast,
 )
-from .input_checks import check_dout, unpack_cache
+from .input_checks import check_dout, makes_cache, unpack_cache
 from .layers import (
     affine_backward,
     affine_forward,
@@ -53,6 +53,7 @@ NORMALIZATIONS = (None, "batchnorm", "layernorm")
 OUTPUT = " (the forward pass's output)"
 
 
+@makes_cache("affine_relu_forward")
 def affine_relu_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
     """Affine transform followed by ReLU: x (N, ...), w (D, M), b (M,) -> out (N, M)."""
     fast = accelerated(x)
@@ -74,6 +75,7 @@ def affine_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> 
     return affine_backward(relu_backward(dout, relu_cache), fc_cache, input_grad)
 
 
+@makes_cache("affine_norm_relu_dropout_forward")
 def affine_norm_relu_dropout_forward(
     x, w, b, gamma=None, beta=None, norm_param=None, normalization=None, dropout_param=None
 ):
@@ -156,6 +158,7 @@ def _bias_relu_backward(dout: Array, out: Array, with_bias: bool) -> tuple[Array
     return da, channel_sum(namespace(da), da) if with_bias else None
 
 
+@makes_cache("conv_relu_forward")
 def conv_relu_forward(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[Array, Cache]:
     """Convolution followed by ReLU: x (N, C, H, W), w (F, C, HH, WW), b (F,) -> (N, F, H', W')."""
     a, conv_cache = _conv_forward(x, w, None, conv_param, conv_geometry("conv_relu_forward", x, w, b, conv_param))
@@ -172,6 +175,7 @@ def conv_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tu
     return dx, dw, db
 
 
+@makes_cache("conv_relu_pool_forward")
 def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_param: dict) -> tuple[Array, Cache]:
     """Convolution, ReLU, then max pooling: x (N, C, H, W) -> (N, F, H'', W'').
 
@@ -195,6 +199,7 @@ def conv_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) 
     return dx, dw, db
 
 
+@makes_cache("conv_bn_relu_forward")
 def conv_bn_relu_forward(
     x: Array, w: Array, b: Array, gamma: Array, beta: Array, conv_param: dict, bn_param: dict
 ) -> tuple[Array, Cache]:
@@ -214,6 +219,7 @@ def conv_bn_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) ->
     return dx, dw, db, dgamma, dbeta
 
 
+@makes_cache("conv_bn_relu_pool_forward")
 def conv_bn_relu_pool_forward(
     x: Array, w: Array, b: Array, gamma: Array, beta: Array, conv_param: dict, bn_param: dict, pool_param: dict
 ) -> tuple[Array, Cache]:

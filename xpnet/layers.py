@@ -27,6 +27,7 @@ from .input_checks import (
     check_seed,
     is_number,
     layer_namespace,
+    makes_cache,
     unpack_cache,
 )
 from .precision import is_half, narrowed, widened
@@ -64,6 +65,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Affine and ReLU
 # --------------------------------------------------------------------------
+@makes_cache("affine_forward")
 def affine_forward(x: Array, w: Array, b: Array) -> tuple[Array, Cache]:
     """Fully connected layer: ``out = x.reshape(N, D) @ w + b``.
 
@@ -150,6 +152,7 @@ def relu_backward(dout: Array, cache: Cache) -> Array:
     return dout * xp.astype(x > 0, dout.dtype)
 
 
+@makes_cache("gelu_forward")
 def gelu_forward(x: Array) -> tuple[Array, Cache]:
     """GELU in its exact form, x·Φ(x) with Φ the standard normal's cdf (PyTorch's default,
     ``approximate='none'``). The array API has no erf: :mod:`xpnet.special` supplies one."""
@@ -338,6 +341,7 @@ def _check_norm_input(name, x, gamma, beta):
         raise ValueError(f"{name}: gamma and beta must be ({d},), got {gamma_shape} and {tuple(beta.shape)}")
 
 
+@makes_cache("batchnorm_forward")
 def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
     """Batch normalisation.
 
@@ -491,6 +495,7 @@ def batchnorm_backward_alt(dout: Array, cache: Cache) -> tuple[Array, Array, Arr
     return _normalize_backward_compact("batchnorm_backward_alt", dout, cache, "batchnorm_forward")
 
 
+@makes_cache("layernorm_forward")
 def layernorm_forward(x: Array, gamma: Array, beta: Array, ln_param: dict) -> tuple[Array, Cache]:
     """Layer normalisation: each sample normalised over its D features.
 
@@ -515,6 +520,7 @@ def layernorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
 # --------------------------------------------------------------------------
 # Dropout
 # --------------------------------------------------------------------------
+@makes_cache("dropout_forward")
 def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
     """Inverted dropout.
 

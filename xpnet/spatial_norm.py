@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .input_checks import as_int, check_dout, check_param_keys, layer_namespace, unpack_cache
+from .input_checks import as_int, check_dout, check_param_keys, layer_namespace, makes_cache, unpack_cache
 from .layers import (
     batchnorm_backward_alt,
     batchnorm_forward,
@@ -113,6 +113,7 @@ def _fused_cache(name, dout, cache) -> _FusedBatchnormCache | None:
     return cache
 
 
+@makes_cache("spatial_batchnorm_forward")
 def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
     """Batch normalisation of each channel over N, H and W.
 
@@ -142,6 +143,7 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
     return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
 
 
+@makes_cache("spatial_batchnorm_gelu_forward")
 def spatial_batchnorm_gelu_forward(x: Array, gamma: Array, beta: Array, bn_param: dict) -> tuple[Array, Cache]:
     """:func:`spatial_batchnorm_forward` followed by :func:`~xpnet.layers.gelu_forward`
     (the blocks of :class:`~xpnet.cnn.FastConvNet`), with the same arguments and results.
@@ -175,6 +177,7 @@ class _FusedGroupnormCache(NamedTuple):
     gamma: Array
 
 
+@makes_cache("spatial_groupnorm_forward")
 def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_param: dict) -> tuple[Array, Cache]:
     """Group normalisation: each sample's channels split into ``G`` groups, each group
     normalised over its channels and all positions.
