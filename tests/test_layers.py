@@ -1,6 +1,7 @@
 """Every layer: forward against an independent NumPy computation, backward
 against numerical gradients in float64, on every backend."""
 
+import pickle
 import re
 
 import numpy as np
@@ -519,6 +520,11 @@ def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
                 if not str(error).startswith(f"{backward.__name__}: cache "):
                     unnamed.append(f"{backward.__name__} given {maker}'s cache: {error}")
     assert unnamed == []
+    # still a tuple that pickles (to another process, say) and comes back as the same kind
+    backward, dout, cache = pairs["conv_relu_pool"]
+    again = pickle.loads(pickle.dumps(cache))
+    assert type(again) is type(cache) and isinstance(again, tuple) and len(again) == len(cache)
+    np.testing.assert_array_equal(backward(dout, again)[1], backward(dout, cache)[1])
     # the closed-form batchnorm backward pass takes batchnorm_forward's cache, as the course's does
     backward, dout, cache = pairs["batchnorm"]
     for got, expected in zip(layers.batchnorm_backward_alt(dout, cache), backward(dout, cache)):

@@ -132,13 +132,29 @@ class LayerCache(tuple):
     __slots__ = ()
     forwards: tuple[str, ...] = ()
 
+    def __reduce__(self):  # by its names: the kinds are made at import, not found as module attributes
+        return _rebuild_cache, (self.forwards, tuple(self))
+
+
+_CACHE_KINDS: dict[tuple[str, ...], type[LayerCache]] = {}
+
+
+def _rebuild_cache(forwards: tuple[str, ...], parts: tuple) -> tuple:
+    """An unpickled :class:`LayerCache` (a plain tuple where this version has no such kind)."""
+    kind = _CACHE_KINDS.get(forwards)
+    return parts if kind is None else kind(parts)
+
 
 def makes_cache(*forwards: str) -> Callable[[Callable[P, tuple]], Callable[P, tuple]]:
     """Decorate a forward pass whose cache :func:`unpack_cache` is to know by name: its tuple
     cache comes back as a :class:`LayerCache` of the kind ``forwards`` (the function's name,
     with the other names that make the same cache). Other caches (None in test mode, an
     array, a fused kernel's record) come back as they are."""
-    kind = type(f"{forwards[0]}_cache", (LayerCache,), {"__slots__": (), "forwards": forwards})
+    kind = _CACHE_KINDS.get(forwards)
+    if kind is None:
+        kind = _CACHE_KINDS[forwards] = type(
+            f"{forwards[0]}_cache", (LayerCache,), {"__slots__": (), "forwards": forwards}
+        )
 
     def decorate(forward: Callable[P, tuple]) -> Callable[P, tuple]:
         @functools.wraps(forward)
