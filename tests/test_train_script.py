@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--resume", "/nonexistent.pkl", "--epochs", "1"], "does not exist"),
         (["--model", "twolayer", "--hidden-dims", "10", "10"], "one hidden size"),
         (["--cuda-graph"], "needs the cupy backend"),
+        # refused before the data set is looked for, not after minutes of loading it
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent", "--cuda-graph"], "--cuda-graph needs the cupy backend"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent", "--resume", "/nonexistent.npz"], "does not exist"),
         (["--model", "cnn", "--dropout", "0.2"], "--dropout does not apply to --model cnn"),
         (["--model", "cnn", "--normalization", "layernorm"], "--model cnn normalises with batchnorm only"),
         (["--model", "twolayer", "--normalization", "batchnorm"], "--model twolayer takes no --normalization"),
@@ -145,6 +149,19 @@ def test_bad_arguments_give_clean_errors(train, capsys, monkeypatch, tmp_path, a
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_a_resume_file_that_cannot_be_read_is_refused_before_the_data_is_looked_for(train, capsys, tmp_path):
+    """A pickle without --trust-pickle, or a file that is no checkpoint, was refused only after the
+    data set had been loaded (minutes for CIFAR-10)."""
+    old_format, not_one = tmp_path / "old.pkl", tmp_path / "notes.npz"
+    old_format.write_bytes(pickle.dumps({"format": "xpnet"}))
+    not_one.write_text("not a checkpoint")
+    for path, message in ((old_format, "in the old pickle format"), (not_one, "not an .npz file")):
+        with pytest.raises(SystemExit) as info:
+            train(["--dataset", "cifar10", "--data-dir", "/nonexistent", "--resume", str(path)])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_visualize_grid_tiles_images():

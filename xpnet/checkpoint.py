@@ -31,6 +31,7 @@ __all__ = [
     "save_checkpoint",
     "unwritable_reason",
     "load_checkpoint",
+    "check_checkpoint_file",
     "remove_stale_temporaries",
     "is_finite_tree",
     "tree_to_host",
@@ -208,6 +209,36 @@ def _newest_checkpoint_hint(folder: str) -> str:
     return f", e.g. {os.path.join(folder, max(files, key=lambda entry: entry.stat().st_mtime).name)!r}"
 
 
+def _file_format(path: str, trust_pickle: bool) -> str:
+    """ "npz" or "pickle" by the file's first bytes, after the checks that need no more of it: the
+    file exists and is one, it is one of the two, and a pickle is trusted."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give one file in it{_newest_checkpoint_hint(path)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"\x80") or head[:1] in (b"(", b"}", b"]"):
+        if not trust_pickle:
+            raise CheckpointError(
+                f"checkpoint {path!r} is in the old pickle format, and reading a pickle can run any code "
+                "the file carries. Load it only if you trust where it came from: "
+                "load_checkpoint(path, trust_pickle=True), Solver.resume(path, trust_pickle=True) "
+                "or train.py --trust-pickle; the next checkpoint is then written in the safe .npz format."
+            )
+        return "pickle"
+    if not head.startswith(b"PK"):
+        raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint (not an .npz file)")
+    return "npz"
+
+
+def check_checkpoint_file(path, trust_pickle: bool = False) -> None:
+    """What :func:`load_checkpoint` checks before reading the file's contents (it exists, it is a
+    file, it is an .npz, or a pickle with ``trust_pickle``), for a command to check its
+    ``--resume`` before it loads a data set; the same errors."""
+    _file_format(os.fspath(path), trust_pickle)
+
+
 def load_checkpoint(path, trust_pickle: bool = False) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -219,16 +250,8 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
     (a ValueError) naming the file for anything that is not a sound checkpoint.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give one file in it{_newest_checkpoint_hint(path)}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"\x80") or head[:1] in (b"(", b"}", b"]"):
+    if _file_format(path, trust_pickle) == "pickle":
         return _load_pickle(path, trust_pickle)
-    if not head.startswith(b"PK"):
-        raise CheckpointError(f"checkpoint {path!r} is not an xpnet checkpoint (not an .npz file)")
     try:
         # the members' headers, before NumPy allocates what they declare; xpnet writes none compressed
         check_npz_members(path, f"checkpoint {path!r}", compressed=False)
@@ -264,13 +287,8 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
 
 
 def _load_pickle(path, trust_pickle):
-    if not trust_pickle:
-        raise CheckpointError(
-            f"checkpoint {path!r} is in the old pickle format, and reading a pickle can run any code "
-            "the file carries. Load it only if you trust where it came from: "
-            "load_checkpoint(path, trust_pickle=True), Solver.resume(path, trust_pickle=True) "
-            "or train.py --trust-pickle; the next checkpoint is then written in the safe .npz format."
-        )
+    if not trust_pickle:  # _file_format refuses it first; kept beside the one call that unpickles
+        raise CheckpointError(f"checkpoint {path!r} is a pickle, and trust_pickle is False")
     try:
         with open(path, "rb") as f:
             payload = pickle.load(f)  # noqa: S301 (explicit opt-in above)

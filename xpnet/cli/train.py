@@ -17,6 +17,7 @@ import warnings
 
 import xpnet
 from xpnet import data_utils
+from xpnet.checkpoint import check_checkpoint_file
 from xpnet.cli.common import (
     HelpFormatter,
     UsageError,
@@ -242,6 +243,12 @@ def switched_backend(args, keep: bool):
     return backend
 
 
+def check_cuda_graph(args, backend):
+    """UsageError for --cuda-graph on a backend that cannot capture, before any data is loaded."""
+    if args.cuda_graph and not backend.can_capture:
+        raise UsageError(f"--cuda-graph needs the cupy backend; backend {backend.name!r} cannot capture CUDA graphs")
+
+
 def _trained(solver, first_epoch: int, first_iteration: int) -> str:
     """What this process trained, for the closing line: after --resume, only the epochs since the checkpoint."""
     epochs, iterations = solver.epoch - first_epoch, solver.iteration - first_iteration
@@ -315,6 +322,12 @@ class Run:
             raise UsageError(f"--plot: {plotting_unavailable()}")
         if args.checkpoint_dir:
             check_output_folder("--checkpoint-dir", args.checkpoint_dir)
+        check_cuda_graph(args, backend)
+        if args.resume:  # what can be checked of it without the model
+            try:
+                check_checkpoint_file(args.resume, args.trust_pickle)
+            except (OSError, ValueError) as exc:
+                raise UsageError(str(exc)) from exc
         if args.log:
             self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
         print(f"backend: {backend.name} ({backend.device_name})", flush=True)
@@ -389,10 +402,7 @@ class Run:
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         backend = switched_backend(args, keep=False)  # the recipe switches them itself
-        if args.cuda_graph and not backend.can_capture:
-            raise UsageError(
-                f"--cuda-graph needs the cupy backend; backend {backend.name!r} cannot capture CUDA graphs"
-            )
+        check_cuda_graph(args, backend)
         if args.fp16 and not hasattr(backend.xp, "float16"):
             raise UsageError(f"--fp16: backend {backend.name!r} has no float16 type (numpy, cupy and torch have one)")
         if args.checkpoint_dir:
