@@ -401,6 +401,42 @@ def test_bad_data_is_rejected(change, message):
         Solver(small_model("numpy"), data)
 
 
+def test_settings_set_between_train_calls_are_checked_and_take_effect(capsys):
+    """solver.verbose = False was ignored (the console report had copied it), and print_every = 0
+    was taken and failed at the first step with "integer modulo by zero"."""
+    solver = Solver(small_model("numpy"), small_data(), batch_size=50, num_epochs=1, seed=0)
+    solver.verbose = False
+    solver.train()
+    assert capsys.readouterr().out == ""
+    solver.num_epochs, solver.print_every, solver.verbose = 2, 2, True
+    solver.train()
+    out = capsys.readouterr().out
+    assert "(Iteration 5 / 8)" in out and "(Iteration 6 / 8)" not in out and "(Epoch 2 / 2)" in out
+    for name, value, message in (
+        ("print_every", 0, "print_every must be a positive integer, got 0"),
+        ("num_epochs", -1, "num_epochs must be a non-negative integer, got -1"),
+        ("seed", 1.5, "seed must be None or a non-negative integer, got 1.5"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            setattr(solver, name, value)
+        assert getattr(solver, name) != value
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("batch_size", 25), ("update_rule", "adam"), ("optim_config", {"learning_rate": 1e-3}), ("lr_decay", 0.5),
+     ("checkpoint_name", "runs/x"), ("cuda_graph", True), ("sampler", "epoch")],
+)  # fmt: skip
+def test_settings_the_solver_was_built_from_cannot_be_set_afterwards(name, value):
+    """They were taken and ignored: the sampler kept drawing batches of the old size, the update
+    its old rule and learning rate, and no checkpoint was written."""
+    solver = Solver(small_model("numpy"), small_data(), batch_size=50, verbose=False)
+    before = getattr(solver, name)
+    with pytest.raises(AttributeError, match=rf"Solver.{name} is fixed once the Solver is made .*give {name}="):
+        setattr(solver, name, value)
+    assert getattr(solver, name) is before
+
+
 @pytest.mark.parametrize("as_sequence", [list, tuple])
 def test_data_that_is_not_a_dict_is_named(as_sequence):
     """Arrays in a list or tuple failed inside NumPy ("the truth value of an array ... is ambiguous")."""

@@ -11,6 +11,7 @@ histories as Python floats.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -29,6 +30,10 @@ from .training.update import Update
 __all__ = ["Solver"]
 
 _SETTINGS = frozenset(SolverSettings.__dataclass_fields__)
+# Settings read as training goes, which may change between train() calls; the others made the
+# Solver's parts when it was made (its sampler, update, callbacks, graph), so a new value would not reach them.
+_LIVE_SETTINGS = frozenset({"num_epochs", "print_every", "num_train_samples", "num_val_samples", "seed", "verbose",
+                            "progress"})  # fmt: skip
 
 
 class Solver:
@@ -44,8 +49,10 @@ class Solver:
             batch_size, num_epochs, num_train_samples, num_val_samples,
             checkpoint_name, print_every, verbose) and xpnet's (lr_schedule,
             param_groups, sampler, seed, progress, on_log, callbacks, cuda_graph):
-            see :class:`~xpnet.training.SolverSettings` for each. They read (and
-            write) as attributes: ``solver.num_epochs``.
+            see :class:`~xpnet.training.SolverSettings` for each. They read as
+            attributes, ``solver.num_epochs``; those read as training goes
+            (num_epochs, print_every, the sample counts, seed, verbose, progress) may be
+            set between train() calls, checked as here, and the others are fixed.
     """
 
     def __init__(self, model, data, **kwargs):
@@ -54,7 +61,8 @@ class Solver:
         self.graph = GraphReplay(self.backend) if self.cuda_graph else None
         self.prepare_inputs, self.prepare_labels = input_preparers(model, self.backend)
         # The sampler before the move: one that cannot draw such batches from these rows says so first.
-        self.sampler = make_sampler(self.settings.sampler, checked_rows(data, model), self.batch_size)
+        # (the setting becomes the Sampler it names: solver.sampler)
+        self.settings.sampler = make_sampler(self.settings.sampler, checked_rows(data, model), self.batch_size)
         self.X_train, self.y_train, self.X_val, self.y_val = device_data(data, self.prepare_inputs, self.prepare_labels)
         # What runs at logging points and epoch ends: built from the settings, then the user's.
         self._console = cb.ConsoleReport(self.verbose, self.progress)
@@ -70,7 +78,19 @@ class Solver:
         raise AttributeError(f"'Solver' object has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        object.__setattr__(self.settings if name in _SETTINGS else self, name, value)
+        if name not in _SETTINGS:
+            object.__setattr__(self, name, value)
+            return
+        if name not in _LIVE_SETTINGS:
+            raise AttributeError(
+                f"Solver.{name} is fixed once the Solver is made (its sampler, update rule and callbacks "
+                f"were built from it); give {name}={value!r} to a new Solver. These may change between "
+                f"train() calls: {', '.join(sorted(_LIVE_SETTINGS))}"
+            )
+        # checked as the constructor checks it (print_every=0 would fail at the first step)
+        object.__setattr__(self, "settings", dataclasses.replace(self.settings, **{name: value}))
+        if name in ("verbose", "progress"):
+            setattr(self._console, name, value)
 
     def _reset(self):
         self.epoch = self.iteration = 0
