@@ -650,6 +650,14 @@ def test_conv_nets_name_the_image_layout_they_expect():
         model.loss(np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match=r"inputs must be \(N, 3, 8, 8\), got \(4, 3, 8, 7\)$"):  # no hint
         model.loss(np.zeros((4, 3, 8, 7)))
+    # One-channel images as load_digits gives them, (N, H, W)
+    gray = ThreeLayerConvNet(input_dim=(1, 8, 8), num_filters=2, filter_size=3, hidden_dim=4)
+    hint = r"got \(4, 8, 8\); these look like one-channel images without their channel axis: {}\[:, None\] adds it$"
+    with pytest.raises(ValueError, match=hint.format("X")):
+        gray.predict(np.zeros((4, 8, 8)))
+    with pytest.raises(ValueError, match=r"samples have shape \(8, 8\) but the model expects \(1, 8, 8\); these look "
+                                         r"like one-channel images without their channel axis: data\['X_val'\]\[:, None\]"):  # fmt: skip
+        Solver(gray, {**data, "X_train": np.zeros((4, 1, 8, 8)), "X_val": np.zeros((4, 8, 8))}, batch_size=2)
 
 
 def test_conv_relu_pool_equals_the_course_order_exactly_ties_included(backend, np_rng):

@@ -16,7 +16,8 @@ REQUIRED_KEYS = ("X_train", "y_train", "X_val", "y_val")
 def _image_layout_hint(shape, expected, name: str = "X") -> str:
     """A hint when a batch of ``shape`` holds (C, H, W) ``expected`` images in another layout:
     stored channels last, as ``load_CIFAR10`` returns them (the likeliest slip), flattened into
-    rows, as the fully connected nets take them, or one image without its batch axis. The
+    rows, as the fully connected nets take them, one image without its batch axis, or
+    one-channel images without their channel axis. The
     expression that fixes it names the array ``name``."""
     if len(expected) != 3:
         return ""
@@ -28,6 +29,8 @@ def _image_layout_hint(shape, expected, name: str = "X") -> str:
         return f"; these look like images flattened into rows: {name}.reshape(-1, {c}, {h}, {w}) restores their shape"
     if shape == tuple(expected):
         return f"; for one image, give a batch of one: {name}[None]"
+    if c == 1 and shape[1:] == (h, w):  # grayscale images as load_digits and most loaders give them
+        return f"; these look like one-channel images without their channel axis: {name}[:, None] adds it"
     return ""
 
 
