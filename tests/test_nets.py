@@ -195,6 +195,20 @@ def test_fully_connected_net_initialisation(backend):
     assert (p["gamma1"] == 1).all() and (p["beta2"] == 0).all() and (p["b3"] == 0).all()
 
 
+@pytest.mark.parametrize("make", [lambda: fc_net.FullyConnectedNet([4], input_dim=3, num_classes=2),
+                                  lambda: ThreeLayerConvNet(input_dim=(1, 4, 4), num_filters=2, filter_size=3)])  # fmt: skip
+def test_reg_is_checked_whenever_it_is_set(make):
+    """reg is read at each loss call, so it may change after construction; a negative one trained
+    in silence, and a string failed inside the L2 term ("can't multiply sequence by non-int")."""
+    model = make()
+    model.reg = 0.25
+    assert model.reg == 0.25
+    for value, message in ((-1.0, "reg must be >= 0, got -1.0"), ("0.1", "reg must be a finite number, got '0.1'")):
+        with pytest.raises(ValueError, match=message):
+            model.reg = value
+        assert model.reg == 0.25
+
+
 @pytest.mark.parametrize("reg", [0.0, 0.1])
 def test_a_float32_models_loss_scores_and_gradients_stay_float32(backend, np_rng, reg):
     """float32 from end to end, the L2 term's Python floats included (NumPy 1 made such a loss float64)."""

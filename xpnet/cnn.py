@@ -28,7 +28,7 @@ from .layers import (
     matmul,
     softmax_loss,
 )
-from .model import Model, check_finite, check_input_dim, check_num_classes, check_positive_int, check_sizes
+from .model import L2Strength, Model, check_finite, check_input_dim, check_num_classes, check_positive_int, check_sizes
 from .precision import narrowed
 from .spatial_norm import spatial_batchnorm_gelu_backward, spatial_batchnorm_gelu_forward
 from .whitening import whitening_filters
@@ -55,6 +55,8 @@ class ThreeLayerConvNet(Model):
             live in ``self.bn_params`` and are saved with the parameters.
         seed / rng: seed or generator for the initial weights; backend: spec or Backend.
     """
+
+    reg = L2Strength()
 
     def __init__(
         self,
@@ -84,7 +86,7 @@ class ThreeLayerConvNet(Model):
             raise ValueError(f"filter_size must be odd so the convolution keeps the size, got {filter_size}")
         num_classes = check_num_classes(num_classes)
         self.weight_scale = check_finite("weight_scale", weight_scale, minimum=0)
-        self.reg = check_finite("reg", reg, minimum=0)
+        self.reg = reg
         self.input_dim = (channels, height, width)
         self.num_classes = num_classes
         self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}

@@ -9,6 +9,7 @@ from .layer_utils import (
 )
 from .layers import affine_backward, affine_forward, softmax_loss
 from .model import (
+    L2Strength,
     Model,
     check_dropout,
     check_finite,
@@ -48,6 +49,8 @@ class FullyConnectedNet(Model):
             (drawn from ``self.rng``, which the Solver sets for each epoch).
     """
 
+    reg = L2Strength()
+
     def __init__(
         self,
         hidden_dims,
@@ -75,7 +78,6 @@ class FullyConnectedNet(Model):
         input_dim = check_positive_int("input_dim", input_dim)
         num_classes = check_num_classes(num_classes)
         check_finite("weight_scale", weight_scale, minimum=0)
-        check_finite("reg", reg, minimum=0)
         if use_batchnorm:
             if normalization not in (None, "batchnorm"):
                 raise ValueError(f"use_batchnorm=True conflicts with normalization={normalization!r}")

@@ -16,6 +16,7 @@ RUNNING_KEYS = ("running_mean", "running_var")
 
 __all__ = [
     "Model",
+    "L2Strength",
     "backend_for",
     "param_dtype",
     "input_preparers",
@@ -23,6 +24,21 @@ __all__ = [
     "model_state",
     "load_model_state",
 ]
+
+
+class L2Strength:
+    """A model's ``reg``, the L2 strength: read at each loss call, so it may be changed after
+    construction, and checked whenever it is set (a negative or non-numeric one failed, or
+    trained, far from the assignment). A class attribute: ``reg = L2Strength()``."""
+
+    def __set_name__(self, owner, name):
+        self.attribute = "_" + name
+
+    def __get__(self, model, owner=None):
+        return self if model is None else getattr(model, self.attribute)
+
+    def __set__(self, model, value):
+        setattr(model, self.attribute, check_finite("reg", value, minimum=0))
 
 
 class Model:
