@@ -210,8 +210,8 @@ def _newest_checkpoint_hint(folder: str) -> str:
 
 
 def _file_format(path: str, trust_pickle: bool) -> str:
-    """ "npz" or "pickle" by the file's first bytes, after the checks that need no more of it: the
-    file exists and is one, it is one of the two, and a pickle is trusted."""
+    """The file's format by its first bytes, "npz" or "pickle", after the checks that need no more
+    of it: the file exists and is one, it is one of the two, and a pickle is trusted."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint {path!r} is a folder; give one file in it{_newest_checkpoint_hint(path)}")
     if not os.path.isfile(path):
