@@ -421,7 +421,7 @@ def test_backward_after_a_test_mode_forward_is_refused_by_name(backend, np_rng):
             backward(out, cache)
     w, b = arr(backend, np_rng.standard_normal((3, 3, 3, 3))), arr(backend, np.zeros(3))
     out, cache = layer_utils.conv_bn_relu_forward(x4, w, b, gamma, beta, {"stride": 1, "pad": 1}, {"mode": "test"})
-    with pytest.raises(ValueError, match="^spatial_batchnorm_backward: the cache is None"):
+    with pytest.raises(ValueError, match="^conv_bn_relu_backward: the cache is None"):
         layer_utils.conv_bn_relu_backward(out, cache)
 
 

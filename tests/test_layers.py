@@ -531,6 +531,37 @@ def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
 
 
+def test_a_sandwich_given_the_cache_of_a_forward_pass_in_test_mode_names_itself():
+    """The batchnorm layer inside refused it, naming itself: batchnorm_backward_alt (which the
+    caller never called) for affine_norm_relu_dropout's, spatial_batchnorm_backward for the conv ones'."""
+    from xpnet import layer_utils
+
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), np.zeros(4)
+    g, beta, conv = np.ones(4), np.zeros(4), {"stride": 1, "pad": 1}
+    pool = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+    def test_mode():
+        return {"mode": "test", "running_mean": np.zeros(4), "running_var": np.ones(4)}
+
+    rows = x.reshape(2, -1)[:, :5]
+    sandwiches = {
+        "affine_norm_relu_dropout": (
+            layer_utils.affine_norm_relu_dropout_backward,
+            layer_utils.affine_norm_relu_dropout_forward(rows, rng.standard_normal((5, 4)), np.zeros(4), g, beta,
+                                                         test_mode(), "batchnorm", {"p": 0.5, "mode": "test"})),
+        "conv_bn_relu": (layer_utils.conv_bn_relu_backward,
+                         layer_utils.conv_bn_relu_forward(x, w, b, g, beta, conv, test_mode())),
+        "conv_bn_relu_pool": (layer_utils.conv_bn_relu_pool_backward,
+                              layer_utils.conv_bn_relu_pool_forward(x, w, b, g, beta, conv, test_mode(), pool)),
+    }  # fmt: skip
+    for name, (backward, (out, cache)) in sandwiches.items():
+        with pytest.raises(
+            ValueError, match=rf"^{name}_backward: the cache is None, which a forward pass in test mode"
+        ):
+            backward(np.ones_like(out), cache)
+
+
 def test_every_public_forward_pass_with_a_tuple_cache_says_which_it_is():
     """A forward pass added without ``@makes_cache`` would hand out caches that only their part count
     can check; relu_forward's cache is its input array, which relu_backward checks as one."""

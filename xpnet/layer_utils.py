@@ -27,6 +27,7 @@ from .layers import (
     relu_forward,
     spatial_batchnorm_backward,
     spatial_batchnorm_forward,
+    train_mode_cache,
 )
 
 __all__ = [
@@ -123,6 +124,8 @@ def affine_norm_relu_dropout_backward(dout: Array, cache: Cache, input_grad: boo
         "affine_norm_relu_dropout_backward", cache, 5, "affine_norm_relu_dropout_forward"
     )
     check_dout("affine_norm_relu_dropout_backward", dout, relu_cache.shape, OUTPUT)  # dropout keeps the shape
+    if normalization is not None:  # a forward pass in test mode: said here, not by the layer inside
+        train_mode_cache("affine_norm_relu_dropout_backward", norm_cache)
     if drop_cache is not None:
         dout = dropout_backward(dout, drop_cache)
     dout = relu_backward(dout, relu_cache)
@@ -212,8 +215,15 @@ def conv_bn_relu_forward(
 
 def conv_bn_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple:
     """Backward pass of :func:`conv_bn_relu_forward`: (dx, dw, db, dgamma, dbeta)."""
-    conv_cache, bn_cache, relu_cache = unpack_cache("conv_bn_relu_backward", cache, 3, "conv_bn_relu_forward")
-    check_dout("conv_bn_relu_backward", dout, relu_cache.shape, OUTPUT)
+    return _conv_bn_relu_backward("conv_bn_relu_backward", dout, cache, input_grad)
+
+
+def _conv_bn_relu_backward(name, dout, cache, input_grad):
+    """:func:`conv_bn_relu_backward` reporting a fault as ``name`` (the pooled sandwich's too), so that a
+    cache of a forward pass in test mode is not named by the batchnorm layer inside."""
+    conv_cache, bn_cache, relu_cache = unpack_cache(name, cache, 3, "conv_bn_relu_forward")
+    check_dout(name, dout, relu_cache.shape, OUTPUT)
+    train_mode_cache(name, bn_cache)
     dnormed, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = conv_backward_fast(dnormed, conv_cache, input_grad)
     return dx, dw, db, dgamma, dbeta
@@ -236,4 +246,5 @@ def conv_bn_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = Tru
     pool_input, pool_param = pool_cache[0], pool_cache[1]
     h_out, w_out = pool_geometry("conv_bn_relu_pool_backward", pool_input, pool_param)[4:]
     check_dout("conv_bn_relu_pool_backward", dout, (*pool_input.shape[:2], h_out, w_out), OUTPUT)
-    return conv_bn_relu_backward(max_pool_backward_fast(dout, pool_cache), bn_relu_cache, input_grad)
+    return _conv_bn_relu_backward("conv_bn_relu_pool_backward", max_pool_backward_fast(dout, pool_cache), bn_relu_cache,
+                                  input_grad)  # fmt: skip
