@@ -331,6 +331,23 @@ def test_early_stopping_waits_for_patience_checks():
     assert solver.epoch == 2
 
 
+def test_one_early_stopping_serves_several_solvers():
+    """It kept the first run's best: a second Solver (a search loop's next trial) that did not beat
+    it stopped at its first checks, after 0 epochs here."""
+    stopper = EarlyStopping(patience=2)
+    runs = []
+    for learning_rate in (1e-1, 1e-4):  # the first reaches 100% validation accuracy, the second far less
+        solver = Solver(small_model("numpy"), small_data(), update_rule="adam", optim_config={"learning_rate": learning_rate},
+                        batch_size=20, num_epochs=8, callbacks=[stopper], verbose=False, seed=0)  # fmt: skip
+        solver.train()
+        runs.append(solver)
+    assert runs[0].best_val_acc == 1.0 and runs[1].best_val_acc < 0.9
+    alone = Solver(small_model("numpy"), small_data(), update_rule="adam", optim_config={"learning_rate": 1e-4},
+                   batch_size=20, num_epochs=8, callbacks=[EarlyStopping(patience=2)], verbose=False, seed=0)  # fmt: skip
+    alone.train()
+    assert runs[1].epoch == alone.epoch > 0 and runs[1].val_acc_history == alone.val_acc_history
+
+
 def test_callbacks_and_on_log_that_the_solver_cannot_call_are_refused_up_front():
     with pytest.raises(ValueError, match=r"callbacks must be xpnet.training.Callback objects .*got <function"):
         Solver(small_model("numpy"), small_data(), callbacks=[lambda solver: None])

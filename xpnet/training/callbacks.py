@@ -118,7 +118,8 @@ class Checkpointer(Callback):
 
 class EarlyStopping(Callback):
     """Stops when the validation accuracy has not improved by more than ``min_delta``
-    for ``patience`` accuracy checks in a row (the best parameters are then restored)."""
+    for ``patience`` accuracy checks in a row (the best parameters are then restored).
+    Each ``train()`` counts afresh, so one instance may serve several Solvers (a search loop)."""
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0):
         checks = as_int(patience)
@@ -127,6 +128,10 @@ class EarlyStopping(Callback):
         if not is_number(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         self.patience, self.min_delta = checks, float(min_delta)
+        self.best, self.waited = None, 0
+
+    def on_train_begin(self, solver):
+        # Another Solver's best would stop this one at its first check.
         self.best, self.waited = None, 0
 
     def on_log(self, solver, record):
