@@ -155,8 +155,13 @@ def test_a_gradient_of_none_leaves_its_parameter_and_its_state_alone(backend, on
         # A string was taken as groups of its characters: "needs a 'params' entry, got ['W']".
         ("W1", "param_groups must be a list of dicts, each with a 'params' entry; got 'W1'"),
         (["W1"], "param_groups must be a list of dicts, each with a 'params' entry; got 'W1' in it"),
+        # In two groups, the first won without a word (PyTorch refuses it too).
+        ([{"params": ["b1"], "learning_rate": 0.1}, {"params": ["b1", "b2"], "learning_rate": 0.2}],
+         r"parameter 'b1' is in param_groups 0 and 1; each parameter may be in one group"),
+        ([{"params": ["W2"], "learning_rate": 0.1}, {"params": lambda name: name.startswith("W"), "learning_rate": 0.2}],
+         r"parameter 'W2' is in param_groups 0 and 1"),
     ],
-)
+)  # fmt: skip
 def test_bad_parameter_groups_are_refused(groups, message):
     with pytest.raises(ValueError, match=message):
         Solver(small_model("numpy"), small_data(), param_groups=groups)

@@ -42,7 +42,8 @@ class SolverSettings:
             lr_decay, evaluated on the device at every step (a captured CUDA graph
             follows it without being captured again).
         param_groups: list of ``{"params": names or callable(name), **hyper-parameters}``
-            overriding optim_config for those parameters (e.g. a larger learning rate).
+            overriding optim_config for those parameters (e.g. a larger learning rate);
+            a parameter may be in one group at most.
         batch_size, num_epochs: minibatch size and passes over the training set.
         num_train_samples, num_val_samples: rows used per accuracy check (None: all).
         sampler: 'replacement' (the course's: rows drawn with replacement, so a batch may

@@ -44,11 +44,19 @@ def learning_rate_factor(iteration: int, per_epoch: int, lr_decay: float, schedu
 
 
 def _group_of(name: str, groups: list) -> int | None:
-    for index, group in enumerate(groups):
-        members = group["params"]
-        if callable(members) and members(name) or not callable(members) and name in members:
-            return index
-    return None
+    """The index of the one group that takes parameter ``name`` (None: no group), or ValueError
+    when two do: which hyper-parameters it trains with would depend on the groups' order."""
+    found = [index for index, group in enumerate(groups) if _member(name, group["params"])]
+    if len(found) > 1:
+        raise ValueError(
+            f"parameter {name!r} is in param_groups {found[0]} and {found[1]}; each parameter may be in one "
+            "group (those in none train with optim_config)"
+        )
+    return found[0] if found else None
+
+
+def _member(name: str, members) -> bool:
+    return bool(members(name)) if callable(members) else name in members
 
 
 class Update:
