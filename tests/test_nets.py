@@ -8,7 +8,7 @@ from helpers import to_np
 import xpnet
 from xpnet import fc_net, neural_net
 from xpnet.backend import backend_of
-from xpnet.cnn import ThreeLayerConvNet
+from xpnet.cnn import FastConvNet, ThreeLayerConvNet
 from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
 
 
@@ -281,6 +281,15 @@ def test_dropout_keep_ratio_is_one_minus_the_dropout_probability(backend, np_rng
     everything = xpnet.FullyConnectedNet([9], dropout_keep_ratio=1, **options)
     assert not everything.use_dropout and float(everything.loss(X, y)[0]) == float(plain.loss(X, y)[0])
     assert float(loss_kept) != float(plain.loss(X, y)[0])  # some units were dropped
+
+
+def test_a_seed_beside_a_generator_is_refused():
+    """Given both, the seed was ignored without a word (the generator drew the initial weights)."""
+    generator = xpnet.get_backend("numpy").rng(1)
+    for make in (lambda: xpnet.FullyConnectedNet([5], input_dim=4, seed=0, rng=generator),
+                 lambda: ThreeLayerConvNet(seed=0, rng=generator), lambda: FastConvNet(widths=(2, 2, 2), seed=0, rng=generator)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"give seed or rng \(the initial weights' generator\), not both: seed=0"):
+            make()
 
 
 def test_numpy_integers_size_the_nets_as_python_ints_do():

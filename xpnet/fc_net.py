@@ -45,7 +45,7 @@ class FullyConnectedNet(Model):
             (every forward pass then drops the same units, as needed for gradient checks).
         backend: a backend spec or Backend (None: the current default).
         rng: a generator of the backend (``backend.rng(s)``) to draw the initial
-            weights from, instead of ``seed``; dropout masks then stay random
+            weights from, instead of ``seed`` (not beside it); dropout masks then stay random
             (drawn from ``self.rng``, which the Solver sets for each epoch).
     """
 

@@ -126,6 +126,8 @@ class Model:
         ``seed``, else the backend's shared one."""
         seed = check_seed(seed)
         if rng is not None:
+            if seed is not None:  # one of them would be ignored without a word
+                raise ValueError(f"give seed or rng (the initial weights' generator), not both: seed={seed!r}")
             return rng
         return self.backend.default_rng() if seed is None else self.backend.rng(seed)
 
