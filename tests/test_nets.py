@@ -82,6 +82,10 @@ def test_two_layer_net_takes_cs231n_hidden_dim():
         np.testing.assert_array_equal(named.params[name], value)
     with pytest.raises(ValueError, match="give hidden_dims or hidden_dim"):
         fc_net.TwoLayerNet(hidden_dims=50, hidden_dim=60)
+    # hidden_dims equal to its default passed as given (hidden_dim won without a word)
+    with pytest.raises(ValueError, match="not both: hidden_dims=100, hidden_dim=60"):
+        fc_net.TwoLayerNet(hidden_dims=100, hidden_dim=60)
+    assert fc_net.TwoLayerNet().params["W1"].shape == (3 * 32 * 32, 100)
     with pytest.raises(ValueError, match="positive integer"):
         fc_net.TwoLayerNet(hidden_dim=0)
 

@@ -169,7 +169,8 @@ class TwoLayerNet(FullyConnectedNet):
     """affine - relu - [dropout] - affine - softmax, with W1 (D, H), b1 (H,), W2 (H, C), b2 (C,).
 
     Args:
-        input_dim: D; hidden_dims: H (ECE C147/C247's name for the hidden size);
+        input_dim: D; hidden_dims: H (ECE C147/C247's name for the hidden size; 100 if
+            neither it nor ``hidden_dim`` is given);
         num_classes: C; dropout: probability of dropping a hidden unit;
         weight_scale: std of the weights' normal initialisation;
         reg: L2 strength; dtype: "float64" by default, as in the course code;
@@ -181,7 +182,7 @@ class TwoLayerNet(FullyConnectedNet):
     def __init__(
         self,
         input_dim=3 * 32 * 32,
-        hidden_dims=100,
+        hidden_dims=None,
         num_classes=10,
         dropout=0,
         weight_scale=1e-3,
@@ -193,12 +194,14 @@ class TwoLayerNet(FullyConnectedNet):
         hidden_dim=None,
     ):
         if hidden_dim is not None:
-            if hidden_dims != 100:  # not its default: both were given
+            if hidden_dims is not None:
                 raise ValueError(
                     f"give hidden_dims or hidden_dim (the same setting), not both: "
                     f"hidden_dims={hidden_dims!r}, hidden_dim={hidden_dim!r}"
                 )
             hidden_dims = hidden_dim
+        elif hidden_dims is None:
+            hidden_dims = 100
         dims = check_hidden_dims(hidden_dims)
         if len(dims) != 1:
             raise ValueError(f"TwoLayerNet has one hidden layer; got hidden_dims={hidden_dims!r}")
