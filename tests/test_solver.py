@@ -367,6 +367,11 @@ def test_check_accuracy_subsamples(backend):
     sub = solver.check_accuracy(solver.X_val, solver.y_val, num_samples=7, batch_size=3)
     assert 0.0 <= full <= 1.0
     assert sub * 7 == pytest.approx(round(sub * 7))
+    # rng: a seed draws the same rows as the generator it names (an int was taken as "no generator")
+    seeded = [solver.check_accuracy(solver.X_val, solver.y_val, num_samples=7, rng=3) for _ in range(2)]
+    assert seeded[0] == seeded[1] == solver.check_accuracy(solver.X_val, solver.y_val, 7, rng=solver.backend.rng(3))
+    with pytest.raises(ValueError, match=r"check_accuracy: rng must be a seed \(an integer >= 0\), a generator"):
+        solver.check_accuracy(solver.X_val, solver.y_val, num_samples=7, rng="x")
 
 
 @pytest.mark.parametrize(

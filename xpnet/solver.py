@@ -17,6 +17,7 @@ import warnings
 
 from .batching import model_accuracy
 from .data_checks import checked_labelled_set
+from .input_checks import as_int
 from .model import backend_for, input_preparers, loss_and_grads, param_dtype
 from .training import callbacks as cb
 from .training.data import checked_rows, device_data
@@ -147,8 +148,18 @@ class Solver:
 
     def check_accuracy(self, X, y, num_samples=None, batch_size=100, rng=None) -> float:
         """Accuracy on at most ``num_samples`` rows of (X, y) drawn at random, predicted in batches on the device.
-        X and y are checked as the training data are (labels in [0, num_classes), finite X of the model's shape)."""
+        X and y are checked as the training data are (labels in [0, num_classes), finite X of the model's shape).
+        ``rng`` draws the rows: a seed, a generator of the backend (``backend.rng(seed)``), or None for
+        the backend's shared one."""
         X, y = checked_labelled_set(X, y, self.model, self.prepare_inputs, self.prepare_labels, "check_accuracy")
+        if rng is not None and not hasattr(rng, "integers"):  # a seed, or a slip named here, not in the draw
+            seed = as_int(rng)
+            if seed is None or seed < 0:
+                raise ValueError(
+                    f"check_accuracy: rng must be a seed (an integer >= 0), a generator (backend.rng(seed)) "
+                    f"or None, got {rng!r}"
+                )
+            rng = self.backend.rng(seed)
         return float(self._accuracy(X, y, num_samples, batch_size, rng))
 
     def _accuracy(self, X, y, num_samples=None, batch_size=100, rng=None):
