@@ -296,6 +296,23 @@ def test_a_seed_beside_a_generator_is_refused():
             make()
 
 
+def test_rng_must_be_a_generator_of_the_models_backend():
+    """A seed or NumPy's own Generator failed at the first draw ("'int' object has no attribute
+    'normal'", "normal() got an unexpected keyword argument 'std'"), and another backend's generator
+    drew the weights on the wrong device."""
+    for rng, error, message in (
+        (0, TypeError, r"rng must be a generator of the model's backend, backend.rng\(seed\), got int; for a seed, give seed="),
+        (np.random.default_rng(0), TypeError, r"backend.rng\(seed\), got Generator$"),
+        (xpnet.get_backend("array_api_strict").rng(0), ValueError,
+         r"rng draws on backend 'array_api_strict' but the model lives on 'numpy'"),
+    ):  # fmt: skip
+        with pytest.raises(error, match=message):
+            xpnet.FullyConnectedNet([5], input_dim=4, backend="numpy", rng=rng)
+    made = xpnet.FullyConnectedNet([5], input_dim=4, backend="numpy", rng=xpnet.get_backend("numpy").rng(0))
+    again = xpnet.FullyConnectedNet([5], input_dim=4, backend="numpy", seed=0)
+    np.testing.assert_array_equal(made.params["W1"], again.params["W1"])
+
+
 def test_numpy_integers_size_the_nets_as_python_ints_do():
     """A course's search loop draws sizes with np.random.choice: np.int64 is an integer like any."""
     i = np.int64
