@@ -361,6 +361,26 @@ def test_dropout_names_a_seed_that_cannot_seed(backend, seed):
         layers.dropout_forward(x, {"mode": "train", "p": 0.5, "seed": seed})
 
 
+def test_dropout_names_an_rng_that_is_no_generator_of_its_backend(backend):
+    """NumPy's own Generator failed inside the draw ("uniform() got an unexpected keyword argument
+    'dtype'"), a seed with "'int' object has no attribute 'uniform'"."""
+    import xpnet
+
+    x = backend.asarray(np.ones((2, 3)), dtype="float64")
+    name = r"^dropout_forward: dropout_param\['rng'\] "
+    for rng, error, message in (
+        (np.random.default_rng(0), TypeError, r"must be a generator of the backend, backend.rng\(seed\), got Generator$"),
+        (3, TypeError, r"must be a generator .* got int; a seed goes in dropout_param\['seed'\]$"),
+    ):  # fmt: skip
+        with pytest.raises(error, match=name + message):
+            layers.dropout_forward(x, {"mode": "train", "p": 0.5, "rng": rng})
+    other = "numpy" if backend.name != "numpy" else "array_api_strict"
+    with pytest.raises(ValueError, match=name + rf"draws on backend '{other}' but x lives on '{backend.name}'"):
+        layers.dropout_forward(x, {"mode": "train", "p": 0.5, "rng": xpnet.get_backend(other).rng(0)})
+    out, _ = layers.dropout_forward(x, {"mode": "train", "p": 0.5, "rng": backend.rng(0)})
+    assert tuple(out.shape) == (2, 3)
+
+
 # ---------------------------------------------------------------- hidden block
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_affine_norm_relu_dropout_block(backend, np_rng, normalization):

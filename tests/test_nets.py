@@ -301,7 +301,7 @@ def test_rng_must_be_a_generator_of_the_models_backend():
     'normal'", "normal() got an unexpected keyword argument 'std'"), and another backend's generator
     drew the weights on the wrong device."""
     for rng, error, message in (
-        (0, TypeError, r"rng must be a generator of the model's backend, backend.rng\(seed\), got int; for a seed, give seed="),
+        (0, TypeError, r"rng must be a generator of the backend, backend.rng\(seed\), got int; a seed goes in seed="),
         (np.random.default_rng(0), TypeError, r"backend.rng\(seed\), got Generator$"),
         (xpnet.get_backend("array_api_strict").rng(0), ValueError,
          r"rng draws on backend 'array_api_strict' but the model lives on 'numpy'"),

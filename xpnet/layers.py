@@ -18,7 +18,7 @@ import math
 from array_api_compat import device
 
 from .array_types import Array, Cache
-from .backend import accelerated, backend_of, namespace
+from .backend import accelerated, backend_of, check_generator, namespace
 from .input_checks import (
     array_cache,
     check_dout,
@@ -549,10 +549,14 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
     if mode == "test" or p == 0.0:
         return x, (dropout_param, None)
     seed = check_seed(dropout_param.get("seed"), "dropout_param['seed']")
+    backend = backend_of(x)
     if seed is not None:
-        rng = backend_of(x).rng(seed)
+        rng = backend.rng(seed)
+    elif dropout_param.get("rng") is not None:
+        rng = check_generator("dropout_forward: dropout_param['rng']", dropout_param["rng"], backend, "x",
+                              "a seed goes in dropout_param['seed']")  # fmt: skip
     else:
-        rng = dropout_param.get("rng") or backend_of(x).default_rng()
+        rng = backend.default_rng()
     keep = rng.uniform(tuple(x.shape), dtype=x.dtype) < 1.0 - p  # the course: rand < keep probability
     mask = xp.astype(keep, x.dtype) / (1.0 - p)
     return x * mask, (dropout_param, mask)

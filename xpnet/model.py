@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import Backend, DeviceRNG, backend_of, get_backend
+from .backend import Backend, backend_of, check_generator, get_backend
 from .batching import predicted_classes
 from .checkpoint import not_float_array, tree_to_device, tree_to_host
 from .input_checks import as_int, check_seed, is_array, is_number
@@ -128,17 +128,7 @@ class Model:
         if rng is not None:
             if seed is not None:  # one of them would be ignored without a word
                 raise ValueError(f"give seed or rng (the initial weights' generator), not both: seed={seed!r}")
-            if not isinstance(rng, DeviceRNG):  # a seed, or NumPy's Generator: they failed in the first draw
-                raise TypeError(
-                    f"rng must be a generator of the model's backend, backend.rng(seed), got {type(rng).__name__}"
-                    + ("; for a seed, give seed=" if as_int(rng) is not None else "")
-                )
-            if rng.backend.name != self.backend.name:
-                raise ValueError(
-                    f"rng draws on backend {rng.backend.name!r} but the model lives on {self.backend.name!r}; "
-                    "make it with the model's backend.rng(seed)"
-                )
-            return rng
+            return check_generator("rng", rng, self.backend, "the model", "a seed goes in seed=")
         return self.backend.default_rng() if seed is None else self.backend.rng(seed)
 
     def _weight(self, rng, shape, std):

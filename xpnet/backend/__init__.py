@@ -21,7 +21,7 @@ between threads).
 """
 
 from . import cupy_backend, numpy_backend, strict_backend, torch_backend  # noqa: F401 (each registers itself)
-from .base import Backend, CapturedGraph, DeviceRNG, seed_to_int
+from .base import Backend, CapturedGraph, DeviceRNG, check_generator, seed_to_int
 from .dispatch import accelerated, fused_kernels, namespace
 from .registry import (
     backend_of,
@@ -43,6 +43,7 @@ __all__ = [
     "Backend",
     "CapturedGraph",
     "DeviceRNG",
+    "check_generator",
     "backend_of",
     "check_backend_spec",
     "get_backend",

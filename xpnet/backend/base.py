@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "DeviceRNG", "NumpyGlobalRNG", "CapturedGraph", "seed_to_int", "in_native_layout"]
+__all__ = [
+    "Backend",
+    "DeviceRNG",
+    "NumpyGlobalRNG",
+    "check_generator",
+    "CapturedGraph",
+    "seed_to_int",
+    "in_native_layout",
+]
 
 
 def seed_to_int(seed) -> int | None:
@@ -95,6 +103,25 @@ class DeviceRNG:
     def permutation(self, n: int) -> Any:
         """A random permutation of ``range(n)`` as an int64 array of shape (n,)."""
         return self.backend.asarray(self._gen.permutation(n).astype(np.int64))
+
+
+def check_generator(name: str, rng, backend, owner: str, seed_hint: str) -> DeviceRNG:
+    """``rng`` when it is a generator of ``backend`` (``backend.rng(seed)``), the backend ``owner``
+    lives on, else an error naming ``name`` (with ``seed_hint``, where a seed goes, for an int): a
+    seed or NumPy's own Generator failed at the first draw ("'int' object has no attribute
+    'normal'"), and another backend's generator drew on the wrong device."""
+    if not isinstance(rng, DeviceRNG):
+        seed_like = isinstance(rng, numbers.Integral) and not isinstance(rng, bool)
+        raise TypeError(
+            f"{name} must be a generator of the backend, backend.rng(seed), got {type(rng).__name__}"
+            + (f"; {seed_hint}" if seed_like else "")
+        )
+    if rng.backend.name != backend.name:
+        raise ValueError(
+            f"{name} draws on backend {rng.backend.name!r} but {owner} lives on {backend.name!r}; "
+            f"make it with get_backend({backend.name!r}).rng(seed)"
+        )
+    return rng
 
 
 class NumpyGlobalRNG(DeviceRNG):
