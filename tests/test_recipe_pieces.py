@@ -254,6 +254,24 @@ def test_flips_and_translations_refuse_a_mask_or_offsets_that_are_not_one_per_im
     assert np.isnan(moved[[0, 2]]).all() and not np.isnan(moved[[1, 3]]).any()
 
 
+def test_the_augmenters_name_a_generator_that_is_not_one(backend, np_rng):
+    """Arguments in the wrong order, a seed or NumPy's own Generator failed inside the draw
+    ("'int' object has no attribute 'uniform'")."""
+    from xpnet.augment import AlternatingFlipTranslate, random_flip_mask, random_translate
+
+    x = arr(backend, np_rng.standard_normal((4, 2, 6, 6)))
+    with pytest.raises(TypeError, match=r"^random_flip_mask: rng must be a generator .* got int; it takes \(rng, n\)"):
+        random_flip_mask(4, backend.rng(0))
+    with pytest.raises(
+        TypeError, match=r"^random_translate: rng must be a generator of the backend, backend.rng\(seed\), got int$"
+    ):
+        random_translate(x, 0)
+    with pytest.raises(TypeError, match=r"^AlternatingFlipTranslate: rng must be a generator .* got Generator$"):
+        AlternatingFlipTranslate(x, np.random.default_rng(0))
+    assert tuple(random_flip_mask(backend.rng(0), 4).shape) == (4,)
+    assert tuple(random_translate(x, backend.rng(0)).shape) == (4, 2, 6, 6)
+
+
 def test_whitening_filters_whiten_the_patches(backend, np_rng):
     from xpnet.fast_layers import conv_forward_fast
     from xpnet.whitening import image_patches, whitening_filters

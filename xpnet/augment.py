@@ -10,7 +10,7 @@ passed in, so a seeded run draws the same augmentations every time.
 from __future__ import annotations
 
 from .array_types import Array
-from .backend import backend_of, namespace
+from .backend import backend_of, check_generator, namespace
 from .batching import checked_scores
 from .input_checks import as_int
 
@@ -74,7 +74,8 @@ def reflect_pad(x: Array, pad: int) -> Array:
 
 
 def random_flip_mask(rng, n: int) -> Array:
-    """(N,) booleans, each True with probability 1/2, drawn on the device."""
+    """(N,) booleans, each True with probability 1/2, drawn on the device by ``rng``."""
+    check_generator("random_flip_mask: rng", rng, None, "", "it takes (rng, n), the generator first")
     return rng.uniform((n,)) < 0.5
 
 
@@ -123,6 +124,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
 def random_translate(x: Array, rng, max_shift: int = 2) -> Array:
     """Each image translated by offsets drawn uniformly from [-max_shift, max_shift] on the device."""
     max_shift = _pixels("random_translate", "max_shift", max_shift)
+    check_generator("random_translate: rng", rng, backend_of(x), "x", "")
     n = x.shape[0]
     shifts = rng.integers(-max_shift, max_shift + 1, (2, n))
     return translate_images(x, shifts[0, :], shifts[1, :], max_shift)
@@ -150,6 +152,7 @@ class AlternatingFlipTranslate:
     def __init__(self, images: Array, rng, flip: bool = True, max_shift: int = 2):
         _check_images("AlternatingFlipTranslate", images)
         max_shift = check_reflect_pad("AlternatingFlipTranslate", "max_shift", max_shift, images)
+        check_generator("AlternatingFlipTranslate: rng", rng, backend_of(images), "images", "")
         self.rng, self.flip, self.max_shift = rng, flip, max_shift
         self.flip_mask = random_flip_mask(rng, images.shape[0]) if flip else None
         base = flip_images(images, self.flip_mask) if flip else images

@@ -105,18 +105,18 @@ class DeviceRNG:
         return self.backend.asarray(self._gen.permutation(n).astype(np.int64))
 
 
-def check_generator(name: str, rng, backend, owner: str, seed_hint: str) -> DeviceRNG:
-    """``rng`` when it is a generator of ``backend`` (``backend.rng(seed)``), the backend ``owner``
-    lives on, else an error naming ``name`` (with ``seed_hint``, where a seed goes, for an int): a
+def check_generator(name: str, rng, backend: Backend | None, owner: str, seed_hint: str) -> DeviceRNG:
+    """``rng`` when it is a generator of ``backend`` (``backend.rng(seed)``; None: of any), the
+    backend ``owner`` lives on, else an error naming ``name`` (with ``seed_hint``, where a seed goes, for an int): a
     seed or NumPy's own Generator failed at the first draw ("'int' object has no attribute
     'normal'"), and another backend's generator drew on the wrong device."""
     if not isinstance(rng, DeviceRNG):
         seed_like = isinstance(rng, numbers.Integral) and not isinstance(rng, bool)
         raise TypeError(
             f"{name} must be a generator of the backend, backend.rng(seed), got {type(rng).__name__}"
-            + (f"; {seed_hint}" if seed_like else "")
+            + (f"; {seed_hint}" if seed_like and seed_hint else "")
         )
-    if rng.backend.name != backend.name:
+    if backend is not None and rng.backend.name != backend.name:
         raise ValueError(
             f"{name} draws on backend {rng.backend.name!r} but {owner} lives on {backend.name!r}; "
             f"make it with get_backend({backend.name!r}).rng(seed)"
