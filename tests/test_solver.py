@@ -372,6 +372,10 @@ def test_check_accuracy_subsamples(backend):
     assert seeded[0] == seeded[1] == solver.check_accuracy(solver.X_val, solver.y_val, 7, rng=solver.backend.rng(3))
     with pytest.raises(ValueError, match=r"check_accuracy: rng must be a seed \(an integer >= 0\), a generator"):
         solver.check_accuracy(solver.X_val, solver.y_val, num_samples=7, rng="x")
+    with pytest.raises(
+        TypeError, match=r"^Solver.step: rng must be a generator of the backend, backend.rng\(seed\), got int$"
+    ):
+        solver.step(rng=3)  # it failed inside the sampler
 
 
 @pytest.mark.parametrize(

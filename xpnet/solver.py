@@ -15,6 +15,7 @@ import dataclasses
 import math
 import warnings
 
+from .backend import check_generator
 from .batching import model_accuracy
 from .data_checks import checked_labelled_set
 from .input_checks import as_int
@@ -131,6 +132,8 @@ class Solver:
             if self._rngs is None:
                 self._start_epoch(self.epoch)
             rng = self._rngs[0]
+        else:
+            check_generator("Solver.step: rng", rng, self.backend, "the model", "")
         if self.update.on_device and self.update.step_counter is None:
             self.update.start(self.backend, param_dtype(self.model), self.iteration, self.num_iterations)
         if self.graph is None:
