@@ -106,9 +106,9 @@ class DeviceRNG:
 
 
 def check_generator(name: str, rng, backend: Backend | None, owner: str, seed_hint: str) -> DeviceRNG:
-    """``rng`` when it is a generator of ``backend`` (``backend.rng(seed)``; None: of any), the
-    backend ``owner`` lives on, else an error naming ``name`` (with ``seed_hint``, where a seed goes, for an int): a
-    seed or NumPy's own Generator failed at the first draw ("'int' object has no attribute
+    """``rng`` when it is a generator of ``backend``, the backend ``owner`` lives on (None: of any
+    backend), else an error naming ``name``, with ``seed_hint`` (where a seed goes) for an int.
+    A seed or NumPy's own Generator failed at the first draw ("'int' object has no attribute
     'normal'"), and another backend's generator drew on the wrong device."""
     if not isinstance(rng, DeviceRNG):
         seed_like = isinstance(rng, numbers.Integral) and not isinstance(rng, bool)
