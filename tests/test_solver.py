@@ -446,6 +446,13 @@ def test_settings_the_solver_was_built_from_cannot_be_set_afterwards(name, value
     assert getattr(solver, name) is before
 
 
+def test_data_given_before_the_model_is_named():
+    with pytest.raises(
+        ValueError, match=r"dict has no params: .*this looks like the data: Solver\(model, data\) takes"
+    ):
+        Solver(small_data(), small_model("numpy"))
+
+
 @pytest.mark.parametrize("as_sequence", [list, tuple])
 def test_data_that_is_not_a_dict_is_named(as_sequence):
     """Arrays in a list or tuple failed inside NumPy ("the truth value of an array ... is ambiguous")."""

@@ -151,7 +151,11 @@ def backend_for(model) -> Backend:
     if backend is not None:
         return get_backend(backend)
     if not getattr(model, "params", None):
-        raise ValueError(f"{type(model).__name__} has no params: a model needs a dict of parameter arrays")
+        swapped = isinstance(model, dict) and "X_train" in model  # Solver(data, model)
+        raise ValueError(
+            f"{type(model).__name__} has no params: a model needs a dict of parameter arrays"
+            + ("; this looks like the data: Solver(model, data) takes the model first" if swapped else "")
+        )
     return backend_of(next(iter(model.params.values())))
 
 
