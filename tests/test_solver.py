@@ -446,11 +446,15 @@ def test_settings_the_solver_was_built_from_cannot_be_set_afterwards(name, value
     assert getattr(solver, name) is before
 
 
-def test_data_given_before_the_model_is_named():
+def test_a_solver_given_data_or_a_class_for_its_model_says_so():
     with pytest.raises(
         ValueError, match=r"dict has no params: .*this looks like the data: Solver\(model, data\) takes"
     ):
         Solver(small_data(), small_model("numpy"))
+    with pytest.raises(
+        ValueError, match=r"FullyConnectedNet is a class: give a model made from it, FullyConnectedNet\(...\)"
+    ):
+        Solver(xpnet.FullyConnectedNet, small_data())
 
 
 @pytest.mark.parametrize("as_sequence", [list, tuple])

@@ -151,11 +151,12 @@ def backend_for(model) -> Backend:
     if backend is not None:
         return get_backend(backend)
     if not getattr(model, "params", None):
-        swapped = isinstance(model, dict) and "X_train" in model  # Solver(data, model)
-        raise ValueError(
-            f"{type(model).__name__} has no params: a model needs a dict of parameter arrays"
-            + ("; this looks like the data: Solver(model, data) takes the model first" if swapped else "")
-        )
+        hint = ""
+        if isinstance(model, dict) and "X_train" in model:  # Solver(data, model)
+            hint = "; this looks like the data: Solver(model, data) takes the model first"
+        elif isinstance(model, type):  # Solver(FullyConnectedNet, data)
+            hint = f"; {model.__name__} is a class: give a model made from it, {model.__name__}(...)"
+        raise ValueError(f"{type(model).__name__} has no params: a model needs a dict of parameter arrays{hint}")
     return backend_of(next(iter(model.params.values())))
 
 
