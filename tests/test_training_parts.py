@@ -177,6 +177,21 @@ def test_one_parameter_group_may_be_given_as_a_dict():
 def test_callbacks_given_as_a_string_are_refused_whole():
     with pytest.raises(ValueError, match="callbacks must be a list of xpnet.training.Callback objects, got 'abc'"):
         Solver(small_model("numpy"), small_data(), callbacks="abc")
+    # the class rather than an object made from it: "'type' object is not iterable"
+    with pytest.raises(
+        ValueError, match=r"callbacks must be Callback objects; EarlyStopping is a class: give EarlyStopping\(...\)"
+    ):
+        Solver(small_model("numpy"), small_data(), callbacks=EarlyStopping)
+
+
+def test_an_optim_config_that_is_no_dict_is_named():
+    """The update rule itself failed as "'function' object is not iterable", a string inside dict()."""
+    from xpnet.optim import adam
+
+    for config, got in ((adam, "function; the rule itself goes in update_rule"), ("learning_rate=1e-3", "str"),
+                        ([("learning_rate", 1e-3)], "list")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"optim_config must be a dict of hyper-parameters, .* got {got}$"):
+            Solver(small_model("numpy"), small_data(), optim_config=config)
 
 
 def test_learning_rate_factor():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -94,6 +94,12 @@ class SolverSettings:
         return cls(**kwargs)
 
     def __post_init__(self):
+        if self.optim_config is not None and not isinstance(self.optim_config, Mapping):  # dict() failed deep
+            raise ValueError(
+                f"optim_config must be a dict of hyper-parameters, e.g. {{'learning_rate': 1e-3}}, "
+                f"got {type(self.optim_config).__name__}"
+                + ("; the rule itself goes in update_rule" if callable(self.optim_config) else "")
+            )
         self.optim_config = dict(self.optim_config or {})
         resolve_update_rule(self.update_rule)
         optim.check_config(rule_name(self.update_rule), self.optim_config)
@@ -124,6 +130,9 @@ class SolverSettings:
         # None is no callbacks, and one callback is taken as a list of one.
         if isinstance(self.callbacks, (str, bytes)):  # iterable, but its characters are not callbacks
             raise ValueError(f"callbacks must be a list of xpnet.training.Callback objects, got {self.callbacks!r}")
+        if isinstance(self.callbacks, type):  # the class, not an object made from it: "not iterable"
+            name = self.callbacks.__name__
+            raise ValueError(f"callbacks must be Callback objects; {name} is a class: give {name}(...)")
         self.callbacks = [self.callbacks] if isinstance(self.callbacks, Callback) else list(self.callbacks or ())
         for callback in self.callbacks:
             if not isinstance(callback, Callback):  # the Solver calls each hook the base class defines
