@@ -213,7 +213,7 @@ def test_batchnorm_backward_forms_agree(backend, np_rng):
 
 def test_batchnorm_rejects_bad_mode_and_shapes(backend):
     x, g = arr(backend, np.ones((2, 3))), arr(backend, np.ones(3))
-    with pytest.raises(ValueError, match="invalid batchnorm mode 'eval'"):
+    with pytest.raises(ValueError, match="^batchnorm_forward: invalid batchnorm mode 'eval'"):
         layers.batchnorm_forward(x, g, g, {"mode": "eval"})
     with pytest.raises(ValueError, match=r"gamma and beta must be \(3,\)"):
         layers.batchnorm_forward(x, arr(backend, np.ones(2)), g, {"mode": "train"})
@@ -350,8 +350,10 @@ def test_dropout_backward(backend, np_rng):
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_dropout_rejects_p_outside_unit_interval(backend, p):
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"^dropout_forward: dropout probability p must be in \[0, 1\)"):
         layers.dropout_forward(arr(backend, np.ones(3)), {"mode": "train", "p": p})
+    with pytest.raises(ValueError, match=r"^dropout_forward: invalid dropout mode 'eval'"):
+        layers.dropout_forward(arr(backend, np.ones(3)), {"mode": "eval", "p": 0.5})
 
 
 @pytest.mark.parametrize("seed", [-1, "a", 1.5, True])

@@ -391,7 +391,7 @@ def batchnorm_mode(function: str, bn_param: dict) -> str:
     check_param_keys(function, "bn_param", bn_param, BATCHNORM_KEYS)
     mode = bn_param.get("mode", "train")
     if mode not in ("train", "test"):
-        raise ValueError(f"invalid batchnorm mode {mode!r}: use 'train' or 'test'")
+        raise ValueError(f"{function}: invalid batchnorm mode {mode!r}: use 'train' or 'test'")
     check_momentum(function, bn_param.get("momentum", 0.9), "bn_param['momentum']")
     return mode
 
@@ -541,10 +541,10 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
     check_param_keys("dropout_forward", "dropout_param", dropout_param, ("p", "mode", "seed", "rng"))
     p = dropout_param.get("p", 0.0)
     if not is_number(p) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
+        raise ValueError(f"dropout_forward: dropout probability p must be in [0, 1), got {p!r}")
     mode = dropout_param.get("mode", "train")
     if mode not in ("train", "test"):
-        raise ValueError(f"invalid dropout mode {mode!r}: use 'train' or 'test'")
+        raise ValueError(f"dropout_forward: invalid dropout mode {mode!r}: use 'train' or 'test'")
     xp = layer_namespace("dropout_forward", {"x": x})
     if mode == "test" or p == 0.0:
         return x, (dropout_param, None)
