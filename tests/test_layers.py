@@ -384,6 +384,14 @@ def test_dropout_names_an_rng_that_is_no_generator_of_its_backend(backend):
 
 
 # ---------------------------------------------------------------- hidden block
+def test_the_hidden_block_names_itself_for_an_unknown_normalization():
+    from xpnet.layer_utils import affine_norm_relu_dropout_forward
+
+    x, w, b = np.ones((2, 3)), np.ones((3, 4)), np.zeros(4)
+    with pytest.raises(ValueError, match="^affine_norm_relu_dropout_forward: unknown normalization 'groupnorm'"):
+        affine_norm_relu_dropout_forward(x, w, b, np.ones(4), np.zeros(4), {}, "groupnorm")
+
+
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_affine_norm_relu_dropout_block(backend, np_rng, normalization):
     x = arr(backend, np_rng.standard_normal((5, 4)))

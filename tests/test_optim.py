@@ -178,7 +178,9 @@ def test_a_gradient_or_state_of_another_shape_is_refused_not_broadcast(backend, 
     for key in ("velocity", "cache", "m", "v"):
         if key in config:
             wrong = dict(config, **{key: backend.asarray(np.zeros((3, 2)), dtype="float64")})
-            with pytest.raises(ValueError, match=rf"config\['{key}'\] has shape \(3, 2\) but w has shape \(2, 3\)"):
+            with pytest.raises(
+                ValueError, match=rf"^{rule}: config\['{key}'\] has shape \(3, 2\) but w has shape \(2, 3\)"
+            ):
                 update(w, dw, wrong)
     with pytest.raises(TypeError, match=rf"{rule}: w and dw must be arrays, got list and list"):
         update([1.0, 2.0], [0.1, 0.1], {})

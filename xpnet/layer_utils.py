@@ -101,7 +101,9 @@ def affine_norm_relu_dropout_forward(
     elif normalization == "layernorm":
         out, norm_cache = layernorm_forward(out, gamma, beta, norm_param)
     elif normalization is not None:
-        raise ValueError(f"unknown normalization {normalization!r}; use one of {NORMALIZATIONS}")
+        raise ValueError(
+            f"affine_norm_relu_dropout_forward: unknown normalization {normalization!r}; use one of {NORMALIZATIONS}"
+        )
     out, relu_cache = relu_forward(out)
     return _dropout_tail(out, dropout_param, fc_cache, normalization, norm_cache, relu_cache)
 

@@ -49,12 +49,15 @@ def _start(rule: str, w, dw, config):
     return config
 
 
-def _state(config, key, like):
-    """The state array ``config[key]``, created as zeros shaped like ``like`` on first use."""
+def _state(rule, config, key, like):
+    """The state array ``config[key]``, created as zeros shaped like ``like`` on first use; a
+    ValueError naming ``rule`` for one of another shape (one config shared by two weights, say)."""
     if config.get(key) is None:
         config[key] = namespace(like).zeros_like(like)
     elif tuple(config[key].shape) != tuple(like.shape):
-        raise ValueError(f"config[{key!r}] has shape {tuple(config[key].shape)} but w has shape {tuple(like.shape)}")
+        raise ValueError(
+            f"{rule}: config[{key!r}] has shape {tuple(config[key].shape)} but w has shape {tuple(like.shape)}"
+        )
     return config[key]
 
 
@@ -78,7 +81,7 @@ def sgd_momentum(w: Array, dw: Array, config: Config | None = None) -> tuple[Arr
     config = _start("sgd_momentum", w, dw, config)
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
-    v = _state(config, "velocity", w)
+    v = _state("sgd_momentum", config, "velocity", w)
     fast = accelerated(w)
     if fast is not None:
         fast.sgd_momentum(w, dw, v, config["learning_rate"], config["momentum"])
@@ -99,7 +102,7 @@ def sgd_nesterov_momentum(w: Array, dw: Array, config: Config | None = None) -> 
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
     lr, mu = config["learning_rate"], config["momentum"]
-    v = _state(config, "velocity", w)
+    v = _state("sgd_nesterov_momentum", config, "velocity", w)
     fast = accelerated(w)
     if fast is not None:
         fast.sgd_nesterov_momentum(w, dw, v, lr, mu)
@@ -127,7 +130,7 @@ def rmsprop(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, C
     config.setdefault("epsilon", 1e-8)
     xp = namespace(w, dw)
     lr, decay, eps = config["learning_rate"], config["decay_rate"], config["epsilon"]
-    cache = _state(config, "cache", w)
+    cache = _state("rmsprop", config, "cache", w)
     fast = accelerated(w)
     if fast is not None:
         fast.rmsprop(w, dw, cache, lr, decay, eps)
@@ -157,8 +160,8 @@ def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Conf
     config.setdefault("t", 0)
     xp = namespace(w, dw)
     beta1, beta2 = config["beta1"], config["beta2"]
-    m = _state(config, "m", w)
-    v = _state(config, "v", w)
+    m = _state("adam", config, "m", w)
+    v = _state("adam", config, "v", w)
     fast = accelerated(w)
     if fast is not None:  # keeps t on the device, so the step can be replayed from a CUDA graph
         fast.adam(w, dw, m, v, config)
@@ -192,7 +195,7 @@ def nesterov_sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Arr
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
     config.setdefault("weight_decay", 0.0)
-    v = _state(config, "velocity", w)
+    v = _state("nesterov_sgd", config, "velocity", w)
     lr, mu, wd = config["learning_rate"], config["momentum"], config["weight_decay"]
     fast = accelerated(w)
     if fast is not None:
