@@ -1012,6 +1012,41 @@ def test_layers_speak_of_shapes_dtypes_and_libraries(backend):
         layers.relu_forward([1.0, -1.0])
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_subclasses_whose_operators_differ_are_refused_by_name():
+    """On a square np.matrix, ``*`` is a matrix product: gelu_forward, dropout_forward and
+    relu_backward gave wrong numbers and Adam NaN without a word. A masked array's mask was
+    ignored or half honoured (softmax_loss and rmsprop gave other numbers than on the filled
+    array). Both are refused, naming the function and the argument; other subclasses still pass."""
+    from xpnet import optim
+    from xpnet.backend import namespace
+
+    x = np.random.default_rng(0).standard_normal((4, 4))
+    labels = np.arange(4)
+    calls = {
+        "gelu_forward": (lambda a: layers.gelu_forward(a), "x"),
+        "dropout_forward": (lambda a: layers.dropout_forward(a, {"p": 0.5, "mode": "train", "seed": 0}), "x"),
+        "softmax_loss": (lambda a: layers.softmax_loss(a, labels), "x"),
+        "relu_backward": (lambda a: layers.relu_backward(a, x), "dout"),
+        "adam": (lambda a: optim.adam(x.copy(), a), "dw"),
+        "rmsprop": (lambda a: optim.rmsprop(x.copy(), a), "dw"),
+    }
+    for name, (call, argument) in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name}: {argument} is a matrix: np.matrix's \* and \*\* are matrix"):
+            call(np.matrix(x))
+        with pytest.raises(TypeError, match=rf"^{name}: {argument} is a MaskedArray: the layers do not honour masks"):
+            call(np.ma.masked_array(x, mask=x > 1))
+    with pytest.raises(TypeError, match=r"arrays of type numpy.matrix: np.matrix's \*"):
+        namespace(np.matrix(x))
+    # a subclass whose arithmetic is the ndarray's, as np.memmap's, is a plain array to the layers
+
+    class Tagged(np.ndarray):
+        pass
+
+    out, _ = layers.gelu_forward(x.view(Tagged))
+    np.testing.assert_array_equal(np.asarray(out), layers.gelu_forward(x)[0])
+
+
 @pytest.mark.parametrize(
     "forward, backward",
     [

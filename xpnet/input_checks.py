@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import ParamSpec
 
 from .backend import namespace
+from .backend.dispatch import refusal
 
 P = ParamSpec("P")
 
@@ -79,6 +80,14 @@ def _refuse_non_arrays(function: str, arrays: dict) -> None:
             )
 
 
+def _refuse_refused_types(function: str, arrays: dict) -> None:
+    """TypeError naming the first of ``arrays`` whose library refuses its type (np.matrix)."""
+    for name, a in arrays.items():
+        reason = refusal(a)
+        if reason is not None:
+            raise TypeError(f"{function}: {name} is a {type(a).__name__}: {reason}")
+
+
 def layer_namespace(function: str, floats: dict, others: dict | None = None):
     """The array namespace of a layer function's arrays, after checking them.
 
@@ -88,7 +97,8 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         others: argument name -> further arrays of the same library (labels).
     Raises:
         TypeError naming the function and the arguments when the arrays come from
-        different libraries, or when one of ``floats`` holds integers or booleans.
+        different libraries, when one is of a type its library refuses (np.matrix), or when
+        one of ``floats`` holds integers or booleans.
     """
     values = [*floats.values(), *others.values()] if others else list(floats.values())
     kind = type(values[0])
@@ -100,6 +110,7 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         xp = namespace(*values)
     except TypeError as exc:
         _refuse_non_arrays(function, {**floats, **(others or {})})
+        _refuse_refused_types(function, {**floats, **(others or {})})
         raise TypeError(f"{function}: unsupported array types ({exc})") from exc
     confirmed = _FLOAT_DTYPES_SEEN.setdefault(xp, set())
     for name, a in floats.items():

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from array_api_compat import array_namespace
 
-__all__ = ["accelerated", "fused_kernels", "namespace", "forget_kernels"]
+__all__ = ["accelerated", "fused_kernels", "namespace", "forget_kernels", "forget_namespaces", "refusal"]
 
 _ACCELERATORS: dict = {}
 _FUSED = contextvars.ContextVar("xpnet_fused_kernels", default=True)
@@ -55,7 +55,11 @@ _NAMESPACES: dict = {}
 
 
 def namespace(*arrays):
-    """``array_namespace(*arrays)``, cached by array type (the layers call it on every step)."""
+    """``array_namespace(*arrays)``, cached by array type (the layers call it on every step).
+
+    Raises TypeError for an array type its library refuses (:func:`refusal`); such types are
+    never cached, so they are refused on every call.
+    """
     kind = type(arrays[0])
     xp = _NAMESPACES.get(kind)
     if xp is not None:
@@ -64,7 +68,27 @@ def namespace(*arrays):
                 break
         else:
             return xp
+    for a in arrays:
+        reason = refusal(a)
+        if reason is not None:
+            raise TypeError(f"arrays of type {type(a).__module__}.{type(a).__name__}: {reason}")
     xp = array_namespace(*arrays)
     if all(type(a) is kind for a in arrays):
         _NAMESPACES[kind] = xp
     return xp
+
+
+def refusal(x) -> str | None:
+    """Why ``x``, though an array of a registered library, cannot go into the layers (a
+    subclass whose operators mean something else, as np.matrix's ``*``), or None."""
+    from .registry import registered_backends
+
+    for registration in registered_backends().values():
+        if registration.refuses is not None and registration.is_array(x):
+            return registration.refuses(type(x))
+    return None
+
+
+def forget_namespaces() -> None:
+    """Drop the per-type namespace cache (after a registration changes what is refused)."""
+    _NAMESPACES.clear()

@@ -29,5 +29,22 @@ def make_numpy(spec: str) -> Backend:
     return NumpyBackend("numpy", xp, "cpu", np)
 
 
-register_backend("numpy", make_numpy, is_numpy_array, install_hint="NumPy is not installed: pip install numpy")
+def refused_subclass(kind: type) -> str | None:
+    """Why arrays of NumPy subclass ``kind`` cannot go into the layers, or None. The layers'
+    ``*`` and ``**`` are elementwise: np.matrix's are matrix products, which on square
+    arrays give wrong numbers without an error; a masked array's mask would be ignored."""
+    if issubclass(kind, np.matrix):
+        return "np.matrix's * and ** are matrix products; np.asarray(...) makes the plain array the layers expect"
+    if issubclass(kind, np.ma.MaskedArray):
+        return "the layers do not honour masks; fill the masked values first (x.filled(0)) or np.asarray(...)"
+    return None
+
+
+register_backend(
+    "numpy",
+    make_numpy,
+    is_numpy_array,
+    install_hint="NumPy is not installed: pip install numpy",
+    refuses=refused_subclass,
+)
 keep_freed_buffers()

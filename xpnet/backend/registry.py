@@ -46,6 +46,8 @@ class Registration:
         install_hint: what to tell a user who lacks the library.
         specs: the spec forms to list in messages.
         kernels: builds the fused kernels for this library's arrays (None: the array-API code).
+        refuses: why arrays of a given type of this library cannot go into the layers (a
+            subclass whose operators mean something else), or None where they can.
     """
 
     prefix: str
@@ -55,6 +57,7 @@ class Registration:
     install_hint: str
     specs: tuple
     kernels: Callable[[], object] | None = None
+    refuses: Callable[[type], str | None] | None = None
 
 
 _REGISTRY: dict[str, Registration] = {}
@@ -68,13 +71,15 @@ def register_backend(
     spec_of: Callable[[Any], str] | None = None,
     specs: tuple = (),
     kernels: Callable[[], object] | None = None,
+    refuses: Callable[[type], str | None] | None = None,
 ) -> Registration:
     """Make ``prefix`` (and ``prefix:...``) a backend spec; returns the registration.
 
     ``factory(spec)`` builds the backend (raising ImportError when the library is
     missing: :func:`import_library` adds ``install_hint``); ``is_array(x)`` tells
     its arrays apart; ``spec_of(x)`` names the backend of such an array (default:
-    ``prefix``). Registering a prefix again replaces it.
+    ``prefix``); ``refuses(type)`` says why arrays of that type, though the library's, cannot
+    go into the layers (None: they can). Registering a prefix again replaces it.
     """
     registration = Registration(
         prefix=prefix,
@@ -84,6 +89,7 @@ def register_backend(
         install_hint=install_hint,
         specs=tuple(specs) or (prefix,),
         kernels=kernels,
+        refuses=refuses,
     )
     _REGISTRY[prefix] = registration
     with _CACHE_LOCK:
@@ -92,6 +98,7 @@ def register_backend(
     from . import dispatch
 
     dispatch.forget_kernels()
+    dispatch.forget_namespaces()
     return registration
 
 
