@@ -561,6 +561,34 @@ def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_every_backward_pass_names_itself_when_dout_is_no_float_array_of_the_caches_library():
+    """dout was checked by its shape only in 15 of the 20 backward passes: a list failed as "'list'
+    object has no attribute 'shape'", another library's array inside that library ("Expected Array
+    or Python scalar") or under the name of a layer inside a sandwich, and integers or a square
+    np.matrix gave numbers (dropout_backward multiplied the matrix by its mask as matrices)."""
+    import array_api_strict
+
+    unnamed = []
+    for name, (backward, out, cache) in _layer_pairs().items():
+        out = np.asarray(out)
+        wrong = {
+            "a list": (out.tolist(), "dout must be an array, got list"),
+            "integers": (out.astype(np.int64), "dout must be a floating-point array, got dtype int64"),
+            "array_api_strict": (array_api_strict.asarray(out), "arrays from different libraries (dout from array_api_strict"),
+        }
+        if out.ndim == 2:
+            wrong["np.matrix"] = (np.matrix(out), "dout is a matrix: np.matrix's * and ** are matrix products")
+        for kind, (dout, message) in wrong.items():
+            try:
+                backward(dout, cache)
+                unnamed.append(f"{backward.__name__} took {kind}")
+            except (ValueError, TypeError) as error:
+                if not str(error).startswith(f"{backward.__name__}: {message}"):
+                    unnamed.append(f"{backward.__name__} given {kind}: {error}")
+    assert unnamed == []
+
+
 def test_a_sandwich_given_the_cache_of_a_forward_pass_in_test_mode_names_itself():
     """The batchnorm layer inside refused it, naming itself: batchnorm_backward_alt (which the
     caller never called) for affine_norm_relu_dropout's, spatial_batchnorm_backward for the conv ones'."""

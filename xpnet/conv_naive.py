@@ -52,7 +52,7 @@ def conv_backward_naive(dout: Array, cache: Cache) -> tuple[Array, Array, Array]
     x, w, b, conv_param = unpack_cache("conv_backward_naive", cache, 4, "conv_forward_naive")
     xp, stride, pad, h_out, w_out = conv_geometry("conv_backward_naive", x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    check_dout("conv_backward_naive", dout, (n, f, h_out, w_out))
+    check_dout("conv_backward_naive", dout, (n, f, h_out, w_out), like={"x": x})
     xpad = pad2d(xp, x, pad)
     dxpad = xp.zeros(xpad.shape, dtype=x.dtype, device=device(x))
     w_rows = xp.reshape(w, (f, -1))
@@ -108,7 +108,7 @@ def max_pool_backward_naive(dout: Array, cache: Cache) -> Array:
     xp, ph, pw, stride, h_out, w_out = pool_geometry("max_pool_backward_naive", x, pool_param)
     n, c = x.shape[0], x.shape[1]
     expected = (n, c, h_out, w_out)
-    check_dout("max_pool_backward_naive", dout, expected)
+    check_dout("max_pool_backward_naive", dout, expected, like={"x": x})
     dx = xp.zeros(x.shape, dtype=x.dtype, device=device(x))
     for i in range(h_out):
         for j in range(w_out):

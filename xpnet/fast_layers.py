@@ -219,7 +219,7 @@ def _conv_backward(name, forward, dout, cache, input_grad):
     x, w, b, conv_param, cols = unpack_cache(name, cache, 5, forward)
     xp, stride, pad, h_out, w_out = conv_geometry(name, x, w, b, conv_param)
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
-    check_dout(name, dout, (n, f, h_out, w_out))
+    check_dout(name, dout, (n, f, h_out, w_out), like={"x": x})
     if isinstance(cols, _LibraryConvolution):
         engine = cols.engine
         dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
@@ -323,7 +323,7 @@ def _max_pool_backward(name, forward, dout, cache):
     x, pool_param, saved = unpack_cache(name, cache, 3, forward)
     xp, ph, pw, stride, h_out, w_out = pool_geometry(name, x, pool_param)
     expected = (x.shape[0], x.shape[1], h_out, w_out)
-    check_dout(name, dout, expected)
+    check_dout(name, dout, expected, like={"x": x})
     if isinstance(saved, _FusedPoolCache):
         return saved.kernels.max_pool_backward(dout, saved.argmax, x, ph, pw, stride, h_out, w_out)
     out = saved

@@ -207,11 +207,15 @@ def array_cache(function: str, cache, forward: str):
     return cache
 
 
-def check_dout(function: str, dout, expected, detail: str = "") -> None:
-    """ValueError naming ``function`` unless ``dout`` has the ``expected`` shape (its forward
-    pass's output); ``detail`` follows the shapes in the message."""
+def check_dout(function: str, dout, expected, detail: str = "", like: dict | None = None):
+    """The namespace of ``dout``, after checking it as :func:`layer_namespace` checks a layer's
+    input (an array, floating-point, of the library of the cache's arrays ``like``: name ->
+    array) and that it has the ``expected`` shape (its forward pass's output); else an error
+    naming ``function``. ``detail`` follows the shapes in the message."""
+    xp = layer_namespace(function, {"dout": dout}, like)
     if tuple(dout.shape) != tuple(expected):
         raise ValueError(f"{function}: dout has shape {tuple(dout.shape)}, expected {tuple(expected)}{detail}")
+    return xp
 
 
 def check_same_shape(function: str, name: str, a, reference_name: str, reference) -> None:

@@ -72,7 +72,8 @@ def affine_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> 
     """Backward pass of :func:`affine_relu_forward`: returns (dx, dw, db); dx is None
     when ``input_grad`` is False."""
     fc_cache, relu_cache = unpack_cache("affine_relu_backward", cache, 2, "affine_relu_forward")
-    check_dout("affine_relu_backward", dout, relu_cache.shape, OUTPUT)  # the ReLU's input (or, fused, its output)
+    # the ReLU's input (or, fused, its output)
+    check_dout("affine_relu_backward", dout, relu_cache.shape, OUTPUT, like={"the cache": relu_cache})
     return affine_backward(relu_backward(dout, relu_cache), fc_cache, input_grad)
 
 
@@ -125,7 +126,8 @@ def affine_norm_relu_dropout_backward(dout: Array, cache: Cache, input_grad: boo
     fc_cache, normalization, norm_cache, relu_cache, drop_cache = unpack_cache(
         "affine_norm_relu_dropout_backward", cache, 5, "affine_norm_relu_dropout_forward"
     )
-    check_dout("affine_norm_relu_dropout_backward", dout, relu_cache.shape, OUTPUT)  # dropout keeps the shape
+    # dropout keeps the shape
+    check_dout("affine_norm_relu_dropout_backward", dout, relu_cache.shape, OUTPUT, like={"the cache": relu_cache})
     if normalization is not None:  # a forward pass in test mode: said here, not by the layer inside
         train_mode_cache("affine_norm_relu_dropout_backward", norm_cache)
     if drop_cache is not None:
@@ -174,7 +176,7 @@ def conv_relu_forward(x: Array, w: Array, b: Array, conv_param: dict) -> tuple[A
 def conv_relu_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_relu_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
     conv_cache, out, with_bias = unpack_cache("conv_relu_backward", cache, 3, "conv_relu_forward")
-    check_dout("conv_relu_backward", dout, out.shape, OUTPUT)
+    check_dout("conv_relu_backward", dout, out.shape, OUTPUT, like={"the cache": out})
     da, db = _bias_relu_backward(dout, out, with_bias)
     dx, dw, _ = conv_backward_fast(da, conv_cache, input_grad)
     return dx, dw, db
@@ -198,7 +200,7 @@ def conv_relu_pool_forward(x: Array, w: Array, b: Array, conv_param: dict, pool_
 def conv_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple[Array | None, Array, Array]:
     """Backward pass of :func:`conv_relu_pool_forward`: (dx, dw, db); dx is None when ``input_grad`` is False."""
     conv_cache, pool_cache, out, with_bias = unpack_cache("conv_relu_pool_backward", cache, 4, "conv_relu_pool_forward")
-    check_dout("conv_relu_pool_backward", dout, out.shape, OUTPUT)
+    check_dout("conv_relu_pool_backward", dout, out.shape, OUTPUT, like={"the cache": out})
     dpooled, db = _bias_relu_backward(dout, out, with_bias)
     dx, dw, _ = conv_backward_fast(max_pool_backward_fast(dpooled, pool_cache), conv_cache, input_grad)
     return dx, dw, db
@@ -224,7 +226,7 @@ def _conv_bn_relu_backward(name, dout, cache, input_grad):
     """:func:`conv_bn_relu_backward` reporting a fault as ``name`` (the pooled sandwich's too), so that a
     cache of a forward pass in test mode is not named by the batchnorm layer inside."""
     conv_cache, bn_cache, relu_cache = unpack_cache(name, cache, 3, "conv_bn_relu_forward")
-    check_dout(name, dout, relu_cache.shape, OUTPUT)
+    check_dout(name, dout, relu_cache.shape, OUTPUT, like={"the cache": relu_cache})
     train_mode_cache(name, bn_cache)
     dnormed, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = conv_backward_fast(dnormed, conv_cache, input_grad)
@@ -247,6 +249,7 @@ def conv_bn_relu_pool_backward(dout: Array, cache: Cache, input_grad: bool = Tru
     bn_relu_cache, pool_cache = unpack_cache("conv_bn_relu_pool_backward", cache, 2, "conv_bn_relu_pool_forward")
     pool_input, pool_param = pool_cache[0], pool_cache[1]
     h_out, w_out = pool_geometry("conv_bn_relu_pool_backward", pool_input, pool_param)[4:]
-    check_dout("conv_bn_relu_pool_backward", dout, (*pool_input.shape[:2], h_out, w_out), OUTPUT)
+    expected = (*pool_input.shape[:2], h_out, w_out)
+    check_dout("conv_bn_relu_pool_backward", dout, expected, OUTPUT, like={"the cache": pool_input})
     return _conv_bn_relu_backward("conv_bn_relu_pool_backward", max_pool_backward_fast(dout, pool_cache), bn_relu_cache,
                                   input_grad)  # fmt: skip

@@ -125,8 +125,8 @@ def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple
         dx with the shape of x (None when input_grad is False), dw (D, M), db (M,).
     """
     x, w, _ = unpack_cache("affine_backward", cache, 3, "affine_forward")
-    xp = layer_namespace("affine_backward", {"dout": dout, "x": x})
-    check_dout("affine_backward", dout, (x.shape[0], w.shape[1]), f" for x {tuple(x.shape)} and w {tuple(w.shape)}")
+    expected, detail = (x.shape[0], w.shape[1]), f" for x {tuple(x.shape)} and w {tuple(w.shape)}"
+    xp = check_dout("affine_backward", dout, expected, detail, like={"x": x})
     x2 = xp.reshape(x, (x.shape[0], -1))
     dx = xp.reshape(matmul(dout, w.T), x.shape) if input_grad else None
     dw = matmul(x2.T, dout)
@@ -318,7 +318,7 @@ def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
 
 def _normalize_backward_compact(name, dout, cache, forward):
     x_hat, _, std, gamma, axis = train_mode_cache(name, cache, 5, forward)
-    xp = namespace(dout, x_hat)
+    xp = layer_namespace(name, {"dout": dout}, {"x": x_hat})
     check_same_shape(name, "dout", dout, "x", x_hat)  # a (1, D) dout would broadcast into wrong sums
     dx = normalized_input_grad(xp, dout if gamma is None else dout * gamma, x_hat, std, axis)
     dgamma = None if gamma is None else xp.sum(dout * x_hat, axis=0)
@@ -471,7 +471,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
         dx (N, D), dgamma (D,), dbeta (D,).
     """
     x_hat, centered, std, gamma, _ = train_mode_cache("batchnorm_backward", cache, 5, "batchnorm_forward")
-    xp = namespace(dout, x_hat)
+    xp = layer_namespace("batchnorm_backward", {"dout": dout}, {"x": x_hat})
     check_same_shape("batchnorm_backward", "dout", dout, "x", x_hat)
     n = dout.shape[0]
     dbeta = xp.sum(dout, axis=0)
@@ -565,6 +565,7 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
 def dropout_backward(dout: Array, cache: Cache) -> Array:
     """Backward pass of :func:`dropout_forward`."""
     _, mask = unpack_cache("dropout_backward", cache, 2, "dropout_forward")
+    layer_namespace("dropout_backward", {"dout": dout}, None if mask is None else {"x": mask})
     if mask is None:  # test mode, or p = 0: the identity
         return dout
     check_same_shape("dropout_backward", "dout", dout, "x", mask)

@@ -109,7 +109,7 @@ def _fused_cache(name, dout, cache) -> _FusedBatchnormCache | None:
     """``cache`` if the fused kernels made it (after checking dout's shape against it), else None."""
     if not isinstance(train_mode_cache(name, cache), _FusedBatchnormCache):
         return None
-    check_dout(name, dout, cache.x_hat.shape)
+    check_dout(name, dout, cache.x_hat.shape, like={"x": cache.x_hat})
     return cache
 
 
@@ -131,14 +131,13 @@ def spatial_batchnorm_forward(x: Array, gamma: Array, beta: Array, bn_param: dic
 def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of spatial batchnorm: dx (N, C, H, W), dgamma (C,), dbeta (C,) (for
     float16 activations: dx float16, dgamma and dbeta float32)."""
-    xp = layer_namespace("spatial_batchnorm_backward", {"dout": dout})
     fused = _fused_cache("spatial_batchnorm_backward", dout, cache)
     if fused is not None:
         if fused.gelu_beta is not None:
             raise ValueError("spatial_batchnorm_backward: the cache is spatial_batchnorm_gelu_forward's")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
     rows_cache, shape = unpack_cache("spatial_batchnorm_backward", cache, 2, "spatial_batchnorm_forward")
-    check_dout("spatial_batchnorm_backward", dout, shape)
+    xp = check_dout("spatial_batchnorm_backward", dout, shape, like={"x": rows_cache[0]})
     dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, widened(xp, dout)), rows_cache)
     return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
 
@@ -158,13 +157,14 @@ def spatial_batchnorm_gelu_forward(x: Array, gamma: Array, beta: Array, bn_param
 def spatial_batchnorm_gelu_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of :func:`spatial_batchnorm_gelu_forward`: dx (N, C, H, W), dgamma (C,)
     (None without gamma), dbeta (C,)."""
-    layer_namespace("spatial_batchnorm_gelu_backward", {"dout": dout})
     fused = _fused_cache("spatial_batchnorm_gelu_backward", dout, cache)
     if fused is not None:
         if fused.gelu_beta is None:
             raise ValueError("spatial_batchnorm_gelu_backward: the cache is spatial_batchnorm_forward's")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std, fused.gelu_beta)
     bn_cache, gelu_cache = unpack_cache("spatial_batchnorm_gelu_backward", cache, 2, "spatial_batchnorm_gelu_forward")
+    x = unpack_cache("spatial_batchnorm_gelu_backward", gelu_cache, 2, "gelu_forward")[0]
+    check_dout("spatial_batchnorm_gelu_backward", dout, x.shape, like={"x": x})
     return spatial_batchnorm_backward(gelu_backward(dout, gelu_cache), bn_cache)
 
 
@@ -217,14 +217,13 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
 
 def spatial_groupnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array, Array]:
     """Backward pass of groupnorm: dx (N, C, H, W), dgamma and dbeta (1, C, 1, 1)."""
-    xp = layer_namespace("spatial_groupnorm_backward", {"dout": dout})
     if isinstance(cache, _FusedGroupnormCache):
-        check_dout("spatial_groupnorm_backward", dout, cache.x_hat.shape)
+        xp = check_dout("spatial_groupnorm_backward", dout, cache.x_hat.shape, like={"x": cache.x_hat})
         dx, dgamma, dbeta = cache.kernels.spatial_groupnorm_backward(dout, cache.x_hat, cache.gamma, cache.inv_std)
         c = dout.shape[1]
         return dx, xp.reshape(dgamma, (1, c, 1, 1)), xp.reshape(dbeta, (1, c, 1, 1))
     x_hat, std, gamma, G = unpack_cache("spatial_groupnorm_backward", cache, 4, "spatial_groupnorm_forward")
-    check_dout("spatial_groupnorm_backward", dout, x_hat.shape)
+    xp = check_dout("spatial_groupnorm_backward", dout, x_hat.shape, like={"x": x_hat})
     dgamma = xp.sum(dout * x_hat, axis=(0, 2, 3), keepdims=True)
     dbeta = xp.sum(dout, axis=(0, 2, 3), keepdims=True)
     dx = normalized_input_grad(xp, _to_groups(xp, dout * gamma, G), _to_groups(xp, x_hat, G), std, axis=2)
