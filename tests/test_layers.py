@@ -570,12 +570,15 @@ def test_every_backward_pass_names_itself_when_dout_is_no_float_array_of_the_cac
     import array_api_strict
 
     unnamed = []
-    for name, (backward, out, cache) in _layer_pairs().items():
+    for backward, out, cache in _layer_pairs().values():
         out = np.asarray(out)
         wrong = {
             "a list": (out.tolist(), "dout must be an array, got list"),
             "integers": (out.astype(np.int64), "dout must be a floating-point array, got dtype int64"),
-            "array_api_strict": (array_api_strict.asarray(out), "arrays from different libraries (dout from array_api_strict"),
+            "array_api_strict": (
+                array_api_strict.asarray(out),
+                "arrays from different libraries (dout from array_api_strict",
+            ),
         }
         if out.ndim == 2:
             wrong["np.matrix"] = (np.matrix(out), "dout is a matrix: np.matrix's * and ** are matrix products")
