@@ -609,6 +609,35 @@ def test_a_hand_written_model_hears_what_is_wrong_with_its_gradients(mistake, me
         solver.train()
 
 
+def test_a_hand_written_model_hears_of_a_gradient_that_is_no_array():
+    """It failed inside the first update: "'list' object has no attribute 'shape'"."""
+    solver = Solver(_HandWrittenModel(lambda g: g.update(b=g["b"].tolist())), small_data(), batch_size=20,
+                    num_epochs=1, verbose=False)  # fmt: skip
+    with pytest.raises(TypeError, match=r"returned a list as the gradient of 'b'; gradients are arrays"):
+        solver.train()
+
+
+@pytest.mark.parametrize(
+    "param, error",
+    [
+        ([0.0, 0.0, 0.0], r"^Solver: model.params\['b'\] must be an array, got list \(np.asarray"),
+        (0.0, r"^Solver: model.params\['b'\] must be an array, got float"),
+        (np.zeros(3, dtype=np.int64), r"^Solver: model.params\['b'\] must be a floating-point array, got dtype int64"),
+    ],
+    ids=["list", "number", "integers"],
+)
+def test_a_hand_written_model_hears_which_parameter_is_no_float_array(param, error):
+    """Lists and numbers failed inside the first update ("'list' object has no attribute 'shape'");
+    integers were refused by a layer or an update rule that named its own argument, not the parameter."""
+    model = _HandWrittenModel()
+    model.params["b"] = param
+    with pytest.raises(TypeError, match=error):
+        Solver(model, small_data(), batch_size=20, num_epochs=1, verbose=False)
+    model.params = [np.zeros((6, 3)), np.zeros(3)]
+    with pytest.raises(TypeError, match="model.params must be a dict of parameter arrays, got list"):
+        Solver(model, small_data(), batch_size=20, num_epochs=1, verbose=False)
+
+
 @pytest.mark.parametrize(
     "returns, error, message",
     [

@@ -8,7 +8,7 @@ import math
 from .backend import Backend, backend_of, check_generator, get_backend
 from .batching import predicted_classes
 from .checkpoint import not_float_array, tree_to_device, tree_to_host
-from .input_checks import as_int, check_seed, is_array, is_number
+from .input_checks import as_int, check_seed, is_array, is_number, layer_namespace
 from .layers import BATCHNORM_KEYS
 
 # The batchnorm keys that hold arrays (the others are settings).
@@ -146,7 +146,10 @@ class Model:
 # as in the course. What xpnet's Model adds (backend, input preparation, buffers) is
 # inferred for a model that lacks it.
 def backend_for(model) -> Backend:
-    """The model's backend: ``model.backend``, else that of its first parameter."""
+    """The model's backend: ``model.backend``, else that of its first parameter, after
+    checking the parameters (:func:`check_params`)."""
+    if getattr(model, "params", None):
+        check_params(model.params)
     backend = getattr(model, "backend", None)
     if backend is not None:
         return get_backend(backend)
@@ -158,6 +161,16 @@ def backend_for(model) -> Backend:
             hint = f"; {model.__name__} is a class: give a model made from it, {model.__name__}(...)"
         raise ValueError(f"{type(model).__name__} has no params: a model needs a dict of parameter arrays{hint}")
     return backend_of(next(iter(model.params.values())))
+
+
+def check_params(params) -> None:
+    """TypeError naming the first entry of a model's ``params`` that is no floating-point array
+    of the others' library. A model written by hand with a list, a number or integers there
+    failed inside the Solver's first update ("'list' object has no attribute 'shape'"), or
+    in an update rule that named its argument ``w``, not the parameter."""
+    if not isinstance(params, dict):
+        raise TypeError(f"model.params must be a dict of parameter arrays, got {type(params).__name__}")
+    layer_namespace("Solver", {f"model.params[{name!r}]": value for name, value in params.items()})
 
 
 def param_dtype(model):

@@ -227,6 +227,11 @@ def check_gradients(params: dict, grads: dict) -> None:
         )
     for name, w in params.items():
         g = grads[name]
+        if g is not None and not is_array(g):
+            raise TypeError(
+                f"the model's loss returned a {type(g).__name__} as the gradient of {name!r}; "
+                "gradients are arrays of the parameter's shape (or None)"
+            )
         if g is not None and tuple(g.shape) != tuple(w.shape):
             raise ValueError(
                 f"the model's loss returned a gradient of shape {tuple(g.shape)} for {name!r}, "
