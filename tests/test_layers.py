@@ -533,6 +533,20 @@ def _layer_pairs():
     return {name: (backward, *forward()) for name, (backward, forward) in forwards.items()}
 
 
+def _unless_refused_by_name(backward, dout, cache, message: str, given: str) -> list:
+    """[] when ``backward(dout, cache)`` raises a ValueError or TypeError that starts with its own
+    name and ``message``; else one line saying what it did with what it was ``given``."""
+    try:
+        backward(dout, cache)
+    except (ValueError, TypeError) as error:
+        return (
+            []
+            if str(error).startswith(f"{backward.__name__}: {message}")
+            else [f"{backward.__name__} given {given}: {error}"]
+        )
+    return [f"{backward.__name__} took {given}"]
+
+
 def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
     """A cache of as many parts as the backward pass's own passed the part count and failed in its
     arithmetic ("'dict' object has no attribute 'shape'", "operands could not be broadcast"), or
@@ -541,14 +555,8 @@ def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
     unnamed = []
     for taker, (backward, dout, _) in pairs.items():
         for maker, (_, _, cache) in pairs.items():
-            if maker == taker:
-                continue
-            try:
-                backward(dout, cache)
-                unnamed.append(f"{backward.__name__} took {maker}'s cache")
-            except (ValueError, TypeError) as error:
-                if not str(error).startswith(f"{backward.__name__}: cache "):
-                    unnamed.append(f"{backward.__name__} given {maker}'s cache: {error}")
+            if maker != taker:
+                unnamed += _unless_refused_by_name(backward, dout, cache, "cache ", f"{maker}'s cache")
     assert unnamed == []
     # still a tuple that pickles (to another process, say) and comes back as the same kind
     backward, dout, cache = pairs["conv_relu_pool"]
@@ -583,12 +591,7 @@ def test_every_backward_pass_names_itself_when_dout_is_no_float_array_of_the_cac
         if out.ndim == 2:
             wrong["np.matrix"] = (np.matrix(out), "dout is a matrix: np.matrix's * and ** are matrix products")
         for kind, (dout, message) in wrong.items():
-            try:
-                backward(dout, cache)
-                unnamed.append(f"{backward.__name__} took {kind}")
-            except (ValueError, TypeError) as error:
-                if not str(error).startswith(f"{backward.__name__}: {message}"):
-                    unnamed.append(f"{backward.__name__} given {kind}: {error}")
+            unnamed += _unless_refused_by_name(backward, dout, cache, message, kind)
     assert unnamed == []
 
 
