@@ -368,6 +368,9 @@ def test_dtype_options(backend, dtype):
         (dict(hidden_dims=[10], normalization="groupnorm"), "unknown normalization 'groupnorm'"),
         (dict(hidden_dims=[10], dtype="int32"), "float32 or float64"),
         (dict(hidden_dims=[10], input_dim=0), "input_dim"),
+        # the conv nets' image shape: the flattened size is named
+        (dict(hidden_dims=[10], input_dim=(3, 32, 32)), r"got \(3, 32, 32\): .* one input flattened, input_dim=3072$"),
+        (dict(hidden_dims=[10], input_dim=(3, 0)), r"input_dim must be a positive integer, got \(3, 0\)$"),
         (dict(hidden_dims=[10], backend="jax"), "unknown backend 'jax'"),
     ],
 )
@@ -385,6 +388,10 @@ def test_two_layer_net_construction_errors():
         fc_net.TwoLayerNet(dropout=2)
     with pytest.raises(ValueError, match="hidden_size"):
         neural_net.TwoLayerNet(4, 0, 3)
+    with pytest.raises(ValueError, match="one input flattened, input_dim=64$"):
+        fc_net.TwoLayerNet(input_dim=(1, 8, 8))
+    with pytest.raises(ValueError, match="one input flattened, input_size=64$"):
+        neural_net.TwoLayerNet((1, 8, 8), 10, 3)
     X, y = np.zeros((6, 4)), np.arange(6) % 3
     for iterations in (-1, 2.5):
         with pytest.raises(ValueError, match=f"num_iters must be a non-negative integer, got {iterations}"):

@@ -13,10 +13,10 @@ from .model import (
     Model,
     check_dropout,
     check_finite,
+    check_flat_input_dim,
     check_hidden_dims,
     check_keep_ratio,
     check_num_classes,
-    check_positive_int,
 )
 
 __all__ = ["FullyConnectedNet", "TwoLayerNet"]
@@ -75,7 +75,7 @@ class FullyConnectedNet(Model):
                     "give dropout (the probability of dropping a unit) or dropout_keep_ratio (of keeping it), not both"
                 )
             dropout = 1.0 - check_keep_ratio(dropout_keep_ratio)
-        input_dim = check_positive_int("input_dim", input_dim)
+        input_dim = check_flat_input_dim("input_dim", input_dim)
         num_classes = check_num_classes(num_classes)
         check_finite("weight_scale", weight_scale, minimum=0)
         if use_batchnorm:

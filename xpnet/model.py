@@ -276,6 +276,18 @@ def check_sizes(name: str, value, count: int, what: str) -> tuple:
     return tuple(check_positive_int(f"each of {name}", d) for d in value)
 
 
+def check_flat_input_dim(name: str, value) -> int:
+    """A fully connected net's input size D as an int; a ValueError naming ``name``, and for an
+    image shape such as (3, 32, 32) (the conv nets' input_dim) the flattened size to give."""
+    if isinstance(value, (tuple, list)) and value and all(as_int(d) is not None and as_int(d) > 0 for d in value):
+        flat = math.prod(as_int(d) for d in value)
+        raise ValueError(
+            f"{name} must be a positive integer, got {value!r}: a fully connected net takes the size of one "
+            f"input flattened, {name}={flat}"
+        )
+    return check_positive_int(name, value)
+
+
 def check_input_dim(input_dim) -> tuple:
     """(C, H, W) of one input as positive integers, or a ValueError naming the problem."""
     return check_sizes("input_dim", input_dim, 3, "(C, H, W)")

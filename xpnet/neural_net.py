@@ -6,7 +6,7 @@ from .batching import accuracy, sample_minibatch
 from .data_checks import checked_labelled_set
 from .input_checks import as_int
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward, softmax_loss
-from .model import Model, check_finite, check_num_classes, check_positive_int
+from .model import Model, check_finite, check_flat_input_dim, check_num_classes, check_positive_int
 
 __all__ = ["TwoLayerNet"]
 
@@ -26,7 +26,7 @@ class TwoLayerNet(Model):
 
     def __init__(self, input_size, hidden_size, output_size, std=1e-4, dtype="float64", seed=None, backend=None):
         super().__init__(backend, dtype)
-        input_size = check_positive_int("input_size", input_size)
+        input_size = check_flat_input_dim("input_size", input_size)
         hidden_size = check_positive_int("hidden_size", hidden_size)
         output_size = check_num_classes(check_positive_int("output_size", output_size))
         self.std = check_finite("std", std, minimum=0)
