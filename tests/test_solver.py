@@ -381,7 +381,8 @@ def test_check_accuracy_subsamples(backend):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d.pop("y_val"), "missing 'y_val'"),
+        (lambda d: d.pop("y_val"), "missing 'y_val'; it needs"),
+        (lambda d: d.update(Y_val=d.pop("y_val")), r"missing 'y_val' \(it has 'Y_val': the keys are case-sensitive\)"),
         (
             lambda d: d.update(y_train=d["y_train"][:-1]),
             "has 200 rows but data\\['y_train'\\] has 199 labels",
@@ -398,11 +399,19 @@ def test_check_accuracy_subsamples(backend):
             r"must be 1-D, got shape \(60, 3\); for one-hot rows .* data\['y_val'\]\.argmax\(axis=1\)",
         ),
         (lambda d: d.update(y_val=d["y_val"][:, None]), r"\(60, 1\); a column of labels: data\['y_val'\]\.reshape"),
+        # a row, as scipy.io.loadmat gives labels (and np.matrix, refused first since its reshape keeps it 2-D)
+        (lambda d: d.update(y_val=d["y_val"][None, :]), r"\(1, 60\); a row of labels: data\['y_val'\]\.reshape"),
+        (lambda d: d.update(y_val=np.matrix(d["y_val"])), r"data\['y_val'\] is a matrix: np.matrix's \* and"),
+        (
+            lambda d: d.update(X_train=np.ma.masked_array(d["X_train"])),
+            r"X_train'\] is a MaskedArray: the layers do not",
+        ),
         (lambda d: d["X_train"].__setitem__((3, 2), np.nan), "NaN or infinite"),
         (lambda d: d.update(X_val=d["X_val"][:, :4]), "the model expects 6 inputs"),
         (lambda d: d.update(y_train=list(d["y_train"])), "must be an array"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_bad_data_is_rejected(change, message):
     data = small_data()
     change(data)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from array_api_compat import array_namespace
 
+from .backend.dispatch import refusal
 from .input_checks import is_array
 
 __all__ = ["validate_split", "checked_labelled_set", "check_finite_values", "check_image_batch", "REQUIRED_KEYS"]
@@ -34,11 +35,12 @@ def _image_layout_hint(shape, expected, name: str = "X") -> str:
     return ""
 
 
-def _labels_hint(y, y_name: str) -> str:
-    """How to turn the likeliest wrong label layouts into class indices: a column (N, 1), one
+def _labels_hint(y, y_name: str, rows: int | None = None) -> str:
+    """How to turn the likeliest wrong label layouts into class indices: a column (N, 1) or a
+    row (1, N) of them (as scipy.io.loadmat and np.matrix give them; N the ``rows`` of X), one
     row of one-hot or scores per sample (N, C), or whole numbers stored as floats."""
-    if y.ndim == 2 and y.shape[1] == 1:
-        return f"; a column of labels: {y_name}.reshape(-1) makes it 1-D"
+    if y.ndim == 2 and (y.shape[1] == 1 or (y.shape[0] == 1 and y.shape[1] == rows != 1)):
+        return f"; a {'column' if y.shape[1] == 1 else 'row'} of labels: {y_name}.reshape(-1) makes it 1-D"
     if y.ndim == 2:
         return f"; for one-hot rows (or scores), {y_name}.argmax(axis=1) gives the class indices"
     xp = array_namespace(y)
@@ -93,13 +95,19 @@ def _validate_split(data, split, num_classes, input_shape, check_finite, names) 
     x_name, y_name = ((names or {}).get(key, f"data[{key!r}]") for key in (x_key, y_key))
     for key in (x_key, y_key):
         if key not in data:
-            raise ValueError(f"data is missing {key!r}; it needs {', '.join(REQUIRED_KEYS)}")
+            near = [k for k in data if isinstance(k, str) and k.lower() == key.lower()]
+            hint = f" (it has {near[0]!r}: the keys are case-sensitive)" if near else ""
+            raise ValueError(f"data is missing {key!r}{hint}; it needs {', '.join(REQUIRED_KEYS)}")
     X, y = data[x_key], data[y_key]
     for name, value in ((x_name, X), (y_name, y)):
         if not is_array(value):
             raise ValueError(f"{name} must be an array, got {type(value).__name__}")
+        reason = refusal(value)  # np.matrix (its labels come as a row), a masked array (the mask would be dropped)
+        if reason is not None:
+            raise ValueError(f"{name} is a {type(value).__name__}: {reason}")
     if y.ndim != 1:
-        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}" + _labels_hint(y, y_name))
+        rows = X.shape[0] if X.ndim else None
+        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}" + _labels_hint(y, y_name, rows))
     if X.ndim < 1 or X.shape[0] != y.shape[0]:
         raise ValueError(f"{x_name} has {X.shape[0] if X.ndim else 0} rows but {y_name} has {y.shape[0]} labels")
     if y.shape[0] == 0:
