@@ -1038,13 +1038,16 @@ def test_numpy_subclasses_whose_operators_differ_are_refused_by_name():
             call(np.ma.masked_array(x, mask=x > 1))
     with pytest.raises(TypeError, match=r"arrays of type numpy.matrix: np.matrix's \*"):
         namespace(np.matrix(x))
-    # a subclass whose arithmetic is the ndarray's, as np.memmap's, is a plain array to the layers
+    # a subclass whose arithmetic is the ndarray's, as np.memmap's, is a NumPy array to the layers,
+    # beside plain ones too (it was called an array of another library, named after its module)
 
     class Tagged(np.ndarray):
         pass
 
     out, _ = layers.gelu_forward(x.view(Tagged))
     np.testing.assert_array_equal(np.asarray(out), layers.gelu_forward(x)[0])
+    out, _ = layers.affine_forward(x.view(Tagged), x, x[0])
+    np.testing.assert_array_equal(np.asarray(out), layers.affine_forward(x, x, x[0])[0])
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import ParamSpec
 
 from .backend import namespace
 from .backend.dispatch import refusal
+from .backend.registry import library_of
 
 P = ParamSpec("P")
 
@@ -58,10 +59,6 @@ def check_seed(seed, name: str = "seed") -> int | None:
     if number is None or number < 0:
         raise ValueError(f"{name} must be None or a non-negative integer, got {seed!r}")
     return number
-
-
-def _library(array) -> str:
-    return type(array).__module__.split(".")[0]
 
 
 def _float_dtypes(xp):
@@ -126,7 +123,7 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
 def _refuse_mixed_libraries(function: str, arrays: dict) -> None:
     """TypeError naming a non-array among ``arrays``, or the libraries when they are several."""
     _refuse_non_arrays(function, arrays)
-    libraries = {name: _library(a) for name, a in arrays.items()}
+    libraries = {name: library_of(a) for name, a in arrays.items()}
     if len(set(libraries.values())) > 1:
         listed = ", ".join(f"{name} from {lib}" for name, lib in libraries.items())
         raise TypeError(

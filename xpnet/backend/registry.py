@@ -27,6 +27,7 @@ __all__ = [
     "using_backend",
     "current_backend",
     "backend_of",
+    "library_of",
     "to_numpy",
     "import_library",
     "valid_specs",
@@ -170,6 +171,15 @@ def backend_of(x) -> Backend:
         if registration.is_array(x):
             return get_backend(registration.spec_of(x))
     raise TypeError(f"arrays of type {type(x).__module__}.{type(x).__name__} are not supported by xpnet")
+
+
+def library_of(x) -> str:
+    """The prefix of the backend whose library ``x`` is an array of ("numpy" for any ndarray
+    subclass, wherever it is defined), else the root of its type's module."""
+    for registration in _REGISTRY.values():
+        if registration.is_array(x):
+            return registration.prefix
+    return type(x).__module__.split(".")[0]
 
 
 def to_numpy(x) -> np.ndarray:
