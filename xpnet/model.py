@@ -279,8 +279,9 @@ def check_sizes(name: str, value, count: int, what: str) -> tuple:
 def check_flat_input_dim(name: str, value) -> int:
     """A fully connected net's input size D as an int; a ValueError naming ``name``, and for an
     image shape such as (3, 32, 32) (the conv nets' input_dim) the flattened size to give."""
-    if isinstance(value, (tuple, list)) and value and all(as_int(d) is not None and as_int(d) > 0 for d in value):
-        flat = math.prod(as_int(d) for d in value)
+    sizes = [as_int(d) for d in value] if isinstance(value, (tuple, list)) else []
+    if sizes and all(d is not None and d > 0 for d in sizes):
+        flat = math.prod(d for d in sizes if d is not None)
         raise ValueError(
             f"{name} must be a positive integer, got {value!r}: a fully connected net takes the size of one "
             f"input flattened, {name}={flat}"
