@@ -400,6 +400,15 @@ def test_two_layer_net_construction_errors():
     assert len(stats["loss_history"]) == 3
 
 
+def test_the_first_courses_two_layer_net_checks_the_reg_its_loss_is_given():
+    """train() refused a negative reg, but loss(X, y, reg=-1) returned a loss that rewards large
+    weights, and reg='0.1' failed inside the L2 term ("can't multiply sequence by non-int")."""
+    X, y = np.ones((4, 4)), np.arange(4) % 3
+    for reg, message in ((-1.0, "reg must be >= 0, got -1.0"), ("0.1", "reg must be a finite number, got '0.1'")):
+        with pytest.raises(ValueError, match=message):
+            neural_net.TwoLayerNet(4, 5, 3).loss(X, y, reg=reg)
+
+
 def test_top_level_reexports():
     assert xpnet.TwoLayerNet is fc_net.TwoLayerNet
     assert xpnet.FullyConnectedNet is fc_net.FullyConnectedNet

@@ -45,6 +45,7 @@ class TwoLayerNet(Model):
         Args:
             X: (N, D) inputs; y: (N,) integer labels or None; reg: L2 strength.
         """
+        check_finite("reg", reg, minimum=0)  # a negative one would reward large weights in silence
         X = self.prepare_inputs(X)
         W1, b1, W2, b2 = (self.params[k] for k in ("W1", "b1", "W2", "b2"))
         # The layers take weights as (D_in, D_out): pass the transposes.
