@@ -270,6 +270,10 @@ def test_the_augmenters_name_a_generator_that_is_not_one(backend, np_rng):
         AlternatingFlipTranslate(x, np.random.default_rng(0))
     assert tuple(random_flip_mask(backend.rng(0), 4).shape) == (4,)
     assert tuple(random_translate(x, backend.rng(0)).shape) == (4, 2, 6, 6)
+    # a count that is no count failed inside the generator ("negative dimensions are not allowed")
+    for n in (-1, 2.5):
+        with pytest.raises(ValueError, match=rf"^random_flip_mask: n must be a non-negative integer, got {n}$"):
+            random_flip_mask(backend.rng(0), n)
 
 
 def test_whitening_filters_whiten_the_patches(backend, np_rng):

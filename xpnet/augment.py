@@ -42,7 +42,7 @@ def _per_image(function, name, values, n: int, kind: str) -> None:
         )
 
 
-def _pixels(function, name, value) -> int:
+def _non_negative_int(function, name, value) -> int:
     """``value`` as an int, or ValueError naming ``function`` unless it is a non-negative integer."""
     number = as_int(value)
     if number is None or number < 0:
@@ -53,7 +53,7 @@ def _pixels(function, name, value) -> int:
 def check_reflect_pad(function: str, name: str, pad, x) -> int:
     """``pad`` as an int, or ValueError naming ``function`` and ``name`` unless reflect padding
     of images ``x`` (N, C, H, W) can take it: a non-negative integer below both sides."""
-    pad = _pixels(function, name, pad)
+    pad = _non_negative_int(function, name, pad)
     if pad and pad >= min(x.shape[2], x.shape[3]):
         raise ValueError(f"{function}: {name} {pad} must be smaller than the images' sides {tuple(x.shape[2:])}")
     return pad
@@ -76,6 +76,7 @@ def reflect_pad(x: Array, pad: int) -> Array:
 def random_flip_mask(rng, n: int) -> Array:
     """(N,) booleans, each True with probability 1/2, drawn on the device by ``rng``."""
     check_generator("random_flip_mask: rng", rng, None, "", "it takes (rng, n), the generator first")
+    n = _non_negative_int("random_flip_mask", "n", n)  # a negative one failed inside the generator
     return rng.uniform((n,)) < 0.5
 
 
@@ -91,7 +92,7 @@ def translate_images(x: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     """Each image moved by its own (rows, cols) offset in [-max_shift, max_shift], the gap
     filled by reflection: a crop of the reflect-padded image. shift_*: (N,) integers."""
     _check_images("translate_images", x)
-    max_shift = _pixels("translate_images", "max_shift", max_shift)
+    max_shift = _non_negative_int("translate_images", "max_shift", max_shift)
     for name, shifts in (("shift_rows", shift_rows), ("shift_cols", shift_cols)):
         _per_image("translate_images", name, shifts, x.shape[0], "integral")
     return crop_padded(reflect_pad(x, max_shift), shift_rows, shift_cols, max_shift)
@@ -103,7 +104,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     outside [-max_shift, max_shift] comes out NaN (the offsets stay on the device, unread), so
     that the finite-loss check stops a run fed with one."""
     _check_images("crop_padded", padded)
-    max_shift = _pixels("crop_padded", "max_shift", max_shift)
+    max_shift = _non_negative_int("crop_padded", "max_shift", max_shift)
     for name, shifts in (("shift_rows", shift_rows), ("shift_cols", shift_cols)):
         _per_image("crop_padded", name, shifts, padded.shape[0], "integral")
     xp = namespace(padded, shift_rows, shift_cols)
@@ -123,7 +124,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
 
 def random_translate(x: Array, rng, max_shift: int = 2) -> Array:
     """Each image translated by offsets drawn uniformly from [-max_shift, max_shift] on the device."""
-    max_shift = _pixels("random_translate", "max_shift", max_shift)
+    max_shift = _non_negative_int("random_translate", "max_shift", max_shift)
     check_generator("random_translate: rng", rng, backend_of(x), "x", "")
     n = x.shape[0]
     shifts = rng.integers(-max_shift, max_shift + 1, (2, n))
