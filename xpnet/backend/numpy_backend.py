@@ -36,7 +36,7 @@ def refused_subclass(kind: type) -> str | None:
     if issubclass(kind, np.matrix):
         return "np.matrix's * and ** are matrix products; np.asarray(...) makes the plain array the layers expect"
     if issubclass(kind, np.ma.MaskedArray):
-        return "the layers do not honour masks; fill the masked values first (x.filled(0)) or np.asarray(...)"
+        return "the layers do not honour masks; fill the masked values first (.filled(0)) or take np.asarray(...)"
     return None
 
 
