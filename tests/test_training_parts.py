@@ -309,6 +309,28 @@ def test_on_log_returning_false_stops_at_that_point_and_restores_the_best(backen
     assert all(isinstance(v, float) for v in solver.loss_history)
 
 
+def test_on_log_returning_numpys_false_stops_and_an_answer_of_another_kind_is_named():
+    """``on_log=lambda r: np.isfinite(r['loss'])`` returns np.False_, which a test of ``is False``
+    let go on in silence; a list or a string was taken as "go on" too."""
+    stops = []
+
+    def finite(record):
+        stops.append(record["iteration"])
+        return np.isfinite(record.get("loss", 0.0)) & (record["iteration"] < 3)
+
+    solver = Solver(small_model("numpy"), small_data(), batch_size=20, num_epochs=2, print_every=1,
+                    on_log=finite, verbose=False, seed=0)  # fmt: skip
+    solver.train()
+    assert stops[-1] == 3 and solver.iteration == 3  # stopped at the first logging point that said no
+
+    def says_no(record):
+        return "no"
+
+    solver = Solver(small_model("numpy"), small_data(), batch_size=20, num_epochs=1, on_log=says_no, verbose=False)
+    with pytest.raises(TypeError, match=r"^on_log of says_no must return None, True or False .*got str$"):
+        solver.train()
+
+
 def test_stop_ends_training_at_the_next_logging_point():
     class StopAtEpoch2(Callback):
         def on_epoch_end(self, solver):

@@ -259,7 +259,7 @@ class Solver:
     def _log(self, **values):
         record = {"iteration": self.iteration, "epoch": self.epoch, **values}
         for callback in self._callbacks:
-            if callback.on_log(self, record) is False:
+            if cb.asks_to_stop(callback, callback.on_log(self, record)):
                 self._stop_requested = True
 
     def _emit(self, hook: str):

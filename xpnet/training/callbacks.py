@@ -17,7 +17,7 @@ from ..checkpoint import save_checkpoint, unwritable_reason
 from ..input_checks import as_int, is_number
 from .interrupts import interrupts_held
 
-__all__ = ["Callback", "ConsoleReport", "LogFunction", "Checkpointer", "EarlyStopping"]
+__all__ = ["Callback", "ConsoleReport", "LogFunction", "Checkpointer", "EarlyStopping", "asks_to_stop"]
 
 
 class Callback:
@@ -37,6 +37,21 @@ class Callback:
 
     def on_train_end(self, solver) -> None:
         pass
+
+
+def asks_to_stop(callback: Callback, answer) -> bool:
+    """Whether ``callback.on_log``'s ``answer`` stops training: False does, as NumPy's False
+    (``np.isfinite(record['loss'])`` returns one) and 0 do; None and True go on. Anything else
+    is a TypeError naming the callback: a test of ``is False`` let NumPy's False go on in silence."""
+    if answer is None or isinstance(answer, bool):
+        return answer is False
+    if is_number(answer) or (getattr(answer, "shape", None) == () and hasattr(answer, "dtype")):
+        return not bool(answer)  # a 0-d array or NumPy scalar: a logging point, so the read is paid for
+    function = callback.function if isinstance(callback, LogFunction) else type(callback).__name__
+    raise TypeError(
+        f"on_log of {getattr(function, '__name__', function)!s} must return None, True or False "
+        f"(False stops training), got {type(answer).__name__}"
+    )
 
 
 class ConsoleReport(Callback):
