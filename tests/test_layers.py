@@ -157,6 +157,9 @@ def test_losses_reject_bad_labels(backend, loss_fn):
         loss_fn(x, [0, 1, 2])
     with pytest.raises(ValueError, match=r"scores must be \(N, C\)"):
         loss_fn(arr(backend, np.zeros(3)), labels(backend, [0, 1, 2]))
+    # the arguments swapped were named as integer scores, "x must be a floating-point array"
+    with pytest.raises(TypeError, match=rf"^{loss_fn.__name__}: the scores come first .* got x \(3,\) and y \(3, 4\)"):
+        loss_fn(labels(backend, [0, 1, 2]), x)
 
 
 # ---------------------------------------------------------------- batchnorm

@@ -25,6 +25,7 @@ from .input_checks import (
     check_param_keys,
     check_same_shape,
     check_seed,
+    is_array,
     is_number,
     layer_namespace,
     makes_cache,
@@ -184,6 +185,11 @@ def gelu_backward(dout: Array, cache: Cache) -> Array:
 # --------------------------------------------------------------------------
 def _check_scores_and_labels(name, x, y):
     """Shape and dtype checks that need no device synchronisation."""
+    if is_array(x) and is_array(y) and x.ndim == 1 and y.ndim == 2:  # else named as integer scores
+        raise TypeError(
+            f"{name}: the scores come first and the labels second, {name}(x, y); got x {tuple(x.shape)} "
+            f"and y {tuple(y.shape)}, which look swapped"
+        )
     xp = layer_namespace(name, {"x": x}, {"y": y})  # first: it names arrays of the wrong library
     if not _is_integer_array(y):
         raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
