@@ -112,8 +112,16 @@ def test_numerical_gradients_name_the_course_slips(backend):
         eval_numerical_gradient(lambda v: (backend.xp.sum(v * v), {"W": v}), x, verbose=False)
     with pytest.raises(TypeError, match="grad_check_sparse: f must return a scalar .*got NoneType"):
         grad_check_sparse(lambda v: None, x, x, num_checks=1, verbose=False)
-    with pytest.raises(TypeError, match="eval_numerical_gradient: x must be an array, got list"):
+    with pytest.raises(TypeError, match="eval_numerical_gradient: x must be an array, got list$"):
         eval_numerical_gradient(lambda v: 0.0, [1.0, 2.0], verbose=False)
+    # (x, f) in the wrong order, and an f that is no function (it failed as "'float' object is not callable")
+    for check in (eval_numerical_gradient, grad_check_sparse):
+        with pytest.raises(
+            TypeError, match=rf"^{check.__name__}: x must be an array, got function; the function comes"
+        ):
+            check(x, lambda v: 0.0, verbose=False) if check is eval_numerical_gradient else check(x, lambda v: 0.0, x)
+    with pytest.raises(TypeError, match=r"^eval_numerical_gradient_array: f must be a function of x, got float$"):
+        eval_numerical_gradient_array(3.0, x, x)
     with pytest.raises(TypeError, match="eval_numerical_gradient_array: df must be an array of f\\(x\\)'s shape"):
         eval_numerical_gradient_array(lambda v: 2 * v, x, None)
     with pytest.raises(ValueError, match=r"grad_check_sparse: analytic_grad must have x's shape \(2, 3\), got \(3,\)"):

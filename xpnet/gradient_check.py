@@ -76,11 +76,14 @@ def _evaluate_both_sides(f, x, index, h):
     return plus, minus
 
 
-def _check_float(name, x, h):
-    """x's namespace, after checking that x holds floats and that the step h is a number > 0;
-    warns for x narrower than float64."""
+def _check_float(name, f, x, h):
+    """x's namespace, after checking that f is a function, that x holds floats and that the
+    step h is a number > 0; warns for x narrower than float64."""
     if not is_array(x):
-        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}")
+        swapped = "; the function comes first, (f, x)" if callable(x) and is_array(f) else ""
+        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}{swapped}")
+    if not callable(f):  # it failed at the first evaluation: "'float' object is not callable"
+        raise TypeError(f"{name}: f must be a function of x, got {type(f).__name__}")
     xp = array_namespace(x)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
@@ -124,7 +127,7 @@ def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
     Returns:
         grad, an array like ``x``.
     """
-    xp = _check_float("eval_numerical_gradient", x, h)
+    xp = _check_float("eval_numerical_gradient", f, x, h)
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
@@ -144,7 +147,7 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
     Returns:
         grad, an array like ``x``.
     """
-    xp = _check_float("eval_numerical_gradient_array", x, h)
+    xp = _check_float("eval_numerical_gradient_array", f, x, h)
     if not is_array(df):
         raise TypeError(f"eval_numerical_gradient_array: df must be an array of f(x)'s shape, got {type(df).__name__}")
     grad = xp.zeros_like(x)
@@ -171,7 +174,7 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, ver
     Returns:
         the list of relative errors, one per element checked.
     """
-    _check_float("grad_check_sparse", x, h)
+    _check_float("grad_check_sparse", f, x, h)
     if not is_array(analytic_grad) or tuple(analytic_grad.shape) != tuple(x.shape):
         got = tuple(analytic_grad.shape) if is_array(analytic_grad) else type(analytic_grad).__name__
         raise ValueError(f"grad_check_sparse: analytic_grad must have x's shape {tuple(x.shape)}, got {got}")
