@@ -567,6 +567,11 @@ def test_two_layer_net_train_refuses_data_that_cannot_be_right_by_its_argument_n
         ((X, y + 1, X[:10], y[:10]), r"y has label 4 outside \[0, 4\)"),
         ((X[:, :5], y, X[:10], y[:10]), "X samples have shape .* but the model expects 12 inputs"),
         ((with_nan, y, X[:10], y[:10]), "X contains NaN or infinite values"),
+        # train(X, X_val, y, y_val): the labels' place holds inputs, which the one-hot hint (argmax) misread
+        ((X, X[:10], y, y[:10]), r"y must be 1-D, got shape \(10, 12\); y holds inputs shaped as X's samples"),
+        ((y, X, y[:10], X[:10]), r"got shape \(60, 12\); X looks like labels and y like inputs: the inputs come first"),
+        # a one-hot y stays one-hot, even when as wide as X's rows would be
+        ((X, np.eye(4)[y], X[:10], y[:10]), r"\(60, 4\); for one-hot rows .* y.argmax\(axis=1\)"),
     ]
     before = np_params(net)
     for args, message in cases:

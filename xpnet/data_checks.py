@@ -107,7 +107,15 @@ def _validate_split(data, split, num_classes, input_shape, check_finite, names) 
             raise ValueError(f"{name} is a {type(value).__name__}: {reason}")
     if y.ndim != 1:
         rows = X.shape[0] if X.ndim else None
-        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}" + _labels_hint(y, y_name, rows))
+        # inputs where the labels go (an argument order slip); a one-hot y as wide as X's rows is not one
+        like_inputs = y.ndim == X.ndim > 1 and tuple(y.shape[1:]) == tuple(X.shape[1:])
+        if X.ndim == 1:
+            hint = f"; {x_name} looks like labels and {y_name} like inputs: the inputs come first"
+        elif like_inputs and (y.ndim > 2 or num_classes is not None and y.shape[1] != num_classes):
+            hint = f"; {y_name} holds inputs shaped as {x_name}'s samples, not labels: are the arguments in order?"
+        else:
+            hint = _labels_hint(y, y_name, rows)
+        raise ValueError(f"{y_name} must be 1-D, got shape {tuple(y.shape)}" + hint)
     if X.ndim < 1 or X.shape[0] != y.shape[0]:
         raise ValueError(f"{x_name} has {X.shape[0] if X.ndim else 0} rows but {y_name} has {y.shape[0]} labels")
     if y.shape[0] == 0:
