@@ -119,13 +119,28 @@ def test_a_model_saved_alone_or_by_the_solver_loads_for_inference_on_another_bac
         model.load_state_dict(load_checkpoint(path))
     with pytest.raises(ValueError, match=r"a dict with 'params' and 'buffers', as state_dict\(\) returns; got list$"):
         model.load_state_dict([])
+    with pytest.raises(
+        ValueError, match=r"got str \(a file is read first: load_state_dict\(load_checkpoint\(path\)\)\)$"
+    ):
+        model.load_state_dict(str(path))
 
 
 def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
-    with pytest.raises(TypeError, match="cannot hold a object"):
+    with pytest.raises(TypeError, match="cannot hold a object: only NumPy arrays, numbers, strings and None$"):
         save_checkpoint(tmp_path / "c.npz", {"thing": object()})
     with pytest.raises(TypeError, match="numbers, not Python objects"):
         save_checkpoint(tmp_path / "c.npz", {"thing": np.array([object()])})
+    # each of these failed without a word on what to save instead, or inside os.fspath
+    model = small_model("numpy")
+    with pytest.raises(TypeError, match=r"cannot hold a FullyConnectedNet: .*; save model\.state_dict\(\), and load"):
+        save_checkpoint(tmp_path / "c.npz", model)
+    strict = xpnet.get_backend("array_api_strict")
+    with pytest.raises(TypeError, match=r"cannot hold a Array: .*; move it to the host first, backend\.to_numpy\(x\)"):
+        save_checkpoint(tmp_path / "c.npz", {"w": strict.asarray(np.ones(2))})
+    with pytest.raises(
+        TypeError, match=r"^save_checkpoint: path must be a file path \(str or Path\), got dict; it takes"
+    ):
+        save_checkpoint({"w": np.ones(2)}, tmp_path / "c.npz")
     assert not list(tmp_path.iterdir())
 
 

@@ -82,7 +82,15 @@ def _encode(tree, arrays: dict, depth: int = 0):
         return tree.item()
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
-    raise TypeError(f"a checkpoint cannot hold a {type(tree).__name__}: only arrays, numbers, strings and None")
+    if is_array(tree):  # a CuPy or PyTorch array: the file holds host arrays
+        hint = "; move it to the host first, backend.to_numpy(x) (a model's state_dict() does)"
+    elif hasattr(tree, "state_dict"):  # a model
+        hint = "; save model.state_dict(), and load it back with model.load_state_dict(load_checkpoint(path))"
+    else:
+        hint = ""
+    raise TypeError(
+        f"a checkpoint cannot hold a {type(tree).__name__}: only NumPy arrays, numbers, strings and None{hint}"
+    )
 
 
 def _temporary_name(path: str) -> str:
@@ -143,6 +151,11 @@ def save_checkpoint(path, payload: dict) -> str:
     The file gets the usual permissions (those the umask allows). Raises
     :class:`CheckpointWriteError` naming ``path`` when the disk refuses.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"save_checkpoint: path must be a file path (str or Path), got {type(path).__name__}; "
+            "it takes (path, payload)"
+        )
     path = os.fspath(path)
     arrays: dict = {}
     document = json.dumps({"format": FORMAT, "version": VERSION, "payload": _encode(payload, arrays)})

@@ -4,6 +4,7 @@ how it takes input."""
 from __future__ import annotations
 
 import math
+import os
 
 from .backend import Backend, backend_of, check_generator, get_backend
 from .batching import predicted_classes
@@ -230,10 +231,13 @@ def load_model_state(model, state: dict, backend) -> None:
     """Load what :func:`model_state` returned (from any backend) onto ``backend``."""
     if not isinstance(state, dict) or not {"params", "buffers"} <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        hint = " (a Solver checkpoint keeps it under 'model': pass load_checkpoint(path)['model'])"
+        hint = ""
+        if isinstance(state, dict) and "model" in state:
+            hint = " (a Solver checkpoint keeps it under 'model': pass load_checkpoint(path)['model'])"
+        elif isinstance(state, (str, os.PathLike)):
+            hint = " (a file is read first: load_state_dict(load_checkpoint(path)))"
         raise ValueError(
-            f"a model state is a dict with 'params' and 'buffers', as state_dict() returns; got {keys}"
-            + (hint if isinstance(state, dict) and "model" in state else "")
+            f"a model state is a dict with 'params' and 'buffers', as state_dict() returns; got {keys}{hint}"
         )
     if not isinstance(state["params"], dict) or not isinstance(state["buffers"], list):
         raise ValueError("a model state's 'params' is a dict of arrays and its 'buffers' a list of dicts")
