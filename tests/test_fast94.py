@@ -646,6 +646,12 @@ def test_fast94_refuses_bad_data_and_settings():
     data = {"X_train": np.zeros((8, 32, 32, 3)), "y_train": np.zeros(8, dtype=np.int64)}
     with pytest.raises(ValueError, match="'X_test' is missing"):
         fast94(data, backend="numpy")
+    # the four arrays as a list failed inside NumPy ("truth value ... is ambiguous"), and
+    # fast94(backend, data) was named by its backend
+    with pytest.raises(TypeError, match=r"^fast94: data must be a dict with .*, got list; load_CIFAR10's four arrays"):
+        fast94(list(data.values()), backend="numpy")
+    with pytest.raises(TypeError, match=r"^fast94: data must be a dict with .*, got str;"):
+        fast94("numpy", data)
     data.update(X_test=np.zeros((4, 32, 32, 3)), y_test=np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match="batch_size 1024 is larger than the 8 training images"):
         fast94(data, backend="numpy", warmup=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -455,6 +456,7 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
     Returns:
         :class:`Fast94Result`.
     """
+    _check_data_dict(data)  # first: fast94(backend, data) would otherwise be named by its backend
     settings = Fast94Settings().with_overrides(overrides)
     if as_int(seed) is None or seed < 0:  # checked before the data moves; NumPy's seeding would not name it
         raise ValueError(f"fast94: seed must be a non-negative integer, got {seed!r}")
@@ -470,13 +472,25 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
     return result
 
 
-def device_data(backend: Backend, data: dict, dtype="float32") -> tuple[Array, Array, Array, Array]:
-    """(train images, train labels, test images, test labels) on the device, the images
-    normalised, from ``data`` as :func:`fast94` takes it (moved once)."""
+def _check_data_dict(data) -> tuple:
+    """The four keys of :func:`fast94`'s data, after checking that ``data`` is a dict that has
+    them; a list of the four arrays failed inside NumPy ("truth value ... is ambiguous")."""
     keys = ("X_train", "y_train", "X_test", "y_test")
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"fast94: data must be a dict with 'X_train', 'y_train', 'X_test' and 'y_test', got {type(data).__name__}"
+            "; load_CIFAR10's four arrays make one: dict(zip(('X_train', 'y_train', 'X_test', 'y_test'), arrays))"
+        )
     for key in keys:
         if key not in data:
             raise ValueError(f"fast94: data needs 'X_train', 'y_train', 'X_test' and 'y_test'; {key!r} is missing")
+    return keys
+
+
+def device_data(backend: Backend, data: dict, dtype="float32") -> tuple[Array, Array, Array, Array]:
+    """(train images, train labels, test images, test labels) on the device, the images
+    normalised, from ``data`` as :func:`fast94` takes it (moved once)."""
+    keys = _check_data_dict(data)
     arrays = {key: data[key] if is_array(data[key]) else np.asarray(data[key]) for key in keys}
     for split in ("train", "test"):  # as the Solver checks its data, wherever the arrays are (pixels below)
         validate_split(arrays, split, CIFAR10_CLASSES, check_finite=False, caller="fast94")
