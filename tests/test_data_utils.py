@@ -149,6 +149,24 @@ def test_missing_and_corrupt_batches_are_named(tmp_path):
         load_CIFAR10(tmp_path)
 
 
+def test_a_root_or_batch_path_of_the_wrong_kind_says_what_to_give(tmp_path):
+    """A batch file or the folder above as load_CIFAR10's root was reported as a batch missing under
+    it, a folder given to load_CIFAR_batch as a missing batch, and None failed inside os.path."""
+    folder = tmp_path / data_utils.CIFAR10_FOLDER
+    write_fake_cifar(folder, per_batch=2)
+    with pytest.raises(NotADirectoryError, match=rf"root '.*data_batch_1' is a file; .* '{folder}'$"):
+        load_CIFAR10(folder / "data_batch_1")
+    with pytest.raises(FileNotFoundError, match=rf"no batches in '{tmp_path}', but '{folder}' holds them: give that$"):
+        load_CIFAR10(tmp_path)
+    with pytest.raises(TypeError, match="^load_CIFAR10: root must be the cifar-10-batches-py folder's path, got None"):
+        load_CIFAR10(None)
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give one batch file in it, such as '.*data_batch_1'"):
+        load_CIFAR_batch(folder)
+    with pytest.raises(TypeError, match=r"^load_CIFAR_batch: filename must be a file path \(str or Path\), got None"):
+        load_CIFAR_batch(None)
+    assert load_CIFAR10(folder)[0].shape == (10, 32, 32, 3)
+
+
 def make_archive(tmp_path):
     source = tmp_path / "src"
     write_fake_cifar(source / data_utils.CIFAR10_FOLDER, per_batch=4)

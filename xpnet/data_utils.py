@@ -119,7 +119,14 @@ def load_CIFAR_batch(filename, dtype="float64"):
         X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255; a float type, or uint8) and y (N,) int64.
     """
     dtype = _pixel_dtype(dtype, centred=False)
+    if not isinstance(filename, (str, os.PathLike)):
+        raise TypeError(f"load_CIFAR_batch: filename must be a file path (str or Path), got {type(filename).__name__}")
     filename = os.fspath(filename)
+    if os.path.isdir(filename):
+        raise IsADirectoryError(
+            f"CIFAR-10 batch {filename!r} is a folder; give one batch file in it, such as "
+            f"{os.path.join(filename, 'data_batch_1')!r}, or load_CIFAR10 the whole folder"
+        )
     if not os.path.isfile(filename):
         raise FileNotFoundError(
             f"CIFAR-10 batch {filename!r} is missing; point --data-dir (or $XPNET_DATA_DIR) "
@@ -150,12 +157,29 @@ def load_CIFAR_batch(filename, dtype="float64"):
     return X, labels
 
 
+def _check_root(root) -> None:
+    """Name a ``root`` that cannot be the batches' folder: not a path (None failed inside
+    os.path.join), a batch file itself, or the folder that holds cifar-10-batches-py (each
+    was reported as a batch missing under it)."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"load_CIFAR10: root must be the cifar-10-batches-py folder's path, got {type(root).__name__}")
+    if os.path.isfile(root):
+        raise NotADirectoryError(
+            f"load_CIFAR10: root {os.fspath(root)!r} is a file; give the folder that holds the batches, "
+            f"{os.path.dirname(os.path.abspath(root))!r}"
+        )
+    inner = os.path.join(root, CIFAR10_FOLDER)
+    if not os.path.exists(os.path.join(root, "data_batch_1")) and os.path.isfile(os.path.join(inner, "data_batch_1")):
+        raise FileNotFoundError(f"load_CIFAR10: no batches in {os.fspath(root)!r}, but {inner!r} holds them: give that")
+
+
 def load_CIFAR10(root, dtype="float64"):
     """Load all of CIFAR-10 from ``root`` (data_batch_1..5 and test_batch).
 
     Returns:
         X_train (50000, 32, 32, 3), y_train (50000,), X_test (10000, 32, 32, 3), y_test (10000,).
     """
+    _check_root(root)
     batches = [load_CIFAR_batch(os.path.join(root, f"data_batch_{i}"), dtype) for i in range(1, 6)]
     X_train = np.concatenate([b[0] for b in batches])
     y_train = np.concatenate([b[1] for b in batches])
