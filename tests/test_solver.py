@@ -455,6 +455,18 @@ def test_settings_the_solver_was_built_from_cannot_be_set_afterwards(name, value
     assert getattr(solver, name) is before
 
 
+@pytest.mark.parametrize("name", ["X_train", "y_train", "X_val", "y_val"])
+def test_the_data_cannot_be_replaced_after_the_solver_is_made(name):
+    """solver.X_train = X[:10] was taken: the sampler drew rows of the old count and failed inside
+    NumPy ("index 84 is out of bounds"), and new validation labels went unchecked."""
+    solver = Solver(small_model("numpy"), small_data(), batch_size=50, num_epochs=1, verbose=False)
+    before = getattr(solver, name)
+    with pytest.raises(AttributeError, match=rf"^Solver.{name} is fixed once the Solver is made .*to a new Solver"):
+        setattr(solver, name, before[:10])
+    assert getattr(solver, name) is before
+    solver.train()
+
+
 def test_a_solver_given_data_or_a_class_for_its_model_says_so():
     with pytest.raises(
         ValueError, match=r"dict has no params: .*this looks like the data: Solver\(model, data\) takes"

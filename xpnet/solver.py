@@ -36,6 +36,7 @@ _SETTINGS = frozenset(SolverSettings.__dataclass_fields__)
 # Solver's parts when it was made (its sampler, update, callbacks, graph), so a new value would not reach them.
 _LIVE_SETTINGS = frozenset({"num_epochs", "print_every", "num_train_samples", "num_val_samples", "seed", "verbose",
                             "progress"})  # fmt: skip
+_DATA = ("X_train", "y_train", "X_val", "y_val")  # the data on the device, in device_data's order
 
 
 class Solver:
@@ -65,7 +66,8 @@ class Solver:
         # The sampler before the move: one that cannot draw such batches from these rows says so first.
         # (the setting becomes the Sampler it names: solver.sampler)
         self.settings.sampler = make_sampler(self.settings.sampler, checked_rows(data, model), self.batch_size)
-        self.X_train, self.y_train, self.X_val, self.y_val = device_data(data, self.prepare_inputs, self.prepare_labels)
+        for name, array in zip(_DATA, device_data(data, self.prepare_inputs, self.prepare_labels)):
+            object.__setattr__(self, name, array)  # fixed from here on: see __setattr__
         # What runs at logging points and epoch ends: built from the settings, then the user's.
         self._console = cb.ConsoleReport(self.verbose, self.progress)
         self._callbacks = [self._console]
@@ -80,6 +82,11 @@ class Solver:
         raise AttributeError(f"'Solver' object has no attribute {name!r}")
 
     def __setattr__(self, name, value):
+        if name in _DATA:  # the sampler was built for these rows, and they were checked and moved once
+            raise AttributeError(
+                f"Solver.{name} is fixed once the Solver is made (the data were checked, moved to the device "
+                "and sampled from as they were then); give new data to a new Solver, Solver(model, data, ...)"
+            )
         if name not in _SETTINGS:
             object.__setattr__(self, name, value)
             return
