@@ -216,6 +216,11 @@ def test_a_misspelt_config_key_in_a_direct_call_is_named(backend, rule):
     dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
     with pytest.raises(ValueError, match=rf"unknown optim_config key 'learning_rte' for update rule '{rule}'"):
         getattr(optim, rule)(w, dw, {"learning_rte": 0.1})
+    # the learning rate where the config goes, or a config of another kind: "'float' object has no attribute 'keys'"
+    with pytest.raises(TypeError, match=rf"^{rule}: config must be a dict .*got float; a learning rate goes in it: "):
+        getattr(optim, rule)(w, dw, 0.1)
+    with pytest.raises(TypeError, match=rf"^{rule}: config must be a dict of settings \(or None\), got list$"):
+        getattr(optim, rule)(w, dw, [0.1])
 
 
 @pytest.mark.parametrize("rule", ["sgd_nesterov_momentum", "nesterov_sgd", "rmsprop", "adam"])  # six or more passes

@@ -45,6 +45,11 @@ def _start(rule: str, w, dw, config):
         raise ValueError(f"{rule}: dw has shape {tuple(dw.shape)} but w has shape {tuple(w.shape)}")
     if config is None:
         return {}
+    if not isinstance(config, dict):  # adam(w, dw, 1e-3): the learning rate where its dict goes
+        hint = ""
+        if is_number(config):
+            hint = f"; a learning rate goes in it: {rule}(w, dw, {{'learning_rate': {config!r}}})"
+        raise TypeError(f"{rule}: config must be a dict of settings (or None), got {type(config).__name__}{hint}")
     _check_keys(rule, config)
     return config
 
