@@ -175,6 +175,27 @@ def test_reflect_pad_matches_numpy(backend, np_rng):
         reflect_pad(arr(backend, x), 5)
 
 
+def test_the_augmenters_name_images_that_are_no_array(backend):
+    """A list or None failed as "'list' object has no attribute 'ndim'"; a 0-d array given to
+    random_translate as "tuple index out of range"."""
+    from xpnet.augment import flip_images, random_translate, reflect_pad, translate_images
+
+    shifts = backend.asarray(np.zeros(2, dtype=np.int64))
+    calls = {
+        "reflect_pad": lambda images: reflect_pad(images, 1),
+        "flip_images": lambda images: flip_images(images, shifts),
+        "translate_images": lambda images: translate_images(images, shifts, shifts, 1),
+        "random_translate": lambda images: random_translate(images, backend.rng(0)),
+    }
+    for images in ([[1.0]], None):
+        for name, call in calls.items():
+            got = type(images).__name__
+            with pytest.raises(TypeError, match=rf"^{name}: images must be an \(N, C, H, W\) array, got {got}$"):
+                call(images)
+    with pytest.raises(ValueError, match=r"^random_translate: images must be \(N, C, H, W\), got shape \(\)$"):
+        random_translate(arr(backend, np.ones(())), backend.rng(0))
+
+
 def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
     """A negative pad used to pad by a mirrored slice (8x8 became 15x15), a float one to fail
     inside slicing, a negative shift inside the generator, a window larger than the images to

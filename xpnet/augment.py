@@ -12,7 +12,7 @@ from __future__ import annotations
 from .array_types import Array
 from .backend import backend_of, check_generator, namespace
 from .batching import checked_scores
-from .input_checks import as_int
+from .input_checks import as_int, is_array
 
 __all__ = [
     "reflect_pad",
@@ -27,6 +27,8 @@ __all__ = [
 
 
 def _check_images(function, x):
+    if not is_array(x):
+        raise TypeError(f"{function}: images must be an (N, C, H, W) array, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{function}: images must be (N, C, H, W), got shape {tuple(x.shape)}")
 
@@ -124,6 +126,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
 
 def random_translate(x: Array, rng, max_shift: int = 2) -> Array:
     """Each image translated by offsets drawn uniformly from [-max_shift, max_shift] on the device."""
+    _check_images("random_translate", x)
     max_shift = _non_negative_int("random_translate", "max_shift", max_shift)
     check_generator("random_translate: rng", rng, backend_of(x), "x", "")
     n = x.shape[0]
