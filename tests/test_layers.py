@@ -393,6 +393,9 @@ def test_the_hidden_block_names_itself_for_an_unknown_normalization():
     x, w, b = np.ones((2, 3)), np.ones((3, 4)), np.zeros(4)
     with pytest.raises(ValueError, match="^affine_norm_relu_dropout_forward: unknown normalization 'groupnorm'"):
         affine_norm_relu_dropout_forward(x, w, b, np.ones(4), np.zeros(4), {}, "groupnorm")
+    # an array there failed as "The truth value of an array ... is ambiguous"
+    with pytest.raises(ValueError, match=r"^affine_norm_relu_dropout_forward: unknown normalization array\("):
+        affine_norm_relu_dropout_forward(x, w, b, np.ones(4), np.zeros(4), {}, np.ones(4))
 
 
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])

@@ -92,6 +92,11 @@ def affine_norm_relu_dropout_forward(
     Returns:
         out (N, M) and the cache.
     """
+    # a string only: an array here failed as "The truth value of an array ... is ambiguous"
+    if normalization is not None and (not isinstance(normalization, str) or normalization not in NORMALIZATIONS):
+        raise ValueError(
+            f"affine_norm_relu_dropout_forward: unknown normalization {normalization!r}; use one of {NORMALIZATIONS}"
+        )
     if normalization is None:
         out, (fc_cache, relu_cache) = affine_relu_forward(x, w, b)
         return _dropout_tail(out, dropout_param, fc_cache, None, None, relu_cache)
@@ -99,12 +104,8 @@ def affine_norm_relu_dropout_forward(
     norm_cache = None
     if normalization == "batchnorm":
         out, norm_cache = batchnorm_forward(out, gamma, beta, norm_param)
-    elif normalization == "layernorm":
+    else:
         out, norm_cache = layernorm_forward(out, gamma, beta, norm_param)
-    elif normalization is not None:
-        raise ValueError(
-            f"affine_norm_relu_dropout_forward: unknown normalization {normalization!r}; use one of {NORMALIZATIONS}"
-        )
     out, relu_cache = relu_forward(out)
     return _dropout_tail(out, dropout_param, fc_cache, normalization, norm_cache, relu_cache)
 
