@@ -155,6 +155,7 @@ def test_a_gradient_of_none_leaves_its_parameter_and_its_state_alone(backend, on
         # A string was taken as groups of its characters: "needs a 'params' entry, got ['W']".
         ("W1", "param_groups must be a list of dicts, each with a 'params' entry; got 'W1'"),
         (["W1"], "param_groups must be a list of dicts, each with a 'params' entry; got 'W1' in it"),
+        (3, "param_groups must be a list of dicts, each with a 'params' entry; got 3$"),  # "'int' object is not iterable"
         # In two groups, the first won without a word (PyTorch refuses it too).
         ([{"params": ["b1"], "learning_rate": 0.1}, {"params": ["b1", "b2"], "learning_rate": 0.2}],
          r"parameter 'b1' is in param_groups 0 and 1; each parameter may be in one group"),
@@ -281,6 +282,8 @@ def test_epoch_permutation_writes_each_epoch_into_the_same_arrays(backend):
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="unknown sampler 'shuffle'"):
         Solver(small_model("numpy"), small_data(), sampler="shuffle")
+    with pytest.raises(ValueError, match=r"unknown sampler \['epoch'\]; use one of"):  # "unhashable type: 'list'"
+        Solver(small_model("numpy"), small_data(), sampler=["epoch"])
 
 
 # ----------------------------------------------------------------------------- early stopping
@@ -393,6 +396,8 @@ def test_one_early_stopping_serves_several_solvers():
 def test_callbacks_and_on_log_that_the_solver_cannot_call_are_refused_up_front():
     with pytest.raises(ValueError, match=r"callbacks must be xpnet.training.Callback objects .*got <function"):
         Solver(small_model("numpy"), small_data(), callbacks=[lambda solver: None])
+    with pytest.raises(ValueError, match=r"callbacks must be a list of xpnet.training.Callback objects, got 3$"):
+        Solver(small_model("numpy"), small_data(), callbacks=3)  # "'int' object is not iterable"
     Solver(small_model("numpy"), small_data(), callbacks=None).train()  # None is none (it raised "not iterable")
     with pytest.raises(ValueError, match="on_log must be a function of the logged record, got 'print'"):
         Solver(small_model("numpy"), small_data(), on_log="print")

@@ -93,6 +93,6 @@ def make_sampler(kind, num_rows: int, batch_size: int) -> Sampler:
         return kind
     if isinstance(kind, type) and issubclass(kind, Sampler):
         return kind(num_rows, batch_size)
-    if kind in SAMPLERS:
+    if isinstance(kind, str) and kind in SAMPLERS:  # a str only: a list here failed as "unhashable type"
         return SAMPLERS[kind](num_rows, batch_size)
     raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)} or a Sampler")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -133,6 +133,9 @@ class SolverSettings:
         if isinstance(self.callbacks, type):  # the class, not an object made from it: "not iterable"
             name = self.callbacks.__name__
             raise ValueError(f"callbacks must be Callback objects; {name} is a class: give {name}(...)")
+        # a number failed as "'int' object is not iterable"
+        if not (self.callbacks is None or isinstance(self.callbacks, (Callback, Iterable))):
+            raise ValueError(f"callbacks must be a list of xpnet.training.Callback objects, got {self.callbacks!r}")
         self.callbacks = [self.callbacks] if isinstance(self.callbacks, Callback) else list(self.callbacks or ())
         for callback in self.callbacks:
             if not isinstance(callback, Callback):  # the Solver calls each hook the base class defines

@@ -12,6 +12,7 @@ schedule, and the per-epoch decay, on replay without being captured again.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from .. import optim
 from ..backend import namespace
@@ -89,7 +90,7 @@ class Update:
         self.per_epoch, self.lr_decay = per_epoch, lr_decay
         if isinstance(param_groups, dict):  # one group, not the keys of one
             param_groups = [param_groups]
-        if isinstance(param_groups, (str, bytes)):
+        if isinstance(param_groups, (str, bytes)) or not (param_groups is None or isinstance(param_groups, Iterable)):
             raise ValueError(f"param_groups must be a list of dicts, each with a 'params' entry; got {param_groups!r}")
         groups = list(param_groups or [])
         for i, group in enumerate(groups):
