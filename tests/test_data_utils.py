@@ -158,7 +158,9 @@ def test_a_root_or_batch_path_of_the_wrong_kind_says_what_to_give(tmp_path):
         load_CIFAR10(folder / "data_batch_1")
     with pytest.raises(FileNotFoundError, match=rf"no batches in '{tmp_path}', but '{folder}' holds them: give that$"):
         load_CIFAR10(tmp_path)
-    with pytest.raises(TypeError, match="^load_CIFAR10: root must be the cifar-10-batches-py folder's path, got None"):
+    with pytest.raises(
+        TypeError, match=r"^load_CIFAR10: root must be the cifar-10-batches-py folder's path \(str or Path\), got None"
+    ):
         load_CIFAR10(None)
     with pytest.raises(IsADirectoryError, match=r"is a folder; give one batch file in it, such as '.*data_batch_1'"):
         load_CIFAR_batch(folder)

@@ -141,6 +141,9 @@ def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
         TypeError, match=r"^save_checkpoint: path must be a file path \(str or Path\), got dict; it takes"
     ):
         save_checkpoint({"w": np.ones(2)}, tmp_path / "c.npz")
+    for read in (load_checkpoint, checkpoint.check_checkpoint_file):  # load_checkpoint(solver), say
+        with pytest.raises(TypeError, match=rf"^{read.__name__}: path must be a file path \(str or Path\), got dict$"):
+            read({"w": np.ones(2)})
     assert not list(tmp_path.iterdir())
 
 

@@ -215,6 +215,8 @@ def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp
         plot_history([2.3, 1.5])
     with pytest.raises(FileNotFoundError, match=f"^plot_history: folder {tmp_path / 'no'} does not exist"):
         plot_history(history, tmp_path / "no" / "c.png")
+    with pytest.raises(TypeError, match=r"^plot_history: path must be a file path \(str or Path\), got int$"):
+        plot_history(history, 3)  # failed inside os.fspath, which names neither the function nor the argument
 
 
 def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):

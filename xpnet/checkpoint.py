@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from xpnet.input_checks import is_array
+from xpnet.input_checks import file_path, is_array
 from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
 __all__ = [
@@ -151,12 +151,7 @@ def save_checkpoint(path, payload: dict) -> str:
     The file gets the usual permissions (those the umask allows). Raises
     :class:`CheckpointWriteError` naming ``path`` when the disk refuses.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            f"save_checkpoint: path must be a file path (str or Path), got {type(path).__name__}; "
-            "it takes (path, payload)"
-        )
-    path = os.fspath(path)
+    path = file_path("save_checkpoint", "path", path, hint="; it takes (path, payload)")
     arrays: dict = {}
     document = json.dumps({"format": FORMAT, "version": VERSION, "payload": _encode(payload, arrays)})
     folder = os.path.dirname(os.path.abspath(path))
@@ -249,7 +244,7 @@ def check_checkpoint_file(path, trust_pickle: bool = False) -> None:
     """What :func:`load_checkpoint` checks before reading the file's contents (it exists, it is a
     file, it is an .npz, or a pickle with ``trust_pickle``), for a command to check its
     ``--resume`` before it loads a data set; the same errors."""
-    _file_format(os.fspath(path), trust_pickle)
+    _file_format(file_path("check_checkpoint_file", "path", path), trust_pickle)
 
 
 def load_checkpoint(path, trust_pickle: bool = False) -> dict:
@@ -262,7 +257,7 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
     Raises FileNotFoundError for a missing file and :class:`CheckpointError`
     (a ValueError) naming the file for anything that is not a sound checkpoint.
     """
-    path = os.fspath(path)
+    path = file_path("load_checkpoint", "path", path)
     if _file_format(path, trust_pickle) == "pickle":
         return _load_pickle(path, trust_pickle)
     try:

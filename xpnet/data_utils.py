@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .input_checks import as_int, is_number
+from .input_checks import as_int, file_path, is_number
 
 __all__ = [
     "load_CIFAR_batch",
@@ -119,9 +119,7 @@ def load_CIFAR_batch(filename, dtype="float64"):
         X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255; a float type, or uint8) and y (N,) int64.
     """
     dtype = _pixel_dtype(dtype, centred=False)
-    if not isinstance(filename, (str, os.PathLike)):
-        raise TypeError(f"load_CIFAR_batch: filename must be a file path (str or Path), got {type(filename).__name__}")
-    filename = os.fspath(filename)
+    filename = file_path("load_CIFAR_batch", "filename", filename)
     if os.path.isdir(filename):
         raise IsADirectoryError(
             f"CIFAR-10 batch {filename!r} is a folder; give one batch file in it, such as "
@@ -161,8 +159,7 @@ def _check_root(root) -> None:
     """Name a ``root`` that cannot be the batches' folder: not a path (None failed inside
     os.path.join), a batch file itself, or the folder that holds cifar-10-batches-py (each
     was reported as a batch missing under it)."""
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"load_CIFAR10: root must be the cifar-10-batches-py folder's path, got {type(root).__name__}")
+    file_path("load_CIFAR10", "root", root, "the cifar-10-batches-py folder's path")
     if os.path.isfile(root):
         raise NotADirectoryError(
             f"load_CIFAR10: root {os.fspath(root)!r} is a file; give the folder that holds the batches, "

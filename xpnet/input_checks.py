@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 from collections.abc import Callable
 from typing import ParamSpec
 
@@ -17,6 +18,7 @@ P = ParamSpec("P")
 
 __all__ = [
     "layer_namespace",
+    "file_path",
     "check_dout",
     "check_same_shape",
     "check_param_keys",
@@ -48,6 +50,15 @@ def as_int(value) -> int | None:
 
 _FLOAT_DTYPES: dict = {}
 _FLOAT_DTYPES_SEEN: dict = {}  # namespace -> the dtypes of arrays that passed as floating-point
+
+
+def file_path(function: str, name: str, value, what: str = "a file path", hint: str = "") -> str:
+    """``value`` as a path string, or a TypeError naming ``function`` and ``name`` (what it must
+    be, then ``hint``): anything else failed inside os.fspath ("expected str, bytes or
+    os.PathLike object, not dict"), which names neither."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{function}: {name} must be {what} (str or Path), got {type(value).__name__}{hint}")
+    return os.fspath(value)
 
 
 def check_seed(seed, name: str = "seed") -> int | None:

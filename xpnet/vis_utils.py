@@ -10,7 +10,7 @@ from math import ceil, sqrt
 import numpy as np
 
 from .backend import to_numpy
-from .input_checks import as_int
+from .input_checks import as_int, file_path
 
 __all__ = ["visualize_grid", "plot_history", "new_figure"]
 
@@ -117,7 +117,7 @@ def plot_history(history, path=None, title=None):
         the ``matplotlib.figure.Figure``.
     """
     losses, train_accs, val_accs = _histories(history)
-    folder = os.path.dirname(os.path.abspath(os.fspath(path))) if path is not None else None
+    folder = os.path.dirname(os.path.abspath(file_path("plot_history", "path", path))) if path is not None else None
     if folder is not None and not os.path.isdir(folder):  # before the drawing, not after it
         raise FileNotFoundError(f"plot_history: folder {folder} does not exist")
     fig = new_figure(figsize=(8, 7))
