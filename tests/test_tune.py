@@ -81,6 +81,20 @@ def test_bad_spaces_are_refused_by_name(expression, message):
         parse_space([expression])
 
 
+def test_parse_space_takes_one_expression_alone_and_names_other_kinds():
+    """A string was read a character at a time ("cannot read --space 'l'"); None and a number
+    failed inside the loop or the regular expression; load_space_file(None) inside os.fspath."""
+    assert parse_space("lr=loguniform(1e-4,1e-2)").describe() == parse_space(["lr=loguniform(1e-4,1e-2)"]).describe()
+    with pytest.raises(SpaceError, match="^parse_space takes a list of --space expressions, got NoneType$"):
+        parse_space(None)
+    with pytest.raises(SpaceError, match="a mapping is a space file's: SearchSpace.from_description$"):
+        parse_space({"lr": 1e-3})
+    with pytest.raises(SpaceError, match="^cannot read --space 3: write name=kind"):
+        parse_space([3])
+    with pytest.raises(TypeError, match=r"^load_space_file: path must be a file path \(str or Path\), got NoneType$"):
+        load_space_file(None)
+
+
 def test_duplicate_names_and_grid_over_ranges_are_refused():
     with pytest.raises(SpaceError, match="lr is given twice"):
         parse_space(["lr=1e-3", "lr=1e-2"])

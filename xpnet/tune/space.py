@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..experiment import MODELS, NORMALIZATIONS, UPDATE_RULES
+from ..input_checks import file_path
 
 __all__ = ["SearchSpace", "Dimension", "SpaceError", "parse_space", "load_space_file", "SETTINGS"]
 
@@ -204,9 +205,20 @@ def _distribution(spec):
 
 
 def parse_space(expressions: list) -> SearchSpace:
-    """A search space from ``--space`` expressions like ``lr=loguniform(1e-4,1e-2)``."""
+    """A search space from ``--space`` expressions like ``lr=loguniform(1e-4,1e-2)`` (one
+    expression alone may be given as a string)."""
+    if isinstance(expressions, str):  # else read a character at a time: "cannot read --space 'l'"
+        expressions = [expressions]
+    if isinstance(expressions, Mapping):
+        raise SpaceError(
+            "parse_space takes --space expressions; a mapping is a space file's: SearchSpace.from_description"
+        )
+    if not isinstance(expressions, (list, tuple)):
+        raise SpaceError(f"parse_space takes a list of --space expressions, got {type(expressions).__name__}")
     dimensions = {}
     for text in expressions:
+        if not isinstance(text, str):  # a regular expression's "expected string or bytes-like object"
+            raise SpaceError(f"cannot read --space {text!r}: write name=kind(values), e.g. lr=loguniform(1e-4,1e-2)")
         match = _EXPRESSION.match(text)
         if not match:
             raise SpaceError(f"cannot read --space {text!r}: write name=kind(values), e.g. lr=loguniform(1e-4,1e-2)")
@@ -223,7 +235,7 @@ def parse_space(expressions: list) -> SearchSpace:
 
 def load_space_file(path) -> SearchSpace:
     """A search space from a JSON file, or a YAML one (``.yaml``/``.yml``, needs PyYAML)."""
-    path = os.fspath(path)
+    path = file_path("load_space_file", "path", path)
     try:
         with open(path) as f:
             text = f.read()
