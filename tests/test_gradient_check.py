@@ -42,6 +42,12 @@ def test_rel_error_floor_ignores_rounding_sized_elements():
 def test_rounding_floor_scales_with_loss_and_step():
     assert rounding_floor(2.3, h=1e-5) == pytest.approx(4 * 2.220446049250313e-16 * 2.3 / 1e-5 / 1e-6)
     assert rounding_floor(0.1, h=1e-5) == rounding_floor(1.0, h=1e-5)
+    assert rounding_floor(np.array(2.3)) == rounding_floor(2.3)
+    # model.loss(X, y) without its [0]: "float() argument must be a string or a real number, not 'tuple'"
+    with pytest.raises(TypeError, match=r"^rounding_floor: f_value must be the loss, one number, got tuple; a model's"):
+        rounding_floor((2.3, {}))
+    with pytest.raises(TypeError, match=r"^rounding_floor: f_value must be the loss, one number, got ndarray$"):
+        rounding_floor(np.ones(3))
 
 
 def test_numerical_gradient_of_known_function(backend):

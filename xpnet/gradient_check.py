@@ -57,6 +57,9 @@ def rounding_floor(f_value, h=1e-5, rtol=1e-6, eps=2.220446049250313e-16) -> flo
     that error divided by ``rtol`` cannot be checked to a relative ``rtol``.
     Pass the result as ``floor`` to :func:`rel_error`.
     """
+    if not (is_number(f_value) or is_array(f_value) and f_value.ndim == 0):  # float() named neither
+        hint = "; a model's loss(X, y) returns (loss, grads): take its [0]" if isinstance(f_value, tuple) else ""
+        raise TypeError(f"rounding_floor: f_value must be the loss, one number, got {type(f_value).__name__}{hint}")
     return 4.0 * eps * max(abs(float(f_value)), 1.0) / h / rtol
 
 
