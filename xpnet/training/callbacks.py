@@ -14,7 +14,7 @@ import math
 import sys
 
 from ..checkpoint import save_checkpoint, unwritable_reason
-from ..input_checks import as_int, is_number
+from ..input_checks import as_int, is_array, is_number
 from .interrupts import interrupts_held
 
 __all__ = ["Callback", "ConsoleReport", "LogFunction", "Checkpointer", "EarlyStopping", "asks_to_stop"]
@@ -45,7 +45,7 @@ def asks_to_stop(callback: Callback, answer) -> bool:
     is a TypeError naming the callback: a test of ``is False`` let NumPy's False go on in silence."""
     if answer is None or isinstance(answer, bool):
         return answer is False
-    if is_number(answer) or (getattr(answer, "shape", None) == () and hasattr(answer, "dtype")):
+    if is_number(answer) or (is_array(answer) and answer.ndim == 0):
         return not bool(answer)  # a 0-d array or NumPy scalar: a logging point, so the read is paid for
     function = callback.function if isinstance(callback, LogFunction) else type(callback).__name__
     raise TypeError(
