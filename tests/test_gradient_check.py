@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -152,6 +153,15 @@ def test_numerical_gradients_warn_below_float64(backend):
     with pytest.warns(RuntimeWarning, match="eval_numerical_gradient: x is .*float32.*check gradients in float64"):
         grad = eval_numerical_gradient(lambda v: xp_sum(v * v), x, verbose=False)
     np.testing.assert_allclose(to_np(grad), 2.0, rtol=1e-2)  # only near the truth, as the warning says
+
+
+def test_numerical_gradients_take_big_endian_float64_without_a_warning():
+    """It is as precise as float64, so the warning about float32's rounding was wrong there."""
+    x = np.arange(3.0).astype(">f8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad = eval_numerical_gradient(lambda v: float(np.sum(v**3)), x, verbose=False)
+    np.testing.assert_allclose(grad, 3 * np.arange(3.0) ** 2, rtol=1e-8, atol=1e-8)
 
 
 def xp_sum(v):

@@ -1068,6 +1068,28 @@ def test_numpy_subclasses_whose_operators_differ_are_refused_by_name():
     np.testing.assert_array_equal(np.asarray(out), layers.affine_forward(x, x, x[0])[0])
 
 
+def test_float_dtypes_the_layers_do_not_take_are_named_as_such():
+    """Big-endian float32 (a FITS or MATLAB file's) and float128 are floating-point, yet they were
+    refused as "must be a floating-point array". Big-endian arrays are refused, since the layers
+    choose their float32 and float16 paths by dtype (GELU's erf came out 1 ulp off), with the
+    conversion to write; it gives the native result."""
+    from xpnet import optim
+
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    swapped = x.astype(">f4")
+    message = r"gelu_forward: x has dtype >f4, float32 in the other byte order: np.asarray\(x, dtype=np.float32\)"
+    with pytest.raises(TypeError, match=message):
+        layers.gelu_forward(swapped)
+    np.testing.assert_array_equal(
+        layers.gelu_forward(np.asarray(swapped, dtype=np.float32))[0], layers.gelu_forward(x)[0]
+    )
+    with pytest.raises(TypeError, match=r"adam: dw has dtype >f8, float64 in the other byte order"):
+        optim.adam(np.ones(3), np.ones(3, dtype=">f8"))
+    if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:  # x86's 80-bit long double
+        with pytest.raises(TypeError, match=r"relu_forward: x must be float16, float32 or float64, got dtype float128"):
+            layers.relu_forward(np.ones(3, dtype=np.longdouble))
+
+
 @pytest.mark.parametrize(
     "forward, backward",
     [

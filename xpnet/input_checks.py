@@ -48,6 +48,7 @@ def as_int(value) -> int | None:
     return None
 
 
+_FLOAT_NAMES = ("float16", "float32", "float64")  # the dtypes the layers take
 _FLOAT_DTYPES: dict = {}
 _FLOAT_DTYPES_SEEN: dict = {}  # namespace -> the dtypes of arrays that passed as floating-point
 
@@ -75,8 +76,26 @@ def check_seed(seed, name: str = "seed") -> int | None:
 def _float_dtypes(xp):
     dtypes = _FLOAT_DTYPES.get(xp)
     if dtypes is None:
-        dtypes = _FLOAT_DTYPES[xp] = tuple(getattr(xp, n) for n in ("float16", "float32", "float64") if hasattr(xp, n))
+        dtypes = _FLOAT_DTYPES[xp] = tuple(getattr(xp, n) for n in _FLOAT_NAMES if hasattr(xp, n))
     return dtypes
+
+
+def _refuse_dtype(xp, function: str, name: str, dtype) -> None:
+    """TypeError naming ``name``'s dtype, which is not one of the float dtypes the layers take."""
+    shown = str(dtype).rsplit(".", 1)[-1]  # int64, not array_api_strict.int64 or torch.int64
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"{function}: {name} must be a floating-point array, got dtype {shown}")
+    info = xp.finfo(dtype)
+    for float_name in _FLOAT_NAMES:
+        float_dtype = getattr(xp, float_name, None)
+        if float_dtype is not None and (info.bits, info.eps) == (xp.finfo(float_dtype).bits, xp.finfo(float_dtype).eps):
+            # NumPy's big-endian float32 (read from a FITS or MATLAB file) computes the same values, but
+            # the layers choose their float32 and float16 paths by dtype, and PyTorch and CuPy refuse it
+            raise TypeError(
+                f"{function}: {name} has dtype {shown}, {float_name} in the other byte order: "
+                f"np.asarray({name}, dtype=np.{float_name}) converts it"
+            )
+    raise TypeError(f"{function}: {name} must be float16, float32 or float64, got dtype {shown}")
 
 
 def _refuse_non_arrays(function: str, arrays: dict) -> None:
@@ -125,8 +144,7 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         if a.dtype in confirmed:  # a hash lookup; the test below compares with each float type
             continue
         if a.dtype not in _float_dtypes(xp):
-            dtype = str(a.dtype).rsplit(".", 1)[-1]  # int64, not array_api_strict.int64 or torch.int64
-            raise TypeError(f"{function}: {name} must be a floating-point array, got dtype {dtype}")
+            _refuse_dtype(xp, function, name, a.dtype)
         confirmed.add(a.dtype)
     return xp
 
