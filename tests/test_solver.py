@@ -568,6 +568,7 @@ def test_check_accuracy_checks_its_data_as_the_training_data_are_checked(backend
         (X, y - 1, r"y has label -1 outside \[0, 3\)"),
         (X, y.astype(np.float64), r"y must hold integer class labels, got dtype float64; these are whole numbers"),
         (nan_row, y, "X contains NaN or infinite values"),
+        (X + 1j, y, r"X holds complex numbers \(dtype complex(64|128)\), and the nets take real inputs"),
         (X[:, :5], y, r"X samples have shape \(5,\) \(5 values\) but the model expects 6 inputs"),
     ):
         with pytest.raises(ValueError, match=f"^check_accuracy: {message}"):
@@ -576,6 +577,15 @@ def test_check_accuracy_checks_its_data_as_the_training_data_are_checked(backend
     with pytest.raises(ValueError, match=r"^check_accuracy: y has label 3 outside \[0, 3\)"):
         solver.check_accuracy(solver.X_val, solver.y_val + 1, num_samples=5)
     assert 0.0 <= solver.check_accuracy(X, y) <= 1.0  # the same data, well formed, is scored
+
+
+def test_complex_inputs_are_refused_not_cast_to_their_real_part():
+    """The move to the model's dtype dropped the imaginary part, with a ComplexWarning from
+    inside array-api-compat, and the Solver trained on half the data."""
+    data = small_data()
+    data["X_val"] = data["X_val"] * (1 + 1j)
+    with pytest.raises(ValueError, match=r"^data\['X_val'\] holds complex numbers \(dtype complex"):
+        Solver(small_model("numpy"), data, verbose=False)
 
 
 def test_cuda_graph_needs_a_backend_that_can_capture():

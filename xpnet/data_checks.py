@@ -127,6 +127,11 @@ def _validate_split(data, split, num_classes, input_shape, check_finite, names) 
     if low < 0 or (num_classes is not None and high >= num_classes):
         bad = low if low < 0 else high
         raise ValueError(f"{y_name} has label {bad} outside [0, {num_classes}) for a model with {num_classes} classes")
+    if array_namespace(X).isdtype(X.dtype, "complex floating"):  # the move to the model's dtype drops .imag
+        raise ValueError(
+            f"{x_name} holds complex numbers (dtype {X.dtype}), and the nets take real inputs: "
+            f"give the parts as features of their own, or abs({x_name})"
+        )
     if check_finite:
         check_finite_values(X, x_key, x_name)
     if isinstance(input_shape, tuple):  # an image model: the sample shape itself must match
