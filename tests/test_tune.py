@@ -191,6 +191,55 @@ def test_run_sweep_refuses_settings_that_cannot_run_before_any_trial(settings, m
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(space="lr=loguniform(1e-4,1e-2)"), "space must be a SearchSpace, got str: parse_space(["),
+        (dict(space={"lr": 1e-3}), "space must be a SearchSpace, got dict: SearchSpace.from_description(space)"),
+        (dict(experiment={"epochs": 1}), "experiment must be an xpnet.experiment.Experiment, got dict: Experiment(**"),
+        (dict(out=None), "out must be a folder path (str or Path), got NoneType"),
+        (dict(storage=3), "storage must be a journal file path or a database URL (str or Path), got int"),
+        (dict(study_name=float("nan")), "study_name must be a string, got float"),
+        (dict(sampler=None), "sampler must be a string, got NoneType"),
+        (dict(scheduler=8786), "scheduler must be an address (tcp://host:8786), got int"),
+    ],
+)
+def test_run_sweep_names_settings_of_the_wrong_kind(settings, message, tmp_path):
+    """Each failed inside the sweep: "'str' object has no attribute 'describe'", os.fspath's
+    "expected str, bytes or os.PathLike object", Optuna's "Should not reach" for a NaN study name."""
+    from xpnet.tune import SweepConfig, parse_space, run_sweep
+
+    options = dict(space=parse_space(["lr=1e-3", "epochs=1"]), out=str(tmp_path / "out"), verbose=False)
+    with pytest.raises(TypeError, match="^SweepConfig: " + re.escape(message)):
+        run_sweep(SweepConfig(**{**options, **settings}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_sweep_takes_paths_for_its_folder_and_storage(tmp_path):
+    from xpnet.tune import SweepConfig, parse_space, run_sweep
+
+    space = parse_space(["lr=1e-3", "epochs=1", "hidden_dims=20"])
+    config = SweepConfig(space=space, trials=1, out=tmp_path / "out", storage=tmp_path / "j.journal", plots=False)
+    config.verbose = False
+    summary = run_sweep(config)
+    assert summary["complete"] == 1 and (tmp_path / "j.journal").exists() and (tmp_path / "out" / "trials.csv").exists()
+
+
+def test_a_script_that_starts_dask_workers_without_a_main_guard_is_told_so(tmp_path):
+    """Each worker process imports the script again and tries to start a cluster of its own;
+    Dask said only "Nanny failed to start", below the workers' tracebacks."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from xpnet.tune import SweepConfig, parse_space, run_sweep\n"
+        "run_sweep(SweepConfig(space=parse_space(['lr=1e-3', 'epochs=1']), trials=2, workers=2,"
+        f" out={str(tmp_path / 'out')!r}, plots=False, verbose=False))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the 2 Dask worker processes did not start" in last and "if __name__ == '__main__':" in last, last
+
+
 # ----------------------------------------------------------------------------- the picture
 @pytest.mark.parametrize("model", ["fc", "cnn"])
 def test_the_first_layer_picture_shows_each_unit_or_filter_as_an_image(model):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from ..backend import check_backend_spec, get_backend
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..experiment import DATASETS, MODELS, Experiment
-from ..input_checks import as_int
+from ..input_checks import as_int, file_path
 from .report import write_outputs
 from .space import SearchSpace
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
@@ -48,6 +49,7 @@ class SweepConfig:
     def check(self) -> None:
         """ValueError naming the first setting that cannot run, before the study is opened or
         any trial runs (a bad backend or data set would otherwise fail every trial, one by one)."""
+        self._check_kinds()
         for name, least in (("trials", 1), ("seed", 0), ("workers", 0), ("trials_per_gpu", 0)):
             value = as_int(getattr(self, name))
             if value is None or value < least:
@@ -77,6 +79,35 @@ class SweepConfig:
             check_backend_spec(self.backend)  # the cluster's workers make it, on their own machines
         else:
             get_backend(self.backend)  # trials run on this machine: a library not installed is named now
+
+    def _check_kinds(self) -> None:
+        """TypeError naming a setting of the wrong kind: each failed later inside the sweep
+        ("'str' object has no attribute 'describe'", os.fspath's "expected str", Optuna's "Should
+        not reach")."""
+        if not isinstance(self.space, SearchSpace):
+            hint = ""
+            if isinstance(self.space, (str, list, tuple)):
+                hint = ': parse_space(["lr=loguniform(1e-4,1e-2)", ...]) makes one from the command line\'s expressions'
+            elif isinstance(self.space, Mapping):
+                hint = ": SearchSpace.from_description(space) makes one from a space file's dict"
+            raise TypeError(f"SweepConfig: space must be a SearchSpace, got {type(self.space).__name__}{hint}")
+        if not isinstance(self.experiment, Experiment):
+            hint = ": Experiment(**experiment) makes one" if isinstance(self.experiment, Mapping) else ""
+            raise TypeError(
+                f"SweepConfig: experiment must be an xpnet.experiment.Experiment, got {type(self.experiment).__name__}"
+                + hint
+            )
+        # as strings from here on: a Path would fail the storage's "://" test and the task's JSON
+        self.out = file_path("SweepConfig", "out", self.out, "a folder path")
+        if self.storage is not None:
+            self.storage = file_path("SweepConfig", "storage", self.storage, "a journal file path or a database URL")
+        for name in ("study_name", "sampler", "pruner"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"SweepConfig: {name} must be a string, got {type(getattr(self, name)).__name__}")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise TypeError(
+                f"SweepConfig: scheduler must be an address (tcp://host:8786), got {type(self.scheduler).__name__}"
+            )
 
     def task(self, gpus: int = 0) -> dict:
         """What a worker needs to run one trial (plain data: it travels to other processes)."""
@@ -123,10 +154,16 @@ class DaskExecutor:
         else:
             import logging
 
-            self.cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )  # fmt: skip
+            try:
+                self.cluster = LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )  # fmt: skip
+            except RuntimeError as exc:  # "Nanny failed to start", below each worker's own traceback
+                raise RuntimeError(
+                    f"the {workers} Dask worker processes did not start ({str(exc).rstrip('.')}); from a script, call run_sweep "
+                    "under `if __name__ == '__main__':`, since each worker process imports the script again"
+                ) from exc
             self.client = Client(self.cluster)
         self.capacity = max(1, len(self.client.scheduler_info()["workers"]))
 
