@@ -173,6 +173,14 @@ def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path,
         (dict(experiment=Experiment(dataset="mnist")), "unknown dataset 'mnist'; use one of digits, cifar10"),
         (dict(experiment=Experiment(model="resnet")), "unknown model 'resnet'"),
         (dict(backend="foo"), "unknown backend 'foo'"),
+        # fixed settings that every trial failed on, one by one
+        (dict(experiment=Experiment(batch_size=0)), "experiment.batch_size: 0 is not a positive integer"),
+        (dict(experiment=Experiment(update_rule="adamm")), "experiment.update_rule: 'adamm' is not one of sgd,"),
+        (dict(experiment=Experiment(hidden_dims=[100, 0])), "experiment.hidden_dims: [100, 0] is not a layer size"),
+        (dict(experiment=Experiment(dropout=1.0)), "experiment.dropout: 1.0 is not a probability in [0, 1)"),
+        (dict(experiment=Experiment(print_every=0)), "experiment.print_every must be a positive integer, got 0"),
+        (dict(experiment=Experiment(seed=-1)), "experiment.seed must be None or a non-negative integer, got -1"),
+        (dict(experiment=Experiment(cuda_graph=True)), "experiment.cuda_graph needs the cupy backend; backend 'numpy'"),
         (dict(backend="foo", scheduler="tcp://127.0.0.1:1", storage="sqlite:///{tmp}/x.db"), "unknown backend 'foo'"),
     ],
 )
@@ -189,6 +197,15 @@ def test_run_sweep_refuses_settings_that_cannot_run_before_any_trial(settings, m
     with pytest.raises(ValueError, match=re.escape(message)):
         run_sweep(config)
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_a_searched_setting_is_not_held_to_the_experiments_fixed_value():
+    from xpnet.tune import SweepConfig, parse_space
+
+    config = SweepConfig(space=parse_space(["dropout=choice(0.0,0.5)"]), experiment=Experiment(dropout=1.5))
+    config.check()  # the space decides each trial's dropout
+    with pytest.raises(ValueError, match=re.escape("experiment.dropout: 1.5 is not a probability")):
+        SweepConfig(space=parse_space(["lr=1e-3"]), experiment=Experiment(dropout=1.5)).check()
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from ..experiment import MODELS, NORMALIZATIONS, UPDATE_RULES
 from ..input_checks import file_path
 
-__all__ = ["SearchSpace", "Dimension", "SpaceError", "parse_space", "load_space_file", "SETTINGS"]
+__all__ = [
+    "SearchSpace",
+    "Dimension",
+    "SpaceError",
+    "parse_space",
+    "load_space_file",
+    "check_run_setting",
+    "SETTINGS",
+]
 
 
 class SpaceError(ValueError):
@@ -141,6 +149,16 @@ def to_settings(values: dict) -> dict:
     if settings.get("normalization") == "none":
         settings["normalization"] = None
     return settings
+
+
+def check_run_setting(name: str, value) -> None:
+    """SpaceError unless ``value`` is a valid value of setting ``name`` in the form a run holds it
+    (hidden sizes as a list, no normalization as None, which passes): a sweep's fixed settings."""
+    if value is None:
+        return
+    if name == "hidden_dims" and isinstance(value, (list, tuple)) and value and all(_positive_int(v) for v in value):
+        return
+    _dimension(name, value)
 
 
 def _number(text: str):

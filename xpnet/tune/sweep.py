@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from ..backend import check_backend_spec, get_backend
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..experiment import DATASETS, MODELS, Experiment
-from ..input_checks import as_int, file_path
+from ..input_checks import as_int, check_seed, file_path
 from .report import write_outputs
-from .space import SearchSpace
+from .space import SETTINGS, SearchSpace, SpaceError, check_run_setting
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
 from .trial import run_trial
 
@@ -70,6 +70,7 @@ class SweepConfig:
             raise ValueError("data_dir and num_train apply to the cifar10 dataset only")
         if self.trials_per_gpu and not (self.backend or "").startswith("cupy"):
             raise ValueError("trials_per_gpu runs trials on GPUs: it needs the cupy backend")
+        self._check_fixed_settings()
         if self.scheduler:
             if self.storage is None or "://" not in self.storage:
                 raise ValueError(
@@ -78,7 +79,26 @@ class SweepConfig:
                 )
             check_backend_spec(self.backend)  # the cluster's workers make it, on their own machines
         else:
-            get_backend(self.backend)  # trials run on this machine: a library not installed is named now
+            backend = get_backend(self.backend)  # trials run on this machine: a library not installed is named now
+            if experiment.cuda_graph and not backend.can_capture:
+                raise ValueError(
+                    f"experiment.cuda_graph needs the cupy backend; backend {backend.name!r} cannot capture"
+                )
+
+    def _check_fixed_settings(self) -> None:
+        """ValueError naming an experiment setting that the space does not search and that every
+        trial would fail on, one by one (epochs=-1, update_rule='adamm')."""
+        searched = set(self.space.dimensions)
+        for name in SETTINGS:
+            if name not in searched:
+                try:
+                    check_run_setting(name, getattr(self.experiment, name))
+                except SpaceError as error:
+                    raise ValueError(f"experiment.{error}") from None
+        print_every = as_int(self.experiment.print_every)
+        if print_every is None or print_every < 1:
+            raise ValueError(f"experiment.print_every must be a positive integer, got {self.experiment.print_every!r}")
+        check_seed(self.experiment.seed, "experiment.seed")
 
     def _check_kinds(self) -> None:
         """TypeError naming a setting of the wrong kind: each failed later inside the sweep
@@ -161,8 +181,8 @@ class DaskExecutor:
                 )  # fmt: skip
             except RuntimeError as exc:  # "Nanny failed to start", below each worker's own traceback
                 raise RuntimeError(
-                    f"the {workers} Dask worker processes did not start ({str(exc).rstrip('.')}); from a script, call run_sweep "
-                    "under `if __name__ == '__main__':`, since each worker process imports the script again"
+                    f"the {workers} Dask worker processes did not start ({str(exc).rstrip('.')}); from a script, "
+                    "call run_sweep under `if __name__ == '__main__':`: each worker process imports the script again"
                 ) from exc
             self.client = Client(self.cluster)
         self.capacity = max(1, len(self.client.scheduler_info()["workers"]))
