@@ -24,7 +24,8 @@ class Callback:
     """Base class: override the hooks you need."""
 
     def on_train_begin(self, solver) -> None:
-        pass
+        """When ``train()`` starts, before its first step; ``solver.epoch`` and ``solver.iteration``
+        say where (not at 0 after a resume, or in a second ``train()``)."""
 
     def on_step(self, solver) -> None:
         """After every step (host only; keep it cheap). Only overridden hooks are called."""
@@ -33,10 +34,12 @@ class Callback:
         """At a logging point; return False to stop training."""
 
     def on_epoch_end(self, solver) -> None:
-        pass
+        """After each whole epoch, once its accuracies are in ``solver.val_acc_history`` and the
+        learning rate is decayed; not after an epoch that diverged."""
 
     def on_train_end(self, solver) -> None:
-        pass
+        """When training ends: every epoch done, stopped by ``on_log`` or diverged; before the best
+        parameters go into the model. Not after an exception (Ctrl-C), which ``train()`` raises."""
 
 
 def asks_to_stop(callback: Callback, answer) -> bool:
