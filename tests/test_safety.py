@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -516,6 +517,114 @@ def test_cifar_batch_whose_labels_or_pixels_are_nested_lists_is_refused_before_n
         with open(path, "wb") as f:
             pickle.dump({b"data": pixels, b"labels": labels}, f, protocol=2)
         np.testing.assert_array_equal(load_CIFAR_batch(path)[1], np.arange(4))
+
+
+def _batch_file(path, data, labels=(0,), protocol=2):
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data, b"labels": list(labels)}, f, protocol=protocol)
+    return path
+
+
+class _Rebuilt:
+    """Pickles as a call of NumPy's ``_reconstruct`` with the given arguments and state: the
+    forms NumPy writes, with what a crafted file can put in them instead."""
+
+    def __init__(self, shape, typecode, state=None):
+        self.args, self.state = (np.ndarray, shape, typecode), state
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, self.args) if self.state is None else (_reconstruct, self.args, self.state)
+
+
+class _DtypeWithFields:
+    """Pickles as numpy.dtype('u1') given a state that adds fields to it."""
+
+    def __reduce__(self):
+        return (np.dtype, ("u1", False, True), (3, "|", None, ("a",), {"a": (np.dtype("u1"), 0)}, 1, 1, 0))
+
+
+class _NdarrayCall:
+    def __reduce__(self):
+        return (np.ndarray, ((10**10,), np.dtype(object)))
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        # NumPy allocated the declared shape before reading any data: a 200-byte file, 80 GB
+        (_Rebuilt((10**10,), np.dtype(object)), "rebuilds an array without the state NumPy writes"),
+        (_NdarrayCall(), "calls numpy.ndarray directly"),
+        (
+            _Rebuilt((0,), b"b", (1, (10**10,), np.dtype(np.uint8), False, b"\0" * 8)),
+            r"declares an array of shape \(10000000000,\) \(10000000000 bytes\) in a file of",
+        ),
+        # NumPy 2.4's __setstate__ read past a list shorter than the shape (a crash, or stray objects)
+        (_Rebuilt((0,), b"b", (1, (1000,), np.dtype(object), False, [None])), "declares the dtype 'O8'"),
+        (_Rebuilt((0,), b"b", (1, (2,), np.dtype([("a", "u1")]), False, b"\0\0")), "declares the dtype 'V1'"),
+        (_Rebuilt((0,), b"b", (1, (2,), _DtypeWithFields(), False, b"\0\0")), "'u1' with fields or a subarray"),
+        (_Rebuilt((0,), b"b", (1, (2, 3), np.dtype(np.uint8), False, b"\0" * 10)), r"\(6 bytes\) in 10\."),
+    ],
+    ids=["declared-shape", "ndarray-call", "oversized-state", "object-dtype", "void", "fields", "short-data"],
+)
+def test_a_cifar_batch_cannot_make_numpy_allocate_or_read_what_its_bytes_do_not_hold(tmp_path, data, message):
+    path = _batch_file(tmp_path / "data_batch_1", data)
+    assert path.stat().st_size < 500
+    with pytest.raises(DataError, match=f"data_batch_1.* {message}"):
+        load_CIFAR_batch(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_every_form_numpy_pickles_a_batch_in_loads_as_pickle_would(tmp_path, protocol):
+    """Arrays in C and Fortran order, big-endian labels and NumPy integers, in protocol 2 (bytes
+    through _codecs.encode), 4 and 5 (NumPy's _frombuffer): rebuilt by plain_pickle without
+    NumPy's own rebuilders, equal to what pickle.load gives."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    for data, labels in [
+        (pixels, [1, 2, 3]),
+        (np.asfortranarray(pixels), np.array([1, 2, 3], dtype=">i8")),
+        (pixels.astype(np.int16), [np.int64(4), np.int64(5), np.int64(9)]),
+    ]:
+        path = _batch_file(tmp_path / "data_batch_1", data, labels, protocol)
+        with open(path, "rb") as f:
+            expected = pickle.load(f, encoding="bytes")
+        X, y = load_CIFAR_batch(path, dtype="float32")
+        np.testing.assert_array_equal(X, expected[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(y, np.asarray(expected[b"labels"], dtype=np.int64))
+        assert X.flags.writeable and y.flags.writeable
+
+
+def _python2_batch(pixels: np.ndarray, labels) -> bytes:
+    """A CIFAR-10 batch as Python 2's cPickle wrote the official files (protocol 2: strings as
+    BINSTRING, NumPy 1's module names, the dtype's typecode and byte order as strings)."""
+
+    def text(b):
+        return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+
+    def number(v):
+        return b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v)
+
+    rows, cols = pixels.shape
+    out = b"\x80\x02}q\x00(" + text(b"data")
+    out += b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + number(0) + b"\x85" + text(b"b") + b"\x87R"
+    out += b"(" + number(1) + b"M" + struct.pack("<H", rows) + b"M" + struct.pack("<H", cols) + b"\x86"
+    out += b"cnumpy\ndtype\n" + text(b"u1") + number(0) + number(1) + b"\x87R"
+    out += b"(" + number(3) + text(b"|") + b"NNN" + number(-1) + number(-1) + number(0) + b"tb"
+    out += b"\x89" + text(pixels.tobytes()) + b"tb" + text(b"labels") + b"]("
+    return out + b"".join(number(int(v)) for v in labels) + b"eu."
+
+
+def test_a_batch_as_python_2_wrote_the_official_files_loads_as_pickle_reads_it(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(_python2_batch(pixels, [7, 0, 9]))
+    expected = pickle.loads(path.read_bytes(), encoding="bytes")
+    np.testing.assert_array_equal(expected[b"data"], pixels)  # the hand-written pickle is what it claims
+    X, y = load_CIFAR_batch(path, dtype="uint8")
+    np.testing.assert_array_equal(X, pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(y, [7, 0, 9])
 
 
 # ----------------------------------------------------------------------------- non-finite losses

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .input_checks import as_int, file_path, is_number
+from .plain_pickle import UnsafePickleError, load_plain
 
 __all__ = [
     "load_CIFAR_batch",
@@ -42,41 +42,8 @@ class DataError(ValueError):
     """A data file is missing, unreadable or malformed."""
 
 
-# The globals a CIFAR-10 batch pickle may name: NumPy's array and dtype rebuilders (under
-# the NumPy 1 and NumPy 2 module names) and _codecs.encode, which protocol-2 pickles
-# written by Python 3 use for bytes. Dicts, lists, tuples, strings, bytes and numbers
-# need no global at all. Anything else is refused before it is even looked up.
-_ALLOWED_GLOBALS = frozenset(
-    [
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    ]
-)
 # The official batches are about 31 MB; a file far larger than that is not one.
 MAX_BATCH_BYTES = 256 * 1024 * 1024
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """An unpickler that builds only plain containers, numbers, strings and NumPy arrays."""
-
-    def __init__(self, file, filename):
-        super().__init__(file, encoding="bytes")
-        self._filename = filename
-
-    def find_class(self, module, name):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise DataError(
-                f"CIFAR-10 batch {self._filename!r} asks to load {module}.{name}, which a data file has "
-                "no business loading; refused (the file may be malicious). Download the data set again."
-            )
-        return super().find_class(module, name)
 
 
 def _read_batch_pickle(filename):
@@ -88,9 +55,9 @@ def _read_batch_pickle(filename):
         )
     try:
         with open(filename, "rb") as f:
-            return _BatchUnpickler(f, filename).load()
-    except DataError:
-        raise
+            return load_plain(f, size)
+    except UnsafePickleError as error:
+        raise DataError(f"CIFAR-10 batch {filename!r} {error}. Download the data set again.") from None
     except Exception as exc:  # any unpickling failure means the same thing to the user
         raise DataError(
             f"CIFAR-10 batch {filename!r} is corrupt or not a CIFAR-10 python batch ({exc!r}); "
@@ -113,7 +80,7 @@ def _pixel_dtype(dtype, centred: bool) -> np.dtype:
 
 
 def load_CIFAR_batch(filename, dtype="float64"):
-    """Load one CIFAR-10 batch file (read with an allow-list unpickler: it cannot run code).
+    """Load one CIFAR-10 batch file (read by :mod:`xpnet.plain_pickle`: it cannot run code).
 
     Returns:
         X (N, 32, 32, 3) of ``dtype`` (pixel values 0..255; a float type, or uint8) and y (N,) int64.

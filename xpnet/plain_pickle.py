@@ -1,0 +1,214 @@
+"""Plain data and NumPy arrays out of a pickle written elsewhere (the CIFAR-10 python batches),
+without running anything the file names and without handing NumPy a state it would trust.
+
+A pickle calls whatever functions it names, and NumPy's own rebuilders trust their arguments:
+``ndarray.__new__`` allocates any shape a few bytes declare, and NumPy 2.4's
+``ndarray.__setstate__`` given an object dtype and a list shorter than the shape reads past the
+list's end (a crash, or arbitrary objects in the array). So a file may name only NumPy's array,
+dtype and scalar rebuilders and ``_codecs.encode`` (for the bytes of Python 3 protocol-2
+pickles), and each NumPy one is a stand-in here that only records its arguments. The arrays are
+built after loading, with ``np.frombuffer`` over bytes whose length matches the declared shape,
+in plain numeric dtypes (booleans, integers, floats; no objects, fields or subarrays). Dicts,
+lists, tuples, strings, bytes and numbers need no global at all.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+
+__all__ = ["load_plain", "UnsafePickleError", "ALLOWED_GLOBALS"]
+
+# (module, name) a file may name: NumPy's under its NumPy 1 and NumPy 2 module names.
+ALLOWED_GLOBALS = frozenset(
+    [
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    ]
+)
+_NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
+_MAX_NESTING = 32  # far beyond a data file's dict of lists
+
+
+class UnsafePickleError(ValueError):
+    """The pickle asks for something a data file has no business asking for; says what."""
+
+
+class _ArrayType:
+    """What a file gets for ``numpy.ndarray``: a name to pass to ``_reconstruct``, not a constructor."""
+
+    def __init__(self, *args):
+        raise UnsafePickleError("calls numpy.ndarray directly, which a data file has no business doing")
+
+
+class _Array:
+    """Stands for ``_reconstruct(ndarray, (0,), 'b')``, the empty array that NumPy's pickles
+    then fill with ``__setstate__``: the state is kept, and checked when the array is built."""
+
+    state = None  # also for an instance made without __init__ (pickle's NEWOBJ)
+
+    def __init__(self, subtype, shape, dtype):
+        if subtype is not _ArrayType:
+            raise UnsafePickleError(f"rebuilds an array of type {subtype!r}; only numpy.ndarray is read")
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Dtype:
+    """Stands for ``numpy.dtype(typecode, align, copy)`` and the state set on it."""
+
+    typecode = state = None
+
+    def __init__(self, typecode, align=False, copy=False):
+        self.typecode = typecode
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Scalar:
+    """Stands for ``numpy.core.multiarray.scalar(dtype, data)``, a NumPy number."""
+
+    dtype = data = None
+
+    def __init__(self, dtype, data=None):
+        self.dtype, self.data = dtype, data
+
+
+class _FromBuffer:
+    """Stands for ``numpy.core.numeric._frombuffer(buffer, dtype, shape, order)`` (protocol 5)."""
+
+    buffer = dtype = shape = order = None
+
+    def __init__(self, buffer, dtype, shape, order="C"):
+        self.buffer, self.dtype, self.shape, self.order = buffer, dtype, shape, order
+
+
+_STAND_INS = {"ndarray": _ArrayType, "_reconstruct": _Array, "dtype": _Dtype, "scalar": _Scalar}
+_STAND_INS["_frombuffer"] = _FromBuffer
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise UnsafePickleError(
+                f"asks to load {module}.{name}, which a data file has no business loading; refused "
+                "(the file may be malicious)"
+            )
+        return _STAND_INS.get(name) or super().find_class(module, name)
+
+
+def load_plain(file, size: int):
+    """The object pickled in the binary ``file`` of ``size`` bytes, its NumPy arrays and numbers
+    rebuilt as plain ones. Python 2 strings come back as bytes.
+
+    Raises:
+        UnsafePickleError: the file names a global outside :data:`ALLOWED_GLOBALS`, or declares
+            an array that is not plain numbers, does not match its bytes or is larger than the file.
+        Whatever pickle raises for a damaged file (UnpicklingError, EOFError, ValueError, ...).
+    """
+    return _Resolver(size).resolve(_Unpickler(file, encoding="bytes").load(), 0)
+
+
+class _Resolver:
+    """Replaces the stand-ins with NumPy objects; each container once (a file may share one
+    list among many, which visited naively would take exponential time)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.done: dict[int, object] = {}
+
+    def resolve(self, value, depth: int):
+        if isinstance(value, (_Array, _FromBuffer, _Scalar, _Dtype)):
+            return self._numpy(value)
+        if not isinstance(value, (dict, list, tuple)):
+            return value
+        if id(value) in self.done:
+            return self.done[id(value)]
+        if depth >= _MAX_NESTING:
+            raise UnsafePickleError(f"nests containers more than {_MAX_NESTING} deep")
+        if isinstance(value, tuple):
+            result: object = tuple(self.resolve(v, depth + 1) for v in value)
+        elif isinstance(value, list):
+            self.done[id(value)] = value  # filled in place: a list that holds itself stays one
+            value[:] = [self.resolve(v, depth + 1) for v in value]
+            result = value
+        else:
+            self.done[id(value)] = value
+            for key in list(value):
+                value[key] = self.resolve(value[key], depth + 1)
+            result = value
+        self.done[id(value)] = result
+        return result
+
+    def _numpy(self, value):
+        if isinstance(value, _Dtype):
+            return _dtype(value)
+        if isinstance(value, _Scalar):
+            dtype = _dtype(value.dtype)
+            data = _bytes(value.data, "a number's")
+            if len(data) != dtype.itemsize:
+                raise UnsafePickleError(f"stores a {dtype} number in {len(data)} bytes")
+            return np.frombuffer(data, dtype)[0]
+        if isinstance(value, _FromBuffer):
+            return self._array(value.shape, value.dtype, value.order == "F", value.buffer)
+        state = value.state
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise UnsafePickleError("rebuilds an array without the state NumPy writes")
+        shape, dtype, fortran, data = state[-4:]  # (version,) shape, dtype, is_fortran, data
+        return self._array(shape, dtype, fortran, data)
+
+    def _array(self, shape, dtype, fortran, data) -> np.ndarray:
+        dtype = _dtype(dtype)
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise UnsafePickleError(f"declares an array of shape {shape!r}")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > self.size:
+            raise UnsafePickleError(f"declares an array of shape {shape} ({declared} bytes) in a file of {self.size}")
+        data = _bytes(data, "an array's")
+        if len(data) != declared:
+            raise UnsafePickleError(f"declares an array of shape {shape} and {dtype} ({declared} bytes) in {len(data)}")
+        # a bytearray, so that the array is writable like any other
+        return np.frombuffer(bytearray(data), dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _bytes(data, what: str) -> bytes:
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    if isinstance(data, pickle.PickleBuffer):
+        return data.raw().tobytes()
+    raise UnsafePickleError(f"gives {what} data as a {type(data).__name__}, not bytes")
+
+
+def _dtype(value) -> np.dtype:
+    """A plain numeric NumPy dtype from a :class:`_Dtype` stand-in and its state."""
+    if not isinstance(value, _Dtype):
+        raise UnsafePickleError(f"gives an array a dtype of {type(value).__name__}")
+    typecode = value.typecode.decode("latin-1") if isinstance(value.typecode, bytes) else value.typecode
+    try:
+        dtype = np.dtype(typecode) if isinstance(typecode, str) else None
+    except Exception:  # NumPy's parser of type strings raises TypeError, ValueError and others
+        dtype = None
+    if dtype is None or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise UnsafePickleError(f"declares the dtype {typecode!r}; only booleans, integers and floats are read")
+    state = value.state
+    if state is not None:
+        # (version, byte order, subarray, names, fields, itemsize, alignment, flags[, metadata])
+        if not isinstance(state, tuple) or len(state) < 8 or state[2:5] != (None, None, None):
+            raise UnsafePickleError(f"declares a dtype {typecode!r} with fields or a subarray")
+        order = state[1].decode("latin-1") if isinstance(state[1], bytes) else state[1]
+        if order not in ("<", ">", "|", "="):
+            raise UnsafePickleError(f"declares the byte order {order!r}")
+        if order in "<>":
+            dtype = dtype.newbyteorder(order)
+    return dtype
