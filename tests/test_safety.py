@@ -596,6 +596,24 @@ def test_every_form_numpy_pickles_a_batch_in_loads_as_pickle_would(tmp_path, pro
         assert X.flags.writeable and y.flags.writeable
 
 
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        # pickle allocates a bytearray as long as its 8-byte length field says, before reading it
+        (b"\x80\x05\x96" + struct.pack("<Q", 2**60) + b".", "corrupt or not a CIFAR-10 python batch.*bytearray8"),
+        (b"\x80\x02}q\x00X\x04\x00\x00\x00data" + b"T" + struct.pack("<i", 2**30) + b"s.", "corrupt.*string4"),
+        (b"\x80\x02\x82\x01)\x81.", "uses the pickle opcode EXT1, which no data file needs"),
+        (b"\x80\x02K\x01Q.", "uses the pickle opcode BINPERSID"),
+    ],
+    ids=["bytearray-length", "string-length", "extension-registry", "persistent-id"],
+)
+def test_a_cifar_batch_is_walked_before_pickle_builds_anything_from_it(tmp_path, raw, message):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=f"data_batch_1.*{message}"):
+        load_CIFAR_batch(path)
+
+
 def _python2_batch(pixels: np.ndarray, labels) -> bytes:
     """A CIFAR-10 batch as Python 2's cPickle wrote the official files (protocol 2: strings as
     BINSTRING, NumPy 1's module names, the dtype's typecode and byte order as strings)."""

@@ -14,8 +14,10 @@ lists, tuples, strings, bytes and numbers need no global at all.
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
+import pickletools
 
 import numpy as np
 
@@ -110,14 +112,48 @@ class _Unpickler(pickle.Unpickler):
 
 def load_plain(file, size: int):
     """The object pickled in the binary ``file`` of ``size`` bytes, its NumPy arrays and numbers
-    rebuilt as plain ones. Python 2 strings come back as bytes.
+    rebuilt as plain ones. Python 2 strings come back as bytes. The file is read into memory.
 
     Raises:
-        UnsafePickleError: the file names a global outside :data:`ALLOWED_GLOBALS`, or declares
-            an array that is not plain numbers, does not match its bytes or is larger than the file.
-        Whatever pickle raises for a damaged file (UnpicklingError, EOFError, ValueError, ...).
+        UnsafePickleError: the file names a global outside :data:`ALLOWED_GLOBALS`, uses an opcode
+            that builds objects no data file holds, or declares an array that is not plain numbers,
+            does not match its bytes or is larger than the file.
+        Whatever pickle raises for a damaged file (UnpicklingError, EOFError, ValueError, ...),
+            among them a string or bytes longer than what follows it in the file.
     """
-    return _Resolver(size).resolve(_Unpickler(file, encoding="bytes").load(), 0)
+    stream = io.BytesIO(file.read(size + 1))
+    _check_opcodes(stream)
+    stream.seek(0)
+    return _Resolver(size).resolve(_Unpickler(stream, encoding="bytes").load(), 0)
+
+
+# Opcodes that build objects of classes, look up the extension registry or ask for buffers and
+# persistent objects: nothing NumPy or a data file writes.
+_REFUSED_OPCODES = frozenset(
+    [
+        "INST",
+        "OBJ",
+        "NEWOBJ",
+        "NEWOBJ_EX",
+        "EXT1",
+        "EXT2",
+        "EXT4",
+        "PERSID",
+        "BINPERSID",
+        "NEXT_BUFFER",
+        "READONLY_BUFFER",
+    ]
+)
+
+
+def _check_opcodes(stream: io.BytesIO) -> None:
+    """Walks the opcodes without building anything: pickle itself allocates a string, bytes or
+    bytearray as long as its length field says before reading it (a bytearray of 2**60 bytes
+    from 9 of them), while here each is read from the bytes that are there, and a length beyond
+    them raises ValueError."""
+    for opcode, _, _ in pickletools.genops(stream):
+        if opcode.name in _REFUSED_OPCODES:
+            raise UnsafePickleError(f"uses the pickle opcode {opcode.name}, which no data file needs")
 
 
 class _Resolver:
