@@ -118,6 +118,23 @@ def test_space_files_in_json_and_yaml(tmp_path):
         load_space_file(tmp_path / "broken.json")
 
 
+def test_a_space_file_whose_aliases_expand_to_gigabytes_is_refused_in_a_short_message(tmp_path):
+    """YAML's aliases let 330 bytes hold a list of 9**8 strings: the message that named the bad
+    value held its whole repr (34 MB here, gigabytes a level or two deeper)."""
+    pytest.importorskip("yaml")
+    from xpnet.tune import SpaceError, load_space_file
+
+    text = '&l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'
+    for level in range(1, 8):
+        text = f"&l{level} [{text}" + f", *l{level - 1}" * 8 + "]"
+    path = tmp_path / "space.yaml"
+    path.write_text(f"lr: {{choice: [{text}]}}\n")
+    assert path.stat().st_size < 600
+    with pytest.raises(SpaceError, match=r"^lr: \[\[\[") as error:
+        load_space_file(path)
+    assert len(str(error.value)) < 1000
+
+
 def test_space_files_take_the_command_lines_grammar_in_strings(tmp_path):
     """A file holding "lr": "loguniform(1e-4,1e-2)", as --space writes it, was refused as
     "'loguniform(1e-4,1e-2)' is not a finite number > 0"."""

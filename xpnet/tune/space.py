@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -171,13 +172,23 @@ def _number(text: str):
     return text
 
 
+# A value from a space file, shown in a message: YAML's aliases let a file of 300 bytes hold a list
+# whose full repr runs to gigabytes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring = 2, 6, 6, 6, 60
+
+
+def _shown(value) -> str:
+    return _REPR.repr(value)
+
+
 def _dimension(name: str, spec) -> Dimension:
     if name not in SETTINGS:
         raise SpaceError(f"unknown setting {name!r} in the search space; known: {', '.join(SETTINGS)}")
     kind_of_value, valid, meaning = SETTINGS[name]
     if isinstance(spec, dict):
         if len(spec) != 1:
-            raise SpaceError(f'{name}: give one distribution, like {{"choice": [...]}}, got {spec!r}')
+            raise SpaceError(f'{name}: give one distribution, like {{"choice": [...]}}, got {_shown(spec)}')
         ((kind, values),) = spec.items()
         values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
     else:
@@ -186,10 +197,10 @@ def _dimension(name: str, spec) -> Dimension:
         raise SpaceError(f"{name}: {kind}(...) does not fit this setting; use one of {', '.join(KINDS[kind_of_value])}")
     if kind in ("uniform", "loguniform", "int", "intlog"):
         if len(values) != 2:
-            raise SpaceError(f"{name}: {kind} takes two bounds, got {len(values)}: {values!r}")
+            raise SpaceError(f"{name}: {kind} takes two bounds, got {len(values)}: {_shown(values)}")
         low, high = values
         if kind in ("int", "intlog") and not all(isinstance(v, int) for v in values):
-            raise SpaceError(f"{name}: {kind} bounds must be integers, got {values!r}")
+            raise SpaceError(f"{name}: {kind} bounds must be integers, got {_shown(values)}")
         if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
             raise SpaceError(
                 f"{name}: the range {kind}({low}, {high}) is empty; the low bound must be below the high one"
@@ -200,7 +211,7 @@ def _dimension(name: str, spec) -> Dimension:
         raise SpaceError(f"{name}: {kind}() needs at least one value")
     for value in values:
         if not valid(value):
-            raise SpaceError(f"{name}: {value!r} is not {meaning}")
+            raise SpaceError(f"{name}: {_shown(value)} is not {meaning}")
     if kind in ("uniform", "loguniform", "int", "intlog"):
         values = tuple(float(v) for v in values) if kind_of_value == "float" else values
     return Dimension(name, kind, tuple(values))
