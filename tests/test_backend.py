@@ -119,6 +119,17 @@ def test_default_comes_from_environment(monkeypatch):
     assert current_backend().name == "numpy"
 
 
+def test_a_bad_backend_in_the_environment_is_named_as_the_environments(monkeypatch):
+    """Set long ago in a shell's profile, it was reported as if the caller had asked for it."""
+    monkeypatch.setattr(backend_module, "_PROCESS_DEFAULT", [None])
+    monkeypatch.setenv("XPNET_BACKEND", "nmupy")
+    with pytest.raises(ValueError, match=r"^XPNET_BACKEND='nmupy' in the environment: unknown backend 'nmupy'"):
+        current_backend()
+    with pytest.raises(ValueError, match=r"^XPNET_BACKEND='nmupy' in the environment"):
+        xpnet.FullyConnectedNet([3], input_dim=2, num_classes=2)
+    assert xpnet.FullyConnectedNet([3], input_dim=2, num_classes=2, backend="numpy").backend.name == "numpy"
+
+
 def test_set_backend_changes_process_default(monkeypatch):
     monkeypatch.setattr(backend_module, "_PROCESS_DEFAULT", [None])
     set_backend("array_api_strict")

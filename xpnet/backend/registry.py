@@ -202,7 +202,20 @@ def current_backend() -> Backend:
     spec = _PROCESS_DEFAULT[0]
     if spec is None:
         spec = os.environ.get("XPNET_BACKEND") or "numpy"
+        if spec != "numpy":
+            return _backend_from_environment(spec)
     return get_backend(spec)
+
+
+def _backend_from_environment(spec: str) -> Backend:
+    """get_backend(spec), its error naming $XPNET_BACKEND: set long ago in a shell's profile, an
+    unknown or missing backend was reported as if the caller had asked for it."""
+    try:
+        return get_backend(spec)
+    except (ValueError, ImportError, RuntimeError) as error:
+        if type(error) not in (ValueError, ImportError, RuntimeError):  # a subclass may take other arguments
+            raise
+        raise type(error)(f"XPNET_BACKEND={spec!r} in the environment: {error}") from error
 
 
 def set_backend(spec: str | Backend) -> Backend:
