@@ -2,6 +2,7 @@
 stops, mistakes get errors in xpnet's words, and no work is lost."""
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -612,6 +613,26 @@ def test_a_cifar_batch_is_walked_before_pickle_builds_anything_from_it(tmp_path,
     path.write_bytes(raw)
     with pytest.raises(DataError, match=f"data_batch_1.*{message}"):
         load_CIFAR_batch(path)
+
+
+def test_arrays_a_batch_shares_are_built_once_and_never_beyond_the_files_size():
+    """pickle's memo lets a file name one array, or one run of bytes, any number of times:
+    each rebuilt on its own, 1,000 references to 6 KB asked for 6 MB, and a longer list
+    for gigabytes."""
+    from xpnet.plain_pickle import UnsafePickleError, load_plain
+
+    pixels = np.zeros((2, 3072), np.uint8)
+    raw = pickle.dumps({b"data": pixels, b"again": [pixels] * 1000}, protocol=4)
+    loaded = load_plain(io.BytesIO(raw), len(raw))
+    assert all(a is loaded[b"data"] for a in loaded[b"again"])
+    np.testing.assert_array_equal(loaded[b"data"], pixels)
+
+    blob = bytes(6144)
+    arrays = [_Rebuilt((0,), b"b", (1, (2, 3072), np.dtype(np.uint8), False, blob)) for _ in range(1000)]
+    raw = pickle.dumps({b"data": arrays}, protocol=4)
+    assert len(raw) < 100_000
+    with pytest.raises(UnsafePickleError, match=f"rebuilds arrays of more bytes than the file holds \\({len(raw)}\\)"):
+        load_plain(io.BytesIO(raw), len(raw))
 
 
 def _python2_batch(pixels: np.ndarray, labels) -> bytes:

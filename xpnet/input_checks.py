@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import reprlib
 from collections.abc import Callable
 from typing import ParamSpec
 
@@ -27,12 +28,25 @@ __all__ = [
     "LayerCache",
     "makes_cache",
     "unpack_cache",
+    "short_repr",
 ]
 
 
 def is_number(value) -> bool:
     """A real number, Python's or NumPy's (``np.float32(0.9)``), that is not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Values read from a file, shown in a message: pickle's memo and YAML's aliases let a file of
+# a few hundred bytes hold a list whose full repr runs to gigabytes.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring = 2, 6, 6, 6, 60
+_SHORT.maxother = 60
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut to two levels of nesting, six items and 60 characters a string."""
+    return _SHORT.repr(value)
 
 
 def is_array(value) -> bool:

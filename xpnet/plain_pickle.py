@@ -21,6 +21,8 @@ import pickletools
 
 import numpy as np
 
+from .input_checks import short_repr
+
 __all__ = ["load_plain", "UnsafePickleError", "ALLOWED_GLOBALS"]
 
 # (module, name) a file may name: NumPy's under its NumPy 1 and NumPy 2 module names.
@@ -60,7 +62,7 @@ class _Array:
 
     def __init__(self, subtype, shape, dtype):
         if subtype is not _ArrayType:
-            raise UnsafePickleError(f"rebuilds an array of type {subtype!r}; only numpy.ndarray is read")
+            raise UnsafePickleError(f"rebuilds an array of type {short_repr(subtype)}; only numpy.ndarray is read")
 
     def __setstate__(self, state):
         self.state = state
@@ -157,34 +159,36 @@ def _check_opcodes(stream: io.BytesIO) -> None:
 
 
 class _Resolver:
-    """Replaces the stand-ins with NumPy objects; each container once (a file may share one
-    list among many, which visited naively would take exponential time)."""
+    """Replaces the stand-ins with NumPy objects, each container and stand-in once: a file may
+    share one list among many (visited naively, exponential time) or one array's stand-in or
+    bytes among many arrays, so the arrays built may hold no more bytes than the file."""
 
     def __init__(self, size: int):
         self.size = size
-        self.done: dict[int, object] = {}
+        self.budget = size  # bytes the arrays built may still take
+        self.done: dict[int, tuple] = {}  # id -> (the object, what it became); the object kept, so ids stay unique
 
     def resolve(self, value, depth: int):
-        if isinstance(value, (_Array, _FromBuffer, _Scalar, _Dtype)):
-            return self._numpy(value)
-        if not isinstance(value, (dict, list, tuple)):
+        if not isinstance(value, (dict, list, tuple, _Array, _FromBuffer, _Scalar, _Dtype)):
             return value
         if id(value) in self.done:
-            return self.done[id(value)]
+            return self.done[id(value)][1]
         if depth >= _MAX_NESTING:
             raise UnsafePickleError(f"nests containers more than {_MAX_NESTING} deep")
         if isinstance(value, tuple):
             result: object = tuple(self.resolve(v, depth + 1) for v in value)
         elif isinstance(value, list):
-            self.done[id(value)] = value  # filled in place: a list that holds itself stays one
+            self.done[id(value)] = (value, value)  # filled in place: a list that holds itself stays one
             value[:] = [self.resolve(v, depth + 1) for v in value]
             result = value
-        else:
-            self.done[id(value)] = value
+        elif isinstance(value, dict):
+            self.done[id(value)] = (value, value)
             for key in list(value):
                 value[key] = self.resolve(value[key], depth + 1)
             result = value
-        self.done[id(value)] = result
+        else:
+            result = self._numpy(value)
+        self.done[id(value)] = (value, result)
         return result
 
     def _numpy(self, value):
@@ -207,13 +211,20 @@ class _Resolver:
     def _array(self, shape, dtype, fortran, data) -> np.ndarray:
         dtype = _dtype(dtype)
         if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise UnsafePickleError(f"declares an array of shape {shape!r}")
+            raise UnsafePickleError(f"declares an array of shape {short_repr(shape)}")
         declared = math.prod(shape) * dtype.itemsize
         if declared > self.size:
-            raise UnsafePickleError(f"declares an array of shape {shape} ({declared} bytes) in a file of {self.size}")
+            raise UnsafePickleError(
+                f"declares an array of shape {short_repr(shape)} ({declared} bytes) in a file of {self.size}"
+            )
+        if declared > self.budget:
+            raise UnsafePickleError(f"rebuilds arrays of more bytes than the file holds ({self.size})")
+        self.budget -= declared
         data = _bytes(data, "an array's")
         if len(data) != declared:
-            raise UnsafePickleError(f"declares an array of shape {shape} and {dtype} ({declared} bytes) in {len(data)}")
+            raise UnsafePickleError(
+                f"declares an array of shape {short_repr(shape)} and {dtype} ({declared} bytes) in {len(data)}"
+            )
         # a bytearray, so that the array is writable like any other
         return np.frombuffer(bytearray(data), dtype).reshape(shape, order="F" if fortran else "C")
 
@@ -236,15 +247,17 @@ def _dtype(value) -> np.dtype:
     except Exception:  # NumPy's parser of type strings raises TypeError, ValueError and others
         dtype = None
     if dtype is None or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise UnsafePickleError(f"declares the dtype {typecode!r}; only booleans, integers and floats are read")
+        raise UnsafePickleError(
+            f"declares the dtype {short_repr(typecode)}; only booleans, integers and floats are read"
+        )
     state = value.state
     if state is not None:
         # (version, byte order, subarray, names, fields, itemsize, alignment, flags[, metadata])
         if not isinstance(state, tuple) or len(state) < 8 or state[2:5] != (None, None, None):
-            raise UnsafePickleError(f"declares a dtype {typecode!r} with fields or a subarray")
+            raise UnsafePickleError(f"declares a dtype {short_repr(typecode)} with fields or a subarray")
         order = state[1].decode("latin-1") if isinstance(state[1], bytes) else state[1]
         if order not in ("<", ">", "|", "="):
-            raise UnsafePickleError(f"declares the byte order {order!r}")
+            raise UnsafePickleError(f"declares the byte order {short_repr(order)}")
         if order in "<>":
             dtype = dtype.newbyteorder(order)
     return dtype

@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..experiment import MODELS, NORMALIZATIONS, UPDATE_RULES
-from ..input_checks import file_path
+from ..input_checks import file_path, short_repr
 
 __all__ = [
     "SearchSpace",
@@ -172,23 +171,13 @@ def _number(text: str):
     return text
 
 
-# A value from a space file, shown in a message: YAML's aliases let a file of 300 bytes hold a list
-# whose full repr runs to gigabytes.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring = 2, 6, 6, 6, 60
-
-
-def _shown(value) -> str:
-    return _REPR.repr(value)
-
-
 def _dimension(name: str, spec) -> Dimension:
     if name not in SETTINGS:
         raise SpaceError(f"unknown setting {name!r} in the search space; known: {', '.join(SETTINGS)}")
     kind_of_value, valid, meaning = SETTINGS[name]
     if isinstance(spec, dict):
         if len(spec) != 1:
-            raise SpaceError(f'{name}: give one distribution, like {{"choice": [...]}}, got {_shown(spec)}')
+            raise SpaceError(f'{name}: give one distribution, like {{"choice": [...]}}, got {short_repr(spec)}')
         ((kind, values),) = spec.items()
         values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
     else:
@@ -197,10 +186,10 @@ def _dimension(name: str, spec) -> Dimension:
         raise SpaceError(f"{name}: {kind}(...) does not fit this setting; use one of {', '.join(KINDS[kind_of_value])}")
     if kind in ("uniform", "loguniform", "int", "intlog"):
         if len(values) != 2:
-            raise SpaceError(f"{name}: {kind} takes two bounds, got {len(values)}: {_shown(values)}")
+            raise SpaceError(f"{name}: {kind} takes two bounds, got {len(values)}: {short_repr(values)}")
         low, high = values
         if kind in ("int", "intlog") and not all(isinstance(v, int) for v in values):
-            raise SpaceError(f"{name}: {kind} bounds must be integers, got {_shown(values)}")
+            raise SpaceError(f"{name}: {kind} bounds must be integers, got {short_repr(values)}")
         if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
             raise SpaceError(
                 f"{name}: the range {kind}({low}, {high}) is empty; the low bound must be below the high one"
@@ -211,7 +200,7 @@ def _dimension(name: str, spec) -> Dimension:
         raise SpaceError(f"{name}: {kind}() needs at least one value")
     for value in values:
         if not valid(value):
-            raise SpaceError(f"{name}: {_shown(value)} is not {meaning}")
+            raise SpaceError(f"{name}: {short_repr(value)} is not {meaning}")
     if kind in ("uniform", "loguniform", "int", "intlog"):
         values = tuple(float(v) for v in values) if kind_of_value == "float" else values
     return Dimension(name, kind, tuple(values))
