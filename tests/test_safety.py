@@ -296,6 +296,50 @@ def test_an_npz_whose_headers_claim_more_than_the_file_can_hold_is_refused_by_na
         check_npz_members(bz2, "bz2")
 
 
+def _overlapping_members(count: int, kernel: int) -> bytes:
+    """A zip of ``count`` stored .npy members whose bytes overlap: each member's data holds the
+    local headers and data of the members after it, and its .npy header declares all of it as
+    uint8, so the members together declare about ``count`` times ``kernel`` bytes."""
+    import struct
+    import zlib
+
+    def local(name, crc, size):
+        return struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, size, size, len(name), 0) + name
+
+    names = [f"a{i}.npy".encode() for i in range(count)]
+    datas, headers, tail = [b""] * count, [b""] * count, bytes(kernel)
+    for i in reversed(range(count)):  # member i: its .npy header, then all that follows it
+        datas[i] = _npy_header((len(tail),), "|u1") + tail
+        headers[i] = local(names[i], zlib.crc32(datas[i]), len(datas[i]))
+        tail = headers[i] + datas[i]
+    out, offset, directory = tail, 0, b""
+    for i in range(count):
+        size = len(datas[i])
+        directory += struct.pack(
+            "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, zlib.crc32(datas[i]), size, size, len(names[i]),
+            0, 0, 0, 0, 0, offset,
+        ) + names[i]  # fmt: skip
+        offset += len(headers[i]) + len(_npy_header((1,), "|u1"))
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, len(directory), len(out), 0)
+    return out + directory + end
+
+
+def test_an_npz_whose_members_overlap_is_refused_before_numpy_reads_them(tmp_path):
+    """Each member passed the per-member checks, and the 200 together declared 100 MB in a file of
+    0.5 MB (a checkpoint that named them all loaded them all); more members, more gigabytes."""
+    import zipfile
+
+    from xpnet.npz_members import UnsafeNpzError, check_npz_members
+
+    path = tmp_path / "overlap.npz"
+    path.write_bytes(_overlapping_members(200, 500_000))
+    declared = sum(info.file_size for info in zipfile.ZipFile(path).infolist())
+    assert declared > 150 * path.stat().st_size  # the file is what it claims
+    assert np.load(path)["a199"].nbytes == 500_000  # and NumPy reads it
+    with pytest.raises(UnsafeNpzError, match=rf"overlap.npz is corrupt: its members' data add up to {declared} bytes"):
+        check_npz_members(path, str(path), compressed=False)
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

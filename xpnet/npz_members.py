@@ -1,15 +1,17 @@
 """What an .npz file from elsewhere must satisfy before NumPy reads any array from it.
 
 ``np.load(..., allow_pickle=False)`` runs no code, but it allocates whatever a member's .npy
-header declares: a header of a few bytes can declare terabytes, and a deflated member can
-claim to expand to far more than the file. Both are checked here from the zip and .npy
-headers alone, so a crafted file is refused by name instead of raising MemoryError (or
-taking the machine's memory).
+header declares: a header of a few bytes can declare terabytes, a deflated member can claim to
+expand to far more than the file, and members can overlap, each one's data holding the next
+ones, so that the members together declare many times the file. All three are checked here
+from the zip and .npy headers alone, so a crafted file is refused by name instead of raising
+MemoryError (or taking the machine's memory).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 
 from numpy.lib import format as npy_format
@@ -27,11 +29,20 @@ class UnsafeNpzError(ValueError):
 def check_npz_members(path, label: str, compressed: bool = True) -> None:
     """:class:`UnsafeNpzError` naming ``label`` (how the caller speaks of the file) unless every member of
     the .npz at ``path`` is a .npy of version 1 or 2, stored (or deflated, where ``compressed``,
-    as ``np.savez_compressed`` writes it) and declaring no more data than it holds.
+    as ``np.savez_compressed`` writes it) and declaring no more data than it holds, and the
+    members' data fit in the file side by side.
 
     A zip or .npy header that cannot be read raises what zipfile or NumPy raise (``BadZipFile``,
     OSError, EOFError, ValueError)."""
     with zipfile.ZipFile(path) as archive:
+        # Members whose bytes overlap (each one's data holding the next members) let a file of
+        # 0.5 MB declare 100 MB across 200 members; members that do not overlap fit in the file.
+        stored = sum(info.compress_size for info in archive.infolist())
+        size = os.path.getsize(path)
+        if stored > size:
+            raise UnsafeNpzError(
+                f"{label} is corrupt: its members' data add up to {stored} bytes in a file of {size} (they overlap)"
+            )
         for info in archive.infolist():
             name = info.filename
             method = info.compress_type
