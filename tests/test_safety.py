@@ -649,8 +649,13 @@ def test_every_form_numpy_pickles_a_batch_in_loads_as_pickle_would(tmp_path, pro
         (b"\x80\x02}q\x00X\x04\x00\x00\x00data" + b"T" + struct.pack("<i", 2**30) + b"s.", "corrupt.*string4"),
         (b"\x80\x02\x82\x01)\x81.", "uses the pickle opcode EXT1, which no data file needs"),
         (b"\x80\x02K\x01Q.", "uses the pickle opcode BINPERSID"),
+        # _codecs.encode("x" * 9, "zlib_codec"): pickles write bytes through latin1 only
+        (
+            b"\x80\x02c_codecs\nencode\nX\t\x00\x00\x00xxxxxxxxxX\n\x00\x00\x00zlib_codec\x86R.",
+            "encodes with 'zlib_codec'",
+        ),
     ],
-    ids=["bytearray-length", "string-length", "extension-registry", "persistent-id"],
+    ids=["bytearray-length", "string-length", "extension-registry", "persistent-id", "codec"],
 )
 def test_a_cifar_batch_is_walked_before_pickle_builds_anything_from_it(tmp_path, raw, message):
     path = tmp_path / "data_batch_1"

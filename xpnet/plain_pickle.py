@@ -6,10 +6,10 @@ A pickle calls whatever functions it names, and NumPy's own rebuilders trust the
 ``ndarray.__setstate__`` given an object dtype and a list shorter than the shape reads past the
 list's end (a crash, or arbitrary objects in the array). So a file may name only NumPy's array,
 dtype and scalar rebuilders and ``_codecs.encode`` (for the bytes of Python 3 protocol-2
-pickles), and each NumPy one is a stand-in here that only records its arguments. The arrays are
-built after loading, with ``np.frombuffer`` over bytes whose length matches the declared shape,
-in plain numeric dtypes (booleans, integers, floats; no objects, fields or subarrays). Dicts,
-lists, tuples, strings, bytes and numbers need no global at all.
+pickles), and each is a stand-in here: NumPy's only record their arguments, and encode takes
+latin1 alone. The arrays are built after loading, with ``np.frombuffer`` over bytes whose length
+matches the declared shape, in plain numeric dtypes (booleans, integers, floats; no objects,
+fields or subarrays). Dicts, lists, tuples, strings, bytes and numbers need no global at all.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import io
 import math
 import pickle
 import pickletools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -98,8 +99,22 @@ class _FromBuffer:
         self.buffer, self.dtype, self.shape, self.order = buffer, dtype, shape, order
 
 
-_STAND_INS = {"ndarray": _ArrayType, "_reconstruct": _Array, "dtype": _Dtype, "scalar": _Scalar}
-_STAND_INS["_frombuffer"] = _FromBuffer
+def _latin1_bytes(text, encoding="utf-8"):
+    """``_codecs.encode`` as Python 3 pickles bytes in protocol 2: ``encode(text, 'latin1')``. Any
+    other codec (zlib's, say) is refused: a data file has no use for one."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"encodes with {short_repr(encoding)}, where pickles write bytes as latin1")
+    return text.encode("latin-1")
+
+
+_STAND_INS: dict[str, Callable] = {
+    "ndarray": _ArrayType,
+    "_reconstruct": _Array,
+    "dtype": _Dtype,
+    "scalar": _Scalar,
+    "_frombuffer": _FromBuffer,
+    "encode": _latin1_bytes,
+}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -109,7 +124,7 @@ class _Unpickler(pickle.Unpickler):
                 f"asks to load {module}.{name}, which a data file has no business loading; refused "
                 "(the file may be malicious)"
             )
-        return _STAND_INS.get(name) or super().find_class(module, name)
+        return _STAND_INS[name]  # every allowed global has its stand-in
 
 
 def load_plain(file, size: int):
