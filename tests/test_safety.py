@@ -665,9 +665,9 @@ def test_a_cifar_batch_is_walked_before_pickle_builds_anything_from_it(tmp_path,
 
 
 def test_arrays_a_batch_shares_are_built_once_and_never_beyond_the_files_size():
-    """pickle's memo lets a file name one array, or one run of bytes, any number of times:
-    each rebuilt on its own, 1,000 references to 6 KB asked for 6 MB, and a longer list
-    for gigabytes."""
+    """pickle's memo lets a file name one array, one run of bytes or one string to encode any
+    number of times: each rebuilt on its own, 1,000 references to 6 KB asked for 6 MB, and a
+    longer list for gigabytes."""
     from xpnet.plain_pickle import UnsafePickleError, load_plain
 
     pixels = np.zeros((2, 3072), np.uint8)
@@ -675,6 +675,19 @@ def test_arrays_a_batch_shares_are_built_once_and_never_beyond_the_files_size():
     loaded = load_plain(io.BytesIO(raw), len(raw))
     assert all(a is loaded[b"data"] for a in loaded[b"again"])
     np.testing.assert_array_equal(loaded[b"data"], pixels)
+
+    # _codecs.encode of one memoized string of 10,000 characters, 1,000 times: 10 MB from 18 KB
+    text = b"X" + struct.pack("<I", 10_000) + b"x" * 10_000
+    raw = (
+        b"\x80\x02c_codecs\nencode\nq\x000"
+        + text
+        + b"q\x010X\x06\x00\x00\x00latin1q\x020]("
+        + (b"h\x00h\x01h\x02\x86R" * 1000)
+        + b"e."
+    )
+    assert len(pickle.loads(raw, encoding="bytes")) == 1000 and len(raw) < 20_000  # what pickle builds from it
+    with pytest.raises(UnsafePickleError, match="encodes more bytes than the file holds"):
+        load_plain(io.BytesIO(raw), len(raw))
 
     blob = bytes(6144)
     arrays = [_Rebuilt((0,), b"b", (1, (2, 3072), np.dtype(np.uint8), False, blob)) for _ in range(1000)]

@@ -99,32 +99,38 @@ class _FromBuffer:
         self.buffer, self.dtype, self.shape, self.order = buffer, dtype, shape, order
 
 
-def _latin1_bytes(text, encoding="utf-8"):
-    """``_codecs.encode`` as Python 3 pickles bytes in protocol 2: ``encode(text, 'latin1')``. Any
-    other codec (zlib's, say) is refused: a data file has no use for one."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError(f"encodes with {short_repr(encoding)}, where pickles write bytes as latin1")
-    return text.encode("latin-1")
-
-
 _STAND_INS: dict[str, Callable] = {
     "ndarray": _ArrayType,
     "_reconstruct": _Array,
     "dtype": _Dtype,
     "scalar": _Scalar,
     "_frombuffer": _FromBuffer,
-    "encode": _latin1_bytes,
 }
 
 
 class _Unpickler(pickle.Unpickler):
+    def __init__(self, stream, size: int):
+        super().__init__(stream, encoding="bytes")
+        self.encode_budget = size  # characters _codecs.encode may still turn into bytes
+
     def find_class(self, module, name):
         if (module, name) not in ALLOWED_GLOBALS:
             raise UnsafePickleError(
                 f"asks to load {module}.{name}, which a data file has no business loading; refused "
                 "(the file may be malicious)"
             )
-        return _STAND_INS[name]  # every allowed global has its stand-in
+        return self._latin1_bytes if name == "encode" else _STAND_INS[name]  # each allowed global has a stand-in
+
+    def _latin1_bytes(self, text, encoding="utf-8"):
+        """``_codecs.encode`` as Python 3 pickles bytes in protocol 2: ``encode(text, 'latin1')``.
+        Another codec (zlib's, say) is refused, and so are more bytes than the file holds: the
+        memo lets a file encode one long string any number of times for a few bytes each."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise UnsafePickleError(f"encodes with {short_repr(encoding)}, where pickles write bytes as latin1")
+        self.encode_budget -= len(text)
+        if self.encode_budget < 0:
+            raise UnsafePickleError("encodes more bytes than the file holds")
+        return text.encode("latin-1")
 
 
 def load_plain(file, size: int):
@@ -141,7 +147,7 @@ def load_plain(file, size: int):
     stream = io.BytesIO(file.read(size + 1))
     _check_opcodes(stream)
     stream.seek(0)
-    return _Resolver(size).resolve(_Unpickler(stream, encoding="bytes").load(), 0)
+    return _Resolver(size).resolve(_Unpickler(stream, size).load(), 0)
 
 
 # Opcodes that build objects of classes, look up the extension registry or ask for buffers and
