@@ -155,6 +155,20 @@ def test_numerical_gradients_warn_below_float64(backend):
     np.testing.assert_allclose(to_np(grad), 2.0, rtol=1e-2)  # only near the truth, as the warning says
 
 
+def test_numerical_gradients_name_a_read_only_x():
+    """x is moved in place and back, as in the course: a memory-mapped or broadcast x failed with
+    NumPy's "assignment destination is read-only", naming no function."""
+    x = np.broadcast_to(np.arange(3.0), (2, 3))
+    for check in (
+        lambda: eval_numerical_gradient(lambda v: float(np.sum(v**2)), x, verbose=False),
+        lambda: eval_numerical_gradient_array(lambda v: v * 2, x, np.ones((2, 3))),
+        lambda: grad_check_sparse(lambda v: float(np.sum(v**2)), x, np.zeros((2, 3)), num_checks=2, verbose=False),
+    ):
+        with pytest.raises(ValueError, match=r"^\w+: x is read-only.*x.copy\(\)"):
+            check()
+    np.testing.assert_allclose(eval_numerical_gradient(lambda v: float(np.sum(v**2)), x.copy(), verbose=False), 2 * x)
+
+
 def test_numerical_gradients_take_big_endian_float64_without_a_warning():
     """It is as precise as float64, so the warning about float32's rounding was wrong there."""
     x = np.arange(3.0).astype(">f8")
