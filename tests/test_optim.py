@@ -202,6 +202,18 @@ def test_integer_or_boolean_weights_and_gradients_are_refused_by_name(backend, r
     np.testing.assert_array_equal(to_np(w), before)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_read_only_weights_are_refused_by_name(rule):
+    """The rules change w in place: memory-mapped weights failed with NumPy's "output array is
+    read-only", after a momentum rule had already written its state."""
+    weights = np.ones((2, 3))
+    weights.setflags(write=False)
+    config: dict = {}
+    with pytest.raises(ValueError, match=rf"^{rule}: w is read-only, and the update rules change w in place"):
+        getattr(optim, rule)(weights, np.ones((2, 3)), config)
+    assert config == {}
+
+
 def test_weights_and_gradients_of_two_libraries_are_refused_by_name():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="sgd: arrays from different libraries"):  # was: unsupported operand type(s)

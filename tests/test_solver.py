@@ -669,6 +669,15 @@ def test_a_hand_written_model_hears_which_parameter_is_no_float_array(param, err
         Solver(model, small_data(), batch_size=20, num_epochs=1, verbose=False)
 
 
+def test_read_only_parameters_are_refused_when_the_solver_is_made():
+    """Weights loaded with np.load(..., mmap_mode="r") failed at the first update, after a whole
+    forward and backward pass, in NumPy's words."""
+    model = small_model("numpy")
+    model.params["W2"].setflags(write=False)
+    with pytest.raises(ValueError, match=r"^Solver: model.params\['W2'\] is read-only, and the update rules"):
+        Solver(model, small_data(), verbose=False)
+
+
 @pytest.mark.parametrize(
     "returns, error, message",
     [

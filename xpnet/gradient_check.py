@@ -16,7 +16,7 @@ import warnings
 from array_api_compat import array_namespace, is_array_api_obj
 
 from .backend import namespace
-from .input_checks import as_int, is_array, is_number
+from .input_checks import as_int, check_writable, is_array, is_number
 
 __all__ = [
     "rel_error",
@@ -92,11 +92,7 @@ def _check_float(name, f, x, h):
         raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
     if not is_number(h) or not math.isfinite(h) or h <= 0:
         raise ValueError(f"{name}: the step h must be a finite number > 0, got {h!r}")
-    if getattr(getattr(x, "flags", None), "writeable", True) is False:  # NumPy's memory maps and broadcasts
-        raise ValueError(
-            f"{name}: x is read-only, and the centred difference moves each entry of x in place and back: "
-            "give a writable copy, x.copy()"
-        )
+    check_writable(name, "x", x, "the centred difference moves each entry of x in place and back")
     if xp.finfo(x.dtype).eps > xp.finfo(xp.float64).eps:  # not !=: NumPy's big-endian float64 is as precise
         warnings.warn(
             f"{name}: x is {x.dtype}: the rounding of f swamps a centred difference with step {h:g} "

@@ -29,6 +29,7 @@ __all__ = [
     "makes_cache",
     "unpack_cache",
     "short_repr",
+    "check_writable",
 ]
 
 
@@ -42,6 +43,13 @@ def is_number(value) -> bool:
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring = 2, 6, 6, 6, 60
 _SHORT.maxother = 60
+
+
+def check_writable(function: str, name: str, x, why: str) -> None:
+    """ValueError naming ``function`` and ``name`` when array ``x`` is read-only (NumPy's memory
+    maps, broadcasts and arrays over bytes), which ``why`` (the function's in-place writes) needs."""
+    if getattr(getattr(x, "flags", None), "writeable", True) is False:
+        raise ValueError(f"{function}: {name} is read-only, and {why}: give a writable copy, {name}.copy()")
 
 
 def short_repr(value) -> str:

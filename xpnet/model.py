@@ -9,7 +9,7 @@ import os
 from .backend import Backend, backend_of, check_generator, get_backend
 from .batching import predicted_classes
 from .checkpoint import not_float_array, tree_to_device, tree_to_host
-from .input_checks import as_int, check_seed, is_array, is_number, layer_namespace
+from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace
 from .layers import BATCHNORM_KEYS
 
 # The batchnorm keys that hold arrays (the others are settings).
@@ -172,6 +172,8 @@ def check_params(params) -> None:
     if not isinstance(params, dict):
         raise TypeError(f"model.params must be a dict of parameter arrays, got {type(params).__name__}")
     layer_namespace("Solver", {f"model.params[{name!r}]": value for name, value in params.items()})
+    for name, value in params.items():  # np.load(..., mmap_mode="r") weights failed at the first update
+        check_writable("Solver", f"model.params[{name!r}]", value, "the update rules change the parameters in place")
 
 
 def param_dtype(model):

@@ -20,7 +20,7 @@ import math
 from .array_types import Array, Config
 from .backend import accelerated, namespace
 from .cache_blocks import update_in_blocks
-from .input_checks import is_array, is_number, layer_namespace
+from .input_checks import check_writable, is_array, is_number, layer_namespace
 
 __all__ = [
     "sgd",
@@ -43,6 +43,7 @@ def _start(rule: str, w, dw, config):
     layer_namespace(rule, {"w": w, "dw": dw})
     if tuple(dw.shape) != tuple(w.shape):
         raise ValueError(f"{rule}: dw has shape {tuple(dw.shape)} but w has shape {tuple(w.shape)}")
+    check_writable(rule, "w", w, "the update rules change w in place")
     if config is None:
         return {}
     if not isinstance(config, dict):  # adam(w, dw, 1e-3): the learning rate where its dict goes
