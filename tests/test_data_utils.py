@@ -96,6 +96,16 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert find_CIFAR10() == home / ".cache" / "xpnet" / data_utils.CIFAR10_FOLDER
 
 
+def test_a_batch_file_given_as_the_data_folder_is_named_with_its_folder(tmp_path, monkeypatch):
+    """XPNET_DATA_DIR set to a batch file was only listed among the places looked in."""
+    folder = tmp_path / data_utils.CIFAR10_FOLDER
+    write_fake_cifar(folder)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XPNET_DATA_DIR", str(folder / "data_batch_1"))
+    with pytest.raises(FileNotFoundError, match=f"data_batch_1 is a file; give the folder that holds it, {folder}"):
+        find_CIFAR10()
+
+
 def test_sizes_given_by_position_are_refused_with_the_names_to_use(tmp_path, monkeypatch):
     """The course's get_CIFAR10_data takes the sizes first; here the data folder comes first."""
     write_fake_cifar(tmp_path / data_utils.CIFAR10_FOLDER)

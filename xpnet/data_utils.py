@@ -168,14 +168,16 @@ def find_CIFAR10(data_dir=None) -> Path:
 
     Raises FileNotFoundError listing where it looked and what to do.
     """
-    searched = []
+    searched, files = [], []
     for base in default_data_dirs(data_dir):
+        if base.is_file():  # a batch file itself, say: the folder that holds it is meant
+            files.append(f"{base} is a file; give the folder that holds it, {base.parent}. ")
         for folder in (base, base / CIFAR10_FOLDER):
             searched.append(str(folder))
             if (folder / "data_batch_1").is_file():
                 return folder
     raise FileNotFoundError(
-        "CIFAR-10 not found; looked in: " + ", ".join(searched) + ". Pass --data-dir DIR "
+        "CIFAR-10 not found; looked in: " + ", ".join(searched) + ". " + "".join(files) + "Pass --data-dir DIR "
         f"(or set XPNET_DATA_DIR) to a folder holding cifar-10-batches-py, or download it ({DOWNLOAD_HINT})."
     )
 
