@@ -119,8 +119,8 @@ def test_space_files_in_json_and_yaml(tmp_path):
 
 
 def test_a_space_file_whose_aliases_expand_to_gigabytes_is_refused_in_a_short_message(tmp_path):
-    """YAML's aliases let 330 bytes hold a list of 9**8 strings: the message that named the bad
-    value held its whole repr (34 MB here, gigabytes a level or two deeper)."""
+    """YAML's aliases let 406 bytes hold a list of 9**8 strings: the message that named the bad
+    value held its whole repr (312 MB, built in 6.7 s; gigabytes a level deeper)."""
     pytest.importorskip("yaml")
     from xpnet.tune import SpaceError, load_space_file
 
