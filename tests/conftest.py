@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -60,3 +61,12 @@ def dtype(request):
 def np_rng():
     """A NumPy generator for test data, fixed so failures reproduce."""
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt, as at a terminal, for the duration of a test, even where
+    the suite was started with SIGINT ignored (a shell's background job ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

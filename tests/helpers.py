@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,10 @@ def float32_gradient_errors(backend, torch_device="cpu", tf32=False, batch=32, w
     error = lambda g, name: np.linalg.norm(g[name] - expected[name]) / np.linalg.norm(expected[name])  # noqa: E731
     assert got.keys() == torch_got.keys() == expected.keys()
     return {name: (error(got, name), error(torch_got, name)) for name in expected}
+
+
+def sigint_as_at_a_terminal() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child starts with SIGINT's default action,
+    so that Python installs its KeyboardInterrupt handler, whatever the suite inherited (a
+    shell's background job ignores SIGINT, and its children with it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

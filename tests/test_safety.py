@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import small_data, small_model, to_np, write_fake_cifar, write_pickle_payload
+from helpers import sigint_as_at_a_terminal, small_data, small_model, to_np, write_fake_cifar, write_pickle_payload
 
 import xpnet
 from xpnet import checkpoint, data_utils, layers
@@ -936,6 +936,7 @@ def test_ctrl_c_ends_cleanly_with_exit_130_and_a_loadable_checkpoint(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=sigint_as_at_a_terminal,
     )
     deadline = time.time() + 60
     while time.time() < deadline and len(list(ckpt.glob("*.npz"))) < 2:

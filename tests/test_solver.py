@@ -228,7 +228,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ck_epoch_1.npz"]  # and no temporary file is left
 
 
-def test_ctrl_c_during_a_checkpoint_write_lets_the_write_and_its_record_finish(tmp_path, monkeypatch):
+def test_ctrl_c_during_a_checkpoint_write_lets_the_write_and_its_record_finish(tmp_path, monkeypatch, sigint_raises):
     """SIGINT arriving just after the rename, before the Solver records the file:
     the interrupt waits, so the run names the file that is on disk."""
     solver = Solver(small_model("numpy"), small_data(), batch_size=50, num_epochs=1, verbose=False, seed=0)
