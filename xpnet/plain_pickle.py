@@ -250,11 +250,11 @@ class _Resolver:
         return np.frombuffer(bytearray(data), dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _bytes(data, what: str) -> bytes:
+def _bytes(data, what: str) -> bytes | bytearray:
+    """``data``, after checking that it is bytes: a file's bytes come as bytes, or as a bytearray
+    in protocol 5 (whose out-of-band buffers are refused with their opcodes)."""
     if isinstance(data, (bytes, bytearray)):
-        return bytes(data)
-    if isinstance(data, pickle.PickleBuffer):
-        return data.raw().tobytes()
+        return data
     raise UnsafePickleError(f"gives {what} data as a {type(data).__name__}, not bytes")
 
 
