@@ -938,11 +938,16 @@ def test_ctrl_c_ends_cleanly_with_exit_130_and_a_loadable_checkpoint(tmp_path):
         cwd=ROOT,
         preexec_fn=sigint_as_at_a_terminal,
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(ckpt.glob("*.npz"))) < 2:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(ckpt.glob("*.npz"))) < 2:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:  # a run of 100,000 epochs that missed the signal would outlive the suite
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 130, err
     assert "Traceback" not in err
     assert "interrupted at epoch" in err and "iteration" in err
