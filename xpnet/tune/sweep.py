@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from ..backend import check_backend_spec, get_backend
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..experiment import DATASETS, MODELS, Experiment
-from ..input_checks import as_int, check_seed, file_path
+from ..input_checks import as_int, file_path
+from ..training.settings import SolverSettings
 from .report import write_outputs
 from .space import SETTINGS, SearchSpace, SpaceError, check_run_setting
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
@@ -95,10 +96,10 @@ class SweepConfig:
                     check_run_setting(name, getattr(self.experiment, name))
                 except SpaceError as error:
                     raise ValueError(f"experiment.{error}") from None
-        print_every = as_int(self.experiment.print_every)
-        if print_every is None or print_every < 1:
-            raise ValueError(f"experiment.print_every must be a positive integer, got {self.experiment.print_every!r}")
-        check_seed(self.experiment.seed, "experiment.seed")
+        try:  # the Solver's own checks of what the trials hand it beside the space's settings
+            SolverSettings(print_every=self.experiment.print_every, seed=self.experiment.seed)
+        except ValueError as error:
+            raise ValueError(f"experiment.{error}") from None
 
     def _check_kinds(self) -> None:
         """TypeError naming a setting of the wrong kind: each failed later inside the sweep
