@@ -540,6 +540,43 @@ def test_cifar_batch_with_wrong_contents_is_named(tmp_path):
         load_CIFAR_batch(path)
 
 
+@pytest.mark.parametrize(
+    "data, labels",
+    [
+        (np.zeros((2, 3072), np.uint8), [2**70, 1]),  # past int64: an OverflowError from NumPy before
+        (np.zeros((2, 3072), np.uint8), [-(2**70), 1]),
+        (np.zeros((2, 3072), np.uint8), np.array([2**63 + 5, 1], np.uint64)),
+        (np.zeros((2, 3072), np.uint8), [10, 1]),
+    ],
+)
+def test_cifar_batch_with_labels_outside_the_classes_is_named(tmp_path, data, labels):
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f, protocol=2)
+    with pytest.raises(DataError, match="data_batch_1.*labels outside 0..9"):
+        load_CIFAR_batch(path)
+
+
+@pytest.mark.parametrize("value", [256, 1000, -1])
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_cifar_batch_with_wider_integer_pixels_outside_0_to_255_is_refused(tmp_path, value, dtype):
+    """Loaded as they were before, these became pixels of 1000 (or, as uint8, wrapped to 232)."""
+    path = tmp_path / "data_batch_1"
+    pixels = np.full((2, 3072), 7, np.int64)
+    pixels[1, 5] = value
+    with open(path, "wb") as f:
+        pickle.dump({b"data": pixels, b"labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(
+        DataError, match=f"data_batch_1.*pixels from {min(value, 7)} to {max(value, 7)}, outside 0..255"
+    ):
+        load_CIFAR_batch(path, dtype=dtype)
+    pixels[1, 5] = 255  # wider integers within 0..255 are pixels all the same
+    with open(path, "wb") as f:
+        pickle.dump({b"data": pixels.astype(np.uint16), b"labels": [0, 1]}, f, protocol=2)
+    X, _ = load_CIFAR_batch(path, dtype=dtype)
+    assert X.dtype == np.dtype(dtype) and X.max() == 255 and X.min() == 7
+
+
 def test_cifar_batch_whose_labels_or_pixels_are_nested_lists_is_refused_before_numpy_expands_them(tmp_path):
     """Lists that share one inner list pickle to kilobytes and convert to gigabytes: 1,000 rows
     sharing a row of 1,000 labels each, 16 KB on disk, were read as labels of shape (4, 1000, 1000)."""

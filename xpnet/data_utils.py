@@ -110,14 +110,19 @@ def load_CIFAR_batch(filename, dtype="float64"):
             raise DataError(f"CIFAR-10 batch {filename!r} has labels that are not a flat list of integers")
     elif not isinstance(labels, np.ndarray) or labels.dtype.kind not in "ui" or labels.ndim != 1:
         raise DataError(f"CIFAR-10 batch {filename!r} has labels that are not a flat list of integers")
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.dtype.kind not in "ui" or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+    if data.dtype.kind not in "ui" or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != len(labels):
         raise DataError(
             f"CIFAR-10 batch {filename!r} has data of shape {data.shape} ({data.dtype}) and "
-            f"{labels.shape[0]} labels; expected (N, 3072) integer pixels and N labels"
+            f"{len(labels)} labels; expected (N, 3072) integer pixels and N labels"
         )
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
+    # Ranges checked in the file's own types: a label past int64 (a Python int) raised
+    # OverflowError in the conversion, and pixels past 0..255 would train on in silence (or
+    # wrap, as uint8).
+    if len(labels) and (min(labels) < 0 or max(labels) > 9):
         raise DataError(f"CIFAR-10 batch {filename!r} has labels outside 0..9")
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"CIFAR-10 batch {filename!r} has pixels from {data.min()} to {data.max()}, outside 0..255")
+    labels = np.asarray(labels, dtype=np.int64)
     X = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(dtype)
     return X, labels
 
