@@ -187,6 +187,42 @@ def test_a_gradient_or_state_of_another_shape_is_refused_not_broadcast(backend, 
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_a_state_of_another_dtype_or_kind_is_refused_by_name(backend, rule):
+    """An integer velocity failed inside NumPy's in-place update ('Cannot cast ufunc'), a list
+    with "'list' object has no attribute 'shape'", and a float32 moment for float64 weights
+    was rounded to float32 at every step."""
+    update = getattr(optim, rule)
+    w = backend.asarray(np.ones((2, 3)), dtype="float64")
+    dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
+    _, config = update(w, dw, {})
+    before = to_np(w)
+    for key in ("velocity", "cache", "m", "v"):
+        if key in config:
+            for wrong, words in (
+                (backend.asarray(np.zeros((2, 3), dtype=np.int64)), "has dtype int64 but w has dtype float64"),
+                (backend.asarray(np.zeros((2, 3)), dtype="float32"), "has dtype float32 but w has dtype float64"),
+                ([[0.0] * 3] * 2, "must be an array like w, got list"),
+            ):
+                with pytest.raises(TypeError, match=rf"^{rule}: config\['{key}'\] {words}$"):
+                    update(w, dw, dict(config, **{key: wrong}))
+    np.testing.assert_array_equal(to_np(w), before)
+
+
+@pytest.mark.parametrize("count", [-1, np.int64(-1), 2.5, "3", True, None])
+def test_adams_step_count_must_be_a_whole_number_of_steps(backend, count):
+    """A negative count made the bias correction's square root NaN, 2.5 was truncated to 2, and
+    '3' failed inside int()."""
+    w = backend.asarray(np.ones((2, 3)), dtype="float64")
+    dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
+    with pytest.raises(ValueError, match=r"^adam: config\['t'\], the step count, must be an integer >= 0, got "):
+        optim.adam(w, dw, {"t": count})
+    np.testing.assert_array_equal(to_np(w), np.ones((2, 3)))
+    for count in (0, np.int64(7), 2**70):
+        _, config = optim.adam(w, dw, {"t": count})
+        assert int(config["t"]) == count + 1
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_integer_or_boolean_weights_and_gradients_are_refused_by_name(backend, rule):
     """Integer weights failed inside NumPy's in-place subtraction ('Cannot cast ufunc'); a
     boolean gradient updated float weights in silence."""

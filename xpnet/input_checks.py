@@ -30,6 +30,7 @@ __all__ = [
     "unpack_cache",
     "short_repr",
     "check_writable",
+    "dtype_name",
 ]
 
 
@@ -102,9 +103,15 @@ def _float_dtypes(xp):
     return dtypes
 
 
+def dtype_name(dtype) -> str:
+    """A dtype's name as every library would understand it in a message: int64, not
+    array_api_strict.int64 or torch.int64."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 def _refuse_dtype(xp, function: str, name: str, dtype) -> None:
     """TypeError naming ``name``'s dtype, which is not one of the float dtypes the layers take."""
-    shown = str(dtype).rsplit(".", 1)[-1]  # int64, not array_api_strict.int64 or torch.int64
+    shown = dtype_name(dtype)
     if not xp.isdtype(dtype, "real floating"):
         raise TypeError(f"{function}: {name} must be a floating-point array, got dtype {shown}")
     info = xp.finfo(dtype)

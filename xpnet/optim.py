@@ -20,7 +20,7 @@ import math
 from .array_types import Array, Config
 from .backend import accelerated, namespace
 from .cache_blocks import update_in_blocks
-from .input_checks import check_writable, is_array, is_number, layer_namespace
+from .input_checks import as_int, check_writable, dtype_name, is_array, is_number, layer_namespace
 
 __all__ = [
     "sgd",
@@ -58,13 +58,19 @@ def _start(rule: str, w, dw, config):
 def _state(rule, config, key, like):
     """The state array ``config[key]``, created as zeros shaped like ``like`` on first use; a
     ValueError naming ``rule`` for one of another shape (one config shared by two weights, say)."""
-    if config.get(key) is None:
-        config[key] = namespace(like).zeros_like(like)
-    elif tuple(config[key].shape) != tuple(like.shape):
-        raise ValueError(
-            f"{rule}: config[{key!r}] has shape {tuple(config[key].shape)} but w has shape {tuple(like.shape)}"
+    state = config.get(key)
+    if state is None:
+        config[key] = state = namespace(like).zeros_like(like)
+    elif not is_array(state):
+        raise TypeError(f"{rule}: config[{key!r}] must be an array like w, got {type(state).__name__}")
+    elif tuple(state.shape) != tuple(like.shape):
+        raise ValueError(f"{rule}: config[{key!r}] has shape {tuple(state.shape)} but w has shape {tuple(like.shape)}")
+    elif state.dtype != like.dtype:
+        # An integer state failed inside the in-place update; a narrower float one rounded it every step.
+        raise TypeError(
+            f"{rule}: config[{key!r}] has dtype {dtype_name(state.dtype)} but w has dtype {dtype_name(like.dtype)}"
         )
-    return config[key]
+    return state
 
 
 def sgd(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
@@ -164,6 +170,12 @@ def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Conf
     config.setdefault("beta2", 0.999)
     config.setdefault("epsilon", 1e-8)
     config.setdefault("t", 0)
+    t = config["t"]
+    if type(t) is not int or t < 0:  # a Python int, the common case, first
+        # (a 0-d device array where the fused update keeps it: comparing it would synchronise)
+        count = as_int(t)
+        if count is None and not is_array(t) or count is not None and count < 0:
+            raise ValueError(f"adam: config['t'], the step count, must be an integer >= 0, got {t!r}")
     xp = namespace(w, dw)
     beta1, beta2 = config["beta1"], config["beta2"]
     m = _state("adam", config, "m", w)
