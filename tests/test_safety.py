@@ -416,6 +416,10 @@ def test_is_finite_tree_looks_into_lists_tuples_and_python_floats():
     assert not checkpoint.is_finite_tree({"a": [np.ones(2), (1.0, float("nan"))]})
     assert not checkpoint.is_finite_tree({"a": (np.array([1.0, np.inf], np.float32),)})
     assert not checkpoint.is_finite_tree([{"lr": float("-inf")}])
+    tree = {"a": [np.ones(2), (1.0, 2)], "b": {"c": np.array([0.0, np.nan]), "d": np.array([np.inf])}}
+    assert checkpoint.non_finite_path(tree, "state") == "state.b.c"  # the first one, keys and indices joined
+    assert checkpoint.non_finite_path([1.0, {"x": (0.5, float("nan"))}]) == "1.x.1"
+    assert checkpoint.non_finite_path({"a": [np.ones(2)], "n": np.arange(3)}) is None
 
 
 def test_checkpoint_keys_must_be_strings(tmp_path):
@@ -1020,7 +1024,21 @@ def _set(path: tuple, value):
         (lambda state: state["optim_configs"].pop("W1"), "optimizer state for .*; the model's parameters are"),
         (_set(("optim_configs", "W1", "m"), np.ones(3)), r"optimizer state W1.m, an array of floats of shape \(3,\)"),
         (_set(("optim_configs", "W1", "v"), np.ones((6, 16), np.int64)), "optimizer state W1.v, int64 array of shape"),
-        (_set(("optim_configs", "W1", "t"), "x"), "optimizer state W1.t = 'x', not a number or an array"),
+        (
+            _set(("optim_configs", "W1", "learning_rate"), "x"),
+            "optimizer state W1.learning_rate = 'x', not a number or an array",
+        ),
+        # Adam's step count: -3 made its bias correction NaN, 2.5 was truncated, 2**70 steps cannot have run
+        (_set(("optim_configs", "W1", "t"), "x"), "optimizer state W1.t = 'x', not a step count"),
+        (_set(("optim_configs", "W1", "t"), -3), "optimizer state W1.t = -3, not a step count"),
+        (_set(("optim_configs", "W1", "t"), 2.5), "optimizer state W1.t = 2.5, not a step count"),
+        (_set(("optim_configs", "W1", "t"), np.array(2.0)), r"optimizer state W1.t = array\(2.\), not a step count"),
+        (_set(("epoch",), 2**70), r"has epoch = 1180591620717411303424 after \d+ iterations"),
+        # NaN weights, moments or running averages: training diverged at once, and said so as if it were the cause
+        (_set(("model", "params", "W1"), np.full((6, 16), np.nan)), r"NaN or infinite values in model.params.W1,"),
+        (_set(("optim_configs", "b1", "v"), np.full(16, np.inf)), "NaN or infinite values in optim_configs.b1.v,"),
+        (_set(("best_params", "W2"), np.full((16, 16), -np.inf)), "NaN or infinite values in best_params.W2,"),
+        (_set(("model", "buffers", 0, "running_var"), np.full(16, np.nan)), "in model.buffers.0.running_var,"),
         (
             _set(("best_params", "W1"), np.ones(3)),
             r"best W1 of shape \(3,\); the model's W1 is an array of floats of shape",

@@ -34,6 +34,7 @@ __all__ = [
     "check_checkpoint_file",
     "remove_stale_temporaries",
     "is_finite_tree",
+    "non_finite_path",
     "tree_to_host",
     "tree_to_device",
     "not_float_array",
@@ -311,15 +312,24 @@ def _load_pickle(path, trust_pickle):
 
 def is_finite_tree(tree) -> bool:
     """Whether every float in a host tree (arrays and Python floats) is finite."""
-    if isinstance(tree, dict):
-        return all(is_finite_tree(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return all(is_finite_tree(v) for v in tree)
+    return non_finite_path(tree) is None
+
+
+def non_finite_path(tree, path: str = "") -> str | None:
+    """Where the first NaN or infinity of a host tree (arrays and Python floats) is, as
+    ``path`` then the keys and indices that lead to it joined by dots; None when there is none."""
+    if isinstance(tree, (dict, list, tuple)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        for key, value in items:
+            found = non_finite_path(value, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
     if isinstance(tree, np.ndarray) and tree.dtype.kind == "f":
-        return bool(np.isfinite(tree).all())
-    if isinstance(tree, float):
-        return math.isfinite(tree)
-    return True
+        return None if np.isfinite(tree).all() else path
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return path
+    return None
 
 
 # --------------------------------------------------------------------------- moving trees

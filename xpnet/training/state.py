@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .. import optim
-from ..checkpoint import load_checkpoint, not_float_array, tree_to_device, tree_to_host
-from ..input_checks import as_int, is_number
+from ..checkpoint import load_checkpoint, non_finite_path, not_float_array, tree_to_device, tree_to_host
+from ..input_checks import as_int, is_number, short_repr
 from ..model import load_model_state, model_state
 
 __all__ = ["solver_state", "restore_solver", "settings_changes"]
@@ -78,12 +78,16 @@ def check_solver_state(state, model) -> None:
         raise ValueError(f"is not a Solver checkpoint (it holds {held}; a Solver's has {', '.join(_SOLVER_KEYS)})")
     for key in ("epoch", "iteration"):
         if as_int(state[key]) is None or state[key] < 0:
-            raise ValueError(f"has {key} = {state[key]!r}, not a count")
+            raise ValueError(f"has {key} = {short_repr(state[key])}, not a count")
+    if state["epoch"] > state["iteration"]:
+        raise ValueError(
+            f"has epoch = {state['epoch']} after {state['iteration']} iterations (an epoch takes one at least)"
+        )
     for key in ("loss_history", "train_acc_history", "val_acc_history"):
         if not isinstance(state[key], list) or not all(is_number(v) for v in state[key]):
             raise ValueError(f"has a {key} that is not a list of numbers")
     if not is_number(state["best_val_acc"]) or not 0 <= state["best_val_acc"] <= 1:
-        raise ValueError(f"has best_val_acc = {state['best_val_acc']!r}, not an accuracy")
+        raise ValueError(f"has best_val_acc = {short_repr(state['best_val_acc'])}, not an accuracy")
     if not isinstance(state["settings"], dict) or any(key not in state["settings"] for key in FIXED):
         raise ValueError(f"has no settings naming its {' and '.join(FIXED)}")
     shapes = {name: tuple(value.shape) for name, value in model.params.items()}
@@ -103,15 +107,34 @@ def check_solver_state(state, model) -> None:
         if not isinstance(configs[name], dict):
             raise ValueError(f"has optimizer state for {name} that is not a dict")
         for key, value in configs[name].items():
+            if key == "t" and not _is_step_count(value):
+                raise ValueError(f"has optimizer state {name}.t = {short_repr(value)}, not a step count")
             if not hasattr(value, "shape"):
                 if not is_number(value):
-                    raise ValueError(f"has optimizer state {name}.{key} = {value!r}, not a number or an array")
+                    raise ValueError(
+                        f"has optimizer state {name}.{key} = {short_repr(value)}, not a number or an array"
+                    )
             # Moments are arrays of floats of the parameter's shape; a step count kept on a GPU is 0-d.
             elif value.shape != () and (value.shape != shape or not_float_array(value)):
                 what = not_float_array(value) or "an array of floats"
                 raise ValueError(
                     f"has optimizer state {name}.{key}, {what} of shape {value.shape}; the parameter is {shape}"
                 )
+    # A Solver writes no checkpoint once training has diverged: from NaN weights or moments,
+    # training would diverge at once, and the message would blame the training.
+    for part in ("model", "best_params", "optim_configs"):
+        where = non_finite_path(state[part], part)
+        if where is not None:
+            raise ValueError(f"holds NaN or infinite values in {where}, which no training can go on from")
+
+
+def _is_step_count(value) -> bool:
+    """Adam's step count as a checkpoint holds it: an integer >= 0, or a 0-d integer array
+    (the count the fused update keeps on the device, moved to the host)."""
+    if getattr(value, "shape", None) == ():
+        value = value.item()
+    count = as_int(value)
+    return count is not None and count >= 0
 
 
 def _names(tree) -> str:
