@@ -256,6 +256,7 @@ class FastConvNet(Model):
         bn_eps = check_eps("FastConvNet", bn_eps, "bn_eps")
         self.final_size = tuple(size)  # (H, W) before the global max pool
         whiten_width = 2 * channels * 4
+        convs = self._conv_channels(channels, self.widths)
         self.train_whitening_bias = True
         self.bn_params = [
             {
@@ -266,22 +267,36 @@ class FastConvNet(Model):
                 "running_mean": self._zeros(f),
                 "running_var": self._ones(f),
             }
-            for f in (self.widths[0], self.widths[0], self.widths[1], self.widths[1], self.widths[2], self.widths[2])
+            for f, _ in convs
         ]
 
         rng = self._init_rng(seed, rng)
         self.params["whiten_b"] = self._uniform(rng, (whiten_width,), channels * 4)
-        c_in = whiten_width
-        for group, f in enumerate(self.widths):
-            for k, c in enumerate((c_in, f)):
-                i = 2 * group + k + 1
-                self.params[f"W{i}"] = self._dirac_conv(rng, f, c)
-                self.params[f"beta{i}"] = self._zeros(f)
-            c_in = f
-        self.params["W_out"] = self._uniform(rng, (c_in, num_classes), c_in)
+        for i, (f, c) in enumerate(convs, start=1):
+            self.params[f"W{i}"] = self._dirac_conv(rng, f, c)
+            self.params[f"beta{i}"] = self._zeros(f)
+        self.params["W_out"] = self._uniform(rng, (self.widths[-1], num_classes), self.widths[-1])
         # Drawn last, so that the parameters above do not depend on it: PyTorch's default for a conv
         # until init_whitening sets the filters (zeros would leave the batchnorms nothing to normalise).
         self.frozen = {"whiten_W": self._uniform(rng, (whiten_width, channels, 2, 2), channels * 4)}
+
+    @staticmethod
+    def _conv_channels(channels: int, widths) -> list:
+        """(F, C_in) of the six 3x3 convs, after a whitening conv of 2·channels·4 filters."""
+        convs, c_in = [], 2 * channels * 4
+        for f in widths:
+            convs += [(f, c_in), (f, f)]
+            c_in = f
+        return convs
+
+    @classmethod
+    def array_values(cls, input_dim, widths, num_classes: int = 10) -> int:
+        """How many values the parameters and buffers of a FastConvNet of these sizes hold,
+        before any is made: a file that declares the sizes must hold that many."""
+        channels = input_dim[0]
+        whiten_width = 2 * channels * 4
+        convs = sum(f * c * 9 + 3 * f for f, c in cls._conv_channels(channels, widths))  # W, beta, running averages
+        return whiten_width * (1 + channels * 4) + convs + widths[-1] * num_classes
 
     def init_whitening(self, images, eps: float = 5e-4) -> None:
         """Set the whitening filters from (N, C, H, W) training images (the recipe uses 5,000) with

@@ -17,6 +17,7 @@ building the network.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -524,7 +525,13 @@ def load_fast94_model(path, backend=None) -> FastConvNet:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no fast94 network (save_fast94_model writes one)")
     try:
         settings = Fast94Settings().with_overrides(payload["settings"])
-        model = recipe_model(backend, settings, 0, tuple(check_input_dim(payload.get("input_dim", ()))))
+        input_dim = tuple(check_input_dim(payload.get("input_dim", ())))
+        # The sizes come from the file: a few bytes may declare widths whose weights take all memory.
+        values = FastConvNet.array_values(input_dim, settings.widths, CIFAR10_CLASSES)
+        declared, size = values * np.dtype(settings.dtype).itemsize, os.path.getsize(path)
+        if declared > size:
+            raise ValueError(f"declares a network of {values} values ({declared} bytes) in a file of {size} bytes")
+        model = recipe_model(backend, settings, 0, input_dim)
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
