@@ -883,6 +883,11 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
     "args, message",
     [
         (["--plot", "/nonexistent-folder/curves.png"], "--plot /nonexistent-folder/curves.png: folder"),
+        # trained, then ended in matplotlib's "Format 'txt' is not supported" traceback
+        (
+            ["--plot", "{tmp}/curves.txt"],
+            "--plot: matplotlib cannot save a figure as .txt; end the file name in one of ",
+        ),
         (["--log", "{tmp}"], "is a folder, not a file"),
         (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
         (["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/file/sub"], "cannot write there"),
@@ -921,6 +926,14 @@ def test_plot_without_matplotlib_is_refused_before_training(train, capsys, monke
         vis_utils._figure_class.cache_clear()
     assert code == 2
     assert '--plot: plotting needs matplotlib: pip install "xpnet[plot]"' in err
+
+
+@pytest.mark.parametrize("name", ["curves.png", "curves.PDF", "curves.svg", "curves"])
+def test_plot_files_that_matplotlib_writes_are_taken(name):
+    from xpnet.vis_utils import plotting_unavailable
+
+    assert plotting_unavailable(name) is None
+    assert ".png, " in plotting_unavailable("curves.txt") and ".pdf" in plotting_unavailable("curves.txt")
 
 
 def test_disk_error_during_training_names_path_and_last_checkpoint(train, capsys, tmp_path, monkeypatch):

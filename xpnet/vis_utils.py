@@ -68,13 +68,21 @@ def _figure_class():
     return InlineFigure
 
 
-def plotting_unavailable() -> str | None:
-    """None when matplotlib can draw xpnet's figures, else what to install: for a command to
-    check before a run, not after it."""
+def plotting_unavailable(path=None) -> str | None:
+    """None when matplotlib can draw xpnet's figures (and save one at ``path``, whose extension
+    names the format; none is PNG), else why not: for a command to check before a run, not after it."""
     try:
         _figure_class()
     except ImportError as exc:
         return str(exc)
+    if path is None:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    extension = os.path.splitext(os.fspath(path))[1][1:].lower()  # as savefig reads it
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension not in supported:
+        return f"matplotlib cannot save a figure as .{extension}; end the file name in one of .{', .'.join(supported)}"
     return None
 
 

@@ -318,8 +318,8 @@ class Run:
         for flag, path in (("--plot", args.plot), ("--log", args.log)):
             if path:
                 check_output_file(flag, path)
-        if args.plot and plotting_unavailable():
-            raise UsageError(f"--plot: {plotting_unavailable()}")
+        if args.plot and plotting_unavailable(args.plot):
+            raise UsageError(f"--plot: {plotting_unavailable(args.plot)}")
         if args.checkpoint_dir:
             check_output_folder("--checkpoint-dir", args.checkpoint_dir)
         check_cuda_graph(args, backend)
