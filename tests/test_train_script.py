@@ -97,6 +97,7 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
         (["--model", "resnet"], "invalid choice"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "CIFAR-10 not found"),
         (["--resume", "/nonexistent.pkl", "--epochs", "1"], "does not exist"),
+        (["--resume", "/dev/null"], "checkpoint '/dev/null' is not a regular file"),  # was: does not exist
         (["--model", "twolayer", "--hidden-dims", "10", "10"], "one hidden size"),
         (["--cuda-graph"], "needs the cupy backend"),
         # refused before the data set is looked for, not after minutes of loading it

@@ -224,6 +224,8 @@ def _file_format(path: str, trust_pickle: bool) -> str:
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint {path!r} is a folder; give one file in it{_newest_checkpoint_hint(path)}")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a device or a pipe: reading one may never end
+            raise CheckpointError(f"checkpoint {path!r} is not a regular file")
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(4)
