@@ -44,8 +44,6 @@ def test_fast_conv_net_sizes_and_initialisation(backend):
     np.testing.assert_array_equal(to_np(model.params["W2"])[:, :, 1, 1], np.eye(4))
     assert np.all(np.abs(to_np(model.params["W_out"])) <= 1 / math.sqrt(5))
     assert np.all(to_np(model.bn_params[0]["running_var"]) == 1.0)
-    held = [*model.params.values(), *(v for b in model.buffers() for v in b.values() if hasattr(v, "shape"))]
-    assert FastConvNet.array_values((3, 32, 32), (4, 6, 5)) == sum(math.prod(v.shape) for v in held)
     scores = model.loss(arr(backend, np.random.default_rng(0).standard_normal((3, 3, 32, 32))))
     assert tuple(scores.shape) == (3, 10)
 
@@ -566,8 +564,8 @@ def test_a_file_that_holds_no_fast94_network_is_refused_by_name(tmp_path):
         "widths": r"widths must be three positive integers, got \[4, 8\]",
         "shapes": r"parameter W1 has shape \(2, 2\), the model expects \(4, 24, 3, 3\)",
         "not_arrays": r"parameter W1 is not an array of floats \(got int\)",
-        "wide": r"wide.npz.*declares a network of 18004880312 values \(72019521248 bytes\) in a file of \d+ bytes",
-        "channels": r"channels.npz.*declares a network of 3200002960002360 values",
+        "wide": r"wide.npz': declares a network of more values than the \d+ it has room for",
+        "channels": r"channels.npz': declares a network of more values than the \d+ it has room for",
     }
     for name, payload in broken.items():
         save_checkpoint(tmp_path / f"{name}.npz", payload)

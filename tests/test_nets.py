@@ -346,6 +346,37 @@ def test_numpy_integers_size_the_nets_as_python_ints_do():
         xpnet.FullyConnectedNet("100", input_dim=4)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fc_net.TwoLayerNet(6, 5, 3, seed=0),
+        lambda: xpnet.FullyConnectedNet([5, 4], input_dim=6, num_classes=3, normalization="batchnorm", seed=0),
+        lambda: ThreeLayerConvNet((1, 4, 4), num_filters=2, filter_size=3, hidden_dim=5, use_batchnorm=True, seed=0),
+        lambda: neural_net.TwoLayerNet(6, 5, 3, seed=0),
+        lambda: FastConvNet(widths=(4, 6, 5), seed=0),
+    ],
+)
+def test_values_at_most_bounds_what_a_network_allocates_before_it_allocates_it(make, monkeypatch):
+    """Sizes read from a file build a network no larger than the file's values: a few bytes
+    declaring widths of 20,000 asked for 72 GB of weights."""
+    from xpnet import model as model_module
+
+    net = make()
+    arrays = [*net.params.values(), *(v for b in net.buffers() for v in b.values() if hasattr(v, "shape"))]
+    held = sum(int(np.prod(a.shape)) for a in arrays)
+    with model_module.values_at_most(held):
+        make()  # exactly as many: built
+    claimed = []
+    monkeypatch.setattr(model_module, "_claim", claimed.append)  # every array the network holds is counted
+    make()
+    assert sum(int(np.prod(shape)) for shape in claimed) >= held
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=f"declares a network of more values than the {held - 1} it has room for"):
+        with model_module.values_at_most(held - 1):
+            make()
+    make()  # the bound ends with the block
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.float64])
 def test_dtype_options(backend, dtype):
     model = xpnet.FullyConnectedNet([3], input_dim=2, num_classes=2, dtype=dtype, backend=backend)

@@ -3,8 +3,6 @@ with an explicit forward and backward pass."""
 
 from __future__ import annotations
 
-import math
-
 from .conv_common import channel_sum
 from .data_checks import check_image_batch
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
@@ -289,15 +287,6 @@ class FastConvNet(Model):
             c_in = f
         return convs
 
-    @classmethod
-    def array_values(cls, input_dim, widths, num_classes: int = 10) -> int:
-        """How many values the parameters and buffers of a FastConvNet of these sizes hold,
-        before any is made: a file that declares the sizes must hold that many."""
-        channels = input_dim[0]
-        whiten_width = 2 * channels * 4
-        convs = sum(f * c * 9 + 3 * f for f, c in cls._conv_channels(channels, widths))  # W, beta, running averages
-        return whiten_width * (1 + channels * 4) + convs + widths[-1] * num_classes
-
     def init_whitening(self, images, eps: float = 5e-4) -> None:
         """Set the whitening filters from (N, C, H, W) training images (the recipe uses 5,000) with
         :func:`xpnet.whitening.whitening_filters`; written in place, so captured graphs see them."""
@@ -320,10 +309,6 @@ class FastConvNet(Model):
         raise ValueError(
             f"FastConvNet: activation_dtype must be None (the parameters' dtype) or 'float16', got {spec!r}{available}"
         )
-
-    def _uniform(self, rng, shape, fan_in):
-        bound = 1.0 / math.sqrt(fan_in)
-        return (2.0 * rng.uniform(shape, dtype=self.dtype) - 1.0) * bound
 
     def _dirac_conv(self, rng, f, c):
         """(F, C, 3, 3) uniform weights whose first min(F, C) filters are the identity."""

@@ -3,6 +3,8 @@ how it takes input."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 
@@ -24,7 +26,36 @@ __all__ = [
     "loss_and_grads",
     "model_state",
     "load_model_state",
+    "values_at_most",
 ]
+
+# (the bound, what is left of it) for networks built inside values_at_most; None: no bound.
+_values_left: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("xpnet_values_left", default=None)
+
+
+@contextlib.contextmanager
+def values_at_most(limit: int):
+    """Networks built inside may allocate at most ``limit`` values, parameters and buffers
+    together; one that would allocate more raises ValueError before it does. For sizes read
+    from a file, whose arrays must then fit in it: a few bytes could declare widths whose
+    weights take every byte of memory."""
+    token = _values_left.set((limit, limit))
+    try:
+        yield
+    finally:
+        _values_left.reset(token)
+
+
+def _claim(shape) -> None:
+    """Count an allocation of ``shape`` against :func:`values_at_most`'s bound, if one is set."""
+    bound = _values_left.get()
+    if bound is None:
+        return
+    limit, left = bound
+    left -= math.prod(shape)
+    if left < 0:
+        raise ValueError(f"declares a network of more values than the {limit} it has room for")
+    _values_left.set((limit, left))
 
 
 class L2Strength:
@@ -132,13 +163,23 @@ class Model:
             return check_generator("rng", rng, self.backend, "the model", "a seed goes in seed=")
         return self.backend.default_rng() if seed is None else self.backend.rng(seed)
 
+    # Every parameter and buffer of xpnet's networks is made by these (bounded by values_at_most).
     def _weight(self, rng, shape, std):
+        _claim(shape)
         return rng.normal(shape, std=std, dtype=self.dtype)
 
+    def _uniform(self, rng, shape, fan_in):
+        """Uniform in ±1/sqrt(fan_in), as PyTorch initialises its layers."""
+        _claim(shape)
+        bound = 1.0 / math.sqrt(fan_in)
+        return (2.0 * rng.uniform(shape, dtype=self.dtype) - 1.0) * bound
+
     def _zeros(self, n):
+        _claim((n,))
         return self.xp.zeros((n,), dtype=self.dtype, device=self.backend.device)
 
     def _ones(self, n):
+        _claim((n,))
         return self.xp.ones((n,), dtype=self.dtype, device=self.backend.device)
 
 

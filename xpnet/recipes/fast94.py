@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
 from ..data_checks import validate_split
 from ..input_checks import as_int, is_array, is_number
-from ..model import check_input_dim
+from ..model import check_input_dim, values_at_most
 from ..training.graph import GraphReplay
 from ..training.guard import DivergenceWarning
 from ..training.lookahead import Lookahead, cubic_lookahead_decay
@@ -526,12 +526,9 @@ def load_fast94_model(path, backend=None) -> FastConvNet:
     try:
         settings = Fast94Settings().with_overrides(payload["settings"])
         input_dim = tuple(check_input_dim(payload.get("input_dim", ())))
-        # The sizes come from the file: a few bytes may declare widths whose weights take all memory.
-        values = FastConvNet.array_values(input_dim, settings.widths, CIFAR10_CLASSES)
-        declared, size = values * np.dtype(settings.dtype).itemsize, os.path.getsize(path)
-        if declared > size:
-            raise ValueError(f"declares a network of {values} values ({declared} bytes) in a file of {size} bytes")
-        model = recipe_model(backend, settings, 0, input_dim)
+        # The sizes come from the file, whose arrays must hold the network's values.
+        with values_at_most(os.path.getsize(path) // np.dtype(settings.dtype).itemsize):
+            model = recipe_model(backend, settings, 0, input_dim)
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
