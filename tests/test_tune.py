@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpnet.checkpoint import load_checkpoint
+from xpnet.checkpoint import load_checkpoint, save_checkpoint
 from xpnet.experiment import Experiment
 from xpnet.tune.space import SpaceError, load_space_file, parse_space
 
@@ -293,7 +293,7 @@ def test_the_first_layer_picture_shows_each_unit_or_filter_as_an_image(model):
         assert images.shape == (6, 8, 8, 1) and images[5, 1, 2, 0] == w1[1 * 8 + 2, 5]
 
 
-def test_the_best_models_test_accuracy_is_scored_in_batches(monkeypatch):
+def test_the_best_models_test_accuracy_is_scored_in_batches(monkeypatch, tmp_path):
     """The one pass over the test set comes after every trial: scoring 10,000 CIFAR images at
     once takes about 8 GB for ThreeLayerConvNet's im2col columns, and failing there lost the
     summary of a whole sweep."""
@@ -314,8 +314,61 @@ def test_the_best_models_test_accuracy_is_scored_in_batches(monkeypatch):
     loss = type(net).loss
     monkeypatch.setattr(type(net), "loss", lambda self, X, y=None: rows.append(X.shape[0]) or loss(self, X, y))
     best = {"settings": vars(settings), "model_state": model_state(net, net.backend)}
-    test_acc, _, _ = report._test_accuracy(best, "numpy")
+    path = save_checkpoint(tmp_path / "best_model.npz", best)
+    test_acc, _, _ = report._test_accuracy(best, "numpy", path)
     assert test_acc == expected and sum(rows) == data["X_test"].shape[0] and max(rows) <= 500
+
+
+def _best_trial_file(tmp_path):
+    """A best_model.npz as run_sweep writes it, of a small net trained on nothing."""
+    import xpnet
+    from xpnet.experiment import apply_defaults, build_model, load_data
+    from xpnet.model import model_state
+
+    settings = Experiment(dataset="digits", hidden_dims=[6])
+    apply_defaults(settings)
+    net = build_model(settings, load_data(settings), xpnet.get_backend("numpy"))
+    best = {"value": 0.5, "number": 3, "settings": vars(settings), "params": {"lr": 1e-3},
+            "model_state": model_state(net, net.backend)}  # fmt: skip
+    return best, save_checkpoint(tmp_path / "best_model.npz", best)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda best: best.pop("value"), "it has no value"),
+        (lambda best: best.pop("model_state"), "it has no model_state"),
+        (lambda best: best.update(value="high"), "its value 'high' is not a validation accuracy"),
+        (lambda best: best.update(value=float("nan")), "its value nan is not a validation accuracy"),
+        (lambda best: best.update(number=-1), "its trial number -1 is not one"),
+        (lambda best: best.update(settings=[1]), "its settings, params and model_state are not all dicts"),
+        (lambda best: best["settings"].update(colour="red"), "its settings are not a run's .*'colour'\\)"),
+    ],
+)
+def test_a_best_model_file_that_no_sweep_wrote_is_refused_by_name(tmp_path, change, message):
+    """A sweep reads the file back when it starts and when it ends: these failed after every trial
+    had run, in a KeyError or TypeError (or went on with a NaN best)."""
+    from xpnet.checkpoint import CheckpointError
+    from xpnet.tune.report import read_best_model
+
+    best, path = _best_trial_file(tmp_path)
+    assert read_best_model(path)["number"] == 3 and read_best_model(tmp_path / "none.npz") is None
+    change(best)
+    save_checkpoint(path, best)
+    with pytest.raises(CheckpointError, match=f"best_model.npz is not the best model a sweep keeps: {message}; move"):
+        read_best_model(path)
+
+
+def test_a_best_model_file_declaring_a_network_larger_than_it_holds_is_refused_before_it_is_built(tmp_path):
+    """Hidden sizes of a million from a few kilobytes asked NumPy for 3.6 TiB."""
+    from xpnet.checkpoint import CheckpointError
+    from xpnet.tune import report
+
+    best, path = _best_trial_file(tmp_path)
+    best["settings"]["hidden_dims"] = [10**6, 10**6]
+    save_checkpoint(path, best)
+    with pytest.raises(CheckpointError, match="best_model.npz: declares a network of more values than the \\d+ it"):
+        report._test_accuracy(report.read_best_model(path), "numpy", path)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -345,6 +398,18 @@ def check_outputs(out, trials, printed):
     assert printed.strip().splitlines()[-1] == f"best val acc: {best['value']:.4f}"
     for picture in ("optimization_history.png", "first_layer_weights.png"):
         assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sweep_whose_folder_holds_a_damaged_best_model_runs_no_trial(tmp_path, capsys):
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    save_checkpoint(out / "best_model.npz", {"number": 1})
+    with pytest.raises(SystemExit):
+        main(["--trials", "2", "--out", str(out), *SPACE])
+    assert "best_model.npz is not the best model a sweep keeps: it has no value" in capsys.readouterr().err
+    assert study_of(out).trials == []
 
 
 def test_sweep_in_process_on_digits(tmp_path, capsys):

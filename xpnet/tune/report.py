@@ -12,12 +12,13 @@ import warnings
 import numpy as np
 
 from ..backend import get_backend
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..experiment import Experiment, build_model, load_data
-from ..model import load_model_state
+from ..input_checks import as_int, is_number, short_repr
+from ..model import load_model_state, values_at_most
 from ..vis_utils import plotting_unavailable
 
-__all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images"]
+__all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images", "read_best_model", "BEST_KEYS"]
 
 
 def write_trials_csv(study, path) -> list:
@@ -110,13 +111,52 @@ def _first_layer_picture(model, settings, out):
     return path
 
 
-def _test_accuracy(best, backend_spec):
-    """The best model, rebuilt and loaded, on the test set: the one time the sweep touches it."""
+BEST_KEYS = ("value", "number", "settings", "params", "model_state")  # what run_sweep keeps of the best trial
+
+
+def read_best_model(path) -> dict | None:
+    """The best trial that :func:`~xpnet.tune.run_sweep` keeps at ``path`` (its keys are
+    :data:`BEST_KEYS`), or None where there is no file yet. A file that is not one raises
+    :class:`~xpnet.checkpoint.CheckpointError` naming it and what is wrong, before any trial
+    runs (it failed after all of them, in a KeyError or TypeError)."""
+    if not os.path.exists(path):
+        return None
+    best = load_checkpoint(path)
+    missing = [key for key in BEST_KEYS if key not in best]
+    if missing:
+        problem = f"it has no {', '.join(missing)}"
+    elif not is_number(best["value"]) or not 0 <= best["value"] <= 1:
+        problem = f"its value {short_repr(best['value'])} is not a validation accuracy"
+    elif as_int(best["number"]) is None or best["number"] < 0:
+        problem = f"its trial number {short_repr(best['number'])} is not one"
+    elif not all(isinstance(best[key], dict) for key in ("settings", "params", "model_state")):
+        problem = "its settings, params and model_state are not all dicts"
+    else:
+        try:
+            Experiment(**best["settings"])
+            problem = ""
+        except TypeError as exc:  # a setting Experiment does not have
+            problem = f"its settings are not a run's ({exc})"
+    if problem:
+        raise CheckpointError(
+            f"{path} is not the best model a sweep keeps: {problem}; move it out of the sweep's folder to go on"
+        )
+    return best
+
+
+def _test_accuracy(best, backend_spec, path):
+    """The best model, read from ``path``, rebuilt and loaded, on the test set: the one time
+    the sweep touches it."""
     settings = Experiment(**best["settings"])
     backend = get_backend(backend_spec)
     data = load_data(settings)
-    model = build_model(settings, data, backend)
-    load_model_state(model, best["model_state"], backend)
+    try:
+        # The sizes come from the file, whose float32 weights (every trial's) must fit in it.
+        with values_at_most(os.path.getsize(path) // 4):
+            model = build_model(settings, data, backend)
+        load_model_state(model, best["model_state"], backend)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     predictions = backend.to_numpy(model.predict(data["X_test"]))  # in batches: a conv net's would not fit at once
     return float(np.mean(predictions == data["y_test"])), model, settings
 
@@ -136,9 +176,9 @@ def write_outputs(study, config, best_path, say) -> dict:
         say(f"plots skipped: {no_matplotlib}")
     elif config.plots and summary["complete"]:
         summary["plots"] = _plots(study, config.out, say)
-    if os.path.exists(best_path):
-        best = load_checkpoint(best_path)
-        test_acc, model, settings = _test_accuracy(best, config.backend)
+    best = read_best_model(best_path)
+    if best is not None:
+        test_acc, model, settings = _test_accuracy(best, config.backend, best_path)
         summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
         summary["best_settings"] = best["settings"]
         summary["weights"] = None if no_matplotlib else _first_layer_picture(model, settings, config.out)

@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from ..backend import check_backend_spec, get_backend
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..experiment import DATASETS, MODELS, Experiment
 from ..input_checks import as_int, file_path
 from ..training.settings import SolverSettings
-from .report import write_outputs
+from .report import BEST_KEYS, read_best_model, write_outputs
 from .space import SETTINGS, SearchSpace, SpaceError, check_run_setting
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
 from .trial import run_trial
@@ -239,7 +239,8 @@ def run_sweep(config: SweepConfig) -> dict:
             say(f"the grid has {points} points: {points} trials, not {trials}")
             trials = points
     best_path = os.path.join(config.out, "best_model.npz")
-    best = load_checkpoint(best_path)["value"] if os.path.exists(best_path) else None
+    best_trial = read_best_model(best_path)
+    best = None if best_trial is None else best_trial["value"]
     executor = _executor(config)
     pending: list = []
     try:
@@ -256,8 +257,7 @@ def run_sweep(config: SweepConfig) -> dict:
             say(f"trial {result['number']}: {result['state'].lower()} {'' if value is None else f'{value:.4f}'}{note}")
             if result["state"] == "COMPLETE" and (best is None or value > best):
                 best = value
-                keep = ("value", "number", "settings", "params", "model_state")
-                save_checkpoint(best_path, {key: result[key] for key in keep})
+                save_checkpoint(best_path, {key: result[key] for key in BEST_KEYS})
     finally:
         executor.close()
     return write_outputs(study, config, best_path, say)
