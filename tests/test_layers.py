@@ -287,6 +287,29 @@ def test_running_averages_of_another_size_are_refused(backend):
         layers.batchnorm_forward(x, None, x[0, :], stale)
 
 
+@pytest.mark.parametrize(
+    "function, x_shape",
+    [
+        (layers.batchnorm_forward, (4, 3)),
+        (layers.spatial_batchnorm_forward, (2, 3, 2, 2)),
+        (layers.spatial_batchnorm_gelu_forward, (2, 3, 2, 2)),
+    ],
+)
+def test_running_averages_that_are_not_float_arrays_are_refused_by_name(backend, function, x_shape):
+    """A list failed with "'list' object has no attribute 'shape'", and an integer array in
+    train mode inside the in-place update of the averages ('Cannot cast ufunc')."""
+    x = arr(backend, np.ones(x_shape))
+    gamma, beta = arr(backend, np.ones(3)), arr(backend, np.zeros(3))
+    name = function.__name__
+    for mean, words in (
+        ([0.0, 0.0, 0.0], r"must be an array, got list"),
+        (backend.asarray(np.zeros(3, dtype=np.int64)), r"must be a floating-point array, got dtype int64"),
+    ):
+        bn_param = {"mode": "train", "running_mean": mean, "running_var": arr(backend, np.ones(3))}
+        with pytest.raises(TypeError, match=rf"^{name}: bn_param\['running_mean'\] {words}"):
+            function(x, gamma, beta, bn_param)
+
+
 def test_a_dropout_probability_must_be_a_number(backend):
     with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\), got '0.5'"):
         layers.dropout_forward(arr(backend, np.ones((2, 3))), {"mode": "train", "p": "0.5"})

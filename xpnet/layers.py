@@ -373,7 +373,7 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
         batchnorm_mode("batchnorm_forward", bn_param),
         normalization_eps("batchnorm_forward", "bn_param", bn_param),
     )
-    ensure_running_statistics(bn_param, x, x.shape[1])
+    ensure_running_statistics("batchnorm_forward", bn_param, x, x.shape[1])
     if mode == "train":
         if x.shape[0] < 2:
             raise ValueError(
@@ -423,17 +423,22 @@ def check_eps(function: str, value, name: str) -> float:
     return float(value)
 
 
-def ensure_running_statistics(bn_param: dict, like: Array, d: int) -> None:
+def ensure_running_statistics(function: str, bn_param: dict, like: Array, d: int) -> None:
     """Zeros (d,) for 'running_mean' and 'running_var' where ``bn_param`` has none yet,
-    of ``like``'s dtype (float32 for float16 activations) and device."""
+    of ``like``'s dtype (float32 for float16 activations) and device; those it has must be
+    float arrays of ``like``'s library (a list or an integer array failed deep inside) and of shape (d,)."""
     xp = namespace(like)
     dtype = xp.float32 if is_half(xp, like) else like.dtype
     for key in ("running_mean", "running_var"):
-        if bn_param.get(key) is None:
+        running = bn_param.get(key)
+        if running is None:
             bn_param[key] = xp.zeros((d,), dtype=dtype, device=device(like))
-        elif tuple(bn_param[key].shape) != (d,):
+            continue
+        if type(running) is not type(like) or running.dtype != dtype:  # those made here need no check
+            layer_namespace(function, {"x": like, f"bn_param[{key!r}]": running})
+        if tuple(running.shape) != (d,):
             raise ValueError(
-                f"bn_param[{key!r}] has shape {tuple(bn_param[key].shape)}, but the input has {d} "
+                f"bn_param[{key!r}] has shape {tuple(running.shape)}, but the input has {d} "
                 f"features (or channels): it must be ({d},)"
             )
 

@@ -68,14 +68,13 @@ class _FusedBatchnormCache(NamedTuple):
 
 def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, name, gelu):
     """Spatial batchnorm (``gelu``: and the GELU after it) through a backend's fused kernels;
-    the running averages as in :func:`xpnet.layers.batchnorm_forward`."""
+    the running averages (made or checked by the caller) as in :func:`xpnet.layers.batchnorm_forward`."""
     mode, eps = batchnorm_mode(name, bn_param), normalization_eps(name, "bn_param", bn_param)
-    n, c, h, w = x.shape
-    ensure_running_statistics(bn_param, x, c)
     if mode == "test":
         running = bn_param["running_mean"], bn_param["running_var"]
         return kernels.spatial_batchnorm_apply(x, gamma, beta, *running, eps, gelu=gelu), None
     out, x_hat, mean, var, inv_std = kernels.spatial_batchnorm_train(x, gamma, beta, eps, gelu=gelu)
+    n, _, h, w = x.shape
     update_running_statistics(bn_param, mean, var, n * h * w)
     return out, _FusedBatchnormCache(kernels, x_hat, inv_std, gamma, beta if gelu else None)
 
@@ -93,6 +92,7 @@ def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
         raise ValueError(
             f"{name}: gamma and beta must be ({c},) for x {tuple(x.shape)}, got {gamma_shape} and {tuple(beta.shape)}"
         )
+    ensure_running_statistics(name, bn_param, x, c)
     fast = accelerated(x)
     if fast is not None:
         return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param, name, gelu)
