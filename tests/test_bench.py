@@ -526,6 +526,10 @@ def test_an_unwritable_json_path_or_missing_data_set_is_refused_before_any_suite
         (["--json", str(tmp_path / "missing" / "out.json")], "--json .*out.json: folder .*missing does not exist"),
         (["--json", str(tmp_path)], "--json .*: is a folder, not a file"),
         (["--time-to-accuracy", "--data-dir", str(tmp_path / "nowhere")], "--time-to-accuracy: CIFAR-10 not found"),
+        # reached before any training (0 or less), or never (NaN), each after the data set was loaded
+        (["--time-to-accuracy", "--target", "0"], "argument --target: must be > 0, got 0"),
+        (["--time-to-accuracy", "--target=-0.5"], "argument --target: must be > 0, got -0.5"),
+        (["--time-to-accuracy", "--target", "nan"], "argument --target: must be > 0, got nan"),
     ):
         with pytest.raises(SystemExit) as info:
             bench.main(["--suite", "fc", "--no-torch", *args])

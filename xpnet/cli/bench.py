@@ -467,7 +467,12 @@ def build_parser():
         help="a CIFAR-10 subset instead: an .npz with X_train, y_train and X_val, y_val (--time-to-accuracy) "
         "or X_test, y_test (--recipe)",
     )
-    p.add_argument("--target", type=float, default=0.5, help="validation accuracy for --time-to-accuracy")
+    p.add_argument(
+        "--target",
+        type=positive_float,  # 0 or less is reached before training; NaN never is
+        default=0.5,
+        help="validation accuracy for --time-to-accuracy (above 1: never reached, every --max-epochs epoch runs)",
+    )
     p.add_argument(
         "--recipe",
         choices=["fast94"],
