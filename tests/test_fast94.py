@@ -259,6 +259,10 @@ def test_tta_levels_average_the_views_as_described(backend, np_rng):
         np.testing.assert_allclose(to_np(got), want, rtol=1e-12)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         tta_scores(backend_scores, images, 2, batch_size=0)
+    for level in (3, 2.0, True, "2"):  # 2.0 failed in "tuple indices must be integers"
+        with pytest.raises(ValueError, match=rf"tta_scores: level must be 0, 1 or 2, got {level!r}"):
+            tta_scores(backend_scores, images, level)
+    np.testing.assert_allclose(to_np(tta_scores(backend_scores, images, np.int64(2))), expected, rtol=1e-12)
     # Scores of another shape were averaged on (a flat (N,) came out as (N,)); each level names them.
     for level in (0, 1, 2):
         with pytest.raises(ValueError, match=r"tta_scores: scores_of\(images\) must return class scores of shape \(N, C\), "

@@ -214,8 +214,9 @@ def tta_scores(scores_of, images: Array, level: int = 2, batch_size: int | None 
     """
     scores_of = _scoring_function("tta_scores", scores_of)
     _check_images("tta_scores", images)
-    if level not in (0, 1, 2):
+    if as_int(level) not in (0, 1, 2):  # 2.0 == 2, but indexes nothing; True == 1
         raise ValueError(f"tta_scores: level must be 0, 1 or 2, got {level!r}")
+    level = int(level)
     if batch_size is None:
         batch_size = 2000 if backend_of(images).is_gpu else 100
     rows = as_int(batch_size)
