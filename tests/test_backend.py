@@ -55,6 +55,10 @@ def test_a_malformed_device_is_named_whatever_is_installed(monkeypatch):
     monkeypatch.setattr(backend_module, "_CACHE", {})
     with pytest.raises(ValueError, match="invalid device index 'abc' in backend spec 'cupy:abc'"):
         get_backend("cupy:abc")
+    # the dashes of 'array-api-strict' are the library's name only: 'cupy:-1' was shown as 'cupy:_1'
+    with pytest.raises(ValueError, match="invalid device index '-1' in backend spec 'cupy:-1'"):
+        get_backend("cupy:-1")
+    assert get_backend("Array-API-Strict:device1") is get_backend("array_api_strict:device1")
     pytest.importorskip("torch")
     with pytest.raises(ValueError, match="invalid device index 'x' in backend spec 'torch:cuda:x'"):
         get_backend("torch:cuda:x")

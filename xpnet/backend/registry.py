@@ -129,8 +129,9 @@ def _parse_spec(spec) -> tuple[str, str]:
     """(normalised spec, library prefix) of a spec string; TypeError or ValueError naming it."""
     if not isinstance(spec, str):
         raise TypeError(f"backend must be a spec string or a Backend, not {type(spec).__name__}")
-    key = spec.strip().lower().replace("-", "_")
-    library = key.partition(":")[0]
+    library, colon, device_part = spec.strip().lower().partition(":")
+    library = library.replace("-", "_")  # array-api-strict, as pip spells it; not in 'cupy:-1'
+    key = library + colon + device_part
     if library not in _REGISTRY:
         raise ValueError(f"unknown backend {spec!r}; valid backends: {', '.join(valid_specs())}")
     return key, library
