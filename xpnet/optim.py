@@ -56,8 +56,9 @@ def _start(rule: str, w, dw, config):
 
 
 def _state(rule, config, key, like):
-    """The state array ``config[key]``, created as zeros shaped like ``like`` on first use; a
-    ValueError naming ``rule`` for one of another shape (one config shared by two weights, say)."""
+    """The state array ``config[key]``, created as zeros like ``like`` on first use. Naming
+    ``rule``: a ValueError for one of another shape (one config shared by two weights, say), a
+    TypeError for one of another dtype or for something that is not an array."""
     state = config.get(key)
     if state is None:
         config[key] = state = namespace(like).zeros_like(like)
