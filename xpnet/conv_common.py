@@ -53,6 +53,10 @@ def conv_geometry(function: str, x: Array, w: Array, b: Array, conv_param: dict)
             f"{function}: x must be (N, C, H, W), w (F, C, HH, WW) and b (F,) or None; "
             f"got x {tuple(x.shape)}, w {tuple(w.shape)}, b {b_shape}"
         )
+    if 0 in tuple(w.shape):  # NumPy failed reshaping the empty columns, which named neither array
+        raise ValueError(
+            f"{function}: w {tuple(w.shape)} is empty; it needs at least one filter, channel, row and column"
+        )
     if x.shape[1] != w.shape[1]:
         raise ValueError(
             f"{function}: x {tuple(x.shape)} has {x.shape[1]} channels but w {tuple(w.shape)} expects {w.shape[1]}"
