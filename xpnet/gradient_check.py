@@ -13,7 +13,7 @@ import math
 import random
 import warnings
 
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace, device, is_array_api_obj
 
 from .backend import namespace
 from .input_checks import as_int, check_writable, is_array, is_number
@@ -44,7 +44,12 @@ def rel_error(x, y, floor=1e-8) -> float:
     xp = array_namespace(*(a for a in (x, y) if is_array_api_obj(a)))
     if is_array_api_obj(x) and is_array_api_obj(y) and tuple(x.shape) != tuple(y.shape):
         raise ValueError(f"rel_error: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    like = x if is_array_api_obj(x) else y
+    # A number as a 0-d array beside the other: xp.abs of a float fails in array-api-strict.
+    x, y = (a if is_array_api_obj(a) else xp.asarray(a, device=device(like)) for a in (x, y))
     diff = xp.abs(x - y) / xp.maximum(xp.abs(x) + xp.abs(y), floor)
+    if 0 in tuple(diff.shape):  # no element differs (NumPy's max of nothing raises)
+        return 0.0
     return float(xp.max(diff))
 
 
