@@ -230,6 +230,11 @@ def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
     nan_pixel[1, 2, 3, 4] = np.nan
     with pytest.raises(ValueError, match="whitening_filters: the images hold NaN or infinite values"):  # not eigh's
         whitening_filters(arr(backend, nan_pixel), 2)
+    # integer pixels wrapped around in the covariance, which gave NaN filters; no images gave 0 / 0
+    with pytest.raises(TypeError, match="whitening_filters: images must be a floating-point array, got dtype uint8"):
+        whitening_filters(backend.asarray(np.ones((2, 3, 8, 8), dtype=np.uint8)), 2)
+    with pytest.raises(ValueError, match=r"whitening_filters: no images, got shape \(0, 3, 8, 8\)"):
+        whitening_filters(arr(backend, np.ones((0, 3, 8, 8))), 2)
     assert tuple(reflect_pad(x, np.int64(2)).shape) == (2, 3, 12, 12)
 
 

@@ -8,7 +8,7 @@ import math
 from .array_types import Array
 from .backend import namespace
 from .conv_common import offset_slice
-from .input_checks import as_int, is_number
+from .input_checks import as_int, is_number, layer_namespace
 
 __all__ = ["image_patches", "whitening_filters"]
 
@@ -37,7 +37,10 @@ def whitening_filters(x: Array, size: int = 2, eps: float = 5e-4) -> Array:
     ``linalg.eigh``; each eigenvector, largest eigenvalue first, is scaled by
     1 / sqrt(eigenvalue + eps); the negatives follow, so that a GELU after the layer keeps both signs.
     """
-    xp = namespace(x)
+    # Integer images wrapped around in patchesᵀ·patches, and the filters came out NaN.
+    xp = layer_namespace("whitening_filters", {"images": x})
+    if x.ndim == 4 and x.shape[0] == 0:  # else named as NaN pixels: the covariance is 0 / 0
+        raise ValueError(f"whitening_filters: no images, got shape {tuple(x.shape)}")
     if not is_number(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"whitening_filters: eps must be a finite number >= 0, got {eps!r}")
     patches = image_patches(x, size)
