@@ -10,7 +10,7 @@ from helpers import arr, check_backward, labels, to_np
 
 from xpnet import cache_blocks, layers
 from xpnet.gradient_check import eval_numerical_gradient, rel_error, rounding_floor
-from xpnet.special import erf, erfc, normal_cdf
+from xpnet.special import erf, erfc, normal_cdf, normal_pdf
 
 
 def test_erf_and_erfc_to_a_few_ulp(backend):
@@ -25,6 +25,18 @@ def test_erf_and_erfc_to_a_few_ulp(backend):
     limits = arr(backend, [np.inf, -np.inf])
     np.testing.assert_array_equal(to_np(erf(limits)), [1.0, -1.0])
     np.testing.assert_array_equal(to_np(erfc(limits)), [0.0, 2.0])
+
+
+@pytest.mark.parametrize("function", [erf, erfc, normal_cdf, normal_pdf])
+def test_special_functions_refuse_integers_and_lists(function):
+    """An integer array large enough for NumPy's cache blocks got its values written back into
+    an integer buffer (erf of ones gave zeros); a smaller one gave floats; booleans failed in sign."""
+    name = function.__name__
+    for dtype in ("int64", "bool"):
+        with pytest.raises(TypeError, match=rf"^{name}: x must be a floating-point array, got dtype {dtype}$"):
+            function(np.ones(2 * cache_blocks.BLOCK, dtype=dtype))
+    with pytest.raises(TypeError, match=rf"^{name}: x must be an array, got list"):
+        function([0.5])
 
 
 def _ulps(got, exact):

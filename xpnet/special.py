@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 
 from .array_types import Array
-from .backend import namespace
 from .cache_blocks import map_blocks
+from .input_checks import layer_namespace
 
 __all__ = ["erf", "erfc", "normal_cdf", "normal_pdf"]
 
@@ -137,22 +137,29 @@ def _single_in_double_on_host(function):
     return evaluate
 
 
+def _elementwise(name: str, function, x: Array) -> Array:
+    """``function`` over ``x`` in blocks, after checking that ``x`` holds floats: an integer
+    array was written back into an integer buffer (erf(1) became 0) once it filled a block."""
+    layer_namespace(name, {"x": x})
+    return map_blocks(_single_in_double_on_host(function), x)
+
+
 def erf(x: Array) -> Array:
     """The error function, elementwise (float32 or float64)."""
-    return map_blocks(_single_in_double_on_host(_erf), x)
+    return _elementwise("erf", _erf, x)
 
 
 def erfc(x: Array) -> Array:
     """1 - erf(x), accurate in relative terms where it is small (x large)."""
-    return map_blocks(_single_in_double_on_host(_erfc), x)
+    return _elementwise("erfc", _erfc, x)
 
 
 def normal_cdf(x: Array) -> Array:
     """Φ(x), the standard normal's cumulative distribution: erfc(-x/√2) / 2."""
-    return map_blocks(_single_in_double_on_host(_normal_cdf), x)
+    return _elementwise("normal_cdf", _normal_cdf, x)
 
 
 def normal_pdf(x: Array) -> Array:
     """φ(x) = e^(-x²/2) / √(2π)."""
-    xp = namespace(x)
+    xp = layer_namespace("normal_pdf", {"x": x})
     return xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
