@@ -15,6 +15,7 @@ from xpnet.checkpoint import load_checkpoint
 from xpnet.solver import Solver
 from xpnet.training import Callback, Checkpointer
 from xpnet.training.interrupts import interrupts_held
+from xpnet.vis_utils import plotting_unavailable
 
 # The Solver tests run on every backend of the suite ($XPNET_TEST_BACKENDS) in both dtypes.
 
@@ -163,6 +164,34 @@ def test_resume_equals_uninterrupted_run(tmp_path, backend, dtype):
     assert resumed.best_val_acc == full.best_val_acc
     for layer_full, layer_resumed in zip(full.model.bn_params, resumed.model.bn_params):
         np.testing.assert_array_equal(to_np(layer_full["running_mean"]), to_np(layer_resumed["running_mean"]))
+
+
+def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch):
+    """As the data folders do: Solver(checkpoint_name="~/runs/net") made a folder named "~" in the
+    working folder, and load_checkpoint("~/...") reported the file missing."""
+    from helpers import write_fake_cifar
+
+    from xpnet.data_utils import load_CIFAR10
+    from xpnet.vis_utils import plot_history
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    solver = Solver(small_model("numpy"), small_data(), num_epochs=1, batch_size=20, verbose=False, seed=0,
+                    checkpoint_name="~/runs/net")  # fmt: skip
+    solver.train()
+    assert solver.last_checkpoint == str(home / "runs" / "net_epoch_1.npz")
+    assert load_checkpoint("~/runs/net_epoch_1.npz")["epoch"] == 1
+    resumed = Solver(small_model("numpy"), small_data(), batch_size=20, verbose=False).resume("~/runs/net_epoch_1.npz")
+    assert resumed.epoch == 1 and resumed.last_checkpoint == solver.last_checkpoint
+    if plotting_unavailable() is None:
+        plot_history(solver, "~/curves.png")
+        assert (home / "curves.png").is_file()
+    write_fake_cifar(home / "cifar", per_batch=2)
+    assert load_CIFAR10("~/cifar")[0].shape == (10, 32, 32, 3)
+    assert os.listdir(work) == []
 
 
 def test_checkpoint_moves_between_backends(tmp_path):

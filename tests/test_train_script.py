@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -84,6 +85,20 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nothing to train: the checkpoint has run 2 epochs of --epochs 2" in out and "test acc:" in out
     assert "s for 0 epochs (0 iterations) after resuming at epoch 2" in out
+
+
+def test_paths_after_an_equals_sign_expand_a_tilde(train, tmp_path, monkeypatch, capsys):
+    """A shell expands ~ only at the start of a word: --log=~/m.jsonl made a folder named "~"."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert train(["--epochs", "1", "--quiet", "--log=~/m.jsonl", "--checkpoint-dir=~/ck"]) == 0
+    assert (home / "m.jsonl").is_file() and (home / "ck" / "digits_fc_epoch_1.npz").is_file()
+    assert train(["--epochs", "2", "--quiet", "--resume=~/ck/digits_fc_epoch_1.npz"]) == 0
+    assert f"resumed from {home / 'ck' / 'digits_fc_epoch_1.npz'} at epoch 1" in capsys.readouterr().out
+    assert os.listdir(work) == []
 
 
 @pytest.mark.parametrize(

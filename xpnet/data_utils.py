@@ -127,11 +127,11 @@ def load_CIFAR_batch(filename, dtype="float64"):
     return X, labels
 
 
-def _check_root(root) -> None:
-    """Name a ``root`` that cannot be the batches' folder: not a path (None failed inside
-    os.path.join), a batch file itself, or the folder that holds cifar-10-batches-py (each
-    was reported as a batch missing under it)."""
-    file_path("load_CIFAR10", "root", root, "the cifar-10-batches-py folder's path")
+def _check_root(root) -> str:
+    """``root`` as a path string (``~`` expanded), after naming one that cannot be the batches'
+    folder: not a path (None failed inside os.path.join), a batch file itself, or the folder
+    that holds cifar-10-batches-py (each was reported as a batch missing under it)."""
+    root = file_path("load_CIFAR10", "root", root, "the cifar-10-batches-py folder's path")
     if os.path.isfile(root):
         raise NotADirectoryError(
             f"load_CIFAR10: root {os.fspath(root)!r} is a file; give the folder that holds the batches, "
@@ -140,6 +140,7 @@ def _check_root(root) -> None:
     inner = os.path.join(root, CIFAR10_FOLDER)
     if not os.path.exists(os.path.join(root, "data_batch_1")) and os.path.isfile(os.path.join(inner, "data_batch_1")):
         raise FileNotFoundError(f"load_CIFAR10: no batches in {os.fspath(root)!r}, but {inner!r} holds them: give that")
+    return root
 
 
 def load_CIFAR10(root, dtype="float64"):
@@ -148,7 +149,7 @@ def load_CIFAR10(root, dtype="float64"):
     Returns:
         X_train (50000, 32, 32, 3), y_train (50000,), X_test (10000, 32, 32, 3), y_test (10000,).
     """
-    _check_root(root)
+    root = _check_root(root)
     batches = [load_CIFAR_batch(os.path.join(root, f"data_batch_{i}"), dtype) for i in range(1, 6)]
     X_train = np.concatenate([b[0] for b in batches])
     y_train = np.concatenate([b[1] for b in batches])

@@ -77,12 +77,14 @@ _FLOAT_DTYPES_SEEN: dict = {}  # namespace -> the dtypes of arrays that passed a
 
 
 def file_path(function: str, name: str, value, what: str = "a file path", hint: str = "") -> str:
-    """``value`` as a path string, or a TypeError naming ``function`` and ``name`` (what it must
-    be, then ``hint``): anything else failed inside os.fspath ("expected str, bytes or
-    os.PathLike object, not dict"), which names neither."""
+    """``value`` as a path string with a leading ``~`` expanded (as the data folders are: a
+    shell leaves ``--resume=~/run.npz`` as it is, and open() made a folder named ``~``), or a
+    TypeError naming ``function`` and ``name`` (what it must be, then ``hint``): anything else
+    failed inside os.fspath ("expected str, bytes or os.PathLike object, not dict"), which
+    names neither."""
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{function}: {name} must be {what} (str or Path), got {type(value).__name__}{hint}")
-    return os.fspath(value)
+    return os.path.expanduser(os.fspath(value))
 
 
 def check_seed(seed, name: str = "seed") -> int | None:

@@ -18,7 +18,7 @@ import warnings
 from .backend import check_generator
 from .batching import model_accuracy
 from .data_checks import checked_labelled_set
-from .input_checks import as_int
+from .input_checks import as_int, file_path
 from .model import backend_for, input_preparers, loss_and_grads, param_dtype
 from .training import callbacks as cb
 from .training.data import checked_rows, device_data
@@ -289,10 +289,11 @@ class Solver:
         """Continue from a checkpoint of this Solver (any backend's); another update rule or batch
         size is refused. This Solver's settings win: each difference from the checkpoint is in
         ``resume_changes`` (printed when verbose). ``trust_pickle``: read the old pickle format."""
+        path = file_path("Solver.resume", "path", path)  # ~ expanded, for the messages and last_checkpoint
         self.resume_changes = restore_solver(self, path, trust_pickle)
         for change in self.resume_changes if self.verbose else ():
             print(f"resume: {change}")
-        self.diverged, self.last_checkpoint, self._rngs = None, str(path), None
+        self.diverged, self.last_checkpoint, self._rngs = None, path, None
         self.guard = FiniteGuard(self.backend, self.iteration)
         if self.graph is not None:
             self.graph.reset()  # a captured graph would update the old arrays

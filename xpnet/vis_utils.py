@@ -125,7 +125,8 @@ def plot_history(history, path=None, title=None):
         the ``matplotlib.figure.Figure``.
     """
     losses, train_accs, val_accs = _histories(history)
-    folder = os.path.dirname(os.path.abspath(file_path("plot_history", "path", path))) if path is not None else None
+    path = file_path("plot_history", "path", path) if path is not None else None
+    folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
     if folder is not None and not os.path.isdir(folder):  # before the drawing, not after it
         raise FileNotFoundError(f"plot_history: folder {folder} does not exist")
     fig = new_figure(figsize=(8, 7))

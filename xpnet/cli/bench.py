@@ -51,6 +51,7 @@ from xpnet.cli.common import (
     load_npz_arrays,
     positive_float,
     positive_int,
+    user_path,
 )
 from xpnet.cli.recipe import recipe_settings
 from xpnet.solver import Solver
@@ -457,13 +458,14 @@ def build_parser():
     p.add_argument("--budget", type=positive_float, default=0.5, help="seconds per timed repeat (sets the step count)")
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch variants")
     p.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph variants of --suite fc")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=user_path, help="write the results here")
     p.add_argument(
         "--time-to-accuracy", action="store_true", help="also time the TwoLayerNet recipe to --target on CIFAR-10"
     )
-    p.add_argument("--data-dir", help="CIFAR-10 folder for --time-to-accuracy")
+    p.add_argument("--data-dir", type=user_path, help="CIFAR-10 folder for --time-to-accuracy")
     p.add_argument(
         "--cifar-npz",
+        type=user_path,
         help="a CIFAR-10 subset instead: an .npz with X_train, y_train and X_val, y_val (--time-to-accuracy) "
         "or X_test, y_test (--recipe)",
     )

@@ -23,6 +23,7 @@ __all__ = [
     "positive_int",
     "non_negative_int",
     "positive_float",
+    "user_path",
 ]
 
 
@@ -69,6 +70,12 @@ def non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
+
+
+def user_path(text):
+    """An argparse type: a path with a leading ``~`` expanded. A shell expands it only at the
+    start of a word, so ``--resume=~/run.npz`` arrived as it was written."""
+    return os.path.expanduser(text)
 
 
 def positive_float(text):

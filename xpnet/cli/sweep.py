@@ -19,7 +19,14 @@ import dataclasses
 import signal
 import sys
 
-from xpnet.cli.common import HelpFormatter, UsageError, check_output_folder, non_negative_int, positive_int
+from xpnet.cli.common import (
+    HelpFormatter,
+    UsageError,
+    check_output_folder,
+    non_negative_int,
+    positive_int,
+    user_path,
+)
 from xpnet.experiment import DATASETS, MODELS, Experiment
 
 INSTALL_HINT = 'xpnet-sweep needs Optuna and Dask: pip install "xpnet[tune]"'
@@ -28,12 +35,14 @@ INSTALL_HINT = 'xpnet-sweep needs Optuna and Dask: pip install "xpnet[tune]"'
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set to train on")
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
+    p.add_argument(
+        "--data-dir", type=user_path, help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)"
+    )
     p.add_argument("--num-train", type=positive_int, help="training rows of CIFAR-10 (default 49000)")
     p.add_argument("--model", choices=MODELS, default="fc", help="network, unless the space searches it")
     p.add_argument("--backend", help="backend of every trial (default: $XPNET_BACKEND, else numpy)")
     p.add_argument("--space", action="append", default=[], metavar="NAME=DIST", help="one searched setting")
-    p.add_argument("--space-file", help="the search space as a JSON or YAML file")
+    p.add_argument("--space-file", type=user_path, help="the search space as a JSON or YAML file")
     p.add_argument("--trials", type=positive_int, default=20, help="finished trials the study should hold")
     p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="Optuna's search")
     p.add_argument(
@@ -47,11 +56,12 @@ def build_parser():
     p.add_argument("--trials-per-gpu", type=non_negative_int, default=0, help="K concurrent trials on each GPU (cupy)")
     p.add_argument(
         "--storage",
+        type=user_path,
         help="Optuna storage: a journal file path, or an RDB URL (sqlite:///..., postgresql://...) "
         "(default: OUT/study.journal)",
     )
     p.add_argument("--study-name", default="xpnet-sweep", help="the study's name in the storage")
-    p.add_argument("--out", default="runs/sweep", help="run folder: trials.csv, plots, the best model")
+    p.add_argument("--out", type=user_path, default="runs/sweep", help="run folder: trials.csv, plots, the best model")
     p.add_argument("--no-plots", action="store_true", help="skip Optuna's plots")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p

@@ -28,6 +28,7 @@ from xpnet.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    user_path,
 )
 from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import (
@@ -91,7 +92,9 @@ def build_parser():
         default=[],
         help="override another setting of --recipe, e.g. widths=16,32,32 or tta_level=1 (repeatable)",
     )
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)")
+    p.add_argument(
+        "--data-dir", type=user_path, help="folder holding cifar-10-batches-py (else $XPNET_DATA_DIR, ~/.cache/xpnet)"
+    )
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not found")
     p.add_argument("--num-train", type=positive_int, default=None, help="training rows (CIFAR-10 default 49000)")
     p.add_argument(
@@ -166,17 +169,18 @@ def build_parser():
     )
     p.add_argument(
         "--checkpoint-dir",
+        type=user_path,
         help="write a checkpoint here after each epoch (with --recipe: the trained network, as <recipe>.npz)",
     )
-    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file")
+    p.add_argument("--resume", type=user_path, metavar="PATH", help="continue from a checkpoint file")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow --resume to read a checkpoint of the old pickle format: reading a pickle can run any "
         "code the file carries, so only for files you made",
     )
-    p.add_argument("--plot", metavar="PNG", help="save loss and accuracy curves")
-    p.add_argument("--log", metavar="JSONL", help="write one JSON line per logging point")
+    p.add_argument("--plot", type=user_path, metavar="PNG", help="save loss and accuracy curves")
+    p.add_argument("--log", type=user_path, metavar="JSONL", help="write one JSON line per logging point")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 

@@ -14,7 +14,7 @@ import math
 import sys
 
 from ..checkpoint import save_checkpoint, unwritable_reason
-from ..input_checks import as_int, is_array, is_number
+from ..input_checks import as_int, file_path, is_array, is_number
 from .interrupts import interrupts_held
 
 __all__ = ["Callback", "ConsoleReport", "LogFunction", "Checkpointer", "EarlyStopping", "asks_to_stop"]
@@ -119,6 +119,7 @@ class Checkpointer(Callback):
     before an epoch end whose parameters are not finite, so none is ever written)."""
 
     def __init__(self, name: str):
+        name = file_path("Solver", "checkpoint_name", name)  # "~/runs/net" means the home folder's
         # Checked now: a name that can never be written would fail only after the first epoch.
         reason = unwritable_reason(f"{name}_epoch_0.npz")
         if reason is not None:

@@ -14,7 +14,7 @@ import numpy as np
 from ..backend import get_backend
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..experiment import Experiment, build_model, load_data
-from ..input_checks import as_int, is_number, short_repr
+from ..input_checks import as_int, file_path, is_number, short_repr
 from ..model import load_model_state, values_at_most
 from ..vis_utils import plotting_unavailable
 
@@ -119,6 +119,7 @@ def read_best_model(path) -> dict | None:
     :data:`BEST_KEYS`), or None where there is no file yet. A file that is not one raises
     :class:`~xpnet.checkpoint.CheckpointError` naming it and what is wrong, before any trial
     runs (it failed after all of them, in a KeyError or TypeError)."""
+    path = file_path("read_best_model", "path", path)
     if not os.path.exists(path):
         return None
     best = load_checkpoint(path)
