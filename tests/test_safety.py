@@ -1,6 +1,7 @@
 """Safe files and honest failures: no file runs code when read, non-finite training
 stops, mistakes get errors in xpnet's words, and no work is lost."""
 
+import copy
 import importlib.util
 import io
 import json
@@ -1234,6 +1235,66 @@ def test_load_state_dict_names_what_does_not_fit():
     buffers[0]["running_mean"] = "zeros"
     with pytest.raises(ValueError, match="saved buffer 0's running_mean is not an array of floats"):
         model.load_state_dict({**state, "buffers": buffers})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"running_mean": np.zeros(7)}, r"saved buffer 0's running_mean has shape \(7,\), the model expects \(5,\)"),
+        (
+            {"running_var": np.zeros((1, 5))},
+            r"saved buffer 0's running_var has shape \(1, 5\), the model expects \(5,\)",
+        ),
+        ({"momentum": 5}, r"saved buffer 0: momentum must be a number in \[0, 1\], got 5"),
+        ({"eps": 0.0}, r"saved buffer 0: eps must be a finite number > 0, got 0.0"),
+        ({"mode": "eval"}, r"saved buffer 0: mode must be 'train' or 'test', got 'eval'"),
+        ({"unbiased_running_var": "yes"}, r"saved buffer 0: unbiased_running_var must be True or False, got 'yes'"),
+    ],
+)
+def test_load_state_dict_refuses_layer_state_the_layer_would_refuse_later(change, message):
+    """Each loaded, and failed at the next forward pass with no word of the file."""
+    model = xpnet.FullyConnectedNet([5], input_dim=4, normalization="batchnorm", dtype="float64", seed=0)
+    X = np.random.default_rng(0).standard_normal((6, 4))
+    model.loss(X, np.arange(6) % 3)  # the running averages exist
+    state = model.state_dict()
+    scores = to_np(model.loss(X))
+    with pytest.raises(ValueError, match=message):
+        model.load_state_dict({**state, "buffers": [{**state["buffers"][0], **change}]})
+    np.testing.assert_array_equal(to_np(model.loss(X)), scores)  # nothing was loaded
+
+
+def test_load_state_dict_refuses_nan_and_infinite_values():
+    """A NaN weight loaded without a word, and the model then predicted one class for every input."""
+    model = xpnet.FullyConnectedNet([5], input_dim=4, normalization="batchnorm", dtype="float64", seed=0)
+    state = copy.deepcopy(model.state_dict())  # on NumPy it holds the model's own arrays
+    state["params"]["W2"][1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"the saved state holds NaN or infinite values in params.W2"):
+        model.load_state_dict(state)
+    state = copy.deepcopy(model.state_dict())
+    state["buffers"][0].update(running_mean=np.zeros(5), running_var=np.full(5, np.inf))
+    with pytest.raises(ValueError, match=r"NaN or infinite values in buffers.0.running_var"):
+        model.load_state_dict(state)
+
+
+def test_load_state_dict_checks_running_averages_a_fresh_model_has_yet_to_make():
+    fresh = xpnet.FullyConnectedNet([5], input_dim=4, normalization="batchnorm", dtype="float64", seed=0)
+    saved = {"mode": "train", "running_mean": np.zeros((1, 5)), "running_var": np.ones((1, 5))}
+    with pytest.raises(ValueError, match=r"running_mean has shape \(1, 5\), the model expects one value per feature"):
+        fresh.load_state_dict({**fresh.state_dict(), "buffers": [saved]})
+    saved = {"mode": "train", "running_mean": np.zeros(5), "running_var": np.ones(4)}
+    with pytest.raises(ValueError, match=r"running_mean \(5,\) and running_var \(4,\) differ in shape"):
+        fresh.load_state_dict({**fresh.state_dict(), "buffers": [saved]})
+
+
+def test_a_fast94_model_file_with_another_whitening_filter_bank_is_refused():
+    """Five whitening filters failed at the first forward pass as a bias that did not fit."""
+    from xpnet.cnn import FastConvNet
+
+    model = FastConvNet(widths=(4, 8, 8), dtype="float64")
+    state = model.state_dict()
+    frozen = {**state["buffers"][-1], "whiten_W": np.zeros((5, 3, 2, 2))}
+    with pytest.raises(ValueError, match=r"saved buffer 6's whiten_W has shape \(5, 3, 2, 2\), the model expects \(24"):
+        model.load_state_dict({**state, "buffers": [*state["buffers"][:-1], frozen]})
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import os
 
 from .backend import Backend, backend_of, check_generator, get_backend
 from .batching import predicted_classes
-from .checkpoint import not_float_array, tree_to_device, tree_to_host
-from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace
-from .layers import BATCHNORM_KEYS
+from .checkpoint import non_finite_path, not_float_array, tree_to_device, tree_to_host
+from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace, short_repr
+from .layers import BATCHNORM_KEYS, check_eps, check_momentum
 
 # The batchnorm keys that hold arrays (the others are settings).
 RUNNING_KEYS = ("running_mean", "running_var")
@@ -298,21 +298,51 @@ def load_model_state(model, state: dict, backend) -> None:
     if len(state["buffers"]) != len(buffers):
         raise ValueError(f"the saved state has {len(state['buffers'])} buffers (layer state), the model {len(buffers)}")
     for i, (layer, saved) in enumerate(zip(buffers, state["buffers"])):
-        if not isinstance(saved, dict):
-            raise ValueError(f"saved buffer {i} is a {type(saved).__name__}, not a dict of layer state")
-        # Running averages are created on a layer's first call, so a fresh model may lack them.
-        unknown = sorted(set(saved) - set(layer) - set(BATCHNORM_KEYS))
-        if unknown:  # a normalisation layer would refuse them at its next call, far from the file
-            raise ValueError(f"saved buffer {i} has unknown key(s) {', '.join(unknown)}")
-        for key in RUNNING_KEYS:
-            if key in saved and not_float_array(saved[key]):
-                raise ValueError(
-                    f"saved buffer {i}'s {key} is not an array of floats (got {not_float_array(saved[key])})"
-                )
+        _check_saved_buffer(i, layer, saved)
+    where = non_finite_path({"params": state["params"], "buffers": state["buffers"]})
+    if where is not None:  # the model would predict one class for every input, and say nothing
+        raise ValueError(f"the saved state holds NaN or infinite values in {where}")
     dtype = param_dtype(model)
     model.params = tree_to_device(state["params"], backend, dtype)
     for layer, saved in zip(buffers, state["buffers"]):
         layer.update(tree_to_device(saved, backend, dtype))
+
+
+def _check_saved_buffer(i: int, layer: dict, saved) -> None:
+    """ValueError naming saved buffer ``i`` unless it can replace ``layer``'s state: what a layer
+    would refuse at its next call (a key it does not read, a momentum of 5), and arrays of another
+    shape than the model's (a whitening filter bank of 5 filters failed at the first forward pass
+    as a bias that did not match, with no word of the file)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"saved buffer {i} is a {type(saved).__name__}, not a dict of layer state")
+    # Running averages are created on a layer's first call, so a fresh model may lack them.
+    unknown = sorted(set(saved) - set(layer) - set(BATCHNORM_KEYS))
+    if unknown:
+        raise ValueError(f"saved buffer {i} has unknown key(s) {', '.join(unknown)}")
+    for key, value in saved.items():
+        current = layer.get(key)
+        if not (key in RUNNING_KEYS or is_array(current)):
+            continue
+        if not_float_array(value):
+            raise ValueError(f"saved buffer {i}'s {key} is not an array of floats (got {not_float_array(value)})")
+        shape = tuple(value.shape)
+        if current is None:  # a running average the layer will make at its first call: one per feature
+            if len(shape) != 1:
+                raise ValueError(f"saved buffer {i}'s {key} has shape {shape}, the model expects one value per feature")
+        elif shape != tuple(current.shape):
+            raise ValueError(f"saved buffer {i}'s {key} has shape {shape}, the model expects {tuple(current.shape)}")
+    if all(key in saved for key in RUNNING_KEYS) and saved["running_mean"].shape != saved["running_var"].shape:
+        raise ValueError(
+            f"saved buffer {i}'s running_mean {tuple(saved['running_mean'].shape)} and running_var "
+            f"{tuple(saved['running_var'].shape)} differ in shape"
+        )
+    where = f"saved buffer {i}"  # the layers' own checks, in the file's terms
+    if saved.get("mode", "train") not in ("train", "test"):
+        raise ValueError(f"{where}: mode must be 'train' or 'test', got {short_repr(saved['mode'])}")
+    check_momentum(where, saved.get("momentum", 0.9), "momentum")
+    check_eps(where, saved.get("eps", 1e-5), "eps")
+    if not isinstance(saved.get("unbiased_running_var", False), bool):
+        raise ValueError(f"{where}: unbiased_running_var must be True or False, got {saved['unbiased_running_var']!r}")
 
 
 def check_sizes(name: str, value, count: int, what: str) -> tuple:
