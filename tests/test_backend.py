@@ -165,6 +165,26 @@ def test_asarray_and_to_numpy_round_trip(backend):
     np.testing.assert_array_equal(back, host.astype(np.float32))
 
 
+def test_to_numpy_is_a_copy_on_every_backend(backend):
+    """It shared the array's memory on NumPy, PyTorch's CPU and array-api-strict's default
+    device (not on device1 or a GPU): a state_dict() taken as a snapshot changed with the
+    next in-place update there, and writing into a host copy wrote into the model."""
+    from xpnet import optim
+    from xpnet.backend import to_numpy
+
+    x = backend.asarray(np.zeros(3), dtype="float64")
+    for copy in (backend.to_numpy(x), to_numpy(x)):
+        copy[0] = 5.0
+    np.testing.assert_array_equal(backend.to_numpy(x), np.zeros(3))
+    model = xpnet.FullyConnectedNet([5], input_dim=4, num_classes=3, dtype="float64", seed=0, backend=backend)
+    snapshot = model.state_dict()
+    before = snapshot["params"]["W1"].copy()
+    optim.sgd(model.params["W1"], backend.asarray(np.ones((4, 5)), dtype="float64"), {"learning_rate": 1.0})
+    np.testing.assert_array_equal(snapshot["params"]["W1"], before)
+    host = np.zeros(2)
+    assert to_numpy(host) is not host
+
+
 def test_host_data_in_any_numpy_layout_reaches_every_backend(backend, np_rng):
     """A flip (``X[:, :, ::-1]``, negative strides) and big-endian data read from a file are
     arrays PyTorch refuses to take from NumPy as they are; every backend takes them, with their

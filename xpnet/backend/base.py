@@ -231,9 +231,12 @@ class Backend:
     def to_numpy(self, x) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host.
 
-        This (with :meth:`to_floats`) is how array data reaches the host in xpnet.
+        This (with :meth:`to_floats`) is how array data reaches the host in xpnet. Always a
+        copy, on every backend: np.asarray shared NumPy's memory (and PyTorch's CPU tensors',
+        array-api-strict's), so a model's state_dict() changed with the next update on those
+        backends only.
         """
-        return np.asarray(x)
+        return np.array(x, copy=True)
 
     def to_floats(self, scalars) -> list:
         """A list of 0-d arrays of this backend as Python floats, in one transfer."""

@@ -186,7 +186,7 @@ def library_of(x) -> str:
 def to_numpy(x) -> np.ndarray:
     """Copy any supported array (or a Python/NumPy value) to NumPy on the host."""
     if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
-        return np.asarray(x)
+        return np.array(x, copy=True)
     return backend_of(x).to_numpy(x)
 
 

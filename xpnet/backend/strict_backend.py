@@ -30,7 +30,7 @@ class StrictBackend(Backend):
         cpu = self.lib.Device("CPU_DEVICE")
         if x.device != cpu:
             x = x.to_device(cpu)
-        return np.asarray(x)
+        return np.array(x, copy=True)
 
 
 def make_strict(spec: str) -> Backend:

@@ -54,7 +54,7 @@ class TorchBackend(Backend):
         return self.device.type == "cuda"
 
     def to_numpy(self, x):
-        return x.detach().cpu().numpy()
+        return x.detach().to("cpu", copy=True).numpy()  # .cpu() keeps a CPU tensor's memory
 
     @property
     def random_stream(self) -> str:
