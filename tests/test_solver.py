@@ -166,6 +166,24 @@ def test_resume_equals_uninterrupted_run(tmp_path, backend, dtype):
         np.testing.assert_array_equal(to_np(layer_full["running_mean"]), to_np(layer_resumed["running_mean"]))
 
 
+def test_a_later_train_keeps_the_best_parameters_of_the_earlier_one(backend):
+    """After train() the model held the Solver's best_params dict itself, so the next train()
+    (more epochs) updated the kept best parameters in place: with no better validation accuracy
+    after it, the model ended with the last parameters, not the best."""
+    model = small_model(backend, dtype="float64")
+    # a rate so small that the accuracy cannot improve, while each update still moves the weights
+    solver = Solver(model, small_data(), update_rule="sgd", optim_config={"learning_rate": 1e-12},
+                    num_epochs=1, batch_size=20, verbose=False, seed=0)  # fmt: skip
+    solver.train()
+    best = {name: to_np(value) for name, value in solver.best_params.items()}
+    solver.num_epochs = 3
+    solver.train()
+    assert len(set(solver.val_acc_history)) == 1 and solver.best_val_acc == solver.val_acc_history[0]
+    for name in best:
+        np.testing.assert_array_equal(to_np(solver.best_params[name]), best[name], err_msg=name)
+        np.testing.assert_array_equal(to_np(solver.model.params[name]), best[name], err_msg=name)
+
+
 def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch):
     """As the data folders do: Solver(checkpoint_name="~/runs/net") made a folder named "~" in the
     working folder, and load_checkpoint("~/...") reported the file missing."""

@@ -223,7 +223,9 @@ class Solver:
         self._emit("on_train_end")
         self._losses_to_floats()
         if self.best_params:
-            self.model.params = self.best_params
+            # Copies: the update rules change the model's arrays in place, and a later train()
+            # (more epochs) would otherwise overwrite the best parameters it kept.
+            self.model.params = self._copied(self.best_params)
         return self
 
     def _leave_interrupted(self):
@@ -259,9 +261,12 @@ class Solver:
         self.val_acc_history.append(val_acc)
         if val_acc > self.best_val_acc:
             self.best_val_acc = val_acc
-            self.best_params = {k: self.backend.xp.asarray(v, copy=True) for k, v in self.model.params.items()}
+            self.best_params = self._copied(self.model.params)
         self._log(train_acc=train_acc, val_acc=val_acc)
         return True
+
+    def _copied(self, params: dict) -> dict:
+        return {name: self.backend.xp.asarray(value, copy=True) for name, value in params.items()}
 
     def _log(self, **values):
         record = {"iteration": self.iteration, "epoch": self.epoch, **values}
