@@ -1263,6 +1263,26 @@ def test_load_state_dict_refuses_layer_state_the_layer_would_refuse_later(change
     np.testing.assert_array_equal(to_np(model.loss(X)), scores)  # nothing was loaded
 
 
+def test_load_state_dict_copies_another_models_arrays_onto_its_own_backend_and_dtype(backend):
+    """A state made of another model's params was taken as it was: two models of one backend
+    shared their weights (training one changed the other), a NumPy model got PyTorch tensors,
+    and a float32 model kept float64 ones."""
+    source = xpnet.FullyConnectedNet([5], input_dim=4, num_classes=3, dtype="float64", seed=0, backend=backend)
+    state = {"params": source.params, "buffers": source.buffers()}
+    same = xpnet.FullyConnectedNet([5], input_dim=4, num_classes=3, dtype="float64", seed=1, backend=backend)
+    same.load_state_dict(state)
+    before = to_np(source.params["W1"])
+    xpnet.optim.sgd(same.params["W1"], same.params["W1"], {"learning_rate": 0.5})
+    np.testing.assert_array_equal(to_np(source.params["W1"]), before)
+    for target in ("numpy", "array_api_strict:device1"):
+        other = xpnet.FullyConnectedNet([5], input_dim=4, num_classes=3, dtype="float32", seed=1, backend=target)
+        other.load_state_dict(state)
+        assert all(
+            other.backend.owns(value) and value.dtype == other.backend.xp.float32 for value in other.params.values()
+        )
+        np.testing.assert_array_equal(to_np(other.params["W1"]), before.astype(np.float32))
+
+
 def test_load_state_dict_refuses_nan_and_infinite_values():
     """A NaN weight loaded without a word, and the model then predicted one class for every input."""
     model = xpnet.FullyConnectedNet([5], input_dim=4, normalization="batchnorm", dtype="float64", seed=0)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from xpnet.backend import namespace, to_numpy
 from xpnet.input_checks import file_path, is_array
 from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
@@ -355,12 +356,17 @@ def not_float_array(value) -> str:
 
 
 def tree_to_device(tree, backend, dtype=None):
-    """Inverse of :func:`tree_to_host`: NumPy arrays moved onto ``backend``."""
+    """Inverse of :func:`tree_to_host`: NumPy arrays, and any library's, copied onto
+    ``backend``, the floating ones in ``dtype`` (when given)."""
     if isinstance(tree, dict):
         return {k: tree_to_device(v, backend, dtype) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(tree_to_device(v, backend, dtype) for v in tree)
-    if isinstance(tree, np.ndarray):
-        # A copy: the optimizers update in place and must not write into the caller's arrays.
-        return backend.asarray(tree, dtype=dtype if tree.dtype.kind == "f" else None, copy=True)
+    if not isinstance(tree, np.ndarray) and is_array(tree) and not backend.owns(tree):
+        tree = to_numpy(tree)  # another library's array (a state built from another model's params)
+    if isinstance(tree, np.ndarray) or is_array(tree):
+        # A copy: the optimizers update in place and must not write into the caller's arrays
+        # (a backend's own arrays were taken as they were, and training one model changed another).
+        floating = namespace(tree).isdtype(tree.dtype, "real floating")
+        return backend.asarray(tree, dtype=dtype if floating else None, copy=True)
     return tree
