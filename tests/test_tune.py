@@ -259,6 +259,23 @@ def test_run_sweep_takes_paths_for_its_folder_and_storage(tmp_path):
     assert summary["complete"] == 1 and (tmp_path / "j.journal").exists() and (tmp_path / "out" / "trials.csv").exists()
 
 
+def test_a_database_that_cannot_be_opened_is_named_with_the_likely_slip(tmp_path, monkeypatch):
+    """sqlite:///tmp/s.db names tmp/s.db in the working folder; SQLAlchemy's OperationalError
+    reached the user as a traceback."""
+    from xpnet.tune import SweepConfig, parse_space, run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    space = parse_space(["lr=1e-3", "epochs=1", "hidden_dims=20"])
+    config = SweepConfig(space=space, trials=1, out="out", storage="sqlite:///missing/s.db", plots=False, verbose=False)
+    expected = (
+        "cannot open the study's storage sqlite:///missing/s.db: (sqlite3.OperationalError) unable to open database "
+        f"file; the folder {tmp_path / 'missing'} does not exist (sqlite:///missing/s.db is relative to the working "
+        "folder; sqlite:////missing/s.db is absolute)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        run_sweep(config)
+
+
 def test_a_script_that_starts_dask_workers_without_a_main_guard_is_told_so(tmp_path):
     """Each worker process imports the script again and tries to start a cluster of its own;
     Dask said only "Nanny failed to start", below the workers' tracebacks."""

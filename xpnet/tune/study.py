@@ -86,6 +86,23 @@ def sweep_definition(task: dict) -> dict:
     return {"space": task["space"], "experiment": fixed}
 
 
+def _sqlite_hint(spec: str) -> str:
+    """Why SQLite could not open the file ``spec`` names, when its folder is missing: a path
+    after three slashes is relative to the working folder, and four make it absolute."""
+    if not spec.startswith("sqlite:///"):
+        return ""
+    path = spec[len("sqlite:///") :].split("?", 1)[0]
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder):
+        return ""
+    where = (
+        ""
+        if path.startswith("/")
+        else f" (sqlite:///{path} is relative to the working folder; sqlite:////{path} is absolute)"
+    )
+    return f"; the folder {folder} does not exist{where}"
+
+
 def open_study(task: dict):
     """Create the study, or load it when the same command runs again. A study that holds a
     sweep of another definition (another space, data set or model) is refused: continuing it
@@ -93,12 +110,20 @@ def open_study(task: dict):
     import optuna
 
     _quiet_optuna()
-    study = optuna.create_study(
-        study_name=task["study_name"],
-        storage=storage_for(task["storage"]),
-        direction="maximize",
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            study_name=task["study_name"],
+            storage=storage_for(task["storage"]),
+            direction="maximize",
+            load_if_exists=True,
+        )
+    except Exception as exc:  # SQLAlchemy's errors (an optional library's) reached the user as a traceback
+        if not type(exc).__module__.startswith("sqlalchemy"):
+            raise
+        reason = str(exc).splitlines()[0]
+        raise ValueError(
+            f"cannot open the study's storage {task['storage']}: {reason}{_sqlite_hint(task['storage'])}"
+        ) from None
     definition = sweep_definition(task)
     recorded = study.user_attrs.get("xpnet_sweep")
     if recorded is None:
