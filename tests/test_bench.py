@@ -240,6 +240,7 @@ def test_tf32_is_refused_on_the_cpu(capsys):
         ("--rows", "0", "--rows: must be a positive integer, got 0"),
         ("--budget", "0", "--budget: must be > 0, got 0"),
         ("--runs", "-1", "--runs: must be a positive integer, got -1"),
+        ("--recipe-sides", ",", "--recipe-sides: names no side, got ','"),  # ran every side, as if not given
     ],
 )
 def test_counts_and_budgets_that_cannot_be_right_are_refused(capsys, flag, value, message):

@@ -443,6 +443,15 @@ def unread_flag(parser, args) -> str | None:
     return None
 
 
+def side_names(text):
+    """An argparse type: the comma-separated names of --recipe-sides, at least one (an empty
+    list ran every side, as if the flag had not been given)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"names no side, got {text!r}; e.g. xpnet,torch")
+    return names
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--backend", default="numpy", help="backend spec: numpy, cupy, cupy:N, torch, ...")
@@ -489,7 +498,7 @@ def build_parser():
     )
     p.add_argument(
         "--recipe-sides",
-        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        type=side_names,
         help="the sides of --recipe to run, e.g. xpnet,torch (default: all that run here: xpnet, "
         "xpnet-cudnn, xpnet-fp16, torch, torch-fp16)",
     )
