@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import re
 import sys
@@ -163,6 +164,19 @@ def test_asarray_and_to_numpy_round_trip(backend):
     back = backend.to_numpy(x)
     assert isinstance(back, np.ndarray)
     np.testing.assert_array_equal(back, host.astype(np.float32))
+
+
+def test_every_backend_takes_the_arrays_of_every_other(backend):
+    """NumPy refused array-api-strict's device1 arrays with strict's RuntimeError ("Can't
+    convert array on the device1 device to a NumPy array"), as it refuses CuPy's and PyTorch's
+    CUDA arrays: a Solver on NumPy given such data failed in that library's words. They now
+    come through the host."""
+    host = np.arange(6.0).reshape(2, 3)
+    torch = ["torch:cpu"] if importlib.util.find_spec("torch") else []
+    for spec in ("numpy", "array_api_strict", "array_api_strict:device1", *torch, backend.name):
+        moved = backend.asarray(get_backend(spec).asarray(host), dtype="float32")
+        assert backend.owns(moved), spec
+        np.testing.assert_array_equal(backend.to_numpy(moved), host.astype(np.float32), err_msg=spec)
 
 
 def test_to_numpy_is_a_copy_on_every_backend(backend):

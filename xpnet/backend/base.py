@@ -67,6 +67,20 @@ def in_native_layout(obj):
     return obj
 
 
+def foreign_array_on_host(obj) -> np.ndarray | None:
+    """A host copy of ``obj`` when it is an array of a registered library (through that
+    library's own transfer), else None. For arrays another library cannot take directly: NumPy
+    refuses CuPy's and PyTorch's CUDA arrays and array-api-strict's device1 ones, each with an
+    error of its own library."""
+    from .registry import backend_of
+
+    try:
+        source = backend_of(obj)
+    except TypeError:
+        return None
+    return source.to_numpy(obj)
+
+
 class DeviceRNG:
     """A random generator whose draws are arrays on the backend's device.
 
@@ -226,7 +240,13 @@ class Backend:
         on the CPU) unless ``copy=True``.
         """
         dt = None if dtype is None else self.dtype(dtype)
-        return self.xp.asarray(in_native_layout(obj), dtype=dt, device=self.device, copy=copy)
+        try:
+            return self.xp.asarray(in_native_layout(obj), dtype=dt, device=self.device, copy=copy)
+        except (TypeError, RuntimeError, ValueError):
+            host = foreign_array_on_host(obj)
+            if host is None:
+                raise
+            return self.xp.asarray(host, dtype=dt, device=self.device)
 
     def to_numpy(self, x) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from array_api_compat import is_cupy_array
 
-from .base import Backend, CapturedGraph, DeviceRNG, in_native_layout, seed_to_int
+from .base import Backend, CapturedGraph, DeviceRNG, foreign_array_on_host, in_native_layout, seed_to_int
 from .dispatch import accelerated
 from .registry import import_library, register_backend
 
@@ -56,7 +56,13 @@ class CupyBackend(Backend):
     def asarray(self, obj, dtype=None, copy=None):
         dt = None if dtype is None else self.dtype(dtype)
         with self.device:
-            out = self.lib.asarray(in_native_layout(obj), dtype=dt)
+            try:
+                out = self.lib.asarray(in_native_layout(obj), dtype=dt)
+            except (TypeError, RuntimeError, ValueError):
+                host = foreign_array_on_host(obj)
+                if host is None:
+                    raise
+                return self.lib.asarray(host, dtype=dt)
             # cupy.asarray copies host data anyway; copy device arrays when asked.
             return out.copy() if copy and out is obj else out
 
