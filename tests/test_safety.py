@@ -118,7 +118,9 @@ def test_a_model_saved_alone_or_by_the_solver_loads_for_inference_on_another_bac
         model.load_state_dict(state)
         np.testing.assert_array_equal(to_np(model.predict(X)), expected)
     # the whole Solver checkpoint, or something else, is named as not being a model's state
-    with pytest.raises(ValueError, match=r"got \['best_params', .*\] \(a Solver checkpoint keeps it under 'model'"):
+    with pytest.raises(
+        ValueError, match=r"got \['best_buffers', 'best_params', .*\] \(a Solver checkpoint keeps it under 'model'"
+    ):
         model.load_state_dict(load_checkpoint(path))
     with pytest.raises(ValueError, match=r"a dict with 'params' and 'buffers', as state_dict\(\) returns; got list$"):
         model.load_state_dict([])
@@ -1063,6 +1065,17 @@ def _set(path: tuple, value):
         ),
         (_set(("model", "params", "W1"), np.ones((6, 16), np.int64)), "saved parameter W1 is not an array of floats"),
         (_set(("model", "buffers"), ["x", "y"]), "saved buffer 0 is a str"),
+        # the running averages kept with the best parameters
+        (
+            _set(("best_buffers", 1, "running_mean"), np.zeros(3)),
+            r"best_buffers that do not fit the model: saved buffer 1's running_mean \(3,\) and running_var",
+        ),
+        (
+            _set(("best_buffers", 1), {"running_mean": np.zeros(3), "running_var": np.ones(3)}),
+            r"has best_buffers.1.running_mean of shape \(3,\), but model.buffers.1.running_mean has \(16,\)",
+        ),
+        (_set(("best_buffers",), "x"), "has best_buffers that are a str, not a list of layer state"),
+        (_set(("best_buffers", 0, "running_var"), np.full(16, np.nan)), "in best_buffers.0.running_var,"),
         (lambda state: state.pop("model"), "is not a Solver checkpoint"),
     ],
 )

@@ -184,6 +184,35 @@ def test_a_later_train_keeps_the_best_parameters_of_the_earlier_one(backend):
         np.testing.assert_array_equal(to_np(solver.model.params[name]), best[name], err_msg=name)
 
 
+def test_the_best_model_has_the_running_averages_its_validation_accuracy_was_scored_with(backend):
+    """With the best parameters the model got the last epoch's batchnorm running averages, so
+    its validation accuracy was not the best_val_acc recorded for it (0.95 against 0.96 on the
+    digits)."""
+    from xpnet.data_utils import load_digits_data
+
+    digits = load_digits_data()
+    data = {key: digits[key] for key in ("X_train", "y_train", "X_val", "y_val")}
+    model = xpnet.FullyConnectedNet([50], input_dim=64, num_classes=10, normalization="batchnorm", seed=0,
+                                    backend=backend)  # fmt: skip
+    averages = []  # the running averages at each accuracy check
+
+    def record(entry):
+        if "val_acc" in entry:
+            averages.append(
+                (entry["val_acc"], [to_np(model.bn_params[0][k]).copy() for k in ("running_mean", "running_var")])
+            )
+
+    solver = Solver(model, data, num_epochs=8, batch_size=50, optim_config={"learning_rate": 1e-2}, verbose=False,
+                    seed=0, on_log=record)  # fmt: skip
+    solver.train()
+    first_best = solver.val_acc_history.index(solver.best_val_acc)
+    assert first_best < len(solver.val_acc_history) - 1  # the averages moved on after the best check
+    best = averages[first_best][1]
+    for key, expected in zip(("running_mean", "running_var"), best):
+        np.testing.assert_array_equal(to_np(model.bn_params[0][key]), expected, err_msg=key)
+    assert solver.check_accuracy(data["X_val"], data["y_val"]) == solver.best_val_acc
+
+
 def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch):
     """As the data folders do: Solver(checkpoint_name="~/runs/net") made a folder named "~" in the
     working folder, and load_checkpoint("~/...") reported the file missing."""
@@ -346,6 +375,22 @@ def test_divergence_stops_training_with_a_clear_message():
     assert solver.diverged is not None
     assert solver.iteration < 50 * 20
     assert all(isinstance(v, float) for v in solver.loss_history)
+
+
+def test_after_divergence_the_best_model_scores_its_best_validation_accuracy():
+    """The diverging steps had moved batchnorm's running averages on, and the best parameters
+    came back beside them: 0.1 instead of the best check's 0.275 on the digits."""
+    from xpnet.data_utils import load_digits_data
+
+    digits = load_digits_data()
+    data = {key: digits[key] for key in ("X_train", "y_train", "X_val", "y_val")}
+    model = xpnet.FullyConnectedNet([50], input_dim=64, num_classes=10, normalization="batchnorm", seed=0)
+    solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 1e3}, num_epochs=20,
+                    batch_size=50, verbose=False, seed=0)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="diverged"), np.errstate(over="ignore", invalid="ignore"):
+        solver.train()
+    assert solver.diverged is not None and solver.best_val_acc > max(solver.val_acc_history[1:])
+    assert solver.check_accuracy(data["X_val"], data["y_val"]) == solver.best_val_acc
 
 
 def test_learning_rate_decays_each_epoch(backend):

@@ -8,7 +8,7 @@ import contextvars
 import math
 import os
 
-from .backend import Backend, backend_of, check_generator, get_backend
+from .backend import Backend, backend_of, check_generator, get_backend, namespace
 from .batching import predicted_classes
 from .checkpoint import non_finite_path, not_float_array, tree_to_device, tree_to_host
 from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace, short_repr
@@ -266,8 +266,7 @@ def loss_and_grads(result, backend) -> tuple:
 
 def model_state(model, backend) -> dict:
     """A model's parameters and buffers (batchnorm running averages) as host arrays."""
-    buffers = model.buffers() if hasattr(model, "buffers") else []
-    return {"params": tree_to_host(model.params, backend), "buffers": tree_to_host(buffers, backend)}
+    return {"params": tree_to_host(model.params, backend), "buffers": tree_to_host(model_buffers(model), backend)}
 
 
 def load_model_state(model, state: dict, backend) -> None:
@@ -294,18 +293,51 @@ def load_model_state(model, state: dict, backend) -> None:
                 f"saved parameter {name} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(model.params[name].shape)}"
             )
-    buffers = model.buffers() if hasattr(model, "buffers") else []
-    if len(state["buffers"]) != len(buffers):
-        raise ValueError(f"the saved state has {len(state['buffers'])} buffers (layer state), the model {len(buffers)}")
-    for i, (layer, saved) in enumerate(zip(buffers, state["buffers"])):
-        _check_saved_buffer(i, layer, saved)
+    check_saved_buffers(model, state["buffers"])
     where = non_finite_path({"params": state["params"], "buffers": state["buffers"]})
     if where is not None:  # the model would predict one class for every input, and say nothing
         raise ValueError(f"the saved state holds NaN or infinite values in {where}")
     dtype = param_dtype(model)
     model.params = tree_to_device(state["params"], backend, dtype)
-    for layer, saved in zip(buffers, state["buffers"]):
+    for layer, saved in zip(model_buffers(model), state["buffers"]):
         layer.update(tree_to_device(saved, backend, dtype))
+
+
+def model_buffers(model) -> list:
+    """A model's per-layer dicts of non-trained state (none for a model without ``buffers()``)."""
+    return model.buffers() if hasattr(model, "buffers") else []
+
+
+def check_saved_buffers(model, saved_buffers: list) -> None:
+    """ValueError unless ``saved_buffers`` can replace ``model``'s buffers, one dict per layer
+    (see :func:`_check_saved_buffer`)."""
+    buffers = model_buffers(model)
+    if len(saved_buffers) != len(buffers):
+        raise ValueError(f"the saved state has {len(saved_buffers)} buffers (layer state), the model {len(buffers)}")
+    for i, (layer, saved) in enumerate(zip(buffers, saved_buffers)):
+        _check_saved_buffer(i, layer, saved)
+
+
+def buffer_arrays(model) -> list:
+    """Copies of the arrays in ``model``'s buffers (batchnorm's running averages), one dict per
+    layer, for :func:`restore_buffer_arrays`: the Solver keeps those of its best check with
+    the best parameters, since the validation accuracy it recorded was scored with them."""
+    return [
+        {key: namespace(value).asarray(value, copy=True) for key, value in layer.items() if is_array(value)}
+        for layer in model_buffers(model)
+    ]
+
+
+def restore_buffer_arrays(model, arrays: list) -> None:
+    """Write what :func:`buffer_arrays` copied back into ``model``'s buffers, in place where the
+    array is there (a captured CUDA graph reads the same arrays)."""
+    for layer, saved in zip(model_buffers(model), arrays):
+        for key, value in saved.items():
+            current = layer.get(key)
+            if is_array(current) and tuple(current.shape) == tuple(value.shape) and current.dtype == value.dtype:
+                current[...] = value
+            else:
+                layer[key] = namespace(value).asarray(value, copy=True)
 
 
 def _check_saved_buffer(i: int, layer: dict, saved) -> None:

@@ -19,7 +19,7 @@ from .backend import check_generator
 from .batching import model_accuracy
 from .data_checks import checked_labelled_set
 from .input_checks import as_int, file_path
-from .model import backend_for, input_preparers, loss_and_grads, param_dtype
+from .model import backend_for, buffer_arrays, input_preparers, loss_and_grads, param_dtype, restore_buffer_arrays
 from .training import callbacks as cb
 from .training.data import checked_rows, device_data
 from .training.graph import GraphReplay
@@ -103,7 +103,7 @@ class Solver:
 
     def _reset(self):
         self.epoch = self.iteration = 0
-        self.best_val_acc, self.best_params = 0.0, {}
+        self.best_val_acc, self.best_params, self.best_buffers = 0.0, {}, []
         self.loss_history, self.train_acc_history, self.val_acc_history = [], [], []
         self.diverged = self.last_checkpoint = self._rngs = None
         self.resume_changes, self._stop_requested = [], False
@@ -226,6 +226,8 @@ class Solver:
             # Copies: the update rules change the model's arrays in place, and a later train()
             # (more epochs) would otherwise overwrite the best parameters it kept.
             self.model.params = self._copied(self.best_params)
+            # with the running averages the best validation accuracy was scored with
+            restore_buffer_arrays(self.model, self.best_buffers)
         return self
 
     def _leave_interrupted(self):
@@ -262,6 +264,7 @@ class Solver:
         if val_acc > self.best_val_acc:
             self.best_val_acc = val_acc
             self.best_params = self._copied(self.model.params)
+            self.best_buffers = buffer_arrays(self.model)
         self._log(train_acc=train_acc, val_acc=val_acc)
         return True
 

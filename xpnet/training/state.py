@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import optim
 from ..checkpoint import load_checkpoint, non_finite_path, not_float_array, tree_to_device, tree_to_host
 from ..input_checks import as_int, is_number, short_repr
-from ..model import load_model_state, model_state
+from ..model import check_saved_buffers, load_model_state, model_state
 
 __all__ = ["solver_state", "restore_solver", "settings_changes"]
 
@@ -13,7 +13,7 @@ __all__ = ["solver_state", "restore_solver", "settings_changes"]
 CHANGEABLE = ("lr_decay", "num_epochs", "seed", "num_train_samples", "num_val_samples", "print_every")
 # Settings that must match: the optimizer state and the step count depend on them.
 FIXED = ("update_rule", "batch_size")
-# What every Solver checkpoint holds (older ones lack "rng", which is optional).
+# What every Solver checkpoint holds (older ones lack "rng" and "best_buffers", which are optional).
 _SOLVER_KEYS = ("model", "optim_configs", "epoch", "iteration", "loss_history", "train_acc_history",
                 "val_acc_history", "best_val_acc", "best_params", "settings")  # fmt: skip
 
@@ -30,6 +30,8 @@ def solver_state(solver) -> dict:
         "val_acc_history": list(solver.val_acc_history),
         "best_val_acc": solver.best_val_acc,
         "best_params": tree_to_host(solver.best_params, solver.backend),
+        # the running averages the best validation accuracy was scored with
+        "best_buffers": tree_to_host(solver.best_buffers, solver.backend),
         # The generators are re-derived from (seed, epoch) by the named generator: this is their whole state.
         "rng": {"seed": solver.seed, "epoch": solver.epoch, "stream": solver.backend.random_stream},
         "settings": solver.settings.describe(),
@@ -120,12 +122,39 @@ def check_solver_state(state, model) -> None:
                 raise ValueError(
                     f"has optimizer state {name}.{key}, {what} of shape {value.shape}; the parameter is {shape}"
                 )
+    best_buffers = state.get("best_buffers", [])
+    if not isinstance(best_buffers, list):
+        raise ValueError(f"has best_buffers that are a {type(best_buffers).__name__}, not a list of layer state")
+    if best_buffers:  # none before the first accuracy check
+        try:
+            check_saved_buffers(model, best_buffers)
+        except ValueError as exc:
+            raise ValueError(f"has best_buffers that do not fit the model: {exc}") from None
+        _check_best_buffers_match(best_buffers, state["model"])
     # A Solver writes no checkpoint once training has diverged: from NaN weights or moments,
     # training would diverge at once, and the message would blame the training.
-    for part in ("model", "best_params", "optim_configs"):
-        where = non_finite_path(state[part], part)
+    for part in ("model", "best_params", "best_buffers", "optim_configs"):
+        where = non_finite_path(state.get(part), part)
         if where is not None:
             raise ValueError(f"holds NaN or infinite values in {where}, which no training can go on from")
+
+
+def _check_best_buffers_match(best_buffers: list, model_state: dict) -> None:
+    """ValueError unless each array of ``best_buffers`` has the shape of the same array in the
+    checkpoint's model state: a fresh model makes its running averages at its first call, so
+    only the file itself can say what size they are."""
+    saved = model_state.get("buffers") if isinstance(model_state, dict) else None
+    if not isinstance(saved, list) or len(saved) != len(best_buffers):
+        return  # the model state's own check names it
+    for i, (best, current) in enumerate(zip(best_buffers, saved)):
+        for key, value in best.items():
+            other = current.get(key) if isinstance(current, dict) else None
+            shape = getattr(other, "shape", None)
+            if shape is not None and tuple(shape) != tuple(value.shape):
+                raise ValueError(
+                    f"has best_buffers.{i}.{key} of shape {tuple(value.shape)}, but model.buffers.{i}.{key} "
+                    f"has {tuple(shape)}"
+                )
 
 
 def _is_step_count(value) -> bool:
@@ -163,6 +192,7 @@ def restore_solver(solver, path, trust_pickle=False) -> list:
         keep = state_keys if state_keys is not None else [k for k in config if k not in mine_now]
         mine_now.update({k: config[k] for k in keep if k in config})
     solver.best_params = tree_to_device(state["best_params"], solver.backend, dtype)
+    solver.best_buffers = tree_to_device(state.get("best_buffers", []), solver.backend, dtype)
     for key in ("epoch", "iteration", "best_val_acc"):
         setattr(solver, key, state[key])
     for key in ("loss_history", "train_acc_history", "val_acc_history"):
