@@ -1097,6 +1097,19 @@ def test_a_solver_checkpoint_that_no_solver_wrote_is_refused_whole(tmp_path, cha
         np.testing.assert_array_equal(to_np(solver.model.params[key]), value)
 
 
+def test_a_checkpoint_written_before_best_buffers_resumes_with_the_best_parameters_alone(tmp_path):
+    solver, path = trained_checkpoint(tmp_path, model=small_model("numpy", normalization="batchnorm"))
+    state = load_checkpoint(path)
+    del state["best_buffers"], state["rng"]
+    save_checkpoint(tmp_path / "older.npz", state)
+    resumed = Solver(small_model("numpy", normalization="batchnorm"), small_data(), update_rule="adam", batch_size=50,
+                     num_epochs=2, verbose=False, seed=0)  # fmt: skip
+    resumed.resume(tmp_path / "older.npz")
+    assert resumed.best_buffers == [] and resumed.epoch == 1
+    resumed.train()
+    assert resumed.epoch == 2
+
+
 def test_resume_refuses_another_update_rule(tmp_path):
     _, path = trained_checkpoint(tmp_path)
     other = Solver(small_model("numpy"), small_data(), update_rule="sgd_momentum", batch_size=50, verbose=False)
