@@ -318,14 +318,17 @@ def check_saved_buffers(model, saved_buffers: list) -> None:
         _check_saved_buffer(i, layer, saved)
 
 
+def copied_arrays(entries: dict) -> dict:
+    """Copies, on their own devices, of the arrays among ``entries`` (the other entries left out):
+    the update rules and batchnorm change a model's arrays in place."""
+    return {key: namespace(value).asarray(value, copy=True) for key, value in entries.items() if is_array(value)}
+
+
 def buffer_arrays(model) -> list:
     """Copies of the arrays in ``model``'s buffers (batchnorm's running averages), one dict per
     layer, for :func:`restore_buffer_arrays`: the Solver keeps those of its best check with
     the best parameters, since the validation accuracy it recorded was scored with them."""
-    return [
-        {key: namespace(value).asarray(value, copy=True) for key, value in layer.items() if is_array(value)}
-        for layer in model_buffers(model)
-    ]
+    return [copied_arrays(layer) for layer in model_buffers(model)]
 
 
 def restore_buffer_arrays(model, arrays: list) -> None:
@@ -337,7 +340,7 @@ def restore_buffer_arrays(model, arrays: list) -> None:
             if is_array(current) and tuple(current.shape) == tuple(value.shape) and current.dtype == value.dtype:
                 current[...] = value
             else:
-                layer[key] = namespace(value).asarray(value, copy=True)
+                layer[key] = copied_arrays({key: value})[key]
 
 
 def _check_saved_buffer(i: int, layer: dict, saved) -> None:

@@ -19,7 +19,15 @@ from .backend import check_generator
 from .batching import model_accuracy
 from .data_checks import checked_labelled_set
 from .input_checks import as_int, file_path
-from .model import backend_for, buffer_arrays, input_preparers, loss_and_grads, param_dtype, restore_buffer_arrays
+from .model import (
+    backend_for,
+    buffer_arrays,
+    copied_arrays,
+    input_preparers,
+    loss_and_grads,
+    param_dtype,
+    restore_buffer_arrays,
+)
 from .training import callbacks as cb
 from .training.data import checked_rows, device_data
 from .training.graph import GraphReplay
@@ -225,7 +233,7 @@ class Solver:
         if self.best_params:
             # Copies: the update rules change the model's arrays in place, and a later train()
             # (more epochs) would otherwise overwrite the best parameters it kept.
-            self.model.params = self._copied(self.best_params)
+            self.model.params = copied_arrays(self.best_params)
             # with the running averages the best validation accuracy was scored with
             restore_buffer_arrays(self.model, self.best_buffers)
         return self
@@ -263,13 +271,10 @@ class Solver:
         self.val_acc_history.append(val_acc)
         if val_acc > self.best_val_acc:
             self.best_val_acc = val_acc
-            self.best_params = self._copied(self.model.params)
+            self.best_params = copied_arrays(self.model.params)
             self.best_buffers = buffer_arrays(self.model)
         self._log(train_acc=train_acc, val_acc=val_acc)
         return True
-
-    def _copied(self, params: dict) -> dict:
-        return {name: self.backend.xp.asarray(value, copy=True) for name, value in params.items()}
 
     def _log(self, **values):
         record = {"iteration": self.iteration, "epoch": self.epoch, **values}
