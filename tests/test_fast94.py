@@ -531,6 +531,20 @@ def test_fewer_training_images_than_the_whitening_takes_run_on_every_backend(bac
     assert result.steps == 2 and 0 <= result.test_accuracy <= 1 and result.diverged is None
 
 
+def test_the_recipes_data_may_be_arrays_of_any_backend(backend):
+    """np.asarray of array-api-strict's device1 arrays (as of CuPy's) failed in strict's words."""
+    from xpnet.recipes.fast94 import device_data
+
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), "y_train": rng.integers(0, 10, 8),
+            "X_test": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), "y_test": rng.integers(0, 10, 4)}  # fmt: skip
+    numpy = get_backend("numpy")
+    expected = [to_numpy(a) for a in device_data(numpy, data)]
+    moved = device_data(numpy, {key: backend.asarray(value) for key, value in data.items()})
+    for got, want in zip(moved, expected):
+        np.testing.assert_array_equal(to_numpy(got), want)
+
+
 def test_the_trained_network_is_saved_and_loads_on_any_backend_scoring_as_it_did(backend, tmp_path):
     """Trained on NumPy, saved, loaded on each backend: the run's TTA scores and accuracy."""
     from xpnet.recipes import load_fast94_model, save_fast94_model

@@ -292,7 +292,7 @@ def normalized_images(backend: Backend, X, dtype="float32", name="images"):
     """Colour pixels (N, H, W, 3) or (N, 3, H, W), 0..255 (CIFAR-10's are 32x32), as normalised
     (N, 3, H, W) images on ``backend``'s device: moved once, then checked there (finite, in
     0..255, floats not scaled to [0, 1]) and scaled (``name``: what messages call them)."""
-    X = np.asarray(X) if not backend.owns(X) else X
+    X = X if is_array(X) else np.asarray(X)  # another library's array moves through backend.asarray
     if X.ndim != 4 or 3 not in (X.shape[1], X.shape[3]):
         raise ValueError(
             f"fast94: {name} must be colour images (N, H, W, 3) or (N, 3, H, W), as CIFAR-10's (N, 32, 32, 3); "
