@@ -531,6 +531,16 @@ def test_fewer_training_images_than_the_whitening_takes_run_on_every_backend(bac
     assert result.steps == 2 and 0 <= result.test_accuracy <= 1 and result.diverged is None
 
 
+def test_a_model_file_under_the_home_folder_is_saved_and_loaded_by_a_tilde_path(tmp_path, monkeypatch):
+    """load_checkpoint expanded "~/..." and the loader then read the file's size at "~/...": FileNotFoundError."""
+    from xpnet.recipes import load_fast94_model, save_fast94_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, result = _small_run()
+    assert save_fast94_model("~/runs/fast94.npz", result) == str(tmp_path / "runs" / "fast94.npz")
+    assert load_fast94_model("~/runs/fast94.npz").widths == result.settings.widths
+
+
 def test_the_recipes_data_may_be_arrays_of_any_backend(backend):
     """np.asarray of array-api-strict's device1 arrays (as of CuPy's) failed in strict's words."""
     from xpnet.recipes.fast94 import device_data

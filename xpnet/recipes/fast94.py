@@ -32,7 +32,7 @@ from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
 from ..data_checks import validate_split
-from ..input_checks import as_int, is_array, is_number
+from ..input_checks import as_int, file_path, is_array, is_number
 from ..model import check_input_dim, values_at_most
 from ..training.graph import GraphReplay
 from ..training.guard import DivergenceWarning
@@ -520,6 +520,7 @@ def load_fast94_model(path, backend=None) -> FastConvNet:
     with the recipe's test-time augmentation. Files are read without unpickling anything;
     one that is not such a checkpoint raises :class:`~xpnet.checkpoint.CheckpointError`."""
     backend = get_backend(backend)
+    path = file_path("load_fast94_model", "path", path)  # ~ expanded: the file's size is read below
     payload = load_checkpoint(path)
     if payload.get("recipe") != "fast94" or not isinstance(payload.get("settings"), dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds no fast94 network (save_fast94_model writes one)")
