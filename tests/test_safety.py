@@ -971,10 +971,19 @@ def test_a_checkpoint_name_that_can_never_be_written_is_refused_before_training(
         checkpoint.CheckpointWriteError, match=r"could not write .*: .*notes.txt is a file, not a folder"
     ):
         save_checkpoint(tmp_path / "notes.txt" / "deeper" / "x.npz", {"w": np.ones(2)})
+    assert "notes.txt is a file, not a folder" in checkpoint.unwritable_reason(tmp_path / "notes.txt" / "x.npz")
     fresh = tmp_path / "new" / "folders" / "run"
     solver = Solver(small_model("numpy"), small_data(), checkpoint_name=str(fresh), num_epochs=1, verbose=False)
     solver.train()
     assert solver.last_checkpoint == f"{fresh}_epoch_1.npz" and os.path.isfile(solver.last_checkpoint)
+
+
+def test_unwritable_reason_looks_where_a_tilde_path_points(tmp_path, monkeypatch):
+    """It looked for a folder named "~" in the working folder, which save_checkpoint never writes to."""
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    monkeypatch.setenv("HOME", str(tmp_path / "notes.txt"))
+    monkeypatch.chdir(tmp_path)
+    assert "notes.txt is a file, not a folder" in checkpoint.unwritable_reason("~/run.npz")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -135,7 +135,7 @@ def unwritable_reason(path) -> str | None:
     """Why no checkpoint could be written at ``path``, or None when it may be: a file stands
     where a folder on its path should be, or the nearest folder on it that exists is not
     writable (:func:`save_checkpoint` creates the missing ones). For checks before any work."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(path))))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
