@@ -533,6 +533,26 @@ def test_settings_set_between_train_calls_are_checked_and_take_effect(capsys):
 
 
 @pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"verbose": "False"}, r"verbose must be True or False \(or None\), got 'False'"),  # it printed
+        ({"progress": "no"}, r"progress must be True or False \(or None\), got 'no'"),  # it drew a bar
+        ({"cuda_graph": "False"}, r"cuda_graph must be True or False, got 'False'"),  # "cuda_graph=True needs"
+        ({"verbose": np.array([1, 0])}, r"verbose must be True or False \(or None\), got array"),
+    ],
+)
+def test_switches_given_as_words_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        Solver(small_model("numpy"), small_data(), **setting)
+    solver = Solver(small_model("numpy"), small_data(), verbose=np.False_, progress=None, cuda_graph=0)
+    assert not solver.verbose and not solver.cuda_graph
+    name, value = next(iter(setting.items()))
+    if name != "cuda_graph":  # set between train() calls, checked alike
+        with pytest.raises(ValueError, match=message):
+            setattr(solver, name, value)
+
+
+@pytest.mark.parametrize(
     "name, value",
     [("batch_size", 25), ("update_rule", "adam"), ("optim_config", {"learning_rate": 1e-3}), ("lr_decay", 0.5),
      ("checkpoint_name", "runs/x"), ("cuda_graph", True), ("sampler", "epoch")],
