@@ -1284,6 +1284,11 @@ def test_load_state_dict_names_what_does_not_fit():
         ({"eps": 0.0}, r"saved buffer 0: eps must be a finite number > 0, got 0.0"),
         ({"mode": "eval"}, r"saved buffer 0: mode must be 'train' or 'test', got 'eval'"),
         ({"unbiased_running_var": "yes"}, r"saved buffer 0: unbiased_running_var must be True or False, got 'yes'"),
+        # test mode took its square root, and the model predicted NaN scores (class 0 for every input)
+        (
+            {"running_var": np.array([1.0, -0.5, 1.0, 1.0, 1.0])},
+            "saved buffer 0's running_var holds negative values; a variance is never below 0",
+        ),
     ],
 )
 def test_load_state_dict_refuses_layer_state_the_layer_would_refuse_later(change, message):
@@ -1329,6 +1334,35 @@ def test_load_state_dict_refuses_nan_and_infinite_values():
     state["buffers"][0].update(running_mean=np.zeros(5), running_var=np.full(5, np.inf))
     with pytest.raises(ValueError, match=r"NaN or infinite values in buffers.0.running_var"):
         model.load_state_dict(state)
+
+
+def test_load_state_dict_checks_the_arrays_of_every_library(backend):
+    """The NaN and dtype checks looked at NumPy arrays only: a state made of PyTorch's or
+    array-api-strict's arrays loaded NaN weights and integer ones, and running variances below
+    0, into a NumPy model."""
+    model = xpnet.FullyConnectedNet([5], input_dim=4, normalization="batchnorm", dtype="float64", seed=0)
+    X = np.random.default_rng(0).standard_normal((6, 4))
+    model.loss(X, np.arange(6) % 3)  # the running averages exist
+    state = copy.deepcopy(model.state_dict())
+    scores = to_np(model.loss(X))
+
+    def on_backend(params=None, buffer=None):
+        tree = {"params": {**state["params"], **(params or {})}, "buffers": [{**state["buffers"][0], **(buffer or {})}]}
+        return checkpoint.tree_to_device(tree, backend)
+
+    nan_weights = state["params"]["W2"].copy()
+    nan_weights[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"the saved state holds NaN or infinite values in params.W2"):
+        model.load_state_dict(on_backend(params={"W2": nan_weights}))
+    with pytest.raises(ValueError, match=r"NaN or infinite values in buffers.0.running_mean"):
+        model.load_state_dict(on_backend(buffer={"running_mean": np.full(5, -np.inf)}))
+    with pytest.raises(ValueError, match=r"saved parameter W1 is not an array of floats \(got \S*int64 array\)"):
+        model.load_state_dict(on_backend(params={"W1": np.ones((4, 5), np.int64)}))
+    with pytest.raises(ValueError, match="saved buffer 0's running_var holds negative values"):
+        model.load_state_dict(on_backend(buffer={"running_var": -np.ones(5)}))
+    np.testing.assert_array_equal(to_np(model.loss(X)), scores)  # nothing was loaded
+    model.load_state_dict(on_backend())
+    np.testing.assert_array_equal(to_np(model.loss(X)), scores)
 
 
 def test_load_state_dict_checks_running_averages_a_fresh_model_has_yet_to_make():

@@ -314,13 +314,15 @@ def _load_pickle(path, trust_pickle):
 
 
 def is_finite_tree(tree) -> bool:
-    """Whether every float in a host tree (arrays and Python floats) is finite."""
+    """Whether every float in a tree (arrays of any library and Python floats) is finite."""
     return non_finite_path(tree) is None
 
 
 def non_finite_path(tree, path: str = "") -> str | None:
-    """Where the first NaN or infinity of a host tree (arrays and Python floats) is, as
-    ``path`` then the keys and indices that lead to it joined by dots; None when there is none."""
+    """Where the first NaN or infinity of a tree of dicts, lists and tuples (arrays of any
+    library and Python floats) is, as ``path`` then the keys and indices that lead to it joined
+    by dots; None when there is none. Another library's arrays are checked on their device: a
+    state made of PyTorch or array-api-strict arrays passed unchecked."""
     if isinstance(tree, (dict, list, tuple)):
         items = tree.items() if isinstance(tree, dict) else enumerate(tree)
         for key, value in items:
@@ -330,6 +332,11 @@ def non_finite_path(tree, path: str = "") -> str | None:
         return None
     if isinstance(tree, np.ndarray) and tree.dtype.kind == "f":
         return None if np.isfinite(tree).all() else path
+    if is_array(tree) and not isinstance(tree, np.ndarray):
+        xp = namespace(tree)
+        if xp.isdtype(tree.dtype, "real floating") and not to_numpy(xp.all(xp.isfinite(tree))):
+            return path
+        return None
     if isinstance(tree, float) and not math.isfinite(tree):
         return path
     return None
@@ -348,11 +355,13 @@ def tree_to_host(tree, backend):
 
 
 def not_float_array(value) -> str:
-    """'' for an array of floats, else what ``value`` is ("int64 array", "str"), for an error
-    message. Only NumPy arrays come from files; another library's array is taken as it is."""
+    """'' for an array of floats of any library, else what ``value`` is ("int64 array", "str"),
+    for an error message."""
     if isinstance(value, np.ndarray):
         return "" if value.dtype.kind == "f" else f"{value.dtype} array"
-    return "" if is_array(value) else type(value).__name__
+    if not is_array(value):
+        return type(value).__name__
+    return "" if namespace(value).isdtype(value.dtype, "real floating") else f"{value.dtype} array"
 
 
 def tree_to_device(tree, backend, dtype=None):

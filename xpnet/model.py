@@ -8,7 +8,7 @@ import contextvars
 import math
 import os
 
-from .backend import Backend, backend_of, check_generator, get_backend, namespace
+from .backend import Backend, backend_of, check_generator, get_backend, namespace, to_numpy
 from .batching import predicted_classes
 from .checkpoint import non_finite_path, not_float_array, tree_to_device, tree_to_host
 from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace, short_repr
@@ -371,6 +371,10 @@ def _check_saved_buffer(i: int, layer: dict, saved) -> None:
             f"saved buffer {i}'s running_mean {tuple(saved['running_mean'].shape)} and running_var "
             f"{tuple(saved['running_var'].shape)} differ in shape"
         )
+    variance = saved.get("running_var")
+    if variance is not None and is_array(variance) and to_numpy(namespace(variance).any(variance < 0)):
+        # Test mode took its square root: NaN everywhere, one class predicted for every input.
+        raise ValueError(f"saved buffer {i}'s running_var holds negative values; a variance is never below 0")
     where = f"saved buffer {i}"  # the layers' own checks, in the file's terms
     if saved.get("mode", "train") not in ("train", "test"):
         raise ValueError(f"{where}: mode must be 'train' or 'test', got {short_repr(saved['mode'])}")
