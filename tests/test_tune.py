@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_fake_cifar
 
 from xpnet.checkpoint import load_checkpoint, save_checkpoint
 from xpnet.experiment import Experiment
@@ -257,6 +258,22 @@ def test_run_sweep_takes_paths_for_its_folder_and_storage(tmp_path):
     config.verbose = False
     summary = run_sweep(config)
     assert summary["complete"] == 1 and (tmp_path / "j.journal").exists() and (tmp_path / "out" / "trials.csv").exists()
+
+
+def test_a_sweep_continued_with_its_data_moved_tests_the_best_model_on_the_data_where_it_is_now(tmp_path):
+    """The test accuracy read the data set from the folder the best trial had used: a sweep
+    continued with another --data-dir (which leaves the sweep the same) failed at the end."""
+    from xpnet.tune import SweepConfig, parse_space, run_sweep
+
+    write_fake_cifar(tmp_path / "before", per_batch=1000)
+    space = parse_space(["lr=1e-3", "epochs=1", "hidden_dims=20"])
+    options = dict(space=space, trials=1, out=tmp_path / "out", plots=False, verbose=False)
+    experiment = Experiment(dataset="cifar10", num_train=100, data_dir=str(tmp_path / "before"))
+    first = run_sweep(SweepConfig(**options, experiment=experiment))
+    (tmp_path / "before").rename(tmp_path / "after")
+    experiment = Experiment(dataset="cifar10", num_train=100, data_dir=str(tmp_path / "after"))
+    again = run_sweep(SweepConfig(**options, experiment=experiment))
+    assert again["complete"] == 1 and again["test_acc"] == first["test_acc"]
 
 
 def test_a_database_that_cannot_be_opened_is_named_with_the_likely_slip(tmp_path, monkeypatch):

@@ -145,11 +145,16 @@ def read_best_model(path) -> dict | None:
     return best
 
 
-def _test_accuracy(best, backend_spec, path):
+# Where this command finds the data set, which may have moved since the best trial ran: a
+# sweep continues with another --data-dir (such settings do not define it).
+_WHERE_DATA_IS = ("data_dir", "download")
+
+
+def _test_accuracy(best, config, path):
     """The best model, read from ``path``, rebuilt and loaded, on the test set: the one time
     the sweep touches it."""
-    settings = Experiment(**best["settings"])
-    backend = get_backend(backend_spec)
+    settings = Experiment(**{**best["settings"], **{key: getattr(config.experiment, key) for key in _WHERE_DATA_IS}})
+    backend = get_backend(config.backend)
     data = load_data(settings)
     try:
         # The sizes come from the file, whose float32 weights (every trial's) must fit in it.
@@ -179,7 +184,7 @@ def write_outputs(study, config, best_path, say) -> dict:
         summary["plots"] = _plots(study, config.out, say)
     best = read_best_model(best_path)
     if best is not None:
-        test_acc, model, settings = _test_accuracy(best, config.backend, best_path)
+        test_acc, model, settings = _test_accuracy(best, config, best_path)
         summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
         summary["best_settings"] = best["settings"]
         summary["weights"] = None if no_matplotlib else _first_layer_picture(model, settings, config.out)
