@@ -608,6 +608,10 @@ def test_two_layer_net_train_refuses_data_that_cannot_be_right_by_its_argument_n
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             net.train(*args, num_iters=5, batch_size=10)
+    with pytest.raises(
+        ValueError, match="verbose must be True or False, got 'False'"
+    ):  # a string is truthy: it printed
+        net.train(X, y, X[:10], y[:10], num_iters=5, batch_size=10, verbose="False")
     for key, value in np_params(net).items():
         np.testing.assert_array_equal(value, before[key])
 

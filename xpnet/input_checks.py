@@ -87,6 +87,16 @@ def file_path(function: str, name: str, value, what: str = "a file path", hint: 
     return os.path.expanduser(os.fspath(value))
 
 
+def check_flag(name: str, value, nullable: bool = False) -> bool | None:
+    """``value`` as True or False (a NumPy bool, 0 and 1 too; None where ``nullable``), or a
+    ValueError naming ``name``: a string is truthy, so verbose='False' printed."""
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) and getattr(value, "shape", ()) == () and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False{' (or None)' if nullable else ''}, got {short_repr(value)}")
+
+
 def check_seed(seed, name: str = "seed") -> int | None:
     """``seed`` as a Python int (None stays None), or a ValueError naming ``name``: NumPy's
     seeding would refuse a negative or non-integer seed without saying which setting it was."""

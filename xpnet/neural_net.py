@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .batching import accuracy, sample_minibatch
 from .data_checks import checked_labelled_set
-from .input_checks import as_int
+from .input_checks import as_int, check_flag
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward, softmax_loss
 from .model import Model, check_finite, check_flat_input_dim, check_num_classes, check_positive_int
 
@@ -92,6 +92,7 @@ class TwoLayerNet(Model):
         check_finite("learning_rate_decay", learning_rate_decay, minimum=0)
         check_finite("reg", reg, minimum=0)
         batch_size = check_positive_int("batch_size", batch_size)
+        verbose = check_flag("verbose", verbose)
         iterations = as_int(num_iters)
         if iterations is None or iterations < 0:
             raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import optim
-from ..input_checks import as_int, check_seed, is_number, short_repr
+from ..input_checks import as_int, check_flag, check_seed, is_number
 from .callbacks import Callback
 
 __all__ = ["SolverSettings", "rule_name", "resolve_update_rule"]
@@ -125,12 +125,7 @@ class SolverSettings:
         # A string is truthy: verbose='False' printed, progress='no' drew a bar, and cuda_graph='False'
         # was refused as "cuda_graph=True needs the cupy backend".
         for name, nullable in (("verbose", True), ("progress", True), ("cuda_graph", False)):
-            value = getattr(self, name)
-            flag = not isinstance(value, str) and getattr(value, "shape", ()) == () and value in (0, 1)
-            if not (flag or value is None and nullable):
-                raise ValueError(
-                    f"{name} must be True or False{' (or None)' if nullable else ''}, got {short_repr(value)}"
-                )
+            check_flag(name, getattr(self, name), nullable)
         self.seed = check_seed(self.seed)
         if self.checkpoint_name is not None and not isinstance(self.checkpoint_name, (str, os.PathLike)):
             raise ValueError(f"checkpoint_name must be a path (a string), got {self.checkpoint_name!r}")
