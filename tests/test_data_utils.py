@@ -66,6 +66,29 @@ def test_too_many_rows_requested(tmp_path):
         get_CIFAR10_data(tmp_path, num_training=80, num_validation=20, num_test=21)
 
 
+@pytest.mark.parametrize("switch", ["subtract_mean", "channels_first", "download"])
+def test_switches_take_true_or_false_not_a_truthy_string(tmp_path, switch):
+    """subtract_mean='False' subtracted the mean and download='no' downloaded: a string is truthy."""
+    write_fake_cifar(tmp_path)
+    with pytest.raises(ValueError, match=f"^{switch} must be True or False, got 'no'$"):
+        get_CIFAR10_data(tmp_path, num_training=80, num_validation=10, num_test=10, **{switch: "no"})
+    off = get_CIFAR10_data(tmp_path, num_training=80, num_validation=10, num_test=10, **{switch: np.False_})
+    assert off["X_train"].shape[1:] == ((32, 32, 3) if switch == "channels_first" else (3, 32, 32))
+
+
+def test_download_takes_progress_as_true_or_false(tmp_path):
+    with pytest.raises(ValueError, match="^progress must be True or False, got 'off'$"):
+        data_utils.download_CIFAR10(tmp_path, url="file:///nonexistent", progress="off")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("switch", ["subtract_mean", "images"])
+def test_the_digits_switches_take_true_or_false(switch):
+    pytest.importorskip("sklearn")
+    with pytest.raises(ValueError, match=f"^{switch} must be True or False, got 'False'$"):
+        data_utils.load_digits_data(**{switch: "False"})
+
+
 @pytest.mark.parametrize(
     "counts, message",
     [

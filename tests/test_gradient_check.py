@@ -109,6 +109,16 @@ def test_numerical_gradients_need_a_step_above_zero(backend):
                 call(h)
 
 
+def test_numerical_gradients_take_verbose_as_true_or_false(capsys):
+    """verbose='False' printed every index: a string is truthy."""
+    x = np.ones(2)
+    with pytest.raises(ValueError, match="^eval_numerical_gradient: verbose must be True or False, got 'False'$"):
+        eval_numerical_gradient(lambda v: float(np.sum(v)), x, verbose="False")
+    with pytest.raises(ValueError, match="^grad_check_sparse: verbose must be True or False, got 'no'$"):
+        grad_check_sparse(lambda v: float(np.sum(v)), x, x, num_checks=1, verbose="no")
+    assert capsys.readouterr().out == ""
+
+
 def test_numerical_gradients_name_an_f_or_df_of_the_wrong_shape(backend):
     """An array-valued f given to the scalar checkers failed inside float(); a df that broadcasts
     against f(x) weighted the wrong sum without a word."""

@@ -431,6 +431,16 @@ def test_two_layer_net_construction_errors():
     assert len(stats["loss_history"]) == 3
 
 
+def test_use_batchnorm_takes_true_or_false():
+    """use_batchnorm='False' built batchnorm layers: a string is truthy."""
+    with pytest.raises(ValueError, match="^use_batchnorm must be True or False, got 'False'$"):
+        fc_net.FullyConnectedNet([5], input_dim=4, use_batchnorm="False")
+    with pytest.raises(ValueError, match="^use_batchnorm must be True or False, got 'no'$"):
+        ThreeLayerConvNet(input_dim=(1, 8, 8), use_batchnorm="no")
+    assert ThreeLayerConvNet(input_dim=(1, 8, 8), use_batchnorm=np.True_).bn_params
+    assert not fc_net.FullyConnectedNet([5], input_dim=4, use_batchnorm=0).bn_params
+
+
 def test_the_first_courses_two_layer_net_checks_the_reg_its_loss_is_given():
     """train() refused a negative reg, but loss(X, y, reg=-1) returned a loss that rewards large
     weights, and reg='0.1' failed inside the L2 term ("can't multiply sequence by non-int")."""

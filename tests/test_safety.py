@@ -414,6 +414,37 @@ def test_trusted_pickles_that_are_damaged_or_not_checkpoints_are_refused_by_name
         load_checkpoint(tmp_path / "other.pkl", trust_pickle=True)
 
 
+def test_only_true_trusts_a_pickle(tmp_path, monkeypatch):
+    """A string is truthy: trust_pickle="no" unpickled the file, and ran what it carried."""
+    ran = []
+    monkeypatch.setattr(checkpoint, "_RAN_FROM_A_PICKLE", ran.append, raising=False)
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_RunsOnLoad()))
+    for refused, shown in (("no", "'no'"), ("False", "'False'"), (np.array([True]), r"array\(\[ True\]\)"), (2, "2")):
+        with pytest.raises(ValueError, match=f"trust_pickle must be True or False, got {shown}"):
+            load_checkpoint(path, trust_pickle=refused)
+        with pytest.raises(ValueError, match="trust_pickle must be True or False"):
+            checkpoint.check_checkpoint_file(path, trust_pickle=refused)
+        solver = Solver(small_model("numpy"), small_data(), verbose=False)
+        with pytest.raises(ValueError, match="trust_pickle must be True or False"):
+            solver.resume(path, trust_pickle=refused)
+    assert ran == []
+    with pytest.raises(CheckpointError, match="is not an xpnet checkpoint"):
+        load_checkpoint(path, trust_pickle=True)  # trusted: unpickled, and what it made is still checked
+    assert ran == ["loaded"]
+
+
+class _RunsOnLoad:
+    """Unpickling it calls checkpoint._RAN_FROM_A_PICKLE("loaded"): a stand-in for any code."""
+
+    def __reduce__(self):
+        return (_call_ran, ("loaded",))
+
+
+def _call_ran(word):
+    return checkpoint._RAN_FROM_A_PICKLE(word)
+
+
 def test_is_finite_tree_looks_into_lists_tuples_and_python_floats():
     assert checkpoint.is_finite_tree({"a": [np.ones(2), (1.0, 2)], "b": "text", "c": np.arange(3)})
     assert not checkpoint.is_finite_tree({"a": [np.ones(2), (1.0, float("nan"))]})

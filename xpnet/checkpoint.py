@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from xpnet.backend import namespace, to_numpy
-from xpnet.input_checks import file_path, is_array
+from xpnet.input_checks import check_flag, file_path, is_array
 from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
 __all__ = [
@@ -222,6 +222,8 @@ def _newest_checkpoint_hint(folder: str) -> str:
 def _file_format(path: str, trust_pickle: bool) -> str:
     """The file's format by its first bytes, "npz" or "pickle", after the checks that need no more
     of it: the file exists and is one, it is one of the two, and a pickle is trusted."""
+    # Only True opts in: a string is truthy, and trust_pickle="no" unpickled the file.
+    trust_pickle = check_flag("trust_pickle", trust_pickle)
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint {path!r} is a folder; give one file in it{_newest_checkpoint_hint(path)}")
     if not os.path.isfile(path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .conv_common import channel_sum
 from .data_checks import check_image_batch
 from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
+from .input_checks import check_flag
 from .layer_utils import (
     affine_norm_relu_dropout_backward,
     affine_norm_relu_dropout_forward,
@@ -100,7 +101,7 @@ class ThreeLayerConvNet(Model):
         for i, (name, shape) in enumerate(shapes.items(), start=1):
             self.params[name] = self._weight(rng, shape, weight_scale)
             self.params[f"b{i}"] = self._zeros(shape[0] if i == 1 else shape[1])
-        self.use_batchnorm = bool(use_batchnorm)
+        self.use_batchnorm = check_flag("use_batchnorm", use_batchnorm)
         self.bn_params = []  # the running averages of the two batchnorm layers, when there are any
         if self.use_batchnorm:
             for i, size in enumerate((num_filters, hidden_dim), start=1):

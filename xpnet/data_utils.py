@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .input_checks import as_int, file_path, is_number
+from .input_checks import as_int, check_flag, file_path, is_number
 from .plain_pickle import UnsafePickleError, load_plain
 
 __all__ = [
@@ -202,6 +202,7 @@ def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
     Returns the batches folder."""
     from tqdm.auto import tqdm
 
+    progress = check_flag("progress", progress)  # before any download
     url = url or CIFAR10_URL
     md5 = md5 or CIFAR10_MD5
     dest = Path(dest or default_data_dirs()[-1]).expanduser()
@@ -301,7 +302,16 @@ def get_CIFAR10_data(
     Returns:
         dict with X_train, y_train, X_val, y_val, X_test, y_test.
     """
-    dtype = _pixel_dtype(dtype, centred=subtract_mean)  # before the seconds that loading takes
+    # before the seconds that loading takes; a string is truthy (download="no" downloaded)
+    subtract_mean, channels_first, download = (
+        check_flag(name, value)
+        for name, value in (
+            ("subtract_mean", subtract_mean),
+            ("channels_first", channels_first),
+            ("download", download),
+        )
+    )
+    dtype = _pixel_dtype(dtype, centred=subtract_mean)
     try:
         root = find_CIFAR10(data_dir)
     except FileNotFoundError:
@@ -328,6 +338,7 @@ def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype
     except ImportError as exc:
         raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from exc
     dtype = _pixel_dtype(dtype, centred=True)  # scaled to [0, 1]: a float type
+    subtract_mean, images = check_flag("subtract_mean", subtract_mean), check_flag("images", images)
     _check_count("num_validation", num_validation, 0)  # before they slice
     _check_count("num_test", num_test, 0)
     digits = load_digits()

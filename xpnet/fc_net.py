@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .input_checks import check_flag
 from .layer_utils import (
     NORMALIZATIONS,
     affine_norm_relu_dropout_backward,
@@ -78,7 +79,7 @@ class FullyConnectedNet(Model):
         input_dim = check_flat_input_dim("input_dim", input_dim)
         num_classes = check_num_classes(num_classes)
         check_finite("weight_scale", weight_scale, minimum=0)
-        if use_batchnorm:
+        if check_flag("use_batchnorm", use_batchnorm):
             if normalization not in (None, "batchnorm"):
                 raise ValueError(f"use_batchnorm=True conflicts with normalization={normalization!r}")
             normalization = "batchnorm"

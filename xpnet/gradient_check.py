@@ -16,7 +16,7 @@ import warnings
 from array_api_compat import array_namespace, device, is_array_api_obj
 
 from .backend import namespace
-from .input_checks import as_int, check_writable, is_array, is_number
+from .input_checks import as_int, check_flag, check_writable, is_array, is_number
 
 __all__ = [
     "rel_error",
@@ -137,6 +137,7 @@ def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
         grad, an array like ``x``.
     """
     xp = _check_float("eval_numerical_gradient", f, x, h)
+    verbose = check_flag("eval_numerical_gradient: verbose", verbose)  # 'False' is truthy
     grad = xp.zeros_like(x)
     for index in _indices(x.shape):
         plus, minus = _evaluate_both_sides(f, x, index, h)
@@ -184,6 +185,7 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, seed=None, ver
         the list of relative errors, one per element checked.
     """
     _check_float("grad_check_sparse", f, x, h)
+    verbose = check_flag("grad_check_sparse: verbose", verbose)
     if not is_array(analytic_grad) or tuple(analytic_grad.shape) != tuple(x.shape):
         got = tuple(analytic_grad.shape) if is_array(analytic_grad) else type(analytic_grad).__name__
         raise ValueError(f"grad_check_sparse: analytic_grad must have x's shape {tuple(x.shape)}, got {got}")

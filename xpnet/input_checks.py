@@ -9,7 +9,7 @@ import numbers
 import os
 import reprlib
 from collections.abc import Callable
-from typing import ParamSpec
+from typing import Literal, ParamSpec, overload
 
 from .backend import namespace
 from .backend.dispatch import refusal
@@ -87,6 +87,10 @@ def file_path(function: str, name: str, value, what: str = "a file path", hint: 
     return os.path.expanduser(os.fspath(value))
 
 
+@overload
+def check_flag(name: str, value, nullable: Literal[False] = False) -> bool: ...
+@overload
+def check_flag(name: str, value, nullable: bool) -> bool | None: ...
 def check_flag(name: str, value, nullable: bool = False) -> bool | None:
     """``value`` as True or False (a NumPy bool, 0 and 1 too; None where ``nullable``), or a
     ValueError naming ``name``: a string is truthy, so verbose='False' printed."""
