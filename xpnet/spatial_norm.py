@@ -10,12 +10,13 @@ from .array_types import Array, Cache
 from .backend import accelerated
 from .input_checks import as_int, check_dout, check_param_keys, layer_namespace, makes_cache, unpack_cache
 from .layers import (
-    batchnorm_backward_alt,
-    batchnorm_forward,
+    batch_normalized,
     batchnorm_mode,
     ensure_running_statistics,
     gelu_backward,
     gelu_forward,
+    mean_and_centered,
+    normalization_backward,
     normalization_eps,
     normalized_input_grad,
     train_mode_cache,
@@ -38,21 +39,11 @@ def _check_nchw(function, x):
         raise ValueError(f"{function}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
 
 
-def _to_rows(xp, x):
-    """(N, C, H, W) -> (N·H·W, C): one row per pixel, one column per channel."""
-    return xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (-1, x.shape[1]))
-
-
 def _to_groups(xp, x, groups):
     """(N, C, H, W) -> (N, G, C/G·H·W): one row per sample and group (sizes spelled out, since
     an empty batch leaves -1 undefined)."""
     n, c, h, w = x.shape
     return xp.reshape(x, (n, groups, c // groups * h * w))
-
-
-def _from_rows(xp, rows, shape):
-    n, c, h, w = shape
-    return xp.permute_dims(xp.reshape(rows, (n, h, w, c)), (0, 3, 1, 2))
 
 
 class _FusedBatchnormCache(NamedTuple):
@@ -66,10 +57,9 @@ class _FusedBatchnormCache(NamedTuple):
     gelu_beta: Array | None
 
 
-def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, name, gelu):
+def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, mode, eps, gelu):
     """Spatial batchnorm (``gelu``: and the GELU after it) through a backend's fused kernels;
     the running averages (made or checked by the caller) as in :func:`xpnet.layers.batchnorm_forward`."""
-    mode, eps = batchnorm_mode(name, bn_param), normalization_eps(name, "bn_param", bn_param)
     if mode == "test":
         running = bn_param["running_mean"], bn_param["running_var"]
         return kernels.spatial_batchnorm_apply(x, gamma, beta, *running, eps, gelu=gelu), None
@@ -84,9 +74,9 @@ def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
     xp = layer_namespace(name, {"x": x, "beta": beta, **({} if gamma is None else {"gamma": gamma})})
     _check_nchw(name, x)
     n, c, h, w = x.shape
-    if batchnorm_mode(name, bn_param) == "train" and n * h * w < 2:
+    mode, eps = batchnorm_mode(name, bn_param), normalization_eps(name, "bn_param", bn_param)
+    if mode == "train" and n * h * w < 2:
         raise ValueError(f"{name}: train mode needs at least 2 values per channel, got x {tuple(x.shape)}")
-    normalization_eps(name, "bn_param", bn_param)  # checked here to be named as this layer
     gamma_shape = (c,) if gamma is None else tuple(gamma.shape)
     if gamma_shape != (c,) or tuple(beta.shape) != (c,):
         raise ValueError(
@@ -95,10 +85,11 @@ def _batchnorm_forward(name, x, gamma, beta, bn_param, gelu):
     ensure_running_statistics(name, bn_param, x, c)
     fast = accelerated(x)
     if fast is not None:
-        return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param, name, gelu)
-    out, rows_cache = batchnorm_forward(_to_rows(xp, widened(xp, x)), widened(xp, gamma), widened(xp, beta), bn_param)
-    out = _from_rows(xp, narrowed(xp, out, x.dtype), x.shape)
-    cache = None if rows_cache is None else (rows_cache, tuple(x.shape))  # None in test mode, as fused
+        return _fused_batchnorm_forward(fast, x, gamma, beta, bn_param, mode, eps, gelu)
+    # Statistics over N, H and W where the pixels lie: no transposing to rows (twice as slow),
+    # whose column sums NumPy adds a row at a time (float32 results were off by up to 5e-4).
+    out, cache = batch_normalized(widened(xp, x), widened(xp, gamma), widened(xp, beta), bn_param, mode, eps)
+    out = narrowed(xp, out, x.dtype)  # the cache is None in test mode, as the fused kernels'
     if gelu:
         out, gelu_cache = gelu_forward(out)
         cache = None if cache is None else (cache, gelu_cache)
@@ -136,10 +127,11 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
         if fused.gelu_beta is not None:
             raise ValueError("spatial_batchnorm_backward: the cache is spatial_batchnorm_gelu_forward's")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
-    rows_cache, shape = unpack_cache("spatial_batchnorm_backward", cache, 2, "spatial_batchnorm_forward")
-    xp = check_dout("spatial_batchnorm_backward", dout, shape, like={"x": rows_cache[0]})
-    dx, dgamma, dbeta = batchnorm_backward_alt(_to_rows(xp, widened(xp, dout)), rows_cache)
-    return _from_rows(xp, narrowed(xp, dx, dout.dtype), shape), dgamma, dbeta
+    name, forward = "spatial_batchnorm_backward", "spatial_batchnorm_forward"
+    x_hat = unpack_cache(name, cache, 5, forward)[0]
+    xp = check_dout(name, dout, x_hat.shape, like={"x": x_hat})
+    dx, dgamma, dbeta = normalization_backward(name, widened(xp, dout), cache, forward)
+    return narrowed(xp, dx, dout.dtype), dgamma, dbeta
 
 
 @makes_cache("spatial_batchnorm_gelu_forward")
@@ -208,8 +200,7 @@ def spatial_groupnorm_forward(x: Array, gamma: Array, beta: Array, G: int, gn_pa
     if fast is not None:
         out, x_hat, inv_std = fast.spatial_groupnorm_train(x, gamma, beta, G, eps)
         return out, _FusedGroupnormCache(fast, x_hat, inv_std, gamma)
-    groups = _to_groups(xp, x, G)
-    centered = groups - xp.mean(groups, axis=2, keepdims=True)
+    centered = mean_and_centered(xp, _to_groups(xp, x, G), axis=2)[1]
     std = xp.sqrt(xp.mean(centered * centered, axis=2, keepdims=True) + eps)
     x_hat = xp.reshape(centered / std, x.shape)
     return gamma * x_hat + beta, (x_hat, std, gamma, G)
