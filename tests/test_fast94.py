@@ -722,6 +722,13 @@ def test_fast94_refuses_bad_data_and_settings():
     for seed in (-1, "a", 1.5):  # NumPy's seeding said 'expected non-negative integer'
         with pytest.raises(ValueError, match=f"fast94: seed must be a non-negative integer, got {seed!r}"):
             fast94(data, backend="numpy", seed=seed)
+    # a string is truthy: warmup="no" ran the whole recipe twice, verbose="False" printed
+    with pytest.raises(ValueError, match=r"^fast94: warmup must be True or False \(or None\), got 'no'$"):
+        fast94(data, backend="numpy", warmup="no")
+    with pytest.raises(ValueError, match="^fast94: verbose must be True or False, got 'False'$"):
+        fast94(data, backend="numpy", verbose="False")
+    with pytest.raises(ValueError, match="^AlternatingFlipTranslate: flip must be True or False, got 'off'$"):
+        AlternatingFlipTranslate(np.zeros((2, 3, 4, 4), np.float32), get_backend("numpy").rng(0), flip="off")
 
 
 def test_fast94_checks_its_labels_as_the_solver_does_wherever_they_are(backend):

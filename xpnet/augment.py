@@ -12,7 +12,7 @@ from __future__ import annotations
 from .array_types import Array
 from .backend import backend_of, check_generator, namespace
 from .batching import checked_scores
-from .input_checks import as_int, is_array
+from .input_checks import as_int, check_flag, is_array
 
 __all__ = [
     "reflect_pad",
@@ -157,6 +157,7 @@ class AlternatingFlipTranslate:
         _check_images("AlternatingFlipTranslate", images)
         max_shift = check_reflect_pad("AlternatingFlipTranslate", "max_shift", max_shift, images)
         check_generator("AlternatingFlipTranslate: rng", rng, backend_of(images), "images", "")
+        flip = check_flag("AlternatingFlipTranslate: flip", flip)
         self.rng, self.flip, self.max_shift = rng, flip, max_shift
         self.flip_mask = random_flip_mask(rng, images.shape[0]) if flip else None
         base = flip_images(images, self.flip_mask) if flip else images

@@ -32,7 +32,7 @@ from ..batching import accuracy
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..cnn import FastConvNet
 from ..data_checks import validate_split
-from ..input_checks import as_int, file_path, is_array, is_number
+from ..input_checks import as_int, check_flag, file_path, is_array, is_number
 from ..model import check_input_dim, values_at_most
 from ..training.graph import GraphReplay
 from ..training.guard import DivergenceWarning
@@ -462,6 +462,8 @@ def fast94(data: dict, backend=None, seed=0, warmup: bool | None = None, verbose
     if as_int(seed) is None or seed < 0:  # checked before the data moves; NumPy's seeding would not name it
         raise ValueError(f"fast94: seed must be a non-negative integer, got {seed!r}")
     seed = as_int(seed)
+    # a string is truthy: warmup="no" ran the recipe twice
+    warmup, verbose = check_flag("fast94: warmup", warmup, nullable=True), check_flag("fast94: verbose", verbose)
     backend = get_backend(backend)
     arrays = device_data(backend, data, settings.dtype)
     if (warmup is None and backend.is_gpu) or warmup:
