@@ -233,6 +233,12 @@ def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp
         plot_history(history, tmp_path / "no" / "c.png")
     with pytest.raises(TypeError, match=r"^plot_history: path must be a file path \(str or Path\), got int$"):
         plot_history(history, 3)  # failed inside os.fspath, which names neither the function nor the argument
+    # a folder: savefig wrote <folder>.png beside it
+    with pytest.raises(ValueError, match=f"^plot_history: {tmp_path} is a folder; name a file in it, such as "):
+        plot_history(history, tmp_path)
+    assert not tmp_path.with_name(tmp_path.name + ".png").exists()
+    with pytest.raises(ValueError, match=r"^plot_history: matplotlib cannot save a figure as \.xyz; end the file"):
+        plot_history(history, tmp_path / "c.xyz")  # matplotlib's own "Format 'xyz' is not supported"
 
 
 def test_cnn_trains_on_digit_images_and_resumes(train, tmp_path, capsys):

@@ -79,6 +79,9 @@ def plotting_unavailable(path=None) -> str | None:
         return None
     from matplotlib.backend_bases import FigureCanvasBase
 
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(path):  # savefig would write <folder>.png beside it
+        return f"{path} is a folder; name a file in it, such as {os.path.join(path, 'history.png')}"
     extension = os.path.splitext(os.fspath(path))[1][1:].lower()  # as savefig reads it
     supported = FigureCanvasBase.get_supported_filetypes()
     if extension and extension not in supported:
@@ -127,9 +130,12 @@ def plot_history(history, path=None, title=None):
     losses, train_accs, val_accs = _histories(history)
     path = file_path("plot_history", "path", path) if path is not None else None
     folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
+    fig = new_figure(figsize=(8, 7))  # first: without matplotlib, an ImportError that says how to install it
     if folder is not None and not os.path.isdir(folder):  # before the drawing, not after it
         raise FileNotFoundError(f"plot_history: folder {folder} does not exist")
-    fig = new_figure(figsize=(8, 7))
+    unsaveable = plotting_unavailable(path) if path is not None else None
+    if unsaveable:
+        raise ValueError(f"plot_history: {unsaveable}")
     ax_loss, ax_acc = fig.subplots(2, 1)
     ax_loss.plot(losses, ".", markersize=2)
     ax_loss.set_xlabel("iteration")
