@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,25 @@ def _npy_header(shape, descr="<f4") -> bytes:
     header = io.BytesIO()
     npy_format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
     return header.getvalue()
+
+
+def test_an_npz_whose_zip_directory_is_too_large_is_refused_before_zipfile_reads_it(tmp_path, monkeypatch):
+    """zipfile reads the central directory whole and makes an object of several hundred bytes
+    for each entry of about a hundred: a million members in 90 MB asked for about 1 GB."""
+    from xpnet import npz_members
+
+    path = tmp_path / "many.npz"
+    np.savez(path, **{f"a{i}": np.zeros(2) for i in range(300)})
+    npz_members.check_npz_members(path, "many")  # a directory of 16 KB: within the bound
+    size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as archive:
+        directory = size - archive.start_dir - 22  # what the end record says, with no comment
+    monkeypatch.setattr(npz_members, "MAX_DIRECTORY_BYTES", directory - 1)
+    monkeypatch.setattr(npz_members.zipfile, "ZipFile", lambda *a: pytest.fail("zipfile read the directory"))
+    with pytest.raises(npz_members.UnsafeNpzError, match=f"^many has a zip directory of {directory} bytes"):
+        npz_members.check_npz_members(path, "many")
+    with pytest.raises(CheckpointError, match=f"many.npz' has a zip directory of {directory} bytes"):
+        load_checkpoint(path)
 
 
 def test_an_npz_whose_headers_claim_more_than_the_file_can_hold_is_refused_by_name(tmp_path):
