@@ -150,11 +150,13 @@ def read_best_model(path) -> dict | None:
 _WHERE_DATA_IS = ("data_dir", "download")
 
 
-def _test_accuracy(best, config, path):
+def _test_accuracy(best, backend_spec, path, experiment=None):
     """The best model, read from ``path``, rebuilt and loaded, on the test set: the one time
-    the sweep touches it."""
-    settings = Experiment(**{**best["settings"], **{key: getattr(config.experiment, key) for key in _WHERE_DATA_IS}})
-    backend = get_backend(config.backend)
+    the sweep touches it. The data set is found where ``experiment`` (this command's settings)
+    says, or where the best trial found it."""
+    where = {} if experiment is None else {key: getattr(experiment, key) for key in _WHERE_DATA_IS}
+    settings = Experiment(**{**best["settings"], **where})
+    backend = get_backend(backend_spec)
     data = load_data(settings)
     try:
         # The sizes come from the file, whose float32 weights (every trial's) must fit in it.
@@ -184,7 +186,7 @@ def write_outputs(study, config, best_path, say) -> dict:
         summary["plots"] = _plots(study, config.out, say)
     best = read_best_model(best_path)
     if best is not None:
-        test_acc, model, settings = _test_accuracy(best, config, best_path)
+        test_acc, model, settings = _test_accuracy(best, config.backend, best_path, config.experiment)
         summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
         summary["best_settings"] = best["settings"]
         summary["weights"] = None if no_matplotlib else _first_layer_picture(model, settings, config.out)
