@@ -199,6 +199,10 @@ def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path,
         (dict(experiment=Experiment(print_every=0)), "experiment.print_every must be a positive integer, got 0"),
         (dict(experiment=Experiment(seed=-1)), "experiment.seed must be None or a non-negative integer, got -1"),
         (dict(experiment=Experiment(cuda_graph=True)), "experiment.cuda_graph needs the cupy backend; backend 'numpy'"),
+        # a string is truthy: "False" was refused as if True had been asked for, and plots="no" drew them
+        (dict(experiment=Experiment(cuda_graph="False")), "experiment.cuda_graph must be True or False, got 'False'"),
+        (dict(experiment=Experiment(download="no")), "experiment.download must be True or False, got 'no'"),
+        (dict(plots="no"), "SweepConfig: plots must be True or False, got 'no'"),
         (dict(backend="foo", scheduler="tcp://127.0.0.1:1", storage="sqlite:///{tmp}/x.db"), "unknown backend 'foo'"),
     ],
 )

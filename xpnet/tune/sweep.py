@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from ..backend import check_backend_spec, get_backend
 from ..checkpoint import save_checkpoint
 from ..experiment import DATASETS, MODELS, Experiment
-from ..input_checks import as_int, file_path
+from ..input_checks import as_int, check_flag, file_path
 from ..training.settings import SolverSettings
 from .report import BEST_KEYS, read_best_model, write_outputs
 from .space import SETTINGS, SearchSpace, SpaceError, check_run_setting
@@ -129,6 +129,12 @@ class SweepConfig:
             raise TypeError(
                 f"SweepConfig: scheduler must be an address (tcp://host:8786), got {type(self.scheduler).__name__}"
             )
+        # A string is truthy: plots="no" drew them, and experiment.cuda_graph="False" was refused
+        # as "needs the cupy backend" (and every trial downloaded with download="no").
+        for name in ("plots", "verbose"):
+            setattr(self, name, check_flag(f"SweepConfig: {name}", getattr(self, name)))
+        for name in ("download", "quiet", "cuda_graph"):
+            check_flag(f"SweepConfig: experiment.{name}", getattr(self.experiment, name))
 
     def task(self, gpus: int = 0) -> dict:
         """What a worker needs to run one trial (plain data: it travels to other processes)."""
