@@ -322,3 +322,13 @@ def test_a_new_backend_is_one_module_and_one_registration(monkeypatch):
     monkeypatch.setattr(backend_module, "_CACHE", {})
     with pytest.raises(ImportError, match="pip install toy"):
         get_backend("toy")
+
+
+@pytest.mark.parametrize("method", ["set_tf32", "set_cudnn", "set_conv_autotune"])
+def test_backend_switches_take_true_or_false(backend, method):
+    """A string is truthy: set_tf32("False") switched TF32 on on CuPy, and elsewhere was
+    refused as if True had been asked for."""
+    with pytest.raises(ValueError, match=f"^{method}: enabled must be True or False, got 'False'$"):
+        getattr(backend, method)("False")
+    getattr(backend, method)(False)
+    getattr(backend, method)(0)

@@ -322,20 +322,28 @@ class Backend:
             return False
 
     # -- precision -----------------------------------------------------------------
+    @staticmethod
+    def switch(method: str, enabled) -> bool:
+        """``enabled`` as True or False, or a ValueError naming ``method``: a string is truthy,
+        and set_tf32("False") on CuPy switched TF32 on."""
+        from ..input_checks import check_flag  # input_checks imports this package
+
+        return check_flag(f"{method}: enabled", enabled)
+
     def set_tf32(self, enabled: bool) -> None:
         """Let float32 matrix products use TF32 tensor cores (CUDA backends); off by default."""
-        if enabled:
+        if self.switch("set_tf32", enabled):
             raise ValueError(f"TF32 applies to CUDA GPUs; backend {self.name!r} computes float32 exactly")
 
     def set_cudnn(self, enabled: bool) -> None:
         """Run convolutions through cuDNN (CUDA backends with cuDNN installed); off by default."""
-        if enabled:
+        if self.switch("set_cudnn", enabled):
             raise ValueError(f"cuDNN applies to CUDA GPUs; backend {self.name!r} has no cuDNN path")
 
     def set_conv_autotune(self, enabled: bool) -> None:
         """Time each way a convolution can run the first time its shape runs, and keep the
         fastest (CUDA backends); off by default."""
-        if enabled:
+        if self.switch("set_conv_autotune", enabled):
             raise ValueError(f"convolution autotuning applies to CUDA GPUs; backend {self.name!r} has one path")
 
     # -- CUDA graphs -------------------------------------------------------------

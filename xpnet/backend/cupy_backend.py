@@ -84,7 +84,7 @@ class CupyBackend(Backend):
         Off by default, so float32 results are exact; TF32 rounds the GEMM inputs to
         a 10-bit mantissa and is several times faster on Ampere and later GPUs."""
         kernels = accelerated(self.lib.empty(0))
-        kernels.set_tf32(enabled)
+        kernels.set_tf32(self.switch("set_tf32", enabled))
         kernels.prepare(self.device.id)
 
     def set_cudnn(self, enabled: bool) -> None:
@@ -93,7 +93,7 @@ class CupyBackend(Backend):
         cuDNN comes from the nvidia-cudnn wheels (``pip install "xpnet[cudnn12]"``) or
         ``$XPNET_CUDNN_LIBRARY``; RuntimeError when it cannot be loaded."""
         kernels = accelerated(self.lib.empty(0))
-        kernels.set_cudnn(enabled)
+        kernels.set_cudnn(self.switch("set_cudnn", enabled))
         with self.device:
             try:
                 kernels.prepare(self.device.id)
@@ -110,7 +110,7 @@ class CupyBackend(Backend):
         last bits of results may differ from run to run (as under PyTorch's
         ``cudnn.benchmark``). Run a step eagerly before capturing it, as ``cuda_graph=True``
         does, so that the timing happens then."""
-        accelerated(self.lib.empty(0)).conv_paths.autotune = bool(enabled)
+        accelerated(self.lib.empty(0)).conv_paths.autotune = self.switch("set_conv_autotune", enabled)
 
     def capture(self, fn):
         cp = self.lib

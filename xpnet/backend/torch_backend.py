@@ -70,8 +70,9 @@ class TorchBackend(Backend):
         if self.device.type != "cuda":
             super().set_tf32(enabled)
             return
-        self.lib.backends.cuda.matmul.allow_tf32 = bool(enabled)
-        self.lib.backends.cudnn.allow_tf32 = bool(enabled)
+        enabled = self.switch("set_tf32", enabled)
+        self.lib.backends.cuda.matmul.allow_tf32 = enabled
+        self.lib.backends.cudnn.allow_tf32 = enabled
 
     def sync(self):
         if self.device.type == "cuda":
