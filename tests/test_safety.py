@@ -281,6 +281,25 @@ def test_an_npz_whose_zip_directory_is_too_large_is_refused_before_zipfile_reads
         load_checkpoint(path)
 
 
+def test_an_npz_member_whose_header_does_not_parse_is_refused_by_name(tmp_path):
+    """A header with an unclosed bracket reached the user as tokenize's TokenError ("EOF in
+    multi-line statement"), from inside NumPy's header filter: found by flipping bytes of a
+    Solver checkpoint."""
+    from xpnet.npz_members import UnsafeNpzError, check_npz_members
+
+    saved = io.BytesIO()
+    np.save(saved, np.zeros(3))
+    good = saved.getvalue()
+    broken = good.replace(b"(3,)", b"(3, ")
+    assert len(broken) == len(good) and broken != good
+    path = tmp_path / "broken.npz"
+    _zip_of_npy(path, {"__xpnet__.json.npy": good, "a0.npy": broken}, zipfile.ZIP_STORED)
+    with pytest.raises(UnsafeNpzError, match=r"^broken is corrupt: member 'a0.npy' has an unreadable header \("):
+        check_npz_members(path, "broken")
+    with pytest.raises(CheckpointError, match=r"broken.npz' is corrupt: member 'a0.npy' has an unreadable header"):
+        load_checkpoint(path)
+
+
 def test_an_npz_whose_headers_claim_more_than_the_file_can_hold_is_refused_by_name(tmp_path):
     """The checks every .npz from elsewhere passes before NumPy allocates (checkpoints and
     bench.py's --cifar-npz): a .npy header declaring 4 TB in 128 bytes, and a deflated member

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import tokenize
 import zipfile
 
 from numpy.lib import format as npy_format
@@ -77,7 +78,11 @@ def check_npz_members(path, label: str, compressed: bool = True) -> None:
                 read_header = (
                     npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
                 )
-                shape, _, dtype = read_header(member)
+                try:
+                    shape, _, dtype = read_header(member)
+                except (tokenize.TokenError, SyntaxError) as exc:  # NumPy's header filter lets these through
+                    unreadable = f"{label} is corrupt: member {name!r} has an unreadable header ({exc})"
+                    raise UnsafeNpzError(unreadable) from None
             declared = math.prod(shape) * dtype.itemsize
             if declared > info.file_size:
                 raise UnsafeNpzError(
