@@ -768,8 +768,13 @@ def test_every_form_numpy_pickles_a_batch_in_loads_as_pickle_would(tmp_path, pro
             b"\x80\x02c_codecs\nencode\nX\t\x00\x00\x00xxxxxxxxxX\n\x00\x00\x00zlib_codec\x86R.",
             "encodes with 'zlib_codec'",
         ),
+        # pickle grows its memo table to the index: one byte changed in a batch file asked for 4.6 GB
+        (
+            b"\x80\x02}r" + struct.pack("<I", 577_851_937) + b".",
+            "stores a memo entry at index 577851937 after 2 opcodes",
+        ),
     ],
-    ids=["bytearray-length", "string-length", "extension-registry", "persistent-id", "codec"],
+    ids=["bytearray-length", "string-length", "extension-registry", "persistent-id", "codec", "memo-index"],
 )
 def test_a_cifar_batch_is_walked_before_pickle_builds_anything_from_it(tmp_path, raw, message):
     path = tmp_path / "data_batch_1"
