@@ -1133,6 +1133,10 @@ def _set(path: tuple, value):
         (_set(("optim_configs", "W1", "t"), -3), "optimizer state W1.t = -3, not a step count"),
         (_set(("optim_configs", "W1", "t"), 2.5), "optimizer state W1.t = 2.5, not a step count"),
         (_set(("optim_configs", "W1", "t"), np.array(2.0)), r"optimizer state W1.t = array\(2.\), not a step count"),
+        # a number where Adam keeps a moment passed, and failed at the first step; a negative second
+        # moment became NaN at its square root, and training diverged at once
+        (_set(("optim_configs", "W1", "m"), 1), r"optimizer state W1.m = 1, not an array of shape \(6, 16\)"),
+        (_set(("optim_configs", "b2", "v"), -np.ones(16)), "optimizer state b2.v below 0, where adam averages squared"),
         (_set(("epoch",), 2**70), r"has epoch = 1180591620717411303424 after \d+ iterations"),
         # NaN weights, moments or running averages: training diverged at once, and said so as if it were the cause
         (_set(("model", "params", "W1"), np.full((6, 16), np.nan)), r"NaN or infinite values in model.params.W1,"),

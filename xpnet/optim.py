@@ -249,6 +249,9 @@ CONFIG_KEYS = {
     "adam": (("learning_rate", "beta1", "beta2", "epsilon"), ("m", "v", "t")),
     "nesterov_sgd": (("learning_rate", "momentum", "weight_decay"), ("velocity",)),
 }
+# The state that averages squared gradients, which no update makes negative: the next step
+# takes its square root.
+SQUARED_STATE = {"rmsprop": ("cache",), "adam": ("v",)}
 
 
 # [low, high) of each hyper-parameter beside the learning rate: a momentum or a beta of 1 or

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import optim
+from ..backend import namespace, to_numpy
 from ..checkpoint import load_checkpoint, non_finite_path, not_float_array, tree_to_device, tree_to_host
 from ..input_checks import as_int, is_number, short_repr
 from ..model import check_saved_buffers, load_model_state, model_state
@@ -94,6 +95,8 @@ def check_solver_state(state, model) -> None:
         raise ValueError(f"has no settings naming its {' and '.join(FIXED)}")
     shapes = {name: tuple(value.shape) for name, value in model.params.items()}
     best, configs = state["best_params"], state["optim_configs"]
+    rule = state["settings"]["update_rule"]
+    moments = [key for key in optim.CONFIG_KEYS.get(rule, ((), ()))[1] if key != "t"]
     if not isinstance(best, dict) or (best and set(best) != set(shapes)):
         raise ValueError(f"has best parameters {_names(best)}; the model's are {sorted(shapes)}")
     if not isinstance(configs, dict) or set(configs) != set(shapes):
@@ -112,15 +115,18 @@ def check_solver_state(state, model) -> None:
             if key == "t" and not _is_step_count(value):
                 raise ValueError(f"has optimizer state {name}.t = {short_repr(value)}, not a step count")
             if not hasattr(value, "shape"):
-                if not is_number(value):
-                    raise ValueError(
-                        f"has optimizer state {name}.{key} = {short_repr(value)}, not a number or an array"
-                    )
+                if not is_number(value) or key in moments:  # a number where the rule keeps an array failed at a step
+                    kind = f"an array of shape {shape}" if key in moments else "a number or an array"
+                    raise ValueError(f"has optimizer state {name}.{key} = {short_repr(value)}, not {kind}")
             # Moments are arrays of floats of the parameter's shape; a step count kept on a GPU is 0-d.
             elif value.shape != () and (value.shape != shape or not_float_array(value)):
                 what = not_float_array(value) or "an array of floats"
                 raise ValueError(
                     f"has optimizer state {name}.{key}, {what} of shape {value.shape}; the parameter is {shape}"
+                )
+            elif key in optim.SQUARED_STATE.get(rule, ()) and to_numpy(namespace(value).any(value < 0)):
+                raise ValueError(  # its square root at the next step: NaN, and training diverged at once
+                    f"has optimizer state {name}.{key} below 0, where {rule} averages squared gradients"
                 )
     best_buffers = state.get("best_buffers", [])
     if not isinstance(best_buffers, list):
