@@ -1120,6 +1120,10 @@ def _set(path: tuple, value):
         (_set(("loss_history",), [{"a": 1}]), "loss_history that is not a list of numbers"),
         (_set(("best_val_acc",), "high"), "best_val_acc = 'high', not an accuracy"),
         (_set(("settings",), None), "no settings naming its update_rule and batch_size"),
+        (
+            _set(("settings", "update_rule"), {}),
+            r"was trained with update_rule=\{\}; this Solver has update_rule='adam'",
+        ),
         (_set(("optim_configs",), [1, 2]), "optimizer state for a list; the model's parameters are"),
         (lambda state: state["optim_configs"].pop("W1"), "optimizer state for .*; the model's parameters are"),
         (_set(("optim_configs", "W1", "m"), np.ones(3)), r"optimizer state W1.m, an array of floats of shape \(3,\)"),

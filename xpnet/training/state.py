@@ -96,6 +96,7 @@ def check_solver_state(state, model) -> None:
     shapes = {name: tuple(value.shape) for name, value in model.params.items()}
     best, configs = state["best_params"], state["optim_configs"]
     rule = state["settings"]["update_rule"]
+    rule = rule if isinstance(rule, str) else ""  # another Solver's rule is named by settings_changes
     moments = [key for key in optim.CONFIG_KEYS.get(rule, ((), ()))[1] if key != "t"]
     if not isinstance(best, dict) or (best and set(best) != set(shapes)):
         raise ValueError(f"has best parameters {_names(best)}; the model's are {sorted(shapes)}")
