@@ -89,6 +89,14 @@ def test_the_digits_switches_take_true_or_false(switch):
         data_utils.load_digits_data(**{switch: "False"})
 
 
+def test_the_digits_seed_is_checked_by_name():
+    """NumPy's SeedSequence said 'expects int or sequence of ints for entropy not batchnorm'."""
+    pytest.importorskip("sklearn")
+    for seed in ("batchnorm", -1, 1.5):
+        with pytest.raises(ValueError, match=f"^seed must be None or a non-negative integer, got {seed!r}$"):
+            data_utils.load_digits_data(seed=seed)
+
+
 @pytest.mark.parametrize(
     "counts, message",
     [

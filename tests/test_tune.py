@@ -381,6 +381,19 @@ def _best_trial_file(tmp_path):
         (lambda best: best.update(number=-1), "its trial number -1 is not one"),
         (lambda best: best.update(settings=[1]), "its settings, params and model_state are not all dicts"),
         (lambda best: best["settings"].update(colour="red"), "its settings are not a run's .*'colour'\\)"),
+        # found by altering the file's entries: NumPy's TypeError from the seed, and CIFAR-10 looked for
+        (
+            lambda best: best["settings"].update(seed="batchnorm"),
+            "its settings are not a run's: experiment.seed must be None or a non-negative integer, got 'batchnorm'",
+        ),
+        (
+            lambda best: best["settings"].update(dataset=[1]),
+            r"its settings are not a run's: unknown dataset \[1\]; use one of digits, cifar10",
+        ),
+        (
+            lambda best: best["settings"].update(lr=-1),
+            "its settings are not a run's: experiment.lr: -1 is not a finite number > 0",
+        ),
     ],
 )
 def test_a_best_model_file_that_no_sweep_wrote_is_refused_by_name(tmp_path, change, message):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .input_checks import as_int, check_flag, file_path, is_number
+from .input_checks import as_int, check_flag, check_seed, file_path, is_number
 from .plain_pickle import UnsafePickleError, load_plain
 
 __all__ = [
@@ -339,6 +339,7 @@ def load_digits_data(num_validation=200, num_test=300, subtract_mean=True, dtype
         raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from exc
     dtype = _pixel_dtype(dtype, centred=True)  # scaled to [0, 1]: a float type
     subtract_mean, images = check_flag("subtract_mean", subtract_mean), check_flag("images", images)
+    seed = check_seed(seed)  # NumPy's SeedSequence named neither the function nor the argument
     _check_count("num_validation", num_validation, 0)  # before they slice
     _check_count("num_test", num_test, 0)
     digits = load_digits()

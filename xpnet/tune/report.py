@@ -17,6 +17,7 @@ from ..experiment import Experiment, build_model, load_data
 from ..input_checks import as_int, file_path, is_number, short_repr
 from ..model import load_model_state, values_at_most
 from ..vis_utils import plotting_unavailable
+from .space import check_experiment
 
 __all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images", "read_best_model", "BEST_KEYS"]
 
@@ -134,10 +135,12 @@ def read_best_model(path) -> dict | None:
         problem = "its settings, params and model_state are not all dicts"
     else:
         try:
-            Experiment(**best["settings"])
+            check_experiment(Experiment(**best["settings"]))
             problem = ""
         except TypeError as exc:  # a setting Experiment does not have
             problem = f"its settings are not a run's ({exc})"
+        except ValueError as exc:  # a seed of "batchnorm" failed inside NumPy, a dataset of [1] looked for CIFAR-10
+            problem = f"its settings are not a run's: {exc}"
     if problem:
         raise CheckpointError(
             f"{path} is not the best model a sweep keeps: {problem}; move it out of the sweep's folder to go on"

@@ -23,8 +23,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..experiment import MODELS, NORMALIZATIONS, UPDATE_RULES
-from ..input_checks import file_path, short_repr
+from ..experiment import DATASETS, MODELS, NORMALIZATIONS, UPDATE_RULES
+from ..input_checks import check_flag, file_path, short_repr
 
 __all__ = [
     "SearchSpace",
@@ -33,6 +33,7 @@ __all__ = [
     "parse_space",
     "load_space_file",
     "check_run_setting",
+    "check_experiment",
     "SETTINGS",
 ]
 
@@ -159,6 +160,32 @@ def check_run_setting(name: str, value) -> None:
     if name == "hidden_dims" and isinstance(value, (list, tuple)) and value and all(_positive_int(v) for v in value):
         return
     _dimension(name, value)
+
+
+def check_experiment(experiment, searched=()) -> None:
+    """ValueError naming the first setting of ``experiment`` (an Experiment) that no run can
+    take, other than those in ``searched``, which a sweep draws instead: every trial failed on
+    such a setting, one by one, and a best model file holding one failed inside NumPy."""
+    from ..training.settings import SolverSettings
+
+    if experiment.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {short_repr(experiment.dataset)}; use one of {', '.join(DATASETS)}")
+    if experiment.model not in MODELS:
+        raise ValueError(f"unknown model {short_repr(experiment.model)}; use one of {', '.join(MODELS)}")
+    if experiment.dataset != "cifar10" and (experiment.data_dir or experiment.num_train):
+        raise ValueError("data_dir and num_train apply to the cifar10 dataset only")
+    for name in ("download", "quiet", "cuda_graph"):  # a string is truthy: cuda_graph="False" asked for graphs
+        check_flag(f"experiment.{name}", getattr(experiment, name))
+    for name in SETTINGS:
+        if name not in searched:
+            try:
+                check_run_setting(name, getattr(experiment, name))
+            except SpaceError as error:
+                raise ValueError(f"experiment.{error}") from None
+    try:  # the Solver's own checks of what a run hands it beside these
+        SolverSettings(print_every=experiment.print_every, seed=experiment.seed)
+    except ValueError as error:
+        raise ValueError(f"experiment.{error}") from None
 
 
 def _number(text: str):

@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 from ..backend import check_backend_spec, get_backend
 from ..checkpoint import save_checkpoint
-from ..experiment import DATASETS, MODELS, Experiment
+from ..experiment import Experiment
 from ..input_checks import as_int, check_flag, file_path
-from ..training.settings import SolverSettings
 from .report import BEST_KEYS, read_best_model, write_outputs
-from .space import SETTINGS, SearchSpace, SpaceError, check_run_setting
+from .space import SearchSpace, check_experiment
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
 from .trial import run_trial
 
@@ -63,15 +62,9 @@ class SweepConfig:
         if sum(bool(x) for x in (self.workers, self.scheduler, self.trials_per_gpu)) > 1:
             raise ValueError("choose one of workers, scheduler and trials_per_gpu")
         experiment = self.experiment
-        if experiment.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {experiment.dataset!r}; use one of {', '.join(DATASETS)}")
-        if experiment.model not in MODELS:
-            raise ValueError(f"unknown model {experiment.model!r}; use one of {', '.join(MODELS)}")
-        if experiment.dataset != "cifar10" and (experiment.data_dir or experiment.num_train):
-            raise ValueError("data_dir and num_train apply to the cifar10 dataset only")
+        check_experiment(experiment, searched=set(self.space.dimensions))
         if self.trials_per_gpu and not (self.backend or "").startswith("cupy"):
             raise ValueError("trials_per_gpu runs trials on GPUs: it needs the cupy backend")
-        self._check_fixed_settings()
         if self.scheduler:
             if self.storage is None or "://" not in self.storage:
                 raise ValueError(
@@ -85,21 +78,6 @@ class SweepConfig:
                 raise ValueError(
                     f"experiment.cuda_graph needs the cupy backend; backend {backend.name!r} cannot capture"
                 )
-
-    def _check_fixed_settings(self) -> None:
-        """ValueError naming an experiment setting that the space does not search and that every
-        trial would fail on, one by one (epochs=-1, update_rule='adamm')."""
-        searched = set(self.space.dimensions)
-        for name in SETTINGS:
-            if name not in searched:
-                try:
-                    check_run_setting(name, getattr(self.experiment, name))
-                except SpaceError as error:
-                    raise ValueError(f"experiment.{error}") from None
-        try:  # the Solver's own checks of what the trials hand it beside the space's settings
-            SolverSettings(print_every=self.experiment.print_every, seed=self.experiment.seed)
-        except ValueError as error:
-            raise ValueError(f"experiment.{error}") from None
 
     def _check_kinds(self) -> None:
         """TypeError naming a setting of the wrong kind: each failed later inside the sweep
@@ -129,12 +107,9 @@ class SweepConfig:
             raise TypeError(
                 f"SweepConfig: scheduler must be an address (tcp://host:8786), got {type(self.scheduler).__name__}"
             )
-        # A string is truthy: plots="no" drew them, and experiment.cuda_graph="False" was refused
-        # as "needs the cupy backend" (and every trial downloaded with download="no").
+        # A string is truthy: plots="no" drew them (the experiment's switches: check_experiment).
         for name in ("plots", "verbose"):
             setattr(self, name, check_flag(f"SweepConfig: {name}", getattr(self, name)))
-        for name in ("download", "quiet", "cuda_graph"):
-            check_flag(f"SweepConfig: experiment.{name}", getattr(self.experiment, name))
 
     def task(self, gpus: int = 0) -> dict:
         """What a worker needs to run one trial (plain data: it travels to other processes)."""
