@@ -335,6 +335,9 @@ def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
 
 
 def normalization_backward(name, dout, cache, forward):
+    """dx, dgamma (None without gamma) and dbeta of a normalisation whose train-mode cache
+    ``forward`` made, in closed form; gamma and beta belong to axis 1 of dout, so their
+    gradients sum over every other axis. ``name`` is the backward pass errors are named by."""
     x_hat, _, std, gamma, axis = train_mode_cache(name, cache, 5, forward)
     xp = layer_namespace(name, {"dout": dout}, {"x": x_hat})
     check_same_shape(name, "dout", dout, "x", x_hat)  # a (1, D) dout would broadcast into wrong sums
@@ -400,8 +403,8 @@ def batchnorm_forward(x: Array, gamma: Array | None, beta: Array, bn_param: dict
 
 def batch_normalized(x: Array, gamma: Array | None, beta: Array, bn_param: dict, mode: str, eps: float):
     """Batchnorm of checked inputs: each feature or channel of axis 1 of ``x`` (N, D) or
-    (N, C, H, W) normalised over every other axis, in place, so images need no transposing
-    to rows; gamma, beta and the running averages (C,). Returns out and the cache (None in
+    (N, C, H, W) normalised over every other axis, as the array lies (images are not
+    transposed to rows); gamma, beta and the running averages (C,). Returns out and the cache (None in
     test mode), and in train mode updates the running averages."""
     xp = namespace(x, beta)
     per_channel = (1, x.shape[1], *(1,) * (x.ndim - 2))
