@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..experiment import DATASETS, MODELS, NORMALIZATIONS, UPDATE_RULES
 from ..input_checks import check_flag, file_path, short_repr
+from ..training.settings import SolverSettings
 
 __all__ = [
     "SearchSpace",
@@ -166,8 +167,6 @@ def check_experiment(experiment, searched=()) -> None:
     """ValueError naming the first setting of ``experiment`` (an Experiment) that no run can
     take, other than those in ``searched``, which a sweep draws instead: every trial failed on
     such a setting, one by one, and a best model file holding one failed inside NumPy."""
-    from ..training.settings import SolverSettings
-
     if experiment.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {short_repr(experiment.dataset)}; use one of {', '.join(DATASETS)}")
     if experiment.model not in MODELS:
