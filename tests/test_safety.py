@@ -501,6 +501,18 @@ def test_checkpoint_keys_must_be_strings(tmp_path):
     assert not (tmp_path / "keys.npz").exists()
 
 
+def test_a_payload_that_could_not_be_read_back_is_not_written(tmp_path):
+    """Saved, then refused by load_checkpoint: a payload that is not a dict ("not an xpnet
+    checkpoint"), and a dict whose one key marks arrays in the file ("array 'x' is missing")."""
+    with pytest.raises(TypeError, match="^save_checkpoint: payload must be a dict, got list$"):
+        save_checkpoint(tmp_path / "list.npz", [1, 2])
+    with pytest.raises(ValueError, match="^a checkpoint dict may not have '__array__' as its only key"):
+        save_checkpoint(tmp_path / "marker.npz", {"notes": {"__array__": "x"}})
+    assert not list(tmp_path.iterdir())
+    save_checkpoint(tmp_path / "ok.npz", {"notes": {"__array__": "x", "more": 1}})  # not a marker: it reads back
+    assert load_checkpoint(tmp_path / "ok.npz") == {"notes": {"__array__": "x", "more": 1}}
+
+
 def test_old_pickle_checkpoints_load_only_with_explicit_trust(tmp_path, train, capsys):
     solver, path = trained_checkpoint(tmp_path)
     legacy = tmp_path / "old_epoch_1.pkl"

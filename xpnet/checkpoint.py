@@ -71,6 +71,8 @@ def _encode(tree, arrays: dict, depth: int = 0):
         for key in tree:
             if not isinstance(key, str):
                 raise TypeError(f"checkpoint keys must be strings, got {key!r}")
+        if set(tree) == {_ARRAY}:  # read back as an array reference: the file was saved, and did not load
+            raise ValueError(f"a checkpoint dict may not have {_ARRAY!r} as its only key: the file marks arrays so")
         return {key: _encode(value, arrays, depth + 1) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
         return [_encode(value, arrays, depth + 1) for value in tree]
@@ -154,6 +156,9 @@ def save_checkpoint(path, payload: dict) -> str:
     :class:`CheckpointWriteError` naming ``path`` when the disk refuses.
     """
     path = file_path("save_checkpoint", "path", path, hint="; it takes (path, payload)")
+    if not isinstance(payload, dict):  # load_checkpoint refuses any other: the file could never be read
+        _encode(payload, {})  # first, what no checkpoint holds at all is named so (a model: its state_dict())
+        raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     arrays: dict = {}
     document = json.dumps({"format": FORMAT, "version": VERSION, "payload": _encode(payload, arrays)})
     folder = os.path.dirname(os.path.abspath(path))
