@@ -1152,6 +1152,7 @@ def _set(path: tuple, value):
         # a number where Adam keeps a moment passed, and failed at the first step; a negative second
         # moment became NaN at its square root, and training diverged at once
         (_set(("optim_configs", "W1", "m"), 1), r"optimizer state W1.m = 1, not an array of shape \(6, 16\)"),
+        (_set(("optim_configs", "W1", "m"), np.array(1.0)), r"optimizer state W1.m, an array of floats of shape \(\)"),
         (_set(("optim_configs", "b2", "v"), -np.ones(16)), "optimizer state b2.v below 0, where adam averages squared"),
         (_set(("epoch",), 2**70), r"has epoch = 1180591620717411303424 after \d+ iterations"),
         # NaN weights, moments or running averages: training diverged at once, and said so as if it were the cause

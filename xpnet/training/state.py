@@ -120,7 +120,7 @@ def check_solver_state(state, model) -> None:
                     kind = f"an array of shape {shape}" if key in moments else "a number or an array"
                     raise ValueError(f"has optimizer state {name}.{key} = {short_repr(value)}, not {kind}")
             # Moments are arrays of floats of the parameter's shape; a step count kept on a GPU is 0-d.
-            elif value.shape != () and (value.shape != shape or not_float_array(value)):
+            elif (value.shape != () or key in moments) and (value.shape != shape or not_float_array(value)):
                 what = not_float_array(value) or "an array of floats"
                 raise ValueError(
                     f"has optimizer state {name}.{key}, {what} of shape {value.shape}; the parameter is {shape}"
