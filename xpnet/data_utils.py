@@ -303,14 +303,9 @@ def get_CIFAR10_data(
         dict with X_train, y_train, X_val, y_val, X_test, y_test.
     """
     # before the seconds that loading takes; a string is truthy (download="no" downloaded)
-    subtract_mean, channels_first, download = (
-        check_flag(name, value)
-        for name, value in (
-            ("subtract_mean", subtract_mean),
-            ("channels_first", channels_first),
-            ("download", download),
-        )
-    )
+    subtract_mean = check_flag("subtract_mean", subtract_mean)
+    channels_first = check_flag("channels_first", channels_first)
+    download = check_flag("download", download)
     dtype = _pixel_dtype(dtype, centred=subtract_mean)
     try:
         root = find_CIFAR10(data_dir)
