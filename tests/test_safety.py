@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -1533,6 +1534,31 @@ def test_empty_batches_are_refused(backend):
     for loss in (layers.softmax_loss, layers.svm_loss):
         with pytest.raises(ValueError, match="empty batch"):
             loss(empty, labels)
+
+
+def test_empty_feature_axes_are_refused(backend):
+    """Scores without classes, and normalisations over no features, channels or pixels: a NumPy
+    reduction error, a ZeroDivisionError or NaN with "Mean of empty slice" warnings before."""
+    labels = backend.asarray(np.zeros(2, dtype=np.int64))
+    for loss in (layers.softmax_loss, layers.svm_loss):
+        with pytest.raises(ValueError, match=r"the scores have no classes, shape \(2, 0\)"):
+            loss(backend.asarray(np.zeros((2, 0)), dtype="float64"), labels)
+    none = backend.asarray(np.zeros(0), dtype="float64")
+    for forward, param in ((layers.batchnorm_forward, {"mode": "train"}), (layers.layernorm_forward, {})):
+        with pytest.raises(ValueError, match=r"x \(3, 0\) has no features to normalise"):
+            forward(backend.asarray(np.zeros((3, 0)), dtype="float64"), none, none, param)
+    pixels = "has no channels or no pixels to normalise"
+    for shape in ((2, 0, 4, 4), (2, 3, 0, 4)):
+        c = shape[1]
+        x = backend.asarray(np.zeros(shape), dtype="float64")
+        gamma = backend.asarray(np.ones(c), dtype="float64")
+        for mode in ("train", "test"):
+            param = {"mode": mode, "running_mean": gamma * 0, "running_var": gamma}
+            with pytest.raises(ValueError, match=re.escape(f"spatial_batchnorm_forward: x {shape} {pixels}")):
+                layers.spatial_batchnorm_forward(x, gamma, gamma, param)
+        gamma4 = backend.asarray(np.ones((1, c, 1, 1)), dtype="float64")
+        with pytest.raises(ValueError, match=rf"spatial_groupnorm_forward: x .* {pixels}"):
+            layers.spatial_groupnorm_forward(x, gamma4, gamma4, 1, {})
 
 
 def test_layers_speak_of_shapes_dtypes_and_libraries(backend):

@@ -201,6 +201,8 @@ def _check_scores_and_labels(name, x, y):
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: empty batch, scores have shape {tuple(x.shape)}")
+    if x.shape[1] == 0:  # no label can lie in [0, 0); the softmax's maximum has nothing to reduce
+        raise ValueError(f"{name}: the scores have no classes, shape {tuple(x.shape)}")
     return xp
 
 
@@ -363,6 +365,8 @@ def _check_norm_input(name, x, gamma, beta):
         hint = f"; for (N, C, H, W) images use {spatial[name]}" if x.ndim == 4 else ""
         raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}{hint}")
     d = x.shape[1]
+    if d == 0:  # a mean over no features is 0 / 0
+        raise ValueError(f"{name}: x {tuple(x.shape)} has no features to normalise")
     gamma_shape = (d,) if gamma is None else tuple(gamma.shape)
     if gamma_shape != (d,) or tuple(beta.shape) != (d,):
         raise ValueError(f"{name}: gamma and beta must be ({d},), got {gamma_shape} and {tuple(beta.shape)}")

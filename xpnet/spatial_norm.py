@@ -35,8 +35,12 @@ __all__ = [
 
 
 def _check_nchw(function, x):
+    """ValueError unless x is (N, C, H, W) with at least one channel and pixel: statistics
+    over none are 0 / 0 (an empty batch is for each layer to judge)."""
     if x.ndim != 4:
         raise ValueError(f"{function}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"{function}: x {tuple(x.shape)} has no channels or no pixels to normalise")
 
 
 def _to_groups(xp, x, groups):
