@@ -247,6 +247,14 @@ def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
         whitening_filters(backend.asarray(np.ones((2, 3, 8, 8), dtype=np.uint8)), 2)
     with pytest.raises(ValueError, match=r"whitening_filters: no images, got shape \(0, 3, 8, 8\)"):
         whitening_filters(arr(backend, np.ones((0, 3, 8, 8))), 2)
+    # With eps 0 a singular covariance (constant images, or one channel a copy of another) gave
+    # filters of inf or NaN, which trained to NaN; with eps > 0 the same images whiten.
+    copied = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    copied[:, 1] = copied[:, 0]
+    for images in (x, arr(backend, copied)):
+        with pytest.raises(ValueError, match=r"whitening_filters: the patches' covariance is singular .* give eps > 0"):
+            whitening_filters(images, 2, eps=0)
+        assert np.isfinite(to_np(whitening_filters(images, 2, eps=5e-4))).all()
     assert tuple(reflect_pad(x, np.int64(2)).shape) == (2, 3, 12, 12)
 
 

@@ -50,6 +50,12 @@ def whitening_filters(x: Array, size: int = 2, eps: float = 5e-4) -> Array:
     if not bool(xp.all(xp.isfinite(covariance))):
         raise ValueError("whitening_filters: the images hold NaN or infinite values (or overflow when squared)")
     eigenvalues, eigenvectors = xp.linalg.eigh(covariance)  # ascending
+    smallest = float(eigenvalues[0])  # a second host read, once per training
+    if not smallest + eps > 0:  # constant or linearly dependent patches, with eps 0: filters of inf or NaN
+        raise ValueError(
+            f"whitening_filters: the patches' covariance is singular (smallest eigenvalue {smallest:.3g}), "
+            f"so 1 / sqrt(eigenvalue + eps) has no finite value with eps = {eps!r}; give eps > 0"
+        )
     eigenvalues = xp.flip(eigenvalues, axis=0)
     vectors = xp.flip(eigenvectors, axis=1).T  # one eigenvector per row, largest eigenvalue first
     scaled = vectors / xp.sqrt(eigenvalues + eps)[:, None]
