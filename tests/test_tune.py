@@ -165,6 +165,17 @@ def test_space_files_take_the_command_lines_grammar_in_strings(tmp_path):
         (["--space", "lr=1e-3", "--workers", "-1"], "argument --workers: must be a non-negative integer, got -1"),
         (["--space", "lr=1e-3", "--scheduler", "tcp://127.0.0.1:1"], "needs --storage to be a database"),
         (["--space", "lr=1e-3", "--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),
+        # every trial that drew twolayer failed, one by one
+        (
+            ["--space", "model=choice(twolayer,fc)", "--space", "hidden_dims=100x50"],
+            "model 'twolayer' cannot run with any hidden_dims and normalization of this sweep: --model twolayer "
+            "takes one hidden size, got --hidden-dims [100, 50]",
+        ),
+        (
+            ["--model", "cnn", "--space", "normalization=choice(layernorm)"],
+            "model 'cnn' cannot run with any hidden_dims and normalization of this sweep: --model cnn normalises "
+            "with batchnorm only",
+        ),
     ],
 )
 def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path, capsys):
@@ -199,6 +210,10 @@ def test_sweep_command_refuses_bad_input_before_running(args, message, tmp_path,
         (dict(experiment=Experiment(print_every=0)), "experiment.print_every must be a positive integer, got 0"),
         (dict(experiment=Experiment(seed=-1)), "experiment.seed must be None or a non-negative integer, got -1"),
         (dict(experiment=Experiment(cuda_graph=True)), "experiment.cuda_graph needs the cupy backend; backend 'numpy'"),
+        (
+            dict(experiment=Experiment(model="twolayer", hidden_dims=[100, 50])),
+            "model 'twolayer' cannot run with any hidden_dims and normalization of this sweep",
+        ),
         # a string is truthy: "False" was refused as if True had been asked for, and plots="no" drew them
         (dict(experiment=Experiment(cuda_graph="False")), "experiment.cuda_graph must be True or False, got 'False'"),
         (dict(experiment=Experiment(download="no")), "experiment.download must be True or False, got 'no'"),
@@ -578,6 +593,17 @@ def test_a_diverging_trial_fails_by_name_without_the_array_librarys_warnings(tmp
     assert not [w for w in caught if "training diverged" in str(w.message) or "encountered" in str(w.message)]
     (trial,) = study_of(tmp_path / "sweep").trials
     assert trial.state.name == "FAIL" and "training diverged" in trial.user_attrs["error"]
+
+
+def test_a_quiet_sweep_whose_trials_all_failed_says_so(tmp_path, capsys):
+    """It ended with status 1 and not a word: the report's line is printed only when not quiet."""
+    from xpnet.cli.sweep import main
+
+    space = ["--space", "lr=1e6", "--space", "update_rule=sgd", "--space", "epochs=1"]
+    assert main(["--trials", "1", "--out", str(tmp_path / "sweep"), "--pruner", "none", "--quiet", *space]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"no trial completed; see {tmp_path / 'sweep' / 'trials.csv'} for the errors" in printed.err
 
 
 def run_sweep_command(out, trials, workers, epochs):

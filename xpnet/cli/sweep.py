@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 
@@ -123,4 +124,9 @@ def main(argv=None):
     if args.quiet and "best_val_acc" in summary:
         print(f"test acc of the best model: {summary['test_acc']:.4f}")
         print(f"best val acc: {summary['best_val_acc']:.4f}")
-    return 0 if summary.get("complete") else 1
+    if not summary.get("complete"):
+        if args.quiet:  # the report said so; a quiet run ended with status 1 and not a word
+            trials_csv = os.path.join(summary["out"], "trials.csv")
+            sys.stderr.write(f"{parser.prog}: no trial completed; see {trials_csv} for the errors\n")
+        return 1
+    return 0

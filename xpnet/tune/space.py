@@ -17,13 +17,15 @@ Unknown names, unknown kinds and impossible ranges are refused with a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-from ..experiment import DATASETS, MODELS, NORMALIZATIONS, UPDATE_RULES
+from ..experiment import DATASETS, MODELS, NORMALIZATIONS, UPDATE_RULES, check_model_settings
 from ..input_checks import check_flag, file_path, short_repr
 from ..training.settings import SolverSettings
 
@@ -35,6 +37,7 @@ __all__ = [
     "load_space_file",
     "check_run_setting",
     "check_experiment",
+    "check_model_combinations",
     "SETTINGS",
 ]
 
@@ -185,6 +188,31 @@ def check_experiment(experiment, searched=()) -> None:
         SolverSettings(print_every=experiment.print_every, seed=experiment.seed)
     except ValueError as error:
         raise ValueError(f"experiment.{error}") from None
+
+
+def check_model_combinations(space: SearchSpace, experiment) -> None:
+    """ValueError naming a model of the sweep (the space's choices, or the experiment's) that
+    no hidden_dims and normalization of the sweep can build: every trial that drew it failed,
+    one by one (a two-layer net given only 512x256, say)."""
+
+    def options(name):
+        dimension = space.dimensions.get(name)
+        if dimension is None:
+            return [getattr(experiment, name)]
+        return [to_settings({name: value})[name] for value in dimension.values]
+
+    for model in options("model"):
+        errors = []
+        for hidden_dims, normalization in itertools.product(options("hidden_dims"), options("normalization")):
+            try:
+                check_model_settings(SimpleNamespace(model=model, hidden_dims=hidden_dims, normalization=normalization))
+                break
+            except ValueError as error:
+                errors.append(error)
+        else:
+            raise ValueError(
+                f"model {model!r} cannot run with any hidden_dims and normalization of this sweep: {errors[0]}"
+            )
 
 
 def _number(text: str):

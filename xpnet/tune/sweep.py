@@ -19,7 +19,7 @@ from ..checkpoint import save_checkpoint
 from ..experiment import Experiment
 from ..input_checks import as_int, check_flag, file_path
 from .report import BEST_KEYS, read_best_model, write_outputs
-from .space import SearchSpace, check_experiment
+from .space import SearchSpace, check_experiment, check_model_combinations
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
 from .trial import run_trial
 
@@ -63,6 +63,7 @@ class SweepConfig:
             raise ValueError("choose one of workers, scheduler and trials_per_gpu")
         experiment = self.experiment
         check_experiment(experiment, searched=set(self.space.dimensions))
+        check_model_combinations(self.space, experiment)
         if self.trials_per_gpu and not (self.backend or "").startswith("cupy"):
             raise ValueError("trials_per_gpu runs trials on GPUs: it needs the cupy backend")
         if self.scheduler:
