@@ -151,7 +151,24 @@ def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
     for read in (load_checkpoint, checkpoint.check_checkpoint_file):  # load_checkpoint(solver), say
         with pytest.raises(TypeError, match=rf"^{read.__name__}: path must be a file path \(str or Path\), got dict$"):
             read({"w": np.ones(2)})
+    # a masked array was written without its mask and read back as plain data
+    with pytest.raises(TypeError, match=r"cannot hold a masked array: its mask would be lost; save np\.ma\.getdata"):
+        save_checkpoint(tmp_path / "c.npz", {"w": np.ma.array([1.0, 2.0], mask=[False, True])})
     assert not list(tmp_path.iterdir())
+
+
+def test_numpy_scalars_that_json_cannot_hold_come_back_as_0d_arrays(tmp_path):
+    """A datetime64 scalar failed in json ("Object of type date is not JSON serializable"), and
+    so did a complex one; NumPy's numbers, bools and strings come back as Python's."""
+    path = tmp_path / "c.npz"
+    odd = [np.complex128(1 + 2j), np.datetime64("2020-01-01"), np.timedelta64(5, "s"), np.bytes_(b"ab")]
+    save_checkpoint(path, {"odd": odd, "plain": [np.float32(1.5), np.int64(7), np.bool_(True), np.str_("x")]})
+    back = load_checkpoint(path)
+    for value, loaded in zip(odd, back["odd"]):
+        assert isinstance(loaded, np.ndarray) and loaded.shape == () and loaded.dtype == value.dtype
+        assert loaded[()] == value
+    assert back["plain"] == [1.5, 7, True, "x"]
+    assert [type(v) for v in back["plain"]] == [float, int, bool, str]
 
 
 def test_pickle_checkpoint_cannot_run_code_through_any_entry_point(tmp_path, train, capsys):

@@ -79,11 +79,20 @@ def _encode(tree, arrays: dict, depth: int = 0):
     if isinstance(tree, np.ndarray):
         if tree.dtype.hasobject:
             raise TypeError("checkpoint arrays must hold numbers, not Python objects")
+        if isinstance(tree, np.ma.MaskedArray):  # .npy keeps the data under the mask and drops the mask
+            raise TypeError(
+                "a checkpoint cannot hold a masked array: its mask would be lost; save np.ma.getdata(x) and "
+                "np.ma.getmaskarray(x) as two arrays, or x.filled(value)"
+            )
         name = f"a{len(arrays)}"
         arrays[name] = tree
         return {_ARRAY: name}
     if isinstance(tree, np.generic):
-        return tree.item()
+        value = tree.item()
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        # complex, datetime64, bytes: JSON has no such value, and a 0-d array keeps its dtype and value
+        return _encode(np.asarray(tree), arrays, depth)
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
     if is_array(tree):  # a CuPy or PyTorch array: the file holds host arrays
