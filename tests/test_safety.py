@@ -1604,6 +1604,41 @@ def test_layers_speak_of_shapes_dtypes_and_libraries(backend):
 
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_models_refuse_masked_inputs_as_the_layers_and_the_solver_do():
+    """A model converted what it was given onto its backend, which dropped a masked array's
+    mask: predict and loss scored the data under the mask, which check_accuracy refuses."""
+    from xpnet.solver import Solver
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((6, 6)), rng.integers(0, 3, 6)
+    masked = np.ma.masked_array(X, mask=X > 1)
+    model = small_model("numpy")
+    for call, argument in (
+        (lambda: model.predict(masked), "X"),
+        (lambda: model.loss(masked, y), "X"),
+        (lambda: model.loss(X, np.ma.masked_array(y)), "y"),
+    ):
+        with pytest.raises(TypeError, match=rf"^FullyConnectedNet: {argument} is a MaskedArray: the layers do not"):
+            call()
+    with pytest.raises(TypeError, match=r"^FullyConnectedNet: X is a matrix: np.matrix's \* and \*\* are matrix"):
+        model.predict(np.matrix(X))
+
+    class HandWritten:  # the Solver's own conversion for a model without prepare_inputs
+        def __init__(self):
+            self.params = {"W": np.zeros((6, 3))}
+
+        def loss(self, X, y=None):
+            scores = X @ self.params["W"]
+            return scores if y is None else layers.softmax_loss(scores, y)[:1] + ({"W": self.params["W"] * 0},)
+
+    data = {"X_train": X, "y_train": y, "X_val": X, "y_val": y}
+    solver = Solver(HandWritten(), data, verbose=False)
+    with pytest.raises(TypeError, match=r"^HandWritten: X is a MaskedArray: the layers do not honour masks"):
+        solver.prepare_inputs(masked)
+    np.testing.assert_array_equal(model.predict(X), model.predict(X.tolist()))  # lists still convert
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_numpy_subclasses_whose_operators_differ_are_refused_by_name():
     """On a square np.matrix, ``*`` is a matrix product: gelu_forward, dropout_forward and
     relu_backward gave wrong numbers and Adam NaN without a word. A masked array's mask was

@@ -9,6 +9,7 @@ import math
 import os
 
 from .backend import Backend, backend_of, check_generator, get_backend, namespace, to_numpy
+from .backend.dispatch import refusal
 from .batching import predicted_classes
 from .checkpoint import non_finite_path, not_float_array, tree_to_device, tree_to_host
 from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace, short_repr
@@ -103,13 +104,11 @@ class Model:
 
     def prepare_inputs(self, X):
         """``X`` as an array of the model's backend and dtype (moved there if needed)."""
-        if not self.backend.owns(X):
-            return self.backend.asarray(X, dtype=self.dtype)
-        return X if X.dtype == self.dtype else self.xp.astype(X, self.dtype)
+        return converted_inputs(self.backend, X, self.dtype, type(self).__name__)
 
     def prepare_labels(self, y):
         """``y`` as an integer array on the model's backend."""
-        return y if self.backend.owns(y) else self.backend.asarray(y)
+        return converted_labels(self.backend, y, type(self).__name__)
 
     def loss(self, X, y=None):
         """Scores (N, C) when ``y`` is None, else ``(loss, grads)``."""
@@ -227,18 +226,31 @@ def input_preparers(model, backend):
     ``backend`` in the dtype of its first parameter."""
     if hasattr(model, "prepare_inputs") and hasattr(model, "prepare_labels"):
         return model.prepare_inputs, model.prepare_labels
-    dtype = param_dtype(model)
-    xp = backend.xp
+    dtype, owner = param_dtype(model), type(model).__name__
+    return (lambda X: converted_inputs(backend, X, dtype, owner)), (lambda y: converted_labels(backend, y, owner))
 
-    def prepare_inputs(X):
-        if not backend.owns(X):
-            return backend.asarray(X, dtype=dtype)
-        return X if X.dtype == dtype else xp.astype(X, dtype)
 
-    def prepare_labels(y):
-        return y if backend.owns(y) else backend.asarray(y)
+def converted_inputs(backend, X, dtype, owner: str):
+    """``X`` as an array of ``backend`` in ``dtype`` (moved there if needed); TypeError, naming
+    ``owner``, for an array type its library refuses: asarray dropped a masked array's mask."""
+    if backend.owns(X):
+        return X if X.dtype == dtype else backend.xp.astype(X, dtype)
+    _refuse_subclass(owner, "X", X)
+    return backend.asarray(X, dtype=dtype)
 
-    return prepare_inputs, prepare_labels
+
+def converted_labels(backend, y, owner: str):
+    """``y`` as an array of ``backend``, refused as :func:`converted_inputs` refuses."""
+    if backend.owns(y):
+        return y
+    _refuse_subclass(owner, "y", y)
+    return backend.asarray(y)
+
+
+def _refuse_subclass(owner, name, value):
+    reason = refusal(value)  # np.matrix, a masked array
+    if reason is not None:
+        raise TypeError(f"{owner}: {name} is a {type(value).__name__}: {reason}")
 
 
 def loss_and_grads(result, backend) -> tuple:
