@@ -642,6 +642,8 @@ def test_bad_settings_are_rejected():
             Solver(model, data, seed=seed)
     with pytest.raises(ValueError, match="checkpoint_name must be a path"):
         Solver(model, data, checkpoint_name=123)  # it wrote 123_epoch_1.npz in the working folder
+    with pytest.raises(ValueError, match="checkpoint_name is empty: give a path such as 'runs/net', or None"):
+        Solver(model, data, checkpoint_name="")  # an unset variable, say: it trained without a checkpoint
     for rule, config, message in (
         ("sgd_momentum", {"momentum": 1.5}, r"momentum must be a finite number in \[0, 1\), got 1.5"),
         ("adam", {"beta1": 1.0}, r"beta1 must be a finite number in \[0, 1\), got 1.0"),  # bias correction / 0

@@ -129,6 +129,8 @@ class SolverSettings:
         self.seed = check_seed(self.seed)
         if self.checkpoint_name is not None and not isinstance(self.checkpoint_name, (str, os.PathLike)):
             raise ValueError(f"checkpoint_name must be a path (a string), got {self.checkpoint_name!r}")
+        if self.checkpoint_name is not None and not os.fspath(self.checkpoint_name):  # "" wrote no checkpoint
+            raise ValueError("checkpoint_name is empty: give a path such as 'runs/net', or None for no checkpoints")
         if self.on_log is not None and not callable(self.on_log):
             raise ValueError(f"on_log must be a function of the logged record, got {self.on_log!r}")
         # None is no callbacks, and one callback is taken as a list of one.
