@@ -539,6 +539,12 @@ def test_a_model_file_under_the_home_folder_is_saved_and_loaded_by_a_tilde_path(
     _, result = _small_run()
     assert save_fast94_model("~/runs/fast94.npz", result) == str(tmp_path / "runs" / "fast94.npz")
     assert load_fast94_model("~/runs/fast94.npz").widths == result.settings.widths
+    # the network alone, or the arguments swapped, failed on `result.model` (AttributeError)
+    with pytest.raises(TypeError, match=r"got FastConvNet: the result carries the settings .* save_checkpoint\(path"):
+        save_fast94_model(tmp_path / "net.npz", result.model)
+    with pytest.raises(TypeError, match=r"got str; the path comes first: save_fast94_model\(path, result\)$"):
+        save_fast94_model(result, "~/runs/other.npz")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fast94.npz"]
 
 
 def test_the_recipes_data_may_be_arrays_of_any_backend(backend):

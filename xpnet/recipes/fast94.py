@@ -507,6 +507,17 @@ def save_fast94_model(path, result: Fast94Result) -> str:
     """Write the network that ``result``'s run trained to ``path`` (an xpnet ``.npz``
     checkpoint, written atomically and safe to load), with the settings that rebuild it
     and the run's figures. Returns the path."""
+    if not isinstance(result, Fast94Result):  # a network alone failed on `result.model`
+        if isinstance(path, Fast94Result):
+            hint = "; the path comes first: save_fast94_model(path, result)"
+        elif isinstance(result, FastConvNet):
+            hint = (
+                ": the result carries the settings that rebuild the network; a FastConvNet alone saves "
+                "with save_checkpoint(path, model.state_dict())"
+            )
+        else:
+            hint = ""
+        raise TypeError(f"save_fast94_model: result must be what fast94 returned, got {type(result).__name__}{hint}")
     if not isinstance(result.model, FastConvNet) or result.settings is None:
         raise ValueError("save_fast94_model: the result holds no xpnet network (a run of PyTorch's side?)")
     model = result.model
