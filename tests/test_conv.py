@@ -125,6 +125,18 @@ def test_fast_conv_backward_equals_naive_and_skips_the_input_gradient(backend, n
         assert rel_error(naive, fast) < 1e-12
     dx, dw, _ = fast_layers.conv_backward_fast(dout, fast_cache, input_grad=False)
     assert dx is None and tuple(dw.shape) == (5, 4, 3, 3)
+    # a string is truthy: input_grad="False" computed dx, as did affine_backward's (and the sandwiches')
+    with pytest.raises(ValueError, match="^conv_backward_fast: input_grad must be True or False, got 'False'$"):
+        fast_layers.conv_backward_fast(dout, fast_cache, input_grad="False")
+    _, affine_cache = layers.affine_forward(
+        x, arr(backend, np_rng.standard_normal((324, 2))), arr(backend, np.zeros(2))
+    )
+    with pytest.raises(ValueError, match="^affine_backward: input_grad must be True or False, got 'no'$"):
+        layers.affine_backward(arr(backend, np.ones((3, 2))), affine_cache, input_grad="no")
+    _, relu_cache = layer_utils.conv_relu_forward(x, w, b, param)
+    with pytest.raises(ValueError, match="input_grad must be True or False, got 'False'$"):
+        layer_utils.conv_relu_backward(dout, relu_cache, input_grad="False")
+    assert fast_layers.conv_backward_fast(dout, fast_cache, input_grad=np.bool_(False))[0] is None
 
 
 @pytest.mark.parametrize("dtype", [None, "float64"])

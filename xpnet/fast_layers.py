@@ -27,7 +27,7 @@ from array_api_compat import device
 from .array_types import Array, Cache
 from .backend import accelerated, namespace
 from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
-from .input_checks import check_dout, makes_cache, unpack_cache
+from .input_checks import check_dout, check_flag, makes_cache, unpack_cache
 from .layers import matmul
 
 __all__ = [
@@ -217,6 +217,7 @@ def conv_backward_strides(dout: Array, cache: Cache, input_grad: bool = True) ->
 def _conv_backward(name, forward, dout, cache, input_grad):
     """:func:`conv_backward_fast` reporting a fault as ``name``, the backward pass of ``forward``."""
     x, w, b, conv_param, cols = unpack_cache(name, cache, 5, forward)
+    input_grad = check_flag(f"{name}: input_grad", input_grad)  # "False" is truthy: dx was computed
     xp, stride, pad, h_out, w_out = conv_geometry(name, x, w, b, conv_param)
     n, c, f, hh, ww = x.shape[0], x.shape[1], w.shape[0], w.shape[2], w.shape[3]
     check_dout(name, dout, (n, f, h_out, w_out), like={"x": x})

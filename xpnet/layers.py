@@ -22,6 +22,7 @@ from .backend import accelerated, backend_of, check_generator, namespace
 from .input_checks import (
     array_cache,
     check_dout,
+    check_flag,
     check_param_keys,
     check_same_shape,
     check_seed,
@@ -126,6 +127,7 @@ def affine_backward(dout: Array, cache: Cache, input_grad: bool = True) -> tuple
         dx with the shape of x (None when input_grad is False), dw (D, M), db (M,).
     """
     x, w, _ = unpack_cache("affine_backward", cache, 3, "affine_forward")
+    input_grad = check_flag("affine_backward: input_grad", input_grad)  # "False" is truthy: dx was computed
     expected, detail = (x.shape[0], w.shape[1]), f" for x {tuple(x.shape)} and w {tuple(w.shape)}"
     xp = check_dout("affine_backward", dout, expected, detail, like={"x": x})
     x2 = xp.reshape(x, (x.shape[0], -1))
