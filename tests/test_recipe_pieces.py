@@ -212,7 +212,7 @@ def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
     """A negative pad used to pad by a mirrored slice (8x8 became 15x15), a float one to fail
     inside slicing, a negative shift inside the generator, a window larger than the images to
     give NaN filters."""
-    from xpnet.augment import AlternatingFlipTranslate, random_translate, reflect_pad, translate_images
+    from xpnet.augment import AlternatingFlipTranslate, flip_images, random_translate, reflect_pad, translate_images
     from xpnet.whitening import whitening_filters
 
     x, rng = arr(backend, np.ones((2, 3, 8, 8))), backend.rng(0)
@@ -256,6 +256,21 @@ def test_augmentation_and_whitening_refuse_sizes_that_cannot_be_right(backend):
             whitening_filters(images, 2, eps=0)
         assert np.isfinite(to_np(whitening_filters(images, 2, eps=5e-4))).all()
     assert tuple(reflect_pad(x, np.int64(2)).shape) == (2, 3, 12, 12)
+    # integer pixels: the NaN that marks an offset out of range was cast to garbage under a
+    # RuntimeWarning; a list of flags failed inside the array namespace's lookup
+    pixels = backend.asarray(np.ones((2, 3, 8, 8), dtype=np.uint8))
+    floats_only = r"images must be floating-point \(an offset out of range makes an image NaN\), got dtype uint8"
+    with pytest.raises(TypeError, match=f"random_translate: {floats_only}"):
+        random_translate(pixels, rng, 2)
+    with pytest.raises(TypeError, match=f"translate_images: {floats_only}"):
+        translate_images(pixels, shifts, shifts, 2)
+    with pytest.raises(TypeError, match=f"AlternatingFlipTranslate: {floats_only}"):
+        AlternatingFlipTranslate(pixels, rng)
+    assert AlternatingFlipTranslate(pixels, rng, max_shift=0).epoch(0).dtype == pixels.dtype  # flips only
+    with pytest.raises(
+        TypeError, match=r"flip_images: mask must be an array of \(2,\) values, one per image; got list"
+    ):
+        flip_images(x, [True, False])
 
 
 def test_flips_and_translations_per_image(backend, np_rng):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .array_types import Array
 from .backend import backend_of, check_generator, namespace
 from .batching import checked_scores
-from .input_checks import as_int, check_flag, is_array
+from .input_checks import as_int, check_flag, dtype_name, is_array
 
 __all__ = [
     "reflect_pad",
@@ -26,21 +26,33 @@ __all__ = [
 ]
 
 
-def _check_images(function, x):
+def _check_images(function, x, floats=False):
+    """TypeError or ValueError naming ``function`` unless ``x`` is an (N, C, H, W) array, of
+    floats where ``floats`` (a translation marks an image whose offset is out of range with NaN)."""
     if not is_array(x):
         raise TypeError(f"{function}: images must be an (N, C, H, W) array, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{function}: images must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if floats and not namespace(x).isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{function}: images must be floating-point (an offset out of range makes an image NaN), "
+            f"got dtype {dtype_name(x.dtype)}"
+        )
 
 
 def _per_image(function, name, values, n: int, kind: str) -> None:
     """ValueError unless ``values`` is an (n,) array of ``kind`` ('bool' or 'integral'): one
     flag or offset per image (a shape check on the host; the values stay on the device)."""
+    if not is_array(values):
+        raise TypeError(
+            f"{function}: {name} must be an array of ({n},) values, one per image; got {type(values).__name__}"
+        )
     xp = namespace(values)
     if tuple(values.shape) != (n,) or not xp.isdtype(values.dtype, kind):
         what = "booleans" if kind == "bool" else "integers"
         raise ValueError(
-            f"{function}: {name} must be ({n},) {what}, one per image; got {tuple(values.shape)} {values.dtype}"
+            f"{function}: {name} must be ({n},) {what}, one per image; "
+            f"got {tuple(values.shape)} {dtype_name(values.dtype)}"
         )
 
 
@@ -93,7 +105,7 @@ def flip_images(x: Array, mask: Array) -> Array:
 def translate_images(x: Array, shift_rows: Array, shift_cols: Array, max_shift: int) -> Array:
     """Each image moved by its own (rows, cols) offset in [-max_shift, max_shift], the gap
     filled by reflection: a crop of the reflect-padded image. shift_*: (N,) integers."""
-    _check_images("translate_images", x)
+    _check_images("translate_images", x, floats=True)
     max_shift = _non_negative_int("translate_images", "max_shift", max_shift)
     for name, shifts in (("shift_rows", shift_rows), ("shift_cols", shift_cols)):
         _per_image("translate_images", name, shifts, x.shape[0], "integral")
@@ -105,7 +117,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
     (N, C, H + 2·max_shift, W + 2·max_shift) in, (N, C, H, W) out. An image whose offset lies
     outside [-max_shift, max_shift] comes out NaN (the offsets stay on the device, unread), so
     that the finite-loss check stops a run fed with one."""
-    _check_images("crop_padded", padded)
+    _check_images("crop_padded", padded, floats=True)
     max_shift = _non_negative_int("crop_padded", "max_shift", max_shift)
     for name, shifts in (("shift_rows", shift_rows), ("shift_cols", shift_cols)):
         _per_image("crop_padded", name, shifts, padded.shape[0], "integral")
@@ -126,7 +138,7 @@ def crop_padded(padded: Array, shift_rows: Array, shift_cols: Array, max_shift: 
 
 def random_translate(x: Array, rng, max_shift: int = 2) -> Array:
     """Each image translated by offsets drawn uniformly from [-max_shift, max_shift] on the device."""
-    _check_images("random_translate", x)
+    _check_images("random_translate", x, floats=True)
     max_shift = _non_negative_int("random_translate", "max_shift", max_shift)
     check_generator("random_translate: rng", rng, backend_of(x), "x", "")
     n = x.shape[0]
@@ -156,6 +168,8 @@ class AlternatingFlipTranslate:
     def __init__(self, images: Array, rng, flip: bool = True, max_shift: int = 2):
         _check_images("AlternatingFlipTranslate", images)
         max_shift = check_reflect_pad("AlternatingFlipTranslate", "max_shift", max_shift, images)
+        if max_shift:  # the first epoch's translation failed on integer pixels, named as crop_padded's
+            _check_images("AlternatingFlipTranslate", images, floats=True)
         check_generator("AlternatingFlipTranslate: rng", rng, backend_of(images), "images", "")
         flip = check_flag("AlternatingFlipTranslate: flip", flip)
         self.rng, self.flip, self.max_shift = rng, flip, max_shift
