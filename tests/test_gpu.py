@@ -624,7 +624,7 @@ def test_fused_spatial_groupnorm_matches_the_array_api_reference(dtype, groups, 
 @pytest.mark.parametrize("channels_outer", [False, True])
 def test_plane_sums_add_each_plane_across_a_warp(dtype, plane_size, channels_outer, monkeypatch):
     """PLANE_SUMS on planes shorter and longer than a warp, and more planes than its grid
-    has warps (its grid capped at 16 blocks of 8 warps), against NumPy in float64: all four modes."""
+    has warps (its grid capped at 16 blocks of 8 warps), against NumPy in float64: all five modes."""
     from xpnet.backend import cupy_kernels
     from xpnet.backend.cupy_kernels import _plane_sums
 
@@ -643,6 +643,8 @@ def test_plane_sums_add_each_plane_across_a_warp(dtype, plane_size, channels_out
 
     check(_plane_sums(0, gpu[0], channels_outer, warp=True), x.sum(axis=2))
     check(_plane_sums(1, gpu[0], channels_outer, p0=gpu[2], warp=True), ((x - p0[per_plane]) ** 2).sum(axis=2))
+    for warp in (True, False):  # mode 4, the shifted sums, in PLANE_SUMS and in CuPy's reduction
+        check(_plane_sums(4, gpu[0], channels_outer, p0=gpu[2], warp=warp), (x - p0[per_plane]).sum(axis=2))
     total, product = _plane_sums(2, gpu[0], channels_outer, gpu[1], warp=True)
     check(total, x.sum(axis=2))
     check(product, (x * y).sum(axis=2))

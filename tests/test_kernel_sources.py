@@ -442,6 +442,38 @@ def test_fused_spatial_batchnorm(rng, kernels, monkeypatch, dtype, with_gamma, g
     assert len(launches) == (3 if warp else 0)  # the mean and the variance, then both gradient sums at once
 
 
+@pytest.mark.parametrize("layer", ["batchnorm", "batchnorm_gelu", "groupnorm"])
+@pytest.mark.parametrize("channels_outer", [True, False])
+@pytest.mark.parametrize("warp", [False, True])
+def test_fused_normalisation_keeps_its_digits_for_values_far_from_zero(kernels, monkeypatch, layer, channels_outer,
+                                                                        warp):  # fmt: skip
+    """float32 values near 1000 with a spread of 1: the fused kernels summed x for the mean and
+    normalised x - mean with the mean rounded to float32, off by up to half its last place, so x̂
+    was off by 3.7e-5 (spatial batchnorm) and 4.6e-5 (groupnorm) where the array-API layers are
+    within 1e-6. Now they sum and subtract around a shift, each channel's (or group's) first value."""
+    monkeypatch.setattr(kernels, "warp_plane_sums", warp)
+    n, c, h, w = 32, 4, 16, 16
+    x = np.permute_dims((np.random.default_rng(12345).standard_normal((c, n, h, w)) + 1000).astype(np.float32),
+                        (1, 0, 2, 3))  # fmt: skip
+    x = x if channels_outer else np.ascontiguousarray(x)
+    wide = x.astype(np.float64)
+    if layer == "groupnorm":
+        out, x_hat, _ = kernels.spatial_groupnorm_train(x, np.ones((1, c, 1, 1), np.float32), np.zeros((1, c, 1, 1),
+                                                        np.float32), 2, 1e-5)  # fmt: skip
+        grouped = wide.reshape(n, 2, -1)
+        centered = grouped - grouped.mean(axis=2, keepdims=True)
+        expected = (centered / np.sqrt((centered * centered).mean(axis=2, keepdims=True) + 1e-5)).reshape(x.shape)
+    else:
+        gelu = layer == "batchnorm_gelu"
+        _, x_hat, mean, var, _ = kernels.spatial_batchnorm_train(x, None, np.zeros(c, np.float32), 1e-5, gelu=gelu)
+        centered = wide - wide.mean(axis=(0, 2, 3), keepdims=True)
+        expected = centered / np.sqrt((centered * centered).mean(axis=(0, 2, 3), keepdims=True) + 1e-5)
+        # the mean within a float32 ulp, the variance to float32's rounding
+        np.testing.assert_allclose(mean, wide.mean(axis=(0, 2, 3)), rtol=1.2e-7, atol=0)
+        np.testing.assert_allclose(var, wide.var(axis=(0, 2, 3)), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(x_hat, expected, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("groups", [1, 2, 6])
 @pytest.mark.parametrize("channels_outer", [True, False])
@@ -490,7 +522,7 @@ def test_channel_sums_through_the_warp_per_plane_kernel_equal_the_reference(rng,
 @pytest.mark.parametrize("plane_size", [10, 45])
 @pytest.mark.parametrize("channels_outer", [False, True])
 def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, monkeypatch, channels_outer, plane_size):
-    """PLANE_SUMS's four modes against NumPy, planes stored (C, N) or (N, C), shorter and
+    """PLANE_SUMS's five modes against NumPy, planes stored (C, N) or (N, C), shorter and
     longer than a warp, and more of them (77) than its grid, capped at two blocks, has warps
     (16): each warp takes four or five."""
     stand_in = module_of(kernels)
@@ -504,6 +536,8 @@ def test_each_plane_sum_mode_adds_its_map_over_each_plane(rng, kernels, monkeypa
     close = functools.partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-12)
     close(plane_sums(0, x, channels_outer, warp=True), x.sum(axis=2))
     close(plane_sums(1, x, channels_outer, p0=p0, warp=True), ((x - p0[per_plane]) ** 2).sum(axis=2))
+    for warp in (True, False):  # the shifted sums, in PLANE_SUMS and in the SHIFTED_SUM reduction
+        close(plane_sums(4, x, channels_outer, p0=p0, warp=warp), (x - p0[per_plane]).sum(axis=2))
     total, product = plane_sums(2, x, channels_outer, y, warp=True)
     close(total, x.sum(axis=2))
     close(product, (x * y).sum(axis=2))

@@ -30,6 +30,7 @@ _im2col = cupy.ElementwiseKernel(*sources.IM2COL)
 _col2im = cupy.ElementwiseKernel(*sources.COL2IM)
 _max_pool_forward = cupy.ElementwiseKernel(*sources.MAX_POOL_FORWARD)
 _max_pool_backward = cupy.ElementwiseKernel(*sources.MAX_POOL_BACKWARD)
+_shifted_sum = cupy.ReductionKernel(*sources.SHIFTED_SUM)
 _squared_deviation_sum = cupy.ReductionKernel(*sources.SQUARED_DEVIATION_SUM)
 # by the statistics' dtype: PRODUCT_SUM's F comes from no array argument, so it is fixed here
 _product_sum = {
@@ -328,7 +329,8 @@ def _grid(elements: int) -> int:
 
 
 # What PLANE_SUMS sums in each of its modes (kernel_sources.PLANE_SUMS)
-_SUM, _SQUARED_DEVIATION, _SUM_AND_PRODUCT, _GELU_GRAD_SUMS = range(4)
+_SUM, _SQUARED_DEVIATION, _SUM_AND_PRODUCT, _GELU_GRAD_SUMS, _SHIFTED_SUM = range(5)
+_PAIRS = (_SUM_AND_PRODUCT, _GELU_GRAD_SUMS)  # the modes that give two sums
 _WARPS_PER_BLOCK = 8
 _MAX_PLANE_BLOCKS = 1 << 20  # more planes than this many blocks have warps: each warp takes several
 
@@ -336,14 +338,14 @@ _MAX_PLANE_BLOCKS = 1 << 20  # more planes than this many blocks have warps: eac
 def _plane_sums(mode, rows, channels_outer, other=None, p0=None, p1=None, warp=False):
     """Per-plane sums of ``rows`` (A, B, H·W), a stored array's planes: (A, B), or a pair of
     them in modes _SUM_AND_PRODUCT and _GELU_GRAD_SUMS (``other`` is then x̂'s planes); p0 and
-    p1 are (C,) per-channel operands (the means, or gamma and beta), in the statistics' dtype.
+    p1 are (C,) per-channel operands (the means or shifts, or gamma and beta), in the statistics' dtype.
     ``warp``: one PLANE_SUMS launch, a warp per plane (float32 and float64 planes only); else
     CuPy's reductions, one per sum."""
     stat = _statistics_dtype(rows)
     if warp and rows.dtype == stat:
         a, b, size = rows.shape
         planes = a * b
-        sums = [cupy.empty((a, b), dtype=stat) for _ in range(2 if mode >= _SUM_AND_PRODUCT else 1)]
+        sums = [cupy.empty((a, b), dtype=stat) for _ in range(2 if mode in _PAIRS else 1)]
         blocks = min(-(-planes // _WARPS_PER_BLOCK), _MAX_PLANE_BLOCKS)
         channels, batch = (a, b) if channels_outer else (b, a)
         operands = [rows, rows if other is None else other, *(rows if v is None else v for v in (p0, p1))]
@@ -356,6 +358,8 @@ def _plane_sums(mode, rows, channels_outer, other=None, p0=None, p1=None, warp=F
         return sums[0] if len(sums) == 1 else tuple(sums)
     if mode == _SUM:
         return rows.sum(axis=2, dtype=stat)
+    if mode == _SHIFTED_SUM:
+        return _shifted_sum(rows, _per_channel(p0, stat, channels_outer, 3), axis=2)
     if mode == _SQUARED_DEVIATION:
         return _squared_deviation_sum(rows, _per_channel(p0, stat, channels_outer, 3), axis=2)
     if mode == _SUM_AND_PRODUCT:
@@ -370,12 +374,31 @@ def _groupnorm_shapes(n, c, groups):
     return (n, groups, 1, 1), (1, groups, c // groups, 1)
 
 
-def _normalization(mean, inv_std, gamma, beta, dtype, channels_outer):
-    """The batchnorm kernels' per-channel operands: mean, 1/std, gamma (a 1 of ``dtype``
-    for batchnorm without a scale) and beta, each (C,) shaped for a stored array."""
+def _normalization(means, inv_std, gamma, beta, dtype, channels_outer):
+    """The batchnorm kernels' per-channel operands: ``means`` (the mean, or in train mode the
+    shift and the mean around it), 1/std, gamma (a 1 of ``dtype`` for batchnorm without a
+    scale) and beta, each (C,) shaped for a stored array."""
     scale = dtype.type(1) if gamma is None else _per_channel(gamma, dtype, channels_outer)
-    mean, inv_std, beta = (_per_channel(v, dtype, channels_outer) for v in (mean, inv_std, beta))
-    return mean, inv_std, scale, beta
+    per_channel = [_per_channel(v, dtype, channels_outer) for v in (*means, inv_std, beta)]
+    return (*per_channel[:-1], scale, per_channel[-1])
+
+
+def _batch_statistics(rows, channels_outer, batch_axis, count, eps, warp):
+    """Each channel's statistics from a stored array's planes ``rows`` (A, B, H·W), the channel
+    the outer axis where ``channels_outer`` (groupnorm's groups are such channels): (shift,
+    shifted mean, mean, biased variance, 1/sqrt(var + eps)), each (C,) in the statistics' dtype.
+
+    The sums run around a shift, each channel's first value: a float32 Σx near 1000 lost the
+    mean's last digits, and so did x - mean with the mean rounded to float32, where the
+    normalising kernels now take x - shift - shifted mean (x - shift exact near the shift)."""
+    stat = _statistics_dtype(rows)
+    shift = (rows[:, 0, 0] if channels_outer else rows[0, :, 0]).astype(stat)  # a (C,) copy
+    shifted = _plane_sums(_SHIFTED_SUM, rows, channels_outer, p0=shift, warp=warp)
+    _, shifted_mean, _ = _channel_totals(shifted, batch_axis, count)
+    mean = shift + shifted_mean
+    deviations = _plane_sums(_SQUARED_DEVIATION, rows, channels_outer, p0=mean, warp=warp)
+    _, var, inv_std = _channel_totals(deviations, batch_axis, count, eps)
+    return shift, shifted_mean, mean, var, inv_std
 
 
 def _operand(x, ld_if_c, ld_if_f):
@@ -661,12 +684,11 @@ class CupyKernels:
         count = x.size // x.shape[1]
         stat = _statistics_dtype(x)
         stored, outer = _stored(x)
-        rows, batch, warp = _planes(stored), _batch_axis(outer), self.warp_plane_sums
-        _, mean, _ = _channel_totals(_plane_sums(_SUM, rows, outer, warp=warp), batch, count)
-        deviations = _plane_sums(_SQUARED_DEVIATION, rows, outer, p0=mean, warp=warp)
-        _, var, inv_std = _channel_totals(deviations, batch, count, eps)
+        shift, shifted_mean, mean, var, inv_std = _batch_statistics(
+            _planes(stored), outer, _batch_axis(outer), count, eps, self.warp_plane_sums
+        )
         normalize = _batchnorm_gelu_train if gelu else _batchnorm_train
-        out, x_hat = normalize(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer))
+        out, x_hat = normalize(stored, *_normalization((shift, shifted_mean), inv_std, gamma, beta, stat, outer))
         return _viewed(out, outer), _viewed(x_hat, outer), mean, var, inv_std
 
     @staticmethod
@@ -677,7 +699,7 @@ class CupyKernels:
         stored, outer = _stored(x)
         inv_std = (1 / cupy.sqrt(var.astype(stat, copy=False) + eps)).astype(stat, copy=False)
         apply = _batchnorm_gelu_apply if gelu else _batchnorm_apply
-        return _viewed(apply(stored, *_normalization(mean, inv_std, gamma, beta, stat, outer)), outer)
+        return _viewed(apply(stored, *_normalization((mean,), inv_std, gamma, beta, stat, outer)), outer)
 
     def spatial_batchnorm_backward(self, dout, x_hat, gamma, inv_std, gelu_beta=None):
         """dx (N, C, H, W), stored in x̂'s order, dgamma (C,) (None without gamma) and dbeta
@@ -715,16 +737,14 @@ class CupyKernels:
         by gamma and beta (C,). out and x̂ (N, C, H, W), C-ordered, and 1/sqrt(var + eps)
         (N, G), in the statistics' dtype."""
         n, c, h, w = x.shape
-        stat, size, warp = _statistics_dtype(x), c // groups * h * w, self.warp_plane_sums
+        stat, size = _statistics_dtype(x), c // groups * h * w
         stored = _stored_as(x, False)  # each image's group is then one run of C / G planes
         planes = stored.reshape(n * groups, c // groups, h * w)  # a group's planes, the groups outermost
-        _, mean, _ = _channel_totals(_plane_sums(_SUM, planes, True, warp=warp), 1, size)
-        deviations = _plane_sums(_SQUARED_DEVIATION, planes, True, p0=mean, warp=warp)
-        _, _, inv_std = _channel_totals(deviations, 1, size, eps)
+        shift, shifted_mean, _, _, inv_std = _batch_statistics(planes, True, 1, size, eps, self.warp_plane_sums)
         by_group, per_channel = _groupnorm_shapes(n, c, groups)
         gamma4, beta4 = (v.reshape(per_channel).astype(stat, copy=False) for v in (gamma, beta))
-        out, x_hat = _batchnorm_train(stored.reshape(n, groups, c // groups, h * w), mean.reshape(by_group),
-                                      inv_std.reshape(by_group), gamma4, beta4)  # fmt: skip
+        per_group = (v.reshape(by_group) for v in (shift, shifted_mean, inv_std))
+        out, x_hat = _batchnorm_train(stored.reshape(n, groups, c // groups, h * w), *per_group, gamma4, beta4)
         return out.reshape(x.shape), x_hat.reshape(x.shape), inv_std.reshape(n, groups)
 
     def spatial_groupnorm_backward(self, dout, x_hat, gamma, inv_std):

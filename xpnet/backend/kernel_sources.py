@@ -323,6 +323,18 @@ RUNNING_AVERAGES = Elementwise(
 # T is the activations' type, F that of the statistics and the per-channel values:
 # the same type, or float for float16 activations, whose sums and statistics then
 # stay in float (with T = F the arithmetic is the same as without the casts).
+# Σ(x - shift): a batchnorm's first pass, around a value of its own channel (or group) taken
+# from the data, so that the sum is of deviations and keeps digits that a plain Σx near 1000
+# loses (see CupyKernels.spatial_batchnorm_train).
+SHIFTED_SUM = Reduction(
+    "T x, F shift",
+    "F total",
+    "(F)x - shift",
+    "a + b",
+    "total = a",
+    "0",
+    "xpnet_shifted_sum",
+)
 SQUARED_DEVIATION_SUM = Reduction(
     "T x, F mean",
     "F total",
@@ -337,10 +349,14 @@ SQUARED_DEVIATION_SUM = Reduction(
 PRODUCT_SUM = Reduction(
     "T dout, T x_hat", "F total", "(F)dout * (F)x_hat", "a + b", "total = a", "0", "xpnet_product_sum"
 )
+# The batch mean arrives as shift + shifted_mean, and x - shift - shifted_mean is taken in that
+# order: x - shift is exact for values near the shift, and the small shifted_mean keeps its own
+# digits, where x - mean with the mean rounded to F was off by up to half its last place
+# (3e-5 near 1000 in float32).
 BATCHNORM_TRAIN = Elementwise(
-    "T x, F mean, F inv_std, F gamma, F beta",
+    "T x, F shift, F shifted_mean, F inv_std, F gamma, F beta",
     "T out, T x_hat",
-    "const F h = ((F)x - mean) * inv_std; x_hat = (T)h; out = (T)(gamma * h + beta)",
+    "const F h = ((F)x - shift - shifted_mean) * inv_std; x_hat = (T)h; out = (T)(gamma * h + beta)",
     "xpnet_batchnorm_train",
 )
 BATCHNORM_APPLY = Elementwise(
@@ -385,9 +401,10 @@ def _gelu_input_grad(y: str) -> str:
 
 
 BATCHNORM_GELU_TRAIN = Elementwise(
-    "T x, F mean, F inv_std, F gamma, F beta",
+    "T x, F shift, F shifted_mean, F inv_std, F gamma, F beta",
     "T out, T x_hat",
-    f"const F h = ((F)x - mean) * inv_std; x_hat = (T)h; const T y = (T)(gamma * h + beta); out = y * {_gelu_cdf('y')}",
+    "const F h = ((F)x - shift - shifted_mean) * inv_std; x_hat = (T)h; const T y = (T)(gamma * h + beta); "
+    f"out = y * {_gelu_cdf('y')}",
     "xpnet_batchnorm_gelu_train",
 )
 BATCHNORM_GELU_APPLY = Elementwise(
@@ -430,8 +447,8 @@ BATCHNORM_GELU_BACKWARD = Elementwise(
 # image (or, channels_outer, channel p / batch). ``mode`` picks the sums, the same maps as
 # the reductions above: 0 Σx; 1 Σ(x - mean)² (p0 the means); 2 Σdout and Σdout·x̂ (a is dout,
 # b x̂); 3 Σg and Σg·x̂ with g the gradient at the batchnorm's output recomputed through the
-# GELU after it (p0 gamma, p1 beta). sum1 is written in modes 2 and 3 only. {T} is float or
-# double, {name} the same word; blockDim.x a multiple of warpSize.
+# GELU after it (p0 gamma, p1 beta); 4 Σ(x - shift) (p0 the shifts). sum1 is written in modes
+# 2 and 3 only. {T} is float or double, {name} the same word; blockDim.x a multiple of warpSize.
 PLANE_SUMS = (
     r"""
 typedef {T} T;
@@ -451,6 +468,8 @@ extern "C" __global__ void plane_sums_{name}(
         for (int j = lane; j < plane_size; j += warpSize) {
             if (mode == 0) {
                 s0 += (F)plane_a[j];
+            } else if (mode == 4) {
+                s0 += (F)plane_a[j] - p0[c];
             } else if (mode == 1) {
                 const F d = (F)plane_a[j] - p0[c];
                 s0 += d * d;
@@ -473,7 +492,7 @@ extern "C" __global__ void plane_sums_{name}(
         }
         if (lane == 0) {
             sum0[p] = s0;
-            if (mode >= 2) sum1[p] = s1;
+            if (mode == 2 || mode == 3) sum1[p] = s1;
         }
     }
 }
@@ -596,6 +615,7 @@ FLOAT16_KERNELS = (
     "COL2IM",
     "MAX_POOL_FORWARD",
     "MAX_POOL_BACKWARD",
+    "SHIFTED_SUM",
     "SQUARED_DEVIATION_SUM",
     "PRODUCT_SUM",
     "BATCHNORM_TRAIN",
