@@ -654,10 +654,28 @@ def test_the_batchnorm_backward_passes_refuse_each_others_fused_caches(rng, kern
     x, beta = rng.standard_normal((2, 3, 4, 4)), np.zeros(3)
     _, plain = spatial_batchnorm_forward(x, None, beta, {"mode": "train"})
     _, with_gelu = spatial_batchnorm_gelu_forward(x, None, beta, {"mode": "train"})
-    with pytest.raises(ValueError, match="the cache is spatial_batchnorm_forward's"):
+    with pytest.raises(ValueError, match="cache comes from spatial_batchnorm_forward, not spatial_batchnorm_gelu_"):
         spatial_batchnorm_gelu_backward(x, plain)
-    with pytest.raises(ValueError, match="the cache is spatial_batchnorm_gelu_forward's"):
+    with pytest.raises(ValueError, match="cache comes from spatial_batchnorm_gelu_forward, not spatial_batchnorm_for"):
         spatial_batchnorm_backward(x, with_gelu)
+
+
+def test_every_backward_pass_names_itself_when_given_another_layers_fused_cache(kernels, monkeypatch):
+    """The fused kernels' records (spatial batchnorm's and groupnorm's) passed the part count of
+    another layer's cache and failed inside it: "batchnorm_backward: x must be an array, got
+    CupyKernels", or a sandwich's dout "expected (3,)". They say which forward pass made them,
+    as the tagged caches of the array-API layers do."""
+    from test_layers import _layer_pairs, _unless_refused_by_name
+
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    pairs = _layer_pairs()
+    assert type(pairs["spatial_batchnorm"][2]).__name__ == "_FusedBatchnormCache"  # the fused kernels made it
+    unnamed = []
+    for taker, (backward, dout, _) in pairs.items():
+        for maker, (_, _, cache) in pairs.items():
+            if maker != taker:
+                unnamed += _unless_refused_by_name(backward, dout, cache, "cache ", f"{maker}'s cache")
+    assert unnamed == []
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

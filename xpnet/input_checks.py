@@ -249,15 +249,22 @@ def makes_cache(*forwards: str) -> Callable[[Callable[P, tuple]], Callable[P, tu
     return decorate
 
 
-def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:
-    """``cache`` as the tuple of ``parts`` that ``forward`` returned, or a ValueError saying that
-    ``function`` got another layer's cache: one that says it comes from another forward pass
-    (:class:`LayerCache`), or one of another part count (tuple unpacking would say only the count)."""
-    made_by = cache.forwards if isinstance(cache, LayerCache) else ()
+def check_cache_source(function: str, cache, forward: str) -> None:
+    """ValueError saying that ``function`` got another layer's cache where ``cache`` says which
+    forward passes make it (``forwards``: a :class:`LayerCache`, or a fused kernels' record) and
+    ``forward`` is not one of them."""
+    made_by = getattr(cache, "forwards", ()) if isinstance(cache, tuple) else ()
     if made_by and forward not in made_by:
         raise ValueError(
             f"{function}: cache comes from {made_by[0]}, not {forward}; pass the cache of the matching forward pass"
         )
+
+
+def unpack_cache(function: str, cache, parts: int, forward: str) -> tuple:
+    """``cache`` as the tuple of ``parts`` that ``forward`` returned, or a ValueError saying that
+    ``function`` got another layer's cache: one that says it comes from another forward pass
+    (:class:`LayerCache`), or one of another part count (tuple unpacking would say only the count)."""
+    check_cache_source(function, cache, forward)
     if not isinstance(cache, tuple) or len(cache) != parts:
         got = f"a tuple of {len(cache)}" if isinstance(cache, tuple) else type(cache).__name__
         raise ValueError(

@@ -8,7 +8,15 @@ from typing import Any, NamedTuple
 
 from .array_types import Array, Cache
 from .backend import accelerated
-from .input_checks import as_int, check_dout, check_param_keys, layer_namespace, makes_cache, unpack_cache
+from .input_checks import (
+    as_int,
+    check_cache_source,
+    check_dout,
+    check_param_keys,
+    layer_namespace,
+    makes_cache,
+    unpack_cache,
+)
 from .layers import (
     batch_normalized,
     batchnorm_mode,
@@ -59,6 +67,11 @@ class _FusedBatchnormCache(NamedTuple):
     inv_std: Array
     gamma: Array | None
     gelu_beta: Array | None
+
+    @property
+    def forwards(self) -> tuple:
+        """The forward pass that made it, as a tagged cache says (:func:`check_cache_source`)."""
+        return ("spatial_batchnorm_forward",) if self.gelu_beta is None else ("spatial_batchnorm_gelu_forward",)
 
 
 def _fused_batchnorm_forward(kernels, x, gamma, beta, bn_param, mode, eps, gelu):
@@ -128,8 +141,7 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
     float16 activations: dx float16, dgamma and dbeta float32)."""
     fused = _fused_cache("spatial_batchnorm_backward", dout, cache)
     if fused is not None:
-        if fused.gelu_beta is not None:
-            raise ValueError("spatial_batchnorm_backward: the cache is spatial_batchnorm_gelu_forward's")
+        check_cache_source("spatial_batchnorm_backward", fused, "spatial_batchnorm_forward")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
     name, forward = "spatial_batchnorm_backward", "spatial_batchnorm_forward"
     x_hat = unpack_cache(name, cache, 5, forward)[0]
@@ -155,8 +167,7 @@ def spatial_batchnorm_gelu_backward(dout: Array, cache: Cache) -> tuple[Array, A
     (None without gamma), dbeta (C,)."""
     fused = _fused_cache("spatial_batchnorm_gelu_backward", dout, cache)
     if fused is not None:
-        if fused.gelu_beta is None:
-            raise ValueError("spatial_batchnorm_gelu_backward: the cache is spatial_batchnorm_forward's")
+        check_cache_source("spatial_batchnorm_gelu_backward", fused, "spatial_batchnorm_gelu_forward")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std, fused.gelu_beta)
     bn_cache, gelu_cache = unpack_cache("spatial_batchnorm_gelu_backward", cache, 2, "spatial_batchnorm_gelu_forward")
     x = unpack_cache("spatial_batchnorm_gelu_backward", gelu_cache, 2, "gelu_forward")[0]
@@ -171,6 +182,7 @@ class _FusedGroupnormCache(NamedTuple):
     x_hat: Array
     inv_std: Array
     gamma: Array
+    forwards = ("spatial_groupnorm_forward",)  # what made it, as a tagged cache says
 
 
 @makes_cache("spatial_groupnorm_forward")
