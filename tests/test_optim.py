@@ -208,16 +208,19 @@ def test_a_state_of_another_dtype_or_kind_is_refused_by_name(backend, rule):
     np.testing.assert_array_equal(to_np(w), before)
 
 
-@pytest.mark.parametrize("count", [-1, np.int64(-1), 2.5, "3", True, None])
+@pytest.mark.parametrize("count", [-1, np.int64(-1), 2.5, "3", True, None, 2**63 - 1, 2**70])
 def test_adams_step_count_must_be_a_whole_number_of_steps(backend, count):
     """A negative count made the bias correction's square root NaN, 2.5 was truncated to 2, and
-    '3' failed inside int()."""
+    '3' failed inside int(). A count kept on the device (CuPy) is an int64 that one more step must
+    fit: 2**70 failed inside CuPy's conversion and 2**63 - 1 would have wrapped to a negative count."""
     w = backend.asarray(np.ones((2, 3)), dtype="float64")
     dw = backend.asarray(np.full((2, 3), 0.1), dtype="float64")
-    with pytest.raises(ValueError, match=r"^adam: config\['t'\], the step count, must be an integer >= 0, got "):
+    with pytest.raises(
+        ValueError, match=r"^adam: config\['t'\], the step count, must be an integer from 0 to 2\*\*63 - 2, got "
+    ):
         optim.adam(w, dw, {"t": count})
     np.testing.assert_array_equal(to_np(w), np.ones((2, 3)))
-    for count in (0, np.int64(7), 2**70):
+    for count in (0, np.int64(7), 2**63 - 2):
         _, config = optim.adam(w, dw, {"t": count})
         assert int(config["t"]) == count + 1
 

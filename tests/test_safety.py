@@ -1166,6 +1166,7 @@ def _set(path: tuple, value):
         (_set(("optim_configs", "W1", "t"), "x"), "optimizer state W1.t = 'x', not a step count"),
         (_set(("optim_configs", "W1", "t"), -3), "optimizer state W1.t = -3, not a step count"),
         (_set(("optim_configs", "W1", "t"), 2.5), "optimizer state W1.t = 2.5, not a step count"),
+        (_set(("optim_configs", "W1", "t"), 2**63 - 1), "optimizer state W1.t = 9223372036854775807, not a step count"),
         (_set(("optim_configs", "W1", "t"), np.array(2.0)), r"optimizer state W1.t = array\(2.\), not a step count"),
         # a number where Adam keeps a moment passed, and failed at the first step; a negative second
         # moment became NaN at its square root, and training diverged at once

@@ -20,7 +20,7 @@ import math
 from .array_types import Array, Config
 from .backend import accelerated, namespace
 from .cache_blocks import update_in_blocks
-from .input_checks import as_int, check_writable, dtype_name, is_array, is_number, layer_namespace
+from .input_checks import as_int, check_writable, dtype_name, is_array, is_number, layer_namespace, short_repr
 
 __all__ = [
     "sgd",
@@ -31,6 +31,7 @@ __all__ = [
     "adam",
     "UPDATE_RULES",
     "check_config",
+    "MAX_STEP_COUNT",
 ]
 
 
@@ -158,6 +159,11 @@ def rmsprop(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, C
     return w, config
 
 
+# Adam's step count is an int64 on the device where the fused update keeps it (CuPy), and one
+# more step must fit there: 2**70 failed inside CuPy's conversion, 2**63 - 1 would wrap around.
+MAX_STEP_COUNT = 2**63 - 2
+
+
 def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Config]:
     """Adam with bias correction; ``t`` is incremented before the correction.
 
@@ -172,11 +178,13 @@ def adam(w: Array, dw: Array, config: Config | None = None) -> tuple[Array, Conf
     config.setdefault("epsilon", 1e-8)
     config.setdefault("t", 0)
     t = config["t"]
-    if type(t) is not int or t < 0:  # a Python int, the common case, first
+    if type(t) is not int or not 0 <= t <= MAX_STEP_COUNT:  # a Python int, the common case, first
         # (a 0-d device array where the fused update keeps it: comparing it would synchronise)
         count = as_int(t)
-        if count is None and not is_array(t) or count is not None and count < 0:
-            raise ValueError(f"adam: config['t'], the step count, must be an integer >= 0, got {t!r}")
+        if count is None and not is_array(t) or count is not None and not 0 <= count <= MAX_STEP_COUNT:
+            raise ValueError(
+                f"adam: config['t'], the step count, must be an integer from 0 to 2**63 - 2, got {short_repr(t)}"
+            )
     xp = namespace(w, dw)
     beta1, beta2 = config["beta1"], config["beta2"]
     m = _state("adam", config, "m", w)

@@ -170,7 +170,7 @@ def _is_step_count(value) -> bool:
     if getattr(value, "shape", None) == ():
         value = value.item()
     count = as_int(value)
-    return count is not None and count >= 0
+    return count is not None and 0 <= count <= optim.MAX_STEP_COUNT
 
 
 def _names(tree) -> str:
