@@ -93,14 +93,38 @@ extern "C" __global__ void softmax_loss_{name}(
 RELU_BACKWARD = Elementwise("T dout, T x", "T dx", "dx = x > (T)0 ? dout : (T)0", "xpnet_relu_backward")
 BIAS_RELU = Elementwise("T a, T b", "T out", "out = max(a + b, (T)0)", "xpnet_bias_relu")
 # The exact GELU in one pass each way, with CUDA's erfc (the array-API reference spends
-# about 80 elementwise operations on it, each a launch and a trip through memory).
+# about 80 elementwise operations on it, each a launch and a trip through memory). Its
+# constants and Φ(x) are taken in the type of x·1.0f: T's own for float and double, float for
+# CuPy's float16 (whose arithmetic is float's), as the reference evaluates float16 in float32.
+# A float16 constant (1/√2 as 0.70703) moved Φ by up to 7e-4 of itself near x = -2.5, and x times
+# the stored float16 Φ(x) lost out's last places where Φ(x) is subnormal; out is rounded once.
+
+
+def _wide(value: str) -> str:
+    """C++: the type in which the GELU kernels compute from ``value`` (of type T)."""
+    return f"decltype({value} * 1.0f)"
+
+
+def _gelu_unrounded_cdf(y: str) -> str:
+    """C++: Φ(y) in the wide type, as GELU_FORWARD multiplies y by it."""
+    return f"(({_wide(y)})0.5 * erfc(-{y} * ({_wide(y)})0.70710678118654752440))"
+
+
+def _gelu_derivative(y: str, cdf: str) -> str:
+    """C++: Φ(y) + y·φ(y) in the wide type, with ``cdf`` for Φ(y) (as stored, or recomputed)."""
+    return f"({cdf} + {y} * exp(({_wide(y)})-0.5 * {y} * {y}) * ({_wide(y)})0.39894228040143267794)"
+
+
 GELU_FORWARD = Elementwise(
-    "T x", "T out, T cdf", "cdf = (T)0.5 * erfc(-x * (T)0.70710678118654752440); out = x * cdf", "xpnet_gelu_forward"
+    "T x",
+    "T out, T cdf",
+    f"const auto phi = {_gelu_unrounded_cdf('x')}; cdf = phi; out = x * phi",
+    "xpnet_gelu_forward",
 )
 GELU_BACKWARD = Elementwise(
     "T dout, T x, T cdf",
     "T dx",
-    "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794)",
+    f"dx = dout * {_gelu_derivative('x', 'cdf')}",
     "xpnet_gelu_backward",
 )
 
@@ -392,25 +416,25 @@ _BN_OUT_RECOMPUTED = "((T)(gamma * (F)x_hat + beta))"
 
 def _gelu_cdf(y: str) -> str:
     """C++: Φ(y) rounded to T, as GELU_FORWARD stores it."""
-    return f"((T)((T)0.5 * erfc(-{y} * (T)0.70710678118654752440)))"
+    return f"((T){_gelu_unrounded_cdf(y)})"
 
 
 def _gelu_input_grad(y: str) -> str:
     """C++: dout times the GELU's derivative at y, rounded to T, as GELU_BACKWARD stores it."""
-    return f"((T)(dout * ({_gelu_cdf(y)} + {y} * exp((T)-0.5 * {y} * {y}) * (T)0.39894228040143267794)))"
+    return f"((T)(dout * {_gelu_derivative(y, _gelu_cdf(y))}))"
 
 
 BATCHNORM_GELU_TRAIN = Elementwise(
     "T x, F shift, F shifted_mean, F inv_std, F gamma, F beta",
     "T out, T x_hat",
     "const F h = ((F)x - shift - shifted_mean) * inv_std; x_hat = (T)h; const T y = (T)(gamma * h + beta); "
-    f"out = y * {_gelu_cdf('y')}",
+    f"out = y * {_gelu_unrounded_cdf('y')}",
     "xpnet_batchnorm_gelu_train",
 )
 BATCHNORM_GELU_APPLY = Elementwise(
     "T x, F mean, F inv_std, F gamma, F beta",
     "T out",
-    f"const T y = (T)(gamma * (((F)x - mean) * inv_std) + beta); out = y * {_gelu_cdf('y')}",
+    f"const T y = (T)(gamma * (((F)x - mean) * inv_std) + beta); out = y * {_gelu_unrounded_cdf('y')}",
     "xpnet_batchnorm_gelu_apply",
 )
 # The per-channel sums of g and of g·x̂ (dbeta and dgamma), each reading dout and x̂ once.
