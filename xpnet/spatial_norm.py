@@ -182,7 +182,11 @@ class _FusedGroupnormCache(NamedTuple):
     x_hat: Array
     inv_std: Array
     gamma: Array
-    forwards = ("spatial_groupnorm_forward",)  # what made it, as a tagged cache says
+
+    @property
+    def forwards(self) -> tuple:
+        """The forward pass that made it, as a tagged cache says (:func:`check_cache_source`)."""
+        return ("spatial_groupnorm_forward",)
 
 
 @makes_cache("spatial_groupnorm_forward")
