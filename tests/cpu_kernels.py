@@ -465,10 +465,18 @@ def run_elementwise(kernel: Elementwise, *args):
     shape = np.broadcast_shapes(*[np.shape(a) for p, a in zip(params, args) if not p.raw])
     if len(args) == n_in:  # CuPy allocates the outputs
         args = (*args, *[np.empty(shape, dtype=p.np_dtype(types)) for p in params[n_in:]])
-    arrays, outputs = [], []
+    arrays, outputs, write_back = [], [], []
     for p, a in zip(params, args):
         dtype = p.np_dtype(types)
-        if p.raw or p.is_output:
+        if p.is_output and not p.raw and isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape:
+            # CuPy writes an output of any strides in place (a transposed weight, say): here the
+            # kernel runs on a C-ordered copy of it, written back afterwards
+            work = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+            if work is not a:
+                write_back.append((a, work))
+            arrays.append(work)
+            outputs.append(a)
+        elif p.raw or p.is_output:
             if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous):
                 raise TypeError(f"{kernel.name}: {p.name} must be a C-contiguous {dtype} array")
             if p.is_output and a.shape != shape:
@@ -484,6 +492,8 @@ def run_elementwise(kernel: Elementwise, *args):
     library = _library(_elementwise_source(params, kernel.operation, {k: _FLOAT_C[v] for k, v in types.items()}))
     _call(library, arrays, int(np.prod(shape)))
     guarded.check()
+    for a, work in write_back:
+        a[...] = work
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
