@@ -196,6 +196,13 @@ def test_visualize_grid_tiles_images():
         visualize_grid(images[:0])
     with pytest.raises(ValueError, match="padding must be a non-negative integer, got -1"):
         visualize_grid(images, padding=-1)
+    # weights after a divergence: NaN tiles came out blank, inf ones as inf / inf under a warning
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="visualize_grid: the images hold NaN or infinite values"):
+            visualize_grid(np.where(images == 3.0, bad, images))
+    for ubound in (0, float("nan"), "255"):
+        with pytest.raises(ValueError, match="visualize_grid: ubound must be a finite number > 0"):
+            visualize_grid(images, ubound=ubound)
     # conv weights (F, C, HH, WW) not yet transposed: tiled as 16-channel images of height 3 before
     weights = np.zeros((4, 3, 16, 16))
     with pytest.raises(ValueError, match=r"got shape \(4, 3, 16, 16\); these look like images with their channels "

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import io
 import os
-from math import ceil, sqrt
+from math import ceil, isfinite, sqrt
 
 import numpy as np
 
 from .backend import to_numpy
-from .input_checks import as_int, file_path
+from .input_checks import as_int, file_path, is_number
 
 __all__ = ["visualize_grid", "plot_history", "new_figure"]
 
@@ -37,6 +37,11 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
         raise ValueError(f"visualize_grid: no images to tile, got shape {Xs.shape}")
     if as_int(padding) is None or padding < 0:
         raise ValueError(f"visualize_grid: padding must be a non-negative integer, got {padding!r}")
+    if not is_number(ubound) or not isfinite(ubound) or ubound <= 0:
+        raise ValueError(f"visualize_grid: ubound must be a finite number > 0, got {ubound!r}")
+    if Xs.dtype.kind not in "biuf" or not np.all(np.isfinite(Xs)):
+        # weights after a divergence: each tile was NaN (blank), or inf / inf under a RuntimeWarning
+        raise ValueError("visualize_grid: the images hold NaN or infinite values (or are not numbers)")
     N, H, W, C = Xs.shape
     grid_size = int(ceil(sqrt(N)))
     grid = np.zeros((grid_size * (H + padding) - padding, grid_size * (W + padding) - padding, C))
