@@ -401,12 +401,24 @@ def test_the_recipe_trains_alike_on_every_backend_given_the_same_draws(backend, 
     assert_trains_alike(*recipe_with_numpys_draws(backend, monkeypatch))
 
 
-def test_float32_gradients_are_as_accurate_as_pytorchs():
+@pytest.mark.parametrize("through_cupy_kernels", [False, True])
+def test_float32_gradients_are_as_accurate_as_pytorchs(monkeypatch, through_cupy_kernels):
     """Rounding, not the algorithm: from the same float32 weights and batch, each float32
     gradient lies no further from the float64 one than three times PyTorch's does (they are
     within 0.2-1.1 times of each other here; a GELU whose float32 cdf is off by 6e-5 makes it
-    about 60 times). tests/test_gpu.py asks the same of the card, in float32 and in TF32."""
+    about 60 times). Also through CuPy's fused kernels, run on the CPU (their float32
+    arithmetic; NumPy's products stand in for cuBLAS's). tests/test_gpu.py asks the same of the
+    card, in float32 and in TF32."""
     pytest.importorskip("torch")
+    if through_cupy_kernels:
+        from cpu_kernels import COMPILER, cupy_kernels_on_cpu
+
+        from xpnet.backend import dispatch
+
+        if COMPILER is None:
+            pytest.skip("no C++ compiler to build the kernels with")
+        monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, cupy_kernels_on_cpu())
+        assert dispatch.accelerated(np.zeros(1)) is not None
     for name, (ours, theirs) in float32_gradient_errors(get_backend("numpy")).items():
         assert 0 < ours < 3 * theirs, f"{name}: relative error {ours:.2e} in float32, PyTorch's {theirs:.2e}"
 
