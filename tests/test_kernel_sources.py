@@ -665,17 +665,12 @@ def test_every_backward_pass_names_itself_when_given_another_layers_fused_cache(
     another layer's cache and failed inside it: "batchnorm_backward: x must be an array, got
     CupyKernels", or a sandwich's dout "expected (3,)". They say which forward pass made them,
     as the tagged caches of the array-API layers do."""
-    from test_layers import _layer_pairs, _unless_refused_by_name
+    from test_layers import _layer_pairs, unnamed_cache_mixups
 
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     pairs = _layer_pairs()
     assert type(pairs["spatial_batchnorm"][2]).__name__ == "_FusedBatchnormCache"  # the fused kernels made it
-    unnamed = []
-    for taker, (backward, dout, _) in pairs.items():
-        for maker, (_, _, cache) in pairs.items():
-            if maker != taker:
-                unnamed += _unless_refused_by_name(backward, dout, cache, "cache ", f"{maker}'s cache")
-    assert unnamed == []
+    assert unnamed_cache_mixups(pairs) == []
 
 
 def test_the_fused_float16_gelu_is_the_exact_gelu_rounded_once(kernels, monkeypatch):

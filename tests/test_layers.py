@@ -611,17 +611,23 @@ def _unless_refused_by_name(backward, dout, cache, message: str, given: str) -> 
     return [f"{backward.__name__} took {given}"]
 
 
-def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
-    """A cache of as many parts as the backward pass's own passed the part count and failed in its
-    arithmetic ("'dict' object has no attribute 'shape'", "operands could not be broadcast"), or
-    gave numbers (batchnorm_backward given layernorm's cache, dropout_backward given GELU's)."""
-    pairs = _layer_pairs()
+def unnamed_cache_mixups(pairs) -> list:
+    """What each backward pass of ``pairs`` (:func:`_layer_pairs`) did with every other layer's
+    cache, where it did not refuse it under its own name; [] when each did."""
     unnamed = []
     for taker, (backward, dout, _) in pairs.items():
         for maker, (_, _, cache) in pairs.items():
             if maker != taker:
                 unnamed += _unless_refused_by_name(backward, dout, cache, "cache ", f"{maker}'s cache")
-    assert unnamed == []
+    return unnamed
+
+
+def test_every_backward_pass_names_itself_when_given_any_other_layers_cache():
+    """A cache of as many parts as the backward pass's own passed the part count and failed in its
+    arithmetic ("'dict' object has no attribute 'shape'", "operands could not be broadcast"), or
+    gave numbers (batchnorm_backward given layernorm's cache, dropout_backward given GELU's)."""
+    pairs = _layer_pairs()
+    assert unnamed_cache_mixups(pairs) == []
     # still a tuple that pickles (to another process, say) and comes back as the same kind
     backward, dout, cache = pairs["conv_relu_pool"]
     again = pickle.loads(pickle.dumps(cache))
