@@ -383,7 +383,7 @@ def _normalization(means, inv_std, gamma, beta, dtype, channels_outer):
     return (*per_channel[:-1], scale, per_channel[-1])
 
 
-def _batch_statistics(rows, channels_outer, batch_axis, count, eps, warp):
+def _batch_statistics(rows, channels_outer, count, eps, warp):
     """Each channel's statistics from a stored array's planes ``rows`` (A, B, H·W), the channel
     the outer axis where ``channels_outer`` (groupnorm's groups are such channels): (shift,
     shifted mean, mean, biased variance, 1/sqrt(var + eps)), each (C,) in the statistics' dtype.
@@ -394,6 +394,7 @@ def _batch_statistics(rows, channels_outer, batch_axis, count, eps, warp):
     stat = _statistics_dtype(rows)
     shift = (rows[:, 0, 0] if channels_outer else rows[0, :, 0]).astype(stat)  # a (C,) copy
     shifted = _plane_sums(_SHIFTED_SUM, rows, channels_outer, p0=shift, warp=warp)
+    batch_axis = _batch_axis(channels_outer)
     _, shifted_mean, _ = _channel_totals(shifted, batch_axis, count)
     mean = shift + shifted_mean
     deviations = _plane_sums(_SQUARED_DEVIATION, rows, channels_outer, p0=mean, warp=warp)
@@ -685,7 +686,7 @@ class CupyKernels:
         stat = _statistics_dtype(x)
         stored, outer = _stored(x)
         shift, shifted_mean, mean, var, inv_std = _batch_statistics(
-            _planes(stored), outer, _batch_axis(outer), count, eps, self.warp_plane_sums
+            _planes(stored), outer, count, eps, self.warp_plane_sums
         )
         normalize = _batchnorm_gelu_train if gelu else _batchnorm_train
         out, x_hat = normalize(stored, *_normalization((shift, shifted_mean), inv_std, gamma, beta, stat, outer))
@@ -740,7 +741,7 @@ class CupyKernels:
         stat, size = _statistics_dtype(x), c // groups * h * w
         stored = _stored_as(x, False)  # each image's group is then one run of C / G planes
         planes = stored.reshape(n * groups, c // groups, h * w)  # a group's planes, the groups outermost
-        shift, shifted_mean, _, _, inv_std = _batch_statistics(planes, True, 1, size, eps, self.warp_plane_sums)
+        shift, shifted_mean, _, _, inv_std = _batch_statistics(planes, True, size, eps, self.warp_plane_sums)
         by_group, per_channel = _groupnorm_shapes(n, c, groups)
         gamma4, beta4 = (v.reshape(per_channel).astype(stat, copy=False) for v in (gamma, beta))
         per_group = (v.reshape(by_group) for v in (shift, shifted_mean, inv_std))
