@@ -341,15 +341,18 @@ def normalized_input_grad(xp, dx_hat, x_hat, std, axis):
 def normalization_backward(name, dout, cache, forward):
     """dx, dgamma (None without gamma) and dbeta of a normalisation whose train-mode cache
     ``forward`` made, in closed form; gamma and beta belong to axis 1 of dout, so their
-    gradients sum over every other axis. ``name`` is the backward pass errors are named by."""
+    gradients sum over every other axis. ``name`` is the backward pass errors are named by.
+    A float16 dout is summed in the cache's float32 (spatial batchnorm keeps x̂ so) and dx
+    comes back in float16; dgamma and dbeta stay float32."""
     x_hat, _, std, gamma, axis = train_mode_cache(name, cache, 5, forward)
     xp = layer_namespace(name, {"dout": dout}, {"x": x_hat})
     check_same_shape(name, "dout", dout, "x", x_hat)  # a (1, D) dout would broadcast into wrong sums
-    dx = normalized_input_grad(xp, dout if gamma is None else dout * gamma, x_hat, std, axis)
-    per_feature = _all_but_features(dout)
-    dgamma = None if gamma is None else xp.sum(dout * x_hat, axis=per_feature)
-    dbeta = xp.sum(dout, axis=per_feature)
-    return dx, dgamma, dbeta
+    wide = widened(xp, dout)
+    dx = normalized_input_grad(xp, wide if gamma is None else wide * gamma, x_hat, std, axis)
+    per_feature = _all_but_features(wide)
+    dgamma = None if gamma is None else xp.sum(wide * x_hat, axis=per_feature)
+    dbeta = xp.sum(wide, axis=per_feature)
+    return narrowed(xp, dx, dout.dtype), dgamma, dbeta
 
 
 def _all_but_features(x) -> tuple:

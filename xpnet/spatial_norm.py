@@ -143,11 +143,7 @@ def spatial_batchnorm_backward(dout: Array, cache: Cache) -> tuple[Array, Array,
     if fused is not None:
         check_cache_source("spatial_batchnorm_backward", fused, "spatial_batchnorm_forward")
         return fused.kernels.spatial_batchnorm_backward(dout, fused.x_hat, fused.gamma, fused.inv_std)
-    name, forward = "spatial_batchnorm_backward", "spatial_batchnorm_forward"
-    x_hat = unpack_cache(name, cache, 5, forward)[0]
-    xp = check_dout(name, dout, x_hat.shape, like={"x": x_hat})
-    dx, dgamma, dbeta = normalization_backward(name, widened(xp, dout), cache, forward)
-    return narrowed(xp, dx, dout.dtype), dgamma, dbeta
+    return normalization_backward("spatial_batchnorm_backward", dout, cache, "spatial_batchnorm_forward")
 
 
 @makes_cache("spatial_batchnorm_gelu_forward")
