@@ -152,7 +152,7 @@ def _refuse_non_arrays(function: str, arrays: dict) -> None:
             )
 
 
-def _refuse_unsupported_subclasses(function: str, arrays: dict) -> None:
+def refuse_unsupported_subclasses(function: str, arrays: dict) -> None:
     """TypeError naming the first of ``arrays`` whose library refuses its type (np.matrix)."""
     for name, a in arrays.items():
         reason = refusal(a)
@@ -182,7 +182,7 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         xp = namespace(*values)
     except TypeError as exc:
         _refuse_non_arrays(function, {**floats, **(others or {})})
-        _refuse_unsupported_subclasses(function, {**floats, **(others or {})})
+        refuse_unsupported_subclasses(function, {**floats, **(others or {})})
         raise TypeError(f"{function}: unsupported array types ({exc})") from exc
     confirmed = _FLOAT_DTYPES_SEEN.setdefault(xp, set())
     for name, a in floats.items():

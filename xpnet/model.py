@@ -9,10 +9,18 @@ import math
 import os
 
 from .backend import Backend, backend_of, check_generator, get_backend, namespace, to_numpy
-from .backend.dispatch import refusal
 from .batching import predicted_classes
 from .checkpoint import non_finite_path, not_float_array, tree_to_device, tree_to_host
-from .input_checks import as_int, check_seed, check_writable, is_array, is_number, layer_namespace, short_repr
+from .input_checks import (
+    as_int,
+    check_seed,
+    check_writable,
+    is_array,
+    is_number,
+    layer_namespace,
+    refuse_unsupported_subclasses,
+    short_repr,
+)
 from .layers import BATCHNORM_KEYS, check_eps, check_momentum
 
 # The batchnorm keys that hold arrays (the others are settings).
@@ -235,7 +243,7 @@ def converted_inputs(backend, X, dtype, owner: str):
     ``owner``, for an array type its library refuses: asarray dropped a masked array's mask."""
     if backend.owns(X):
         return X if X.dtype == dtype else backend.xp.astype(X, dtype)
-    _refuse_subclass(owner, "X", X)
+    refuse_unsupported_subclasses(owner, {"X": X})
     return backend.asarray(X, dtype=dtype)
 
 
@@ -243,14 +251,8 @@ def converted_labels(backend, y, owner: str):
     """``y`` as an array of ``backend``, refused as :func:`converted_inputs` refuses."""
     if backend.owns(y):
         return y
-    _refuse_subclass(owner, "y", y)
+    refuse_unsupported_subclasses(owner, {"y": y})
     return backend.asarray(y)
-
-
-def _refuse_subclass(owner, name, value):
-    reason = refusal(value)  # np.matrix, a masked array
-    if reason is not None:
-        raise TypeError(f"{owner}: {name} is a {type(value).__name__}: {reason}")
 
 
 def loss_and_grads(result, backend) -> tuple:
