@@ -219,6 +219,31 @@ def test_host_data_in_any_numpy_layout_reaches_every_backend(backend, np_rng):
     assert len(solver.loss_history) == 4 and np.isfinite(solver.loss_history).all()
 
 
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ("abc", "got a str of text"),
+        (np.array(["a", "b"]), "got a ndarray of text"),
+        ([1, "x"], "got a list of text"),
+        (None, "got a NoneType of Python objects"),
+        ({"a": 1}, "got a dict of Python objects"),
+        (np.array(["2026-01-01"], dtype="datetime64[D]"), "got a ndarray of dates"),
+    ],
+)
+def test_data_that_holds_no_numbers_is_refused_alike_on_every_backend(backend, data, words):
+    """NumPy's backend made string and object arrays of these, which failed later, far away;
+    array-api-strict said 'res_dtype = array_api_strict.str96 not understood', PyTorch 'Could not
+    infer dtype of dict'."""
+    with pytest.raises(TypeError, match=re.escape(f"{backend.name} backend: arrays hold numbers or booleans, {words}")):
+        backend.asarray(data)
+
+
+def test_a_ragged_list_is_refused_naming_the_backend(backend):
+    with pytest.raises(ValueError, match=re.escape(f"{backend.name} backend: cannot make an array of this list: ")):
+        backend.asarray([[1.0, 2.0], [3.0]])
+    assert backend.to_numpy(backend.asarray([[True], [False]])).tolist() == [[True], [False]]
+
+
 def test_dtype_accepts_strings_numpy_dtypes_and_namespace_dtypes(backend):
     xp = backend.xp
     for spec in ("float32", np.float32, np.dtype("float32"), xp.float32):
@@ -279,6 +304,43 @@ def test_a_seed_no_generator_can_take_is_refused_naming_the_call(backend, seed):
         backend.seed(seed)
     for good in (0, np.int64(3), (1, np.uint32(2)), [3, 4], 2**70):
         backend.rng(good).uniform((2,))
+
+
+BAD_DRAWS = [
+    (lambda r: r.integers(5, 2, 3), ValueError, "integers: need low < high"),
+    (lambda r: r.integers(0, 2**63, 3), ValueError, "integers: need low < high, both within int64"),
+    (lambda r: r.integers(0.5, 3, 2), TypeError, "integers: low and high must be integers"),
+    (lambda r: r.integers(0, 5, -1), ValueError, "integers: the shape must be an integer >= 0"),
+    (lambda r: r.integers(0, 5, None), ValueError, "integers: the shape must be"),
+    (lambda r: r.normal((2, -1)), ValueError, "normal: the shape must be an integer >= 0 or a tuple"),
+    (lambda r: r.normal((2, 2), std=-1.0), ValueError, "normal: std must be a finite number >= 0, got -1.0"),
+    (lambda r: r.normal((2, 2), std=float("nan")), ValueError, "normal: std must be a finite number"),
+    (lambda r: r.normal((2,), dtype="int64"), ValueError, "normal: dtype must be float32 or float64"),
+    (lambda r: r.uniform((2, 1.5)), ValueError, "uniform: the shape must be"),
+    (lambda r: r.uniform(3, dtype="float16"), ValueError, "uniform: dtype must be float32 or float64"),
+    (lambda r: r.permutation(-1), ValueError, "permutation: n must be an integer >= 0, got -1"),
+    (lambda r: r.permutation(2.5), ValueError, "permutation: n must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "call, error, words", BAD_DRAWS, ids=[f"{words.split(':')[0]}-{i}" for i, (_, _, words) in enumerate(BAD_DRAWS)]
+)
+def test_every_generator_refuses_the_same_bad_draws_in_the_same_words(backend, call, error, words):
+    """Each library said something of its own, or nothing: NumPy permuted range(-1) to an empty
+    array where PyTorch raised, NumPy took low=0.5 and std=-1, PyTorch a NaN std, and the
+    messages named NumPy's or PyTorch's internals ('random_ expects from < to', 'Overflow when
+    unpacking long long', 'axis 0 is out of bounds')."""
+    for rng in (backend.rng(0), backend.default_rng()):
+        with pytest.raises(error, match="DeviceRNG." + re.escape(words)):
+            call(rng)
+
+
+def test_generators_take_numpy_integers_lists_and_empty_shapes(backend):
+    rng = backend.rng(0)
+    assert tuple(rng.integers(np.int64(-3), np.int32(4), [2, np.int64(3)]).shape) == (2, 3)
+    assert tuple(rng.normal((0, 4), std=np.float32(0.0)).shape) == (0, 4)
+    assert tuple(rng.uniform(()).shape) == () and tuple(rng.permutation(np.int64(0)).shape) == (0,)
 
 
 def test_backend_seed_resets_default_generator(backend):

@@ -48,6 +48,10 @@ def check_rng_seed(caller: str, seed) -> None:
         raise ValueError(f"{caller}: seed must be None, a non-negative integer or a sequence of them, got {seed!r}")
 
 
+# What NumPy makes of data that holds no numbers, by dtype kind.
+_NON_NUMERIC_KINDS = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "V": "records"}
+
+
 def _same_dtype(a, b) -> bool:
     """dtype equality that tolerates objects of unrelated libraries (False, not an error)."""
     if a is b:
@@ -81,13 +85,22 @@ def foreign_array_on_host(obj) -> np.ndarray | None:
     return source.to_numpy(obj)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class DeviceRNG:
     """A random generator whose draws are arrays on the backend's device.
 
     ``seed`` is None (fresh entropy), an int, or a sequence of ints
     (e.g. ``(seed, epoch)``), which gives an independent, reproducible stream.
-    This base class draws with NumPy on the host and moves the result to the
-    device; libraries with generators of their own override the four methods.
+    The public methods check their arguments (so that every library refuses the same calls
+    with the same words) and hand a shape tuple and the namespace's dtype to the ``_draw_*``
+    methods. This base class draws with NumPy on the host and moves the result to the
+    device; libraries with generators of their own override the four ``_draw_*`` methods.
     """
 
     def __init__(self, backend: Backend, seed=None):
@@ -95,27 +108,64 @@ class DeviceRNG:
         self.seed = seed
         self._gen = np.random.default_rng(seed)
 
-    def _np_dtype(self, dtype):
-        return np.dtype(np.float64) if dtype is None else self.backend.numpy_dtype(dtype)  # a dtype, not a scalar type
-
+    # -- the public draws: arguments checked once, for every library -------------------
     def integers(self, low: int, high: int, size) -> Any:
-        """Integers uniform in [low, high), shape ``size``, dtype int64."""
-        return self.backend.asarray(self._gen.integers(low, high, size=size, dtype=np.int64))
+        """Integers uniform in [low, high), shape ``size`` (an int or a tuple), dtype int64."""
+        if not (_is_int(low) and _is_int(high)):
+            raise TypeError(f"DeviceRNG.integers: low and high must be integers, got {low!r} and {high!r}")
+        if not _INT64_MIN <= int(low) < int(high) <= _INT64_MAX:
+            raise ValueError(f"DeviceRNG.integers: need low < high, both within int64, got low={low}, high={high}")
+        return self._draw_integers(int(low), int(high), self._shape("integers", size))
 
     def normal(self, shape, std: float = 1.0, dtype=None) -> Any:
-        """Normal(0, std²) samples of ``shape`` (dtype default float64)."""
-        dt = self._np_dtype(dtype)
+        """Normal(0, std²) samples of ``shape`` (an int or a tuple; dtype float32 or float64, default float64)."""
+        if not isinstance(std, numbers.Real) or isinstance(std, bool) or not 0.0 <= float(std) < float("inf"):
+            raise ValueError(f"DeviceRNG.normal: std must be a finite number >= 0, got {std!r}")
+        return self._draw_normal(self._shape("normal", shape), float(std), self._float_dtype("normal", dtype))
+
+    def uniform(self, shape, dtype=None) -> Any:
+        """Uniform samples in [0, 1) of ``shape`` (an int or a tuple; dtype float32 or float64, default float64)."""
+        return self._draw_uniform(self._shape("uniform", shape), self._float_dtype("uniform", dtype))
+
+    def permutation(self, n: int) -> Any:
+        """A random permutation of ``range(n)`` as an int64 array of shape (n,)."""
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"DeviceRNG.permutation: n must be an integer >= 0, got {n!r}")
+        return self._draw_permutation(int(n))
+
+    @staticmethod
+    def _shape(method: str, size) -> tuple[int, ...]:
+        dims = (size,) if _is_int(size) else size
+        if not isinstance(dims, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in dims):
+            raise ValueError(f"DeviceRNG.{method}: the shape must be an integer >= 0 or a tuple of them, got {size!r}")
+        return tuple(int(d) for d in dims)
+
+    def _float_dtype(self, method: str, dtype):
+        try:
+            xp_dtype = self.backend.dtype(dtype)  # None: float64
+        except ValueError:
+            xp_dtype = None
+        if xp_dtype is None or not any(
+            _same_dtype(xp_dtype, getattr(self.backend.xp, name)) for name in ("float32", "float64")
+        ):
+            raise ValueError(f"DeviceRNG.{method}: dtype must be float32 or float64, got {dtype!r}")
+        return xp_dtype
+
+    # -- the draws: NumPy's generator on the host, moved to the device ------------------
+    def _draw_integers(self, low: int, high: int, shape: tuple[int, ...]) -> Any:
+        return self.backend.asarray(self._gen.integers(low, high, size=shape, dtype=np.int64))
+
+    def _draw_normal(self, shape: tuple[int, ...], std: float, dtype) -> Any:
+        dt = self.backend.numpy_dtype(dtype)
         out = self._gen.standard_normal(shape, dtype=dt)
         if std != 1.0:
             out *= dt.type(std)
         return self.backend.asarray(out)
 
-    def uniform(self, shape, dtype=None) -> Any:
-        """Uniform samples in [0, 1) of ``shape`` (dtype default float64)."""
-        return self.backend.asarray(self._gen.random(shape, dtype=self._np_dtype(dtype)))
+    def _draw_uniform(self, shape: tuple[int, ...], dtype) -> Any:
+        return self.backend.asarray(self._gen.random(shape, dtype=self.backend.numpy_dtype(dtype)))
 
-    def permutation(self, n: int) -> Any:
-        """A random permutation of ``range(n)`` as an int64 array of shape (n,)."""
+    def _draw_permutation(self, n: int) -> Any:
         return self.backend.asarray(self._gen.permutation(n).astype(np.int64))
 
 
@@ -148,20 +198,20 @@ class NumpyGlobalRNG(DeviceRNG):
 
     def _host(self, values, dtype):
         """Draws made in float64, as the course's ``std * np.random.randn(...)``, then cast."""
-        dt = self._np_dtype(dtype)
+        dt = self.backend.numpy_dtype(dtype)
         return self.backend.asarray(values if values.dtype == dt else values.astype(dt))
 
-    def integers(self, low, high, size):
-        return self.backend.asarray(np.random.randint(low, high, size=size, dtype=np.int64))
+    def _draw_integers(self, low, high, shape):
+        return self.backend.asarray(np.random.randint(low, high, size=shape, dtype=np.int64))
 
-    def normal(self, shape, std=1.0, dtype=None):
+    def _draw_normal(self, shape, std, dtype):
         out = np.random.standard_normal(shape)
         return self._host(std * out if std != 1.0 else out, dtype)
 
-    def uniform(self, shape, dtype=None):
+    def _draw_uniform(self, shape, dtype):
         return self._host(np.random.random_sample(shape), dtype)
 
-    def permutation(self, n):
+    def _draw_permutation(self, n):
         return self.backend.asarray(np.random.permutation(n).astype(np.int64))
 
 
@@ -237,16 +287,40 @@ class Backend:
         """Host data (or an array of this backend) as an array on this backend's device.
 
         As with ``xp.asarray``, the result may share memory with ``obj`` (NumPy
-        on the CPU) unless ``copy=True``.
+        on the CPU) unless ``copy=True``. Data that makes no array (a ragged list) is a
+        ValueError, and data that makes no array of numbers or booleans (strings, None,
+        other objects, which NumPy would keep as an object or string array) a TypeError.
         """
         dt = None if dtype is None else self.dtype(dtype)
         try:
-            return self.xp.asarray(in_native_layout(obj), dtype=dt, device=self.device, copy=copy)
-        except (TypeError, RuntimeError, ValueError):
-            host = foreign_array_on_host(obj)
+            out = self._library_asarray(in_native_layout(obj), dt, copy)
+        except (TypeError, RuntimeError, ValueError) as error:
+            # Another library's array (CuPy's, PyTorch's on CUDA) goes through the host.
+            host = None if isinstance(obj, np.ndarray) else foreign_array_on_host(obj)
             if host is None:
-                raise
-            return self.xp.asarray(host, dtype=dt, device=self.device)
+                raise self._conversion_error(obj, error) from error
+            out = self._library_asarray(host, dt, None)
+        if not self.xp.isdtype(out.dtype, ("bool", "numeric")):
+            raise self._conversion_error(obj, None)
+        return out
+
+    def _conversion_error(self, obj, error: Exception | None) -> Exception:
+        """The same error whichever library refused ``obj``: a TypeError for data of no numeric
+        type (strings, None, other objects, which NumPy keeps as string or object arrays), a
+        ValueError naming the library's complaint for anything else (a ragged list)."""
+        what = type(obj).__name__
+        try:
+            kind = np.asarray(obj).dtype.kind
+        except (TypeError, ValueError):
+            kind = "b"  # no array at all: the library's own words say why
+        if kind not in "biufc":
+            held = _NON_NUMERIC_KINDS.get(kind, "values of no numeric type")
+            return TypeError(f"{self.name} backend: arrays hold numbers or booleans, got a {what} of {held}")
+        return ValueError(f"{self.name} backend: cannot make an array of this {what}: {error}")
+
+    def _library_asarray(self, obj, dtype, copy):
+        """The library's own conversion of ``obj`` to an array on this device."""
+        return self.xp.asarray(obj, dtype=dtype, device=self.device, copy=copy)
 
     def to_numpy(self, x) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from array_api_compat import is_cupy_array
 
-from .base import Backend, CapturedGraph, DeviceRNG, foreign_array_on_host, in_native_layout, seed_to_int
+from .base import Backend, CapturedGraph, DeviceRNG, seed_to_int
 from .dispatch import accelerated
 from .registry import import_library, register_backend
 
@@ -19,20 +19,17 @@ class CupyRNG(DeviceRNG):
         with backend.lib.cuda.Device(backend.device_index):
             self._gen = backend.lib.random.default_rng(seed_to_int(seed))
 
-    def _dt(self, dtype):
-        return self.backend.lib.float64 if dtype is None else dtype
+    def _draw_integers(self, low, high, shape):
+        return self._gen.integers(low, high, size=shape, dtype=self.backend.lib.int64)
 
-    def integers(self, low, high, size):
-        return self._gen.integers(low, high, size=size, dtype=self.backend.lib.int64)
-
-    def normal(self, shape, std=1.0, dtype=None):
-        out = self._gen.standard_normal(size=shape, dtype=self._dt(dtype))
+    def _draw_normal(self, shape, std, dtype):
+        out = self._gen.standard_normal(size=shape, dtype=dtype)
         return out * std if std != 1.0 else out
 
-    def uniform(self, shape, dtype=None):
-        return self._gen.random(size=shape, dtype=self._dt(dtype))
+    def _draw_uniform(self, shape, dtype):
+        return self._gen.random(size=shape, dtype=dtype)
 
-    def permutation(self, n):
+    def _draw_permutation(self, n):
         # cupy.random.Generator has no permutation: sort uniform keys instead.
         return self.backend.lib.argsort(self._gen.random(size=n)).astype(self.backend.lib.int64)
 
@@ -53,18 +50,11 @@ class CupyBackend(Backend):
     def owns(self, x) -> bool:
         return isinstance(x, self.lib.ndarray) and x.device.id == self.device.id
 
-    def asarray(self, obj, dtype=None, copy=None):
-        dt = None if dtype is None else self.dtype(dtype)
+    def _library_asarray(self, obj, dtype, copy):
         with self.device:
-            try:
-                out = self.lib.asarray(in_native_layout(obj), dtype=dt)
-            except (TypeError, RuntimeError, ValueError):
-                host = foreign_array_on_host(obj)
-                if host is None:
-                    raise
-                return self.lib.asarray(host, dtype=dt)
-            # cupy.asarray copies host data anyway; copy device arrays when asked.
-            return out.copy() if copy and out is obj else out
+            out = self.lib.asarray(obj, dtype=dtype)
+        # cupy.asarray copies host data anyway; copy device arrays when asked.
+        return out.copy() if copy and out is obj else out
 
     def to_numpy(self, x):
         return self.lib.asnumpy(x)

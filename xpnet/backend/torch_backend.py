@@ -21,28 +21,18 @@ class TorchRNG(DeviceRNG):
         else:
             self._gen.manual_seed(seed_to_int(seed))
 
-    def _kw(self, dtype):
+    def _draw_integers(self, low, high, shape):
         torch = self.backend.lib
-        return dict(generator=self._gen, device=self.backend.device, dtype=torch.float64 if dtype is None else dtype)
+        return torch.randint(low, high, shape, generator=self._gen, device=self.backend.device, dtype=torch.int64)
 
-    @staticmethod
-    def _shape(shape):
-        return (shape,) if isinstance(shape, int) else tuple(shape)
-
-    def integers(self, low, high, size):
-        torch = self.backend.lib
-        return torch.randint(
-            low, high, self._shape(size), generator=self._gen, device=self.backend.device, dtype=torch.int64
-        )
-
-    def normal(self, shape, std=1.0, dtype=None):
-        out = self.backend.lib.randn(self._shape(shape), **self._kw(dtype))
+    def _draw_normal(self, shape, std, dtype):
+        out = self.backend.lib.randn(shape, generator=self._gen, device=self.backend.device, dtype=dtype)
         return out * std if std != 1.0 else out
 
-    def uniform(self, shape, dtype=None):
-        return self.backend.lib.rand(self._shape(shape), **self._kw(dtype))
+    def _draw_uniform(self, shape, dtype):
+        return self.backend.lib.rand(shape, generator=self._gen, device=self.backend.device, dtype=dtype)
 
-    def permutation(self, n):
+    def _draw_permutation(self, n):
         return self.backend.lib.randperm(n, generator=self._gen, device=self.backend.device)
 
 
