@@ -382,6 +382,22 @@ def test_dropout_statistics(backend, p):
     np.testing.assert_array_equal(to_np(test_out), to_np(x))
 
 
+def test_dropout_of_float16_activations_draws_its_mask_in_float32(backend):
+    """Generators draw float32 or float64: float16 activations failed on NumPy ('no NumPy dtype
+    for float16') and CuPy, and drew a float16 uniform on PyTorch, which cannot tell p = 0.3
+    from 0.2998. The mask now comes from a float32 draw, the output stays float16."""
+    if not hasattr(backend.xp, "float16"):
+        pytest.skip(f"{backend.name} has no float16")
+    x = backend.xp.astype(arr(backend, np.full((400, 500), 2.0)), backend.xp.float16)
+    out, cache = layers.dropout_forward(x, {"mode": "train", "p": 0.3, "seed": 2})
+    assert out.dtype == backend.xp.float16
+    kept = to_np(out) != 0
+    assert abs(1 - kept.mean() - 0.3) < 0.005
+    np.testing.assert_allclose(to_np(out)[kept].astype(np.float64), 2.0 / 0.7, rtol=2**-10)  # float16's rounding
+    dx = layers.dropout_backward(x, cache)
+    assert dx.dtype == backend.xp.float16 and np.array_equal(to_np(dx) != 0, kept)
+
+
 def test_dropout_seed_fixes_mask_and_no_seed_varies(backend):
     x = arr(backend, np.ones((50, 40)))
     a, _ = layers.dropout_forward(x, {"mode": "train", "p": 0.5, "seed": 4})

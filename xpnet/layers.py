@@ -611,7 +611,10 @@ def dropout_forward(x: Array, dropout_param: dict) -> tuple[Array, Cache]:
                               "a seed goes in dropout_param['seed']")  # fmt: skip
     else:
         rng = backend.default_rng()
-    keep = rng.uniform(tuple(x.shape), dtype=x.dtype) < 1.0 - p  # the course: rand < keep probability
+    # The course: rand < keep probability. Drawn in float32 for float16 activations: generators
+    # draw float32 or float64, and a float16 draw could not tell most p apart.
+    draw_dtype = xp.float64 if x.dtype == xp.float64 else xp.float32
+    keep = rng.uniform(tuple(x.shape), dtype=draw_dtype) < 1.0 - p
     mask = xp.astype(keep, x.dtype) / (1.0 - p)
     return x * mask, (dropout_param, mask)
 
