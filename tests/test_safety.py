@@ -1604,6 +1604,32 @@ def test_layers_speak_of_shapes_dtypes_and_libraries(backend):
         layers.relu_forward([1.0, -1.0])
 
 
+def test_arrays_of_one_library_on_two_devices_are_refused_naming_each_device():
+    """Two GPUs of one library (a model on cupy:0, a batch on cupy:1) failed inside the library,
+    which named neither argument: array-api-strict's device1 stands in for the second GPU."""
+    from xpnet import fast_layers, optim
+
+    here, there = xpnet.get_backend("array_api_strict"), xpnet.get_backend("array_api_strict:device1")
+    x = here.asarray(np.ones((2, 3)), dtype="float64")
+    w, b = there.asarray(np.ones((3, 4)), dtype="float64"), there.asarray(np.ones(4), dtype="float64")
+    words = "arrays on different devices ({}); move them to one device first"
+    with pytest.raises(ValueError, match=re.escape("affine_forward: " + words.format(
+            f"x on {x.device}, w on {w.device}, b on {b.device}"))):  # fmt: skip
+        layers.affine_forward(x, w, b)
+    labels = there.asarray(np.zeros(2, dtype=np.int64))
+    with pytest.raises(
+        ValueError, match=re.escape("softmax_loss: " + words.format(f"x on {x.device}, y on {labels.device}"))
+    ):
+        layers.softmax_loss(x, labels)
+    with pytest.raises(ValueError, match=re.escape("sgd: " + words.format(f"w on {w.device}, dw on {x.device}"))):
+        optim.sgd(w, x, {})
+    images, filters = here.asarray(np.ones((1, 3, 4, 4))), there.asarray(np.ones((2, 3, 3, 3)))
+    with pytest.raises(ValueError, match="conv_forward_fast: arrays on different devices"):
+        fast_layers.conv_forward_fast(images, filters, None, {"stride": 1, "pad": 1})
+    out, _ = layers.affine_forward(x, here.asarray(w), here.asarray(b))  # moved, it runs
+    assert out.device == x.device
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_models_refuse_masked_inputs_as_the_layers_and_the_solver_do():
     """A model converted what it was given onto its backend, which dropped a masked array's

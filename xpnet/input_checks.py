@@ -170,7 +170,8 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
     Raises:
         TypeError naming the function and the arguments when the arrays come from
         different libraries, when one is of a type its library refuses (np.matrix), or when
-        one of ``floats`` holds integers or booleans.
+        one of ``floats`` holds integers or booleans; ValueError naming each argument's device
+        when they are on different devices of one library.
     """
     values = [*floats.values(), *others.values()] if others else list(floats.values())
     kind = type(values[0])
@@ -184,6 +185,10 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         _refuse_non_arrays(function, {**floats, **(others or {})})
         refuse_unsupported_subclasses(function, {**floats, **(others or {})})
         raise TypeError(f"{function}: unsupported array types ({exc})") from exc
+    where = values[0].device
+    for a in values:  # arrays of one library on two devices (two GPUs): the library's error names neither
+        if a.device != where:
+            _refuse_mixed_devices(function, {**floats, **(others or {})})
     confirmed = _FLOAT_DTYPES_SEEN.setdefault(xp, set())
     for name, a in floats.items():
         if a.dtype in confirmed:  # a hash lookup; the test below compares with each float type
@@ -203,6 +208,14 @@ def _refuse_mixed_libraries(function: str, arrays: dict) -> None:
         raise TypeError(
             f"{function}: arrays from different libraries ({listed}); move them to one backend first (backend.asarray)"
         )
+
+
+def _refuse_mixed_devices(function: str, arrays: dict) -> None:
+    """ValueError naming the device of each of ``arrays``, which are of one library but not on one device."""
+    listed = ", ".join(f"{name} on {a.device}" for name, a in arrays.items())
+    raise ValueError(
+        f"{function}: arrays on different devices ({listed}); move them to one device first (backend.asarray)"
+    )
 
 
 class LayerCache(tuple):
