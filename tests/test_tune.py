@@ -75,6 +75,10 @@ def test_space_suggestions_become_run_settings():
         ("batch_size=choice()", r"choice\(\) needs at least one value"),
         ("lr=1e-3=4", "is not a finite number"),
         ("lr", "cannot read --space 'lr'"),
+        # bounds that are no numbers, or not finite, were called an empty range
+        ("lr=uniform(a,b)", r"lr: uniform bounds must be finite numbers, got \('a', 'b'\)"),
+        ("reg=loguniform(1e-4,nan)", r"reg: loguniform bounds must be finite numbers, got \(0.0001, nan\)"),
+        ("weight_scale=uniform(1e-3,inf)", "bounds must be finite numbers"),
     ],
 )
 def test_bad_spaces_are_refused_by_name(expression, message):

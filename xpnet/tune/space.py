@@ -242,9 +242,11 @@ def _dimension(name: str, spec) -> Dimension:
         if len(values) != 2:
             raise SpaceError(f"{name}: {kind} takes two bounds, got {len(values)}: {short_repr(values)}")
         low, high = values
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise SpaceError(f"{name}: {kind} bounds must be finite numbers, got {short_repr(values)}")
         if kind in ("int", "intlog") and not all(isinstance(v, int) for v in values):
             raise SpaceError(f"{name}: {kind} bounds must be integers, got {short_repr(values)}")
-        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+        if not low < high:
             raise SpaceError(
                 f"{name}: the range {kind}({low}, {high}) is empty; the low bound must be below the high one"
             )
