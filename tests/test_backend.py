@@ -394,3 +394,13 @@ def test_backend_switches_take_true_or_false(backend, method):
         getattr(backend, method)("False")
     getattr(backend, method)(False)
     getattr(backend, method)(0)
+
+
+def test_only_numpys_arrays_are_known_to_live_on_one_device(backend):
+    """The layers compare the devices of their arrays except where the library has one device:
+    reading NumPy's ``.device`` cost about 0.3 µs an array on every layer call."""
+    from xpnet.backend.dispatch import on_one_device
+
+    x = backend.asarray(np.ones(2))
+    assert on_one_device(x) is (backend.lib is np)
+    assert on_one_device(np.ma.masked_array([1.0])) and not on_one_device([1.0])

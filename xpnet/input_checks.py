@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Literal, ParamSpec, overload
 
 from .backend import namespace
-from .backend.dispatch import refusal
+from .backend.dispatch import on_one_device, refusal
 from .backend.registry import library_of
 
 P = ParamSpec("P")
@@ -185,10 +185,11 @@ def layer_namespace(function: str, floats: dict, others: dict | None = None):
         _refuse_non_arrays(function, {**floats, **(others or {})})
         refuse_unsupported_subclasses(function, {**floats, **(others or {})})
         raise TypeError(f"{function}: unsupported array types ({exc})") from exc
-    where = values[0].device
-    for a in values:  # arrays of one library on two devices (two GPUs): the library's error names neither
-        if a.device != where:
-            _refuse_mixed_devices(function, {**floats, **(others or {})})
+    if not on_one_device(values[0]):  # arrays of one library on two devices (two GPUs): its error names neither
+        where = values[0].device
+        for a in values:
+            if a.device != where:
+                _refuse_mixed_devices(function, {**floats, **(others or {})})
     confirmed = _FLOAT_DTYPES_SEEN.setdefault(xp, set())
     for name, a in floats.items():
         if a.dtype in confirmed:  # a hash lookup; the test below compares with each float type

@@ -46,5 +46,6 @@ register_backend(
     is_numpy_array,
     install_hint="NumPy is not installed: pip install numpy",
     refuses=refused_subclass,
+    one_device=True,
 )
 keep_freed_buffers()

@@ -49,6 +49,8 @@ class Registration:
         kernels: builds the fused kernels for this library's arrays (None: the array-API code).
         refuses: why arrays of a given type of this library cannot go into the layers (a
             subclass whose operators mean something else), or None where they can.
+        one_device: whether the library's arrays all live on one device (NumPy's), so that the
+            layers need not compare the devices of the arrays they are given.
     """
 
     prefix: str
@@ -59,6 +61,7 @@ class Registration:
     specs: tuple
     kernels: Callable[[], object] | None = None
     refuses: Callable[[type], str | None] | None = None
+    one_device: bool = False
 
 
 _REGISTRY: dict[str, Registration] = {}
@@ -73,6 +76,7 @@ def register_backend(
     specs: tuple = (),
     kernels: Callable[[], object] | None = None,
     refuses: Callable[[type], str | None] | None = None,
+    one_device: bool = False,
 ) -> Registration:
     """Make ``prefix`` (and ``prefix:...``) a backend spec; returns the registration.
 
@@ -80,7 +84,8 @@ def register_backend(
     missing: :func:`import_library` adds ``install_hint``); ``is_array(x)`` tells
     its arrays apart; ``spec_of(x)`` names the backend of such an array (default:
     ``prefix``); ``refuses(type)`` says why arrays of that type, though the library's, cannot
-    go into the layers (None: they can). Registering a prefix again replaces it.
+    go into the layers (None: they can); ``one_device`` says that all its arrays live on one
+    device (the CPU's). Registering a prefix again replaces it.
     """
     registration = Registration(
         prefix=prefix,
@@ -91,6 +96,7 @@ def register_backend(
         specs=tuple(specs) or (prefix,),
         kernels=kernels,
         refuses=refuses,
+        one_device=one_device,
     )
     _REGISTRY[prefix] = registration
     with _CACHE_LOCK:
@@ -100,6 +106,7 @@ def register_backend(
 
     dispatch.forget_kernels()
     dispatch.forget_namespaces()
+    dispatch.forget_device_counts()
     return registration
 
 
