@@ -38,13 +38,18 @@ def seed_to_int(seed) -> int | None:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
+def _is_int(value) -> bool:
+    """An integer, Python's or NumPy's, that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_rng_seed(caller: str, seed) -> None:
     """ValueError naming ``caller`` unless ``seed`` is None, a non-negative integer or a non-empty
     sequence of them (NumPy's SeedSequence would refuse others without naming the call)."""
     if seed is None:
         return
     parts = seed if isinstance(seed, (tuple, list)) else (seed,)
-    if not parts or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0 for v in parts):
+    if not parts or not all(_is_int(v) and int(v) >= 0 for v in parts):
         raise ValueError(f"{caller}: seed must be None, a non-negative integer or a sequence of them, got {seed!r}")
 
 
@@ -86,10 +91,6 @@ def foreign_array_on_host(obj) -> np.ndarray | None:
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class DeviceRNG:
