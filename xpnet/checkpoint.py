@@ -6,10 +6,9 @@ document in the member ``__xpnet__.json``, where each array appears as
 ``{"__array__": "<member name>"}``. It is read with ``allow_pickle=False``, so
 loading a checkpoint can never run code, whoever wrote the file.
 
-Writes are atomic: the file is written under a temporary name that carries the
-writer's process id, flushed to disk, then renamed over the target. A later write
-into the same folder removes the temporaries of processes that no longer exist
-(a writer killed mid-write), never those of a writer that is still running.
+Writes are atomic (:func:`xpnet.atomic_files.atomic_write`): a crash while writing
+leaves the old file or the complete new one, and a later write into the same folder
+removes what writers killed mid-write left behind.
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ import json
 import math
 import os
 import pickle
-import secrets
 import zipfile
-from typing import Any
 
 import numpy as np
 
+from xpnet.atomic_files import atomic_write, remove_stale_temporaries, unwritable_reason
 from xpnet.backend import namespace, to_numpy
 from xpnet.input_checks import check_flag, file_path, is_array
 from xpnet.npz_members import UnsafeNpzError, check_npz_members
@@ -47,7 +45,6 @@ FORMAT = "xpnet-checkpoint"
 VERSION = 2
 META = "__xpnet__.json"
 _ARRAY = "__array__"
-_TMP_MARK = ".tmp-"
 _LEGACY_FORMAT = "xpnet-checkpoint-1"  # the pickle files of version 1
 # How deep dicts and lists may nest in a payload: far beyond any state xpnet writes, and well
 # inside Python's recursion limit, so that a crafted file is refused by name.
@@ -106,56 +103,6 @@ def _encode(tree, arrays: dict, depth: int = 0):
     )
 
 
-def _temporary_name(path: str) -> str:
-    folder, base = os.path.split(path)
-    return os.path.join(folder, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str) -> list:
-    """Delete the temporary files in ``folder`` left by writers that no longer run; returns their paths."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(".") or _TMP_MARK not in name:
-            continue
-        pid_text = name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
-            continue
-        try:
-            os.unlink(os.path.join(folder, name))
-            removed.append(os.path.join(folder, name))
-        except FileNotFoundError:  # another writer cleaned it first
-            pass
-    return removed
-
-
-def unwritable_reason(path) -> str | None:
-    """Why no checkpoint could be written at ``path``, or None when it may be: a file stands
-    where a folder on its path should be, or the nearest folder on it that exists is not
-    writable (:func:`save_checkpoint` creates the missing ones). For checks before any work."""
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        return f"{folder} is a file, not a folder"
-    if not os.access(folder, os.W_OK):
-        return f"folder {folder} is not writable"
-    return None
-
-
 def save_checkpoint(path, payload: dict) -> str:
     """Write ``payload`` (nested dicts and lists of NumPy arrays, numbers, strings,
     None) to ``path`` as an xpnet ``.npz`` checkpoint, atomically.
@@ -170,43 +117,13 @@ def save_checkpoint(path, payload: dict) -> str:
         raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     arrays: dict = {}
     document = json.dumps({"format": FORMAT, "version": VERSION, "payload": _encode(payload, arrays)})
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = _temporary_name(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder)
-        # os.open with 0o666 lets the umask decide the permissions (mkstemp would force 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                members: dict[str, Any] = {META: np.frombuffer(document.encode(), dtype=np.uint8), **arrays}
-                np.savez(f, **members)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_folder(folder)
+        with atomic_write(path, "wb") as f:
+            np.savez(f, **{META: np.frombuffer(document.encode(), dtype=np.uint8), **arrays})
     except OSError as exc:
         reason = unwritable_reason(path) or exc.strerror or exc
         raise CheckpointWriteError(exc.errno, f"could not write checkpoint {path}: {reason}") from exc
     return path
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (a power cut after it keeps the new name)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- reading

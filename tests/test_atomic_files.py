@@ -1,0 +1,103 @@
+"""Files written whole or not at all: :func:`xpnet.atomic_files.atomic_write`, and the
+writers that go through it (checkpoints are tested in test_safety.py and test_solver.py,
+a sweep's outputs in test_tune.py, the benchmark's report in test_bench.py)."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from xpnet.atomic_files import atomic_write
+
+
+def temporaries(folder):
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def disk_full():
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("mode, old, half", [("wb", b"old bytes", b"half"), ("w", "old text", "half")])
+@pytest.mark.parametrize("failure", [disk_full, KeyboardInterrupt])
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, mode, old, half, failure):
+    path = tmp_path / "out"
+    with atomic_write(path, mode) as f:
+        f.write(old)
+    with pytest.raises(type(failure())), atomic_write(path, mode) as f:
+        f.write(half)
+        f.flush()
+        raise failure()
+    assert path.read_bytes() == (old if mode == "wb" else old.encode())
+    assert temporaries(tmp_path) == []
+
+
+def test_a_write_puts_the_whole_file_in_missing_folders_with_the_usual_permissions(tmp_path):
+    path = tmp_path / "a" / "b" / "rows.csv"
+    old = os.umask(0o022)
+    try:
+        with atomic_write(path, "w", newline="") as f:
+            f.write("x,é\r\n1,2\r\n")  # csv's line ends pass through untouched with newline=""
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == "x,é\r\n1,2\r\n".encode()
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert temporaries(path.parent) == []
+
+
+def test_a_write_removes_what_killed_writers_left_in_the_folder(tmp_path):
+    dead = tmp_path / ".summary.json.tmp-999999999-abcd"
+    dead.write_text("{")
+    with atomic_write(tmp_path / "summary.json", "w") as f:
+        f.write("{}")
+    assert temporaries(tmp_path) == []
+
+
+def test_atomic_write_refuses_other_modes(tmp_path):
+    with pytest.raises(ValueError, match=r"^atomic_write: mode must be 'wb' or 'w', got 'a'$"):
+        with atomic_write(tmp_path / "x", "a"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_figure_that_fails_to_save_leaves_the_old_picture(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from xpnet.vis_utils import plot_history
+
+    history = {"loss_history": [2.3, 1.5], "train_acc_history": [0.1, 0.2], "val_acc_history": [0.1, 0.15]}
+    path = tmp_path / "curves.png"
+    plot_history(history, path)
+    old = path.read_bytes()
+    assert old[:4] == b"\x89PNG"
+
+    def fails_half_way(self, fname, **kwargs):  # as matplotlib would: the target opened, half written
+        if isinstance(fname, (str, os.PathLike)):
+            with open(fname, "wb") as f:
+                f.write(old[:100])
+        else:
+            fname.write(old[:100])
+        raise disk_full()
+
+    monkeypatch.setattr(Figure, "savefig", fails_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        plot_history(history, path)
+    assert path.read_bytes() == old
+    assert temporaries(tmp_path) == []
+
+
+def test_a_figure_saved_under_a_name_without_an_extension_is_a_png_named_as_matplotlib_names_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    from xpnet.vis_utils import new_figure, plot_history, save_figure
+
+    history = {"loss_history": [2.3, 1.5], "train_acc_history": [0.1, 0.2], "val_acc_history": [0.1, 0.15]}
+    plot_history(history, tmp_path / "curves")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    figure = new_figure()
+    figure.subplots().plot(np.arange(3))
+    assert save_figure(figure, tmp_path / "plot.") == str(tmp_path / "plot.png")
+    assert save_figure(figure, tmp_path / "plot.PDF") == str(tmp_path / "plot.PDF")
+    assert (tmp_path / "plot.PDF").read_bytes()[:4] == b"%PDF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "plot.PDF", "plot.png"]

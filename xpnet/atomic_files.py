@@ -1,0 +1,122 @@
+"""Files written whole or not at all.
+
+Everything xpnet writes for a user (checkpoints, a sweep's trials.csv, summary.json and
+plots, a benchmark's JSON report, a saved figure) goes through :func:`atomic_write`: the
+file is written under a temporary name that carries the writer's process id, flushed to
+disk, then renamed over the target. A crash, a full disk or an error while writing leaves
+the old file (or none) in place, never part of the new one. A later write into the same
+folder removes the temporaries of processes that no longer exist (a writer killed
+mid-write), never those of a writer that is still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from typing import IO, Any
+
+__all__ = ["atomic_write", "remove_stale_temporaries", "unwritable_reason"]
+
+_TMP_MARK = ".tmp-"
+
+
+def _temporary_name(path: str) -> str:
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the temporary files in ``folder`` left by writers that no longer run; returns their paths."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".") or _TMP_MARK not in name:
+            continue
+        pid_text = name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except FileNotFoundError:  # another writer cleaned it first
+            pass
+    return removed
+
+
+def unwritable_reason(path) -> str | None:
+    """Why no file could be written at ``path``, or None when it may be: a file stands
+    where a folder on its path should be, or the nearest folder on it that exists is not
+    writable (:func:`atomic_write` creates the missing ones). For checks before any work."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for the ``with`` block, then put it at ``path``.
+
+    When the block ends normally the file is flushed, synced and renamed over ``path`` (the
+    missing folders on the way are created first); when it raises, the temporary is removed and
+    ``path`` is as it was. The file gets the usual permissions (those the umask allows).
+
+    Args:
+        path: where the file goes (str or path-like, ``~`` not expanded: callers check paths first).
+        mode: "wb" for bytes, "w" for text (UTF-8).
+        newline: as for :func:`open` in text mode ("" for the csv module).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
+    tmp = _temporary_name(path)
+    # os.open with 0o666 lets the umask decide the permissions (mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        encoding = None if mode == "wb" else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable (a power cut after it keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
