@@ -203,7 +203,7 @@ def test_the_json_report_grows_as_a_suite_measures(tmp_path, monkeypatch, suite)
         else:
             snapshots.append(sum(len(rows) for rows, _, _ in part.values()))
 
-    monkeypatch.setattr(bench.os, "replace", recording)
+    monkeypatch.setattr(os, "replace", recording)
     out = tmp_path / "bench.json"
     assert bench.main(small_suite_args(suite, out)) == 0
     assert snapshots == sorted(snapshots) and snapshots[-2] == snapshots[-1]
@@ -434,10 +434,10 @@ def test_the_json_report_is_written_after_each_recipe_run(tmp_path, monkeypatch)
         replace(source, target)
         snapshots.append(json.loads(Path(target).read_text()).get("recipe", {}).get("runs", {}).get("xpnet", []))
 
-    monkeypatch.setattr(bench.os, "replace", recording)
+    monkeypatch.setattr(os, "replace", recording)
     final = _tiny_recipe_report(tmp_path)["runs"]["xpnet"]
     assert [len(runs) for runs in snapshots] == [1, 2, 2]  # after each run, then once at the end
-    assert snapshots[0][0] == final[0] and not list(tmp_path.glob("*.partial"))
+    assert snapshots[0][0] == final[0] and not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_recipe_measures_xpnet_eagerly_when_its_graph_capture_fails(tmp_path, monkeypatch, capsys):

@@ -524,6 +524,31 @@ def test_a_sweep_without_matplotlib_ends_with_its_results_and_no_pictures(tmp_pa
     assert json.loads((out / "summary.json").read_text())["test_acc"] > 0
 
 
+def test_a_sweep_whose_disk_fills_while_it_writes_its_summary_keeps_the_last_one(tmp_path, capsys, monkeypatch):
+    """summary.json and trials.csv are written whole or not at all: the old summary had been
+    truncated before the new one was written, and trials.csv's temporary stayed behind."""
+    import errno
+
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    args = ["--trials", "2", "--out", str(out), "--sampler", "random", "--no-plots", *SPACE]
+    assert main(args) == 0
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "trials.csv")}
+    capsys.readouterr()
+
+    def full_disk(value, f, **kwargs):
+        f.write('{"trials": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(SystemExit):
+        main(args)  # the study is complete: only the reports are written again
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
 def test_a_grid_sweep_runs_each_point_once_and_ends_cleanly(tmp_path, capsys):
     """Optuna's grid sampler asks the study to stop once its last point is told, which the
     ask-and-tell loop must take as the end of the grid; trials beyond the grid are not run."""

@@ -9,6 +9,7 @@ from math import ceil, isfinite, sqrt
 
 import numpy as np
 
+from .atomic_files import atomic_write
 from .backend import to_numpy
 from .input_checks import as_int, file_path, is_number
 
@@ -94,6 +95,20 @@ def plotting_unavailable(path=None) -> str | None:
     return None
 
 
+def save_figure(fig, path, **kwargs) -> str:
+    """Write ``fig`` to ``path`` whole or not at all (:func:`~xpnet.atomic_files.atomic_write`),
+    in the format its extension names, as ``fig.savefig(path, **kwargs)`` would: a name without
+    one gets matplotlib's default (".png"). Returns the path written."""
+    path = os.fspath(path)
+    extension = os.path.splitext(path)[1][1:].lower()
+    if not extension:  # matplotlib's own rule for a name without an extension
+        extension = fig.canvas.get_default_filetype()
+        path = f"{path.rstrip('.')}.{extension}"
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=extension, **kwargs)
+    return path
+
+
 def new_figure(**kwargs):
     """A matplotlib ``Figure`` (``figsize=...`` and the rest as for Figure) that displays
     inline in a notebook as the value of a cell, without pyplot or a change of backend."""
@@ -154,5 +169,5 @@ def plot_history(history, path=None, title=None):
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
     return fig

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 
 import xpnet
 from xpnet import data_utils
+from xpnet.atomic_files import atomic_write
 from xpnet.backend import accelerated
 from xpnet.backend.host_allocator import host_allocator
 from xpnet.cli import bench_conv, bench_ops, bench_profile, bench_recipe, bench_tta
@@ -619,15 +619,13 @@ def main(argv=None):
 
     def save():
         """The report so far to --json, after each part: a run stopped by a time limit keeps
-        what it measured. Written whole to a temporary file, then renamed over the old one."""
+        what it measured. Written whole or not at all."""
         chosen = conv_paths_chosen(backend)
         if chosen:
             report["conv_paths"] = chosen
         if args.json:
-            partial = f"{args.json}.partial"
-            with open(partial, "w") as f:
+            with atomic_write(args.json, "w") as f:
                 json.dump(report, f, indent=1)
-            os.replace(partial, args.json)
 
     if args.tf32:
         try:

@@ -11,12 +11,13 @@ import warnings
 
 import numpy as np
 
+from ..atomic_files import atomic_write
 from ..backend import get_backend
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..experiment import Experiment, build_model, load_data
 from ..input_checks import as_int, file_path, is_number, short_repr
 from ..model import load_model_state, values_at_most
-from ..vis_utils import plotting_unavailable
+from ..vis_utils import plotting_unavailable, save_figure
 from .space import check_experiment
 
 __all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images", "read_best_model", "BEST_KEYS"]
@@ -44,12 +45,10 @@ def write_trials_csv(study, path) -> list:
             **{name: t.params.get(name, "") for name in names},
             "error": t.user_attrs.get("error", ""),
         })  # fmt: skip
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["number", "state", "value", "seconds", *names, "error"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return rows
 
 
@@ -77,8 +76,7 @@ def _plots(study, out, say):
                 warnings.simplefilter("ignore")
                 axes = plot(study)
             figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
-            path = os.path.join(out, f"{name}.png")
-            figure.savefig(path, dpi=90, bbox_inches="tight")
+            path = save_figure(figure, os.path.join(out, f"{name}.png"), dpi=90, bbox_inches="tight")
             plt.close(figure)
             written.append(path)
         except Exception as exc:  # e.g. importances need two completed trials with varied parameters
@@ -107,9 +105,7 @@ def _first_layer_picture(model, settings, out):
     grid = visualize_grid(images, padding=1)
     ax.imshow(grid.astype("uint8").squeeze(), cmap="gray" if shape[-1] == 1 else None)
     ax.axis("off")
-    path = os.path.join(out, "first_layer_weights.png")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    return path
+    return save_figure(fig, os.path.join(out, "first_layer_weights.png"), dpi=90, bbox_inches="tight")
 
 
 BEST_KEYS = ("value", "number", "settings", "params", "model_state")  # what run_sweep keeps of the best trial
@@ -193,7 +189,7 @@ def write_outputs(study, config, best_path, say) -> dict:
         summary.update(best_val_acc=best["value"], best_trial=best["number"], test_acc=test_acc)
         summary["best_settings"] = best["settings"]
         summary["weights"] = None if no_matplotlib else _first_layer_picture(model, settings, config.out)
-        with open(os.path.join(config.out, "summary.json"), "w") as f:
+        with atomic_write(os.path.join(config.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         say(f"best trial {best['number']}: {json.dumps(best['params'])}")
         say(f"test acc of the best model: {test_acc:.4f}")
