@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import urllib.request
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
+from .atomic_files import atomic_write
 from .input_checks import as_int, check_flag, check_seed, file_path, is_number
 from .plain_pickle import UnsafePickleError, load_plain
 
@@ -188,53 +189,49 @@ def find_CIFAR10(data_dir=None) -> Path:
     )
 
 
-def _md5(path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
     """Download and unpack the official CIFAR-10 python archive into ``dest``
     (default ~/.cache/xpnet), checking its md5 (default: the official archive's).
-    Returns the batches folder."""
+    Returns the batches folder.
+
+    Each file is written whole or not at all, and ``data_batch_1``, by which
+    :func:`find_CIFAR10` knows the folder, comes out last: an interrupted download
+    leaves no part of an archive, and an interrupted unpacking no batches folder that
+    looks complete; a second call replaces what is there."""
     from tqdm.auto import tqdm
 
     progress = check_flag("progress", progress)  # before any download
     url = url or CIFAR10_URL
     md5 = md5 or CIFAR10_MD5
     dest = Path(dest or default_data_dirs()[-1]).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
     archive = dest / "cifar-10-python.tar.gz"
-    partial = archive.with_suffix(".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_write(archive, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with (
-                open(partial, "wb") as out,
-                tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=not progress) as bar,
-            ):
+            digest = hashlib.md5()
+            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=not progress) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
+                    digest.update(chunk)
                     bar.update(len(chunk))
+            if digest.hexdigest() != md5:  # raised inside the write: no archive is left behind
+                raise DataError(
+                    f"downloaded archive from {url} has md5 {digest.hexdigest()}, expected {md5}; try again"
+                )
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise OSError(f"downloading CIFAR-10 from {url} failed: {exc}") from exc
-    actual = _md5(partial)
-    if actual != md5:
-        partial.unlink(missing_ok=True)
-        raise DataError(f"downloaded archive from {url} has md5 {actual}, expected {md5}; try again")
-    os.replace(partial, archive)
+    folder = dest / CIFAR10_FOLDER
     with tarfile.open(archive, "r:gz") as tar:
         members = [m for m in tar.getmembers() if _is_batch_file(m)]
-        # filter="data" refuses links, device files and paths outside dest too; Pythons before
-        # 3.10.12 and 3.11.4 lack it and extract only the plain files chosen above.
-        safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(dest, members=members, **safe)
+        # Only the bytes of plain files are copied, each under its own last name component:
+        # no link, device file or path outside the folder can come out of the archive.
+        for member in sorted(members, key=lambda m: m.name.endswith("/data_batch_1")):
+            source = tar.extractfile(member)
+            assert source is not None  # a plain file's, by _is_batch_file
+            with source, atomic_write(folder / PurePosixPath(member.name).name, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
     archive.unlink()
-    return dest / CIFAR10_FOLDER
+    return folder
 
 
 def _is_batch_file(member: tarfile.TarInfo) -> bool:
