@@ -87,6 +87,36 @@ def test_log_plot_checkpoint_and_resume(train, tmp_path, capsys):
     assert "s for 0 epochs (0 iterations) after resuming at epoch 2" in out
 
 
+def test_a_resumed_runs_log_reads_as_the_log_of_one_uninterrupted_run(train, tmp_path, capsys):
+    """--log was opened with "w" before anything else: resuming with it lost every record
+    before the checkpoint. The records logged after the checkpoint by the interrupted run
+    (here, its last epoch) and its closing line give way to the resumed run's."""
+    common = ["--epochs", "3", "--quiet", "--print-every", "5", "--seed", "4"]
+
+    def without_times(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in path.read_text().splitlines()]
+
+    whole = tmp_path / "whole.jsonl"
+    assert train([*common, "--log", str(whole)]) == 0
+    log, ckpt = tmp_path / "m.jsonl", tmp_path / "ck"
+    assert train([*common, "--log", str(log), "--checkpoint-dir", str(ckpt)]) == 0
+    with log.open("a") as f:
+        f.write('{"iteration": 36, "epo')  # a line cut short by a crash
+    assert train([*common, "--log", str(log), "--resume", str(ckpt / "digits_fc_epoch_1.npz")]) == 0
+    assert without_times(log) == without_times(whole)
+    assert [line.count("wall_s") for line in log.read_text().splitlines()][-2:] == [0, 1]
+    capsys.readouterr()
+
+
+def test_a_command_that_fails_before_training_leaves_the_old_log(train, tmp_path, capsys):
+    log = tmp_path / "m.jsonl"
+    log.write_text('{"iteration": 1, "epoch": 0, "loss": 2.3}\n')
+    with pytest.raises(SystemExit):  # the data set is looked for after the log was opened
+        train(["--epochs", "1", "--log", str(log), "--dataset", "cifar10", "--data-dir", str(tmp_path / "no")])
+    assert "CIFAR-10 not found" in capsys.readouterr().err
+    assert log.read_text() == '{"iteration": 1, "epoch": 0, "loss": 2.3}\n'
+
+
 def test_paths_after_an_equals_sign_expand_a_tilde(train, tmp_path, monkeypatch, capsys):
     """A shell expands ~ only at the start of a word: --log=~/m.jsonl made a folder named "~"."""
     home, work = tmp_path / "home", tmp_path / "work"

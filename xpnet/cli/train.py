@@ -8,7 +8,6 @@ xpnet-train --backend cupy --dataset cifar10 --recipe fast94   # the fast CIFAR-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ from xpnet.cli.common import (
     positive_int,
     user_path,
 )
+from xpnet.cli.metrics_log import MetricsLog
 from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import (
     MODELS,
@@ -284,7 +284,7 @@ class Run:
 
     def __init__(self):
         self.solver = None
-        self.log_file = None
+        self.log = MetricsLog(None)
         self.recipe_progress = None  # a recipe's last progress line, once it has one
 
     def where(self) -> str:
@@ -303,13 +303,10 @@ class Run:
         print(text, flush=True)
 
     def close(self):
-        if self.log_file is not None:
-            self.log_file.close()
+        self.log.close()
 
     def on_log(self, record):
-        if self.log_file is not None:
-            self.log_file.write(json.dumps(record) + "\n")
-            self.log_file.flush()
+        self.log.write(record)
 
     def main(self, parser, args):
         if args.recipe:
@@ -332,8 +329,7 @@ class Run:
                 check_checkpoint_file(args.resume, args.trust_pickle)
             except (OSError, ValueError) as exc:
                 raise UsageError(str(exc)) from exc
-        if args.log:
-            self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
+        self.log = MetricsLog(args.log)
         print(f"backend: {backend.name} ({backend.device_name})", flush=True)
 
         try:
@@ -354,6 +350,7 @@ class Run:
             self.solver = solver = make_solver(args, model, data, checkpoint_name, self.on_log)
             if args.resume:
                 solver.resume(args.resume, trust_pickle=args.trust_pickle)
+                self.log.continue_after(solver.iteration)
         except (OSError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         finished = bool(args.resume) and solver.epoch >= args.epochs
@@ -413,7 +410,7 @@ class Run:
             check_output_folder("--checkpoint-dir", args.checkpoint_dir)
         if args.log:
             check_output_file("--log", args.log)
-            self.log_file = open(args.log, "w")  # noqa: SIM115 (closed by close())
+        self.log = MetricsLog(args.log)
         print(f"backend: {backend.name} ({backend.device_name})", flush=True)
         try:
             data = load_cifar10(args)
