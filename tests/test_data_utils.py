@@ -269,6 +269,8 @@ def test_an_interrupted_download_leaves_nothing_that_looks_like_the_data_set(tmp
     over instead of the loader meeting a truncated file."""
     import shutil
 
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # so that only dest can hold a data set
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
     archive, md5 = make_archive(tmp_path)
     dest = tmp_path / "dest"
     source = tmp_path / "src" / data_utils.CIFAR10_FOLDER
