@@ -565,9 +565,8 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
+def _checked_backend(p, args):
+    """Every check of the command line that needs no measurement, before anything runs; the backend."""
     if args.suite is None:
         args.suite = "none" if args.recipe else "fc"
     unread = unread_flag(p, args)
@@ -602,31 +601,11 @@ def main(argv=None):
                 load_npz_arrays(args.cifar_npz, keys, purpose, read=False)
             except ValueError as exc:
                 p.error(str(exc))
-    configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]
-    use_torch = not args.no_torch and _torch_available()
+    return backend
 
-    report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backend": backend.name,
-        "device": backend.device_name,
-        "versions": versions(backend),
-        "host_allocator": host_allocator(),
-        "rows": args.rows,
-        "configs": [],
-    }
-    print(f"# {backend.name} on {backend.device_name}; {report['versions']}", flush=True)
-    print(f"# host memory: {report['host_allocator']}", flush=True)
 
-    def save():
-        """The report so far to --json, after each part: a run stopped by a time limit keeps
-        what it measured. Written whole or not at all."""
-        chosen = conv_paths_chosen(backend)
-        if chosen:
-            report["conv_paths"] = chosen
-        if args.json:
-            with atomic_write(args.json, "w") as f:
-                json.dump(report, f, indent=1)
-
+def _switch_on(p, args, backend, report):
+    """The backend switches the command asks for, in every part (recorded in the report)."""
     if args.tf32:
         try:
             backend.set_tf32(True)
@@ -646,29 +625,50 @@ def main(argv=None):
                 p.error(f"{flag}: backend {backend.name!r} has no {what} (CuPy has)")
             setattr(kernels, switch, True)
             report[switch] = True
-    if args.suite in ("fc", "all"):
-        run_fc_suite(backend, configs, use_torch, args, report)
-        save()
 
-    def saving(part):
-        """A progress callback that puts the part measured so far in the report and saves it."""
+
+class _ReportFile:
+    """The report, saved to --json after each part (and each row or run within one), so that a
+    run stopped by a time limit keeps what it measured; written whole or not at all."""
+
+    def __init__(self, report: dict, path, backend):
+        self.report, self.path, self.backend = report, path, backend
+
+    def save(self) -> None:
+        chosen = conv_paths_chosen(self.backend)
+        if chosen:
+            self.report["conv_paths"] = chosen
+        if self.path:
+            with atomic_write(self.path, "w") as f:
+                json.dump(self.report, f, indent=1)
+
+    def saving(self, part: str):
+        """A progress callback that puts ``part`` as measured so far in the report and saves it."""
 
         def save_part(so_far):
-            report[part] = so_far
-            save()
+            self.report[part] = so_far
+            self.save()
 
         return save_part
 
+
+def _measure(p, args, backend, use_torch, out: _ReportFile) -> None:
+    """Each part the command asks for, in turn, into the report."""
+    report = out.report
+    if args.suite in ("fc", "all"):
+        configs = args.configs or [parse_config(c) for c in DEFAULT_CONFIGS]
+        run_fc_suite(backend, configs, use_torch, args, report)
+        out.save()
     if args.suite in ("conv", "all"):
-        report["conv"] = run_conv_suite(backend, args, saving("conv"))
-        save()
+        report["conv"] = run_conv_suite(backend, args, out.saving("conv"))
+        out.save()
     if args.suite in ("ops", "all"):
         report["ops"] = bench_ops.ops_rows(backend, time_variants, args.repeats, args.budget, args.ops_batch,
-                                           use_torch, args.tf32, saving("ops"))  # fmt: skip
-        save()
+                                           use_torch, args.tf32, out.saving("ops"))  # fmt: skip
+        out.save()
     if args.profile_recipe:
         report["profile"] = bench_profile.profile_recipe(backend, args.recipe_set, args.profile_steps, args.tf32)
-        save()
+        out.save()
     if args.time_to_accuracy:
         try:
             report["time_to_accuracy"] = bench_tta.time_to_accuracy(backend, args)
@@ -677,18 +677,21 @@ def main(argv=None):
         print("time to accuracy:", json.dumps(report["time_to_accuracy"]), flush=True)
         if args.breakdown and "error" not in report["time_to_accuracy"]:
             print(bench_tta.format_breakdown(report["time_to_accuracy"]), flush=True)
-        save()
+        out.save()
     if args.recipe:
         if not use_torch:
             args.no_torch = True
-
         try:
-            report["recipe"] = bench_recipe.recipe_runs(backend, args, on_progress=saving("recipe"))
+            report["recipe"] = bench_recipe.recipe_runs(backend, args, on_progress=out.saving("recipe"))
         except (OSError, ValueError) as exc:
             p.error(f"--recipe {args.recipe}: {exc}")
+
+
+def _print_tables(report: dict, recipe) -> None:
+    """Every part's table, after all of them ran."""
     print()
     if "recipe" in report:
-        print(f"{args.recipe}: {report['recipe']['train_images']} training images, "
+        print(f"{recipe}: {report['recipe']['train_images']} training images, "
               f"{report['recipe']['test_images']} test images, TTA")  # fmt: skip
         print(bench_recipe.format_recipe_table(report["recipe"]))
         print()
@@ -703,7 +706,29 @@ def main(argv=None):
     if "profile" in report:
         print()
         print(bench_profile.format_profile(report["profile"]))
-    save()
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    backend = _checked_backend(p, args)
+    use_torch = not args.no_torch and _torch_available()
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "backend": backend.name,
+        "device": backend.device_name,
+        "versions": versions(backend),
+        "host_allocator": host_allocator(),
+        "rows": args.rows,
+        "configs": [],
+    }
+    print(f"# {backend.name} on {backend.device_name}; {report['versions']}", flush=True)
+    print(f"# host memory: {report['host_allocator']}", flush=True)
+    _switch_on(p, args, backend, report)
+    out = _ReportFile(report, args.json, backend)
+    _measure(p, args, backend, use_torch, out)
+    _print_tables(report, args.recipe)
+    out.save()
     if "conv_paths" in report:
         print()
         print(format_conv_paths(report["conv_paths"]))
