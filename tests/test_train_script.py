@@ -108,7 +108,9 @@ def test_a_resumed_runs_log_reads_as_the_log_of_one_uninterrupted_run(train, tmp
     capsys.readouterr()
 
 
-def test_a_command_that_fails_before_training_leaves_the_old_log(train, tmp_path, capsys):
+def test_a_command_that_fails_before_training_leaves_the_old_log(train, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no CIFAR-10 anywhere it is looked for
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
     log = tmp_path / "m.jsonl"
     log.write_text('{"iteration": 1, "epoch": 0, "loss": 2.3}\n')
     with pytest.raises(SystemExit):  # the data set is looked for after the log was opened
