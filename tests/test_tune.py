@@ -123,6 +123,23 @@ def test_space_files_in_json_and_yaml(tmp_path):
         load_space_file(tmp_path / "broken.json")
 
 
+def test_a_space_file_that_is_no_text_or_never_ends_is_refused_unread(tmp_path):
+    """/dev/zero was read into memory until it ran out, and a binary file failed in the
+    decoder with "'utf-8' codec can't decode byte 0x89"; a pipe still serves."""
+    with pytest.raises(SpaceError, match=r"^/dev/zero is not a search space file: it holds more than 1048576 "):
+        load_space_file("/dev/zero")
+    (tmp_path / "s.json").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(SpaceError, match=r"s.json is not a search space file: it is not UTF-8 text \(invalid"):
+        load_space_file(tmp_path / "s.json")
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as f:
+        f.write('{"lr": {"loguniform": [1e-4, 1e-2]}}')
+    try:
+        assert load_space_file(f"/dev/fd/{read}").describe() == {"lr": {"loguniform": [1e-4, 1e-2]}}
+    finally:
+        os.close(read)
+
+
 def test_a_space_file_whose_aliases_expand_to_gigabytes_is_refused_in_a_short_message(tmp_path):
     """YAML's aliases let 406 bytes hold a list of 9**8 strings: the message that named the bad
     value held its whole repr (312 MB, built in 6.7 s; gigabytes a level deeper)."""

@@ -307,14 +307,23 @@ def parse_space(expressions: list) -> SearchSpace:
     return SearchSpace(list(dimensions.values()))
 
 
+# A search space is a few lines; reading stops past this, so /dev/zero or a data file given by
+# mistake is refused at once rather than read into memory (a pipe such as /dev/stdin still works).
+MAX_SPACE_FILE_CHARS = 1 << 20
+
+
 def load_space_file(path) -> SearchSpace:
     """A search space from a JSON file, or a YAML one (``.yaml``/``.yml``, needs PyYAML)."""
     path = file_path("load_space_file", "path", path)
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SPACE_FILE_CHARS + 1)
     except OSError as exc:
         raise SpaceError(f"cannot read the search space file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SpaceError(f"{path} is not a search space file: it is not UTF-8 text ({exc.reason})") from exc
+    if len(text) > MAX_SPACE_FILE_CHARS:
+        raise SpaceError(f"{path} is not a search space file: it holds more than {MAX_SPACE_FILE_CHARS} characters")
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
