@@ -108,6 +108,21 @@ def test_a_resumed_runs_log_reads_as_the_log_of_one_uninterrupted_run(train, tmp
     capsys.readouterr()
 
 
+def test_a_resumed_runs_log_into_a_pipe_is_written_not_read():
+    """Only a regular file holds records to keep: --log /dev/stdout after --resume read the pipe
+    to find them, and waited there for ever."""
+    import subprocess
+    import sys
+
+    program = (
+        "import os; from xpnet.cli.metrics_log import MetricsLog; read, write = os.pipe(); "
+        "log = MetricsLog(f'/dev/fd/{write}'); log.continue_after(5); log.write({'iteration': 6}); log.close(); "
+        "os.close(write); print(os.read(read, 100).decode(), end='')"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout == '{"iteration": 6}\n'
+
+
 def test_a_command_that_fails_before_training_leaves_the_old_log(train, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no CIFAR-10 anywhere it is looked for
     monkeypatch.delenv("XPNET_DATA_DIR", raising=False)

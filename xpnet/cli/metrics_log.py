@@ -11,6 +11,7 @@ dropped, so the file reads as the log of one uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 from typing import IO, Any
 
 from xpnet.atomic_files import atomic_write
@@ -47,7 +48,8 @@ class MetricsLog:
             self._file = None
 
     def _open(self) -> IO[Any]:
-        if self.resumed_at is None:
+        # Only a regular file holds records to keep: /dev/stdout or a pipe is written as it is.
+        if self.resumed_at is None or not os.path.isfile(self.path):
             return open(self.path, "w")  # noqa: SIM115 (closed by close())
         kept = _records_up_to(self.path, self.resumed_at)
         with atomic_write(self.path, "w") as f:
