@@ -1,7 +1,8 @@
 """Files written whole or not at all.
 
-Everything xpnet writes for a user (checkpoints, a sweep's trials.csv, summary.json and
-plots, a benchmark's JSON report, a saved figure) goes through :func:`atomic_write`: the
+Every file xpnet writes in one go (checkpoints, a sweep's trials.csv, summary.json and
+plots, a benchmark's JSON report, a saved figure, the CIFAR-10 archive and its batch files)
+goes through :func:`atomic_write`: the
 file is written under a temporary name that carries the writer's process id, flushed to
 disk, then renamed over the target. A crash, a full disk or an error while writing leaves
 the old file (or none) in place, never part of the new one. A later write into the same
