@@ -46,12 +46,22 @@ def test_a_write_puts_the_whole_file_in_missing_folders_with_the_usual_permissio
     assert temporaries(path.parent) == []
 
 
-def test_a_write_removes_what_killed_writers_left_in_the_folder(tmp_path):
-    dead = tmp_path / ".summary.json.tmp-999999999-abcd"
+def test_a_write_removes_what_killed_writers_left_in_the_folder_and_nothing_else(tmp_path):
+    """The cleanup runs wherever a file is written (a home folder, /tmp): only names exactly
+    like its own temporaries' go, a dead process's; other programs' look-alikes stay."""
+    dead = tmp_path / ".summary.json.tmp-999999999-0123abcd"
     dead.write_text("{")
+    foreign = [
+        ".notes.tmp-999999999",
+        ".notes.tmp-999999999-backup",
+        ".x.tmp-999999999-0123ABCD",
+        "a.tmp-999999999-0123abcd",
+    ]
+    for name in foreign:
+        (tmp_path / name).write_text("someone else's")
     with atomic_write(tmp_path / "summary.json", "w") as f:
         f.write("{}")
-    assert temporaries(tmp_path) == []
+    assert sorted(temporaries(tmp_path)) == sorted(foreign)
 
 
 def test_atomic_write_refuses_other_modes(tmp_path):

@@ -582,9 +582,9 @@ def test_kill_9_loop_leaves_only_loadable_checkpoints_and_no_stale_temporaries(t
     # A temporary of a writer that is still running must survive a cleanup.
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live_tmp = folder / f".other.npz.tmp-{alive.pid}-abcd"
+        live_tmp = folder / f".other.npz.tmp-{alive.pid}-abcd0123"
         live_tmp.write_bytes(b"being written")
-        dead_tmp = folder / ".other.npz.tmp-999999999-abcd"
+        dead_tmp = folder / ".other.npz.tmp-999999999-abcd0123"
         dead_tmp.write_bytes(b"left by a killed writer")
         save_checkpoint(folder / "next.npz", {"x": np.ones(1)})
         leftovers = sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)

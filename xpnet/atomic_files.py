@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from typing import IO, Any
@@ -26,6 +27,11 @@ _TMP_MARK = ".tmp-"
 def _temporary_name(path: str) -> str:
     folder, base = os.path.split(path)
     return os.path.join(folder, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+# Exactly the names _temporary_name makes: the cleanup runs in any folder a file is written to
+# (a home folder, /tmp), where another program's ".notes.tmp-123" is not ours to delete.
+_TEMPORARY = re.compile(rf"\..+{re.escape(_TMP_MARK)}(\d+)-[0-9a-f]{{8}}")
 
 
 def _process_exists(pid: int) -> bool:
@@ -46,10 +52,11 @@ def remove_stale_temporaries(folder: str) -> list:
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(".") or _TMP_MARK not in name:
+        match = _TEMPORARY.fullmatch(name)
+        if match is None:
             continue
-        pid_text = name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_exists(pid):
             continue
         try:
             os.unlink(os.path.join(folder, name))
