@@ -214,10 +214,9 @@ def download_CIFAR10(dest=None, url=None, md5=None, progress=True) -> Path:
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-            if digest.hexdigest() != md5:  # raised inside the write: no archive is left behind
-                raise DataError(
-                    f"downloaded archive from {url} has md5 {digest.hexdigest()}, expected {md5}; try again"
-                )
+            actual = digest.hexdigest()
+            if actual != md5:  # raised inside the write: no archive is left behind
+                raise DataError(f"downloaded archive from {url} has md5 {actual}, expected {md5}; try again")
     except OSError as exc:
         raise OSError(f"downloading CIFAR-10 from {url} failed: {exc}") from exc
     folder = dest / CIFAR10_FOLDER

@@ -74,6 +74,11 @@ def _figure_class():
     return InlineFigure
 
 
+def _extension(path) -> str:
+    """The format a file name asks matplotlib for, as savefig reads it ("" for none)."""
+    return os.path.splitext(os.fspath(path))[1][1:].lower()
+
+
 def plotting_unavailable(path=None) -> str | None:
     """None when matplotlib can draw xpnet's figures (and save one at ``path``, whose extension
     names the format; none is PNG), else why not: for a command to check before a run, not after it."""
@@ -88,7 +93,7 @@ def plotting_unavailable(path=None) -> str | None:
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):  # savefig would write <folder>.png beside it
         return f"{path} is a folder; name a file in it, such as {os.path.join(path, 'history.png')}"
-    extension = os.path.splitext(os.fspath(path))[1][1:].lower()  # as savefig reads it
+    extension = _extension(path)
     supported = FigureCanvasBase.get_supported_filetypes()
     if extension and extension not in supported:
         return f"matplotlib cannot save a figure as .{extension}; end the file name in one of .{', .'.join(supported)}"
@@ -100,7 +105,7 @@ def save_figure(fig, path, **kwargs) -> str:
     in the format its extension names, as ``fig.savefig(path, **kwargs)`` would: a name without
     one gets matplotlib's default (".png"). Returns the path written."""
     path = os.fspath(path)
-    extension = os.path.splitext(path)[1][1:].lower()
+    extension = _extension(path)
     if not extension:  # matplotlib's own rule for a name without an extension
         extension = fig.canvas.get_default_filetype()
         path = f"{path.rstrip('.')}.{extension}"

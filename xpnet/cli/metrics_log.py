@@ -58,13 +58,10 @@ class MetricsLog:
 
 
 def _records_up_to(path, iteration: int) -> list[str]:
-    """The lines of the log at ``path`` that are logging points at or before ``iteration``
-    (none if there is no file); a line cut short by a crash is not one."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        return []
+    """The lines of the log file at ``path`` that are logging points at or before ``iteration``;
+    a line cut short by a crash is not one."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
     kept = []
     for line in lines:
         try:
