@@ -64,6 +64,44 @@ def test_a_write_removes_what_killed_writers_left_in_the_folder_and_nothing_else
     assert sorted(temporaries(tmp_path)) == sorted(foreign)
 
 
+def test_a_write_through_a_link_replaces_the_file_it_points_to_and_keeps_the_link(tmp_path):
+    """As open() writes through a link: the rename replaced the link itself with a file."""
+    (tmp_path / "results").mkdir()
+    target, link = tmp_path / "results" / "run-5.json", tmp_path / "latest.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    with atomic_write(link, "w") as f:
+        f.write("new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    assert temporaries(tmp_path) == [] and temporaries(tmp_path / "results") == []
+
+
+def test_a_write_keeps_an_existing_files_permissions(tmp_path):
+    """As open() keeps them: a checkpoint made private (0600) became readable by all (0644)."""
+    path = tmp_path / "private.npz"
+    path.write_bytes(b"old")
+    path.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        with atomic_write(path) as f:
+            f.write(b"new")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_write_to_a_pipe_or_device_is_refused_and_leaves_it_in_place(tmp_path):
+    """Renaming over /dev/null (as root) or a named pipe replaced it with a plain file."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(OSError, match=r"not a regular file .*a pipe.*renamed over it") as error:
+        with atomic_write(pipe) as f:
+            f.write(b"data")
+    assert error.value.filename == str(pipe)
+    assert pipe.is_fifo() and temporaries(tmp_path) == []
+
+
 def test_atomic_write_refuses_other_modes(tmp_path):
     with pytest.raises(ValueError, match=r"^atomic_write: mode must be 'wb' or 'w', got 'a'$"):
         with atomic_write(tmp_path / "x", "a"):

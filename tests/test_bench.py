@@ -523,9 +523,11 @@ def test_an_unwritable_json_path_or_missing_data_set_is_refused_before_any_suite
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
     monkeypatch.setattr(bench, "run_fc_suite", lambda *a: pytest.fail("a suite ran before the flags were checked"))
+    os.mkfifo(tmp_path / "pipe")  # as root, a report was renamed over it (or over /dev/stdout)
     for args, message in (
         (["--json", str(tmp_path / "missing" / "out.json")], "--json .*out.json: folder .*missing does not exist"),
         (["--json", str(tmp_path)], "--json .*: is a folder, not a file"),
+        (["--json", str(tmp_path / "pipe")], "--json .*pipe: is not a regular file \\(a pipe or a device\\)"),
         (["--time-to-accuracy", "--data-dir", str(tmp_path / "nowhere")], "--time-to-accuracy: CIFAR-10 not found"),
         # reached before any training (0 or less), or never (NaN), each after the data set was loaded
         (["--time-to-accuracy", "--target", "0"], "argument --target: must be > 0, got 0"),

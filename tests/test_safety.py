@@ -997,6 +997,8 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
             "--plot: matplotlib cannot save a figure as .txt; end the file name in one of ",
         ),
         (["--log", "{tmp}"], "is a folder, not a file"),
+        # as root, renamed a plain file over the pipe (or over /dev/stdout)
+        (["--plot", "{tmp}/pipe"], "--plot {tmp}/pipe: is not a regular file (a pipe or a device)"),
         (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
         (["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/file/sub"], "cannot write there"),
         (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
@@ -1006,7 +1008,8 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
 )
 def test_bad_outputs_and_flags_fail_before_loading_data(train, capsys, monkeypatch, tmp_path, args, message):
     (tmp_path / "file").write_text("a file, not a folder")
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    os.mkfifo(tmp_path / "pipe")
+    args, message = [a.replace("{tmp}", str(tmp_path)) for a in args], message.replace("{tmp}", str(tmp_path))
 
     def no_loading(*a, **k):
         raise AssertionError("data was loaded before the outputs were checked")

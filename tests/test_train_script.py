@@ -123,6 +123,32 @@ def test_a_resumed_runs_log_into_a_pipe_is_written_not_read():
     assert done.stdout == '{"iteration": 6}\n'
 
 
+def test_a_log_goes_to_a_pipe_in_a_folder_the_user_cannot_write(train, tmp_path, monkeypatch, capsys):
+    """--log /dev/stdout was refused for every user but root, who alone may write /dev: a log is
+    written as a stream, so a pipe or terminal that may be written is enough."""
+    import contextlib
+    import threading
+
+    pipe = tmp_path / "stdout"
+    os.mkfifo(pipe)
+    access = os.access  # the folder as a user other than root finds /dev
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and os.path.realpath(p) != str(tmp_path))
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(pipe.read_text().splitlines()))
+    reader.start()
+    try:
+        code = train(["--epochs", "1", "--quiet", "--log", str(pipe)])
+    finally:
+        with contextlib.suppress(OSError):  # a reader still waiting for a writer gets an empty pipe
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=60)
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.undo()
+    assert train(["--epochs", "1", "--quiet", "--log", str(tmp_path / "file.jsonl")]) == 0
+    as_file = (tmp_path / "file.jsonl").read_text().splitlines()
+    assert len(lines) == len(as_file) > 1 and lines[:-1] == as_file[:-1] and "test_acc" in json.loads(lines[-1])
+
+
 def test_a_command_that_fails_before_training_leaves_the_old_log(train, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no CIFAR-10 anywhere it is looked for
     monkeypatch.delenv("XPNET_DATA_DIR", raising=False)

@@ -13,9 +13,11 @@ mid-write), never those of a writer that is still running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -70,7 +72,7 @@ def unwritable_reason(path) -> str | None:
     """Why no file could be written at ``path``, or None when it may be: a file stands
     where a folder on its path should be, or the nearest folder on it that exists is not
     writable (:func:`atomic_write` creates the missing ones). For checks before any work."""
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    folder = os.path.dirname(os.path.realpath(os.path.expanduser(os.fspath(path))))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
@@ -86,7 +88,10 @@ def atomic_write(path, mode: str = "wb", newline: str | None = None) -> Iterator
 
     When the block ends normally the file is flushed, synced and renamed over ``path`` (the
     missing folders on the way are created first); when it raises, the temporary is removed and
-    ``path`` is as it was. The file gets the usual permissions (those the umask allows).
+    ``path`` is as it was. As with :func:`open`, a link is written through (the file it points
+    to is replaced, the link stays), and a file that exists keeps its permissions; a new one gets
+    those the umask allows. A pipe or a device (``/dev/null``) is refused with an OSError: the
+    rename would replace it with a plain file.
 
     Args:
         path: where the file goes (str or path-like, ``~`` not expanded: callers check paths first).
@@ -95,14 +100,17 @@ def atomic_write(path, mode: str = "wb", newline: str | None = None) -> Iterator
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))
+    existing = _existing_mode(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(folder)
     tmp = _temporary_name(path)
-    # os.open with 0o666 lets the umask decide the permissions (mkstemp would force 0600).
+    # os.open with 0o666 lets the umask decide a new file's permissions (mkstemp would force 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        if existing is not None:
+            os.chmod(fd, stat.S_IMODE(existing))
         encoding = None if mode == "wb" else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
             yield f
@@ -114,6 +122,24 @@ def atomic_write(path, mode: str = "wb", newline: str | None = None) -> Iterator
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _existing_mode(path: str) -> int | None:
+    """The mode of the regular file at ``path``, None when there is none; OSError for a pipe or device."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return mode
+    if stat.S_ISDIR(mode):  # the rename fails on it, as open() fails on a folder
+        return None
+    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise OSError(
+        errno.EINVAL,
+        f"not a regular file ({kind}): this file is written whole under a temporary name and renamed over it",
+        path,
+    )
 
 
 def _fsync_folder(folder):

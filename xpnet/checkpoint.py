@@ -108,7 +108,8 @@ def save_checkpoint(path, payload: dict) -> str:
     None) to ``path`` as an xpnet ``.npz`` checkpoint, atomically.
 
     A crash at any moment leaves either the old file or the complete new one.
-    The file gets the usual permissions (those the umask allows). Raises
+    A new file gets the usual permissions (those the umask allows), one that exists keeps
+    its own, and a link is written through (see :func:`atomic_write`). Raises
     :class:`CheckpointWriteError` naming ``path`` when the disk refuses.
     """
     path = file_path("save_checkpoint", "path", path, hint="; it takes (path, payload)")

@@ -31,12 +31,28 @@ class UsageError(Exception):
     """A mistake in the command line found after parsing; ends with exit code 2."""
 
 
-def check_output_file(flag, path):
+def check_output_file(flag, path, *, stream=False):
     """UsageError unless ``path`` can be created or overwritten: checked before any work, so a
-    long run never ends on a file it cannot write."""
-    folder = os.path.dirname(os.path.abspath(path))
+    long run never ends on a file it cannot write.
+
+    A file written whole goes under a temporary name into its folder (a link's target's) and is
+    renamed over the old one, so that folder must be writable, and a pipe or a device is refused.
+    A stream (``stream=True``, the ``--log`` lines) is written where it is, so a pipe or terminal
+    that may be written (``/dev/stdout``) is enough.
+    """
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, not a file")
+    if os.path.exists(path):
+        if not os.path.isfile(path) and not stream:
+            raise UsageError(
+                f"{flag} {path}: is not a regular file (a pipe or a device); this output is written whole "
+                "under a temporary name and renamed into place, so give the path of a file"
+            )
+        if stream and not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: is not writable")
+        if stream and not os.path.isfile(path):
+            return
+    folder = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):

@@ -316,9 +316,10 @@ class Run:
         apply_defaults(args)
         backend = switched_backend(args, keep=True)
         # Everything the run will write is checked before minutes go into loading and training.
-        for flag, path in (("--plot", args.plot), ("--log", args.log)):
-            if path:
-                check_output_file(flag, path)
+        if args.plot:
+            check_output_file("--plot", args.plot)
+        if args.log:
+            check_output_file("--log", args.log, stream=True)
         if args.plot and plotting_unavailable(args.plot):
             raise UsageError(f"--plot: {plotting_unavailable(args.plot)}")
         if args.checkpoint_dir:
@@ -409,7 +410,7 @@ class Run:
         if args.checkpoint_dir:
             check_output_folder("--checkpoint-dir", args.checkpoint_dir)
         if args.log:
-            check_output_file("--log", args.log)
+            check_output_file("--log", args.log, stream=True)
         self.log = MetricsLog(args.log)
         print(f"backend: {backend.name} ({backend.device_name})", flush=True)
         try:
