@@ -283,11 +283,55 @@ def test_visualize_grid_tiles_images():
         visualize_grid(weights)
     with pytest.raises(ValueError, match=r"images of 1, 3 or 4 channels \(N, H, W, C\), got shape \(2, 5, 5, 8\)$"):
         visualize_grid(np.zeros((2, 5, 5, 8)))
+
     assert visualize_grid(np.ones((2, 5, 5, 4))).shape == (2 * 6 - 1, 2 * 6 - 1, 4)  # RGBA
     # a model's weights on a device that NumPy cannot read directly, and nested lists
     on_device = xpnet.get_backend("array_api_strict:device1").asarray(images)
     np.testing.assert_array_equal(visualize_grid(on_device, ubound=1.0), grid)
     np.testing.assert_array_equal(visualize_grid(images.tolist(), ubound=1.0), grid)
+
+
+def _course_tiles(tiles, rows, columns, background):
+    """The course's vis_grid / vis_nn loop, written out: tile (i, j) at (i·(H+1), j·(W+1)), then
+    the whole grid scaled to [0, 1]."""
+    H, W, C = tiles[0].shape
+    grid = np.full((rows * H + rows, columns * W + columns, C), background)
+    for n, tile in enumerate(tiles):
+        y, x = divmod(n, columns)
+        grid[y * H + y : (y + 1) * H + y, x * W + x : (x + 1) * W + x, :] = tile
+    return (grid - grid.min()) / (grid.max() - grid.min())
+
+
+def test_vis_grid_and_vis_nn_tile_as_the_course_does():
+    from xpnet.vis_utils import vis_grid, vis_nn
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(3.0, 9.0, size=(5, 4, 3, 3))
+    grid = vis_grid(images)
+    assert grid.shape == (3 * 5, 3 * 4, 3)  # ceil(sqrt(5)) = 3 tiles a side, one pixel after each
+    np.testing.assert_array_equal(grid, _course_tiles(images, 3, 3, images.min()))
+    pixels = (images * 20).astype(np.uint8)
+    np.testing.assert_array_equal(vis_grid(pixels), _course_tiles(pixels, 3, 3, pixels.min()))
+
+    table = [[images[0], images[1], images[2]], [images[3], images[4], images[0]]]
+    np.testing.assert_array_equal(vis_nn(table), _course_tiles([*table[0], *table[1]], 2, 3, 1.0))
+    np.testing.assert_array_equal(vis_nn([[images[0].tolist()]]), _course_tiles([images[0]], 1, 1, 1.0))
+    on_device = xpnet.get_backend("array_api_strict:device1").asarray(images)  # NumPy cannot read it directly
+    np.testing.assert_array_equal(vis_grid(on_device), grid)
+    device_table = [[on_device[i, ...] for i in (0, 1, 2)], [on_device[i, ...] for i in (3, 4, 0)]]
+    np.testing.assert_array_equal(vis_nn(device_table), vis_nn(table))
+    np.testing.assert_array_equal(vis_grid(np.full((2, 3, 3, 1), 4.0)), np.zeros((8, 8, 1)))  # was 0 / 0
+
+    with pytest.raises(ValueError, match="vis_grid: the images hold NaN or infinite values"):
+        vis_grid(np.where(images == images.max(), np.nan, images))
+    with pytest.raises(ValueError, match=r"vis_grid tiles images of 1, 3 or 4 channels .*channels first"):
+        vis_grid(np.zeros((4, 3, 16, 16)))
+    with pytest.raises(ValueError, match=r"vis_nn: every row must hold as many images; got rows of \[1, 2\]"):
+        vis_nn([[images[0]], [images[1], images[2]]])
+    with pytest.raises(ValueError, match=r"vis_nn: the images must be \(H, W, C\) arrays of one shape, got shapes"):
+        vis_nn([[images[0], images[1][:2]]])
+    with pytest.raises(ValueError, match="vis_nn expects a list of rows"):
+        vis_nn(images)
 
 
 def test_plot_history_draws_on_a_figure_without_switching_the_global_backend(tmp_path):

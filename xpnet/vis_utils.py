@@ -13,11 +13,30 @@ from .atomic_files import atomic_write
 from .backend import to_numpy
 from .input_checks import as_int, file_path, is_number
 
-__all__ = ["visualize_grid", "plot_history", "new_figure"]
+__all__ = ["visualize_grid", "vis_grid", "vis_nn", "plot_history", "new_figure"]
+
+
+def _host_images(name, Xs):
+    """``Xs`` as (N, H, W, C) NumPy images of 1, 3 or 4 channels, each value a finite number;
+    ValueError naming ``name`` otherwise."""
+    Xs = np.asarray(Xs) if isinstance(Xs, (list, tuple)) else to_numpy(Xs)  # a GPU array: copied once
+    if Xs.ndim != 4:
+        raise ValueError(f"{name} expects (N, H, W, C) images, got shape {Xs.shape}")
+    if Xs.shape[3] not in (1, 3, 4):  # what an image can show; conv weights (F, C, HH, WW) are the likely slip
+        hint = ""
+        if Xs.shape[1] in (1, 3, 4):
+            hint = "; these look like images with their channels first: Xs.transpose(0, 2, 3, 1) puts them last"
+        raise ValueError(f"{name} tiles images of 1, 3 or 4 channels (N, H, W, C), got shape {Xs.shape}" + hint)
+    if Xs.shape[0] == 0:
+        raise ValueError(f"{name}: no images to tile, got shape {Xs.shape}")
+    if Xs.dtype.kind not in "biuf" or not np.all(np.isfinite(Xs)):
+        # weights after a divergence: each tile was NaN (blank), or inf / inf under a RuntimeWarning
+        raise ValueError(f"{name}: the images hold NaN or infinite values (or are not numbers)")
+    return Xs
 
 
 def visualize_grid(Xs, ubound=255.0, padding=1):
-    """Tile a batch of images into one image.
+    """Tile a batch of images into one image, each scaled to [0, ubound] by its own range.
 
     Args:
         Xs: (N, H, W, C) images: an array of any backend (copied to the host), or nested lists.
@@ -26,23 +45,11 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
     Returns:
         (G·(H+padding)-padding, G·(W+padding)-padding, C) array with G = ceil(sqrt(N)).
     """
-    Xs = np.asarray(Xs) if isinstance(Xs, (list, tuple)) else to_numpy(Xs)  # a GPU array: copied once
-    if Xs.ndim != 4:
-        raise ValueError(f"visualize_grid expects (N, H, W, C) images, got shape {Xs.shape}")
-    if Xs.shape[3] not in (1, 3, 4):  # what an image can show; conv weights (F, C, HH, WW) are the likely slip
-        hint = ""
-        if Xs.shape[1] in (1, 3, 4):
-            hint = "; these look like images with their channels first: Xs.transpose(0, 2, 3, 1) puts them last"
-        raise ValueError(f"visualize_grid tiles images of 1, 3 or 4 channels (N, H, W, C), got shape {Xs.shape}" + hint)
-    if Xs.shape[0] == 0:
-        raise ValueError(f"visualize_grid: no images to tile, got shape {Xs.shape}")
+    Xs = _host_images("visualize_grid", Xs)
     if as_int(padding) is None or padding < 0:
         raise ValueError(f"visualize_grid: padding must be a non-negative integer, got {padding!r}")
     if not is_number(ubound) or not isfinite(ubound) or ubound <= 0:
         raise ValueError(f"visualize_grid: ubound must be a finite number > 0, got {ubound!r}")
-    if Xs.dtype.kind not in "biuf" or not np.all(np.isfinite(Xs)):
-        # weights after a divergence: each tile was NaN (blank), or inf / inf under a RuntimeWarning
-        raise ValueError("visualize_grid: the images hold NaN or infinite values (or are not numbers)")
     N, H, W, C = Xs.shape
     grid_size = int(ceil(sqrt(N)))
     grid = np.zeros((grid_size * (H + padding) - padding, grid_size * (W + padding) - padding, C))
@@ -54,6 +61,61 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
         y0, x0 = row * (H + padding), col * (W + padding)
         grid[y0 : y0 + H, x0 : x0 + W] = scaled
     return grid
+
+
+def vis_grid(Xs):
+    """Tile a batch of images into one, as the course's ``vis_grid``: one pixel after each tile,
+    the empty places and gaps at the images' minimum, the whole grid scaled to [0, 1] together.
+
+    Args:
+        Xs: (N, H, W, C) images: an array of any backend (copied to the host), or nested lists.
+    Returns:
+        (A·(H+1), A·(W+1), C) float array with A = ceil(sqrt(N)).
+    """
+    Xs = _host_images("vis_grid", Xs)
+    N, H, W, C = Xs.shape
+    side = int(ceil(sqrt(N)))
+    grid = np.full((side * (H + 1), side * (W + 1), C), np.min(Xs), dtype=np.result_type(Xs, float))
+    for index in range(N):
+        row, col = divmod(index, side)
+        grid[row * (H + 1) : row * (H + 1) + H, col * (W + 1) : col * (W + 1) + W] = Xs[index]
+    return _unit_range(grid)
+
+
+def vis_nn(rows):
+    """Tile rows of images, as the course's ``vis_nn``: ``rows[i][j]`` (H, W, C) goes to row i,
+    column j, one pixel after each tile; the gaps hold 1 (the course's value) before the whole
+    grid is scaled to [0, 1] together.
+
+    Args:
+        rows: a list of equally long lists of (H, W, C) images of one shape (arrays of any backend).
+    Returns:
+        (len(rows)·(H+1), len(rows[0])·(W+1), C) float array.
+    """
+    if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, (list, tuple)) for r in rows):
+        raise ValueError("vis_nn expects a list of rows, each a list of (H, W, C) images")
+    counts = {len(r) for r in rows}
+    if len(counts) != 1:
+        raise ValueError(f"vis_nn: every row must hold as many images; got rows of {sorted(counts)}")
+    images = [np.asarray(image) if isinstance(image, (list, tuple)) else to_numpy(image) for r in rows for image in r]
+    shapes = sorted({image.shape for image in images})
+    if len(shapes) != 1 or len(shapes[0]) != 3:
+        raise ValueError(f"vis_nn: the images must be (H, W, C) arrays of one shape, got shapes {shapes}")
+    images = _host_images("vis_nn", np.stack(images))
+    _, H, W, C = images.shape
+    columns = len(rows[0])
+    grid = np.ones((len(rows) * (H + 1), columns * (W + 1), C), dtype=np.result_type(images, float))
+    for index, image in enumerate(images):
+        row, col = divmod(index, columns)
+        grid[row * (H + 1) : row * (H + 1) + H, col * (W + 1) : col * (W + 1) + W] = image
+    return _unit_range(grid)
+
+
+def _unit_range(grid):
+    """``grid`` scaled to [0, 1] by its own minimum and maximum (zeros where it is constant,
+    where the course's code divided 0 by 0)."""
+    low, high = np.min(grid), np.max(grid)
+    return (grid - low) / (high - low) if high > low else np.zeros_like(grid)
 
 
 @functools.cache
