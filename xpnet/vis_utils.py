@@ -73,13 +73,8 @@ def vis_grid(Xs):
         (A·(H+1), A·(W+1), C) float array with A = ceil(sqrt(N)).
     """
     Xs = _host_images("vis_grid", Xs)
-    N, H, W, C = Xs.shape
-    side = int(ceil(sqrt(N)))
-    grid = np.full((side * (H + 1), side * (W + 1), C), np.min(Xs), dtype=np.result_type(Xs, float))
-    for index in range(N):
-        row, col = divmod(index, side)
-        grid[row * (H + 1) : row * (H + 1) + H, col * (W + 1) : col * (W + 1) + W] = Xs[index]
-    return _unit_range(grid)
+    side = int(ceil(sqrt(Xs.shape[0])))
+    return _course_grid(Xs, side, side, np.min(Xs))
 
 
 def vis_nn(rows):
@@ -101,19 +96,18 @@ def vis_nn(rows):
     shapes = sorted({image.shape for image in images})
     if len(shapes) != 1 or len(shapes[0]) != 3:
         raise ValueError(f"vis_nn: the images must be (H, W, C) arrays of one shape, got shapes {shapes}")
-    images = _host_images("vis_nn", np.stack(images))
+    return _course_grid(_host_images("vis_nn", np.stack(images)), len(rows), len(rows[0]), 1.0)
+
+
+def _course_grid(images, rows, columns, background):
+    """(K, H, W, C) ``images`` placed row by row on ``rows`` × ``columns`` places, one pixel after
+    each, the rest at ``background``; the whole grid scaled to [0, 1] by its own minimum and
+    maximum (zeros where it is constant, where the course's code divided 0 by 0)."""
     _, H, W, C = images.shape
-    columns = len(rows[0])
-    grid = np.ones((len(rows) * (H + 1), columns * (W + 1), C), dtype=np.result_type(images, float))
+    grid = np.full((rows * (H + 1), columns * (W + 1), C), background, dtype=np.result_type(images, float))
     for index, image in enumerate(images):
         row, col = divmod(index, columns)
         grid[row * (H + 1) : row * (H + 1) + H, col * (W + 1) : col * (W + 1) + W] = image
-    return _unit_range(grid)
-
-
-def _unit_range(grid):
-    """``grid`` scaled to [0, 1] by its own minimum and maximum (zeros where it is constant,
-    where the course's code divided 0 by 0)."""
     low, high = np.min(grid), np.max(grid)
     return (grid - low) / (high - low) if high > low else np.zeros_like(grid)
 

@@ -42,16 +42,16 @@ def check_output_file(flag, path, *, stream=False):
     """
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, not a file")
-    if os.path.exists(path):
-        if not os.path.isfile(path) and not stream:
-            raise UsageError(
-                f"{flag} {path}: is not a regular file (a pipe or a device); this output is written whole "
-                "under a temporary name and renamed into place, so give the path of a file"
-            )
-        if stream and not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {path}: is not writable")
-        if stream and not os.path.isfile(path):
-            return
+    exists = os.path.exists(path)
+    if stream and exists and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: is not writable")
+    if exists and not os.path.isfile(path):  # a pipe, a terminal, a device
+        if stream:
+            return  # written where it is
+        raise UsageError(
+            f"{flag} {path}: is not a regular file (a pipe or a device); this output is written whole "
+            "under a temporary name and renamed into place, so give the path of a file"
+        )
     folder = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
