@@ -1000,6 +1000,7 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
         # as root, renamed a plain file over the pipe (or over /dev/stdout)
         (["--plot", "{tmp}/pipe"], "--plot {tmp}/pipe: is not a regular file (a pipe or a device)"),
         (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
+        (["--checkpoint-dir", "{tmp}/pipe"], "--checkpoint-dir {tmp}/pipe: is a pipe, not a folder"),
         (["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/file/sub"], "cannot write there"),
         (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
         (["--data-dir", "/tmp"], "--data-dir applies to --dataset cifar10 only"),
@@ -1080,6 +1081,8 @@ def test_a_checkpoint_name_that_can_never_be_written_is_refused_before_training(
     ):
         save_checkpoint(tmp_path / "notes.txt" / "deeper" / "x.npz", {"w": np.ones(2)})
     assert "notes.txt is a file, not a folder" in checkpoint.unwritable_reason(tmp_path / "notes.txt" / "x.npz")
+    os.mkfifo(tmp_path / "pipe")  # named as what it is, not as a file
+    assert checkpoint.unwritable_reason(tmp_path / "pipe" / "x.npz") == f"{tmp_path / 'pipe'} is a pipe, not a folder"
     fresh = tmp_path / "new" / "folders" / "run"
     solver = Solver(small_model("numpy"), small_data(), checkpoint_name=str(fresh), num_epochs=1, verbose=False)
     solver.train()

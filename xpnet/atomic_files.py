@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "unwritable_reason"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "unwritable_reason", "what_stands_at"]
 
 _TMP_MARK = ".tmp-"
 
@@ -76,7 +76,7 @@ def unwritable_reason(path) -> str | None:
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        return f"{folder} is a file, not a folder"
+        return f"{folder} is {what_stands_at(folder)}, not a folder"
     if not os.access(folder, os.W_OK):
         return f"folder {folder} is not writable"
     return None
@@ -134,12 +134,22 @@ def _existing_mode(path: str) -> int | None:
         return mode
     if stat.S_ISDIR(mode):  # the rename fails on it, as open() fails on a folder
         return None
-    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
     raise OSError(
         errno.EINVAL,
-        f"not a regular file ({kind}): this file is written whole under a temporary name and renamed over it",
+        f"not a regular file ({what_stands_at(path)}): this file is written whole under a temporary name "
+        "and renamed over it",
         path,
     )
+
+
+def what_stands_at(path) -> str:
+    """What the existing ``path`` is, for messages: "a file", "a folder", "a pipe", "a socket" or "a device"."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 def _fsync_folder(folder):

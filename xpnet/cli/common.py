@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 
+from xpnet.atomic_files import what_stands_at
 from xpnet.backend import accelerated
 from xpnet.npz_members import UnsafeNpzError, check_npz_members
 
@@ -63,7 +64,7 @@ def check_output_folder(flag, path):
     """Create the folder ``path`` and write a probe file into it: a folder that cannot take the
     command's files fails now, with UsageError, not after an epoch or a trial."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a file, not a folder")
+        raise UsageError(f"{flag} {path}: is {what_stands_at(path)}, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
