@@ -130,21 +130,24 @@ def _existing_mode(path: str) -> int | None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return None
-    if stat.S_ISREG(mode):
+    kind = _kind(mode)
+    if kind == "a file":
         return mode
-    if stat.S_ISDIR(mode):  # the rename fails on it, as open() fails on a folder
+    if kind == "a folder":  # the rename fails on it, as open() fails on a folder
         return None
     raise OSError(
         errno.EINVAL,
-        f"not a regular file ({what_stands_at(path)}): this file is written whole under a temporary name "
-        "and renamed over it",
+        f"not a regular file ({kind}): this file is written whole under a temporary name and renamed over it",
         path,
     )
 
 
 def what_stands_at(path) -> str:
     """What the existing ``path`` is, for messages: "a file", "a folder", "a pipe", "a socket" or "a device"."""
-    mode = os.stat(path).st_mode
+    return _kind(os.stat(path).st_mode)
+
+
+def _kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "a file"
     if stat.S_ISDIR(mode):
