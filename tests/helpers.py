@@ -281,6 +281,18 @@ def float32_gradient_errors(backend, torch_device="cpu", tf32=False, batch=32, w
     return {name: (error(got, name), error(torch_got, name)) for name in expected}
 
 
+def deny_writing(monkeypatch, *paths):
+    """Make ``os.access`` say that ``paths`` (files or folders) may not be written, as a user
+    other than root finds them: the tests run as root, whom permissions do not stop."""
+    denied = {os.path.realpath(p) for p in paths}
+    access = os.access
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda p, mode, **kw: access(p, mode, **kw) and not (mode & os.W_OK and os.path.realpath(p) in denied),
+    )
+
+
 def sigint_as_at_a_terminal() -> None:
     """For ``subprocess.Popen(preexec_fn=...)``: the child starts with SIGINT's default action,
     so that Python installs its KeyboardInterrupt handler, whatever the suite inherited (a

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import deny_writing
 
 from xpnet.atomic_files import atomic_write
 
@@ -89,6 +90,20 @@ def test_a_write_keeps_an_existing_files_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_write_keeps_a_file_the_user_may_not_write(tmp_path, monkeypatch):
+    """The rename needs only the folder's permission, so it replaced a file made read-only to
+    keep it, where open() refuses to write one."""
+    path = tmp_path / "kept.npz"
+    path.write_bytes(b"old")
+    path.chmod(0o444)
+    deny_writing(monkeypatch, path)
+    with pytest.raises(PermissionError, match=r"the file is read-only; make it writable to replace it") as error:
+        with atomic_write(path) as f:
+            f.write(b"new")
+    assert error.value.filename == str(path)
+    assert path.read_bytes() == b"old" and temporaries(tmp_path) == []
 
 
 def test_a_write_to_a_pipe_or_device_is_refused_and_leaves_it_in_place(tmp_path):

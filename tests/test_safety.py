@@ -20,7 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import sigint_as_at_a_terminal, small_data, small_model, to_np, write_fake_cifar, write_pickle_payload
+from helpers import (
+    deny_writing,
+    sigint_as_at_a_terminal,
+    small_data,
+    small_model,
+    to_np,
+    write_fake_cifar,
+    write_pickle_payload,
+)
 
 import xpnet
 from xpnet import checkpoint, data_utils, layers
@@ -999,6 +1007,8 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
         (["--log", "{tmp}"], "is a folder, not a file"),
         # as root, renamed a plain file over the pipe (or over /dev/stdout)
         (["--plot", "{tmp}/pipe"], "--plot {tmp}/pipe: is not a regular file (a pipe or a device)"),
+        # as open() refuses it; the rename replaced it
+        (["--plot", "{tmp}/kept.png"], "--plot {tmp}/kept.png: is not writable"),
         (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
         (["--checkpoint-dir", "{tmp}/pipe"], "--checkpoint-dir {tmp}/pipe: is a pipe, not a folder"),
         (["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/file/sub"], "cannot write there"),
@@ -1010,6 +1020,8 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
 def test_bad_outputs_and_flags_fail_before_loading_data(train, capsys, monkeypatch, tmp_path, args, message):
     (tmp_path / "file").write_text("a file, not a folder")
     os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "kept.png").write_bytes(b"a picture made read-only")
+    deny_writing(monkeypatch, tmp_path / "kept.png")
     args, message = [a.replace("{tmp}", str(tmp_path)) for a in args], message.replace("{tmp}", str(tmp_path))
 
     def no_loading(*a, **k):
@@ -1087,6 +1099,34 @@ def test_a_checkpoint_name_that_can_never_be_written_is_refused_before_training(
     solver = Solver(small_model("numpy"), small_data(), checkpoint_name=str(fresh), num_epochs=1, verbose=False)
     solver.train()
     assert solver.last_checkpoint == f"{fresh}_epoch_1.npz" and os.path.isfile(solver.last_checkpoint)
+
+
+def test_a_read_only_checkpoint_is_kept_and_a_run_that_would_replace_it_stops_before_training(tmp_path, monkeypatch):
+    """The rename replaced a checkpoint made read-only to keep it, where open() refuses it; a
+    Solver that would reach its epoch trained up to there and then failed, or replaced it."""
+    kept = tmp_path / "run_epoch_2.npz"
+    save_checkpoint(kept, {"w": np.ones(2)})
+    old = kept.read_bytes()
+    kept.chmod(0o444)
+    deny_writing(monkeypatch, kept)
+    assert checkpoint.unwritable_reason(kept) == f"{os.path.realpath(kept)} is read-only"
+    with pytest.raises(
+        checkpoint.CheckpointWriteError, match=r"could not write checkpoint .*run_epoch_2.npz: .* read-only"
+    ):
+        save_checkpoint(kept, {"w": np.zeros(2)})
+    run = str(tmp_path / "run")
+    solver = Solver(
+        small_model("numpy"), small_data(), checkpoint_name=run, num_epochs=2, verbose=False, progress=False
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint_name .*run': checkpoints cannot be written there \(.*run_epoch_2.npz is read-only\)",
+    ):
+        solver.train()
+    assert solver.iteration == 0 and not (tmp_path / "run_epoch_1.npz").exists() and kept.read_bytes() == old
+    solver.num_epochs = 1  # a run that ends before that epoch goes ahead
+    solver.train()
+    assert solver.last_checkpoint == f"{run}_epoch_1.npz" and kept.read_bytes() == old
 
 
 def test_unwritable_reason_looks_where_a_tilde_path_points(tmp_path, monkeypatch):

@@ -69,10 +69,14 @@ def remove_stale_temporaries(folder: str) -> list:
 
 
 def unwritable_reason(path) -> str | None:
-    """Why no file could be written at ``path``, or None when it may be: a file stands
-    where a folder on its path should be, or the nearest folder on it that exists is not
-    writable (:func:`atomic_write` creates the missing ones). For checks before any work."""
-    folder = os.path.dirname(os.path.realpath(os.path.expanduser(os.fspath(path))))
+    """Why no file could be written at ``path``, or None when it may be: the file there is
+    read-only, a file stands where a folder on its path should be, or the nearest folder on it
+    that exists is not writable (:func:`atomic_write` creates the missing ones). For checks
+    before any work."""
+    path = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        return f"{path} is read-only"
+    folder = os.path.dirname(path)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
@@ -89,9 +93,10 @@ def atomic_write(path, mode: str = "wb", newline: str | None = None) -> Iterator
     When the block ends normally the file is flushed, synced and renamed over ``path`` (the
     missing folders on the way are created first); when it raises, the temporary is removed and
     ``path`` is as it was. As with :func:`open`, a link is written through (the file it points
-    to is replaced, the link stays), and a file that exists keeps its permissions; a new one gets
-    those the umask allows. A pipe or a device (``/dev/null``) is refused with an OSError: the
-    rename would replace it with a plain file.
+    to is replaced, the link stays), a file that exists keeps its permissions (a new one gets
+    those the umask allows), and one that the user may not write is refused with a
+    PermissionError, where the rename alone would replace it. A pipe or a device (``/dev/null``)
+    is refused with an OSError: the rename would replace it with a plain file.
 
     Args:
         path: where the file goes (str or path-like, ``~`` not expanded: callers check paths first).
@@ -125,13 +130,17 @@ def atomic_write(path, mode: str = "wb", newline: str | None = None) -> Iterator
 
 
 def _existing_mode(path: str) -> int | None:
-    """The mode of the regular file at ``path``, None when there is none; OSError for a pipe or device."""
+    """The mode of the regular file at ``path``, None when there is none; PermissionError for a
+    read-only file, OSError for a pipe or device."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return None
     kind = _kind(mode)
     if kind == "a file":
+        # Renaming needs only the folder's permission: a file made read-only to keep it is kept, as open() keeps it.
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "the file is read-only; make it writable to replace it", path)
         return mode
     if kind == "a folder":  # the rename fails on it, as open() fails on a folder
         return None

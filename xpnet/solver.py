@@ -77,10 +77,11 @@ class Solver:
         for name, array in zip(_DATA, device_data(data, self.prepare_inputs, self.prepare_labels)):
             object.__setattr__(self, name, array)  # fixed from here on: see __setattr__
         # What runs at logging points and epoch ends: built from the settings, then the user's.
+        # The Checkpointer first: its check of the files to come ends train() before a progress bar is drawn.
         self._console = cb.ConsoleReport(self.verbose, self.progress)
-        self._callbacks = [self._console]
+        self._callbacks = [cb.Checkpointer(self.checkpoint_name)] if self.checkpoint_name else []
+        self._callbacks += [self._console]
         self._callbacks += [cb.LogFunction(self.on_log)] if self.on_log is not None else []
-        self._callbacks += [cb.Checkpointer(self.checkpoint_name)] if self.checkpoint_name else []
         self._callbacks += self.settings.callbacks
         self._reset()
 

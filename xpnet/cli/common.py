@@ -36,7 +36,8 @@ def check_output_file(flag, path, *, stream=False):
     """UsageError unless ``path`` can be created or overwritten: checked before any work, so a
     long run never ends on a file it cannot write.
 
-    A file written whole goes under a temporary name into its folder (a link's target's) and is
+    Whatever stands at ``path`` must be writable (a read-only file is kept, as by ``open()``). A
+    file written whole goes under a temporary name into its folder (a link's target's) and is
     renamed over the old one, so that folder must be writable, and a pipe or a device is refused.
     A stream (``stream=True``, the ``--log`` lines) is written where it is, so a pipe or terminal
     that may be written (``/dev/stdout``) is enough.
@@ -44,7 +45,7 @@ def check_output_file(flag, path, *, stream=False):
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, not a file")
     exists = os.path.exists(path)
-    if stream and exists and not os.access(path, os.W_OK):
+    if exists and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: is not writable")
     if exists and not os.path.isfile(path):  # a pipe, a terminal, a device
         if stream:

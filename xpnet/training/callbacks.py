@@ -126,6 +126,14 @@ class Checkpointer(Callback):
             raise ValueError(f"checkpoint_name {name!r}: checkpoints cannot be written there ({reason})")
         self.name = name
 
+    def on_train_begin(self, solver):
+        # A file this run will write that was made read-only (kept from an earlier run) would end it
+        # at that epoch; checked now, after resume() or a change of num_epochs has set the range.
+        for epoch in range(solver.epoch + 1, solver.num_epochs + 1):
+            reason = unwritable_reason(f"{self.name}_epoch_{epoch}.npz")
+            if reason is not None:
+                raise ValueError(f"checkpoint_name {self.name!r}: checkpoints cannot be written there ({reason})")
+
     def on_epoch_end(self, solver):
         path = f"{self.name}_epoch_{solver.epoch}.npz"
         payload = solver.checkpoint()
