@@ -1012,6 +1012,10 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
         (["--checkpoint-dir", "{tmp}/file/sub"], "--checkpoint-dir"),
         (["--checkpoint-dir", "{tmp}/pipe"], "--checkpoint-dir {tmp}/pipe: is a pipe, not a folder"),
         (["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/file/sub"], "cannot write there"),
+        (
+            ["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/kept"],
+            "{tmp}/kept/fast94.npz: is not",
+        ),
         (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
         (["--data-dir", "/tmp"], "--data-dir applies to --dataset cifar10 only"),
         (["--backend", "numpy:gpu"], "NumPy runs on the CPU only"),
@@ -1021,7 +1025,9 @@ def test_bad_outputs_and_flags_fail_before_loading_data(train, capsys, monkeypat
     (tmp_path / "file").write_text("a file, not a folder")
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "kept.png").write_bytes(b"a picture made read-only")
-    deny_writing(monkeypatch, tmp_path / "kept.png")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "fast94.npz").write_bytes(b"a model made read-only")
+    deny_writing(monkeypatch, tmp_path / "kept.png", tmp_path / "kept" / "fast94.npz")
     args, message = [a.replace("{tmp}", str(tmp_path)) for a in args], message.replace("{tmp}", str(tmp_path))
 
     def no_loading(*a, **k):

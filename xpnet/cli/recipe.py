@@ -98,6 +98,11 @@ def _first_rows(flag, count, X, y, split):
     return X[:count], y[:count]
 
 
+def model_path(args) -> str:
+    """Where ``--checkpoint-dir`` puts the trained network: ``<dir>/<recipe>.npz``."""
+    return os.path.join(args.checkpoint_dir, f"{args.recipe}.npz")
+
+
 def run_recipe(args, backend, data, log=None, progress=print) -> int:
     """Run ``args.recipe`` on ``data`` and print (and log) its result; off a GPU, where a run
     takes minutes to hours, ``progress`` hears of each epoch and of the evaluation."""
@@ -134,5 +139,5 @@ def run_recipe(args, backend, data, log=None, progress=print) -> int:
         print(result.diverged, file=sys.stderr)
         return 1
     if args.checkpoint_dir:
-        print(f"model: {save_fast94_model(os.path.join(args.checkpoint_dir, f'{args.recipe}.npz'), result)}")
+        print(f"model: {save_fast94_model(model_path(args), result)}")
     return 0

@@ -30,7 +30,7 @@ from xpnet.cli.common import (
     user_path,
 )
 from xpnet.cli.metrics_log import MetricsLog
-from xpnet.cli.recipe import RECIPES, load_cifar10, recipe_settings, refused_flags, run_recipe
+from xpnet.cli.recipe import RECIPES, load_cifar10, model_path, recipe_settings, refused_flags, run_recipe
 from xpnet.experiment import (
     MODELS,
     UPDATE_RULES,
@@ -409,6 +409,7 @@ class Run:
             raise UsageError(f"--fp16: backend {backend.name!r} has no float16 type (numpy, cupy and torch have one)")
         if args.checkpoint_dir:
             check_output_folder("--checkpoint-dir", args.checkpoint_dir)
+            check_output_file("--checkpoint-dir", model_path(args))  # one kept read-only would fail the run at its end
         if args.log:
             check_output_file("--log", args.log, stream=True)
         self.log = MetricsLog(args.log)
