@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_fake_cifar
+from helpers import deny_writing, write_fake_cifar
 
 from xpnet.checkpoint import load_checkpoint, save_checkpoint
 from xpnet.experiment import Experiment
+from xpnet.tune.report import OUTPUT_FILES
 from xpnet.tune.space import SpaceError, load_space_file, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -505,6 +506,8 @@ def test_sweep_in_process_on_digits(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["--trials", "4", "--out", str(out), "--sampler", "random", *SPACE]) == 0
     check_outputs(out, 4, capsys.readouterr().out)
+    # the list that is checked before the first trial names every file the sweep wrote
+    assert {p.name for p in out.iterdir()} - {"study.journal"} == set(OUTPUT_FILES)
     assert main(["--trials", "4", "--out", str(out), "--sampler", "random", *SPACE]) == 0  # already done
     assert len(study_of(out).trials) == 4
     # Another question asked of the same run folder is refused, not answered with the old trials;
@@ -621,6 +624,22 @@ def test_an_out_folder_that_cannot_take_the_study_is_refused_before_any_trial(tm
             main(["--trials", "1", "--space", "epochs=1", "--out", str(out)])
         assert info.value.code == 2
         assert f"--out {out}: {message}" in capsys.readouterr().err
+
+
+def test_a_result_file_kept_read_only_is_refused_before_any_trial(tmp_path, capsys, monkeypatch):
+    """The sweep ran every trial, then failed writing trials.csv (or replaced it, before files
+    written whole kept a read-only file)."""
+    from xpnet.cli.sweep import main
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "trials.csv").write_text("kept\n")
+    deny_writing(monkeypatch, out / "trials.csv")
+    with pytest.raises(SystemExit) as info:
+        main(["--trials", "1", "--out", str(out), *SPACE])
+    assert info.value.code == 2
+    assert f"the sweep's results cannot be written there ({out / 'trials.csv'} is read-only)" in capsys.readouterr().err
+    assert (out / "trials.csv").read_text() == "kept\n" and not (out / "study.journal").exists()
 
 
 def test_a_diverging_trial_fails_by_name_without_the_array_librarys_warnings(tmp_path, capsys):

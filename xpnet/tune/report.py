@@ -20,7 +20,20 @@ from ..model import load_model_state, values_at_most
 from ..vis_utils import plotting_unavailable, save_figure
 from .space import check_experiment
 
-__all__ = ["write_outputs", "write_trials_csv", "top_trials", "first_layer_images", "read_best_model", "BEST_KEYS"]
+__all__ = [
+    "write_outputs",
+    "write_trials_csv",
+    "top_trials",
+    "first_layer_images",
+    "read_best_model",
+    "BEST_KEYS",
+    "OUTPUT_FILES",
+]
+
+
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")  # Optuna's plot_<name>, as <name>.png
+# Every file a sweep writes into its folder, beside its study: checked before the first trial.
+OUTPUT_FILES = ("trials.csv", "summary.json", "best_model.npz", "first_layer_weights.png", *(f"{p}.png" for p in PLOTS))
 
 
 def write_trials_csv(study, path) -> list:
@@ -66,15 +79,11 @@ def _plots(study, out, say):
     import optuna.visualization.matplotlib as vis
 
     written = []
-    for name, plot in (
-        ("optimization_history", vis.plot_optimization_history),
-        ("param_importances", vis.plot_param_importances),
-        ("parallel_coordinate", vis.plot_parallel_coordinate),
-    ):
+    for name in PLOTS:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                axes = plot(study)
+                axes = getattr(vis, f"plot_{name}")(study)
             figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
             path = save_figure(figure, os.path.join(out, f"{name}.png"), dpi=90, bbox_inches="tight")
             plt.close(figure)

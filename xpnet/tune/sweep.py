@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from ..backend import check_backend_spec, get_backend
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, unwritable_reason
 from ..experiment import Experiment
 from ..input_checks import as_int, check_flag, file_path
-from .report import BEST_KEYS, read_best_model, write_outputs
+from .report import BEST_KEYS, OUTPUT_FILES, read_best_model, write_outputs
 from .space import SearchSpace, check_experiment, check_model_combinations
 from .study import PRUNERS, SAMPLERS, counts, open_study, recover_stale_trials
 from .trial import run_trial
@@ -206,6 +206,10 @@ def run_sweep(config: SweepConfig) -> dict:
     """Run the sweep to ``config.trials`` finished trials and write the outputs; returns a summary.
     Settings that cannot run are refused first (:meth:`SweepConfig.check`)."""
     config.check()
+    for name in OUTPUT_FILES:  # one kept read-only would fail the sweep at its end, after every trial
+        reason = unwritable_reason(os.path.join(config.out, name))
+        if reason is not None:
+            raise ValueError(f"out {config.out!r}: the sweep's results cannot be written there ({reason})")
     os.makedirs(config.out, exist_ok=True)
     gpus = _gpu_count() if config.trials_per_gpu else 0
     task = config.task(gpus)
