@@ -119,23 +119,26 @@ class Checkpointer(Callback):
     before an epoch end whose parameters are not finite, so none is ever written)."""
 
     def __init__(self, name: str):
-        name = file_path("Solver", "checkpoint_name", name)  # "~/runs/net" means the home folder's
+        self.name = file_path("Solver", "checkpoint_name", name)  # "~/runs/net" means the home folder's
         # Checked now: a name that can never be written would fail only after the first epoch.
-        reason = unwritable_reason(f"{name}_epoch_0.npz")
-        if reason is not None:
-            raise ValueError(f"checkpoint_name {name!r}: checkpoints cannot be written there ({reason})")
-        self.name = name
+        self._check_writable(0)
 
     def on_train_begin(self, solver):
         # A file this run will write that was made read-only (kept from an earlier run) would end it
         # at that epoch; checked now, after resume() or a change of num_epochs has set the range.
         for epoch in range(solver.epoch + 1, solver.num_epochs + 1):
-            reason = unwritable_reason(f"{self.name}_epoch_{epoch}.npz")
-            if reason is not None:
-                raise ValueError(f"checkpoint_name {self.name!r}: checkpoints cannot be written there ({reason})")
+            self._check_writable(epoch)
+
+    def _path(self, epoch: int) -> str:
+        return f"{self.name}_epoch_{epoch}.npz"
+
+    def _check_writable(self, epoch: int) -> None:
+        reason = unwritable_reason(self._path(epoch))
+        if reason is not None:
+            raise ValueError(f"checkpoint_name {self.name!r}: checkpoints cannot be written there ({reason})")
 
     def on_epoch_end(self, solver):
-        path = f"{self.name}_epoch_{solver.epoch}.npz"
+        path = self._path(solver.epoch)
         payload = solver.checkpoint()
         # Ctrl-C waits for the file and the record of it, so the run reports the newest file.
         with interrupts_held():

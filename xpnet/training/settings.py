@@ -50,7 +50,8 @@ class SolverSettings:
             be larger than the training set), 'epoch' (a permutation per epoch, last partial
             batch dropped; a batch at most the training set) or a Sampler.
         checkpoint_name: write ``<name>_epoch_<n>.npz`` after each epoch (atomically;
-            never with non-finite parameters).
+            never with non-finite parameters; one of them kept read-only is refused when
+            ``train()`` starts).
         print_every: iterations between loss logging points.
         verbose: print the course's progress lines; progress: a progress bar (None:
             when verbose and on a terminal).
