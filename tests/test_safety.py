@@ -1133,6 +1133,11 @@ def test_a_read_only_checkpoint_is_kept_and_a_run_that_would_replace_it_stops_be
     solver.num_epochs = 1  # a run that ends before that epoch goes ahead
     solver.train()
     assert solver.last_checkpoint == f"{run}_epoch_1.npz" and kept.read_bytes() == old
+    (tmp_path / "other_epoch_1.npz").mkdir()  # the rename failed on it, after the epoch
+    other = Solver(small_model("numpy"), small_data(), checkpoint_name=str(tmp_path / "other"), num_epochs=1)
+    with pytest.raises(ValueError, match=r"other_epoch_1.npz is a folder, not a file"):
+        other.train()
+    assert other.iteration == 0
 
 
 def test_unwritable_reason_looks_where_a_tilde_path_points(tmp_path, monkeypatch):

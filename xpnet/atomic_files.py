@@ -69,13 +69,17 @@ def remove_stale_temporaries(folder: str) -> list:
 
 
 def unwritable_reason(path) -> str | None:
-    """Why no file could be written at ``path``, or None when it may be: the file there is
-    read-only, a file stands where a folder on its path should be, or the nearest folder on it
-    that exists is not writable (:func:`atomic_write` creates the missing ones). For checks
-    before any work."""
+    """Why no file could be written at ``path``, or None when it may be: what stands there is
+    a read-only file or no file at all (a folder, a pipe), a file stands where a folder on its
+    path should be, or the nearest folder on it that exists is not writable
+    (:func:`atomic_write` creates the missing ones). For checks before any work."""
     path = os.path.realpath(os.path.expanduser(os.fspath(path)))
-    if os.path.isfile(path) and not os.access(path, os.W_OK):
-        return f"{path} is read-only"
+    if os.path.exists(path):
+        kind = what_stands_at(path)
+        if kind != "a file":
+            return f"{path} is {kind}, not a file"
+        if not os.access(path, os.W_OK):
+            return f"{path} is read-only"
     folder = os.path.dirname(path)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
