@@ -528,6 +528,7 @@ def test_an_unwritable_json_path_or_missing_data_set_is_refused_before_any_suite
         (["--json", str(tmp_path / "missing" / "out.json")], "--json .*out.json: folder .*missing does not exist"),
         (["--json", str(tmp_path)], "--json .*: is a folder, not a file"),
         (["--json", str(tmp_path / "pipe")], "--json .*pipe: is not a regular file \\(a pipe or a device\\)"),
+        (["--json", ""], "argument --json: an empty path \\(an unset shell variable\\?\\)"),  # wrote no report
         (["--time-to-accuracy", "--data-dir", str(tmp_path / "nowhere")], "--time-to-accuracy: CIFAR-10 not found"),
         # reached before any training (0 or less), or never (NaN), each after the data set was loaded
         (["--time-to-accuracy", "--target", "0"], "argument --target: must be > 0, got 0"),

@@ -1016,6 +1016,9 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
             ["--dataset", "cifar10", "--recipe", "fast94", "--checkpoint-dir", "{tmp}/kept"],
             "{tmp}/kept/fast94.npz: is not",
         ),
+        # an unset shell variable: trained without checkpoints, or ended after training
+        (["--checkpoint-dir", ""], "argument --checkpoint-dir: an empty path (an unset shell variable?)"),
+        (["--log", ""], "argument --log: an empty path"),
         (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
         (["--data-dir", "/tmp"], "--data-dir applies to --dataset cifar10 only"),
         (["--backend", "numpy:gpu"], "NumPy runs on the CPU only"),

@@ -187,6 +187,7 @@ def test_space_files_take_the_command_lines_grammar_in_strings(tmp_path):
         (["--space", "lr=1e-3", "--workers", "-1"], "argument --workers: must be a non-negative integer, got -1"),
         (["--space", "lr=1e-3", "--scheduler", "tcp://127.0.0.1:1"], "needs --storage to be a database"),
         (["--space", "lr=1e-3", "--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),
+        (["--space", "lr=1e-3", "--data-dir", ""], "argument --data-dir: an empty path (an unset shell variable?)"),
         # every trial that drew twolayer failed, one by one
         (
             ["--space", "model=choice(twolayer,fc)", "--space", "hidden_dims=100x50"],

@@ -92,7 +92,11 @@ def non_negative_int(text):
 
 def user_path(text):
     """An argparse type: a path with a leading ``~`` expanded. A shell expands it only at the
-    start of a word, so ``--resume=~/run.npz`` arrived as it was written."""
+    start of a word, so ``--resume=~/run.npz`` arrived as it was written. An empty one, what an
+    unset shell variable gives (``--checkpoint-dir "$DIR"``), is refused: it was taken as no
+    path at all, and the run went on without its checkpoints."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
     return os.path.expanduser(text)
 
 
