@@ -159,6 +159,11 @@ def test_checkpoint_refuses_values_it_cannot_store(tmp_path):
     for read in (load_checkpoint, checkpoint.check_checkpoint_file):  # load_checkpoint(solver), say
         with pytest.raises(TypeError, match=rf"^{read.__name__}: path must be a file path \(str or Path\), got dict$"):
             read({"w": np.ones(2)})
+    # an empty path: the message blamed the working folder, or said the file '' does not exist
+    with pytest.raises(ValueError, match=r"^save_checkpoint: path is an empty string, not a path$"):
+        save_checkpoint("", {"w": np.ones(2)})
+    with pytest.raises(ValueError, match=r"^load_checkpoint: path is an empty string, not a path$"):
+        load_checkpoint("")
     # a masked array was written without its mask and read back as plain data
     with pytest.raises(TypeError, match=r"cannot hold a masked array: its mask would be lost; save np\.ma\.getdata"):
         save_checkpoint(tmp_path / "c.npz", {"w": np.ma.array([1.0, 2.0], mask=[False, True])})

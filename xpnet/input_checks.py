@@ -81,10 +81,13 @@ def file_path(function: str, name: str, value, what: str = "a file path", hint: 
     shell leaves ``--resume=~/run.npz`` as it is, and open() made a folder named ``~``), or a
     TypeError naming ``function`` and ``name`` (what it must be, then ``hint``): anything else
     failed inside os.fspath ("expected str, bytes or os.PathLike object, not dict"), which
-    names neither."""
+    names neither. An empty path is a ValueError: save_checkpoint("") blamed the working folder."""
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{function}: {name} must be {what} (str or Path), got {type(value).__name__}{hint}")
-    return os.path.expanduser(os.fspath(value))
+    path = os.fspath(value)
+    if not path:
+        raise ValueError(f"{function}: {name} is an empty string, not a path")
+    return os.path.expanduser(path)
 
 
 @overload
