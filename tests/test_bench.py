@@ -239,6 +239,8 @@ def test_tf32_is_refused_on_the_cpu(capsys):
         ("--repeats", "0", "--repeats: must be a positive integer, got 0"),  # statistics.median of nothing before
         ("--rows", "0", "--rows: must be a positive integer, got 0"),
         ("--budget", "0", "--budget: must be > 0, got 0"),
+        ("--budget", "inf", "--budget: must be a finite number > 0, got inf"),  # OverflowError traceback
+        ("--warmup-epochs", "inf", "--warmup-epochs: must be a finite number > 0, got inf"),
         ("--runs", "-1", "--runs: must be a positive integer, got -1"),
         ("--recipe-sides", ",", "--recipe-sides: names no side, got ','"),  # ran every side, as if not given
     ],
@@ -422,7 +424,7 @@ def test_recipe_warm_up_can_be_shorter_and_the_sides_chosen(tmp_path, monkeypatc
     assert "--recipe-sides: no side torch here (there are: xpnet)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main([*common, "--warmup-epochs", "0"])
-    assert "--warmup-epochs must be positive" in capsys.readouterr().err
+    assert "argument --warmup-epochs: must be > 0, got 0" in capsys.readouterr().err
 
 
 def test_the_json_report_is_written_after_each_recipe_run(tmp_path, monkeypatch):

@@ -1024,6 +1024,9 @@ def test_a_diverging_recipe_exits_non_zero_says_so_once_and_keeps_no_model(train
         # an unset shell variable: trained without checkpoints, or ended after training
         (["--checkpoint-dir", ""], "argument --checkpoint-dir: an empty path (an unset shell variable?)"),
         (["--log", ""], "argument --log: an empty path"),
+        # learning_rate's own check named it only after the data set was loaded
+        (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+        (["--reg", "inf"], "argument --reg: must be a finite number >= 0, got inf"),
         (["--num-train", "100"], "--num-train applies to --dataset cifar10 only"),
         (["--data-dir", "/tmp"], "--data-dir applies to --dataset cifar10 only"),
         (["--backend", "numpy:gpu"], "NumPy runs on the CPU only"),

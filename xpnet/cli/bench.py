@@ -504,7 +504,7 @@ def build_parser():
     )
     p.add_argument(
         "--warmup-epochs",
-        type=float,
+        type=positive_float,
         help="epochs of --recipe's untimed warm-up run per side (default: the recipe's own; 2 compiles and "
         "captures the same as a whole run)",
     )
@@ -578,8 +578,6 @@ def _checked_backend(p, args):
         backend = xpnet.get_backend(args.backend)
     except (ValueError, ImportError, RuntimeError) as exc:
         p.error(str(exc))
-    if args.warmup_epochs is not None and not args.warmup_epochs > 0:
-        p.error(f"--warmup-epochs must be positive, got {args.warmup_epochs}")
     if args.profile_recipe and not _torch_available():
         p.error("--profile-recipe needs PyTorch: its profiler records the kernels, and its side is the baseline")
     if args.json:

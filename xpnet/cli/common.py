@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import zipfile
@@ -23,6 +24,7 @@ __all__ = [
     "load_npz_arrays",
     "positive_int",
     "non_negative_int",
+    "non_negative_float",
     "positive_float",
     "user_path",
 ]
@@ -101,10 +103,21 @@ def user_path(text):
 
 
 def positive_float(text):
-    """An argparse type: a number > 0 (NaN is not)."""
+    """An argparse type: a finite number > 0 (NaN and infinity are not)."""
+    return _bounded_float(text, lambda value: value > 0, "> 0")
+
+
+def non_negative_float(text):
+    """An argparse type: a finite number >= 0 (a strength that may be zero)."""
+    return _bounded_float(text, lambda value: value >= 0, ">= 0")
+
+
+def _bounded_float(text, holds, bound):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not holds(value):  # NaN holds no bound
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+    if math.isinf(value):  # a budget or a number of epochs that never ends, a step that overflows
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
     return value
 
 

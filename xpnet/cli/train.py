@@ -24,6 +24,7 @@ from xpnet.cli.common import (
     check_output_folder,
     conv_paths_chosen,
     format_conv_paths,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -46,13 +47,6 @@ from xpnet.vis_utils import plotting_unavailable
 # Defaults that work well for each data set (a flag on the command line wins).
 CNN_ONLY_FLAGS = {"num_filters": "--num-filters", "filter_size": "--filter-size"}
 FC_ONLY_FLAGS = {"dropout": "--dropout"}
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def odd_filter_size(text):
