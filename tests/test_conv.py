@@ -83,7 +83,11 @@ GEOMETRIES = [
     ((2, 3, 7, 7), (3, 3, 3, 3), 2, 1),
     ((1, 2, 6, 7), (3, 2, 2, 3), 2, 0),  # a batch of one, a non-square kernel and input
     ((2, 1, 4, 4), (2, 1, 5, 5), 1, 2),
+    # batches of 8 or more, whose columns the reference path lays out with the batch innermost
+    ((8, 2, 7, 6), (3, 2, 3, 2), 2, 1),
+    ((9, 1, 4, 4), (2, 1, 5, 5), 1, 2),  # offsets that see only padding
 ]
+BACKWARD_GEOMETRIES = GEOMETRIES[:3] + GEOMETRIES[4:5]
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, pad", GEOMETRIES)
@@ -98,7 +102,7 @@ def test_conv_forward_matches_loops_and_fast_matches_naive(backend, np_rng, x_sh
     np.testing.assert_allclose(to_np(fast), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("x_shape, w_shape, stride, pad", GEOMETRIES[:3])
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad", BACKWARD_GEOMETRIES)
 @pytest.mark.parametrize("kind", ["naive", "fast"])
 def test_conv_backward_matches_numerical_gradients(backend, np_rng, x_shape, w_shape, stride, pad, kind):
     forward = layers.conv_forward_naive if kind == "naive" else fast_layers.conv_forward_fast
@@ -137,6 +141,40 @@ def test_fast_conv_backward_equals_naive_and_skips_the_input_gradient(backend, n
     with pytest.raises(ValueError, match="input_grad must be True or False, got 'False'$"):
         layer_utils.conv_relu_backward(dout, relu_cache, input_grad="False")
     assert fast_layers.conv_backward_fast(dout, fast_cache, input_grad=np.bool_(False))[0] is None
+
+
+def test_the_reference_columns_put_a_batch_of_eight_or_more_innermost_and_chain_as_laid_out(np_rng):
+    """The layout is a choice of speed, not of results: each side of it, and a convolution
+    fed another's output as that is laid out, gives what the naive layers give."""
+    assert fast_layers.column_layout(np.zeros((7, 1, 1, 1))) == fast_layers.CHANNELS_FIRST
+    assert fast_layers.column_layout(np.zeros((8, 1, 1, 1))) == fast_layers.BATCH_LAST
+    for n in (7, 8):
+        x = np_rng.standard_normal((n, 3, 9, 8))
+        w1, w2 = np_rng.standard_normal((4, 3, 3, 3)), np_rng.standard_normal((5, 4, 3, 3))
+        b1, b2 = np_rng.standard_normal(4), np_rng.standard_normal(5)
+        param = {"stride": 1, "pad": 1}
+        fast1, cache1 = fast_layers.conv_forward_fast(x, w1, b1, param)
+        fast2, cache2 = fast_layers.conv_forward_fast(fast1, w2, b2, param)
+        naive1, naive_cache1 = layers.conv_forward_naive(x, w1, b1, param)
+        naive2, naive_cache2 = layers.conv_forward_naive(naive1, w2, b2, param)
+        batch_innermost = fast1.strides[0] == fast1.itemsize
+        assert batch_innermost == (n >= 8) and (fast2.strides[0] == fast2.itemsize) == (n >= 8)
+        assert_close_to(fast2, naive2)
+        dout = np_rng.standard_normal(naive2.shape)
+        dx2, dw2, db2 = fast_layers.conv_backward_fast(dout, cache2)
+        naive_grads2 = layers.conv_backward_naive(dout, naive_cache2)
+        for fast, naive in zip((dx2, dw2, db2), naive_grads2):
+            assert_close_to(fast, naive)
+        for fast, naive in zip(
+            fast_layers.conv_backward_fast(dx2, cache1), layers.conv_backward_naive(naive_grads2[0], naive_cache1)
+        ):
+            assert_close_to(fast, naive)
+
+
+def assert_close_to(actual, expected):
+    """Equal but for rounding: within 1e-12 of expected's largest magnitude (two chained
+    layers leave some elements near zero, where a relative error means nothing)."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12 * float(np.max(np.abs(expected))))
 
 
 @pytest.mark.parametrize("dtype", [None, "float64"])

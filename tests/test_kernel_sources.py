@@ -81,7 +81,7 @@ def test_im2col_and_col2im_equal_the_reference(rng, dtype, shape, kernel, stride
     np.testing.assert_array_equal(cols, reference)
 
     dcols = rng.standard_normal(cols.shape).astype(dtype)
-    expected_cn = _col2im(np, dcols, (c, n, h, w), kh, kw, stride, pad, h_out, w_out)
+    expected_cn = _col2im(np, dcols, (n, c, h, w), kh, kw, stride, pad, h_out, w_out)
     inner = n if channels_outer else c
     dx = np.empty(((c, n) if channels_outer else (n, c)) + (h, w), dtype=dtype)
     run_elementwise(_index(sources.COL2IM, bits), dcols, *geometry, inner, *sources.divisors(w, h, inner), dx)

@@ -37,8 +37,9 @@ __all__ = ["CONV_PHASE_SHAPES", "OPS", "conv_phase_rows", "copy_bandwidth", "for
 
 # (kind, (C, H, W) of the layer's input, runs per training step) at widths 64, 256, 256. A
 # kind ending in ", conv output" takes its input as the network hands it over: a convolution's
-# output, which im2col + GEMM leaves as a transposed view of (C, N, H, W) (each group's first
-# pool, after conv1, and its second batchnorm, after conv2); PyTorch's convolutions give NCHW.
+# output, which im2col + GEMM leaves as a view of (C, N, H, W) or on the reference path of
+# (C, H, W, N) (fast_layers.column_layout; each group's first pool, after conv1, and its second
+# batchnorm, after conv2); PyTorch's convolutions give NCHW.
 CONV_OUTPUT = ", conv output"
 OPS = [
     ("max pool 2" + CONV_OUTPUT, (64, 31, 31), 1),
@@ -94,11 +95,11 @@ def _xpnet_step(backend, kind, batch, shape):
     the network hands them to it."""
     xp = backend.xp
     rng = backend.rng(1)
+    x = rng.normal((batch, *shape), dtype=xp.float32)
     if kind.endswith(CONV_OUTPUT):
         kind = kind[: -len(CONV_OUTPUT)]
-        x = xp.permute_dims(rng.normal((shape[0], batch, *shape[1:]), dtype=xp.float32), (1, 0, 2, 3))
-    else:
-        x = rng.normal((batch, *shape), dtype=xp.float32)
+        layout = fast_layers.column_layout(x)
+        x = fast_layers.back_from(xp, fast_layers._contiguous(xp, xp.permute_dims(x, layout)), layout)
     k = _pool_size(kind)
     out_shape = (batch, shape[0], shape[1] // k, shape[2] // k) if kind.startswith("max pool") else (batch, *shape)
     dout = rng.normal(out_shape, dtype=xp.float32)
@@ -208,17 +209,16 @@ def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad, input_grad) -> 
     out_size = size + 2 * pad - k + 1
     geometry = (k, k, 1, pad, out_size, out_size)
     fast = accelerated(x)
+    layout = fast_layers.column_layout(x)  # the order of the columns' positions, as the convolution lays them out
 
     def im2col():
-        if fast is not None:
-            return fast.im2col(x, *geometry)
-        return fast_layers._im2col(xp, xp.permute_dims(x, (1, 0, 2, 3)), *geometry)
+        return fast_layers.columns(x, *geometry)
 
     cols = im2col()
     dout = rng.normal((batch, c_out, out_size, out_size), dtype=xp.float32)
 
     def to_rows():
-        return xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (c_out, -1))
+        return fast_layers._filter_rows(xp, dout, layout)
 
     dout_rows = to_rows()
     dcols = layers.matmul(xp.matrix_transpose(w), dout_rows)
@@ -226,7 +226,7 @@ def _conv_phases(backend, rng, batch, c_in, c_out, size, k, pad, input_grad) -> 
     def col2im():
         if fast is not None:
             return fast.col2im(dcols, x, *geometry)
-        return fast_layers._col2im(xp, dcols, (c_in, batch, size, size), *geometry)
+        return fast_layers._col2im(xp, dcols, (batch, c_in, size, size), *geometry, layout)
 
     positions = batch * out_size * out_size
     col_bytes, x_bytes, y_bytes = 4 * c_in * k * k * positions, 4 * x.size, 4 * c_out * positions
