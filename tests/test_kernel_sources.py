@@ -329,7 +329,29 @@ def test_small_filter_convs_run_without_columns_and_equal_the_reference(rng, ker
     fused = ["direct_conv_forward", "direct_conv_filter_grad"] + (["col2im"] if input_grad else [])
     assert_all_close(*fused_and_reference(kernels, monkeypatch, run, fused), dtype)
     assert type(caches[0][-1]).__name__ == "_SmallFilterConvolution"  # the fused run kept no column matrix
-    assert caches[1][-1].shape == (12, 3 * 8 * 6)  # the reference's columns
+    assert caches[1][-1].matrix.shape == (12, 3 * 8 * 6)  # the reference's columns
+
+
+@pytest.mark.parametrize("fused_forward", [True, False])
+def test_a_backward_pass_on_the_other_path_than_its_forward_pass_reads_the_columns_as_laid_out(
+    rng, kernels, monkeypatch, fused_forward
+):
+    """The fused columns put the channels first, the reference's a batch of 8 innermost: a
+    forward pass run with the fused kernels and its backward pass without them, or the other
+    way round, still pair each column with its own row of dout."""
+    monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
+    x, w, b = rng.standard_normal((8, 3, 7, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    param = {"stride": 2, "pad": 1}
+    with fused_kernels(fused_forward):
+        out, cache = fast_layers.conv_forward_fast(x, w, b, param)
+    assert cache[-1].layout == (fast_layers.CHANNELS_FIRST if fused_forward else fast_layers.BATCH_LAST)
+    expected, naive_cache = layers.conv_forward_naive(x, w, b, param)
+    dout = rng.standard_normal(expected.shape)
+    with fused_kernels(not fused_forward):
+        grads = fast_layers.conv_backward_fast(dout, cache)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, layers.conv_backward_naive(dout, naive_cache), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["switched off", "too many taps", "float16", "mixed dtypes"])
@@ -346,7 +368,7 @@ def test_the_direct_kernels_decline_what_they_do_not_cover(rng, kernels, monkeyp
     monkeypatch.setitem(dispatch._ACCELERATORS, np.ndarray, kernels)
     if case != "mixed dtypes":  # which the layer refuses by itself
         _, cache = fast_layers.conv_forward_fast(x, w, None, {"stride": 1, "pad": 1})
-        assert cache[-1].shape == (x.shape[1] * 9, 2 * 36)
+        assert cache[-1].matrix.shape == (x.shape[1] * 9, 2 * 36)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

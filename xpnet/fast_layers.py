@@ -178,6 +178,14 @@ class _LibraryConvolution(NamedTuple):
     engine: Any  # the backend's convolution library (xpnet.backend.cudnn)
 
 
+class _Columns(NamedTuple):
+    """The im2col path's columns and the order of their positions: the backward pass must
+    lay dout out the same way, whichever path (fused or reference) it takes itself."""
+
+    matrix: Array  # (C·HH·WW, positions)
+    layout: tuple[int, ...]  # CHANNELS_FIRST or BATCH_LAST
+
+
 class _SmallFilterConvolution(NamedTuple):
     """A convolution with few taps that the fused kernels ran without columns: its filters'
     gradient comes straight from x and dout too, its input gradient through columns."""
@@ -254,7 +262,7 @@ def _im2col_conv(fast, x, w, b, conv_param, geometry):
     if b is not None:
         out += b[:, None]
     out = back_from(xp, xp.reshape(out, laid_out((n, f, h_out, w_out), layout)), layout)
-    return out, (x, w, b, conv_param, cols)
+    return out, (x, w, b, conv_param, _Columns(cols, layout))
 
 
 # The backend's conv_path names one of these.
@@ -285,7 +293,6 @@ def _conv_backward(name, forward, dout, cache, input_grad):
     xp, stride, pad, h_out, w_out = conv_geometry(name, x, w, b, conv_param)
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     check_dout(name, dout, (n, f, h_out, w_out), like={"x": x})
-    layout = column_layout(x)  # the order of the positions in cols, which dout's rows must follow
     if isinstance(cols, _LibraryConvolution):
         engine = cols.engine
         dw = engine.backward_filter(x, dout, tuple(w.shape), stride, pad)
@@ -293,12 +300,14 @@ def _conv_backward(name, forward, dout, cache, input_grad):
         dx = engine.backward_data(w, dout, tuple(x.shape), stride, pad) if input_grad else None
         return dx, dw, db
     if isinstance(cols, _SmallFilterConvolution):
+        layout = CHANNELS_FIRST  # the fused col2im's
         dout_rows = None  # made below only if dx is wanted: a copy unless dout has its channels outermost
         dw = cols.kernels.direct_conv_filter_grad(x, dout, hh, ww, stride, pad)
         db = None if b is None else channel_sum(xp, dout)
     else:
+        layout = cols.layout  # dout's rows follow the columns' positions
         dout_rows = _filter_rows(xp, dout, layout)
-        dw = xp.reshape(matmul(dout_rows, cols.T), w.shape)
+        dw = xp.reshape(matmul(dout_rows, cols.matrix.T), w.shape)
         db = None if b is None else xp.sum(dout_rows, axis=1)
     if not input_grad:
         return None, dw, db
@@ -306,7 +315,7 @@ def _conv_backward(name, forward, dout, cache, input_grad):
         dout_rows = _filter_rows(xp, dout, layout)
     dcols = matmul(xp.reshape(w, (f, -1)).T, dout_rows)
     fast = accelerated(dcols)
-    if fast is not None:
+    if fast is not None and layout == CHANNELS_FIRST:  # the fused kernel's order
         return fast.col2im(dcols, x, hh, ww, stride, pad, h_out, w_out), dw, db
     dx = _col2im(xp, dcols, tuple(x.shape), hh, ww, stride, pad, h_out, w_out, layout)
     return back_from(xp, dx, layout), dw, db
