@@ -60,7 +60,7 @@ _pool_cache = makes_cache("max_pool_forward_fast", "max_pool_forward_reshape", "
 # channels first, positions N·H'·W' (the fused kernels' order), or also batch last, positions H'·W'·N.
 CHANNELS_FIRST = (1, 0, 2, 3)  # (C, N, H, W); its own inverse
 BATCH_LAST = (1, 2, 3, 0)  # (C, H, W, N)
-_BATCH_LAST_FROM = 8  # images; below this the batch's runs are shorter than a row's
+_BATCH_LAST_FROM = 8  # images: fewer make runs too short to pay for the copy of x
 
 
 def column_layout(x: Array) -> tuple[int, ...]:
@@ -116,10 +116,10 @@ def _im2col(xp, source, hh, ww, stride, pad, h_out, w_out, layout=CHANNELS_FIRST
     cols = xp.empty(shape, dtype=source.dtype, device=device(source))
     every = slice(None)
     for k in range(hh * ww):
-        (r_lo, r_hi), (c_lo, c_hi), (_, rows, columns) = padded_offset(
+        (r_lo, r_hi), (c_lo, c_hi), (_, in_rows, in_cols) = padded_offset(
             k // ww, k % ww, stride, pad, (h, w), (h_out, w_out)
         )
-        cols[_at_offset(layout, k, slice(r_lo, r_hi), slice(c_lo, c_hi))] = source[_spatial(layout, rows, columns)]
+        cols[_at_offset(layout, k, slice(r_lo, r_hi), slice(c_lo, c_hi))] = source[_spatial(layout, in_rows, in_cols)]
         # Only the borders that see padding are zeroed: filling all of cols first would cost a pass.
         if r_lo > 0:
             cols[_at_offset(layout, k, slice(None, r_lo), every)] = 0
@@ -159,11 +159,11 @@ def _col2im(xp, cols, shape, hh, ww, stride, pad, h_out, w_out, layout=CHANNELS_
     cols = xp.reshape(cols, (c, hh * ww, *_positions(n, h_out, w_out, layout)))
     out = xp.zeros(laid_out(shape, layout), dtype=cols.dtype, device=device(cols))
     for k in range(hh * ww):
-        (r_lo, r_hi), (c_lo, c_hi), (_, rows, columns) = padded_offset(
+        (r_lo, r_hi), (c_lo, c_hi), (_, in_rows, in_cols) = padded_offset(
             k // ww, k % ww, stride, pad, (h, w), (h_out, w_out)
         )
         if r_hi > r_lo and c_hi > c_lo:
-            out[_spatial(layout, rows, columns)] += cols[_at_offset(layout, k, slice(r_lo, r_hi), slice(c_lo, c_hi))]
+            out[_spatial(layout, in_rows, in_cols)] += cols[_at_offset(layout, k, slice(r_lo, r_hi), slice(c_lo, c_hi))]
     return out
 
 
