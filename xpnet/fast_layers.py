@@ -137,19 +137,33 @@ def _contiguous(xp, a: Array) -> Array:
     return xp.reshape(xp.reshape(a, (-1,)), a.shape)
 
 
-def columns(x: Array, hh: int, ww: int, stride: int, pad: int, h_out: int, w_out: int) -> Array:
-    """The (C·HH·WW, positions) columns of x (N, C, H, W) that :func:`conv_forward_fast`
-    multiplies by the filters, the positions in :func:`column_layout`'s order: one fused
-    kernel where the backend has one, else :func:`_im2col`."""
+class _Columns(NamedTuple):
+    """The im2col path's columns and the order of their positions: the backward pass must
+    lay dout out the same way, whichever path (fused or reference) it takes itself."""
+
+    matrix: Array  # (C·HH·WW, positions)
+    layout: tuple[int, ...]  # CHANNELS_FIRST or BATCH_LAST
+
+
+def _columns(x: Array, hh: int, ww: int, stride: int, pad: int, h_out: int, w_out: int) -> _Columns:
+    """The columns of x (N, C, H, W) that :func:`conv_forward_fast` multiplies by the filters,
+    laid out as :func:`column_layout` says: one fused kernel where the backend has one (channels
+    first), else :func:`_im2col`."""
+    layout = column_layout(x)
     fast = accelerated(x)
     if fast is not None:
-        return fast.im2col(x, hh, ww, stride, pad, h_out, w_out)
+        return _Columns(fast.im2col(x, hh, ww, stride, pad, h_out, w_out), layout)
     xp = namespace(x)
-    layout = column_layout(x)
     source = xp.permute_dims(x, layout)  # the columns' layout: they need no transpose
     if layout == BATCH_LAST:  # each copy then reads runs of N values (no copy where x is laid out so)
         source = _contiguous(xp, source)
-    return _im2col(xp, source, hh, ww, stride, pad, h_out, w_out, layout)
+    return _Columns(_im2col(xp, source, hh, ww, stride, pad, h_out, w_out, layout), layout)
+
+
+def columns(x: Array, hh: int, ww: int, stride: int, pad: int, h_out: int, w_out: int) -> Array:
+    """The (C·HH·WW, positions) columns of x (N, C, H, W) that :func:`conv_forward_fast`
+    multiplies by the filters, the positions in :func:`column_layout`'s order."""
+    return _columns(x, hh, ww, stride, pad, h_out, w_out).matrix
 
 
 def _col2im(xp, cols, shape, hh, ww, stride, pad, h_out, w_out, layout=CHANNELS_FIRST):
@@ -176,14 +190,6 @@ class _LibraryConvolution(NamedTuple):
     """A convolution a backend's library ran without columns (cuDNN): its backward pass too."""
 
     engine: Any  # the backend's convolution library (xpnet.backend.cudnn)
-
-
-class _Columns(NamedTuple):
-    """The im2col path's columns and the order of their positions: the backward pass must
-    lay dout out the same way, whichever path (fused or reference) it takes itself."""
-
-    matrix: Array  # (C·HH·WW, positions)
-    layout: tuple[int, ...]  # CHANNELS_FIRST or BATCH_LAST
 
 
 class _SmallFilterConvolution(NamedTuple):
@@ -254,15 +260,15 @@ def _library_conv(fast, x, w, b, conv_param, geometry):
 
 
 def _im2col_conv(fast, x, w, b, conv_param, geometry):
-    """The convolution as im2col and one GEMM (``fast`` unused: :func:`columns` asks for it)."""
+    """The convolution as im2col and one GEMM (``fast`` unused: :func:`_columns` asks for it)."""
     xp, stride, pad, h_out, w_out = geometry
     n, f, hh, ww = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    cols, layout = columns(x, hh, ww, stride, pad, h_out, w_out), column_layout(x)
-    out = matmul(xp.reshape(w, (f, -1)), cols)  # (F, positions), a fresh array
+    cols = _columns(x, hh, ww, stride, pad, h_out, w_out)
+    out = matmul(xp.reshape(w, (f, -1)), cols.matrix)  # (F, positions), a fresh array
     if b is not None:
         out += b[:, None]
-    out = back_from(xp, xp.reshape(out, laid_out((n, f, h_out, w_out), layout)), layout)
-    return out, (x, w, b, conv_param, _Columns(cols, layout))
+    out = back_from(xp, xp.reshape(out, laid_out((n, f, h_out, w_out), cols.layout)), cols.layout)
+    return out, (x, w, b, conv_param, cols)
 
 
 # The backend's conv_path names one of these.
