@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from array_api_compat import device
 
 from .array_types import Array, Cache
-from .backend import accelerated, namespace
+from .backend import accelerated, backend_of, namespace
 from .conv_common import channel_sum, conv_geometry, offset_slice, padded_offset, pool_geometry, strided
 from .input_checks import check_dout, check_flag, makes_cache, unpack_cache
 from .layers import matmul
@@ -65,7 +65,8 @@ _BATCH_LAST_FROM = 8  # images: fewer make runs too short to pay for the copy of
 
 def column_layout(x: Array) -> tuple[int, ...]:
     """The layout of the columns that :func:`columns` builds from x (N, C, H, W):
-    :data:`BATCH_LAST` on the reference path for a batch of 8 or more, else :data:`CHANNELS_FIRST`.
+    :data:`BATCH_LAST` on the reference path on a CPU for a batch of 8 or more, else
+    :data:`CHANNELS_FIRST` (the fused kernels' order, and a GPU's, where it has not been measured).
 
     With the batch innermost every strided slice that im2col and col2im copy is a run of N
     contiguous values, where channels first it is a row of W' values, strided by the stride
@@ -75,7 +76,7 @@ def column_layout(x: Array) -> tuple[int, ...]:
     long runs and hand back their gradients in. A dout in C order costs the backward pass a
     transposing copy into that layout instead (about 10 ms for a (128, 32, 32, 32) float32
     one on two cores; 2 ms channels first)."""
-    if accelerated(x) is None and x.shape[0] >= _BATCH_LAST_FROM:
+    if accelerated(x) is None and x.shape[0] >= _BATCH_LAST_FROM and not backend_of(x).is_gpu:
         return BATCH_LAST
     return CHANNELS_FIRST
 
